@@ -1,0 +1,1 @@
+"""Triton kernels of tritonlstm, installed as `tritonlstm.kernels`. Plain tensors in, tensors out."""

@@ -1,0 +1,407 @@
+"""The fused LSTM recurrence: forward kernel, backward kernel, the grid barrier and their launchers.
+
+Dimension legend: T steps, B batch, H hidden, G = 4 gates in nn.LSTM's order (i, f, g, o).
+
+Layout: program (i_h, i_q) owns hidden units [i_h * BH, (i_h + 1) * BH) and the batch tiles i_q, i_q + Q, ...
+of BB rows. The P = cdiv(H, BH) programs of one batch group exchange h_{t-1} (forward) or dG_{t+1}
+(backward) through global memory each step and meet at a grid barrier on their group's counter; batch
+groups never wait on each other, since batch rows are independent.
+
+Persistent mode runs every step in one launch; the programs must all be resident at once (the launcher
+checks P * Q against the SM count). Stepwise mode launches the same body once per step, the launch
+boundary acting as the barrier: it is the path for the CPU interpreter, which runs programs one after
+another, and the fallback where residency cannot be guaranteed.
+
+Per-row lengths (packed sequences): row b is live for steps s = 0 .. LAST[b]; since its dead steps all come
+after its live ones, a dead row needs no state freezing, only masked stores. In reverse, row b visits
+t = LAST[b] - s, so each sequence starts at its own end.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from triton.runtime.interpreter import InterpretedFunction
+
+
+def interpreting() -> bool:
+    """True when the kernels were built for the CPU interpreter (TRITON_INTERPRET=1 before import)."""
+    return isinstance(lstm_fwd_kernel, InterpretedFunction)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _load_gate_tiles(p_w, o_k, o_j, m_k, m_j, H, STRIDE_K, STRIDE_J):
+    """Four [BK, BJ] tiles of W_hh [4H, H], one per gate; element (k, j) of gate g at g*H*H + k*SK + j*SJ."""
+    p = p_w + o_k[:, None] * STRIDE_K + o_j[None, :] * STRIDE_J
+    m = m_k[:, None] & m_j[None, :]
+    gate = H * H
+    b_wi = tl.load(p, mask=m, other=0.0)
+    b_wf = tl.load(p + gate, mask=m, other=0.0)
+    b_wg = tl.load(p + 2 * gate, mask=m, other=0.0)
+    b_wo = tl.load(p + 3 * gate, mask=m, other=0.0)
+    return b_wi, b_wf, b_wg, b_wo
+
+
+@triton.jit
+def _grid_barrier(p_flag, p_count, target, max_spin):
+    # bar.sync orders this program's stores before the release; the acquire orders the loads after it.
+    tl.debug_barrier()
+    tl.atomic_add(p_count, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(p_count, 0, sem="acquire", scope="gpu")
+    failed = tl.load(p_flag, volatile=True)
+    spins = 0
+    while (seen < target) & (failed == 0):
+        seen = tl.atomic_add(p_count, 0, sem="acquire", scope="gpu")
+        failed = tl.load(p_flag, volatile=True)
+        spins += 1
+        if spins > max_spin:
+            # Bounded: a program that never arrives must surface as an error, not a hung process.
+            tl.atomic_xchg(p_flag, 1)
+    tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward kernel
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "B", "S_START", "S_COUNT", "max_spin"])
+def lstm_fwd_kernel(
+    GX,  # [T, B, 4H] x @ W_ih^T; overwritten by the activated gates when STORE_GATES
+    W,  # [4H, H] W_hh
+    BIAS,  # [4H] float32, b_ih + b_hh
+    H0,  # [B, H] initial hidden state
+    C_WS,  # [B, H] float32 cell state carried between steps; holds c0 on entry
+    Y,  # [T, B, H] output, h_t
+    HN,  # [B, H] h at each row's last step
+    CN,  # [B, H] c at each row's last step
+    C_ALL,  # [T, B, H] float32 c_t for the backward (when STORE_GATES)
+    LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
+    SYNC,  # [1 + Q] int32: error flag, then one barrier counter per batch group
+    T,
+    B,
+    H,
+    S_START,
+    S_COUNT,
+    max_spin,
+    BK: tl.constexpr,  # K chunk of the recurrent matmul; W_RESIDENT means one chunk covers H
+    BH: tl.constexpr,
+    BB: tl.constexpr,
+    W_RESIDENT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    REVERSE: tl.constexpr,
+    STORE_GATES: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_h = tl.program_id(0)
+    i_q = tl.program_id(1)
+    n_h = tl.num_programs(0)
+    n_q = tl.num_programs(1)
+    n_tiles = tl.cdiv(B, BB)
+
+    o_j = i_h * BH + tl.arange(0, BH)
+    m_j = o_j < H
+    o_k = tl.arange(0, BK)
+    if W_RESIDENT:
+        # Loaded once, reused for every step: tile (k, j) of gate g is W_hh[g*H + j, k].
+        b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, 1, H)
+    if HAS_BIAS:
+        b_bi = tl.load(BIAS + o_j, mask=m_j, other=0.0)[None, :]
+        b_bf = tl.load(BIAS + H + o_j, mask=m_j, other=0.0)[None, :]
+        b_bg = tl.load(BIAS + 2 * H + o_j, mask=m_j, other=0.0)[None, :]
+        b_bo = tl.load(BIAS + 3 * H + o_j, mask=m_j, other=0.0)[None, :]
+
+    for s in range(S_START, S_START + S_COUNT):
+        for i_b in range(i_q, n_tiles, n_q):
+            o_b = i_b * BB + tl.arange(0, BB)
+            m_b = o_b < B
+            if HAS_LENGTHS:
+                last = tl.load(LAST + o_b, mask=m_b, other=-1)
+            else:
+                last = tl.full([BB], T - 1, tl.int32)
+            live = m_b & (s <= last)
+            if REVERSE:
+                o_t = (last - s).to(tl.int64)
+                o_tp = o_t + 1
+            else:
+                o_t = tl.full([BB], s, tl.int64)
+                o_tp = o_t - 1
+            o_row = o_t * B + o_b  # row of [T*B, *] buffers
+            m_live = live[:, None] & m_j[None, :]
+
+            # Independent of the other programs: issued before the h_{t-1} loads.
+            p_gx = GX + o_row[:, None] * (4 * H) + o_j[None, :]
+            b_gi = tl.load(p_gx, mask=m_live, other=0.0).to(tl.float32)
+            b_gf = tl.load(p_gx + H, mask=m_live, other=0.0).to(tl.float32)
+            b_gg = tl.load(p_gx + 2 * H, mask=m_live, other=0.0).to(tl.float32)
+            b_go = tl.load(p_gx + 3 * H, mask=m_live, other=0.0).to(tl.float32)
+            p_c = C_WS + o_b[:, None] * H + o_j[None, :]
+            b_c = tl.load(p_c, mask=m_live, other=0.0, cache_modifier=".cg")
+
+            # h_{t-1}: the previous output row, or h0 at the first step.
+            o_hrow = tl.where(s == 0, o_b.to(tl.int64), o_tp * B + o_b)
+            p_hbase = tl.where(s == 0, H0, Y)
+            for k0 in range(0, H, BK):
+                o_kk = k0 + o_k
+                m_k = o_kk < H
+                b_h = tl.load(p_hbase + o_hrow[:, None] * H + o_kk[None, :], mask=live[:, None] & m_k[None, :],
+                              other=0.0, cache_modifier=".cg")
+                if not W_RESIDENT:
+                    b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W + k0, o_k, o_j, m_k, m_j, H, 1, H)
+                b_gi += tl.dot(b_h, b_wi, input_precision=DOT_PRECISION)
+                b_gf += tl.dot(b_h, b_wf, input_precision=DOT_PRECISION)
+                b_gg += tl.dot(b_h, b_wg, input_precision=DOT_PRECISION)
+                b_go += tl.dot(b_h, b_wo, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                b_gi += b_bi
+                b_gf += b_bf
+                b_gg += b_bg
+                b_go += b_bo
+
+            b_i = _sigmoid(b_gi)
+            b_f = _sigmoid(b_gf)
+            b_g = 2.0 * _sigmoid(2.0 * b_gg) - 1.0
+            b_o = _sigmoid(b_go)
+            b_c = b_f * b_c + b_i * b_g
+            b_y = b_o * (2.0 * _sigmoid(2.0 * b_c) - 1.0)
+
+            o_bh = o_b[:, None] * H + o_j[None, :]
+            tl.store(Y + o_row[:, None] * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
+            tl.store(p_c, b_c, mask=m_live)
+            if STORE_GATES:
+                tl.store(p_gx, b_i.to(GX.dtype.element_ty), mask=m_live)
+                tl.store(p_gx + H, b_f.to(GX.dtype.element_ty), mask=m_live)
+                tl.store(p_gx + 2 * H, b_g.to(GX.dtype.element_ty), mask=m_live)
+                tl.store(p_gx + 3 * H, b_o.to(GX.dtype.element_ty), mask=m_live)
+                tl.store(C_ALL + o_row[:, None] * H + o_j[None, :], b_c, mask=m_live)
+            m_last = (m_b & (s == last))[:, None] & m_j[None, :]
+            tl.store(HN + o_bh, b_y.to(HN.dtype.element_ty), mask=m_last)
+            tl.store(CN + o_bh, b_c.to(CN.dtype.element_ty), mask=m_last)
+        if PERSISTENT:
+            _grid_barrier(SYNC, SYNC + 1 + i_q, (s - S_START + 1) * n_h, max_spin)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward kernel
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "B", "S_START", "S_COUNT", "max_spin"])
+def lstm_bwd_kernel(
+    GATES,  # [T, B, 4H] activated gates i, f, g, o from the forward
+    C_ALL,  # [T, B, H] float32 c_t from the forward
+    C0,  # [B, H] float32 initial cell state
+    W,  # [4H, H] W_hh
+    DY,  # [T, B, H] gradient of the output
+    DHN,  # [B, H] gradient of h_n
+    DCN,  # [B, H] gradient of c_n
+    DG,  # [T, B, 4H] out: gradient of the gate pre-activations (zeros on entry when HAS_LENGTHS)
+    DC_WS,  # [B, H] float32 carried dc_{t+1} * f_{t+1}; zeros on entry
+    DH0,  # [B, H] out
+    DC0,  # [B, H] out
+    LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
+    SYNC,  # [1 + Q] int32: error flag, then one barrier counter per batch group
+    T,
+    B,
+    H,
+    S_START,
+    S_COUNT,
+    max_spin,
+    BK: tl.constexpr,
+    BH: tl.constexpr,
+    BB: tl.constexpr,
+    W_RESIDENT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    REVERSE: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
+    i_h = tl.program_id(0)
+    i_q = tl.program_id(1)
+    n_h = tl.num_programs(0)
+    n_q = tl.num_programs(1)
+    n_tiles = tl.cdiv(B, BB)
+
+    o_j = i_h * BH + tl.arange(0, BH)
+    m_j = o_j < H
+    o_k = tl.arange(0, BK)
+    if W_RESIDENT:
+        # dh_{t-1} = dG_t @ W_hh: tile (k, j) of gate g is W_hh[g*H + k, j].
+        b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, H, 1)
+
+    for r in range(S_START, S_START + S_COUNT):
+        s = T - 1 - r
+        for i_b in range(i_q, n_tiles, n_q):
+            o_b = i_b * BB + tl.arange(0, BB)
+            m_b = o_b < B
+            if HAS_LENGTHS:
+                last = tl.load(LAST + o_b, mask=m_b, other=-1)
+            else:
+                last = tl.full([BB], T - 1, tl.int32)
+            if REVERSE:
+                o_t = (last - s).to(tl.int64)
+                o_tn = o_t - 1
+                o_tp = o_t + 1
+            else:
+                o_t = tl.full([BB], s, tl.int64)
+                o_tn = o_t + 1
+                o_tp = o_t - 1
+            o_bh = o_b[:, None] * H + o_j[None, :]
+
+            # Recurrent part of dh_t: dG_{t+1} @ W_hh, over all 4H gate columns.
+            m_next = m_b & (s + 1 <= last)
+            o_nrow = o_tn * B + o_b
+            b_dh = tl.zeros([BB, BH], dtype=tl.float32)
+            for k0 in range(0, H, BK):
+                o_kk = k0 + o_k
+                m_k = o_kk < H
+                p_dg = DG + o_nrow[:, None] * (4 * H) + o_kk[None, :]
+                m_dg = m_next[:, None] & m_k[None, :]
+                if not W_RESIDENT:
+                    b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W + k0 * H, o_k, o_j, m_k, m_j, H, H, 1)
+                b_dh += tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wi,
+                               input_precision=DOT_PRECISION)
+                b_dh += tl.dot(tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wf,
+                               input_precision=DOT_PRECISION)
+                b_dh += tl.dot(tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wg,
+                               input_precision=DOT_PRECISION)
+                b_dh += tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wo,
+                               input_precision=DOT_PRECISION)
+            p_dc = DC_WS + o_bh
+            b_dc = tl.load(p_dc, mask=m_b[:, None] & m_j[None, :], other=0.0, cache_modifier=".cg")
+
+            if s >= 0:
+                live = m_b & (s <= last)
+                m_live = live[:, None] & m_j[None, :]
+                m_last = (m_b & (s == last))[:, None] & m_j[None, :]
+                o_row = o_t * B + o_b
+                b_dh += tl.load(DY + o_row[:, None] * H + o_j[None, :], mask=m_live, other=0.0).to(tl.float32)
+                b_dh += tl.load(DHN + o_bh, mask=m_last, other=0.0).to(tl.float32)
+                b_dc += tl.load(DCN + o_bh, mask=m_last, other=0.0).to(tl.float32)
+
+                p_g = GATES + o_row[:, None] * (4 * H) + o_j[None, :]
+                b_i = tl.load(p_g, mask=m_live, other=0.0).to(tl.float32)
+                b_f = tl.load(p_g + H, mask=m_live, other=0.0).to(tl.float32)
+                b_g = tl.load(p_g + 2 * H, mask=m_live, other=0.0).to(tl.float32)
+                b_o = tl.load(p_g + 3 * H, mask=m_live, other=0.0).to(tl.float32)
+                b_c = tl.load(C_ALL + o_row[:, None] * H + o_j[None, :], mask=m_live, other=0.0)
+                o_prow = tl.where(s == 0, o_b.to(tl.int64), o_tp * B + o_b)
+                p_cbase = tl.where(s == 0, C0, C_ALL)
+                b_cp = tl.load(p_cbase + o_prow[:, None] * H + o_j[None, :], mask=m_live, other=0.0)
+
+                b_tc = 2.0 * _sigmoid(2.0 * b_c) - 1.0
+                b_do = b_dh * b_tc
+                b_dc += b_dh * b_o * (1.0 - b_tc * b_tc)
+                b_dc = tl.where(m_live, b_dc, 0.0)
+                b_dgi = b_dc * b_g * b_i * (1.0 - b_i)
+                b_dgf = b_dc * b_cp * b_f * (1.0 - b_f)
+                b_dgg = b_dc * b_i * (1.0 - b_g * b_g)
+                b_dgo = b_do * b_o * (1.0 - b_o)
+
+                p_out = DG + o_row[:, None] * (4 * H) + o_j[None, :]
+                tl.store(p_out, b_dgi.to(DG.dtype.element_ty), mask=m_live)
+                tl.store(p_out + H, b_dgf.to(DG.dtype.element_ty), mask=m_live)
+                tl.store(p_out + 2 * H, b_dgg.to(DG.dtype.element_ty), mask=m_live)
+                tl.store(p_out + 3 * H, b_dgo.to(DG.dtype.element_ty), mask=m_live)
+                # The exact c_t -> c_{t-1} path: dc_{t-1} gets dc_t * f_t.
+                tl.store(p_dc, b_dc * b_f, mask=m_b[:, None] & m_j[None, :])
+            else:
+                m_out = m_b[:, None] & m_j[None, :]
+                tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_out)
+                tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
+        if PERSISTENT:
+            _grid_barrier(SYNC, SYNC + 1 + i_q, (r - S_START + 1) * n_h, max_spin)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit operands
+
+
+def _check_residency(config, H: int, device: torch.device) -> None:
+    if not config.persistent:
+        return
+    programs = triton.cdiv(H, config.block_h) * config.batch_groups
+    if interpreting():
+        if programs != 1:
+            raise ValueError(f"config: a persistent launch under the interpreter needs 1 program, got {programs} "
+                             "(the interpreter runs programs one after another; use persistent=False)")
+        return
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs > sms:
+        raise ValueError(f"config: a persistent launch needs all programs resident: {programs} programs > {sms} SMs")
+
+
+def _run(kernel, grid, n_steps: int, config, sync: torch.Tensor, args: tuple, constexprs: dict) -> None:
+    meta = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
+                PERSISTENT=config.persistent, num_warps=config.num_warps, num_stages=config.num_stages,
+                **constexprs)
+    if config.persistent:
+        kernel[grid](*args, 0, n_steps, config.max_spin, **meta)
+        capturing = sync.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and int(sync[0].item()) != 0:
+            raise RuntimeError("tritonlstm: the grid barrier did not complete (a program never arrived; "
+                               "are all programs resident?). The results of this call are invalid.")
+    else:
+        for step in range(n_steps):
+            kernel[grid](*args, step, 1, config.max_spin, **meta)
+
+
+def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config):
+    """Runs the recurrence over gx = x @ W_ih^T [T, B, 4H]. c_ws [B, H] float32 holds c0 and is updated in
+    place. Returns y [T, B, H], h_n, c_n [B, H] and, when store_gates, c_all [T, B, H] float32 (gx then holds
+    the activated gates)."""
+    T, B, G = gx.shape
+    H = G // 4
+    _check_residency(config, H, gx.device)
+    dt = gx.dtype
+    y = torch.zeros(T, B, H, device=gx.device, dtype=dt) if last is not None else gx.new_empty(T, B, H)
+    hn = gx.new_empty(B, H)
+    cn = gx.new_empty(B, H)
+    c_all = torch.empty(T, B, H, device=gx.device, dtype=torch.float32) if store_gates else c_ws
+    sync = torch.zeros(1 + config.batch_groups, device=gx.device, dtype=torch.int32)
+    grid = (triton.cdiv(H, config.block_h), config.batch_groups)
+    args = (gx, w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
+            last if last is not None else sync, sync, T, B, H)
+    _run(lstm_fwd_kernel, grid, T, config, sync, args,
+         dict(HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, REVERSE=reverse,
+              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)))
+    return y, hn, cn, (c_all if store_gates else None)
+
+
+def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config):
+    """The reverse recurrence. Returns dG [T, B, 4H] (gradient of the gate pre-activations, in the
+    gates' dtype), dh0 and dc0 [B, H]."""
+    T, B, G = gates.shape
+    H = G // 4
+    _check_residency(config, H, gates.device)
+    dg = torch.zeros_like(gates) if last is not None else torch.empty_like(gates)
+    dc_ws = torch.zeros(B, H, device=gates.device, dtype=torch.float32)
+    dh0 = gates.new_empty(B, H)
+    dc0 = gates.new_empty(B, H)
+    sync = torch.zeros(1 + config.batch_groups, device=gates.device, dtype=torch.int32)
+    grid = (triton.cdiv(H, config.block_h), config.batch_groups)
+    args = (gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
+            last if last is not None else sync, sync, T, B, H)
+    _run(lstm_bwd_kernel, grid, T + 1, config, sync, args,
+         dict(HAS_LENGTHS=last is not None, REVERSE=reverse, DOT_PRECISION=_dot_precision(gates.dtype)))
+    return dg, dh0, dc0

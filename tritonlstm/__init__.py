@@ -1,0 +1,7 @@
+"""tritonlstm: a fused Triton LSTM for PyTorch."""
+
+from tritonlstm.configs import LSTMConfig, use_config
+from tritonlstm.functional import fused_lstm
+
+__version__ = "0.1.0"
+__all__ = ["LSTMConfig", "fused_lstm", "use_config", "__version__"]

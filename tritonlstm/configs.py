@@ -1,0 +1,111 @@
+"""Launch configurations of the recurrence kernels: what they hold, how one is chosen.
+
+Selection order: an override set by `use_config` (tests, the tuner), then a heuristic. The heuristic keeps
+each program's W_hh slice on chip (W_RESIDENT) whenever the four [H, BH] gate tiles fit the shared-memory
+budget with no more programs than SMs; otherwise it streams W_hh from L2 in BK chunks every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+
+import torch
+import triton
+
+# Shared memory per SM on sm_90 is 232448 bytes; these budgets leave room for the compiler's own staging.
+_W_BUDGET = 128 * 1024
+_H_TILE_BUDGET = 64 * 1024
+_MAX_BLOCK_H = 64
+_DEFAULT_MAX_SPIN = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTMConfig:
+    block_h: int  # BH: hidden units per program
+    block_b: int  # BB: batch rows per tile
+    block_k: int  # BK: K chunk of the recurrent matmul
+    w_resident: bool  # one chunk covers H and W_hh stays on chip for the whole sequence
+    batch_groups: int = 1  # Q: programs along the batch; each loops over tiles i_q, i_q + Q, ...
+    persistent: bool = True  # one launch for all steps (grid barrier) or one launch per step
+    num_warps: int = 4
+    num_stages: int = 1
+    max_spin: int = _DEFAULT_MAX_SPIN  # barrier spins before it gives up and raises
+
+    def __post_init__(self):
+        for name in ("block_h", "block_b", "block_k"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"LSTMConfig.{name} must be a power of two, got {v}")
+        if self.block_k < 16:
+            raise ValueError(f"LSTMConfig.block_k must be >= 16 (tl.dot's K), got {self.block_k}")
+        if self.batch_groups < 1:
+            raise ValueError(f"LSTMConfig.batch_groups must be >= 1, got {self.batch_groups}")
+
+    def programs(self, hidden: int) -> int:
+        return triton.cdiv(hidden, self.block_h) * self.batch_groups
+
+
+_override: contextvars.ContextVar[LSTMConfig | None] = contextvars.ContextVar("tritonlstm_config", default=None)
+
+
+@contextlib.contextmanager
+def use_config(config: LSTMConfig | None):
+    """Forces every recurrence launch inside the block to use `config` (None restores the normal choice)."""
+    token = _override.set(config)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None,
+                     interpreter: bool = False) -> LSTMConfig:
+    """A config that compiles within shared memory and keeps every program resident.
+
+    num_sms None (or interpreter=True) means the CPU interpreter: one program where the shape allows,
+    stepwise launches otherwise."""
+    hk = max(16, _pow2(hidden))
+    if interpreter or num_sms is None:
+        bh = min(_pow2(hidden), _MAX_BLOCK_H)
+        bb = min(_pow2(batch), 32)
+        single = triton.cdiv(hidden, bh) == 1
+        return LSTMConfig(block_h=bh, block_b=bb, block_k=hk, w_resident=True, batch_groups=1, persistent=single)
+
+    esize = torch.empty((), dtype=dtype).element_size()
+    bb = max(1, min(_pow2(batch), 64, _H_TILE_BUDGET // (hk * esize)))
+    # Largest BH whose four gate tiles fit the budget, with no more programs than SMs.
+    bh = min(_pow2(hidden), _MAX_BLOCK_H)
+    while bh > 1 and 4 * hk * bh * esize > _W_BUDGET:
+        bh //= 2
+    resident = 4 * hk * bh * esize <= _W_BUDGET and triton.cdiv(hidden, bh) <= num_sms
+    if resident:
+        bk = hk
+    else:
+        bh = min(_pow2(hidden), _MAX_BLOCK_H)
+        while triton.cdiv(hidden, bh) > num_sms:
+            bh *= 2
+        bk = 64
+    p = triton.cdiv(hidden, bh)
+    if p > num_sms:
+        # Too large to keep every program resident: one launch per step.
+        return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=False, batch_groups=1, persistent=False)
+    groups = max(1, min(triton.cdiv(batch, bb), num_sms // p))
+    return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=groups,
+                      persistent=True)
+
+
+def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device,
+                  interpreter: bool) -> LSTMConfig:
+    forced = _override.get()
+    if forced is not None:
+        return forced
+    if interpreter or device.type != "cuda":
+        return heuristic_config(hidden, batch, dtype, None, interpreter=True)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return heuristic_config(hidden, batch, dtype, sms)

@@ -1,0 +1,264 @@
+"""`fused_lstm`: one LSTM layer in one direction, as a differentiable op.
+
+Forward: one GEMM for the input projection of all steps (cuBLAS through torch), then the recurrence kernel.
+Backward: the reverse recurrence kernel gives dG (the gate pre-activation gradients of every step), then
+plain GEMMs give the weight, bias and input gradients: deterministic, no atomics.
+
+Both halves are `torch.library` custom ops with fake-tensor and autograd registrations, so `torch.compile`
+sees one opaque op per layer and direction instead of a graph break.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+from torch import Tensor
+
+from tritonlstm.configs import select_config
+from tritonlstm.naive import lstm_layer_reference
+
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels():
+    # Imported on first use, so that `python -m tritonlstm` can set TRITON_INTERPRET before triton loads.
+    return importlib.import_module("tritonlstm.kernels.lstm")
+
+
+def interpreter_active() -> bool:
+    """True when the Triton kernels run on the CPU interpreter."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    return _kernels().interpreting()
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"triton" or "torch" for this call; raises if "triton" was asked for and cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    triton_dtype = dtype in TRITON_DTYPES
+    runnable = device.type == "cuda" or (device.type == "cpu" and interpreter_active())
+    if backend == "auto":
+        return "triton" if runnable and triton_dtype else "torch"
+    if backend == "triton":
+        if not triton_dtype:
+            raise TypeError(f"backend='triton' supports dtypes {[str(d) for d in TRITON_DTYPES]}, got {dtype}")
+        if not runnable:
+            why = ("TRITON_INTERPRET=1 is set but triton was imported before it; set it before importing triton"
+                   if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else
+                   "set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU interpreter")
+            raise RuntimeError(f"backend='triton' cannot run on device '{device}': the Triton kernels need CUDA "
+                               f"tensors, or the CPU interpreter ({why})")
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The custom ops
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _combined_bias(bias_ih: Tensor | None, bias_hh: Tensor | None) -> Tensor | None:
+    if bias_ih is None and bias_hh is None:
+        return None
+    b = torch.zeros(()) if bias_ih is None else bias_ih.float()
+    if bias_hh is not None:
+        b = b + bias_hh.float()
+    return b.contiguous()
+
+
+def _last_steps(lengths: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if lengths is None else (lengths.to(device=device, dtype=torch.int32) - 1).contiguous()
+
+
+@torch.library.custom_op("tritonlstm::lstm_layer", mutates_args=())
+def _lstm_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None,
+                h0: Tensor, c0: Tensor, lengths: Tensor | None, reverse: bool,
+                training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns y, h_n, c_n and, when training, the activated gates [T, B, 4H] and c_t [T, B, H] float32 for
+    the backward (empty tensors otherwise)."""
+    k = _kernels()
+    T, B, input_size = x.shape
+    H = weight_hh.shape[1]
+    gx = torch.mm(x.reshape(T * B, input_size), weight_ih.t()).view(T, B, 4 * H)
+    c_ws = c0.to(torch.float32, copy=True).contiguous()
+    config = select_config(H, B, x.dtype, x.device, k.interpreting())
+    y, hn, cn, c_all = k.lstm_forward(gx, weight_hh.contiguous(), _combined_bias(bias_ih, bias_hh),
+                                      h0.contiguous(), c_ws, _last_steps(lengths, x.device),
+                                      reverse=reverse, store_gates=training, config=config)
+    if not training:
+        return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0)
+    return y, hn, cn, gx, c_all
+
+
+@_lstm_layer.register_fake
+def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training):
+    T, B, _ = x.shape
+    H = weight_hh.shape[1]
+    y = x.new_empty(T, B, H)
+    if training:
+        return y, x.new_empty(B, H), x.new_empty(B, H), x.new_empty(T, B, 4 * H), \
+            x.new_empty(T, B, H, dtype=torch.float32)
+    return y, x.new_empty(B, H), x.new_empty(B, H), x.new_empty(0), x.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("tritonlstm::lstm_layer_backward", mutates_args=())
+def _lstm_layer_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
+                         weight_hh: Tensor, lengths: Tensor | None,
+                         reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dG [T, B, 4H] (gate pre-activation gradients), dh0 and dc0 [B, H]."""
+    k = _kernels()
+    T, B, _ = gates.shape
+    H = weight_hh.shape[1]
+    config = select_config(H, B, gates.dtype, gates.device, k.interpreting())
+    return k.lstm_backward(gates, c_all, c0.to(torch.float32).contiguous(), weight_hh.contiguous(),
+                           dy.contiguous(), dhn.contiguous(), dcn.contiguous(), _last_steps(lengths, gates.device),
+                           reverse=reverse, config=config)
+
+
+@_lstm_layer_backward.register_fake
+def _(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse):
+    B, H = dhn.shape
+    return torch.empty_like(gates), dhn.new_empty(B, H), dhn.new_empty(B, H)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training = inputs
+    y, _, _, gates, c_all = output
+    ctx.reverse = reverse
+    ctx.bias_dtypes = (None if bias_ih is None else bias_ih.dtype, None if bias_hh is None else bias_hh.dtype)
+    ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, lengths, y, gates, c_all)
+    ctx.mark_non_differentiable(gates, c_all)
+
+
+def _previous_h(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
+    """h_{t-1} for every (t, b) as the recurrence saw it: y shifted one step along the row's direction."""
+    if not reverse:
+        return torch.cat([h0[None], y[:-1]])
+    h_prev = torch.cat([y[1:], torch.zeros_like(h0)[None]])
+    if lengths is None:
+        h_prev[-1] = h0
+    else:
+        rows = torch.arange(h0.shape[0], device=h0.device)
+        h_prev = h_prev.index_put((lengths.to(h0.device, torch.long) - 1, rows), h0)
+    return h_prev
+
+
+def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
+    x, weight_ih, weight_hh, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
+    if gates.numel() == 0 and y.numel() != 0:
+        raise RuntimeError("tritonlstm: backward through a forward that ran without saving its gates "
+                           "(it ran with training=False)")
+    T, B, input_size = x.shape
+    H = weight_hh.shape[1]
+    dy = torch.zeros_like(y) if dy is None else dy
+    dhn = torch.zeros_like(h0) if dhn is None else dhn
+    dcn = torch.zeros_like(h0) if dcn is None else dcn
+    dg, dh0, dc0 = _lstm_layer_backward(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
+    dg2 = dg.view(T * B, 4 * H)
+    need = ctx.needs_input_grad
+    dx = torch.mm(dg2, weight_ih).view(T, B, input_size) if need[0] else None
+    dw_ih = torch.mm(dg2.t(), x.reshape(T * B, input_size)) if need[1] else None
+    dw_hh = None
+    if need[2]:
+        h_prev = _previous_h(y, h0, lengths, ctx.reverse)
+        dw_hh = torch.mm(dg2.t(), h_prev.reshape(T * B, H))
+    db = dg2.sum(0, dtype=torch.float32) if need[3] or need[4] else None
+    db_ih = db.to(ctx.bias_dtypes[0]) if need[3] else None
+    db_hh = db.to(ctx.bias_dtypes[1]) if need[4] else None
+    return dx, dw_ih, dw_hh, db_ih, db_hh, dh0 if need[5] else None, dc0 if need[6] else None, None, None, None
+
+
+_lstm_layer.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The public op
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths) -> None:
+    named = {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "bias_ih": bias_ih, "bias_hh": bias_hh,
+             "h0": h0, "c0": c0}
+    for name, t in named.items():
+        if t is None and name in ("x", "weight_ih", "weight_hh"):
+            raise TypeError(f"{name} must be a Tensor, got None")
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D [T, B, I] (time-major), got shape {_shape(x)}")
+    if weight_hh.dim() != 2 or weight_hh.shape[0] != 4 * weight_hh.shape[1] or weight_hh.shape[1] == 0:
+        raise ValueError(f"weight_hh must be [4H, H] with H >= 1, got shape {_shape(weight_hh)}")
+    T, B, input_size = x.shape
+    H = weight_hh.shape[1]
+    if weight_ih.dim() != 2 or weight_ih.shape[0] != 4 * H:
+        raise ValueError(f"weight_ih must be [4H, I] = [{4 * H}, I] (H = {H} from weight_hh), "
+                         f"got shape {_shape(weight_ih)}")
+    if weight_ih.shape[1] != input_size:
+        raise ValueError(f"x's input size (x.shape[2]) must match weight_ih.shape[1]: expected {weight_ih.shape[1]}, "
+                         f"got {input_size}")
+    for name in ("bias_ih", "bias_hh"):
+        b = named[name]
+        if b is not None and _shape(b) != (4 * H,):
+            raise ValueError(f"{name} must have shape ({4 * H},), got {_shape(b)}")
+    for name in ("h0", "c0"):
+        s = named[name]
+        if s is not None and _shape(s) != (B, H):
+            raise ValueError(f"{name} must have shape (B, H) = ({B}, {H}), got {_shape(s)}")
+    for name, t in named.items():
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if T == 0:
+        raise ValueError(f"x must have at least one step (T >= 1), got shape {_shape(x)}")
+    if lengths is not None:
+        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B \
+                or lengths.is_floating_point():
+            got = _shape(lengths) if isinstance(lengths, Tensor) else type(lengths).__name__
+            raise ValueError(f"lengths must be an integer tensor of shape ({B},), got {got}")
+        if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+            raise ValueError(f"lengths must lie in [1, T] = [1, {T}], got min {int(lengths.min())}, "
+                             f"max {int(lengths.max())}")
+
+
+def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
+               bias_hh: Tensor | None = None, h0: Tensor | None = None, c0: Tensor | None = None, *,
+               reverse: bool = False, lengths: Tensor | None = None,
+               backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One LSTM layer in one direction, fused: the recurrent matmul, gate activations and cell update of every
+    step run in Triton kernels.
+
+    x [T, B, I] (time-major); weights and biases as `nn.LSTM` stores them (gate order i, f, g, o):
+    weight_ih [4H, I], weight_hh [4H, H], biases [4H]; h0, c0 [B, H] or None (zeros).
+    reverse runs t = T-1 .. 0 (y[t] stays aligned with x[t]). lengths [B] (1 <= lengths[b] <= T): row b stops
+    after lengths[b] steps (starts at lengths[b] - 1 when reverse); its outputs past that are zero and h_n, c_n
+    come from its last step. backend: "triton" (the kernels, or an error), "torch" (plain PyTorch), "auto"
+    (Triton for CUDA tensors and under the CPU interpreter, torch otherwise).
+
+    Returns y [T, B, H] and (h_n, c_n), each [B, H].
+    """
+    _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths)
+    T, B, _ = x.shape
+    H = weight_hh.shape[1]
+    which = resolve_backend(backend, x.device, x.dtype)
+    h0 = x.new_zeros(B, H) if h0 is None else h0
+    c0 = x.new_zeros(B, H) if c0 is None else c0
+    if B == 0:
+        # nn.LSTM returns empty outputs for an empty batch; keep them connected to the graph.
+        y = x.new_zeros(T, 0, H) + 0 * x.sum()
+        return y, (h0 + 0 * x.sum(), c0 + 0 * x.sum())
+    if which == "torch":
+        return lstm_layer_reference(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, reverse, lengths)
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0))
+    y, hn, cn, _, _ = _lstm_layer(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training)
+    return y, (hn, cn)
