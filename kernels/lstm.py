@@ -351,6 +351,11 @@ def _check_residency(config, H: int, device: torch.device) -> None:
         raise ValueError(f"config: a persistent launch needs all programs resident: {programs} programs > {sms} SMs")
 
 
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the kernels must fully write comes from here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _run(kernel, grid, n_steps: int, config, sync: torch.Tensor, args: tuple, constexprs: dict) -> None:
     meta = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                 PERSISTENT=config.persistent, num_warps=config.num_warps, num_stages=config.num_stages,
@@ -373,11 +378,12 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     T, B, G = gx.shape
     H = G // 4
     _check_residency(config, H, gx.device)
-    dt = gx.dtype
-    y = torch.zeros(T, B, H, device=gx.device, dtype=dt) if last is not None else gx.new_empty(T, B, H)
-    hn = gx.new_empty(B, H)
-    cn = gx.new_empty(B, H)
-    c_all = torch.empty(T, B, H, device=gx.device, dtype=torch.float32) if store_gates else c_ws
+    dt, dev = gx.dtype, gx.device
+    # With lengths, positions past a row's end are never visited and must read as zero.
+    y = torch.zeros(T, B, H, device=dev, dtype=dt) if last is not None else _alloc((T, B, H), dt, dev)
+    hn = _alloc((B, H), dt, dev)
+    cn = _alloc((B, H), dt, dev)
+    c_all = _alloc((T, B, H), torch.float32, dev) if store_gates else c_ws
     sync = torch.zeros(1 + config.batch_groups, device=gx.device, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups)
     args = (gx, w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
@@ -394,10 +400,11 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     T, B, G = gates.shape
     H = G // 4
     _check_residency(config, H, gates.device)
-    dg = torch.zeros_like(gates) if last is not None else torch.empty_like(gates)
-    dc_ws = torch.zeros(B, H, device=gates.device, dtype=torch.float32)
-    dh0 = gates.new_empty(B, H)
-    dc0 = gates.new_empty(B, H)
+    dt, dev = gates.dtype, gates.device
+    dg = torch.zeros_like(gates) if last is not None else _alloc((T, B, 4 * H), dt, dev)
+    dc_ws = torch.zeros(B, H, device=dev, dtype=torch.float32)
+    dh0 = _alloc((B, H), dt, dev)
+    dc0 = _alloc((B, H), dt, dev)
     sync = torch.zeros(1 + config.batch_groups, device=gates.device, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups)
     args = (gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0,

@@ -1,0 +1,63 @@
+"""Shared test helpers: random LSTM problems, the float64 reference, the per-dtype tolerance table."""
+
+from __future__ import annotations
+
+import torch
+
+from tritonlstm.naive import lstm_layer_reference
+
+# Relative error ||out - ref|| / ||ref|| allowed per dtype, against a float64 reference run on the same
+# (dtype-rounded) inputs. fp32 on the interpreter is exact fp32; on a GPU the recurrent dot may use TF32.
+RESOLUTION = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+RESOLUTION_GPU = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+NAMES = ("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0", "c0")
+
+
+def make_problem(T, B, I, H, dtype, *, bias=True, init=True, device="cpu", scale=None):
+    """Inputs of one layer, nn.LSTM-like init (uniform +-1/sqrt(H)), in `dtype`."""
+    k = scale if scale is not None else H ** -0.5
+    g = {
+        "x": torch.randn(T, B, I),
+        "weight_ih": torch.empty(4 * H, I).uniform_(-k, k),
+        "weight_hh": torch.empty(4 * H, H).uniform_(-k, k),
+        "bias_ih": torch.empty(4 * H).uniform_(-k, k) if bias else None,
+        "bias_hh": torch.empty(4 * H).uniform_(-k, k) if bias else None,
+        "h0": torch.randn(B, H) * 0.5 if init else None,
+        "c0": torch.randn(B, H) * 0.5 if init else None,
+    }
+    return {n: (None if t is None else t.to(device=device, dtype=dtype)) for n, t in g.items()}
+
+
+def leaf(problem, dtype=None):
+    return {n: (None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_())
+            for n, t in problem.items()}
+
+
+def loss_of(y, hn, cn, weights):
+    wy, wh, wc = weights
+    return (y.double() * wy).sum() + (hn.double() * wh).sum() + (cn.double() * wc).sum()
+
+
+def reference(problem, *, reverse=False, lengths=None):
+    """float64 forward and gradients on the problem's (already rounded) values."""
+    p = leaf(problem, torch.float64)
+    T, B, _ = p["x"].shape
+    H = p["weight_hh"].shape[1]
+    h0 = p["h0"] if p["h0"] is not None else torch.zeros(B, H, dtype=torch.float64, device=p["x"].device)
+    c0 = p["c0"] if p["c0"] is not None else torch.zeros(B, H, dtype=torch.float64, device=p["x"].device)
+    y, (hn, cn) = lstm_layer_reference(p["x"], p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], h0, c0,
+                                       reverse, lengths)
+    return p, (y, hn, cn)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-2) -> float:
+    """||out - ref|| / ||ref||, with ||ref|| taken as at least an RMS of `floor`: an element that cancels to
+    near zero (a one-element output, say) is judged by its absolute error instead."""
+    out, ref = out.double(), ref.double()
+    if out.shape != ref.shape:
+        raise AssertionError(f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = max(ref.norm().item(), floor * ref.numel() ** 0.5, 1e-30)
+    return (out - ref).norm().item() / denom

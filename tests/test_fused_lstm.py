@@ -1,0 +1,273 @@
+"""fused_lstm on the Triton kernels (CPU interpreter) against a float64 reference: outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import NAMES, RESOLUTION, leaf, loss_of, make_problem, reference, rel_err
+
+import tritonlstm
+from tritonlstm import LSTMConfig, fused_lstm, use_config
+from tritonlstm.kernels import lstm as kernels
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts launches of the forward and backward recurrence, proving the Triton path ran."""
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = kernels.lstm_forward, kernels.lstm_backward
+
+    def spy_fwd(*a, **k):
+        calls["fwd"] += 1
+        return fwd(*a, **k)
+
+    def spy_bwd(*a, **k):
+        calls["bwd"] += 1
+        return bwd(*a, **k)
+
+    monkeypatch.setattr(kernels, "lstm_forward", spy_fwd)
+    monkeypatch.setattr(kernels, "lstm_backward", spy_bwd)
+    return calls
+
+
+def check_against_reference(problem, dtype, *, reverse=False, lengths=None, config=None, grad_factor=2.0):
+    _, ref_out = reference(problem, reverse=reverse, lengths=lengths)
+    weights = tuple(torch.randn_like(t) for t in ref_out)
+    p_ref, _ = None, None
+    p_ref, (y_r, hn_r, cn_r) = reference(problem, reverse=reverse, lengths=lengths)
+    loss_of(y_r, hn_r, cn_r, weights).backward()
+
+    p = leaf(problem)
+    with use_config(config):
+        y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), reverse=reverse, lengths=lengths, backend="triton")
+        assert y.dtype == hn.dtype == cn.dtype == dtype
+        loss_of(y, hn, cn, weights).backward()
+
+    tol = RESOLUTION[dtype]
+    errors = {"y": rel_err(y, y_r), "h_n": rel_err(hn, hn_r), "c_n": rel_err(cn, cn_r)}
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    for n in NAMES:
+        if p[n] is not None:
+            assert p[n].grad is not None, f"no gradient for {n}"
+            errors[f"d{n}"] = e = rel_err(p[n].grad, p_ref[n].grad)
+            if not e <= tol * grad_factor:
+                bad[f"d{n}"] = e
+    if lengths is not None:
+        for b, n in enumerate(lengths.tolist()):
+            assert (y[n:, b] == 0).all(), "padded outputs must be zero"
+    assert not bad, f"errors over tolerance {tol}: {bad} (all: {errors})"
+    return errors
+
+
+def _shape_cases():
+    """Every T in {1, 5, 16}, B in {1, 3, 16, 17}, H in {1, 8, 24, 33, 64}, with I != H, and the flags
+    (bias, initial state, reverse) cycled over them so each value meets each flag."""
+    cases = []
+    Ts = (1, 5, 16)
+    i = 0
+    for H in (1, 8, 24, 33, 64):
+        for B in (1, 3, 16, 17):
+            T = Ts[i % 3]
+            bias, init, reverse = bool(i % 2), bool((i // 2) % 2), bool((i // 4) % 2)
+            I = H + 3 if i % 3 else max(1, H // 2)
+            ident = f"T{T}-B{B}-H{H}-I{I}" + ("-bias" if bias else "") + ("-h0c0" if init else "") + \
+                ("-rev" if reverse else "")
+            cases.append(pytest.param(T, B, H, I, bias, init, reverse, id=ident))
+            i += 1
+    return cases
+
+
+@pytest.mark.parametrize("T,B,H,I,bias,init,reverse", _shape_cases())
+def test_float32_matches_reference(T, B, H, I, bias, init, reverse, kernel_calls):
+    problem = make_problem(T, B, I, H, torch.float32, bias=bias, init=init)
+    check_against_reference(problem, torch.float32, reverse=reverse)
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("T,B,H,I", [(5, 3, 24, 10), (16, 17, 33, 8), (1, 1, 1, 2)],
+                         ids=["T5-B3-H24-I10", "T16-B17-H33-I8", "T1-B1-H1-I2"])
+def test_half_precision_matches_reference(T, B, H, I, dtype, reverse, kernel_calls):
+    problem = make_problem(T, B, I, H, dtype)
+    check_against_reference(problem, dtype, reverse=reverse)
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+# Configs that exercise the multi-program paths: several hidden blocks (P > 1), several batch groups (Q > 1),
+# several batch tiles per program, W_hh streamed in K chunks, launched one step at a time.
+MULTI_PROGRAM = [
+    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False),
+                 id="stepwise-P5-Q2-tiles3"),
+    pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=16, w_resident=False, batch_groups=1, persistent=False),
+                 id="stepwise-streamedW-BK16"),
+    pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=16, w_resident=False, batch_groups=1, persistent=True),
+                 id="persistent-1prog-streamedW-tiles5"),
+]
+
+
+@pytest.mark.parametrize("config", MULTI_PROGRAM)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_multi_program_paths(config, reverse, dtype, kernel_calls):
+    problem = make_problem(6, 17, 10, 33, dtype)
+    check_against_reference(problem, dtype, reverse=reverse, config=config)
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.parametrize("config", [None, MULTI_PROGRAM[0].values[0]], ids=["default", "stepwise"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_lengths_match_reference(reverse, config):
+    problem = make_problem(7, 5, 6, 12, torch.float32)
+    lengths = torch.tensor([7, 3, 1, 5, 7])
+    check_against_reference(problem, torch.float32, reverse=reverse, lengths=lengths, config=config)
+
+
+def test_reference_matches_nn_lstm_packed():
+    """The reference's lengths semantics are nn.LSTM's on a PackedSequence, both directions."""
+    T, B, I, H = 6, 4, 5, 7
+    m = torch.nn.LSTM(I, H, bidirectional=True).double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    lengths = torch.tensor([6, 2, 4, 1])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out, (hn, cn) = m(packed)
+    out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)
+    zeros = torch.zeros(B, H, dtype=torch.float64)
+    for d, sfx in enumerate(("", "_reverse")):
+        w = [getattr(m, f"{n}_l0{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        y, (h, c) = tritonlstm.naive.lstm_layer_reference(x, *w, zeros, zeros, reverse=bool(d), lengths=lengths)
+        torch.testing.assert_close(y, out[..., d * H:(d + 1) * H])
+        torch.testing.assert_close(h, hn[d])
+        torch.testing.assert_close(c, cn[d])
+
+
+def test_long_memory_gradient_through_forget_gate():
+    """With f ~ 1 and i ~ 0, dL/dc0 must survive T steps almost unchanged (the exact c_t -> c_{t-1} path)."""
+    T, B, H = 16, 2, 8
+    problem = make_problem(T, B, 4, H, torch.float32, scale=0.01)
+    problem["bias_ih"] = torch.zeros(4 * H)
+    problem["bias_hh"] = torch.cat([torch.full((H,), -8.0), torch.full((H,), 8.0), torch.zeros(2 * H)])
+    p = leaf(problem)
+    y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+    cn.sum().backward()
+    assert torch.allclose(p["c0"].grad, torch.ones(B, H), atol=1e-2), p["c0"].grad
+    errs = check_against_reference(problem, torch.float32)
+    assert errs["dc0"] < 1e-5
+
+
+def test_gradients_bitwise_deterministic():
+    problem = make_problem(9, 17, 6, 33, torch.float32)
+    config = MULTI_PROGRAM[0].values[0]
+    grads = []
+    for _ in range(2):
+        p = leaf(problem)
+        with use_config(config):
+            y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+            (y.sum() + hn.square().sum() + cn.sum()).backward()
+        grads.append([p[n].grad for n in NAMES])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_no_grad_forward_saves_nothing_and_matches(kernel_calls):
+    problem = make_problem(5, 3, 4, 8, torch.float32)
+    with torch.no_grad():
+        y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+    _, (y_r, hn_r, cn_r) = reference(problem)
+    assert rel_err(y, y_r) < RESOLUTION[torch.float32]
+    assert rel_err(cn, cn_r) < RESOLUTION[torch.float32]
+    assert kernel_calls == {"fwd": 1, "bwd": 0}
+
+
+def test_only_some_inputs_require_grad():
+    problem = make_problem(4, 3, 5, 8, torch.float32)
+    p = {n: t.clone() for n, t in problem.items()}
+    p["weight_hh"].requires_grad_()
+    y, _ = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+    y.sum().backward()
+    assert p["weight_hh"].grad is not None and p["x"].grad is None
+
+
+def test_only_h_n_used_in_loss():
+    problem = make_problem(5, 3, 4, 8, torch.float32)
+    p = leaf(problem)
+    _, (hn, _) = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+    hn.sum().backward()
+    q, (_, hn_r, _) = reference(problem)
+    hn_r.sum().backward()
+    for n in NAMES:
+        assert rel_err(p[n].grad, q[n].grad) < 1e-4, n
+
+
+def test_nan_propagates_like_torch():
+    problem = make_problem(4, 3, 5, 8, torch.float32)
+    problem["x"][1, 0, 2] = float("nan")
+    with torch.no_grad():
+        y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+        y_t, (hn_t, cn_t) = fused_lstm(*(problem[n] for n in NAMES), backend="torch")
+    assert torch.equal(torch.isnan(y), torch.isnan(y_t))
+    assert torch.isnan(y[1:, 0]).all() and not torch.isnan(y[:, 1:]).any()
+    assert torch.equal(torch.isnan(cn), torch.isnan(cn_t))
+
+
+def test_inf_input_matches_torch():
+    problem = make_problem(3, 2, 4, 8, torch.float32)
+    problem["x"][0, 1, 0] = float("inf")
+    with torch.no_grad():
+        y, _ = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+        y_t, _ = fused_lstm(*(problem[n] for n in NAMES), backend="torch")
+    torch.testing.assert_close(y, y_t, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_matches_nn_lstm():
+    m = torch.nn.LSTM(4, 6)
+    x = torch.randn(3, 0, 4)
+    y, (hn, cn) = fused_lstm(x, m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0, backend="triton")
+    y_t, (hn_t, _) = m(x)
+    assert y.shape == y_t.shape == (3, 0, 6) and hn.shape == (0, 6) == hn_t.shape[1:]
+
+
+def test_torch_backend_matches_nn_lstm():
+    m = torch.nn.LSTM(5, 7).double()
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    y, (hn, cn) = fused_lstm(x, m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0, backend="torch")
+    y_t, (hn_t, cn_t) = m(x)
+    torch.testing.assert_close(y, y_t)
+    torch.testing.assert_close(cn, cn_t[0])
+
+
+def test_auto_backend_runs_triton_under_interpreter(kernel_calls):
+    problem = make_problem(3, 2, 4, 8, torch.float32)
+    with torch.no_grad():
+        fused_lstm(*(problem[n] for n in NAMES))
+    assert kernel_calls["fwd"] == 1
+
+
+def test_auto_backend_float64_uses_torch(kernel_calls):
+    problem = make_problem(3, 2, 4, 8, torch.float64)
+    fused_lstm(*(problem[n] for n in NAMES))
+    assert kernel_calls["fwd"] == 0
+
+
+def test_barrier_that_cannot_complete_raises(monkeypatch):
+    """A persistent launch whose programs cannot all be resident: the interpreter runs program 0 to the end
+    before program 1 starts, so program 0's barrier can never complete. It must raise, not hang."""
+    monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
+    problem = make_problem(3, 2, 4, 16, torch.float32)
+    with use_config(config), torch.no_grad(), pytest.raises(RuntimeError, match="barrier"):
+        fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+
+
+def test_persistent_multi_program_refused_under_interpreter():
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True)
+    problem = make_problem(3, 2, 4, 16, torch.float32)
+    with use_config(config), torch.no_grad(), pytest.raises(ValueError, match="persistent"):
+        fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+
+
+def test_tf32_follows_cudnn_flag(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert kernels._dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert kernels._dot_precision(torch.float32) == "tf32"
