@@ -20,7 +20,6 @@ t = LAST[b] - s, so each sequence starts at its own end.
 import torch
 import triton
 import triton.language as tl
-
 from triton.runtime.interpreter import InterpretedFunction
 
 
@@ -109,7 +108,7 @@ def lstm_fwd_kernel(
     i_q = tl.program_id(1)
     n_h = tl.num_programs(0)
     n_q = tl.num_programs(1)
-    n_tiles = tl.cdiv(B, BB)
+    n_tiles = (B + BB - 1) // BB
 
     o_j = i_h * BH + tl.arange(0, BH)
     m_j = o_j < H
@@ -233,7 +232,7 @@ def lstm_bwd_kernel(
     i_q = tl.program_id(1)
     n_h = tl.num_programs(0)
     n_q = tl.num_programs(1)
-    n_tiles = tl.cdiv(B, BB)
+    n_tiles = (B + BB - 1) // BB
 
     o_j = i_h * BH + tl.arange(0, BH)
     m_j = o_j < H

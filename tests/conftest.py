@@ -62,3 +62,14 @@ def poison_buffers(monkeypatch):
 def seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only in GPU mode (TRITONLSTM_TEST_GPU=1 on a CUDA machine); the rest only without it, since
+    they run the kernels on CPU tensors through the interpreter."""
+    gpu_mode = bool(os.environ.get("TRITONLSTM_TEST_GPU")) and torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not gpu_mode:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA: run with TRITONLSTM_TEST_GPU=1 on a GPU machine"))
+        elif "gpu" not in item.keywords and gpu_mode:
+            item.add_marker(pytest.mark.skip(reason="interpreter test; GPU mode runs the gpu-marked tests"))

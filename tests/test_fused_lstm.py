@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import NAMES, RESOLUTION, leaf, loss_of, make_problem, reference, rel_err
+from tritonlstm.kernels import lstm as kernels
 
 import tritonlstm
 from tritonlstm import LSTMConfig, fused_lstm, use_config
-from tritonlstm.kernels import lstm as kernels
 
 
 @pytest.fixture

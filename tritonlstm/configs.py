@@ -12,12 +12,11 @@ import contextvars
 import dataclasses
 
 import torch
-import triton
 
 # Shared memory per SM on sm_90 is 232448 bytes; these budgets leave room for the compiler's own staging.
 _W_BUDGET = 128 * 1024
 _H_TILE_BUDGET = 64 * 1024
-_MAX_BLOCK_H = 64
+_MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
 
 
@@ -44,7 +43,7 @@ class LSTMConfig:
             raise ValueError(f"LSTMConfig.batch_groups must be >= 1, got {self.batch_groups}")
 
     def programs(self, hidden: int) -> int:
-        return triton.cdiv(hidden, self.block_h) * self.batch_groups
+        return cdiv(hidden, self.block_h) * self.batch_groups
 
 
 _override: contextvars.ContextVar[LSTMConfig | None] = contextvars.ContextVar("tritonlstm_config", default=None)
@@ -61,7 +60,12 @@ def use_config(config: LSTMConfig | None):
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """Smallest power of two >= n (and >= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None,
@@ -74,30 +78,32 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
     if interpreter or num_sms is None:
         bh = min(_pow2(hidden), _MAX_BLOCK_H)
         bb = min(_pow2(batch), 32)
-        single = triton.cdiv(hidden, bh) == 1
+        single = cdiv(hidden, bh) == 1
         return LSTMConfig(block_h=bh, block_b=bb, block_k=hk, w_resident=True, batch_groups=1, persistent=single)
 
     esize = torch.empty((), dtype=dtype).element_size()
-    bb = max(1, min(_pow2(batch), 64, _H_TILE_BUDGET // (hk * esize)))
-    # Largest BH whose four gate tiles fit the budget, with no more programs than SMs.
-    bh = min(_pow2(hidden), _MAX_BLOCK_H)
-    while bh > 1 and 4 * hk * bh * esize > _W_BUDGET:
+    # 16 batch rows per tile (the MMA's M): larger tiles spill registers on sm_90 (compilecheck sweeps,
+    # 2026-11-26); more rows go to more batch groups or more tiles per program.
+    bb = 16
+    # Largest BH in [8, 32] (8 is the MMA's N) whose four gate tiles fit the budget; fp32 at H >= 256 spills
+    # registers above 16.
+    bh = max(8, min(_pow2(hidden), _MAX_BLOCK_H if esize < 4 or hk < 256 else 16))
+    while bh > 8 and 4 * hk * bh * esize > _W_BUDGET:
         bh //= 2
-    resident = 4 * hk * bh * esize <= _W_BUDGET and triton.cdiv(hidden, bh) <= num_sms
+    resident = hk <= 1024 and 4 * hk * bh * esize <= _W_BUDGET and cdiv(hidden, bh) <= num_sms
     if resident:
         bk = hk
+        # The whole-K dot holds its operands in registers: from K = 128 on, 4 warps spill (compilecheck).
+        warps = 4 if hk <= 64 else 8
     else:
-        bh = min(_pow2(hidden), _MAX_BLOCK_H)
-        while triton.cdiv(hidden, bh) > num_sms:
+        # W_hh streamed from L2 in K chunks of 64 (H > 1024): not compile-checked beyond H = 2048.
+        bh, bk, warps = 16, 64, 4
+        while cdiv(hidden, bh) > num_sms:
             bh *= 2
-        bk = 64
-    p = triton.cdiv(hidden, bh)
-    if p > num_sms:
-        # Too large to keep every program resident: one launch per step.
-        return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=False, batch_groups=1, persistent=False)
-    groups = max(1, min(triton.cdiv(batch, bb), num_sms // p))
+    p = cdiv(hidden, bh)
+    groups = max(1, min(cdiv(batch, bb), num_sms // p))
     return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=groups,
-                      persistent=True)
+                      persistent=True, num_warps=warps)
 
 
 def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device,

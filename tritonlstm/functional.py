@@ -47,7 +47,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         if not triton_dtype:
             raise TypeError(f"backend='triton' supports dtypes {[str(d) for d in TRITON_DTYPES]}, got {dtype}")
         if not runnable:
-            why = ("TRITON_INTERPRET=1 is set but triton was imported before it; set it before importing triton"
+            why = ("TRITON_INTERPRET=1 was set after triton was imported; set it before importing triton"
                    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else
                    "set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU interpreter")
             raise RuntimeError(f"backend='triton' cannot run on device '{device}': the Triton kernels need CUDA "

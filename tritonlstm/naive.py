@@ -23,7 +23,6 @@ def lstm_layer_reference(x: torch.Tensor, weight_ih: torch.Tensor, weight_hh: to
     lengths = torch.full((B,), T, dtype=torch.long) if lengths is None else lengths.to("cpu", torch.long)
     rows = torch.arange(B, device=x.device)
     h, c = h0, c0
-    ys = [None] * T
     outs = []
     for s in range(T):
         live = (s < lengths).to(x.device)

@@ -1,0 +1,92 @@
+"""Bad input to fused_lstm: a clear ValueError/TypeError naming the argument, expected and actual."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tritonlstm import fused_lstm
+
+T, B, I, H = 4, 3, 5, 6
+
+
+def good():
+    return dict(x=torch.randn(T, B, I), weight_ih=torch.randn(4 * H, I), weight_hh=torch.randn(4 * H, H),
+                bias_ih=torch.randn(4 * H), bias_hh=torch.randn(4 * H), h0=torch.randn(B, H), c0=torch.randn(B, H))
+
+
+def call(**changes):
+    args = good()
+    args.update(changes)
+    x = args.pop("x")
+    wi = args.pop("weight_ih")
+    wh = args.pop("weight_hh")
+    args.setdefault("backend", "triton")
+    return fused_lstm(x, wi, wh, **args)
+
+
+CASES = [
+    pytest.param(dict(x=torch.randn(T, B)), ValueError, r"x must be 3-D .*\(4, 3\)", id="x-rank2"),
+    pytest.param(dict(x=torch.randn(1, T, B, I)), ValueError, r"x must be 3-D", id="x-rank4"),
+    pytest.param(dict(x=torch.randn(T, B, I + 1)), ValueError, r"input size.*expected 5, got 6", id="x-input-size"),
+    pytest.param(dict(weight_hh=torch.randn(4 * H, H + 1)), ValueError, r"weight_hh must be \[4H, H\].*\(24, 7\)",
+                 id="whh-not-4HxH"),
+    pytest.param(dict(weight_ih=torch.randn(4 * H + 4, I)), ValueError, r"weight_ih must be \[4H, I\] = \[24, I\]",
+                 id="wih-rows"),
+    pytest.param(dict(bias_ih=torch.randn(4 * H - 1)), ValueError, r"bias_ih must have shape \(24,\), got \(23,\)",
+                 id="bias_ih-len"),
+    pytest.param(dict(bias_hh=torch.randn(2, 4 * H)), ValueError, r"bias_hh must have shape \(24,\)", id="bias_hh-2d"),
+    pytest.param(dict(h0=torch.randn(B + 1, H)), ValueError, r"h0 must have shape \(B, H\) = \(3, 6\), got \(4, 6\)",
+                 id="h0-shape"),
+    pytest.param(dict(c0=torch.randn(1, B, H)), ValueError, r"c0 must have shape \(B, H\)", id="c0-3d"),
+    pytest.param(dict(x=torch.randn(T, B, I).half()), TypeError, r"weight_ih must have x's dtype torch.float16, got "
+                 r"torch.float32", id="dtype-mismatch"),
+    pytest.param(dict(h0=torch.randn(B, H).double()), TypeError, r"h0 must have x's dtype", id="h0-dtype"),
+    pytest.param(dict(x=torch.randint(0, 3, (T, B, I))), TypeError, r"x must have a floating dtype, got torch.int64",
+                 id="x-int"),
+    pytest.param(dict(x=torch.randn(0, B, I)), ValueError, r"T >= 1", id="T0"),
+    pytest.param(dict(x=[[1.0]]), TypeError, r"x must be a Tensor, got list", id="x-list"),
+    pytest.param(dict(weight_hh=None), TypeError, r"weight_hh must be a Tensor, got None", id="whh-none"),
+    pytest.param(dict(lengths=torch.tensor([4, 0, 2])), ValueError, r"lengths must lie in \[1, T\]", id="lengths-0"),
+    pytest.param(dict(lengths=torch.tensor([4, 5, 2])), ValueError, r"lengths must lie in \[1, T\]", id="lengths>T"),
+    pytest.param(dict(lengths=torch.tensor([4, 2])), ValueError, r"lengths must be an integer tensor of shape \(3,\)",
+                 id="lengths-size"),
+    pytest.param(dict(backend="cuda"), ValueError, r"backend must be one of", id="backend-name"),
+]
+
+
+@pytest.mark.parametrize("changes,exc,match", CASES)
+def test_bad_input_raises(changes, exc, match):
+    with pytest.raises(exc, match=match):
+        call(**changes)
+
+
+def test_float64_with_triton_backend_is_refused():
+    args = {k: v.double() for k, v in good().items()}
+    with pytest.raises(TypeError, match="backend='triton' supports dtypes"):
+        fused_lstm(*args.values(), backend="triton")
+
+
+def test_device_mismatch_is_named():
+    meta = torch.randn(B, H, device="meta")
+    with pytest.raises(ValueError, match=r"h0 must be on x's device cpu, got meta"):
+        call(h0=meta)
+
+
+def test_triton_backend_without_gpu_or_interpreter_raises():
+    """A fresh process without TRITON_INTERPRET: backend='triton' on CPU tensors must refuse, not fall back."""
+    code = ("import torch, tritonlstm\n"
+            "x = torch.randn(2, 1, 3); wi = torch.randn(8, 3); wh = torch.randn(8, 2)\n"
+            "try:\n    tritonlstm.fused_lstm(x, wi, wh, backend='triton')\n"
+            "except RuntimeError as e:\n    print('REFUSED', e)\n"
+            "y, _ = tritonlstm.fused_lstm(x, wi, wh)\nprint('AUTO', tuple(y.shape))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "REFUSED backend='triton' cannot run on device 'cpu'" in out.stdout, out.stdout
+    assert "TRITON_INTERPRET=1" in out.stdout
+    assert "AUTO (2, 1, 2)" in out.stdout

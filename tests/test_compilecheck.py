@@ -1,0 +1,43 @@
+"""Compile-only check for the H100 (sm_90): every config the heuristic can choose for H <= 1024 compiles, fits
+shared memory and does not spill registers. Runs here without a GPU; catches what the interpreter cannot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from tritonlstm.compilecheck import SM90_SHARED_LIMIT, shipped_configs
+from tritonlstm.configs import heuristic_config
+
+
+def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
+    out = tmp_path / "cc.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter does not compile
+    proc = subprocess.run([sys.executable, "-m", "tritonlstm.compilecheck", "--json", str(out)], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    rows = json.loads(out.read_text())
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, "\n".join(proc.stdout.splitlines()[-40:])
+    assert proc.returncode == 0
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd"}
+    assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
+    assert all(0 < r["shared"] <= SM90_SHARED_LIMIT and r["spill_bytes"] == 0 and r["error"] is None for r in rows)
+    assert len(rows) == 2 * len(shipped_configs())
+
+
+def test_heuristic_keeps_programs_resident_and_weights_on_chip_up_to_1024():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for hidden in (1, 24, 256, 512, 1000, 1024):
+            for batch in (1, 16, 256, 4096):
+                cfg = heuristic_config(hidden, batch, dtype, 132)
+                assert cfg.persistent and cfg.w_resident, (dtype, hidden, batch, cfg)
+                assert cfg.programs(hidden) <= 132
+
+
+def test_heuristic_streams_weights_beyond_1024():
+    cfg = heuristic_config(4096, 16, torch.float16, 132)
+    assert not cfg.w_resident and cfg.block_k == 64 and cfg.programs(4096) <= 132

@@ -1,0 +1,149 @@
+"""Compile-only resource check of the recurrence kernels for a GPU this machine may not have.
+
+`triton.compile(..., target=GPUTarget("cuda", 90, 32))` builds the sm_90 binary on a CPU-only machine; ptxas
+(bundled with triton's wheel) then reports registers and spills. This catches what the interpreter cannot:
+type errors, shared-memory overflow, register spills. Run as `python -m tritonlstm.compilecheck` (it must
+run without TRITON_INTERPRET: the interpreter does not compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from tritonlstm.configs import LSTMConfig, heuristic_config
+
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
+H100_SMS = 132
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclasses.dataclass
+class Resources:
+    kernel: str
+    dtype: str
+    hidden: int
+    config: LSTMConfig
+    shared: int
+    registers: int
+    spill_bytes: int
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.shared <= SM90_SHARED_LIMIT and self.spill_bytes == 0
+
+
+def _signature(kernel: str, dtype: str) -> dict[str, str]:
+    p = "*" + dtype
+    ints = {n: "i32" for n in ("T", "B", "H", "S_START", "S_COUNT", "max_spin")}
+    if kernel == "fwd":
+        ptrs = {"GX": p, "W": p, "BIAS": "*fp32", "H0": p, "C_WS": "*fp32", "Y": p, "HN": p, "CN": p,
+                "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32"}
+        flags = ("BK", "BH", "BB", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "REVERSE", "STORE_GATES", "PERSISTENT",
+                 "DOT_PRECISION")
+    else:
+        ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
+                "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32"}
+        flags = ("BK", "BH", "BB", "W_RESIDENT", "HAS_LENGTHS", "REVERSE", "PERSISTENT", "DOT_PRECISION")
+    return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
+
+
+def _ptxas_report(ptx: str) -> tuple[int, int]:
+    """(registers, spill store + load bytes) from the bundled ptxas."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+        out = subprocess.run([ptxas, f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    return regs, spills
+
+
+def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
+          has_lengths: bool = False, reverse: bool = False) -> Resources:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tritonlstm.kernels import lstm as k
+
+    if k.interpreting():
+        raise RuntimeError("compilecheck needs the real compiler: unset TRITON_INTERPRET")
+    tdt = _TRITON_DTYPE[dtype]
+    consts = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
+                  HAS_LENGTHS=has_lengths, REVERSE=reverse, PERSISTENT=config.persistent,
+                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
+    if kernel == "fwd":
+        consts.update(HAS_BIAS=True, STORE_GATES=store_gates)
+    fn = k.lstm_fwd_kernel if kernel == "fwd" else k.lstm_bwd_kernel
+    res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0)
+    try:
+        src = ASTSource(fn=fn, signature=_signature(kernel, tdt), constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        res.shared = compiled.metadata.shared
+        res.registers, res.spill_bytes = _ptxas_report(compiled.asm["ptx"])
+    except Exception as e:  # a compile failure is a finding, reported with the config that caused it
+        res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return res
+
+
+def shipped_configs(max_hidden: int = 1024) -> list[tuple[torch.dtype, int, LSTMConfig]]:
+    """Every distinct config the heuristic can choose on an H100 for H <= max_hidden, any batch."""
+    seen, out = set(), []
+    hiddens = sorted({h for p in range(0, 14) for h in (2 ** p, 2 ** p + 1) if h <= max_hidden} | {24, 33, 100, 1000})
+    for dtype in _TRITON_DTYPE:
+        for hidden in hiddens:
+            for batch in (1, 16, 17, 33, 64, 256, 4096):
+                cfg = heuristic_config(hidden, batch, dtype, H100_SMS)
+                # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
+                key = (dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
+                       cfg.num_warps, cfg.num_stages)
+                if key not in seen:
+                    seen.add(key)
+                    out.append((dtype, hidden, cfg))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tritonlstm.compilecheck", description=__doc__.splitlines()[0])
+    ap.add_argument("--max-hidden", type=int, default=1024,
+                    help="check every config the H100 heuristic picks for H up to this (default 1024; 4096 "
+                         "adds the streamed-W configs)")
+    ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    args = ap.parse_args(argv)
+    rows = []
+    for dtype, hidden, cfg in shipped_configs(args.max_hidden):
+        for kernel in ("fwd", "bwd"):
+            r = check(kernel, dtype, hidden, cfg)
+            rows.append(r)
+            status = "ok" if r.ok else "FAIL"
+            print(f"{status:4} {kernel} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
+                  f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
+                  f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" {r.error}" if r.error else ""), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{**dataclasses.asdict(r), "config": dataclasses.asdict(r.config), "ok": r.ok} for r in rows],
+                      f, indent=1)
+    bad = [r for r in rows if not r.ok]
+    print(f"{len(rows) - len(bad)} of {len(rows)} kernel configs within sm_90 limits")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
