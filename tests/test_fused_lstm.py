@@ -271,3 +271,37 @@ def test_tf32_follows_cudnn_flag(monkeypatch):
     assert kernels._dot_precision(torch.float32) == "ieee"
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert kernels._dot_precision(torch.float32) == "tf32"
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    """The op is one custom op to dynamo: no graph break, same gradients as eager."""
+    problem = make_problem(4, 3, 5, 8, torch.float32)
+
+    def f(*args):
+        y, (hn, cn) = fused_lstm(*args, backend="triton")
+        return (y * y).sum() + hn.sum() + cn.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    p, q = leaf(problem), leaf(problem)
+    compiled(*(p[n] for n in NAMES)).backward()
+    f(*(q[n] for n in NAMES)).backward()
+    for n in NAMES:
+        torch.testing.assert_close(p[n].grad, q[n].grad, rtol=1e-6, atol=1e-7)
+
+
+def test_non_contiguous_inputs():
+    """Batch-first data transposed to time-major, transposed weights: same results as contiguous copies."""
+    problem = make_problem(5, 3, 6, 8, torch.float32)
+    nc = dict(problem)
+    nc["x"] = problem["x"].transpose(0, 1).contiguous().transpose(0, 1)
+    nc["weight_hh"] = problem["weight_hh"].t().contiguous().t()
+    nc["h0"] = problem["h0"].t().contiguous().t()
+    assert not nc["x"].is_contiguous() and not nc["weight_hh"].is_contiguous()
+    p, q = leaf(problem), {n: t.detach().requires_grad_() if t is not None else None for n, t in nc.items()}
+    y1, (h1, c1) = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+    y2, (h2, c2) = fused_lstm(*(q[n] for n in NAMES), backend="triton")
+    torch.testing.assert_close(y1, y2)
+    (y1.sum() + c1.sum()).backward()
+    (y2.sum() + c2.sum()).backward()
+    for n in NAMES:
+        torch.testing.assert_close(p[n].grad, q[n].grad)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 from torch import Tensor
@@ -29,10 +30,12 @@ def _kernels():
 
 
 def interpreter_active() -> bool:
-    """True when the Triton kernels run on the CPU interpreter."""
+    """True when the Triton kernels run (or, not yet loaded, will run) on the CPU interpreter. Reads only the
+    environment and sys.modules, so torch.compile can trace it."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return False
-    return _kernels().interpreting()
+    loaded = sys.modules.get("tritonlstm.kernels.lstm")
+    return True if loaded is None else loaded.interpreting()
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
