@@ -1,0 +1,106 @@
+"""The bench's argument parsing, writers, no-GPU path, and its refusal to time a wrong cell (no GPU needed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tritonlstm import bench
+
+ENV = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cudnn": "91900", "date": "2026-11-26"}
+
+
+def synthetic_rows():
+    rows = []
+    for i, (d, h, b, m) in enumerate([("float16", 256, 16, "fwd"), ("bfloat16", 512, 1, "fwdbwd"),
+                                      ("float32", 1024, 64, "fwd")]):
+        rows.append({"dtype": d, "hidden": h, "batch": b, "seq": 256, "layers": 1, "bidirectional": False, "mode": m,
+                     "tritonlstm_ms": 0.5 + i, "cudnn_ms": 2.0 + i, "speedup": (2.0 + i) / (0.5 + i),
+                     "tritonlstm_peak_mb": 10.0, "cudnn_peak_mb": 11.0, "max_rel_err": 1e-3,
+                     "tritonlstm_ms_q20": 0.4})
+    rows.append({"dtype": "float16", "hidden": 512, "batch": 16, "seq": 256, "layers": 1, "bidirectional": False,
+                 "mode": "fwd", "max_rel_err": 0.5, "error": "output differs from cuDNN: rel err 5.00e-01 > 1e-02"})
+    return rows
+
+
+def test_defaults_are_the_issue_matrix():
+    a = bench.parse_args([])
+    assert a.dtypes == ["float16", "bfloat16", "float32"] and a.hidden == [256, 512, 1024]
+    assert a.batch == [1, 16, 64, 256] and a.seq == 256 and a.modes == ["fwd", "fwdbwd"]
+
+
+def test_options_parse():
+    a = bench.parse_args(["--dtypes", "bfloat16", "--hidden", "128,256", "--batch", "8", "--seq", "32",
+                          "--modes", "fwd", "--out", "x"])
+    assert (a.dtypes, a.hidden, a.batch, a.seq, a.modes, a.out) == (["bfloat16"], [128, 256], [8], 32, ["fwd"], "x")
+    assert bench.parse_args(["--quick"]).hidden == [512]
+
+
+@pytest.mark.parametrize("argv", [["--dtypes", "float64"], ["--hidden", "a"], ["--batch", "0"], ["--seq", "0"],
+                                  ["--modes", "train"]],
+                         ids=["dtype", "hidden-nan", "batch-0", "seq-0", "mode"])
+def test_bad_options_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_writers(tmp_path):
+    rows = synthetic_rows()
+    bench.write_results(tmp_path, ENV, rows)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {k: data[k] for k in ENV} == ENV
+    assert len(data["rows"]) == 4 and all(list(r) == list(bench.ROW_KEYS) for r in data["rows"])
+    assert data["rows"][0]["speedup"] == pytest.approx(4.0)
+    assert data["errors"][0]["error"].startswith("output differs")
+    with open(tmp_path / "results.csv") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 4 and list(got[0]) == list(bench.ROW_KEYS) and float(got[0]["cudnn_ms"]) == 2.0
+    md = (tmp_path / "results.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in md and "| 256 | 16 | 256 | 0.500 | 2.000 | 4.00x |" in md
+    assert "ERROR: output differs" in md
+
+
+def test_no_gpu_path_says_so_and_exits_0():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "tritonlstm.bench", "--quick"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first = out.stdout.splitlines()[0]
+    assert "no CUDA device" in first
+    assert "self-check passed" in out.stdout
+
+
+def test_wrong_cell_is_reported_not_timed():
+    """A tritonlstm output that disagrees with the baseline gives an error row and is never timed."""
+    import torch
+
+    x = torch.randn(4, 3)
+    timed = []
+
+    def timer(*a, **k):
+        timed.append(1)
+        return [1.0, 1.0, 1.0]
+
+    out = bench.check_then_time(lambda: x + 0.1, lambda: x, 1e-2, timer=timer)
+    assert "differs from cuDNN" in out["error"] and out["max_rel_err"] > 1e-2
+    assert not timed and "tritonlstm_ms" not in out
+
+
+def test_agreeing_cell_is_checked_then_timed(monkeypatch):
+    import torch
+
+    for fn in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, fn, lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2 ** 20)
+    x = torch.randn(4, 3)
+    times = iter([[0.5, 0.4, 0.6], [2.0, 1.9, 2.1]])
+    out = bench.check_then_time(lambda: x, lambda: x, 1e-2, timer=lambda *a, **k: next(times))
+    assert out["speedup"] == pytest.approx(4.0) and out["cudnn_peak_mb"] == 1.0 and "error" not in out
