@@ -76,7 +76,8 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
 
 @triton.jit(do_not_specialize=["T", "B", "S_START", "S_COUNT", "max_spin"])
 def lstm_fwd_kernel(
-    GX,  # [T, B, 4H] x @ W_ih^T; overwritten by the activated gates when STORE_GATES
+    GX,  # [T, B, 4H] x @ W_ih^T
+    GATES,  # [T, B, 4H] out: the activated gates i, f, g, o for the backward (when STORE_GATES)
     W,  # [4H, H] W_hh
     BIAS,  # [4H] float32, b_ih + b_hh
     H0,  # [B, H] initial hidden state
@@ -180,10 +181,11 @@ def lstm_fwd_kernel(
             tl.store(Y + o_row[:, None] * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
             tl.store(p_c, b_c, mask=m_live)
             if STORE_GATES:
-                tl.store(p_gx, b_i.to(GX.dtype.element_ty), mask=m_live)
-                tl.store(p_gx + H, b_f.to(GX.dtype.element_ty), mask=m_live)
-                tl.store(p_gx + 2 * H, b_g.to(GX.dtype.element_ty), mask=m_live)
-                tl.store(p_gx + 3 * H, b_o.to(GX.dtype.element_ty), mask=m_live)
+                p_gates = GATES + o_row[:, None] * (4 * H) + o_j[None, :]
+                tl.store(p_gates, b_i.to(GATES.dtype.element_ty), mask=m_live)
+                tl.store(p_gates + H, b_f.to(GATES.dtype.element_ty), mask=m_live)
+                tl.store(p_gates + 2 * H, b_g.to(GATES.dtype.element_ty), mask=m_live)
+                tl.store(p_gates + 3 * H, b_o.to(GATES.dtype.element_ty), mask=m_live)
                 tl.store(C_ALL + o_row[:, None] * H + o_j[None, :], b_c, mask=m_live)
             m_last = (m_b & (s == last))[:, None] & m_j[None, :]
             tl.store(HN + o_bh, b_y.to(HN.dtype.element_ty), mask=m_last)
@@ -371,9 +373,9 @@ def _run(kernel, grid, n_steps: int, config, sync: torch.Tensor, args: tuple, co
 
 
 def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config):
-    """Runs the recurrence over gx = x @ W_ih^T [T, B, 4H]. c_ws [B, H] float32 holds c0 and is updated in
-    place. Returns y [T, B, H], h_n, c_n [B, H] and, when store_gates, c_all [T, B, H] float32 (gx then holds
-    the activated gates)."""
+    """Runs the recurrence over gx = x @ W_ih^T [T, B, 4H] (read only). c_ws [B, H] float32 holds c0 and is
+    updated in place. Returns y [T, B, H], h_n, c_n [B, H] and, when store_gates, the activated gates
+    [T, B, 4H] and c_all [T, B, H] float32 (else None, None)."""
     T, B, G = gx.shape
     H = G // 4
     _check_residency(config, H, gx.device)
@@ -382,15 +384,16 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     y = torch.zeros(T, B, H, device=dev, dtype=dt) if last is not None else _alloc((T, B, H), dt, dev)
     hn = _alloc((B, H), dt, dev)
     cn = _alloc((B, H), dt, dev)
+    gates = _alloc((T, B, 4 * H), dt, dev) if store_gates else gx
     c_all = _alloc((T, B, H), torch.float32, dev) if store_gates else c_ws
     sync = torch.zeros(1 + config.batch_groups, device=gx.device, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups)
-    args = (gx, w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
+    args = (gx, gates, w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
             last if last is not None else sync, sync, T, B, H)
     _run(lstm_fwd_kernel, grid, T, config, sync, args,
          dict(HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, REVERSE=reverse,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)))
-    return y, hn, cn, (c_all if store_gates else None)
+    return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
 def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config):

@@ -46,7 +46,7 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     p = "*" + dtype
     ints = {n: "i32" for n in ("T", "B", "H", "S_START", "S_COUNT", "max_spin")}
     if kernel == "fwd":
-        ptrs = {"GX": p, "W": p, "BIAS": "*fp32", "H0": p, "C_WS": "*fp32", "Y": p, "HN": p, "CN": p,
+        ptrs = {"GX": p, "GATES": p, "W": p, "BIAS": "*fp32", "H0": p, "C_WS": "*fp32", "Y": p, "HN": p, "CN": p,
                 "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32"}
         flags = ("BK", "BH", "BB", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "REVERSE", "STORE_GATES", "PERSISTENT",
                  "DOT_PRECISION")

@@ -1,11 +1,13 @@
 """`fused_lstm`: one LSTM layer in one direction, as a differentiable op.
 
 Forward: one GEMM for the input projection of all steps (cuBLAS through torch), then the recurrence kernel.
-Backward: the reverse recurrence kernel gives dG (the gate pre-activation gradients of every step), then
-plain GEMMs give the weight, bias and input gradients: deterministic, no atomics.
+Backward: the reverse recurrence kernel gives dG (the gate pre-activation gradients of every step, which is
+the gradient of the projection's output), then plain GEMMs give the weight, bias and input gradients:
+deterministic, no atomics.
 
-Both halves are `torch.library` custom ops with fake-tensor and autograd registrations, so `torch.compile`
-sees one opaque op per layer and direction instead of a graph break.
+The recurrence, forward and backward, is a pair of `torch.library` custom ops with fake-tensor and autograd
+registrations, so `torch.compile` sees one opaque op per layer and direction instead of a graph break; the input
+projection around it is ordinary autograd.
 """
 
 from __future__ import annotations
@@ -63,55 +65,47 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _combined_bias(bias_ih: Tensor | None, bias_hh: Tensor | None) -> Tensor | None:
-    if bias_ih is None and bias_hh is None:
-        return None
-    b = torch.zeros(()) if bias_ih is None else bias_ih.float()
-    if bias_hh is not None:
-        b = b + bias_hh.float()
-    return b.contiguous()
-
-
 def _last_steps(lengths: Tensor | None, device: torch.device) -> Tensor | None:
     return None if lengths is None else (lengths.to(device=device, dtype=torch.int32) - 1).contiguous()
 
 
-@torch.library.custom_op("tritonlstm::lstm_layer", mutates_args=())
-def _lstm_layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None,
-                h0: Tensor, c0: Tensor, lengths: Tensor | None, reverse: bool,
-                training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns y, h_n, c_n and, when training, the activated gates [T, B, 4H] and c_t [T, B, H] float32 for
-    the backward (empty tensors otherwise)."""
+@torch.library.custom_op("tritonlstm::lstm_recurrence", mutates_args=())
+def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
+                     lengths: Tensor | None, reverse: bool,
+                     training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The recurrence over gx = x @ W_ih^T [T, B, 4H], bias [4H] float32 or None. Returns y, h_n, c_n and,
+    when training, the activated gates [T, B, 4H] and c_t [T, B, H] float32 for the backward (empty
+    otherwise)."""
     k = _kernels()
-    T, B, input_size = x.shape
+    T, B, _ = gx.shape
     H = weight_hh.shape[1]
-    gx = torch.mm(x.reshape(T * B, input_size), weight_ih.t()).view(T, B, 4 * H)
     c_ws = c0.to(torch.float32, copy=True).contiguous()
-    config = select_config(H, B, x.dtype, x.device, k.interpreting())
-    y, hn, cn, c_all = k.lstm_forward(gx, weight_hh.contiguous(), _combined_bias(bias_ih, bias_hh),
-                                      h0.contiguous(), c_ws, _last_steps(lengths, x.device),
-                                      reverse=reverse, store_gates=training, config=config)
+    config = select_config(H, B, gx.dtype, gx.device, k.interpreting())
+    y, hn, cn, gates, c_all = k.lstm_forward(gx.contiguous(), weight_hh.contiguous(),
+                                             None if bias is None else bias.contiguous(), h0.contiguous(), c_ws,
+                                             _last_steps(lengths, gx.device), reverse=reverse,
+                                             store_gates=training, config=config)
     if not training:
         return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0)
-    return y, hn, cn, gx, c_all
+    return y, hn, cn, gates, c_all
 
 
-@_lstm_layer.register_fake
-def _(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training):
-    T, B, _ = x.shape
-    H = weight_hh.shape[1]
-    y = x.new_empty(T, B, H)
+@_lstm_recurrence.register_fake
+def _(gx, weight_hh, bias, h0, c0, lengths, reverse, training):
+    T, B, G = gx.shape
+    H = G // 4
     if training:
-        return y, x.new_empty(B, H), x.new_empty(B, H), x.new_empty(T, B, 4 * H), \
-            x.new_empty(T, B, H, dtype=torch.float32)
-    return y, x.new_empty(B, H), x.new_empty(B, H), x.new_empty(0), x.new_empty(0, dtype=torch.float32)
+        return gx.new_empty(T, B, H), gx.new_empty(B, H), gx.new_empty(B, H), gx.new_empty(T, B, G), \
+            gx.new_empty(T, B, H, dtype=torch.float32)
+    return gx.new_empty(T, B, H), gx.new_empty(B, H), gx.new_empty(B, H), gx.new_empty(0), \
+        gx.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op("tritonlstm::lstm_layer_backward", mutates_args=())
-def _lstm_layer_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
-                         weight_hh: Tensor, lengths: Tensor | None,
-                         reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns dG [T, B, 4H] (gate pre-activation gradients), dh0 and dc0 [B, H]."""
+@torch.library.custom_op("tritonlstm::lstm_recurrence_backward", mutates_args=())
+def _lstm_recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
+                              weight_hh: Tensor, lengths: Tensor | None,
+                              reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dG [T, B, 4H] (gate pre-activation gradients, = d gx), dh0 and dc0 [B, H]."""
     k = _kernels()
     T, B, _ = gates.shape
     H = weight_hh.shape[1]
@@ -121,18 +115,17 @@ def _lstm_layer_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_
                            reverse=reverse, config=config)
 
 
-@_lstm_layer_backward.register_fake
+@_lstm_recurrence_backward.register_fake
 def _(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse):
     B, H = dhn.shape
     return torch.empty_like(gates), dhn.new_empty(B, H), dhn.new_empty(B, H)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training = inputs
+    gx, weight_hh, bias, h0, c0, lengths, reverse, training = inputs
     y, _, _, gates, c_all = output
     ctx.reverse = reverse
-    ctx.bias_dtypes = (None if bias_ih is None else bias_ih.dtype, None if bias_hh is None else bias_hh.dtype)
-    ctx.save_for_backward(x, weight_ih, weight_hh, h0, c0, lengths, y, gates, c_all)
+    ctx.save_for_backward(weight_hh, h0, c0, lengths, y, gates, c_all)
     ctx.mark_non_differentiable(gates, c_all)
 
 
@@ -150,31 +143,25 @@ def _previous_h(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) ->
 
 
 def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
-    x, weight_ih, weight_hh, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
+    weight_hh, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
     if gates.numel() == 0 and y.numel() != 0:
         raise RuntimeError("tritonlstm: backward through a forward that ran without saving its gates "
                            "(it ran with training=False)")
-    T, B, input_size = x.shape
-    H = weight_hh.shape[1]
+    T, B, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = torch.zeros_like(h0) if dhn is None else dhn
     dcn = torch.zeros_like(h0) if dcn is None else dcn
-    dg, dh0, dc0 = _lstm_layer_backward(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
-    dg2 = dg.view(T * B, 4 * H)
+    dg, dh0, dc0 = _lstm_recurrence_backward(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
     need = ctx.needs_input_grad
-    dx = torch.mm(dg2, weight_ih).view(T, B, input_size) if need[0] else None
-    dw_ih = torch.mm(dg2.t(), x.reshape(T * B, input_size)) if need[1] else None
     dw_hh = None
-    if need[2]:
+    if need[1]:
         h_prev = _previous_h(y, h0, lengths, ctx.reverse)
-        dw_hh = torch.mm(dg2.t(), h_prev.reshape(T * B, H))
-    db = dg2.sum(0, dtype=torch.float32) if need[3] or need[4] else None
-    db_ih = db.to(ctx.bias_dtypes[0]) if need[3] else None
-    db_hh = db.to(ctx.bias_dtypes[1]) if need[4] else None
-    return dx, dw_ih, dw_hh, db_ih, db_hh, dh0 if need[5] else None, dc0 if need[6] else None, None, None, None
+        dw_hh = torch.mm(dg.view(T * B, 4 * H).t(), h_prev.reshape(T * B, H))
+    dbias = dg.view(T * B, 4 * H).sum(0, dtype=torch.float32) if need[2] else None
+    return dg if need[0] else None, dw_hh, dbias, dh0 if need[3] else None, dc0 if need[4] else None, None, None, None
 
 
-_lstm_layer.register_autograd(_backward, setup_context=_setup_context)
+_lstm_recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,7 +248,11 @@ def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor 
         return y, (h0 + 0 * x.sum(), c0 + 0 * x.sum())
     if which == "torch":
         return lstm_layer_reference(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, reverse, lengths)
+    gx = torch.mm(x.reshape(T * B, x.shape[2]), weight_ih.t()).view(T, B, 4 * H)
+    bias = None
+    if bias_ih is not None or bias_hh is not None:
+        bias = sum(b.float() for b in (bias_ih, bias_hh) if b is not None)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0))
-    y, hn, cn, _, _ = _lstm_layer(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training)
+    y, hn, cn, _, _ = _lstm_recurrence(gx, weight_hh, bias, h0, c0, lengths, reverse, training)
     return y, (hn, cn)
