@@ -14,18 +14,26 @@ RESOLUTION_GPU = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 3e-2
 NAMES = ("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0", "c0")
 
 
-def make_problem(T, B, I, H, dtype, *, bias=True, init=True, device="cpu", scale=None):
-    """Inputs of one layer, nn.LSTM-like init (uniform +-1/sqrt(H)), in `dtype`."""
+def call_kwargs(p):
+    """Keyword arguments beyond the seven positional ones (weight_hr where the problem has one)."""
+    return {"weight_hr": p["weight_hr"]} if p.get("weight_hr") is not None else {}
+
+
+def make_problem(T, B, I, H, dtype, *, bias=True, init=True, device="cpu", scale=None, proj=0):
+    """Inputs of one layer, nn.LSTM-like init (uniform +-1/sqrt(H)), in `dtype`; proj > 0 adds weight_hr."""
     k = scale if scale is not None else H ** -0.5
+    P = proj or H
     g = {
         "x": torch.randn(T, B, I),
         "weight_ih": torch.empty(4 * H, I).uniform_(-k, k),
-        "weight_hh": torch.empty(4 * H, H).uniform_(-k, k),
+        "weight_hh": torch.empty(4 * H, P).uniform_(-k, k),
         "bias_ih": torch.empty(4 * H).uniform_(-k, k) if bias else None,
         "bias_hh": torch.empty(4 * H).uniform_(-k, k) if bias else None,
-        "h0": torch.randn(B, H) * 0.5 if init else None,
+        "h0": torch.randn(B, P) * 0.5 if init else None,
         "c0": torch.randn(B, H) * 0.5 if init else None,
     }
+    if proj:
+        g["weight_hr"] = torch.empty(P, H).uniform_(-k, k)
     return {n: (None if t is None else t.to(device=device, dtype=dtype)) for n, t in g.items()}
 
 
@@ -43,11 +51,11 @@ def reference(problem, *, reverse=False, lengths=None):
     """float64 forward and gradients on the problem's (already rounded) values."""
     p = leaf(problem, torch.float64)
     T, B, _ = p["x"].shape
-    H = p["weight_hh"].shape[1]
-    h0 = p["h0"] if p["h0"] is not None else torch.zeros(B, H, dtype=torch.float64, device=p["x"].device)
+    H, P = p["weight_hh"].shape[0] // 4, p["weight_hh"].shape[1]
+    h0 = p["h0"] if p["h0"] is not None else torch.zeros(B, P, dtype=torch.float64, device=p["x"].device)
     c0 = p["c0"] if p["c0"] is not None else torch.zeros(B, H, dtype=torch.float64, device=p["x"].device)
     y, (hn, cn) = lstm_layer_reference(p["x"], p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], h0, c0,
-                                       reverse, lengths)
+                                       reverse, lengths, p.get("weight_hr"))
     return p, (y, hn, cn)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import NAMES, RESOLUTION, leaf, loss_of, make_problem, reference, rel_err
+from helpers import NAMES, RESOLUTION, call_kwargs, leaf, loss_of, make_problem, reference, rel_err
 from tritonlstm.kernels import lstm as kernels
 
 import tritonlstm
@@ -39,15 +39,16 @@ def check_against_reference(problem, dtype, *, reverse=False, lengths=None, conf
 
     p = leaf(problem)
     with use_config(config):
-        y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), reverse=reverse, lengths=lengths, backend="triton")
+        y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), reverse=reverse, lengths=lengths, backend="triton",
+                                 **call_kwargs(p))
         assert y.dtype == hn.dtype == cn.dtype == dtype
         loss_of(y, hn, cn, weights).backward()
 
     tol = RESOLUTION[dtype]
     errors = {"y": rel_err(y, y_r), "h_n": rel_err(hn, hn_r), "c_n": rel_err(cn, cn_r)}
     bad = {k: v for k, v in errors.items() if not v <= tol}
-    for n in NAMES:
-        if p[n] is not None:
+    for n in (*NAMES, "weight_hr"):
+        if p.get(n) is not None:
             assert p[n].grad is not None, f"no gradient for {n}"
             errors[f"d{n}"] = e = rel_err(p[n].grad, p_ref[n].grad)
             if not e <= tol * grad_factor:
@@ -121,6 +122,29 @@ def test_lengths_match_reference(reverse, config):
     problem = make_problem(7, 5, 6, 12, torch.float32)
     lengths = torch.tensor([7, 3, 1, 5, 7])
     check_against_reference(problem, torch.float32, reverse=reverse, lengths=lengths, config=config)
+
+
+@pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5])], ids=["padded", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("init", [True, False], ids=["h0c0", "zeros"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_projection_matches_reference(dtype, init, reverse, lengths, kernel_calls):
+    problem = make_problem(6, 3, 5, 12, dtype, proj=4, init=init)
+    check_against_reference(problem, dtype, reverse=reverse, lengths=lengths)
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+def test_reference_matches_nn_lstm_projection():
+    T, B, I, H, P = 5, 3, 4, 7, 3
+    m = torch.nn.LSTM(I, H, proj_size=P).double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0, c0 = torch.randn(1, B, P, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64)
+    out, (hn, cn) = m(x, (h0, c0))
+    y, (h, c) = tritonlstm.naive.lstm_layer_reference(x, m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0,
+                                                      h0[0], c0[0], weight_hr=m.weight_hr_l0)
+    torch.testing.assert_close(y, out)
+    torch.testing.assert_close(h, hn[0])
+    torch.testing.assert_close(c, cn[0])
 
 
 def test_reference_matches_nn_lstm_packed():

@@ -173,9 +173,9 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths) -> None:
+def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, weight_hr) -> None:
     named = {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "bias_ih": bias_ih, "bias_hh": bias_hh,
-             "h0": h0, "c0": c0}
+             "h0": h0, "c0": c0, "weight_hr": weight_hr}
     for name, t in named.items():
         if t is None and name in ("x", "weight_ih", "weight_hh"):
             raise TypeError(f"{name} must be a Tensor, got None")
@@ -185,10 +185,18 @@ def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths) ->
             raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D [T, B, I] (time-major), got shape {_shape(x)}")
-    if weight_hh.dim() != 2 or weight_hh.shape[0] != 4 * weight_hh.shape[1] or weight_hh.shape[1] == 0:
-        raise ValueError(f"weight_hh must be [4H, H] with H >= 1, got shape {_shape(weight_hh)}")
     T, B, input_size = x.shape
-    H = weight_hh.shape[1]
+    if weight_hr is None:
+        if weight_hh.dim() != 2 or weight_hh.shape[0] != 4 * weight_hh.shape[1] or weight_hh.shape[1] == 0:
+            raise ValueError(f"weight_hh must be [4H, H] with H >= 1, got shape {_shape(weight_hh)}")
+        H = P = weight_hh.shape[1]
+    else:
+        if weight_hr.dim() != 2 or 0 in weight_hr.shape:
+            raise ValueError(f"weight_hr must be [P, H] with P, H >= 1, got shape {_shape(weight_hr)}")
+        P, H = weight_hr.shape
+        if _shape(weight_hh) != (4 * H, P):
+            raise ValueError(f"weight_hh must be [4H, P] = [{4 * H}, {P}] (P, H from weight_hr), "
+                             f"got shape {_shape(weight_hh)}")
     if weight_ih.dim() != 2 or weight_ih.shape[0] != 4 * H:
         raise ValueError(f"weight_ih must be [4H, I] = [{4 * H}, I] (H = {H} from weight_hh), "
                          f"got shape {_shape(weight_ih)}")
@@ -199,10 +207,11 @@ def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths) ->
         b = named[name]
         if b is not None and _shape(b) != (4 * H,):
             raise ValueError(f"{name} must have shape ({4 * H},), got {_shape(b)}")
-    for name in ("h0", "c0"):
-        s = named[name]
-        if s is not None and _shape(s) != (B, H):
-            raise ValueError(f"{name} must have shape (B, H) = ({B}, {H}), got {_shape(s)}")
+    for name, size in (("h0", P), ("c0", H)):
+        st = named[name]
+        if st is not None and _shape(st) != (B, size):
+            raise ValueError(f"{name} must have shape (B, {'P' if name == 'h0' and weight_hr is not None else 'H'})"
+                             f" = ({B}, {size}), got {_shape(st)}")
     for name, t in named.items():
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
@@ -222,7 +231,7 @@ def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths) ->
 
 def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
                bias_hh: Tensor | None = None, h0: Tensor | None = None, c0: Tensor | None = None, *,
-               reverse: bool = False, lengths: Tensor | None = None,
+               reverse: bool = False, lengths: Tensor | None = None, weight_hr: Tensor | None = None,
                backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One LSTM layer in one direction, fused: the recurrent matmul, gate activations and cell update of every
     step run in Triton kernels.
@@ -231,28 +240,42 @@ def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor 
     weight_ih [4H, I], weight_hh [4H, H], biases [4H]; h0, c0 [B, H] or None (zeros).
     reverse runs t = T-1 .. 0 (y[t] stays aligned with x[t]). lengths [B] (1 <= lengths[b] <= T): row b stops
     after lengths[b] steps (starts at lengths[b] - 1 when reverse); its outputs past that are zero and h_n, c_n
-    come from its last step. backend: "triton" (the kernels, or an error), "torch" (plain PyTorch), "auto"
+    come from its last step. weight_hr [P, H] (nn.LSTM's proj_size): h_t = W_hr (o * tanh(c_t)), weight_hh is
+    then [4H, P] and h0 [B, P]. backend: "triton" (the kernels, or an error), "torch" (plain PyTorch), "auto"
     (Triton for CUDA tensors and under the CPU interpreter, torch otherwise).
 
-    Returns y [T, B, H] and (h_n, c_n), each [B, H].
+    Returns y [T, B, H or P] and (h_n [B, H or P], c_n [B, H]).
     """
-    _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths)
+    _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, weight_hr)
     T, B, _ = x.shape
-    H = weight_hh.shape[1]
+    H = weight_hh.shape[0] // 4
+    P = H if weight_hr is None else weight_hr.shape[0]
     which = resolve_backend(backend, x.device, x.dtype)
-    h0 = x.new_zeros(B, H) if h0 is None else h0
+    h0 = x.new_zeros(B, P) if h0 is None else h0
     c0 = x.new_zeros(B, H) if c0 is None else c0
     if B == 0:
         # nn.LSTM returns empty outputs for an empty batch; keep them connected to the graph.
-        y = x.new_zeros(T, 0, H) + 0 * x.sum()
+        y = x.new_zeros(T, 0, P) + 0 * x.sum()
         return y, (h0 + 0 * x.sum(), c0 + 0 * x.sum())
     if which == "torch":
-        return lstm_layer_reference(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, reverse, lengths)
+        return lstm_layer_reference(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, reverse, lengths, weight_hr)
     gx = torch.mm(x.reshape(T * B, x.shape[2]), weight_ih.t()).view(T, B, 4 * H)
     bias = None
     if bias_ih is not None or bias_hh is not None:
         bias = sum(b.float() for b in (bias_ih, bias_hh) if b is not None)
     training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0))
-    y, hn, cn, _, _ = _lstm_recurrence(gx, weight_hh, bias, h0, c0, lengths, reverse, training)
-    return y, (hn, cn)
+        t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, weight_hr))
+    if weight_hr is None:
+        y, hn, cn, _, _ = _lstm_recurrence(gx, weight_hh, bias, h0, c0, lengths, reverse, training)
+        return y, (hn, cn)
+    # Projection: the recurrence runs on r_t = o * tanh(c_t) with W_hh @ W_hr as its recurrent weight, since
+    # W_hh h_{t-1} = (W_hh W_hr) r_{t-1}; h0's term enters each row's first step through gx, and the outputs
+    # are projected by one GEMM after the loop.
+    first = (lengths.to(x.device, torch.long) - 1) if (reverse and lengths is not None) else \
+        torch.full((B,), T - 1 if reverse else 0, device=x.device, dtype=torch.long)
+    rows = torch.arange(B, device=x.device)
+    gx = gx.index_put((first, rows), gx[first, rows] + h0 @ weight_hh.t())
+    r0 = x.new_zeros(B, H)
+    r, rn, cn, _, _ = _lstm_recurrence(gx, weight_hh @ weight_hr, bias, r0, c0, lengths, reverse, training)
+    y = (r.reshape(T * B, H) @ weight_hr.t()).view(T, B, P)
+    return y, (rn @ weight_hr.t(), cn)
