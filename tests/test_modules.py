@@ -1,0 +1,320 @@
+"""tritonlstm.LSTM / LSTMCell / convert against torch.nn.LSTM / nn.LSTMCell with copied weights (interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import tritonlstm
+from tritonlstm.kernels import lstm as kernels
+
+TOL = dict(rtol=2e-5, atol=2e-6)
+
+
+@pytest.fixture
+def no_torch_lstm(monkeypatch):
+    """backend='triton' must never reach torch.lstm / _VF.lstm / nn.LSTM.forward; counts kernel launches."""
+    def refuse(*a, **k):
+        raise AssertionError("reached the torch LSTM implementation")
+
+    monkeypatch.setattr(nn.LSTM, "forward", refuse)
+    monkeypatch.setattr(nn.LSTMCell, "forward", refuse)
+    monkeypatch.setattr(torch, "lstm", refuse)
+    monkeypatch.setattr(torch, "lstm_cell", refuse)
+    calls = {"fwd": 0}
+    fwd = kernels.lstm_forward
+
+    def spy(*a, **k):
+        calls["fwd"] += 1
+        return fwd(*a, **k)
+
+    monkeypatch.setattr(kernels, "lstm_forward", spy)
+    return calls
+
+
+def pair(I, H, backend="triton", **kw):
+    ref = nn.LSTM(I, H, **kw)
+    ours = tritonlstm.LSTM(I, H, backend=backend, **kw)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def _cases():
+    kinds = ("padded", "packed-sorted", "packed-unsorted", "unbatched")
+    out, i = [], 0
+    for kind in kinds:
+        for layers in (1, 2, 3):
+            for bidir in (False, True):
+                bf, proj, bias, hx = bool(i % 2), (0, 3)[(i // 2) % 2], bool((i + 1) % 3), bool((i // 3) % 2)
+                if kind.startswith("packed"):
+                    bf = bool(i % 2)
+                ident = f"{kind}-L{layers}" + ("-bidir" if bidir else "") + ("-bf" if bf else "") + \
+                    (f"-proj{proj}" if proj else "") + ("" if bias else "-nobias") + ("-hx" if hx else "")
+                out.append(pytest.param(kind, layers, bidir, bf, proj, bias, hx, id=ident))
+                i += 1
+    return out
+
+
+@pytest.mark.parametrize("kind,layers,bidir,batch_first,proj,bias,hx", _cases())
+def test_parity_with_nn_lstm(kind, layers, bidir, batch_first, proj, bias, hx):
+    T, B, I, H = 5, 4, 3, 6
+    ref, ours = pair(I, H, num_layers=layers, bidirectional=bidir, batch_first=batch_first, proj_size=proj,
+                     bias=bias)
+    D = 2 if bidir else 1
+    P = proj or H
+    batched = kind != "unbatched"
+    shape = ((B, T, I) if batch_first else (T, B, I)) if batched else (T, I)
+    x = torch.randn(*shape)
+    state = None
+    if hx:
+        sb = (layers * D, B) if batched else (layers * D,)
+        state = (torch.randn(*sb, P), torch.randn(*sb, H))
+    lengths = torch.tensor([5, 3, 5, 1]) if kind == "packed-sorted" else torch.tensor([2, 5, 1, 4])
+
+    outs = []
+    for m in (ref, ours):
+        xl = x.clone().requires_grad_()
+        sl = tuple(s.clone().requires_grad_() for s in state) if state else None
+        inp = xl
+        if kind.startswith("packed"):
+            if kind == "packed-sorted":
+                lengths = torch.tensor([5, 5, 3, 1])
+            inp = pack_padded_sequence(xl, lengths, batch_first=batch_first, enforce_sorted=kind == "packed-sorted")
+        y, (h, c) = m(inp, sl)
+        yd = y.data if isinstance(y, PackedSequence) else y
+        g = torch.Generator().manual_seed(1)
+        w = [torch.randn(t.shape, generator=g) for t in (yd, h, c)]
+        ((yd * w[0]).sum() + (h * w[1]).sum() + (c * w[2]).sum()).backward()
+        outs.append((y, h, c, xl.grad, [s.grad for s in sl] if sl else [], {n: p.grad for n, p in
+                                                                               m.named_parameters()}))
+    (y0, h0, c0, gx0, gs0, gp0), (y1, h1, c1, gx1, gs1, gp1) = outs
+    if isinstance(y0, PackedSequence):
+        assert isinstance(y1, PackedSequence)
+        torch.testing.assert_close(y1.data, y0.data, **TOL)
+        for f in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+            a, b = getattr(y0, f), getattr(y1, f)
+            assert (a is None and b is None) or torch.equal(a, b), f
+    else:
+        assert y1.shape == y0.shape
+        torch.testing.assert_close(y1, y0, **TOL)
+    torch.testing.assert_close(h1, h0, **TOL)
+    torch.testing.assert_close(c1, c0, **TOL)
+    torch.testing.assert_close(gx1, gx0, **TOL)
+    for a, b in zip(gs1, gs0):
+        torch.testing.assert_close(a, b, **TOL)
+    assert gp1.keys() == gp0.keys()
+    for n in gp0:
+        torch.testing.assert_close(gp1[n], gp0[n], **TOL, msg=lambda m, n=n: f"d{n}: {m}")
+
+
+def test_triton_backend_never_reaches_torch_lstm(no_torch_lstm):
+    _, ours = pair(3, 5, num_layers=2, bidirectional=True, proj_size=2)
+    cell = tritonlstm.LSTMCell(3, 5, backend="triton")
+    x = torch.randn(4, 2, 3)
+    ours(x)
+    ours(pack_padded_sequence(x, torch.tensor([4, 2]), enforce_sorted=False))
+    cell(x[0])
+    assert no_torch_lstm["fwd"] == 2 * 4 + 1
+
+
+def test_dropout_eval_is_exact():
+    ref, ours = pair(3, 5, num_layers=3, dropout=0.5)
+    ref.eval()
+    ours.eval()
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], **TOL)
+
+
+def test_dropout_training_mask_statistics_and_seed(monkeypatch):
+    import tritonlstm.modules as mod
+
+    seen = []
+    real = mod.F.dropout
+
+    def spy(t, p, training):
+        out = real(t, p=p, training=training)
+        seen.append((t.detach(), out.detach(), p))
+        return out
+
+    monkeypatch.setattr(mod.F, "dropout", spy)
+    _, ours = pair(8, 64, num_layers=3, dropout=0.3)
+    ours.train()
+    x = torch.randn(6, 16, 8)
+    torch.manual_seed(5)
+    y1, _ = ours(x)
+    assert len(seen) == 2 and all(p == 0.3 for *_, p in seen)  # between layers only, not after the last
+    kept, total = 0, 0
+    for inp, out, p in seen:
+        nz = inp != 0
+        dropped = (out == 0) & nz
+        assert torch.allclose(out[~dropped & nz], inp[~dropped & nz] / (1 - p))
+        kept += (~dropped & nz).sum().item()
+        total += nz.sum().item()
+    assert abs(1 - kept / total - 0.3) < 0.02, kept / total
+    torch.manual_seed(5)
+    y2, _ = ours(x)
+    assert torch.equal(y1, y2)
+    torch.manual_seed(6)
+    assert not torch.equal(ours(x)[0], y1)
+    ours.eval()
+    seen.clear()
+    ours(x)
+    assert not seen
+
+
+def test_state_dict_round_trips_both_ways():
+    ref = nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2)
+    ours = tritonlstm.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    back = nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for (n, a), (_, b) in zip(ref.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    cell = tritonlstm.LSTMCell(3, 5)
+    cell.load_state_dict(nn.LSTMCell(3, 5).state_dict(), strict=True)
+    nn.LSTMCell(3, 5).load_state_dict(cell.state_dict(), strict=True)
+
+
+def test_repr_and_init_match_torch():
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 5, num_layers=2)
+    torch.manual_seed(0)
+    ours = tritonlstm.LSTM(3, 5, num_layers=2)
+    assert repr(ours).replace("LSTM", "X") == repr(ref).replace("LSTM", "X")
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert torch.equal(a, b)
+    assert "backend='triton'" in repr(tritonlstm.LSTM(3, 5, backend="triton"))
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("hx", [True, False], ids=["hx", "nohx"])
+def test_cell_parity(batched, hx, no_torch_lstm):
+    ref = nn.LSTMCell(4, 6)
+    ours = tritonlstm.LSTMCell(4, 6, backend="triton")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4) if batched else torch.randn(4)
+    st = (torch.randn(*x.shape[:-1], 6), torch.randn(*x.shape[:-1], 6)) if hx else None
+    res = []
+    for m in (ref, ours):
+        xl = x.clone().requires_grad_()
+        sl = tuple(s.clone().requires_grad_() for s in st) if st else None
+        h, c = ours(xl, sl) if m is ours else _torch_cell(ref, xl, sl)
+        (h.sum() * 2 + (c * c).sum()).backward()
+        res.append((h, c, xl.grad, [s.grad for s in sl] if sl else [], [p.grad for p in m.parameters()]))
+    for a, b in zip(res[1][:3], res[0][:3]):
+        torch.testing.assert_close(a, b, **TOL)
+    for a, b in zip(res[1][3] + res[1][4], res[0][3] + res[0][4]):
+        torch.testing.assert_close(a, b, **TOL)
+    assert no_torch_lstm["fwd"] == 1
+
+
+def _torch_cell(m, x, hx):
+    """nn.LSTMCell's math through torch ops (its forward is patched away in these tests)."""
+    if x.dim() == 1:
+        x = x[None]
+        hx = None if hx is None else (hx[0][None], hx[1][None])
+        h, c = _torch_cell(m, x, hx)
+        return h[0], c[0]
+    h0, c0 = hx if hx is not None else (x.new_zeros(x.shape[0], m.hidden_size),) * 2
+    i, f, g, o = (x @ m.weight_ih.t() + m.bias_ih + h0 @ m.weight_hh.t() + m.bias_hh).chunk(4, 1)
+    c = torch.sigmoid(f) * c0 + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def test_convert_nested_model():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Linear(3, 4), nn.ModuleDict({"rnn": nn.LSTM(4, 5, num_layers=2)}))
+            self.cell = nn.LSTMCell(5, 5)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):
+            y, _ = self.enc[1]["rnn"](self.enc[0](x))
+            h, _ = self.cell(y[-1])
+            return self.head(h)
+
+    net = Net().eval()
+    x = torch.randn(4, 2, 3)
+    before = net(x)
+    params = {n: p for n, p in net.named_parameters()}
+    out = tritonlstm.convert(net, backend="triton")
+    assert out is net
+    assert type(net.enc[1]["rnn"]) is tritonlstm.LSTM and type(net.cell) is tritonlstm.LSTMCell
+    assert net.enc[1]["rnn"].backend == "triton" and not net.enc[1]["rnn"].training
+    assert all(p is params[n] for n, p in net.named_parameters())
+    torch.testing.assert_close(net(x), before, **TOL)
+    top = tritonlstm.convert(nn.LSTM(3, 4))
+    assert type(top) is tritonlstm.LSTM
+
+
+def test_torch_compile_fullgraph_module():
+    torch.manual_seed(0)
+    m = tritonlstm.LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True, backend="triton")
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    y, (h, c) = cm(x)
+    (y.sum() + c.sum()).backward()
+    gx, gw = x.grad.clone(), m.weight_hh_l1.grad.clone()
+    x.grad = None
+    m.zero_grad()
+    y2, (h2, c2) = m(x)
+    (y2.sum() + c2.sum()).backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, m.weight_hh_l1.grad)
+
+
+def _errors(fn):
+    try:
+        fn()
+    except Exception as e:  # the type and message are what is compared
+        return type(e), str(e)
+    return None, None
+
+
+BAD = [
+    pytest.param(lambda m: m(torch.randn(2, 3, 4, 5)), id="input-4d"),
+    pytest.param(lambda m: m(torch.randn(2, 3, 7)), id="input-size"),
+    pytest.param(lambda m: m(torch.randn(2, 3, 4), (torch.zeros(2, 3, 5), torch.zeros(2, 3, 5))), id="h-layers"),
+    pytest.param(lambda m: m(torch.randn(2, 3, 4), (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5))), id="h-batch"),
+    pytest.param(lambda m: m(torch.randn(2, 3, 4), (torch.zeros(1, 3, 5), torch.zeros(1, 3, 6))), id="c-size"),
+    pytest.param(lambda m: m(torch.randn(2, 3, 4), (torch.zeros(3, 5), torch.zeros(3, 5))), id="hx-2d-batched"),
+    pytest.param(lambda m: m(torch.randn(2, 4), (torch.zeros(1, 1, 5), torch.zeros(1, 1, 5))), id="hx-3d-unbatched"),
+    pytest.param(lambda m: m(torch.randn(2, 3, 4).double()), id="dtype"),
+    pytest.param(lambda m: m(torch.randn(0, 3, 4)), id="T0"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_input_errors_like_nn_lstm(bad):
+    ref, ours = pair(4, 5)
+    ref_type, ref_msg = _errors(lambda: bad(ref))
+    our_type, our_msg = _errors(lambda: bad(ours))
+    assert ref_type is not None and our_type is ref_type, (ref_type, ref_msg, our_type, our_msg)
+
+
+CELL_BAD = [
+    pytest.param(lambda m: m(torch.randn(2, 3, 4)), id="input-3d"),
+    pytest.param(lambda m: m(torch.randn(3, 7)), id="input-size"),
+    pytest.param(lambda m: m(torch.randn(3, 4), (torch.zeros(2, 5), torch.zeros(2, 5))), id="hx-batch"),
+    pytest.param(lambda m: m(torch.randn(3, 4), (torch.zeros(1, 3, 5), torch.zeros(3, 5))), id="hx-3d"),
+    pytest.param(lambda m: m(torch.randn(3, 4), (torch.zeros(3, 6), torch.zeros(3, 5))), id="h-size"),
+]
+
+
+@pytest.mark.parametrize("bad", CELL_BAD)
+def test_cell_input_errors_like_nn_lstmcell(bad):
+    ref = nn.LSTMCell(4, 5)
+    ours = tritonlstm.LSTMCell(4, 5, backend="triton")
+    ref_type, ref_msg = _errors(lambda: bad(ref))
+    our_type, our_msg = _errors(lambda: bad(ours))
+    assert ref_type is not None and our_type is ref_type, (ref_type, ref_msg, our_type, our_msg)
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tritonlstm.LSTM(3, 4, backend="cudnn")

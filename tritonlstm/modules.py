@@ -1,0 +1,231 @@
+"""Drop-in modules: `LSTM` (subclasses nn.LSTM), `LSTMCell` (subclasses nn.LSTMCell) and `convert(model)`.
+
+They override only `forward`, so parameter names, initialisation, `extra_repr` and the state_dict stay torch's
+and checkpoints load both ways. Each layer and direction runs on `fused_lstm` (the Triton recurrence);
+`backend="auto"` falls back to `super().forward` only where the kernels cannot run (CPU without the
+interpreter, float64), and `backend="triton"` raises there instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from tritonlstm.functional import BACKENDS, fused_lstm, resolve_backend
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype nn.LSTM would run in under autocast on this device (cuDNN's RNN is a lower-precision op)."""
+    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+def _allow_dynamo() -> None:
+    """Dynamo refuses to trace any instance of nn.LSTM, subclasses included, unless allow_rnn is set; our forward
+    is plain Python around custom ops, so it traces without a graph break. Set when a tritonlstm.LSTM is built
+    (a process-wide flag: plain nn.LSTMs compiled in the same process then go through dynamo's experimental
+    RNN support instead of a graph break)."""
+    import torch._dynamo
+
+    torch._dynamo.config.allow_rnn = True
+
+
+class LSTM(nn.LSTM):
+    """`torch.nn.LSTM` with the recurrence fused in Triton kernels. Same constructor (plus `backend`), same
+    parameters, same `forward(input, hx=None)` contract and outputs."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+        _allow_dynamo()
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
+
+    def _check_args(self, x: Tensor, h0: Tensor, c0: Tensor) -> None:
+        """nn.LSTM's checks and messages, for time-major x [T, B, I]."""
+        if x.dtype != self.weight_ih_l0.dtype and _autocast_dtype(x.device) is None:
+            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih_l0.dtype}). "
+                             f"Convert input: input.to({self.weight_ih_l0.dtype}), or convert model: "
+                             f"model.to({x.dtype})")
+        if x.size(-1) != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {x.size(-1)}")
+        dirs = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        for i, (st, size) in enumerate(((h0, real_hidden), (c0, self.hidden_size))):
+            expected = (self.num_layers * dirs, x.size(1), size)
+            if tuple(st.shape) != expected:
+                raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(st.shape)}")
+            if st.dtype != x.dtype:
+                raise RuntimeError(f"Expected hidden[{i}] dtype {x.dtype} (the input's), got {st.dtype}")
+            if st.device != x.device:
+                raise RuntimeError(f"Expected hidden[{i}] on the input's device {x.device}, got {st.device}")
+
+    def forward(self, input, hx=None):
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(data, Tensor):
+            raise TypeError(f"LSTM: input must be a Tensor or PackedSequence, got {type(input).__name__}")
+        cast = _autocast_dtype(data.device)
+        if resolve_backend(self.backend, data.device, cast or self.weight_ih_l0.dtype) == "torch":
+            return super().forward(input, hx)
+
+        dirs = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        lengths = None
+        if isinstance(input, PackedSequence):
+            x, lengths = pad_packed_sequence(input)  # original batch order, time-major
+            is_batched = True
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            x = input if is_batched else input.unsqueeze(0 if self.batch_first else 1)
+            if self.batch_first:
+                x = x.transpose(0, 1)
+        B = x.size(1)
+        if hx is None:
+            h0 = x.new_zeros(self.num_layers * dirs, B, real_hidden)
+            c0 = x.new_zeros(self.num_layers * dirs, B, self.hidden_size)
+        else:
+            h0, c0 = hx
+            want = 3 if is_batched else 2
+            if h0.dim() != want or c0.dim() != want:
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                                   f"({h0.dim()}-D, {c0.dim()}-D) tensors")
+            if not is_batched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        self._check_args(x, h0, c0)
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        weights = {name: getattr(self, name) for name in self._flat_weights_names}
+        if cast is not None:
+            x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
+            weights = {k: w.to(cast) for k, w in weights.items()}
+        if lengths is not None:
+            lengths = lengths.to(x.device)
+
+        layer_input, h_n, c_n = x, [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(dirs):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                k = layer * dirs + d
+                y, (h, c) = fused_lstm(layer_input, weights["weight_ih" + sfx], weights["weight_hh" + sfx],
+                                       weights.get("bias_ih" + sfx), weights.get("bias_hh" + sfx), h0[k], c0[k],
+                                       reverse=bool(d), lengths=lengths, weight_hr=weights.get("weight_hr" + sfx),
+                                       backend="triton")
+                outs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outs[0] if dirs == 1 else torch.cat(outs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+        output, hidden = layer_input, (torch.stack(h_n), torch.stack(c_n))
+
+        if isinstance(input, PackedSequence):
+            # Same batch_sizes and indices as the input, as nn.LSTM returns them.
+            order = input.sorted_indices
+            out_sorted = output if order is None else output.index_select(1, order)
+            lens_sorted = lengths if order is None else lengths.index_select(0, order.to(lengths.device))
+            packed = pack_padded_sequence(out_sorted, lens_sorted.cpu(), enforce_sorted=True)
+            return PackedSequence(packed.data, input.batch_sizes, input.sorted_indices,
+                                  input.unsorted_indices), hidden
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, hidden
+
+
+class LSTMCell(nn.LSTMCell):
+    """`torch.nn.LSTMCell` whose step (gates, cell update, output) is one fused Triton step, forward and
+    backward."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"LSTMCell: input must be a Tensor, got {type(input).__name__}")
+        cast = _autocast_dtype(input.device)
+        if resolve_backend(self.backend, input.device, cast or self.weight_ih.dtype) == "torch":
+            return super().forward(input, hx)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        B = x.size(0)
+        if hx is None:
+            h0 = c0 = x.new_zeros(B, self.hidden_size)
+        else:
+            h0, c0 = (hx[0], hx[1]) if is_batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        if x.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}")
+        for i, st in enumerate((h0, c0)):
+            if tuple(st.shape) != (B, self.hidden_size):
+                raise RuntimeError(f"hx[{i}] has inconsistent size: got {list(st.shape)}, expected "
+                                   f"{[B, self.hidden_size]} (input batch {B}, hidden_size {self.hidden_size})")
+        if cast is None and x.dtype != self.weight_ih.dtype:
+            raise RuntimeError(f"LSTMCell input dtype ({x.dtype}) does not match weight dtype "
+                               f"({self.weight_ih.dtype})")
+        w = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        if cast is not None:
+            x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
+            w = [None if t is None else t.to(cast) for t in w]
+        if B == 0:
+            return h0, c0
+        y, (_, c) = fused_lstm(x[None], *w, h0, c0, backend="triton")
+        h = y[0]
+        if not is_batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c
+
+
+def convert(module: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replaces every `nn.LSTM` and `nn.LSTMCell` in `module` (in place) by tritonlstm's, keeping the very same
+    parameter tensors (so weights, device, dtype, training mode and optimizer references carry over), and
+    returns the module (the replacement itself when `module` is an LSTM)."""
+    _check_backend(backend)
+
+    def swap(m: nn.Module) -> nn.Module:
+        cls = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}.get(type(m))  # exact types: a subclass may own its forward
+        if cls is None:
+            if isinstance(m, (LSTM, LSTMCell)):
+                m.backend = backend
+            return m
+        new = cls.__new__(cls)
+        new.__dict__.update(m.__dict__)
+        new.backend = backend
+        if cls is LSTM:
+            _allow_dynamo()
+        return new
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            new = swap(child)
+            if new is not child:
+                setattr(parent, name, new)
+    return swap(module)
