@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import NAMES, RESOLUTION, call_kwargs, leaf, loss_of, make_problem, reference, rel_err
-from tritonlstm.kernels import lstm as kernels
 
 import tritonlstm
+from helpers import NAMES, RESOLUTION, call_kwargs, leaf, loss_of, make_problem, reference, rel_err
 from tritonlstm import LSTMConfig, fused_lstm, use_config
+from tritonlstm.kernels import lstm as kernels
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import RESOLUTION_GPU, rel_err
 
+from helpers import RESOLUTION_GPU, rel_err
 from tritonlstm import fused_lstm
 from tritonlstm.configs import select_config
 
