@@ -25,6 +25,8 @@ def synthetic_rows():
                      "tritonlstm_ms_q20": 0.4})
     rows.append({"dtype": "float16", "hidden": 512, "batch": 16, "seq": 256, "layers": 1, "bidirectional": False,
                  "mode": "fwd", "max_rel_err": 0.5, "error": "output differs from cuDNN: rel err 5.00e-01 > 1e-02"})
+    rows.append({**rows[0], "layers": 2, "bidirectional": True, "hidden": 512, "speedup": 3.0, "cudnn_ms": 3.0,
+                 "tritonlstm_ms": 1.0})
     return rows
 
 
@@ -56,15 +58,28 @@ def test_writers(tmp_path):
     bench.write_results(tmp_path, ENV, rows)
     data = json.loads((tmp_path / "results.json").read_text())
     assert {k: data[k] for k in ENV} == ENV
-    assert len(data["rows"]) == 4 and all(list(r) == list(bench.ROW_KEYS) for r in data["rows"])
+    assert len(data["rows"]) == 5 and all(list(r) == list(bench.ROW_KEYS) for r in data["rows"])
     assert data["rows"][0]["speedup"] == pytest.approx(4.0)
     assert data["errors"][0]["error"].startswith("output differs")
     with open(tmp_path / "results.csv") as f:
         got = list(csv.DictReader(f))
-    assert len(got) == 4 and list(got[0]) == list(bench.ROW_KEYS) and float(got[0]["cudnn_ms"]) == 2.0
+    assert len(got) == 5 and list(got[0]) == list(bench.ROW_KEYS) and float(got[0]["cudnn_ms"]) == 2.0
     md = (tmp_path / "results.md").read_text()
-    assert "NVIDIA H100 80GB HBM3" in md and "| 256 | 16 | 256 | 0.500 | 2.000 | 4.00x |" in md
+    assert "NVIDIA H100 80GB HBM3" in md and "| 1 | 256 | 16 | 256 | 0.500 | 2.000 | 4.00x | 10 / 11 |" in md
+    assert "| 2 bidir | 512 | 16 | 256 | 1.000 | 3.000 | 3.00x |" in md
     assert "ERROR: output differs" in md
+    png = (tmp_path / "heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_matrix_cells():
+    full = bench.cells(bench.parse_args([]))
+    assert len(full) == 3 * 3 * 4 * 2 + 3 * 4 * 2
+    assert ("bfloat16", 512, 16, 256, 2, True, "fwdbwd") in full
+    assert ("float32", 1024, 256, 256, 1, False, "fwd") in full
+    quick = bench.cells(bench.parse_args(["--quick"]))
+    assert len(quick) == 3 * 2 * 2 + 3 * 2
+    assert len(bench.cells(bench.parse_args(["--no-stacks", "--dtypes", "float16"]))) == 3 * 4 * 2
 
 
 def test_no_gpu_path_says_so_and_exits_0():

@@ -1,8 +1,11 @@
 """`python -m tritonlstm.bench`: tritonlstm against cuDNN (torch.nn.LSTM on CUDA), same weights, same process.
 
-First version (issue 4 in progress): the single-layer matrix, do_bench timings (median, 20th and 80th
-percentiles), peak memory, a correctness check of every cell against cuDNN before it is timed, and the
-JSON / CSV / Markdown writers. Without CUDA it says so, runs the interpreter self-check and exits 0.
+The matrix: single layer, every dtype x H x B at T = 256, plus (H = 512, B = 16) stacks: 2 layers, 1 layer
+bidirectional, 2 layers bidirectional, 4 layers. Each cell in forward (no grad) and forward+backward mode, timed
+with do_bench (median, 20th and 80th percentiles) right beside cuDNN with copied weights, peak memory of both,
+after a correctness check against cuDNN (a cell that disagrees is reported as an error, never timed). Writes
+results.json, results.csv, results.md and heatmap.png. Without CUDA it says so, runs the interpreter self-check
+and exits 0.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ ROW_KEYS = ("dtype", "hidden", "batch", "seq", "layers", "bidirectional", "mode"
             "speedup", "tritonlstm_peak_mb", "cudnn_peak_mb", "max_rel_err")
 DTYPES = ("float16", "bfloat16", "float32")
 MODES = ("fwd", "fwdbwd")
+# (layers, bidirectional) rows measured at H = 512, B = 16 besides the single-layer matrix.
+STACKS = ((2, False), (1, True), (2, True), (4, False))
 # Relative error against cuDNN above which a cell is reported as an error instead of timed.
 CHECK_LIMIT = {"float32": 5e-3, "float16": 1e-2, "bfloat16": 5e-2}
 
@@ -32,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=256, help="sequence length T")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of fwd, fwdbwd")
     ap.add_argument("--out", default="bench-out", help="output folder")
+    ap.add_argument("--no-stacks", action="store_true", help="skip the multi-layer and bidirectional rows")
     args = ap.parse_args(argv)
 
     def ints(name: str, text: str) -> list[int]:
@@ -61,6 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def cells(args: argparse.Namespace) -> list[tuple]:
+    """(dtype, hidden, batch, seq, layers, bidirectional, mode) for every cell the options select."""
+    out = [(d, h, b, args.seq, 1, False, m) for d in args.dtypes for h in args.hidden for b in args.batch
+           for m in args.modes]
+    if not args.no_stacks:
+        stacks = STACKS[:1] if args.quick else STACKS
+        out += [(d, 512, 16, args.seq, n, bi, m) for d in args.dtypes for n, bi in stacks for m in args.modes]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Measuring one cell
 # ----------------------------------------------------------------------------------------------------------
@@ -75,23 +91,24 @@ def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def measure_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str) -> dict:
+def measure_cell(dtype_name: str, hidden: int, batch: int, seq: int, layers: int, bidirectional: bool,
+                 mode: str) -> dict:
     """One row; a cell whose output disagrees with cuDNN gets an "error" and no timings."""
     import torch
 
-    from tritonlstm.functional import fused_lstm
+    from tritonlstm.modules import LSTM
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
-    ref = torch.nn.LSTM(hidden, hidden).to("cuda", dtype)
-    w = [p.detach().clone().requires_grad_(mode == "fwdbwd") for p in
-         (ref.weight_ih_l0, ref.weight_hh_l0, ref.bias_ih_l0, ref.bias_hh_l0)]
+    ref = torch.nn.LSTM(hidden, hidden, num_layers=layers, bidirectional=bidirectional).to("cuda", dtype)
+    model = LSTM(hidden, hidden, num_layers=layers, bidirectional=bidirectional, backend="triton").to("cuda", dtype)
+    model.load_state_dict(ref.state_dict())
     x = torch.randn(seq, batch, hidden, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
-    row = {"dtype": dtype_name, "hidden": hidden, "batch": batch, "seq": seq, "layers": 1, "bidirectional": False,
-           "mode": mode}
+    row = {"dtype": dtype_name, "hidden": hidden, "batch": batch, "seq": seq, "layers": layers,
+           "bidirectional": bidirectional, "mode": mode}
 
     def ours():
-        y, _ = fused_lstm(x, *w, backend="triton")
+        y, _ = model(x)
         if mode == "fwdbwd":
             y.backward(torch.ones_like(y))
         return y
@@ -104,7 +121,8 @@ def measure_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str) 
 
     grad_ctx = torch.enable_grad if mode == "fwdbwd" else torch.no_grad
     with grad_ctx():
-        row.update(check_then_time(ours, cudnn, CHECK_LIMIT[dtype_name], grad_to_none=[x, *w, *ref.parameters()]))
+        row.update(check_then_time(ours, cudnn, CHECK_LIMIT[dtype_name],
+                                   grad_to_none=[x, *model.parameters(), *ref.parameters()]))
     return row
 
 
@@ -160,6 +178,48 @@ def write_results(out: Path, env: dict, rows: list[dict]) -> None:
         wr.writeheader()
         wr.writerows(clean)
     (out / "results.md").write_text(markdown_table(env, rows))
+    write_heatmap(out / "heatmap.png", env, rows)
+
+
+def write_heatmap(path: Path, env: dict, rows: list[dict]) -> bool:
+    """Speed-ups of the single-layer cells: one panel per mode, rows dtype x H, columns B. False (and a note on
+    stderr) if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import TwoSlopeNorm
+    except ImportError:
+        print("tritonlstm.bench: matplotlib not installed, no heatmap.png (pip install tritonlstm[perf])",
+              file=sys.stderr)
+        return False
+    single = [r for r in rows if r["layers"] == 1 and not r["bidirectional"]]
+    modes = [m for m in MODES if any(r["mode"] == m for r in single)] or list(MODES)
+    ylabels = sorted({(r["dtype"], r["hidden"]) for r in single}, key=lambda k: (DTYPES.index(k[0]), k[1]))
+    batches = sorted({r["batch"] for r in single})
+    fig, axes = plt.subplots(1, len(modes), figsize=(4 + 1.2 * len(batches) * len(modes), 1 + 0.5 * len(ylabels)),
+                             squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        grid = [[float("nan")] * len(batches) for _ in ylabels]
+        for r in single:
+            if r["mode"] == mode and r.get("speedup"):
+                grid[ylabels.index((r["dtype"], r["hidden"]))][batches.index(r["batch"])] = r["speedup"]
+        # Diverging at 1.0: red where cuDNN wins, green where tritonlstm does.
+        top = max([2.0] + [v for row in grid for v in row if v == v])
+        im = ax.imshow(grid, cmap="RdYlGn", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top), aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, "err" if v != v else f"{v:.2f}x", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(batches)), [f"B={b}" for b in batches])
+        ax.set_yticks(range(len(ylabels)), [f"{d} H={h}" for d, h in ylabels])
+        ax.set_title(f"{mode}: cuDNN ms / tritonlstm ms")
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def markdown_table(env: dict, rows: list[dict]) -> str:
@@ -170,16 +230,29 @@ def markdown_table(env: dict, rows: list[dict]) -> str:
             sel = [r for r in rows if r["dtype"] == dtype and r["mode"] == mode]
             if not sel:
                 continue
-            lines += [f"### {dtype}, {mode}", "", "| H | B | T | tritonlstm ms | cuDNN ms | speed-up | rel err |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += [f"### {dtype}, {mode}", "",
+                      "| layers | H | B | T | tritonlstm ms | cuDNN ms | speed-up | peak MB (ours / cuDNN) | rel err |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for r in sel:
+                stack = f"{r['layers']}{' bidir' if r['bidirectional'] else ''}"
                 if r.get("error"):
-                    lines.append(f"| {r['hidden']} | {r['batch']} | {r['seq']} | ERROR: {r['error']} | | | |")
+                    lines.append(f"| {stack} | {r['hidden']} | {r['batch']} | {r['seq']} | ERROR: {r['error']} "
+                                 "| | | | |")
                 else:
-                    lines.append(f"| {r['hidden']} | {r['batch']} | {r['seq']} | {r['tritonlstm_ms']:.3f} | "
-                                 f"{r['cudnn_ms']:.3f} | {r['speedup']:.2f}x | {r['max_rel_err']:.1e} |")
+                    lines.append(f"| {stack} | {r['hidden']} | {r['batch']} | {r['seq']} | {r['tritonlstm_ms']:.3f} | "
+                                 f"{r['cudnn_ms']:.3f} | {r['speedup']:.2f}x | {r['tritonlstm_peak_mb']:.0f} / "
+                                 f"{r['cudnn_peak_mb']:.0f} | {r['max_rel_err']:.1e} |")
             lines.append("")
     return "\n".join(lines)
+
+
+def progress(done: int, total: int, cell: tuple | None, width: int = 30) -> None:
+    filled = width * done // max(total, 1)
+    what = "" if cell is None else "{} H={} B={} T={} L={}{} {}".format(*cell[:5], " bidir" if cell[5] else "",
+                                                                             cell[6])
+    end = "\n" if done == total else ""
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<48}", end=end, file=sys.stderr,
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,12 +266,12 @@ def main(argv: list[str] | None = None) -> int:
 
         run()
         return 0
-    cells = [(d, h, b, m) for d in args.dtypes for h in args.hidden for b in args.batch for m in args.modes]
+    todo = cells(args)
     rows = []
-    for i, (d, h, b, m) in enumerate(cells, 1):
-        print(f"\r[{i}/{len(cells)}] {d} H={h} B={b} T={args.seq} {m}        ", end="", file=sys.stderr, flush=True)
-        rows.append(measure_cell(d, h, b, args.seq, m))
-    print(file=sys.stderr)
+    for i, cell in enumerate(todo):
+        progress(i, len(todo), cell)
+        rows.append(measure_cell(*cell))
+    progress(len(todo), len(todo), None)
     env = environment()
     write_results(Path(args.out), env, rows)
     print(markdown_table(env, rows))

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One run on a lent GPU machine (the device tool): offline install, kernel self-check, the GPU tests, the quick
+# bench and the sm_90 compile check, everything written under $OUT. Sized to finish in about 5 minutes.
+#   device run: bash perf/device_check.sh            (then commit $OUT as perf/results/<gpu>-<date>/)
+# Options through the environment: BENCH_ARGS (default --quick), GPU_TESTS=0 to skip the tests.
+set -uo pipefail
+OUT=${OUT:-perf-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+py=python3
+step() { echo "== $* ($(date +%T))"; }
+
+step install
+$py -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1 || {
+    tail -20 "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv \
+    > "$OUT/nvidia-smi.csv" 2>&1
+
+step "self-check (python -m tritonlstm)"
+timeout 120 $py -m tritonlstm 2>&1 | tee "$OUT/selfcheck.txt"
+echo "selfcheck rc=${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+
+if [ "${GPU_TESTS:-1}" != 0 ]; then
+    step "GPU tests"
+    TRITONLSTM_TEST_GPU=1 timeout 200 $py -m pytest -q -m gpu tests/ -p no:cacheprovider --timeout 150 \
+        > "$OUT/gpu-tests.txt" 2>&1
+    echo "gpu tests rc=$?: $(tail -1 "$OUT/gpu-tests.txt")" | tee -a "$OUT/summary.txt"
+fi
+
+step "bench ${BENCH_ARGS:---quick}"
+timeout 240 $py -m tritonlstm.bench ${BENCH_ARGS:---quick} --out "$OUT/bench" 2> "$OUT/bench.stderr" \
+    | tee "$OUT/bench.txt"
+echo "bench rc=${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+step done
+cat "$OUT/summary.txt"

@@ -1,0 +1,51 @@
+"""pytest-benchmark suite, tritonlstm against cuDNN per shape (GPU only; not part of the CI test run).
+
+    pytest perf/ --benchmark-only --benchmark-group-by=param:shape
+
+Each timed call synchronises CUDA inside the timed function. Every test skips cleanly without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SHAPES = [pytest.param((d, h, b), id=f"{d}-H{h}-B{b}") for d in ("float16", "bfloat16", "float32")
+          for h in (256, 512, 1024) for b in (1, 16, 64, 256)]
+
+
+def _setup(shape, train):
+    from tritonlstm import LSTM
+
+    dtype_name, hidden, batch = shape
+    dtype = getattr(torch, dtype_name)
+    ref = torch.nn.LSTM(hidden, hidden).to("cuda", dtype)
+    ours = LSTM(hidden, hidden, backend="triton").to("cuda", dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(256, batch, hidden, device="cuda", dtype=dtype, requires_grad=train)
+    return {"tritonlstm": ours, "cudnn": ref}, x
+
+
+def _step(model, x, train):
+    def run():
+        if train:
+            y, _ = model(x)
+            y.backward(torch.ones_like(y))
+        else:
+            with torch.no_grad():
+                model(x)
+        torch.cuda.synchronize()
+    return run
+
+
+@pytest.mark.parametrize("impl", ["tritonlstm", "cudnn"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lstm(benchmark, shape, mode, impl):
+    models, x = _setup(shape, mode == "fwdbwd")
+    benchmark.group = f"{shape[0]}-H{shape[1]}-B{shape[2]}-{mode}"
+    run = _step(models[impl], x, mode == "fwdbwd")
+    run()  # compile and warm up outside the measurement
+    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
