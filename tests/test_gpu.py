@@ -156,3 +156,17 @@ def test_cuda_graph_capture_forward_and_training_step():
         y_eager, _ = check(new_x)
     assert rel_err(static_y, y_eager) < 1e-3
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_tune_small_shape_end_to_end(tmp_path, monkeypatch):
+    from tritonlstm import tuning
+
+    monkeypatch.setenv("TRITONLSTM_CACHE_DIR", str(tmp_path))
+    results = tuning.tune(hidden=[64], batch=[16], dtypes=["float16"], seq=16)
+    assert {r.key for r in results} == {"fwd|float16|H64|B16|D1", "bwd|float16|H64|B16|D1"}
+    assert all(r.best_ms <= r.default_ms * 1.0001 and r.tried >= 1 for r in results)
+    found = tuning.lookup("fwd", 64, 9, torch.float16, 1, torch.device("cuda"))
+    assert found == results[0].best
+    _, w = cudnn_and_weights(64, 64, torch.float16)
+    y, _ = fused_lstm(torch.randn(16, 16, 64, device="cuda", dtype=torch.float16), *w, backend="triton")
+    assert torch.isfinite(y).all()

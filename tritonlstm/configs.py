@@ -1,8 +1,10 @@
 """Launch configurations of the recurrence kernels: what they hold, how one is chosen.
 
-Selection order: an override set by `use_config` (tests, the tuner), then a heuristic. The heuristic keeps
-each program's W_hh slice on chip (W_RESIDENT) whenever the four [H, BH] gate tiles fit the shared-memory
-budget with no more programs than SMs; otherwise it streams W_hh from L2 in BK chunks every step.
+Selection order (`select_config`): an override set by `use_config` (tests, the tuner); under the CPU
+interpreter a single config; then the user's tuning cache, the configs shipped for this GPU, tuning on the spot
+when TRITONLSTM_AUTOTUNE=1, and last the heuristic (see tritonlstm/tuning.py for the cache and the tuner). The
+heuristic keeps each program's W_hh slice on chip (W_RESIDENT) whenever the four [H, BH] gate tiles fit the
+shared-memory budget with no more programs than SMs; otherwise it streams W_hh from L2 in BK chunks every step.
 """
 
 from __future__ import annotations
@@ -46,13 +48,20 @@ class LSTMConfig:
         return cdiv(hidden, self.block_h) * self.batch_groups
 
 
-_override: contextvars.ContextVar[LSTMConfig | None] = contextvars.ContextVar("tritonlstm_config", default=None)
+KERNELS = ("fwd", "bwd")
+_override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tritonlstm_config", default=None)
 
 
 @contextlib.contextmanager
-def use_config(config: LSTMConfig | None):
-    """Forces every recurrence launch inside the block to use `config` (None restores the normal choice)."""
-    token = _override.set(config)
+def use_config(config: LSTMConfig | None, kernel: str | None = None):
+    """Forces the recurrence launches inside the block to use `config`: both kernels, or only `kernel` ("fwd" or
+    "bwd"). None restores the normal choice."""
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
+    current = dict(_override.get() or {})
+    for k in ((kernel,) if kernel else KERNELS):
+        current[k] = config
+    token = _override.set(current)
     try:
         yield
     finally:
@@ -106,12 +115,17 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
                       persistent=True, num_warps=warps)
 
 
-def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device,
-                  interpreter: bool) -> LSTMConfig:
-    forced = _override.get()
+def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,
+                  kernel: str = "fwd", directions: int = 1) -> LSTMConfig:
+    forced = (_override.get() or {}).get(kernel)
     if forced is not None:
         return forced
     if interpreter or device.type != "cuda":
         return heuristic_config(hidden, batch, dtype, None, interpreter=True)
+    from tritonlstm.tuning import lookup  # the cache and the tuner; imported here to keep this module light
+
+    found = lookup(kernel, hidden, batch, dtype, directions, device)
+    if found is not None:
+        return found
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return heuristic_config(hidden, batch, dtype, sms)

@@ -71,8 +71,8 @@ def _last_steps(lengths: Tensor | None, device: torch.device) -> Tensor | None:
 
 @torch.library.custom_op("tritonlstm::lstm_recurrence", mutates_args=())
 def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
-                     lengths: Tensor | None, reverse: bool,
-                     training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     lengths: Tensor | None, reverse: bool, training: bool,
+                     directions: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The recurrence over gx = x @ W_ih^T [T, B, 4H], bias [4H] float32 or None. Returns y, h_n, c_n and,
     when training, the activated gates [T, B, 4H] and c_t [T, B, H] float32 for the backward (empty
     otherwise)."""
@@ -80,7 +80,7 @@ def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Ten
     T, B, _ = gx.shape
     H = weight_hh.shape[1]
     c_ws = c0.to(torch.float32, copy=True).contiguous()
-    config = select_config(H, B, gx.dtype, gx.device, k.interpreting())
+    config = select_config(H, B, gx.dtype, gx.device, k.interpreting(), "fwd", directions)
     y, hn, cn, gates, c_all = k.lstm_forward(gx.contiguous(), weight_hh.contiguous(),
                                              None if bias is None else bias.contiguous(), h0.contiguous(), c_ws,
                                              _last_steps(lengths, gx.device), reverse=reverse,
@@ -91,7 +91,7 @@ def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Ten
 
 
 @_lstm_recurrence.register_fake
-def _(gx, weight_hh, bias, h0, c0, lengths, reverse, training):
+def _(gx, weight_hh, bias, h0, c0, lengths, reverse, training, directions):
     T, B, G = gx.shape
     H = G // 4
     if training:
@@ -103,28 +103,29 @@ def _(gx, weight_hh, bias, h0, c0, lengths, reverse, training):
 
 @torch.library.custom_op("tritonlstm::lstm_recurrence_backward", mutates_args=())
 def _lstm_recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
-                              weight_hh: Tensor, lengths: Tensor | None,
-                              reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+                              weight_hh: Tensor, lengths: Tensor | None, reverse: bool,
+                              directions: int) -> tuple[Tensor, Tensor, Tensor]:
     """Returns dG [T, B, 4H] (gate pre-activation gradients, = d gx), dh0 and dc0 [B, H]."""
     k = _kernels()
     T, B, _ = gates.shape
     H = weight_hh.shape[1]
-    config = select_config(H, B, gates.dtype, gates.device, k.interpreting())
+    config = select_config(H, B, gates.dtype, gates.device, k.interpreting(), "bwd", directions)
     return k.lstm_backward(gates, c_all, c0.to(torch.float32).contiguous(), weight_hh.contiguous(),
                            dy.contiguous(), dhn.contiguous(), dcn.contiguous(), _last_steps(lengths, gates.device),
                            reverse=reverse, config=config)
 
 
 @_lstm_recurrence_backward.register_fake
-def _(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse):
+def _(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse, directions):
     B, H = dhn.shape
     return torch.empty_like(gates), dhn.new_empty(B, H), dhn.new_empty(B, H)
 
 
 def _setup_context(ctx, inputs, output):
-    gx, weight_hh, bias, h0, c0, lengths, reverse, training = inputs
+    gx, weight_hh, bias, h0, c0, lengths, reverse, training, directions = inputs
     y, _, _, gates, c_all = output
     ctx.reverse = reverse
+    ctx.directions = directions
     ctx.save_for_backward(weight_hh, h0, c0, lengths, y, gates, c_all)
     ctx.mark_non_differentiable(gates, c_all)
 
@@ -151,14 +152,16 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = torch.zeros_like(h0) if dhn is None else dhn
     dcn = torch.zeros_like(h0) if dcn is None else dcn
-    dg, dh0, dc0 = _lstm_recurrence_backward(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
+    dg, dh0, dc0 = _lstm_recurrence_backward(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse,
+                                             ctx.directions)
     need = ctx.needs_input_grad
     dw_hh = None
     if need[1]:
         h_prev = _previous_h(y, h0, lengths, ctx.reverse)
         dw_hh = torch.mm(dg.view(T * B, 4 * H).t(), h_prev.reshape(T * B, H))
     dbias = dg.view(T * B, 4 * H).sum(0, dtype=torch.float32) if need[2] else None
-    return dg if need[0] else None, dw_hh, dbias, dh0 if need[3] else None, dc0 if need[4] else None, None, None, None
+    return (dg if need[0] else None, dw_hh, dbias, dh0 if need[3] else None, dc0 if need[4] else None,
+            None, None, None, None)
 
 
 _lstm_recurrence.register_autograd(_backward, setup_context=_setup_context)
@@ -232,7 +235,7 @@ def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, we
 def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
                bias_hh: Tensor | None = None, h0: Tensor | None = None, c0: Tensor | None = None, *,
                reverse: bool = False, lengths: Tensor | None = None, weight_hr: Tensor | None = None,
-               backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
+               backend: str = "auto", directions: int = 1) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One LSTM layer in one direction, fused: the recurrent matmul, gate activations and cell update of every
     step run in Triton kernels.
 
@@ -242,11 +245,14 @@ def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor 
     after lengths[b] steps (starts at lengths[b] - 1 when reverse); its outputs past that are zero and h_n, c_n
     come from its last step. weight_hr [P, H] (nn.LSTM's proj_size): h_t = W_hr (o * tanh(c_t)), weight_hh is
     then [4H, P] and h0 [B, P]. backend: "triton" (the kernels, or an error), "torch" (plain PyTorch), "auto"
-    (Triton for CUDA tensors and under the CPU interpreter, torch otherwise).
+    (Triton for CUDA tensors and under the CPU interpreter, torch otherwise). directions (1 or 2): how many
+    directions of this layer the caller runs; it only picks the tuned launch config (tritonlstm.tune).
 
     Returns y [T, B, H or P] and (h_n [B, H or P], c_n [B, H]).
     """
     _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, weight_hr)
+    if directions not in (1, 2):
+        raise ValueError(f"directions must be 1 or 2, got {directions!r}")
     T, B, _ = x.shape
     H = weight_hh.shape[0] // 4
     P = H if weight_hr is None else weight_hr.shape[0]
@@ -266,7 +272,7 @@ def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor 
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, weight_hr))
     if weight_hr is None:
-        y, hn, cn, _, _ = _lstm_recurrence(gx, weight_hh, bias, h0, c0, lengths, reverse, training)
+        y, hn, cn, _, _ = _lstm_recurrence(gx, weight_hh, bias, h0, c0, lengths, reverse, training, directions)
         return y, (hn, cn)
     # Projection: the recurrence runs on r_t = o * tanh(c_t) with W_hh @ W_hr as its recurrent weight, since
     # W_hh h_{t-1} = (W_hh W_hr) r_{t-1}; h0's term enters each row's first step through gx, and the outputs
@@ -276,6 +282,7 @@ def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor 
     rows = torch.arange(B, device=x.device)
     gx = gx.index_put((first, rows), gx[first, rows] + h0 @ weight_hh.t())
     r0 = x.new_zeros(B, H)
-    r, rn, cn, _, _ = _lstm_recurrence(gx, weight_hh @ weight_hr, bias, r0, c0, lengths, reverse, training)
+    r, rn, cn, _, _ = _lstm_recurrence(gx, weight_hh @ weight_hr, bias, r0, c0, lengths, reverse, training,
+                                       directions)
     y = (r.reshape(T * B, H) @ weight_hr.t()).view(T, B, P)
     return y, (rn @ weight_hr.t(), cn)

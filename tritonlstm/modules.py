@@ -126,7 +126,7 @@ class LSTM(nn.LSTM):
                 y, (h, c) = fused_lstm(layer_input, weights["weight_ih" + sfx], weights["weight_hh" + sfx],
                                        weights.get("bias_ih" + sfx), weights.get("bias_hh" + sfx), h0[k], c0[k],
                                        reverse=bool(d), lengths=lengths, weight_hr=weights.get("weight_hr" + sfx),
-                                       backend="triton")
+                                       backend="triton", directions=dirs)
                 outs.append(y)
                 h_n.append(h)
                 c_n.append(c)

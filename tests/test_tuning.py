@@ -1,0 +1,162 @@
+"""Autotuning without a GPU: the cache (round trip, atomic write, bad files), selection order, bucketing,
+candidate filtering with compile-only figures, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from tritonlstm import configs, tuning
+from tritonlstm.configs import LSTMConfig, use_config
+
+GPU = "NVIDIA H100 80GB HBM3"
+CFG = LSTMConfig(block_h=16, block_b=32, block_k=512, w_resident=True, batch_groups=2, num_warps=8)
+OTHER = LSTMConfig(block_h=8, block_b=16, block_k=512, w_resident=True, batch_groups=4, num_warps=4)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITONLSTM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuning, "_loaded", {})
+    monkeypatch.setattr(tuning, "_warned", set())
+    monkeypatch.setattr(tuning, "shipped_path", lambda gpu: tmp_path / "shipped" / f"{tuning.gpu_slug(gpu)}.json")
+    return tmp_path / "cache"
+
+
+def test_key_buckets_batch_to_power_of_two():
+    assert tuning.config_key("fwd", torch.float16, 512, 17, 1) == "fwd|float16|H512|B32|D1"
+    assert tuning.config_key("bwd", torch.bfloat16, 1000, 16, 2) == "bwd|bfloat16|H1000|B16|D2"
+    assert tuning.config_key("fwd", torch.float32, 8, 1, 1).endswith("|B1|D1")
+    assert tuning.config_key("fwd", torch.float32, 8, 33, 1) == tuning.config_key("fwd", torch.float32, 8, 64, 1)
+
+
+def test_cache_path_per_gpu_and_triton_version(cache_dir):
+    p = tuning.cache_path(GPU, "3.6.0")
+    assert p == cache_dir / "nvidia-h100-80gb-hbm3-triton3.6.0.json"
+
+
+def test_round_trip_and_merge(cache_dir):
+    path = tuning.cache_path(GPU)
+    tuning.write_configs(path, GPU, {"fwd|float16|H512|B16|D1": CFG})
+    tuning.write_configs(path, GPU, {"bwd|float16|H512|B16|D1": OTHER})
+    got = tuning.read_configs(path, GPU, tuning._triton_version())
+    assert got == {"fwd|float16|H512|B16|D1": CFG, "bwd|float16|H512|B16|D1": OTHER}
+    assert not [f for f in os.listdir(cache_dir) if f.endswith(".tmp")]
+
+
+def test_write_is_atomic(cache_dir, monkeypatch):
+    path = tuning.cache_path(GPU)
+    tuning.write_configs(path, GPU, {"fwd|float16|H512|B16|D1": CFG})
+    before = path.read_text()
+
+    def crash(obj, f, **kw):
+        f.write('{"format": 1, "gpu": "half a fi')
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(tuning.json, "dump", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.write_configs(path, GPU, {"bwd|float16|H512|B16|D1": OTHER})
+    assert path.read_text() == before
+    assert os.listdir(cache_dir) == [path.name]
+
+
+@pytest.mark.parametrize("content,why", [
+    ("{not json", "JSONDecodeError"),
+    (json.dumps({"format": 0, "gpu": GPU, "triton": "3.6.0", "configs": {}}), "stale"),
+    (json.dumps({"format": 1, "gpu": "NVIDIA A100", "triton": "3.6.0", "configs": {}}), "written for GPU"),
+    (json.dumps({"format": 1, "gpu": GPU, "triton": "2.0.0", "configs": {}}), "written for triton"),
+    (json.dumps({"format": 1, "gpu": GPU, "triton": "3.6.0", "configs": {"k": {"block_h": 3}}}), "TypeError"),
+], ids=["corrupt", "stale-format", "foreign-gpu", "foreign-triton", "bad-entry"])
+def test_bad_files_warn_once_and_are_ignored(content, why):
+    path = tuning.cache_path(GPU, "3.6.0")
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.warns(RuntimeWarning, match=why):
+        assert tuning.read_configs(path, GPU, "3.6.0") == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuning.read_configs(path, GPU, "3.6.0") == {}  # once only
+
+
+def test_selection_order_cache_then_shipped_then_heuristic(tmp_path, monkeypatch):
+    key = "fwd|float16|H512|B16|D1"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: GPU)
+    assert tuning.lookup_in(GPU, key) == (None, "heuristic")
+    assert tuning.lookup("fwd", 512, 16, torch.float16, 1, torch.device("cpu")) is None
+    tuning.write_configs(tuning.shipped_path(GPU), GPU, {key: OTHER}, triton_version="3.0.0")
+    tuning._loaded.clear()
+    assert tuning.lookup_in(GPU, key) == (OTHER, "shipped")  # shipped files hold for any triton version
+    tuning.write_configs(tuning.cache_path(GPU), GPU, {key: CFG})
+    assert tuning.lookup_in(GPU, key) == (CFG, "cache")
+    assert tuning.lookup("fwd", 512, 9, torch.float16, 1, torch.device("cpu")) == CFG  # 9 -> bucket 16
+    assert tuning.lookup("fwd", 512, 17, torch.float16, 1, torch.device("cpu")) is None
+    with use_config(OTHER, kernel="fwd"):
+        assert configs.select_config(512, 16, torch.float16, torch.device("cpu"), True, "fwd") == OTHER
+        assert configs.select_config(512, 16, torch.float16, torch.device("cpu"), True, "bwd") != OTHER
+
+
+def test_corrupt_cache_never_breaks_a_lookup(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: GPU)
+    path = tuning.cache_path(GPU)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x00\xff garbage")
+    with pytest.warns(RuntimeWarning):
+        assert tuning.lookup("bwd", 256, 4, torch.bfloat16, 2, torch.device("cpu")) is None
+
+
+def test_candidates_respect_residency_and_shared_memory():
+    cands = tuning.candidates(1024, 256, torch.float16, num_sms=132, smem_limit=232448)
+    assert cands[0] == configs.heuristic_config(1024, 256, torch.float16, 132)
+    for c in cands:
+        assert c.programs(1024) <= 132
+        if c.w_resident:
+            assert (4 * c.block_k * c.block_h + c.block_b * c.block_k) * 2 <= 232448
+    few = tuning.candidates(1024, 16, torch.float16, num_sms=8, smem_limit=232448)
+    assert all(c.programs(1024) <= 8 for c in few[1:]) and all(not c.w_resident for c in few[1:])
+    assert all(c.block_b == 16 for c in tuning.candidates(512, 3, torch.float32, 132, 232448))
+
+
+def test_fits_uses_compile_only_figures():
+    class Res:
+        def __init__(self, shared, spills, error=None):
+            self.shared, self.spill_bytes, self.error = shared, spills, error
+
+    assert tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a: Res(1000, 0))
+    assert not tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a: Res(1000, 8))
+    assert not tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a: Res(300000, 0))
+    assert not tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a: Res(0, 0, "error"))
+
+
+def test_fits_with_the_real_compile_check():
+    """A config ptxas spills (fp16, H 64, BB 32, BH 32, 4 warps) is dropped; the heuristic's is kept."""
+    code = ("import torch\nfrom tritonlstm import tuning, configs\n"
+            "bad = configs.LSTMConfig(block_h=32, block_b=32, block_k=64, w_resident=True, num_warps=4)\n"
+            "good = configs.heuristic_config(64, 16, torch.float16, 132)\n"
+            "print(tuning.fits('fwd', torch.float16, 64, bad, 232448), "
+            "tuning.fits('fwd', torch.float16, 64, good, 232448))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_cli_arguments_and_no_gpu_message():
+    a = tuning.parse_args(["--hidden", "128", "--batch", "1,16", "--dtypes", "bfloat16", "--seq", "64",
+                           "--bidirectional", "--kernels", "bwd", "--dry-run"])
+    assert (a.hidden, a.batch, a.dtypes, a.seq, a.bidirectional, a.kernels, a.dry_run) == \
+        ([128], [1, 16], ["bfloat16"], 64, True, ["bwd"], True)
+    for bad in (["--hidden", "x"], ["--dtypes", "int8"], ["--kernels", "step"], ["--seq", "0"]):
+        with pytest.raises(SystemExit):
+            tuning.parse_args(bad)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "tritonlstm.tune"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0 and "no CUDA device, nothing to tune" in out.stdout
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        tuning.tune(hidden=[64], batch=[1])

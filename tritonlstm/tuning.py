@@ -1,0 +1,352 @@
+"""Autotuning of the recurrence kernels' launch configs: candidates, filtering, timing, the on-disk cache.
+
+    python -m tritonlstm.tune [--hidden 512 --batch 16 --dtypes float16 --seq 256 --bidirectional]
+
+Cache: one JSON file per (GPU name, triton version) in ~/.cache/tritonlstm/ (TRITONLSTM_CACHE_DIR overrides),
+written atomically. A key holds what changes the winner: kernel (fwd, bwd), dtype, H, the batch bucketed to a
+power of two, and the direction count. Shipped configs for known GPUs live in the package as
+`tritonlstm/kernels/configs/<gpu>.json` (same format, produced by this tuner on that GPU). A corrupt, stale or
+foreign file gives one warning and is ignored; a lookup never raises.
+
+Tuning times the kernels themselves (through their launchers, on random inputs of the key's shape) after
+checking each candidate's output against a float32 PyTorch reference; candidates that cannot run are dropped
+before any timing (too much shared memory, more programs than SMs, register spills in the compile-only check).
+Without CUDA there is nothing to tune: the interpreter always uses a single config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.resources
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from tritonlstm.configs import KERNELS, LSTMConfig, _pow2, cdiv, heuristic_config
+
+FORMAT = 1
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_loaded: dict[str, dict[str, LSTMConfig]] = {}
+_warned: set[str] = set()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Keys and files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def batch_bucket(batch: int) -> int:
+    return _pow2(batch)
+
+
+def config_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, directions: int) -> str:
+    return f"{kernel}|{DTYPE_NAMES[dtype]}|H{hidden}|B{batch_bucket(batch)}|D{directions}"
+
+
+def gpu_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRITONLSTM_CACHE_DIR") or Path.home() / ".cache" / "tritonlstm")
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def cache_path(gpu: str, triton_version: str | None = None) -> Path:
+    return cache_dir() / f"{gpu_slug(gpu)}-triton{triton_version or _triton_version()}.json"
+
+
+def shipped_path(gpu: str) -> Path:
+    return Path(str(importlib.resources.files("tritonlstm.kernels") / "configs" / f"{gpu_slug(gpu)}.json"))
+
+
+def _warn_once(path: Path, why: str) -> None:
+    if str(path) not in _warned:
+        _warned.add(str(path))
+        warnings.warn(f"tritonlstm: ignoring config file {path}: {why}", RuntimeWarning, stacklevel=3)
+
+
+def read_configs(path: Path, gpu: str, triton_version: str | None) -> dict[str, LSTMConfig]:
+    """The configs of one file, or {} (with one warning) if it is missing, corrupt, stale or foreign.
+    triton_version None accepts any (shipped files)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format') if isinstance(data, dict) else '?'} != {FORMAT} (stale)")
+        if data.get("gpu") != gpu:
+            raise ValueError(f"written for GPU {data.get('gpu')!r}, this is {gpu!r}")
+        if triton_version is not None and data.get("triton") != triton_version:
+            raise ValueError(f"written for triton {data.get('triton')!r}, this is {triton_version!r}")
+        return {k: LSTMConfig(**v) for k, v in dict(data["configs"]).items()}
+    except Exception as e:  # a bad file must never break a forward pass
+        _warn_once(path, f"{type(e).__name__}: {e}")
+        return {}
+
+
+def write_configs(path: Path, gpu: str, configs: dict[str, LSTMConfig], triton_version: str | None = None) -> None:
+    """Merges `configs` into the file, atomically: a crash mid-write leaves the old file whole."""
+    version = triton_version or _triton_version()
+    merged = {**read_configs(path, gpu, version), **configs}
+    payload = {"format": FORMAT, "gpu": gpu, "triton": version,
+               "configs": {k: dataclasses.asdict(v) for k, v in sorted(merged.items())}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _loaded.pop(str(path), None)
+
+
+def _configs_of(path: Path, gpu: str, triton_version: str | None) -> dict[str, LSTMConfig]:
+    key = str(path)
+    if key not in _loaded:
+        _loaded[key] = read_configs(path, gpu, triton_version)
+    return _loaded[key]
+
+
+def lookup_in(gpu: str, key: str) -> tuple[LSTMConfig | None, str]:
+    """(config, where it came from): the user's cache first, then the configs shipped for this GPU."""
+    found = _configs_of(cache_path(gpu), gpu, _triton_version()).get(key)
+    if found is not None:
+        return found, "cache"
+    found = _configs_of(shipped_path(gpu), gpu, None).get(key)
+    if found is not None:
+        return found, "shipped"
+    return None, "heuristic"
+
+
+def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions: int,
+           device: torch.device) -> LSTMConfig | None:
+    """The runtime's question: a tuned or shipped config for this launch, or None (then the heuristic).
+    With TRITONLSTM_AUTOTUNE=1 a miss is tuned on the spot and cached."""
+    gpu = torch.cuda.get_device_name(device)
+    key = config_key(kernel, dtype, hidden, batch, directions)
+    found, _ = lookup_in(gpu, key)
+    if found is None and os.environ.get("TRITONLSTM_AUTOTUNE", "0") not in ("", "0"):
+        found = tune_key(kernel, dtype, hidden, batch_bucket(batch), directions, seq=64, device=device).best
+        write_configs(cache_path(gpu), gpu, {key: found})
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Candidates
+# ----------------------------------------------------------------------------------------------------------
+
+
+def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_limit: int) -> list[LSTMConfig]:
+    """Configs that can run: every program resident (P * Q <= SMs) and an estimate of the shared memory
+    (the W_hh slices and one h tile) under the limit. The heuristic's pick comes first."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    hk = max(16, _pow2(hidden))
+    out = [heuristic_config(hidden, batch, dtype, num_sms)]
+    for resident in (True, False):
+        if resident and hk > 1024 or not resident and hk <= 64:
+            continue
+        bk = hk if resident else 64
+        for bh in (8, 16, 32, 64):
+            for bb in (16, 32, 64):
+                if bb > max(16, _pow2(batch)):
+                    continue
+                p = cdiv(hidden, bh)
+                if p > num_sms or (4 * bk * bh + bb * bk) * esize > smem_limit:
+                    continue
+                q = max(1, min(cdiv(batch, bb), num_sms // p))
+                for warps in (4, 8):
+                    cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=q,
+                                     num_warps=warps)
+                    if cfg not in out:
+                        out.append(cfg)
+    return out
+
+
+def fits(kernel: str, dtype: torch.dtype, hidden: int, cfg: LSTMConfig, smem_limit: int, check=None) -> bool:
+    """The compile-only verdict (compilecheck.check): shared memory under the limit, no spills, compiles."""
+    if check is None:
+        from tritonlstm.compilecheck import check
+    res = check(kernel, dtype, hidden, cfg)
+    return res.error is None and res.shared <= smem_limit and res.spill_bytes == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing one key
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TuneResult:
+    key: str
+    best: LSTMConfig
+    best_ms: float
+    default: LSTMConfig
+    default_ms: float
+    tried: int
+    rejected: int  # candidates whose output disagreed with the reference
+
+    @property
+    def speedup(self) -> float:
+        return self.default_ms / self.best_ms
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, directions: int, seq: int,
+             device: torch.device | str = "cuda", check=None, timer=None) -> TuneResult:
+    """Times every runnable candidate of one key on random inputs and returns the fastest that is correct."""
+    from tritonlstm.kernels import lstm as k
+    from tritonlstm.naive import lstm_layer_reference
+
+    if timer is None:
+        from triton.testing import do_bench as timer
+    device = torch.device(device)
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 232448)
+    H, B, T = hidden, batch, seq
+    g = torch.Generator(device="cpu").manual_seed(0)
+    scale = H ** -0.5
+    gx = (torch.randn(T, B, 4 * H, generator=g)).to(device, dtype)
+    w = ((torch.rand(4 * H, H, generator=g) * 2 - 1) * scale).to(device, dtype)
+    bias = ((torch.rand(4 * H, generator=g) * 2 - 1) * scale).to(device)
+    h0 = torch.zeros(B, H, device=device, dtype=dtype)
+    dy = torch.randn(T, B, H, generator=g).to(device, dtype)
+
+    # float32 reference of the recurrence over gx (x = gx, W_ih = identity), and its gradient w.r.t. gx = dG.
+    gx_ref = gx.float().requires_grad_()
+    eye = torch.eye(4 * H, device=device)
+    zeros = torch.zeros(B, H, device=device)
+    y_ref, _ = lstm_layer_reference(gx_ref, eye, w.float(), bias, None, zeros, zeros)
+    y_ref.backward(dy.float())
+    limit = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+
+    default = heuristic_config(H, B, dtype, props.multi_processor_count)
+    fwd_cfg = default
+    if kernel == "bwd":
+        _, _, _, gates, c_all = k.lstm_forward(gx, w, bias, h0, torch.zeros(B, H, device=device), None,
+                                               reverse=False, store_gates=True, config=fwd_cfg)
+
+    def run(cfg):
+        if kernel == "fwd":
+            return lambda: k.lstm_forward(gx, w, bias, h0, torch.zeros(B, H, device=device), None, reverse=False,
+                                          store_gates=False, config=cfg)[0]
+        return lambda: k.lstm_backward(gates, c_all, zeros, w, dy, h0, h0, None, reverse=False, config=cfg)[0]
+
+    expected = y_ref if kernel == "fwd" else gx_ref.grad
+    times, rejected = {}, 0
+    cands = [c for c in candidates(H, B, dtype, props.multi_processor_count, smem)
+             if c == default or fits(kernel, dtype, H, c, smem, check)]
+    for cfg in cands:
+        try:
+            err = _rel(run(cfg)(), expected)
+        except Exception:  # a candidate that fails to launch is simply not a winner
+            err = float("inf")
+        if not err <= limit:
+            rejected += 1
+            continue
+        times[cfg] = timer(run(cfg), warmup=10, rep=40, quantiles=[0.5])
+        times[cfg] = times[cfg][0] if isinstance(times[cfg], (list, tuple)) else times[cfg]
+    if default not in times:
+        raise RuntimeError(f"tritonlstm.tune: the default config of {config_key(kernel, dtype, H, B, directions)} "
+                           "failed its correctness check")
+    best = min(times, key=times.get)
+    return TuneResult(config_key(kernel, dtype, H, B, directions), best, times[best], default, times[default],
+                      len(cands), rejected)
+
+
+def tune(hidden=(256, 512, 1024), batch=(1, 16, 64, 256), dtypes=("float16", "bfloat16", "float32"), seq=256,
+         bidirectional: bool = False, kernels=KERNELS, write: bool = True, progress=None) -> list[TuneResult]:
+    """Tunes every (kernel, dtype, H, batch bucket) and, with write, merges the winners into the user's cache."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("tritonlstm.tune needs a CUDA GPU: there is nothing to tune on the CPU interpreter, "
+                           "which always runs a single config")
+    gpu = torch.cuda.get_device_name()
+    directions = 2 if bidirectional else 1
+    jobs = [(kn, getattr(torch, d), h, batch_bucket(b)) for kn in kernels for d in dtypes for h in hidden
+            for b in sorted({batch_bucket(b) for b in batch})]
+    results = []
+    for i, (kn, dt, h, b) in enumerate(jobs):
+        if progress:
+            progress(i, len(jobs), (kn, DTYPE_NAMES[dt], h, b))
+        results.append(tune_key(kn, dt, h, b, directions, seq))
+    if progress:
+        progress(len(jobs), len(jobs), None)
+    if write:
+        write_configs(cache_path(gpu), gpu, {r.key: r.best for r in results})
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from tritonlstm import bench
+
+    ap = argparse.ArgumentParser(prog="python -m tritonlstm.tune", description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", default="256,512,1024")
+    ap.add_argument("--batch", default="1,16,64,256")
+    ap.add_argument("--dtypes", default=",".join(bench.DTYPES))
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--bidirectional", action="store_true", help="tune for layers run in both directions")
+    ap.add_argument("--kernels", default="fwd,bwd")
+    ap.add_argument("--dry-run", action="store_true", help="do not write the cache")
+    args = ap.parse_args(argv)
+    try:
+        args.hidden = [int(v) for v in args.hidden.split(",")]
+        args.batch = [int(v) for v in args.batch.split(",")]
+    except ValueError:
+        ap.error(f"--hidden and --batch take comma-separated integers, got {args.hidden!r}, {args.batch!r}")
+    if min(args.hidden + args.batch) < 1 or args.seq < 1:
+        ap.error("--hidden, --batch and --seq must be positive")
+    args.dtypes = args.dtypes.split(",")
+    if bad := [d for d in args.dtypes if d not in bench.DTYPES]:
+        ap.error(f"--dtypes: expected some of {', '.join(bench.DTYPES)}, got {', '.join(bad)}")
+    args.kernels = args.kernels.split(",")
+    if bad := [kn for kn in args.kernels if kn not in KERNELS]:
+        ap.error(f"--kernels: expected some of fwd, bwd, got {', '.join(bad)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tritonlstm.tune: no CUDA device, nothing to tune (the CPU interpreter always uses one config).")
+        return 0
+    from tritonlstm.bench import progress
+
+    results = tune(args.hidden, args.batch, args.dtypes, args.seq, args.bidirectional, args.kernels,
+                   write=not args.dry_run,
+                   progress=lambda i, n, job: progress(i, n, None if job is None else
+                                                       (job[1], job[2], job[3], args.seq, 1, False, job[0])))
+    print(f"{'key':<34} {'default ms':>10} {'tuned ms':>9} {'speed-up':>8}  tuned config")
+    for r in results:
+        c = r.best
+        print(f"{r.key:<34} {r.default_ms:>10.3f} {r.best_ms:>9.3f} {r.speedup:>7.2f}x  BH={c.block_h} BB={c.block_b} "
+              f"BK={c.block_k} resident={c.w_resident} Q={c.batch_groups} warps={c.num_warps}")
+    if not args.dry_run:
+        print(f"written to {cache_path(torch.cuda.get_device_name())}")
+    return 0
+
