@@ -52,6 +52,19 @@ def _load_gate_tiles(p_w, o_k, o_j, m_k, m_j, H, STRIDE_K, STRIDE_J):
 
 
 @triton.jit
+def _row_steps(LAST, o_b, m_b, s, T, BB: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr):
+    """For the rows o_b at step s: each row's last live step, the time index it visits (int64, for offsets into
+    [T, B, *] buffers past 2^31 elements) and the direction of travel (+1, or -1 when REVERSE)."""
+    if HAS_LENGTHS:
+        last = tl.load(LAST + o_b, mask=m_b, other=-1)
+    else:
+        last = tl.full([BB], T - 1, tl.int32)
+    if REVERSE:
+        return last, (last - s).to(tl.int64), -1
+    return last, tl.full([BB], s, tl.int64), 1
+
+
+@triton.jit
 def _grid_barrier(p_flag, p_count, target, max_spin):
     # bar.sync orders this program's stores before the release; the acquire orders the loads after it.
     tl.debug_barrier()
@@ -127,17 +140,9 @@ def lstm_fwd_kernel(
         for i_b in range(i_q, n_tiles, n_q):
             o_b = i_b * BB + tl.arange(0, BB)
             m_b = o_b < B
-            if HAS_LENGTHS:
-                last = tl.load(LAST + o_b, mask=m_b, other=-1)
-            else:
-                last = tl.full([BB], T - 1, tl.int32)
+            last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, BB, HAS_LENGTHS, REVERSE)
             live = m_b & (s <= last)
-            if REVERSE:
-                o_t = (last - s).to(tl.int64)
-                o_tp = o_t + 1
-            else:
-                o_t = tl.full([BB], s, tl.int64)
-                o_tp = o_t - 1
+            o_tp = o_t - o_dir
             o_row = o_t * B + o_b  # row of [T*B, *] buffers
             m_live = live[:, None] & m_j[None, :]
 
@@ -248,18 +253,9 @@ def lstm_bwd_kernel(
         for i_b in range(i_q, n_tiles, n_q):
             o_b = i_b * BB + tl.arange(0, BB)
             m_b = o_b < B
-            if HAS_LENGTHS:
-                last = tl.load(LAST + o_b, mask=m_b, other=-1)
-            else:
-                last = tl.full([BB], T - 1, tl.int32)
-            if REVERSE:
-                o_t = (last - s).to(tl.int64)
-                o_tn = o_t - 1
-                o_tp = o_t + 1
-            else:
-                o_t = tl.full([BB], s, tl.int64)
-                o_tn = o_t + 1
-                o_tp = o_t - 1
+            last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, BB, HAS_LENGTHS, REVERSE)
+            o_tn = o_t + o_dir
+            o_tp = o_t - o_dir
             o_bh = o_b[:, None] * H + o_j[None, :]
 
             # Recurrent part of dh_t: dG_{t+1} @ W_hh, over all 4H gate columns.
