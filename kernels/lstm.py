@@ -1,14 +1,18 @@
 """The fused LSTM recurrence: forward kernel, backward kernel, the grid barrier and their launchers.
 
-Dimension legend: T steps, B batch, H hidden, G = 4 gates in nn.LSTM's order (i, f, g, o).
+Dimension legend: T steps, B batch, H hidden, G = 4 gates in nn.LSTM's order (i, f, g, o), D directions
+(1, or 2 for both directions of a bidirectional layer in one launch).
 
-Layout: program (i_h, i_q) owns hidden units [i_h * BH, (i_h + 1) * BH) and the batch tiles i_q, i_q + Q, ...
-of BB rows. The P = cdiv(H, BH) programs of one batch group exchange h_{t-1} (forward) or dG_{t+1}
-(backward) through global memory each step and meet at a grid barrier on their group's counter; batch
-groups never wait on each other, since batch rows are independent.
+Layout: program (i_h, i_q, i_d) owns hidden units [i_h * BH, (i_h + 1) * BH) of direction i_d and the batch
+tiles i_q, i_q + Q, ... of BB rows. The P = cdiv(H, BH) programs of one (direction, batch group) exchange
+h_{t-1} (forward) or dG_{t+1} (backward) through global memory each step and meet at a grid barrier on their
+own counter; other groups never wait on them, since directions and batch rows are independent. Direction d
+reads and writes the d-th slice of [T, B, D*X] buffers (so a bidirectional layer's output comes out already
+concatenated, as nn.LSTM lays it out) and the d-th [B, H] / [4H, H] block of the stacked states and weights.
+Direction 1 of a D = 2 launch runs in reverse; a D = 1 launch runs in reverse when asked (rev0 = 1).
 
 Persistent mode runs every step in one launch; the programs must all be resident at once (the launcher
-checks P * Q against the SM count). Stepwise mode launches the same body once per step, the launch
+checks P * Q * D against the SM count). Stepwise mode launches the same body once per step, the launch
 boundary acting as the barrier: it is the path for the CPU interpreter, which runs programs one after
 another, and the fallback where residency cannot be guaranteed.
 
@@ -52,16 +56,15 @@ def _load_gate_tiles(p_w, o_k, o_j, m_k, m_j, H, STRIDE_K, STRIDE_J):
 
 
 @triton.jit
-def _row_steps(LAST, o_b, m_b, s, T, BB: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr):
+def _row_steps(LAST, o_b, m_b, s, T, rev, BB: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """For the rows o_b at step s: each row's last live step, the time index it visits (int64, for offsets into
-    [T, B, *] buffers past 2^31 elements) and the direction of travel (+1, or -1 when REVERSE)."""
+    [T, B, *] buffers past 2^31 elements) and the direction of travel (+1, or -1 when rev)."""
     if HAS_LENGTHS:
         last = tl.load(LAST + o_b, mask=m_b, other=-1)
     else:
         last = tl.full([BB], T - 1, tl.int32)
-    if REVERSE:
-        return last, (last - s).to(tl.int64), -1
-    return last, tl.full([BB], s, tl.int64), 1
+    o_t = tl.where(rev, last.to(tl.int64) - s, tl.full([BB], s, tl.int64))
+    return last, o_t, 1 - 2 * rev.to(tl.int64)
 
 
 @triton.jit
@@ -87,42 +90,58 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T", "B", "S_START", "S_COUNT", "max_spin"])
+@triton.jit(do_not_specialize=["T", "B", "rev0", "S_START", "S_COUNT", "max_spin"])
 def lstm_fwd_kernel(
-    GX,  # [T, B, 4H] x @ W_ih^T
-    GATES,  # [T, B, 4H] out: the activated gates i, f, g, o for the backward (when STORE_GATES)
-    W,  # [4H, H] W_hh
-    BIAS,  # [4H] float32, b_ih + b_hh
-    H0,  # [B, H] initial hidden state
-    C_WS,  # [B, H] float32 cell state carried between steps; holds c0 on entry
-    Y,  # [T, B, H] output, h_t
-    HN,  # [B, H] h at each row's last step
-    CN,  # [B, H] c at each row's last step
-    C_ALL,  # [T, B, H] float32 c_t for the backward (when STORE_GATES)
+    GX,  # [T, B, D*4H] x @ W_ih^T
+    GATES,  # [T, B, D*4H] out: the activated gates i, f, g, o for the backward (when STORE_GATES)
+    W,  # [D, 4H, H] W_hh
+    BIAS,  # [D, 4H] float32, b_ih + b_hh
+    H0,  # [D, B, H] initial hidden state
+    C_WS,  # [D, B, H] float32 cell state carried between steps; holds c0 on entry
+    Y,  # [T, B, D*H] output, h_t
+    HN,  # [D, B, H] h at each row's last step
+    CN,  # [D, B, H] c at each row's last step
+    C_ALL,  # [T, B, D*H] float32 c_t for the backward (when STORE_GATES)
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
-    SYNC,  # [1 + Q] int32: error flag, then one barrier counter per batch group
+    SYNC,  # [1 + D*Q] int32: error flag, then one barrier counter per (direction, batch group)
     T,
     B,
     H,
+    rev0,  # 1: a D = 1 launch runs in reverse
     S_START,
     S_COUNT,
     max_spin,
     BK: tl.constexpr,  # K chunk of the recurrent matmul; W_RESIDENT means one chunk covers H
     BH: tl.constexpr,
     BB: tl.constexpr,
+    D: tl.constexpr,
     W_RESIDENT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
-    REVERSE: tl.constexpr,
     STORE_GATES: tl.constexpr,
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
+    i_d = tl.program_id(2)
     n_h = tl.num_programs(0)
     n_q = tl.num_programs(1)
     n_tiles = (B + BB - 1) // BB
+    rev = (i_d + rev0) == 1
+    # Direction i_d's slice of every buffer; rows of the [T, B, D*X] buffers are D*X apart.
+    GX += i_d * 4 * H
+    GATES += i_d * 4 * H
+    Y += i_d * H
+    C_ALL += i_d * H
+    W += i_d * 4 * H * H
+    BIAS += i_d * 4 * H
+    H0 += i_d * B * H
+    C_WS += i_d * B * H
+    HN += i_d * B * H
+    CN += i_d * B * H
+    SG = D * 4 * H
+    SY = D * H
 
     o_j = i_h * BH + tl.arange(0, BH)
     m_j = o_j < H
@@ -140,14 +159,14 @@ def lstm_fwd_kernel(
         for i_b in range(i_q, n_tiles, n_q):
             o_b = i_b * BB + tl.arange(0, BB)
             m_b = o_b < B
-            last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, BB, HAS_LENGTHS, REVERSE)
+            last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
             live = m_b & (s <= last)
             o_tp = o_t - o_dir
             o_row = o_t * B + o_b  # row of [T*B, *] buffers
             m_live = live[:, None] & m_j[None, :]
 
             # Independent of the other programs: issued before the h_{t-1} loads.
-            p_gx = GX + o_row[:, None] * (4 * H) + o_j[None, :]
+            p_gx = GX + o_row[:, None] * SG + o_j[None, :]
             b_gi = tl.load(p_gx, mask=m_live, other=0.0).to(tl.float32)
             b_gf = tl.load(p_gx + H, mask=m_live, other=0.0).to(tl.float32)
             b_gg = tl.load(p_gx + 2 * H, mask=m_live, other=0.0).to(tl.float32)
@@ -156,12 +175,12 @@ def lstm_fwd_kernel(
             b_c = tl.load(p_c, mask=m_live, other=0.0, cache_modifier=".cg")
 
             # h_{t-1}: the previous output row, or h0 at the first step.
-            o_hrow = tl.where(s == 0, o_b.to(tl.int64), o_tp * B + o_b)
+            o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
             p_hbase = tl.where(s == 0, H0, Y)
             for k0 in range(0, H, BK):
                 o_kk = k0 + o_k
                 m_k = o_kk < H
-                b_h = tl.load(p_hbase + o_hrow[:, None] * H + o_kk[None, :], mask=live[:, None] & m_k[None, :],
+                b_h = tl.load(p_hbase + o_hrow[:, None] + o_kk[None, :], mask=live[:, None] & m_k[None, :],
                               other=0.0, cache_modifier=".cg")
                 if not W_RESIDENT:
                     b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W + k0, o_k, o_j, m_k, m_j, H, 1, H)
@@ -183,20 +202,20 @@ def lstm_fwd_kernel(
             b_y = b_o * (2.0 * _sigmoid(2.0 * b_c) - 1.0)
 
             o_bh = o_b[:, None] * H + o_j[None, :]
-            tl.store(Y + o_row[:, None] * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
+            tl.store(Y + o_row[:, None] * SY + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
             tl.store(p_c, b_c, mask=m_live)
             if STORE_GATES:
-                p_gates = GATES + o_row[:, None] * (4 * H) + o_j[None, :]
+                p_gates = GATES + o_row[:, None] * SG + o_j[None, :]
                 tl.store(p_gates, b_i.to(GATES.dtype.element_ty), mask=m_live)
                 tl.store(p_gates + H, b_f.to(GATES.dtype.element_ty), mask=m_live)
                 tl.store(p_gates + 2 * H, b_g.to(GATES.dtype.element_ty), mask=m_live)
                 tl.store(p_gates + 3 * H, b_o.to(GATES.dtype.element_ty), mask=m_live)
-                tl.store(C_ALL + o_row[:, None] * H + o_j[None, :], b_c, mask=m_live)
+                tl.store(C_ALL + o_row[:, None] * SY + o_j[None, :], b_c, mask=m_live)
             m_last = (m_b & (s == last))[:, None] & m_j[None, :]
             tl.store(HN + o_bh, b_y.to(HN.dtype.element_ty), mask=m_last)
             tl.store(CN + o_bh, b_c.to(CN.dtype.element_ty), mask=m_last)
         if PERSISTENT:
-            _grid_barrier(SYNC, SYNC + 1 + i_q, (s - S_START + 1) * n_h, max_spin)
+            _grid_barrier(SYNC, SYNC + 1 + i_d * n_q + i_q, (s - S_START + 1) * n_h, max_spin)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,42 +223,58 @@ def lstm_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T", "B", "S_START", "S_COUNT", "max_spin"])
+@triton.jit(do_not_specialize=["T", "B", "rev0", "S_START", "S_COUNT", "max_spin"])
 def lstm_bwd_kernel(
-    GATES,  # [T, B, 4H] activated gates i, f, g, o from the forward
-    C_ALL,  # [T, B, H] float32 c_t from the forward
-    C0,  # [B, H] float32 initial cell state
-    W,  # [4H, H] W_hh
-    DY,  # [T, B, H] gradient of the output
-    DHN,  # [B, H] gradient of h_n
-    DCN,  # [B, H] gradient of c_n
-    DG,  # [T, B, 4H] out: gradient of the gate pre-activations (zeros on entry when HAS_LENGTHS)
-    DC_WS,  # [B, H] float32 carried dc_{t+1} * f_{t+1}; zeros on entry
-    DH0,  # [B, H] out
-    DC0,  # [B, H] out
+    GATES,  # [T, B, D*4H] activated gates i, f, g, o from the forward
+    C_ALL,  # [T, B, D*H] float32 c_t from the forward
+    C0,  # [D, B, H] float32 initial cell state
+    W,  # [D, 4H, H] W_hh
+    DY,  # [T, B, D*H] gradient of the output
+    DHN,  # [D, B, H] gradient of h_n
+    DCN,  # [D, B, H] gradient of c_n
+    DG,  # [T, B, D*4H] out: gradient of the gate pre-activations (zeros on entry when HAS_LENGTHS)
+    DC_WS,  # [D, B, H] float32 carried dc_{t+1} * f_{t+1}; zeros on entry
+    DH0,  # [D, B, H] out
+    DC0,  # [D, B, H] out
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
-    SYNC,  # [1 + Q] int32: error flag, then one barrier counter per batch group
+    SYNC,  # [1 + D*Q] int32: error flag, then one barrier counter per (direction, batch group)
     T,
     B,
     H,
+    rev0,  # 1: a D = 1 launch runs in reverse
     S_START,
     S_COUNT,
     max_spin,
     BK: tl.constexpr,
     BH: tl.constexpr,
     BB: tl.constexpr,
+    D: tl.constexpr,
     W_RESIDENT: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
-    REVERSE: tl.constexpr,
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
+    i_d = tl.program_id(2)
     n_h = tl.num_programs(0)
     n_q = tl.num_programs(1)
     n_tiles = (B + BB - 1) // BB
+    rev = (i_d + rev0) == 1
+    GATES += i_d * 4 * H
+    DG += i_d * 4 * H
+    C_ALL += i_d * H
+    DY += i_d * H
+    W += i_d * 4 * H * H
+    C0 += i_d * B * H
+    DHN += i_d * B * H
+    DCN += i_d * B * H
+    DC_WS += i_d * B * H
+    DH0 += i_d * B * H
+    DC0 += i_d * B * H
+    SG = D * 4 * H
+    SY = D * H
 
     o_j = i_h * BH + tl.arange(0, BH)
     m_j = o_j < H
@@ -253,7 +288,7 @@ def lstm_bwd_kernel(
         for i_b in range(i_q, n_tiles, n_q):
             o_b = i_b * BB + tl.arange(0, BB)
             m_b = o_b < B
-            last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, BB, HAS_LENGTHS, REVERSE)
+            last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
             o_tn = o_t + o_dir
             o_tp = o_t - o_dir
             o_bh = o_b[:, None] * H + o_j[None, :]
@@ -265,7 +300,7 @@ def lstm_bwd_kernel(
             for k0 in range(0, H, BK):
                 o_kk = k0 + o_k
                 m_k = o_kk < H
-                p_dg = DG + o_nrow[:, None] * (4 * H) + o_kk[None, :]
+                p_dg = DG + o_nrow[:, None] * SG + o_kk[None, :]
                 m_dg = m_next[:, None] & m_k[None, :]
                 if not W_RESIDENT:
                     b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W + k0 * H, o_k, o_j, m_k, m_j, H, H, 1)
@@ -285,19 +320,19 @@ def lstm_bwd_kernel(
                 m_live = live[:, None] & m_j[None, :]
                 m_last = (m_b & (s == last))[:, None] & m_j[None, :]
                 o_row = o_t * B + o_b
-                b_dh += tl.load(DY + o_row[:, None] * H + o_j[None, :], mask=m_live, other=0.0).to(tl.float32)
+                b_dh += tl.load(DY + o_row[:, None] * SY + o_j[None, :], mask=m_live, other=0.0).to(tl.float32)
                 b_dh += tl.load(DHN + o_bh, mask=m_last, other=0.0).to(tl.float32)
                 b_dc += tl.load(DCN + o_bh, mask=m_last, other=0.0).to(tl.float32)
 
-                p_g = GATES + o_row[:, None] * (4 * H) + o_j[None, :]
+                p_g = GATES + o_row[:, None] * SG + o_j[None, :]
                 b_i = tl.load(p_g, mask=m_live, other=0.0).to(tl.float32)
                 b_f = tl.load(p_g + H, mask=m_live, other=0.0).to(tl.float32)
                 b_g = tl.load(p_g + 2 * H, mask=m_live, other=0.0).to(tl.float32)
                 b_o = tl.load(p_g + 3 * H, mask=m_live, other=0.0).to(tl.float32)
-                b_c = tl.load(C_ALL + o_row[:, None] * H + o_j[None, :], mask=m_live, other=0.0)
-                o_prow = tl.where(s == 0, o_b.to(tl.int64), o_tp * B + o_b)
+                b_c = tl.load(C_ALL + o_row[:, None] * SY + o_j[None, :], mask=m_live, other=0.0)
+                o_prow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
                 p_cbase = tl.where(s == 0, C0, C_ALL)
-                b_cp = tl.load(p_cbase + o_prow[:, None] * H + o_j[None, :], mask=m_live, other=0.0)
+                b_cp = tl.load(p_cbase + o_prow[:, None] + o_j[None, :], mask=m_live, other=0.0)
 
                 b_tc = 2.0 * _sigmoid(2.0 * b_c) - 1.0
                 b_do = b_dh * b_tc
@@ -308,7 +343,7 @@ def lstm_bwd_kernel(
                 b_dgg = b_dc * b_i * (1.0 - b_g * b_g)
                 b_dgo = b_do * b_o * (1.0 - b_o)
 
-                p_out = DG + o_row[:, None] * (4 * H) + o_j[None, :]
+                p_out = DG + o_row[:, None] * SG + o_j[None, :]
                 tl.store(p_out, b_dgi.to(DG.dtype.element_ty), mask=m_live)
                 tl.store(p_out + H, b_dgf.to(DG.dtype.element_ty), mask=m_live)
                 tl.store(p_out + 2 * H, b_dgg.to(DG.dtype.element_ty), mask=m_live)
@@ -320,7 +355,7 @@ def lstm_bwd_kernel(
                 tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_out)
                 tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
         if PERSISTENT:
-            _grid_barrier(SYNC, SYNC + 1 + i_q, (r - S_START + 1) * n_h, max_spin)
+            _grid_barrier(SYNC, SYNC + 1 + i_d * n_q + i_q, (r - S_START + 1) * n_h, max_spin)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,10 +369,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit operands
 
 
-def _check_residency(config, H: int, device: torch.device) -> None:
+def _check_residency(config, H: int, D: int, device: torch.device) -> None:
     if not config.persistent:
         return
-    programs = triton.cdiv(H, config.block_h) * config.batch_groups
+    programs = triton.cdiv(H, config.block_h) * config.batch_groups * D
     if interpreting():
         if programs != 1:
             raise ValueError(f"config: a persistent launch under the interpreter needs 1 program, got {programs} "
@@ -369,44 +404,47 @@ def _run(kernel, grid, n_steps: int, config, sync: torch.Tensor, args: tuple, co
 
 
 def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config):
-    """Runs the recurrence over gx = x @ W_ih^T [T, B, 4H] (read only). c_ws [B, H] float32 holds c0 and is
-    updated in place. Returns y [T, B, H], h_n, c_n [B, H] and, when store_gates, the activated gates
-    [T, B, 4H] and c_all [T, B, H] float32 (else None, None)."""
-    T, B, G = gx.shape
-    H = G // 4
-    _check_residency(config, H, gx.device)
+    """Runs the recurrence of D directions (D = w_hh.shape[0]; direction 1 in reverse) over gx = x @ W_ih^T
+    [T, B, D*4H] (read only). w_hh [D, 4H, H], bias [D, 4H] float32 or None, h0 [D, B, H], c_ws [D, B, H]
+    float32 holding c0 (updated in place). reverse runs a D = 1 launch backwards. Returns y [T, B, D*H],
+    h_n, c_n [D, B, H] and, when store_gates, the activated gates [T, B, D*4H] and c_all [T, B, D*H] float32
+    (else None, None)."""
+    T, B, _ = gx.shape
+    D, G, H = w_hh.shape
+    _check_residency(config, H, D, gx.device)
     dt, dev = gx.dtype, gx.device
     # With lengths, positions past a row's end are never visited and must read as zero.
-    y = torch.zeros(T, B, H, device=dev, dtype=dt) if last is not None else _alloc((T, B, H), dt, dev)
-    hn = _alloc((B, H), dt, dev)
-    cn = _alloc((B, H), dt, dev)
-    gates = _alloc((T, B, 4 * H), dt, dev) if store_gates else gx
-    c_all = _alloc((T, B, H), torch.float32, dev) if store_gates else c_ws
-    sync = torch.zeros(1 + config.batch_groups, device=gx.device, dtype=torch.int32)
-    grid = (triton.cdiv(H, config.block_h), config.batch_groups)
+    y = torch.zeros(T, B, D * H, device=dev, dtype=dt) if last is not None else _alloc((T, B, D * H), dt, dev)
+    hn = _alloc((D, B, H), dt, dev)
+    cn = _alloc((D, B, H), dt, dev)
+    gates = _alloc((T, B, D * G), dt, dev) if store_gates else gx
+    c_all = _alloc((T, B, D * H), torch.float32, dev) if store_gates else c_ws
+    sync = torch.zeros(1 + D * config.batch_groups, device=dev, dtype=torch.int32)
+    grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
     args = (gx, gates, w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
-            last if last is not None else sync, sync, T, B, H)
+            last if last is not None else sync, sync, T, B, H, int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, sync, args,
-         dict(HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, REVERSE=reverse,
-              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)))
+         dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STORE_GATES=store_gates,
+              DOT_PRECISION=_dot_precision(dt)))
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
 def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config):
-    """The reverse recurrence. Returns dG [T, B, 4H] (gradient of the gate pre-activations, in the
-    gates' dtype), dh0 and dc0 [B, H]."""
-    T, B, G = gates.shape
-    H = G // 4
-    _check_residency(config, H, gates.device)
+    """The reverse recurrence of D directions, shapes as lstm_forward's (c0 [D, B, H] float32, dy [T, B, D*H],
+    dhn and dcn [D, B, H]). Returns dG [T, B, D*4H] (gradient of the gate pre-activations, in the gates'
+    dtype), dh0 and dc0 [D, B, H]."""
+    T, B, _ = gates.shape
+    D, G, H = w_hh.shape
+    _check_residency(config, H, D, gates.device)
     dt, dev = gates.dtype, gates.device
-    dg = torch.zeros_like(gates) if last is not None else _alloc((T, B, 4 * H), dt, dev)
-    dc_ws = torch.zeros(B, H, device=dev, dtype=torch.float32)
-    dh0 = _alloc((B, H), dt, dev)
-    dc0 = _alloc((B, H), dt, dev)
-    sync = torch.zeros(1 + config.batch_groups, device=gates.device, dtype=torch.int32)
-    grid = (triton.cdiv(H, config.block_h), config.batch_groups)
+    dg = torch.zeros_like(gates) if last is not None else _alloc((T, B, D * G), dt, dev)
+    dc_ws = torch.zeros(D, B, H, device=dev, dtype=torch.float32)
+    dh0 = _alloc((D, B, H), dt, dev)
+    dc0 = _alloc((D, B, H), dt, dev)
+    sync = torch.zeros(1 + D * config.batch_groups, device=dev, dtype=torch.int32)
+    grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
     args = (gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
-            last if last is not None else sync, sync, T, B, H)
+            last if last is not None else sync, sync, T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, sync, args,
-         dict(HAS_LENGTHS=last is not None, REVERSE=reverse, DOT_PRECISION=_dot_precision(gates.dtype)))
+         dict(D=D, HAS_LENGTHS=last is not None, DOT_PRECISION=_dot_precision(dt)))
     return dg, dh0, dc0

@@ -1,5 +1,6 @@
-"""Compile-only check for the H100 (sm_90): every config the heuristic can choose for H <= 1024 compiles, fits
-shared memory and does not spill registers. Runs here without a GPU; catches what the interpreter cannot."""
+"""Compile-only check for the H100 (sm_90): every config the heuristic can choose for H <= 4096 (one or two
+directions per launch) compiles, fits shared memory and does not spill registers. Runs here without a GPU;
+catches what the interpreter cannot."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from tritonlstm.configs import heuristic_config
 def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
     out = tmp_path / "cc.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter does not compile
-    proc = subprocess.run([sys.executable, "-m", "tritonlstm.compilecheck", "--json", str(out)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "tritonlstm.compilecheck", "--max-hidden", "4096",
+                           "--json", str(out)], env=env,
                           capture_output=True, text=True, timeout=1200)
     rows = json.loads(out.read_text())
     bad = [r for r in rows if not r["ok"]]
@@ -26,7 +28,7 @@ def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
     assert {r["kernel"] for r in rows} == {"fwd", "bwd"}
     assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
     assert all(0 < r["shared"] <= SM90_SHARED_LIMIT and r["spill_bytes"] == 0 and r["error"] is None for r in rows)
-    assert len(rows) == 2 * len(shipped_configs())
+    assert len(rows) == 2 * len(shipped_configs(4096))
 
 
 def test_heuristic_keeps_programs_resident_and_weights_on_chip_up_to_1024():
@@ -39,5 +41,14 @@ def test_heuristic_keeps_programs_resident_and_weights_on_chip_up_to_1024():
 
 
 def test_heuristic_streams_weights_beyond_1024():
-    cfg = heuristic_config(4096, 16, torch.float16, 132)
-    assert not cfg.w_resident and cfg.block_k == 64 and cfg.programs(4096) <= 132
+    cfg = heuristic_config(2048, 16, torch.float16, 132)
+    assert cfg.persistent and not cfg.w_resident and cfg.block_k == 64 and cfg.programs(2048) <= 132
+    wide = heuristic_config(4096, 16, torch.float32, 132)
+    assert not wide.persistent and not wide.w_resident  # more programs than SMs: one launch per step
+
+
+def test_heuristic_splits_the_sms_between_two_directions():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for hidden in (256, 512, 1024):
+            cfg = heuristic_config(hidden, 64, dtype, 132, directions=2)
+            assert cfg.persistent and 2 * cfg.programs(hidden) <= 132, (dtype, hidden, cfg)

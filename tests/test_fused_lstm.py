@@ -329,3 +329,49 @@ def test_non_contiguous_inputs():
     (y2.sum() + c2.sum()).backward()
     for n in NAMES:
         torch.testing.assert_close(p[n].grad, q[n].grad)
+
+
+@pytest.mark.parametrize("config", [None, MULTI_PROGRAM[0].values[0], MULTI_PROGRAM[1].values[0]],
+                         ids=["default", "stepwise-P5-Q2", "streamedW"])
+@pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5, 1, 6])], ids=["padded", "lengths"])
+@pytest.mark.parametrize("proj", [0, 4], ids=["noproj", "proj4"])
+def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):
+    """lstm_layer with two directions (the second reversed) in one launch: outputs concatenated as nn.LSTM
+    does, states stacked, every gradient, against the float64 reference run direction by direction."""
+    from tritonlstm.functional import lstm_layer
+    from tritonlstm.naive import lstm_layer_reference
+
+    T, B, I, H = 6, 5, 7, 33 if config is not None else 12
+    fwd, bwd = (make_problem(T, B, I, H, torch.float32, proj=proj) for _ in range(2))
+    x = fwd["x"]
+    keys = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+    h0 = torch.stack([fwd["h0"], bwd["h0"]])
+    c0 = torch.stack([fwd["c0"], bwd["c0"]])
+
+    def leaves(dtype):
+        ws = [{k: p[k].detach().to(dtype).requires_grad_() if p.get(k) is not None else None for k in keys}
+              for p in (fwd, bwd)]
+        return ws, [t.detach().to(dtype).requires_grad_() for t in (x, h0, c0)]
+
+    ws, (xl, hl, cl) = leaves(torch.float32)
+    with use_config(config):
+        y, (hn, cn) = lstm_layer(xl, [tuple(w[k] for k in keys) for w in ws], hl, cl, lengths=lengths,
+                                 backend="triton")
+    rs, (xr, hr, cr) = leaves(torch.float64)
+    outs = [lstm_layer_reference(xr, *(rs[d][k] for k in keys[:4]), hr[d], cr[d], d == 1, lengths, rs[d]["weight_hr"])
+            for d in range(2)]
+    y_r = torch.cat([o[0] for o in outs], dim=2)
+    hn_r = torch.stack([o[1][0] for o in outs])
+    cn_r = torch.stack([o[1][1] for o in outs])
+    weights = tuple(torch.randn_like(t) for t in (y_r, hn_r, cn_r))
+    loss_of(y, hn, cn, weights).backward()
+    loss_of(y_r, hn_r, cn_r, weights).backward()
+    tol = RESOLUTION[torch.float32]
+    assert rel_err(y, y_r) < tol and rel_err(hn, hn_r) < tol and rel_err(cn, cn_r) < tol
+    for a, b in ((xl, xr), (hl, hr), (cl, cr)):
+        assert rel_err(a.grad, b.grad) < 2 * tol
+    for d in range(2):
+        for k in keys:
+            if ws[d][k] is not None:
+                assert rel_err(ws[d][k].grad, rs[d][k].grad) < 2 * tol, (d, k)
+    assert kernel_calls == {"fwd": 1, "bwd": 1}

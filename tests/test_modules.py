@@ -116,7 +116,7 @@ def test_triton_backend_never_reaches_torch_lstm(no_torch_lstm):
     ours(x)
     ours(pack_padded_sequence(x, torch.tensor([4, 2]), enforce_sorted=False))
     cell(x[0])
-    assert no_torch_lstm["fwd"] == 2 * 4 + 1
+    assert no_torch_lstm["fwd"] == 2 * 2 + 1  # both directions of a layer share one launch
 
 
 def test_dropout_eval_is_exact():

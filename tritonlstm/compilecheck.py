@@ -44,16 +44,16 @@ class Resources:
 
 def _signature(kernel: str, dtype: str) -> dict[str, str]:
     p = "*" + dtype
-    ints = {n: "i32" for n in ("T", "B", "H", "S_START", "S_COUNT", "max_spin")}
+    ints = {n: "i32" for n in ("T", "B", "H", "rev0", "S_START", "S_COUNT", "max_spin")}
     if kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": p, "BIAS": "*fp32", "H0": p, "C_WS": "*fp32", "Y": p, "HN": p, "CN": p,
                 "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32"}
-        flags = ("BK", "BH", "BB", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "REVERSE", "STORE_GATES", "PERSISTENT",
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "STORE_GATES", "PERSISTENT",
                  "DOT_PRECISION")
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
                 "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32"}
-        flags = ("BK", "BH", "BB", "W_RESIDENT", "HAS_LENGTHS", "REVERSE", "PERSISTENT", "DOT_PRECISION")
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_LENGTHS", "PERSISTENT", "DOT_PRECISION")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
 
 
@@ -75,7 +75,7 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
 
 
 def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
-          has_lengths: bool = False, reverse: bool = False) -> Resources:
+          has_lengths: bool = False, directions: int = 1) -> Resources:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -86,7 +86,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
         raise RuntimeError("compilecheck needs the real compiler: unset TRITON_INTERPRET")
     tdt = _TRITON_DTYPE[dtype]
     consts = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
-                  HAS_LENGTHS=has_lengths, REVERSE=reverse, PERSISTENT=config.persistent,
+                  D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
     if kernel == "fwd":
         consts.update(HAS_BIAS=True, STORE_GATES=store_gates)
@@ -104,19 +104,21 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
 
 
 def shipped_configs(max_hidden: int = 1024) -> list[tuple[torch.dtype, int, LSTMConfig]]:
-    """Every distinct config the heuristic can choose on an H100 for H <= max_hidden, any batch."""
+    """Every distinct config the heuristic can choose on an H100 for H <= max_hidden, any batch, one direction
+    or both directions in one launch."""
     seen, out = set(), []
     hiddens = sorted({h for p in range(0, 14) for h in (2 ** p, 2 ** p + 1) if h <= max_hidden} | {24, 33, 100, 1000})
     for dtype in _TRITON_DTYPE:
         for hidden in hiddens:
             for batch in (1, 16, 17, 33, 64, 256, 4096):
-                cfg = heuristic_config(hidden, batch, dtype, H100_SMS)
-                # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
-                key = (dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
-                       cfg.num_warps, cfg.num_stages)
-                if key not in seen:
-                    seen.add(key)
-                    out.append((dtype, hidden, cfg))
+                for directions in (1, 2):
+                    cfg = heuristic_config(hidden, batch, dtype, H100_SMS, directions=directions)
+                    # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
+                    key = (dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
+                           cfg.num_warps, cfg.num_stages)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append((dtype, hidden, cfg))
     return out
 
 

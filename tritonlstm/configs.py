@@ -78,8 +78,9 @@ def cdiv(a: int, b: int) -> int:
 
 
 def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None,
-                     interpreter: bool = False) -> LSTMConfig:
-    """A config that compiles within shared memory and keeps every program resident.
+                     interpreter: bool = False, directions: int = 1) -> LSTMConfig:
+    """A config that compiles within shared memory and keeps every program of `directions` concurrent
+    directions resident (each direction gets num_sms // directions SMs).
 
     num_sms None (or interpreter=True) means the CPU interpreter: one program where the shape allows,
     stepwise launches otherwise."""
@@ -87,9 +88,10 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
     if interpreter or num_sms is None:
         bh = min(_pow2(hidden), _MAX_BLOCK_H)
         bb = min(_pow2(batch), 32)
-        single = cdiv(hidden, bh) == 1
+        single = cdiv(hidden, bh) == 1 and directions == 1
         return LSTMConfig(block_h=bh, block_b=bb, block_k=hk, w_resident=True, batch_groups=1, persistent=single)
 
+    num_sms //= directions
     esize = torch.empty((), dtype=dtype).element_size()
     # 16 batch rows per tile (the MMA's M): larger tiles spill registers on sm_90 (compilecheck sweeps,
     # 2026-11-26); more rows go to more batch groups or more tiles per program.
@@ -105,10 +107,13 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
         # The whole-K dot holds its operands in registers: from K = 128 on, 4 warps spill (compilecheck).
         warps = 4 if hk <= 64 else 8
     else:
-        # W_hh streamed from L2 in K chunks of 64 (H > 1024): not compile-checked beyond H = 2048.
-        bh, bk, warps = 16, 64, 4
-        while cdiv(hidden, bh) > num_sms:
-            bh *= 2
+        # W_hh streamed from L2 in K chunks (32 wide for fp32, which spills at 64; compilecheck).
+        bh, bk, warps = 16, 64 if esize < 4 else 32, 4
+        if cdiv(hidden, bh) > num_sms:
+            # Wider blocks spill registers (compilecheck, BH = 64 at H = 4096): one launch per step instead,
+            # where the programs need not be resident together.
+            return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=False, batch_groups=cdiv(batch, bb),
+                              persistent=False, num_warps=warps)
     p = cdiv(hidden, bh)
     groups = max(1, min(cdiv(batch, bb), num_sms // p))
     return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=groups,
@@ -121,11 +126,11 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
     if forced is not None:
         return forced
     if interpreter or device.type != "cuda":
-        return heuristic_config(hidden, batch, dtype, None, interpreter=True)
+        return heuristic_config(hidden, batch, dtype, None, interpreter=True, directions=directions)
     from tritonlstm.tuning import lookup  # the cache and the tuner; imported here to keep this module light
 
     found = lookup(kernel, hidden, batch, dtype, directions, device)
     if found is not None:
         return found
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return heuristic_config(hidden, batch, dtype, sms)
+    return heuristic_config(hidden, batch, dtype, sms, directions=directions)

@@ -71,16 +71,17 @@ def _last_steps(lengths: Tensor | None, device: torch.device) -> Tensor | None:
 
 @torch.library.custom_op("tritonlstm::lstm_recurrence", mutates_args=())
 def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
-                     lengths: Tensor | None, reverse: bool, training: bool,
-                     directions: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The recurrence over gx = x @ W_ih^T [T, B, 4H], bias [4H] float32 or None. Returns y, h_n, c_n and,
-    when training, the activated gates [T, B, 4H] and c_t [T, B, H] float32 for the backward (empty
-    otherwise)."""
+                     lengths: Tensor | None, reverse: bool,
+                     training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The recurrence of D directions in one launch (direction 1 in reverse; a single direction in reverse when
+    `reverse`): gx = x @ W_ih^T [T, B, D*4H], weight_hh [D, 4H, H], bias [D, 4H] float32 or None, h0 and c0
+    [D, B, H]. Returns y [T, B, D*H], h_n, c_n [D, B, H] and, when training, the activated gates [T, B, D*4H]
+    and c_t [T, B, D*H] float32 for the backward (empty otherwise)."""
     k = _kernels()
     T, B, _ = gx.shape
-    H = weight_hh.shape[1]
+    D, _, H = weight_hh.shape
     c_ws = c0.to(torch.float32, copy=True).contiguous()
-    config = select_config(H, B, gx.dtype, gx.device, k.interpreting(), "fwd", directions)
+    config = select_config(H, B, gx.dtype, gx.device, k.interpreting(), "fwd", D)
     y, hn, cn, gates, c_all = k.lstm_forward(gx.contiguous(), weight_hh.contiguous(),
                                              None if bias is None else bias.contiguous(), h0.contiguous(), c_ws,
                                              _last_steps(lengths, gx.device), reverse=reverse,
@@ -91,41 +92,38 @@ def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Ten
 
 
 @_lstm_recurrence.register_fake
-def _(gx, weight_hh, bias, h0, c0, lengths, reverse, training, directions):
+def _(gx, weight_hh, bias, h0, c0, lengths, reverse, training):
     T, B, G = gx.shape
-    H = G // 4
+    D, _, H = weight_hh.shape
+    y, hn, cn = gx.new_empty(T, B, D * H), gx.new_empty(D, B, H), gx.new_empty(D, B, H)
     if training:
-        return gx.new_empty(T, B, H), gx.new_empty(B, H), gx.new_empty(B, H), gx.new_empty(T, B, G), \
-            gx.new_empty(T, B, H, dtype=torch.float32)
-    return gx.new_empty(T, B, H), gx.new_empty(B, H), gx.new_empty(B, H), gx.new_empty(0), \
-        gx.new_empty(0, dtype=torch.float32)
+        return y, hn, cn, gx.new_empty(T, B, G), gx.new_empty(T, B, D * H, dtype=torch.float32)
+    return y, hn, cn, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.custom_op("tritonlstm::lstm_recurrence_backward", mutates_args=())
 def _lstm_recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
-                              weight_hh: Tensor, lengths: Tensor | None, reverse: bool,
-                              directions: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns dG [T, B, 4H] (gate pre-activation gradients, = d gx), dh0 and dc0 [B, H]."""
+                              weight_hh: Tensor, lengths: Tensor | None,
+                              reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dG [T, B, D*4H] (gate pre-activation gradients, = d gx), dh0 and dc0 [D, B, H]."""
     k = _kernels()
     T, B, _ = gates.shape
-    H = weight_hh.shape[1]
-    config = select_config(H, B, gates.dtype, gates.device, k.interpreting(), "bwd", directions)
+    D, _, H = weight_hh.shape
+    config = select_config(H, B, gates.dtype, gates.device, k.interpreting(), "bwd", D)
     return k.lstm_backward(gates, c_all, c0.to(torch.float32).contiguous(), weight_hh.contiguous(),
                            dy.contiguous(), dhn.contiguous(), dcn.contiguous(), _last_steps(lengths, gates.device),
                            reverse=reverse, config=config)
 
 
 @_lstm_recurrence_backward.register_fake
-def _(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse, directions):
-    B, H = dhn.shape
-    return torch.empty_like(gates), dhn.new_empty(B, H), dhn.new_empty(B, H)
+def _(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse):
+    return torch.empty_like(gates), torch.empty_like(dhn), torch.empty_like(dhn)
 
 
 def _setup_context(ctx, inputs, output):
-    gx, weight_hh, bias, h0, c0, lengths, reverse, training, directions = inputs
+    gx, weight_hh, bias, h0, c0, lengths, reverse, training = inputs
     y, _, _, gates, c_all = output
     ctx.reverse = reverse
-    ctx.directions = directions
     ctx.save_for_backward(weight_hh, h0, c0, lengths, y, gates, c_all)
     ctx.mark_non_differentiable(gates, c_all)
 
@@ -148,20 +146,23 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     if gates.numel() == 0 and y.numel() != 0:
         raise RuntimeError("tritonlstm: backward through a forward that ran without saving its gates "
                            "(it ran with training=False)")
-    T, B, H = y.shape
+    T, B, _ = y.shape
+    D, G, H = weight_hh.shape
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = torch.zeros_like(h0) if dhn is None else dhn
     dcn = torch.zeros_like(h0) if dcn is None else dcn
-    dg, dh0, dc0 = _lstm_recurrence_backward(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse,
-                                             ctx.directions)
+    dg, dh0, dc0 = _lstm_recurrence_backward(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
+    dg3 = dg.view(T * B, D, G)
     need = ctx.needs_input_grad
     dw_hh = None
     if need[1]:
-        h_prev = _previous_h(y, h0, lengths, ctx.reverse)
-        dw_hh = torch.mm(dg.view(T * B, 4 * H).t(), h_prev.reshape(T * B, H))
-    dbias = dg.view(T * B, 4 * H).sum(0, dtype=torch.float32) if need[2] else None
+        dw_hh = torch.stack([
+            torch.mm(dg3[:, d].t(), _previous_h(y[..., d * H:(d + 1) * H], h0[d], lengths,
+                                                d == 1 or ctx.reverse).reshape(T * B, H))
+            for d in range(D)])
+    dbias = dg3.sum(0, dtype=torch.float32) if need[2] else None
     return (dg if need[0] else None, dw_hh, dbias, dh0 if need[3] else None, dc0 if need[4] else None,
-            None, None, None, None)
+            None, None, None)
 
 
 _lstm_recurrence.register_autograd(_backward, setup_context=_setup_context)
@@ -235,7 +236,7 @@ def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, we
 def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
                bias_hh: Tensor | None = None, h0: Tensor | None = None, c0: Tensor | None = None, *,
                reverse: bool = False, lengths: Tensor | None = None, weight_hr: Tensor | None = None,
-               backend: str = "auto", directions: int = 1) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+               backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One LSTM layer in one direction, fused: the recurrent matmul, gate activations and cell update of every
     step run in Triton kernels.
 
@@ -245,44 +246,74 @@ def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor 
     after lengths[b] steps (starts at lengths[b] - 1 when reverse); its outputs past that are zero and h_n, c_n
     come from its last step. weight_hr [P, H] (nn.LSTM's proj_size): h_t = W_hr (o * tanh(c_t)), weight_hh is
     then [4H, P] and h0 [B, P]. backend: "triton" (the kernels, or an error), "torch" (plain PyTorch), "auto"
-    (Triton for CUDA tensors and under the CPU interpreter, torch otherwise). directions (1 or 2): how many
-    directions of this layer the caller runs; it only picks the tuned launch config (tritonlstm.tune).
+    (Triton for CUDA tensors and under the CPU interpreter, torch otherwise).
 
     Returns y [T, B, H or P] and (h_n [B, H or P], c_n [B, H]).
     """
     _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, weight_hr)
-    if directions not in (1, 2):
-        raise ValueError(f"directions must be 1 or 2, got {directions!r}")
+    y, (hn, cn) = lstm_layer(x, [(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)],
+                             None if h0 is None else h0[None], None if c0 is None else c0[None],
+                             lengths=lengths, reverse=reverse, backend=backend, checked=True)
+    return y, (hn[0], cn[0])
+
+
+def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Tensor | None = None, *,
+               lengths: Tensor | None = None, reverse: bool = False, backend: str = "auto",
+               checked: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One layer in D = len(weights) directions, all in one kernel launch (direction 1 runs in reverse, as in a
+    bidirectional nn.LSTM). weights[d] = (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), shapes as in
+    fused_lstm; h0 [D, B, P], c0 [D, B, H] or None. `reverse` applies to a single direction.
+
+    Returns y [T, B, D*P] (the directions concatenated, as nn.LSTM lays them out) and (h_n [D, B, P],
+    c_n [D, B, H])."""
+    D = len(weights)
+    if D not in (1, 2):
+        raise ValueError(f"lstm_layer takes 1 or 2 directions of weights, got {D}")
+    if not checked:
+        for d, w in enumerate(weights):
+            _check_inputs(x, *w[:4], None if h0 is None else h0[d], None if c0 is None else c0[d], lengths, w[4])
     T, B, _ = x.shape
-    H = weight_hh.shape[0] // 4
-    P = H if weight_hr is None else weight_hr.shape[0]
+    w_ih, w_hh, b_ih, b_hh, w_hr = (list(col) for col in zip(*weights))
+    H = w_hh[0].shape[0] // 4
+    P = H if w_hr[0] is None else w_hr[0].shape[0]
     which = resolve_backend(backend, x.device, x.dtype)
-    h0 = x.new_zeros(B, P) if h0 is None else h0
-    c0 = x.new_zeros(B, H) if c0 is None else c0
+    h0 = x.new_zeros(D, B, P) if h0 is None else h0
+    c0 = x.new_zeros(D, B, H) if c0 is None else c0
     if B == 0:
         # nn.LSTM returns empty outputs for an empty batch; keep them connected to the graph.
-        y = x.new_zeros(T, 0, P) + 0 * x.sum()
-        return y, (h0 + 0 * x.sum(), c0 + 0 * x.sum())
+        nothing = 0 * x.sum()
+        return x.new_zeros(T, 0, D * P) + nothing, (h0 + nothing, c0 + nothing)
     if which == "torch":
-        return lstm_layer_reference(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, reverse, lengths, weight_hr)
-    gx = torch.mm(x.reshape(T * B, x.shape[2]), weight_ih.t()).view(T, B, 4 * H)
+        outs = [lstm_layer_reference(x, *weights[d][:4], h0[d], c0[d], reverse or d == 1, lengths, w_hr[d])
+                for d in range(D)]
+        return torch.cat([y for y, _ in outs], dim=2), (torch.stack([h for _, (h, _) in outs]),
+                                                        torch.stack([c for _, (_, c) in outs]))
+
+    # One GEMM projects the input of every step for every direction.
+    gx = torch.mm(x.reshape(T * B, x.shape[2]), torch.cat(w_ih).t()).view(T, B, D * 4 * H)
     bias = None
-    if bias_ih is not None or bias_hh is not None:
-        bias = sum(b.float() for b in (bias_ih, bias_hh) if b is not None)
+    if any(b is not None for b in b_ih + b_hh):
+        bias = torch.stack([sum(b.float() for b in (b_ih[d], b_hh[d]) if b is not None) + torch.zeros(4 * H,
+                            device=x.device) for d in range(D)])
     training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, weight_hr))
-    if weight_hr is None:
-        y, hn, cn, _, _ = _lstm_recurrence(gx, weight_hh, bias, h0, c0, lengths, reverse, training, directions)
+        t is not None and t.requires_grad for t in (x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr))
+    if w_hr[0] is None:
+        y, hn, cn, _, _ = _lstm_recurrence(gx, torch.stack(w_hh), bias, h0, c0, lengths, reverse, training)
         return y, (hn, cn)
     # Projection: the recurrence runs on r_t = o * tanh(c_t) with W_hh @ W_hr as its recurrent weight, since
     # W_hh h_{t-1} = (W_hh W_hr) r_{t-1}; h0's term enters each row's first step through gx, and the outputs
-    # are projected by one GEMM after the loop.
-    first = (lengths.to(x.device, torch.long) - 1) if (reverse and lengths is not None) else \
-        torch.full((B,), T - 1 if reverse else 0, device=x.device, dtype=torch.long)
+    # are projected by one GEMM per direction after the loop.
     rows = torch.arange(B, device=x.device)
-    gx = gx.index_put((first, rows), gx[first, rows] + h0 @ weight_hh.t())
-    r0 = x.new_zeros(B, H)
-    r, rn, cn, _, _ = _lstm_recurrence(gx, weight_hh @ weight_hr, bias, r0, c0, lengths, reverse, training,
-                                       directions)
-    y = (r.reshape(T * B, H) @ weight_hr.t()).view(T, B, P)
-    return y, (rn @ weight_hr.t(), cn)
+    gxs = []
+    for d in range(D):
+        backwards = reverse or d == 1
+        first = (lengths.to(x.device, torch.long) - 1) if (backwards and lengths is not None) else \
+            torch.full((B,), T - 1 if backwards else 0, device=x.device, dtype=torch.long)
+        g = gx[..., d * 4 * H:(d + 1) * 4 * H]
+        gxs.append(g.index_put((first, rows), g[first, rows] + h0[d] @ w_hh[d].t()))
+    w_rec = torch.stack([w_hh[d] @ w_hr[d] for d in range(D)])
+    r, rn, cn, _, _ = _lstm_recurrence(torch.cat(gxs, dim=2), w_rec, bias, x.new_zeros(D, B, H), c0, lengths,
+                                       reverse, training)
+    y = torch.cat([(r[..., d * H:(d + 1) * H].reshape(T * B, H) @ w_hr[d].t()).view(T, B, P) for d in range(D)],
+                  dim=2)
+    return y, (torch.stack([rn[d] @ w_hr[d].t() for d in range(D)]), cn)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from tritonlstm.functional import BACKENDS, fused_lstm, resolve_backend
+from tritonlstm.functional import BACKENDS, fused_lstm, lstm_layer, resolve_backend
 
 
 def _check_backend(backend: str) -> str:
@@ -119,21 +119,17 @@ class LSTM(nn.LSTM):
 
         layer_input, h_n, c_n = x, [], []
         for layer in range(self.num_layers):
-            outs = []
-            for d in range(dirs):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                k = layer * dirs + d
-                y, (h, c) = fused_lstm(layer_input, weights["weight_ih" + sfx], weights["weight_hh" + sfx],
-                                       weights.get("bias_ih" + sfx), weights.get("bias_hh" + sfx), h0[k], c0[k],
-                                       reverse=bool(d), lengths=lengths, weight_hr=weights.get("weight_hr" + sfx),
-                                       backend="triton", directions=dirs)
-                outs.append(y)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outs[0] if dirs == 1 else torch.cat(outs, dim=2)
+            # Both directions of a layer run in one launch.
+            sfxs = [f"_l{layer}" + ("_reverse" if d else "") for d in range(dirs)]
+            per_dir = [tuple(weights.get(n + sfx) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                                            "weight_hr")) for sfx in sfxs]
+            k = slice(layer * dirs, (layer + 1) * dirs)
+            layer_input, (h, c) = lstm_layer(layer_input, per_dir, h0[k], c0[k], lengths=lengths, backend="triton")
+            h_n.append(h)
+            c_n.append(c)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
-        output, hidden = layer_input, (torch.stack(h_n), torch.stack(c_n))
+        output, hidden = layer_input, (torch.cat(h_n), torch.cat(c_n))
 
         if isinstance(input, PackedSequence):
             # Same batch_sizes and indices as the input, as nn.LSTM returns them.

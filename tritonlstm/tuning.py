@@ -224,38 +224,39 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     device = torch.device(device)
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_block_optin", 232448)
-    H, B, T = hidden, batch, seq
+    H, B, T, D = hidden, batch, seq, directions
     g = torch.Generator(device="cpu").manual_seed(0)
     scale = H ** -0.5
-    gx = (torch.randn(T, B, 4 * H, generator=g)).to(device, dtype)
-    w = ((torch.rand(4 * H, H, generator=g) * 2 - 1) * scale).to(device, dtype)
-    bias = ((torch.rand(4 * H, generator=g) * 2 - 1) * scale).to(device)
-    h0 = torch.zeros(B, H, device=device, dtype=dtype)
-    dy = torch.randn(T, B, H, generator=g).to(device, dtype)
+    gx = torch.randn(T, B, D * 4 * H, generator=g).to(device, dtype)
+    w = ((torch.rand(D, 4 * H, H, generator=g) * 2 - 1) * scale).to(device, dtype)
+    bias = ((torch.rand(D, 4 * H, generator=g) * 2 - 1) * scale).to(device)
+    h0 = torch.zeros(D, B, H, device=device, dtype=dtype)
+    c0 = torch.zeros(D, B, H, device=device)
+    dy = torch.randn(T, B, D * H, generator=g).to(device, dtype)
 
-    # float32 reference of the recurrence over gx (x = gx, W_ih = identity), and its gradient w.r.t. gx = dG.
+    # float32 reference of the recurrence over gx (x = gx, W_ih = identity, direction 1 reversed), and its
+    # gradient w.r.t. gx, which is dG.
     gx_ref = gx.float().requires_grad_()
     eye = torch.eye(4 * H, device=device)
-    zeros = torch.zeros(B, H, device=device)
-    y_ref, _ = lstm_layer_reference(gx_ref, eye, w.float(), bias, None, zeros, zeros)
+    y_ref = torch.cat([lstm_layer_reference(gx_ref[..., d * 4 * H:(d + 1) * 4 * H], eye, w[d].float(), bias[d], None,
+                                            c0[d], c0[d], reverse=d == 1)[0] for d in range(D)], dim=2)
     y_ref.backward(dy.float())
     limit = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
 
-    default = heuristic_config(H, B, dtype, props.multi_processor_count)
-    fwd_cfg = default
+    default = heuristic_config(H, B, dtype, props.multi_processor_count, directions=D)
     if kernel == "bwd":
-        _, _, _, gates, c_all = k.lstm_forward(gx, w, bias, h0, torch.zeros(B, H, device=device), None,
-                                               reverse=False, store_gates=True, config=fwd_cfg)
+        _, _, _, gates, c_all = k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=True,
+                                               config=default)
 
     def run(cfg):
         if kernel == "fwd":
-            return lambda: k.lstm_forward(gx, w, bias, h0, torch.zeros(B, H, device=device), None, reverse=False,
-                                          store_gates=False, config=cfg)[0]
-        return lambda: k.lstm_backward(gates, c_all, zeros, w, dy, h0, h0, None, reverse=False, config=cfg)[0]
+            return lambda: k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=False,
+                                          config=cfg)[0]
+        return lambda: k.lstm_backward(gates, c_all, c0, w, dy, h0, h0, None, reverse=False, config=cfg)[0]
 
     expected = y_ref if kernel == "fwd" else gx_ref.grad
     times, rejected = {}, 0
-    cands = [c for c in candidates(H, B, dtype, props.multi_processor_count, smem)
+    cands = [c for c in candidates(H, B, dtype, props.multi_processor_count // D, smem)
              if c == default or fits(kernel, dtype, H, c, smem, check)]
     for cfg in cands:
         try:
@@ -268,10 +269,10 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
         times[cfg] = timer(run(cfg), warmup=10, rep=40, quantiles=[0.5])
         times[cfg] = times[cfg][0] if isinstance(times[cfg], (list, tuple)) else times[cfg]
     if default not in times:
-        raise RuntimeError(f"tritonlstm.tune: the default config of {config_key(kernel, dtype, H, B, directions)} "
+        raise RuntimeError(f"tritonlstm.tune: the default config of {config_key(kernel, dtype, H, B, D)} "
                            "failed its correctness check")
     best = min(times, key=times.get)
-    return TuneResult(config_key(kernel, dtype, H, B, directions), best, times[best], default, times[default],
+    return TuneResult(config_key(kernel, dtype, H, B, D), best, times[best], default, times[default],
                       len(cands), rejected)
 
 
