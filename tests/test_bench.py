@@ -65,8 +65,8 @@ def test_writers(tmp_path):
         got = list(csv.DictReader(f))
     assert len(got) == 5 and list(got[0]) == list(bench.ROW_KEYS) and float(got[0]["cudnn_ms"]) == 2.0
     md = (tmp_path / "results.md").read_text()
-    assert "NVIDIA H100 80GB HBM3" in md and "| 1 | 256 | 16 | 256 | 0.500 | 2.000 | 4.00x | 10 / 11 |" in md
-    assert "| 2 bidir | 512 | 16 | 256 | 1.000 | 3.000 | 3.00x |" in md
+    assert "NVIDIA H100 80GB HBM3" in md and "| 1 | 256 | 16 | 256 | 0.500 | 1.95 | 2.000 | 4.00x | 10 / 11 |" in md
+    assert "| 2 bidir | 512 | 16 | 256 | 1.000 | 3.91 | 3.000 | 3.00x |" in md
     assert "ERROR: output differs" in md
     png = (tmp_path / "heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -17,7 +17,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     from ddp_worker import loss_of, model_and_data
 
     world = 2
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    # Loopback only: gloo otherwise picks the interface of the hostname's address.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(r), str(world),
                                str(tmp_path / "init"), str(tmp_path / f"grads{r}.pt")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]

@@ -290,11 +290,11 @@ def test_persistent_multi_program_refused_under_interpreter():
         fused_lstm(*(problem[n] for n in NAMES), backend="triton")
 
 
-def test_tf32_follows_cudnn_flag(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert kernels._dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert kernels._dot_precision(torch.float32) == "tf32"
+def test_tf32_follows_cudnn_flag():
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert kernels._dot_precision(torch.float32) == "ieee"
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        assert kernels._dot_precision(torch.float32) == "tf32"
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
