@@ -68,6 +68,16 @@ def _row_steps(LAST, o_b, m_b, s, T, rev, BB: tl.constexpr, HAS_LENGTHS: tl.cons
 
 
 @triton.jit
+def _load_gate_rows(p_gx, m, H):
+    """The four gates' [BB, BH] tiles of one gx row block, as float32."""
+    b_gi = tl.load(p_gx, mask=m, other=0.0).to(tl.float32)
+    b_gf = tl.load(p_gx + H, mask=m, other=0.0).to(tl.float32)
+    b_gg = tl.load(p_gx + 2 * H, mask=m, other=0.0).to(tl.float32)
+    b_go = tl.load(p_gx + 3 * H, mask=m, other=0.0).to(tl.float32)
+    return b_gi, b_gf, b_gg, b_go
+
+
+@triton.jit
 def _grid_barrier(p_flag, p_count, target, max_spin):
     # bar.sync orders this program's stores before the release; the acquire orders the loads after it.
     tl.debug_barrier()
@@ -94,7 +104,8 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
 def lstm_fwd_kernel(
     GX,  # [T, B, D*4H] x @ W_ih^T
     GATES,  # [T, B, D*4H] out: the activated gates i, f, g, o for the backward (when STORE_GATES)
-    W,  # [D, 4H, H] W_hh
+    W,  # [D, 4H, H] W_hh ([L, 4H, H] when STACK)
+    W_IH,  # [L-1, 4H, H] W_ih of the layers above the first (when STACK)
     BIAS,  # [D, 4H] float32, b_ih + b_hh
     H0,  # [D, B, H] initial hidden state
     C_WS,  # [D, B, H] float32 cell state carried between steps; holds c0 on entry
@@ -118,6 +129,7 @@ def lstm_fwd_kernel(
     W_RESIDENT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
+    STACK: tl.constexpr,  # axis 2 is the layer of a unidirectional stack run as a wavefront (D = 1)
     STORE_GATES: tl.constexpr,
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -128,12 +140,24 @@ def lstm_fwd_kernel(
     n_h = tl.num_programs(0)
     n_q = tl.num_programs(1)
     n_tiles = (B + BB - 1) // BB
-    rev = (i_d + rev0) == 1
-    # Direction i_d's slice of every buffer; rows of the [T, B, D*X] buffers are D*X apart.
-    GX += i_d * 4 * H
-    GATES += i_d * 4 * H
-    Y += i_d * H
-    C_ALL += i_d * H
+    if STACK:
+        rev = rev0 == 1  # a stack runs forwards (rev0 = 0)
+        # Layer i_l of a wavefront: at global step s it runs its own step s - i_l, reading the layer below's
+        # output of that step (written one global step earlier). Y is [L, T, B, H]; so are GATES and C_ALL.
+        i_l = i_d
+        X = Y + (i_l.to(tl.int64) - 1) * T * B * H
+        Y += i_l.to(tl.int64) * T * B * H
+        GATES += i_l.to(tl.int64) * T * B * 4 * H
+        C_ALL += i_l.to(tl.int64) * T * B * H
+        W_IH += (i_l - 1) * 4 * H * H
+    else:
+        rev = (i_d + rev0) == 1
+        # Direction i_d's slice of every buffer; rows of the [T, B, D*X] buffers are D*X apart.
+        i_l = 0
+        GX += i_d * 4 * H
+        GATES += i_d * 4 * H
+        Y += i_d * H
+        C_ALL += i_d * H
     W += i_d * 4 * H * H
     BIAS += i_d * 4 * H
     H0 += i_d * B * H
@@ -149,28 +173,50 @@ def lstm_fwd_kernel(
     if W_RESIDENT:
         # Loaded once, reused for every step: tile (k, j) of gate g is W_hh[g*H + j, k].
         b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, 1, H)
+        if STACK:
+            b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & (i_l > 0), m_j, H, 1, H)
     if HAS_BIAS:
         b_bi = tl.load(BIAS + o_j, mask=m_j, other=0.0)[None, :]
         b_bf = tl.load(BIAS + H + o_j, mask=m_j, other=0.0)[None, :]
         b_bg = tl.load(BIAS + 2 * H + o_j, mask=m_j, other=0.0)[None, :]
         b_bo = tl.load(BIAS + 3 * H + o_j, mask=m_j, other=0.0)[None, :]
 
-    for s in range(S_START, S_START + S_COUNT):
+    for s_glob in range(S_START, S_START + S_COUNT):
+        s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
         for i_b in range(i_q, n_tiles, n_q):
             o_b = i_b * BB + tl.arange(0, BB)
             m_b = o_b < B
             last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
-            live = m_b & (s <= last)
+            live = m_b & (s >= 0) & (s <= last)
             o_tp = o_t - o_dir
             o_row = o_t * B + o_b  # row of [T*B, *] buffers
             m_live = live[:, None] & m_j[None, :]
 
             # Independent of the other programs: issued before the h_{t-1} loads.
             p_gx = GX + o_row[:, None] * SG + o_j[None, :]
-            b_gi = tl.load(p_gx, mask=m_live, other=0.0).to(tl.float32)
-            b_gf = tl.load(p_gx + H, mask=m_live, other=0.0).to(tl.float32)
-            b_gg = tl.load(p_gx + 2 * H, mask=m_live, other=0.0).to(tl.float32)
-            b_go = tl.load(p_gx + 3 * H, mask=m_live, other=0.0).to(tl.float32)
+            if STACK:
+                if i_l == 0:
+                    b_gi, b_gf, b_gg, b_go = _load_gate_rows(p_gx, m_live, H)
+                else:
+                    # The input projection of the layers above the first, in the loop: x_t = the layer
+                    # below's h_t, which it wrote one global step ago.
+                    b_gi = tl.zeros([BB, BH], dtype=tl.float32)
+                    b_gf = tl.zeros([BB, BH], dtype=tl.float32)
+                    b_gg = tl.zeros([BB, BH], dtype=tl.float32)
+                    b_go = tl.zeros([BB, BH], dtype=tl.float32)
+                    for k0 in range(0, H, BK):
+                        o_kk = k0 + o_k
+                        m_k = o_kk < H
+                        b_x = tl.load(X + o_row[:, None] * H + o_kk[None, :], mask=live[:, None] & m_k[None, :],
+                                      other=0.0, cache_modifier=".cg")
+                        if not W_RESIDENT:
+                            b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH + k0, o_k, o_j, m_k, m_j, H, 1, H)
+                        b_gi += tl.dot(b_x, b_ui, input_precision=DOT_PRECISION)
+                        b_gf += tl.dot(b_x, b_uf, input_precision=DOT_PRECISION)
+                        b_gg += tl.dot(b_x, b_ug, input_precision=DOT_PRECISION)
+                        b_go += tl.dot(b_x, b_uo, input_precision=DOT_PRECISION)
+            else:
+                b_gi, b_gf, b_gg, b_go = _load_gate_rows(p_gx, m_live, H)
             p_c = C_WS + o_b[:, None] * H + o_j[None, :]
             b_c = tl.load(p_c, mask=m_live, other=0.0, cache_modifier=".cg")
 
@@ -215,7 +261,11 @@ def lstm_fwd_kernel(
             tl.store(HN + o_bh, b_y.to(HN.dtype.element_ty), mask=m_last)
             tl.store(CN + o_bh, b_c.to(CN.dtype.element_ty), mask=m_last)
         if PERSISTENT:
-            _grid_barrier(SYNC, SYNC + 1 + i_d * n_q + i_q, (s - S_START + 1) * n_h, max_spin)
+            if STACK:
+                # One counter for the whole stack: layer l's step needs layer l-1's output of the same step.
+                _grid_barrier(SYNC, SYNC + 1 + i_q, (s_glob - S_START + 1) * n_h * tl.num_programs(2), max_spin)
+            else:
+                _grid_barrier(SYNC, SYNC + 1 + i_d * n_q + i_q, (s_glob - S_START + 1) * n_h, max_spin)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -421,12 +471,35 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     c_all = _alloc((T, B, D * H), torch.float32, dev) if store_gates else c_ws
     sync = torch.zeros(1 + D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
-    args = (gx, gates, w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
+    args = (gx, gates, w_hh, w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
             last if last is not None else sync, sync, T, B, H, int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, sync, args,
-         dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STORE_GATES=store_gates,
+         dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, STORE_GATES=store_gates,
               DOT_PRECISION=_dot_precision(dt)))
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
+
+
+def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, config):
+    """Inference through a unidirectional stack of L layers of equal width in one launch, as a wavefront:
+    layer l runs its step t at global step t + l, so the stack takes T + L - 1 steps instead of L * T.
+    gx = x @ W_ih^T of the first layer [T, B, 4H]; w_ih [L-1, 4H, H] of the layers above; w_hh [L, 4H, H];
+    bias [L, 4H] float32 or None; h0 [L, B, H]; c_ws [L, B, H] float32 holding c0 (updated in place).
+    Returns every layer's output y [L, T, B, H], h_n and c_n [L, B, H]."""
+    T, B, _ = gx.shape
+    L, G, H = w_hh.shape
+    _check_residency(config, H, L, gx.device)
+    dt, dev = gx.dtype, gx.device
+    y = torch.zeros(L, T, B, H, device=dev, dtype=dt) if last is not None else _alloc((L, T, B, H), dt, dev)
+    hn = _alloc((L, B, H), dt, dev)
+    cn = _alloc((L, B, H), dt, dev)
+    sync = torch.zeros(1 + config.batch_groups, device=dev, dtype=torch.int32)
+    grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
+    args = (gx, gx, w_hh, w_ih if L > 1 else w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_ws,
+            last if last is not None else sync, sync, T, B, H, 0)
+    _run(lstm_fwd_kernel, grid, T + L - 1, config, sync, args,
+         dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, STORE_GATES=False,
+              DOT_PRECISION=_dot_precision(dt)))
+    return y, hn, cn
 
 
 def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config):

@@ -375,3 +375,38 @@ def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):
             if ws[d][k] is not None:
                 assert rel_err(ws[d][k].grad, rs[d][k].grad) < 2 * tol, (d, k)
     assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.parametrize("config", [None, MULTI_PROGRAM[0].values[0], MULTI_PROGRAM[1].values[0]],
+                         ids=["default", "stepwise-P5-Q2", "streamedW"])
+@pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5, 1, 6])], ids=["padded", "lengths"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype):
+    """lstm_stack (all layers in one launch) against the float64 reference run layer by layer."""
+    from tritonlstm.functional import lstm_stack
+
+    T, B, I, H, L = 6, 5, 7, 33 if config is not None else 12, 3
+    layers = [make_problem(T, B, I if l == 0 else H, H, dtype) for l in range(L)]
+    x = layers[0]["x"]
+    weights = [tuple(p[k] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for p in layers]
+    h0 = torch.stack([p["h0"] for p in layers])
+    c0 = torch.stack([p["c0"] for p in layers])
+    with torch.no_grad(), use_config(config, kernel="stack"):
+        y, (hn, cn) = lstm_stack(x, weights, h0, c0, lengths=lengths, backend="triton")
+    ref_in, hs, cs = x.double(), [], []
+    for l in range(L):
+        ref_in, (h, c) = tritonlstm.naive.lstm_layer_reference(ref_in, *(w.double() for w in weights[l]),
+                                                               h0[l].double(), c0[l].double(), lengths=lengths)
+        hs.append(h)
+        cs.append(c)
+    tol = RESOLUTION[dtype]
+    assert rel_err(y, ref_in) < tol and rel_err(hn, torch.stack(hs)) < tol and rel_err(cn, torch.stack(cs)) < tol
+
+
+def test_stack_refuses_gradients():
+    from tritonlstm.functional import lstm_stack
+
+    p = make_problem(3, 2, 4, 8, torch.float32)
+    w = [(p["weight_ih"].requires_grad_(), p["weight_hh"], p["bias_ih"], p["bias_hh"])]
+    with pytest.raises(RuntimeError, match="inference only"):
+        lstm_stack(p["x"], w, backend="triton")

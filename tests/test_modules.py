@@ -318,3 +318,58 @@ def test_cell_input_errors_like_nn_lstmcell(bad):
 def test_bad_backend_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         tritonlstm.LSTM(3, 4, backend="cudnn")
+
+
+@pytest.fixture
+def stack_calls(monkeypatch):
+    calls = {"stack": 0, "fwd": 0}
+    stack, fwd = kernels.lstm_stack_forward, kernels.lstm_forward
+
+    def spy_stack(*a, **k):
+        calls["stack"] += 1
+        return stack(*a, **k)
+
+    def spy_fwd(*a, **k):
+        calls["fwd"] += 1
+        return fwd(*a, **k)
+
+    monkeypatch.setattr(kernels, "lstm_stack_forward", spy_stack)
+    monkeypatch.setattr(kernels, "lstm_forward", spy_fwd)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed", "unbatched"])
+@pytest.mark.parametrize("layers", [2, 3])
+@pytest.mark.parametrize("batch_first,hx", [(False, True), (True, False)], ids=["tm-hx", "bf-nohx"])
+def test_inference_stack_runs_in_one_launch(kind, layers, batch_first, hx, stack_calls):
+    """Eval-mode inference through a unidirectional stack takes the wavefront kernel (one launch for all
+    layers) and matches nn.LSTM."""
+    ref, ours = pair(3, 6, num_layers=layers, batch_first=batch_first, dropout=0.3)
+    ref.eval()
+    ours.eval()
+    T, B = 5, 4
+    x = torch.randn(*((B, T, 3) if batch_first else (T, B, 3))) if kind != "unbatched" else torch.randn(T, 3)
+    sb = (layers, B) if kind != "unbatched" else (layers,)
+    state = (torch.randn(*sb, 6), torch.randn(*sb, 6)) if hx else None
+    inp = x
+    if kind == "packed":
+        inp = pack_padded_sequence(x, torch.tensor([2, 5, 1, 4]), batch_first=batch_first, enforce_sorted=False)
+    with torch.no_grad():
+        y0, (h0, c0) = ref(inp, state)
+        y1, (h1, c1) = ours(inp, state)
+    if kind == "packed":
+        y0, y1 = y0.data, y1.data
+    torch.testing.assert_close(y1, y0, **TOL)
+    torch.testing.assert_close(h1, h0, **TOL)
+    torch.testing.assert_close(c1, c0, **TOL)
+    assert stack_calls == {"stack": 1, "fwd": 0}
+
+
+def test_training_and_grad_take_the_layer_path(stack_calls):
+    _, ours = pair(3, 6, num_layers=2)
+    x = torch.randn(4, 2, 3)
+    ours(x)  # parameters require grad: layer by layer, so the backward has what it needs
+    assert stack_calls == {"stack": 0, "fwd": 2}
+    with torch.no_grad():
+        ours(x)
+    assert stack_calls["stack"] == 1

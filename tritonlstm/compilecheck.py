@@ -46,10 +46,10 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     p = "*" + dtype
     ints = {n: "i32" for n in ("T", "B", "H", "rev0", "S_START", "S_COUNT", "max_spin")}
     if kernel == "fwd":
-        ptrs = {"GX": p, "GATES": p, "W": p, "BIAS": "*fp32", "H0": p, "C_WS": "*fp32", "Y": p, "HN": p, "CN": p,
-                "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32"}
-        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "STORE_GATES", "PERSISTENT",
-                 "DOT_PRECISION")
+        ptrs = {"GX": p, "GATES": p, "W": p, "W_IH": p, "BIAS": "*fp32", "H0": p, "C_WS": "*fp32", "Y": p,
+                "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32"}
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "STACK", "STORE_GATES",
+                 "PERSISTENT", "DOT_PRECISION")
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
                 "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32"}
@@ -76,6 +76,7 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
 
 def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
           has_lengths: bool = False, directions: int = 1) -> Resources:
+    """kernel: "fwd", "bwd" or "stack" (the forward kernel in its wavefront-stack form)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -88,12 +89,12 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     consts = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
-    if kernel == "fwd":
-        consts.update(HAS_BIAS=True, STORE_GATES=store_gates)
-    fn = k.lstm_fwd_kernel if kernel == "fwd" else k.lstm_bwd_kernel
+    if kernel in ("fwd", "stack"):
+        consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates and kernel == "fwd")
+    fn = k.lstm_bwd_kernel if kernel == "bwd" else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0)
     try:
-        src = ASTSource(fn=fn, signature=_signature(kernel, tdt), constexprs=consts)
+        src = ASTSource(fn=fn, signature=_signature("bwd" if kernel == "bwd" else "fwd", tdt), constexprs=consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
         res.shared = compiled.metadata.shared
@@ -103,22 +104,25 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     return res
 
 
-def shipped_configs(max_hidden: int = 1024) -> list[tuple[torch.dtype, int, LSTMConfig]]:
-    """Every distinct config the heuristic can choose on an H100 for H <= max_hidden, any batch, one direction
-    or both directions in one launch."""
+def shipped_configs(max_hidden: int = 1024) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
+    """(kernel, dtype, H, config) for every distinct config the heuristic can choose on an H100 for
+    H <= max_hidden, any batch: one direction or both in one launch (fwd, bwd), and wavefront stacks of
+    2 to 4 layers (stack)."""
     seen, out = set(), []
     hiddens = sorted({h for p in range(0, 14) for h in (2 ** p, 2 ** p + 1) if h <= max_hidden} | {24, 33, 100, 1000})
+    shapes = [(kn, dict(directions=d)) for kn in ("fwd", "bwd") for d in (1, 2)] + \
+        [("stack", dict(layers=n)) for n in (2, 3, 4)]
     for dtype in _TRITON_DTYPE:
         for hidden in hiddens:
             for batch in (1, 16, 17, 33, 64, 256, 4096):
-                for directions in (1, 2):
-                    cfg = heuristic_config(hidden, batch, dtype, H100_SMS, directions=directions)
+                for kernel, kw in shapes:
+                    cfg = heuristic_config(hidden, batch, dtype, H100_SMS, **kw)
                     # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
-                    key = (dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
+                    key = (kernel, dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
                            cfg.num_warps, cfg.num_stages)
                     if key not in seen:
                         seen.add(key)
-                        out.append((dtype, hidden, cfg))
+                        out.append((kernel, dtype, hidden, cfg))
     return out
 
 
@@ -130,14 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = ap.parse_args(argv)
     rows = []
-    for dtype, hidden, cfg in shipped_configs(args.max_hidden):
-        for kernel in ("fwd", "bwd"):
-            r = check(kernel, dtype, hidden, cfg)
-            rows.append(r)
-            status = "ok" if r.ok else "FAIL"
-            print(f"{status:4} {kernel} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
-                  f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
-                  f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" {r.error}" if r.error else ""), flush=True)
+    for kernel, dtype, hidden, cfg in shipped_configs(args.max_hidden):
+        r = check(kernel, dtype, hidden, cfg)
+        rows.append(r)
+        status = "ok" if r.ok else "FAIL"
+        print(f"{status:4} {kernel:5} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
+              f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
+              f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" {r.error}" if r.error else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{**dataclasses.asdict(r), "config": dataclasses.asdict(r.config), "ok": r.ok} for r in rows],

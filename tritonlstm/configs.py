@@ -48,7 +48,7 @@ class LSTMConfig:
         return cdiv(hidden, self.block_h) * self.batch_groups
 
 
-KERNELS = ("fwd", "bwd")
+KERNELS = ("fwd", "bwd", "stack")  # stack: the wavefront forward of a unidirectional multi-layer LSTM
 _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tritonlstm_config", default=None)
 
 
@@ -78,9 +78,10 @@ def cdiv(a: int, b: int) -> int:
 
 
 def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None,
-                     interpreter: bool = False, directions: int = 1) -> LSTMConfig:
+                     interpreter: bool = False, directions: int = 1, layers: int = 1) -> LSTMConfig:
     """A config that compiles within shared memory and keeps every program of `directions` concurrent
-    directions resident (each direction gets num_sms // directions SMs).
+    directions (or `layers` concurrent layers of a wavefront stack) resident: each gets its share of the SMs,
+    and a stack's programs hold two weight slices (W_ih and W_hh) in the shared-memory budget.
 
     num_sms None (or interpreter=True) means the CPU interpreter: one program where the shape allows,
     stepwise launches otherwise."""
@@ -88,10 +89,11 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
     if interpreter or num_sms is None:
         bh = min(_pow2(hidden), _MAX_BLOCK_H)
         bb = min(_pow2(batch), 32)
-        single = cdiv(hidden, bh) == 1 and directions == 1
+        single = cdiv(hidden, bh) == 1 and directions == 1 and layers == 1
         return LSTMConfig(block_h=bh, block_b=bb, block_k=hk, w_resident=True, batch_groups=1, persistent=single)
 
-    num_sms //= directions
+    num_sms //= directions * layers
+    w_budget = _W_BUDGET // (2 if layers > 1 else 1)
     esize = torch.empty((), dtype=dtype).element_size()
     # 16 batch rows per tile (the MMA's M): larger tiles spill registers on sm_90 (compilecheck sweeps,
     # 2026-11-26); more rows go to more batch groups or more tiles per program.
@@ -99,16 +101,19 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
     # Largest BH in [8, 32] (8 is the MMA's N) whose four gate tiles fit the budget; fp32 at H >= 256 spills
     # registers above 16.
     bh = max(8, min(_pow2(hidden), _MAX_BLOCK_H if esize < 4 or hk < 256 else 16))
-    while bh > 8 and 4 * hk * bh * esize > _W_BUDGET:
+    if layers > 1 and hk >= 512:
+        bh = 8  # a stack's two in-loop dots spill above 8 there (compilecheck)
+    while bh > 8 and 4 * hk * bh * esize > w_budget:
         bh //= 2
-    resident = hk <= 1024 and 4 * hk * bh * esize <= _W_BUDGET and cdiv(hidden, bh) <= num_sms
+    resident = hk <= 1024 and 4 * hk * bh * esize <= w_budget and cdiv(hidden, bh) <= num_sms
     if resident:
         bk = hk
-        # The whole-K dot holds its operands in registers: from K = 128 on, 4 warps spill (compilecheck).
-        warps = 4 if hk <= 64 else 8
+        # The whole-K dot holds its operands in registers: from K = 128 on (and in stacks, with two dots,
+        # everywhere) 4 warps spill (compilecheck).
+        warps = 4 if hk <= (64 if layers == 1 else 16) else 8
     else:
         # W_hh streamed from L2 in K chunks (32 wide for fp32, which spills at 64; compilecheck).
-        bh, bk, warps = 16, 64 if esize < 4 else 32, 4
+        bh, bk, warps = 16, 64 if esize < 4 else (32 if layers == 1 else 16), 4
         if cdiv(hidden, bh) > num_sms:
             # Wider blocks spill registers (compilecheck, BH = 64 at H = 4096): one launch per step instead,
             # where the programs need not be resident together.
@@ -121,12 +126,15 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
 
 
 def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,
-                  kernel: str = "fwd", directions: int = 1) -> LSTMConfig:
+                  kernel: str = "fwd", directions: int = 1, layers: int = 1) -> LSTMConfig:
     forced = (_override.get() or {}).get(kernel)
     if forced is not None:
         return forced
     if interpreter or device.type != "cuda":
-        return heuristic_config(hidden, batch, dtype, None, interpreter=True, directions=directions)
+        return heuristic_config(hidden, batch, dtype, None, interpreter=True, directions=directions, layers=layers)
+    if kernel == "stack":  # not tuned yet: the heuristic
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return heuristic_config(hidden, batch, dtype, sms, layers=layers)
     from tritonlstm.tuning import lookup  # the cache and the tuner; imported here to keep this module light
 
     found = lookup(kernel, hidden, batch, dtype, directions, device)

@@ -120,6 +120,29 @@ def _(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse):
     return torch.empty_like(gates), torch.empty_like(dhn), torch.empty_like(dhn)
 
 
+@torch.library.custom_op("tritonlstm::lstm_stack_inference", mutates_args=())
+def _lstm_stack_inference(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor,
+                          c0: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """A unidirectional stack of L layers in one launch (wavefront), inference only: gx of the first layer
+    [T, B, 4H], weight_ih [L-1, 4H, H] of the others, weight_hh [L, 4H, H], bias [L, 4H] float32 or None,
+    h0 and c0 [L, B, H]. Returns the last layer's y [T, B, H], h_n and c_n [L, B, H]."""
+    k = _kernels()
+    T, B, _ = gx.shape
+    L, _, H = weight_hh.shape
+    config = select_config(H, B, gx.dtype, gx.device, k.interpreting(), "stack", layers=L)
+    y, hn, cn = k.lstm_stack_forward(gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
+                                     None if bias is None else bias.contiguous(), h0.contiguous(),
+                                     c0.to(torch.float32, copy=True).contiguous(), _last_steps(lengths, gx.device),
+                                     config=config)
+    return y[-1].clone(), hn, cn
+
+
+@_lstm_stack_inference.register_fake
+def _(gx, weight_ih, weight_hh, bias, h0, c0, lengths):
+    T, B, _ = gx.shape
+    return gx.new_empty(T, B, weight_hh.shape[2]), torch.empty_like(h0), torch.empty_like(h0)
+
+
 def _setup_context(ctx, inputs, output):
     gx, weight_hh, bias, h0, c0, lengths, reverse, training = inputs
     y, _, _, gates, c_all = output
@@ -317,3 +340,41 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     y = torch.cat([(r[..., d * H:(d + 1) * H].reshape(T * B, H) @ w_hr[d].t()).view(T, B, P) for d in range(D)],
                   dim=2)
     return y, (torch.stack([rn[d] @ w_hr[d].t() for d in range(D)]), cn)
+
+
+def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Tensor | None = None, *,
+               lengths: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Inference (no gradients) through a unidirectional stack of L layers of equal width in one launch:
+    a wavefront in which layer l runs step t while layer l+1 runs step t-1, so L layers cost about T + L - 1
+    steps instead of L * T. weights[l] = (weight_ih, weight_hh, bias_ih, bias_hh) as nn.LSTM stores them;
+    h0, c0 [L, B, H] or None. Returns the last layer's y [T, B, H] and (h_n, c_n) [L, B, H]. No dropout
+    between layers (inference)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for w in weights for t in w) \
+            or x.requires_grad:
+        raise RuntimeError("lstm_stack is inference only; run the layers with lstm_layer to train")
+    L = len(weights)
+    for l, w in enumerate(weights):
+        _check_inputs(x if l == 0 else x.new_empty(x.shape[0], x.shape[1], w[1].shape[1]), *w,
+                      None if h0 is None else h0[l], None if c0 is None else c0[l], lengths, None)
+    T, B, _ = x.shape
+    H = weights[0][1].shape[1]
+    if any(w[1].shape[1] != H for w in weights):
+        raise ValueError("lstm_stack needs layers of one hidden size")
+    which = resolve_backend(backend, x.device, x.dtype)
+    h0 = x.new_zeros(L, B, H) if h0 is None else h0
+    c0 = x.new_zeros(L, B, H) if c0 is None else c0
+    if B == 0 or which == "torch":
+        hs, cs, y = [], [], x
+        for l, w in enumerate(weights):
+            y, (h, c) = lstm_layer(y, [(*w, None)], h0[l:l + 1], c0[l:l + 1], lengths=lengths, backend=which)
+            hs.append(h)
+            cs.append(c)
+        return y, (torch.cat(hs), torch.cat(cs))
+    gx = torch.mm(x.reshape(T * B, x.shape[2]), weights[0][0].t()).view(T, B, 4 * H)
+    w_ih = torch.stack([w[0] for w in weights[1:]]) if L > 1 else weights[0][1][:0]
+    bias = None
+    if any(b is not None for w in weights for b in w[2:4]):
+        bias = torch.stack([sum(b.float() for b in w[2:4] if b is not None) + torch.zeros(4 * H, device=x.device)
+                            for w in weights])
+    y, hn, cn = _lstm_stack_inference(gx, w_ih, torch.stack([w[1] for w in weights]), bias, h0, c0, lengths)
+    return y, (hn, cn)

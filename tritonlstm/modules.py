@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from tritonlstm.functional import BACKENDS, fused_lstm, lstm_layer, resolve_backend
+from tritonlstm.functional import BACKENDS, fused_lstm, lstm_layer, lstm_stack, resolve_backend
 
 
 def _check_backend(backend: str) -> str:
@@ -117,6 +117,15 @@ class LSTM(nn.LSTM):
         if lengths is not None:
             lengths = lengths.to(x.device)
 
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *weights.values()))
+        if (self.num_layers > 1 and dirs == 1 and self.proj_size == 0 and not needs_grad
+                and not (self.training and self.dropout > 0)):
+            # Inference through a unidirectional stack: every layer in one launch, as a wavefront.
+            per_layer = [tuple(weights.get(f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                         for layer in range(self.num_layers)]
+            output, hidden = lstm_stack(x, per_layer, h0, c0, lengths=lengths, backend="triton")
+            return self._finish(input, output, hidden, is_batched, lengths)
+
         layer_input, h_n, c_n = x, [], []
         for layer in range(self.num_layers):
             # Both directions of a layer run in one launch.
@@ -129,8 +138,11 @@ class LSTM(nn.LSTM):
             c_n.append(c)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
-        output, hidden = layer_input, (torch.cat(h_n), torch.cat(c_n))
+        return self._finish(input, layer_input, (torch.cat(h_n), torch.cat(c_n)), is_batched, lengths)
 
+    def _finish(self, input, output: Tensor, hidden: tuple[Tensor, Tensor], is_batched: bool,
+                lengths: Tensor | None):
+        """Time-major padded output back to the caller's form: PackedSequence, batch_first, unbatched."""
         if isinstance(input, PackedSequence):
             # Same batch_sizes and indices as the input, as nn.LSTM returns them.
             order = input.sorted_indices
