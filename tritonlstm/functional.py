@@ -256,6 +256,14 @@ def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, we
                              f"max {int(lengths.max())}")
 
 
+def _stacked_bias(pairs: list, H: int, device: torch.device) -> Tensor | None:
+    """b_ih + b_hh in float32 for each direction or layer, stacked [N, 4H]; None when no bias is given."""
+    if all(b is None for pair in pairs for b in pair):
+        return None
+    return torch.stack([sum((b.float() for b in pair if b is not None), torch.zeros(4 * H, device=device))
+                        for pair in pairs])
+
+
 def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
                bias_hh: Tensor | None = None, h0: Tensor | None = None, c0: Tensor | None = None, *,
                reverse: bool = False, lengths: Tensor | None = None, weight_hr: Tensor | None = None,
@@ -314,10 +322,7 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
 
     # One GEMM projects the input of every step for every direction.
     gx = torch.mm(x.reshape(T * B, x.shape[2]), torch.cat(w_ih).t()).view(T, B, D * 4 * H)
-    bias = None
-    if any(b is not None for b in b_ih + b_hh):
-        bias = torch.stack([sum(b.float() for b in (b_ih[d], b_hh[d]) if b is not None) + torch.zeros(4 * H,
-                            device=x.device) for d in range(D)])
+    bias = _stacked_bias(list(zip(b_ih, b_hh)), H, x.device)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr))
     if w_hr[0] is None:
@@ -372,9 +377,6 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
         return y, (torch.cat(hs), torch.cat(cs))
     gx = torch.mm(x.reshape(T * B, x.shape[2]), weights[0][0].t()).view(T, B, 4 * H)
     w_ih = torch.stack([w[0] for w in weights[1:]]) if L > 1 else weights[0][1][:0]
-    bias = None
-    if any(b is not None for w in weights for b in w[2:4]):
-        bias = torch.stack([sum(b.float() for b in w[2:4] if b is not None) + torch.zeros(4 * H, device=x.device)
-                            for w in weights])
+    bias = _stacked_bias([w[2:4] for w in weights], H, x.device)
     y, hn, cn = _lstm_stack_inference(gx, w_ih, torch.stack([w[1] for w in weights]), bias, h0, c0, lengths)
     return y, (hn, cn)
