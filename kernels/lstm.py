@@ -479,12 +479,13 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
-def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, config):
-    """Inference through a unidirectional stack of L layers of equal width in one launch, as a wavefront:
-    layer l runs its step t at global step t + l, so the stack takes T + L - 1 steps instead of L * T.
-    gx = x @ W_ih^T of the first layer [T, B, 4H]; w_ih [L-1, 4H, H] of the layers above; w_hh [L, 4H, H];
-    bias [L, 4H] float32 or None; h0 [L, B, H]; c_ws [L, B, H] float32 holding c0 (updated in place).
-    Returns every layer's output y [L, T, B, H], h_n and c_n [L, B, H]."""
+def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: bool, config):
+    """A unidirectional stack of L layers of equal width in one launch, as a wavefront: layer l runs its step t
+    at global step t + l, so the stack takes T + L - 1 steps instead of L * T. gx = x @ W_ih^T of the first
+    layer [T, B, 4H]; w_ih [L-1, 4H, H] of the layers above; w_hh [L, 4H, H]; bias [L, 4H] float32 or None;
+    h0 [L, B, H]; c_ws [L, B, H] float32 holding c0 (updated in place). Returns every layer's output
+    y [L, T, B, H], h_n and c_n [L, B, H] and, when store_gates, every layer's activated gates [L, T, B, 4H]
+    and c_t [L, T, B, H] float32 for the backward (else None, None)."""
     T, B, _ = gx.shape
     L, G, H = w_hh.shape
     _check_residency(config, H, L, gx.device)
@@ -492,14 +493,16 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, config):
     y = torch.zeros(L, T, B, H, device=dev, dtype=dt) if last is not None else _alloc((L, T, B, H), dt, dev)
     hn = _alloc((L, B, H), dt, dev)
     cn = _alloc((L, B, H), dt, dev)
+    gates = _alloc((L, T, B, G), dt, dev) if store_gates else gx
+    c_all = _alloc((L, T, B, H), torch.float32, dev) if store_gates else c_ws
     sync = torch.zeros(1 + config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
-    args = (gx, gx, w_hh, w_ih if L > 1 else w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_ws,
-            last if last is not None else sync, sync, T, B, H, 0)
+    args = (gx, gates, w_hh, w_ih if L > 1 else w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn,
+            c_all, last if last is not None else sync, sync, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, sync, args,
-         dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, STORE_GATES=False,
+         dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, STORE_GATES=store_gates,
               DOT_PRECISION=_dot_precision(dt)))
-    return y, hn, cn
+    return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
 def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config):

@@ -28,7 +28,9 @@ def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
     assert {r["kernel"] for r in rows} == {"fwd", "bwd", "stack"}
     assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
     assert all(0 < r["shared"] <= SM90_SHARED_LIMIT and r["spill_bytes"] == 0 and r["error"] is None for r in rows)
-    assert len(rows) == len(shipped_configs(4096))
+    configs = shipped_configs(4096)
+    assert len(rows) == sum(1 if kernel == "bwd" else 2 for kernel, *_ in configs)
+    assert {r["store_gates"] for r in rows if r["kernel"] != "bwd"} == {True, False}
 
 
 def test_heuristic_keeps_programs_resident_and_weights_on_chip_up_to_1024():

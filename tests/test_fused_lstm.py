@@ -381,32 +381,38 @@ def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):
                          ids=["default", "stepwise-P5-Q2", "streamedW"])
 @pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5, 1, 6])], ids=["padded", "lengths"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype):
-    """lstm_stack (all layers in one launch) against the float64 reference run layer by layer."""
+def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, monkeypatch):
+    """lstm_stack (every layer in one forward launch, backward layer by layer) against the float64 reference
+    run layer by layer: outputs, states and every gradient."""
     from tritonlstm.functional import lstm_stack
 
+    launches = []
+    stack = kernels.lstm_stack_forward
+    monkeypatch.setattr(kernels, "lstm_stack_forward", lambda *a, **k: launches.append(1) or stack(*a, **k))
     T, B, I, H, L = 6, 5, 7, 33 if config is not None else 12, 3
     layers = [make_problem(T, B, I if l == 0 else H, H, dtype) for l in range(L)]
-    x = layers[0]["x"]
-    weights = [tuple(p[k] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for p in layers]
-    h0 = torch.stack([p["h0"] for p in layers])
-    c0 = torch.stack([p["c0"] for p in layers])
-    with torch.no_grad(), use_config(config, kernel="stack"):
-        y, (hn, cn) = lstm_stack(x, weights, h0, c0, lengths=lengths, backend="triton")
-    ref_in, hs, cs = x.double(), [], []
+    keys = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def leaves(dt):
+        ws = [tuple(p[k].detach().to(dt).requires_grad_() for k in keys) for p in layers]
+        st = [torch.stack([p[n] for p in layers]).detach().to(dt).requires_grad_() for n in ("h0", "c0")]
+        return layers[0]["x"].detach().to(dt).requires_grad_(), ws, st
+
+    x, ws, (h0, c0) = leaves(dtype)
+    with use_config(config, kernel="stack"), use_config(config, kernel="bwd"):
+        y, (hn, cn) = lstm_stack(x, ws, h0, c0, lengths=lengths, backend="triton")
+    xr, wr, (h0r, c0r) = leaves(torch.float64)
+    yr, hs, cs = xr, [], []
     for l in range(L):
-        ref_in, (h, c) = tritonlstm.naive.lstm_layer_reference(ref_in, *(w.double() for w in weights[l]),
-                                                               h0[l].double(), c0[l].double(), lengths=lengths)
+        yr, (h, c) = tritonlstm.naive.lstm_layer_reference(yr, *wr[l], h0r[l], c0r[l], lengths=lengths)
         hs.append(h)
         cs.append(c)
+    hr, cr = torch.stack(hs), torch.stack(cs)
+    weights = tuple(torch.randn_like(t) for t in (yr, hr, cr))
+    loss_of(y, hn, cn, weights).backward()
+    loss_of(yr, hr, cr, weights).backward()
     tol = RESOLUTION[dtype]
-    assert rel_err(y, ref_in) < tol and rel_err(hn, torch.stack(hs)) < tol and rel_err(cn, torch.stack(cs)) < tol
-
-
-def test_stack_refuses_gradients():
-    from tritonlstm.functional import lstm_stack
-
-    p = make_problem(3, 2, 4, 8, torch.float32)
-    w = [(p["weight_ih"].requires_grad_(), p["weight_hh"], p["bias_ih"], p["bias_hh"])]
-    with pytest.raises(RuntimeError, match="inference only"):
-        lstm_stack(p["x"], w, backend="triton")
+    assert rel_err(y, yr) < tol and rel_err(hn, hr) < tol and rel_err(cn, cr) < tol
+    for a, b in [(x, xr), (h0, h0r), (c0, c0r)] + [(p, q) for wl, wq in zip(ws, wr) for p, q in zip(wl, wq)]:
+        assert rel_err(a.grad, b.grad) < 2 * tol
+    assert launches == [1]

@@ -365,11 +365,33 @@ def test_inference_stack_runs_in_one_launch(kind, layers, batch_first, hx, stack
     assert stack_calls == {"stack": 1, "fwd": 0}
 
 
-def test_training_and_grad_take_the_layer_path(stack_calls):
-    _, ours = pair(3, 6, num_layers=2)
+def test_stack_path_choice(stack_calls):
+    _, ours = pair(3, 6, num_layers=2, dropout=0.2)
     x = torch.randn(4, 2, 3)
-    ours(x)  # parameters require grad: layer by layer, so the backward has what it needs
-    assert stack_calls == {"stack": 0, "fwd": 2}
-    with torch.no_grad():
-        ours(x)
-    assert stack_calls["stack"] == 1
+    ours.eval()
+    ours(x)  # training a stack without active dropout: the wavefront too
+    assert stack_calls == {"stack": 1, "fwd": 0}
+    ours.train()
+    ours(x)  # dropout between layers: layer by layer
+    assert stack_calls == {"stack": 1, "fwd": 2}
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+def test_stack_training_gradients_match_nn_lstm(kind, stack_calls):
+    ref, ours = pair(3, 6, num_layers=3)
+    x = torch.randn(5, 4, 3)
+    state = (torch.randn(3, 4, 6), torch.randn(3, 4, 6))
+    res = []
+    for m in (ref, ours):
+        xl = x.clone().requires_grad_()
+        sl = tuple(s.clone().requires_grad_() for s in state)
+        inp = xl if kind == "padded" else pack_padded_sequence(xl, torch.tensor([2, 5, 1, 4]), enforce_sorted=False)
+        y, (h, c) = m(inp, sl)
+        yd = y.data if kind == "packed" else y
+        g = torch.Generator().manual_seed(3)
+        ((yd * torch.randn(yd.shape, generator=g)).sum() + (h * torch.randn(h.shape, generator=g)).sum()
+         + (c * torch.randn(c.shape, generator=g)).sum()).backward()
+        res.append([yd, h, c, xl.grad, *(s.grad for s in sl), *(p.grad for p in m.parameters())])
+    for a, b in zip(res[1], res[0]):
+        torch.testing.assert_close(a, b, **TOL)
+    assert stack_calls == {"stack": 1, "fwd": 0}

@@ -36,6 +36,7 @@ class Resources:
     registers: int
     spill_bytes: int
     error: str | None = None
+    store_gates: bool = True  # the training variant of fwd / stack (False: inference)
 
     @property
     def ok(self) -> bool:
@@ -90,9 +91,10 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
     if kernel in ("fwd", "stack"):
-        consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates and kernel == "fwd")
+        consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates)
     fn = k.lstm_bwd_kernel if kernel == "bwd" else k.lstm_fwd_kernel
-    res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0)
+    res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,
+                    store_gates=store_gates and kernel != "bwd")
     try:
         src = ASTSource(fn=fn, signature=_signature("bwd" if kernel == "bwd" else "fwd", tdt), constexprs=consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -134,11 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = ap.parse_args(argv)
     rows = []
-    for kernel, dtype, hidden, cfg in shipped_configs(args.max_hidden):
-        r = check(kernel, dtype, hidden, cfg)
+    jobs = [(kernel, dtype, hidden, cfg, store) for kernel, dtype, hidden, cfg in shipped_configs(args.max_hidden)
+            for store in ((True,) if kernel == "bwd" else (True, False))]
+    for kernel, dtype, hidden, cfg, store in jobs:
+        r = check(kernel, dtype, hidden, cfg, store_gates=store)
         rows.append(r)
         status = "ok" if r.ok else "FAIL"
-        print(f"{status:4} {kernel:5} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
+        variant = "" if kernel == "bwd" else ("/train" if store else "/infer")
+        print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
               f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
               f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" {r.error}" if r.error else ""), flush=True)
     if args.json:

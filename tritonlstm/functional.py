@@ -120,27 +120,73 @@ def _(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse):
     return torch.empty_like(gates), torch.empty_like(dhn), torch.empty_like(dhn)
 
 
-@torch.library.custom_op("tritonlstm::lstm_stack_inference", mutates_args=())
-def _lstm_stack_inference(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor,
-                          c0: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """A unidirectional stack of L layers in one launch (wavefront), inference only: gx of the first layer
-    [T, B, 4H], weight_ih [L-1, 4H, H] of the others, weight_hh [L, 4H, H], bias [L, 4H] float32 or None,
-    h0 and c0 [L, B, H]. Returns the last layer's y [T, B, H], h_n and c_n [L, B, H]."""
+@torch.library.custom_op("tritonlstm::lstm_stack", mutates_args=())
+def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
+                lengths: Tensor | None, training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A unidirectional stack of L layers in one launch (wavefront): gx of the first layer [T, B, 4H],
+    weight_ih [L-1, 4H, H] of the others, weight_hh [L, 4H, H], bias [L, 4H] float32 or None, h0 and c0
+    [L, B, H]. Returns every layer's y [L, T, B, H], h_n and c_n [L, B, H] and, when training, every layer's
+    gates [L, T, B, 4H] and c_t [L, T, B, H] float32 (empty otherwise)."""
     k = _kernels()
     T, B, _ = gx.shape
     L, _, H = weight_hh.shape
     config = select_config(H, B, gx.dtype, gx.device, k.interpreting(), "stack", layers=L)
-    y, hn, cn = k.lstm_stack_forward(gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
-                                     None if bias is None else bias.contiguous(), h0.contiguous(),
-                                     c0.to(torch.float32, copy=True).contiguous(), _last_steps(lengths, gx.device),
-                                     config=config)
-    return y[-1].clone(), hn, cn
+    c_ws = c0.to(torch.float32, copy=True).contiguous()
+    y, hn, cn, gates, c_all = k.lstm_stack_forward(gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
+                                                   None if bias is None else bias.contiguous(), h0.contiguous(),
+                                                   c_ws, _last_steps(lengths, gx.device), store_gates=training,
+                                                   config=config)
+    if not training:
+        return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0)
+    return y, hn, cn, gates, c_all
 
 
-@_lstm_stack_inference.register_fake
-def _(gx, weight_ih, weight_hh, bias, h0, c0, lengths):
-    T, B, _ = gx.shape
-    return gx.new_empty(T, B, weight_hh.shape[2]), torch.empty_like(h0), torch.empty_like(h0)
+@_lstm_stack.register_fake
+def _(gx, weight_ih, weight_hh, bias, h0, c0, lengths, training):
+    T, B, G = gx.shape
+    L, _, H = weight_hh.shape
+    y, hn, cn = gx.new_empty(L, T, B, H), torch.empty_like(h0), torch.empty_like(h0)
+    if training:
+        return y, hn, cn, gx.new_empty(L, T, B, G), gx.new_empty(L, T, B, H, dtype=torch.float32)
+    return y, hn, cn, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32)
+
+
+def _stack_setup_context(ctx, inputs, output):
+    gx, weight_ih, weight_hh, bias, h0, c0, lengths, training = inputs
+    y, _, _, gates, c_all = output
+    ctx.save_for_backward(weight_ih, weight_hh, h0, c0, lengths, y, gates, c_all)
+    ctx.mark_non_differentiable(gates, c_all)
+
+
+def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
+    """Layer by layer from the top, each layer's reverse recurrence on the backward kernel: the gradient of a
+    layer's input (dG @ W_ih) is the gradient of the output of the layer below."""
+    weight_ih, weight_hh, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
+    if gates.numel() == 0:
+        raise RuntimeError("tritonlstm: backward through a stack forward that ran without saving its gates")
+    L, T, B, H = y.shape
+    dy = torch.zeros_like(y) if dy is None else dy
+    dhn = torch.zeros_like(h0) if dhn is None else dhn
+    dcn = torch.zeros_like(h0) if dcn is None else dcn
+    d_ih, d_hh, d_bias, d_h0, d_c0 = [None] * (L - 1), [None] * L, [None] * L, [None] * L, [None] * L
+    dy_l, dg = dy[L - 1], None
+    for l in reversed(range(L)):
+        dg, dh0, dc0 = _lstm_recurrence_backward(dy_l, dhn[l:l + 1], dcn[l:l + 1], gates[l], c_all[l], c0[l:l + 1],
+                                                 weight_hh[l:l + 1], lengths, False)
+        dg2 = dg.view(T * B, 4 * H)
+        d_hh[l] = torch.mm(dg2.t(), _previous_h(y[l], h0[l], lengths, False).reshape(T * B, H))
+        d_bias[l] = dg2.sum(0, dtype=torch.float32)
+        d_h0[l], d_c0[l] = dh0[0], dc0[0]
+        if l > 0:
+            d_ih[l - 1] = torch.mm(dg2.t(), y[l - 1].reshape(T * B, H))
+            dy_l = torch.mm(dg2, weight_ih[l - 1]).view(T, B, H) + dy[l - 1]
+    need = ctx.needs_input_grad
+    return (dg if need[0] else None, torch.stack(d_ih) if need[1] and L > 1 else None,
+            torch.stack(d_hh) if need[2] else None, torch.stack(d_bias) if need[3] else None,
+            torch.stack(d_h0) if need[4] else None, torch.stack(d_c0) if need[5] else None, None, None)
+
+
+_lstm_stack.register_autograd(_stack_backward, setup_context=_stack_setup_context)
 
 
 def _setup_context(ctx, inputs, output):
@@ -349,22 +395,22 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
 
 def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Tensor | None = None, *,
                lengths: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Inference (no gradients) through a unidirectional stack of L layers of equal width in one launch:
+    """A unidirectional stack of L layers of equal width, without dropout between them, in one forward launch:
     a wavefront in which layer l runs step t while layer l+1 runs step t-1, so L layers cost about T + L - 1
-    steps instead of L * T. weights[l] = (weight_ih, weight_hh, bias_ih, bias_hh) as nn.LSTM stores them;
-    h0, c0 [L, B, H] or None. Returns the last layer's y [T, B, H] and (h_n, c_n) [L, B, H]. No dropout
-    between layers (inference)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for w in weights for t in w) \
-            or x.requires_grad:
-        raise RuntimeError("lstm_stack is inference only; run the layers with lstm_layer to train")
+    steps instead of L * T. Differentiable: the backward runs layer by layer on the backward kernel.
+    weights[l] = (weight_ih, weight_hh, bias_ih, bias_hh) as nn.LSTM stores them; h0, c0 [L, B, H] or None.
+    Returns the last layer's y [T, B, H] and (h_n, c_n) [L, B, H]."""
     L = len(weights)
+    if L < 1:
+        raise ValueError("lstm_stack needs at least one layer of weights")
+    H = weights[0][1].shape[1]
     for l, w in enumerate(weights):
-        _check_inputs(x if l == 0 else x.new_empty(x.shape[0], x.shape[1], w[1].shape[1]), *w,
+        if w[1].dim() != 2 or w[1].shape[1] != H:
+            raise ValueError(f"lstm_stack needs layers of one hidden size: layer {l}'s weight_hh is "
+                             f"{_shape(w[1])}, layer 0's hidden size is {H}")
+        _check_inputs(x if l == 0 else x.new_empty(x.shape[0], x.shape[1], H), *w,
                       None if h0 is None else h0[l], None if c0 is None else c0[l], lengths, None)
     T, B, _ = x.shape
-    H = weights[0][1].shape[1]
-    if any(w[1].shape[1] != H for w in weights):
-        raise ValueError("lstm_stack needs layers of one hidden size")
     which = resolve_backend(backend, x.device, x.dtype)
     h0 = x.new_zeros(L, B, H) if h0 is None else h0
     c0 = x.new_zeros(L, B, H) if c0 is None else c0
@@ -376,7 +422,9 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
             cs.append(c)
         return y, (torch.cat(hs), torch.cat(cs))
     gx = torch.mm(x.reshape(T * B, x.shape[2]), weights[0][0].t()).view(T, B, 4 * H)
-    w_ih = torch.stack([w[0] for w in weights[1:]]) if L > 1 else weights[0][1][:0]
+    w_ih = torch.stack([w[0] for w in weights[1:]]) if L > 1 else weights[0][1][:0].view(0, 4 * H, H)
     bias = _stacked_bias([w[2:4] for w in weights], H, x.device)
-    y, hn, cn = _lstm_stack_inference(gx, w_ih, torch.stack([w[1] for w in weights]), bias, h0, c0, lengths)
-    return y, (hn, cn)
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, *(t for w in weights for t in w)))
+    y, hn, cn, _, _ = _lstm_stack(gx, w_ih, torch.stack([w[1] for w in weights]), bias, h0, c0, lengths, training)
+    return y[-1], (hn, cn)

@@ -117,10 +117,8 @@ class LSTM(nn.LSTM):
         if lengths is not None:
             lengths = lengths.to(x.device)
 
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, *weights.values()))
-        if (self.num_layers > 1 and dirs == 1 and self.proj_size == 0 and not needs_grad
-                and not (self.training and self.dropout > 0)):
-            # Inference through a unidirectional stack: every layer in one launch, as a wavefront.
+        if self.num_layers > 1 and dirs == 1 and self.proj_size == 0 and not (self.training and self.dropout > 0):
+            # A unidirectional stack without active dropout: every layer in one forward launch, as a wavefront.
             per_layer = [tuple(weights.get(f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
                          for layer in range(self.num_layers)]
             output, hidden = lstm_stack(x, per_layer, h0, c0, lengths=lengths, backend="triton")
