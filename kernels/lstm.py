@@ -16,6 +16,10 @@ checks P * Q * D against the SM count). Stepwise mode launches the same body onc
 boundary acting as the barrier: it is the path for the CPU interpreter, which runs programs one after
 another, and the fallback where residency cannot be guaranteed.
 
+STACK mode (forward only) reuses axis 2 for the layers of a unidirectional stack run as a wavefront: layer l
+runs its step t at global step t + l, the layers above the first computing their input projection from the
+layer below's h_t inside the loop; one barrier counter per batch group spans the whole stack.
+
 Per-row lengths (packed sequences): row b is live for steps s = 0 .. LAST[b]; since its dead steps all come
 after its live ones, a dead row needs no state freezing, only masked stores. In reverse, row b visits
 t = LAST[b] - s, so each sequence starts at its own end.
