@@ -29,7 +29,7 @@ echo "bench rc=${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then
     step "GPU tests"
-    TRITONLSTM_TEST_GPU=1 timeout 200 $py -m pytest -q -m gpu tests/ -p no:cacheprovider --timeout 120 \
+    timeout 200 $py -m pytest -q -m gpu tests/ -p no:cacheprovider --timeout 120 \
         -k "${TESTS_K:-not tune}" > "$OUT/gpu-tests.txt" 2>&1
     echo "gpu tests rc=$?: $(tail -1 "$OUT/gpu-tests.txt")" | tee -a "$OUT/summary.txt"
 fi

@@ -1,14 +1,19 @@
-"""Test setup: the CPU interpreter (set before triton is imported), a bf16 fix for it, NaN-poisoned buffers."""
+"""Test setup: GPU mode where CUDA exists (the gpu-marked tests, compiled kernels), else the CPU interpreter
+(set before triton is imported) with a bf16 fix for it; NaN-poisoned buffers in both.
+
+TRITONLSTM_TEST_INTERPRET=1 forces interpreter mode on a GPU machine."""
 
 import os
 
-if not os.environ.get("TRITONLSTM_TEST_GPU"):
+import torch  # importing torch does not import triton, so TRITON_INTERPRET can still be set below
+
+GPU_MODE = torch.cuda.is_available() and not os.environ.get("TRITONLSTM_TEST_INTERPRET")
+if not GPU_MODE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def _bf16_to_f32(data: np.ndarray) -> np.ndarray:
@@ -65,11 +70,10 @@ def seed():
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run only in GPU mode (TRITONLSTM_TEST_GPU=1 on a CUDA machine); the rest only without it, since
-    they run the kernels on CPU tensors through the interpreter."""
-    gpu_mode = bool(os.environ.get("TRITONLSTM_TEST_GPU")) and torch.cuda.is_available()
+    """GPU tests run only in GPU mode; the rest only without it, since they run the kernels on CPU tensors
+    through the interpreter (TRITONLSTM_TEST_INTERPRET=1 runs them on a GPU machine)."""
     for item in items:
-        if "gpu" in item.keywords and not gpu_mode:
-            item.add_marker(pytest.mark.skip(reason="needs CUDA: run with TRITONLSTM_TEST_GPU=1 on a GPU machine"))
-        elif "gpu" not in item.keywords and gpu_mode:
-            item.add_marker(pytest.mark.skip(reason="interpreter test; GPU mode runs the gpu-marked tests"))
+        if "gpu" in item.keywords and not GPU_MODE:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+        elif "gpu" not in item.keywords and GPU_MODE:
+            item.add_marker(pytest.mark.skip(reason="interpreter test (TRITONLSTM_TEST_INTERPRET=1 runs it here)"))

@@ -1,7 +1,7 @@
 """GPU tests: the persistent multi-program kernels against cuDNN (torch.nn.LSTM) with copied weights.
 
-Run on a CUDA machine with `TRITONLSTM_TEST_GPU=1 pytest -m gpu tests/` (without it the suite runs the
-kernels on the CPU interpreter and these are skipped)."""
+They run wherever CUDA exists (`pytest -m gpu tests/`); without CUDA the suite runs the kernels on the CPU
+interpreter and these are skipped."""
 
 from __future__ import annotations
 
