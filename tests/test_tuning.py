@@ -84,7 +84,7 @@ def test_bad_files_warn_once_and_are_ignored(content, why):
         assert tuning.read_configs(path, GPU, "3.6.0") == {}  # once only
 
 
-def test_selection_order_cache_then_shipped_then_heuristic(tmp_path, monkeypatch):
+def test_selection_order_cache_then_shipped_then_heuristic(monkeypatch):
     key = "fwd|float16|H512|B16|D1"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: GPU)
     assert tuning.lookup_in(GPU, key) == (None, "heuristic")

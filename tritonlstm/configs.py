@@ -17,7 +17,6 @@ import torch
 
 # Shared memory per SM on sm_90 is 232448 bytes; these budgets leave room for the compiler's own staging.
 _W_BUDGET = 128 * 1024
-_H_TILE_BUDGET = 64 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
 
