@@ -83,6 +83,8 @@ def _load_gate_rows(p_gx, m, H):
 
 @triton.jit
 def _grid_barrier(p_flag, p_count, target, max_spin):
+    """Waits until the counter reaches target; returns True if the barrier failed (now, or in an earlier launch:
+    the flag is sticky until the host reads it)."""
     # bar.sync orders this program's stores before the release; the acquire orders the loads after it.
     tl.debug_barrier()
     tl.atomic_add(p_count, 1, sem="release", scope="gpu")
@@ -96,7 +98,9 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
         if spins > max_spin:
             # Bounded: a program that never arrives must surface as an error, not a hung process.
             tl.atomic_xchg(p_flag, 1)
+            failed = 1
     tl.debug_barrier()
+    return failed != 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,7 +122,8 @@ def lstm_fwd_kernel(
     CN,  # [D, B, H] c at each row's last step
     C_ALL,  # [T, B, D*H] float32 c_t for the backward (when STORE_GATES)
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
-    SYNC,  # [1 + D*Q] int32: error flag, then one barrier counter per (direction, batch group)
+    SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
+    ERR,  # [1] int32 the device's sticky barrier-error flag
     T,
     B,
     H,
@@ -185,6 +190,9 @@ def lstm_fwd_kernel(
         b_bg = tl.load(BIAS + 2 * H + o_j, mask=m_j, other=0.0)[None, :]
         b_bo = tl.load(BIAS + 3 * H + o_j, mask=m_j, other=0.0)[None, :]
 
+    # A failed barrier (here or in an earlier launch not yet reported) turns every later output into NaN, so
+    # that the results of a failed launch cannot pass for valid before the host reports the error.
+    poisoned = tl.load(ERR, volatile=True) != 0
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
         for i_b in range(i_q, n_tiles, n_q):
@@ -250,6 +258,8 @@ def lstm_fwd_kernel(
             b_o = _sigmoid(b_go)
             b_c = b_f * b_c + b_i * b_g
             b_y = b_o * (2.0 * _sigmoid(2.0 * b_c) - 1.0)
+            b_c = tl.where(poisoned, float("nan"), b_c)
+            b_y = tl.where(poisoned, float("nan"), b_y)
 
             o_bh = o_b[:, None] * H + o_j[None, :]
             tl.store(Y + o_row[:, None] * SY + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
@@ -267,9 +277,10 @@ def lstm_fwd_kernel(
         if PERSISTENT:
             if STACK:
                 # One counter for the whole stack: layer l's step needs layer l-1's output of the same step.
-                _grid_barrier(SYNC, SYNC + 1 + i_q, (s_glob - S_START + 1) * n_h * tl.num_programs(2), max_spin)
+                failed = _grid_barrier(ERR, SYNC + i_q, (s_glob - S_START + 1) * n_h * tl.num_programs(2), max_spin)
             else:
-                _grid_barrier(SYNC, SYNC + 1 + i_d * n_q + i_q, (s_glob - S_START + 1) * n_h, max_spin)
+                failed = _grid_barrier(ERR, SYNC + i_d * n_q + i_q, (s_glob - S_START + 1) * n_h, max_spin)
+            poisoned = poisoned | failed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -291,7 +302,8 @@ def lstm_bwd_kernel(
     DH0,  # [D, B, H] out
     DC0,  # [D, B, H] out
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
-    SYNC,  # [1 + D*Q] int32: error flag, then one barrier counter per (direction, batch group)
+    SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
+    ERR,  # [1] int32 the device's sticky barrier-error flag
     T,
     B,
     H,
@@ -337,6 +349,7 @@ def lstm_bwd_kernel(
         # dh_{t-1} = dG_t @ W_hh: tile (k, j) of gate g is W_hh[g*H + k, j].
         b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, H, 1)
 
+    poisoned = tl.load(ERR, volatile=True) != 0  # as in the forward
     for r in range(S_START, S_START + S_COUNT):
         s = T - 1 - r
         for i_b in range(i_q, n_tiles, n_q):
@@ -366,6 +379,7 @@ def lstm_bwd_kernel(
                                input_precision=DOT_PRECISION)
                 b_dh += tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wo,
                                input_precision=DOT_PRECISION)
+            b_dh = tl.where(poisoned, float("nan"), b_dh)
             p_dc = DC_WS + o_bh
             b_dc = tl.load(p_dc, mask=m_b[:, None] & m_j[None, :], other=0.0, cache_modifier=".cg")
 
@@ -409,7 +423,8 @@ def lstm_bwd_kernel(
                 tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_out)
                 tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
         if PERSISTENT:
-            _grid_barrier(SYNC, SYNC + 1 + i_d * n_q + i_q, (r - S_START + 1) * n_h, max_spin)
+            failed = _grid_barrier(ERR, SYNC + i_d * n_q + i_q, (r - S_START + 1) * n_h, max_spin)
+            poisoned = poisoned | failed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -442,16 +457,72 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _run(kernel, grid, n_steps: int, config, sync: torch.Tensor, args: tuple, constexprs: dict) -> None:
+class BarrierErrors:
+    """The sticky barrier-error flag of each device, and its report to the host without a sync per launch.
+
+    A persistent launch whose grid barrier fails sets the device's flag and writes NaN into the rest of its
+    outputs (and so does every launch that starts while the flag is set). On a CUDA device the flag is copied
+    into pinned host memory behind each launch (non-blocking); the next launch on that device, or
+    `tritonlstm.synchronize()`, finds it there and raises. Reading it back with a sync per launch would cost
+    the host-device round trip and stop the CPU from queueing the next launches while the GPU runs. On the CPU
+    interpreter, which runs synchronously, the check follows each launch at once."""
+
+    MESSAGE = ("tritonlstm: a grid barrier did not complete (a program never arrived; were all programs "
+               "resident?). The outputs of that launch, and of launches queued while it failed, are NaN.")
+
+    def __init__(self):
+        self._err: dict[torch.device, torch.Tensor] = {}
+        self._host: dict[torch.device, torch.Tensor] = {}  # pinned copies of the CUDA devices' flags
+
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """The device's [1] int32 flag, for the kernels."""
+        if device not in self._err:
+            self._err[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return self._err[device]
+
+    def launched(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            self.check(device)
+        elif not torch.cuda.is_current_stream_capturing():  # no pinned allocation or copy inside a capture
+            if device not in self._host:
+                self._host[device] = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+            self._host[device].copy_(self._err[device], non_blocking=True)
+
+    def check(self, device: torch.device, wait: bool = False) -> None:
+        """Raises if the device's flag is set as far as the host can see it now (or after waiting for the device,
+        when wait); clears the flag first, so each failure is raised once."""
+        err = self._err.get(device)
+        if err is None:
+            return
+        on_cuda = device.type == "cuda"
+        if on_cuda and wait:
+            torch.cuda.synchronize(device)
+            seen = int(err.item())
+        else:
+            host = self._host.get(device) if on_cuda else err
+            seen = 0 if host is None else int(host[0])
+        if seen:
+            if on_cuda:
+                torch.cuda.synchronize(device)  # so that no copy still in flight sets the host flag again
+                self._host.get(device, err).zero_()
+            err.zero_()
+            raise RuntimeError(self.MESSAGE)
+
+
+barrier_errors = BarrierErrors()
+
+
+def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, constexprs: dict) -> None:
+    """Launches the kernel: once for all steps (persistent), or once per step."""
     meta = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                 PERSISTENT=config.persistent, num_warps=config.num_warps, num_stages=config.num_stages,
                 **constexprs)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        barrier_errors.check(device)  # an earlier launch's failure, now visible on the host
     if config.persistent:
         kernel[grid](*args, 0, n_steps, config.max_spin, **meta)
-        capturing = sync.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and int(sync[0].item()) != 0:
-            raise RuntimeError("tritonlstm: the grid barrier did not complete (a program never arrived; "
-                               "are all programs resident?). The results of this call are invalid.")
+        barrier_errors.launched(device)
     else:
         for step in range(n_steps):
             kernel[grid](*args, step, 1, config.max_spin, **meta)
@@ -473,11 +544,11 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     cn = _alloc((D, B, H), dt, dev)
     gates = _alloc((T, B, D * G), dt, dev) if store_gates else gx
     c_all = _alloc((T, B, D * H), torch.float32, dev) if store_gates else c_ws
-    sync = torch.zeros(1 + D * config.batch_groups, device=dev, dtype=torch.int32)
+    sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
     args = (gx, gates, w_hh, w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
-            last if last is not None else sync, sync, T, B, H, int(reverse))
-    _run(lstm_fwd_kernel, grid, T, config, sync, args,
+            last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, int(reverse))
+    _run(lstm_fwd_kernel, grid, T, config, dev, args,
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, STORE_GATES=store_gates,
               DOT_PRECISION=_dot_precision(dt)))
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
@@ -499,11 +570,11 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     cn = _alloc((L, B, H), dt, dev)
     gates = _alloc((L, T, B, G), dt, dev) if store_gates else gx
     c_all = _alloc((L, T, B, H), torch.float32, dev) if store_gates else c_ws
-    sync = torch.zeros(1 + config.batch_groups, device=dev, dtype=torch.int32)
+    sync = torch.zeros(config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
     args = (gx, gates, w_hh, w_ih if L > 1 else w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn,
-            c_all, last if last is not None else sync, sync, T, B, H, 0)
-    _run(lstm_fwd_kernel, grid, T + L - 1, config, sync, args,
+            c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, 0)
+    _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, STORE_GATES=store_gates,
               DOT_PRECISION=_dot_precision(dt)))
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
@@ -521,10 +592,10 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     dc_ws = torch.zeros(D, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((D, B, H), dt, dev)
     dc0 = _alloc((D, B, H), dt, dev)
-    sync = torch.zeros(1 + D * config.batch_groups, device=dev, dtype=torch.int32)
+    sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
     args = (gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
-            last if last is not None else sync, sync, T, B, H, int(reverse))
-    _run(lstm_bwd_kernel, grid, T + 1, config, sync, args,
+            last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, int(reverse))
+    _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
          dict(D=D, HAS_LENGTHS=last is not None, DOT_PRECISION=_dot_precision(dt)))
     return dg, dh0, dc0

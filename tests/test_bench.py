@@ -119,3 +119,23 @@ def test_agreeing_cell_is_checked_then_timed(monkeypatch):
     times = iter([[0.5, 0.4, 0.6], [2.0, 1.9, 2.1]])
     out = bench.check_then_time(lambda: x, lambda: x, 1e-2, timer=lambda *a, **k: next(times))
     assert out["speedup"] == pytest.approx(4.0) and out["cudnn_peak_mb"] == 1.0 and "error" not in out
+
+
+def test_barrier_failure_while_timed_is_an_error_not_a_time(monkeypatch):
+    import torch
+
+    from tritonlstm.kernels import lstm as kernels
+
+    for fn in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, fn, lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2 ** 20)
+
+    def timer(*a, **k):  # a launch inside the timing loop failed its barrier
+        kernels.barrier_errors.flag(torch.device("cpu")).fill_(1)
+        return [0.5, 0.4, 0.6]
+
+    x = torch.randn(4, 3)
+    out = bench.check_then_time(lambda: x, lambda: x, 1e-2, timer=timer)
+    assert "barrier" in out["error"] and "speedup" not in out
+    assert int(kernels.barrier_errors.flag(torch.device("cpu"))[0]) == 0

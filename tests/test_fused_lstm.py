@@ -283,6 +283,37 @@ def test_barrier_that_cannot_complete_raises(monkeypatch):
         fused_lstm(*(problem[n] for n in NAMES), backend="triton")
 
 
+def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch):
+    """Without the per-launch check the failure still cannot pass for a result: every output after the failed
+    barrier is NaN, and the flag stays set until the host reports it, once."""
+    monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
+    errors, cpu = kernels.barrier_errors, torch.device("cpu")
+    monkeypatch.setattr(errors, "launched", lambda device: None)
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
+    problem = make_problem(3, 2, 4, 16, torch.float32)
+    with use_config(config), torch.no_grad():
+        y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+    # Program 0 (units 0..7) ran every step before program 1 started: its step 0 preceded the failure.
+    assert torch.isfinite(y[0, :, :8]).all()
+    assert torch.isnan(y[1:]).all() and torch.isnan(y[:, :, 8:]).all()
+    assert torch.isnan(hn).all() and torch.isnan(cn).all()
+    with pytest.raises(RuntimeError, match="barrier"):
+        tritonlstm.synchronize("cpu")
+    tritonlstm.synchronize("cpu")
+    assert int(errors.flag(cpu)[0]) == 0
+
+
+def test_flag_left_by_a_failed_launch_is_raised_by_the_next_launch():
+    problem = make_problem(3, 2, 4, 8, torch.float32)
+    args = [problem[n] for n in NAMES]
+    kernels.barrier_errors.flag(torch.device("cpu")).fill_(1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="barrier"):
+        fused_lstm(*args, backend="triton")
+    with torch.no_grad():
+        y, _ = fused_lstm(*args, backend="triton")
+    assert torch.isfinite(y).all()
+
+
 def test_persistent_multi_program_refused_under_interpreter():
     config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True)
     problem = make_problem(3, 2, 4, 16, torch.float32)

@@ -170,3 +170,35 @@ def test_tune_small_shape_end_to_end(tmp_path, monkeypatch):
     _, w = cudnn_and_weights(64, 64, torch.float16)
     y, _ = fused_lstm(torch.randn(16, 16, 64, device="cuda", dtype=torch.float16), *w, backend="triton")
     assert torch.isfinite(y).all()
+
+
+def test_barrier_that_cannot_complete_gives_nan_then_raises(monkeypatch):
+    """192 KB of shared memory per program (compile-only check: fp16, H = 2048, BH = 8, resident W) allows one
+    program per SM, so 256 programs of one group cannot all be resident: the barrier must fail, boundedly.
+    The launch does not sync to report it; its outputs are NaN, and the report comes at synchronize()."""
+    import tritonlstm
+    from tritonlstm import LSTMConfig, use_config
+    from tritonlstm.kernels import lstm as k
+
+    assert torch.cuda.get_device_properties(0).multi_processor_count < 256
+    monkeypatch.setattr(k, "_check_residency", lambda *a: None)
+    cfg = LSTMConfig(block_h=8, block_b=16, block_k=2048, w_resident=True, persistent=True, num_warps=8,
+                     max_spin=20000)
+    _, w = cudnn_and_weights(64, 2048, torch.float16)
+    x = torch.randn(6, 16, 64, device="cuda", dtype=torch.float16)
+    with use_config(cfg), torch.no_grad():
+        y, (hn, cn) = fused_lstm(x, *w, backend="triton")
+    assert torch.isnan(y[1:]).all() and torch.isnan(hn).all() and torch.isnan(cn).all()
+    with pytest.raises(RuntimeError, match="barrier"):
+        tritonlstm.synchronize()
+    tritonlstm.synchronize()  # reported once
+    with torch.no_grad():
+        y, _ = fused_lstm(x, *w, backend="triton")
+    assert torch.isfinite(y).all()
+
+    # Without synchronize(), the next launch reports it (once the flag's copy has reached the host).
+    with use_config(cfg), torch.no_grad():
+        fused_lstm(x, *w, backend="triton")
+    torch.cuda.synchronize()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="barrier"):
+        fused_lstm(x, *w, backend="triton")

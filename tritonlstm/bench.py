@@ -130,6 +130,8 @@ def check_then_time(ours, cudnn, limit: float, grad_to_none=(), timer=None) -> d
     """Compares the two outputs first; times both (median, q20, q80 and peak memory) only if they agree."""
     import torch
 
+    from tritonlstm.functional import synchronize
+
     if timer is None:
         from triton.testing import do_bench as timer
     err = _rel(ours(), cudnn())
@@ -142,6 +144,12 @@ def check_then_time(ours, cudnn, limit: float, grad_to_none=(), timer=None) -> d
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         ms = timer(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8], grad_to_none=list(grad_to_none))
+        if name == "tritonlstm":
+            try:
+                synchronize()  # launches do not wait for the barrier check; a failed one is an error, not a time
+            except RuntimeError as e:
+                out["error"] = str(e)
+                return out
         out[f"{name}_ms"], out[f"{name}_ms_q20"], out[f"{name}_ms_q80"] = ms
         out[f"{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     out["speedup"] = out["cudnn_ms"] / out["tritonlstm_ms"]

@@ -48,12 +48,12 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     ints = {n: "i32" for n in ("T", "B", "H", "rev0", "S_START", "S_COUNT", "max_spin")}
     if kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": p, "W_IH": p, "BIAS": "*fp32", "H0": p, "C_WS": "*fp32", "Y": p,
-                "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32"}
+                "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "STACK", "STORE_GATES",
                  "PERSISTENT", "DOT_PRECISION")
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
-                "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32"}
+                "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_LENGTHS", "PERSISTENT", "DOT_PRECISION")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
 

@@ -237,6 +237,24 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
 _lstm_recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 
+def synchronize(device: torch.device | str | int | None = None) -> None:
+    """Waits for the device (as torch.cuda.synchronize) and raises RuntimeError if a persistent launch on it
+    failed its grid barrier since the last report. Launches do not wait for that check (a host-device sync per
+    launch would cost more than some whole sequences); a failure is also raised by the next launch on the
+    device, and the failed launch's outputs are NaN."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    elif isinstance(device, int):
+        device = torch.device("cuda", device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if "tritonlstm.kernels.lstm" in sys.modules:
+        _kernels().barrier_errors.check(device, wait=True)
+    elif device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The public op
 # ----------------------------------------------------------------------------------------------------------
