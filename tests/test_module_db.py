@@ -50,3 +50,24 @@ def test_module_db_inputs_match_torch(cls, sample, training):
         scale = b.grad.abs().max().item()
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5 * max(scale, 1.0),
                                    msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def _error_samples():
+    for info in INFOS:
+        for dtype in (torch.float32, torch.float64):
+            for i, e in enumerate(info.module_error_inputs_func(info, device="cpu", dtype=dtype, requires_grad=False,
+                                                                training=True)):
+                yield pytest.param(info.module_cls, e, id=f"{info.module_cls.__name__}-{dtype}-{i}")
+
+
+@pytest.mark.parametrize("cls,err", list(_error_samples()))
+def test_module_db_error_inputs_raise_as_torch(cls, err):
+    """PyTorch's own error inputs for nn.LSTM / nn.LSTMCell: the same exception type and message."""
+    import re
+
+    ours_cls = tritonlstm.LSTM if cls is nn.LSTM else tritonlstm.LSTMCell
+    sample = err.module_error_input
+    with pytest.raises(err.error_type) as info:
+        module = ours_cls(*sample.constructor_input.args, backend="auto", **sample.constructor_input.kwargs)
+        module(*sample.forward_input.args, **sample.forward_input.kwargs)
+    assert re.search(err.error_regex, str(info.value)), str(info.value)

@@ -395,3 +395,31 @@ def test_stack_training_gradients_match_nn_lstm(kind, stack_calls):
     for a, b in zip(res[1], res[0]):
         torch.testing.assert_close(a, b, **TOL)
     assert stack_calls == {"stack": 1, "fwd": 0}
+
+
+def test_cell_with_zero_hidden_size_matches_torch():
+    x = torch.randn(3, 10, requires_grad=True)
+    hx = torch.randn(3, 0)
+    h, c = tritonlstm.LSTMCell(10, 0, backend="triton")(x, (hx, hx))
+    assert h.shape == c.shape == (3, 0)
+    h.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_double_backward_is_refused_clearly_and_works_on_the_torch_backend():
+    m = tritonlstm.LSTM(8, 8, backend="triton")
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    y, _ = m(x)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward.*backend='torch'"):
+        g.sum().backward()
+    m.backend = "torch"
+    ref = nn.LSTM(8, 8)
+    ref.load_state_dict(m.state_dict())
+    grads = []
+    for mod in (m, ref):
+        x.grad = None
+        (g,) = torch.autograd.grad(mod(x)[0].square().sum(), x, create_graph=True)
+        g.sum().backward()
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], **TOL)

@@ -120,6 +120,16 @@ def _(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse):
     return torch.empty_like(gates), torch.empty_like(dhn), torch.empty_like(dhn)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "tritonlstm: double backward (the gradient of a gradient through the LSTM) is not supported by the Triton "
+        "kernels, as it is not by cuDNN's. Run that forward pass with backend='torch' (module.backend = 'torch', "
+        "or fused_lstm(..., backend='torch')), whose plain PyTorch ops support it.")
+
+
+_lstm_recurrence_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 @torch.library.custom_op("tritonlstm::lstm_stack", mutates_args=())
 def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
                 lengths: Tensor | None, training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

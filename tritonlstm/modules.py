@@ -190,10 +190,12 @@ class LSTMCell(nn.LSTMCell):
             h0, c0 = (hx[0], hx[1]) if is_batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         if x.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}")
-        for i, st in enumerate((h0, c0)):
-            if tuple(st.shape) != (B, self.hidden_size):
-                raise RuntimeError(f"hx[{i}] has inconsistent size: got {list(st.shape)}, expected "
-                                   f"{[B, self.hidden_size]} (input batch {B}, hidden_size {self.hidden_size})")
+        for i, st in enumerate((h0, c0)):  # nn.LSTMCell's own messages
+            if st.size(0) != B:
+                raise RuntimeError(f"Input batch size {B} doesn't match hidden{i} batch size {st.size(0)}")
+            if st.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {st.size(1)}, "
+                                   f"expected {self.hidden_size}")
         if cast is None and x.dtype != self.weight_ih.dtype:
             raise RuntimeError(f"LSTMCell input dtype ({x.dtype}) does not match weight dtype "
                                f"({self.weight_ih.dtype})")
@@ -201,8 +203,10 @@ class LSTMCell(nn.LSTMCell):
         if cast is not None:
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
             w = [None if t is None else t.to(cast) for t in w]
-        if B == 0:
-            return h0, c0
+        if B == 0 or self.hidden_size == 0:  # nothing to compute; keep the outputs connected to the graph
+            nothing = 0 * x.sum()
+            h, c = h0 + nothing, c0 + nothing
+            return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
         y, (_, c) = fused_lstm(x[None], *w, h0, c0, backend="triton")
         h = y[0]
         if not is_batched:
