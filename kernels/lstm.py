@@ -293,7 +293,8 @@ def lstm_bwd_kernel(
     GATES,  # [T, B, D*4H] activated gates i, f, g, o from the forward
     C_ALL,  # [T, B, D*H] float32 c_t from the forward
     C0,  # [D, B, H] float32 initial cell state
-    W,  # [D, 4H, H] W_hh
+    W,  # [D, 4H, H] W_hh ([L, 4H, H] when STACK)
+    W_IH,  # [L-1, 4H, H] W_ih of the layers above the first (when STACK)
     DY,  # [T, B, D*H] gradient of the output
     DHN,  # [D, B, H] gradient of h_n
     DCN,  # [D, B, H] gradient of c_n
@@ -317,6 +318,7 @@ def lstm_bwd_kernel(
     D: tl.constexpr,
     W_RESIDENT: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
+    STACK: tl.constexpr,  # axis 2 is the layer of a unidirectional stack run as a reverse wavefront (D = 1)
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -327,11 +329,27 @@ def lstm_bwd_kernel(
     n_h = tl.num_programs(0)
     n_q = tl.num_programs(1)
     n_tiles = (B + BB - 1) // BB
-    rev = (i_d + rev0) == 1
-    GATES += i_d * 4 * H
-    DG += i_d * 4 * H
-    C_ALL += i_d * H
-    DY += i_d * H
+    if STACK:
+        # Layer i_l of a reverse wavefront lags the layer above by one step: its dh_t needs the layer above's
+        # dG_t (through that layer's W_ih), written one global step earlier. GATES, DG, C_ALL and DY are
+        # [L, T, B, *]; DG_UP is the layer above's dG.
+        rev = rev0 == 1  # a stack runs forwards (rev0 = 0)
+        i_l = i_d
+        lag = tl.num_programs(2) - 1 - i_l
+        has_up = lag > 0
+        GATES += i_l.to(tl.int64) * T * B * 4 * H
+        DG += i_l.to(tl.int64) * T * B * 4 * H
+        DG_UP = DG + T.to(tl.int64) * B * 4 * H
+        C_ALL += i_l.to(tl.int64) * T * B * H
+        DY += i_l.to(tl.int64) * T * B * H
+        W_IH += i_l * 4 * H * H
+    else:
+        rev = (i_d + rev0) == 1
+        lag = 0
+        GATES += i_d * 4 * H
+        DG += i_d * 4 * H
+        C_ALL += i_d * H
+        DY += i_d * H
     W += i_d * 4 * H * H
     C0 += i_d * B * H
     DHN += i_d * B * H
@@ -348,11 +366,17 @@ def lstm_bwd_kernel(
     if W_RESIDENT:
         # dh_{t-1} = dG_t @ W_hh: tile (k, j) of gate g is W_hh[g*H + k, j].
         b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, H, 1)
+        if STACK:
+            # dX_{l+1,t} = dG_{l+1,t} @ W_ih_{l+1}: tile (k, j) of gate g is W_ih_{l+1}[g*H + k, j].
+            b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & has_up, m_j, H, H, 1)
 
     poisoned = tl.load(ERR, volatile=True) != 0  # as in the forward
-    for r in range(S_START, S_START + S_COUNT):
+    for r_glob in range(S_START, S_START + S_COUNT):
+        r = r_glob - lag
         s = T - 1 - r
-        for i_b in range(i_q, n_tiles, n_q):
+        # Outside its own steps 0..T (the wavefront's ramps) a layer only keeps the barrier.
+        n_active = tl.where((r >= 0) & (r <= T), n_tiles, 0)
+        for i_b in range(i_q, n_active, n_q):
             o_b = i_b * BB + tl.arange(0, BB)
             m_b = o_b < B
             last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
@@ -379,6 +403,25 @@ def lstm_bwd_kernel(
                                input_precision=DOT_PRECISION)
                 b_dh += tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wo,
                                input_precision=DOT_PRECISION)
+            if STACK:
+                # The gradient arriving from the layer above at this step: its dG_t @ W_ih over all 4H columns.
+                m_up = (m_b & (s >= 0) & (s <= last)) & has_up
+                o_row_up = o_t * B + o_b
+                for k0 in range(0, H, BK):
+                    o_kk = k0 + o_k
+                    m_k = o_kk < H
+                    p_up = DG_UP + o_row_up[:, None] * SG + o_kk[None, :]
+                    m_dg = m_up[:, None] & m_k[None, :]
+                    if not W_RESIDENT:
+                        b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH + k0 * H, o_k, o_j, m_k & has_up, m_j, H, H, 1)
+                    b_dh += tl.dot(tl.load(p_up, mask=m_dg, other=0.0, cache_modifier=".cg"), b_ui,
+                                   input_precision=DOT_PRECISION)
+                    b_dh += tl.dot(tl.load(p_up + H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_uf,
+                                   input_precision=DOT_PRECISION)
+                    b_dh += tl.dot(tl.load(p_up + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_ug,
+                                   input_precision=DOT_PRECISION)
+                    b_dh += tl.dot(tl.load(p_up + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_uo,
+                                   input_precision=DOT_PRECISION)
             b_dh = tl.where(poisoned, float("nan"), b_dh)
             p_dc = DC_WS + o_bh
             b_dc = tl.load(p_dc, mask=m_b[:, None] & m_j[None, :], other=0.0, cache_modifier=".cg")
@@ -423,7 +466,11 @@ def lstm_bwd_kernel(
                 tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_out)
                 tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
         if PERSISTENT:
-            failed = _grid_barrier(ERR, SYNC + i_d * n_q + i_q, (r - S_START + 1) * n_h, max_spin)
+            if STACK:
+                # One counter for the whole stack: a layer's step needs the layer above's dG of the same t.
+                failed = _grid_barrier(ERR, SYNC + i_q, (r_glob - S_START + 1) * n_h * tl.num_programs(2), max_spin)
+            else:
+                failed = _grid_barrier(ERR, SYNC + i_d * n_q + i_q, (r_glob - S_START + 1) * n_h, max_spin)
             poisoned = poisoned | failed
 
 
@@ -594,8 +641,32 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     dc0 = _alloc((D, B, H), dt, dev)
     sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
-    args = (gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
+    args = (gates, c_all, c0, w_hh, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
             last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
-         dict(D=D, HAS_LENGTHS=last is not None, DOT_PRECISION=_dot_precision(dt)))
+         dict(D=D, HAS_LENGTHS=last is not None, STACK=False, DOT_PRECISION=_dot_precision(dt)))
+    return dg, dh0, dc0
+
+
+def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, config):
+    """The reverse recurrence of a unidirectional stack of L layers in one launch, as a reverse wavefront: layer
+    l runs its step r (time T - 1 - r) at global step r + L - 1 - l, after the layer above has produced its dG of
+    that time, so the stack takes T + L steps. gates [L, T, B, 4H] and c_all [L, T, B, H] float32 from
+    lstm_stack_forward, c0 [L, B, H] float32, w_ih [L-1, 4H, H] of the layers above the first, w_hh
+    [L, 4H, H], dy [L, T, B, H] (the gradient of every layer's own output; the gradient arriving from the layer
+    above is added inside), dhn and dcn [L, B, H]. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
+    L, T, B, G = gates.shape
+    H = w_hh.shape[2]
+    _check_residency(config, H, L, gates.device)
+    dt, dev = gates.dtype, gates.device
+    dg = torch.zeros_like(gates) if last is not None else _alloc((L, T, B, G), dt, dev)
+    dc_ws = torch.zeros(L, B, H, device=dev, dtype=torch.float32)
+    dh0 = _alloc((L, B, H), dt, dev)
+    dc0 = _alloc((L, B, H), dt, dev)
+    sync = torch.zeros(config.batch_groups, device=dev, dtype=torch.int32)
+    grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
+    args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
+            last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, 0)
+    _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
+         dict(D=1, HAS_LENGTHS=last is not None, STACK=True, DOT_PRECISION=_dot_precision(dt)))
     return dg, dh0, dc0

@@ -25,12 +25,13 @@ def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
     bad = [r for r in rows if not r["ok"]]
     assert not bad, "\n".join(proc.stdout.splitlines()[-40:])
     assert proc.returncode == 0
-    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "stack"}
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "stack", "stack_bwd"}
     assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
     assert all(0 < r["shared"] <= SM90_SHARED_LIMIT and r["spill_bytes"] == 0 and r["error"] is None for r in rows)
     configs = shipped_configs(4096)
-    assert len(rows) == sum(1 if kernel == "bwd" else 2 for kernel, *_ in configs)
-    assert {r["store_gates"] for r in rows if r["kernel"] != "bwd"} == {True, False}
+    backward = ("bwd", "stack_bwd")
+    assert len(rows) == sum(1 if kernel in backward else 2 for kernel, *_ in configs)
+    assert {r["store_gates"] for r in rows if r["kernel"] not in backward} == {True, False}
 
 
 def test_heuristic_keeps_programs_resident_and_weights_on_chip_up_to_1024():
@@ -54,3 +55,15 @@ def test_heuristic_splits_the_sms_between_two_directions():
         for hidden in (256, 512, 1024):
             cfg = heuristic_config(hidden, 64, dtype, 132, directions=2)
             assert cfg.persistent and 2 * cfg.programs(hidden) <= 132, (dtype, hidden, cfg)
+
+
+def test_stack_configs_of_the_bench_rows_run_persistent():
+    """The bench's multi-layer rows (H = 512, B = 16): both wavefronts in one persistent launch, every layer's
+    programs resident together."""
+    from tritonlstm.configs import stack_backward_config
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for layers in (2, 4):
+            for cfg in (heuristic_config(512, 16, dtype, 132, layers=layers),
+                        stack_backward_config(512, 16, dtype, 132, layers)):
+                assert cfg.persistent and layers * cfg.programs(512) <= 132, (dtype, layers, cfg)

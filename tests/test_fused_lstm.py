@@ -413,13 +413,14 @@ def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):
 @pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5, 1, 6])], ids=["padded", "lengths"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, monkeypatch):
-    """lstm_stack (every layer in one forward launch, backward layer by layer) against the float64 reference
+    """lstm_stack (every layer in one forward launch, and in one backward launch) against the float64 reference
     run layer by layer: outputs, states and every gradient."""
     from tritonlstm.functional import lstm_stack
 
     launches = []
-    stack = kernels.lstm_stack_forward
-    monkeypatch.setattr(kernels, "lstm_stack_forward", lambda *a, **k: launches.append(1) or stack(*a, **k))
+    for name in ("lstm_stack_forward", "lstm_stack_backward", "lstm_forward", "lstm_backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=real, **k: launches.append(_n) or _f(*a, **k))
     T, B, I, H, L = 6, 5, 7, 33 if config is not None else 12, 3
     layers = [make_problem(T, B, I if l == 0 else H, H, dtype) for l in range(L)]
     keys = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -430,7 +431,7 @@ def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, monkeypa
         return layers[0]["x"].detach().to(dt).requires_grad_(), ws, st
 
     x, ws, (h0, c0) = leaves(dtype)
-    with use_config(config, kernel="stack"), use_config(config, kernel="bwd"):
+    with use_config(config):
         y, (hn, cn) = lstm_stack(x, ws, h0, c0, lengths=lengths, backend="triton")
     xr, wr, (h0r, c0r) = leaves(torch.float64)
     yr, hs, cs = xr, [], []
@@ -440,10 +441,11 @@ def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, monkeypa
         cs.append(c)
     hr, cr = torch.stack(hs), torch.stack(cs)
     weights = tuple(torch.randn_like(t) for t in (yr, hr, cr))
-    loss_of(y, hn, cn, weights).backward()
+    with use_config(config):
+        loss_of(y, hn, cn, weights).backward()
     loss_of(yr, hr, cr, weights).backward()
     tol = RESOLUTION[dtype]
     assert rel_err(y, yr) < tol and rel_err(hn, hr) < tol and rel_err(cn, cr) < tol
     for a, b in [(x, xr), (h0, h0r), (c0, c0r)] + [(p, q) for wl, wq in zip(ws, wr) for p, q in zip(wl, wq)]:
         assert rel_err(a.grad, b.grad) < 2 * tol
-    assert launches == [1]
+    assert launches == ["lstm_stack_forward", "lstm_stack_backward"]

@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from tritonlstm.configs import LSTMConfig, heuristic_config
+from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_config
 
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
 H100_SMS = 132
@@ -52,9 +52,9 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "STACK", "STORE_GATES",
                  "PERSISTENT", "DOT_PRECISION")
     else:
-        ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
+        ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
                 "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32"}
-        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_LENGTHS", "PERSISTENT", "DOT_PRECISION")
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_LENGTHS", "STACK", "PERSISTENT", "DOT_PRECISION")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
 
 
@@ -77,7 +77,8 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
 
 def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
           has_lengths: bool = False, directions: int = 1) -> Resources:
-    """kernel: "fwd", "bwd" or "stack" (the forward kernel in its wavefront-stack form)."""
+    """kernel: "fwd", "bwd", "stack" or "stack_bwd" (the forward or backward kernel in its wavefront-stack
+    form)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -92,11 +93,14 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
     if kernel in ("fwd", "stack"):
         consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates)
-    fn = k.lstm_bwd_kernel if kernel == "bwd" else k.lstm_fwd_kernel
+    else:
+        consts.update(STACK=kernel == "stack_bwd")
+    backward = kernel in ("bwd", "stack_bwd")
+    fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,
-                    store_gates=store_gates and kernel != "bwd")
+                    store_gates=store_gates and not backward)
     try:
-        src = ASTSource(fn=fn, signature=_signature("bwd" if kernel == "bwd" else "fwd", tdt), constexprs=consts)
+        src = ASTSource(fn=fn, signature=_signature("bwd" if backward else "fwd", tdt), constexprs=consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
         res.shared = compiled.metadata.shared
@@ -109,16 +113,19 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
 def shipped_configs(max_hidden: int = 1024) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
     """(kernel, dtype, H, config) for every distinct config the heuristic can choose on an H100 for
     H <= max_hidden, any batch: one direction or both in one launch (fwd, bwd), and wavefront stacks of
-    2 to 4 layers (stack)."""
+    2 to 4 layers (stack, stack_bwd)."""
     seen, out = set(), []
     hiddens = sorted({h for p in range(0, 14) for h in (2 ** p, 2 ** p + 1) if h <= max_hidden} | {24, 33, 100, 1000})
     shapes = [(kn, dict(directions=d)) for kn in ("fwd", "bwd") for d in (1, 2)] + \
-        [("stack", dict(layers=n)) for n in (2, 3, 4)]
+        [(kn, dict(layers=n)) for kn in ("stack", "stack_bwd") for n in (2, 3, 4)]
     for dtype in _TRITON_DTYPE:
         for hidden in hiddens:
             for batch in (1, 16, 17, 33, 64, 256, 4096):
                 for kernel, kw in shapes:
-                    cfg = heuristic_config(hidden, batch, dtype, H100_SMS, **kw)
+                    if kernel == "stack_bwd":
+                        cfg = stack_backward_config(hidden, batch, dtype, H100_SMS, **kw)
+                    else:
+                        cfg = heuristic_config(hidden, batch, dtype, H100_SMS, **kw)
                     # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
                     key = (kernel, dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
                            cfg.num_warps, cfg.num_stages)
@@ -137,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = []
     jobs = [(kernel, dtype, hidden, cfg, store) for kernel, dtype, hidden, cfg in shipped_configs(args.max_hidden)
-            for store in ((True,) if kernel == "bwd" else (True, False))]
+            for store in ((True,) if kernel in ("bwd", "stack_bwd") else (True, False))]
     for kernel, dtype, hidden, cfg, store in jobs:
         r = check(kernel, dtype, hidden, cfg, store_gates=store)
         rows.append(r)
         status = "ok" if r.ok else "FAIL"
-        variant = "" if kernel == "bwd" else ("/train" if store else "/infer")
+        variant = "" if kernel in ("bwd", "stack_bwd") else ("/train" if store else "/infer")
         print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
               f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
               f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" {r.error}" if r.error else ""), flush=True)

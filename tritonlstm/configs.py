@@ -47,7 +47,8 @@ class LSTMConfig:
         return cdiv(hidden, self.block_h) * self.batch_groups
 
 
-KERNELS = ("fwd", "bwd", "stack")  # stack: the wavefront forward of a unidirectional multi-layer LSTM
+# stack, stack_bwd: the forward and backward wavefronts of a unidirectional multi-layer LSTM
+KERNELS = ("fwd", "bwd", "stack", "stack_bwd")
 _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tritonlstm_config", default=None)
 
 
@@ -124,6 +125,28 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
                       persistent=True, num_warps=warps)
 
 
+def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None, layers: int,
+                          interpreter: bool = False) -> LSTMConfig:
+    """The reverse wavefront of a stack: the forward stack's choice, except where its two sets of four gate dots
+    per step (dG_{t+1} @ W_hh and the layer above's dG_t @ W_ih) spill registers (compile-only sweeps,
+    2026-11-26): whole-K resident tiles from K = 512 (fp32) or 1024 (16-bit), 8 warps at K = 64 (16-bit),
+    and 64-wide (16-bit) or stepwise 16-wide (fp32) streamed K chunks."""
+    cfg = heuristic_config(hidden, batch, dtype, num_sms, interpreter=interpreter, layers=layers)
+    if interpreter or num_sms is None:
+        return cfg
+    hk = max(16, _pow2(hidden))
+    esize = torch.empty((), dtype=dtype).element_size()
+    if cfg.w_resident and hk * esize < 2048:
+        return dataclasses.replace(cfg, num_warps=4) if hk == 64 and esize == 2 else cfg
+    bh, bk = 16, 32 if esize < 4 else 16
+    if cdiv(hidden, bh) > num_sms // layers:
+        return LSTMConfig(block_h=bh, block_b=16, block_k=bk, w_resident=False, batch_groups=cdiv(batch, 16),
+                          persistent=False, num_warps=8)
+    groups = max(1, min(cdiv(batch, 16), num_sms // layers // cdiv(hidden, bh)))
+    return LSTMConfig(block_h=bh, block_b=16, block_k=bk, w_resident=False, batch_groups=groups, persistent=True,
+                      num_warps=4)
+
+
 def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,
                   kernel: str = "fwd", directions: int = 1, layers: int = 1) -> LSTMConfig:
     forced = (_override.get() or {}).get(kernel)
@@ -131,8 +154,10 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
         return forced
     if interpreter or device.type != "cuda":
         return heuristic_config(hidden, batch, dtype, None, interpreter=True, directions=directions, layers=layers)
-    if kernel == "stack":  # not tuned yet: the heuristic
+    if kernel in ("stack", "stack_bwd"):  # not tuned yet: the heuristic
         sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if kernel == "stack_bwd":
+            return stack_backward_config(hidden, batch, dtype, sms, layers)
         return heuristic_config(hidden, batch, dtype, sms, layers=layers)
     from tritonlstm.tuning import lookup  # the cache and the tuner; imported here to keep this module light
 

@@ -130,6 +130,30 @@ def _no_double_backward(ctx, *grads):
 _lstm_recurrence_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+@torch.library.custom_op("tritonlstm::lstm_stack_backward", mutates_args=())
+def _lstm_stack_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
+                         weight_ih: Tensor, weight_hh: Tensor,
+                         lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The reverse wavefront of a stack: dy [L, T, B, H] (each layer's own output gradient), dhn, dcn, c0
+    [L, B, H], gates [L, T, B, 4H], c_all [L, T, B, H]. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
+    k = _kernels()
+    L, T, B, _ = gates.shape
+    H = weight_hh.shape[2]
+    config = select_config(H, B, gates.dtype, gates.device, k.interpreting(), "stack_bwd", layers=L)
+    return k.lstm_stack_backward(gates, c_all, c0.to(torch.float32).contiguous(), weight_ih.contiguous(),
+                                 weight_hh.contiguous(), dy.contiguous(), dhn.contiguous(), dcn.contiguous(),
+                                 _last_steps(lengths, gates.device), config=config)
+
+
+@_lstm_stack_backward.register_fake
+def _(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths):
+    return torch.empty_like(gates), torch.empty_like(dhn), torch.empty_like(dhn)
+
+
+_lstm_stack_backward.register_autograd(_no_double_backward,
+                                       setup_context=lambda ctx, inputs, output: None)
+
+
 @torch.library.custom_op("tritonlstm::lstm_stack", mutates_args=())
 def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
                 lengths: Tensor | None, training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -169,8 +193,9 @@ def _stack_setup_context(ctx, inputs, output):
 
 
 def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
-    """Layer by layer from the top, each layer's reverse recurrence on the backward kernel: the gradient of a
-    layer's input (dG @ W_ih) is the gradient of the output of the layer below."""
+    """The stack's reverse recurrence in one launch (a reverse wavefront over the layers), then the weight
+    gradients as GEMMs: layer l's input is the layer below's output (x for layer 0, whose input gradient is
+    dG_0, the gradient of gx)."""
     weight_ih, weight_hh, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
     if gates.numel() == 0:
         raise RuntimeError("tritonlstm: backward through a stack forward that ran without saving its gates")
@@ -178,22 +203,19 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = torch.zeros_like(h0) if dhn is None else dhn
     dcn = torch.zeros_like(h0) if dcn is None else dcn
-    d_ih, d_hh, d_bias, d_h0, d_c0 = [None] * (L - 1), [None] * L, [None] * L, [None] * L, [None] * L
-    dy_l, dg = dy[L - 1], None
-    for l in reversed(range(L)):
-        dg, dh0, dc0 = _lstm_recurrence_backward(dy_l, dhn[l:l + 1], dcn[l:l + 1], gates[l], c_all[l], c0[l:l + 1],
-                                                 weight_hh[l:l + 1], lengths, False)
-        dg2 = dg.view(T * B, 4 * H)
-        d_hh[l] = torch.mm(dg2.t(), _previous_h(y[l], h0[l], lengths, False).reshape(T * B, H))
-        d_bias[l] = dg2.sum(0, dtype=torch.float32)
-        d_h0[l], d_c0[l] = dh0[0], dc0[0]
-        if l > 0:
-            d_ih[l - 1] = torch.mm(dg2.t(), y[l - 1].reshape(T * B, H))
-            dy_l = torch.mm(dg2, weight_ih[l - 1]).view(T, B, H) + dy[l - 1]
+    dg, dh0, dc0 = _lstm_stack_backward(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths)
+    dg2 = dg.view(L, T * B, 4 * H)
     need = ctx.needs_input_grad
-    return (dg if need[0] else None, torch.stack(d_ih) if need[1] and L > 1 else None,
-            torch.stack(d_hh) if need[2] else None, torch.stack(d_bias) if need[3] else None,
-            torch.stack(d_h0) if need[4] else None, torch.stack(d_c0) if need[5] else None, None, None)
+    d_ih = d_hh = d_bias = None
+    if need[1] and L > 1:
+        d_ih = torch.bmm(dg2[1:].transpose(1, 2), y[:-1].reshape(L - 1, T * B, H))
+    if need[2]:
+        h_prev = torch.stack([_previous_h(y[l], h0[l], lengths, False) for l in range(L)])
+        d_hh = torch.bmm(dg2.transpose(1, 2), h_prev.view(L, T * B, H))
+    if need[3]:
+        d_bias = dg2.sum(1, dtype=torch.float32)
+    return (dg[0] if need[0] else None, d_ih, d_hh, d_bias, dh0 if need[4] else None, dc0 if need[5] else None,
+            None, None)
 
 
 _lstm_stack.register_autograd(_stack_backward, setup_context=_stack_setup_context)
