@@ -114,6 +114,8 @@ def lstm_fwd_kernel(
     GATES,  # [T, B, D*4H] out: the activated gates i, f, g, o for the backward (when STORE_GATES)
     W,  # [D, 4H, H] W_hh ([L, 4H, H] when STACK)
     W_IH,  # [L-1, 4H, H] W_ih of the layers above the first (when STACK)
+    DROP,  # [L-1, T, B, H] dropout scale (0 or 1/(1-p)) of each layer's output but the last (when HAS_DROPOUT)
+    XD,  # [L-1, T, B, H] out: those outputs after dropout, the next layer's input (when HAS_DROPOUT)
     BIAS,  # [D, 4H] float32, b_ih + b_hh
     H0,  # [D, B, H] initial hidden state
     C_WS,  # [D, B, H] float32 cell state carried between steps; holds c0 on entry
@@ -139,6 +141,7 @@ def lstm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     STACK: tl.constexpr,  # axis 2 is the layer of a unidirectional stack run as a wavefront (D = 1)
+    HAS_DROPOUT: tl.constexpr,  # dropout between the layers of a STACK
     STORE_GATES: tl.constexpr,
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -154,7 +157,14 @@ def lstm_fwd_kernel(
         # Layer i_l of a wavefront: at global step s it runs its own step s - i_l, reading the layer below's
         # output of that step (written one global step earlier). Y is [L, T, B, H]; so are GATES and C_ALL.
         i_l = i_d
-        X = Y + (i_l.to(tl.int64) - 1) * T * B * H
+        has_next = i_l < tl.num_programs(2) - 1
+        if HAS_DROPOUT:
+            # Layer l writes its output after dropout to XD[l]; layer l + 1 reads its input there.
+            X = XD + (i_l.to(tl.int64) - 1) * T * B * H
+            XD += i_l.to(tl.int64) * T * B * H
+            DROP += i_l.to(tl.int64) * T * B * H
+        else:
+            X = Y + (i_l.to(tl.int64) - 1) * T * B * H
         Y += i_l.to(tl.int64) * T * B * H
         GATES += i_l.to(tl.int64) * T * B * 4 * H
         C_ALL += i_l.to(tl.int64) * T * B * H
@@ -263,6 +273,14 @@ def lstm_fwd_kernel(
 
             o_bh = o_b[:, None] * H + o_j[None, :]
             tl.store(Y + o_row[:, None] * SY + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
+            if STACK:
+                if HAS_DROPOUT:
+                    # On the [BB, BH] output tile, where it costs no registers (on the next layer's [BB, H]
+                    # input tile it spilled).
+                    o_xd = o_row[:, None] * H + o_j[None, :]
+                    m_xd = m_live & has_next
+                    b_scale = tl.load(DROP + o_xd, mask=m_xd, other=0.0).to(tl.float32)
+                    tl.store(XD + o_xd, (b_y * b_scale).to(XD.dtype.element_ty), mask=m_xd)
             tl.store(p_c, b_c, mask=m_live)
             if STORE_GATES:
                 p_gates = GATES + o_row[:, None] * SG + o_j[None, :]
@@ -295,6 +313,7 @@ def lstm_bwd_kernel(
     C0,  # [D, B, H] float32 initial cell state
     W,  # [D, 4H, H] W_hh ([L, 4H, H] when STACK)
     W_IH,  # [L-1, 4H, H] W_ih of the layers above the first (when STACK)
+    DROP,  # [L-1, T, B, H] the forward's dropout scale between layers (when HAS_DROPOUT)
     DY,  # [T, B, D*H] gradient of the output
     DHN,  # [D, B, H] gradient of h_n
     DCN,  # [D, B, H] gradient of c_n
@@ -319,6 +338,7 @@ def lstm_bwd_kernel(
     W_RESIDENT: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     STACK: tl.constexpr,  # axis 2 is the layer of a unidirectional stack run as a reverse wavefront (D = 1)
+    HAS_DROPOUT: tl.constexpr,  # dropout between the layers of a STACK
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -343,6 +363,7 @@ def lstm_bwd_kernel(
         C_ALL += i_l.to(tl.int64) * T * B * H
         DY += i_l.to(tl.int64) * T * B * H
         W_IH += i_l * 4 * H * H
+        DROP += i_l.to(tl.int64) * T * B * H
     else:
         rev = (i_d + rev0) == 1
         lag = 0
@@ -407,6 +428,7 @@ def lstm_bwd_kernel(
                 # The gradient arriving from the layer above at this step: its dG_t @ W_ih over all 4H columns.
                 m_up = (m_b & (s >= 0) & (s <= last)) & has_up
                 o_row_up = o_t * B + o_b
+                b_up = tl.zeros([BB, BH], dtype=tl.float32)
                 for k0 in range(0, H, BK):
                     o_kk = k0 + o_k
                     m_k = o_kk < H
@@ -414,14 +436,18 @@ def lstm_bwd_kernel(
                     m_dg = m_up[:, None] & m_k[None, :]
                     if not W_RESIDENT:
                         b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH + k0 * H, o_k, o_j, m_k & has_up, m_j, H, H, 1)
-                    b_dh += tl.dot(tl.load(p_up, mask=m_dg, other=0.0, cache_modifier=".cg"), b_ui,
+                    b_up += tl.dot(tl.load(p_up, mask=m_dg, other=0.0, cache_modifier=".cg"), b_ui,
                                    input_precision=DOT_PRECISION)
-                    b_dh += tl.dot(tl.load(p_up + H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_uf,
+                    b_up += tl.dot(tl.load(p_up + H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_uf,
                                    input_precision=DOT_PRECISION)
-                    b_dh += tl.dot(tl.load(p_up + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_ug,
+                    b_up += tl.dot(tl.load(p_up + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_ug,
                                    input_precision=DOT_PRECISION)
-                    b_dh += tl.dot(tl.load(p_up + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_uo,
+                    b_up += tl.dot(tl.load(p_up + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_uo,
                                    input_precision=DOT_PRECISION)
+                if HAS_DROPOUT:
+                    o_drop = o_row_up[:, None] * H + o_j[None, :]
+                    b_up *= tl.load(DROP + o_drop, mask=m_up[:, None] & m_j[None, :], other=0.0).to(tl.float32)
+                b_dh += b_up
             b_dh = tl.where(poisoned, float("nan"), b_dh)
             p_dc = DC_WS + o_bh
             b_dc = tl.load(p_dc, mask=m_b[:, None] & m_j[None, :], other=0.0, cache_modifier=".cg")
@@ -593,38 +619,48 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     c_all = _alloc((T, B, D * H), torch.float32, dev) if store_gates else c_ws
     sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
-    args = (gx, gates, w_hh, w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
+    args = (gx, gates, w_hh, w_hh, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
             last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, dev, args,
-         dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, STORE_GATES=store_gates,
-              DOT_PRECISION=_dot_precision(dt)))
+         dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
+              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)))
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
-def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: bool, config):
+def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: bool, config, drop=None):
     """A unidirectional stack of L layers of equal width in one launch, as a wavefront: layer l runs its step t
     at global step t + l, so the stack takes T + L - 1 steps instead of L * T. gx = x @ W_ih^T of the first
     layer [T, B, 4H]; w_ih [L-1, 4H, H] of the layers above; w_hh [L, 4H, H]; bias [L, 4H] float32 or None;
-    h0 [L, B, H]; c_ws [L, B, H] float32 holding c0 (updated in place). Returns every layer's output
-    y [L, T, B, H], h_n and c_n [L, B, H] and, when store_gates, every layer's activated gates [L, T, B, 4H]
-    and c_t [L, T, B, H] float32 for the backward (else None, None)."""
+    h0 [L, B, H]; c_ws [L, B, H] float32 holding c0 (updated in place); drop [L-1, T, B, H] or None: the
+    dropout scale (0 or 1/(1-p)) applied to each layer's output before the layer above takes it as input.
+    Returns every layer's output y [L, T, B, H], h_n and c_n [L, B, H], when store_gates every layer's
+    activated gates [L, T, B, 4H] and c_t [L, T, B, H] float32 for the backward (else None, None), and the
+    dropped outputs [L-1, T, B, H] that the layers above took as input (None without drop)."""
     T, B, _ = gx.shape
     L, G, H = w_hh.shape
     _check_residency(config, H, L, gx.device)
     dt, dev = gx.dtype, gx.device
-    y = torch.zeros(L, T, B, H, device=dev, dtype=dt) if last is not None else _alloc((L, T, B, H), dt, dev)
+    # With lengths, positions past a row's end are never written and must read as zero (also in xd, which the
+    # backward multiplies by dG).
+    new = (lambda *shape: torch.zeros(shape, device=dev, dtype=dt)) if last is not None else \
+        (lambda *shape: _alloc(shape, dt, dev))
+    y = new(L, T, B, H)
+    xd = new(max(L - 1, 1), T, B, H) if drop is not None else None
     hn = _alloc((L, B, H), dt, dev)
     cn = _alloc((L, B, H), dt, dev)
     gates = _alloc((L, T, B, G), dt, dev) if store_gates else gx
     c_all = _alloc((L, T, B, H), torch.float32, dev) if store_gates else c_ws
     sync = torch.zeros(config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
-    args = (gx, gates, w_hh, w_ih if L > 1 else w_hh, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn,
-            c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, 0)
+    args = (gx, gates, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else y, xd if xd is not None else y,
+            bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync, sync,
+            barrier_errors.flag(dev), T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
-         dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, STORE_GATES=store_gates,
-              DOT_PRECISION=_dot_precision(dt)))
-    return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
+         dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
+              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)))
+    if not store_gates:
+        gates = c_all = None
+    return y, hn, cn, gates, c_all, xd
 
 
 def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config):
@@ -641,20 +677,21 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     dc0 = _alloc((D, B, H), dt, dev)
     sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
-    args = (gates, c_all, c0, w_hh, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
+    args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
             last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
-         dict(D=D, HAS_LENGTHS=last is not None, STACK=False, DOT_PRECISION=_dot_precision(dt)))
+         dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt)))
     return dg, dh0, dc0
 
 
-def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, config):
+def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, config, drop=None):
     """The reverse recurrence of a unidirectional stack of L layers in one launch, as a reverse wavefront: layer
     l runs its step r (time T - 1 - r) at global step r + L - 1 - l, after the layer above has produced its dG of
     that time, so the stack takes T + L steps. gates [L, T, B, 4H] and c_all [L, T, B, H] float32 from
     lstm_stack_forward, c0 [L, B, H] float32, w_ih [L-1, 4H, H] of the layers above the first, w_hh
     [L, 4H, H], dy [L, T, B, H] (the gradient of every layer's own output; the gradient arriving from the layer
-    above is added inside), dhn and dcn [L, B, H]. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
+    above is added inside, times the forward's dropout scale drop [L-1, T, B, H] when given), dhn and dcn
+    [L, B, H]. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
     L, T, B, G = gates.shape
     H = w_hh.shape[2]
     _check_residency(config, H, L, gates.device)
@@ -665,8 +702,9 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     dc0 = _alloc((L, B, H), dt, dev)
     sync = torch.zeros(config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
-    args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
-            last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, 0)
+    args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
+            dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
-         dict(D=1, HAS_LENGTHS=last is not None, STACK=True, DOT_PRECISION=_dot_precision(dt)))
+         dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
+              DOT_PRECISION=_dot_precision(dt)))
     return dg, dh0, dc0

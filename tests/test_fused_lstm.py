@@ -412,9 +412,13 @@ def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):
                          ids=["default", "stepwise-P5-Q2", "streamedW"])
 @pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5, 1, 6])], ids=["padded", "lengths"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, monkeypatch):
-    """lstm_stack (every layer in one forward launch, and in one backward launch) against the float64 reference
-    run layer by layer: outputs, states and every gradient."""
+@pytest.mark.parametrize("dropout", [False, True], ids=["", "dropout"])
+def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, dropout, monkeypatch):
+    """lstm_stack (every layer in one forward launch, and in one backward launch; with a dropout scale between
+    the layers or none) against the float64 reference run layer by layer: outputs, states and every
+    gradient."""
+    if dropout and config is None:
+        pytest.skip("the dropout variants run on the multi-program configs")
     from tritonlstm.functional import lstm_stack
 
     launches = []
@@ -431,11 +435,17 @@ def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, monkeypa
         return layers[0]["x"].detach().to(dt).requires_grad_(), ws, st
 
     x, ws, (h0, c0) = leaves(dtype)
+    scale = None
+    if dropout:
+        g = torch.Generator().manual_seed(7)
+        scale = (torch.rand(L - 1, T, B, H, generator=g) > 0.3).to(dtype) / 0.7
     with use_config(config):
-        y, (hn, cn) = lstm_stack(x, ws, h0, c0, lengths=lengths, backend="triton")
+        y, (hn, cn) = lstm_stack(x, ws, h0, c0, lengths=lengths, dropout_scale=scale, backend="triton")
     xr, wr, (h0r, c0r) = leaves(torch.float64)
     yr, hs, cs = xr, [], []
     for l in range(L):
+        if l > 0 and dropout:
+            yr = yr * scale[l - 1].double()
         yr, (h, c) = tritonlstm.naive.lstm_layer_reference(yr, *wr[l], h0r[l], c0r[l], lengths=lengths)
         hs.append(h)
         cs.append(c)

@@ -128,31 +128,24 @@ def test_dropout_eval_is_exact():
 
 
 def test_dropout_training_mask_statistics_and_seed(monkeypatch):
-    import tritonlstm.modules as mod
-
     seen = []
-    real = mod.F.dropout
+    real = tritonlstm.LSTM._dropout_scale
 
-    def spy(t, p, training):
-        out = real(t, p=p, training=training)
-        seen.append((t.detach(), out.detach(), p))
+    def spy(self, *a):
+        out = real(self, *a)
+        seen.append(out)
         return out
 
-    monkeypatch.setattr(mod.F, "dropout", spy)
+    monkeypatch.setattr(tritonlstm.LSTM, "_dropout_scale", spy)
     _, ours = pair(8, 64, num_layers=3, dropout=0.3)
     ours.train()
     x = torch.randn(6, 16, 8)
     torch.manual_seed(5)
     y1, _ = ours(x)
-    assert len(seen) == 2 and all(p == 0.3 for *_, p in seen)  # between layers only, not after the last
-    kept, total = 0, 0
-    for inp, out, p in seen:
-        nz = inp != 0
-        dropped = (out == 0) & nz
-        assert torch.allclose(out[~dropped & nz], inp[~dropped & nz] / (1 - p))
-        kept += (~dropped & nz).sum().item()
-        total += nz.sum().item()
-    assert abs(1 - kept / total - 0.3) < 0.02, kept / total
+    assert len(seen) == 2  # between layers only, not after the last
+    for scale in seen:
+        assert torch.all((scale == 0) | torch.isclose(scale, torch.tensor(1 / 0.7)))
+        assert abs((scale == 0).float().mean().item() - 0.3) < 0.02
     torch.manual_seed(5)
     y2, _ = ours(x)
     assert torch.equal(y1, y2)
@@ -162,6 +155,41 @@ def test_dropout_training_mask_statistics_and_seed(monkeypatch):
     seen.clear()
     ours(x)
     assert not seen
+
+
+@pytest.mark.parametrize("kind", ["padded", "batch_first", "packed", "unbatched", "bidirectional", "p=1"])
+def test_dropout_training_matches_nn_lstm_under_the_same_seed(kind, monkeypatch):
+    """Training with dropout between layers draws the same units as nn.LSTM on the CPU, so outputs and every
+    gradient match under the same seed; a unidirectional stack still runs as one forward and one backward
+    launch."""
+    launches = []
+    for name in ("lstm_stack_forward", "lstm_stack_backward", "lstm_forward", "lstm_backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=real, **k: launches.append(_n) or _f(*a, **k))
+    kw = dict(num_layers=3, dropout=1.0 if kind == "p=1" else 0.4, batch_first=kind == "batch_first",
+              bidirectional=kind == "bidirectional")
+    ref, ours = pair(3, 6, **kw)
+    ref.train()
+    ours.train()
+    T, B = 5, 4
+    x = torch.randn(T, 3) if kind == "unbatched" else torch.randn(*((B, T, 3) if kind == "batch_first" else (T, B, 3)))
+    res = []
+    for m in (ref, ours):
+        xl = x.clone().requires_grad_()
+        inp = pack_padded_sequence(xl, torch.tensor([2, 5, 1, 4]), enforce_sorted=False) if kind == "packed" else xl
+        torch.manual_seed(11)
+        y, (h, c) = m(inp)
+        yd = y.data if kind == "packed" else y
+        g = torch.Generator().manual_seed(3)
+        ((yd * torch.randn(yd.shape, generator=g)).sum() + (h * torch.randn(h.shape, generator=g)).sum()
+         + (c * torch.randn(c.shape, generator=g)).sum()).backward()
+        res.append([yd, h, c, xl.grad, *(p.grad for p in m.parameters())])
+    for a, b in zip(res[1], res[0]):
+        torch.testing.assert_close(a, b, **TOL)
+    if kind == "bidirectional":
+        assert launches == ["lstm_forward"] * 3 + ["lstm_backward"] * 3
+    else:
+        assert launches == ["lstm_stack_forward", "lstm_stack_backward"]
 
 
 def test_state_dict_round_trips_both_ways():
@@ -372,8 +400,11 @@ def test_stack_path_choice(stack_calls):
     ours(x)  # training a stack without active dropout: the wavefront too
     assert stack_calls == {"stack": 1, "fwd": 0}
     ours.train()
-    ours(x)  # dropout between layers: layer by layer
-    assert stack_calls == {"stack": 1, "fwd": 2}
+    ours(x)  # dropout between layers: inside the wavefront
+    assert stack_calls == {"stack": 2, "fwd": 0}
+    _, ours = pair(3, 6, num_layers=2, bidirectional=True)
+    ours(x)  # bidirectional: layer by layer, both directions of a layer in one launch
+    assert stack_calls == {"stack": 2, "fwd": 2}
 
 
 @pytest.mark.parametrize("kind", ["padded", "packed"])

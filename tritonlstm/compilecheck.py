@@ -47,14 +47,17 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     p = "*" + dtype
     ints = {n: "i32" for n in ("T", "B", "H", "rev0", "S_START", "S_COUNT", "max_spin")}
     if kernel == "fwd":
-        ptrs = {"GX": p, "GATES": p, "W": p, "W_IH": p, "BIAS": "*fp32", "H0": p, "C_WS": "*fp32", "Y": p,
-                "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32"}
-        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "STACK", "STORE_GATES",
-                 "PERSISTENT", "DOT_PRECISION")
+        ptrs = {"GX": p, "GATES": p, "W": p, "W_IH": p, "DROP": p, "XD": p, "BIAS": "*fp32", "H0": p,
+                "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
+                "ERR": "*i32"}
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "STACK", "HAS_DROPOUT",
+                 "STORE_GATES", "PERSISTENT", "DOT_PRECISION")
     else:
-        ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
-                "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32"}
-        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_LENGTHS", "STACK", "PERSISTENT", "DOT_PRECISION")
+        ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
+                "DCN": p, "DG": p, "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32",
+                "ERR": "*i32"}
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_LENGTHS", "STACK", "HAS_DROPOUT", "PERSISTENT",
+                 "DOT_PRECISION")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
 
 
@@ -92,9 +95,11 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
     if kernel in ("fwd", "stack"):
-        consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates)
+        # A training stack is compiled with dropout between its layers, the heavier of its two variants.
+        consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
+                      HAS_DROPOUT=kernel == "stack" and store_gates)
     else:
-        consts.update(STACK=kernel == "stack_bwd")
+        consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd")
     backward = kernel in ("bwd", "stack_bwd")
     fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,

@@ -132,21 +132,23 @@ _lstm_recurrence_backward.register_autograd(_no_double_backward, setup_context=l
 
 @torch.library.custom_op("tritonlstm::lstm_stack_backward", mutates_args=())
 def _lstm_stack_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
-                         weight_ih: Tensor, weight_hh: Tensor,
-                         lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                         weight_ih: Tensor, weight_hh: Tensor, lengths: Tensor | None,
+                         drop: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """The reverse wavefront of a stack: dy [L, T, B, H] (each layer's own output gradient), dhn, dcn, c0
-    [L, B, H], gates [L, T, B, 4H], c_all [L, T, B, H]. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
+    [L, B, H], gates [L, T, B, 4H], c_all [L, T, B, H], drop [L-1, T, B, H] the forward's dropout scale or
+    None. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
     k = _kernels()
     L, T, B, _ = gates.shape
     H = weight_hh.shape[2]
     config = select_config(H, B, gates.dtype, gates.device, k.interpreting(), "stack_bwd", layers=L)
     return k.lstm_stack_backward(gates, c_all, c0.to(torch.float32).contiguous(), weight_ih.contiguous(),
                                  weight_hh.contiguous(), dy.contiguous(), dhn.contiguous(), dcn.contiguous(),
-                                 _last_steps(lengths, gates.device), config=config)
+                                 _last_steps(lengths, gates.device), config=config,
+                                 drop=None if drop is None else drop.contiguous())
 
 
 @_lstm_stack_backward.register_fake
-def _(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths):
+def _(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop):
     return torch.empty_like(gates), torch.empty_like(dhn), torch.empty_like(dhn)
 
 
@@ -156,66 +158,72 @@ _lstm_stack_backward.register_autograd(_no_double_backward,
 
 @torch.library.custom_op("tritonlstm::lstm_stack", mutates_args=())
 def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
-                lengths: Tensor | None, training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                lengths: Tensor | None, drop: Tensor | None,
+                training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A unidirectional stack of L layers in one launch (wavefront): gx of the first layer [T, B, 4H],
     weight_ih [L-1, 4H, H] of the others, weight_hh [L, 4H, H], bias [L, 4H] float32 or None, h0 and c0
-    [L, B, H]. Returns every layer's y [L, T, B, H], h_n and c_n [L, B, H] and, when training, every layer's
-    gates [L, T, B, 4H] and c_t [L, T, B, H] float32 (empty otherwise)."""
+    [L, B, H], drop [L-1, T, B, H] or None: the dropout scale applied to each layer's output before the next.
+    Returns every layer's y [L, T, B, H], h_n and c_n [L, B, H], when training every layer's gates
+    [L, T, B, 4H] and c_t [L, T, B, H] float32 (empty otherwise), and the dropped outputs [L-1, T, B, H] that
+    the layers above took as input (empty without drop)."""
     k = _kernels()
     T, B, _ = gx.shape
     L, _, H = weight_hh.shape
     config = select_config(H, B, gx.dtype, gx.device, k.interpreting(), "stack", layers=L)
     c_ws = c0.to(torch.float32, copy=True).contiguous()
-    y, hn, cn, gates, c_all = k.lstm_stack_forward(gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
-                                                   None if bias is None else bias.contiguous(), h0.contiguous(),
-                                                   c_ws, _last_steps(lengths, gx.device), store_gates=training,
-                                                   config=config)
+    y, hn, cn, gates, c_all, xd = k.lstm_stack_forward(
+        gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), None if bias is None else bias.contiguous(),
+        h0.contiguous(), c_ws, _last_steps(lengths, gx.device), store_gates=training, config=config,
+        drop=None if drop is None else drop.contiguous())
+    xd = gx.new_empty(0) if xd is None else xd
     if not training:
-        return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0)
-    return y, hn, cn, gates, c_all
+        return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0), xd
+    return y, hn, cn, gates, c_all, xd
 
 
 @_lstm_stack.register_fake
-def _(gx, weight_ih, weight_hh, bias, h0, c0, lengths, training):
+def _(gx, weight_ih, weight_hh, bias, h0, c0, lengths, drop, training):
     T, B, G = gx.shape
     L, _, H = weight_hh.shape
     y, hn, cn = gx.new_empty(L, T, B, H), torch.empty_like(h0), torch.empty_like(h0)
+    xd = gx.new_empty(0) if drop is None else gx.new_empty(max(L - 1, 1), T, B, H)
     if training:
-        return y, hn, cn, gx.new_empty(L, T, B, G), gx.new_empty(L, T, B, H, dtype=torch.float32)
-    return y, hn, cn, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32)
+        return y, hn, cn, gx.new_empty(L, T, B, G), gx.new_empty(L, T, B, H, dtype=torch.float32), xd
+    return y, hn, cn, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32), xd
 
 
 def _stack_setup_context(ctx, inputs, output):
-    gx, weight_ih, weight_hh, bias, h0, c0, lengths, training = inputs
-    y, _, _, gates, c_all = output
-    ctx.save_for_backward(weight_ih, weight_hh, h0, c0, lengths, y, gates, c_all)
-    ctx.mark_non_differentiable(gates, c_all)
+    gx, weight_ih, weight_hh, bias, h0, c0, lengths, drop, training = inputs
+    y, _, _, gates, c_all, xd = output
+    ctx.save_for_backward(weight_ih, weight_hh, h0, c0, lengths, drop, y, gates, c_all, xd)
+    ctx.mark_non_differentiable(gates, c_all, xd)
 
 
-def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
+def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
     """The stack's reverse recurrence in one launch (a reverse wavefront over the layers), then the weight
     gradients as GEMMs: layer l's input is the layer below's output (x for layer 0, whose input gradient is
     dG_0, the gradient of gx)."""
-    weight_ih, weight_hh, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
+    weight_ih, weight_hh, h0, c0, lengths, drop, y, gates, c_all, xd = ctx.saved_tensors
     if gates.numel() == 0:
         raise RuntimeError("tritonlstm: backward through a stack forward that ran without saving its gates")
     L, T, B, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = torch.zeros_like(h0) if dhn is None else dhn
     dcn = torch.zeros_like(h0) if dcn is None else dcn
-    dg, dh0, dc0 = _lstm_stack_backward(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths)
+    dg, dh0, dc0 = _lstm_stack_backward(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop)
     dg2 = dg.view(L, T * B, 4 * H)
     need = ctx.needs_input_grad
     d_ih = d_hh = d_bias = None
     if need[1] and L > 1:
-        d_ih = torch.bmm(dg2[1:].transpose(1, 2), y[:-1].reshape(L - 1, T * B, H))
+        inputs = y[:-1] if drop is None else xd  # the layers above took their input after dropout
+        d_ih = torch.bmm(dg2[1:].transpose(1, 2), inputs.reshape(L - 1, T * B, H))
     if need[2]:
         h_prev = torch.stack([_previous_h(y[l], h0[l], lengths, False) for l in range(L)])
         d_hh = torch.bmm(dg2.transpose(1, 2), h_prev.view(L, T * B, H))
     if need[3]:
         d_bias = dg2.sum(1, dtype=torch.float32)
     return (dg[0] if need[0] else None, d_ih, d_hh, d_bias, dh0 if need[4] else None, dc0 if need[5] else None,
-            None, None)
+            None, None, None)
 
 
 _lstm_stack.register_autograd(_stack_backward, setup_context=_stack_setup_context)
@@ -444,11 +452,14 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
 
 
 def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Tensor | None = None, *,
-               lengths: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """A unidirectional stack of L layers of equal width, without dropout between them, in one forward launch:
-    a wavefront in which layer l runs step t while layer l+1 runs step t-1, so L layers cost about T + L - 1
-    steps instead of L * T. Differentiable: the backward runs layer by layer on the backward kernel.
-    weights[l] = (weight_ih, weight_hh, bias_ih, bias_hh) as nn.LSTM stores them; h0, c0 [L, B, H] or None.
+               lengths: Tensor | None = None, dropout_scale: Tensor | None = None,
+               backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """A unidirectional stack of L layers of equal width in one forward launch and one backward launch: a
+    wavefront in which layer l runs step t while layer l+1 runs step t-1, so L layers cost about T + L steps
+    instead of L * T. weights[l] = (weight_ih, weight_hh, bias_ih, bias_hh) as nn.LSTM stores them; h0, c0
+    [L, B, H] or None. dropout_scale [L-1, T, B, H] or None: multiplies each layer's output (but the last)
+    before the layer above takes it as input; for dropout with probability p, entries 0 or 1 / (1 - p), drawn
+    by the caller (`tritonlstm.LSTM` draws them as nn.LSTM would on the CPU).
     Returns the last layer's y [T, B, H] and (h_n, c_n) [L, B, H]."""
     L = len(weights)
     if L < 1:
@@ -461,12 +472,23 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
         _check_inputs(x if l == 0 else x.new_empty(x.shape[0], x.shape[1], H), *w,
                       None if h0 is None else h0[l], None if c0 is None else c0[l], lengths, None)
     T, B, _ = x.shape
+    if dropout_scale is not None:
+        if not isinstance(dropout_scale, Tensor) or _shape(dropout_scale) != (L - 1, T, B, H):
+            got = _shape(dropout_scale) if isinstance(dropout_scale, Tensor) else type(dropout_scale).__name__
+            raise ValueError(f"dropout_scale must have shape (L-1, T, B, H) = ({L - 1}, {T}, {B}, {H}), got {got}")
+        if dropout_scale.dtype != x.dtype or dropout_scale.device != x.device:
+            raise TypeError(f"dropout_scale must have x's dtype and device ({x.dtype}, {x.device}), "
+                            f"got ({dropout_scale.dtype}, {dropout_scale.device})")
+        if L == 1:
+            dropout_scale = None
     which = resolve_backend(backend, x.device, x.dtype)
     h0 = x.new_zeros(L, B, H) if h0 is None else h0
     c0 = x.new_zeros(L, B, H) if c0 is None else c0
     if B == 0 or which == "torch":
         hs, cs, y = [], [], x
         for l, w in enumerate(weights):
+            if l > 0 and dropout_scale is not None:
+                y = y * dropout_scale[l - 1]
             y, (h, c) = lstm_layer(y, [(*w, None)], h0[l:l + 1], c0[l:l + 1], lengths=lengths, backend=which)
             hs.append(h)
             cs.append(c)
@@ -476,5 +498,6 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     bias = _stacked_bias([w[2:4] for w in weights], H, x.device)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, *(t for w in weights for t in w)))
-    y, hn, cn, _, _ = _lstm_stack(gx, w_ih, torch.stack([w[1] for w in weights]), bias, h0, c0, lengths, training)
+    y, hn, cn, _, _, _ = _lstm_stack(gx, w_ih, torch.stack([w[1] for w in weights]), bias, h0, c0, lengths,
+                                     dropout_scale, training)
     return y[-1], (hn, cn)

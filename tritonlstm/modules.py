@@ -9,7 +9,6 @@ interpreter, float64), and `backend="triton"` raises there instead.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -117,11 +116,16 @@ class LSTM(nn.LSTM):
         if lengths is not None:
             lengths = lengths.to(x.device)
 
-        if self.num_layers > 1 and dirs == 1 and self.proj_size == 0 and not (self.training and self.dropout > 0):
-            # A unidirectional stack without active dropout: every layer in one forward launch, as a wavefront.
+        dropping = self.dropout > 0 and self.training and self.num_layers > 1
+        if self.num_layers > 1 and dirs == 1 and self.proj_size == 0:
+            # A unidirectional stack: every layer in one forward launch and one backward launch, as wavefronts.
             per_layer = [tuple(weights.get(f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
                          for layer in range(self.num_layers)]
-            output, hidden = lstm_stack(x, per_layer, h0, c0, lengths=lengths, backend="triton")
+            scale = None
+            if dropping:
+                scale = torch.stack([self._dropout_scale(input, x, self.hidden_size)
+                                     for _ in range(self.num_layers - 1)])
+            output, hidden = lstm_stack(x, per_layer, h0, c0, lengths=lengths, dropout_scale=scale, backend="triton")
             return self._finish(input, output, hidden, is_batched, lengths)
 
         layer_input, h_n, c_n = x, [], []
@@ -134,9 +138,25 @@ class LSTM(nn.LSTM):
             layer_input, (h, c) = lstm_layer(layer_input, per_dir, h0[k], c0[k], lengths=lengths, backend="triton")
             h_n.append(h)
             c_n.append(c)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+            if dropping and layer < self.num_layers - 1:
+                layer_input = layer_input * self._dropout_scale(input, x, layer_input.size(2))
         return self._finish(input, layer_input, (torch.cat(h_n), torch.cat(c_n)), is_batched, lengths)
+
+    def _dropout_scale(self, input, x: Tensor, width: int) -> Tensor:
+        """One layer's dropout scale [T, B, width] (0 or 1 / (1 - p)), drawn as nn.LSTM draws it on the CPU
+        (bernoulli over its own layout of the layer's output: packed rows for a PackedSequence), so that the
+        same seed drops the same units."""
+        p = self.dropout
+        packed = isinstance(input, PackedSequence)
+        shape = (input.data.size(0), width) if packed else (x.size(0), x.size(1), width)
+        if p >= 1:
+            noise = x.new_zeros(shape)  # nn.LSTM draws nothing for p = 1
+        else:
+            noise = x.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+        if packed:
+            noise, _ = pad_packed_sequence(PackedSequence(noise, input.batch_sizes, input.sorted_indices,
+                                                          input.unsorted_indices))
+        return noise
 
     def _finish(self, input, output: Tensor, hidden: tuple[Tensor, Tensor], is_batched: bool,
                 lengths: Tensor | None):
