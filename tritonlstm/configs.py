@@ -112,8 +112,9 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
         # everywhere) 4 warps spill (compilecheck).
         warps = 4 if hk <= (64 if layers == 1 else 16) else 8
     else:
-        # W_hh streamed from L2 in K chunks (32 wide for fp32, which spills at 64; compilecheck).
-        bh, bk, warps = 16, 64 if esize < 4 else (32 if layers == 1 else 16), 4
+        # W_hh streamed from L2 in K chunks (compilecheck: fp32 spills at 64, and a stack's two dots with
+        # dropout at 64 for 16-bit, 32 for fp32).
+        bh, bk, warps = 16, (64 if layers == 1 else 32) if esize < 4 else (32 if layers == 1 else 16), 4
         if cdiv(hidden, bh) > num_sms:
             # Wider blocks spill registers (compilecheck, BH = 64 at H = 4096): one launch per step instead,
             # where the programs need not be resident together.
@@ -129,8 +130,9 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
                           interpreter: bool = False) -> LSTMConfig:
     """The reverse wavefront of a stack: the forward stack's choice, except where its two sets of four gate dots
     per step (dG_{t+1} @ W_hh and the layer above's dG_t @ W_ih) spill registers (compile-only sweeps,
-    2026-11-26): whole-K resident tiles from K = 512 (fp32) or 1024 (16-bit), 8 warps at K = 64 (16-bit),
-    and 64-wide (16-bit) or stepwise 16-wide (fp32) streamed K chunks."""
+    2026-11-26, dropout included): whole-K resident tiles from K = 512 (fp32) or 1024 (16-bit), 8 warps at
+    K = 64 (16-bit); streamed, 32-wide K chunks (16-bit) and 8 warps (fp32) where the programs fit, else one
+    launch per step."""
     cfg = heuristic_config(hidden, batch, dtype, num_sms, interpreter=interpreter, layers=layers)
     if interpreter or num_sms is None:
         return cfg
@@ -144,7 +146,7 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
                           persistent=False, num_warps=8)
     groups = max(1, min(cdiv(batch, 16), num_sms // layers // cdiv(hidden, bh)))
     return LSTMConfig(block_h=bh, block_b=16, block_k=bk, w_resident=False, batch_groups=groups, persistent=True,
-                      num_warps=4)
+                      num_warps=4 if esize < 4 else 8)
 
 
 def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,
