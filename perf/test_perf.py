@@ -49,3 +49,27 @@ def test_lstm(benchmark, shape, mode, impl):
     run = _step(models[impl], x, mode == "fwdbwd")
     run()  # compile and warm up outside the measurement
     benchmark.pedantic(run, rounds=20, warmup_rounds=3)
+
+
+STACKS = [pytest.param((d, layers, dropout), id=f"{d}-L{layers}-dropout{dropout}") for d in ("float16", "bfloat16")
+          for layers in (2, 4) for dropout in (0.0, 0.3)]
+
+
+@pytest.mark.parametrize("impl", ["tritonlstm", "cudnn"])
+@pytest.mark.parametrize("stack", STACKS)
+def test_stack_training_with_and_without_dropout(benchmark, stack, impl):
+    """A training step of a unidirectional stack at H = 512, B = 16, T = 256, with dropout between its layers
+    or none: dropout runs inside tritonlstm's wavefronts, so both should cost about the same there (perf/NOTES.md
+    v0.6). The bench cannot hold these rows: its cells are checked against cuDNN, whose dropout masks differ."""
+    from tritonlstm import LSTM
+
+    dtype_name, layers, dropout = stack
+    dtype = getattr(torch, dtype_name)
+    ref = torch.nn.LSTM(512, 512, num_layers=layers, dropout=dropout).to("cuda", dtype)
+    ours = LSTM(512, 512, num_layers=layers, dropout=dropout, backend="triton").to("cuda", dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(256, 16, 512, device="cuda", dtype=dtype, requires_grad=True)
+    benchmark.group = f"stack-train-{dtype_name}-L{layers}-dropout{dropout}"
+    run = _step({"tritonlstm": ours, "cudnn": ref}[impl], x, True)
+    run()
+    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
