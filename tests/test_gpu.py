@@ -202,3 +202,55 @@ def test_barrier_that_cannot_complete_gives_nan_then_raises(monkeypatch):
     torch.cuda.synchronize()
     with torch.no_grad(), pytest.raises(RuntimeError, match="barrier"):
         fused_lstm(x, *w, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("layers", [2, 4])
+def test_stack_training_matches_cudnn(layers, dtype):
+    """The bench's stack rows (H = 512, B = 16) through both wavefronts, persistent and multi-program:
+    outputs and every gradient against cuDNN."""
+    import tritonlstm
+    from tritonlstm.configs import stack_backward_config
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert stack_backward_config(512, 16, dtype, sms, layers).persistent
+    ref = torch.nn.LSTM(512, 512, num_layers=layers).to("cuda", dtype)
+    ours = tritonlstm.LSTM(512, 512, num_layers=layers, backend="triton").to("cuda", dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(64, 16, 512, device="cuda", dtype=dtype)
+    grads = []
+    for m in (ref, ours):
+        xl = x.clone().requires_grad_()
+        y, (h, c) = m(xl)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        ((y * torch.randn(y.shape, device="cuda", generator=g, dtype=dtype)).sum() + h.sum() + c.sum()).backward()
+        grads.append([y, h, c, xl.grad, *(p.grad for p in m.parameters())])
+    tritonlstm.synchronize()
+    tol = RESOLUTION_GPU[dtype] * 3
+    bad = {i: rel_err(a, b) for i, (a, b) in enumerate(zip(grads[1], grads[0])) if not rel_err(a, b) <= tol}
+    assert not bad, bad
+
+
+def test_stack_dropout_matches_the_layer_by_layer_computation():
+    """Dropout inside the wavefronts against the same scale applied between separate single-layer launches."""
+    from tritonlstm.functional import lstm_layer, lstm_stack
+
+    T, B, H, L = 48, 16, 256, 3
+    ws = [tuple((torch.rand(*shape, device="cuda") * 2 - 1) * H ** -0.5 for shape in
+                ((4 * H, H), (4 * H, H), (4 * H,), (4 * H,))) for _ in range(L)]
+    scale = (torch.rand(L - 1, T, B, H, device="cuda") > 0.25).float() / 0.75
+    x = torch.randn(T, B, H, device="cuda")
+    outs = []
+    for stacked in (True, False):
+        leaves = [tuple(w.clone().requires_grad_() for w in lw) for lw in ws]
+        xl = x.clone().requires_grad_()
+        if stacked:
+            y, _ = lstm_stack(xl, leaves, dropout_scale=scale, backend="triton")
+        else:
+            y = xl
+            for l in range(L):
+                y, _ = lstm_layer(y if l == 0 else y * scale[l - 1], [(*leaves[l], None)], backend="triton")
+        y.square().sum().backward()
+        outs.append([y, xl.grad, *(w.grad for lw in leaves for w in lw)])
+    for a, b in zip(*outs):
+        assert rel_err(a, b) < 1e-2
