@@ -9,6 +9,7 @@ run without TRITON_INTERPRET: the interpreter does not compile).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -140,24 +141,35 @@ def shipped_configs(max_hidden: int = 1024) -> list[tuple[str, torch.dtype, int,
     return out
 
 
+def _check_job(job) -> Resources:
+    kernel, dtype, hidden, cfg, store = job
+    return check(kernel, dtype, hidden, cfg, store_gates=store)
+
+
+def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig, store: bool) -> None:
+    rows.append(r)
+    status = "ok" if r.ok else "FAIL"
+    variant = "" if kernel in ("bwd", "stack_bwd") else ("/train" if store else "/infer")
+    print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
+          f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
+          f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" {r.error}" if r.error else ""), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tritonlstm.compilecheck", description=__doc__.splitlines()[0])
     ap.add_argument("--max-hidden", type=int, default=1024,
                     help="check every config the H100 heuristic picks for H up to this (default 1024; 4096 "
                          "adds the streamed-W configs)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (default: CPUs)")
     args = ap.parse_args(argv)
     rows = []
     jobs = [(kernel, dtype, hidden, cfg, store) for kernel, dtype, hidden, cfg in shipped_configs(args.max_hidden)
             for store in ((True,) if kernel in ("bwd", "stack_bwd") else (True, False))]
-    for kernel, dtype, hidden, cfg, store in jobs:
-        r = check(kernel, dtype, hidden, cfg, store_gates=store)
-        rows.append(r)
-        status = "ok" if r.ok else "FAIL"
-        variant = "" if kernel in ("bwd", "stack_bwd") else ("/train" if store else "/infer")
-        print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
-              f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
-              f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" {r.error}" if r.error else ""), flush=True)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = pool.map(_check_job, jobs)
+        for (kernel, dtype, hidden, cfg, store), r in zip(jobs, results):
+            _report(rows, r, kernel, hidden, cfg, store)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{**dataclasses.asdict(r), "config": dataclasses.asdict(r.config), "ok": r.ok} for r in rows],
