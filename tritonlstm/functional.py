@@ -425,12 +425,14 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
                                                         torch.stack([c for _, (_, c) in outs]))
 
     # One GEMM projects the input of every step for every direction.
-    gx = torch.mm(x.reshape(T * B, x.shape[2]), torch.cat(w_ih).t()).view(T, B, D * 4 * H)
+    # (One direction: the weights as they are; cat / stack would copy them on every call.)
+    gx = torch.mm(x.reshape(T * B, x.shape[2]), (w_ih[0] if D == 1 else torch.cat(w_ih)).t()).view(T, B, D * 4 * H)
     bias = _stacked_bias(list(zip(b_ih, b_hh)), H, x.device)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr))
     if w_hr[0] is None:
-        y, hn, cn, _, _ = _lstm_recurrence(gx, torch.stack(w_hh), bias, h0, c0, lengths, reverse, training)
+        w_rec = w_hh[0].unsqueeze(0) if D == 1 else torch.stack(w_hh)
+        y, hn, cn, _, _ = _lstm_recurrence(gx, w_rec, bias, h0, c0, lengths, reverse, training)
         return y, (hn, cn)
     # Projection: the recurrence runs on r_t = o * tanh(c_t) with W_hh @ W_hr as its recurrent weight, since
     # W_hh h_{t-1} = (W_hh W_hr) r_{t-1}; h0's term enters each row's first step through gx, and the outputs
