@@ -60,6 +60,50 @@ def _load_gate_tiles(p_w, o_k, o_j, m_k, m_j, H, STRIDE_K, STRIDE_J):
 
 
 @triton.jit
+def _gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_j, m_j, m_w, H,
+               BK: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The forward's four gate products, acc_g += x @ W_g[units], over K = H in BK chunks; row r of x starts at
+    p_base + o_rows[r]. W's tiles are w_* when resident, else each chunk's are loaded from p_w (tile (k, j) of gate g at
+    g*H*H + j*H + k, masked by m_w)."""
+    for k0 in range(0, H, BK):
+        o_kk = k0 + o_k
+        m_k = o_kk < H
+        b_x = tl.load(p_base + o_rows[:, None] + o_kk[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0,
+                      cache_modifier=".cg")
+        if W_RESIDENT:
+            t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
+        else:
+            t_i, t_f, t_g, t_o = _load_gate_tiles(p_w + k0, o_k, o_j, m_k & m_w, m_j, H, 1, H)
+        acc_i += tl.dot(b_x, t_i, input_precision=DOT_PRECISION)
+        acc_f += tl.dot(b_x, t_f, input_precision=DOT_PRECISION)
+        acc_g += tl.dot(b_x, t_g, input_precision=DOT_PRECISION)
+        acc_o += tl.dot(b_x, t_o, input_precision=DOT_PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_j, m_j, m_w, H,
+                   BK: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The backward's product of gate gradients with a gate-stacked [4H, H] weight, acc += sum_g dG_g @ W_g[:,
+    units], over K = H in BK chunks; gate g of row r of dG starts at p_base + o_rows[r] + g*H. W's tiles are w_* when
+    resident, else each chunk's are loaded from p_w (tile (k, j) of gate g at g*H*H + k*H + j, masked by m_w)."""
+    for k0 in range(0, H, BK):
+        o_kk = k0 + o_k
+        m_k = o_kk < H
+        p = p_base + o_rows[:, None] + o_kk[None, :]
+        m = m_rows[:, None] & m_k[None, :]
+        if W_RESIDENT:
+            t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
+        else:
+            t_i, t_f, t_g, t_o = _load_gate_tiles(p_w + k0 * H, o_k, o_j, m_k & m_w, m_j, H, H, 1)
+        acc += tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), t_i, input_precision=DOT_PRECISION)
+        acc += tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg"), t_f, input_precision=DOT_PRECISION)
+        acc += tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g, input_precision=DOT_PRECISION)
+        acc += tl.dot(tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), t_o, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _row_steps(LAST, o_b, m_b, s, T, rev, BB: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """For the rows o_b at step s: each row's last live step, the time index it visits (int64, for offsets into
     [T, B, *] buffers past 2^31 elements) and the direction of travel (+1, or -1 when rev)."""
@@ -189,6 +233,8 @@ def lstm_fwd_kernel(
     o_j = i_h * BH + tl.arange(0, BH)
     m_j = o_j < H
     o_k = tl.arange(0, BK)
+    # Streamed (not W_RESIDENT): no tiles held; the dots load them per K chunk.
+    b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo = None, None, None, None, None, None, None, None
     if W_RESIDENT:
         # Loaded once, reused for every step: tile (k, j) of gate g is W_hh[g*H + j, k].
         b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, 1, H)
@@ -222,21 +268,10 @@ def lstm_fwd_kernel(
                 else:
                     # The input projection of the layers above the first, in the loop: x_t = the layer
                     # below's h_t, which it wrote one global step ago.
-                    b_gi = tl.zeros([BB, BH], dtype=tl.float32)
-                    b_gf = tl.zeros([BB, BH], dtype=tl.float32)
-                    b_gg = tl.zeros([BB, BH], dtype=tl.float32)
-                    b_go = tl.zeros([BB, BH], dtype=tl.float32)
-                    for k0 in range(0, H, BK):
-                        o_kk = k0 + o_k
-                        m_k = o_kk < H
-                        b_x = tl.load(X + o_row[:, None] * H + o_kk[None, :], mask=live[:, None] & m_k[None, :],
-                                      other=0.0, cache_modifier=".cg")
-                        if not W_RESIDENT:
-                            b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH + k0, o_k, o_j, m_k, m_j, H, 1, H)
-                        b_gi += tl.dot(b_x, b_ui, input_precision=DOT_PRECISION)
-                        b_gf += tl.dot(b_x, b_uf, input_precision=DOT_PRECISION)
-                        b_gg += tl.dot(b_x, b_ug, input_precision=DOT_PRECISION)
-                        b_go += tl.dot(b_x, b_uo, input_precision=DOT_PRECISION)
+                    zero = tl.zeros([BB, BH], dtype=tl.float32)
+                    b_gi, b_gf, b_gg, b_go = _gate_dots(zero, zero, zero, zero, X, o_row * H, live, b_ui, b_uf,
+                                                        b_ug, b_uo, W_IH, o_k, o_j, m_j, i_l > 0, H, BK, W_RESIDENT,
+                                                        DOT_PRECISION)
             else:
                 b_gi, b_gf, b_gg, b_go = _load_gate_rows(p_gx, m_live, H)
             p_c = C_WS + o_b[:, None] * H + o_j[None, :]
@@ -245,17 +280,8 @@ def lstm_fwd_kernel(
             # h_{t-1}: the previous output row, or h0 at the first step.
             o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
             p_hbase = tl.where(s == 0, H0, Y)
-            for k0 in range(0, H, BK):
-                o_kk = k0 + o_k
-                m_k = o_kk < H
-                b_h = tl.load(p_hbase + o_hrow[:, None] + o_kk[None, :], mask=live[:, None] & m_k[None, :],
-                              other=0.0, cache_modifier=".cg")
-                if not W_RESIDENT:
-                    b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W + k0, o_k, o_j, m_k, m_j, H, 1, H)
-                b_gi += tl.dot(b_h, b_wi, input_precision=DOT_PRECISION)
-                b_gf += tl.dot(b_h, b_wf, input_precision=DOT_PRECISION)
-                b_gg += tl.dot(b_h, b_wg, input_precision=DOT_PRECISION)
-                b_go += tl.dot(b_h, b_wo, input_precision=DOT_PRECISION)
+            b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf, b_wg,
+                                                b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT, DOT_PRECISION)
             if HAS_BIAS:
                 b_gi += b_bi
                 b_gf += b_bf
@@ -384,6 +410,8 @@ def lstm_bwd_kernel(
     o_j = i_h * BH + tl.arange(0, BH)
     m_j = o_j < H
     o_k = tl.arange(0, BK)
+    # Streamed (not W_RESIDENT): no tiles held; the dots load them per K chunk.
+    b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo = None, None, None, None, None, None, None, None
     if W_RESIDENT:
         # dh_{t-1} = dG_t @ W_hh: tile (k, j) of gate g is W_hh[g*H + k, j].
         b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, H, 1)
@@ -408,42 +436,32 @@ def lstm_bwd_kernel(
             # Recurrent part of dh_t: dG_{t+1} @ W_hh, over all 4H gate columns.
             m_next = m_b & (s + 1 <= last)
             o_nrow = o_tn * B + o_b
+            # (_gate_grad_dot computes the same, but written through it this loop spills registers in the fp16
+            # stack backward at K = 512: 288 bytes, compilecheck 2026-11-26; inline it compiles without.)
             b_dh = tl.zeros([BB, BH], dtype=tl.float32)
             for k0 in range(0, H, BK):
                 o_kk = k0 + o_k
                 m_k = o_kk < H
                 p_dg = DG + o_nrow[:, None] * SG + o_kk[None, :]
                 m_dg = m_next[:, None] & m_k[None, :]
-                if not W_RESIDENT:
-                    b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W + k0 * H, o_k, o_j, m_k, m_j, H, H, 1)
-                b_dh += tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wi,
+                if W_RESIDENT:
+                    t_i, t_f, t_g, t_o = b_wi, b_wf, b_wg, b_wo
+                else:
+                    t_i, t_f, t_g, t_o = _load_gate_tiles(W + k0 * H, o_k, o_j, m_k, m_j, H, H, 1)
+                b_dh += tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), t_i,
                                input_precision=DOT_PRECISION)
-                b_dh += tl.dot(tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wf,
+                b_dh += tl.dot(tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg"), t_f,
                                input_precision=DOT_PRECISION)
-                b_dh += tl.dot(tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wg,
+                b_dh += tl.dot(tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), t_g,
                                input_precision=DOT_PRECISION)
-                b_dh += tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wo,
+                b_dh += tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), t_o,
                                input_precision=DOT_PRECISION)
             if STACK:
                 # The gradient arriving from the layer above at this step: its dG_t @ W_ih over all 4H columns.
                 m_up = (m_b & (s >= 0) & (s <= last)) & has_up
                 o_row_up = o_t * B + o_b
-                b_up = tl.zeros([BB, BH], dtype=tl.float32)
-                for k0 in range(0, H, BK):
-                    o_kk = k0 + o_k
-                    m_k = o_kk < H
-                    p_up = DG_UP + o_row_up[:, None] * SG + o_kk[None, :]
-                    m_dg = m_up[:, None] & m_k[None, :]
-                    if not W_RESIDENT:
-                        b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH + k0 * H, o_k, o_j, m_k & has_up, m_j, H, H, 1)
-                    b_up += tl.dot(tl.load(p_up, mask=m_dg, other=0.0, cache_modifier=".cg"), b_ui,
-                                   input_precision=DOT_PRECISION)
-                    b_up += tl.dot(tl.load(p_up + H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_uf,
-                                   input_precision=DOT_PRECISION)
-                    b_up += tl.dot(tl.load(p_up + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_ug,
-                                   input_precision=DOT_PRECISION)
-                    b_up += tl.dot(tl.load(p_up + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_uo,
-                                   input_precision=DOT_PRECISION)
+                b_up = _gate_grad_dot(tl.zeros([BB, BH], dtype=tl.float32), DG_UP, o_row_up * SG, m_up, b_ui, b_uf,
+                                      b_ug, b_uo, W_IH, o_k, o_j, m_j, has_up, H, BK, W_RESIDENT, DOT_PRECISION)
                 if HAS_DROPOUT:
                     o_drop = o_row_up[:, None] * H + o_j[None, :]
                     b_up *= tl.load(DROP + o_drop, mask=m_up[:, None] & m_j[None, :], other=0.0).to(tl.float32)
