@@ -548,6 +548,12 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _per_step(shape, dtype, device, lengths: bool) -> torch.Tensor:
+    """A [.., T, B, ..] output. With lengths, positions past a row's end are never written and must read as
+    zero (y is the caller's, the dropped outputs meet dG in a GEMM, and every output should be defined)."""
+    return torch.zeros(shape, dtype=dtype, device=device) if lengths else _alloc(shape, dtype, device)
+
+
 class BarrierErrors:
     """The sticky barrier-error flag of each device, and its report to the host without a sync per launch.
 
@@ -629,12 +635,12 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     D, G, H = w_hh.shape
     _check_residency(config, H, D, gx.device)
     dt, dev = gx.dtype, gx.device
-    # With lengths, positions past a row's end are never visited and must read as zero.
-    y = torch.zeros(T, B, D * H, device=dev, dtype=dt) if last is not None else _alloc((T, B, D * H), dt, dev)
+    lengths = last is not None
+    y = _per_step((T, B, D * H), dt, dev, lengths)
     hn = _alloc((D, B, H), dt, dev)
     cn = _alloc((D, B, H), dt, dev)
-    gates = _alloc((T, B, D * G), dt, dev) if store_gates else gx
-    c_all = _alloc((T, B, D * H), torch.float32, dev) if store_gates else c_ws
+    gates = _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
+    c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
     sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
     args = (gx, gates, w_hh, w_hh, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
@@ -658,16 +664,13 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     L, G, H = w_hh.shape
     _check_residency(config, H, L, gx.device)
     dt, dev = gx.dtype, gx.device
-    # With lengths, positions past a row's end are never written and must read as zero (also in xd, which the
-    # backward multiplies by dG).
-    new = (lambda *shape: torch.zeros(shape, device=dev, dtype=dt)) if last is not None else \
-        (lambda *shape: _alloc(shape, dt, dev))
-    y = new(L, T, B, H)
-    xd = new(max(L - 1, 1), T, B, H) if drop is not None else None
+    lengths = last is not None
+    y = _per_step((L, T, B, H), dt, dev, lengths)
+    xd = _per_step((max(L - 1, 1), T, B, H), dt, dev, lengths) if drop is not None else None
     hn = _alloc((L, B, H), dt, dev)
     cn = _alloc((L, B, H), dt, dev)
-    gates = _alloc((L, T, B, G), dt, dev) if store_gates else gx
-    c_all = _alloc((L, T, B, H), torch.float32, dev) if store_gates else c_ws
+    gates = _per_step((L, T, B, G), dt, dev, lengths) if store_gates else gx
+    c_all = _per_step((L, T, B, H), torch.float32, dev, lengths) if store_gates else c_ws
     sync = torch.zeros(config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
     args = (gx, gates, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else y, xd if xd is not None else y,

@@ -7,7 +7,8 @@ deterministic, no atomics.
 
 The recurrence, forward and backward, is a pair of `torch.library` custom ops with fake-tensor and autograd
 registrations, so `torch.compile` sees one opaque op per layer and direction instead of a graph break; the input
-projection around it is ordinary autograd.
+projection around it is ordinary autograd. Eager calls skip the custom-op dispatch (about half the host time of
+a call) and run the same functions under a plain autograd.Function (`_call`).
 """
 
 from __future__ import annotations
@@ -69,7 +70,54 @@ def _last_steps(lengths: Tensor | None, device: torch.device) -> Tensor | None:
     return None if lengths is None else (lengths.to(device=device, dtype=torch.int32) - 1).contiguous()
 
 
-@torch.library.custom_op("tritonlstm::lstm_recurrence", mutates_args=())
+def _custom_op(name: str):
+    """torch.library.custom_op, keeping the plain function as `.eager` for `_call`."""
+    def wrap(fn):
+        op = torch.library.custom_op(f"tritonlstm::{name}", fn, mutates_args=())
+        op.eager, op.eager_autograd = fn, None
+        return op
+    return wrap
+
+
+def _register_autograd(op, backward, setup_context) -> None:
+    """The op's autograd formula, for the custom op and for its eager path alike."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = op.eager(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    op.eager_autograd = Eager
+
+
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _plain(t) -> bool:
+    return not isinstance(t, Tensor) or (type(t) in (Tensor, torch.nn.Parameter) and not _is_wrapped(t))
+
+
+def _call(op, *args):
+    """Runs one of the ops. Eagerly, on plain tensors: its function directly, under the autograd.Function of
+    its formula when gradients are recorded (the custom-op dispatch cost ~90 us of host time per call,
+    perf/NOTES.md). Otherwise (torch.compile, fake or functional tensors while a graph is traced, torch.func
+    transforms, tensor subclasses): the custom op. A backward op called with grad mode on (create_graph) also
+    goes through the custom op, whose autograd refuses double backward with a clear error."""
+    if torch.compiler.is_compiling() or not all(_plain(a) for a in args):
+        return op(*args)
+    if not torch.is_grad_enabled():
+        return op.eager(*args)
+    return op(*args) if op.eager_autograd is None else op.eager_autograd.apply(*args)
+
+
+@_custom_op("lstm_recurrence")
 def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
                      lengths: Tensor | None, reverse: bool,
                      training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -101,7 +149,7 @@ def _(gx, weight_hh, bias, h0, c0, lengths, reverse, training):
     return y, hn, cn, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op("tritonlstm::lstm_recurrence_backward", mutates_args=())
+@_custom_op("lstm_recurrence_backward")
 def _lstm_recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
                               weight_hh: Tensor, lengths: Tensor | None,
                               reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,7 +178,7 @@ def _no_double_backward(ctx, *grads):
 _lstm_recurrence_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-@torch.library.custom_op("tritonlstm::lstm_stack_backward", mutates_args=())
+@_custom_op("lstm_stack_backward")
 def _lstm_stack_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
                          weight_ih: Tensor, weight_hh: Tensor, lengths: Tensor | None,
                          drop: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -156,7 +204,7 @@ _lstm_stack_backward.register_autograd(_no_double_backward,
                                        setup_context=lambda ctx, inputs, output: None)
 
 
-@torch.library.custom_op("tritonlstm::lstm_stack", mutates_args=())
+@_custom_op("lstm_stack")
 def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
                 lengths: Tensor | None, drop: Tensor | None,
                 training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -210,7 +258,7 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = torch.zeros_like(h0) if dhn is None else dhn
     dcn = torch.zeros_like(h0) if dcn is None else dcn
-    dg, dh0, dc0 = _lstm_stack_backward(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop)
+    dg, dh0, dc0 = _call(_lstm_stack_backward, dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop)
     dg2 = dg.view(L, T * B, 4 * H)
     need = ctx.needs_input_grad
     d_ih = d_hh = d_bias = None
@@ -226,7 +274,7 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
             None, None, None)
 
 
-_lstm_stack.register_autograd(_stack_backward, setup_context=_stack_setup_context)
+_register_autograd(_lstm_stack, _stack_backward, _stack_setup_context)
 
 
 def _setup_context(ctx, inputs, output):
@@ -260,7 +308,7 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = torch.zeros_like(h0) if dhn is None else dhn
     dcn = torch.zeros_like(h0) if dcn is None else dcn
-    dg, dh0, dc0 = _lstm_recurrence_backward(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
+    dg, dh0, dc0 = _call(_lstm_recurrence_backward, dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
     dg3 = dg.view(T * B, D, G)
     need = ctx.needs_input_grad
     dw_hh = None
@@ -274,7 +322,7 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
             None, None, None)
 
 
-_lstm_recurrence.register_autograd(_backward, setup_context=_setup_context)
+_register_autograd(_lstm_recurrence, _backward, _setup_context)
 
 
 def synchronize(device: torch.device | str | int | None = None) -> None:
@@ -432,7 +480,7 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
         t is not None and t.requires_grad for t in (x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr))
     if w_hr[0] is None:
         w_rec = w_hh[0].unsqueeze(0) if D == 1 else torch.stack(w_hh)
-        y, hn, cn, _, _ = _lstm_recurrence(gx, w_rec, bias, h0, c0, lengths, reverse, training)
+        y, hn, cn, _, _ = _call(_lstm_recurrence, gx, w_rec, bias, h0, c0, lengths, reverse, training)
         return y, (hn, cn)
     # Projection: the recurrence runs on r_t = o * tanh(c_t) with W_hh @ W_hr as its recurrent weight, since
     # W_hh h_{t-1} = (W_hh W_hr) r_{t-1}; h0's term enters each row's first step through gx, and the outputs
@@ -446,8 +494,8 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
         g = gx[..., d * 4 * H:(d + 1) * 4 * H]
         gxs.append(g.index_put((first, rows), g[first, rows] + h0[d] @ w_hh[d].t()))
     w_rec = torch.stack([w_hh[d] @ w_hr[d] for d in range(D)])
-    r, rn, cn, _, _ = _lstm_recurrence(torch.cat(gxs, dim=2), w_rec, bias, x.new_zeros(D, B, H), c0, lengths,
-                                       reverse, training)
+    r, rn, cn, _, _ = _call(_lstm_recurrence, torch.cat(gxs, dim=2), w_rec, bias, x.new_zeros(D, B, H), c0,
+                            lengths, reverse, training)
     y = torch.cat([(r[..., d * H:(d + 1) * H].reshape(T * B, H) @ w_hr[d].t()).view(T, B, P) for d in range(D)],
                   dim=2)
     return y, (torch.stack([rn[d] @ w_hr[d].t() for d in range(D)]), cn)
@@ -500,6 +548,6 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     bias = _stacked_bias([w[2:4] for w in weights], H, x.device)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, h0, c0, *(t for w in weights for t in w)))
-    y, hn, cn, _, _, _ = _lstm_stack(gx, w_ih, torch.stack([w[1] for w in weights]), bias, h0, c0, lengths,
-                                     dropout_scale, training)
+    y, hn, cn, _, _, _ = _call(_lstm_stack, gx, w_ih, torch.stack([w[1] for w in weights]), bias, h0, c0,
+                               lengths, dropout_scale, training)
     return y[-1], (hn, cn)
