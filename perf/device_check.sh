@@ -4,7 +4,7 @@
 # run cut short still brings back numbers.
 #   device run: bash perf/device_check.sh      (then commit $OUT as perf/results/<gpu>-<date>/)
 # Environment: BENCH_ARGS (default --quick), GPU_TESTS=0 skips the tests, TESTS_K selects them (pytest -k;
-# default skips the tuner test, which compiles many candidates).
+# default skips the tuner test, which compiles many candidates), STACK_BENCH=0 skips the stack benchmark.
 set -uo pipefail
 OUT=${OUT:-perf-out}
 mkdir -p "$OUT"
@@ -32,6 +32,12 @@ if [ "${GPU_TESTS:-1}" != 0 ]; then
     timeout 200 $py -m pytest -q -m gpu tests/ -p no:cacheprovider --timeout 120 \
         -k "${TESTS_K:-not tune}" > "$OUT/gpu-tests.txt" 2>&1
     echo "gpu tests rc=$?: $(tail -1 "$OUT/gpu-tests.txt")" | tee -a "$OUT/summary.txt"
+fi
+if [ "${STACK_BENCH:-1}" != 0 ]; then
+    step "stack training with and without dropout (pytest-benchmark)"
+    timeout 120 $py -m pytest -q perf/test_perf.py -k stack_training --benchmark-only -p no:cacheprovider \
+        --benchmark-json "$OUT/stack-bench.json" > "$OUT/stack-bench.txt" 2>&1
+    echo "stack bench rc=$?: $(tail -1 "$OUT/stack-bench.txt")" | tee -a "$OUT/summary.txt"
 fi
 step done
 cat "$OUT/summary.txt"
