@@ -7,8 +7,8 @@ deterministic, no atomics.
 
 The recurrence, forward and backward, is a pair of `torch.library` custom ops with fake-tensor and autograd
 registrations, so `torch.compile` sees one opaque op per layer and direction instead of a graph break; the input
-projection around it is ordinary autograd. Eager calls skip the custom-op dispatch (about half the host time of
-a call) and run the same functions under a plain autograd.Function (`_call`).
+projection around it is ordinary autograd. Eager calls skip the custom-op dispatch (15-20 % of a call's host
+time) and run the same functions under a plain autograd.Function (`_call`).
 """
 
 from __future__ import annotations
@@ -106,10 +106,11 @@ def _plain(t) -> bool:
 
 def _call(op, *args):
     """Runs one of the ops. Eagerly, on plain tensors: its function directly, under the autograd.Function of
-    its formula when gradients are recorded (the custom-op dispatch cost ~90 us of host time per call,
-    perf/NOTES.md). Otherwise (torch.compile, fake or functional tensors while a graph is traced, torch.func
-    transforms, tensor subclasses): the custom op. A backward op called with grad mode on (create_graph) also
-    goes through the custom op, whose autograd refuses double backward with a clear error."""
+    its formula when gradients are recorded (the custom-op dispatch cost 25-45 us of host time per forward
+    call on the CI machine, perf/NOTES.md v0.7). Otherwise (torch.compile, fake or functional tensors while a
+    graph is traced, torch.func transforms, tensor subclasses): the custom op. A backward op called with grad
+    mode on (create_graph) also goes through the custom op, whose autograd refuses double backward with a
+    clear error."""
     if torch.compiler.is_compiling() or not all(_plain(a) for a in args):
         return op(*args)
     if not torch.is_grad_enabled():
