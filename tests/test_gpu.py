@@ -226,7 +226,7 @@ def test_stack_training_matches_cudnn(layers, dtype):
         ((y * torch.randn(y.shape, device="cuda", generator=g, dtype=dtype)).sum() + h.sum() + c.sum()).backward()
         grads.append([y, h, c, xl.grad, *(p.grad for p in m.parameters())])
     tritonlstm.synchronize()
-    tol = RESOLUTION_GPU[dtype] * 3
+    tol = RESOLUTION_GPU[dtype] * 4  # four layers and 64 steps of rounding differences, both sides TF32 for fp32
     bad = {i: rel_err(a, b) for i, (a, b) in enumerate(zip(grads[1], grads[0])) if not rel_err(a, b) <= tol}
     assert not bad, bad
 
