@@ -16,9 +16,16 @@ checks P * Q * D against the SM count). Stepwise mode launches the same body onc
 boundary acting as the barrier: it is the path for the CPU interpreter, which runs programs one after
 another, and the fallback where residency cannot be guaranteed.
 
-STACK mode (forward only) reuses axis 2 for the layers of a unidirectional stack run as a wavefront: layer l
-runs its step t at global step t + l, the layers above the first computing their input projection from the
-layer below's h_t inside the loop; one barrier counter per batch group spans the whole stack.
+STACK mode reuses axis 2 for the layers of a unidirectional stack run as a wavefront; one barrier counter per
+batch group spans the whole stack. Forward: layer l runs its step t at global step t + l, the layers above
+the first computing their input projection from the layer below's h_t inside the loop. Backward (a reverse
+wavefront): layer l runs one step behind the layer above and adds that layer's dG_t @ W_ih to its dh_t inside
+the loop. Dropout between layers (HAS_DROPOUT): layer l multiplies its output tile by a given scale and
+writes the dropped copy that layer l + 1 reads; the backward scales the gradient from above the same way.
+
+A barrier that fails (a program never arrives within max_spin polls) sets the device's sticky ERR flag; from
+then on every output of that launch, and of any launch that starts while the flag is set, is NaN, and the
+host raises at its next launch or at `tritonlstm.synchronize()` (BarrierErrors) without a sync per launch.
 
 Per-row lengths (packed sequences): row b is live for steps s = 0 .. LAST[b]; since its dead steps all come
 after its live ones, a dead row needs no state freezing, only masked stores. In reverse, row b visits
