@@ -466,3 +466,9 @@ def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, dropout,
     for a, b in [(x, xr), (h0, h0r), (c0, c0r)] + [(p, q) for wl, wq in zip(ws, wr) for p, q in zip(wl, wq)]:
         assert rel_err(a.grad, b.grad) < 2 * tol
     assert launches == ["lstm_stack_forward", "lstm_stack_backward"]
+
+
+@pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu")], ids=["default", "str", "device"])
+def test_synchronize_is_quiet_when_no_barrier_failed(device):
+    assert int(kernels.barrier_errors.flag(torch.device("cpu"))[0]) == 0
+    tritonlstm.synchronize(device)
