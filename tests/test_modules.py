@@ -454,3 +454,23 @@ def test_double_backward_is_refused_clearly_and_works_on_the_torch_backend():
         g.sum().backward()
         grads.append(x.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], **TOL)
+
+
+def test_activation_checkpointing_recomputes_the_same_stack_with_dropout():
+    """torch.utils.checkpoint reruns the forward during backward (RNG state restored): the same outputs and
+    gradients as without it, through the stack's one-launch forward and backward with dropout."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    m = tritonlstm.LSTM(6, 8, num_layers=2, dropout=0.3, backend="triton").train()
+    x = torch.randn(5, 3, 6, requires_grad=True)
+    results = []
+    for use_checkpoint in (True, False):
+        x.grad = None
+        m.zero_grad()
+        torch.manual_seed(1)
+        y = checkpoint(lambda t: m(t)[0], x, use_reentrant=False) if use_checkpoint else m(x)[0]
+        y.square().sum().backward()
+        results.append([y.detach(), x.grad.clone(), *(p.grad.clone() for p in m.parameters())])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
