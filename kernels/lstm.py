@@ -584,10 +584,10 @@ class BarrierErrors:
             self._err[device] = torch.zeros(1, dtype=torch.int32, device=device)
         return self._err[device]
 
-    def launched(self, device: torch.device) -> None:
+    def launched(self, device: torch.device, capturing: bool) -> None:
         if device.type != "cuda":
             self.check(device)
-        elif not torch.cuda.is_current_stream_capturing():  # no pinned allocation or copy inside a capture
+        elif not capturing:  # no pinned allocation or copy inside a CUDA graph capture
             if device not in self._host:
                 self._host[device] = torch.zeros(1, dtype=torch.int32, pin_memory=True)
             self._host[device].copy_(self._err[device], non_blocking=True)
@@ -608,7 +608,8 @@ class BarrierErrors:
         if seen:
             if on_cuda:
                 torch.cuda.synchronize(device)  # so that no copy still in flight sets the host flag again
-                self._host.get(device, err).zero_()
+                if device in self._host:
+                    self._host[device].zero_()
             err.zero_()
             raise RuntimeError(self.MESSAGE)
 
@@ -626,7 +627,7 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
         barrier_errors.check(device)  # an earlier launch's failure, now visible on the host
     if config.persistent:
         kernel[grid](*args, 0, n_steps, config.max_spin, **meta)
-        barrier_errors.launched(device)
+        barrier_errors.launched(device, capturing)
     else:
         for step in range(n_steps):
             kernel[grid](*args, step, 1, config.max_spin, **meta)
@@ -699,7 +700,7 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     D, G, H = w_hh.shape
     _check_residency(config, H, D, gates.device)
     dt, dev = gates.dtype, gates.device
-    dg = torch.zeros_like(gates) if last is not None else _alloc((T, B, D * G), dt, dev)
+    dg = _per_step((T, B, D * G), dt, dev, last is not None)
     dc_ws = torch.zeros(D, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((D, B, H), dt, dev)
     dc0 = _alloc((D, B, H), dt, dev)
@@ -724,7 +725,7 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     H = w_hh.shape[2]
     _check_residency(config, H, L, gates.device)
     dt, dev = gates.dtype, gates.device
-    dg = torch.zeros_like(gates) if last is not None else _alloc((L, T, B, G), dt, dev)
+    dg = _per_step((L, T, B, G), dt, dev, last is not None)
     dc_ws = torch.zeros(L, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((L, B, H), dt, dev)
     dc0 = _alloc((L, B, H), dt, dev)

@@ -5,22 +5,18 @@ catches what the interpreter cannot."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
-from tritonlstm.compilecheck import SM90_SHARED_LIMIT, shipped_configs
+from helpers import run_python
+from tritonlstm.compilecheck import BACKWARD, SM90_SHARED_LIMIT, shipped_configs
 from tritonlstm.configs import heuristic_config
 
 
 def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
     out = tmp_path / "cc.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter does not compile
-    proc = subprocess.run([sys.executable, "-m", "tritonlstm.compilecheck", "--max-hidden", "4096",
-                           "--json", str(out)], env=env,
-                          capture_output=True, text=True, timeout=1200)
+    # Without TRITON_INTERPRET: the interpreter does not compile.
+    proc = run_python("-m", "tritonlstm.compilecheck", "--max-hidden", "4096", "--json", str(out), timeout=1200)
     rows = json.loads(out.read_text())
     bad = [r for r in rows if not r["ok"]]
     assert not bad, "\n".join(proc.stdout.splitlines()[-40:])
@@ -29,9 +25,8 @@ def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
     assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
     assert all(0 < r["shared"] <= SM90_SHARED_LIMIT and r["spill_bytes"] == 0 and r["error"] is None for r in rows)
     configs = shipped_configs(4096)
-    backward = ("bwd", "stack_bwd")
-    assert len(rows) == sum(1 if kernel in backward else 2 for kernel, *_ in configs)
-    assert {r["store_gates"] for r in rows if r["kernel"] not in backward} == {True, False}
+    assert len(rows) == sum(1 if kernel in BACKWARD else 2 for kernel, *_ in configs)
+    assert {r["store_gates"] for r in rows if r["kernel"] not in BACKWARD} == {True, False}
 
 
 def test_heuristic_keeps_programs_resident_and_weights_on_chip_up_to_1024():

@@ -288,7 +288,7 @@ def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch):
     barrier is NaN, and the flag stays set until the host reports it, once."""
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
     errors, cpu = kernels.barrier_errors, torch.device("cpu")
-    monkeypatch.setattr(errors, "launched", lambda device: None)
+    monkeypatch.setattr(errors, "launched", lambda device, capturing: None)
     config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
     problem = make_problem(3, 2, 4, 16, torch.float32)
     with use_config(config), torch.no_grad():

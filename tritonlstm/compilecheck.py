@@ -24,6 +24,7 @@ from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_conf
 
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
 H100_SMS = 132
+BACKWARD = ("bwd", "stack_bwd")  # the kernels compiled from lstm_bwd_kernel
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -101,7 +102,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       HAS_DROPOUT=kernel == "stack" and store_gates)
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd")
-    backward = kernel in ("bwd", "stack_bwd")
+    backward = kernel in BACKWARD
     fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,
                     store_gates=store_gates and not backward)
@@ -149,7 +150,7 @@ def _check_job(job) -> Resources:
 def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig, store: bool) -> None:
     rows.append(r)
     status = "ok" if r.ok else "FAIL"
-    variant = "" if kernel in ("bwd", "stack_bwd") else ("/train" if store else "/infer")
+    variant = "" if kernel in BACKWARD else ("/train" if store else "/infer")
     print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
           f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
           f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" {r.error}" if r.error else ""), flush=True)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = []
     jobs = [(kernel, dtype, hidden, cfg, store) for kernel, dtype, hidden, cfg in shipped_configs(args.max_hidden)
-            for store in ((True,) if kernel in ("bwd", "stack_bwd") else (True, False))]
+            for store in ((True,) if kernel in BACKWARD else (True, False))]
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = pool.map(_check_job, jobs)
         for (kernel, dtype, hidden, cfg, store), r in zip(jobs, results):
