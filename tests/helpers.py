@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from tritonlstm.naive import lstm_layer_reference
@@ -10,6 +14,12 @@ from tritonlstm.naive import lstm_layer_reference
 # (dtype-rounded) inputs. fp32 on the interpreter is exact fp32; on a GPU the recurrent dot may use TF32.
 RESOLUTION = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 RESOLUTION_GPU = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def run_python(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python *args` in a fresh process without TRITON_INTERPRET (the real compiler, or no kernels at all)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 NAMES = ("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0", "c0")
 

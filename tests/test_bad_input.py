@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from helpers import run_python
 from tritonlstm import fused_lstm
 
 T, B, I, H = 4, 3, 5, 6
@@ -84,8 +81,7 @@ def test_triton_backend_without_gpu_or_interpreter_raises():
             "try:\n    tritonlstm.fused_lstm(x, wi, wh, backend='triton')\n"
             "except RuntimeError as e:\n    print('REFUSED', e)\n"
             "y, _ = tritonlstm.fused_lstm(x, wi, wh)\nprint('AUTO', tuple(y.shape))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    out = run_python("-c", code, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "REFUSED backend='triton' cannot run on device 'cpu'" in out.stdout, out.stdout
     assert "TRITON_INTERPRET=1" in out.stdout

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from helpers import run_python
 from tritonlstm import bench
 
 ENV = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cudnn": "91900", "date": "2026-11-26"}
@@ -83,9 +81,7 @@ def test_matrix_cells():
 
 
 def test_no_gpu_path_says_so_and_exits_0():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "tritonlstm.bench", "--quick"], capture_output=True, text=True,
-                         env=env, timeout=600)
+    out = run_python("-m", "tritonlstm.bench", "--quick", timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     first = out.stdout.splitlines()[0]
     assert "no CUDA device" in first

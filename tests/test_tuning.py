@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
+from helpers import run_python
 from tritonlstm import configs, tuning
 from tritonlstm.configs import LSTMConfig, use_config
 
@@ -140,8 +139,7 @@ def test_fits_with_the_real_compile_check():
             "good = configs.heuristic_config(64, 16, torch.float16, 132)\n"
             "print(tuning.fits('fwd', torch.float16, 64, bad, 232448), "
             "tuning.fits('fwd', torch.float16, 64, good, 232448))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    out = run_python("-c", code, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "True"]
 
@@ -154,9 +152,7 @@ def test_cli_arguments_and_no_gpu_message():
     for bad in (["--hidden", "x"], ["--dtypes", "int8"], ["--kernels", "step"], ["--seq", "0"]):
         with pytest.raises(SystemExit):
             tuning.parse_args(bad)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "tritonlstm.tune"], capture_output=True, text=True, env=env,
-                         timeout=300)
+    out = run_python("-m", "tritonlstm.tune", timeout=300)
     assert out.returncode == 0 and "no CUDA device, nothing to tune" in out.stdout
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         tuning.tune(hidden=[64], batch=[1])
