@@ -525,6 +525,13 @@ def lstm_bwd_kernel(
             poisoned = poisoned | failed
 
 
+if interpreting():
+    # Without it, bf16 on the interpreter gives wrong answers silently (kernels/interpreter.py says why).
+    from tritonlstm.kernels.interpreter import fix_bf16
+
+    fix_bf16()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------

@@ -474,3 +474,77 @@ def test_activation_checkpointing_recomputes_the_same_stack_with_dropout():
         results.append([y.detach(), x.grad.clone(), *(p.grad.clone() for p in m.parameters())])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("layers", [1, 2], ids=["L1", "L2-stack"])
+def test_half_precision_module_matches_nn_lstm_in_float(dtype, layers):
+    """The module in fp16 / bf16 against nn.LSTM in fp32 on the same (rounded) weights and input. Under the
+    interpreter this also checks the package's bf16 fix is in place (the raw interpreter gets bf16 wrong)."""
+    ref, ours = pair(6, 8, num_layers=layers)
+    ours.to(dtype)
+    ref.load_state_dict(ours.float().state_dict())
+    ours.to(dtype)
+    x = torch.randn(5, 3, 6).to(dtype)
+    y, (h, c) = ours(x)
+    ry, (rh, rc) = ref(x.float())
+    assert y.dtype == dtype
+    tol = {torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    for a, b in ((y, ry), (h, rh), (c, rc)):
+        torch.testing.assert_close(a.float(), b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2}, {"num_layers": 2, "bidirectional": True, "proj_size": 3}],
+                         ids=["L1", "L2-stack", "L2-bidir-proj"])
+def test_jit_trace_saves_loads_and_trains(kw, tmp_path):
+    """A trace records the custom ops (one graph with or without grad mode), runs at another shape after
+    torch.jit.save / load, and its gradients are nn.LSTM's."""
+    ref, ours = pair(4, 5, **kw)
+    traced = torch.jit.trace(ours, (torch.randn(3, 2, 4),))
+    torch.jit.save(traced, tmp_path / "lstm.pt")
+    loaded = torch.jit.load(tmp_path / "lstm.pt")
+    x = torch.randn(6, 3, 4)
+    out, ref_out = loaded(x), ref(x)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    out[0].square().sum().backward()
+    ref_out[0].square().sum().backward()
+    grads = dict(loaded.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_export_runs_the_kernels(monkeypatch):
+    ref, ours = pair(4, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(3, 2, 4)
+    expected = ref(x)
+    program = torch.export.export(ours, (x,))
+    launches = []
+    fwd = kernels.lstm_forward
+    monkeypatch.setattr(kernels, "lstm_forward", lambda *a, **k: launches.append(1) or fwd(*a, **k))
+    monkeypatch.setattr(nn.LSTM, "forward", None)
+    torch.testing.assert_close(program.module()(x), expected, **TOL)
+    assert len(launches) == 2  # one launch per bidirectional layer
+
+
+def test_jit_script_is_refused_with_a_clear_error():
+    for m in (tritonlstm.LSTM(4, 5), tritonlstm.LSTMCell(4, 5)):
+        with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script.*trace"):
+            torch.jit.script(m)
+
+
+@pytest.mark.parametrize("hx", [
+    pytest.param(lambda: (torch.zeros(1, 2, 5),), id="one-tensor-tuple"),
+    pytest.param(lambda: torch.zeros(1, 2, 5), id="bare-tensor"),
+    pytest.param(lambda: torch.zeros(2, 1, 2, 5), id="stacked-tensor"),
+    pytest.param(lambda: [torch.zeros(1, 2, 5), None], id="none-in-pair"),
+    pytest.param(lambda: 3, id="int"),
+])
+def test_malformed_hx_is_named(hx):
+    """nn.LSTM fails on these with a bare IndexError (or worse); the drop-in names hx and what it got."""
+    m = tritonlstm.LSTM(4, 5, backend="triton")
+    with pytest.raises(TypeError, match=r"LSTM: hx must be a tuple \(h_0, c_0\) of two tensors, got"):
+        m(torch.randn(3, 2, 4), hx())
+    cell = tritonlstm.LSTMCell(4, 5, backend="triton")
+    with pytest.raises(TypeError, match=r"LSTMCell: hx must be a tuple \(h_0, c_0\)"):
+        cell(torch.randn(2, 4), hx())
+

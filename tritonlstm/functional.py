@@ -104,14 +104,23 @@ def _plain(t) -> bool:
     return not isinstance(t, Tensor) or (type(t) in (Tensor, torch.nn.Parameter) and not _is_wrapped(t))
 
 
+def _records_grad(*tensors: Tensor | None) -> bool:
+    """Whether a call must keep what its backward needs (the gates, the cells). Under torch.jit.trace it does
+    not follow grad mode, so that a trace is the same graph with or without it (trace's own check re-runs
+    under no_grad) and a traced module still trains."""
+    return (torch.is_grad_enabled() or torch.jit.is_tracing()) and any(
+        t is not None and t.requires_grad for t in tensors)
+
+
 def _call(op, *args):
     """Runs one of the ops. Eagerly, on plain tensors: its function directly, under the autograd.Function of
     its formula when gradients are recorded (the custom-op dispatch cost 25-45 us of host time per forward
-    call on the CI machine, perf/NOTES.md v0.7). Otherwise (torch.compile, fake or functional tensors while a
-    graph is traced, torch.func transforms, tensor subclasses): the custom op. A backward op called with grad
+    call on the CI machine, perf/NOTES.md v0.7). Otherwise (torch.compile, torch.jit.trace, fake or functional
+    tensors while a graph is traced, torch.func transforms, tensor subclasses): the custom op, which a trace
+    records as one node. A backward op called with grad
     mode on (create_graph) also goes through the custom op, whose autograd refuses double backward with a
     clear error."""
-    if torch.compiler.is_compiling() or not all(_plain(a) for a in args):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not all(_plain(a) for a in args):
         return op(*args)
     if not torch.is_grad_enabled():
         return op.eager(*args)
@@ -477,8 +486,7 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     # (One direction: the weights as they are; cat / stack would copy them on every call.)
     gx = torch.mm(x.reshape(T * B, x.shape[2]), (w_ih[0] if D == 1 else torch.cat(w_ih)).t()).view(T, B, D * 4 * H)
     bias = _stacked_bias(list(zip(b_ih, b_hh)), H, x.device)
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr))
+    training = _records_grad(x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr)
     if w_hr[0] is None:
         w_rec = w_hh[0].unsqueeze(0) if D == 1 else torch.stack(w_hh)
         y, hn, cn, _, _ = _call(_lstm_recurrence, gx, w_rec, bias, h0, c0, lengths, reverse, training)
@@ -547,8 +555,7 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     gx = torch.mm(x.reshape(T * B, x.shape[2]), weights[0][0].t()).view(T, B, 4 * H)
     w_ih = torch.stack([w[0] for w in weights[1:]]) if L > 1 else weights[0][1][:0].view(0, 4 * H, H)
     bias = _stacked_bias([w[2:4] for w in weights], H, x.device)
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, *(t for w in weights for t in w)))
+    training = _records_grad(x, h0, c0, *(t for w in weights for t in w))
     y, hn, cn, _, _, _ = _call(_lstm_stack, gx, w_ih, torch.stack([w[1] for w in weights]), bias, h0, c0,
                                lengths, dropout_scale, training)
     return y[-1], (hn, cn)

@@ -38,6 +38,25 @@ def _allow_dynamo() -> None:
     torch._dynamo.config.allow_rnn = True
 
 
+def _state_pair(module: str, hx) -> tuple[Tensor, Tensor]:
+    """hx as (h_0, c_0), or an error that names it (nn.LSTM itself fails on a bare IndexError or on the
+    argument parsing of torch.lstm)."""
+    if isinstance(hx, Tensor):
+        got = f"a Tensor of shape {list(hx.shape)}"
+    elif isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(t, Tensor) for t in hx):
+        return hx[0], hx[1]
+    elif isinstance(hx, (tuple, list)):
+        got = f"a {type(hx).__name__} of {len(hx)} ({', '.join(type(t).__name__ for t in hx)})"
+    else:
+        got = type(hx).__name__
+    raise TypeError(f"{module}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
+
+
+def _no_script(module) -> None:
+    raise RuntimeError(f"{type(module).__name__} (tritonlstm) cannot be compiled by torch.jit.script: its forward "
+                       f"is Python around Triton launches. torch.jit.trace, torch.export and torch.compile work.")
+
+
 class LSTM(nn.LSTM):
     """`torch.nn.LSTM` with the recurrence fused in Triton kernels. Same constructor (plus `backend`), same
     parameters, same `forward(input, hx=None)` contract and outputs."""
@@ -46,6 +65,9 @@ class LSTM(nn.LSTM):
         super().__init__(*args, **kwargs)
         self.backend = _check_backend(backend)
         _allow_dynamo()
+
+    def __prepare_scriptable__(self):
+        _no_script(self)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -97,7 +119,7 @@ class LSTM(nn.LSTM):
             h0 = x.new_zeros(self.num_layers * dirs, B, real_hidden)
             c0 = x.new_zeros(self.num_layers * dirs, B, self.hidden_size)
         else:
-            h0, c0 = hx
+            h0, c0 = _state_pair("LSTM", hx)
             want = 3 if is_batched else 2
             if h0.dim() != want or c0.dim() != want:
                 kind = "batched 3-D" if is_batched else "unbatched 2-D"
@@ -185,6 +207,9 @@ class LSTMCell(nn.LSTMCell):
         super().__init__(*args, **kwargs)
         self.backend = _check_backend(backend)
 
+    def __prepare_scriptable__(self):
+        _no_script(self)
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
@@ -198,6 +223,7 @@ class LSTMCell(nn.LSTMCell):
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
+            hx = _state_pair("LSTMCell", hx)
             for idx, value in enumerate(hx):
                 if value.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
