@@ -154,6 +154,82 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
     return failed != 0
 
 
+@triton.jit
+def _publish_tagged(p_ring, b_y, m, tag, BB: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
+                    DT: tl.constexpr):
+    """Stores the [BB, BH] tile b_y (float32, rounded to DT) as 8-byte words of PACK values and the tag in the
+    high 32 bits. A word lands whole, so a reader that sees the tag sees the values: no fence, no counter."""
+    if PACK == 2:
+        b_bits = tl.reshape(b_y.to(DT).to(tl.int16, bitcast=True), [BB, BH // 2, 2])
+        b_lo, b_hi = tl.split(b_bits)
+        b_low = (b_lo.to(tl.int32) & 0xFFFF) | (b_hi.to(tl.int32) << 16)
+    else:
+        b_low = b_y.to(tl.int32, bitcast=True)
+    tl.store(p_ring, b_low.to(tl.uint32).to(tl.int64) | (tag.to(tl.int64) << 32), mask=m)
+
+
+@triton.jit
+def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o, p_w, o_j,
+                 m_j, H, ERR, max_spin, BK: tl.constexpr, PACK: tl.constexpr, W_RESIDENT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
+    """_gate_dots with x = h_{t-1} read from tagged words (_publish_tagged): each K chunk is reloaded until every
+    word carries `tag`, then multiplied. With PACK = 2 a word holds units 2k (low half) and 2k + 1, and
+    x @ W = x_even @ W[even rows] + x_odd @ W[odd rows]: the halves are never interleaved back (a shuffle through
+    shared memory); w_* hold W's even rows and u_* its odd rows when resident. Returns the accumulators and
+    whether the wait gave up (after max_spin reloads, setting the sticky ERR flag) or found ERR set."""
+    HW = (H + PACK - 1) // PACK
+    o_w = tl.arange(0, BK // PACK)
+    want = tag.to(tl.int64) << 32
+    failed = tl.load(ERR, volatile=True) != 0
+    for k0 in range(0, H, BK):
+        o_ww = k0 // PACK + o_w
+        p = p_ring + o_b[:, None] * HW + o_ww[None, :]
+        m = m_b[:, None] & (o_ww < HW)[None, :]
+        # Only the low halves (the values) live on past a load: the tags die in the check (registers).
+        b_words = tl.load(p, mask=m, other=want, volatile=True)
+        pending = tl.sum(((b_words >> 32) != tag).to(tl.int32))
+        b_low = b_words.to(tl.int32)
+        spins = 0
+        while (pending > 0) & (not failed):
+            b_words = tl.load(p, mask=m, other=want, volatile=True)
+            pending = tl.sum(((b_words >> 32) != tag).to(tl.int32))
+            b_low = b_words.to(tl.int32)
+            failed = tl.load(ERR, volatile=True) != 0
+            spins += 1
+            if spins > max_spin:
+                tl.atomic_xchg(ERR, 1)
+                failed = True
+        if PACK == 2:
+            b_even = b_low.to(tl.int16).to(DT, bitcast=True)
+            b_odd = (b_low >> 16).to(tl.int16).to(DT, bitcast=True)
+            if W_RESIDENT:
+                t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o = w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o
+            else:
+                o_ke = k0 + 2 * o_w
+                t_i, t_f, t_g, t_o = _load_gate_tiles(p_w, o_ke, o_j, o_ke < H, m_j, H, 1, H)
+                v_i, v_f, v_g, v_o = _load_gate_tiles(p_w, o_ke + 1, o_j, o_ke + 1 < H, m_j, H, 1, H)
+            acc_i += tl.dot(b_even, t_i, input_precision=DOT_PRECISION)
+            acc_f += tl.dot(b_even, t_f, input_precision=DOT_PRECISION)
+            acc_g += tl.dot(b_even, t_g, input_precision=DOT_PRECISION)
+            acc_o += tl.dot(b_even, t_o, input_precision=DOT_PRECISION)
+            acc_i += tl.dot(b_odd, v_i, input_precision=DOT_PRECISION)
+            acc_f += tl.dot(b_odd, v_f, input_precision=DOT_PRECISION)
+            acc_g += tl.dot(b_odd, v_g, input_precision=DOT_PRECISION)
+            acc_o += tl.dot(b_odd, v_o, input_precision=DOT_PRECISION)
+        else:
+            b_x = b_low.to(tl.float32, bitcast=True)
+            if W_RESIDENT:
+                t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
+            else:
+                o_kk = k0 + o_w
+                t_i, t_f, t_g, t_o = _load_gate_tiles(p_w, o_kk, o_j, o_kk < H, m_j, H, 1, H)
+            acc_i += tl.dot(b_x, t_i, input_precision=DOT_PRECISION)
+            acc_f += tl.dot(b_x, t_f, input_precision=DOT_PRECISION)
+            acc_g += tl.dot(b_x, t_g, input_precision=DOT_PRECISION)
+            acc_o += tl.dot(b_x, t_o, input_precision=DOT_PRECISION)
+    return acc_i, acc_f, acc_g, acc_o, failed
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
@@ -177,6 +253,7 @@ def lstm_fwd_kernel(
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
+    RING,  # [2, D, B, cdiv(H, PACK)] int64 zeros on entry: h_t as tagged words, slot t % 2 (when TAGGED)
     T,
     B,
     H,
@@ -189,6 +266,8 @@ def lstm_fwd_kernel(
     BB: tl.constexpr,
     D: tl.constexpr,
     W_RESIDENT: tl.constexpr,
+    TAGGED: tl.constexpr,  # h_{t-1} from tagged words each reader waits on, instead of a grid barrier per step
+    PACK: tl.constexpr,  # values per tagged word: 2 for 16-bit h, 1 for float32
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     STACK: tl.constexpr,  # axis 2 is the layer of a unidirectional stack run as a wavefront (D = 1)
@@ -197,6 +276,7 @@ def lstm_fwd_kernel(
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -244,7 +324,13 @@ def lstm_fwd_kernel(
     b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo = None, None, None, None, None, None, None, None
     if W_RESIDENT:
         # Loaded once, reused for every step: tile (k, j) of gate g is W_hh[g*H + j, k].
-        b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, 1, H)
+        if TAGGED and PACK == 2:
+            # W_hh's even rows in b_w*, its odd rows in b_u* (_tagged_dots says why).
+            o_ke = 2 * tl.arange(0, BK // 2)
+            b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_ke, o_j, o_ke < H, m_j, H, 1, H)
+            b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W, o_ke + 1, o_j, o_ke + 1 < H, m_j, H, 1, H)
+        else:
+            b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, 1, H)
         if STACK:
             b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & (i_l > 0), m_j, H, 1, H)
     if HAS_BIAS:
@@ -285,10 +371,20 @@ def lstm_fwd_kernel(
             b_c = tl.load(p_c, mask=m_live, other=0.0, cache_modifier=".cg")
 
             # h_{t-1}: the previous output row, or h0 at the first step.
-            o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
-            p_hbase = tl.where(s == 0, H0, Y)
-            b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf, b_wg,
-                                                b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT, DOT_PRECISION)
+            if TAGGED:
+                # Every row's h of step s - 1, tagged s, in slot (s - 1) % 2 (h0: slot 1, tag 0, by the launcher).
+                p_ring = RING + (((s + 1) % 2) * D + i_d).to(tl.int64) * B * ((H + PACK - 1) // PACK)
+                b_gi, b_gf, b_gg, b_go, failed = _tagged_dots(b_gi, b_gf, b_gg, b_go, p_ring, o_b, m_b, s, b_wi,
+                                                              b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo, W, o_j, m_j,
+                                                              H, ERR, max_spin, BK, PACK, W_RESIDENT, DOT_PRECISION,
+                                                              Y.dtype.element_ty)
+                poisoned = poisoned | failed
+            else:
+                o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
+                p_hbase = tl.where(s == 0, H0, Y)
+                b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf,
+                                                    b_wg, b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT,
+                                                    DOT_PRECISION)
             if HAS_BIAS:
                 b_gi += b_bi
                 b_gf += b_bf
@@ -305,6 +401,13 @@ def lstm_fwd_kernel(
             b_y = tl.where(poisoned, float("nan"), b_y)
 
             o_bh = o_b[:, None] * H + o_j[None, :]
+            if TAGGED:
+                HW = (H + PACK - 1) // PACK
+                o_jw = i_h * (BH // PACK) + tl.arange(0, BH // PACK)
+                # Every row, dead ones too: the readers wait on all rows.
+                p_pub = RING + ((s % 2) * D + i_d).to(tl.int64) * B * HW + o_b[:, None] * HW + o_jw[None, :]
+                _publish_tagged(p_pub, b_y, m_b[:, None] & (o_jw < HW)[None, :], s + 1, BB, BH, PACK,
+                                Y.dtype.element_ty)
             tl.store(Y + o_row[:, None] * SY + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
             if STACK:
                 if HAS_DROPOUT:
@@ -325,7 +428,7 @@ def lstm_fwd_kernel(
             m_last = (m_b & (s == last))[:, None] & m_j[None, :]
             tl.store(HN + o_bh, b_y.to(HN.dtype.element_ty), mask=m_last)
             tl.store(CN + o_bh, b_c.to(CN.dtype.element_ty), mask=m_last)
-        if PERSISTENT:
+        if PERSISTENT and not TAGGED:
             if STACK:
                 # One counter for the whole stack: layer l's step needs layer l-1's output of the same step.
                 failed = _grid_barrier(ERR, SYNC + i_q, (s_glob - S_START + 1) * n_h * tl.num_programs(2), max_spin)
@@ -578,8 +681,9 @@ class BarrierErrors:
     the host-device round trip and stop the CPU from queueing the next launches while the GPU runs. On the CPU
     interpreter, which runs synchronously, the check follows each launch at once."""
 
-    MESSAGE = ("tritonlstm: a grid barrier did not complete (a program never arrived; were all programs "
-               "resident?). The outputs of that launch, and of launches queued while it failed, are NaN.")
+    MESSAGE = ("tritonlstm: a grid barrier (or a wait on another program's h) did not complete (a program never "
+               "arrived; were all programs resident?). The outputs of that launch, and of launches queued while it "
+               "failed, are NaN.")
 
     def __init__(self):
         self._err: dict[torch.device, torch.Tensor] = {}
@@ -640,6 +744,18 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
             kernel[grid](*args, step, 1, config.max_spin, **meta)
 
 
+def _tag_ring(h0: torch.Tensor, pack: int) -> torch.Tensor:
+    """The [2, D, B, cdiv(H, pack)] int64 exchange of a tagged forward: slot 1 holds h0 as the words of step
+    -1 (tag 0, as _publish_tagged lays them out), slot 0 zeros (tag 0: no reader waits on it before step 1)."""
+    D, B, H = h0.shape
+    if pack == 1:
+        words = h0.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    else:
+        bits = torch.nn.functional.pad(h0.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF, (0, H % 2))
+        words = bits[..., 0::2] | (bits[..., 1::2] << 16)
+    return torch.stack([torch.zeros_like(words), words])
+
+
 def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config):
     """Runs the recurrence of D directions (D = w_hh.shape[0]; direction 1 in reverse) over gx = x @ W_ih^T
     [T, B, D*4H] (read only). w_hh [D, 4H, H], bias [D, 4H] float32 or None, h0 [D, B, H], c_ws [D, B, H]
@@ -658,11 +774,16 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
     sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
+    tagged = config.exchange == "tagged"
+    pack = 1 if dt == torch.float32 else 2
+    if tagged and pack * 16 > config.block_k:
+        raise ValueError(f"config: exchange='tagged' with {dt} needs block_k >= {pack * 16}, got {config.block_k}")
+    ring = _tag_ring(h0, pack) if tagged else sync
     args = (gx, gates, w_hh, w_hh, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
-            last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, int(reverse))
+            last if last is not None else sync, sync, barrier_errors.flag(dev), ring, T, B, H, int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, dev, args,
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
-              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)))
+              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack))
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
@@ -690,9 +811,10 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
     args = (gx, gates, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else y, xd if xd is not None else y,
             bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync, sync,
-            barrier_errors.flag(dev), T, B, H, 0)
+            barrier_errors.flag(dev), sync, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
+              TAGGED=False, PACK=1,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)))
     if not store_gates:
         gates = c_all = None

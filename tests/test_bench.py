@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,8 @@ def test_barrier_failure_while_timed_is_an_error_not_a_time(monkeypatch):
     out = bench.check_then_time(lambda: x, lambda: x, 1e-2, timer=timer)
     assert "barrier" in out["error"] and "speedup" not in out
     assert int(kernels.barrier_errors.flag(torch.device("cpu"))[0]) == 0
+
+
+def test_exchange_ab_script_without_gpu_says_so_and_exits_0():
+    proc = run_python(str(Path(__file__).parents[1] / "perf" / "exchange.py"), timeout=120)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout

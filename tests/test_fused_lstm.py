@@ -8,6 +8,7 @@ import torch
 import tritonlstm
 from helpers import NAMES, RESOLUTION, call_kwargs, leaf, loss_of, make_problem, reference, rel_err
 from tritonlstm import LSTMConfig, fused_lstm, use_config
+from tritonlstm.functional import lstm_layer
 from tritonlstm.kernels import lstm as kernels
 
 
@@ -104,6 +105,13 @@ MULTI_PROGRAM = [
                  id="stepwise-streamedW-BK16"),
     pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=16, w_resident=False, batch_groups=1, persistent=True),
                  id="persistent-1prog-streamedW-tiles5"),
+    # h_{t-1} as tagged words (perf/NOTES.md v0.8): the same paths through the ring instead of y.
+    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                            exchange="tagged"), id="tagged-stepwise-P5-Q2-tiles3"),
+    pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=32, w_resident=False, batch_groups=1, persistent=False,
+                            exchange="tagged"), id="tagged-stepwise-streamedW-BK32"),
+    pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=64, w_resident=True, batch_groups=1, persistent=True,
+                            exchange="tagged"), id="tagged-persistent-1prog-tiles5"),
 ]
 
 
@@ -114,6 +122,37 @@ def test_multi_program_paths(config, reverse, dtype, kernel_calls):
     problem = make_problem(6, 17, 10, 33, dtype)
     check_against_reference(problem, dtype, reverse=reverse, config=config)
     assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+TAGGED = LSTMConfig(block_h=8, block_b=4, block_k=32, w_resident=True, batch_groups=2, persistent=False,
+                    exchange="tagged")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("H", [7, 24], ids=["H7-odd", "H24"])
+def test_tagged_exchange_with_lengths_both_directions(dtype, H):
+    """The tagged words carry every row (dead ones too: readers wait on all rows), an odd H (the last word's
+    high half is padding) and h0 (slot 1, tag 0) in both directions of one launch."""
+    problem = make_problem(5, 6, 4, H, dtype)
+    lengths = torch.tensor([5, 2, 1, 4, 5, 3])
+    for reverse in (False, True):
+        check_against_reference(problem, dtype, reverse=reverse, lengths=lengths, config=TAGGED)
+    with use_config(TAGGED), torch.no_grad():
+        x, w_ih, w_hh, b_ih, b_hh, h0, c0 = (problem[n] for n in NAMES)
+        both, _ = lstm_layer(x, [(w_ih, w_hh, b_ih, b_hh, None)] * 2, torch.stack([h0, h0]), torch.stack([c0, c0]),
+                             lengths=lengths, backend="triton")
+        with use_config(None):
+            ref, _ = lstm_layer(x, [(w_ih, w_hh, b_ih, b_hh, None)] * 2, torch.stack([h0, h0]),
+                                torch.stack([c0, c0]), lengths=lengths, backend="triton")
+    tol = RESOLUTION[dtype]
+    torch.testing.assert_close(both, ref, rtol=tol, atol=tol)
+
+
+def test_tagged_exchange_refuses_a_k_chunk_too_small_to_split():
+    problem = make_problem(3, 2, 4, 8, torch.float16)
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, exchange="tagged")
+    with use_config(config), torch.no_grad(), pytest.raises(ValueError, match="tagged.*block_k >= 32"):
+        fused_lstm(*(problem[n] for n in NAMES), backend="triton")
 
 
 @pytest.mark.parametrize("config", [None, MULTI_PROGRAM[0].values[0]], ids=["default", "stepwise"])
@@ -273,23 +312,28 @@ def test_auto_backend_float64_uses_torch(kernel_calls):
     assert kernel_calls["fwd"] == 0
 
 
-def test_barrier_that_cannot_complete_raises(monkeypatch):
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+def test_barrier_that_cannot_complete_raises(monkeypatch, exchange):
     """A persistent launch whose programs cannot all be resident: the interpreter runs program 0 to the end
-    before program 1 starts, so program 0's barrier can never complete. It must raise, not hang."""
+    before program 1 starts, so program 0's barrier (or its wait on program 1's tagged h) can never complete.
+    It must raise, not hang."""
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
-    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20,
+                        exchange=exchange)
     problem = make_problem(3, 2, 4, 16, torch.float32)
     with use_config(config), torch.no_grad(), pytest.raises(RuntimeError, match="barrier"):
         fused_lstm(*(problem[n] for n in NAMES), backend="triton")
 
 
-def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch):
+@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch, exchange):
     """Without the per-launch check the failure still cannot pass for a result: every output after the failed
-    barrier is NaN, and the flag stays set until the host reports it, once."""
+    barrier (or wait) is NaN, and the flag stays set until the host reports it, once."""
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
     errors, cpu = kernels.barrier_errors, torch.device("cpu")
     monkeypatch.setattr(errors, "launched", lambda device, capturing: None)
-    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20,
+                        exchange=exchange)
     problem = make_problem(3, 2, 4, 16, torch.float32)
     with use_config(config), torch.no_grad():
         y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")

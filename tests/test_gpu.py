@@ -254,3 +254,34 @@ def test_stack_dropout_matches_the_layer_by_layer_computation():
         outs.append([y, xl.grad, *(w.grad for lw in leaves for w in lw)])
     for a, b in zip(*outs):
         assert rel_err(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("B", [1, 16])
+@pytest.mark.parametrize("H", [256, 1024])
+def test_tagged_exchange_matches_cudnn(H, B, dtype):
+    """exchange="tagged" (perf/NOTES.md v0.8) on the heuristic's persistent multi-program tiles: the readers wait
+    on tagged words instead of a barrier, so a missing wait or a torn word shows here as a wrong answer (or a
+    NaN from the bounded wait), not on the interpreter."""
+    import dataclasses
+
+    from tritonlstm import LSTM
+    from tritonlstm.configs import heuristic_config, use_config
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = dataclasses.replace(heuristic_config(H, B, dtype, sms), exchange="tagged")
+    assert cfg.persistent and cfg.programs(H) > 1, cfg
+    with use_config(cfg, "fwd"):
+        run_both(256, B, H, dtype)
+    # Both directions and per-row lengths in one launch, against cuDNN's packed bidirectional layer.
+    m = torch.nn.LSTM(H, H, bidirectional=True).to("cuda", dtype)
+    ours = LSTM(H, H, bidirectional=True, backend="triton").to("cuda", dtype)
+    ours.load_state_dict(m.state_dict())
+    lengths = torch.randint(1, 65, (B,))
+    lengths[0] = 64
+    x = torch.randn(64, B, H, device="cuda", dtype=dtype)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    both = dataclasses.replace(heuristic_config(H, B, dtype, sms, directions=2), exchange="tagged")
+    with use_config(both, "fwd"), torch.no_grad():
+        a, b = m(packed)[0], ours(packed)[0]
+    assert rel_err(b.data, a.data) <= RESOLUTION_GPU[dtype] * 2

@@ -3,6 +3,7 @@ candidate filtering with compile-only figures, the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -156,3 +157,12 @@ def test_cli_arguments_and_no_gpu_message():
     assert out.returncode == 0 and "no CUDA device, nothing to tune" in out.stdout
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         tuning.tune(hidden=[64], batch=[1])
+
+
+def test_tagged_exchange_is_a_forward_candidate_only():
+    fwd = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel="fwd")
+    bwd = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel="bwd")
+    tagged = [c for c in fwd if c.exchange == "tagged"]
+    assert tagged and all(c.persistent and c.block_k >= 32 for c in tagged)
+    assert {dataclasses.replace(c, exchange="barrier") for c in tagged} <= set(fwd)
+    assert all(c.exchange == "barrier" for c in bwd)

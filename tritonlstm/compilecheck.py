@@ -51,9 +51,9 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     if kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": p, "W_IH": p, "DROP": p, "XD": p, "BIAS": "*fp32", "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32"}
-        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "STACK", "HAS_DROPOUT",
-                 "STORE_GATES", "PERSISTENT", "DOT_PRECISION")
+                "ERR": "*i32", "RING": "*i64"}
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "HAS_BIAS", "HAS_LENGTHS", "STACK",
+                 "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION")
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
                 "DCN": p, "DG": p, "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32",
@@ -99,7 +99,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     if kernel in ("fwd", "stack"):
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
         consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
-                      HAS_DROPOUT=kernel == "stack" and store_gates)
+                      HAS_DROPOUT=kernel == "stack" and store_gates,
+                      TAGGED=kernel == "fwd" and config.exchange == "tagged", PACK=1 if dtype == torch.float32 else 2)
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd")
     backward = kernel in BACKWARD
@@ -142,6 +143,15 @@ def shipped_configs(max_hidden: int = 1024) -> list[tuple[str, torch.dtype, int,
     return out
 
 
+def tagged_variants(configs) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
+    """The persistent fwd configs among `configs` with exchange="tagged": candidates the tuner tries (and keeps
+    only where they compile within limits), not the heuristic's picks."""
+    return [(kernel, dtype, hidden, dataclasses.replace(cfg, exchange="tagged"))
+            for kernel, dtype, hidden, cfg in configs
+            if kernel == "fwd" and cfg.persistent and cfg.block_h >= 2
+            and cfg.block_k >= (16 if dtype == torch.float32 else 32)]
+
+
 def _check_job(job) -> Resources:
     kernel, dtype, hidden, cfg, store = job
     return check(kernel, dtype, hidden, cfg, store_gates=store)
@@ -153,7 +163,8 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
     variant = "" if kernel in BACKWARD else ("/train" if store else "/infer")
     print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
           f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
-          f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" {r.error}" if r.error else ""), flush=True)
+          f"regs={r.registers:<4} spills={r.spill_bytes}" + (" tagged" if cfg.exchange == "tagged" else "")
+          + (f" {r.error}" if r.error else ""), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,9 +174,15 @@ def main(argv: list[str] | None = None) -> int:
                          "adds the streamed-W configs)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (default: CPUs)")
+    ap.add_argument("--tagged", action="store_true",
+                    help="check the fwd configs with exchange='tagged' instead (tuner candidates: reported, and "
+                         "the exit status says whether all fit)")
     args = ap.parse_args(argv)
     rows = []
-    jobs = [(kernel, dtype, hidden, cfg, store) for kernel, dtype, hidden, cfg in shipped_configs(args.max_hidden)
+    configs = shipped_configs(args.max_hidden)
+    if args.tagged:
+        configs = tagged_variants(configs)
+    jobs = [(kernel, dtype, hidden, cfg, store) for kernel, dtype, hidden, cfg in configs
             for store in ((True,) if kernel in BACKWARD else (True, False))]
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = pool.map(_check_job, jobs)

@@ -19,6 +19,7 @@ import torch
 _W_BUDGET = 128 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
+EXCHANGES = ("barrier", "tagged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +33,16 @@ class LSTMConfig:
     num_warps: int = 4
     num_stages: int = 1
     max_spin: int = _DEFAULT_MAX_SPIN  # barrier spins before it gives up and raises
+    # How a single-layer forward passes h_{t-1} between programs: "barrier" (store h, one grid barrier per
+    # step, load h) or "tagged" (each 8-byte word carries a step tag and its reader waits on the words it
+    # needs: no fence, no counter, twice the bytes for h). The other kernels always use the barrier.
+    exchange: str = "barrier"
 
     def __post_init__(self):
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"LSTMConfig.exchange must be one of {EXCHANGES}, got {self.exchange!r}")
+        if self.exchange == "tagged" and self.block_h < 2:
+            raise ValueError("LSTMConfig.exchange='tagged' needs block_h >= 2 (two 16-bit values per word)")
         for name in ("block_h", "block_b", "block_k"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):

@@ -161,9 +161,12 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_limit: int) -> list[LSTMConfig]:
+def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_limit: int,
+               kernel: str = "fwd") -> list[LSTMConfig]:
     """Configs that can run: every program resident (P * Q <= SMs) and an estimate of the shared memory
-    (the W_hh slices and one h tile) under the limit. The heuristic's pick comes first."""
+    (the W_hh slices and one h tile) under the limit. The heuristic's pick comes first. For the forward kernel,
+    each also with exchange="tagged" (h_{t-1} in tagged words instead of a barrier per step) where its tiles
+    allow it (perf/NOTES.md v0.8)."""
     esize = torch.empty((), dtype=dtype).element_size()
     hk = max(16, _pow2(hidden))
     out = [heuristic_config(hidden, batch, dtype, num_sms)]
@@ -184,6 +187,10 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                                      num_warps=warps)
                     if cfg not in out:
                         out.append(cfg)
+    if kernel == "fwd":
+        min_k = 16 if dtype == torch.float32 else 32  # a tagged 16-bit word splits K in two halves for tl.dot
+        out += [dataclasses.replace(c, exchange="tagged") for c in list(out)
+                if c.persistent and c.block_h >= 2 and c.block_k >= min_k]
     return out
 
 
@@ -265,7 +272,7 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
 
     expected = y_ref if kernel == "fwd" else gx_ref.grad
     times, rejected = {}, 0
-    cands = [c for c in candidates(H, B, dtype, props.multi_processor_count // D, smem)
+    cands = [c for c in candidates(H, B, dtype, props.multi_processor_count // D, smem, kernel)
              if c == default or fits(kernel, dtype, H, c, smem, check)]
     for cfg in cands:
         try:
