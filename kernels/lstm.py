@@ -730,6 +730,10 @@ barrier_errors = BarrierErrors()
 
 def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, constexprs: dict) -> None:
     """Launches the kernel: once for all steps (persistent), or once per step."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        # Triton launches on the current device (and its stream); tensors on another GPU must not be run there.
+        with torch.cuda.device(device):
+            return _run(kernel, grid, n_steps, config, device, args, constexprs)
     meta = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                 PERSISTENT=config.persistent, num_warps=config.num_warps, num_stages=config.num_stages,
                 **constexprs)

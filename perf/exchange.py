@@ -19,6 +19,10 @@ import json
 import sys
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def measure(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
     import torch
     from triton.testing import do_bench
@@ -43,11 +47,17 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
         return lambda: k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=False,
                                       config=cfg)[0]
 
-    variants = {"barrier": base}
-    try:
-        variants["tagged"] = dataclasses.replace(base, exchange="tagged")
-    except ValueError as e:
-        row["tagged_error"] = str(e)
+    variants = {"barrier": base, "tagged": dataclasses.replace(base, exchange="tagged")}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if base.block_h > 8 and base.w_resident and triton_cdiv(H, 8) <= sms:
+        # Narrower programs: the tile where tagged 16-bit fits registers at H = 1024 (compilecheck: 246, no
+        # spills; BH = 16 spills 64 B), with the barrier on the same tiles for the comparison.
+        narrow = dataclasses.replace(base, block_h=8, num_warps=8, batch_groups=1)
+        variants["barrier-bh8"] = narrow
+        variants["tagged-bh8"] = dataclasses.replace(narrow, exchange="tagged")
+    # The tuner's limits: the variants differ from the barrier's tiles only in the order of accumulation, which
+    # T steps of 16-bit rounding amplify.
+    limit = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     y_base = run(base)()
     k.barrier_errors.check(torch.device("cuda"), wait=True)
     for name, cfg in variants.items():
@@ -56,8 +66,8 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
             k.barrier_errors.check(torch.device("cuda"), wait=True)
             err = ((y.float() - y_base.float()).norm() / y_base.float().norm()).item()
             row[f"{name}_rel_err_vs_barrier"] = err
-            if not err <= 1e-2:
-                row[f"{name}_error"] = f"differs from the barrier variant: rel err {err:.2e}"
+            if not err <= limit:
+                row[f"{name}_error"] = f"differs from the barrier variant: rel err {err:.2e} > {limit:.0e}"
                 continue
             ms = do_bench(run(cfg), warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
             k.barrier_errors.check(torch.device("cuda"), wait=True)
@@ -85,18 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; recurrence kernel only, T = {a.seq}, inference")
-    print(f"{'dtype':9} {'H':>5} {'B':>4} {'barrier us/step':>16} {'tagged us/step':>15} {'tagged/barrier':>15} "
-          f"{'cuDNN fwd ms':>13}")
+    print(f"{'dtype':9} {'H':>5} {'B':>4} {'variant':12} {'us/step':>8} {'vs barrier':>10} {'cuDNN fwd ms':>13}")
     for d in a.dtypes.split(","):
         for h in (int(v) for v in a.hidden.split(",")):
             for b in (int(v) for v in a.batch.split(",")):
                 r = measure(d, h, b, a.seq)
                 rows.append(r)
-                bu, tu = r.get("barrier_us_per_step"), r.get("tagged_us_per_step")
-                ratio = f"{tu / bu:.2f}" if bu and tu else "-"
-                print(f"{d:9} {h:5} {b:4} {bu or float('nan'):16.2f} {tu or float('nan'):15.2f} {ratio:>15} "
-                      f"{r['cudnn_fwd_ms']:13.3f}" + "".join(f"  {n}: {r[n]}" for n in r if n.endswith("_error")),
-                      flush=True)
+                base = r.get("barrier_us_per_step")
+                for name in ("barrier", "tagged", "barrier-bh8", "tagged-bh8"):
+                    us, err = r.get(f"{name}_us_per_step"), r.get(f"{name}_error")
+                    if us is None and err is None:
+                        continue
+                    ratio = f"{us / base:.2f}" if us and base else "-"
+                    print(f"{d:9} {h:5} {b:4} {name:12} {us or float('nan'):8.2f} {ratio:>10} "
+                          f"{r['cudnn_fwd_ms']:13.3f}" + (f"  {err}" if err else ""), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)

@@ -285,3 +285,20 @@ def test_tagged_exchange_matches_cudnn(H, B, dtype):
     with use_config(both, "fwd"), torch.no_grad():
         a, b = m(packed)[0], ours(packed)[0]
     assert rel_err(b.data, a.data) <= RESOLUTION_GPU[dtype] * 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_module_on_a_gpu_other_than_the_current_one():
+    """Triton launches on the current device: a model on cuda:1 while cuda:0 is current must still run on
+    cuda:1 (the launcher switches devices around the launch)."""
+    from tritonlstm import LSTM
+
+    ref = torch.nn.LSTM(64, 64, num_layers=2).to("cuda:1")
+    ours = LSTM(64, 64, num_layers=2, backend="triton").to("cuda:1")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(16, 4, 64, device="cuda:1", requires_grad=True)
+    with torch.cuda.device(0):
+        y, _ = ours(x)
+        y.sum().backward()
+    assert y.device == torch.device("cuda:1")
+    assert rel_err(y, ref(x)[0]) <= RESOLUTION_GPU[torch.float32] * 2
