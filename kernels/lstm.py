@@ -32,6 +32,9 @@ after its live ones, a dead row needs no state freezing, only masked stores. In 
 t = LAST[b] - s, so each sequence starts at its own end.
 """
 
+import contextlib
+import contextvars
+
 import torch
 import triton
 import triton.language as tl
@@ -728,6 +731,21 @@ class BarrierErrors:
 barrier_errors = BarrierErrors()
 
 
+_compiling_only: contextvars.ContextVar[bool] = contextvars.ContextVar("tritonlstm_compile_only", default=False)
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Inside, the launchers compile the kernel they would launch (`kernel.warmup`, same arguments, so the same
+    specialisation) and launch nothing: their outputs are left unwritten. Under triton's AsyncCompileMode the
+    compiles go to its executor: the tuner compiles its candidates in parallel this way."""
+    token = _compiling_only.set(True)
+    try:
+        yield
+    finally:
+        _compiling_only.reset(token)
+
+
 def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, constexprs: dict) -> None:
     """Launches the kernel: once for all steps (persistent), or once per step."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -737,6 +755,9 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
     meta = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                 PERSISTENT=config.persistent, num_warps=config.num_warps, num_stages=config.num_stages,
                 **constexprs)
+    if _compiling_only.get():
+        kernel.warmup(*args, 0, n_steps, config.max_spin, grid=grid, **meta)
+        return
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if not capturing:
         barrier_errors.check(device)  # an earlier launch's failure, now visible on the host

@@ -166,3 +166,27 @@ def test_tagged_exchange_is_a_forward_candidate_only():
     assert tagged and all(c.persistent and c.block_k >= 32 for c in tagged)
     assert {dataclasses.replace(c, exchange="barrier") for c in tagged} <= set(fwd)
     assert all(c.exchange == "barrier" for c in bwd)
+
+
+def test_compile_in_parallel_launches_nothing_and_survives_failing_candidates():
+    """The tuner's parallel warm-up: under compile_only the launchers compile (on the interpreter: nothing to
+    compile) and launch nothing, so outputs stay unwritten (NaN-poisoned by conftest); a candidate that raises
+    does not stop the others."""
+    from tritonlstm.kernels import lstm as k
+
+    H, B, T = 8, 2, 3
+    outs = []
+
+    def launch():
+        gx = torch.randn(T, B, 4 * H)
+        w = torch.randn(1, 4 * H, H) * 0.1
+        outs.append(k.lstm_forward(gx, w, None, torch.zeros(1, B, H), torch.zeros(1, B, H), None, reverse=False,
+                                   store_gates=False, config=configs.heuristic_config(H, B, torch.float32, None))[0])
+
+    def broken():
+        raise ValueError("a candidate that cannot launch")
+
+    tuning.compile_in_parallel([broken, launch, broken])
+    assert len(outs) == 1 and torch.isnan(outs[0]).all()
+    launch()  # outside compile_only, the same launcher runs the kernel
+    assert torch.isfinite(outs[1]).all()
