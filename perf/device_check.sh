@@ -6,7 +6,7 @@
 #   device run: bash perf/device_check.sh      (then commit $OUT as perf/results/<gpu>-<date>/)
 # Environment: BENCH_ARGS (default --quick), GPU_TESTS=0 skips the tests, TESTS_K selects them (pytest -k;
 # default skips the tuner test, which compiles many candidates), STACK_BENCH=0 skips the stack benchmark,
-# EXCHANGE_AB=0 the exchange A/B.
+# EXCHANGE_AB=0 the exchange A/B, TUNE_ARGS="..." runs the tuner on those shapes (TUNE_TIMEOUT, default 240 s).
 set -uo pipefail
 OUT=${OUT:-perf-out}
 mkdir -p "$OUT"
@@ -34,6 +34,17 @@ if [ "${EXCHANGE_AB:-1}" != 0 ]; then
     timeout 90 $py perf/exchange.py --batch 1,16 --json "$OUT/exchange.json" 2> "$OUT/exchange.stderr" \
         | tee "$OUT/exchange.txt"
     echo "exchange A/B rc=${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+fi
+
+if [ -n "${TUNE_ARGS:-}" ]; then
+    # e.g. TUNE_ARGS="--hidden 256,512,1024 --batch 16 --dtypes float16,bfloat16": ~15-20 s per (kernel, dtype,
+    # H, batch) key on an H100 (candidates compile on a thread pool). The winners land in $OUT/tuned/, to be
+    # committed as kernels/configs/<gpu>.json.
+    step "tune $TUNE_ARGS"
+    export TRITONLSTM_CACHE_DIR="$OUT/tuned"
+    timeout "${TUNE_TIMEOUT:-240}" $py -m tritonlstm.tune $TUNE_ARGS 2>&1 | tee "$OUT/tune.txt"
+    echo "tune rc=${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
+    unset TRITONLSTM_CACHE_DIR
 fi
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then

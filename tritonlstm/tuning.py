@@ -341,10 +341,10 @@ def tune(hidden=(256, 512, 1024), batch=(1, 16, 64, 256), dtypes=("float16", "bf
         if progress:
             progress(i, len(jobs), (kn, DTYPE_NAMES[dt], h, b))
         results.append(tune_key(kn, dt, h, b, directions, seq))
+        if write:  # key by key: a run cut short keeps what it finished
+            write_configs(cache_path(gpu), gpu, {results[-1].key: results[-1].best})
     if progress:
         progress(len(jobs), len(jobs), None)
-    if write:
-        write_configs(cache_path(gpu), gpu, {r.key: r.best for r in results})
     return results
 
 
