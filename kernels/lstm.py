@@ -173,27 +173,48 @@ def _publish_tagged(p_ring, b_y, m, tag, BB: tl.constexpr, BH: tl.constexpr, PAC
 
 @triton.jit
 def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o, p_w, o_j,
-                 m_j, H, ERR, max_spin, BK: tl.constexpr, PACK: tl.constexpr, W_RESIDENT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
+                 m_j, H, B, ERR, max_spin, BK: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
+                 PROBE: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
     """_gate_dots with x = h_{t-1} read from tagged words (_publish_tagged): each K chunk is reloaded until every
     word carries `tag`, then multiplied. With PACK = 2 a word holds units 2k (low half) and 2k + 1, and
     x @ W = x_even @ W[even rows] + x_odd @ W[odd rows]: the halves are never interleaved back (a shuffle through
-    shared memory); w_* hold W's even rows and u_* its odd rows when resident. Returns the accumulators and
-    whether the wait gave up (after max_spin reloads, setting the sticky ERR flag) or found ERR set."""
+    shared memory); w_* hold W's even rows and u_* its odd rows when resident. With PROBE, a reader whose first
+    load finds words missing polls one word per producer (the last of its slice in the tile's last row) until
+    all carry the tag, then reloads the tile: a poll of a few words instead of the whole tile (L2 bandwidth),
+    for one more round trip. Returns the accumulators and whether the wait gave up (after max_spin polls,
+    setting the sticky ERR flag) or found ERR set."""
     HW = (H + PACK - 1) // PACK
     o_w = tl.arange(0, BK // PACK)
     want = tag.to(tl.int64) << 32
     failed = tl.load(ERR, volatile=True) != 0
+    # Producers per K chunk, and the words of each one's slice within the chunk.
+    N_PROBE: tl.constexpr = BK // BH if BK > BH else 1
+    S_PROBE: tl.constexpr = (BH if BK > BH else BK) // PACK
+    o_q = tl.arange(0, N_PROBE)
+    r_last = tl.max(tl.where(m_b, o_b, 0))
     for k0 in range(0, H, BK):
         o_ww = k0 // PACK + o_w
         p = p_ring + o_b[:, None] * HW + o_ww[None, :]
         m = m_b[:, None] & (o_ww < HW)[None, :]
+        o_first = k0 // PACK + o_q * S_PROBE
+        p_probe = p_ring + r_last * HW + tl.minimum(o_first + S_PROBE - 1, HW - 1)
+        m_probe = o_first < HW
         # Only the low halves (the values) live on past a load: the tags die in the check (registers).
         b_words = tl.load(p, mask=m, other=want, volatile=True)
         pending = tl.sum(((b_words >> 32) != tag).to(tl.int32))
         b_low = b_words.to(tl.int32)
         spins = 0
         while (pending > 0) & (not failed):
+            if PROBE:
+                probing = True
+                while probing & (not failed):
+                    b_probe = tl.load(p_probe, mask=m_probe, other=want, volatile=True)
+                    probing = tl.sum(((b_probe >> 32) != tag).to(tl.int32)) > 0
+                    failed = tl.load(ERR, volatile=True) != 0
+                    spins += 1
+                    if spins > max_spin:
+                        tl.atomic_xchg(ERR, 1)
+                        failed = True
             b_words = tl.load(p, mask=m, other=want, volatile=True)
             pending = tl.sum(((b_words >> 32) != tag).to(tl.int32))
             b_low = b_words.to(tl.int32)
@@ -271,6 +292,7 @@ def lstm_fwd_kernel(
     W_RESIDENT: tl.constexpr,
     TAGGED: tl.constexpr,  # h_{t-1} from tagged words each reader waits on, instead of a grid barrier per step
     PACK: tl.constexpr,  # values per tagged word: 2 for 16-bit h, 1 for float32
+    PROBE: tl.constexpr,  # TAGGED: wait on one word per producer before reloading a tile (_tagged_dots)
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     STACK: tl.constexpr,  # axis 2 is the layer of a unidirectional stack run as a wavefront (D = 1)
@@ -379,8 +401,8 @@ def lstm_fwd_kernel(
                 p_ring = RING + (((s + 1) % 2) * D + i_d).to(tl.int64) * B * ((H + PACK - 1) // PACK)
                 b_gi, b_gf, b_gg, b_go, failed = _tagged_dots(b_gi, b_gf, b_gg, b_go, p_ring, o_b, m_b, s, b_wi,
                                                               b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo, W, o_j, m_j,
-                                                              H, ERR, max_spin, BK, PACK, W_RESIDENT, DOT_PRECISION,
-                                                              Y.dtype.element_ty)
+                                                              H, B, ERR, max_spin, BK, BH, PACK, PROBE, W_RESIDENT,
+                                                              DOT_PRECISION, Y.dtype.element_ty)
                 poisoned = poisoned | failed
             else:
                 o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
@@ -799,7 +821,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
     sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
-    tagged = config.exchange == "tagged"
+    tagged = config.exchange.startswith("tagged")
     pack = 1 if dt == torch.float32 else 2
     if tagged and pack * 16 > config.block_k:
         raise ValueError(f"config: exchange='tagged' with {dt} needs block_k >= {pack * 16}, got {config.block_k}")
@@ -808,7 +830,8 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
             last if last is not None else sync, sync, barrier_errors.flag(dev), ring, T, B, H, int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, dev, args,
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
-              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack))
+              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
+              PROBE=config.exchange == "tagged-probe"))
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
@@ -839,7 +862,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
             barrier_errors.flag(dev), sync, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              TAGGED=False, PACK=1,
+              TAGGED=False, PACK=1, PROBE=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)))
     if not store_gates:
         gates = c_all = None

@@ -47,7 +47,8 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
         return lambda: k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=False,
                                       config=cfg)[0]
 
-    variants = {"barrier": base, "tagged": dataclasses.replace(base, exchange="tagged")}
+    variants = {"barrier": base, "tagged": dataclasses.replace(base, exchange="tagged"),
+                "tagged-probe": dataclasses.replace(base, exchange="tagged-probe")}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if base.block_h > 8 and base.w_resident and triton_cdiv(H, 8) <= sms:
         # Narrower programs: the tile where tagged 16-bit fits registers at H = 1024 (compilecheck: 246, no
@@ -55,6 +56,7 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
         narrow = dataclasses.replace(base, block_h=8, num_warps=8, batch_groups=1)
         variants["barrier-bh8"] = narrow
         variants["tagged-bh8"] = dataclasses.replace(narrow, exchange="tagged")
+        variants["tagged-probe-bh8"] = dataclasses.replace(narrow, exchange="tagged-probe")
     # The tuner's limits: the variants differ from the barrier's tiles only in the order of accumulation, which
     # T steps of 16-bit rounding amplify.
     limit = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
@@ -95,19 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; recurrence kernel only, T = {a.seq}, inference")
-    print(f"{'dtype':9} {'H':>5} {'B':>4} {'variant':12} {'us/step':>8} {'vs barrier':>10} {'cuDNN fwd ms':>13}")
+    print(f"{'dtype':9} {'H':>5} {'B':>4} {'variant':16} {'us/step':>8} {'vs barrier':>10} {'cuDNN fwd ms':>13}")
     for d in a.dtypes.split(","):
         for h in (int(v) for v in a.hidden.split(",")):
             for b in (int(v) for v in a.batch.split(",")):
                 r = measure(d, h, b, a.seq)
                 rows.append(r)
                 base = r.get("barrier_us_per_step")
-                for name in ("barrier", "tagged", "barrier-bh8", "tagged-bh8"):
+                for name in ("barrier", "tagged", "tagged-probe", "barrier-bh8", "tagged-bh8", "tagged-probe-bh8"):
                     us, err = r.get(f"{name}_us_per_step"), r.get(f"{name}_error")
                     if us is None and err is None:
                         continue
                     ratio = f"{us / base:.2f}" if us and base else "-"
-                    print(f"{d:9} {h:5} {b:4} {name:12} {us or float('nan'):8.2f} {ratio:>10} "
+                    print(f"{d:9} {h:5} {b:4} {name:16} {us or float('nan'):8.2f} {ratio:>10} "
                           f"{r['cudnn_fwd_ms']:13.3f}" + (f"  {err}" if err else ""), flush=True)
     if a.json:
         with open(a.json, "w") as f:

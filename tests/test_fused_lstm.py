@@ -312,7 +312,7 @@ def test_auto_backend_float64_uses_torch(kernel_calls):
     assert kernel_calls["fwd"] == 0
 
 
-@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+@pytest.mark.parametrize("exchange", ["barrier", "tagged", "tagged-probe"])
 def test_barrier_that_cannot_complete_raises(monkeypatch, exchange):
     """A persistent launch whose programs cannot all be resident: the interpreter runs program 0 to the end
     before program 1 starts, so program 0's barrier (or its wait on program 1's tagged h) can never complete.
@@ -325,7 +325,7 @@ def test_barrier_that_cannot_complete_raises(monkeypatch, exchange):
         fused_lstm(*(problem[n] for n in NAMES), backend="triton")
 
 
-@pytest.mark.parametrize("exchange", ["barrier", "tagged"])
+@pytest.mark.parametrize("exchange", ["barrier", "tagged", "tagged-probe"])
 def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch, exchange):
     """Without the per-launch check the failure still cannot pass for a result: every output after the failed
     barrier (or wait) is NaN, and the flag stays set until the host reports it, once."""

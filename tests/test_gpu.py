@@ -256,10 +256,14 @@ def test_stack_dropout_matches_the_layer_by_layer_computation():
         assert rel_err(a, b) < 1e-2
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("B", [1, 16])
-@pytest.mark.parametrize("H", [256, 1024])
-def test_tagged_exchange_matches_cudnn(H, B, dtype):
+TAGGED_CASES = [pytest.param("tagged", H, B, dt, id=f"tagged-H{H}-B{B}-{name}") for name, dt in DTYPES.items()
+                for B in (1, 16) for H in (256, 1024)] + \
+    [pytest.param("tagged-probe", H, 16, dt, id=f"tagged-probe-H{H}-B16-{name}")
+     for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)) for H in (256, 1024)]
+
+
+@pytest.mark.parametrize("exchange,H,B,dtype", TAGGED_CASES)
+def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
     """exchange="tagged" (perf/NOTES.md v0.8) on the heuristic's persistent multi-program tiles: the readers wait
     on tagged words instead of a barrier, so a missing wait or a torn word shows here as a wrong answer (or a
     NaN from the bounded wait), not on the interpreter."""
@@ -269,7 +273,7 @@ def test_tagged_exchange_matches_cudnn(H, B, dtype):
     from tritonlstm.configs import heuristic_config, use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cfg = dataclasses.replace(heuristic_config(H, B, dtype, sms), exchange="tagged")
+    cfg = dataclasses.replace(heuristic_config(H, B, dtype, sms), exchange=exchange)
     assert cfg.persistent and cfg.programs(H) > 1, cfg
     with use_config(cfg, "fwd"):
         run_both(256, B, H, dtype)
@@ -281,7 +285,7 @@ def test_tagged_exchange_matches_cudnn(H, B, dtype):
     lengths[0] = 64
     x = torch.randn(64, B, H, device="cuda", dtype=dtype)
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-    both = dataclasses.replace(heuristic_config(H, B, dtype, sms, directions=2), exchange="tagged")
+    both = dataclasses.replace(heuristic_config(H, B, dtype, sms, directions=2), exchange=exchange)
     with use_config(both, "fwd"), torch.no_grad():
         a, b = m(packed)[0], ours(packed)[0]
     assert rel_err(b.data, a.data) <= RESOLUTION_GPU[dtype] * 2

@@ -52,7 +52,7 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
         ptrs = {"GX": p, "GATES": p, "W": p, "W_IH": p, "DROP": p, "XD": p, "BIAS": "*fp32", "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
                 "ERR": "*i32", "RING": "*i64"}
-        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "HAS_BIAS", "HAS_LENGTHS", "STACK",
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "PROBE", "HAS_BIAS", "HAS_LENGTHS", "STACK",
                  "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION")
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
@@ -100,7 +100,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
         consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
                       HAS_DROPOUT=kernel == "stack" and store_gates,
-                      TAGGED=kernel == "fwd" and config.exchange == "tagged", PACK=1 if dtype == torch.float32 else 2)
+                      TAGGED=kernel == "fwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2,
+                      PROBE=kernel == "fwd" and config.exchange == "tagged-probe")
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd")
     backward = kernel in BACKWARD
@@ -144,10 +145,10 @@ def shipped_configs(max_hidden: int = 1024) -> list[tuple[str, torch.dtype, int,
 
 
 def tagged_variants(configs) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
-    """The persistent fwd configs among `configs` with exchange="tagged": candidates the tuner tries (and keeps
-    only where they compile within limits), not the heuristic's picks."""
-    return [(kernel, dtype, hidden, dataclasses.replace(cfg, exchange="tagged"))
-            for kernel, dtype, hidden, cfg in configs
+    """The persistent fwd configs among `configs` with exchange="tagged" and "tagged-probe": candidates the tuner
+    tries (and keeps only where they compile within limits), not the heuristic's picks."""
+    return [(kernel, dtype, hidden, dataclasses.replace(cfg, exchange=exchange))
+            for kernel, dtype, hidden, cfg in configs for exchange in ("tagged", "tagged-probe")
             if kernel == "fwd" and cfg.persistent and cfg.block_h >= 2
             and cfg.block_k >= (16 if dtype == torch.float32 else 32)]
 
@@ -163,7 +164,7 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
     variant = "" if kernel in BACKWARD else ("/train" if store else "/infer")
     print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
           f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
-          f"regs={r.registers:<4} spills={r.spill_bytes}" + (" tagged" if cfg.exchange == "tagged" else "")
+          f"regs={r.registers:<4} spills={r.spill_bytes}" + ("" if cfg.exchange == "barrier" else f" {cfg.exchange}")
           + (f" {r.error}" if r.error else ""), flush=True)
 
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (default: CPUs)")
     ap.add_argument("--tagged", action="store_true",
-                    help="check the fwd configs with exchange='tagged' instead (tuner candidates: reported, and "
+                    help="check the fwd configs with the tagged exchanges instead (tuner candidates: reported, and "
                          "the exit status says whether all fit)")
     args = ap.parse_args(argv)
     rows = []

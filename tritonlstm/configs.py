@@ -19,7 +19,7 @@ import torch
 _W_BUDGET = 128 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
-EXCHANGES = ("barrier", "tagged")
+EXCHANGES = ("barrier", "tagged", "tagged-probe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +35,14 @@ class LSTMConfig:
     max_spin: int = _DEFAULT_MAX_SPIN  # barrier spins before it gives up and raises
     # How a single-layer forward passes h_{t-1} between programs: "barrier" (store h, one grid barrier per
     # step, load h) or "tagged" (each 8-byte word carries a step tag and its reader waits on the words it
-    # needs: no fence, no counter, twice the bytes for h). The other kernels always use the barrier.
+    # needs: no fence, no counter, twice the bytes for h; "tagged-probe" waits on one word per producer before
+    # reloading a tile that was not complete). The other kernels always use the barrier.
     exchange: str = "barrier"
 
     def __post_init__(self):
         if self.exchange not in EXCHANGES:
             raise ValueError(f"LSTMConfig.exchange must be one of {EXCHANGES}, got {self.exchange!r}")
-        if self.exchange == "tagged" and self.block_h < 2:
+        if self.exchange != "barrier" and self.block_h < 2:
             raise ValueError("LSTMConfig.exchange='tagged' needs block_h >= 2 (two 16-bit values per word)")
         for name in ("block_h", "block_b", "block_k"):
             v = getattr(self, name)

@@ -166,8 +166,8 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                kernel: str = "fwd") -> list[LSTMConfig]:
     """Configs that can run: every program resident (P * Q <= SMs) and an estimate of the shared memory
     (the W_hh slices and one h tile) under the limit. The heuristic's pick comes first. For the forward kernel,
-    each also with exchange="tagged" (h_{t-1} in tagged words instead of a barrier per step) where its tiles
-    allow it (perf/NOTES.md v0.8)."""
+    each also with exchange="tagged" and "tagged-probe" (h_{t-1} in tagged words instead of a barrier per step)
+    where its tiles allow it (perf/NOTES.md v0.8)."""
     esize = torch.empty((), dtype=dtype).element_size()
     hk = max(16, _pow2(hidden))
     out = [heuristic_config(hidden, batch, dtype, num_sms)]
@@ -190,8 +190,8 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                         out.append(cfg)
     if kernel == "fwd":
         min_k = 16 if dtype == torch.float32 else 32  # a tagged 16-bit word splits K in two halves for tl.dot
-        out += [dataclasses.replace(c, exchange="tagged") for c in list(out)
-                if c.persistent and c.block_h >= 2 and c.block_k >= min_k]
+        out += [dataclasses.replace(c, exchange=exchange) for exchange in ("tagged", "tagged-probe")
+                for c in list(out) if c.persistent and c.block_h >= 2 and c.block_k >= min_k]
     return out
 
 
