@@ -31,7 +31,7 @@ echo "bench rc=${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
 
 if [ "${EXCHANGE_AB:-1}" != 0 ]; then
     step "A/B: h exchange through a barrier or tagged words (perf/exchange.py)"
-    timeout 90 $py perf/exchange.py --batch 1,16 --json "$OUT/exchange.json" 2> "$OUT/exchange.stderr" \
+    timeout 120 $py perf/exchange.py --batch 1,16 --json "$OUT/exchange.json" 2> "$OUT/exchange.stderr" \
         | tee "$OUT/exchange.txt"
     echo "exchange A/B rc=${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
 fi
@@ -49,7 +49,7 @@ fi
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then
     step "GPU tests"
-    timeout 150 $py -m pytest -q -m gpu tests/ -p no:cacheprovider --timeout 120 \
+    timeout 140 $py -m pytest -q -m gpu tests/ -p no:cacheprovider --timeout 120 \
         -k "${TESTS_K:-not tune}" > "$OUT/gpu-tests.txt" 2>&1
     echo "gpu tests rc=$?: $(tail -1 "$OUT/gpu-tests.txt")" | tee -a "$OUT/summary.txt"
 fi

@@ -29,6 +29,7 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
 
     from tritonlstm.configs import heuristic_config
     from tritonlstm.kernels import lstm as k
+    from tritonlstm.tuning import compile_in_parallel
 
     dtype = getattr(torch, dtype_name)
     H, B, T = hidden, batch, seq
@@ -57,6 +58,7 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
         variants["barrier-bh8"] = narrow
         variants["tagged-bh8"] = dataclasses.replace(narrow, exchange="tagged")
         variants["tagged-probe-bh8"] = dataclasses.replace(narrow, exchange="tagged-probe")
+    compile_in_parallel([run(cfg) for cfg in variants.values()])  # the tuner's thread-pool warm-up
     # The tuner's limits: the variants differ from the barrier's tiles only in the order of accumulation, which
     # T steps of 16-bit rounding amplify.
     limit = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]

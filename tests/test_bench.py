@@ -141,3 +141,17 @@ def test_barrier_failure_while_timed_is_an_error_not_a_time(monkeypatch):
 def test_exchange_ab_script_without_gpu_says_so_and_exits_0():
     proc = run_python(str(Path(__file__).parents[1] / "perf" / "exchange.py"), timeout=120)
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (2, True)])
+def test_cells_warm_up_under_compile_only_without_launching(layers, bidirectional, monkeypatch):
+    """The bench compiles every cell's kernels first (warm_cell under compile_in_parallel): the module's forward
+    and backward must go through with every launch replaced by a compile, whatever the unwritten outputs hold."""
+    from tritonlstm.kernels import lstm as k
+
+    launched = []
+    monkeypatch.setattr(k.barrier_errors, "check", lambda *a, **kw: launched.append(1))
+    with k.compile_only():
+        bench.warm_cell("float32", 8, 2, 3, layers, bidirectional, "fwdbwd", device="cpu")
+        bench.warm_cell("float16", 8, 2, 3, layers, bidirectional, "fwd", device="cpu")
+    assert not launched  # no launch reached the pre-launch check

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import json
 import os
 import sys
@@ -124,6 +125,23 @@ def measure_cell(dtype_name: str, hidden: int, batch: int, seq: int, layers: int
         row.update(check_then_time(ours, cudnn, CHECK_LIMIT[dtype_name],
                                    grad_to_none=[x, *model.parameters(), *ref.parameters()]))
     return row
+
+
+def warm_cell(dtype_name: str, hidden: int, batch: int, seq: int, layers: int, bidirectional: bool,
+              mode: str, device: str = "cuda") -> None:
+    """The cell's tritonlstm calls, for `compile_in_parallel` (under it the launchers compile and launch nothing,
+    so this takes no GPU time and its outputs are garbage)."""
+    import torch
+
+    from tritonlstm.modules import LSTM
+
+    dtype = getattr(torch, dtype_name)
+    model = LSTM(hidden, hidden, num_layers=layers, bidirectional=bidirectional, backend="triton").to(device, dtype)
+    x = torch.randn(seq, batch, hidden, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
+    with torch.enable_grad() if mode == "fwdbwd" else torch.no_grad():
+        y, _ = model(x)
+        if mode == "fwdbwd":
+            y.backward(torch.ones_like(y))
 
 
 def check_then_time(ours, cudnn, limit: float, grad_to_none=(), timer=None) -> dict:
@@ -279,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         run()
         return 0
     todo = cells(args)
+    from tritonlstm.tuning import compile_in_parallel
+
+    print(f"tritonlstm.bench: compiling the kernels of {len(todo)} cells in parallel", file=sys.stderr, flush=True)
+    compile_in_parallel([functools.partial(warm_cell, *cell) for cell in todo])
     rows = []
     for i, cell in enumerate(todo):
         progress(i, len(todo), cell)
