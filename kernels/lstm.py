@@ -172,6 +172,39 @@ def _publish_tagged(p_ring, b_y, m, tag, BB: tl.constexpr, BH: tl.constexpr, PAC
 
 
 @triton.jit
+def _wait_tagged(p, m, tag, p_probe, m_probe, ERR, max_spin, failed, PROBE: tl.constexpr):
+    """Loads the tagged words at p (masked by m) until every one carries `tag`; returns their low halves (the
+    values) and whether the wait failed (ERR set, or max_spin polls, which sets it). With PROBE, after a first
+    incomplete load it polls the words at p_probe until they carry the tag before reloading the tile."""
+    want = tag.to(tl.int64) << 32
+    # Only the low halves (the values) live on past a load: the tags die in the check (registers).
+    b_words = tl.load(p, mask=m, other=want, volatile=True)
+    pending = tl.sum(((b_words >> 32) != tag).to(tl.int32))
+    b_low = b_words.to(tl.int32)
+    spins = 0
+    while (pending > 0) & (not failed):
+        if PROBE:
+            probing = True
+            while probing & (not failed):
+                b_probe = tl.load(p_probe, mask=m_probe, other=want, volatile=True)
+                probing = tl.sum(((b_probe >> 32) != tag).to(tl.int32)) > 0
+                failed = tl.load(ERR, volatile=True) != 0
+                spins += 1
+                if spins > max_spin:
+                    tl.atomic_xchg(ERR, 1)
+                    failed = True
+        b_words = tl.load(p, mask=m, other=want, volatile=True)
+        pending = tl.sum(((b_words >> 32) != tag).to(tl.int32))
+        b_low = b_words.to(tl.int32)
+        failed = tl.load(ERR, volatile=True) != 0
+        spins += 1
+        if spins > max_spin:
+            tl.atomic_xchg(ERR, 1)
+            failed = True
+    return b_low, failed
+
+
+@triton.jit
 def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o, p_w, o_j,
                  m_j, H, B, ERR, max_spin, BK: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
                  PROBE: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
@@ -185,7 +218,6 @@ def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_
     setting the sticky ERR flag) or found ERR set."""
     HW = (H + PACK - 1) // PACK
     o_w = tl.arange(0, BK // PACK)
-    want = tag.to(tl.int64) << 32
     failed = tl.load(ERR, volatile=True) != 0
     # Producers per K chunk, and the words of each one's slice within the chunk.
     N_PROBE: tl.constexpr = BK // BH if BK > BH else 1
@@ -199,30 +231,7 @@ def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_
         o_first = k0 // PACK + o_q * S_PROBE
         p_probe = p_ring + r_last * HW + tl.minimum(o_first + S_PROBE - 1, HW - 1)
         m_probe = o_first < HW
-        # Only the low halves (the values) live on past a load: the tags die in the check (registers).
-        b_words = tl.load(p, mask=m, other=want, volatile=True)
-        pending = tl.sum(((b_words >> 32) != tag).to(tl.int32))
-        b_low = b_words.to(tl.int32)
-        spins = 0
-        while (pending > 0) & (not failed):
-            if PROBE:
-                probing = True
-                while probing & (not failed):
-                    b_probe = tl.load(p_probe, mask=m_probe, other=want, volatile=True)
-                    probing = tl.sum(((b_probe >> 32) != tag).to(tl.int32)) > 0
-                    failed = tl.load(ERR, volatile=True) != 0
-                    spins += 1
-                    if spins > max_spin:
-                        tl.atomic_xchg(ERR, 1)
-                        failed = True
-            b_words = tl.load(p, mask=m, other=want, volatile=True)
-            pending = tl.sum(((b_words >> 32) != tag).to(tl.int32))
-            b_low = b_words.to(tl.int32)
-            failed = tl.load(ERR, volatile=True) != 0
-            spins += 1
-            if spins > max_spin:
-                tl.atomic_xchg(ERR, 1)
-                failed = True
+        b_low, failed = _wait_tagged(p, m, tag, p_probe, m_probe, ERR, max_spin, failed, PROBE)
         if PACK == 2:
             b_even = b_low.to(tl.int16).to(DT, bitcast=True)
             b_odd = (b_low >> 16).to(tl.int16).to(DT, bitcast=True)
@@ -252,6 +261,51 @@ def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_
             acc_g += tl.dot(b_x, t_g, input_precision=DOT_PRECISION)
             acc_o += tl.dot(b_x, t_o, input_precision=DOT_PRECISION)
     return acc_i, acc_f, acc_g, acc_o, failed
+
+
+@triton.jit
+def _tagged_grad_dot(acc, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o, p_w, o_j, m_j, H, ERR,
+                     max_spin, BK: tl.constexpr, PACK: tl.constexpr, W_RESIDENT: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
+    """The backward's acc += sum_g dG_g @ W_g[:, units] with dG_{t+1} read from tagged words: gate g's words
+    of row b at p_ring + (b * 4 + g) * cdiv(H, PACK). As _tagged_dots, 16-bit words split K into even and odd
+    units (w_* hold W's even rows of each gate, u_* its odd rows, when resident). Returns acc and whether the
+    wait failed."""
+    HW = (H + PACK - 1) // PACK
+    o_w = tl.arange(0, BK // PACK)
+    failed = tl.load(ERR, volatile=True) != 0
+    for k0 in range(0, H, BK):
+        o_ww = k0 // PACK + o_w
+        p = p_ring + o_b[:, None] * 4 * HW + o_ww[None, :]
+        m = m_b[:, None] & (o_ww < HW)[None, :]
+        o_ke = k0 + PACK * o_w
+        if W_RESIDENT:
+            t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o = w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o
+        else:
+            t_i, t_f, t_g, t_o = _load_gate_tiles(p_w, o_ke, o_j, o_ke < H, m_j, H, H, 1)
+            v_i, v_f, v_g, v_o = t_i, t_f, t_g, t_o  # unused unless PACK == 2
+            if PACK == 2:
+                v_i, v_f, v_g, v_o = _load_gate_tiles(p_w, o_ke + 1, o_j, o_ke + 1 < H, m_j, H, H, 1)
+        b_low, failed = _wait_tagged(p, m, tag, p, m, ERR, max_spin, failed, False)
+        acc = _dot_words(acc, b_low, t_i, v_i, PACK, DOT_PRECISION, DT)
+        b_low, failed = _wait_tagged(p + HW, m, tag, p, m, ERR, max_spin, failed, False)
+        acc = _dot_words(acc, b_low, t_f, v_f, PACK, DOT_PRECISION, DT)
+        b_low, failed = _wait_tagged(p + 2 * HW, m, tag, p, m, ERR, max_spin, failed, False)
+        acc = _dot_words(acc, b_low, t_g, v_g, PACK, DOT_PRECISION, DT)
+        b_low, failed = _wait_tagged(p + 3 * HW, m, tag, p, m, ERR, max_spin, failed, False)
+        acc = _dot_words(acc, b_low, t_o, v_o, PACK, DOT_PRECISION, DT)
+    return acc, failed
+
+
+@triton.jit
+def _dot_words(acc, b_low, w, u, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
+    """acc += x @ W for x given as the low halves of tagged words: with PACK = 2, x_even @ w + x_odd @ u."""
+    if PACK == 2:
+        acc += tl.dot(b_low.to(tl.int16).to(DT, bitcast=True), w, input_precision=DOT_PRECISION)
+        acc += tl.dot((b_low >> 16).to(tl.int16).to(DT, bitcast=True), u, input_precision=DOT_PRECISION)
+    else:
+        acc += tl.dot(b_low.to(tl.float32, bitcast=True), w, input_precision=DOT_PRECISION)
+    return acc
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,6 +539,7 @@ def lstm_bwd_kernel(
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
+    RING,  # [2, D, B, 4, cdiv(H, PACK)] int64 zeros: dG of step r as tagged words, slot r % 2 (when TAGGED)
     T,
     B,
     H,
@@ -497,6 +552,8 @@ def lstm_bwd_kernel(
     BB: tl.constexpr,
     D: tl.constexpr,
     W_RESIDENT: tl.constexpr,
+    TAGGED: tl.constexpr,  # dG_{t+1} from tagged words each reader waits on, instead of a grid barrier per step
+    PACK: tl.constexpr,  # values per tagged word: 2 for 16-bit, 1 for float32
     HAS_LENGTHS: tl.constexpr,
     STACK: tl.constexpr,  # axis 2 is the layer of a unidirectional stack run as a reverse wavefront (D = 1)
     HAS_DROPOUT: tl.constexpr,  # dropout between the layers of a STACK
@@ -504,6 +561,7 @@ def lstm_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
+    tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -549,7 +607,13 @@ def lstm_bwd_kernel(
     b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo = None, None, None, None, None, None, None, None
     if W_RESIDENT:
         # dh_{t-1} = dG_t @ W_hh: tile (k, j) of gate g is W_hh[g*H + k, j].
-        b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, H, 1)
+        if TAGGED and PACK == 2:
+            # Each gate's even rows in b_w*, its odd rows in b_u* (_tagged_grad_dot).
+            o_ke = 2 * tl.arange(0, BK // 2)
+            b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_ke, o_j, o_ke < H, m_j, H, H, 1)
+            b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W, o_ke + 1, o_j, o_ke + 1 < H, m_j, H, H, 1)
+        else:
+            b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, H, 1)
         if STACK:
             # dX_{l+1,t} = dG_{l+1,t} @ W_ih_{l+1}: tile (k, j) of gate g is W_ih_{l+1}[g*H + k, j].
             b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & has_up, m_j, H, H, 1)
@@ -574,23 +638,31 @@ def lstm_bwd_kernel(
             # (_gate_grad_dot computes the same, but written through it this loop spills registers in the fp16
             # stack backward at K = 512: 288 bytes, compilecheck 2026-11-26; inline it compiles without.)
             b_dh = tl.zeros([BB, BH], dtype=tl.float32)
-            for k0 in range(0, H, BK):
-                o_kk = k0 + o_k
-                m_k = o_kk < H
-                p_dg = DG + o_nrow[:, None] * SG + o_kk[None, :]
-                m_dg = m_next[:, None] & m_k[None, :]
-                if W_RESIDENT:
-                    t_i, t_f, t_g, t_o = b_wi, b_wf, b_wg, b_wo
-                else:
-                    t_i, t_f, t_g, t_o = _load_gate_tiles(W + k0 * H, o_k, o_j, m_k, m_j, H, H, 1)
-                b_dh += tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), t_i,
-                               input_precision=DOT_PRECISION)
-                b_dh += tl.dot(tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg"), t_f,
-                               input_precision=DOT_PRECISION)
-                b_dh += tl.dot(tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), t_g,
-                               input_precision=DOT_PRECISION)
-                b_dh += tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), t_o,
-                               input_precision=DOT_PRECISION)
+            if TAGGED:
+                # Every row's dG of step r - 1 (zeros past a row's end, and zeros with tag 0 for r = 0), tagged r.
+                p_ring = RING + (((r + 1) % 2) * D + i_d).to(tl.int64) * B * 4 * ((H + PACK - 1) // PACK)
+                b_dh, failed = _tagged_grad_dot(b_dh, p_ring, o_b, m_b, r, b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug,
+                                                b_uo, W, o_j, m_j, H, ERR, max_spin, BK, PACK, W_RESIDENT,
+                                                DOT_PRECISION, DG.dtype.element_ty)
+                poisoned = poisoned | failed
+            else:
+                for k0 in range(0, H, BK):
+                    o_kk = k0 + o_k
+                    m_k = o_kk < H
+                    p_dg = DG + o_nrow[:, None] * SG + o_kk[None, :]
+                    m_dg = m_next[:, None] & m_k[None, :]
+                    if W_RESIDENT:
+                        t_i, t_f, t_g, t_o = b_wi, b_wf, b_wg, b_wo
+                    else:
+                        t_i, t_f, t_g, t_o = _load_gate_tiles(W + k0 * H, o_k, o_j, m_k, m_j, H, H, 1)
+                    b_dh += tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), t_i,
+                                   input_precision=DOT_PRECISION)
+                    b_dh += tl.dot(tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg"), t_f,
+                                   input_precision=DOT_PRECISION)
+                    b_dh += tl.dot(tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), t_g,
+                                   input_precision=DOT_PRECISION)
+                    b_dh += tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), t_o,
+                                   input_precision=DOT_PRECISION)
             if STACK:
                 # The gradient arriving from the layer above at this step: its dG_t @ W_ih over all 4H columns.
                 m_up = (m_b & (s >= 0) & (s <= last)) & has_up
@@ -633,6 +705,17 @@ def lstm_bwd_kernel(
                 b_dgg = b_dc * b_i * (1.0 - b_g * b_g)
                 b_dgo = b_do * b_o * (1.0 - b_o)
 
+                if TAGGED:
+                    # Every row, dead ones too (their dG is zero here): the readers wait on all rows.
+                    HW = (H + PACK - 1) // PACK
+                    o_jw = i_h * (BH // PACK) + tl.arange(0, BH // PACK)
+                    p_pub = RING + ((r % 2) * D + i_d).to(tl.int64) * B * 4 * HW + o_b[:, None] * 4 * HW + \
+                        o_jw[None, :]
+                    m_pub = m_b[:, None] & (o_jw < HW)[None, :]
+                    _publish_tagged(p_pub, b_dgi, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
+                    _publish_tagged(p_pub + HW, b_dgf, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
+                    _publish_tagged(p_pub + 2 * HW, b_dgg, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
+                    _publish_tagged(p_pub + 3 * HW, b_dgo, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
                 p_out = DG + o_row[:, None] * SG + o_j[None, :]
                 tl.store(p_out, b_dgi.to(DG.dtype.element_ty), mask=m_live)
                 tl.store(p_out + H, b_dgf.to(DG.dtype.element_ty), mask=m_live)
@@ -644,7 +727,7 @@ def lstm_bwd_kernel(
                 m_out = m_b[:, None] & m_j[None, :]
                 tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_out)
                 tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
-        if PERSISTENT:
+        if PERSISTENT and not TAGGED:
             if STACK:
                 # One counter for the whole stack: a layer's step needs the layer above's dG of the same t.
                 failed = _grid_barrier(ERR, SYNC + i_q, (r_glob - S_START + 1) * n_h * tl.num_programs(2), max_spin)
@@ -791,6 +874,16 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
             kernel[grid](*args, step, 1, config.max_spin, **meta)
 
 
+def _tag_pack(dtype: torch.dtype, config) -> int:
+    """Values per tagged word (two 16-bit values, or one float32), after checking that the K chunk can be split
+    into the words' two halves for tl.dot (K >= 16 each)."""
+    pack = 1 if dtype == torch.float32 else 2
+    if pack * 16 > config.block_k:
+        raise ValueError(f"config: exchange={config.exchange!r} with {dtype} needs block_k >= {pack * 16}, got "
+                         f"{config.block_k}")
+    return pack
+
+
 def _tag_ring(h0: torch.Tensor, pack: int) -> torch.Tensor:
     """The [2, D, B, cdiv(H, pack)] int64 exchange of a tagged forward: slot 1 holds h0 as the words of step
     -1 (tag 0, as _publish_tagged lays them out), slot 0 zeros (tag 0: no reader waits on it before step 1)."""
@@ -821,10 +914,8 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
     sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
-    tagged = config.exchange.startswith("tagged")
-    pack = 1 if dt == torch.float32 else 2
-    if tagged and pack * 16 > config.block_k:
-        raise ValueError(f"config: exchange='tagged' with {dt} needs block_k >= {pack * 16}, got {config.block_k}")
+    tagged = config.exchange != "barrier"
+    pack = _tag_pack(dt, config) if tagged else 1
     ring = _tag_ring(h0, pack) if tagged else sync
     args = (gx, gates, w_hh, w_hh, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
             last if last is not None else sync, sync, barrier_errors.flag(dev), ring, T, B, H, int(reverse))
@@ -883,10 +974,15 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     dc0 = _alloc((D, B, H), dt, dev)
     sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
+    tagged = config.exchange != "barrier"  # the backward has no probe variant: "tagged-probe" runs as "tagged"
+    pack = _tag_pack(dt, config) if tagged else 1
+    # Zeros: slot 1 is dG of the step after the last (zero, tag 0); slot 0 carries no reader's tag before r = 1.
+    ring = torch.zeros((2, D, B, 4, triton.cdiv(H, pack)), dtype=torch.int64, device=dev) if tagged else sync
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
-            last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, int(reverse))
+            last if last is not None else sync, sync, barrier_errors.flag(dev), ring, T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
-         dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt)))
+         dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt),
+              TAGGED=tagged, PACK=pack))
     return dg, dh0, dc0
 
 
@@ -909,8 +1005,8 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     sync = torch.zeros(config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
-            dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), T, B, H, 0)
+            dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, T, B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
          dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              DOT_PRECISION=_dot_precision(dt)))
+              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1))
     return dg, dh0, dc0

@@ -31,7 +31,7 @@ echo "bench rc=${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
 
 if [ "${EXCHANGE_AB:-1}" != 0 ]; then
     step "A/B: h exchange through a barrier or tagged words (perf/exchange.py)"
-    timeout 120 $py perf/exchange.py --batch 1,16 --json "$OUT/exchange.json" 2> "$OUT/exchange.stderr" \
+    timeout 120 $py perf/exchange.py --batch 16 --json "$OUT/exchange.json" 2> "$OUT/exchange.stderr" \
         | tee "$OUT/exchange.txt"
     echo "exchange A/B rc=${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
 fi

@@ -1,14 +1,15 @@
-"""A/B of the single-layer forward's two ways to pass h_{t-1} between programs (perf/NOTES.md v0.8): a grid
-barrier per step ("barrier", the heuristic's default) against tagged words each reader waits on ("tagged"), on
-the same tiles, with cuDNN's forward timed beside them in the same process. GPU only.
+"""A/B of the ways a single layer passes h_{t-1} (forward) or dG_{t+1} (backward) between programs
+(perf/NOTES.md v0.8): a grid barrier per step ("barrier", the heuristic's default) against tagged words each
+reader waits on ("tagged", and for the forward "tagged-probe"), on the same tiles, with cuDNN timed beside them
+in the same process. GPU only.
 
     python perf/exchange.py [--dtypes float16,bfloat16] [--hidden 256,512,1024] [--batch 1,16,64] [--seq 256]
-                            [--json FILE]
+                            [--kernels fwd,bwd] [--json FILE]
 
-Times the recurrence kernel alone (gx = x @ W_ih^T computed once outside the timing), so us/step is the
-kernel's time over T; cuDNN's column is its whole inference forward (input GEMM included), for scale. The
-tagged output must match the barrier's (same tiles, same arithmetic up to the order of two half-K dots)
-before either is timed.
+Times the recurrence kernels alone (gx = x @ W_ih^T, and for the backward the forward's gates, computed once
+outside the timing), so us/step is a kernel's time over T; cuDNN's column is its whole inference forward
+(fwd rows) or forward + backward (bwd rows), input GEMMs and weight gradients included, for scale. Each
+variant's output (y, or dG) must match the barrier's before it is timed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def measure(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
+def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str = "fwd") -> dict:
     import torch
     from triton.testing import do_bench
 
@@ -42,22 +43,31 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
     h0 = torch.randn(1, B, H, device="cuda", dtype=dtype) * 0.5
     c0 = torch.randn(1, B, H, device="cuda") * 0.5
     base = heuristic_config(H, B, dtype, torch.cuda.get_device_properties(0).multi_processor_count)
-    row = {"dtype": dtype_name, "hidden": H, "batch": B, "seq": T, "config": dataclasses.asdict(base)}
+    row = {"kernel": kernel, "dtype": dtype_name, "hidden": H, "batch": B, "seq": T,
+           "config": dataclasses.asdict(base)}
 
-    def run(cfg):
-        return lambda: k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=False,
-                                      config=cfg)[0]
+    if kernel == "fwd":
+        def run(cfg):
+            return lambda: k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=False,
+                                          config=cfg)[0]
+    else:
+        _, _, _, gates, c_all = k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=True,
+                                               config=base)
+        dy = torch.randn(T, B, H, device="cuda", dtype=dtype)
+        dhn, dcn = torch.zeros_like(h0), torch.zeros_like(h0)
 
-    variants = {"barrier": base, "tagged": dataclasses.replace(base, exchange="tagged"),
-                "tagged-probe": dataclasses.replace(base, exchange="tagged-probe")}
+        def run(cfg):
+            return lambda: k.lstm_backward(gates, c_all, c0, w, dy, dhn, dcn, None, reverse=False, config=cfg)[0]
+
+    exchanges = ("tagged", "tagged-probe") if kernel == "fwd" else ("tagged",)
+    variants = {"barrier": base, **{e: dataclasses.replace(base, exchange=e) for e in exchanges}}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if base.block_h > 8 and base.w_resident and triton_cdiv(H, 8) <= sms:
         # Narrower programs: the tile where tagged 16-bit fits registers at H = 1024 (compilecheck: 246, no
         # spills; BH = 16 spills 64 B), with the barrier on the same tiles for the comparison.
         narrow = dataclasses.replace(base, block_h=8, num_warps=8, batch_groups=1)
         variants["barrier-bh8"] = narrow
-        variants["tagged-bh8"] = dataclasses.replace(narrow, exchange="tagged")
-        variants["tagged-probe-bh8"] = dataclasses.replace(narrow, exchange="tagged-probe")
+        variants.update({f"{e}-bh8": dataclasses.replace(narrow, exchange=e) for e in exchanges})
     compile_in_parallel([run(cfg) for cfg in variants.values()])  # the tuner's thread-pool warm-up
     # The tuner's limits: the variants differ from the barrier's tiles only in the order of accumulation, which
     # T steps of 16-bit rounding amplify.
@@ -79,8 +89,13 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
             row[f"{name}_us_per_step"] = ms[0] * 1e3 / T
         except Exception as e:  # a variant that fails is a finding, reported with its row
             row[f"{name}_error"] = f"{type(e).__name__}: {e}"
-    with torch.no_grad():
-        row["cudnn_fwd_ms"] = do_bench(lambda: ref(x), warmup=25, rep=100, quantiles=[0.5])[0]
+    if kernel == "fwd":
+        with torch.no_grad():
+            row["cudnn_ms"] = do_bench(lambda: ref(x), warmup=25, rep=100, quantiles=[0.5])[0]
+    else:
+        xg = x.clone().requires_grad_()
+        row["cudnn_ms"] = do_bench(lambda: ref(xg)[0].backward(dy), warmup=25, rep=100, quantiles=[0.5],
+                                   grad_to_none=[xg, *ref.parameters()])[0]
     return row
 
 
@@ -90,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", default="256,512,1024")
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--kernels", default="fwd,bwd", help="fwd, bwd or both")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     import torch
@@ -98,21 +114,25 @@ def main(argv: list[str] | None = None) -> int:
         print("perf/exchange.py: no CUDA device, nothing to time.")
         return 0
     rows = []
-    print(f"{torch.cuda.get_device_name(0)}; recurrence kernel only, T = {a.seq}, inference")
-    print(f"{'dtype':9} {'H':>5} {'B':>4} {'variant':16} {'us/step':>8} {'vs barrier':>10} {'cuDNN fwd ms':>13}")
-    for d in a.dtypes.split(","):
-        for h in (int(v) for v in a.hidden.split(",")):
-            for b in (int(v) for v in a.batch.split(",")):
-                r = measure(d, h, b, a.seq)
-                rows.append(r)
-                base = r.get("barrier_us_per_step")
-                for name in ("barrier", "tagged", "tagged-probe", "barrier-bh8", "tagged-bh8", "tagged-probe-bh8"):
-                    us, err = r.get(f"{name}_us_per_step"), r.get(f"{name}_error")
-                    if us is None and err is None:
-                        continue
-                    ratio = f"{us / base:.2f}" if us and base else "-"
-                    print(f"{d:9} {h:5} {b:4} {name:16} {us or float('nan'):8.2f} {ratio:>10} "
-                          f"{r['cudnn_fwd_ms']:13.3f}" + (f"  {err}" if err else ""), flush=True)
+    print(f"{torch.cuda.get_device_name(0)}; recurrence kernels only, T = {a.seq}; cuDNN: fwd (inference) beside "
+          "fwd rows, fwd + bwd beside bwd rows")
+    print(f"{'kernel':6} {'dtype':9} {'H':>5} {'B':>4} {'variant':16} {'us/step':>8} {'vs barrier':>10} "
+          f"{'cuDNN ms':>9}")
+    names = ("barrier", "tagged", "tagged-probe", "barrier-bh8", "tagged-bh8", "tagged-probe-bh8")
+    for kn in a.kernels.split(","):
+        for d in a.dtypes.split(","):
+            for h in (int(v) for v in a.hidden.split(",")):
+                for b in (int(v) for v in a.batch.split(",")):
+                    r = measure(d, h, b, a.seq, kn)
+                    rows.append(r)
+                    base = r.get("barrier_us_per_step")
+                    for name in names:
+                        us, err = r.get(f"{name}_us_per_step"), r.get(f"{name}_error")
+                        if us is None and err is None:
+                            continue
+                        ratio = f"{us / base:.2f}" if us and base else "-"
+                        print(f"{kn:6} {d:9} {h:5} {b:4} {name:16} {us or float('nan'):8.2f} {ratio:>10} "
+                              f"{r['cudnn_ms']:9.3f}" + (f"  {err}" if err else ""), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)

@@ -71,8 +71,8 @@ def test_tagged_exchange_candidates_compile_and_fit_at_the_h256_tiles(tmp_path):
     out = tmp_path / "tagged.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--tagged", "--json", str(out), timeout=1200)
     rows = json.loads(out.read_text())
-    assert rows and all(r["config"]["exchange"] in ("tagged", "tagged-probe") and r["kernel"] == "fwd" for r in rows)
-    assert {r["config"]["exchange"] for r in rows} == {"tagged", "tagged-probe"}
+    assert {(r["kernel"], r["config"]["exchange"]) for r in rows} == {("fwd", "tagged"), ("fwd", "tagged-probe"),
+                                                                      ("bwd", "tagged")}
     assert all(r["error"] is None and 0 < r["shared"] <= SM90_SHARED_LIMIT for r in rows), proc.stdout[-3000:]
     h256 = [r for r in rows if r["config"]["block_k"] == 256]
     assert {r["dtype"] for r in h256} == {"fp16", "bf16", "fp32"}

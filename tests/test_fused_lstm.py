@@ -347,6 +347,22 @@ def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch, exchan
     assert int(errors.flag(cpu)[0]) == 0
 
 
+def test_tagged_backward_wait_that_cannot_complete_poisons_gradients_and_raises(monkeypatch):
+    """The backward's tagged wait on dG_{t+1}: program 0 runs every step before program 1 starts (interpreter),
+    so from its second step it waits for words that never come. Bounded: NaN gradients, then an error."""
+    monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
+    monkeypatch.setattr(kernels.barrier_errors, "launched", lambda device, capturing: None)
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20,
+                        exchange="tagged")
+    problem = leaf(make_problem(3, 2, 4, 16, torch.float32))
+    y, _ = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+    with use_config(config, "bwd"):
+        y.sum().backward()
+    assert torch.isnan(problem["weight_hh"].grad).any()
+    with pytest.raises(RuntimeError, match="barrier"):
+        tritonlstm.synchronize("cpu")
+
+
 def test_flag_left_by_a_failed_launch_is_raised_by_the_next_launch():
     problem = make_problem(3, 2, 4, 8, torch.float32)
     args = [problem[n] for n in NAMES]

@@ -264,9 +264,9 @@ TAGGED_CASES = [pytest.param("tagged", H, B, dt, id=f"tagged-H{H}-B{B}-{name}") 
 
 @pytest.mark.parametrize("exchange,H,B,dtype", TAGGED_CASES)
 def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
-    """exchange="tagged" (perf/NOTES.md v0.8) on the heuristic's persistent multi-program tiles: the readers wait
-    on tagged words instead of a barrier, so a missing wait or a torn word shows here as a wrong answer (or a
-    NaN from the bounded wait), not on the interpreter."""
+    """The tagged exchanges (perf/NOTES.md v0.8) on the heuristic's persistent multi-program tiles, forward and
+    backward: the readers wait on tagged words instead of a barrier, so a missing wait or a torn word shows here
+    as a wrong answer (or a NaN from the bounded wait), not on the interpreter."""
     import dataclasses
 
     from tritonlstm import LSTM
@@ -275,7 +275,7 @@ def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfg = dataclasses.replace(heuristic_config(H, B, dtype, sms), exchange=exchange)
     assert cfg.persistent and cfg.programs(H) > 1, cfg
-    with use_config(cfg, "fwd"):
+    with use_config(cfg):  # both kernels: the backward exchanges dG_{t+1} the same way
         run_both(256, B, H, dtype)
     # Both directions and per-row lengths in one launch, against cuDNN's packed bidirectional layer.
     m = torch.nn.LSTM(H, H, bidirectional=True).to("cuda", dtype)

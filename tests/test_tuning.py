@@ -159,14 +159,14 @@ def test_cli_arguments_and_no_gpu_message():
         tuning.tune(hidden=[64], batch=[1])
 
 
-def test_tagged_exchange_is_a_forward_candidate_only():
+def test_tagged_exchanges_are_candidates_of_both_kernels():
     fwd = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel="fwd")
     bwd = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel="bwd")
     tagged = [c for c in fwd if c.exchange != "barrier"]
     assert tagged and all(c.persistent and c.block_k >= 32 for c in tagged)
     assert {c.exchange for c in fwd} == {"barrier", "tagged", "tagged-probe"}
     assert {dataclasses.replace(c, exchange="barrier") for c in tagged} <= set(fwd)
-    assert all(c.exchange == "barrier" for c in bwd)
+    assert {c.exchange for c in bwd} == {"barrier", "tagged"}
 
 
 def test_compile_in_parallel_launches_nothing_and_survives_failing_candidates():

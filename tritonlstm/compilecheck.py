@@ -57,9 +57,9 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
                 "DCN": p, "DG": p, "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32"}
-        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_LENGTHS", "STACK", "HAS_DROPOUT", "PERSISTENT",
-                 "DOT_PRECISION")
+                "ERR": "*i32", "RING": "*i64"}
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "HAS_LENGTHS", "STACK", "HAS_DROPOUT",
+                 "PERSISTENT", "DOT_PRECISION")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
 
 
@@ -103,7 +103,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       TAGGED=kernel == "fwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2,
                       PROBE=kernel == "fwd" and config.exchange == "tagged-probe")
     else:
-        consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd")
+        consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
+                      TAGGED=kernel == "bwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2)
     backward = kernel in BACKWARD
     fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,
@@ -145,12 +146,13 @@ def shipped_configs(max_hidden: int = 1024) -> list[tuple[str, torch.dtype, int,
 
 
 def tagged_variants(configs) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
-    """The persistent fwd configs among `configs` with exchange="tagged" and "tagged-probe": candidates the tuner
-    tries (and keeps only where they compile within limits), not the heuristic's picks."""
+    """The persistent fwd and bwd configs among `configs` with the tagged exchanges (fwd: "tagged" and
+    "tagged-probe"; bwd: "tagged"): candidates the tuner tries (and keeps only where they compile within
+    limits), not the heuristic's picks."""
     return [(kernel, dtype, hidden, dataclasses.replace(cfg, exchange=exchange))
-            for kernel, dtype, hidden, cfg in configs for exchange in ("tagged", "tagged-probe")
-            if kernel == "fwd" and cfg.persistent and cfg.block_h >= 2
-            and cfg.block_k >= (16 if dtype == torch.float32 else 32)]
+            for kernel, dtype, hidden, cfg in configs
+            for exchange in {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
+            if cfg.persistent and cfg.block_h >= 2 and cfg.block_k >= (16 if dtype == torch.float32 else 32)]
 
 
 def _check_job(job) -> Resources:

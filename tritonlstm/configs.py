@@ -33,10 +33,11 @@ class LSTMConfig:
     num_warps: int = 4
     num_stages: int = 1
     max_spin: int = _DEFAULT_MAX_SPIN  # barrier spins before it gives up and raises
-    # How a single-layer forward passes h_{t-1} between programs: "barrier" (store h, one grid barrier per
-    # step, load h) or "tagged" (each 8-byte word carries a step tag and its reader waits on the words it
-    # needs: no fence, no counter, twice the bytes for h; "tagged-probe" waits on one word per producer before
-    # reloading a tile that was not complete). The other kernels always use the barrier.
+    # How a single layer passes h_{t-1} (forward) or dG_{t+1} (backward) between programs: "barrier" (store,
+    # one grid barrier per step, load) or "tagged" (each 8-byte word carries a step tag and its reader waits on
+    # the words it needs: no fence, no counter, twice the bytes; "tagged-probe", forward only, waits on one word
+    # per producer before reloading a tile that was not complete; the backward runs it as "tagged"). The
+    # stacks' wavefront kernels always use the barrier.
     exchange: str = "barrier"
 
     def __post_init__(self):

@@ -165,9 +165,9 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_limit: int,
                kernel: str = "fwd") -> list[LSTMConfig]:
     """Configs that can run: every program resident (P * Q <= SMs) and an estimate of the shared memory
-    (the W_hh slices and one h tile) under the limit. The heuristic's pick comes first. For the forward kernel,
-    each also with exchange="tagged" and "tagged-probe" (h_{t-1} in tagged words instead of a barrier per step)
-    where its tiles allow it (perf/NOTES.md v0.8)."""
+    (the W_hh slices and one h tile) under the limit. The heuristic's pick comes first. Each persistent one also
+    with the tagged exchanges where its tiles allow them (h_{t-1}, or dG_{t+1} in the backward, in tagged words
+    instead of a barrier per step; "tagged" and "tagged-probe" for fwd, "tagged" for bwd; perf/NOTES.md v0.8)."""
     esize = torch.empty((), dtype=dtype).element_size()
     hk = max(16, _pow2(hidden))
     out = [heuristic_config(hidden, batch, dtype, num_sms)]
@@ -188,10 +188,10 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                                      num_warps=warps)
                     if cfg not in out:
                         out.append(cfg)
-    if kernel == "fwd":
-        min_k = 16 if dtype == torch.float32 else 32  # a tagged 16-bit word splits K in two halves for tl.dot
-        out += [dataclasses.replace(c, exchange=exchange) for exchange in ("tagged", "tagged-probe")
-                for c in list(out) if c.persistent and c.block_h >= 2 and c.block_k >= min_k]
+    min_k = 16 if dtype == torch.float32 else 32  # a tagged 16-bit word splits K in two halves for tl.dot
+    exchanges = {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
+    out += [dataclasses.replace(c, exchange=exchange) for exchange in exchanges
+            for c in list(out) if c.persistent and c.block_h >= 2 and c.block_k >= min_k]
     return out
 
 
