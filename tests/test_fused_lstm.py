@@ -105,13 +105,6 @@ MULTI_PROGRAM = [
                  id="stepwise-streamedW-BK16"),
     pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=16, w_resident=False, batch_groups=1, persistent=True),
                  id="persistent-1prog-streamedW-tiles5"),
-    # h_{t-1} as tagged words (perf/NOTES.md v0.8): the same paths through the ring instead of y.
-    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
-                            exchange="tagged"), id="tagged-stepwise-P5-Q2-tiles3"),
-    pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=32, w_resident=False, batch_groups=1, persistent=False,
-                            exchange="tagged"), id="tagged-stepwise-streamedW-BK32"),
-    pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=64, w_resident=True, batch_groups=1, persistent=True,
-                            exchange="tagged"), id="tagged-persistent-1prog-tiles5"),
 ]
 
 
@@ -124,12 +117,33 @@ def test_multi_program_paths(config, reverse, dtype, kernel_calls):
     assert kernel_calls == {"fwd": 1, "bwd": 1}
 
 
+# h_{t-1} and dG_{t+1} as tagged words (perf/NOTES.md v0.8): the multi-program paths through the rings instead of
+# y and dG, forward and backward (fewer combinations than above: each costs a stepwise run on the interpreter).
+TAGGED_PATHS = [
+    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                            exchange="tagged"), False, torch.float32, id="stepwise-P5-Q2-tiles3-fp32"),
+    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                            exchange="tagged-probe"), True, torch.float16, id="probe-stepwise-P5-Q2-tiles3-fp16-rev"),
+    pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=32, w_resident=False, batch_groups=1, persistent=False,
+                            exchange="tagged"), True, torch.float16, id="stepwise-streamedW-BK32-fp16-rev"),
+    pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=64, w_resident=True, batch_groups=1, persistent=True,
+                            exchange="tagged"), False, torch.float32, id="persistent-1prog-tiles5-fp32"),
+]
+
+
+@pytest.mark.parametrize("config,reverse,dtype", TAGGED_PATHS)
+def test_tagged_exchange_multi_program_paths(config, reverse, dtype, kernel_calls):
+    problem = make_problem(6, 17, 10, 33, dtype)
+    check_against_reference(problem, dtype, reverse=reverse, config=config)
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
 TAGGED = LSTMConfig(block_h=8, block_b=4, block_k=32, w_resident=True, batch_groups=2, persistent=False,
                     exchange="tagged")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("H", [7, 24], ids=["H7-odd", "H24"])
+@pytest.mark.parametrize("dtype,H", [(torch.float32, 24), (torch.float16, 7), (torch.bfloat16, 24)],
+                         ids=["fp32-H24", "fp16-H7-odd", "bf16-H24"])
 def test_tagged_exchange_with_lengths_both_directions(dtype, H):
     """The tagged words carry every row (dead ones too: readers wait on all rows), an odd H (the last word's
     high half is padding) and h0 (slot 1, tag 0) in both directions of one launch."""
