@@ -44,7 +44,8 @@ class LSTMConfig:
         if self.exchange not in EXCHANGES:
             raise ValueError(f"LSTMConfig.exchange must be one of {EXCHANGES}, got {self.exchange!r}")
         if self.exchange != "barrier" and self.block_h < 2:
-            raise ValueError("LSTMConfig.exchange='tagged' needs block_h >= 2 (two 16-bit values per word)")
+            raise ValueError(f"LSTMConfig.exchange={self.exchange!r} needs block_h >= 2 (two 16-bit values per "
+                             f"word), got {self.block_h}")
         for name in ("block_h", "block_b", "block_k"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):

@@ -117,9 +117,8 @@ def _call(op, *args):
     its formula when gradients are recorded (the custom-op dispatch cost 25-45 us of host time per forward
     call on the CI machine, perf/NOTES.md v0.7). Otherwise (torch.compile, torch.jit.trace, fake or functional
     tensors while a graph is traced, torch.func transforms, tensor subclasses): the custom op, which a trace
-    records as one node. A backward op called with grad
-    mode on (create_graph) also goes through the custom op, whose autograd refuses double backward with a
-    clear error."""
+    records as one node. A backward op called with grad mode on (create_graph) also goes through the custom
+    op, whose autograd refuses double backward with a clear error."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not all(_plain(a) for a in args):
         return op(*args)
     if not torch.is_grad_enabled():
