@@ -47,3 +47,26 @@ def test_eager_path_and_custom_op_agree(monkeypatch):
         results.append([y, h, c, *(t.grad for t in leaves)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("lengths", [None, [4, 1, 3]], ids=["padded", "lengths"])
+def test_recurrent_weight_grad_pairs_each_step_with_the_h_it_saw(reverse, lengths):
+    """dW_hh from y and h0 in place (no shifted copy) against the sum over (t, b) written out, with y zero past
+    each row's end as the kernels leave it."""
+    from tritonlstm.functional import _recurrent_weight_grad
+
+    T, B, H = 4, 3, 5
+    lens = torch.tensor(lengths) if lengths is not None else torch.full((B,), T)
+    live = torch.arange(T)[:, None] < lens[None, :]
+    dg = torch.randn(T, B, 4 * H, dtype=torch.float64) * live[..., None]
+    y = torch.randn(T, B, H, dtype=torch.float64) * live[..., None]
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    expected = torch.zeros(4 * H, H, dtype=torch.float64)
+    for b in range(B):
+        n = int(lens[b])
+        for t in range(n):
+            prev = (h0[b] if t == n - 1 else y[t + 1, b]) if reverse else (h0[b] if t == 0 else y[t - 1, b])
+            expected += torch.outer(dg[t, b], prev)
+    got = _recurrent_weight_grad(dg, y, h0, None if lengths is None else torch.tensor(lengths), reverse)
+    torch.testing.assert_close(got, expected)

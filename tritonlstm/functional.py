@@ -275,8 +275,7 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
         inputs = y[:-1] if drop is None else xd  # the layers above took their input after dropout
         d_ih = torch.bmm(dg2[1:].transpose(1, 2), inputs.reshape(L - 1, T * B, H))
     if need[2]:
-        h_prev = torch.stack([_previous_h(y[l], h0[l], lengths, False) for l in range(L)])
-        d_hh = torch.bmm(dg2.transpose(1, 2), h_prev.view(L, T * B, H))
+        d_hh = torch.stack([_recurrent_weight_grad(dg[l], y[l], h0[l], lengths, False) for l in range(L)])
     if need[3]:
         d_bias = dg2.sum(1, dtype=torch.float32)
     return (dg[0] if need[0] else None, d_ih, d_hh, d_bias, dh0 if need[4] else None, dc0 if need[5] else None,
@@ -294,17 +293,23 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(gates, c_all)
 
 
-def _previous_h(y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
-    """h_{t-1} for every (t, b) as the recurrence saw it: y shifted one step along the row's direction."""
-    if not reverse:
-        return torch.cat([h0[None], y[:-1]])
-    h_prev = torch.cat([y[1:], torch.zeros_like(h0)[None]])
-    if lengths is None:
-        h_prev[-1] = h0
+def _recurrent_weight_grad(dg: Tensor, y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
+    """dW_hh = sum over (t, b) of dG_t^T h_{t-1} for one direction (dg [T, B, 4H], y [T, B, H], h0 [B, H]), with
+    h_{t-1} read from y and h0 where they are: a shifted copy of y would be the training step's largest
+    temporary after dG (perf/NOTES.md, peak memory). A row's first step pairs its dG with h0 (t = 0 forwards;
+    t = length - 1 in reverse); its other steps with y one step back along its direction. y past a row's end is
+    zero (as the kernels leave it), so the shifted product needs no mask."""
+    T, B, G = dg.shape
+    if reverse:
+        first = dg[T - 1] if lengths is None else \
+            dg[lengths.to(dg.device, torch.long) - 1, torch.arange(B, device=dg.device)]
+        later, previous = dg[:-1], y[1:]
     else:
-        rows = torch.arange(h0.shape[0], device=h0.device)
-        h_prev = h_prev.index_put((lengths.to(h0.device, torch.long) - 1, rows), h0)
-    return h_prev
+        first, later, previous = dg[0], dg[1:], y[:-1]
+    dw = first.t() @ h0
+    if T > 1:
+        dw = torch.addmm(dw, later.reshape((T - 1) * B, G).t(), previous.reshape((T - 1) * B, y.shape[2]))
+    return dw
 
 
 def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
@@ -322,10 +327,9 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     need = ctx.needs_input_grad
     dw_hh = None
     if need[1]:
-        dw_hh = torch.stack([
-            torch.mm(dg3[:, d].t(), _previous_h(y[..., d * H:(d + 1) * H], h0[d], lengths,
-                                                d == 1 or ctx.reverse).reshape(T * B, H))
-            for d in range(D)])
+        dg4 = dg.view(T, B, D, G)
+        dw_hh = torch.stack([_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], h0[d], lengths,
+                                                    d == 1 or ctx.reverse) for d in range(D)])
     dbias = dg3.sum(0, dtype=torch.float32) if need[2] else None
     return (dg if need[0] else None, dw_hh, dbias, dh0 if need[3] else None, dc0 if need[4] else None,
             None, None, None)
