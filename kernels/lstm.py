@@ -206,16 +206,16 @@ def _wait_tagged(p, m, tag, p_probe, m_probe, ERR, max_spin, failed, PROBE: tl.c
 
 @triton.jit
 def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o, p_w, o_j,
-                 m_j, H, B, ERR, max_spin, BK: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
+                 m_j, H, ERR, max_spin, BK: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
                  PROBE: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
     """_gate_dots with x = h_{t-1} read from tagged words (_publish_tagged): each K chunk is reloaded until every
     word carries `tag`, then multiplied. With PACK = 2 a word holds units 2k (low half) and 2k + 1, and
-    x @ W = x_even @ W[even rows] + x_odd @ W[odd rows]: the halves are never interleaved back (a shuffle through
-    shared memory); w_* hold W's even rows and u_* its odd rows when resident. With PROBE, a reader whose first
-    load finds words missing polls one word per producer (the last of its slice in the tile's last row) until
-    all carry the tag, then reloads the tile: a poll of a few words instead of the whole tile (L2 bandwidth),
-    for one more round trip. Returns the accumulators and whether the wait gave up (after max_spin polls,
-    setting the sticky ERR flag) or found ERR set."""
+    x @ W = x_even @ W[even rows] + x_odd @ W[odd rows] (_dot_words): the halves are never interleaved back (a
+    shuffle through shared memory); w_* hold W's even rows and u_* its odd rows when resident. With PROBE, a
+    reader whose first load finds words missing polls one word per producer (the last of its slice in the
+    tile's last row) until all carry the tag, then reloads the tile: a poll of a few words instead of the whole
+    tile (L2 bandwidth), for one more round trip. Returns the accumulators and whether the wait gave up (after
+    max_spin polls, setting the sticky ERR flag) or found ERR set."""
     HW = (H + PACK - 1) // PACK
     o_w = tl.arange(0, BK // PACK)
     failed = tl.load(ERR, volatile=True) != 0
@@ -231,35 +231,29 @@ def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_
         o_first = k0 // PACK + o_q * S_PROBE
         p_probe = p_ring + r_last * HW + tl.minimum(o_first + S_PROBE - 1, HW - 1)
         m_probe = o_first < HW
+        o_ke = k0 + PACK * o_w
+        if W_RESIDENT:
+            t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o = w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o
+        else:
+            t_i, t_f, t_g, t_o = _load_gate_tiles(p_w, o_ke, o_j, o_ke < H, m_j, H, 1, H)
+            v_i, v_f, v_g, v_o = t_i, t_f, t_g, t_o  # unused unless PACK == 2
+            if PACK == 2:
+                v_i, v_f, v_g, v_o = _load_gate_tiles(p_w, o_ke + 1, o_j, o_ke + 1 < H, m_j, H, 1, H)
         b_low, failed = _wait_tagged(p, m, tag, p_probe, m_probe, ERR, max_spin, failed, PROBE)
         if PACK == 2:
-            b_even = b_low.to(tl.int16).to(DT, bitcast=True)
+            b_x = b_low.to(tl.int16).to(DT, bitcast=True)
             b_odd = (b_low >> 16).to(tl.int16).to(DT, bitcast=True)
-            if W_RESIDENT:
-                t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o = w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o
-            else:
-                o_ke = k0 + 2 * o_w
-                t_i, t_f, t_g, t_o = _load_gate_tiles(p_w, o_ke, o_j, o_ke < H, m_j, H, 1, H)
-                v_i, v_f, v_g, v_o = _load_gate_tiles(p_w, o_ke + 1, o_j, o_ke + 1 < H, m_j, H, 1, H)
-            acc_i += tl.dot(b_even, t_i, input_precision=DOT_PRECISION)
-            acc_f += tl.dot(b_even, t_f, input_precision=DOT_PRECISION)
-            acc_g += tl.dot(b_even, t_g, input_precision=DOT_PRECISION)
-            acc_o += tl.dot(b_even, t_o, input_precision=DOT_PRECISION)
+        else:
+            b_x = b_low.to(tl.float32, bitcast=True)
+        acc_i += tl.dot(b_x, t_i, input_precision=DOT_PRECISION)
+        acc_f += tl.dot(b_x, t_f, input_precision=DOT_PRECISION)
+        acc_g += tl.dot(b_x, t_g, input_precision=DOT_PRECISION)
+        acc_o += tl.dot(b_x, t_o, input_precision=DOT_PRECISION)
+        if PACK == 2:
             acc_i += tl.dot(b_odd, v_i, input_precision=DOT_PRECISION)
             acc_f += tl.dot(b_odd, v_f, input_precision=DOT_PRECISION)
             acc_g += tl.dot(b_odd, v_g, input_precision=DOT_PRECISION)
             acc_o += tl.dot(b_odd, v_o, input_precision=DOT_PRECISION)
-        else:
-            b_x = b_low.to(tl.float32, bitcast=True)
-            if W_RESIDENT:
-                t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
-            else:
-                o_kk = k0 + o_w
-                t_i, t_f, t_g, t_o = _load_gate_tiles(p_w, o_kk, o_j, o_kk < H, m_j, H, 1, H)
-            acc_i += tl.dot(b_x, t_i, input_precision=DOT_PRECISION)
-            acc_f += tl.dot(b_x, t_f, input_precision=DOT_PRECISION)
-            acc_g += tl.dot(b_x, t_g, input_precision=DOT_PRECISION)
-            acc_o += tl.dot(b_x, t_o, input_precision=DOT_PRECISION)
     return acc_i, acc_f, acc_g, acc_o, failed
 
 
@@ -455,7 +449,7 @@ def lstm_fwd_kernel(
                 p_ring = RING + (((s + 1) % 2) * D + i_d).to(tl.int64) * B * ((H + PACK - 1) // PACK)
                 b_gi, b_gf, b_gg, b_go, failed = _tagged_dots(b_gi, b_gf, b_gg, b_go, p_ring, o_b, m_b, s, b_wi,
                                                               b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo, W, o_j, m_j,
-                                                              H, B, ERR, max_spin, BK, BH, PACK, PROBE, W_RESIDENT,
+                                                              H, ERR, max_spin, BK, BH, PACK, PROBE, W_RESIDENT,
                                                               DOT_PRECISION, Y.dtype.element_ty)
                 poisoned = poisoned | failed
             else:
