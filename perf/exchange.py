@@ -20,15 +20,11 @@ import json
 import sys
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str = "fwd") -> dict:
     import torch
     from triton.testing import do_bench
 
-    from tritonlstm.configs import heuristic_config
+    from tritonlstm.configs import cdiv, heuristic_config
     from tritonlstm.kernels import lstm as k
     from tritonlstm.tuning import compile_in_parallel
 
@@ -62,7 +58,7 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str = "f
     exchanges = ("tagged", "tagged-probe") if kernel == "fwd" else ("tagged",)
     variants = {"barrier": base, **{e: dataclasses.replace(base, exchange=e) for e in exchanges}}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    if base.block_h > 8 and base.w_resident and triton_cdiv(H, 8) <= sms:
+    if base.block_h > 8 and base.w_resident and cdiv(H, 8) <= sms:
         # Narrower programs: the tile where tagged 16-bit fits registers at H = 1024 (compilecheck: 246, no
         # spills; BH = 16 spills 64 B), with the barrier on the same tiles for the comparison.
         narrow = dataclasses.replace(base, block_h=8, num_warps=8, batch_groups=1)

@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_config
+from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_config, tagged_exchanges
 
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
 H100_SMS = 132
@@ -150,9 +150,7 @@ def tagged_variants(configs) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
     "tagged-probe"; bwd: "tagged"): candidates the tuner tries (and keeps only where they compile within
     limits), not the heuristic's picks."""
     return [(kernel, dtype, hidden, dataclasses.replace(cfg, exchange=exchange))
-            for kernel, dtype, hidden, cfg in configs
-            for exchange in {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
-            if cfg.persistent and cfg.block_h >= 2 and cfg.block_k >= (16 if dtype == torch.float32 else 32)]
+            for kernel, dtype, hidden, cfg in configs for exchange in tagged_exchanges(kernel, cfg, dtype)]
 
 
 def _check_job(job) -> Resources:
@@ -178,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (default: CPUs)")
     ap.add_argument("--tagged", action="store_true",
-                    help="check the fwd configs with the tagged exchanges instead (tuner candidates: reported, and "
-                         "the exit status says whether all fit)")
+                    help="check the fwd and bwd configs with the tagged exchanges instead (tuner candidates: "
+                         "reported, and the exit status says whether all fit)")
     args = ap.parse_args(argv)
     rows = []
     configs = shipped_configs(args.max_hidden)

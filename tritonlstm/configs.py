@@ -59,6 +59,15 @@ class LSTMConfig:
         return cdiv(hidden, self.block_h) * self.batch_groups
 
 
+def tagged_exchanges(kernel: str, config: LSTMConfig, dtype: torch.dtype) -> tuple[str, ...]:
+    """The tagged exchanges `config` can run with on `kernel` ("fwd": tagged and tagged-probe; "bwd": tagged;
+    the stacks' kernels none): a persistent launch whose tiles hold two 16-bit values per word (block_h >= 2)
+    and whose K chunk splits into the words' halves for tl.dot (block_k >= 32 in 16-bit, 16 in float32)."""
+    exchanges = {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
+    min_k = 16 if dtype == torch.float32 else 32
+    return exchanges if config.persistent and config.block_h >= 2 and config.block_k >= min_k else ()
+
+
 # stack, stack_bwd: the forward and backward wavefronts of a unidirectional multi-layer LSTM
 KERNELS = ("fwd", "bwd", "stack", "stack_bwd")
 _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tritonlstm_config", default=None)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from tritonlstm.configs import LSTMConfig, _pow2, cdiv, heuristic_config
+from tritonlstm.configs import LSTMConfig, _pow2, cdiv, heuristic_config, tagged_exchanges
 
 FORMAT = 1
 TUNABLE = ("fwd", "bwd")  # the wavefront stacks' kernels use the heuristic (not tuned yet)
@@ -188,10 +188,8 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                                      num_warps=warps)
                     if cfg not in out:
                         out.append(cfg)
-    min_k = 16 if dtype == torch.float32 else 32  # a tagged 16-bit word splits K in two halves for tl.dot
-    exchanges = {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
-    out += [dataclasses.replace(c, exchange=exchange) for exchange in exchanges
-            for c in list(out) if c.persistent and c.block_h >= 2 and c.block_k >= min_k]
+    out += [dataclasses.replace(c, exchange=exchange) for c in list(out)
+            for exchange in tagged_exchanges(kernel, c, dtype)]
     return out
 
 
