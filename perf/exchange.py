@@ -119,8 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         for d in a.dtypes.split(","):
             for h in (int(v) for v in a.hidden.split(",")):
                 for b in (int(v) for v in a.batch.split(",")):
-                    r = measure(d, h, b, a.seq, kn)
+                    try:
+                        r = measure(d, h, b, a.seq, kn)
+                    except Exception as e:  # the barrier variant itself failed: a finding, not a crash
+                        print(f"{kn:6} {d:9} {h:5} {b:4} failed: {type(e).__name__}: {e}", flush=True)
+                        rows.append({"kernel": kn, "dtype": d, "hidden": h, "batch": b, "error": str(e)})
+                        continue
                     rows.append(r)
+                    if a.json:  # row by row: a run cut short keeps what it measured
+                        with open(a.json, "w") as f:
+                            json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
                     base = r.get("barrier_us_per_step")
                     for name in names:
                         us, err = r.get(f"{name}_us_per_step"), r.get(f"{name}_error")
@@ -129,9 +137,6 @@ def main(argv: list[str] | None = None) -> int:
                         ratio = f"{us / base:.2f}" if us and base else "-"
                         print(f"{kn:6} {d:9} {h:5} {b:4} {name:16} {us or float('nan'):8.2f} {ratio:>10} "
                               f"{r['cudnn_ms']:9.3f}" + (f"  {err}" if err else ""), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
     return 0
 
 

@@ -194,7 +194,7 @@ def clean_row(row: dict) -> dict:
     return {k: row.get(k) for k in ROW_KEYS}
 
 
-def write_results(out: Path, env: dict, rows: list[dict]) -> None:
+def write_results(out: Path, env: dict, rows: list[dict], heatmap: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     clean = [clean_row(r) for r in rows]
     errors = [{**clean_row(r), "error": r["error"]} for r in rows if r.get("error")]
@@ -204,7 +204,8 @@ def write_results(out: Path, env: dict, rows: list[dict]) -> None:
         wr.writeheader()
         wr.writerows(clean)
     (out / "results.md").write_text(markdown_table(env, rows))
-    write_heatmap(out / "heatmap.png", env, rows)
+    if heatmap:
+        write_heatmap(out / "heatmap.png", env, rows)
 
 
 def write_heatmap(path: Path, env: dict, rows: list[dict]) -> bool:
@@ -301,15 +302,32 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"tritonlstm.bench: compiling the kernels of {len(todo)} cells in parallel", file=sys.stderr, flush=True)
     compile_in_parallel([functools.partial(warm_cell, *cell) for cell in todo])
+    env = environment()
     rows = []
     for i, cell in enumerate(todo):
         progress(i, len(todo), cell)
-        rows.append(measure_cell(*cell))
+        rows.append(measure_or_error(cell))
+        write_results(Path(args.out), env, rows, heatmap=False)  # a run cut short keeps the cells it finished
     progress(len(todo), len(todo), None)
-    env = environment()
     write_results(Path(args.out), env, rows)
     print(markdown_table(env, rows))
     return 0
+
+
+def measure_or_error(cell: tuple) -> dict:
+    """measure_cell, with an exception (a kernel that fails to compile or launch, out of memory) reported as the
+    cell's error so that one broken cell does not cost the rest of the matrix."""
+    import torch
+
+    try:
+        return measure_cell(*cell)
+    except Exception as e:  # noqa: BLE001 - any failure is this cell's result
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - a broken context fails the next cells too, each with its error
+            pass
+        row = dict(zip(("dtype", "hidden", "batch", "seq", "layers", "bidirectional", "mode"), cell))
+        return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
 
 
 if __name__ == "__main__":
