@@ -87,11 +87,11 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str = "f
             row[f"{name}_error"] = f"{type(e).__name__}: {e}"
     if kernel == "fwd":
         with torch.no_grad():
-            row["cudnn_ms"] = do_bench(lambda: ref(x), warmup=25, rep=100, quantiles=[0.5])[0]
+            row["cudnn_ms"] = do_bench(lambda: ref(x), warmup=25, rep=100, return_mode="median")
     else:
         xg = x.clone().requires_grad_()
-        row["cudnn_ms"] = do_bench(lambda: ref(xg)[0].backward(dy), warmup=25, rep=100, quantiles=[0.5],
-                                   grad_to_none=[xg, *ref.parameters()])[0]
+        row["cudnn_ms"] = do_bench(lambda: ref(xg)[0].backward(dy), warmup=25, rep=100, return_mode="median",
+                                   grad_to_none=[xg, *ref.parameters()])
     return row
 
 

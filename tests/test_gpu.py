@@ -5,6 +5,8 @@ interpreter and these are skipped."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -115,8 +117,10 @@ def test_autocast_runs_in_autocast_dtype(dtype):
     with torch.autocast("cuda", dtype=dtype):
         y0, _ = ref(x)
         y1, (h1, c1) = ours(x)
-    assert y1.dtype == y0.dtype == dtype and h1.dtype == dtype
-    assert rel_err(y1, y0) < 3e-2
+    # Ours runs in the autocast dtype. cuDNN's nn.LSTM runs fp16 under any autocast dtype (PyTorch's cuDNN RNN
+    # autocast wrapper, aten/src/ATen/cudnn/AutocastRNN.cpp, casts to half; seen on an H100, 2026-11-26).
+    assert y1.dtype == dtype and h1.dtype == dtype and y0.dtype == torch.float16
+    assert rel_err(y1.float(), y0.float()) < 3e-2
     y1.float().sum().backward()
     assert ours.weight_hh_l0.grad is not None and ours.weight_hh_l0.grad.dtype == torch.float32
 
@@ -188,7 +192,12 @@ def test_barrier_that_cannot_complete_gives_nan_then_raises(monkeypatch):
     x = torch.randn(6, 16, 64, device="cuda", dtype=torch.float16)
     with use_config(cfg), torch.no_grad():
         y, (hn, cn) = fused_lstm(x, *w, backend="triton")
-    assert torch.isnan(y[1:]).all() and torch.isnan(hn).all() and torch.isnan(cn).all()
+    finite = {name: torch.isfinite(t).sum().item() for name, t in (("y[1:]", y[1:]), ("hn", hn), ("cn", cn))}
+    if any(finite.values()):
+        per_step = torch.isfinite(y).flatten(1).sum(1).tolist()
+        with contextlib.suppress(RuntimeError):  # the sticky flag must not fail the next test's launch
+            tritonlstm.synchronize()
+        pytest.fail(f"finite elements left: {finite}; finite per step of y: {per_step}")
     with pytest.raises(RuntimeError, match="barrier"):
         tritonlstm.synchronize()
     tritonlstm.synchronize()  # reported once
