@@ -70,33 +70,79 @@ def _load_gate_tiles(p_w, o_k, o_j, m_k, m_j, H, STRIDE_K, STRIDE_J):
 
 
 @triton.jit
+def _split_k_offsets(k0, BK: tl.constexpr, SK: tl.constexpr):
+    """Split-K: offsets k0 + s * (BK // SK) + kk of a BK chunk cut into SK slices, as [SK, 1, BK // SK] (for the
+    [SK, BB, BK // SK] x operand) and [SK, BK // SK, 1] (for the [SK, BK // SK, BH] W tiles)."""
+    o_s = tl.arange(0, SK) * (BK // SK)
+    o_kk = tl.arange(0, BK // SK)
+    return k0 + o_s[:, None, None] + o_kk[None, None, :], k0 + o_s[:, None, None] + o_kk[None, :, None]
+
+
+@triton.jit
+def _load_gate_tiles_split(p_w, k0, o_j, m_j, m_w, H, STRIDE_K, STRIDE_J, BK: tl.constexpr, SK: tl.constexpr):
+    """_load_gate_tiles for split-K: four [SK, BK // SK, BJ] tiles of the chunk at k0 (slice s holds rows
+    k0 + s * BK // SK ..), masked by k < H, m_j and the scalar m_w."""
+    _, o_k = _split_k_offsets(k0, BK, SK)
+    p = p_w + o_k * STRIDE_K + o_j[None, None, :] * STRIDE_J
+    m = (o_k < H) & m_j[None, None, :] & m_w
+    gate = H * H
+    b_wi = tl.load(p, mask=m, other=0.0)
+    b_wf = tl.load(p + gate, mask=m, other=0.0)
+    b_wg = tl.load(p + 2 * gate, mask=m, other=0.0)
+    b_wo = tl.load(p + 3 * gate, mask=m, other=0.0)
+    return b_wi, b_wf, b_wg, b_wo
+
+
+@triton.jit
 def _gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_j, m_j, m_w, H,
-               BK: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BK: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, SK: tl.constexpr):
     """The forward's four gate products, acc_g += x @ W_g[units], over K = H in BK chunks; row r of x starts at
     p_base + o_rows[r]. W's tiles are w_* when resident, else each chunk's are loaded from p_w (tile (k, j) of gate g at
-    g*H*H + j*H + k, masked by m_w)."""
+    g*H*H + j*H + k, masked by m_w).
+
+    SK > 1 splits each chunk's K into SK slices, one batched-dot slice each, summed afterwards: with the
+    16-row batch tile, a 2-D dot gets all warps stacked along M (Triton's MMA layout for chained dots), so every
+    warp computed the whole product and read all of W from shared memory; the batched dot puts one warp per
+    slice instead (W tiles are then [SK, BK // SK, BH])."""
     for k0 in range(0, H, BK):
-        o_kk = k0 + o_k
-        m_k = o_kk < H
-        b_x = tl.load(p_base + o_rows[:, None] + o_kk[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0,
-                      cache_modifier=".cg")
-        if W_RESIDENT:
-            t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
+        if SK == 1:
+            o_kk = k0 + o_k
+            m_k = o_kk < H
+            b_x = tl.load(p_base + o_rows[:, None] + o_kk[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0,
+                          cache_modifier=".cg")
+            if W_RESIDENT:
+                t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
+            else:
+                t_i, t_f, t_g, t_o = _load_gate_tiles(p_w + k0, o_k, o_j, m_k & m_w, m_j, H, 1, H)
+            acc_i += tl.dot(b_x, t_i, input_precision=DOT_PRECISION)
+            acc_f += tl.dot(b_x, t_f, input_precision=DOT_PRECISION)
+            acc_g += tl.dot(b_x, t_g, input_precision=DOT_PRECISION)
+            acc_o += tl.dot(b_x, t_o, input_precision=DOT_PRECISION)
         else:
-            t_i, t_f, t_g, t_o = _load_gate_tiles(p_w + k0, o_k, o_j, m_k & m_w, m_j, H, 1, H)
-        acc_i += tl.dot(b_x, t_i, input_precision=DOT_PRECISION)
-        acc_f += tl.dot(b_x, t_f, input_precision=DOT_PRECISION)
-        acc_g += tl.dot(b_x, t_g, input_precision=DOT_PRECISION)
-        acc_o += tl.dot(b_x, t_o, input_precision=DOT_PRECISION)
+            o_kx, _ = _split_k_offsets(k0, BK, SK)
+            b_x = tl.load(p_base + o_rows[None, :, None] + o_kx, mask=m_rows[None, :, None] & (o_kx < H), other=0.0,
+                          cache_modifier=".cg")
+            if W_RESIDENT:
+                t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
+            else:
+                t_i, t_f, t_g, t_o = _load_gate_tiles_split(p_w, k0, o_j, m_j, m_w, H, 1, H, BK, SK)
+            acc_i += tl.sum(tl.dot(b_x, t_i, input_precision=DOT_PRECISION), axis=0)
+            acc_f += tl.sum(tl.dot(b_x, t_f, input_precision=DOT_PRECISION), axis=0)
+            acc_g += tl.sum(tl.dot(b_x, t_g, input_precision=DOT_PRECISION), axis=0)
+            acc_o += tl.sum(tl.dot(b_x, t_o, input_precision=DOT_PRECISION), axis=0)
     return acc_i, acc_f, acc_g, acc_o
 
 
 @triton.jit
 def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_j, m_j, m_w, H,
-                   BK: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BK: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, SK: tl.constexpr):
     """The backward's product of gate gradients with a gate-stacked [4H, H] weight, acc += sum_g dG_g @ W_g[:,
     units], over K = H in BK chunks; gate g of row r of dG starts at p_base + o_rows[r] + g*H. W's tiles are w_* when
-    resident, else each chunk's are loaded from p_w (tile (k, j) of gate g at g*H*H + k*H + j, masked by m_w)."""
+    resident, else each chunk's are loaded from p_w (tile (k, j) of gate g at g*H*H + k*H + j, masked by m_w).
+    SK > 1: split-K as in _gate_dots."""
+    if SK > 1:
+        return acc + _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m_w, H, BK,
+                                     W_RESIDENT, DOT_PRECISION, SK)
     for k0 in range(0, H, BK):
         o_kk = k0 + o_k
         m_k = o_kk < H
@@ -111,6 +157,29 @@ def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_
         acc += tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g, input_precision=DOT_PRECISION)
         acc += tl.dot(tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), t_o, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m_w, H, BK: tl.constexpr,
+                    W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, SK: tl.constexpr):
+    """sum_g dG_g @ W_g[:, units] with split-K (_gate_dots says why): the four gates' batched dots accumulate
+    into one [SK, BB, BH] product, reduced over the slices once."""
+    acc = tl.zeros([SK, o_rows.shape[0], o_j.shape[0]], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        o_kx, _ = _split_k_offsets(k0, BK, SK)
+        p = p_base + o_rows[None, :, None] + o_kx
+        m = m_rows[None, :, None] & (o_kx < H)
+        if W_RESIDENT:
+            t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
+        else:
+            t_i, t_f, t_g, t_o = _load_gate_tiles_split(p_w, k0, o_j, m_j, m_w, H, H, 1, BK, SK)
+        acc = tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), t_i, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg"), t_f, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g, acc,
+                     input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), t_o, acc,
+                     input_precision=DOT_PRECISION)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -205,19 +274,61 @@ def _wait_tagged(p, m, tag, p_probe, m_probe, ERR, max_spin, failed, PROBE: tl.c
 
 
 @triton.jit
+def _word_offsets(k0, PACK: tl.constexpr, BK: tl.constexpr, SK: tl.constexpr):
+    """The words of the K chunk at k0 (units k0 .. k0 + BK, PACK units per word): [BK // PACK] offsets, or with
+    SK > 1 split-K slices of them, [SK, 1, BK // PACK // SK] (_gate_dots says why)."""
+    if SK == 1:
+        return k0 // PACK + tl.arange(0, BK // PACK)
+    else:
+        o_s = tl.arange(0, SK) * (BK // PACK // SK)
+        return k0 // PACK + o_s[:, None, None] + tl.arange(0, BK // PACK // SK)[None, None, :]
+
+
+@triton.jit
+def _load_word_tiles(p_w, k0, o_j, m_j, H, STRIDE_K, STRIDE_J, PACK: tl.constexpr, ODD: tl.constexpr,
+                     BK: tl.constexpr, SK: tl.constexpr):
+    """The four gates' W tiles that multiply the words of the K chunk at k0: rows PACK * word + ODD (a word's
+    low or high half), [BK // PACK, BJ], or [SK, BK // PACK // SK, BJ] split-K tiles."""
+    o_w = _word_offsets(k0, PACK, BK, SK)
+    if SK == 1:
+        o_u = PACK * o_w + ODD
+        return _load_gate_tiles(p_w, o_u, o_j, o_u < H, m_j, H, STRIDE_K, STRIDE_J)
+    else:
+        o_u = PACK * tl.permute(o_w, (0, 2, 1)) + ODD  # [SK, BK // PACK // SK, 1]
+        p = p_w + o_u * STRIDE_K + o_j[None, None, :] * STRIDE_J
+        m = (o_u < H) & m_j[None, None, :]
+        gate = H * H
+        b_wi = tl.load(p, mask=m, other=0.0)
+        b_wf = tl.load(p + gate, mask=m, other=0.0)
+        b_wg = tl.load(p + 2 * gate, mask=m, other=0.0)
+        b_wo = tl.load(p + 3 * gate, mask=m, other=0.0)
+        return b_wi, b_wf, b_wg, b_wo
+
+
+@triton.jit
+def _word_rows(p_ring, o_b, m_b, o_w, HW, ROW: tl.constexpr, SK: tl.constexpr):
+    """Pointers and mask of the words o_w of rows o_b (ROW words apart) in a tagged ring."""
+    if SK == 1:
+        return p_ring + o_b[:, None] * ROW * HW + o_w[None, :], m_b[:, None] & (o_w < HW)[None, :]
+    else:
+        return p_ring + o_b[None, :, None] * ROW * HW + o_w, m_b[None, :, None] & (o_w < HW)
+
+
+@triton.jit
 def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o, p_w, o_j,
                  m_j, H, ERR, max_spin, BK: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
-                 PROBE: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
+                 PROBE: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, DT: tl.constexpr,
+                 SK: tl.constexpr, BB: tl.constexpr):
     """_gate_dots with x = h_{t-1} read from tagged words (_publish_tagged): each K chunk is reloaded until every
     word carries `tag`, then multiplied. With PACK = 2 a word holds units 2k (low half) and 2k + 1, and
     x @ W = x_even @ W[even rows] + x_odd @ W[odd rows] (_dot_words): the halves are never interleaved back (a
     shuffle through shared memory); w_* hold W's even rows and u_* its odd rows when resident. With PROBE, a
     reader whose first load finds words missing polls one word per producer (the last of its slice in the
     tile's last row) until all carry the tag, then reloads the tile: a poll of a few words instead of the whole
-    tile (L2 bandwidth), for one more round trip. Returns the accumulators and whether the wait gave up (after
-    max_spin polls, setting the sticky ERR flag) or found ERR set."""
+    tile (L2 bandwidth), for one more round trip. SK > 1 splits each chunk's words along K as _gate_dots does.
+    Returns the accumulators and whether the wait gave up (after max_spin polls, setting the sticky ERR flag)
+    or found ERR set."""
     HW = (H + PACK - 1) // PACK
-    o_w = tl.arange(0, BK // PACK)
     failed = tl.load(ERR, volatile=True) != 0
     # Producers per K chunk, and the words of each one's slice within the chunk.
     N_PROBE: tl.constexpr = BK // BH if BK > BH else 1
@@ -225,69 +336,73 @@ def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_
     o_q = tl.arange(0, N_PROBE)
     r_last = tl.max(tl.where(m_b, o_b, 0))
     for k0 in range(0, H, BK):
-        o_ww = k0 // PACK + o_w
-        p = p_ring + o_b[:, None] * HW + o_ww[None, :]
-        m = m_b[:, None] & (o_ww < HW)[None, :]
+        p, m = _word_rows(p_ring, o_b, m_b, _word_offsets(k0, PACK, BK, SK), HW, 1, SK)
         o_first = k0 // PACK + o_q * S_PROBE
         p_probe = p_ring + r_last * HW + tl.minimum(o_first + S_PROBE - 1, HW - 1)
         m_probe = o_first < HW
-        o_ke = k0 + PACK * o_w
         if W_RESIDENT:
             t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o = w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o
         else:
-            t_i, t_f, t_g, t_o = _load_gate_tiles(p_w, o_ke, o_j, o_ke < H, m_j, H, 1, H)
+            t_i, t_f, t_g, t_o = _load_word_tiles(p_w, k0, o_j, m_j, H, 1, H, PACK, 0, BK, SK)
             v_i, v_f, v_g, v_o = t_i, t_f, t_g, t_o  # unused unless PACK == 2
             if PACK == 2:
-                v_i, v_f, v_g, v_o = _load_gate_tiles(p_w, o_ke + 1, o_j, o_ke + 1 < H, m_j, H, 1, H)
+                v_i, v_f, v_g, v_o = _load_word_tiles(p_w, k0, o_j, m_j, H, 1, H, PACK, 1, BK, SK)
         b_low, failed = _wait_tagged(p, m, tag, p_probe, m_probe, ERR, max_spin, failed, PROBE)
-        if PACK == 2:
-            b_x = b_low.to(tl.int16).to(DT, bitcast=True)
-            b_odd = (b_low >> 16).to(tl.int16).to(DT, bitcast=True)
+        if SK == 1:
+            acc_i = _dot_words(acc_i, b_low, t_i, v_i, PACK, DOT_PRECISION, DT)
+            acc_f = _dot_words(acc_f, b_low, t_f, v_f, PACK, DOT_PRECISION, DT)
+            acc_g = _dot_words(acc_g, b_low, t_g, v_g, PACK, DOT_PRECISION, DT)
+            acc_o = _dot_words(acc_o, b_low, t_o, v_o, PACK, DOT_PRECISION, DT)
         else:
-            b_x = b_low.to(tl.float32, bitcast=True)
-        acc_i += tl.dot(b_x, t_i, input_precision=DOT_PRECISION)
-        acc_f += tl.dot(b_x, t_f, input_precision=DOT_PRECISION)
-        acc_g += tl.dot(b_x, t_g, input_precision=DOT_PRECISION)
-        acc_o += tl.dot(b_x, t_o, input_precision=DOT_PRECISION)
-        if PACK == 2:
-            acc_i += tl.dot(b_odd, v_i, input_precision=DOT_PRECISION)
-            acc_f += tl.dot(b_odd, v_f, input_precision=DOT_PRECISION)
-            acc_g += tl.dot(b_odd, v_g, input_precision=DOT_PRECISION)
-            acc_o += tl.dot(b_odd, v_o, input_precision=DOT_PRECISION)
+            zero = tl.zeros([SK, BB, BH], dtype=tl.float32)
+            acc_i += tl.sum(_dot_words(zero, b_low, t_i, v_i, PACK, DOT_PRECISION, DT), axis=0)
+            acc_f += tl.sum(_dot_words(zero, b_low, t_f, v_f, PACK, DOT_PRECISION, DT), axis=0)
+            acc_g += tl.sum(_dot_words(zero, b_low, t_g, v_g, PACK, DOT_PRECISION, DT), axis=0)
+            acc_o += tl.sum(_dot_words(zero, b_low, t_o, v_o, PACK, DOT_PRECISION, DT), axis=0)
     return acc_i, acc_f, acc_g, acc_o, failed
 
 
 @triton.jit
 def _tagged_grad_dot(acc, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o, p_w, o_j, m_j, H, ERR,
                      max_spin, BK: tl.constexpr, PACK: tl.constexpr, W_RESIDENT: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, DT: tl.constexpr, SK: tl.constexpr, BB: tl.constexpr,
+                     BH: tl.constexpr):
     """The backward's acc += sum_g dG_g @ W_g[:, units] with dG_{t+1} read from tagged words: gate g's words
     of row b at p_ring + (b * 4 + g) * cdiv(H, PACK). As _tagged_dots, 16-bit words split K into even and odd
-    units (w_* hold W's even rows of each gate, u_* its odd rows, when resident). Returns acc and whether the
-    wait failed."""
+    units (w_* hold W's even rows of each gate, u_* its odd rows, when resident), and SK > 1 splits K over the
+    warps. Returns acc and whether the wait failed."""
     HW = (H + PACK - 1) // PACK
-    o_w = tl.arange(0, BK // PACK)
     failed = tl.load(ERR, volatile=True) != 0
+    part = tl.zeros([SK, BB, BH], dtype=tl.float32)  # the split-K partial sums (SK > 1)
     for k0 in range(0, H, BK):
-        o_ww = k0 // PACK + o_w
-        p = p_ring + o_b[:, None] * 4 * HW + o_ww[None, :]
-        m = m_b[:, None] & (o_ww < HW)[None, :]
-        o_ke = k0 + PACK * o_w
+        p, m = _word_rows(p_ring, o_b, m_b, _word_offsets(k0, PACK, BK, SK), HW, 4, SK)
         if W_RESIDENT:
             t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o = w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o
         else:
-            t_i, t_f, t_g, t_o = _load_gate_tiles(p_w, o_ke, o_j, o_ke < H, m_j, H, H, 1)
+            t_i, t_f, t_g, t_o = _load_word_tiles(p_w, k0, o_j, m_j, H, H, 1, PACK, 0, BK, SK)
             v_i, v_f, v_g, v_o = t_i, t_f, t_g, t_o  # unused unless PACK == 2
             if PACK == 2:
-                v_i, v_f, v_g, v_o = _load_gate_tiles(p_w, o_ke + 1, o_j, o_ke + 1 < H, m_j, H, H, 1)
-        b_low, failed = _wait_tagged(p, m, tag, p, m, ERR, max_spin, failed, False)
-        acc = _dot_words(acc, b_low, t_i, v_i, PACK, DOT_PRECISION, DT)
-        b_low, failed = _wait_tagged(p + HW, m, tag, p, m, ERR, max_spin, failed, False)
-        acc = _dot_words(acc, b_low, t_f, v_f, PACK, DOT_PRECISION, DT)
-        b_low, failed = _wait_tagged(p + 2 * HW, m, tag, p, m, ERR, max_spin, failed, False)
-        acc = _dot_words(acc, b_low, t_g, v_g, PACK, DOT_PRECISION, DT)
-        b_low, failed = _wait_tagged(p + 3 * HW, m, tag, p, m, ERR, max_spin, failed, False)
-        acc = _dot_words(acc, b_low, t_o, v_o, PACK, DOT_PRECISION, DT)
+                v_i, v_f, v_g, v_o = _load_word_tiles(p_w, k0, o_j, m_j, H, H, 1, PACK, 1, BK, SK)
+        if SK == 1:
+            b_low, failed = _wait_tagged(p, m, tag, p, m, ERR, max_spin, failed, False)
+            acc = _dot_words(acc, b_low, t_i, v_i, PACK, DOT_PRECISION, DT)
+            b_low, failed = _wait_tagged(p + HW, m, tag, p, m, ERR, max_spin, failed, False)
+            acc = _dot_words(acc, b_low, t_f, v_f, PACK, DOT_PRECISION, DT)
+            b_low, failed = _wait_tagged(p + 2 * HW, m, tag, p, m, ERR, max_spin, failed, False)
+            acc = _dot_words(acc, b_low, t_g, v_g, PACK, DOT_PRECISION, DT)
+            b_low, failed = _wait_tagged(p + 3 * HW, m, tag, p, m, ERR, max_spin, failed, False)
+            acc = _dot_words(acc, b_low, t_o, v_o, PACK, DOT_PRECISION, DT)
+        else:
+            b_low, failed = _wait_tagged(p, m, tag, p, m, ERR, max_spin, failed, False)
+            part = _dot_words(part, b_low, t_i, v_i, PACK, DOT_PRECISION, DT)
+            b_low, failed = _wait_tagged(p + HW, m, tag, p, m, ERR, max_spin, failed, False)
+            part = _dot_words(part, b_low, t_f, v_f, PACK, DOT_PRECISION, DT)
+            b_low, failed = _wait_tagged(p + 2 * HW, m, tag, p, m, ERR, max_spin, failed, False)
+            part = _dot_words(part, b_low, t_g, v_g, PACK, DOT_PRECISION, DT)
+            b_low, failed = _wait_tagged(p + 3 * HW, m, tag, p, m, ERR, max_spin, failed, False)
+            part = _dot_words(part, b_low, t_o, v_o, PACK, DOT_PRECISION, DT)
+    if SK > 1:
+        acc += tl.sum(part, axis=0)
     return acc, failed
 
 
@@ -348,6 +463,7 @@ def lstm_fwd_kernel(
     STORE_GATES: tl.constexpr,
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SK: tl.constexpr,  # split-K ways of the recurrent dots (_gate_dots)
 ):
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     i_h = tl.program_id(0)
@@ -399,13 +515,17 @@ def lstm_fwd_kernel(
         # Loaded once, reused for every step: tile (k, j) of gate g is W_hh[g*H + j, k].
         if TAGGED and PACK == 2:
             # W_hh's even rows in b_w*, its odd rows in b_u* (_tagged_dots says why).
-            o_ke = 2 * tl.arange(0, BK // 2)
-            b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_ke, o_j, o_ke < H, m_j, H, 1, H)
-            b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W, o_ke + 1, o_j, o_ke + 1 < H, m_j, H, 1, H)
+            b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, PACK, 0, BK, SK)
+            b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, PACK, 1, BK, SK)
+        elif SK > 1:
+            b_wi, b_wf, b_wg, b_wo = _load_gate_tiles_split(W, 0, o_j, m_j, True, H, 1, H, BK, SK)
         else:
             b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, 1, H)
         if STACK:
-            b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & (i_l > 0), m_j, H, 1, H)
+            if SK > 1:
+                b_ui, b_uf, b_ug, b_uo = _load_gate_tiles_split(W_IH, 0, o_j, m_j, i_l > 0, H, 1, H, BK, SK)
+            else:
+                b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & (i_l > 0), m_j, H, 1, H)
     if HAS_BIAS:
         b_bi = tl.load(BIAS + o_j, mask=m_j, other=0.0)[None, :]
         b_bf = tl.load(BIAS + H + o_j, mask=m_j, other=0.0)[None, :]
@@ -437,7 +557,7 @@ def lstm_fwd_kernel(
                     zero = tl.zeros([BB, BH], dtype=tl.float32)
                     b_gi, b_gf, b_gg, b_go = _gate_dots(zero, zero, zero, zero, X, o_row * H, live, b_ui, b_uf,
                                                         b_ug, b_uo, W_IH, o_k, o_j, m_j, i_l > 0, H, BK, W_RESIDENT,
-                                                        DOT_PRECISION)
+                                                        DOT_PRECISION, SK)
             else:
                 b_gi, b_gf, b_gg, b_go = _load_gate_rows(p_gx, m_live, H)
             p_c = C_WS + o_b[:, None] * H + o_j[None, :]
@@ -450,14 +570,14 @@ def lstm_fwd_kernel(
                 b_gi, b_gf, b_gg, b_go, failed = _tagged_dots(b_gi, b_gf, b_gg, b_go, p_ring, o_b, m_b, s, b_wi,
                                                               b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo, W, o_j, m_j,
                                                               H, ERR, max_spin, BK, BH, PACK, PROBE, W_RESIDENT,
-                                                              DOT_PRECISION, Y.dtype.element_ty)
+                                                              DOT_PRECISION, Y.dtype.element_ty, SK, BB)
                 poisoned = poisoned | failed
             else:
                 o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
                 p_hbase = tl.where(s == 0, H0, Y)
                 b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf,
                                                     b_wg, b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT,
-                                                    DOT_PRECISION)
+                                                    DOT_PRECISION, SK)
             if HAS_BIAS:
                 b_gi += b_bi
                 b_gf += b_bf
@@ -553,6 +673,7 @@ def lstm_bwd_kernel(
     HAS_DROPOUT: tl.constexpr,  # dropout between the layers of a STACK
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SK: tl.constexpr,  # split-K ways of the recurrent dots (_gate_dots)
 ):
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
@@ -603,14 +724,18 @@ def lstm_bwd_kernel(
         # dh_{t-1} = dG_t @ W_hh: tile (k, j) of gate g is W_hh[g*H + k, j].
         if TAGGED and PACK == 2:
             # Each gate's even rows in b_w*, its odd rows in b_u* (_tagged_grad_dot).
-            o_ke = 2 * tl.arange(0, BK // 2)
-            b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_ke, o_j, o_ke < H, m_j, H, H, 1)
-            b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W, o_ke + 1, o_j, o_ke + 1 < H, m_j, H, H, 1)
+            b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, H, 1, PACK, 0, BK, SK)
+            b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W, 0, o_j, m_j, H, H, 1, PACK, 1, BK, SK)
+        elif SK > 1:
+            b_wi, b_wf, b_wg, b_wo = _load_gate_tiles_split(W, 0, o_j, m_j, True, H, H, 1, BK, SK)
         else:
             b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, H, 1)
         if STACK:
             # dX_{l+1,t} = dG_{l+1,t} @ W_ih_{l+1}: tile (k, j) of gate g is W_ih_{l+1}[g*H + k, j].
-            b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & has_up, m_j, H, H, 1)
+            if SK > 1:
+                b_ui, b_uf, b_ug, b_uo = _load_gate_tiles_split(W_IH, 0, o_j, m_j, has_up, H, H, 1, BK, SK)
+            else:
+                b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & has_up, m_j, H, H, 1)
 
     poisoned = tl.load(ERR, volatile=True) != 0  # as in the forward
     for r_glob in range(S_START, S_START + S_COUNT):
@@ -637,8 +762,11 @@ def lstm_bwd_kernel(
                 p_ring = RING + (((r + 1) % 2) * D + i_d).to(tl.int64) * B * 4 * ((H + PACK - 1) // PACK)
                 b_dh, failed = _tagged_grad_dot(b_dh, p_ring, o_b, m_b, r, b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug,
                                                 b_uo, W, o_j, m_j, H, ERR, max_spin, BK, PACK, W_RESIDENT,
-                                                DOT_PRECISION, DG.dtype.element_ty)
+                                                DOT_PRECISION, DG.dtype.element_ty, SK, BB, BH)
                 poisoned = poisoned | failed
+            elif SK > 1:
+                b_dh = _split_grad_dot(DG, o_nrow * SG, m_next, b_wi, b_wf, b_wg, b_wo, W, o_j, m_j, True, H, BK,
+                                       W_RESIDENT, DOT_PRECISION, SK)
             else:
                 for k0 in range(0, H, BK):
                     o_kk = k0 + o_k
@@ -662,7 +790,8 @@ def lstm_bwd_kernel(
                 m_up = (m_b & (s >= 0) & (s <= last)) & has_up
                 o_row_up = o_t * B + o_b
                 b_up = _gate_grad_dot(tl.zeros([BB, BH], dtype=tl.float32), DG_UP, o_row_up * SG, m_up, b_ui, b_uf,
-                                      b_ug, b_uo, W_IH, o_k, o_j, m_j, has_up, H, BK, W_RESIDENT, DOT_PRECISION)
+                                      b_ug, b_uo, W_IH, o_k, o_j, m_j, has_up, H, BK, W_RESIDENT, DOT_PRECISION,
+                                      SK)
                 if HAS_DROPOUT:
                     o_drop = o_row_up[:, None] * H + o_j[None, :]
                     b_up *= tl.load(DROP + o_drop, mask=m_up[:, None] & m_j[None, :], other=0.0).to(tl.float32)
@@ -852,8 +981,8 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
         with torch.cuda.device(device):
             return _run(kernel, grid, n_steps, config, device, args, constexprs)
     meta = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
-                PERSISTENT=config.persistent, num_warps=config.num_warps, num_stages=config.num_stages,
-                **constexprs)
+                PERSISTENT=config.persistent, SK=config.split_k, num_warps=config.num_warps,
+                num_stages=config.num_stages, **constexprs)
     if _compiling_only.get():
         kernel.warmup(*args, 0, n_steps, config.max_spin, grid=grid, **meta)
         return
@@ -872,9 +1001,9 @@ def _tag_pack(dtype: torch.dtype, config) -> int:
     """Values per tagged word (two 16-bit values, or one float32), after checking that the K chunk can be split
     into the words' two halves for tl.dot (K >= 16 each)."""
     pack = 1 if dtype == torch.float32 else 2
-    if pack * 16 > config.block_k:
-        raise ValueError(f"config: exchange={config.exchange!r} with {dtype} needs block_k >= {pack * 16}, got "
-                         f"{config.block_k}")
+    if pack * 16 * config.split_k > config.block_k:
+        raise ValueError(f"config: exchange={config.exchange!r} with {dtype} and split_k={config.split_k} needs "
+                         f"block_k >= {pack * 16 * config.split_k}, got {config.block_k}")
     return pack
 
 

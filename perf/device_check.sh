@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One run on a lent GPU machine (the device tool): offline install, kernel self-check, the bench, the barrier /
-# tagged exchange A/B, the GPU tests. Every step is bounded (STEP_TIMEOUT scales them) so that the whole stays
+# One run on a lent GPU machine (the device tool): offline install, kernel self-check, the A/B of launch
+# configs (perf/kernel_ab.py), the bench, the GPU tests. Every step has its own time limit, so that the whole stays
 # inside the device tool's 10 minutes per command; measurements come before the tests so that a run cut short
 # still brings back numbers. The tool brings back at most 8 files, so everything is written to a work folder
 # and packed into $OUT/results.tgz after every step (a run killed at its limit keeps the steps it finished).
 #   device run: bash perf/device_check.sh      (then unpack results.tgz into perf/results/<gpu>-<date>/)
-# Environment: BENCH_ARGS (default --quick; "--modes fwd,fwdbwd" runs the whole matrix), BENCH_TIMEOUT (200),
-# GPU_TESTS=0 skips the tests, TESTS_K selects them (pytest -k; default skips the tuner test, which compiles
-# many candidates), TESTS_TIMEOUT (140), STACK_BENCH=0 skips the stack benchmark, EXCHANGE_AB=0 the exchange
-# A/B (EXCHANGE_TIMEOUT, 120), TUNE_ARGS="..." runs the tuner on those shapes (TUNE_TIMEOUT, default 240 s).
+# Environment (each step: NAME=0 skips it): SELFCHECK; BENCH with BENCH_ARGS (default --quick; "--modes
+# fwd,fwdbwd" runs the whole matrix) and BENCH_TIMEOUT (200); KERNEL_AB (perf/kernel_ab.py) with KERNEL_AB_ARGS
+# and KERNEL_AB_TIMEOUT (150); TUNE_ARGS="..." runs the tuner on those shapes (TUNE_TIMEOUT, 240); GPU_TESTS
+# with TESTS_K (pytest -k; default skips the tuner test, which compiles many candidates) and TESTS_TIMEOUT (140);
+# STACK_BENCH; NCU_ARGS="..." profiles one forward launch (perf/profile_one.py) with Nsight Compute.
 set -uo pipefail
 OUT=${OUT:-perf-out}
 W=${WORK_DIR:-/tmp/tritonlstm-device}
@@ -28,22 +29,26 @@ $py -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$W/insta
   torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"; } > "$W/environment.txt" 2>&1
 cat "$W/environment.txt"
 
-step "self-check (python -m tritonlstm)"
-timeout 60 $py -m tritonlstm 2>&1 | tee "$W/selfcheck.txt"
-echo "selfcheck rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
-pack
+if [ "${SELFCHECK:-1}" != 0 ]; then
+    step "self-check (python -m tritonlstm)"
+    timeout 60 $py -m tritonlstm 2>&1 | tee "$W/selfcheck.txt"
+    echo "selfcheck rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
+    pack
+fi
 
-step "bench ${BENCH_ARGS---quick}"
-timeout "${BENCH_TIMEOUT:-200}" $py -m tritonlstm.bench ${BENCH_ARGS---quick} --out "$W/bench" \
-    2> "$W/bench.stderr" | tee "$W/bench.txt"
-echo "bench rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
-pack
+if [ "${KERNEL_AB:-1}" != 0 ]; then
+    step "A/B of launch configs, recurrence kernels alone (perf/kernel_ab.py ${KERNEL_AB_ARGS:-})"
+    timeout "${KERNEL_AB_TIMEOUT:-150}" $py perf/kernel_ab.py ${KERNEL_AB_ARGS:-} --json "$W/kernel_ab.json" \
+        2> "$W/kernel_ab.stderr" | tee "$W/kernel_ab.txt"
+    echo "kernel A/B rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
+    pack
+fi
 
-if [ "${EXCHANGE_AB:-1}" != 0 ]; then
-    step "A/B: h exchange through a barrier or tagged words (perf/exchange.py)"
-    timeout "${EXCHANGE_TIMEOUT:-120}" $py perf/exchange.py --batch 16 --json "$W/exchange.json" \
-        2> "$W/exchange.stderr" | tee "$W/exchange.txt"
-    echo "exchange A/B rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
+if [ "${BENCH:-1}" != 0 ]; then
+    step "bench ${BENCH_ARGS---quick}"
+    timeout "${BENCH_TIMEOUT:-200}" $py -m tritonlstm.bench ${BENCH_ARGS---quick} --out "$W/bench" \
+        2> "$W/bench.stderr" | tee "$W/bench.txt"
+    echo "bench rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
     pack
 fi
 
@@ -71,6 +76,16 @@ if [ "${STACK_BENCH:-1}" != 0 ]; then
     timeout 60 $py -m pytest -q perf/test_perf.py -k stack_training --benchmark-only -p no:cacheprovider \
         --benchmark-json "$W/stack-bench.json" > "$W/stack-bench.txt" 2>&1
     echo "stack bench rc=$?: $(tail -1 "$W/stack-bench.txt")" | tee -a "$W/summary.txt"
+    pack
+fi
+if [ -n "${NCU_ARGS:-}" ]; then
+    # e.g. NCU_ARGS="--hidden 1024 --batch 16 --dtype float16 --variant split": where one launch's warps stall.
+    step "Nsight Compute, one forward launch ($NCU_ARGS)"
+    timeout "${NCU_TIMEOUT:-90}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        -k regex:lstm_fwd_kernel --launch-skip 1 -c 1 $py perf/profile_one.py $NCU_ARGS > "$W/ncu.txt" 2>&1
+    echo "ncu rc=$?" | tee -a "$W/summary.txt"
+    grep -E "stalled|Duration|Warp Cycles|Throughput" "$W/ncu.txt" | sort -k3 -g -r | head -30
     pack
 fi
 step done

@@ -138,9 +138,30 @@ def test_barrier_failure_while_timed_is_an_error_not_a_time(monkeypatch):
     assert int(kernels.barrier_errors.flag(torch.device("cpu"))[0]) == 0
 
 
-def test_exchange_ab_script_without_gpu_says_so_and_exits_0():
-    proc = run_python(str(Path(__file__).parents[1] / "perf" / "exchange.py"), timeout=120)
+def test_kernel_ab_script_without_gpu_says_so_and_exits_0():
+    proc = run_python(str(Path(__file__).parents[1] / "perf" / "kernel_ab.py"), timeout=120)
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+def test_kernel_ab_variants_are_runnable_configs():
+    """The A/B's variants: each a different config whose programs all fit the SMs, named as documented."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("kernel_ab", Path(__file__).parents[1] / "perf" / "kernel_ab.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    for kernel in ("fwd", "bwd"):
+        got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
+        want = {"unsplit", "unsplit-w4", "split", "split4", "split-bh8", "split-bb32", "tagged", "split-tagged"}
+        assert set(got) == want | ({"tagged-probe", "split-tagged-probe"} if kernel == "fwd" else set()), got
+        assert len(set(got.values())) == len(got)
+        assert all(c.programs(1024) <= 132 for c in got.values())
+        assert got["unsplit"].split_k == 1 and got["split"].split_k == 8 and got["split4"].split_k == 4
+        assert got["tagged"].split_k == 1 and got["tagged"].block_h == got["unsplit"].block_h
+        assert got["split-tagged"].split_k == 8 and got["split-tagged"].exchange == "tagged"
+    assert set(ab.variants("fwd", 256, 16, torch.float32, 132, ["unsplit", "split-bb32"])) == {"unsplit"}
 
 
 @pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (2, True)])

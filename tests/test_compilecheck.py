@@ -66,14 +66,16 @@ def test_stack_configs_of_the_bench_rows_run_persistent():
 
 def test_tagged_exchange_candidates_compile_and_fit_at_the_h256_tiles(tmp_path):
     """exchange="tagged" is a tuner candidate, not a heuristic pick: every variant must compile within shared
-    memory; spills only disqualify it in the tuner. The bench's H = 256 tile class (BK = 256) must fit without
-    spills in every dtype, training and inference (perf/NOTES.md v0.8 lists where the others spill)."""
+    memory; spills only disqualify it in the tuner. The bench's H = 256 tile class (BK = 256), unsplit, must fit
+    without spills in every dtype, training and inference (perf/NOTES.md v0.8 and v0.9 list where the others
+    spill)."""
     out = tmp_path / "tagged.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--tagged", "--json", str(out), timeout=1200)
     rows = json.loads(out.read_text())
     assert {(r["kernel"], r["config"]["exchange"]) for r in rows} == {("fwd", "tagged"), ("fwd", "tagged-probe"),
                                                                       ("bwd", "tagged")}
     assert all(r["error"] is None and 0 < r["shared"] <= SM90_SHARED_LIMIT for r in rows), proc.stdout[-3000:]
-    h256 = [r for r in rows if r["config"]["block_k"] == 256]
+    assert {1, 8} <= {r["config"]["split_k"] for r in rows}
+    h256 = [r for r in rows if r["config"]["block_k"] == 256 and r["config"]["split_k"] == 1]
     assert {r["dtype"] for r in h256} == {"fp16", "bf16", "fp32"}
     assert all(r["spill_bytes"] == 0 for r in h256), proc.stdout[-3000:]

@@ -105,6 +105,11 @@ MULTI_PROGRAM = [
                  id="stepwise-streamedW-BK16"),
     pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=16, w_resident=False, batch_groups=1, persistent=True),
                  id="persistent-1prog-streamedW-tiles5"),
+    # Split-K (each K chunk's product as a batched dot over K slices, then summed): resident and streamed W.
+    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                            split_k=4, num_warps=4), id="stepwise-P5-Q2-tiles3-split4"),
+    pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=32, w_resident=False, batch_groups=1, persistent=False,
+                            split_k=2), id="stepwise-streamedW-BK32-split2"),
 ]
 
 
@@ -128,6 +133,13 @@ TAGGED_PATHS = [
                             exchange="tagged"), True, torch.float16, id="stepwise-streamedW-BK32-fp16-rev"),
     pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=64, w_resident=True, batch_groups=1, persistent=True,
                             exchange="tagged"), False, torch.float32, id="persistent-1prog-tiles5-fp32"),
+    # With split-K: the words of each K slice (16-bit: both halves of a slice's words, >= 16 units each).
+    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                            exchange="tagged", split_k=2), True, torch.float16, id="split2-stepwise-P5-Q2-fp16-rev"),
+    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                            exchange="tagged-probe", split_k=4), False, torch.float32, id="split4-probe-P5-Q2-fp32"),
+    pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=64, w_resident=False, batch_groups=1, persistent=False,
+                            exchange="tagged", split_k=2), False, torch.float16, id="split2-streamedW-BK64-fp16"),
 ]
 
 
@@ -483,14 +495,16 @@ def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):
 
 
 _STACK_CONFIGS = {"default": None, "stepwise-P5-Q2": MULTI_PROGRAM[0].values[0],
-                  "streamedW": MULTI_PROGRAM[1].values[0]}
+                  "streamedW": MULTI_PROGRAM[1].values[0], "split4": MULTI_PROGRAM[3].values[0]}
 _STACK_LENGTHS = {"padded": None, "lengths": torch.tensor([6, 2, 5, 1, 6])}
 _STACK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Every config x lengths x dtype without dropout; with dropout, each multi-program config meets each lengths
 # and each dtype once (the dropout code is the same for all).
-_STACK_CASES = [(c, n, d, False) for c in _STACK_CONFIGS for n in _STACK_LENGTHS for d in _STACK_DTYPES] + [
+_STACK_CASES = [(c, n, d, False) for c in _STACK_CONFIGS if c != "split4" for n in _STACK_LENGTHS
+                for d in _STACK_DTYPES] + [
     ("stepwise-P5-Q2", "padded", "fp16", True), ("stepwise-P5-Q2", "lengths", "fp32", True),
-    ("streamedW", "padded", "fp32", True), ("streamedW", "lengths", "fp16", True)]
+    ("streamedW", "padded", "fp32", True), ("streamedW", "lengths", "fp16", True),
+    ("split4", "lengths", "fp16", False), ("split4", "padded", "fp32", True)]
 
 
 @pytest.mark.parametrize("config,lengths,dtype,dropout", [

@@ -276,13 +276,11 @@ def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
     """The tagged exchanges (perf/NOTES.md v0.8) on the heuristic's persistent multi-program tiles, forward and
     backward: the readers wait on tagged words instead of a barrier, so a missing wait or a torn word shows here
     as a wrong answer (or a NaN from the bounded wait), not on the interpreter."""
-    import dataclasses
-
     from tritonlstm import LSTM
-    from tritonlstm.configs import heuristic_config, use_config
+    from tritonlstm.configs import heuristic_config, tagged_variant, use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cfg = dataclasses.replace(heuristic_config(H, B, dtype, sms), exchange=exchange)
+    cfg = tagged_variant(heuristic_config(H, B, dtype, sms), exchange)
     assert cfg.persistent and cfg.programs(H) > 1, cfg
     with use_config(cfg):  # both kernels: the backward exchanges dG_{t+1} the same way
         run_both(256, B, H, dtype)
@@ -294,7 +292,7 @@ def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
     lengths[0] = 64
     x = torch.randn(64, B, H, device="cuda", dtype=dtype)
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-    both = dataclasses.replace(heuristic_config(H, B, dtype, sms, directions=2), exchange=exchange)
+    both = tagged_variant(heuristic_config(H, B, dtype, sms, directions=2), exchange)
     with use_config(both, "fwd"), torch.no_grad():
         a, b = m(packed)[0], ours(packed)[0]
     assert rel_err(b.data, a.data) <= RESOLUTION_GPU[dtype] * 2

@@ -165,7 +165,7 @@ def test_tagged_exchanges_are_candidates_of_both_kernels():
     tagged = [c for c in fwd if c.exchange != "barrier"]
     assert tagged and all(c.persistent and c.block_k >= 32 for c in tagged)
     assert {c.exchange for c in fwd} == {"barrier", "tagged", "tagged-probe"}
-    assert {dataclasses.replace(c, exchange="barrier") for c in tagged} <= set(fwd)
+    assert {dataclasses.replace(c, exchange="barrier") for c in tagged} <= set(fwd)  # the same tiles, barrier
     assert {c.exchange for c in bwd} == {"barrier", "tagged"}
 
 

@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_config, tagged_exchanges
+from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_config, tagged_exchanges, tagged_variant
 
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
 H100_SMS = 132
@@ -53,13 +53,13 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
                 "ERR": "*i32", "RING": "*i64"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "PROBE", "HAS_BIAS", "HAS_LENGTHS", "STACK",
-                 "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION")
+                 "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK")
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
                 "DCN": p, "DG": p, "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32",
                 "ERR": "*i32", "RING": "*i64"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "HAS_LENGTHS", "STACK", "HAS_DROPOUT",
-                 "PERSISTENT", "DOT_PRECISION")
+                 "PERSISTENT", "DOT_PRECISION", "SK")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
 
 
@@ -95,7 +95,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     tdt = _TRITON_DTYPE[dtype]
     consts = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
-                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
+                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", SK=config.split_k)
     if kernel in ("fwd", "stack"):
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
         consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
@@ -135,10 +135,10 @@ def shipped_configs(max_hidden: int = 1024) -> list[tuple[str, torch.dtype, int,
                     if kernel == "stack_bwd":
                         cfg = stack_backward_config(hidden, batch, dtype, H100_SMS, **kw)
                     else:
-                        cfg = heuristic_config(hidden, batch, dtype, H100_SMS, **kw)
+                        cfg = heuristic_config(hidden, batch, dtype, H100_SMS, kernel=kernel, **kw)
                     # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
                     key = (kernel, dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
-                           cfg.num_warps, cfg.num_stages)
+                           cfg.num_warps, cfg.num_stages, cfg.split_k)
                     if key not in seen:
                         seen.add(key)
                         out.append((kernel, dtype, hidden, cfg))
@@ -147,10 +147,15 @@ def shipped_configs(max_hidden: int = 1024) -> list[tuple[str, torch.dtype, int,
 
 def tagged_variants(configs) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
     """The persistent fwd and bwd configs among `configs` with the tagged exchanges (fwd: "tagged" and
-    "tagged-probe"; bwd: "tagged"): candidates the tuner tries (and keeps only where they compile within
-    limits), not the heuristic's picks."""
-    return [(kernel, dtype, hidden, dataclasses.replace(cfg, exchange=exchange))
-            for kernel, dtype, hidden, cfg in configs for exchange in tagged_exchanges(kernel, cfg, dtype)]
+    "tagged-probe"; bwd: "tagged"), a split-K config also unsplit (8 warps): candidates the tuner tries (and keeps
+    only where they compile within limits), not the heuristic's picks."""
+    out = []
+    for kernel, dtype, hidden, cfg in configs:
+        tiles = [cfg] + ([dataclasses.replace(cfg, split_k=1, num_warps=8)] if cfg.split_k > 1 else [])
+        for c in tiles:
+            out += [(kernel, dtype, hidden, tagged_variant(c, e)) for e in tagged_exchanges(kernel, c, dtype)
+                    if (kernel, dtype, tagged_variant(c, e)) not in {(k, d, v) for k, d, _, v in out}]
+    return out
 
 
 def _check_job(job) -> Resources:
@@ -164,7 +169,8 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
     variant = "" if kernel in BACKWARD else ("/train" if store else "/infer")
     print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
           f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
-          f"regs={r.registers:<4} spills={r.spill_bytes}" + ("" if cfg.exchange == "barrier" else f" {cfg.exchange}")
+          f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" split_k={cfg.split_k}" if cfg.split_k > 1 else "")
+          + ("" if cfg.exchange == "barrier" else f" {cfg.exchange}")
           + (f" {r.error}" if r.error else ""), flush=True)
 
 

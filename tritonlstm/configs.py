@@ -39,6 +39,10 @@ class LSTMConfig:
     # per producer before reloading a tile that was not complete; the backward runs it as "tagged"). The
     # stacks' wavefront kernels always use the barrier.
     exchange: str = "barrier"
+    # Split-K ways of the recurrent dots (a batched dot, one warp per K slice, then a sum): with 16-row batch
+    # tiles a plain dot stacks every warp along M, each computing the whole product (kernels/lstm.py
+    # _gate_dots). block_k // split_k >= 16 (32 for a tagged exchange in 16-bit).
+    split_k: int = 1
 
     def __post_init__(self):
         if self.exchange not in EXCHANGES:
@@ -52,6 +56,11 @@ class LSTMConfig:
                 raise ValueError(f"LSTMConfig.{name} must be a power of two, got {v}")
         if self.block_k < 16:
             raise ValueError(f"LSTMConfig.block_k must be >= 16 (tl.dot's K), got {self.block_k}")
+        if self.split_k < 1 or self.split_k & (self.split_k - 1):
+            raise ValueError(f"LSTMConfig.split_k must be a power of two, got {self.split_k}")
+        if self.block_k // self.split_k < 16:
+            raise ValueError(f"LSTMConfig.split_k: block_k // split_k must be >= 16 (tl.dot's K), got block_k="
+                             f"{self.block_k}, split_k={self.split_k}")
         if self.batch_groups < 1:
             raise ValueError(f"LSTMConfig.batch_groups must be >= 1, got {self.batch_groups}")
 
@@ -62,10 +71,30 @@ class LSTMConfig:
 def tagged_exchanges(kernel: str, config: LSTMConfig, dtype: torch.dtype) -> tuple[str, ...]:
     """The tagged exchanges `config` can run with on `kernel` ("fwd": tagged and tagged-probe; "bwd": tagged;
     the stacks' kernels none): a persistent launch whose tiles hold two 16-bit values per word (block_h >= 2)
-    and whose K chunk splits into the words' halves for tl.dot (block_k >= 32 in 16-bit, 16 in float32)."""
+    and whose K chunk (each split-K slice of it) splits into the words' halves for tl.dot (block_k / split_k
+    >= 32 in 16-bit, 16 in float32)."""
     exchanges = {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
-    min_k = 16 if dtype == torch.float32 else 32
+    min_k = (16 if dtype == torch.float32 else 32) * config.split_k
     return exchanges if config.persistent and config.block_h >= 2 and config.block_k >= min_k else ()
+
+
+def tagged_variant(config: LSTMConfig, exchange: str) -> LSTMConfig:
+    """`config` with a tagged exchange: the same tiles and split."""
+    return dataclasses.replace(config, exchange=exchange)
+
+
+def with_split_k(config: LSTMConfig) -> LSTMConfig:
+    """One warp per K slice where the chunk gives 4 or more slices of >= 16 (LSTMConfig.split_k says why)."""
+    ways = min(8, config.block_k // 16)
+    if ways < 4:
+        return config
+    return dataclasses.replace(config, split_k=ways, num_warps=ways)
+
+
+# The kernels whose heuristic config splits K. The backward's split spills registers at every H >= 256 (8 to
+# 470 bytes, compilecheck 2026-11-26: its longer elementwise part is replicated in every warp after the
+# split's reduction), so it stays unsplit until a GPU measurement says the spills cost less than the split saves.
+SPLIT_KERNELS = ("fwd", "stack")
 
 
 # stack, stack_bwd: the forward and backward wavefronts of a unidirectional multi-layer LSTM
@@ -99,10 +128,13 @@ def cdiv(a: int, b: int) -> int:
 
 
 def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None,
-                     interpreter: bool = False, directions: int = 1, layers: int = 1) -> LSTMConfig:
+                     interpreter: bool = False, directions: int = 1, layers: int = 1,
+                     kernel: str = "fwd") -> LSTMConfig:
     """A config that compiles within shared memory and keeps every program of `directions` concurrent
     directions (or `layers` concurrent layers of a wavefront stack) resident: each gets its share of the SMs,
-    and a stack's programs hold two weight slices (W_ih and W_hh) in the shared-memory budget.
+    and a stack's programs hold two weight slices (W_ih and W_hh) in the shared-memory budget. The kernels of
+    SPLIT_KERNELS split a resident K of 64 or more over the warps (with_split_k), at BH <= 16 (BH = 32 spills
+    registers there: the reduced tile is replicated in every warp).
 
     num_sms None (or interpreter=True) means the CPU interpreter: one program where the shape allows,
     stepwise launches otherwise."""
@@ -111,7 +143,8 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
         bh = min(_pow2(hidden), _MAX_BLOCK_H)
         bb = min(_pow2(batch), 32)
         single = cdiv(hidden, bh) == 1 and directions == 1 and layers == 1
-        return LSTMConfig(block_h=bh, block_b=bb, block_k=hk, w_resident=True, batch_groups=1, persistent=single)
+        cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=hk, w_resident=True, batch_groups=1, persistent=single)
+        return with_split_k(cfg) if kernel in SPLIT_KERNELS else cfg
 
     num_sms //= directions * layers
     w_budget = _W_BUDGET // (2 if layers > 1 else 1)
@@ -127,6 +160,10 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
     while bh > 8 and 4 * hk * bh * esize > w_budget:
         bh //= 2
     resident = hk <= 1024 and 4 * hk * bh * esize <= w_budget and cdiv(hidden, bh) <= num_sms
+    # (A stack's whole-K 1024 split spills 48-56 bytes in 16-bit: compilecheck 2026-11-26.)
+    split = resident and hk >= 64 and kernel in SPLIT_KERNELS and not (layers > 1 and hk >= 1024)
+    if split:
+        bh = min(bh, 16)
     if resident:
         bk = hk
         # The whole-K dot holds its operands in registers: from K = 128 on (and in stacks, with two dots,
@@ -143,8 +180,9 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
                               persistent=False, num_warps=warps)
     p = cdiv(hidden, bh)
     groups = max(1, min(cdiv(batch, bb), num_sms // p))
-    return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=groups,
-                      persistent=True, num_warps=warps)
+    cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=groups, persistent=True,
+                     num_warps=warps)
+    return with_split_k(cfg) if split else cfg
 
 
 def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None, layers: int,
@@ -154,7 +192,7 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
     2026-11-26, dropout included): whole-K resident tiles from K = 512 (fp32) or 1024 (16-bit), 8 warps at
     K = 64 (16-bit); streamed, 32-wide K chunks (16-bit) and 8 warps (fp32) where the programs fit, else one
     launch per step."""
-    cfg = heuristic_config(hidden, batch, dtype, num_sms, interpreter=interpreter, layers=layers)
+    cfg = heuristic_config(hidden, batch, dtype, num_sms, interpreter=interpreter, layers=layers, kernel="stack_bwd")
     if interpreter or num_sms is None:
         return cfg
     hk = max(16, _pow2(hidden))
@@ -176,16 +214,17 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
     if forced is not None:
         return forced
     if interpreter or device.type != "cuda":
-        return heuristic_config(hidden, batch, dtype, None, interpreter=True, directions=directions, layers=layers)
+        return heuristic_config(hidden, batch, dtype, None, interpreter=True, directions=directions, layers=layers,
+                                kernel=kernel)
     if kernel in ("stack", "stack_bwd"):  # not tuned yet: the heuristic
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         if kernel == "stack_bwd":
             return stack_backward_config(hidden, batch, dtype, sms, layers)
-        return heuristic_config(hidden, batch, dtype, sms, layers=layers)
+        return heuristic_config(hidden, batch, dtype, sms, layers=layers, kernel=kernel)
     from tritonlstm.tuning import lookup  # the cache and the tuner; imported here to keep this module light
 
     found = lookup(kernel, hidden, batch, dtype, directions, device)
     if found is not None:
         return found
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return heuristic_config(hidden, batch, dtype, sms, directions=directions)
+    return heuristic_config(hidden, batch, dtype, sms, directions=directions, kernel=kernel)

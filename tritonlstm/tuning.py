@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from tritonlstm.configs import LSTMConfig, _pow2, cdiv, heuristic_config, tagged_exchanges
+from tritonlstm.configs import LSTMConfig, _pow2, cdiv, heuristic_config, tagged_exchanges, tagged_variant, with_split_k
 
 FORMAT = 1
 TUNABLE = ("fwd", "bwd")  # the wavefront stacks' kernels use the heuristic (not tuned yet)
@@ -170,7 +170,7 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
     instead of a barrier per step; "tagged" and "tagged-probe" for fwd, "tagged" for bwd; perf/NOTES.md v0.8)."""
     esize = torch.empty((), dtype=dtype).element_size()
     hk = max(16, _pow2(hidden))
-    out = [heuristic_config(hidden, batch, dtype, num_sms)]
+    out = [heuristic_config(hidden, batch, dtype, num_sms, kernel=kernel)]
     for resident in (True, False):
         if resident and hk > 1024 or not resident and hk <= 64:
             continue
@@ -186,10 +186,12 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                 for warps in (4, 8):
                     cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=q,
                                      num_warps=warps)
-                    if cfg not in out:
-                        out.append(cfg)
-    out += [dataclasses.replace(c, exchange=exchange) for c in list(out)
+                    for c in (cfg, with_split_k(cfg)):
+                        if c not in out:
+                            out.append(c)
+    out += [tagged_variant(c, exchange) for c in list(out)
             for exchange in tagged_exchanges(kernel, c, dtype)]
+    out = list(dict.fromkeys(out))
     return out
 
 
@@ -258,7 +260,7 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     y_ref.backward(dy.float())
     limit = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
 
-    default = heuristic_config(H, B, dtype, props.multi_processor_count, directions=D)
+    default = heuristic_config(H, B, dtype, props.multi_processor_count, directions=D, kernel=kernel)
     if kernel == "bwd":
         _, _, _, gates, c_all = k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=True,
                                                config=default)

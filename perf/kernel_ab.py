@@ -1,0 +1,179 @@
+"""A/B of launch configs of the recurrence kernels alone (no input GEMM, no weight gradients), on a GPU, with
+cuDNN timed beside them in the same process. Each row is one (kernel, dtype, H, B); its variants:
+
+  unsplit      the heuristic before split-K (perf/NOTES.md v0.9): BH up to 32, 8 warps, one 2-D dot per gate
+  unsplit-w4   the same with 4 warps (the 2-D dot stacks every warp along M, so fewer warps do less twice)
+  split        split-K over 8 warps, BH <= 16 (the forward's heuristic since v0.9)
+  split4       split-K over 4 warps
+  split-bh8    split-K, BH = 8 (more programs, half the W slice each)
+  split-bb32   split-K, 32-row batch tiles (B >= 32: half the tile iterations per step)
+  tagged       the unsplit tiles with h_{t-1} (dG_{t+1}) through tagged words instead of a barrier (v0.8)
+  tagged-probe the same, polling one word per producer first (forward only)
+  split-tagged, split-tagged-probe   the tagged exchanges on the split tiles
+
+    python perf/kernel_ab.py [--dtypes float16,float32] [--hidden 256,512,1024] [--batch 16,256] [--seq 256]
+                             [--kernels fwd,bwd] [--variants unsplit,split,...] [--json FILE]
+
+us/step is a kernel's time over T; cuDNN's column is its whole inference forward (fwd rows) or forward +
+backward (bwd rows), input GEMMs and weight gradients included, for scale. Each variant's output (y, or dG)
+must match the unsplit variant's before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "split-bh8", "split-bb32", "tagged", "tagged-probe",
+            "split-tagged", "split-tagged-probe")
+
+
+def variants(kernel: str, H: int, B: int, dtype, sms: int, names) -> dict:
+    from tritonlstm.configs import cdiv, heuristic_config, tagged_exchanges, tagged_variant, with_split_k
+
+    unsplit = heuristic_config(H, B, dtype, sms, kernel="bwd")  # the backward's heuristic does not split
+    split = heuristic_config(H, B, dtype, sms, kernel="fwd")
+
+    def regroup(cfg, **kw):
+        cfg = dataclasses.replace(cfg, **kw)
+        groups = max(1, min(cdiv(B, cfg.block_b), sms // cdiv(H, cfg.block_h)))
+        return dataclasses.replace(cfg, batch_groups=groups)
+
+    out = {"unsplit": unsplit, "unsplit-w4": dataclasses.replace(unsplit, num_warps=4)}
+    if split.split_k > 1:
+        out["split"] = split
+        if split.block_k // 4 >= 16:
+            out["split4"] = dataclasses.replace(split, split_k=4, num_warps=4)
+        if split.block_h > 8:
+            out["split-bh8"] = regroup(split, block_h=8)
+        if B >= 32:
+            out["split-bb32"] = regroup(split, block_b=32)
+    elif unsplit.w_resident and unsplit.block_k >= 64:
+        out["split"] = with_split_k(unsplit)
+    for e in tagged_exchanges(kernel, unsplit, dtype):
+        out[e] = tagged_variant(unsplit, e)
+    if "split" in out:
+        for e in tagged_exchanges(kernel, out["split"], dtype):
+            out[f"split-{e}"] = tagged_variant(out["split"], e)
+    return {n: c for n, c in out.items() if n in names}
+
+
+def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, names) -> dict:
+    import torch
+    from triton.testing import do_bench
+
+    from tritonlstm.kernels import lstm as k
+    from tritonlstm.tuning import compile_in_parallel
+
+    dtype = getattr(torch, dtype_name)
+    H, B, T = hidden, batch, seq
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(H, H).to("cuda", dtype)
+    x = torch.randn(T, B, H, device="cuda", dtype=dtype)
+    gx = (x.reshape(T * B, H) @ ref.weight_ih_l0.t()).view(T, B, 4 * H).contiguous()
+    w = ref.weight_hh_l0.detach().unsqueeze(0).contiguous()
+    bias = (ref.bias_ih_l0 + ref.bias_hh_l0).detach().float().unsqueeze(0).contiguous()
+    h0 = torch.randn(1, B, H, device="cuda", dtype=dtype) * 0.5
+    c0 = torch.randn(1, B, H, device="cuda") * 0.5
+    cfgs = variants(kernel, H, B, dtype, torch.cuda.get_device_properties(0).multi_processor_count, names)
+    base = cfgs.get("unsplit") or next(iter(cfgs.values()))
+    row = {"kernel": kernel, "dtype": dtype_name, "hidden": H, "batch": B, "seq": T,
+           "configs": {n: dataclasses.asdict(c) for n, c in cfgs.items()}}
+
+    if kernel == "fwd":
+        def run(cfg):
+            return lambda: k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=False,
+                                          config=cfg)[0]
+    else:
+        _, _, _, gates, c_all = k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=True,
+                                               config=base)
+        dy = torch.randn(T, B, H, device="cuda", dtype=dtype)
+        dhn, dcn = torch.zeros_like(h0), torch.zeros_like(h0)
+
+        def run(cfg):
+            return lambda: k.lstm_backward(gates, c_all, c0, w, dy, dhn, dcn, None, reverse=False, config=cfg)[0]
+
+    compile_in_parallel([run(cfg) for cfg in cfgs.values()])
+    # The variants differ from the base only in the order of accumulation, which T steps of 16-bit rounding
+    # amplify (the tuner's limits).
+    limit = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    y_base = run(base)()
+    k.barrier_errors.check(torch.device("cuda"), wait=True)
+    for name, cfg in cfgs.items():
+        try:
+            y = run(cfg)()
+            k.barrier_errors.check(torch.device("cuda"), wait=True)
+            err = ((y.float() - y_base.float()).norm() / y_base.float().norm()).item()
+            row[f"{name}_rel_err"] = err
+            if not err <= limit:
+                row[f"{name}_error"] = f"differs from the base variant: rel err {err:.2e} > {limit:.0e}"
+                continue
+            ms = do_bench(run(cfg), warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+            k.barrier_errors.check(torch.device("cuda"), wait=True)
+            row[f"{name}_ms"], row[f"{name}_ms_q20"], row[f"{name}_ms_q80"] = ms
+            row[f"{name}_us_per_step"] = ms[0] * 1e3 / T
+        except Exception as e:  # a variant that fails is a finding, reported with its row
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    if kernel == "fwd":
+        with torch.no_grad():
+            row["cudnn_ms"] = do_bench(lambda: ref(x), warmup=25, rep=100, return_mode="median")
+    else:
+        xg = x.clone().requires_grad_()
+        row["cudnn_ms"] = do_bench(lambda: ref(xg)[0].backward(dy), warmup=25, rep=100, return_mode="median",
+                                   grad_to_none=[xg, *ref.parameters()])
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", default="float16,float32")
+    ap.add_argument("--hidden", default="256,512,1024")
+    ap.add_argument("--batch", default="16,256")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--kernels", default="fwd,bwd", help="fwd, bwd or both")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="some of " + ", ".join(VARIANTS))
+    ap.add_argument("--json", help="write the rows here (after every row)")
+    a = ap.parse_args(argv)
+    names = [v for v in a.variants.split(",") if v]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        ap.error(f"--variants: unknown {bad}; expected some of {', '.join(VARIANTS)}")
+    import torch
+
+    if not torch.cuda.is_available():
+        print("perf/kernel_ab.py: no CUDA device, nothing to time.")
+        return 0
+    rows = []
+    print(f"{torch.cuda.get_device_name(0)}; recurrence kernels only, T = {a.seq}; cuDNN: fwd (inference) beside "
+          "fwd rows, fwd + bwd beside bwd rows")
+    print(f"{'kernel':6} {'dtype':9} {'H':>5} {'B':>4} {'variant':18} {'us/step':>8} {'vs unsplit':>10} "
+          f"{'cuDNN ms':>9}")
+    for kn in a.kernels.split(","):
+        for d in a.dtypes.split(","):
+            for h in (int(v) for v in a.hidden.split(",")):
+                for b in (int(v) for v in a.batch.split(",")):
+                    try:
+                        r = measure(d, h, b, a.seq, kn, names)
+                    except Exception as e:  # the base variant itself failed: a finding, not a crash
+                        print(f"{kn:6} {d:9} {h:5} {b:4} failed: {type(e).__name__}: {e}", flush=True)
+                        rows.append({"kernel": kn, "dtype": d, "hidden": h, "batch": b, "error": str(e)})
+                        continue
+                    rows.append(r)
+                    if a.json:
+                        with open(a.json, "w") as f:
+                            json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+                    base = r.get("unsplit_us_per_step")
+                    for name in VARIANTS:
+                        us, err = r.get(f"{name}_us_per_step"), r.get(f"{name}_error")
+                        if us is None and err is None:
+                            continue
+                        ratio = f"{us / base:.2f}" if us and base else "-"
+                        print(f"{kn:6} {d:9} {h:5} {b:4} {name:18} {us or float('nan'):8.2f} {ratio:>10} "
+                              f"{r['cudnn_ms']:9.3f}" + (f"  {err}" if err else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
