@@ -1,9 +1,9 @@
 """A/B of launch configs of the recurrence kernels alone (no input GEMM, no weight gradients), on a GPU, with
 cuDNN timed beside them in the same process. Each row is one (kernel, dtype, H, B); its variants:
 
-  unsplit      the heuristic before split-K (perf/NOTES.md v0.9): BH up to 32, 8 warps, one 2-D dot per gate
+  unsplit      the heuristic before v0.9 (perf/NOTES.md): BH up to 32, 8 warps, one 2-D dot per gate
   unsplit-w4   the same with 4 warps (the 2-D dot stacks every warp along M, so fewer warps do less twice)
-  split        split-K over 8 warps, BH <= 16 (the forward's heuristic since v0.9)
+  split        split-K over 8 warps, BH <= 16
   split4       split-K over 4 warps
   split-bh8    split-K, BH = 8 (more programs, half the W slice each)
   split-bb32   split-K, 32-row batch tiles (B >= 32: half the tile iterations per step)
@@ -33,25 +33,23 @@ VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "split-bh8", "split-bb32
 def variants(kernel: str, H: int, B: int, dtype, sms: int, names) -> dict:
     from tritonlstm.configs import cdiv, heuristic_config, tagged_exchanges, tagged_variant, with_split_k
 
-    unsplit = heuristic_config(H, B, dtype, sms, kernel="bwd")  # the backward's heuristic does not split
-    split = heuristic_config(H, B, dtype, sms, kernel="fwd")
-
     def regroup(cfg, **kw):
         cfg = dataclasses.replace(cfg, **kw)
         groups = max(1, min(cdiv(B, cfg.block_b), sms // cdiv(H, cfg.block_h)))
         return dataclasses.replace(cfg, batch_groups=groups)
 
-    out = {"unsplit": unsplit, "unsplit-w4": dataclasses.replace(unsplit, num_warps=4)}
-    if split.split_k > 1:
+    w4 = heuristic_config(H, B, dtype, sms, kernel="none")  # tiles as chosen before v0.9, never split, 4 warps
+    unsplit = dataclasses.replace(w4, num_warps=8) if w4.w_resident and w4.block_k >= 128 else w4
+    out = {"unsplit": unsplit, "unsplit-w4": w4}
+    if unsplit.w_resident and unsplit.block_k >= 64:
+        split = with_split_k(regroup(unsplit, block_h=min(unsplit.block_h, 16)))
         out["split"] = split
-        if split.block_k // 4 >= 16:
+        if split.block_k // 4 >= 16 and split.split_k != 4:
             out["split4"] = dataclasses.replace(split, split_k=4, num_warps=4)
         if split.block_h > 8:
             out["split-bh8"] = regroup(split, block_h=8)
         if B >= 32:
             out["split-bb32"] = regroup(split, block_b=32)
-    elif unsplit.w_resident and unsplit.block_k >= 64:
-        out["split"] = with_split_k(unsplit)
     for e in tagged_exchanges(kernel, unsplit, dtype):
         out[e] = tagged_variant(unsplit, e)
     if "split" in out:

@@ -91,10 +91,18 @@ def with_split_k(config: LSTMConfig) -> LSTMConfig:
     return dataclasses.replace(config, split_k=ways, num_warps=ways)
 
 
-# The kernels whose heuristic config splits K. The backward's split spills registers at every H >= 256 (8 to
-# 470 bytes, compilecheck 2026-11-26: its longer elementwise part is replicated in every warp after the
-# split's reduction), so it stays unsplit until a GPU measurement says the spills cost less than the split saves.
-SPLIT_KERNELS = ("fwd", "stack")
+def measured_split(kernel: str, hk: int, esize: int) -> int:
+    """split_k of the heuristic's resident single-layer configs, from an H100 A/B of the recurrence kernels
+    alone (perf/kernel_ab.py, 2026-11-26; perf/NOTES.md v0.9; num_warps = split_k when split, else 4). The
+    fewer warps the better while the 16-row tile leaves warps computing copies of each other's work: the
+    forward is fastest unsplit on 4 warps up to K = 512 (0.70-0.85x the 8-warp step) and split at K = 1024
+    (4 ways in 16-bit, 8 in fp32); the backward split 4 ways (0.44-0.67x the unsplit step at B = 16), 8 in
+    fp32 at K = 1024. The stacks' wavefronts (two dots per step) were not measured split and stay as they were."""
+    if kernel == "fwd":
+        return (4 if esize < 4 else 8) if hk >= 1024 else 1
+    if kernel == "bwd":
+        return 8 if esize == 4 and hk >= 1024 else 4 if hk >= 64 else 1
+    return 1
 
 
 # stack, stack_bwd: the forward and backward wavefronts of a unidirectional multi-layer LSTM
@@ -132,9 +140,9 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
                      kernel: str = "fwd") -> LSTMConfig:
     """A config that compiles within shared memory and keeps every program of `directions` concurrent
     directions (or `layers` concurrent layers of a wavefront stack) resident: each gets its share of the SMs,
-    and a stack's programs hold two weight slices (W_ih and W_hh) in the shared-memory budget. The kernels of
-    SPLIT_KERNELS split a resident K of 64 or more over the warps (with_split_k), at BH <= 16 (BH = 32 spills
-    registers there: the reduced tile is replicated in every warp).
+    and a stack's programs hold two weight slices (W_ih and W_hh) in the shared-memory budget. A resident
+    single-layer config splits K as `measured_split` says, at BH <= 16 when split (BH = 32 spills registers
+    there: the reduced tile is replicated in every warp).
 
     num_sms None (or interpreter=True) means the CPU interpreter: one program where the shape allows,
     stepwise launches otherwise."""
@@ -143,8 +151,9 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
         bh = min(_pow2(hidden), _MAX_BLOCK_H)
         bb = min(_pow2(batch), 32)
         single = cdiv(hidden, bh) == 1 and directions == 1 and layers == 1
-        cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=hk, w_resident=True, batch_groups=1, persistent=single)
-        return with_split_k(cfg) if kernel in SPLIT_KERNELS else cfg
+        sk = measured_split(kernel, hk, torch.empty((), dtype=dtype).element_size()) if layers == 1 else 1
+        return LSTMConfig(block_h=bh, block_b=bb, block_k=hk, w_resident=True, batch_groups=1, persistent=single,
+                          split_k=sk, num_warps=max(4, sk))
 
     num_sms //= directions * layers
     w_budget = _W_BUDGET // (2 if layers > 1 else 1)
@@ -160,15 +169,16 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
     while bh > 8 and 4 * hk * bh * esize > w_budget:
         bh //= 2
     resident = hk <= 1024 and 4 * hk * bh * esize <= w_budget and cdiv(hidden, bh) <= num_sms
-    # (A stack's whole-K 1024 split spills 48-56 bytes in 16-bit: compilecheck 2026-11-26.)
-    split = resident and hk >= 64 and kernel in SPLIT_KERNELS and not (layers > 1 and hk >= 1024)
-    if split:
+    sk = measured_split(kernel, hk, esize) if resident and layers == 1 else 1
+    if sk > 1:
         bh = min(bh, 16)
     if resident:
         bk = hk
-        # The whole-K dot holds its operands in registers: from K = 128 on (and in stacks, with two dots,
-        # everywhere) 4 warps spill (compilecheck).
-        warps = 4 if hk <= (64 if layers == 1 else 16) else 8
+        if layers == 1:
+            warps = max(4, sk)  # measured (measured_split), though 4 unsplit warps spill from K = 128 on
+        else:
+            # The whole-K dot holds its operands in registers: a stack's two dots spill on 4 warps (compilecheck).
+            warps = 4 if hk <= 16 else 8
     else:
         # W_hh streamed from L2 in K chunks (compilecheck: fp32 spills at 64, and a stack's two dots with
         # dropout at 64 for 16-bit, 32 for fp32).
@@ -180,9 +190,8 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
                               persistent=False, num_warps=warps)
     p = cdiv(hidden, bh)
     groups = max(1, min(cdiv(batch, bb), num_sms // p))
-    cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=groups, persistent=True,
-                     num_warps=warps)
-    return with_split_k(cfg) if split else cfg
+    return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=groups, persistent=True,
+                      num_warps=warps, split_k=sk)
 
 
 def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None, layers: int,
