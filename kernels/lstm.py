@@ -57,16 +57,20 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _load_gate_tiles(p_w, o_k, o_j, m_k, m_j, H, STRIDE_K, STRIDE_J):
-    """Four [BK, BJ] tiles of W_hh [4H, H], one per gate; element (k, j) of gate g at g*H*H + k*SK + j*SJ."""
-    p = p_w + o_k[:, None] * STRIDE_K + o_j[None, :] * STRIDE_J
-    m = m_k[:, None] & m_j[None, :]
+def _load_four_gates(p, m, H):
+    """The four gates' tiles of a gate-stacked [4H, H] weight at the pointers p of gate 0 (gate g is H*H on)."""
     gate = H * H
     b_wi = tl.load(p, mask=m, other=0.0)
     b_wf = tl.load(p + gate, mask=m, other=0.0)
     b_wg = tl.load(p + 2 * gate, mask=m, other=0.0)
     b_wo = tl.load(p + 3 * gate, mask=m, other=0.0)
     return b_wi, b_wf, b_wg, b_wo
+
+
+@triton.jit
+def _load_gate_tiles(p_w, o_k, o_j, m_k, m_j, H, STRIDE_K, STRIDE_J):
+    """Four [BK, BJ] tiles of W_hh [4H, H], one per gate; element (k, j) of gate g at g*H*H + k*SK + j*SJ."""
+    return _load_four_gates(p_w + o_k[:, None] * STRIDE_K + o_j[None, :] * STRIDE_J, m_k[:, None] & m_j[None, :], H)
 
 
 @triton.jit
@@ -83,14 +87,8 @@ def _load_gate_tiles_split(p_w, k0, o_j, m_j, m_w, H, STRIDE_K, STRIDE_J, BK: tl
     """_load_gate_tiles for split-K: four [SK, BK // SK, BJ] tiles of the chunk at k0 (slice s holds rows
     k0 + s * BK // SK ..), masked by k < H, m_j and the scalar m_w."""
     _, o_k = _split_k_offsets(k0, BK, SK)
-    p = p_w + o_k * STRIDE_K + o_j[None, None, :] * STRIDE_J
-    m = (o_k < H) & m_j[None, None, :] & m_w
-    gate = H * H
-    b_wi = tl.load(p, mask=m, other=0.0)
-    b_wf = tl.load(p + gate, mask=m, other=0.0)
-    b_wg = tl.load(p + 2 * gate, mask=m, other=0.0)
-    b_wo = tl.load(p + 3 * gate, mask=m, other=0.0)
-    return b_wi, b_wf, b_wg, b_wo
+    return _load_four_gates(p_w + o_k * STRIDE_K + o_j[None, None, :] * STRIDE_J,
+                            (o_k < H) & m_j[None, None, :] & m_w, H)
 
 
 @triton.jit
@@ -295,14 +293,8 @@ def _load_word_tiles(p_w, k0, o_j, m_j, H, STRIDE_K, STRIDE_J, PACK: tl.constexp
         return _load_gate_tiles(p_w, o_u, o_j, o_u < H, m_j, H, STRIDE_K, STRIDE_J)
     else:
         o_u = PACK * tl.permute(o_w, (0, 2, 1)) + ODD  # [SK, BK // PACK // SK, 1]
-        p = p_w + o_u * STRIDE_K + o_j[None, None, :] * STRIDE_J
-        m = (o_u < H) & m_j[None, None, :]
-        gate = H * H
-        b_wi = tl.load(p, mask=m, other=0.0)
-        b_wf = tl.load(p + gate, mask=m, other=0.0)
-        b_wg = tl.load(p + 2 * gate, mask=m, other=0.0)
-        b_wo = tl.load(p + 3 * gate, mask=m, other=0.0)
-        return b_wi, b_wf, b_wg, b_wo
+        return _load_four_gates(p_w + o_u * STRIDE_K + o_j[None, None, :] * STRIDE_J, (o_u < H) & m_j[None, None, :],
+                                H)
 
 
 @triton.jit
@@ -384,25 +376,28 @@ def _tagged_grad_dot(acc, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u
             if PACK == 2:
                 v_i, v_f, v_g, v_o = _load_word_tiles(p_w, k0, o_j, m_j, H, H, 1, PACK, 1, BK, SK)
         if SK == 1:
-            b_low, failed = _wait_tagged(p, m, tag, p, m, ERR, max_spin, failed, False)
-            acc = _dot_words(acc, b_low, t_i, v_i, PACK, DOT_PRECISION, DT)
-            b_low, failed = _wait_tagged(p + HW, m, tag, p, m, ERR, max_spin, failed, False)
-            acc = _dot_words(acc, b_low, t_f, v_f, PACK, DOT_PRECISION, DT)
-            b_low, failed = _wait_tagged(p + 2 * HW, m, tag, p, m, ERR, max_spin, failed, False)
-            acc = _dot_words(acc, b_low, t_g, v_g, PACK, DOT_PRECISION, DT)
-            b_low, failed = _wait_tagged(p + 3 * HW, m, tag, p, m, ERR, max_spin, failed, False)
-            acc = _dot_words(acc, b_low, t_o, v_o, PACK, DOT_PRECISION, DT)
+            acc, failed = _gate_words_dot(acc, p, m, HW, tag, t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o, ERR, max_spin,
+                                          failed, PACK, DOT_PRECISION, DT)
         else:
-            b_low, failed = _wait_tagged(p, m, tag, p, m, ERR, max_spin, failed, False)
-            part = _dot_words(part, b_low, t_i, v_i, PACK, DOT_PRECISION, DT)
-            b_low, failed = _wait_tagged(p + HW, m, tag, p, m, ERR, max_spin, failed, False)
-            part = _dot_words(part, b_low, t_f, v_f, PACK, DOT_PRECISION, DT)
-            b_low, failed = _wait_tagged(p + 2 * HW, m, tag, p, m, ERR, max_spin, failed, False)
-            part = _dot_words(part, b_low, t_g, v_g, PACK, DOT_PRECISION, DT)
-            b_low, failed = _wait_tagged(p + 3 * HW, m, tag, p, m, ERR, max_spin, failed, False)
-            part = _dot_words(part, b_low, t_o, v_o, PACK, DOT_PRECISION, DT)
+            part, failed = _gate_words_dot(part, p, m, HW, tag, t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o, ERR,
+                                           max_spin, failed, PACK, DOT_PRECISION, DT)
     if SK > 1:
         acc += tl.sum(part, axis=0)
+    return acc, failed
+
+
+@triton.jit
+def _gate_words_dot(acc, p, m, HW, tag, t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o, ERR, max_spin, failed,
+                    PACK: tl.constexpr, DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
+    """acc += sum_g dG_g @ W_g, gate g's tagged words at p + g * HW, each gate's waited on in turn."""
+    b_low, failed = _wait_tagged(p, m, tag, p, m, ERR, max_spin, failed, False)
+    acc = _dot_words(acc, b_low, t_i, v_i, PACK, DOT_PRECISION, DT)
+    b_low, failed = _wait_tagged(p + HW, m, tag, p, m, ERR, max_spin, failed, False)
+    acc = _dot_words(acc, b_low, t_f, v_f, PACK, DOT_PRECISION, DT)
+    b_low, failed = _wait_tagged(p + 2 * HW, m, tag, p, m, ERR, max_spin, failed, False)
+    acc = _dot_words(acc, b_low, t_g, v_g, PACK, DOT_PRECISION, DT)
+    b_low, failed = _wait_tagged(p + 3 * HW, m, tag, p, m, ERR, max_spin, failed, False)
+    acc = _dot_words(acc, b_low, t_o, v_o, PACK, DOT_PRECISION, DT)
     return acc, failed
 
 

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine (the device tool): offline install, kernel self-check, the A/B of launch
-# configs (perf/kernel_ab.py), the bench, the GPU tests. Every step has its own time limit, so that the whole stays
-# inside the device tool's 10 minutes per command; measurements come before the tests so that a run cut short
-# still brings back numbers. The tool brings back at most 8 files, so everything is written to a work folder
-# and packed into $OUT/results.tgz after every step (a run killed at its limit keeps the steps it finished).
+# configs (perf/kernel_ab.py, on request), the bench, the GPU tests, the pytest-benchmark stack rows. Every
+# step has its own time limit; the default run takes about 3-4 minutes on an H100 (run 1: self-check ~40 s,
+# the whole bench matrix 89 s, GPU tests 76 s), inside the device tool's 10 minutes per command. Measurements
+# come before the tests so that a run cut short still brings back numbers. The tool brings back at most 8
+# files, so everything is written to a work folder and packed into $OUT/results.tgz after every step (a run
+# killed at its limit keeps the steps it finished).
 #   device run: bash perf/device_check.sh      (then unpack results.tgz into perf/results/<gpu>-<date>/)
 # Environment (each step: NAME=0 skips it): SELFCHECK; BENCH with BENCH_ARGS (default --quick; "--modes
-# fwd,fwdbwd" runs the whole matrix) and BENCH_TIMEOUT (200); KERNEL_AB (perf/kernel_ab.py) with KERNEL_AB_ARGS
-# and KERNEL_AB_TIMEOUT (150); TUNE_ARGS="..." runs the tuner on those shapes (TUNE_TIMEOUT, 240); GPU_TESTS
-# with TESTS_K (pytest -k; default skips the tuner test, which compiles many candidates) and TESTS_TIMEOUT (140);
-# STACK_BENCH; NCU_ARGS="..." profiles one forward launch (perf/profile_one.py) with Nsight Compute.
+# fwd,fwdbwd" runs the whole matrix) and BENCH_TIMEOUT (200); KERNEL_AB=1 (off by default, ~2 min) runs
+# perf/kernel_ab.py with KERNEL_AB_ARGS and KERNEL_AB_TIMEOUT (150); TUNE_ARGS="..." runs the tuner on those
+# shapes (TUNE_TIMEOUT, 240); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles
+# many candidates) and TESTS_TIMEOUT (140); STACK_BENCH; NCU_ARGS="..." profiles one forward launch
+# (perf/profile_one.py) with Nsight Compute.
 set -uo pipefail
 OUT=${OUT:-perf-out}
 W=${WORK_DIR:-/tmp/tritonlstm-device}
@@ -36,7 +39,7 @@ if [ "${SELFCHECK:-1}" != 0 ]; then
     pack
 fi
 
-if [ "${KERNEL_AB:-1}" != 0 ]; then
+if [ "${KERNEL_AB:-0}" != 0 ]; then
     step "A/B of launch configs, recurrence kernels alone (perf/kernel_ab.py ${KERNEL_AB_ARGS:-})"
     timeout "${KERNEL_AB_TIMEOUT:-150}" $py perf/kernel_ab.py ${KERNEL_AB_ARGS:-} --json "$W/kernel_ab.json" \
         2> "$W/kernel_ab.stderr" | tee "$W/kernel_ab.txt"

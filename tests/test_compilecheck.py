@@ -1,6 +1,7 @@
 """Compile-only check for the H100 (sm_90): every config the heuristic can choose for H <= 4096 (one or two
-directions per launch) compiles, fits shared memory and does not spill registers. Runs here without a GPU;
-catches what the interpreter cannot."""
+directions per launch) compiles, fits shared memory and spills at most SPILL_LIMIT bytes of registers (some
+measured-faster configs spill a little; perf/NOTES.md v0.9). Runs here without a GPU; catches what the
+interpreter cannot."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import torch
 
 from helpers import run_python
-from tritonlstm.compilecheck import BACKWARD, SM90_SHARED_LIMIT, shipped_configs
+from tritonlstm.compilecheck import BACKWARD, SM90_SHARED_LIMIT, SPILL_LIMIT, shipped_configs
 from tritonlstm.configs import heuristic_config
 
 
@@ -23,7 +24,10 @@ def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
     assert proc.returncode == 0
     assert {r["kernel"] for r in rows} == {"fwd", "bwd", "stack", "stack_bwd"}
     assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
-    assert all(0 < r["shared"] <= SM90_SHARED_LIMIT and r["spill_bytes"] == 0 and r["error"] is None for r in rows)
+    assert all(0 < r["shared"] <= SM90_SHARED_LIMIT and r["spill_bytes"] <= SPILL_LIMIT and r["error"] is None
+               for r in rows)
+    # Spill-free wherever nothing was measured against it: the stacks' wavefronts and the streamed weights.
+    assert all(r["spill_bytes"] == 0 for r in rows if r["kernel"].startswith("stack") or not r["config"]["w_resident"])
     configs = shipped_configs(4096)
     assert len(rows) == sum(1 if kernel in BACKWARD else 2 for kernel, *_ in configs)
     assert {r["store_gates"] for r in rows if r["kernel"] not in BACKWARD} == {True, False}

@@ -23,6 +23,10 @@ import torch
 from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_config, tagged_exchanges, tagged_variant
 
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
+# Register spills up to this many bytes per thread are allowed: on an H100 several spilling configs measured
+# faster than spill-free ones (perf/NOTES.md v0.9: 4 warps doing less duplicated work beat 8 that fit
+# registers); beyond it ptxas has given up (one fell back to 32 registers and 28 KB of spills).
+SPILL_LIMIT = 2048
 H100_SMS = 132
 BACKWARD = ("bwd", "stack_bwd")  # the kernels compiled from lstm_bwd_kernel
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -42,7 +46,7 @@ class Resources:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.shared <= SM90_SHARED_LIMIT and self.spill_bytes == 0
+        return self.error is None and self.shared <= SM90_SHARED_LIMIT and self.spill_bytes <= SPILL_LIMIT
 
 
 def _signature(kernel: str, dtype: str) -> dict[str, str]:
@@ -165,7 +169,7 @@ def _check_job(job) -> Resources:
 
 def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig, store: bool) -> None:
     rows.append(r)
-    status = "ok" if r.ok else "FAIL"
+    status = ("ok" if r.spill_bytes == 0 else "ok~") if r.ok else "FAIL"
     variant = "" if kernel in BACKWARD else ("/train" if store else "/infer")
     print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
           f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "

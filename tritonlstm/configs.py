@@ -96,12 +96,14 @@ def measured_split(kernel: str, hk: int, esize: int) -> int:
     alone (perf/kernel_ab.py, 2026-11-26; perf/NOTES.md v0.9; num_warps = split_k when split, else 4). The
     fewer warps the better while the 16-row tile leaves warps computing copies of each other's work: the
     forward is fastest unsplit on 4 warps up to K = 512 (0.70-0.85x the 8-warp step) and split at K = 1024
-    (4 ways in 16-bit, 8 in fp32); the backward split 4 ways (0.44-0.67x the unsplit step at B = 16), 8 in
-    fp32 at K = 1024. The stacks' wavefronts (two dots per step) were not measured split and stay as they were."""
+    (4 ways in 16-bit, 8 in fp32); the backward split 4 ways (0.44-0.67x the unsplit step at B = 16), 8 at
+    K = 1024 (fp32: 0.59x against 4 ways' 0.91x; 16-bit: as fast as 4 ways, where ptxas fell back to 32
+    registers and 28 KB of spills). Several of these spill registers (compilecheck lists them; measured faster
+    all the same). The stacks' wavefronts (two dots per step) were not measured split and stay as they were."""
     if kernel == "fwd":
         return (4 if esize < 4 else 8) if hk >= 1024 else 1
     if kernel == "bwd":
-        return 8 if esize == 4 and hk >= 1024 else 4 if hk >= 64 else 1
+        return 8 if hk >= 1024 else 4 if hk >= 64 else 1
     return 1
 
 
