@@ -132,6 +132,42 @@ def _gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_i, w_f, w_g
 
 
 @triton.jit
+def _load_merged_tiles(p_w, o_k, m_k, i_h, H, BH: tl.constexpr):
+    """W_hh's four [BK, BH] gate tiles of this program's units as one [BK, 4 * BH] tile whose column j * 4 + g
+    is unit j of gate g (element (k, j*4 + g) = W_hh[g*H + i_h*BH + j, k], at p_w + that offset)."""
+    o_n = tl.arange(0, 4 * BH)
+    o_u = i_h * BH + o_n // 4
+    p = p_w + ((o_n % 4) * H + o_u)[None, :] * H + o_k[:, None]
+    return tl.load(p, mask=m_k[:, None] & (o_u < H)[None, :], other=0.0)
+
+
+@triton.jit
+def _merged_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_m, p_w, o_k, i_h, H, BK: tl.constexpr,
+                      BB: tl.constexpr, BH: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """_gate_dots as ONE dot per K chunk, x @ W[:, 4 * BH] with the gates' columns interleaved
+    (_load_merged_tiles), then split back into the four gates. A lone dot is laid out with its warps along N
+    (Triton stacks the warps along M only for dots that share operands), so with the 16-row batch tile each
+    warp owns its own columns of the product and of everything after it, instead of every warp computing
+    all of it."""
+    acc = tl.zeros([BB, 4 * BH], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        o_kk = k0 + o_k
+        m_k = o_kk < H
+        b_x = tl.load(p_base + o_rows[:, None] + o_kk[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0,
+                      cache_modifier=".cg")
+        if W_RESIDENT:
+            t_m = w_m
+        else:
+            t_m = _load_merged_tiles(p_w + k0, o_k, m_k, i_h, H, BH)
+        acc = tl.dot(b_x, t_m, acc, input_precision=DOT_PRECISION)
+    # Column j * 4 + 2a + b -> [BB, BH, a, b]: splitting b then a gives the gates (i, g) and (f, o).
+    b_ig, b_fo = tl.split(tl.reshape(acc, [BB, BH, 2, 2]))
+    b_i, b_g = tl.split(b_ig)
+    b_f, b_o = tl.split(b_fo)
+    return acc_i + b_i, acc_f + b_f, acc_g + b_g, acc_o + b_o
+
+
+@triton.jit
 def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_j, m_j, m_w, H,
                    BK: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, SK: tl.constexpr):
     """The backward's product of gate gradients with a gate-stacked [4H, H] weight, acc += sum_g dG_g @ W_g[:,
@@ -459,8 +495,10 @@ def lstm_fwd_kernel(
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SK: tl.constexpr,  # split-K ways of the recurrent dots (_gate_dots)
+    MERGED: tl.constexpr,  # the four gate dots as one (_merged_gate_dots); single layer, barrier, unsplit
 ):
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
+    tl.static_assert(not (MERGED and (STACK or TAGGED or SK > 1)), "merged gates: single layer, barrier, unsplit")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -506,9 +544,12 @@ def lstm_fwd_kernel(
     o_k = tl.arange(0, BK)
     # Streamed (not W_RESIDENT): no tiles held; the dots load them per K chunk.
     b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo = None, None, None, None, None, None, None, None
+    b_wm = None
     if W_RESIDENT:
         # Loaded once, reused for every step: tile (k, j) of gate g is W_hh[g*H + j, k].
-        if TAGGED and PACK == 2:
+        if MERGED:
+            b_wm = _load_merged_tiles(W, o_k, o_k < H, i_h, H, BH)
+        elif TAGGED and PACK == 2:
             # W_hh's even rows in b_w*, its odd rows in b_u* (_tagged_dots says why).
             b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, PACK, 0, BK, SK)
             b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, PACK, 1, BK, SK)
@@ -570,9 +611,13 @@ def lstm_fwd_kernel(
             else:
                 o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
                 p_hbase = tl.where(s == 0, H0, Y)
-                b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf,
-                                                    b_wg, b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT,
-                                                    DOT_PRECISION, SK)
+                if MERGED:
+                    b_gi, b_gf, b_gg, b_go = _merged_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wm,
+                                                               W, o_k, i_h, H, BK, BB, BH, W_RESIDENT, DOT_PRECISION)
+                else:
+                    b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf,
+                                                        b_wg, b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT,
+                                                        DOT_PRECISION, SK)
             if HAS_BIAS:
                 b_gi += b_bi
                 b_gf += b_bf
@@ -1040,7 +1085,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     _run(lstm_fwd_kernel, grid, T, config, dev, args,
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
-              PROBE=config.exchange == "tagged-probe"))
+              PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates))
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
@@ -1071,7 +1116,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
             barrier_errors.flag(dev), sync, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              TAGGED=False, PACK=1, PROBE=False,
+              TAGGED=False, PACK=1, PROBE=False, MERGED=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)))
     if not store_gates:
         gates = c_all = None

@@ -7,6 +7,8 @@ cuDNN timed beside them in the same process. Each row is one (kernel, dtype, H, 
   split4       split-K over 4 warps
   split-bh8    split-K, BH = 8 (more programs, half the W slice each)
   split-bb32   split-K, 32-row batch tiles (B >= 32: half the tile iterations per step)
+  merged       forward only: the four gate dots as one over interleaved columns, warps along N (8 warps;
+               merged-w4: 4), on the unsplit tiles (perf/NOTES.md v0.11)
   tagged       the unsplit tiles with h_{t-1} (dG_{t+1}) through tagged words instead of a barrier (v0.8)
   tagged-probe the same, polling one word per producer first (forward only)
   split-tagged, split-tagged-probe   the tagged exchanges on the split tiles
@@ -26,8 +28,8 @@ import dataclasses
 import json
 import sys
 
-VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "split-bh8", "split-bb32", "tagged", "tagged-probe",
-            "split-tagged", "split-tagged-probe")
+VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "split-bh8", "split-bb32", "merged", "merged-w4", "tagged",
+            "tagged-probe", "split-tagged", "split-tagged-probe")
 
 
 def variants(kernel: str, H: int, B: int, dtype, sms: int, names) -> dict:
@@ -50,6 +52,9 @@ def variants(kernel: str, H: int, B: int, dtype, sms: int, names) -> dict:
             out["split-bh8"] = regroup(split, block_h=8)
         if B >= 32:
             out["split-bb32"] = regroup(split, block_b=32)
+    if kernel == "fwd":
+        out["merged"] = dataclasses.replace(unsplit, merged_gates=True, num_warps=8)
+        out["merged-w4"] = dataclasses.replace(unsplit, merged_gates=True, num_warps=4)
     for e in tagged_exchanges(kernel, unsplit, dtype):
         out[e] = tagged_variant(unsplit, e)
     if "split" in out:

@@ -110,6 +110,11 @@ MULTI_PROGRAM = [
                             split_k=4, num_warps=4), id="stepwise-P5-Q2-tiles3-split4"),
     pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=32, w_resident=False, batch_groups=1, persistent=False,
                             split_k=2), id="stepwise-streamedW-BK32-split2"),
+    # The forward's four gate dots as one over interleaved columns (the backward ignores merged_gates).
+    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                            merged_gates=True), id="stepwise-P5-Q2-tiles3-merged"),
+    pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=16, w_resident=False, batch_groups=1, persistent=False,
+                            merged_gates=True), id="stepwise-streamedW-BK16-merged"),
 ]
 
 

@@ -57,7 +57,7 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
                 "ERR": "*i32", "RING": "*i64"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "PROBE", "HAS_BIAS", "HAS_LENGTHS", "STACK",
-                 "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK")
+                 "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK", "MERGED")
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
                 "DCN": p, "DG": p, "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32",
@@ -105,7 +105,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
         consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
                       HAS_DROPOUT=kernel == "stack" and store_gates,
                       TAGGED=kernel == "fwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2,
-                      PROBE=kernel == "fwd" and config.exchange == "tagged-probe")
+                      PROBE=kernel == "fwd" and config.exchange == "tagged-probe",
+                      MERGED=kernel == "fwd" and config.merged_gates)
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       TAGGED=kernel == "bwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2)
@@ -174,6 +175,7 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
     print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
           f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
           f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" split_k={cfg.split_k}" if cfg.split_k > 1 else "")
+          + (" merged" if cfg.merged_gates else "")
           + ("" if cfg.exchange == "barrier" else f" {cfg.exchange}")
           + (f" {r.error}" if r.error else ""), flush=True)
 

@@ -43,6 +43,10 @@ class LSTMConfig:
     # tiles a plain dot stacks every warp along M, each computing the whole product (kernels/lstm.py
     # _gate_dots). block_k // split_k >= 16 (32 for a tagged exchange in 16-bit).
     split_k: int = 1
+    # The forward's four gate dots as one dot over the gates' interleaved columns (kernels/lstm.py
+    # _merged_gate_dots): its warps split the columns instead of all computing the same rows. Single-layer
+    # forward only (the backward and the stacks ignore it); barrier exchange, split_k = 1.
+    merged_gates: bool = False
 
     def __post_init__(self):
         if self.exchange not in EXCHANGES:
@@ -61,6 +65,9 @@ class LSTMConfig:
         if self.block_k // self.split_k < 16:
             raise ValueError(f"LSTMConfig.split_k: block_k // split_k must be >= 16 (tl.dot's K), got block_k="
                              f"{self.block_k}, split_k={self.split_k}")
+        if self.merged_gates and (self.split_k > 1 or self.exchange != "barrier"):
+            raise ValueError(f"LSTMConfig.merged_gates needs split_k=1 and exchange='barrier', got split_k="
+                             f"{self.split_k}, exchange={self.exchange!r}")
         if self.batch_groups < 1:
             raise ValueError(f"LSTMConfig.batch_groups must be >= 1, got {self.batch_groups}")
 
@@ -75,7 +82,8 @@ def tagged_exchanges(kernel: str, config: LSTMConfig, dtype: torch.dtype) -> tup
     >= 32 in 16-bit, 16 in float32)."""
     exchanges = {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
     min_k = (16 if dtype == torch.float32 else 32) * config.split_k
-    return exchanges if config.persistent and config.block_h >= 2 and config.block_k >= min_k else ()
+    ok = config.persistent and config.block_h >= 2 and config.block_k >= min_k and not config.merged_gates
+    return exchanges if ok else ()
 
 
 def tagged_variant(config: LSTMConfig, exchange: str) -> LSTMConfig:
@@ -86,7 +94,7 @@ def tagged_variant(config: LSTMConfig, exchange: str) -> LSTMConfig:
 def with_split_k(config: LSTMConfig) -> LSTMConfig:
     """One warp per K slice where the chunk gives 4 or more slices of >= 16 (LSTMConfig.split_k says why)."""
     ways = min(8, config.block_k // 16)
-    if ways < 4:
+    if ways < 4 or config.merged_gates:
         return config
     return dataclasses.replace(config, split_k=ways, num_warps=ways)
 

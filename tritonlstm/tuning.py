@@ -186,7 +186,8 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                 for warps in (4, 8):
                     cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=q,
                                      num_warps=warps)
-                    for c in (cfg, with_split_k(cfg)):
+                    merged = [dataclasses.replace(cfg, merged_gates=True)] if kernel == "fwd" else []
+                    for c in (cfg, with_split_k(cfg), *merged):
                         if c not in out:
                             out.append(c)
     out += [tagged_variant(c, exchange) for c in list(out)
