@@ -10,7 +10,7 @@ import json
 import torch
 
 from helpers import run_python
-from tritonlstm.compilecheck import BACKWARD, SM90_SHARED_LIMIT, SPILL_LIMIT, shipped_configs
+from tritonlstm.compilecheck import SM90_SHARED_LIMIT, SPILL_LIMIT, shipped_configs
 from tritonlstm.configs import heuristic_config
 
 
@@ -29,8 +29,9 @@ def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
     # Spill-free wherever nothing was measured against it: the stacks' wavefronts and the streamed weights.
     assert all(r["spill_bytes"] == 0 for r in rows if r["kernel"].startswith("stack") or not r["config"]["w_resident"])
     configs = shipped_configs(4096)
-    assert len(rows) == sum(1 if kernel in BACKWARD else 2 for kernel, *_ in configs)
-    assert {r["store_gates"] for r in rows if r["kernel"] not in BACKWARD} == {True, False}
+    # The single-layer forward in both variants; a stack in its training one (dropout, the heavier).
+    assert len(rows) == sum(2 if kernel == "fwd" else 1 for kernel, *_ in configs)
+    assert {r["store_gates"] for r in rows if r["kernel"] == "fwd"} == {True, False}
 
 
 def test_heuristic_keeps_programs_resident_and_weights_on_chip_up_to_1024():
@@ -74,12 +75,14 @@ def test_tagged_exchange_candidates_compile_and_fit_at_the_h256_tiles(tmp_path):
     without spills in every dtype, training and inference (perf/NOTES.md v0.8 and v0.9 list where the others
     spill)."""
     out = tmp_path / "tagged.json"
-    proc = run_python("-m", "tritonlstm.compilecheck", "--tagged", "--json", str(out), timeout=1200)
+    # H 129-256: the tile class the assertions below are about (the whole sweep is the CLI's, minutes long).
+    proc = run_python("-m", "tritonlstm.compilecheck", "--tagged", "--min-hidden", "129", "--max-hidden", "256",
+                      "--json", str(out), timeout=1200)
     rows = json.loads(out.read_text())
     assert {(r["kernel"], r["config"]["exchange"]) for r in rows} == {("fwd", "tagged"), ("fwd", "tagged-probe"),
                                                                       ("bwd", "tagged")}
     assert all(r["error"] is None and 0 < r["shared"] <= SM90_SHARED_LIMIT for r in rows), proc.stdout[-3000:]
-    assert {1, 8} <= {r["config"]["split_k"] for r in rows}
+    assert any(r["config"]["split_k"] > 1 for r in rows) and any(r["config"]["split_k"] == 1 for r in rows)
     h256 = [r for r in rows if r["config"]["block_k"] == 256 and r["config"]["split_k"] == 1]
     assert {r["dtype"] for r in h256} == {"fp16", "bf16", "fp32"}
     assert all(r["spill_bytes"] == 0 for r in h256), proc.stdout[-3000:]
