@@ -2,7 +2,8 @@
 cuDNN timed beside them in the same process. Each row is one (kernel, dtype, H, B); its variants:
 
   unsplit      the heuristic before v0.9 (perf/NOTES.md): BH up to 32, 8 warps, one 2-D dot per gate
-  unsplit-w4   the same with 4 warps (the 2-D dot stacks every warp along M, so fewer warps do less twice)
+  unsplit-w4   the same with 4 warps (the 2-D dot stacks every warp along M, so fewer warps do less twice);
+               unsplit-w2: 2 warps (least duplication, least parallelism; spills at large K)
   split        split-K over 8 warps, BH <= 16
   split4       split-K over 4 warps
   split-bh8    split-K, BH = 8 (more programs, half the W slice each)
@@ -28,8 +29,8 @@ import dataclasses
 import json
 import sys
 
-VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "split-bh8", "split-bb32", "merged", "merged-w4", "tagged",
-            "tagged-probe", "split-tagged", "split-tagged-probe")
+VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
+            "merged-w4", "tagged", "tagged-probe", "split-tagged", "split-tagged-probe")
 
 
 def variants(kernel: str, H: int, B: int, dtype, sms: int, names) -> dict:
@@ -42,7 +43,7 @@ def variants(kernel: str, H: int, B: int, dtype, sms: int, names) -> dict:
 
     w4 = heuristic_config(H, B, dtype, sms, kernel="none")  # tiles as chosen before v0.9, never split, 4 warps
     unsplit = dataclasses.replace(w4, num_warps=8) if w4.w_resident and w4.block_k >= 128 else w4
-    out = {"unsplit": unsplit, "unsplit-w4": w4}
+    out = {"unsplit": unsplit, "unsplit-w4": w4, "unsplit-w2": dataclasses.replace(w4, num_warps=2)}
     if unsplit.w_resident and unsplit.block_k >= 64:
         split = with_split_k(regroup(unsplit, block_h=min(unsplit.block_h, 16)))
         out["split"] = split
