@@ -74,21 +74,29 @@ def _load_gate_tiles(p_w, o_k, o_j, m_k, m_j, H, STRIDE_K, STRIDE_J):
 
 
 @triton.jit
-def _split_k_offsets(k0, BK: tl.constexpr, SK: tl.constexpr):
-    """Split-K: offsets k0 + s * (BK // SK) + kk of a BK chunk cut into SK slices, as [SK, 1, BK // SK] (for the
-    [SK, BB, BK // SK] x operand) and [SK, BK // SK, 1] (for the [SK, BK // SK, BH] W tiles)."""
-    o_s = tl.arange(0, SK) * (BK // SK)
-    o_kk = tl.arange(0, BK // SK)
-    return k0 + o_s[:, None, None] + o_kk[None, None, :], k0 + o_s[:, None, None] + o_kk[None, :, None]
+def _word_offsets(k0, PACK: tl.constexpr, BK: tl.constexpr, SK: tl.constexpr):
+    """The words of the K chunk at k0 (units k0 .. k0 + BK, PACK units per word; PACK = 1: the units themselves):
+    [BK // PACK] offsets, or with SK > 1 split-K slices of them, [SK, 1, BK // PACK // SK] (_gate_dots says why)."""
+    if SK == 1:
+        return k0 // PACK + tl.arange(0, BK // PACK)
+    else:
+        o_s = tl.arange(0, SK) * (BK // PACK // SK)
+        return k0 // PACK + o_s[:, None, None] + tl.arange(0, BK // PACK // SK)[None, None, :]
 
 
 @triton.jit
-def _load_gate_tiles_split(p_w, k0, o_j, m_j, m_w, H, STRIDE_K, STRIDE_J, BK: tl.constexpr, SK: tl.constexpr):
-    """_load_gate_tiles for split-K: four [SK, BK // SK, BJ] tiles of the chunk at k0 (slice s holds rows
-    k0 + s * BK // SK ..), masked by k < H, m_j and the scalar m_w."""
-    _, o_k = _split_k_offsets(k0, BK, SK)
-    return _load_four_gates(p_w + o_k * STRIDE_K + o_j[None, None, :] * STRIDE_J,
-                            (o_k < H) & m_j[None, None, :] & m_w, H)
+def _load_word_tiles(p_w, k0, o_j, m_j, H, STRIDE_K, STRIDE_J, PACK: tl.constexpr, ODD: tl.constexpr,
+                     BK: tl.constexpr, SK: tl.constexpr):
+    """The four gates' W tiles that multiply the words of the K chunk at k0: rows PACK * word + ODD (a word's
+    low or high half; PACK = 1: the chunk's rows), [BK // PACK, BJ], or [SK, BK // PACK // SK, BJ] split-K tiles."""
+    o_w = _word_offsets(k0, PACK, BK, SK)
+    if SK == 1:
+        o_u = PACK * o_w + ODD
+        return _load_gate_tiles(p_w, o_u, o_j, o_u < H, m_j, H, STRIDE_K, STRIDE_J)
+    else:
+        o_u = PACK * tl.permute(o_w, (0, 2, 1)) + ODD  # [SK, BK // PACK // SK, 1]
+        return _load_four_gates(p_w + o_u * STRIDE_K + o_j[None, None, :] * STRIDE_J, (o_u < H) & m_j[None, None, :],
+                                H)
 
 
 @triton.jit
@@ -117,13 +125,13 @@ def _gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_i, w_f, w_g
             acc_g += tl.dot(b_x, t_g, input_precision=DOT_PRECISION)
             acc_o += tl.dot(b_x, t_o, input_precision=DOT_PRECISION)
         else:
-            o_kx, _ = _split_k_offsets(k0, BK, SK)
+            o_kx = _word_offsets(k0, 1, BK, SK)
             b_x = tl.load(p_base + o_rows[None, :, None] + o_kx, mask=m_rows[None, :, None] & (o_kx < H), other=0.0,
                           cache_modifier=".cg")
             if W_RESIDENT:
                 t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
             else:
-                t_i, t_f, t_g, t_o = _load_gate_tiles_split(p_w, k0, o_j, m_j, m_w, H, 1, H, BK, SK)
+                t_i, t_f, t_g, t_o = _load_word_tiles(p_w, k0, o_j, m_j & m_w, H, 1, H, 1, 0, BK, SK)
             acc_i += tl.sum(tl.dot(b_x, t_i, input_precision=DOT_PRECISION), axis=0)
             acc_f += tl.sum(tl.dot(b_x, t_f, input_precision=DOT_PRECISION), axis=0)
             acc_g += tl.sum(tl.dot(b_x, t_g, input_precision=DOT_PRECISION), axis=0)
@@ -200,13 +208,13 @@ def _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m
     into one [SK, BB, BH] product, reduced over the slices once."""
     acc = tl.zeros([SK, o_rows.shape[0], o_j.shape[0]], dtype=tl.float32)
     for k0 in range(0, H, BK):
-        o_kx, _ = _split_k_offsets(k0, BK, SK)
+        o_kx = _word_offsets(k0, 1, BK, SK)
         p = p_base + o_rows[None, :, None] + o_kx
         m = m_rows[None, :, None] & (o_kx < H)
         if W_RESIDENT:
             t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
         else:
-            t_i, t_f, t_g, t_o = _load_gate_tiles_split(p_w, k0, o_j, m_j, m_w, H, H, 1, BK, SK)
+            t_i, t_f, t_g, t_o = _load_word_tiles(p_w, k0, o_j, m_j & m_w, H, H, 1, 1, 0, BK, SK)
         acc = tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), t_i, acc, input_precision=DOT_PRECISION)
         acc = tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg"), t_f, acc, input_precision=DOT_PRECISION)
         acc = tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g, acc,
@@ -305,32 +313,6 @@ def _wait_tagged(p, m, tag, p_probe, m_probe, ERR, max_spin, failed, PROBE: tl.c
             tl.atomic_xchg(ERR, 1)
             failed = True
     return b_low, failed
-
-
-@triton.jit
-def _word_offsets(k0, PACK: tl.constexpr, BK: tl.constexpr, SK: tl.constexpr):
-    """The words of the K chunk at k0 (units k0 .. k0 + BK, PACK units per word): [BK // PACK] offsets, or with
-    SK > 1 split-K slices of them, [SK, 1, BK // PACK // SK] (_gate_dots says why)."""
-    if SK == 1:
-        return k0 // PACK + tl.arange(0, BK // PACK)
-    else:
-        o_s = tl.arange(0, SK) * (BK // PACK // SK)
-        return k0 // PACK + o_s[:, None, None] + tl.arange(0, BK // PACK // SK)[None, None, :]
-
-
-@triton.jit
-def _load_word_tiles(p_w, k0, o_j, m_j, H, STRIDE_K, STRIDE_J, PACK: tl.constexpr, ODD: tl.constexpr,
-                     BK: tl.constexpr, SK: tl.constexpr):
-    """The four gates' W tiles that multiply the words of the K chunk at k0: rows PACK * word + ODD (a word's
-    low or high half), [BK // PACK, BJ], or [SK, BK // PACK // SK, BJ] split-K tiles."""
-    o_w = _word_offsets(k0, PACK, BK, SK)
-    if SK == 1:
-        o_u = PACK * o_w + ODD
-        return _load_gate_tiles(p_w, o_u, o_j, o_u < H, m_j, H, STRIDE_K, STRIDE_J)
-    else:
-        o_u = PACK * tl.permute(o_w, (0, 2, 1)) + ODD  # [SK, BK // PACK // SK, 1]
-        return _load_four_gates(p_w + o_u * STRIDE_K + o_j[None, None, :] * STRIDE_J, (o_u < H) & m_j[None, None, :],
-                                H)
 
 
 @triton.jit
@@ -554,12 +536,12 @@ def lstm_fwd_kernel(
             b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, PACK, 0, BK, SK)
             b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, PACK, 1, BK, SK)
         elif SK > 1:
-            b_wi, b_wf, b_wg, b_wo = _load_gate_tiles_split(W, 0, o_j, m_j, True, H, 1, H, BK, SK)
+            b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, 1, 0, BK, SK)
         else:
             b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, 1, H)
         if STACK:
             if SK > 1:
-                b_ui, b_uf, b_ug, b_uo = _load_gate_tiles_split(W_IH, 0, o_j, m_j, i_l > 0, H, 1, H, BK, SK)
+                b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W_IH, 0, o_j, m_j & (i_l > 0), H, 1, H, 1, 0, BK, SK)
             else:
                 b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & (i_l > 0), m_j, H, 1, H)
     if HAS_BIAS:
@@ -767,13 +749,13 @@ def lstm_bwd_kernel(
             b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, H, 1, PACK, 0, BK, SK)
             b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W, 0, o_j, m_j, H, H, 1, PACK, 1, BK, SK)
         elif SK > 1:
-            b_wi, b_wf, b_wg, b_wo = _load_gate_tiles_split(W, 0, o_j, m_j, True, H, H, 1, BK, SK)
+            b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, H, 1, 1, 0, BK, SK)
         else:
             b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, H, 1)
         if STACK:
             # dX_{l+1,t} = dG_{l+1,t} @ W_ih_{l+1}: tile (k, j) of gate g is W_ih_{l+1}[g*H + k, j].
             if SK > 1:
-                b_ui, b_uf, b_ug, b_uo = _load_gate_tiles_split(W_IH, 0, o_j, m_j, has_up, H, H, 1, BK, SK)
+                b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W_IH, 0, o_j, m_j & has_up, H, H, 1, 1, 0, BK, SK)
             else:
                 b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & has_up, m_j, H, H, 1)
 
