@@ -183,21 +183,25 @@ def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_
     resident, else each chunk's are loaded from p_w (tile (k, j) of gate g at g*H*H + k*H + j, masked by m_w).
     SK > 1: split-K as in _gate_dots."""
     if SK > 1:
-        return acc + _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m_w, H, BK,
-                                     W_RESIDENT, DOT_PRECISION, SK)
-    for k0 in range(0, H, BK):
-        o_kk = k0 + o_k
-        m_k = o_kk < H
-        p = p_base + o_rows[:, None] + o_kk[None, :]
-        m = m_rows[:, None] & m_k[None, :]
-        if W_RESIDENT:
-            t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
-        else:
-            t_i, t_f, t_g, t_o = _load_gate_tiles(p_w + k0 * H, o_k, o_j, m_k & m_w, m_j, H, H, 1)
-        acc += tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), t_i, input_precision=DOT_PRECISION)
-        acc += tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg"), t_f, input_precision=DOT_PRECISION)
-        acc += tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g, input_precision=DOT_PRECISION)
-        acc += tl.dot(tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), t_o, input_precision=DOT_PRECISION)
+        # (An else branch, not an early return: Triton compiles the code after a constexpr return too.)
+        acc += _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m_w, H, BK, W_RESIDENT,
+                               DOT_PRECISION, SK)
+    else:
+        for k0 in range(0, H, BK):
+            o_kk = k0 + o_k
+            m_k = o_kk < H
+            p = p_base + o_rows[:, None] + o_kk[None, :]
+            m = m_rows[:, None] & m_k[None, :]
+            if W_RESIDENT:
+                t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
+            else:
+                t_i, t_f, t_g, t_o = _load_gate_tiles(p_w + k0 * H, o_k, o_j, m_k & m_w, m_j, H, H, 1)
+            acc += tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), t_i, input_precision=DOT_PRECISION)
+            acc += tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg"), t_f, input_precision=DOT_PRECISION)
+            acc += tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g,
+                          input_precision=DOT_PRECISION)
+            acc += tl.dot(tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), t_o,
+                          input_precision=DOT_PRECISION)
     return acc
 
 
@@ -249,23 +253,30 @@ def _load_gate_rows(p_gx, m, H):
 @triton.jit
 def _grid_barrier(p_flag, p_count, target, max_spin):
     """Waits until the counter reaches target; returns True if the barrier failed (now, or in an earlier launch:
-    the flag is sticky until the host reads it)."""
+    the flag is sticky until the host reads it).
+
+    The loop's exit depends only on values every thread of the program shares: the count (a scalar atomic, which
+    Triton runs in one thread and broadcasts through shared memory, with a CTA barrier) and the spin count. A
+    flag polled by each thread on its own can read differently in different warps; warps then leave the loop at
+    different polls and every CTA barrier after it pairs the wrong arrivals (on an H100 some outputs of a failed
+    launch came out finite and unpoisoned: perf/NOTES.md, v0.14). So the program that gives up releases the
+    others through the counter itself, and the flag is read once, after the loop."""
     # bar.sync orders this program's stores before the release; the acquire orders the loads after it.
     tl.debug_barrier()
     tl.atomic_add(p_count, 1, sem="release", scope="gpu")
     seen = tl.atomic_add(p_count, 0, sem="acquire", scope="gpu")
-    failed = tl.load(p_flag, volatile=True)
     spins = 0
-    while (seen < target) & (failed == 0):
+    while seen < target:
         seen = tl.atomic_add(p_count, 0, sem="acquire", scope="gpu")
-        failed = tl.load(p_flag, volatile=True)
         spins += 1
         if spins > max_spin:
-            # Bounded: a program that never arrives must surface as an error, not a hung process.
-            tl.atomic_xchg(p_flag, 1)
-            failed = 1
+            # Bounded: a program that never arrives must surface as an error, not a hung process. The flag is
+            # set before the counter releases the waiters, who then read it.
+            tl.atomic_xchg(p_flag, 1, sem="release", scope="gpu")
+            tl.atomic_add(p_count, 1 << 30, sem="release", scope="gpu")
+            seen = target
     tl.debug_barrier()
-    return failed != 0
+    return tl.load(p_flag, volatile=True) != 0
 
 
 @triton.jit
@@ -283,36 +294,46 @@ def _publish_tagged(p_ring, b_y, m, tag, BB: tl.constexpr, BH: tl.constexpr, PAC
 
 
 @triton.jit
+def _tag_state(b_words, tag, ERR):
+    """0: every word of the tile carries `tag`; 1: some do not; >= 2: the error flag is set. One reduction over the
+    tile, so the same in every thread: a flag read alone can differ between threads (_grid_barrier says why that
+    breaks a loop with CTA barriers inside, as these reductions are)."""
+    flag = (tl.load(ERR, volatile=True) != 0).to(tl.int32)
+    return tl.max(((b_words >> 32) != tag).to(tl.int32) + 2 * flag)
+
+
+@triton.jit
 def _wait_tagged(p, m, tag, p_probe, m_probe, ERR, max_spin, failed, PROBE: tl.constexpr):
     """Loads the tagged words at p (masked by m) until every one carries `tag`; returns their low halves (the
-    values) and whether the wait failed (ERR set, or max_spin polls, which sets it). With PROBE, after a first
-    incomplete load it polls the words at p_probe until they carry the tag before reloading the tile."""
+    values) and whether the wait failed (`failed` on entry, ERR set, or max_spin polls, which sets it). With
+    PROBE, after a first incomplete load it polls the words at p_probe until they carry the tag before reloading
+    the tile."""
     want = tag.to(tl.int64) << 32
     # Only the low halves (the values) live on past a load: the tags die in the check (registers).
     b_words = tl.load(p, mask=m, other=want, volatile=True)
-    pending = tl.sum(((b_words >> 32) != tag).to(tl.int32))
+    state = tl.maximum(_tag_state(b_words, tag, ERR), 2 * failed.to(tl.int32))
     b_low = b_words.to(tl.int32)
     spins = 0
-    while (pending > 0) & (not failed):
+    while state == 1:
+        gave_up = 0
         if PROBE:
-            probing = True
-            while probing & (not failed):
+            probing = 1
+            while probing == 1:
                 b_probe = tl.load(p_probe, mask=m_probe, other=want, volatile=True)
-                probing = tl.sum(((b_probe >> 32) != tag).to(tl.int32)) > 0
-                failed = tl.load(ERR, volatile=True) != 0
+                probing = _tag_state(b_probe, tag, ERR)
                 spins += 1
                 if spins > max_spin:
                     tl.atomic_xchg(ERR, 1)
-                    failed = True
+                    probing = 2
+            gave_up = 2 * (probing >= 2).to(tl.int32)
         b_words = tl.load(p, mask=m, other=want, volatile=True)
-        pending = tl.sum(((b_words >> 32) != tag).to(tl.int32))
+        state = tl.maximum(_tag_state(b_words, tag, ERR), gave_up)
         b_low = b_words.to(tl.int32)
-        failed = tl.load(ERR, volatile=True) != 0
         spins += 1
         if spins > max_spin:
             tl.atomic_xchg(ERR, 1)
-            failed = True
-    return b_low, failed
+            state = 2
+    return b_low, state >= 2
 
 
 @triton.jit
@@ -339,7 +360,7 @@ def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_
     Returns the accumulators and whether the wait gave up (after max_spin polls, setting the sticky ERR flag)
     or found ERR set."""
     HW = (H + PACK - 1) // PACK
-    failed = tl.load(ERR, volatile=True) != 0
+    failed = tag < 0  # False; the waits read the flag (uniformly: _tag_state)
     # Producers per K chunk, and the words of each one's slice within the chunk.
     N_PROBE: tl.constexpr = BK // BH if BK > BH else 1
     S_PROBE: tl.constexpr = (BH if BK > BH else BK) // PACK
@@ -382,7 +403,7 @@ def _tagged_grad_dot(acc, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u
     units (w_* hold W's even rows of each gate, u_* its odd rows, when resident), and SK > 1 splits K over the
     warps. Returns acc and whether the wait failed."""
     HW = (H + PACK - 1) // PACK
-    failed = tl.load(ERR, volatile=True) != 0
+    failed = tag < 0  # False; the waits read the flag (uniformly: _tag_state)
     part = tl.zeros([SK, BB, BH], dtype=tl.float32)  # the split-K partial sums (SK > 1)
     for k0 in range(0, H, BK):
         p, m = _word_rows(p_ring, o_b, m_b, _word_offsets(k0, PACK, BK, SK), HW, 4, SK)
@@ -861,6 +882,9 @@ def lstm_bwd_kernel(
                     _publish_tagged(p_pub + HW, b_dgf, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
                     _publish_tagged(p_pub + 2 * HW, b_dgg, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
                     _publish_tagged(p_pub + 3 * HW, b_dgo, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
+                # DG may be GATES (lstm_backward's into_gates): every warp's loads of this tile's gates must be
+                # done before any warp stores over them (in a replicated layout several warps load one element).
+                tl.debug_barrier()
                 p_out = DG + o_row[:, None] * SG + o_j[None, :]
                 tl.store(p_out, b_dgi.to(DG.dtype.element_ty), mask=m_live)
                 tl.store(p_out + H, b_dgf.to(DG.dtype.element_ty), mask=m_live)
@@ -1105,15 +1129,16 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     return y, hn, cn, gates, c_all, xd
 
 
-def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config):
+def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config, into_gates: bool = False):
     """The reverse recurrence of D directions, shapes as lstm_forward's (c0 [D, B, H] float32, dy [T, B, D*H],
     dhn and dcn [D, B, H]). Returns dG [T, B, D*4H] (gradient of the gate pre-activations, in the gates'
-    dtype), dh0 and dc0 [D, B, H]."""
+    dtype), dh0 and dc0 [D, B, H]. into_gates: dG is written over `gates` (which must come from lstm_forward:
+    zeros past each row's end) instead of a new buffer."""
     T, B, _ = gates.shape
     D, G, H = w_hh.shape
     _check_residency(config, H, D, gates.device)
     dt, dev = gates.dtype, gates.device
-    dg = _per_step((T, B, D * G), dt, dev, last is not None)
+    dg = gates if into_gates else _per_step((T, B, D * G), dt, dev, last is not None)
     dc_ws = torch.zeros(D, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((D, B, H), dt, dev)
     dc0 = _alloc((D, B, H), dt, dev)
@@ -1131,19 +1156,20 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     return dg, dh0, dc0
 
 
-def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, config, drop=None):
+def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, config, drop=None,
+                        into_gates: bool = False):
     """The reverse recurrence of a unidirectional stack of L layers in one launch, as a reverse wavefront: layer
     l runs its step r (time T - 1 - r) at global step r + L - 1 - l, after the layer above has produced its dG of
     that time, so the stack takes T + L steps. gates [L, T, B, 4H] and c_all [L, T, B, H] float32 from
     lstm_stack_forward, c0 [L, B, H] float32, w_ih [L-1, 4H, H] of the layers above the first, w_hh
     [L, 4H, H], dy [L, T, B, H] (the gradient of every layer's own output; the gradient arriving from the layer
     above is added inside, times the forward's dropout scale drop [L-1, T, B, H] when given), dhn and dcn
-    [L, B, H]. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
+    [L, B, H]. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]; into_gates as lstm_backward's."""
     L, T, B, G = gates.shape
     H = w_hh.shape[2]
     _check_residency(config, H, L, gates.device)
     dt, dev = gates.dtype, gates.device
-    dg = _per_step((L, T, B, G), dt, dev, last is not None)
+    dg = gates if into_gates else _per_step((L, T, B, G), dt, dev, last is not None)
     dc_ws = torch.zeros(L, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((L, B, H), dt, dev)
     dc0 = _alloc((L, B, H), dt, dev)

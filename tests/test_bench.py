@@ -155,7 +155,7 @@ def test_kernel_ab_variants_are_runnable_configs():
     for kernel in ("fwd", "bwd"):
         got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "tagged",
-                "split-tagged"}
+                "split-tagged", "streamed"}
         fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4"}
         assert set(got) == want | (fwd_only if kernel == "fwd" else set()), got
         assert len(set(got.values())) == len(got)
@@ -164,6 +164,13 @@ def test_kernel_ab_variants_are_runnable_configs():
         assert got["tagged"].split_k == 1 and got["tagged"].block_h == got["unsplit"].block_h
         assert got["split-tagged"].split_k == 8 and got["split-tagged"].exchange == "tagged"
     assert set(ab.variants("fwd", 256, 16, torch.float32, 132, ["unsplit", "split-bb32"])) == {"unsplit"}
+    for kernel in ("stack", "stack_bwd"):  # 4 layers share the SMs: 33 each
+        got = ab.variants(kernel, 512, 16, torch.float16, 132, ab.VARIANTS, layers=4)
+        assert set(got) == {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "streamed"}, got  # no BH 8
+        assert len(set(got.values())) == len(got)
+        assert all(c.programs(512) <= 33 for c in got.values())
+        assert got["unsplit"].w_resident and not got["streamed"].w_resident
+        assert not any(c.merged_gates or c.exchange != "barrier" for c in got.values())
 
 
 @pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (2, True)])

@@ -205,3 +205,36 @@ def test_compile_in_parallel_launches_nothing_and_survives_failing_candidates():
     assert len(outs) == 1 and torch.isnan(outs[0]).all()
     launch()  # outside compile_only, the same launcher runs the kernel
     assert torch.isfinite(outs[1]).all()
+
+
+@pytest.mark.parametrize("kernel,layers", [("fwd", 1), ("bwd", 1), ("stack", 3), ("stack_bwd", 3)])
+def test_problem_launches_its_kernel_and_matches_a_reference(kernel, layers):
+    """tuning.make_problem / Problem.launch, which the tuner and perf/kernel_ab.py time: each kernel's launch
+    (under the interpreter) against the float64 reference, y for the forward kernels and dG for the backward
+    ones (the gradient of each layer's gate pre-activations, through a zero tensor added to them)."""
+    from tritonlstm.naive import lstm_layer_reference
+
+    H, B, T = 8, 3, 5
+    stack = kernel.startswith("stack")
+    base = configs.heuristic_config(H, B, torch.float32, None, interpreter=True, layers=layers)
+    p = tuning.make_problem(kernel, torch.float32, H, B, T, layers=layers, device="cpu", base=base)
+    out = p.launch(base)()
+
+    eye = torch.eye(4 * H, dtype=torch.float64)
+    x, ys, pre = p.gx.double(), [], []
+    for l in range(layers):
+        z = torch.zeros(T, B, 4 * H, dtype=torch.float64, requires_grad=True)
+        gx = x + z if l == 0 else x @ p.w_ih[l - 1].double().t() + z
+        y, _ = lstm_layer_reference(gx, eye, p.w_hh[l].double(), p.bias[l].double(), None,
+                                    p.h0[l].double(), p.c0[l].double())
+        ys.append(y)
+        pre.append(z)
+        x = y
+    if kernel in ("fwd", "stack"):
+        expected = torch.stack(ys) if stack else ys[0]
+    else:
+        dy = p.dy.double()
+        sum(((y * (dy[l] if stack else dy)).sum() for l, y in enumerate(ys))).backward()
+        expected = torch.stack([z.grad for z in pre]) if stack else pre[0].grad
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)

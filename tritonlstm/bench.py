@@ -68,6 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+CELL = ("dtype", "hidden", "batch", "seq", "layers", "bidirectional", "mode")  # a cell tuple's fields
+
+
+def cell_row(cell: tuple) -> dict:
+    """The row keys that name a cell."""
+    return dict(zip(CELL, cell))
+
+
 def cells(args: argparse.Namespace) -> list[tuple]:
     """(dtype, hidden, batch, seq, layers, bidirectional, mode) for every cell the options select."""
     out = [(d, h, b, args.seq, 1, False, m) for d in args.dtypes for h in args.hidden for b in args.batch
@@ -105,8 +113,7 @@ def measure_cell(dtype_name: str, hidden: int, batch: int, seq: int, layers: int
     model = LSTM(hidden, hidden, num_layers=layers, bidirectional=bidirectional, backend="triton").to("cuda", dtype)
     model.load_state_dict(ref.state_dict())
     x = torch.randn(seq, batch, hidden, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
-    row = {"dtype": dtype_name, "hidden": hidden, "batch": batch, "seq": seq, "layers": layers,
-           "bidirectional": bidirectional, "mode": mode}
+    row = cell_row((dtype_name, hidden, batch, seq, layers, bidirectional, mode))
 
     def ours():
         y, _ = model(x)
@@ -158,16 +165,22 @@ def check_then_time(ours, cudnn, limit: float, grad_to_none=(), timer=None) -> d
         out["error"] = f"output differs from cuDNN: rel err {err:.2e} > {limit:.0e}"
         return out
     for name, fn in (("tritonlstm", ours), ("cudnn", cudnn)):
+        ms = timer(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8], grad_to_none=list(grad_to_none))
+        # Peak memory of one call on its own: inside do_bench it would include do_bench's 256 MB cache-flush
+        # buffer (both sides alike, which flattered the ratio in runs 1-3).
+        for t in grad_to_none:
+            t.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        ms = timer(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8], grad_to_none=list(grad_to_none))
+        fn()
         if name == "tritonlstm":
             try:
                 synchronize()  # launches do not wait for the barrier check; a failed one is an error, not a time
             except RuntimeError as e:
                 out["error"] = str(e)
                 return out
+        torch.cuda.synchronize()
         out[f"{name}_ms"], out[f"{name}_ms_q20"], out[f"{name}_ms_q80"] = ms
         out[f"{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     out["speedup"] = out["cudnn_ms"] / out["tritonlstm_ms"]
@@ -326,8 +339,7 @@ def measure_or_error(cell: tuple) -> dict:
             torch.cuda.synchronize()
         except Exception:  # noqa: BLE001 - a broken context fails the next cells too, each with its error
             pass
-        row = dict(zip(("dtype", "hidden", "batch", "seq", "layers", "bidirectional", "mode"), cell))
-        return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+        return {**cell_row(cell), "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
 
 
 if __name__ == "__main__":

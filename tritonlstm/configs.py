@@ -175,7 +175,10 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
     # registers above 16.
     bh = max(8, min(_pow2(hidden), _MAX_BLOCK_H if esize < 4 or hk < 256 else 16))
     if layers > 1 and hk >= 512:
-        bh = 8  # a stack's two in-loop dots spill above 8 there (compilecheck)
+        # A stack's two in-loop dots spill at BH = 32 there; BH = 16 only where 8 would give a layer more
+        # programs than its share of the SMs (4 layers at H = 512: resident at 16, 48-64 bytes of spills,
+        # instead of W streamed from L2 in 32-wide chunks, 32 dependent loads per step; perf/NOTES.md v0.13).
+        bh = 8 if cdiv(hidden, 8) <= num_sms else 16
     while bh > 8 and 4 * hk * bh * esize > w_budget:
         bh //= 2
     resident = hk <= 1024 and 4 * hk * bh * esize <= w_budget and cdiv(hidden, bh) <= num_sms
@@ -208,15 +211,16 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
                           interpreter: bool = False) -> LSTMConfig:
     """The reverse wavefront of a stack: the forward stack's choice, except where its two sets of four gate dots
     per step (dG_{t+1} @ W_hh and the layer above's dG_t @ W_ih) spill registers (compile-only sweeps,
-    2026-11-26, dropout included): whole-K resident tiles from K = 512 (fp32) or 1024 (16-bit), 8 warps at
-    K = 64 (16-bit); streamed, 32-wide K chunks (16-bit) and 8 warps (fp32) where the programs fit, else one
-    launch per step."""
+    2026-11-26/27, dropout included): whole-K resident tiles up to K = 512 in fp32 (492 bytes of spills at
+    K = 512, against W streamed in 16-wide chunks: 64 dependent loads per step, 2 layers' training at 0.98x
+    cuDNN in run 1; perf/NOTES.md v0.13), K = 512 in 16-bit; 4 warps at K = 64 (16-bit); otherwise streamed,
+    32-wide K chunks (16-bit) and 8 warps (fp32) where the programs fit, else one launch per step."""
     cfg = heuristic_config(hidden, batch, dtype, num_sms, interpreter=interpreter, layers=layers, kernel="stack_bwd")
     if interpreter or num_sms is None:
         return cfg
     hk = max(16, _pow2(hidden))
     esize = torch.empty((), dtype=dtype).element_size()
-    if cfg.w_resident and hk * esize < 2048:
+    if cfg.w_resident and hk * esize <= 2048 and hk <= 512:
         return dataclasses.replace(cfg, num_warps=4) if hk == 64 and esize == 2 else cfg
     bh, bk = 16, 32 if esize < 4 else 16
     if cdiv(hidden, bh) > num_sms // layers:

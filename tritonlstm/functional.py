@@ -88,6 +88,10 @@ def _register_autograd(op, backward, setup_context) -> None:
         def forward(ctx, *args):
             out = op.eager(*args)
             setup_context(ctx, args, out)
+            # Its callers (lstm_layer, lstm_stack) drop the saved outputs (gates, c_all), so nobody but the
+            # backward sees them and it may reuse their memory (_graph_released_after_this_backward). Through the
+            # custom op they are the caller's outputs and stay as they are.
+            ctx.outputs_private = True
             return out
 
         @staticmethod
@@ -126,6 +130,22 @@ def _call(op, *args):
     return op(*args) if op.eager_autograd is None else op.eager_autograd.apply(*args)
 
 
+def _graph_released_after_this_backward(ctx, *saved: Tensor) -> bool:
+    """Whether a backward may write dG over the gates it was saved (the training step's largest buffers, 8 bytes
+    per T*B*H in 16-bit: perf/NOTES.md, peak memory), as cuDNN's backward writes over its reserve space: only in
+    the backward of an eager call (not the custom op's, whose outputs the caller holds) whose graph is freed
+    when it returns (no retain_graph, no create_graph), on plain tensors. Otherwise, e.g. a second backward
+    through a retained graph, the gates must stay as saved."""
+    if not getattr(ctx, "outputs_private", False) or torch.compiler.is_compiling() or torch.is_grad_enabled() \
+            or not all(_plain(t) for t in saved):
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    try:
+        return keep_graph is not None and not keep_graph()
+    except RuntimeError:  # not inside an autograd graph task
+        return False
+
+
 @_custom_op("lstm_recurrence")
 def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
                      lengths: Tensor | None, reverse: bool,
@@ -158,18 +178,24 @@ def _(gx, weight_hh, bias, h0, c0, lengths, reverse, training):
     return y, hn, cn, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32)
 
 
-@_custom_op("lstm_recurrence_backward")
-def _lstm_recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
-                              weight_hh: Tensor, lengths: Tensor | None,
-                              reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns dG [T, B, D*4H] (gate pre-activation gradients, = d gx), dh0 and dc0 [D, B, H]."""
+def _recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
+                         weight_hh: Tensor, lengths: Tensor | None, reverse: bool,
+                         into_gates: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     k = _kernels()
     T, B, _ = gates.shape
     D, _, H = weight_hh.shape
     config = select_config(H, B, gates.dtype, gates.device, k.interpreting(), "bwd", D)
     return k.lstm_backward(gates, c_all, c0.to(torch.float32).contiguous(), weight_hh.contiguous(),
                            dy.contiguous(), dhn.contiguous(), dcn.contiguous(), _last_steps(lengths, gates.device),
-                           reverse=reverse, config=config)
+                           reverse=reverse, config=config, into_gates=into_gates)
+
+
+@_custom_op("lstm_recurrence_backward")
+def _lstm_recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
+                              weight_hh: Tensor, lengths: Tensor | None,
+                              reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dG [T, B, D*4H] (gate pre-activation gradients, = d gx), dh0 and dc0 [D, B, H]."""
+    return _recurrence_backward(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse)
 
 
 @_lstm_recurrence_backward.register_fake
@@ -187,13 +213,9 @@ def _no_double_backward(ctx, *grads):
 _lstm_recurrence_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-@_custom_op("lstm_stack_backward")
-def _lstm_stack_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
-                         weight_ih: Tensor, weight_hh: Tensor, lengths: Tensor | None,
-                         drop: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The reverse wavefront of a stack: dy [L, T, B, H] (each layer's own output gradient), dhn, dcn, c0
-    [L, B, H], gates [L, T, B, 4H], c_all [L, T, B, H], drop [L-1, T, B, H] the forward's dropout scale or
-    None. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
+def _stack_backward_run(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
+                        weight_ih: Tensor, weight_hh: Tensor, lengths: Tensor | None, drop: Tensor | None,
+                        into_gates: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     k = _kernels()
     L, T, B, _ = gates.shape
     H = weight_hh.shape[2]
@@ -201,7 +223,17 @@ def _lstm_stack_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_
     return k.lstm_stack_backward(gates, c_all, c0.to(torch.float32).contiguous(), weight_ih.contiguous(),
                                  weight_hh.contiguous(), dy.contiguous(), dhn.contiguous(), dcn.contiguous(),
                                  _last_steps(lengths, gates.device), config=config,
-                                 drop=None if drop is None else drop.contiguous())
+                                 drop=None if drop is None else drop.contiguous(), into_gates=into_gates)
+
+
+@_custom_op("lstm_stack_backward")
+def _lstm_stack_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
+                         weight_ih: Tensor, weight_hh: Tensor, lengths: Tensor | None,
+                         drop: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The reverse wavefront of a stack: dy [L, T, B, H] (each layer's own output gradient), dhn, dcn, c0
+    [L, B, H], gates [L, T, B, 4H], c_all [L, T, B, H], drop [L-1, T, B, H] the forward's dropout scale or
+    None. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
+    return _stack_backward_run(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop)
 
 
 @_lstm_stack_backward.register_fake
@@ -254,6 +286,9 @@ def _stack_setup_context(ctx, inputs, output):
     y, _, _, gates, c_all, xd = output
     ctx.save_for_backward(weight_ih, weight_hh, h0, c0, lengths, drop, y, gates, c_all, xd)
     ctx.mark_non_differentiable(gates, c_all, xd)
+    # Unmaterialised, the gradients of the outputs nobody used (gates, c_all) are None rather than zeros as large
+    # as the gates: 12 bytes per T*B*H in 16-bit, half of the training step's peak (perf/NOTES.md).
+    ctx.set_materialize_grads(False)
 
 
 def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
@@ -267,7 +302,11 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = torch.zeros_like(h0) if dhn is None else dhn
     dcn = torch.zeros_like(h0) if dcn is None else dcn
-    dg, dh0, dc0 = _call(_lstm_stack_backward, dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop)
+    args = (dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop)
+    if _graph_released_after_this_backward(ctx, *args[:6]):
+        dg, dh0, dc0 = _stack_backward_run(*args, into_gates=True)
+    else:
+        dg, dh0, dc0 = _call(_lstm_stack_backward, *args)
     dg2 = dg.view(L, T * B, 4 * H)
     need = ctx.needs_input_grad
     d_ih = d_hh = d_bias = None
@@ -291,6 +330,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.save_for_backward(weight_hh, h0, c0, lengths, y, gates, c_all)
     ctx.mark_non_differentiable(gates, c_all)
+    ctx.set_materialize_grads(False)  # as in _stack_setup_context
 
 
 def _recurrent_weight_grad(dg: Tensor, y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
@@ -322,7 +362,11 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     dy = torch.zeros_like(y) if dy is None else dy
     dhn = torch.zeros_like(h0) if dhn is None else dhn
     dcn = torch.zeros_like(h0) if dcn is None else dcn
-    dg, dh0, dc0 = _call(_lstm_recurrence_backward, dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
+    args = (dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
+    if _graph_released_after_this_backward(ctx, *args[:6]):
+        dg, dh0, dc0 = _recurrence_backward(*args, into_gates=True)
+    else:
+        dg, dh0, dc0 = _call(_lstm_recurrence_backward, *args)
     dg3 = dg.view(T * B, D, G)
     need = ctx.needs_input_grad
     dw_hh = None

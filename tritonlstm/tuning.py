@@ -234,6 +234,84 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+# Relative error allowed between a candidate's output and the reference: T steps of 16-bit rounding in a
+# different order of accumulation.
+LIMITS = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@dataclasses.dataclass
+class Problem:
+    """Random inputs of one recurrence kernel ("fwd", "bwd": D directions; "stack", "stack_bwd": L layers of a
+    wavefront) at one shape, and its launches: `launch(cfg)` is a call that runs the kernel with cfg and returns
+    y (forward kernels) or dG (backward kernels). The tuner and perf/kernel_ab.py time these same calls."""
+
+    kernel: str
+    gx: torch.Tensor  # [T, B, D*4H]
+    w_hh: torch.Tensor  # [D or L, 4H, H]
+    w_ih: torch.Tensor  # [L-1, 4H, H] (stacks)
+    bias: torch.Tensor  # [D or L, 4H] float32
+    h0: torch.Tensor
+    c0: torch.Tensor  # float32
+    dy: torch.Tensor  # [T, B, D*H], or [L, T, B, H] for a stack
+    saved: tuple = ()  # the backward's gates and c_all, from a forward with the base config
+
+    def launch(self, cfg: LSTMConfig):
+        from tritonlstm.kernels import lstm as k
+
+        p, zeros = self, torch.zeros_like(self.c0, dtype=self.h0.dtype)
+        if self.kernel == "fwd":
+            return lambda: k.lstm_forward(p.gx, p.w_hh, p.bias, p.h0, p.c0.clone(), None, reverse=False,
+                                          store_gates=False, config=cfg)[0]
+        if self.kernel == "stack":
+            return lambda: k.lstm_stack_forward(p.gx, p.w_ih, p.w_hh, p.bias, p.h0, p.c0.clone(), None,
+                                                store_gates=False, config=cfg)[0]
+        gates, c_all = self.saved
+        if self.kernel == "bwd":
+            return lambda: k.lstm_backward(gates, c_all, p.c0, p.w_hh, p.dy, zeros, zeros, None, reverse=False,
+                                           config=cfg)[0]
+        return lambda: k.lstm_stack_backward(gates, c_all, p.c0, p.w_ih, p.w_hh, p.dy, zeros, zeros, None,
+                                             config=cfg)[0]
+
+
+def make_problem(kernel: str, dtype: torch.dtype, hidden: int, batch: int, seq: int, directions: int = 1,
+                 layers: int = 1, device: torch.device | str = "cuda", base: LSTMConfig | None = None,
+                 seed: int = 0) -> Problem:
+    """Weights uniform in +-1/sqrt(H) (nn.LSTM's init), gx and dy standard normal, zero initial states; the
+    backward kernels' saved gates come from a forward launch with `base` (the heuristic's when None)."""
+    from tritonlstm.kernels import lstm as k
+
+    H, B, T = hidden, batch, seq
+    stack = kernel in ("stack", "stack_bwd")
+    n = layers if stack else directions
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    scale = H ** -0.5
+
+    def uniform(*shape):
+        return ((torch.rand(*shape, generator=g) * 2 - 1) * scale).to(device, dtype)
+
+    gx = torch.randn(T, B, (1 if stack else n) * 4 * H, generator=g).to(device, dtype)
+    w_hh = uniform(n, 4 * H, H)
+    w_ih = uniform(max(n - 1, 0), 4 * H, H) if stack else w_hh[:0]
+    bias = uniform(n, 4 * H).float()
+    h0 = torch.zeros(n, B, H, device=device, dtype=dtype)
+    c0 = torch.zeros(n, B, H, device=device)
+    dy = torch.randn(*((n, T, B, H) if stack else (T, B, n * H)), generator=g).to(device, dtype)
+    problem = Problem(kernel, gx, w_hh, w_ih, bias, h0, c0, dy)
+    if kernel in ("bwd", "stack_bwd"):
+        if base is None:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            base = heuristic_config(H, B, dtype, sms, directions=1 if stack else n, layers=n if stack else 1,
+                                    kernel="stack" if stack else "fwd")
+        if stack:
+            _, _, _, gates, c_all, _ = k.lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c0.clone(), None,
+                                                           store_gates=True, config=base)
+        else:
+            _, _, _, gates, c_all = k.lstm_forward(gx, w_hh, bias, h0, c0.clone(), None, reverse=False,
+                                                   store_gates=True, config=base)
+        problem.saved = (gates, c_all)
+    return problem
+
+
 def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, directions: int, seq: int,
              device: torch.device | str = "cuda", check=None, timer=None) -> TuneResult:
     """Times every runnable candidate of one key on random inputs and returns the fastest that is correct."""
@@ -246,35 +324,19 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_block_optin", 232448)
     H, B, T, D = hidden, batch, seq, directions
-    g = torch.Generator(device="cpu").manual_seed(0)
-    scale = H ** -0.5
-    gx = torch.randn(T, B, D * 4 * H, generator=g).to(device, dtype)
-    w = ((torch.rand(D, 4 * H, H, generator=g) * 2 - 1) * scale).to(device, dtype)
-    bias = ((torch.rand(D, 4 * H, generator=g) * 2 - 1) * scale).to(device)
-    h0 = torch.zeros(D, B, H, device=device, dtype=dtype)
-    c0 = torch.zeros(D, B, H, device=device)
-    dy = torch.randn(T, B, D * H, generator=g).to(device, dtype)
+    default = heuristic_config(H, B, dtype, props.multi_processor_count, directions=D, kernel=kernel)
+    problem = make_problem(kernel, dtype, H, B, T, directions=D, device=device, base=default)
+    run = problem.launch
 
     # float32 reference of the recurrence over gx (x = gx, W_ih = identity, direction 1 reversed), and its
     # gradient w.r.t. gx, which is dG.
-    gx_ref = gx.float().requires_grad_()
+    gx_ref = problem.gx.float().requires_grad_()
     eye = torch.eye(4 * H, device=device)
-    y_ref = torch.cat([lstm_layer_reference(gx_ref[..., d * 4 * H:(d + 1) * 4 * H], eye, w[d].float(), bias[d], None,
-                                            c0[d], c0[d], reverse=d == 1)[0] for d in range(D)], dim=2)
-    y_ref.backward(dy.float())
-    limit = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
-
-    default = heuristic_config(H, B, dtype, props.multi_processor_count, directions=D, kernel=kernel)
-    if kernel == "bwd":
-        _, _, _, gates, c_all = k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=True,
-                                               config=default)
-
-    def run(cfg):
-        if kernel == "fwd":
-            return lambda: k.lstm_forward(gx, w, bias, h0, c0.clone(), None, reverse=False, store_gates=False,
-                                          config=cfg)[0]
-        return lambda: k.lstm_backward(gates, c_all, c0, w, dy, h0, h0, None, reverse=False, config=cfg)[0]
-
+    y_ref = torch.cat([lstm_layer_reference(gx_ref[..., d * 4 * H:(d + 1) * 4 * H], eye, problem.w_hh[d].float(),
+                                            problem.bias[d], None, problem.c0[d], problem.c0[d], reverse=d == 1)[0]
+                       for d in range(D)], dim=2)
+    y_ref.backward(problem.dy.float())
+    limit = LIMITS[dtype]
     expected = y_ref if kernel == "fwd" else gx_ref.grad
     times, rejected = {}, 0
     cands = candidates(H, B, dtype, props.multi_processor_count // D, smem, kernel)

@@ -1,0 +1,125 @@
+"""What a training step keeps and allocates (perf/NOTES.md, peak memory): the backward writes dG over the gates
+the forward saved unless the graph is kept, and no gradient of an unused output is materialised as zeros."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import NAMES, leaf, make_problem
+from tritonlstm import fused_lstm
+from tritonlstm.functional import lstm_stack
+from tritonlstm.kernels import lstm as kernels
+
+
+class CreatedShapes(TorchDispatchMode):
+    """Records the shape of every new tensor an ATen op returns, views aside (the autograd engine's zero-filled
+    gradients included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                self.shapes.append(tuple(o.shape))
+        return out
+
+
+@pytest.fixture
+def backward_launches(monkeypatch):
+    """(into_gates, dG is the saved gates buffer) for each backward launch."""
+    seen = []
+    for name in ("lstm_backward", "lstm_stack_backward"):
+        real = getattr(kernels, name)
+
+        def spy(gates, *a, _real=real, **k):
+            out = _real(gates, *a, **k)
+            seen.append((k.get("into_gates", False), out[0].data_ptr() == gates.data_ptr()))
+            return out
+
+        monkeypatch.setattr(kernels, name, spy)
+    return seen
+
+
+def _layer(T=6, B=5, H=12, lengths=None, problem=None):
+    problem = make_problem(T, B, 7, H, torch.float32) if problem is None else problem
+    p = leaf(problem)
+    y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), lengths=lengths, backend="triton")
+    return p, y, hn, cn
+
+
+@pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5, 1, 6])], ids=["full", "lengths"])
+def test_backward_writes_dg_over_the_saved_gates_and_allocates_no_gate_sized_tensor(backward_launches, lengths):
+    T, B, H = 6, 5, 12
+    p, y, hn, cn = _layer(T, B, H, lengths)
+    loss = y.sum() + hn.square().sum()  # c_n unused: its gradient stays None
+    with CreatedShapes() as mode:
+        loss.backward()
+    assert backward_launches == [(True, True)]
+    assert (T, B, 4 * H) not in mode.shapes, "a gate-sized tensor was allocated in the backward"
+    assert all(p[n].grad is not None for n in NAMES)
+
+
+def test_retained_graph_keeps_the_gates_and_a_second_backward_gives_the_same_gradients(backward_launches):
+    problem = make_problem(6, 5, 7, 12, torch.float32)
+    p, y, hn, cn = _layer(problem=problem)
+    loss = y.square().sum() + cn.sum()
+    loss.backward(retain_graph=True)
+    first = {n: p[n].grad.clone() for n in NAMES}
+    loss.backward()  # through the same saved gates: they must not hold the first backward's dG
+    assert backward_launches == [(False, False), (True, True)]
+    for n in NAMES:
+        torch.testing.assert_close(p[n].grad, 2 * first[n], rtol=1e-6, atol=1e-6)
+
+    q, y2, _, cn2 = _layer(problem=problem)  # a single backward, graph released
+    (y2.square().sum() + cn2.sum()).backward()
+    for n in NAMES:
+        torch.testing.assert_close(q[n].grad, first[n], rtol=0, atol=0)
+
+
+def test_create_graph_keeps_the_gates(backward_launches):
+    p, y, _, _ = _layer()
+    torch.autograd.grad(y.sum(), p["x"], create_graph=True)
+    assert backward_launches == [(False, False)]
+
+
+@pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5, 1, 6])], ids=["full", "lengths"])
+def test_stack_backward_writes_over_its_gates_unless_the_graph_is_kept(backward_launches, lengths):
+    T, B, H, L = 6, 5, 12, 3
+    layers = [make_problem(T, B, 7 if l == 0 else H, H, torch.float32) for l in range(L)]
+    keys = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    ws = [tuple(p[k].detach().requires_grad_() for k in keys) for p in layers]
+    x = layers[0]["x"].detach().requires_grad_()
+    y, (hn, cn) = lstm_stack(x, ws, lengths=lengths, backend="triton")
+    loss = y.square().sum() + cn.sum()
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone()] + [t.grad.clone() for w in ws for t in w]
+    with CreatedShapes() as mode:
+        loss.backward()
+    assert backward_launches == [(False, False), (True, True)]
+    assert (L, T, B, 4 * H) not in mode.shapes
+    for a, b in zip([x.grad] + [t.grad for w in ws for t in w], first):
+        torch.testing.assert_close(a, 2 * b, rtol=1e-6, atol=1e-6)
+
+
+def test_custom_op_leaves_its_gates_output_as_returned(backward_launches):
+    """Called as the custom op (torch.compile, opcheck, a user of torch.ops.tritonlstm), the saved gates are an
+    output the caller holds: the backward must not write over them."""
+    import tritonlstm.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    T, B, H = 4, 3, 8
+    gx = (torch.randn(T, B, 4 * H, generator=g) * 0.3).requires_grad_()
+    w = (torch.randn(1, 4 * H, H, generator=g) * 0.3).requires_grad_()
+    h0, c0 = torch.zeros(1, B, H), torch.zeros(1, B, H)
+    y, hn, cn, gates, c_all = F._lstm_recurrence(gx, w, None, h0, c0, None, False, True)
+    kept = gates.clone()
+    y.sum().backward()
+    assert backward_launches == [(False, False)]
+    assert torch.equal(gates, kept)
