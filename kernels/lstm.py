@@ -655,6 +655,9 @@ def lstm_fwd_kernel(
                     tl.store(XD + o_xd, (b_y * b_scale).to(XD.dtype.element_ty), mask=m_xd)
             tl.store(p_c, b_c, mask=m_live)
             if STORE_GATES:
+                # GATES may be GX (lstm_forward's gates_out): every warp's gx loads of this tile must be done before
+                # any warp stores over them (as before the backward's dG stores).
+                tl.debug_barrier()
                 p_gates = GATES + o_row[:, None] * SG + o_j[None, :]
                 tl.store(p_gates, b_i.to(GATES.dtype.element_ty), mask=m_live)
                 tl.store(p_gates + H, b_f.to(GATES.dtype.element_ty), mask=m_live)
@@ -1065,12 +1068,14 @@ def _tag_ring(h0: torch.Tensor, pack: int) -> torch.Tensor:
     return torch.stack([torch.zeros_like(words), words])
 
 
-def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config):
+def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config, gates_out=None):
     """Runs the recurrence of D directions (D = w_hh.shape[0]; direction 1 in reverse) over gx = x @ W_ih^T
-    [T, B, D*4H] (read only). w_hh [D, 4H, H], bias [D, 4H] float32 or None, h0 [D, B, H], c_ws [D, B, H]
-    float32 holding c0 (updated in place). reverse runs a D = 1 launch backwards. Returns y [T, B, D*H],
-    h_n, c_n [D, B, H] and, when store_gates, the activated gates [T, B, D*4H] and c_all [T, B, D*H] float32
-    (else None, None)."""
+    [T, B, D*4H] (read only, unless it is gates_out). w_hh [D, 4H, H], bias [D, 4H] float32 or None, h0
+    [D, B, H], c_ws [D, B, H] float32 holding c0 (updated in place). reverse runs a D = 1 launch backwards.
+    Returns y [T, B, D*H], h_n, c_n [D, B, H] and, when store_gates, the activated gates [T, B, D*4H] (in
+    gates_out when given, which may be gx itself: each program overwrites only the gx elements it has read;
+    without lengths, as positions past a row's end are not written) and c_all [T, B, D*H] float32 (else None,
+    None)."""
     T, B, _ = gx.shape
     D, G, H = w_hh.shape
     _check_residency(config, H, D, gx.device)
@@ -1079,7 +1084,9 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     y = _per_step((T, B, D * H), dt, dev, lengths)
     hn = _alloc((D, B, H), dt, dev)
     cn = _alloc((D, B, H), dt, dev)
-    gates = _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
+    if gates_out is not None and (not store_gates or lengths):
+        raise ValueError("lstm_forward: gates_out needs store_gates=True and no lengths")
+    gates = gates_out if gates_out is not None else _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
     sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)

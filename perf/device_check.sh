@@ -11,7 +11,10 @@
 # fwd,fwdbwd" runs the whole matrix) and BENCH_TIMEOUT (200); KERNEL_AB=1 (off by default, ~2 min) runs
 # perf/kernel_ab.py with KERNEL_AB_ARGS and KERNEL_AB_TIMEOUT (150); TUNE_ARGS="..." runs the tuner on those
 # shapes (TUNE_TIMEOUT, 240); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles
-# many candidates) and TESTS_TIMEOUT (140); STACK_BENCH; NCU_ARGS="..." profiles one forward launch
+# many candidates) and TESTS_TIMEOUT (140); STACK_AB=1 (off by default, ~1 min) runs perf/kernel_ab.py on the
+# stack kernels (2 and 4 layers, H = 512, B = 16, every dtype); PERF_SUITE runs `pytest perf/ --benchmark-only`
+# with -k PERF_SUITE_K (default "stack_training"; PERF_SUITE_K= runs the whole suite, 160 tests: give it
+# PERF_SUITE_TIMEOUT=400) and PERF_SUITE_TIMEOUT (60); NCU_ARGS="..." profiles one forward launch
 # (perf/profile_one.py) with Nsight Compute.
 set -uo pipefail
 OUT=${OUT:-perf-out}
@@ -47,6 +50,15 @@ if [ "${KERNEL_AB:-0}" != 0 ]; then
     pack
 fi
 
+if [ "${STACK_AB:-0}" != 0 ]; then
+    step "A/B of launch configs, stack kernels alone"
+    timeout "${STACK_AB_TIMEOUT:-120}" $py perf/kernel_ab.py --kernels stack,stack_bwd --layers 2,4 --hidden 512 \
+        --batch 16 --dtypes float16,bfloat16,float32 --variants unsplit,unsplit-w4,split,split4,streamed \
+        --json "$W/stack_ab.json" 2> "$W/stack_ab.stderr" | tee "$W/stack_ab.txt"
+    echo "stack A/B rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
+    pack
+fi
+
 if [ "${BENCH:-1}" != 0 ]; then
     step "bench ${BENCH_ARGS---quick}"
     timeout "${BENCH_TIMEOUT:-200}" $py -m tritonlstm.bench ${BENCH_ARGS---quick} --out "$W/bench" \
@@ -74,11 +86,11 @@ if [ "${GPU_TESTS:-1}" != 0 ]; then
     grep -E "^(FAILED|ERROR)" "$W/gpu-tests.txt" | head -30
     pack
 fi
-if [ "${STACK_BENCH:-1}" != 0 ]; then
-    step "stack training with and without dropout (pytest-benchmark)"
-    timeout 60 $py -m pytest -q perf/test_perf.py -k stack_training --benchmark-only -p no:cacheprovider \
-        --benchmark-json "$W/stack-bench.json" > "$W/stack-bench.txt" 2>&1
-    echo "stack bench rc=$?: $(tail -1 "$W/stack-bench.txt")" | tee -a "$W/summary.txt"
+if [ "${PERF_SUITE:-1}" != 0 ]; then
+    step "pytest perf/ --benchmark-only -k '${PERF_SUITE_K-stack_training}'"
+    timeout "${PERF_SUITE_TIMEOUT:-60}" $py -m pytest -q perf/ -k "${PERF_SUITE_K-stack_training}" --benchmark-only \
+        -p no:cacheprovider --benchmark-json "$W/perf-suite.json" > "$W/perf-suite.txt" 2>&1
+    echo "perf suite rc=$?: $(tail -1 "$W/perf-suite.txt")" | tee -a "$W/summary.txt"
     pack
 fi
 if [ -n "${NCU_ARGS:-}" ]; then

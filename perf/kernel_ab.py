@@ -14,6 +14,8 @@ cuDNN timed beside them in the same process. Each row is one (kernel, dtype, H, 
   tagged-probe the same, polling one word per producer first (forward only)
   split-tagged, split-tagged-probe   the tagged exchanges on the split tiles
   streamed     W_hh (and a stack's W_ih) streamed from L2 in 32-wide K chunks (16 in fp32), BH = 16, 4 warps
+  wide         B >= 32, single layer: 64-row tiles, W streamed, 8 warps, 3 stages (configs.wide_tile_config;
+               the heuristic's pick where 16-row tiles would walk >= 4 tiles per program, v0.15)
 
 The stacks' wavefront kernels (--kernels stack,stack_bwd, --layers): "unsplit" is the heuristic's pick
 (configs.heuristic_config / stack_backward_config), the other variants as above where they apply (no merged,
@@ -36,7 +38,7 @@ import json
 import sys
 
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
-            "merged-w4", "tagged", "tagged-probe", "split-tagged", "split-tagged-probe", "streamed")
+            "merged-w4", "tagged", "tagged-probe", "split-tagged", "split-tagged-probe", "streamed", "wide")
 FORWARD = ("fwd", "stack")
 
 
@@ -48,6 +50,7 @@ def variants(kernel: str, H: int, B: int, dtype, sms: int, names, layers: int = 
         stack_backward_config,
         tagged_exchanges,
         tagged_variant,
+        wide_tile_config,
         with_split_k,
     )
 
@@ -71,6 +74,8 @@ def variants(kernel: str, H: int, B: int, dtype, sms: int, names, layers: int = 
     if H > 32 and cdiv(H, 16) <= share:
         out["streamed"] = regroup(LSTMConfig(block_h=16, block_b=16, block_k=16 if fp32 else 32, w_resident=False,
                                              num_warps=4))
+        if not stack and B >= 32:
+            out["wide"] = wide_tile_config(H, B, dtype.itemsize, sms, kernel)
     if unsplit.w_resident and unsplit.block_k >= 64:
         split = with_split_k(regroup(unsplit, block_h=min(unsplit.block_h, 16)))
         out["split"] = split

@@ -155,7 +155,7 @@ def test_kernel_ab_variants_are_runnable_configs():
     for kernel in ("fwd", "bwd"):
         got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "tagged",
-                "split-tagged", "streamed"}
+                "split-tagged", "streamed", "wide"}
         fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4"}
         assert set(got) == want | (fwd_only if kernel == "fwd" else set()), got
         assert len(set(got.values())) == len(got)

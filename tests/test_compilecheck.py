@@ -11,7 +11,7 @@ import torch
 
 from helpers import run_python
 from tritonlstm.compilecheck import SM90_SHARED_LIMIT, SPILL_LIMIT, shipped_configs
-from tritonlstm.configs import heuristic_config
+from tritonlstm.configs import heuristic_config, wide_tile_config
 
 
 def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
@@ -26,8 +26,14 @@ def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
     assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
     assert all(0 < r["shared"] <= SM90_SHARED_LIMIT and r["spill_bytes"] <= SPILL_LIMIT and r["error"] is None
                for r in rows)
-    # Spill-free wherever nothing was measured against it: the stacks' wavefronts and the streamed weights.
-    assert all(r["spill_bytes"] == 0 for r in rows if r["kernel"].startswith("stack") or not r["config"]["w_resident"])
+    # Spill-free wherever nothing was measured against it: the streamed weights, and the stacks' wavefronts but
+    # for their whole-K resident tiles at K = 512 (perf/NOTES.md v0.13: at most ~500 bytes, predicted faster than
+    # streaming W in K chunks; to be measured).
+    for r in rows:
+        resident_stack = r["kernel"].startswith("stack") and r["config"]["w_resident"]
+        limit = 512 if resident_stack else 0 if r["kernel"].startswith("stack") or not r["config"]["w_resident"] \
+            else SPILL_LIMIT
+        assert r["spill_bytes"] <= limit, r
     configs = shipped_configs(4096)
     # The single-layer forward in both variants; a stack in its training one (dropout, the heavier).
     assert len(rows) == sum(2 if kernel == "fwd" else 1 for kernel, *_ in configs)
@@ -35,12 +41,23 @@ def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
 
 
 def test_heuristic_keeps_programs_resident_and_weights_on_chip_up_to_1024():
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for hidden in (1, 24, 256, 512, 1000, 1024):
-            for batch in (1, 16, 256, 4096):
-                cfg = heuristic_config(hidden, batch, dtype, 132)
-                assert cfg.persistent and cfg.w_resident, (dtype, hidden, batch, cfg)
-                assert cfg.programs(hidden) <= 132
+    """W on chip up to H = 1024, except where 16-row tiles would make a program walk >= 4 tiles per step: 64-row
+    tiles with W streamed there (perf/NOTES.md v0.15)."""
+    for kernel in ("fwd", "bwd"):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for hidden in (1, 24, 256, 512, 1000, 1024):
+                for batch in (1, 16, 64, 256, 4096):
+                    cfg = heuristic_config(hidden, batch, dtype, 132, kernel=kernel)
+                    assert cfg.persistent and cfg.programs(hidden) <= 132, (dtype, hidden, batch, cfg)
+                    wide = wide_tile_config(hidden, batch, dtype.itemsize, 132, kernel)
+                    assert cfg.w_resident or cfg == wide, (kernel, dtype, hidden, batch, cfg)
+                    if cfg == wide:
+                        assert batch >= 64
+    # The bench cells furthest behind cuDNN in run 3 take the wide tiles.
+    for dtype, hidden, batch in ((torch.float16, 1024, 256), (torch.bfloat16, 1024, 256), (torch.float32, 512, 256),
+                                 (torch.float32, 1024, 64)):
+        assert heuristic_config(hidden, batch, dtype, 132).block_b == 64
+    assert heuristic_config(512, 256, torch.float16, 132).w_resident  # 2 tiles per program: stays
 
 
 def test_heuristic_streams_weights_beyond_1024():
@@ -85,4 +102,7 @@ def test_tagged_exchange_candidates_compile_and_fit_at_the_h256_tiles(tmp_path):
     assert any(r["config"]["split_k"] > 1 for r in rows) and any(r["config"]["split_k"] == 1 for r in rows)
     h256 = [r for r in rows if r["config"]["block_k"] == 256 and r["config"]["split_k"] == 1]
     assert {r["dtype"] for r in h256} == {"fp16", "bf16", "fp32"}
-    assert all(r["spill_bytes"] == 0 for r in h256), proc.stdout[-3000:]
+    # tagged-probe's nested poll loop spills a few dozen bytes in fp32 since the flag check became uniform
+    # (perf/NOTES.md v0.14); it never measured faster than the barrier (v0.9).
+    assert all(r["spill_bytes"] <= (64 if r["config"]["exchange"] == "tagged-probe" else 0) for r in h256), \
+        proc.stdout[-3000:]

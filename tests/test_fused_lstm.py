@@ -110,6 +110,9 @@ MULTI_PROGRAM = [
                             split_k=4, num_warps=4), id="stepwise-P5-Q2-tiles3-split4"),
     pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=32, w_resident=False, batch_groups=1, persistent=False,
                             split_k=2), id="stepwise-streamedW-BK32-split2"),
+    # configs.wide_tile_config's shape (64-row tiles, streamed W, 3 stages), stepwise: one partial tile.
+    pytest.param(LSTMConfig(block_h=16, block_b=64, block_k=32, w_resident=False, batch_groups=1, persistent=False,
+                            num_warps=8, num_stages=3), id="stepwise-wide-BB64"),
 ]
 
 

@@ -123,3 +123,25 @@ def test_custom_op_leaves_its_gates_output_as_returned(backward_launches):
     y.sum().backward()
     assert backward_launches == [(False, False)]
     assert torch.equal(gates, kept)
+
+
+@pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5, 1, 6])], ids=["full", "lengths"])
+def test_training_forward_writes_the_gates_over_its_input_projection(monkeypatch, lengths):
+    """The eager forward's activated gates go over gx (lstm_layer's own temporary): one gate-sized buffer in
+    the forward, gx's. Not with lengths (the gates must be zero past each row's end)."""
+    seen = []
+    real = kernels.lstm_forward
+
+    def spy(gx, *a, **k):
+        out = real(gx, *a, **k)
+        seen.append(out[3] is not None and out[3].data_ptr() == gx.data_ptr())
+        return out
+
+    monkeypatch.setattr(kernels, "lstm_forward", spy)
+    T, B, H = 6, 5, 12
+    problem = make_problem(T, B, 7, H, torch.float32)
+    p = leaf(problem)
+    with CreatedShapes() as mode:
+        y, _ = fused_lstm(*(p[n] for n in NAMES), lengths=lengths, backend="triton")
+    assert seen == [lengths is None]
+    assert mode.shapes.count((T, B, 4 * H)) + mode.shapes.count((T * B, 4 * H)) == (1 if lengths is None else 2)

@@ -203,8 +203,29 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
                               persistent=False, num_warps=warps)
     p = cdiv(hidden, bh)
     groups = max(1, min(cdiv(batch, bb), num_sms // p))
+    if layers == 1 and kernel in ("fwd", "bwd") and cdiv(cdiv(batch, bb), groups) >= WIDE_TILE_WALKS \
+            and cdiv(hidden, 16) <= num_sms:
+        return wide_tile_config(hidden, batch, esize, num_sms, kernel)
     return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=groups, persistent=True,
                       num_warps=warps, split_k=sk)
+
+
+# A program that would walk this many 16-row tiles per step takes 64-row tiles with W streamed instead.
+WIDE_TILE_WALKS = 4
+
+
+def wide_tile_config(hidden: int, batch: int, esize: int, num_sms: int, kernel: str) -> LSTMConfig:
+    """64-row batch tiles, W streamed from L2 in K chunks (pipelined, 3 stages), 8 warps: a 64-row dot puts 4
+    warps along M and 2 along N, so no warp repeats another's work, where a 16-row tile stacks all warps on the
+    same 16 rows and a program pays that replicated chain once per 16 rows (run 1: +9-10 us per extra tile at
+    H = 1024; run 3: fp16 H = 1024 B = 256 at 56.8 us per step, 8 tiles per program). Resident W cannot take
+    64-row tiles: the whole-K x tile then needs 128 KB of shared memory and spills 3-10 KB (compile-only,
+    2026-11-27). Compile-only: no spills at 8 warps with these K chunks (the backward spills 244 B at 64).
+    Not yet measured (perf/NOTES.md v0.15)."""
+    bk = 64 if esize < 4 and kernel == "fwd" else 32
+    groups = max(1, min(cdiv(batch, 64), num_sms // cdiv(hidden, 16)))
+    return LSTMConfig(block_h=16, block_b=64, block_k=bk, w_resident=False, batch_groups=groups, persistent=True,
+                      num_warps=8, num_stages=3)
 
 
 def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None, layers: int,

@@ -13,6 +13,7 @@ time) and run the same functions under a plain autograd.Function (`_call`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -146,6 +147,24 @@ def _graph_released_after_this_backward(ctx, *saved: Tensor) -> bool:
         return False
 
 
+def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
+                        lengths: Tensor | None, reverse: bool, training: bool,
+                        gates_into_gx: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    k = _kernels()
+    T, B, _ = gx.shape
+    D, _, H = weight_hh.shape
+    c_ws = c0.to(torch.float32, copy=True).contiguous()
+    config = select_config(H, B, gx.dtype, gx.device, k.interpreting(), "fwd", D)
+    gx = gx.contiguous()
+    y, hn, cn, gates, c_all = k.lstm_forward(gx, weight_hh.contiguous(), None if bias is None else bias.contiguous(),
+                                             h0.contiguous(), c_ws, _last_steps(lengths, gx.device), reverse=reverse,
+                                             store_gates=training, config=config,
+                                             gates_out=gx if gates_into_gx and training and lengths is None else None)
+    if not training:
+        return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0)
+    return y, hn, cn, gates, c_all
+
+
 @_custom_op("lstm_recurrence")
 def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
                      lengths: Tensor | None, reverse: bool,
@@ -154,18 +173,13 @@ def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Ten
     `reverse`): gx = x @ W_ih^T [T, B, D*4H], weight_hh [D, 4H, H], bias [D, 4H] float32 or None, h0 and c0
     [D, B, H]. Returns y [T, B, D*H], h_n, c_n [D, B, H] and, when training, the activated gates [T, B, D*4H]
     and c_t [T, B, D*H] float32 for the backward (empty otherwise)."""
-    k = _kernels()
-    T, B, _ = gx.shape
-    D, _, H = weight_hh.shape
-    c_ws = c0.to(torch.float32, copy=True).contiguous()
-    config = select_config(H, B, gx.dtype, gx.device, k.interpreting(), "fwd", D)
-    y, hn, cn, gates, c_all = k.lstm_forward(gx.contiguous(), weight_hh.contiguous(),
-                                             None if bias is None else bias.contiguous(), h0.contiguous(), c_ws,
-                                             _last_steps(lengths, gx.device), reverse=reverse,
-                                             store_gates=training, config=config)
-    if not training:
-        return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0)
-    return y, hn, cn, gates, c_all
+    return _recurrence_forward(gx, weight_hh, bias, h0, c0, lengths, reverse, training)
+
+
+# Eagerly (_call), gx is always the caller's temporary (lstm_layer's input projection), read by nobody after
+# the kernel: the activated gates are written over it, one [T, B, D*4H] buffer fewer at the forward's peak
+# (perf/NOTES.md v0.12). The custom op's own outputs must not alias its inputs, so it keeps them apart.
+_lstm_recurrence.eager = functools.partial(_recurrence_forward, gates_into_gx=True)
 
 
 @_lstm_recurrence.register_fake

@@ -30,7 +30,16 @@ from pathlib import Path
 
 import torch
 
-from tritonlstm.configs import LSTMConfig, _pow2, cdiv, heuristic_config, tagged_exchanges, tagged_variant, with_split_k
+from tritonlstm.configs import (
+    LSTMConfig,
+    _pow2,
+    cdiv,
+    heuristic_config,
+    tagged_exchanges,
+    tagged_variant,
+    wide_tile_config,
+    with_split_k,
+)
 
 FORMAT = 1
 TUNABLE = ("fwd", "bwd")  # the wavefront stacks' kernels use the heuristic (not tuned yet)
@@ -190,6 +199,8 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                     for c in (cfg, with_split_k(cfg), *merged):
                         if c not in out:
                             out.append(c)
+    if batch > 16 and cdiv(hidden, 16) <= num_sms:
+        out.append(wide_tile_config(hidden, batch, esize, num_sms, kernel))
     out += [tagged_variant(c, exchange) for c in list(out)
             for exchange in tagged_exchanges(kernel, c, dtype)]
     out = list(dict.fromkeys(out))
