@@ -514,10 +514,12 @@ _STACK_CONFIGS = {"default": None, "stepwise-P5-Q2": MULTI_PROGRAM[0].values[0],
                   "streamedW": MULTI_PROGRAM[1].values[0], "split4": MULTI_PROGRAM[3].values[0]}
 _STACK_LENGTHS = {"padded": None, "lengths": torch.tensor([6, 2, 5, 1, 6])}
 _STACK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-# Every config x lengths x dtype without dropout; with dropout, each multi-program config meets each lengths
-# and each dtype once (the dropout code is the same for all).
+# Every config x lengths x dtype without dropout, but the two multi-program combinations that a dropout case
+# below repeats with dropout (CI time); with dropout, each multi-program config meets each lengths and each
+# dtype once (the dropout code is the same for all).
 _STACK_CASES = [(c, n, d, False) for c in _STACK_CONFIGS if c != "split4" for n in _STACK_LENGTHS
-                for d in _STACK_DTYPES] + [
+                for d in _STACK_DTYPES
+                if (c, n, d) not in {("stepwise-P5-Q2", "padded", "fp16"), ("stepwise-P5-Q2", "lengths", "fp32")}] + [
     ("stepwise-P5-Q2", "padded", "fp16", True), ("stepwise-P5-Q2", "lengths", "fp32", True),
     ("streamedW", "padded", "fp32", True), ("streamedW", "lengths", "fp16", True),
     ("split4", "lengths", "fp16", True)]
