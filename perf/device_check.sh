@@ -14,8 +14,8 @@
 # many candidates) and TESTS_TIMEOUT (140); STACK_AB=1 (off by default, ~1 min) runs perf/kernel_ab.py on the
 # stack kernels (2 and 4 layers, H = 512, B = 16, every dtype); PERF_SUITE runs `pytest perf/ --benchmark-only`
 # with -k PERF_SUITE_K (default "stack_training"; PERF_SUITE_K= runs the whole suite, 160 tests: give it
-# PERF_SUITE_TIMEOUT=400) and PERF_SUITE_TIMEOUT (60); NCU_ARGS="..." profiles one forward launch
-# (perf/profile_one.py) with Nsight Compute.
+# PERF_SUITE_TIMEOUT=400) and PERF_SUITE_TIMEOUT (60); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
+# NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute.
 set -uo pipefail
 OUT=${OUT:-perf-out}
 W=${WORK_DIR:-/tmp/tritonlstm-device}
@@ -94,11 +94,12 @@ if [ "${PERF_SUITE:-1}" != 0 ]; then
     pack
 fi
 if [ -n "${NCU_ARGS:-}" ]; then
-    # e.g. NCU_ARGS="--hidden 1024 --batch 16 --dtype float16 --variant split": where one launch's warps stall.
-    step "Nsight Compute, one forward launch ($NCU_ARGS)"
+    # e.g. NCU_ARGS="--hidden 1024 --batch 256 --dtype float16 --variant wide": where one launch's warps stall.
+    step "Nsight Compute, one launch ($NCU_ARGS)"
     timeout "${NCU_TIMEOUT:-90}" ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-        -k regex:lstm_fwd_kernel --launch-skip 1 -c 1 $py perf/profile_one.py $NCU_ARGS > "$W/ncu.txt" 2>&1
+        -k "regex:${NCU_KERNEL:-lstm_fwd_kernel}" --launch-skip 1 -c 1 $py perf/profile_one.py $NCU_ARGS \
+        > "$W/ncu.txt" 2>&1
     echo "ncu rc=$?" | tee -a "$W/summary.txt"
     grep -E "stalled|Duration|Warp Cycles|Throughput" "$W/ncu.txt" | sort -k3 -g -r | head -30
     pack

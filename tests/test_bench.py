@@ -143,6 +143,14 @@ def test_kernel_ab_script_without_gpu_says_so_and_exits_0():
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
 
 
+def test_profile_one_script_takes_the_ab_variants_and_without_gpu_says_so():
+    script = str(Path(__file__).parents[1] / "perf" / "profile_one.py")
+    proc = run_python(script, "--kernel", "bwd", "--variant", "wide", "--batch", "256", timeout=120)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+    proc = run_python(script, "--variant", "no-such-variant", timeout=120)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
 def test_kernel_ab_variants_are_runnable_configs():
     """The A/B's variants: each a different config whose programs all fit the SMs, named as documented."""
     import importlib.util
