@@ -261,10 +261,10 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
     different polls and every CTA barrier after it pairs the wrong arrivals (on an H100 some outputs of a failed
     launch came out finite and unpoisoned: perf/NOTES.md, v0.14). So the program that gives up releases the
     others through the counter itself, and the flag is read once, after the loop."""
-    # bar.sync orders this program's stores before the release; the acquire orders the loads after it.
+    # bar.sync orders this program's stores before the release; the acquire orders the loads after it. The
+    # arrival's own result is the first poll: the last program to arrive goes on without another round trip.
     tl.debug_barrier()
-    tl.atomic_add(p_count, 1, sem="release", scope="gpu")
-    seen = tl.atomic_add(p_count, 0, sem="acquire", scope="gpu")
+    seen = tl.atomic_add(p_count, 1, sem="acq_rel", scope="gpu") + 1
     spins = 0
     while seen < target:
         seen = tl.atomic_add(p_count, 0, sem="acquire", scope="gpu")
