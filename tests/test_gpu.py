@@ -59,6 +59,30 @@ def test_matches_cudnn(H, B, dtype):
     run_both(64, B, H, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_training_step_keeps_what_the_count_says(dtype):
+    """The memory of a training step (perf/NOTES.md v0.12): forward gates over gx, c_t, y; backward dG over the
+    gates; no zero-filled gradients. At most 20 bytes per T*B*H in 16-bit (the count: 16), 36 in fp32 (the
+    count: 28), over what was allocated before the call, plus 16 MB for weights' gradients and workspaces.
+    Before v0.12: ~38 and ~66."""
+    T, B, H = 64, 256, 512
+    _, w = cudnn_and_weights(H, H, dtype)
+    x = torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True)
+    fused_lstm(x, *w, backend="triton")[0].sum().backward()  # compile and warm up
+    x.grad = None
+    for p in w:
+        p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y, _ = fused_lstm(x, *w, backend="triton")
+    y.backward(torch.ones_like(y))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    per = 20 if dtype == torch.float16 else 36
+    assert peak <= per * T * B * H + 16 * 2 ** 20, f"{peak / (T * B * H):.1f} bytes per T*B*H"
+
+
 def test_large_batch_4096():
     run_both(8, 4096, 1024, torch.float16)
 
