@@ -655,9 +655,10 @@ def lstm_fwd_kernel(
                     tl.store(XD + o_xd, (b_y * b_scale).to(XD.dtype.element_ty), mask=m_xd)
             tl.store(p_c, b_c, mask=m_live)
             if STORE_GATES:
-                # GATES may be GX (lstm_forward's gates_out): every warp's gx loads of this tile must be done before
-                # any warp stores over them (as before the backward's dG stores).
-                tl.debug_barrier()
+                if not STACK:
+                    # GATES may be GX (lstm_forward's gates_out; a stack's never is): every warp's gx loads of this
+                    # tile must be done before any warp stores over them (as before the backward's dG stores).
+                    tl.debug_barrier()
                 p_gates = GATES + o_row[:, None] * SG + o_j[None, :]
                 tl.store(p_gates, b_i.to(GATES.dtype.element_ty), mask=m_live)
                 tl.store(p_gates + H, b_f.to(GATES.dtype.element_ty), mask=m_live)
