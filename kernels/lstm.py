@@ -250,6 +250,10 @@ def _load_gate_rows(p_gx, m, H):
     return b_gi, b_gf, b_gg, b_go
 
 
+# A released barrier counter: above every target a launch waits for (_run splits longer launches).
+RELEASED: tl.constexpr = tl.constexpr(1 << 30)
+
+
 @triton.jit
 def _grid_barrier(p_flag, p_count, target, max_spin):
     """Waits until the counter reaches target; returns True if the barrier failed (now, or in an earlier launch:
@@ -271,9 +275,12 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
         spins += 1
         if spins > max_spin:
             # Bounded: a program that never arrives must surface as an error, not a hung process. The flag is
-            # set before the counter releases the waiters, who then read it.
+            # set before the counter releases the waiters, who then read it. A max, not an add: every waiter
+            # gives up at about the same poll, and n adds of 2^30 would wrap the int32 count (4 of them back to
+            # where it was), sending the released programs into another max_spin wait at each later barrier.
+            # The launcher keeps every target below RELEASED, so this one write releases the rest of the launch.
             tl.atomic_xchg(p_flag, 1, sem="release", scope="gpu")
-            tl.atomic_add(p_count, 1 << 30, sem="release", scope="gpu")
+            tl.atomic_max(p_count, RELEASED, sem="release", scope="gpu")
             seen = target
     tl.debug_barrier()
     return tl.load(p_flag, volatile=True) != 0
@@ -1024,12 +1031,14 @@ def compile_only():
         _compiling_only.reset(token)
 
 
-def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, constexprs: dict) -> None:
-    """Launches the kernel: once for all steps (persistent), or once per step."""
+def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, constexprs: dict,
+         sync: torch.Tensor) -> None:
+    """Launches the kernel: once for all steps (persistent), or once per step. sync: the barrier counters in
+    args (zeros)."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         # Triton launches on the current device (and its stream); tensors on another GPU must not be run there.
         with torch.cuda.device(device):
-            return _run(kernel, grid, n_steps, config, device, args, constexprs)
+            return _run(kernel, grid, n_steps, config, device, args, constexprs, sync)
     meta = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                 PERSISTENT=config.persistent, SK=config.split_k, num_warps=config.num_warps,
                 num_stages=config.num_stages, **constexprs)
@@ -1040,7 +1049,14 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
     if not capturing:
         barrier_errors.check(device)  # an earlier launch's failure, now visible on the host
     if config.persistent:
-        kernel[grid](*args, 0, n_steps, config.max_spin, **meta)
+        # A counter gains at most grid[0] * grid[2] arrivals a step (a stack's spans its layers) and must stay
+        # below RELEASED: a sequence longer than that runs as consecutive launches, each from zeroed counters
+        # (the state between steps lives in memory, as in stepwise mode).
+        chunk = max(1, (RELEASED.value - 1) // (grid[0] * grid[2]))
+        for start in range(0, n_steps, chunk):
+            if start:
+                sync.zero_()
+            kernel[grid](*args, start, min(chunk, n_steps - start), config.max_spin, **meta)
         barrier_errors.launched(device, capturing)
     else:
         for step in range(n_steps):
@@ -1099,7 +1115,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     _run(lstm_fwd_kernel, grid, T, config, dev, args,
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
-              PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates))
+              PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates), sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
@@ -1131,7 +1147,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
               TAGGED=False, PACK=1, PROBE=False, MERGED=False,
-              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)))
+              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)), sync)
     if not store_gates:
         gates = c_all = None
     return y, hn, cn, gates, c_all, xd
@@ -1160,7 +1176,7 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
             last if last is not None else sync, sync, barrier_errors.flag(dev), ring, T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
          dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt),
-              TAGGED=tagged, PACK=pack))
+              TAGGED=tagged, PACK=pack), sync)
     return dg, dh0, dc0
 
 
@@ -1187,5 +1203,5 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
             dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, T, B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
          dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1))
+              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1), sync)
     return dg, dh0, dc0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton.language as tl
 
 import tritonlstm
 from helpers import NAMES, RESOLUTION, call_kwargs, leaf, loss_of, make_problem, reference, rel_err
@@ -578,3 +579,51 @@ def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, dropout,
 def test_synchronize_is_quiet_when_no_barrier_failed(device):
     assert int(kernels.barrier_errors.flag(torch.device("cpu"))[0]) == 0
     tritonlstm.synchronize(device)
+
+
+class _LaunchLog:
+    """Stands in for a jitted kernel: records each launch's (S_START, S_COUNT) and the counters it started from."""
+
+    def __init__(self, real=None, sync=None):
+        self.real, self.sync, self.launches = real, sync, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches.append((args[-3], args[-2], None if self.sync is None else self.sync.tolist()))
+            if self.real is not None:
+                self.real[grid](*args, **meta)
+            else:
+                self.sync.fill_(99)  # what a launch leaves in its counters
+        return launch
+
+
+def test_persistent_launch_splits_where_the_barrier_counter_would_reach_its_limit():
+    """Each step adds grid[0] * grid[2] arrivals to a counter, which must stay below RELEASED (a failed barrier
+    sets it there): longer launches run as consecutive launches, each from zeroed counters."""
+    sync = torch.zeros(2, dtype=torch.int32)
+    log = _LaunchLog(sync=sync)
+    steps_per_launch = (kernels.RELEASED.value - 1) // (40 * 3)
+    n_steps = 2 * steps_per_launch + 5
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True)
+    kernels._run(log, (40, 2, 3), n_steps, config, torch.device("cpu"), (sync, 0, 0, 0, 0, 0, 0), {}, sync)
+    assert log.launches == [(0, steps_per_launch, [0, 0]), (steps_per_launch, steps_per_launch, [0, 0]),
+                            (2 * steps_per_launch, 5, [0, 0])]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_split_persistent_launches_match_reference(monkeypatch, reverse):
+    """The same recurrence cut into launches of 3 steps (forward) and of 3 (backward): the state between
+    launches lives in memory, as between stepwise launches."""
+    monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(4))
+    logs, real_run = {}, kernels._run
+
+    def run(kernel, *args):
+        logs[kernel] = log = _LaunchLog(kernel)
+        real_run(log, *args)
+
+    monkeypatch.setattr(kernels, "_run", run)
+    config = MULTI_PROGRAM[2].values[0]  # one program, persistent
+    check_against_reference(make_problem(7, 5, 6, 12, torch.float32), torch.float32, reverse=reverse,
+                            lengths=torch.tensor([7, 3, 6, 1, 7]), config=config)
+    assert [(s, n) for s, n, _ in logs[kernels.lstm_fwd_kernel].launches] == [(0, 3), (3, 3), (6, 1)]
+    assert [(s, n) for s, n, _ in logs[kernels.lstm_bwd_kernel].launches] == [(0, 3), (3, 3), (6, 2)]
