@@ -14,7 +14,8 @@
 # many candidates) and TESTS_TIMEOUT (140); STACK_AB=1 (off by default, ~1 min) runs perf/kernel_ab.py on the
 # stack kernels (2 and 4 layers, H = 512, B = 16, every dtype); PERF_SUITE runs `pytest perf/ --benchmark-only`
 # with -k PERF_SUITE_K (default "stack_training"; PERF_SUITE_K= runs the whole suite, 160 tests: give it
-# PERF_SUITE_TIMEOUT=400) and PERF_SUITE_TIMEOUT (60); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
+# PERF_SUITE_TIMEOUT=400) and PERF_SUITE_TIMEOUT (60); FLOOR=1 (off by default, ~1 min) runs perf/floor_probe.py
+# with FLOOR_ARGS and FLOOR_TIMEOUT (120); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
 # NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute.
 set -uo pipefail
 OUT=${OUT:-perf-out}
@@ -47,6 +48,14 @@ if [ "${KERNEL_AB:-0}" != 0 ]; then
     timeout "${KERNEL_AB_TIMEOUT:-150}" $py perf/kernel_ab.py ${KERNEL_AB_ARGS:-} --json "$W/kernel_ab.json" \
         2> "$W/kernel_ab.stderr" | tee "$W/kernel_ab.txt"
     echo "kernel A/B rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
+    pack
+fi
+
+if [ "${FLOOR:-0}" != 0 ]; then
+    step "floor of a persistent step: exchange alone against the forward kernel (perf/floor_probe.py ${FLOOR_ARGS:-})"
+    timeout "${FLOOR_TIMEOUT:-120}" $py perf/floor_probe.py ${FLOOR_ARGS:-} --json "$W/floor.json" \
+        2> "$W/floor.stderr" | tee "$W/floor.txt"
+    echo "floor probe rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
     pack
 fi
 

@@ -193,3 +193,33 @@ def test_cells_warm_up_under_compile_only_without_launching(layers, bidirectiona
         bench.warm_cell("float32", 8, 2, 3, layers, bidirectional, "fwdbwd", device="cpu")
         bench.warm_cell("float16", 8, 2, 3, layers, bidirectional, "fwd", device="cpu")
     assert not launched  # no launch reached the pre-launch check
+
+
+def _floor_probe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("floor_probe", Path(__file__).parents[1] / "perf" / "floor_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    return probe
+
+
+def test_floor_probe_without_gpu_says_so_and_exits_0():
+    proc = run_python(str(Path(__file__).parents[1] / "perf" / "floor_probe.py"), timeout=120)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["barrier", "flags", "none"])
+def test_floor_probe_computes_its_recurrence(mode):
+    """One program (the interpreter runs programs one after another): every exchange's y_t = 0.5 mean(y_{t-1}) +
+    u_t against the PyTorch loop, and without the h read y = u."""
+    import torch
+
+    probe = _floor_probe()
+    u = torch.randn(5, 3, 12, dtype=torch.float16)
+    y, err = probe.launcher(u, 16, 4, mode, True)()
+    assert int(err[0]) == 0
+    torch.testing.assert_close(y, probe.reference(u), rtol=2e-3, atol=2e-3)
+    assert not torch.equal(y, u)  # the h read reached the output
+    y, _ = probe.launcher(u, 16, 4, mode, False)()
+    assert torch.equal(y, u)

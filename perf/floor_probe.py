@@ -1,0 +1,177 @@
+"""The floor of one persistent step, on a GPU: what a step of the forward recurrence costs once the matmul and
+the gate arithmetic are taken out, so that the step time of the real kernel splits into exchange and compute
+(issue 5.4, perf/NOTES.md "v0.17"). Each of P programs per step: loads its [B, BH] tile of a gx-like input,
+reads the whole h_{t-1} [B, H] that the recurrent dot would read (--no-h: skips it), makes its [B, BH] slice of
+h_t from them (a row mean of h_{t-1}: the dot's data dependence without its arithmetic), stores it, and meets
+the other programs by
+
+  barrier   the recurrence kernels' grid barrier (kernels.lstm._grid_barrier: one counter, polled by one thread
+            whose result reaches the others through shared memory, two CTA barriers per poll)
+  flags     one flag per program, set by a release after its stores; every thread polls all P flags with
+            plain loads (no shared memory, no CTA barrier inside the loop) and fences once after the wait
+  none      no exchange at all: the loop alone (its h reads race the producers; timed, not checked)
+
+Every barrier and flags variant's output is checked against a PyTorch loop before it is timed, and the real
+forward kernel (its heuristic config; --variants of perf/kernel_ab.py's for more) is timed beside it at the
+same shape, so the table reads: kernel step = exchange floor + the rest.
+
+    python perf/floor_probe.py [--hidden 256,512,1024] [--batch 16] [--dtype float16] [--warps 1,2,4]
+                               [--seq 256] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonlstm.kernels.lstm import _grid_barrier, interpreting
+
+MODES = {"barrier": 0, "flags": 1, "none": 2}
+
+
+@triton.jit
+def _fence_acq_rel(x, FENCE: tl.constexpr):
+    """A relaxed read followed by this fence acquires what the writer released before its flag (PTX's acquire
+    pattern); Triton has no fence of its own, and the CPU interpreter runs no PTX (FENCE False there)."""
+    if FENCE:
+        x = tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
+def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
+                       BK: tl.constexpr, PB: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr,
+                       FENCE: tl.constexpr):
+    """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1], FLAGS [P] int32 zeros."""
+    i_h = tl.program_id(0)
+    n_h = tl.num_programs(0)
+    o_b = tl.arange(0, BB)
+    o_j = i_h * BH + tl.arange(0, BH)
+    o_k = tl.arange(0, BK)
+    o_p = tl.arange(0, PB)
+    m = (o_b < B)[:, None] & (o_j < H)[None, :]
+    failed = 0
+    for s in range(T):
+        b_y = tl.load(U + (s * B + o_b[:, None]) * H + o_j[None, :], mask=m, other=0.0).to(tl.float32)
+        if LOAD_H:
+            m_h = (o_b < B)[:, None] & (o_k < H)[None, :] & (s > 0)
+            b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0)
+            b_y += (0.5 / H) * tl.sum(b_h.to(tl.float32), axis=1)[:, None]
+        tl.store(Y + (s * B + o_b[:, None]) * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m)
+        if MODE == 0:
+            failed = failed | _grid_barrier(ERR, SYNC, (s + 1) * n_h, max_spin).to(tl.int32)
+        elif MODE == 1:
+            tl.debug_barrier()  # every thread's stores before the release
+            tl.atomic_xchg(FLAGS + i_h, s + 1, sem="release", scope="gpu")
+            seen = tl.min(tl.load(FLAGS + o_p, mask=o_p < n_h, other=s + 1, volatile=True), axis=0)
+            spins = 0
+            while (seen < s + 1) & (failed == 0):
+                seen = tl.min(tl.load(FLAGS + o_p, mask=o_p < n_h, other=s + 1, volatile=True), axis=0)
+                spins += 1
+                if spins > max_spin:
+                    tl.atomic_xchg(ERR, 1)
+                    failed = 1
+            seen = _fence_acq_rel(seen, FENCE)
+
+
+def reference(u: torch.Tensor) -> torch.Tensor:
+    y, prev = torch.empty_like(u), torch.zeros_like(u[0], dtype=torch.float32)
+    for t in range(u.shape[0]):
+        prev = (u[t].float() + 0.5 * prev.mean(1, keepdim=True)).to(u.dtype)
+        y[t] = prev
+        prev = prev.float()
+    return y
+
+
+def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool, max_spin: int = 1 << 22):
+    """A call that runs the probe once (fresh counters and flags) and returns (y, err flag)."""
+    T, B, H = u.shape
+    P = triton.cdiv(H, block_h)
+    meta = dict(BB=triton.next_power_of_2(B), BH=block_h, BK=triton.next_power_of_2(H),
+                PB=triton.next_power_of_2(P), MODE=MODES[mode], LOAD_H=load_h, FENCE=not interpreting(),
+                num_warps=warps)
+
+    def run():
+        y = torch.full_like(u, float("nan"))
+        sync = torch.zeros(1, dtype=torch.int32, device=u.device)
+        flags = torch.zeros(P, dtype=torch.int32, device=u.device)
+        err = torch.zeros(1, dtype=torch.int32, device=u.device)
+        floor_probe_kernel[(P,)](u, y, sync, flags, err, T, B, H, max_spin, **meta)
+        return y, err
+
+    return run
+
+
+def measure(H: int, B: int, T: int, dtype: torch.dtype, warps: list[int]) -> list[dict]:
+    from triton.testing import do_bench
+
+    from tritonlstm.configs import heuristic_config
+    from tritonlstm.tuning import make_problem
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = heuristic_config(H, B, dtype, sms)
+    u = torch.randn(T, B, H, device="cuda", dtype=dtype)
+    ref = reference(u)
+    rows = []
+    base = {"hidden": H, "batch": B, "seq": T, "dtype": str(dtype).removeprefix("torch."),
+            "programs": triton.cdiv(H, cfg.block_h), "block_h": cfg.block_h}
+    problem = make_problem("fwd", dtype, H, B, T)
+    ms = do_bench(problem.launch(cfg), warmup=25, rep=100, return_mode="median")
+    rows.append({**base, "what": "forward kernel (heuristic)", "warps": cfg.num_warps, "us_per_step": ms * 1e3 / T})
+    for w in warps:
+        for mode in MODES:
+            for load_h in (True, False):
+                row = {**base, "what": f"{mode}{'' if load_h else ' (no h read)'}", "warps": w}
+                run = launcher(u, cfg.block_h, w, mode, load_h)
+                try:
+                    y, err = run()
+                    torch.cuda.synchronize()
+                    if int(err.item()):
+                        raise RuntimeError("an exchange gave up (programs not all resident?)")
+                    if mode != "none" and load_h:
+                        rel = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                        row["rel_err"] = rel
+                        if not rel < 1e-2:
+                            raise RuntimeError(f"output differs from the PyTorch loop: rel err {rel:.2e}")
+                    row["us_per_step"] = do_bench(run, warmup=25, rep=100, return_mode="median") * 1e3 / T
+                except Exception as e:  # a variant that fails is a finding, reported in its row
+                    row["error"] = f"{type(e).__name__}: {e}"[:200]
+                rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", default="256,512,1024")
+    ap.add_argument("--batch", default="16")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--warps", default="1,2,4")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("perf/floor_probe.py: no CUDA device, nothing to time.")
+        return 0
+    rows = []
+    print(f"{torch.cuda.get_device_name(0)}; {a.dtype}, T = {a.seq}; us per step")
+    print(f"{'H':>5} {'B':>4} {'P':>4} {'warps':>5} {'what':28} {'us/step':>8}")
+    for h in (int(v) for v in a.hidden.split(",")):
+        for b in (int(v) for v in a.batch.split(",")):
+            for r in measure(h, b, a.seq, getattr(torch, a.dtype), [int(v) for v in a.warps.split(",")]):
+                rows.append(r)
+                us = f"{r['us_per_step']:8.2f}" if "us_per_step" in r else f"{'-':>8}  {r.get('error', '')}"
+                print(f"{h:5} {b:4} {r['programs']:4} {r['warps']:5} {r['what']:28} {us}", flush=True)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
