@@ -25,6 +25,14 @@ export PYTHONUNBUFFERED=1
 py=python3
 step() { echo "== $* ($(date +%T))"; }
 pack() { tar czf "$OUT/results.tgz" -C "$W" . && cp "$W/summary.txt" "$OUT/summary.txt" 2>/dev/null; true; }
+# measure NAME TIMEOUT CMD...: one measuring step; its output in NAME.txt (stderr in NAME.stderr), rc in the summary.
+measure() {
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$@" 2> "$W/$name.stderr" | tee "$W/$name.txt"
+    echo "$name rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
+    pack
+}
 touch "$W/summary.txt"
 
 step install
@@ -45,35 +53,24 @@ fi
 
 if [ "${KERNEL_AB:-0}" != 0 ]; then
     step "A/B of launch configs, recurrence kernels alone (perf/kernel_ab.py ${KERNEL_AB_ARGS:-})"
-    timeout "${KERNEL_AB_TIMEOUT:-150}" $py perf/kernel_ab.py ${KERNEL_AB_ARGS:-} --json "$W/kernel_ab.json" \
-        2> "$W/kernel_ab.stderr" | tee "$W/kernel_ab.txt"
-    echo "kernel A/B rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
-    pack
+    measure kernel_ab "${KERNEL_AB_TIMEOUT:-150}" $py perf/kernel_ab.py ${KERNEL_AB_ARGS:-} --json "$W/kernel_ab.json"
 fi
 
 if [ "${FLOOR:-0}" != 0 ]; then
     step "floor of a persistent step: exchange alone against the forward kernel (perf/floor_probe.py ${FLOOR_ARGS:-})"
-    timeout "${FLOOR_TIMEOUT:-120}" $py perf/floor_probe.py ${FLOOR_ARGS:-} --json "$W/floor.json" \
-        2> "$W/floor.stderr" | tee "$W/floor.txt"
-    echo "floor probe rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
-    pack
+    measure floor "${FLOOR_TIMEOUT:-120}" $py perf/floor_probe.py ${FLOOR_ARGS:-} --json "$W/floor.json"
 fi
 
 if [ "${STACK_AB:-0}" != 0 ]; then
     step "A/B of launch configs, stack kernels alone"
-    timeout "${STACK_AB_TIMEOUT:-120}" $py perf/kernel_ab.py --kernels stack,stack_bwd --layers 2,4 --hidden 512 \
-        --batch 16 --dtypes float16,bfloat16,float32 --variants unsplit,unsplit-w4,split,split4,streamed \
-        --json "$W/stack_ab.json" 2> "$W/stack_ab.stderr" | tee "$W/stack_ab.txt"
-    echo "stack A/B rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
-    pack
+    measure stack_ab "${STACK_AB_TIMEOUT:-120}" $py perf/kernel_ab.py --kernels stack,stack_bwd --layers 2,4 \
+        --hidden 512 --batch 16 --dtypes float16,bfloat16,float32 --variants unsplit,unsplit-w4,split,split4,streamed \
+        --json "$W/stack_ab.json"
 fi
 
 if [ "${BENCH:-1}" != 0 ]; then
     step "bench ${BENCH_ARGS---quick}"
-    timeout "${BENCH_TIMEOUT:-200}" $py -m tritonlstm.bench ${BENCH_ARGS---quick} --out "$W/bench" \
-        2> "$W/bench.stderr" | tee "$W/bench.txt"
-    echo "bench rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
-    pack
+    measure bench "${BENCH_TIMEOUT:-200}" $py -m tritonlstm.bench ${BENCH_ARGS---quick} --out "$W/bench"
 fi
 
 if [ -n "${TUNE_ARGS:-}" ]; then
