@@ -176,6 +176,42 @@ def _merged_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_m, p
 
 
 @triton.jit
+def _load_transposed_tiles(p_w, i_h, H, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
+    """W^T's rows of this program, [4 * BH, BK] (row r = gate r // BH of unit i_h * BH + r % BH: W_hh's row
+    (r // BH) * H + i_h * BH + r % BH, at p_w), as a tuple of [4 * BH, KC] tiles: one shared-memory tile per K
+    chunk of _transposed_gate_dots (Triton cannot slice one resident tile)."""
+    o_r = tl.arange(0, 4 * BH)
+    rows = (o_r // BH) * H + i_h * BH + o_r % BH
+    m_r = i_h * BH + o_r % BH < H
+    tiles = ()
+    for i in tl.static_range(BK // KC):
+        o_c = i * KC + tl.arange(0, KC)
+        tiles = tiles + (tl.load(p_w + rows[:, None] * H + o_c[None, :], mask=m_r[:, None] & (o_c < H)[None, :],
+                                 other=0.0),)
+    return tiles
+
+
+@triton.jit
+def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_t, H, BB: tl.constexpr,
+                          BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """_gate_dots transposed: gates^T [4 * BH, BB] = W^T @ x^T, M = the program's 4 * BH gate rows (BH = 16: one
+    64-row Hopper warpgroup MMA, which a 16-row batch tile as M is too small for), N = the batch tile, K in KC
+    chunks (w_t: _load_transposed_tiles; x [BB, KC] pieces, used transposed: a [KC, BB] pointer tensor costs
+    registers per element). The gates then come out of the accumulator's rows as [BB, BH] tiles."""
+    acc = tl.zeros([4 * BH, BB], dtype=tl.float32)
+    for i in tl.static_range(BK // KC):
+        o_c = i * KC + tl.arange(0, KC)
+        b_x = tl.load(p_base + o_rows[:, None] + o_c[None, :], mask=m_rows[:, None] & (o_c < H)[None, :],
+                      other=0.0, cache_modifier=".cg")
+        acc = tl.dot(w_t[i], tl.trans(b_x), acc, input_precision=DOT_PRECISION)
+    # Row (2a + b) * BH + j -> [BB, BH, a, b]: splitting b then a gives the gates (i, g) and (f, o).
+    b_ig, b_fo = tl.split(tl.permute(tl.reshape(acc, [2, 2, BH, BB]), (3, 2, 0, 1)))
+    b_i, b_g = tl.split(b_ig)
+    b_f, b_o = tl.split(b_fo)
+    return acc_i + b_i, acc_f + b_f, acc_g + b_g, acc_o + b_o
+
+
+@triton.jit
 def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_j, m_j, m_w, H,
                    BK: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, SK: tl.constexpr):
     """The backward's product of gate gradients with a gate-stacked [4H, H] weight, acc += sum_g dG_g @ W_g[:,
@@ -506,9 +542,13 @@ def lstm_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     SK: tl.constexpr,  # split-K ways of the recurrent dots (_gate_dots)
     MERGED: tl.constexpr,  # the four gate dots as one (_merged_gate_dots); single layer, barrier, unsplit
+    TRANSPOSED: tl.constexpr,  # the gate dots as W^T @ h^T (_transposed_gate_dots); single layer, barrier, resident
+    KC: tl.constexpr,  # TRANSPOSED: K chunk of the dot
 ):
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     tl.static_assert(not (MERGED and (STACK or TAGGED or SK > 1)), "merged gates: single layer, barrier, unsplit")
+    tl.static_assert(not (TRANSPOSED and (STACK or TAGGED or MERGED or SK > 1 or not W_RESIDENT)),
+                     "transposed dots: single layer, barrier, unsplit, W resident")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -559,6 +599,8 @@ def lstm_fwd_kernel(
         # Loaded once, reused for every step: tile (k, j) of gate g is W_hh[g*H + j, k].
         if MERGED:
             b_wm = _load_merged_tiles(W, o_k, o_k < H, i_h, H, BH)
+        elif TRANSPOSED:
+            b_wm = _load_transposed_tiles(W, i_h, H, BH, BK, KC)
         elif TAGGED and PACK == 2:
             # W_hh's even rows in b_w*, its odd rows in b_u* (_tagged_dots says why).
             b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, PACK, 0, BK, SK)
@@ -624,6 +666,9 @@ def lstm_fwd_kernel(
                 if MERGED:
                     b_gi, b_gf, b_gg, b_go = _merged_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wm,
                                                                W, o_k, i_h, H, BK, BB, BH, W_RESIDENT, DOT_PRECISION)
+                elif TRANSPOSED:
+                    b_gi, b_gf, b_gg, b_go = _transposed_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live,
+                                                                   b_wm, H, BB, BH, BK, KC, DOT_PRECISION)
                 else:
                     b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf,
                                                         b_wg, b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT,
@@ -1063,6 +1108,18 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
             kernel[grid](*args, step, 1, config.max_spin, **meta)
 
 
+# A transposed dot's K chunk holds this much of h_{t-1} ([BB, KC]): compile-only sm_90 (perf/NOTES.md v0.18), no
+# spills at BB = 16 up to K = 1024 in 16-bit and K = 512 in fp32, at BB = 64 up to K = 512 in 16-bit.
+TRANSPOSED_CHUNK_BYTES = 8192
+
+
+def transposed_chunk(config, esize: int) -> int:
+    """KC of a transposed config (and a placeholder 16 for the others)."""
+    if not config.transposed:
+        return 16
+    return max(16, min(config.block_k, TRANSPOSED_CHUNK_BYTES // (config.block_b * esize)))
+
+
 def _tag_pack(dtype: torch.dtype, config) -> int:
     """Values per tagged word (two 16-bit values, or one float32), after checking that the K chunk can be split
     into the words' two halves for tl.dot (K >= 16 each)."""
@@ -1115,7 +1172,8 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     _run(lstm_fwd_kernel, grid, T, config, dev, args,
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
-              PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates), sync)
+              PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates, TRANSPOSED=config.transposed,
+              KC=transposed_chunk(config, dt.itemsize)), sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
@@ -1146,7 +1204,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
             barrier_errors.flag(dev), sync, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              TAGGED=False, PACK=1, PROBE=False, MERGED=False,
+              TAGGED=False, PACK=1, PROBE=False, MERGED=False, TRANSPOSED=False, KC=16,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)), sync)
     if not store_gates:
         gates = c_all = None

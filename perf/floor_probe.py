@@ -13,8 +13,8 @@ the other programs by
 
 Every barrier and flags variant's output is checked against a PyTorch loop before it is timed, and the real
 forward kernel (its heuristic config) is timed beside it at the same shape, so the table reads: kernel step =
-exchange floor + the rest; and so is perf/transposed_forward.py's prototype (gates^T = W^T h^T on wgmma, v0.18),
-checked against the kernel's output.
+exchange floor + the rest (perf/kernel_ab.py times the kernel's variants, the transposed dots of v0.18 among
+them).
 
     python perf/floor_probe.py [--hidden 256,512,1024] [--batch 16] [--dtype float16] [--warps 1,2,4]
                                [--seq 256] [--json FILE]
@@ -23,7 +23,6 @@ checked against the kernel's output.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 
@@ -110,39 +109,6 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
     return run
 
 
-def transposed_row(problem, y_kernel: torch.Tensor, T: int) -> dict:
-    """perf/transposed_forward.py's prototype on the problem, checked against the forward kernel's output."""
-    import os
-
-    from triton.testing import do_bench
-
-    from tritonlstm.tuning import LIMITS
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import transposed_forward as tf
-
-    p = problem
-    row = {"what": "transposed forward (wgmma)", "programs": triton.cdiv(p.gx.shape[2] // 4, tf.BH),
-           "block_h": tf.BH, "warps": 4}
-    try:
-        def run():
-            return tf.forward(p.gx, p.w_hh[0], p.bias[0], p.h0[0], p.c0[0])[0]
-
-        y = run()
-        tritonlstm_sync()
-        rel = ((y.float() - y_kernel.float()).norm() / y_kernel.float().norm()).item()
-        row["rel_err"] = rel
-        if not rel <= LIMITS[y.dtype]:
-            raise RuntimeError(f"output differs from the forward kernel's: rel err {rel:.2e}")
-        row["us_per_step"] = do_bench(run, warmup=25, rep=100, return_mode="median") * 1e3 / T
-        tritonlstm_sync()
-    except Exception as e:  # a shape it cannot run (shared memory) is a finding, reported in its row
-        row["error"] = f"{type(e).__name__}: {e}"[:200]
-        with contextlib.suppress(RuntimeError):
-            tritonlstm_sync()
-    return row
-
-
 def tritonlstm_sync() -> None:
     """Raises if a persistent launch's barrier failed (the sticky flag of tritonlstm's kernels)."""
     from tritonlstm.kernels.lstm import barrier_errors
@@ -165,8 +131,8 @@ def measure(H: int, B: int, T: int, dtype: torch.dtype, warps: list[int]) -> lis
             "programs": triton.cdiv(H, cfg.block_h), "block_h": cfg.block_h}
     problem = make_problem("fwd", dtype, H, B, T)
     ms = do_bench(problem.launch(cfg), warmup=25, rep=100, return_mode="median")
+    tritonlstm_sync()
     rows.append({**base, "what": "forward kernel (heuristic)", "warps": cfg.num_warps, "us_per_step": ms * 1e3 / T})
-    rows.append({**base, **transposed_row(problem, problem.launch(cfg)(), T)})
     for w in warps:
         for mode in MODES:
             for load_h in (True, False):

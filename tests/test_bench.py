@@ -164,7 +164,7 @@ def test_kernel_ab_variants_are_runnable_configs():
         got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "tagged",
                 "split-tagged", "streamed", "wide"}
-        fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4"}
+        fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4", "transposed"}
         assert set(got) == want | (fwd_only if kernel == "fwd" else set()), got
         assert len(set(got.values())) == len(got)
         assert all(c.programs(1024) <= 132 for c in got.values())
@@ -172,6 +172,11 @@ def test_kernel_ab_variants_are_runnable_configs():
         assert got["tagged"].split_k == 1 and got["tagged"].block_h == got["unsplit"].block_h
         assert got["split-tagged"].split_k == 8 and got["split-tagged"].exchange == "tagged"
     assert set(ab.variants("fwd", 256, 16, torch.float32, 132, ["unsplit", "split-bb32"])) == {"unsplit"}
+    t = ab.variants("fwd", 1024, 256, torch.float16, 132, ["transposed"])["transposed"]
+    assert t.transposed and t.block_h == 16 and t.block_b == 16 and t.programs(1024) <= 132
+    t = ab.variants("fwd", 512, 256, torch.float16, 132, ["transposed"])["transposed"]
+    assert t.block_b == 64 and t.batch_groups == 4
+    assert "transposed" not in ab.variants("fwd", 1024, 16, torch.float32, 132, ["transposed"])  # 256 KB of W^T
     for kernel in ("stack", "stack_bwd"):  # 4 layers share the SMs: 33 each
         got = ab.variants(kernel, 512, 16, torch.float16, 132, ab.VARIANTS, layers=4)
         assert set(got) == {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "streamed"}, got  # no BH 8
@@ -223,60 +228,3 @@ def test_floor_probe_computes_its_recurrence(mode):
     assert not torch.equal(y, u)  # the h read reached the output
     y, _ = probe.launcher(u, 16, 4, mode, False)()
     assert torch.equal(y, u)
-
-
-@pytest.mark.parametrize("dtype,H,BH,chunk", [("float32", 16, 16, 8192), ("float16", 16, 16, 8192),
-                                              ("float16", 12, 16, 8192), ("float16", 32, 32, 512)],
-                         ids=["fp32", "fp16", "fp16-masked-rows", "fp16-two-k-chunks"])
-def test_transposed_forward_prototype_matches_the_reference(dtype, H, BH, chunk, monkeypatch):
-    """perf/transposed_forward.py on one program (the interpreter runs programs one after another), against the
-    float64 reference: H = 12 masks gate rows; BH = 32 with 512-byte chunks of h runs the dot in two K chunks."""
-    import importlib.util
-
-    import torch
-
-    from tritonlstm.naive import lstm_layer_reference
-
-    spec = importlib.util.spec_from_file_location("transposed_forward",
-                                                  Path(__file__).parents[1] / "perf" / "transposed_forward.py")
-    tf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tf)
-    monkeypatch.setattr(tf, "BH", BH)
-    monkeypatch.setattr(tf, "H_CHUNK_BYTES", chunk)
-    dt = getattr(torch, dtype)
-    T, B = 5, 3
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(T, B, H, generator=g)
-    w_ih, w_hh = (torch.rand(4 * H, H, generator=g) - 0.5) / 2, (torch.rand(4 * H, H, generator=g) - 0.5) / 2
-    b_ih, b_hh = torch.rand(4 * H, generator=g) - 0.5, torch.rand(4 * H, generator=g) - 0.5
-    h0, c0 = torch.randn(B, H, generator=g) / 2, torch.randn(B, H, generator=g) / 2
-    x, w_ih, w_hh, h0 = (t.to(dt) for t in (x, w_ih, w_hh, h0))
-    gx = (x.double() @ w_ih.double().t()).to(dt)
-    grid, _, meta = tf.launch_args(gx, w_hh, None, h0, c0)
-    assert grid == (1,) and meta["BK"] // meta["KC"] == (2 if chunk == 512 else 1)
-    y, hn, cn = tf.forward(gx, w_hh, (b_ih + b_hh).float(), h0, c0)
-    ref, (hr, cr) = lstm_layer_reference(x.double(), w_ih.double(), w_hh.double(), b_ih.double(), b_hh.double(),
-                                         h0.double(), c0.double())
-    tol = 2e-3 if dtype == "float32" else 1e-2
-    for got, want in ((y, ref), (hn, hr), (cn, cr)):
-        assert ((got.double() - want).norm() / want.norm()).item() < tol
-
-
-def test_floor_probe_checks_the_transposed_prototype_against_the_kernel(monkeypatch):
-    """floor_probe.transposed_row on a one-program problem: agrees with the forward kernel (rel_err, no error) and,
-    against a wrong y, refuses to time it."""
-    import torch
-
-    from tritonlstm import configs, tuning
-
-    probe = _floor_probe()
-    timed = []
-    monkeypatch.setattr("triton.testing.do_bench", lambda fn, **kw: timed.append(fn) or 1.0)
-    monkeypatch.setattr(probe, "tritonlstm_sync", lambda: None)  # a CUDA-only wait
-    base = configs.heuristic_config(16, 3, torch.float16, None, interpreter=True)
-    p = tuning.make_problem("fwd", torch.float16, 16, 3, 5, device="cpu", base=base)
-    y = p.launch(base)()
-    row = probe.transposed_row(p, y, 5)
-    assert "error" not in row and row["rel_err"] < 1e-2 and row["us_per_step"] == 1e3 / 5 and len(timed) == 1
-    row = probe.transposed_row(p, y + 1, 5)
-    assert "differs" in row["error"] and "us_per_step" not in row and len(timed) == 1

@@ -139,6 +139,23 @@ def test_merged_gate_dots(config, reverse, dtype, kernel_calls):
     assert kernel_calls == {"fwd": 1, "bwd": 1}
 
 
+# The forward's gate dots transposed (W^T @ h^T, perf/NOTES.md v0.18; the backward ignores it): H = 33 gives 3
+# programs of 16 units, the last with 15 masked gate rows; BB = 4 with 17 rows, 5 tiles over 2 batch groups; the
+# K = 64 tile in one chunk, and in four (64-byte chunks of h: KC = 16, the smallest).
+@pytest.mark.parametrize("chunk", [8192, 64], ids=["one-chunk", "four-chunks"])
+@pytest.mark.parametrize("reverse,dtype,lengths", [(False, torch.float32, False), (True, torch.float16, True)],
+                         ids=["fp32", "fp16-rev-lengths"])
+def test_transposed_gate_dots(chunk, reverse, dtype, lengths, monkeypatch, kernel_calls):
+    monkeypatch.setattr(kernels, "TRANSPOSED_CHUNK_BYTES", chunk)
+    config = LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                        transposed=True)
+    assert kernels.transposed_chunk(config, dtype.itemsize) == (64 if chunk == 8192 else 16)
+    problem = make_problem(6, 17, 10, 33, dtype)
+    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
+    check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config)
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
 # h_{t-1} and dG_{t+1} as tagged words (perf/NOTES.md v0.8): the multi-program paths through the rings instead of
 # y and dG, forward and backward (fewer combinations than above: each costs a stepwise run on the interpreter).
 TAGGED_PATHS = [

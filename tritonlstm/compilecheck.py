@@ -116,7 +116,9 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       HAS_DROPOUT=kernel == "stack" and store_gates,
                       TAGGED=kernel == "fwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2,
                       PROBE=kernel == "fwd" and config.exchange == "tagged-probe",
-                      MERGED=kernel == "fwd" and config.merged_gates)
+                      MERGED=kernel == "fwd" and config.merged_gates,
+                      TRANSPOSED=kernel == "fwd" and config.transposed,
+                      KC=k.transposed_chunk(config, dtype.itemsize) if kernel == "fwd" else 16)
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       TAGGED=kernel == "bwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2)
@@ -187,7 +189,7 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
     print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
           f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
           f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" split_k={cfg.split_k}" if cfg.split_k > 1 else "")
-          + (" merged" if cfg.merged_gates else "")
+          + (" merged" if cfg.merged_gates else "") + (" transposed" if cfg.transposed else "")
           + ("" if cfg.exchange == "barrier" else f" {cfg.exchange}")
           + (f" {r.error}" if r.error else ""), flush=True)
 

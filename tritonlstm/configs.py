@@ -47,6 +47,11 @@ class LSTMConfig:
     # _merged_gate_dots): its warps split the columns instead of all computing the same rows. Single-layer
     # forward only (the backward and the stacks ignore it); barrier exchange, split_k = 1.
     merged_gates: bool = False
+    # The forward's gate dots transposed, gates^T = W^T @ h^T (kernels/lstm.py _transposed_gate_dots): M = the
+    # program's 4 * block_h gate rows instead of the batch tile, so that block_h = 16 makes one 64-row Hopper
+    # warpgroup MMA (wgmma) at any batch. Single-layer forward only; W resident, barrier exchange, split_k = 1,
+    # block_h = 16 (perf/NOTES.md v0.18).
+    transposed: bool = False
 
     def __post_init__(self):
         if self.exchange not in EXCHANGES:
@@ -68,6 +73,11 @@ class LSTMConfig:
         if self.merged_gates and (self.split_k > 1 or self.exchange != "barrier"):
             raise ValueError(f"LSTMConfig.merged_gates needs split_k=1 and exchange='barrier', got split_k="
                              f"{self.split_k}, exchange={self.exchange!r}")
+        if self.transposed and (not self.w_resident or self.block_h != 16 or self.split_k > 1 or self.merged_gates
+                                or self.exchange != "barrier"):
+            raise ValueError(f"LSTMConfig.transposed needs w_resident=True, block_h=16, split_k=1, merged_gates=False "
+                             f"and exchange='barrier', got w_resident={self.w_resident}, block_h={self.block_h}, "
+                             f"split_k={self.split_k}, merged_gates={self.merged_gates}, exchange={self.exchange!r}")
         if self.batch_groups < 1:
             raise ValueError(f"LSTMConfig.batch_groups must be >= 1, got {self.batch_groups}")
 
@@ -82,7 +92,8 @@ def tagged_exchanges(kernel: str, config: LSTMConfig, dtype: torch.dtype) -> tup
     >= 32 in 16-bit, 16 in float32)."""
     exchanges = {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
     min_k = (16 if dtype == torch.float32 else 32) * config.split_k
-    ok = config.persistent and config.block_h >= 2 and config.block_k >= min_k and not config.merged_gates
+    ok = (config.persistent and config.block_h >= 2 and config.block_k >= min_k and not config.merged_gates
+          and not config.transposed)
     return exchanges if ok else ()
 
 
@@ -94,7 +105,7 @@ def tagged_variant(config: LSTMConfig, exchange: str) -> LSTMConfig:
 def with_split_k(config: LSTMConfig) -> LSTMConfig:
     """One warp per K slice where the chunk gives 4 or more slices of >= 16 (LSTMConfig.split_k says why)."""
     ways = min(8, config.block_k // 16)
-    if ways < 4 or config.merged_gates:
+    if ways < 4 or config.merged_gates or config.transposed:
         return config
     return dataclasses.replace(config, split_k=ways, num_warps=ways)
 

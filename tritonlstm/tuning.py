@@ -196,6 +196,8 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                     cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=q,
                                      num_warps=warps)
                     merged = [dataclasses.replace(cfg, merged_gates=True)] if kernel == "fwd" else []
+                    if kernel == "fwd" and resident and bh == 16 and warps == 4:
+                        merged.append(dataclasses.replace(cfg, transposed=True))  # perf/NOTES.md v0.18
                     for c in (cfg, with_split_k(cfg), *merged):
                         if c not in out:
                             out.append(c)
