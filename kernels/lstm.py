@@ -176,13 +176,13 @@ def _merged_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_m, p
 
 
 @triton.jit
-def _load_transposed_tiles(p_w, i_h, H, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
+def _load_transposed_tiles(p_w, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
     """W^T's rows of this program, [4 * BH, BK] (row r = gate r // BH of unit i_h * BH + r % BH: W_hh's row
     (r // BH) * H + i_h * BH + r % BH, at p_w), as a tuple of [4 * BH, KC] tiles: one shared-memory tile per K
-    chunk of _transposed_gate_dots (Triton cannot slice one resident tile)."""
+    chunk of _transposed_gate_dots (Triton cannot slice one resident tile). m_w False: no load (zeros)."""
     o_r = tl.arange(0, 4 * BH)
     rows = (o_r // BH) * H + i_h * BH + o_r % BH
-    m_r = i_h * BH + o_r % BH < H
+    m_r = (i_h * BH + o_r % BH < H) & m_w
     tiles = ()
     for i in tl.static_range(BK // KC):
         o_c = i * KC + tl.arange(0, KC)
@@ -542,13 +542,13 @@ def lstm_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     SK: tl.constexpr,  # split-K ways of the recurrent dots (_gate_dots)
     MERGED: tl.constexpr,  # the four gate dots as one (_merged_gate_dots); single layer, barrier, unsplit
-    TRANSPOSED: tl.constexpr,  # the gate dots as W^T @ h^T (_transposed_gate_dots); single layer, barrier, resident
+    TRANSPOSED: tl.constexpr,  # the gate dots as W^T @ h^T (_transposed_gate_dots); barrier, W resident
     KC: tl.constexpr,  # TRANSPOSED: K chunk of the dot
 ):
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     tl.static_assert(not (MERGED and (STACK or TAGGED or SK > 1)), "merged gates: single layer, barrier, unsplit")
-    tl.static_assert(not (TRANSPOSED and (STACK or TAGGED or MERGED or SK > 1 or not W_RESIDENT)),
-                     "transposed dots: single layer, barrier, unsplit, W resident")
+    tl.static_assert(not (TRANSPOSED and (TAGGED or MERGED or SK > 1 or not W_RESIDENT)),
+                     "transposed dots: barrier, unsplit, W resident")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -594,13 +594,13 @@ def lstm_fwd_kernel(
     o_k = tl.arange(0, BK)
     # Streamed (not W_RESIDENT): no tiles held; the dots load them per K chunk.
     b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo = None, None, None, None, None, None, None, None
-    b_wm = None
+    b_wm, b_um = None, None
     if W_RESIDENT:
         # Loaded once, reused for every step: tile (k, j) of gate g is W_hh[g*H + j, k].
         if MERGED:
             b_wm = _load_merged_tiles(W, o_k, o_k < H, i_h, H, BH)
         elif TRANSPOSED:
-            b_wm = _load_transposed_tiles(W, i_h, H, BH, BK, KC)
+            b_wm = _load_transposed_tiles(W, i_h, i_h >= 0, H, BH, BK, KC)
         elif TAGGED and PACK == 2:
             # W_hh's even rows in b_w*, its odd rows in b_u* (_tagged_dots says why).
             b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, PACK, 0, BK, SK)
@@ -610,7 +610,9 @@ def lstm_fwd_kernel(
         else:
             b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, 1, H)
         if STACK:
-            if SK > 1:
+            if TRANSPOSED:
+                b_um = _load_transposed_tiles(W_IH, i_h, i_l > 0, H, BH, BK, KC)
+            elif SK > 1:
                 b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W_IH, 0, o_j, m_j & (i_l > 0), H, 1, H, 1, 0, BK, SK)
             else:
                 b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & (i_l > 0), m_j, H, 1, H)
@@ -643,9 +645,13 @@ def lstm_fwd_kernel(
                     # The input projection of the layers above the first, in the loop: x_t = the layer
                     # below's h_t, which it wrote one global step ago.
                     zero = tl.zeros([BB, BH], dtype=tl.float32)
-                    b_gi, b_gf, b_gg, b_go = _gate_dots(zero, zero, zero, zero, X, o_row * H, live, b_ui, b_uf,
-                                                        b_ug, b_uo, W_IH, o_k, o_j, m_j, i_l > 0, H, BK, W_RESIDENT,
-                                                        DOT_PRECISION, SK)
+                    if TRANSPOSED:
+                        b_gi, b_gf, b_gg, b_go = _transposed_gate_dots(zero, zero, zero, zero, X, o_row * H, live,
+                                                                       b_um, H, BB, BH, BK, KC, DOT_PRECISION)
+                    else:
+                        b_gi, b_gf, b_gg, b_go = _gate_dots(zero, zero, zero, zero, X, o_row * H, live, b_ui, b_uf,
+                                                            b_ug, b_uo, W_IH, o_k, o_j, m_j, i_l > 0, H, BK,
+                                                            W_RESIDENT, DOT_PRECISION, SK)
             else:
                 b_gi, b_gf, b_gg, b_go = _load_gate_rows(p_gx, m_live, H)
             p_c = C_WS + o_b[:, None] * H + o_j[None, :]
@@ -1204,7 +1210,8 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
             barrier_errors.flag(dev), sync, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              TAGGED=False, PACK=1, PROBE=False, MERGED=False, TRANSPOSED=False, KC=16,
+              TAGGED=False, PACK=1, PROBE=False, MERGED=False, TRANSPOSED=config.transposed,
+              KC=transposed_chunk(config, dt.itemsize),
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)), sync)
     if not store_gates:
         gates = c_all = None

@@ -10,8 +10,9 @@ cuDNN timed beside them in the same process. Each row is one (kernel, dtype, H, 
   split-bb32   split-K, 32-row batch tiles (B >= 32: half the tile iterations per step)
   merged       forward only: the four gate dots as one over interleaved columns, warps along N (8 warps;
                merged-w4: 4), on the unsplit tiles (perf/NOTES.md v0.11)
-  transposed   forward only: gates^T = W^T @ h^T, M = a program's 64 gate rows (BH = 16) on Hopper's warpgroup MMA,
-               4 warps, 16-row batch tiles (64 at B >= 64 where K * element size <= 1 KB) (v0.18)
+  transposed   forward kernels only: gates^T = W^T @ h^T, M = a program's 64 gate rows (BH = 16) on Hopper's
+               warpgroup MMA, 4 warps, 16-row batch tiles (single layer: 64 at B >= 64 where K * element size
+               <= 1 KB) (v0.18)
   tagged       the unsplit tiles with h_{t-1} (dG_{t+1}) through tagged words instead of a barrier (v0.8)
   tagged-probe the same, polling one word per producer first (forward only)
   split-tagged, split-tagged-probe   the tagged exchanges on the split tiles
@@ -21,7 +22,7 @@ cuDNN timed beside them in the same process. Each row is one (kernel, dtype, H, 
 
 The stacks' wavefront kernels (--kernels stack,stack_bwd, --layers): "unsplit" is the heuristic's pick
 (configs.heuristic_config / stack_backward_config), the other variants as above where they apply (no merged,
-no tagged).
+no tagged; transposed for the forward wavefront).
 
     python perf/kernel_ab.py [--dtypes float16,float32] [--hidden 256,512,1024] [--batch 16,256] [--seq 256]
                              [--kernels fwd,bwd,stack,stack_bwd] [--layers 2,4] [--variants unsplit,split,...]
@@ -92,12 +93,12 @@ def variants(kernel: str, H: int, B: int, dtype, sms: int, names, layers: int = 
     if kernel == "fwd":
         out["merged"] = dataclasses.replace(unsplit, merged_gates=True, num_warps=8)
         out["merged-w4"] = dataclasses.replace(unsplit, merged_gates=True, num_warps=4)
-        hk, esize = max(16, _pow2(H)), dtype.itemsize
-        if H > 16 and 64 * hk * esize <= 128 * 1024 and cdiv(H, 16) <= share:
-            # 64-row batch tiles where their h chunks leave registers (compile-only: K * esize <= 1 KB), else 16.
-            bb = 64 if B >= 64 and hk * esize <= 1024 else 16
-            out["transposed"] = regroup(LSTMConfig(block_h=16, block_b=bb, block_k=hk, w_resident=True, num_warps=4,
-                                                   transposed=True))
+    hk, esize = max(16, _pow2(H)), dtype.itemsize
+    if kernel in FORWARD and H > 16 and (2 if stack else 1) * 64 * hk * esize <= 128 * 1024 and cdiv(H, 16) <= share:
+        # 64-row batch tiles where their h chunks leave registers (compile-only: K * esize <= 1 KB), else 16.
+        bb = 64 if B >= 64 and hk * esize <= 1024 and not stack else 16
+        out["transposed"] = regroup(LSTMConfig(block_h=16, block_b=bb, block_k=hk, w_resident=True, num_warps=4,
+                                               transposed=True))
     for e in tagged_exchanges(kernel, unsplit, dtype):  # none for the stacks
         out[e] = tagged_variant(unsplit, e)
     if "split" in out:

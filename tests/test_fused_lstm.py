@@ -529,18 +529,21 @@ def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):
 
 
 _STACK_CONFIGS = {"default": None, "stepwise-P5-Q2": MULTI_PROGRAM[0].values[0],
-                  "streamedW": MULTI_PROGRAM[1].values[0], "split4": MULTI_PROGRAM[3].values[0]}
+                  "streamedW": MULTI_PROGRAM[1].values[0], "split4": MULTI_PROGRAM[3].values[0],
+                  "transposed": LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2,
+                                           persistent=False, transposed=True)}
 _STACK_LENGTHS = {"padded": None, "lengths": torch.tensor([6, 2, 5, 1, 6])}
 _STACK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Every config x lengths x dtype without dropout, but the two multi-program combinations that a dropout case
 # below repeats with dropout (CI time); with dropout, each multi-program config meets each lengths and each
 # dtype once (the dropout code is the same for all).
-_STACK_CASES = [(c, n, d, False) for c in _STACK_CONFIGS if c != "split4" for n in _STACK_LENGTHS
+_STACK_CASES = [(c, n, d, False) for c in _STACK_CONFIGS if c not in ("split4", "transposed") for n in _STACK_LENGTHS
                 for d in _STACK_DTYPES
                 if (c, n, d) not in {("stepwise-P5-Q2", "padded", "fp16"), ("stepwise-P5-Q2", "lengths", "fp32")}] + [
     ("stepwise-P5-Q2", "padded", "fp16", True), ("stepwise-P5-Q2", "lengths", "fp32", True),
     ("streamedW", "padded", "fp32", True), ("streamedW", "lengths", "fp16", True),
-    ("split4", "lengths", "fp16", True)]
+    ("split4", "lengths", "fp16", True),
+    ("transposed", "padded", "fp32", False), ("transposed", "lengths", "fp16", True)]
 
 
 @pytest.mark.parametrize("config,lengths,dtype,dropout", [

@@ -117,8 +117,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       TAGGED=kernel == "fwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2,
                       PROBE=kernel == "fwd" and config.exchange == "tagged-probe",
                       MERGED=kernel == "fwd" and config.merged_gates,
-                      TRANSPOSED=kernel == "fwd" and config.transposed,
-                      KC=k.transposed_chunk(config, dtype.itemsize) if kernel == "fwd" else 16)
+                      TRANSPOSED=config.transposed, KC=k.transposed_chunk(config, dtype.itemsize))
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       TAGGED=kernel == "bwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2)

@@ -49,8 +49,8 @@ class LSTMConfig:
     merged_gates: bool = False
     # The forward's gate dots transposed, gates^T = W^T @ h^T (kernels/lstm.py _transposed_gate_dots): M = the
     # program's 4 * block_h gate rows instead of the batch tile, so that block_h = 16 makes one 64-row Hopper
-    # warpgroup MMA (wgmma) at any batch. Single-layer forward only; W resident, barrier exchange, split_k = 1,
-    # block_h = 16 (perf/NOTES.md v0.18).
+    # warpgroup MMA (wgmma) at any batch. The forward kernels only (a single layer's and a stack's wavefront; the
+    # backward kernels ignore it); W resident, barrier exchange, split_k = 1, block_h = 16 (perf/NOTES.md v0.18).
     transposed: bool = False
 
     def __post_init__(self):
