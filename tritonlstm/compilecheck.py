@@ -25,7 +25,8 @@ from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_conf
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
 # Register spills up to this many bytes per thread are allowed: on an H100 several spilling configs measured
 # faster than spill-free ones (perf/NOTES.md v0.9: 4 warps doing less duplicated work beat 8 that fit
-# registers); beyond it ptxas has given up (one fell back to 32 registers and 28 KB of spills).
+# registers); beyond it ptxas has given up (one fell back to 32 registers and 30 KB of spills: fp16 backward,
+# K = 1024 split 4 ways on 4 warps, at an H that is not a multiple of 16).
 SPILL_LIMIT = 2048
 H100_SMS = 132
 BACKWARD = ("bwd", "stack_bwd")  # the kernels compiled from lstm_bwd_kernel

@@ -116,9 +116,10 @@ def measured_split(kernel: str, hk: int, esize: int) -> int:
     fewer warps the better while the 16-row tile leaves warps computing copies of each other's work: the
     forward is fastest unsplit on 4 warps up to K = 512 (0.70-0.85x the 8-warp step) and split at K = 1024
     (4 ways in 16-bit, 8 in fp32); the backward split 4 ways (0.44-0.67x the unsplit step at B = 16), 8 at
-    K = 1024 (fp32: 0.59x against 4 ways' 0.91x; 16-bit: as fast as 4 ways, where ptxas fell back to 32
-    registers and 28 KB of spills). Several of these spill registers (compilecheck lists them; measured faster
-    all the same). The stacks' wavefronts (two dots per step) were not measured split and stay as they were."""
+    K = 1024 (fp32: 0.59x against 4 ways' 0.91x; 16-bit: as fast as 4 ways, for which a compile-only check
+    without a launch's specialisation showed 28 KB of spills; with it, 540 B at H = 1024: NOTES v0.18).
+    Several of these spill registers (compilecheck lists them; measured faster all the same). The stacks'
+    wavefronts (two dots per step) were not measured split and stay as they were."""
     if kernel == "fwd":
         return (4 if esize < 4 else 8) if hk >= 1024 else 1
     if kernel == "bwd":
