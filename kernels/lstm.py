@@ -46,6 +46,11 @@ def interpreting() -> bool:
     return isinstance(lstm_fwd_kernel, InterpretedFunction)
 
 
+# PTX fences in inline assembly, which the CPU interpreter cannot run (it runs programs one after another and
+# needs none). Set once the kernels exist (below), read when they compile.
+FENCES: tl.constexpr = tl.constexpr(True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
@@ -323,6 +328,41 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
 
 
 @triton.jit
+def _flag_barrier(p_flags, i_me, n, step, p_err, failed, max_spin, NP: tl.constexpr):
+    """The grid barrier with one flag per program instead of one counter (LSTMConfig.exchange "flags"): this
+    program sets its flag p_flags[i_me] to `step` (release) and waits until the other n - 1 flags reach it. The
+    arrival is fire-and-forget (the counter's arrival returned a value first), and a poll is plain loads of the
+    flags with a reduction, no atomic broadcast through shared memory. Returns True if the wait failed (`failed`
+    on entry: no wait; the device's error flag; or max_spin polls, which sets it). perf/NOTES.md v0.19."""
+    tl.debug_barrier()  # every thread's stores of this step before the release
+    tl.atomic_xchg(p_flags + i_me, step, sem="release", scope="gpu")
+    o_p = tl.arange(0, NP)
+    p = p_flags + o_p
+    m = (o_p < n) & (o_p != i_me)
+    state = tl.maximum(_flags_state(p, m, step, p_err), 2 * failed.to(tl.int32))
+    spins = 0
+    while state == 1:
+        state = _flags_state(p, m, step, p_err)
+        spins += 1
+        if spins > max_spin:
+            tl.atomic_xchg(p_err, 1)
+            state = 2
+    # The polls are relaxed loads: the fence makes them acquire what the other programs released.
+    if FENCES:
+        state = tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [state], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+    return state >= 2
+
+
+@triton.jit
+def _flags_state(p, m, step, p_err):
+    """0: every flag at p (masked by m) has reached `step`; 1: some have not; >= 2: the error flag is set. One
+    reduction, so uniform wherever it spans warps (_tag_state)."""
+    err = (tl.load(p_err, volatile=True) != 0).to(tl.int32)
+    return tl.max((tl.load(p, mask=m, other=step, volatile=True) < step).to(tl.int32) + 2 * err)
+
+
+@triton.jit
 def _publish_tagged(p_ring, b_y, m, tag, BB: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
                     DT: tl.constexpr):
     """Stores the [BB, BH] tile b_y (float32, rounded to DT) as 8-byte words of PACK values and the tag in the
@@ -544,6 +584,8 @@ def lstm_fwd_kernel(
     MERGED: tl.constexpr,  # the four gate dots as one (_merged_gate_dots); single layer, barrier, unsplit
     TRANSPOSED: tl.constexpr,  # the gate dots as W^T @ h^T (_transposed_gate_dots); barrier, W resident
     KC: tl.constexpr,  # TRANSPOSED: K chunk of the dot
+    FLAGS: tl.constexpr,  # the barrier as a flag per program (_flag_barrier): SYNC holds NP-strided flags
+    NP: tl.constexpr,  # FLAGS: power of two >= the programs of one barrier (P, or P * L for a stack)
 ):
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     tl.static_assert(not (MERGED and (STACK or TAGGED or SK > 1)), "merged gates: single layer, barrier, unsplit")
@@ -729,7 +771,15 @@ def lstm_fwd_kernel(
         if PERSISTENT and not TAGGED:
             if STACK:
                 # One counter for the whole stack: layer l's step needs layer l-1's output of the same step.
-                failed = _grid_barrier(ERR, SYNC + i_q, (s_glob - S_START + 1) * n_h * tl.num_programs(2), max_spin)
+                if FLAGS:
+                    failed = _flag_barrier(SYNC + i_q * NP, i_l * n_h + i_h, n_h * tl.num_programs(2), s_glob + 1,
+                                           ERR, poisoned, max_spin, NP)
+                else:
+                    failed = _grid_barrier(ERR, SYNC + i_q, (s_glob - S_START + 1) * n_h * tl.num_programs(2),
+                                           max_spin)
+            elif FLAGS:
+                failed = _flag_barrier(SYNC + (i_d * n_q + i_q) * NP, i_h, n_h, s_glob + 1, ERR, poisoned, max_spin,
+                                       NP)
             else:
                 failed = _grid_barrier(ERR, SYNC + i_d * n_q + i_q, (s_glob - S_START + 1) * n_h, max_spin)
             poisoned = poisoned | failed
@@ -779,6 +829,8 @@ def lstm_bwd_kernel(
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SK: tl.constexpr,  # split-K ways of the recurrent dots (_gate_dots)
+    FLAGS: tl.constexpr,  # as the forward's
+    NP: tl.constexpr,
 ):
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
@@ -961,7 +1013,15 @@ def lstm_bwd_kernel(
         if PERSISTENT and not TAGGED:
             if STACK:
                 # One counter for the whole stack: a layer's step needs the layer above's dG of the same t.
-                failed = _grid_barrier(ERR, SYNC + i_q, (r_glob - S_START + 1) * n_h * tl.num_programs(2), max_spin)
+                if FLAGS:
+                    failed = _flag_barrier(SYNC + i_q * NP, i_l * n_h + i_h, n_h * tl.num_programs(2), r_glob + 1,
+                                           ERR, poisoned, max_spin, NP)
+                else:
+                    failed = _grid_barrier(ERR, SYNC + i_q, (r_glob - S_START + 1) * n_h * tl.num_programs(2),
+                                           max_spin)
+            elif FLAGS:
+                failed = _flag_barrier(SYNC + (i_d * n_q + i_q) * NP, i_h, n_h, r_glob + 1, ERR, poisoned, max_spin,
+                                       NP)
             else:
                 failed = _grid_barrier(ERR, SYNC + i_d * n_q + i_q, (r_glob - S_START + 1) * n_h, max_spin)
             poisoned = poisoned | failed
@@ -1065,6 +1125,7 @@ class BarrierErrors:
 
 
 barrier_errors = BarrierErrors()
+FENCES = tl.constexpr(not interpreting())
 
 
 _compiling_only: contextvars.ContextVar[bool] = contextvars.ContextVar("tritonlstm_compile_only", default=False)
@@ -1126,6 +1187,18 @@ def transposed_chunk(config, esize: int) -> int:
     return max(16, min(config.block_k, TRANSPOSED_CHUNK_BYTES // (config.block_b * esize)))
 
 
+def _barrier_state(config, grid, device, stack: bool = False) -> tuple[torch.Tensor, dict]:
+    """The zeroed barrier state of a launch and the kernels' FLAGS and NP constexprs: one counter per barrier
+    (per direction and batch group; a stack's spans its layers), or with exchange "flags" NP flags per barrier,
+    NP >= its programs (grid[0], times the layers of a stack)."""
+    P, Q, Z = grid
+    barriers = Q if stack else Q * Z
+    if config.exchange != "flags":
+        return torch.zeros(barriers, device=device, dtype=torch.int32), dict(FLAGS=False, NP=1)
+    np_ = triton.next_power_of_2(P * Z if stack else P)
+    return torch.zeros(barriers * np_, device=device, dtype=torch.int32), dict(FLAGS=True, NP=np_)
+
+
 def _tag_pack(dtype: torch.dtype, config) -> int:
     """Values per tagged word (two 16-bit values, or one float32), after checking that the K chunk can be split
     into the words' two halves for tl.dot (K >= 16 each)."""
@@ -1168,9 +1241,9 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
         raise ValueError("lstm_forward: gates_out needs store_gates=True and no lengths")
     gates = gates_out if gates_out is not None else _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
-    sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
-    tagged = config.exchange != "barrier"
+    sync, flags = _barrier_state(config, grid, dev)
+    tagged = config.exchange.startswith("tagged")
     pack = _tag_pack(dt, config) if tagged else 1
     ring = _tag_ring(h0, pack) if tagged else sync
     args = (gx, gates, w_hh, w_hh, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
@@ -1179,7 +1252,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
               PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize)), sync)
+              KC=transposed_chunk(config, dt.itemsize), **flags), sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
@@ -1203,15 +1276,15 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     cn = _alloc((L, B, H), dt, dev)
     gates = _per_step((L, T, B, G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((L, T, B, H), torch.float32, dev, lengths) if store_gates else c_ws
-    sync = torch.zeros(config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
+    sync, flags = _barrier_state(config, grid, dev, stack=True)
     args = (gx, gates, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else y, xd if xd is not None else y,
             bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync, sync,
             barrier_errors.flag(dev), sync, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
               TAGGED=False, PACK=1, PROBE=False, MERGED=False, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize),
+              KC=transposed_chunk(config, dt.itemsize), **flags,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)), sync)
     if not store_gates:
         gates = c_all = None
@@ -1231,9 +1304,9 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     dc_ws = torch.zeros(D, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((D, B, H), dt, dev)
     dc0 = _alloc((D, B, H), dt, dev)
-    sync = torch.zeros(D * config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
-    tagged = config.exchange != "barrier"  # the backward has no probe variant: "tagged-probe" runs as "tagged"
+    sync, flags = _barrier_state(config, grid, dev)
+    tagged = config.exchange.startswith("tagged")  # the backward has no probe: "tagged-probe" runs as "tagged"
     pack = _tag_pack(dt, config) if tagged else 1
     # Zeros: slot 1 is dG of the step after the last (zero, tag 0); slot 0 carries no reader's tag before r = 1.
     ring = torch.zeros((2, D, B, 4, triton.cdiv(H, pack)), dtype=torch.int64, device=dev) if tagged else sync
@@ -1241,7 +1314,7 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
             last if last is not None else sync, sync, barrier_errors.flag(dev), ring, T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
          dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt),
-              TAGGED=tagged, PACK=pack), sync)
+              TAGGED=tagged, PACK=pack, **flags), sync)
     return dg, dh0, dc0
 
 
@@ -1262,11 +1335,11 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     dc_ws = torch.zeros(L, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((L, B, H), dt, dev)
     dc0 = _alloc((L, B, H), dt, dev)
-    sync = torch.zeros(config.batch_groups, device=dev, dtype=torch.int32)
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
+    sync, flags = _barrier_state(config, grid, dev, stack=True)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
             dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, T, B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
          dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1), sync)
+              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1, **flags), sync)
     return dg, dh0, dc0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -163,8 +164,8 @@ def test_kernel_ab_variants_are_runnable_configs():
     for kernel in ("fwd", "bwd"):
         got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "tagged",
-                "split-tagged", "streamed", "wide"}
-        fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4", "transposed"}
+                "split-tagged", "streamed", "wide", "flags"}
+        fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4", "transposed", "transposed-flags"}
         assert set(got) == want | (fwd_only if kernel == "fwd" else set()), got
         assert len(set(got.values())) == len(got)
         assert all(c.programs(1024) <= 132 for c in got.values())
@@ -179,12 +180,13 @@ def test_kernel_ab_variants_are_runnable_configs():
     assert "transposed" not in ab.variants("fwd", 1024, 16, torch.float32, 132, ["transposed"])  # 256 KB of W^T
     for kernel in ("stack", "stack_bwd"):  # 4 layers share the SMs: 33 each
         got = ab.variants(kernel, 512, 16, torch.float16, 132, ab.VARIANTS, layers=4)
-        want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "streamed"}  # no BH 8
-        assert set(got) == want | ({"transposed"} if kernel == "stack" else set()), got
+        want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "streamed", "flags"}  # no BH 8
+        assert set(got) == want | ({"transposed", "transposed-flags"} if kernel == "stack" else set()), got
         assert len(set(got.values())) == len(got)
         assert all(c.programs(512) <= 33 for c in got.values())
         assert got["unsplit"].w_resident and not got["streamed"].w_resident
-        assert not any(c.merged_gates or c.exchange != "barrier" for c in got.values())
+        assert not any(c.merged_gates or c.tagged for c in got.values())
+        assert got["flags"] == dataclasses.replace(got["unsplit"], exchange="flags")
     assert "transposed" not in ab.variants("stack", 512, 16, torch.float32, 132, ab.VARIANTS, layers=2)  # 256 KB
 
 

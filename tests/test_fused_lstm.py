@@ -114,6 +114,9 @@ MULTI_PROGRAM = [
     # configs.wide_tile_config's shape (64-row tiles, streamed W, 3 stages), stepwise: one partial tile.
     pytest.param(LSTMConfig(block_h=16, block_b=64, block_k=32, w_resident=False, batch_groups=1, persistent=False,
                             num_warps=8, num_stages=3), id="stepwise-wide-BB64"),
+    # The flags barrier (one program: its wait has no other flag to read; the failure tests below wait on two).
+    pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=64, w_resident=True, batch_groups=1, persistent=True,
+                            exchange="flags"), id="persistent-1prog-flags"),
 ]
 
 
@@ -372,7 +375,7 @@ def test_auto_backend_float64_uses_torch(kernel_calls):
     assert kernel_calls["fwd"] == 0
 
 
-@pytest.mark.parametrize("exchange", ["barrier", "tagged", "tagged-probe"])
+@pytest.mark.parametrize("exchange", ["barrier", "tagged", "tagged-probe", "flags"])
 def test_barrier_that_cannot_complete_raises(monkeypatch, exchange):
     """A persistent launch whose programs cannot all be resident: the interpreter runs program 0 to the end
     before program 1 starts, so program 0's barrier (or its wait on program 1's tagged h) can never complete.
@@ -385,7 +388,7 @@ def test_barrier_that_cannot_complete_raises(monkeypatch, exchange):
         fused_lstm(*(problem[n] for n in NAMES), backend="triton")
 
 
-@pytest.mark.parametrize("exchange", ["barrier", "tagged", "tagged-probe"])
+@pytest.mark.parametrize("exchange", ["barrier", "tagged", "tagged-probe", "flags"])
 def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch, exchange):
     """Without the per-launch check the failure still cannot pass for a result: every output after the failed
     barrier (or wait) is NaN, and the flag stays set until the host reports it, once."""

@@ -184,11 +184,16 @@ def test_cli_arguments_and_no_gpu_message():
 def test_tagged_exchanges_are_candidates_of_both_kernels():
     fwd = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel="fwd")
     bwd = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel="bwd")
-    tagged = [c for c in fwd if c.exchange != "barrier"]
+    tagged = [c for c in fwd if c.tagged]
     assert tagged and all(c.persistent and c.block_k >= 32 for c in tagged)
-    assert {c.exchange for c in fwd} == {"barrier", "tagged", "tagged-probe"}
+    assert {c.exchange for c in fwd} == {"barrier", "tagged", "tagged-probe", "flags"}
     assert {dataclasses.replace(c, exchange="barrier") for c in tagged} <= set(fwd)  # the same tiles, barrier
-    assert {c.exchange for c in bwd} == {"barrier", "tagged"}
+    assert {c.exchange for c in bwd} == {"barrier", "tagged", "flags"}
+    # The flags barrier: on the heuristic's tiles (first) and the transposed ones, nothing else.
+    flags = [c for c in fwd if c.exchange == "flags"]
+    assert dataclasses.replace(fwd[0], exchange="flags") in flags
+    assert all(c.transposed for c in flags if c != dataclasses.replace(fwd[0], exchange="flags"))
+    assert any(c.transposed for c in flags)
 
 
 def test_compile_in_parallel_launches_nothing_and_survives_failing_candidates():

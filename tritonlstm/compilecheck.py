@@ -110,18 +110,22 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     tdt = _TRITON_DTYPE[dtype]
     consts = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
-                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", SK=config.split_k)
+                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", SK=config.split_k,
+                  # A flags barrier's polls reduce over NP flags: a stack's span its layers (4, the bench's most).
+                  FLAGS=config.exchange == "flags",
+                  NP=triton.next_power_of_2(-(-hidden // config.block_h) * (4 if kernel.startswith("stack") else 1))
+                  if config.exchange == "flags" else 1)
     if kernel in ("fwd", "stack"):
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
         consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
                       HAS_DROPOUT=kernel == "stack" and store_gates,
-                      TAGGED=kernel == "fwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2,
+                      TAGGED=kernel == "fwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,
                       PROBE=kernel == "fwd" and config.exchange == "tagged-probe",
                       MERGED=kernel == "fwd" and config.merged_gates,
                       TRANSPOSED=config.transposed, KC=k.transposed_chunk(config, dtype.itemsize))
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
-                      TAGGED=kernel == "bwd" and config.exchange != "barrier", PACK=1 if dtype == torch.float32 else 2)
+                      TAGGED=kernel == "bwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2)
     backward = kernel in BACKWARD
     fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,

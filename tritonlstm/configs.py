@@ -19,7 +19,7 @@ import torch
 _W_BUDGET = 128 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
-EXCHANGES = ("barrier", "tagged", "tagged-probe")
+EXCHANGES = ("barrier", "tagged", "tagged-probe", "flags")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,8 @@ class LSTMConfig:
     # one grid barrier per step, load) or "tagged" (each 8-byte word carries a step tag and its reader waits on
     # the words it needs: no fence, no counter, twice the bytes; "tagged-probe", forward only, waits on one word
     # per producer before reloading a tile that was not complete; the backward runs it as "tagged"). The
-    # stacks' wavefront kernels always use the barrier.
+    # stacks' wavefront kernels use the barrier. "flags": the barrier with one flag per program instead of one
+    # counter (kernels/lstm.py _flag_barrier; every kernel, stacks included; perf/NOTES.md v0.19).
     exchange: str = "barrier"
     # Split-K ways of the recurrent dots (a batched dot, one warp per K slice, then a sum): with 16-row batch
     # tiles a plain dot stacks every warp along M, each computing the whole product (kernels/lstm.py
@@ -56,7 +57,7 @@ class LSTMConfig:
     def __post_init__(self):
         if self.exchange not in EXCHANGES:
             raise ValueError(f"LSTMConfig.exchange must be one of {EXCHANGES}, got {self.exchange!r}")
-        if self.exchange != "barrier" and self.block_h < 2:
+        if self.tagged and self.block_h < 2:
             raise ValueError(f"LSTMConfig.exchange={self.exchange!r} needs block_h >= 2 (two 16-bit values per "
                              f"word), got {self.block_h}")
         for name in ("block_h", "block_b", "block_k"):
@@ -70,16 +71,23 @@ class LSTMConfig:
         if self.block_k // self.split_k < 16:
             raise ValueError(f"LSTMConfig.split_k: block_k // split_k must be >= 16 (tl.dot's K), got block_k="
                              f"{self.block_k}, split_k={self.split_k}")
-        if self.merged_gates and (self.split_k > 1 or self.exchange != "barrier"):
-            raise ValueError(f"LSTMConfig.merged_gates needs split_k=1 and exchange='barrier', got split_k="
+        if self.merged_gates and (self.split_k > 1 or self.tagged):
+            raise ValueError(f"LSTMConfig.merged_gates needs split_k=1 and a barrier exchange, got split_k="
                              f"{self.split_k}, exchange={self.exchange!r}")
         if self.transposed and (not self.w_resident or self.block_h != 16 or self.split_k > 1 or self.merged_gates
-                                or self.exchange != "barrier"):
+                                or self.tagged):
             raise ValueError(f"LSTMConfig.transposed needs w_resident=True, block_h=16, split_k=1, merged_gates=False "
-                             f"and exchange='barrier', got w_resident={self.w_resident}, block_h={self.block_h}, "
+                             f"and a barrier exchange, got w_resident={self.w_resident}, block_h={self.block_h}, "
                              f"split_k={self.split_k}, merged_gates={self.merged_gates}, exchange={self.exchange!r}")
+        if self.exchange == "flags" and not self.persistent:
+            raise ValueError("LSTMConfig.exchange='flags' is a persistent launch's barrier, got persistent=False")
         if self.batch_groups < 1:
             raise ValueError(f"LSTMConfig.batch_groups must be >= 1, got {self.batch_groups}")
+
+    @property
+    def tagged(self) -> bool:
+        """h_{t-1} (dG_{t+1}) through tagged words instead of a barrier."""
+        return self.exchange.startswith("tagged")
 
     def programs(self, hidden: int) -> int:
         return cdiv(hidden, self.block_h) * self.batch_groups
@@ -93,7 +101,7 @@ def tagged_exchanges(kernel: str, config: LSTMConfig, dtype: torch.dtype) -> tup
     exchanges = {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
     min_k = (16 if dtype == torch.float32 else 32) * config.split_k
     ok = (config.persistent and config.block_h >= 2 and config.block_k >= min_k and not config.merged_gates
-          and not config.transposed)
+          and not config.transposed and config.exchange == "barrier")
     return exchanges if ok else ()
 
 

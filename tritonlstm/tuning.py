@@ -176,7 +176,8 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
     """Configs that can run: every program resident (P * Q <= SMs) and an estimate of the shared memory
     (the W_hh slices and one h tile) under the limit. The heuristic's pick comes first. Each persistent one also
     with the tagged exchanges where its tiles allow them (h_{t-1}, or dG_{t+1} in the backward, in tagged words
-    instead of a barrier per step; "tagged" and "tagged-probe" for fwd, "tagged" for bwd; perf/NOTES.md v0.8)."""
+    instead of a barrier per step; "tagged" and "tagged-probe" for fwd, "tagged" for bwd; perf/NOTES.md v0.8), and
+    the heuristic's and the transposed tiles with the flags barrier (v0.19)."""
     esize = torch.empty((), dtype=dtype).element_size()
     hk = max(16, _pow2(hidden))
     out = [heuristic_config(hidden, batch, dtype, num_sms, kernel=kernel)]
@@ -205,6 +206,10 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
         out.append(wide_tile_config(hidden, batch, esize, num_sms, kernel))
     out += [tagged_variant(c, exchange) for c in list(out)
             for exchange in tagged_exchanges(kernel, c, dtype)]
+    # The flags barrier (v0.19) on the heuristic's tiles and the transposed ones: a change of the exchange alone,
+    # not worth doubling every candidate (compiling dominates a tuning run).
+    out += [dataclasses.replace(c, exchange="flags") for i, c in enumerate(out)
+            if c.persistent and c.exchange == "barrier" and (i == 0 or c.transposed)]
     out = list(dict.fromkeys(out))
     return out
 
