@@ -339,10 +339,10 @@ def _flag_barrier(p_flags, i_me, n, step, p_err, failed, max_spin, NP: tl.conste
     o_p = tl.arange(0, NP)
     p = p_flags + o_p
     m = (o_p < n) & (o_p != i_me)
-    state = tl.maximum(_flags_state(p, m, step, p_err), 2 * failed.to(tl.int32))
+    state = _flags_state(p, m, step, p_err, failed)
     spins = 0
     while state == 1:
-        state = _flags_state(p, m, step, p_err)
+        state = _flags_state(p, m, step, p_err, failed)
         spins += 1
         if spins > max_spin:
             tl.atomic_xchg(p_err, 1)
@@ -355,10 +355,12 @@ def _flag_barrier(p_flags, i_me, n, step, p_err, failed, max_spin, NP: tl.conste
 
 
 @triton.jit
-def _flags_state(p, m, step, p_err):
-    """0: every flag at p (masked by m) has reached `step`; 1: some have not; >= 2: the error flag is set. One
-    reduction, so uniform wherever it spans warps (_tag_state)."""
-    err = (tl.load(p_err, volatile=True) != 0).to(tl.int32)
+def _flags_state(p, m, step, p_err, failed):
+    """0: every flag at p (masked by m) has reached `step`; 1: some have not; >= 2: the error flag is set, or
+    `failed`. One reduction over everything a thread read, so its result is the same in every thread wherever the
+    reduction spans warps, which is where the loop around it has CTA barriers (_grid_barrier says why that
+    matters); within one warp a poll has none, and warps may leave the loop at different polls."""
+    err = ((tl.load(p_err, volatile=True) != 0) | failed).to(tl.int32)
     return tl.max((tl.load(p, mask=m, other=step, volatile=True) < step).to(tl.int32) + 2 * err)
 
 
