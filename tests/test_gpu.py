@@ -337,6 +337,113 @@ def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
     assert rel_err(b.data, a.data) <= RESOLUTION_GPU[dtype] * 2
 
 
+LAYOUT_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
+                for kind in ("transposed", "flags", "transposed-flags")
+                for name, dt in DTYPES.items() for H, B in ((256, 16), (512, 64), (1024, 16))
+                if not (dt == torch.float32 and H == 1024 and kind != "flags")]
+
+
+def _layout_config(kind, H, B, dtype, sms, directions=1):
+    """The heuristic's config with the flags barrier (v0.19), or the transposed tiles (v0.18) with either
+    barrier, as the tuner's candidates build them."""
+    import dataclasses
+
+    from tritonlstm.configs import LSTMConfig, _pow2, cdiv, heuristic_config
+
+    if kind == "flags":
+        return dataclasses.replace(heuristic_config(H, B, dtype, sms, directions=directions), exchange="flags")
+    share = sms // directions
+    cfg = LSTMConfig(block_h=16, block_b=16, block_k=max(16, _pow2(H)), w_resident=True, num_warps=4,
+                     transposed=True, batch_groups=max(1, min(cdiv(B, 16), share // cdiv(H, 16))))
+    return dataclasses.replace(cfg, exchange="flags") if kind.endswith("flags") else cfg
+
+
+@pytest.mark.parametrize("kind,H,B,dtype", LAYOUT_CASES)
+def test_transposed_dots_and_flags_barrier_match_cudnn(kind, H, B, dtype):
+    """The tuner's newer candidates on persistent multi-program launches, forward and backward (the backward
+    takes the flags barrier too; it ignores transposed), then both directions with per-row lengths: what the
+    interpreter cannot show (wgmma, the flags' ordering between programs)."""
+    from tritonlstm import LSTM
+    from tritonlstm.configs import use_config
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = _layout_config(kind, H, B, dtype, sms)
+    assert cfg.persistent and cfg.programs(H) > 1, cfg
+    with use_config(cfg):
+        run_both(256, B, H, dtype)
+    m = torch.nn.LSTM(H, H, bidirectional=True).to("cuda", dtype)
+    ours = LSTM(H, H, bidirectional=True, backend="triton").to("cuda", dtype)
+    ours.load_state_dict(m.state_dict())
+    lengths = torch.randint(1, 65, (B,))
+    lengths[0] = 64
+    x = torch.randn(64, B, H, device="cuda", dtype=dtype)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    with use_config(_layout_config(kind, H, B, dtype, sms, directions=2), "fwd"), torch.no_grad():
+        a, b = m(packed)[0], ours(packed)[0]
+    assert rel_err(b.data, a.data) <= RESOLUTION_GPU[dtype] * 2
+
+
+@pytest.mark.parametrize("kind", ["transposed", "flags", "transposed-flags"])
+def test_stack_with_transposed_dots_and_flags_barrier_matches_cudnn(kind):
+    """A 4-layer fp16 stack (the bench's stack row, H = 512, B = 16) through both wavefronts with the newer
+    candidates: the forward's transposed W_ih and W_hh dots, the flags barrier over all 128 programs."""
+    import dataclasses
+
+    from tritonlstm import LSTM
+    from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_config, use_config
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    flags = kind.endswith("flags")
+    fwd = LSTMConfig(block_h=16, block_b=16, block_k=512, w_resident=True, num_warps=4, transposed=True) \
+        if kind.startswith("transposed") else heuristic_config(512, 16, torch.float16, sms, layers=4, kernel="stack")
+    bwd = stack_backward_config(512, 16, torch.float16, sms, 4)
+    if flags:
+        fwd, bwd = (dataclasses.replace(c, exchange="flags") for c in (fwd, bwd))
+    m = torch.nn.LSTM(512, 512, num_layers=4).to("cuda", torch.float16)
+    ours = LSTM(512, 512, num_layers=4, backend="triton").to("cuda", torch.float16)
+    ours.load_state_dict(m.state_dict())
+    x = torch.randn(64, 16, 512, device="cuda", dtype=torch.float16)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    with use_config(fwd, "stack"), use_config(bwd, "stack_bwd"):
+        y = ours(xs[1])[0]
+        gy = torch.randn_like(y)
+        (y * gy).sum().backward()
+    y_ref = m(xs[0])[0]
+    (y_ref * gy).sum().backward()
+    tol = RESOLUTION_GPU[torch.float16] * 2
+    assert rel_err(y, y_ref) <= tol and rel_err(xs[1].grad, xs[0].grad) <= tol
+    for a, b in zip(ours.parameters(), m.parameters()):
+        assert rel_err(a.grad, b.grad) <= tol
+
+
+def test_flags_barrier_that_cannot_complete_gives_nan_then_raises(monkeypatch):
+    """As the counter barrier's test below: 256 programs of one group on fewer SMs cannot all be resident. The
+    flags' waiters give up boundedly (each once: a failed program skips its later waits), every output after
+    the failure is NaN, the report comes at synchronize()."""
+    import tritonlstm
+    from tritonlstm import LSTMConfig, use_config
+    from tritonlstm.kernels import lstm as k
+
+    assert torch.cuda.get_device_properties(0).multi_processor_count < 256
+    monkeypatch.setattr(k, "_check_residency", lambda *a: None)
+    cfg = LSTMConfig(block_h=8, block_b=16, block_k=2048, w_resident=True, persistent=True, num_warps=8,
+                     max_spin=20000, exchange="flags")
+    _, w = cudnn_and_weights(64, 2048, torch.float16)
+    x = torch.randn(6, 16, 64, device="cuda", dtype=torch.float16)
+    with use_config(cfg), torch.no_grad():
+        y, (hn, cn) = fused_lstm(x, *w, backend="triton")
+    finite = {name: torch.isfinite(t).sum().item() for name, t in (("y[1:]", y[1:]), ("hn", hn), ("cn", cn))}
+    with contextlib.suppress(RuntimeError):
+        torch.cuda.synchronize()
+    assert not any(finite.values()), finite
+    with pytest.raises(RuntimeError, match="barrier"):
+        tritonlstm.synchronize()
+    tritonlstm.synchronize()  # reported once
+    with torch.no_grad():
+        y, _ = fused_lstm(x, *w, backend="triton")
+    assert torch.isfinite(y).all()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_module_on_a_gpu_other_than_the_current_one():
     """Triton launches on the current device: a model on cuda:1 while cuda:0 is current must still run on
