@@ -23,6 +23,10 @@ wavefront): layer l runs one step behind the layer above and adds that layer's d
 the loop. Dropout between layers (HAS_DROPOUT): layer l multiplies its output tile by a given scale and
 writes the dropped copy that layer l + 1 reads; the backward scales the gradient from above the same way.
 
+The barrier is one counter per (direction, batch group) (_grid_barrier), or with FLAGS a flag per program
+(_flag_barrier). The recurrent dots are [BB, K] @ [K, BH] per gate, or with TRANSPOSED W^T [4*BH, K] @ h^T
+(_transposed_gate_dots: M = the program's gate rows, for Hopper's warpgroup MMA at any batch).
+
 A barrier that fails (a program never arrives within max_spin polls) sets the device's sticky ERR flag; from
 then on every output of that launch, and of any launch that starts while the flag is set, is NaN, and the
 host raises at its next launch or at `tritonlstm.synchronize()` (BarrierErrors) without a sync per launch.
