@@ -201,18 +201,32 @@ def _load_transposed_tiles(p_w, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr,
 
 
 @triton.jit
-def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_t, H, BB: tl.constexpr,
-                          BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_t, p_w, i_h, m_w, H,
+                          BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr,
+                          W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """_gate_dots transposed: gates^T [4 * BH, BB] = W^T @ x^T, M = the program's 4 * BH gate rows (BH = 16: one
     64-row Hopper warpgroup MMA, which a 16-row batch tile as M is too small for), N = the batch tile, K in KC
-    chunks (w_t: _load_transposed_tiles; x [BB, KC] pieces, used transposed: a [KC, BB] pointer tensor costs
-    registers per element). The gates then come out of the accumulator's rows as [BB, BH] tiles."""
+    chunks: w_t's resident tiles (_load_transposed_tiles), or streamed, each [4 * BH, KC] chunk of W^T loaded
+    from p_w (masked by m_w) in a pipelined loop. x comes in [BB, KC] pieces used transposed (a [KC, BB] pointer
+    tensor costs registers per element). The gates then come out of the accumulator's rows as [BB, BH] tiles."""
     acc = tl.zeros([4 * BH, BB], dtype=tl.float32)
-    for i in tl.static_range(BK // KC):
-        o_c = i * KC + tl.arange(0, KC)
-        b_x = tl.load(p_base + o_rows[:, None] + o_c[None, :], mask=m_rows[:, None] & (o_c < H)[None, :],
-                      other=0.0, cache_modifier=".cg")
-        acc = tl.dot(w_t[i], tl.trans(b_x), acc, input_precision=DOT_PRECISION)
+    if W_RESIDENT:
+        for i in tl.static_range(BK // KC):
+            o_c = i * KC + tl.arange(0, KC)
+            b_x = tl.load(p_base + o_rows[:, None] + o_c[None, :], mask=m_rows[:, None] & (o_c < H)[None, :],
+                          other=0.0, cache_modifier=".cg")
+            acc = tl.dot(w_t[i], tl.trans(b_x), acc, input_precision=DOT_PRECISION)
+    else:
+        o_r = tl.arange(0, 4 * BH)
+        rows = (o_r // BH) * H + i_h * BH + o_r % BH
+        m_r = (i_h * BH + o_r % BH < H) & m_w
+        for k0 in range(0, H, KC):
+            o_c = k0 + tl.arange(0, KC)
+            m_c = o_c < H
+            t_w = tl.load(p_w + rows[:, None] * H + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
+            b_x = tl.load(p_base + o_rows[:, None] + o_c[None, :], mask=m_rows[:, None] & m_c[None, :], other=0.0,
+                          cache_modifier=".cg")
+            acc = tl.dot(t_w, tl.trans(b_x), acc, input_precision=DOT_PRECISION)
     # Row (2a + b) * BH + j -> [BB, BH, a, b]: splitting b then a gives the gates (i, g) and (f, o).
     b_ig, b_fo = tl.split(tl.permute(tl.reshape(acc, [2, 2, BH, BB]), (3, 2, 0, 1)))
     b_i, b_g = tl.split(b_ig)
@@ -588,15 +602,14 @@ def lstm_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     SK: tl.constexpr,  # split-K ways of the recurrent dots (_gate_dots)
     MERGED: tl.constexpr,  # the four gate dots as one (_merged_gate_dots); single layer, barrier, unsplit
-    TRANSPOSED: tl.constexpr,  # the gate dots as W^T @ h^T (_transposed_gate_dots); barrier, W resident
+    TRANSPOSED: tl.constexpr,  # the gate dots as W^T @ h^T (_transposed_gate_dots); barrier, unsplit
     KC: tl.constexpr,  # TRANSPOSED: K chunk of the dot
     FLAGS: tl.constexpr,  # the barrier as a flag per program (_flag_barrier): SYNC holds NP-strided flags
     NP: tl.constexpr,  # FLAGS: power of two >= the programs of one barrier (P, or P * L for a stack)
 ):
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     tl.static_assert(not (MERGED and (STACK or TAGGED or SK > 1)), "merged gates: single layer, barrier, unsplit")
-    tl.static_assert(not (TRANSPOSED and (TAGGED or MERGED or SK > 1 or not W_RESIDENT)),
-                     "transposed dots: barrier, unsplit, W resident")
+    tl.static_assert(not (TRANSPOSED and (TAGGED or MERGED or SK > 1)), "transposed dots: barrier, unsplit")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -695,7 +708,8 @@ def lstm_fwd_kernel(
                     zero = tl.zeros([BB, BH], dtype=tl.float32)
                     if TRANSPOSED:
                         b_gi, b_gf, b_gg, b_go = _transposed_gate_dots(zero, zero, zero, zero, X, o_row * H, live,
-                                                                       b_um, H, BB, BH, BK, KC, DOT_PRECISION)
+                                                                       b_um, W_IH, i_h, i_l > 0, H, BB, BH, BK, KC,
+                                                                       W_RESIDENT, DOT_PRECISION)
                     else:
                         b_gi, b_gf, b_gg, b_go = _gate_dots(zero, zero, zero, zero, X, o_row * H, live, b_ui, b_uf,
                                                             b_ug, b_uo, W_IH, o_k, o_j, m_j, i_l > 0, H, BK,
@@ -722,7 +736,8 @@ def lstm_fwd_kernel(
                                                                W, o_k, i_h, H, BK, BB, BH, W_RESIDENT, DOT_PRECISION)
                 elif TRANSPOSED:
                     b_gi, b_gf, b_gg, b_go = _transposed_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live,
-                                                                   b_wm, H, BB, BH, BK, KC, DOT_PRECISION)
+                                                                   b_wm, W, i_h, i_h >= 0, H, BB, BH, BK, KC,
+                                                                   W_RESIDENT, DOT_PRECISION)
                 else:
                     b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf,
                                                         b_wg, b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT,
@@ -1187,9 +1202,11 @@ TRANSPOSED_CHUNK_BYTES = 8192
 
 
 def transposed_chunk(config, esize: int) -> int:
-    """KC of a transposed config (and a placeholder 16 for the others)."""
+    """KC of a transposed config (and a placeholder 16 for the others): with W streamed, its K chunk."""
     if not config.transposed:
         return 16
+    if not config.w_resident:
+        return config.block_k
     return max(16, min(config.block_k, TRANSPOSED_CHUNK_BYTES // (config.block_b * esize)))
 
 

@@ -13,6 +13,8 @@ cuDNN timed beside them in the same process. Each row is one (kernel, dtype, H, 
   transposed   forward kernels only: gates^T = W^T @ h^T, M = a program's 64 gate rows (BH = 16) on Hopper's
                warpgroup MMA, 4 warps, 16-row batch tiles (single layer: 64 at B >= 64 where K * element size
                <= 1 KB) (v0.18)
+  transposed-streamed   the same with W^T streamed from L2 in pipelined K chunks (3 stages): any H, 64-row
+               batch tiles at B >= 64 (single layer)
   flags        the unsplit tiles with the barrier as one flag per program instead of one counter (v0.19);
                transposed-flags: the transposed tiles with it
   tagged       the unsplit tiles with h_{t-1} (dG_{t+1}) through tagged words instead of a barrier (v0.8)
@@ -43,8 +45,8 @@ import json
 import sys
 
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
-            "merged-w4", "transposed", "flags", "transposed-flags", "tagged", "tagged-probe", "split-tagged",
-            "split-tagged-probe", "streamed", "wide")
+            "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
+            "split-tagged", "split-tagged-probe", "streamed", "wide")
 FORWARD = ("fwd", "stack")
 
 
@@ -101,6 +103,12 @@ def variants(kernel: str, H: int, B: int, dtype, sms: int, names, layers: int = 
         bb = 64 if B >= 64 and hk * esize <= 1024 and not stack else 16
         out["transposed"] = regroup(LSTMConfig(block_h=16, block_b=bb, block_k=hk, w_resident=True, num_warps=4,
                                                transposed=True))
+    if kernel in FORWARD and H > 32 and cdiv(H, 16) <= share:
+        # W^T streamed from L2 in pipelined K chunks: any H, and 64-row batch tiles at any K (compile-only: no
+        # spills at BB = 64 up to K = 1024 in both widths).
+        out["transposed-streamed"] = regroup(LSTMConfig(block_h=16, block_b=64 if B >= 64 and not stack else 16,
+                                                        block_k=64 if esize < 4 else 32, w_resident=False,
+                                                        num_warps=4, num_stages=3, transposed=True))
     if unsplit.persistent:
         out["flags"] = dataclasses.replace(unsplit, exchange="flags")
         if "transposed" in out:

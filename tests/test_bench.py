@@ -165,7 +165,8 @@ def test_kernel_ab_variants_are_runnable_configs():
         got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "tagged",
                 "split-tagged", "streamed", "wide", "flags"}
-        fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4", "transposed", "transposed-flags"}
+        fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4", "transposed", "transposed-flags",
+                    "transposed-streamed"}
         assert set(got) == want | (fwd_only if kernel == "fwd" else set()), got
         assert len(set(got.values())) == len(got)
         assert all(c.programs(1024) <= 132 for c in got.values())
@@ -178,10 +179,13 @@ def test_kernel_ab_variants_are_runnable_configs():
     t = ab.variants("fwd", 512, 256, torch.float16, 132, ["transposed"])["transposed"]
     assert t.block_b == 64 and t.batch_groups == 4
     assert "transposed" not in ab.variants("fwd", 1024, 16, torch.float32, 132, ["transposed"])  # 256 KB of W^T
+    t = ab.variants("fwd", 1024, 256, torch.float32, 132, ["transposed-streamed"])["transposed-streamed"]
+    assert t.transposed and not t.w_resident and t.block_b == 64 and t.num_stages == 3 and t.programs(1024) <= 132
     for kernel in ("stack", "stack_bwd"):  # 4 layers share the SMs: 33 each
         got = ab.variants(kernel, 512, 16, torch.float16, 132, ab.VARIANTS, layers=4)
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "streamed", "flags"}  # no BH 8
-        assert set(got) == want | ({"transposed", "transposed-flags"} if kernel == "stack" else set()), got
+        stack_fwd = {"transposed", "transposed-flags", "transposed-streamed"}
+        assert set(got) == want | (stack_fwd if kernel == "stack" else set()), got
         assert len(set(got.values())) == len(got)
         assert all(c.programs(512) <= 33 for c in got.values())
         assert got["unsplit"].w_resident and not got["streamed"].w_resident

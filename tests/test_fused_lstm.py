@@ -144,14 +144,17 @@ def test_merged_gate_dots(config, reverse, dtype, kernel_calls):
 
 # The forward's gate dots transposed (W^T @ h^T, perf/NOTES.md v0.18; the backward ignores it): H = 33 gives 3
 # programs of 16 units, the last with 15 masked gate rows; BB = 4 with 17 rows, 5 tiles over 2 batch groups; the
-# K = 64 tile in one chunk, and in four (64-byte chunks of h: KC = 16, the smallest).
-@pytest.mark.parametrize("chunk", [8192, 64], ids=["one-chunk", "four-chunks"])
+# K = 64 tile in one chunk, and in four (64-byte chunks of h: KC = 16, the smallest); and W^T streamed.
+@pytest.mark.parametrize("chunk", [8192, 64, "streamed"], ids=["one-chunk", "four-chunks", "streamed-W"])
 @pytest.mark.parametrize("reverse,dtype,lengths", [(False, torch.float32, False), (True, torch.float16, True)],
                          ids=["fp32", "fp16-rev-lengths"])
 def test_transposed_gate_dots(chunk, reverse, dtype, lengths, monkeypatch, kernel_calls):
-    monkeypatch.setattr(kernels, "TRANSPOSED_CHUNK_BYTES", chunk)
-    config = LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
-                        transposed=True)
+    streamed = chunk == "streamed"
+    if not streamed:
+        monkeypatch.setattr(kernels, "TRANSPOSED_CHUNK_BYTES", chunk)
+    config = LSTMConfig(block_h=16, block_b=4, block_k=16 if streamed else 64, w_resident=not streamed,
+                        batch_groups=2, persistent=False, transposed=True)
+    # Streamed: W^T loaded in 16-wide K chunks each step, three of them for H = 33.
     assert kernels.transposed_chunk(config, dtype.itemsize) == (64 if chunk == 8192 else 16)
     problem = make_problem(6, 17, 10, 33, dtype)
     lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
@@ -534,19 +537,23 @@ def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):
 _STACK_CONFIGS = {"default": None, "stepwise-P5-Q2": MULTI_PROGRAM[0].values[0],
                   "streamedW": MULTI_PROGRAM[1].values[0], "split4": MULTI_PROGRAM[3].values[0],
                   "transposed": LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2,
-                                           persistent=False, transposed=True)}
+                                           persistent=False, transposed=True),
+                  "transposed-streamed": LSTMConfig(block_h=16, block_b=4, block_k=16, w_resident=False,
+                                                    batch_groups=1, persistent=False, transposed=True)}
 _STACK_LENGTHS = {"padded": None, "lengths": torch.tensor([6, 2, 5, 1, 6])}
 _STACK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # Every config x lengths x dtype without dropout, but the two multi-program combinations that a dropout case
 # below repeats with dropout (CI time); with dropout, each multi-program config meets each lengths and each
 # dtype once (the dropout code is the same for all).
-_STACK_CASES = [(c, n, d, False) for c in _STACK_CONFIGS if c not in ("split4", "transposed") for n in _STACK_LENGTHS
+_STACK_CASES = [(c, n, d, False) for c in _STACK_CONFIGS if c not in ("split4", "transposed", "transposed-streamed")
+                for n in _STACK_LENGTHS
                 for d in _STACK_DTYPES
                 if (c, n, d) not in {("stepwise-P5-Q2", "padded", "fp16"), ("stepwise-P5-Q2", "lengths", "fp32")}] + [
     ("stepwise-P5-Q2", "padded", "fp16", True), ("stepwise-P5-Q2", "lengths", "fp32", True),
     ("streamedW", "padded", "fp32", True), ("streamedW", "lengths", "fp16", True),
     ("split4", "lengths", "fp16", True),
-    ("transposed", "padded", "fp32", False), ("transposed", "lengths", "fp16", True)]
+    ("transposed", "padded", "fp32", False), ("transposed", "lengths", "fp16", True),
+    ("transposed-streamed", "lengths", "fp32", True)]
 
 
 @pytest.mark.parametrize("config,lengths,dtype,dropout", [

@@ -341,12 +341,14 @@ def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
 LAYOUT_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
                 for kind in ("transposed", "flags", "transposed-flags")
                 for name, dt in DTYPES.items() for H, B in ((256, 16), (512, 64), (1024, 16))
-                if not (dt == torch.float32 and H == 1024 and kind != "flags")]
+                if not (dt == torch.float32 and H == 1024 and kind != "flags")] + \
+    [pytest.param("transposed-streamed", H, B, dt, id=f"transposed-streamed-H{H}-B{B}-{name}")
+     for name, dt in DTYPES.items() for H, B in ((1024, 16), (1024, 256))]
 
 
 def _layout_config(kind, H, B, dtype, sms, directions=1):
-    """The heuristic's config with the flags barrier (v0.19), or the transposed tiles (v0.18) with either
-    barrier, as the tuner's candidates build them."""
+    """The heuristic's config with the flags barrier (v0.19), or the transposed tiles (v0.18: W^T resident, with
+    either barrier, or streamed), as the tuner's candidates build them."""
     import dataclasses
 
     from tritonlstm.configs import LSTMConfig, _pow2, cdiv, heuristic_config
@@ -354,6 +356,11 @@ def _layout_config(kind, H, B, dtype, sms, directions=1):
     if kind == "flags":
         return dataclasses.replace(heuristic_config(H, B, dtype, sms, directions=directions), exchange="flags")
     share = sms // directions
+    if kind == "transposed-streamed":
+        bb = 64 if B >= 64 else 16
+        return LSTMConfig(block_h=16, block_b=bb, block_k=64 if dtype.itemsize < 4 else 32, w_resident=False,
+                          num_warps=4, num_stages=3, transposed=True,
+                          batch_groups=max(1, min(cdiv(B, bb), share // cdiv(H, 16))))
     cfg = LSTMConfig(block_h=16, block_b=16, block_k=max(16, _pow2(H)), w_resident=True, num_warps=4,
                      transposed=True, batch_groups=max(1, min(cdiv(B, 16), share // cdiv(H, 16))))
     return dataclasses.replace(cfg, exchange="flags") if kind.endswith("flags") else cfg

@@ -127,7 +127,6 @@ def test_config_refuses_what_the_kernels_cannot_run():
                      (dict(merged_gates=True, split_k=2), "merged_gates"),
                      (dict(merged_gates=True, exchange="tagged"), "merged_gates"),
                      (dict(transposed=True, block_h=32), "transposed"),
-                     (dict(transposed=True, w_resident=False), "transposed"),
                      (dict(transposed=True, split_k=2), "transposed"),
                      (dict(transposed=True, exchange="tagged"), "transposed")):
         with pytest.raises(ValueError, match=what):

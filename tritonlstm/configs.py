@@ -51,7 +51,8 @@ class LSTMConfig:
     # The forward's gate dots transposed, gates^T = W^T @ h^T (kernels/lstm.py _transposed_gate_dots): M = the
     # program's 4 * block_h gate rows instead of the batch tile, so that block_h = 16 makes one 64-row Hopper
     # warpgroup MMA (wgmma) at any batch. The forward kernels only (a single layer's and a stack's wavefront; the
-    # backward kernels ignore it); W resident, barrier exchange, split_k = 1, block_h = 16 (perf/NOTES.md v0.18).
+    # backward kernels ignore it); W resident or streamed in block_k chunks, barrier exchange, split_k = 1,
+    # block_h = 16 (perf/NOTES.md v0.18).
     transposed: bool = False
 
     def __post_init__(self):
@@ -74,11 +75,10 @@ class LSTMConfig:
         if self.merged_gates and (self.split_k > 1 or self.tagged):
             raise ValueError(f"LSTMConfig.merged_gates needs split_k=1 and a barrier exchange, got split_k="
                              f"{self.split_k}, exchange={self.exchange!r}")
-        if self.transposed and (not self.w_resident or self.block_h != 16 or self.split_k > 1 or self.merged_gates
-                                or self.tagged):
-            raise ValueError(f"LSTMConfig.transposed needs w_resident=True, block_h=16, split_k=1, merged_gates=False "
-                             f"and a barrier exchange, got w_resident={self.w_resident}, block_h={self.block_h}, "
-                             f"split_k={self.split_k}, merged_gates={self.merged_gates}, exchange={self.exchange!r}")
+        if self.transposed and (self.block_h != 16 or self.split_k > 1 or self.merged_gates or self.tagged):
+            raise ValueError(f"LSTMConfig.transposed needs block_h=16, split_k=1, merged_gates=False and a barrier "
+                             f"exchange, got block_h={self.block_h}, split_k={self.split_k}, merged_gates="
+                             f"{self.merged_gates}, exchange={self.exchange!r}")
         if self.exchange == "flags" and not self.persistent:
             raise ValueError("LSTMConfig.exchange='flags' is a persistent launch's barrier, got persistent=False")
         if self.batch_groups < 1:

@@ -197,8 +197,9 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                     cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=q,
                                      num_warps=warps)
                     merged = [dataclasses.replace(cfg, merged_gates=True)] if kernel == "fwd" else []
-                    if kernel == "fwd" and resident and bh == 16 and warps == 4:
-                        merged.append(dataclasses.replace(cfg, transposed=True))  # perf/NOTES.md v0.18
+                    if kernel == "fwd" and bh == 16 and warps == 4:
+                        # perf/NOTES.md v0.18; streamed W^T chunks pipelined like the wide tiles' (3 stages).
+                        merged.append(dataclasses.replace(cfg, transposed=True, num_stages=1 if resident else 3))
                     for c in (cfg, with_split_k(cfg), *merged):
                         if c not in out:
                             out.append(c)
