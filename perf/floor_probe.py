@@ -1,14 +1,15 @@
 """The floor of one persistent step, on a GPU: what a step of the forward recurrence costs once the matmul and
 the gate arithmetic are taken out, so that the step time of the real kernel splits into exchange and compute
 (issue 5.4, perf/NOTES.md "v0.17"). Each of P programs per step: loads its [B, BH] tile of a gx-like input,
-reads the whole h_{t-1} [B, H] that the recurrent dot would read (--no-h: skips it), makes its [B, BH] slice of
-h_t from them (a row mean of h_{t-1}: the dot's data dependence without its arithmetic), stores it, and meets
-the other programs by
+reads the whole h_{t-1} [B, H] that the recurrent dot would read (or not: the "no h read" rows), makes its
+[B, BH] slice of h_t from them (a row mean of h_{t-1}: the dot's data dependence without its arithmetic),
+stores it, and meets the other programs by
 
   barrier   the recurrence kernels' grid barrier (kernels.lstm._grid_barrier: one counter, polled by one thread
             whose result reaches the others through shared memory, two CTA barriers per poll)
-  flags     one flag per program, set by a release after its stores; every thread polls all P flags with
-            plain loads (no shared memory, no CTA barrier inside the loop) and fences once after the wait
+  flags     one flag per program, set by a release after its stores; every thread polls the others with plain
+            loads (no shared memory, no CTA barrier inside the loop) and fences once after the wait (the
+            kernels' exchange="flags": kernels.lstm._flag_barrier)
   none      no exchange at all: the loop alone (its h reads race the producers; timed, not checked)
 
 Every barrier and flags variant's output is checked against a PyTorch loop before it is timed, and the real
@@ -30,34 +31,23 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonlstm.kernels.lstm import _grid_barrier, interpreting
+from tritonlstm.kernels.lstm import _flag_barrier, _grid_barrier
 
 MODES = {"barrier": 0, "flags": 1, "none": 2}
 
 
 @triton.jit
-def _fence_acq_rel(x, FENCE: tl.constexpr):
-    """A relaxed read followed by this fence acquires what the writer released before its flag (PTX's acquire
-    pattern); Triton has no fence of its own, and the CPU interpreter runs no PTX (FENCE False there)."""
-    if FENCE:
-        x = tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-    return x
-
-
-@triton.jit
 def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
-                       BK: tl.constexpr, PB: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr,
-                       FENCE: tl.constexpr):
-    """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1], FLAGS [P] int32 zeros."""
+                       BK: tl.constexpr, PB: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr):
+    """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1], FLAGS [PB] int32 zeros. The
+    exchanges are the kernels' own (_grid_barrier, _flag_barrier)."""
     i_h = tl.program_id(0)
     n_h = tl.num_programs(0)
     o_b = tl.arange(0, BB)
     o_j = i_h * BH + tl.arange(0, BH)
     o_k = tl.arange(0, BK)
-    o_p = tl.arange(0, PB)
     m = (o_b < B)[:, None] & (o_j < H)[None, :]
-    failed = 0
+    failed = tl.load(ERR) != 0
     for s in range(T):
         b_y = tl.load(U + (s * B + o_b[:, None]) * H + o_j[None, :], mask=m, other=0.0).to(tl.float32)
         if LOAD_H:
@@ -66,19 +56,9 @@ def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, T, B, H, max_spin, BB: tl.constex
             b_y += (0.5 / H) * tl.sum(b_h.to(tl.float32), axis=1)[:, None]
         tl.store(Y + (s * B + o_b[:, None]) * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m)
         if MODE == 0:
-            failed = failed | _grid_barrier(ERR, SYNC, (s + 1) * n_h, max_spin).to(tl.int32)
+            failed = failed | _grid_barrier(ERR, SYNC, (s + 1) * n_h, max_spin)
         elif MODE == 1:
-            tl.debug_barrier()  # every thread's stores before the release
-            tl.atomic_xchg(FLAGS + i_h, s + 1, sem="release", scope="gpu")
-            seen = tl.min(tl.load(FLAGS + o_p, mask=o_p < n_h, other=s + 1, volatile=True), axis=0)
-            spins = 0
-            while (seen < s + 1) & (failed == 0):
-                seen = tl.min(tl.load(FLAGS + o_p, mask=o_p < n_h, other=s + 1, volatile=True), axis=0)
-                spins += 1
-                if spins > max_spin:
-                    tl.atomic_xchg(ERR, 1)
-                    failed = 1
-            seen = _fence_acq_rel(seen, FENCE)
+            failed = failed | _flag_barrier(FLAGS, i_h, n_h, s + 1, ERR, failed, max_spin, PB)
 
 
 def reference(u: torch.Tensor) -> torch.Tensor:
@@ -95,13 +75,12 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
     T, B, H = u.shape
     P = triton.cdiv(H, block_h)
     meta = dict(BB=triton.next_power_of_2(B), BH=block_h, BK=triton.next_power_of_2(H),
-                PB=triton.next_power_of_2(P), MODE=MODES[mode], LOAD_H=load_h, FENCE=not interpreting(),
-                num_warps=warps)
+                PB=triton.next_power_of_2(P), MODE=MODES[mode], LOAD_H=load_h, num_warps=warps)
 
     def run():
         y = torch.full_like(u, float("nan"))
         sync = torch.zeros(1, dtype=torch.int32, device=u.device)
-        flags = torch.zeros(P, dtype=torch.int32, device=u.device)
+        flags = torch.zeros(meta["PB"], dtype=torch.int32, device=u.device)
         err = torch.zeros(1, dtype=torch.int32, device=u.device)
         floor_probe_kernel[(P,)](u, y, sync, flags, err, T, B, H, max_spin, **meta)
         return y, err
