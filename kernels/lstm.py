@@ -383,6 +383,31 @@ def _flags_state(p, m, step, p_err, failed):
 
 
 @triton.jit
+def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.constexpr, FLAGS: tl.constexpr,
+                  NP: tl.constexpr):
+    """The barrier that ends global step s_glob of a persistent launch, among the programs of one (direction,
+    batch group), or of one batch group across all layers of a STACK (axis 2): the counter's (_grid_barrier) or
+    the flags' (_flag_barrier; SYNC holds NP flags per barrier). Returns True if it failed."""
+    i_h = tl.program_id(0)
+    i_q = tl.program_id(1)
+    i_z = tl.program_id(2)
+    n_h = tl.num_programs(0)
+    if STACK:
+        barrier = i_q
+        me = i_z * n_h + i_h
+        n = n_h * tl.num_programs(2)
+    else:
+        barrier = i_z * tl.num_programs(1) + i_q
+        me = i_h
+        n = n_h
+    if FLAGS:
+        failed = _flag_barrier(SYNC + barrier * NP, me, n, s_glob + 1, ERR, failed, max_spin, NP)
+    else:
+        failed = _grid_barrier(ERR, SYNC + barrier, (s_glob - S_START + 1) * n, max_spin)
+    return failed
+
+
+@triton.jit
 def _publish_tagged(p_ring, b_y, m, tag, BB: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
                     DT: tl.constexpr):
     """Stores the [BB, BH] tile b_y (float32, rounded to DT) as 8-byte words of PACK values and the tag in the
@@ -613,7 +638,6 @@ def lstm_fwd_kernel(
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
-    n_h = tl.num_programs(0)
     n_q = tl.num_programs(1)
     n_tiles = (B + BB - 1) // BB
     if STACK:
@@ -790,20 +814,8 @@ def lstm_fwd_kernel(
             tl.store(HN + o_bh, b_y.to(HN.dtype.element_ty), mask=m_last)
             tl.store(CN + o_bh, b_c.to(CN.dtype.element_ty), mask=m_last)
         if PERSISTENT and not TAGGED:
-            if STACK:
-                # One counter for the whole stack: layer l's step needs layer l-1's output of the same step.
-                if FLAGS:
-                    failed = _flag_barrier(SYNC + i_q * NP, i_l * n_h + i_h, n_h * tl.num_programs(2), s_glob + 1,
-                                           ERR, poisoned, max_spin, NP)
-                else:
-                    failed = _grid_barrier(ERR, SYNC + i_q, (s_glob - S_START + 1) * n_h * tl.num_programs(2),
-                                           max_spin)
-            elif FLAGS:
-                failed = _flag_barrier(SYNC + (i_d * n_q + i_q) * NP, i_h, n_h, s_glob + 1, ERR, poisoned, max_spin,
-                                       NP)
-            else:
-                failed = _grid_barrier(ERR, SYNC + i_d * n_q + i_q, (s_glob - S_START + 1) * n_h, max_spin)
-            poisoned = poisoned | failed
+            # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
+            poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -858,7 +870,6 @@ def lstm_bwd_kernel(
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
-    n_h = tl.num_programs(0)
     n_q = tl.num_programs(1)
     n_tiles = (B + BB - 1) // BB
     if STACK:
@@ -1032,20 +1043,8 @@ def lstm_bwd_kernel(
                 tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_out)
                 tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
         if PERSISTENT and not TAGGED:
-            if STACK:
-                # One counter for the whole stack: a layer's step needs the layer above's dG of the same t.
-                if FLAGS:
-                    failed = _flag_barrier(SYNC + i_q * NP, i_l * n_h + i_h, n_h * tl.num_programs(2), r_glob + 1,
-                                           ERR, poisoned, max_spin, NP)
-                else:
-                    failed = _grid_barrier(ERR, SYNC + i_q, (r_glob - S_START + 1) * n_h * tl.num_programs(2),
-                                           max_spin)
-            elif FLAGS:
-                failed = _flag_barrier(SYNC + (i_d * n_q + i_q) * NP, i_h, n_h, r_glob + 1, ERR, poisoned, max_spin,
-                                       NP)
-            else:
-                failed = _grid_barrier(ERR, SYNC + i_d * n_q + i_q, (r_glob - S_START + 1) * n_h, max_spin)
-            poisoned = poisoned | failed
+            # A stack's barrier spans its layers: a layer's step needs the layer above's dG of the same t.
+            poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP)
 
 
 if interpreting():

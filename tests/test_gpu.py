@@ -305,6 +305,24 @@ def test_stack_dropout_matches_the_layer_by_layer_computation():
         assert rel_err(a, b) < 1e-2
 
 
+def packed_bidirectional_matches_cudnn(H, B, dtype, fwd_config):
+    """Both directions and per-row lengths in one forward launch with fwd_config, against cuDNN's packed
+    bidirectional layer."""
+    from tritonlstm import LSTM
+    from tritonlstm.configs import use_config
+
+    m = torch.nn.LSTM(H, H, bidirectional=True).to("cuda", dtype)
+    ours = LSTM(H, H, bidirectional=True, backend="triton").to("cuda", dtype)
+    ours.load_state_dict(m.state_dict())
+    lengths = torch.randint(1, 65, (B,))
+    lengths[0] = 64
+    x = torch.randn(64, B, H, device="cuda", dtype=dtype)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    with use_config(fwd_config, "fwd"), torch.no_grad():
+        a, b = m(packed)[0], ours(packed)[0]
+    assert rel_err(b.data, a.data) <= RESOLUTION_GPU[dtype] * 2
+
+
 TAGGED_CASES = [pytest.param("tagged", H, B, dt, id=f"tagged-H{H}-B{B}-{name}") for name, dt in DTYPES.items()
                 for B in (1, 16) for H in (256, 1024)] + \
     [pytest.param("tagged-probe", H, 16, dt, id=f"tagged-probe-H{H}-B16-{name}")
@@ -316,7 +334,6 @@ def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
     """The tagged exchanges (perf/NOTES.md v0.8) on the heuristic's persistent multi-program tiles, forward and
     backward: the readers wait on tagged words instead of a barrier, so a missing wait or a torn word shows here
     as a wrong answer (or a NaN from the bounded wait), not on the interpreter."""
-    from tritonlstm import LSTM
     from tritonlstm.configs import heuristic_config, tagged_variant, use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -324,18 +341,8 @@ def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
     assert cfg.persistent and cfg.programs(H) > 1, cfg
     with use_config(cfg):  # both kernels: the backward exchanges dG_{t+1} the same way
         run_both(256, B, H, dtype)
-    # Both directions and per-row lengths in one launch, against cuDNN's packed bidirectional layer.
-    m = torch.nn.LSTM(H, H, bidirectional=True).to("cuda", dtype)
-    ours = LSTM(H, H, bidirectional=True, backend="triton").to("cuda", dtype)
-    ours.load_state_dict(m.state_dict())
-    lengths = torch.randint(1, 65, (B,))
-    lengths[0] = 64
-    x = torch.randn(64, B, H, device="cuda", dtype=dtype)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-    both = tagged_variant(heuristic_config(H, B, dtype, sms, directions=2), exchange)
-    with use_config(both, "fwd"), torch.no_grad():
-        a, b = m(packed)[0], ours(packed)[0]
-    assert rel_err(b.data, a.data) <= RESOLUTION_GPU[dtype] * 2
+    packed_bidirectional_matches_cudnn(H, B, dtype, tagged_variant(heuristic_config(H, B, dtype, sms, directions=2),
+                                                                   exchange))
 
 
 LAYOUT_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
@@ -371,7 +378,6 @@ def test_transposed_dots_and_flags_barrier_match_cudnn(kind, H, B, dtype):
     """The tuner's newer candidates on persistent multi-program launches, forward and backward (the backward
     takes the flags barrier too; it ignores transposed), then both directions with per-row lengths: what the
     interpreter cannot show (wgmma, the flags' ordering between programs)."""
-    from tritonlstm import LSTM
     from tritonlstm.configs import use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -379,16 +385,7 @@ def test_transposed_dots_and_flags_barrier_match_cudnn(kind, H, B, dtype):
     assert cfg.persistent and cfg.programs(H) > 1, cfg
     with use_config(cfg):
         run_both(256, B, H, dtype)
-    m = torch.nn.LSTM(H, H, bidirectional=True).to("cuda", dtype)
-    ours = LSTM(H, H, bidirectional=True, backend="triton").to("cuda", dtype)
-    ours.load_state_dict(m.state_dict())
-    lengths = torch.randint(1, 65, (B,))
-    lengths[0] = 64
-    x = torch.randn(64, B, H, device="cuda", dtype=dtype)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-    with use_config(_layout_config(kind, H, B, dtype, sms, directions=2), "fwd"), torch.no_grad():
-        a, b = m(packed)[0], ours(packed)[0]
-    assert rel_err(b.data, a.data) <= RESOLUTION_GPU[dtype] * 2
+    packed_bidirectional_matches_cudnn(H, B, dtype, _layout_config(kind, H, B, dtype, sms, directions=2))
 
 
 @pytest.mark.parametrize("kind", ["transposed", "flags", "transposed-flags"])
