@@ -398,6 +398,9 @@ def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch, exchan
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
     errors, cpu = kernels.barrier_errors, torch.device("cpu")
     monkeypatch.setattr(errors, "launched", lambda device, capturing: None)
+    # Outputs start at zero, not conftest's NaN: program 1's unwritten h would otherwise carry NaN into program
+    # 0's later steps whether or not the failure poisoned them.
+    monkeypatch.setattr(kernels, "_alloc", lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
     config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20,
                         exchange=exchange)
     problem = make_problem(3, 2, 4, 16, torch.float32)
