@@ -50,11 +50,6 @@ def interpreting() -> bool:
     return isinstance(lstm_fwd_kernel, InterpretedFunction)
 
 
-# PTX fences in inline assembly, which the CPU interpreter cannot run (it runs programs one after another and
-# needs none). Set once the kernels exist (below), read when they compile.
-FENCES: tl.constexpr = tl.constexpr(True)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
@@ -185,13 +180,18 @@ def _merged_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_m, p
 
 
 @triton.jit
-def _load_transposed_tiles(p_w, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
-    """W^T's rows of this program, [4 * BH, BK] (row r = gate r // BH of unit i_h * BH + r % BH: W_hh's row
-    (r // BH) * H + i_h * BH + r % BH, at p_w), as a tuple of [4 * BH, KC] tiles: one shared-memory tile per K
-    chunk of _transposed_gate_dots (Triton cannot slice one resident tile). m_w False: no load (zeros)."""
+def _transposed_rows(i_h, m_w, H, BH: tl.constexpr):
+    """W_hh's rows that make this program's W^T [4 * BH, K] (row r = gate r // BH of unit i_h * BH + r % BH),
+    and their mask (units past H; m_w False masks all)."""
     o_r = tl.arange(0, 4 * BH)
-    rows = (o_r // BH) * H + i_h * BH + o_r % BH
-    m_r = (i_h * BH + o_r % BH < H) & m_w
+    return (o_r // BH) * H + i_h * BH + o_r % BH, (i_h * BH + o_r % BH < H) & m_w
+
+
+@triton.jit
+def _load_transposed_tiles(p_w, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
+    """W^T's rows of this program (_transposed_rows, at p_w) as a tuple of [4 * BH, KC] tiles: one shared-memory
+    tile per K chunk of _transposed_gate_dots (Triton cannot slice one resident tile). m_w False: zeros."""
+    rows, m_r = _transposed_rows(i_h, m_w, H, BH)
     tiles = ()
     for i in tl.static_range(BK // KC):
         o_c = i * KC + tl.arange(0, KC)
@@ -217,9 +217,7 @@ def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_
                           other=0.0, cache_modifier=".cg")
             acc = tl.dot(w_t[i], tl.trans(b_x), acc, input_precision=DOT_PRECISION)
     else:
-        o_r = tl.arange(0, 4 * BH)
-        rows = (o_r // BH) * H + i_h * BH + o_r % BH
-        m_r = (i_h * BH + o_r % BH < H) & m_w
+        rows, m_r = _transposed_rows(i_h, m_w, H, BH)
         for k0 in range(0, H, KC):
             o_c = k0 + tl.arange(0, KC)
             m_c = o_c < H
@@ -1145,6 +1143,8 @@ class BarrierErrors:
 
 
 barrier_errors = BarrierErrors()
+# _flag_barrier's PTX fence, in inline assembly, which the CPU interpreter cannot run (it runs programs one after
+# another and needs none). Read when the kernels compile, after this module is loaded.
 FENCES = tl.constexpr(not interpreting())
 
 
