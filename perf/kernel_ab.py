@@ -59,6 +59,7 @@ def variants(kernel: str, H: int, B: int, dtype, sms: int, names, layers: int = 
         stack_backward_config,
         tagged_exchanges,
         tagged_variant,
+        transposed_config,
         wide_tile_config,
         with_split_k,
     )
@@ -101,14 +102,12 @@ def variants(kernel: str, H: int, B: int, dtype, sms: int, names, layers: int = 
     if kernel in FORWARD and H > 16 and (2 if stack else 1) * 64 * hk * esize <= 128 * 1024 and cdiv(H, 16) <= share:
         # 64-row batch tiles where their h chunks leave registers (compile-only: K * esize <= 1 KB), else 16.
         bb = 64 if B >= 64 and hk * esize <= 1024 and not stack else 16
-        out["transposed"] = regroup(LSTMConfig(block_h=16, block_b=bb, block_k=hk, w_resident=True, num_warps=4,
-                                               transposed=True))
+        out["transposed"] = transposed_config(H, B, esize, share, bb)
     if kernel in FORWARD and H > 32 and cdiv(H, 16) <= share:
         # W^T streamed from L2 in pipelined K chunks: any H, and 64-row batch tiles at any K (compile-only: no
         # spills at BB = 64 up to K = 1024 in both widths).
-        out["transposed-streamed"] = regroup(LSTMConfig(block_h=16, block_b=64 if B >= 64 and not stack else 16,
-                                                        block_k=64 if esize < 4 else 32, w_resident=False,
-                                                        num_warps=4, num_stages=3, transposed=True))
+        out["transposed-streamed"] = transposed_config(H, B, esize, share, 64 if B >= 64 and not stack else 16,
+                                                       streamed=True)
     if unsplit.persistent:
         out["flags"] = dataclasses.replace(unsplit, exchange="flags")
         if "transposed" in out:

@@ -370,18 +370,14 @@ def _layout_config(kind, H, B, dtype, sms, directions=1):
     either barrier, or streamed), as the tuner's candidates build them."""
     import dataclasses
 
-    from tritonlstm.configs import LSTMConfig, _pow2, cdiv, heuristic_config
+    from tritonlstm.configs import heuristic_config, transposed_config
 
     if kind == "flags":
         return dataclasses.replace(heuristic_config(H, B, dtype, sms, directions=directions), exchange="flags")
     share = sms // directions
     if kind == "transposed-streamed":
-        bb = 64 if B >= 64 else 16
-        return LSTMConfig(block_h=16, block_b=bb, block_k=64 if dtype.itemsize < 4 else 32, w_resident=False,
-                          num_warps=4, num_stages=3, transposed=True,
-                          batch_groups=max(1, min(cdiv(B, bb), share // cdiv(H, 16))))
-    cfg = LSTMConfig(block_h=16, block_b=16, block_k=max(16, _pow2(H)), w_resident=True, num_warps=4,
-                     transposed=True, batch_groups=max(1, min(cdiv(B, 16), share // cdiv(H, 16))))
+        return transposed_config(H, B, dtype.itemsize, share, 64 if B >= 64 else 16, streamed=True)
+    cfg = transposed_config(H, B, dtype.itemsize, share, 16)
     return dataclasses.replace(cfg, exchange="flags") if kind.endswith("flags") else cfg
 
 

@@ -248,6 +248,20 @@ def wide_tile_config(hidden: int, batch: int, esize: int, num_sms: int, kernel: 
                       num_warps=8, num_stages=3)
 
 
+def transposed_config(hidden: int, batch: int, esize: int, num_sms: int, block_b: int,
+                      streamed: bool = False) -> LSTMConfig:
+    """The transposed gate dots' tiles (LSTMConfig.transposed, perf/NOTES.md v0.18): 16 units per program (64
+    gate rows, one warpgroup MMA), 4 warps, block_b batch rows per tile, as many batch groups as the num_sms
+    allow; W^T resident over the whole K, or streamed from L2 in K chunks of 64 (16-bit) or 32 (fp32) over a
+    3-stage pipeline."""
+    groups = max(1, min(cdiv(batch, block_b), num_sms // cdiv(hidden, 16)))
+    if streamed:
+        return LSTMConfig(block_h=16, block_b=block_b, block_k=64 if esize < 4 else 32, w_resident=False,
+                          batch_groups=groups, num_warps=4, num_stages=3, transposed=True)
+    return LSTMConfig(block_h=16, block_b=block_b, block_k=max(16, _pow2(hidden)), w_resident=True,
+                      batch_groups=groups, num_warps=4, transposed=True)
+
+
 def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None, layers: int,
                           interpreter: bool = False) -> LSTMConfig:
     """The reverse wavefront of a stack: the forward stack's choice, except where its two sets of four gate dots
