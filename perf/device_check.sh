@@ -10,8 +10,11 @@
 # Environment (each step: NAME=0 skips it): SELFCHECK; BENCH with BENCH_ARGS (default --quick; "--modes
 # fwd,fwdbwd" runs the whole matrix) and BENCH_TIMEOUT (200); KERNEL_AB=1 (off by default, ~2 min) runs
 # perf/kernel_ab.py with KERNEL_AB_ARGS and KERNEL_AB_TIMEOUT (150); TUNE_ARGS="..." runs the tuner on those
-# shapes (TUNE_TIMEOUT, 240); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles
-# many candidates) and TESTS_TIMEOUT (140); STACK_AB=1 (off by default, ~1 min) runs perf/kernel_ab.py on the
+# shapes (TUNE_TIMEOUT, 240; every candidate's time in tune-log.json; "--quick" searches the named variants
+# alone); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles many candidates),
+# TESTS_TIMEOUT (140) and TESTS_WORKERS (pytest-xdist processes sharing the GPU, 0 = none: the tests compile more
+# than they run, and kernels of different processes time-slice rather than share SMs, so persistent launches
+# keep every program resident); STACK_AB=1 (off by default, ~1 min) runs perf/kernel_ab.py on the
 # stack kernels (2 and 4 layers, H = 512, B = 16, every dtype); PERF_SUITE runs `pytest perf/ --benchmark-only`
 # with -k PERF_SUITE_K (default "stack_training"; PERF_SUITE_K= runs the whole suite, 160 tests: give it
 # PERF_SUITE_TIMEOUT=400) and PERF_SUITE_TIMEOUT (60); FLOOR=1 (off by default, ~1 min) runs perf/floor_probe.py
@@ -78,7 +81,7 @@ if [ -n "${TUNE_ARGS:-}" ]; then
     # tuned/, to be committed as kernels/configs/<gpu>.json.
     step "tune $TUNE_ARGS"
     export TRITONLSTM_CACHE_DIR="$W/tuned"
-    timeout "${TUNE_TIMEOUT:-240}" $py -m tritonlstm.tune $TUNE_ARGS 2>&1 | tee "$W/tune.txt"
+    timeout "${TUNE_TIMEOUT:-240}" $py -m tritonlstm.tune $TUNE_ARGS --log "$W/tune-log.json" 2>&1 | tee "$W/tune.txt"
     echo "tune rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
     unset TRITONLSTM_CACHE_DIR
     pack
@@ -87,7 +90,7 @@ fi
 if [ "${GPU_TESTS:-1}" != 0 ]; then
     step "GPU tests"
     timeout "${TESTS_TIMEOUT:-140}" $py -m pytest -q -m gpu tests/ -p no:cacheprovider --timeout 60 -rfE \
-        -k "${TESTS_K:-not tune}" > "$W/gpu-tests.txt" 2>&1
+        -n "${TESTS_WORKERS:-0}" -k "${TESTS_K:-not tune}" > "$W/gpu-tests.txt" 2>&1
     echo "gpu tests rc=$?: $(tail -1 "$W/gpu-tests.txt")" | tee -a "$W/summary.txt"
     grep -E "^(FAILED|ERROR)" "$W/gpu-tests.txt" | head -30
     pack

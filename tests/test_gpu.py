@@ -187,13 +187,23 @@ def test_cuda_graph_capture_forward_and_training_step():
 
 
 @pytest.mark.timeout(300)  # compiles ~60 candidates (device_check.sh runs the GPU tests with --timeout 60)
-def test_tune_small_shape_end_to_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("quick", [False, True])
+def test_tune_small_shape_end_to_end(tmp_path, monkeypatch, quick):
+    import json
+
     from tritonlstm import tuning
 
     monkeypatch.setenv("TRITONLSTM_CACHE_DIR", str(tmp_path))
-    results = tuning.tune(hidden=[64], batch=[16], dtypes=["float16"], seq=16)
+    results = tuning.tune(hidden=[64], batch=[16], dtypes=["float16"], seq=16, quick=quick,
+                          log_path=tmp_path / "log.json")
     assert {r.key for r in results} == {"fwd|float16|H64|B16|D1", "bwd|float16|H64|B16|D1"}
     assert all(r.best_ms <= r.default_ms * 1.0001 and r.tried >= 1 for r in results)
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [k["key"] for k in log["keys"]] == [r.key for r in results]
+    for key, r in zip(log["keys"], results):
+        assert len(key["candidates"]) == r.tried and key["best_ms"] == min(c["ms"] for c in key["candidates"]
+                                                                           if c["ms"] is not None)
+        assert all(bool(c["name"]) == quick for c in key["candidates"])
     found = tuning.lookup("fwd", 64, 9, torch.float16, 1, torch.device("cuda"))
     assert found == results[0].best
     _, w = cudnn_and_weights(64, 64, torch.float16)

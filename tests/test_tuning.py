@@ -122,6 +122,21 @@ def test_candidates_respect_residency_and_shared_memory():
     assert all(c.block_b == 16 for c in tuning.candidates(512, 3, torch.float32, 132, 232448))
 
 
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+def test_quick_candidates_are_the_heuristic_and_named_variants(kernel):
+    for H, B, dtype in ((256, 16, torch.float16), (1024, 256, torch.float16), (1024, 16, torch.float32)):
+        quick = tuning.quick_candidates(H, B, dtype, 132, kernel)
+        pick = configs.heuristic_config(H, B, dtype, 132, kernel=kernel)
+        assert next(iter(quick)) == pick and next(iter(quick.values())).startswith("heuristic")
+        named = configs.named_variants(kernel, H, B, dtype, 132)
+        for cfg, name in list(quick.items())[1:]:
+            assert name in tuning.QUICK_VARIANTS and named[name] == cfg and cfg.programs(H) <= 132
+        assert not any(c.exchange.startswith("tagged") for c in quick)
+        assert any(c.exchange == "flags" for c in quick)
+        assert any(c.transposed for c in quick) == (kernel == "fwd")
+        assert 5 <= len(quick) <= len(tuning.QUICK_VARIANTS) + 1
+
+
 def test_config_refuses_what_the_kernels_cannot_run():
     for kw, what in ((dict(split_k=3), "power of two"), (dict(block_k=32, split_k=4), "block_k // split_k"),
                      (dict(merged_gates=True, split_k=2), "merged_gates"),
@@ -168,9 +183,10 @@ def test_fits_with_the_real_compile_check():
 
 def test_cli_arguments_and_no_gpu_message():
     a = tuning.parse_args(["--hidden", "128", "--batch", "1,16", "--dtypes", "bfloat16", "--seq", "64",
-                           "--bidirectional", "--kernels", "bwd", "--dry-run"])
-    assert (a.hidden, a.batch, a.dtypes, a.seq, a.bidirectional, a.kernels, a.dry_run) == \
-        ([128], [1, 16], ["bfloat16"], 64, True, ["bwd"], True)
+                           "--bidirectional", "--kernels", "bwd", "--dry-run", "--quick", "--log", "t.json"])
+    assert (a.hidden, a.batch, a.dtypes, a.seq, a.bidirectional, a.kernels, a.dry_run, a.quick, a.log) == \
+        ([128], [1, 16], ["bfloat16"], 64, True, ["bwd"], True, True, "t.json")
+    assert not tuning.parse_args([]).quick
     for bad in (["--hidden", "x"], ["--dtypes", "int8"], ["--kernels", "step"], ["--seq", "0"]):
         with pytest.raises(SystemExit):
             tuning.parse_args(bad)

@@ -306,3 +306,95 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
         return found
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return heuristic_config(hidden, batch, dtype, sms, directions=directions, kernel=kernel)
+
+
+VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
+            "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
+            "split-tagged", "split-tagged-probe", "streamed", "wide")
+
+
+def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
+                   layers: int = 1) -> dict[str, LSTMConfig]:
+    """The A/B's named configs of one (kernel, H, B, dtype) that apply there, restricted to `names` (perf/kernel_ab.py
+    times them; the tuner's --quick search takes them as its candidates):
+
+      unsplit      the heuristic before v0.9 (perf/NOTES.md): BH up to 32, 8 warps, one 2-D dot per gate
+      unsplit-w4   the same with 4 warps (the 2-D dot stacks every warp along M, so fewer warps do less twice);
+                   unsplit-w2: 2 warps (least duplication, least parallelism; spills at large K)
+      split        split-K over 8 warps, BH <= 16
+      split4       split-K over 4 warps
+      split-bh8    split-K, BH = 8 (more programs, half the W slice each)
+      split-bb32   split-K, 32-row batch tiles (B >= 32: half the tile iterations per step)
+      merged       forward only: the four gate dots as one over interleaved columns, warps along N (8 warps;
+                   merged-w4: 4), on the unsplit tiles (perf/NOTES.md v0.11)
+      transposed   forward kernels only: gates^T = W^T @ h^T, M = a program's 64 gate rows (BH = 16) on Hopper's
+                   warpgroup MMA, 4 warps, 16-row batch tiles (single layer: 64 at B >= 64 where K * element size
+                   <= 1 KB) (v0.18)
+      transposed-streamed   the same with W^T streamed from L2 in pipelined K chunks (3 stages): any H, 64-row
+                   batch tiles at B >= 64 (single layer)
+      flags        the unsplit tiles with the barrier as one flag per program instead of one counter (v0.19);
+                   transposed-flags: the transposed tiles with it
+      tagged       the unsplit tiles with h_{t-1} (dG_{t+1}) through tagged words instead of a barrier (v0.8)
+      tagged-probe the same, polling one word per producer first (forward only)
+      split-tagged, split-tagged-probe   the tagged exchanges on the split tiles
+      streamed     W_hh (and a stack's W_ih) streamed from L2 in 32-wide K chunks (16 in fp32), BH = 16, 4 warps
+      wide         B >= 32, single layer: 64-row tiles, W streamed, 8 warps, 3 stages (configs.wide_tile_config;
+                   the heuristic's pick where 16-row tiles would walk >= 4 tiles per program, v0.15)
+
+    The stacks' wavefront kernels (layers > 1): "unsplit" is the heuristic's pick (heuristic_config /
+    stack_backward_config), the others as above where they apply (no merged, no tagged; transposed for the forward
+    wavefront)."""
+    stack, forward = kernel in ("stack", "stack_bwd"), kernel in ("fwd", "stack")
+    share = sms // layers if stack else sms
+
+    def regroup(cfg, **kw):
+        cfg = dataclasses.replace(cfg, **kw)
+        groups = max(1, min(cdiv(B, cfg.block_b), share // cdiv(H, cfg.block_h)))
+        return dataclasses.replace(cfg, batch_groups=groups)
+
+    if stack:
+        unsplit = stack_backward_config(H, B, dtype, sms, layers) if kernel == "stack_bwd" else \
+            heuristic_config(H, B, dtype, sms, layers=layers, kernel="stack")
+        w4 = dataclasses.replace(unsplit, num_warps=4)
+    else:
+        w4 = heuristic_config(H, B, dtype, sms, kernel="none")  # tiles as chosen before v0.9, never split, 4 warps
+        unsplit = dataclasses.replace(w4, num_warps=8) if w4.w_resident and w4.block_k >= 128 else w4
+    out = {"unsplit": unsplit, "unsplit-w4": w4, "unsplit-w2": dataclasses.replace(w4, num_warps=2)}
+    fp32 = dtype.itemsize == 4
+    if H > 32 and cdiv(H, 16) <= share:
+        out["streamed"] = regroup(LSTMConfig(block_h=16, block_b=16, block_k=16 if fp32 else 32, w_resident=False,
+                                             num_warps=4))
+        if not stack and B >= 32:
+            out["wide"] = wide_tile_config(H, B, dtype.itemsize, sms, kernel)
+    if unsplit.w_resident and unsplit.block_k >= 64:
+        split = with_split_k(regroup(unsplit, block_h=min(unsplit.block_h, 16)))
+        out["split"] = split
+        if split.block_k // 4 >= 16 and split.split_k != 4:
+            out["split4"] = dataclasses.replace(split, split_k=4, num_warps=4)
+        if split.block_h > 8 and cdiv(H, 8) <= share:
+            out["split-bh8"] = regroup(split, block_h=8)
+        if B >= 32:
+            out["split-bb32"] = regroup(split, block_b=32)
+    if kernel == "fwd":
+        out["merged"] = dataclasses.replace(unsplit, merged_gates=True, num_warps=8)
+        out["merged-w4"] = dataclasses.replace(unsplit, merged_gates=True, num_warps=4)
+    hk, esize = max(16, _pow2(H)), dtype.itemsize
+    if forward and H > 16 and (2 if stack else 1) * 64 * hk * esize <= 128 * 1024 and cdiv(H, 16) <= share:
+        # 64-row batch tiles where their h chunks leave registers (compile-only: K * esize <= 1 KB), else 16.
+        bb = 64 if B >= 64 and hk * esize <= 1024 and not stack else 16
+        out["transposed"] = transposed_config(H, B, esize, share, bb)
+    if forward and H > 32 and cdiv(H, 16) <= share:
+        # W^T streamed from L2 in pipelined K chunks: any H, and 64-row batch tiles at any K (compile-only: no
+        # spills at BB = 64 up to K = 1024 in both widths).
+        out["transposed-streamed"] = transposed_config(H, B, esize, share, 64 if B >= 64 and not stack else 16,
+                                                       streamed=True)
+    if unsplit.persistent:
+        out["flags"] = dataclasses.replace(unsplit, exchange="flags")
+        if "transposed" in out:
+            out["transposed-flags"] = dataclasses.replace(out["transposed"], exchange="flags")
+    for e in tagged_exchanges(kernel, unsplit, dtype):  # none for the stacks
+        out[e] = tagged_variant(unsplit, e)
+    if "split" in out:
+        for e in tagged_exchanges(kernel, out["split"], dtype):
+            out[f"split-{e}"] = tagged_variant(out["split"], e)
+    return {n: c for n, c in out.items() if n in names}

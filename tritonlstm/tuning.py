@@ -35,6 +35,7 @@ from tritonlstm.configs import (
     _pow2,
     cdiv,
     heuristic_config,
+    named_variants,
     tagged_exchanges,
     tagged_variant,
     wide_tile_config,
@@ -171,10 +172,29 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# The tagged exchanges measured slower than the barrier everywhere (perf/NOTES.md v0.8, run 1) and 2 warps
+# spill at large K: left to the full search.
+QUICK_VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "merged", "transposed", "transposed-streamed", "flags",
+                  "transposed-flags", "streamed", "wide")
+
+
+def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
+                     kernel: str = "fwd") -> dict[LSTMConfig, str]:
+    """The quick search (`--quick`): the heuristic's pick and the A/B's named variants of QUICK_VARIANTS that apply
+    at this shape (configs.named_variants: about ten configs, one per layout and exchange, instead of the full
+    grid's 30-250), each with its name ("heuristic=split" where the heuristic picks a named one)."""
+    named = {}
+    for name, cfg in named_variants(kernel, hidden, batch, dtype, num_sms, QUICK_VARIANTS).items():
+        named.setdefault(cfg, name)
+    pick = heuristic_config(hidden, batch, dtype, num_sms, kernel=kernel)
+    return {pick: "heuristic" + (f"={named[pick]}" if pick in named else ""), **{c: n for c, n in named.items()
+                                                                                  if c != pick}}
+
+
 def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_limit: int,
                kernel: str = "fwd") -> list[LSTMConfig]:
-    """Configs that can run: every program resident (P * Q <= SMs) and an estimate of the shared memory
-    (the W_hh slices and one h tile) under the limit. The heuristic's pick comes first. Each persistent one also
+    """The full search's configs that can run: every program resident (P * Q <= SMs) and an estimate of the shared
+    memory (the W_hh slices and one h tile) under the limit. The heuristic's pick comes first. Each persistent one also
     with the tagged exchanges where its tiles allow them (h_{t-1}, or dG_{t+1} in the backward, in tagged words
     instead of a barrier per step; "tagged" and "tagged-probe" for fwd, "tagged" for bwd; perf/NOTES.md v0.8), and
     the heuristic's and the transposed tiles with the flags barrier (v0.19)."""
@@ -240,6 +260,9 @@ class TuneResult:
     default_ms: float
     tried: int
     rejected: int  # candidates whose output disagreed with the reference
+    # Every candidate: its config (dataclasses.asdict), name (quick search) or "", median ms (None if rejected)
+    # and relative error against the reference; `python -m tritonlstm.tune --log FILE` writes them.
+    log: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def speedup(self) -> float:
@@ -332,8 +355,9 @@ def make_problem(kernel: str, dtype: torch.dtype, hidden: int, batch: int, seq: 
 
 
 def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, directions: int, seq: int,
-             device: torch.device | str = "cuda", check=None, timer=None) -> TuneResult:
-    """Times every runnable candidate of one key on random inputs and returns the fastest that is correct."""
+             device: torch.device | str = "cuda", check=None, timer=None, quick: bool = False) -> TuneResult:
+    """Times every runnable candidate of one key on random inputs (the full grid, or with quick the named
+    variants) and returns the fastest that is correct."""
     from tritonlstm.kernels import lstm as k
     from tritonlstm.naive import lstm_layer_reference
 
@@ -357,29 +381,36 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     y_ref.backward(problem.dy.float())
     limit = LIMITS[dtype]
     expected = y_ref if kernel == "fwd" else gx_ref.grad
-    times, rejected = {}, 0
-    cands = candidates(H, B, dtype, props.multi_processor_count // D, smem, kernel)
-    with ThreadPoolExecutor(_compile_workers()) as pool:  # compile-only checks: independent compiles
-        keep = list(pool.map(lambda c: c == default or fits(kernel, dtype, H, c, smem, check), cands))
-    cands = [c for c, ok in zip(cands, keep) if ok]
+    times, rejected, log = {}, 0, []
+    sms = props.multi_processor_count // D
+    names = quick_candidates(H, B, dtype, sms, kernel) if quick else {}
+    cands = list(names) if quick else candidates(H, B, dtype, sms, smem, kernel)
+    if not quick:  # the named variants were each chosen to fit (a launch that fails is rejected below)
+        with ThreadPoolExecutor(_compile_workers()) as pool:  # compile-only checks: independent compiles
+            keep = list(pool.map(lambda c: c == default or fits(kernel, dtype, H, c, smem, check), cands))
+        cands = [c for c, ok in zip(cands, keep) if ok]
     compile_in_parallel([run(cfg) for cfg in cands])
     for cfg in cands:
+        entry = {"name": names.get(cfg, ""), "config": dataclasses.asdict(cfg), "ms": None}
+        log.append(entry)
         try:
             err = _rel(run(cfg)(), expected)
             ms = timer(run(cfg), warmup=10, rep=40, quantiles=[0.5])
             k.barrier_errors.check(device, wait=True)  # a barrier that failed while timed disqualifies
-        except Exception:  # a candidate that fails to launch is simply not a winner
+        except Exception as e:  # a candidate that fails to launch is simply not a winner
             err = float("inf")
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        entry["rel_err"] = err if err != float("inf") else None
         if not err <= limit:
             rejected += 1
             continue
-        times[cfg] = ms[0] if isinstance(ms, (list, tuple)) else ms
+        times[cfg] = entry["ms"] = ms[0] if isinstance(ms, (list, tuple)) else ms
     if default not in times:
         raise RuntimeError(f"tritonlstm.tune: the default config of {config_key(kernel, dtype, H, B, D)} "
                            "failed its correctness check")
     best = min(times, key=times.get)
     return TuneResult(config_key(kernel, dtype, H, B, D), best, times[best], default, times[default],
-                      len(cands), rejected)
+                      len(cands), rejected, log)
 
 
 def _compile_workers() -> int:
@@ -412,8 +443,10 @@ def compile_in_parallel(calls) -> None:
 
 
 def tune(hidden=(256, 512, 1024), batch=(1, 16, 64, 256), dtypes=("float16", "bfloat16", "float32"), seq=256,
-         bidirectional: bool = False, kernels=TUNABLE, write: bool = True, progress=None) -> list[TuneResult]:
-    """Tunes every (kernel, dtype, H, batch bucket) and, with write, merges the winners into the user's cache."""
+         bidirectional: bool = False, kernels=TUNABLE, write: bool = True, progress=None, quick: bool = False,
+         log_path: str | os.PathLike | None = None) -> list[TuneResult]:
+    """Tunes every (kernel, dtype, H, batch bucket) and, with write, merges the winners into the user's cache;
+    with log_path, writes every candidate's time there (JSON, rewritten after each key)."""
     if not torch.cuda.is_available():
         raise RuntimeError("tritonlstm.tune needs a CUDA GPU: there is nothing to tune on the CPU interpreter, "
                            "which always runs a single config")
@@ -425,9 +458,14 @@ def tune(hidden=(256, 512, 1024), batch=(1, 16, 64, 256), dtypes=("float16", "bf
     for i, (kn, dt, h, b) in enumerate(jobs):
         if progress:
             progress(i, len(jobs), (kn, DTYPE_NAMES[dt], h, b))
-        results.append(tune_key(kn, dt, h, b, directions, seq))
+        results.append(tune_key(kn, dt, h, b, directions, seq, quick=quick))
         if write:  # key by key: a run cut short keeps what it finished
             write_configs(cache_path(gpu), gpu, {results[-1].key: results[-1].best})
+        if log_path:
+            Path(log_path).write_text(json.dumps({"gpu": gpu, "triton": _triton_version(), "seq": seq, "keys": [
+                {"key": r.key, "default": dataclasses.asdict(r.default), "default_ms": r.default_ms,
+                 "best": dataclasses.asdict(r.best), "best_ms": r.best_ms, "candidates": r.log}
+                for r in results]}, indent=1))
     if progress:
         progress(len(jobs), len(jobs), None)
     return results
@@ -449,6 +487,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bidirectional", action="store_true", help="tune for layers run in both directions")
     ap.add_argument("--kernels", default="fwd,bwd")
     ap.add_argument("--dry-run", action="store_true", help="do not write the cache")
+    ap.add_argument("--quick", action="store_true",
+                    help="search only the heuristic's pick and the named variants (a dozen per key, not the grid)")
+    ap.add_argument("--log", help="write every candidate's time to this JSON file")
     args = ap.parse_args(argv)
     try:
         args.hidden = [int(v) for v in args.hidden.split(",")]
@@ -474,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     from tritonlstm.bench import progress
 
     results = tune(args.hidden, args.batch, args.dtypes, args.seq, args.bidirectional, args.kernels,
-                   write=not args.dry_run,
+                   write=not args.dry_run, quick=args.quick, log_path=args.log,
                    progress=lambda i, n, job: progress(i, n, None if job is None else
                                                        (job[1], job[2], job[3], args.seq, 1, False, job[0])))
     print(f"{'key':<34} {'default ms':>10} {'tuned ms':>9} {'speed-up':>8}  tuned config")
