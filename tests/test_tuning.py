@@ -266,3 +266,22 @@ def test_problem_launches_its_kernel_and_matches_a_reference(kernel, layers):
         expected = torch.stack([z.grad for z in pre]) if stack else pre[0].grad
     assert out.shape == expected.shape
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_shipped_h100_configs_cover_the_bench_matrix_and_can_run():
+    """The configs tuned on an H100 (kernels/configs/nvidia-h100-80gb-hbm3.json, issue 6): read as shipped files
+    are (any triton version), without a warning; a config for every fwd and bwd key of the bench's single-layer
+    matrix; each one a valid config whose programs all fit the H100's 132 SMs."""
+    from pathlib import Path
+
+    path = Path(configs.__file__).parents[1] / "kernels" / "configs" / "nvidia-h100-80gb-hbm3.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shipped = tuning.read_configs(path, GPU, None)
+    want = {tuning.config_key(kn, getattr(torch, d), h, b, 1) for kn in ("fwd", "bwd")
+            for d in ("float16", "bfloat16", "float32") for h in (256, 512, 1024) for b in (1, 16, 64, 256)}
+    assert set(shipped) == want
+    for key, cfg in shipped.items():
+        hidden = int(key.split("|")[2][1:])
+        assert cfg.programs(hidden) <= 132, key
+        assert not cfg.transposed or key.startswith("fwd"), key  # the backward has no transposed dots
