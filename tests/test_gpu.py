@@ -359,12 +359,12 @@ def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
     from tritonlstm.configs import heuristic_config, tagged_variant, use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cfg = tagged_variant(heuristic_config(H, B, dtype, sms), exchange)
+    cfg = tagged_variant(heuristic_config(H, B, dtype, sms, measured=False), exchange)
     assert cfg.persistent and cfg.programs(H) > 1, cfg
     with use_config(cfg):  # both kernels: the backward exchanges dG_{t+1} the same way
         run_both(256, B, H, dtype)
-    packed_bidirectional_matches_cudnn(H, B, dtype, tagged_variant(heuristic_config(H, B, dtype, sms, directions=2),
-                                                                   exchange))
+    packed_bidirectional_matches_cudnn(H, B, dtype, tagged_variant(
+        heuristic_config(H, B, dtype, sms, directions=2, measured=False), exchange))
 
 
 LAYOUT_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
@@ -376,14 +376,15 @@ LAYOUT_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
 
 
 def _layout_config(kind, H, B, dtype, sms, directions=1):
-    """The heuristic's config with the flags barrier (v0.19), or the transposed tiles (v0.18: W^T resident, with
-    either barrier, or streamed), as the tuner's candidates build them."""
+    """The heuristic's tiles (measured=False) with the flags barrier (v0.19), or the transposed tiles (v0.18: W^T
+    resident, with either barrier, or streamed), as the tuner's candidates build them."""
     import dataclasses
 
     from tritonlstm.configs import heuristic_config, transposed_config
 
     if kind == "flags":
-        return dataclasses.replace(heuristic_config(H, B, dtype, sms, directions=directions), exchange="flags")
+        return dataclasses.replace(heuristic_config(H, B, dtype, sms, directions=directions, measured=False),
+                                   exchange="flags")
     share = sms // directions
     if kind == "transposed-streamed":
         return transposed_config(H, B, dtype.itemsize, share, 64 if B >= 64 else 16, streamed=True)
@@ -418,7 +419,8 @@ def test_stack_with_transposed_dots_and_flags_barrier_matches_cudnn(kind):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     flags = kind.endswith("flags")
     fwd = LSTMConfig(block_h=16, block_b=16, block_k=512, w_resident=True, num_warps=4, transposed=True) \
-        if kind.startswith("transposed") else heuristic_config(512, 16, torch.float16, sms, layers=4, kernel="stack")
+        if kind.startswith("transposed") else \
+        heuristic_config(512, 16, torch.float16, sms, layers=4, kernel="stack", measured=False)
     bwd = stack_backward_config(512, 16, torch.float16, sms, 4)
     if flags:
         fwd, bwd = (dataclasses.replace(c, exchange="flags") for c in (fwd, bwd))

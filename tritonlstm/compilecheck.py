@@ -142,10 +142,11 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     return res
 
 
-def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
+def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
+                    measured: bool = True) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
     """(kernel, dtype, H, config) for every distinct config the heuristic can choose on an H100 for
     H <= max_hidden, any batch: one direction or both in one launch (fwd, bwd), and wavefront stacks of
-    2 to 4 layers (stack, stack_bwd)."""
+    2 to 4 layers (stack, stack_bwd). measured=False: its tiles before the layouts of the H100 A/B."""
     seen, out = set(), []
     hiddens = sorted(h for h in {h for p in range(0, 14) for h in (2 ** p, 2 ** p + 1)} | {24, 33, 100, 1000}
                      if min_hidden <= h <= max_hidden)
@@ -156,12 +157,12 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1) -> list[tuple[s
             for batch in (1, 16, 17, 33, 64, 256, 4096):
                 for kernel, kw in shapes:
                     if kernel == "stack_bwd":
-                        cfg = stack_backward_config(hidden, batch, dtype, H100_SMS, **kw)
+                        cfg = stack_backward_config(hidden, batch, dtype, H100_SMS, measured=measured, **kw)
                     else:
-                        cfg = heuristic_config(hidden, batch, dtype, H100_SMS, kernel=kernel, **kw)
+                        cfg = heuristic_config(hidden, batch, dtype, H100_SMS, kernel=kernel, measured=measured, **kw)
                     # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
                     key = (kernel, dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
-                           cfg.num_warps, cfg.num_stages, cfg.split_k)
+                           cfg.num_warps, cfg.num_stages, cfg.split_k, cfg.merged_gates, cfg.transposed)
                     if key not in seen:
                         seen.add(key)
                         out.append((kernel, dtype, hidden, cfg))
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                          "reported, and the exit status says whether all fit)")
     args = ap.parse_args(argv)
     rows = []
-    configs = shipped_configs(args.max_hidden, args.min_hidden)
+    configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged)  # tagged: on the tiles
     if args.tagged:
         configs = tagged_variants(configs)
     # The single-layer forward in its training and inference variants; a stack only in its training one (with

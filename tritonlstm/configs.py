@@ -167,16 +167,20 @@ def cdiv(a: int, b: int) -> int:
 
 def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None,
                      interpreter: bool = False, directions: int = 1, layers: int = 1,
-                     kernel: str = "fwd") -> LSTMConfig:
+                     kernel: str = "fwd", measured: bool = True) -> LSTMConfig:
     """A config that compiles within shared memory and keeps every program of `directions` concurrent
     directions (or `layers` concurrent layers of a wavefront stack) resident: each gets its share of the SMs,
     and a stack's programs hold two weight slices (W_ih and W_hh) in the shared-memory budget. A resident
     single-layer config splits K as `measured_split` says, at BH <= 16 when split (BH = 32 spills registers
-    there: the reduced tile is replicated in every warp).
+    there: the reduced tile is replicated in every warp). With `measured`, the forward kernels ("fwd", "stack")
+    then take the layout that won the H100 A/B (`measured_forward_layout`); without it, these tiles alone (the
+    A/B's "unsplit" baseline, configs.named_variants).
 
     num_sms None (or interpreter=True) means the CPU interpreter: one program where the shape allows,
     stepwise launches otherwise."""
     hk = max(16, _pow2(hidden))
+    if measured and kernel in ("fwd", "stack") and not interpreter and num_sms is not None:
+        return measured_forward_layout(hidden, batch, dtype, num_sms, directions, layers)
     if interpreter or num_sms is None:
         bh = min(_pow2(hidden), _MAX_BLOCK_H)
         bb = min(_pow2(batch), 32)
@@ -223,7 +227,10 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
                               persistent=False, num_warps=warps)
     p = cdiv(hidden, bh)
     groups = max(1, min(cdiv(batch, bb), num_sms // p))
-    if layers == 1 and kernel in ("fwd", "bwd") and cdiv(cdiv(batch, bb), groups) >= WIDE_TILE_WALKS \
+    # The 16-bit backward is faster on the split tiles than on wide ones even where they walk 4-8 tiles (0.72-0.85x
+    # at B = 256, H = 512 and 1024, run 4's tuner log); fp32's is not (1.0-3.1x).
+    wide_kernels = ("fwd", "bwd") if esize == 4 or not measured else ("fwd",)
+    if layers == 1 and kernel in wide_kernels and cdiv(cdiv(batch, bb), groups) >= WIDE_TILE_WALKS \
             and cdiv(hidden, 16) <= num_sms:
         return wide_tile_config(hidden, batch, esize, num_sms, kernel)
     return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=groups, persistent=True,
@@ -232,6 +239,54 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
 
 # A program that would walk this many 16-row tiles per step takes 64-row tiles with W streamed instead.
 WIDE_TILE_WALKS = 4
+
+
+def transposed_fits(hidden: int, esize: int, layers: int = 1) -> bool:
+    """Whether a transposed config can keep its W^T slices resident: 64 gate rows over the whole K (a stack's
+    programs hold W_ih^T too) within the shared-memory budget."""
+    return (2 if layers > 1 else 1) * 64 * max(16, _pow2(hidden)) * esize <= _W_BUDGET
+
+
+def measured_forward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, directions: int = 1,
+                            layers: int = 1) -> LSTMConfig:
+    """The forward kernels' layout from the H100 A/B (perf/NOTES.md v0.20: run 4's tuner log over every
+    named variant of the single-layer matrix, run 5's stack A/B), as a rule of the shape:
+
+    - a stack's wavefront: the transposed gate dots where W^T and W_ih^T stay resident (16-bit up to K = 512:
+      3.6 us per step against 6.6 at 2 layers and 9.5 at 4, H = 512, B = 16); otherwise the tiles.
+    - one batch tile (B <= 16): the transposed dots, W^T resident (0.48-0.59x the old heuristic's step at every
+      H and dtype where they fit); otherwise (fp32 K = 1024) the merged gate dot (0.82x).
+    - up to 64 rows with a short K (K * element size <= 1 KB), and more rows with <= 512 B: the merged gate dot on
+      16-row tiles (0.52-0.67x; the transposed dots' 64-row tiles 0.83-1.13x there).
+    - otherwise the transposed dots: W^T resident on 16-row tiles up to 64 rows (0.45-0.48x), streamed on
+      64-row tiles beyond, or where W^T does not fit (0.47-0.56x, against the wide tiles' 1.0).
+    The transposed dots only where H is a multiple of 16, like every measured shape: elsewhere their unaligned
+    tiles spill registers in the compile-only check (536-1268 bytes at H = 129, 257, 513), and the merged dot or
+    the tiles stand in. Shapes whose programs would not fit the SMs keep the tiles of
+    `heuristic_config(measured=False)`."""
+    share = num_sms // (directions * layers)
+    kernel = "stack" if layers > 1 else "fwd"
+    tiles = heuristic_config(hidden, batch, dtype, num_sms, directions=directions, layers=layers, kernel=kernel,
+                             measured=False)
+    esize = torch.empty((), dtype=dtype).element_size()
+    kbytes = max(16, _pow2(hidden)) * esize
+    if cdiv(hidden, 16) > share or not tiles.persistent:
+        return tiles
+    aligned = hidden % 16 == 0
+    resident = transposed_fits(hidden, esize, layers) and aligned
+    if layers > 1:
+        return transposed_config(hidden, batch, esize, share, 16) if resident else tiles
+    plain = heuristic_config(hidden, batch, dtype, num_sms, directions=directions, kernel="none", measured=False)
+    merged = dataclasses.replace(plain, merged_gates=True, num_warps=8) if plain.persistent else tiles
+    if batch <= 16:
+        return transposed_config(hidden, batch, esize, share, 16) if resident else merged
+    if kbytes <= (1024 if batch <= 64 else 512):
+        return merged
+    if not aligned:
+        return tiles
+    if batch <= 64 and resident:
+        return transposed_config(hidden, batch, esize, share, 16)
+    return transposed_config(hidden, batch, esize, share, 64 if batch >= 64 else 16, streamed=True)
 
 
 def wide_tile_config(hidden: int, batch: int, esize: int, num_sms: int, kernel: str) -> LSTMConfig:
@@ -263,7 +318,7 @@ def transposed_config(hidden: int, batch: int, esize: int, num_sms: int, block_b
 
 
 def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None, layers: int,
-                          interpreter: bool = False) -> LSTMConfig:
+                          interpreter: bool = False, measured: bool = True) -> LSTMConfig:
     """The reverse wavefront of a stack: the forward stack's choice, except where its two sets of four gate dots
     per step (dG_{t+1} @ W_hh and the layer above's dG_t @ W_ih) spill registers (compile-only sweeps,
     2026-11-26/27, dropout included): whole-K resident tiles up to K = 512 in fp32 (492 bytes of spills at
@@ -276,7 +331,14 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
     hk = max(16, _pow2(hidden))
     esize = torch.empty((), dtype=dtype).element_size()
     if cfg.w_resident and hk * esize <= 2048 and hk <= 512:
-        return dataclasses.replace(cfg, num_warps=4) if hk == 64 and esize == 2 else cfg
+        cfg = dataclasses.replace(cfg, num_warps=4) if hk == 64 and esize == 2 else cfg
+        if measured and hk >= 64 and hidden % 16 == 0:  # unaligned H spills (880 bytes at fp32 H = 257)
+            # Split 4 ways over 4 warps, BH <= 16: 0.40-0.74x the step of these tiles in every resident row of
+            # run 5's stack A/B (2 and 4 layers, H = 512, B = 16, each dtype; perf/NOTES.md v0.20).
+            bh = min(cfg.block_h, 16)
+            groups = max(1, min(cdiv(batch, cfg.block_b), num_sms // layers // cdiv(hidden, bh)))
+            cfg = dataclasses.replace(cfg, block_h=bh, batch_groups=groups, split_k=4, num_warps=4)
+        return cfg
     bh, bk = 16, 32 if esize < 4 else 16
     if cdiv(hidden, bh) > num_sms // layers:
         return LSTMConfig(block_h=bh, block_b=16, block_k=bk, w_resident=False, batch_groups=cdiv(batch, 16),
@@ -353,8 +415,8 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         return dataclasses.replace(cfg, batch_groups=groups)
 
     if stack:
-        unsplit = stack_backward_config(H, B, dtype, sms, layers) if kernel == "stack_bwd" else \
-            heuristic_config(H, B, dtype, sms, layers=layers, kernel="stack")
+        unsplit = stack_backward_config(H, B, dtype, sms, layers, measured=False) if kernel == "stack_bwd" else \
+            heuristic_config(H, B, dtype, sms, layers=layers, kernel="stack", measured=False)
         w4 = dataclasses.replace(unsplit, num_warps=4)
     else:
         w4 = heuristic_config(H, B, dtype, sms, kernel="none")  # tiles as chosen before v0.9, never split, 4 warps
