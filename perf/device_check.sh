@@ -18,7 +18,8 @@
 # stack kernels (2 and 4 layers, H = 512, B = 16, every dtype); PERF_SUITE runs `pytest perf/ --benchmark-only`
 # with -k PERF_SUITE_K (default "stack_training"; PERF_SUITE_K= runs the whole suite, 160 tests: give it
 # PERF_SUITE_TIMEOUT=400) and PERF_SUITE_TIMEOUT (60); FLOOR=1 (off by default, ~1 min) runs perf/floor_probe.py
-# with FLOOR_ARGS and FLOOR_TIMEOUT (120); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
+# with FLOOR_ARGS and FLOOR_TIMEOUT (120); MEMORY=1 (off by default, ~30 s) runs perf/memory_probe.py with
+# MEMORY_ARGS and MEMORY_TIMEOUT (90); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
 # NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute.
 set -uo pipefail
 OUT=${OUT:-perf-out}
@@ -62,6 +63,11 @@ fi
 if [ "${FLOOR:-0}" != 0 ]; then
     step "floor of a persistent step: exchange alone against the forward kernel (perf/floor_probe.py ${FLOOR_ARGS:-})"
     measure floor "${FLOOR_TIMEOUT:-120}" $py perf/floor_probe.py ${FLOOR_ARGS:-} --json "$W/floor.json"
+fi
+
+if [ "${MEMORY:-0}" != 0 ]; then
+    step "where a training step's peak memory goes (perf/memory_probe.py ${MEMORY_ARGS:-})"
+    measure memory "${MEMORY_TIMEOUT:-90}" $py perf/memory_probe.py ${MEMORY_ARGS:-} --json "$W/memory.json"
 fi
 
 if [ "${STACK_AB:-0}" != 0 ]; then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -236,3 +237,36 @@ def test_floor_probe_computes_its_recurrence(mode):
     assert not torch.equal(y, u)  # the h read reached the output
     y, _ = probe.launcher(u, 16, 4, mode, False)()
     assert torch.equal(y, u)
+
+
+def _memory_probe():
+    path = Path(__file__).parents[1] / "perf" / "memory_probe.py"
+    spec = importlib.util.spec_from_file_location("memory_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_memory_probe_records_the_tensors_alive_at_a_training_steps_peak():
+    """perf/memory_probe.py's recorder, on the CPU interpreter: a training step's peak holds the gates buffer
+    (gx, written over) and c_t in float32, and nothing of the inputs that existed before it."""
+    import torch
+
+    from tritonlstm import LSTM
+
+    T, B, H = 5, 3, 8
+    model = LSTM(H, H, backend="triton")
+    x = torch.randn(T, B, H, requires_grad=True)
+    before = {t.untyped_storage().data_ptr() for t in (x, *model.parameters())}
+    with _memory_probe()._recorder()(before, device_type="cpu") as rec:
+        y, _ = model(x)
+        y.backward(torch.ones_like(y))
+    shapes = {(e[1], e[2]) for e in rec.at_peak.values()}
+    assert ((T * B, 4 * H), "float32") in shapes and ((T, B, H), "float32") in shapes
+    assert rec.peak >= (16 + 4) * T * B * H and not before & set(rec.at_peak)
+    assert rec.bytes < rec.peak  # the step's temporaries were freed and counted out
+
+
+def test_memory_probe_without_gpu_says_so():
+    proc = run_python(str(Path(__file__).parents[1] / "perf" / "memory_probe.py"), timeout=120)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
