@@ -232,13 +232,7 @@ def reported_once_then_clean(x, w):
     assert torch.isfinite(y).all()
 
 
-_COUNTER_BUG = pytest.mark.xfail(
-    reason="bug seen on an H100 (runs 1-2): 578 elements of y per step after the first, and of h_n, stayed finite; "
-           "cause found by reading the PTX (perf/NOTES.md v0.14: the barrier's spin loop exited per thread), fixed, "
-           "not yet re-run on a GPU: an XPASS here confirms the fix", strict=False)
-
-
-@pytest.mark.parametrize("exchange", [pytest.param("barrier", marks=_COUNTER_BUG), "flags"])
+@pytest.mark.parametrize("exchange", ["barrier", "flags"])
 def test_barrier_that_cannot_complete_gives_nan_then_raises(monkeypatch, exchange):
     """192 KB of shared memory per program (compile-only check: fp16, H = 2048, BH = 8, resident W) allows one
     program per SM, so 256 programs of one group cannot all be resident: the barrier (the counter, or the flags:
