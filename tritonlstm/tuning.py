@@ -385,10 +385,9 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     sms = props.multi_processor_count // D
     names = quick_candidates(H, B, dtype, sms, kernel) if quick else {}
     cands = list(names) if quick else candidates(H, B, dtype, sms, smem, kernel)
-    if not quick:  # the named variants were each chosen to fit (a launch that fails is rejected below)
-        with ThreadPoolExecutor(_compile_workers()) as pool:  # compile-only checks: independent compiles
-            keep = list(pool.map(lambda c: c == default or fits(kernel, dtype, H, c, smem, check), cands))
-        cands = [c for c, ok in zip(cands, keep) if ok]
+    with ThreadPoolExecutor(_compile_workers()) as pool:  # compile-only checks: independent compiles
+        keep = list(pool.map(lambda c: c == default or fits(kernel, dtype, H, c, smem, check), cands))
+    cands = [c for c, ok in zip(cands, keep) if ok]
     compile_in_parallel([run(cfg) for cfg in cands])
     for cfg in cands:
         entry = {"name": names.get(cfg, ""), "config": dataclasses.asdict(cfg), "ms": None}
