@@ -1057,8 +1057,23 @@ if interpreting():
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _rnn_allows_tf32() -> bool:
+    """Whether nn.LSTM's cuDNN path would run float32 on TF32 tensor cores: PyTorch's per-operator setting
+    (torch.backends.cudnn.rnn.fp32_precision, inheriting "none" from cuDNN's, then the global one; all "none" is
+    full precision), or the legacy torch.backends.cudnn.allow_tf32 where that API is missing. Reading the legacy
+    flag once conv and RNN precisions differ raises in PyTorch, so it is not read where the new API exists."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if rnn is None or not hasattr(rnn, "fp32_precision"):
+        return bool(torch.backends.cudnn.allow_tf32)
+    for precision in (rnn.fp32_precision, torch.backends.cudnn.fp32_precision,
+                      getattr(torch.backends, "fp32_precision", "none")):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and not _rnn_allows_tf32():
         return "ieee"
     return "tf32"  # ignored for 16-bit operands
 
