@@ -59,6 +59,23 @@ def test_matches_cudnn(H, B, dtype):
     run_both(64, B, H, dtype)
 
 
+@pytest.mark.parametrize("precision", ["tf32", "ieee"])
+def test_float32_gemms_follow_the_rnn_precision(monkeypatch, precision):
+    """float32 on the GPU: with the RNN precision allowing TF32 (PyTorch's default) the input projection and
+    the weight and input gradients run on kernels.matmul in TF32, as cuDNN's do; with it off, torch's GEMMs in
+    full float32 and the recurrent dot in IEEE. Both against cuDNN under the same setting."""
+    from tritonlstm.kernels import matmul as mm
+
+    calls = []
+    real = mm.matmul
+    monkeypatch.setattr(mm, "matmul", lambda a, b, **kw: calls.append(a.shape) or real(a, b, **kw))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=precision == "tf32"):
+        errs = run_both(64, 64, 512, torch.float32)
+    assert (len(calls) == 5) == (precision == "tf32"), calls  # projection, dx, dW_ih, dW_hh's two products
+    if precision == "ieee":
+        assert max(errs.values()) <= 1e-4, errs
+
+
 def _training_step_peak(T, B, H, dtype, w) -> int:
     """Peak bytes allocated by one training step (forward + backward) over what was allocated before it."""
     x = torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True)

@@ -199,6 +199,46 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
           + (f" {r.error}" if r.error else ""), flush=True)
 
 
+# The float32 GEMMs' operand layouts (kernels/matmul.py): which strides are 1 in each of the layers' products.
+MATMUL_LAYOUTS = {"x @ W^T": ("s_ak", "s_bk", "s_cn"), "dG @ W": ("s_ak", "s_bn", "s_cn"),
+                  "dG^T @ x": ("s_am", "s_bn", "s_cn")}
+
+
+def check_matmul() -> list[dict]:
+    """Compiles kernels.matmul for sm_90 in each of its tile configs and operand layouts, specialised as a
+    launch would be (unit strides constant, the rest and the pointers 16-aligned): shared memory, registers,
+    spills, and whether the dot became a warpgroup MMA."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tritonlstm.kernels import matmul as mm
+
+    base = {n: "*fp32" for n in ("A", "B", "C")} | {n: "i32" for n in ("M", "N", "K", "s_am", "s_ak", "s_bk",
+                                                                         "s_bn", "s_cm", "s_cn")}
+    names = list(base)
+    rows = []
+    for tiles in (mm._config(4096, 4096, False), mm._config(64, 64, False)):
+        for layout, unit in MATMUL_LAYOUTS.items():
+            sig = dict(base)
+            consts = dict(PRECISION="tf32", **{k: tiles[k] for k in ("BM", "BN", "BK", "GROUP_M")})
+            for n in unit:
+                sig[n], consts[n] = "constexpr", 1
+            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in unit}
+            row = {"tiles": tiles, "layout": layout, "error": None}
+            try:
+                c = triton.compile(ASTSource(fn=mm.matmul_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                                   target=GPUTarget("cuda", 90, 32),
+                                   options=dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]))
+                row["shared"] = c.metadata.shared
+                row["registers"], row["spill_bytes"] = _ptxas_report(c.asm["ptx"])
+                row["wgmma"] = "wgmma.mma_async" in c.asm["ptx"]
+            except Exception as e:  # a compile failure is a finding
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tritonlstm.compilecheck", description=__doc__.splitlines()[0])
     ap.add_argument("--min-hidden", type=int, default=1, help="only configs for H >= this (default 1)")
@@ -210,7 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tagged", action="store_true",
                     help="check the fwd and bwd configs with the tagged exchanges instead (tuner candidates: "
                          "reported, and the exit status says whether all fit)")
+    ap.add_argument("--matmul", action="store_true", help="check the float32 TF32 GEMM kernel instead")
     args = ap.parse_args(argv)
+    if args.matmul:
+        rows = check_matmul()
+        for r in rows:
+            t = r["tiles"]
+            print(f"matmul {t['BM']}x{t['BN']}x{t['BK']} warps={t['num_warps']} {r['layout']:9} "
+                  + (r["error"] or f"shared={r['shared']} regs={r['registers']} spills={r['spill_bytes']} "
+                                   f"wgmma={r['wgmma']}"))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        bad = [r for r in rows if r["error"] or r["spill_bytes"] or r["shared"] > SM90_SHARED_LIMIT]
+        return 1 if bad else 0
     rows = []
     configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged)  # tagged: on the tiles
     if args.tagged:

@@ -3,7 +3,8 @@
 Forward: one GEMM for the input projection of all steps (cuBLAS through torch), then the recurrence kernel.
 Backward: the reverse recurrence kernel gives dG (the gate pre-activation gradients of every step, which is
 the gradient of the projection's output), then plain GEMMs give the weight, bias and input gradients:
-deterministic, no atomics.
+deterministic, no atomics. In float32 on CUDA these GEMMs run on TF32 tensor cores (kernels/matmul.py) where
+PyTorch's RNN precision allows it, as nn.LSTM's cuDNN path runs them (`_tf32_gemms`).
 
 The recurrence, forward and backward, is a pair of `torch.library` custom ops with fake-tensor and autograd
 registrations, so `torch.compile` sees one opaque op per layer and direction instead of a graph break; the input
@@ -60,6 +61,55 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             raise RuntimeError(f"backend='triton' cannot run on device '{device}': the Triton kernels need CUDA "
                                f"tensors, or the CPU interpreter ({why})")
     return backend
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The float32 GEMMs
+# ----------------------------------------------------------------------------------------------------------
+
+# Tests set this to run the TF32 GEMM path on the CPU interpreter's float32 tensors too.
+_TF32_GEMMS_ON_CPU = False
+
+
+def _tf32_gemms(*tensors: Tensor) -> bool:
+    """Whether a layer's float32 GEMMs (input projection, input and weight gradients, the projection of
+    proj_size) run on kernels.matmul with TF32, as nn.LSTM's cuDNN path runs them: float32 CUDA tensors and
+    PyTorch's RNN precision allowing TF32 (its default), eagerly on plain tensors. torch.mm would follow the
+    matmul precision instead, full float32 by default and 5-8x slower on an H100. Under torch.compile and
+    tensor subclasses the GEMMs stay torch's."""
+    t = tensors[0]
+    return (t.dtype == torch.float32 and (t.device.type == "cuda" or _TF32_GEMMS_ON_CPU and interpreter_active())
+            and not torch.compiler.is_compiling() and all(_plain(x) for x in tensors)
+            and _kernels()._rnn_allows_tf32())
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b, on TF32 where `_tf32_gemms` says so."""
+    if _tf32_gemms(a, b):
+        return importlib.import_module("tritonlstm.kernels.matmul").matmul(a, b)
+    return a @ b
+
+
+class _TF32Projection(torch.autograd.Function):
+    """x [N, I] @ w [G, I]^T with both gradients on kernels.matmul (TF32)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return _mm(x, w.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return _mm(grad, w) if need[0] else None, _mm(grad.t(), x) if need[1] else None
+
+
+def _project(x: Tensor, w: Tensor) -> Tensor:
+    """x [N, I] @ w [G, I]^T: the input projection (and proj_size's output projection), differentiable."""
+    if _tf32_gemms(x, w) and not torch.jit.is_tracing():
+        return _TF32Projection.apply(x, w)
+    return torch.mm(x, w.t())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,7 +376,9 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
     d_ih = d_hh = d_bias = None
     if need[1] and L > 1:
         inputs = y[:-1] if drop is None else xd  # the layers above took their input after dropout
-        d_ih = torch.bmm(dg2[1:].transpose(1, 2), inputs.reshape(L - 1, T * B, H))
+        inputs = inputs.reshape(L - 1, T * B, H)
+        d_ih = torch.stack([_mm(dg2[l + 1].t(), inputs[l]) for l in range(L - 1)]) if _tf32_gemms(dg2) else \
+            torch.bmm(dg2[1:].transpose(1, 2), inputs)
     if need[2]:
         d_hh = torch.stack([_recurrent_weight_grad(dg[l], y[l], h0[l], lengths, False) for l in range(L)])
     if need[3]:
@@ -360,9 +412,10 @@ def _recurrent_weight_grad(dg: Tensor, y: Tensor, h0: Tensor, lengths: Tensor | 
         later, previous = dg[:-1], y[1:]
     else:
         first, later, previous = dg[0], dg[1:], y[:-1]
-    dw = first.t() @ h0
+    dw = _mm(first.t(), h0)
     if T > 1:
-        dw = torch.addmm(dw, later.reshape((T - 1) * B, G).t(), previous.reshape((T - 1) * B, y.shape[2]))
+        a, b = later.reshape((T - 1) * B, G).t(), previous.reshape((T - 1) * B, y.shape[2])
+        dw = dw + _mm(a, b) if _tf32_gemms(a, b) else torch.addmm(dw, a, b)
     return dw
 
 
@@ -545,7 +598,7 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
 
     # One GEMM projects the input of every step for every direction.
     # (One direction: the weights as they are; cat / stack would copy them on every call.)
-    gx = torch.mm(x.reshape(T * B, x.shape[2]), (w_ih[0] if D == 1 else torch.cat(w_ih)).t()).view(T, B, D * 4 * H)
+    gx = _project(x.reshape(T * B, x.shape[2]), w_ih[0] if D == 1 else torch.cat(w_ih)).view(T, B, D * 4 * H)
     bias = _stacked_bias(list(zip(b_ih, b_hh)), H, x.device)
     training = _records_grad(x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr)
     if w_hr[0] is None:
@@ -566,7 +619,7 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     w_rec = torch.stack([w_hh[d] @ w_hr[d] for d in range(D)])
     r, rn, cn, _, _ = _call(_lstm_recurrence, torch.cat(gxs, dim=2), w_rec, bias, x.new_zeros(D, B, H), c0,
                             lengths, reverse, training)
-    y = torch.cat([(r[..., d * H:(d + 1) * H].reshape(T * B, H) @ w_hr[d].t()).view(T, B, P) for d in range(D)],
+    y = torch.cat([_project(r[..., d * H:(d + 1) * H].reshape(T * B, H), w_hr[d]).view(T, B, P) for d in range(D)],
                   dim=2)
     return y, (torch.stack([rn[d] @ w_hr[d].t() for d in range(D)]), cn)
 
@@ -613,7 +666,7 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
             hs.append(h)
             cs.append(c)
         return y, (torch.cat(hs), torch.cat(cs))
-    gx = torch.mm(x.reshape(T * B, x.shape[2]), weights[0][0].t()).view(T, B, 4 * H)
+    gx = _project(x.reshape(T * B, x.shape[2]), weights[0][0]).view(T, B, 4 * H)
     w_ih = torch.stack([w[0] for w in weights[1:]]) if L > 1 else weights[0][1][:0].view(0, 4 * H, H)
     bias = _stacked_bias([w[2:4] for w in weights], H, x.device)
     training = _records_grad(x, h0, c0, *(t for w in weights for t in w))
