@@ -143,3 +143,20 @@ def test_tagged_exchange_candidates_compile_and_fit_at_the_h256_tiles(tmp_path):
     # faster than the barrier (v0.9); the tuner times what it keeps.
     assert all(r["spill_bytes"] <= (160 if r["config"]["exchange"] == "tagged-probe" else 16) for r in h256), \
         proc.stdout[-3000:]
+
+
+def test_stacks_whose_weights_cannot_stay_on_chip_run_in_resident_chunks():
+    """configs.stack_layers_per_launch: fp32 at H = 512 keeps W resident for 2 layers, not 3 or 4 (run 5: 40-45
+    us per step streamed at 4 layers against 10-11 resident at 2), so longer fp32 stacks run as wavefronts of 2;
+    16-bit keeps 4 layers resident there; where no count is resident (H = 1024), one streamed wavefront."""
+    from tritonlstm.configs import stack_backward_config, stack_layers_per_launch
+
+    assert [stack_layers_per_launch(512, 16, torch.float32, 132, n) for n in (2, 3, 4, 6)] == [2, 2, 2, 2]
+    assert [stack_layers_per_launch(512, 16, torch.float16, 132, n) for n in (2, 4, 5, 8)] == [2, 4, 4, 4]
+    assert stack_layers_per_launch(1024, 16, torch.bfloat16, 132, 4) == 4
+    for dtype in (torch.float16, torch.float32):
+        for layers in (2, 3, 4, 8):
+            span = stack_layers_per_launch(512, 16, dtype, 132, layers)
+            if span < layers:
+                assert heuristic_config(512, 16, dtype, 132, layers=span, kernel="stack").w_resident
+                assert stack_backward_config(512, 16, dtype, 132, span).w_resident

@@ -586,17 +586,24 @@ _STACK_CASES = [(c, n, d, False) for c in _STACK_CONFIGS if c not in ("split4", 
     ("split4", "lengths", "fp16", True),
     ("transposed", "padded", "fp32", False), ("transposed", "lengths", "fp16", True),
     ("transposed-streamed", "lengths", "fp32", True)]
+# A stack run as consecutive wavefronts of 2 layers (configs.stack_layers_per_launch: where all its layers' W
+# cannot stay on chip together): 2 + 1 layers, the dropout between the two launches applied outside them.
+_SPAN_CASES = [("default", "lengths", "fp32", True), ("stepwise-P5-Q2", "padded", "fp16", True)]
 
 
-@pytest.mark.parametrize("config,lengths,dtype,dropout", [
-    pytest.param(_STACK_CONFIGS[c], _STACK_LENGTHS[n], _STACK_DTYPES[d], drop,
-                 id=f"{c}-{n}-{d}" + ("-dropout" if drop else "")) for c, n, d, drop in _STACK_CASES])
-def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, dropout, monkeypatch):
-    """lstm_stack (every layer in one forward launch, and in one backward launch; with a dropout scale between
-    the layers or none) against the float64 reference run layer by layer: outputs, states and every
-    gradient."""
+@pytest.mark.parametrize("config,lengths,dtype,dropout,span", [
+    pytest.param(_STACK_CONFIGS[c], _STACK_LENGTHS[n], _STACK_DTYPES[d], drop, span,
+                 id=f"{c}-{n}-{d}" + ("-dropout" if drop else "") + (f"-span{span}" if span else ""))
+    for cases, span in ((_STACK_CASES, None), (_SPAN_CASES, 2)) for c, n, d, drop in cases])
+def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, dropout, span, monkeypatch):
+    """lstm_stack (every layer in one forward launch, and in one backward launch, or with `span` in launches of
+    that many layers; with a dropout scale between the layers or none) against the float64 reference run
+    layer by layer: outputs, states and every gradient."""
+    import tritonlstm.functional as F
     from tritonlstm.functional import lstm_stack
 
+    if span:
+        monkeypatch.setattr(F, "_layers_per_launch", lambda *a: span)
     launches = []
     for name in ("lstm_stack_forward", "lstm_stack_backward", "lstm_forward", "lstm_backward"):
         real = getattr(kernels, name)
@@ -634,7 +641,8 @@ def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, dropout,
     assert rel_err(y, yr) < tol and rel_err(hn, hr) < tol and rel_err(cn, cr) < tol
     for a, b in [(x, xr), (h0, h0r), (c0, c0r)] + [(p, q) for wl, wq in zip(ws, wr) for p, q in zip(wl, wq)]:
         assert rel_err(a.grad, b.grad) < 2 * tol
-    assert launches == ["lstm_stack_forward", "lstm_stack_backward"]
+    chunks = -(-L // span) if span else 1
+    assert launches == ["lstm_stack_forward"] * chunks + ["lstm_stack_backward"] * chunks
 
 
 @pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu")], ids=["default", "str", "device"])

@@ -348,6 +348,19 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
                       num_warps=4 if esize < 4 else 8)
 
 
+def stack_layers_per_launch(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, layers: int) -> int:
+    """How many layers of a unidirectional stack one wavefront launch runs: all of them, unless their weights
+    cannot stay on chip together while fewer layers' can; then the stack runs as consecutive wavefronts of that
+    many layers. fp32 at H = 512: 4 layers stream W from L2 at 40-45 us per step in every variant of run 5's
+    stack A/B, where a 2-layer wavefront keeps W resident at 10-11 us (perf/NOTES.md v0.22)."""
+    def resident(n: int) -> bool:
+        return heuristic_config(hidden, batch, dtype, num_sms, layers=n, kernel="stack").w_resident and \
+            stack_backward_config(hidden, batch, dtype, num_sms, n).w_resident
+    if layers <= 2 or resident(layers):
+        return layers
+    return next((n for n in range(layers - 1, 1, -1) if resident(n)), layers)
+
+
 def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,
                   kernel: str = "fwd", directions: int = 1, layers: int = 1) -> LSTMConfig:
     forced = (_override.get() or {}).get(kernel)

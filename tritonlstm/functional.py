@@ -22,7 +22,7 @@ import sys
 import torch
 from torch import Tensor
 
-from tritonlstm.configs import select_config
+from tritonlstm.configs import select_config, stack_layers_per_launch
 from tritonlstm.naive import lstm_layer_reference
 
 BACKENDS = ("auto", "triton", "torch")
@@ -666,6 +666,35 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
             hs.append(h)
             cs.append(c)
         return y, (torch.cat(hs), torch.cat(cs))
+    span = _layers_per_launch(H, B, x.dtype, x.device, L)
+    if span >= L:
+        return _stack_launch(x, weights, h0, c0, lengths, dropout_scale)
+    # Consecutive wavefronts of `span` layers, each keeping its weights on chip; between two, the dropout the
+    # kernel would have applied to the lower layer's output.
+    y, hs, cs = x, [], []
+    for l0 in range(0, L, span):
+        l1 = min(L, l0 + span)
+        if l0 > 0 and dropout_scale is not None:
+            y = y * dropout_scale[l0 - 1]
+        y, (h, c) = _stack_launch(y, weights[l0:l1], h0[l0:l1], c0[l0:l1], lengths,
+                                  None if dropout_scale is None or l1 - l0 == 1 else dropout_scale[l0:l1 - 1])
+        hs.append(h)
+        cs.append(c)
+    return y, (torch.cat(hs), torch.cat(cs))
+
+
+def _layers_per_launch(H: int, B: int, dtype: torch.dtype, device: torch.device, L: int) -> int:
+    if device.type != "cuda":
+        return L  # the interpreter runs any stack in one stepwise wavefront
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return stack_layers_per_launch(H, B, dtype, sms, L)
+
+
+def _stack_launch(x, weights, h0, c0, lengths, dropout_scale):
+    """One wavefront over the layers of `weights` (checked by lstm_stack): the first layer's input projection,
+    then the stack op."""
+    T, B, _ = x.shape
+    L, H = len(weights), weights[0][1].shape[1]
     gx = _project(x.reshape(T * B, x.shape[2]), weights[0][0]).view(T, B, 4 * H)
     w_ih = torch.stack([w[0] for w in weights[1:]]) if L > 1 else weights[0][1][:0].view(0, 4 * H, H)
     bias = _stacked_bias([w[2:4] for w in weights], H, x.device)
