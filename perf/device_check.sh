@@ -18,7 +18,8 @@
 # stack kernels (2 and 4 layers, H = 512, B = 16, every dtype); PERF_SUITE runs `pytest perf/ --benchmark-only`
 # with -k PERF_SUITE_K (default "stack_training"; PERF_SUITE_K= runs the whole suite, 160 tests: give it
 # PERF_SUITE_TIMEOUT=400) and PERF_SUITE_TIMEOUT (60); FLOOR=1 (off by default, ~1 min) runs perf/floor_probe.py
-# with FLOOR_ARGS and FLOOR_TIMEOUT (120); MEMORY=1 (off by default, ~30 s) runs perf/memory_probe.py with
+# with FLOOR_ARGS and FLOOR_TIMEOUT (120); GEMM=1 (off by default, ~20 s) runs perf/gemm_probe.py with GEMM_ARGS
+# and GEMM_TIMEOUT (60); MEMORY=1 (off by default, ~30 s) runs perf/memory_probe.py with
 # MEMORY_ARGS and MEMORY_TIMEOUT (90); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
 # NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute.
 set -uo pipefail
@@ -63,6 +64,11 @@ fi
 if [ "${FLOOR:-0}" != 0 ]; then
     step "floor of a persistent step: exchange alone against the forward kernel (perf/floor_probe.py ${FLOOR_ARGS:-})"
     measure floor "${FLOOR_TIMEOUT:-120}" $py perf/floor_probe.py ${FLOOR_ARGS:-} --json "$W/floor.json"
+fi
+
+if [ "${GEMM:-0}" != 0 ]; then
+    step "float32 GEMMs: kernels.matmul TF32 against torch.mm (perf/gemm_probe.py ${GEMM_ARGS:-})"
+    measure gemm "${GEMM_TIMEOUT:-60}" $py perf/gemm_probe.py ${GEMM_ARGS:-} --json "$W/gemm.json"
 fi
 
 if [ "${MEMORY:-0}" != 0 ]; then

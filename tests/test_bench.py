@@ -270,3 +270,8 @@ def test_memory_probe_records_the_tensors_alive_at_a_training_steps_peak():
 def test_memory_probe_without_gpu_says_so():
     proc = run_python(str(Path(__file__).parents[1] / "perf" / "memory_probe.py"), timeout=120)
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+def test_gemm_probe_without_gpu_says_so():
+    proc = run_python(str(Path(__file__).parents[1] / "perf" / "gemm_probe.py"), timeout=120)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout

@@ -1,0 +1,89 @@
+"""The float32 GEMMs of a layer, on a GPU (perf/NOTES.md v0.21): kernels.matmul in TF32 against torch.mm in
+full float32 (what the layers ran before) and torch.mm in TF32 (cuBLAS, the matmul precision set for the
+probe only), at the shapes of the bench's float32 cells: the input projection x @ W_ih^T, the input gradient
+dG @ W_ih and the weight gradient dG^T @ x. Each result is checked against torch's float32 product first.
+
+    python perf/gemm_probe.py [--hidden 512,1024] [--batch 64,256] [--seq 256] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def shapes(hidden: int, rows: int):
+    """(name, a, b) factories for one layer's GEMMs: rows = T * B, input size = hidden."""
+    import torch
+
+    def make():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(rows, hidden, device="cuda", generator=g)
+        w = torch.randn(4 * hidden, hidden, device="cuda", generator=g) * hidden ** -0.5
+        dg = torch.randn(rows, 4 * hidden, device="cuda", generator=g)
+        return {"x @ W_ih^T": (x, w.t()), "dG @ W_ih": (dg, w), "dG^T @ x": (dg.t(), x)}
+
+    return make
+
+
+def measure(hidden: int, rows: int) -> list[dict]:
+    import torch
+    from triton.testing import do_bench
+
+    from tritonlstm.kernels.matmul import matmul
+
+    out = []
+    for name, (a, b) in shapes(hidden, rows)().items():
+        flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        ref = a @ b
+        ours = matmul(a, b)
+        err = ((ours - ref).norm() / ref.norm()).item()
+        row = {"gemm": name, "hidden": hidden, "rows": rows, "m": a.shape[0], "k": a.shape[1], "n": b.shape[1],
+               "rel_err_vs_fp32": err}
+        row["triton_tf32_ms"] = do_bench(lambda: matmul(a, b), warmup=10, rep=50, return_mode="median")
+        row["torch_fp32_ms"] = do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median")
+        # This process's own setting, for the probe only (the new API where this torch has it).
+        flag = "fp32_precision" if hasattr(torch.backends.cuda.matmul, "fp32_precision") else "allow_tf32"
+        previous = getattr(torch.backends.cuda.matmul, flag)
+        setattr(torch.backends.cuda.matmul, flag, "tf32" if flag == "fp32_precision" else True)
+        try:
+            row["torch_tf32_ms"] = do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median")
+        finally:
+            setattr(torch.backends.cuda.matmul, flag, previous)
+        for k in ("triton_tf32", "torch_fp32", "torch_tf32"):
+            row[f"{k}_tflops"] = flops / row[f"{k}_ms"] / 1e9
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", default="512,1024")
+    ap.add_argument("--batch", default="64,256")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("perf/gemm_probe.py: no CUDA device, nothing to time.")
+        return 0
+    rows = []
+    print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32")
+    for h in (int(v) for v in a.hidden.split(",")):
+        for b in (int(v) for v in a.batch.split(",")):
+            for r in measure(h, a.seq * b):
+                rows.append(r)
+                print(f"H={h:<5} B={b:<4} {r['gemm']:11} [{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
+                      + "  ".join(f"{r[k + '_tflops']:6.1f} ({r[k + '_ms']:.3f})"
+                                  for k in ("triton_tf32", "torch_fp32", "torch_tf32"))
+                      + f"  rel err {r['rel_err_vs_fp32']:.1e}", flush=True)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
