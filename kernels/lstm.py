@@ -629,8 +629,10 @@ def lstm_fwd_kernel(
     KC: tl.constexpr,  # TRANSPOSED: K chunk of the dot
     FLAGS: tl.constexpr,  # the barrier as a flag per program (_flag_barrier): SYNC holds NP-strided flags
     NP: tl.constexpr,  # FLAGS: power of two >= the programs of one barrier (P, or P * L for a stack)
+    PREFETCH: tl.constexpr,  # one batch tile per program, single layer, barrier: next step's gx before the wait
 ):
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
+    tl.static_assert(not (PREFETCH and (STACK or TAGGED)), "prefetch: single layer, barrier exchange")
     tl.static_assert(not (MERGED and (STACK or TAGGED or SK > 1)), "merged gates: single layer, barrier, unsplit")
     tl.static_assert(not (TRANSPOSED and (TAGGED or MERGED or SK > 1)), "transposed dots: barrier, unsplit")
     i_h = tl.program_id(0)
@@ -708,6 +710,15 @@ def lstm_fwd_kernel(
     # A failed barrier (here or in an earlier launch not yet reported) turns every later output into NaN, so
     # that the results of a failed launch cannot pass for valid before the host reports the error.
     poisoned = tl.load(ERR, volatile=True) != 0
+    if PREFETCH:
+        # A program's one tile: its gx rows of the next step are loaded before the barrier's wait, off the
+        # step's critical path, and its c stays in registers from step to step.
+        o_b0 = i_q * BB + tl.arange(0, BB)
+        m_b0 = o_b0 < B
+        last0, o_t0, _ = _row_steps(LAST, o_b0, m_b0, S_START, T, rev, BB, HAS_LENGTHS)
+        m_next = (m_b0 & (S_START <= last0))[:, None] & m_j[None, :]
+        n_gi, n_gf, n_gg, n_go = _load_gate_rows(GX + (o_t0 * B + o_b0)[:, None] * SG + o_j[None, :], m_next, H)
+        n_c = tl.load(C_WS + o_b0[:, None] * H + o_j[None, :], mask=m_next, other=0.0)
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
         for i_b in range(i_q, n_tiles, n_q):
@@ -721,7 +732,11 @@ def lstm_fwd_kernel(
 
             # Independent of the other programs: issued before the h_{t-1} loads.
             p_gx = GX + o_row[:, None] * SG + o_j[None, :]
-            if STACK:
+            p_c = C_WS + o_b[:, None] * H + o_j[None, :]
+            if PREFETCH:
+                b_gi, b_gf, b_gg, b_go = n_gi, n_gf, n_gg, n_go
+                b_c = n_c
+            elif STACK:
                 if i_l == 0:
                     b_gi, b_gf, b_gg, b_go = _load_gate_rows(p_gx, m_live, H)
                 else:
@@ -738,8 +753,8 @@ def lstm_fwd_kernel(
                                                             W_RESIDENT, DOT_PRECISION, SK)
             else:
                 b_gi, b_gf, b_gg, b_go = _load_gate_rows(p_gx, m_live, H)
-            p_c = C_WS + o_b[:, None] * H + o_j[None, :]
-            b_c = tl.load(p_c, mask=m_live, other=0.0, cache_modifier=".cg")
+            if not PREFETCH:
+                b_c = tl.load(p_c, mask=m_live, other=0.0, cache_modifier=".cg")
 
             # h_{t-1}: the previous output row, or h0 at the first step.
             if TAGGED:
@@ -811,6 +826,14 @@ def lstm_fwd_kernel(
             m_last = (m_b & (s == last))[:, None] & m_j[None, :]
             tl.store(HN + o_bh, b_y.to(HN.dtype.element_ty), mask=m_last)
             tl.store(CN + o_bh, b_c.to(CN.dtype.element_ty), mask=m_last)
+            if PREFETCH:
+                # The next step's rows (none past this launch's last step): gx is read-only to the other
+                # programs' stores, and over it go only this program's own gates, of this step's rows.
+                _, o_tn, _ = _row_steps(LAST, o_b, m_b, s + 1, T, rev, BB, HAS_LENGTHS)
+                m_next = (m_b & (s + 1 <= last) & (s_glob + 1 < S_START + S_COUNT))[:, None] & m_j[None, :]
+                n_gi, n_gf, n_gg, n_go = _load_gate_rows(GX + (o_tn * B + o_b)[:, None] * SG + o_j[None, :],
+                                                         m_next, H)
+                n_c = b_c
         if PERSISTENT and not TAGGED:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
             poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP)
@@ -1210,6 +1233,14 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
             kernel[grid](*args, step, 1, config.max_spin, **meta)
 
 
+def prefetches(config, B: int) -> bool:
+    """Whether a single-layer forward launch prefetches each step's gx before the barrier (PREFETCH): asked for
+    (config.prefetch), persistent (a stepwise launch runs one step), every program owning one batch tile, and a
+    barrier exchange (the tagged ones wait per word instead)."""
+    return (config.prefetch and config.persistent and not config.exchange.startswith("tagged")
+            and triton.cdiv(B, config.block_b) <= config.batch_groups)
+
+
 # A transposed dot's K chunk holds this much of h_{t-1} ([BB, KC]): compile-only sm_90 (perf/NOTES.md v0.18), no
 # spills at BB = 16 up to K = 1024 in 16-bit and K = 512 in fp32, at BB = 64 up to K = 512 in 16-bit.
 TRANSPOSED_CHUNK_BYTES = 8192
@@ -1289,7 +1320,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
               PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize), **flags), sync)
+              KC=transposed_chunk(config, dt.itemsize), PREFETCH=prefetches(config, B), **flags), sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
@@ -1321,7 +1352,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
               TAGGED=False, PACK=1, PROBE=False, MERGED=False, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize), **flags,
+              KC=transposed_chunk(config, dt.itemsize), PREFETCH=False, **flags,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)), sync)
     if not store_gates:
         gates = c_all = None

@@ -711,3 +711,28 @@ def test_split_persistent_launches_match_reference(monkeypatch, reverse):
                             lengths=torch.tensor([7, 3, 6, 1, 7]), config=config)
     assert [(s, n) for s, n, _ in logs[kernels.lstm_fwd_kernel].launches] == [(0, 3), (3, 3), (6, 1)]
     assert [(s, n) for s, n, _ in logs[kernels.lstm_bwd_kernel].launches] == [(0, 3), (3, 3), (6, 2)]
+
+
+@pytest.mark.parametrize("lengths,reverse", [(None, False), (torch.tensor([6, 2, 5]), True)],
+                         ids=["fwd", "rev-lengths"])
+def test_prefetched_gx_gives_the_same_bits(lengths, reverse, monkeypatch):
+    """A one-tile persistent forward prefetches the next step's gx before the barrier and carries c in registers
+    (PREFETCH, perf/NOTES.md v0.23): the same arithmetic in the same order as loading both after the wait, so the
+    same bits, training (gates over gx) and inference alike. Also the launch-split path (a new launch reloads c)."""
+    import dataclasses
+
+    problem = make_problem(6, 3, 5, 8, torch.float32)
+    base = tritonlstm.configs.heuristic_config(8, 3, torch.float32, None, interpreter=True)
+    assert base.persistent and kernels.prefetches(base, 3)
+    outs = {}
+    for prefetch in (True, False):
+        p = leaf(problem)
+        with use_config(dataclasses.replace(base, prefetch=prefetch)):
+            y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), lengths=lengths, reverse=reverse, backend="triton")
+            (y.square().sum() + hn.sum() + cn.sum()).backward()
+        outs[prefetch] = [y, hn, cn] + [p[n].grad for n in NAMES]
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+    monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(3))  # launches of 2 steps: c through memory between
+    with use_config(base), torch.no_grad():
+        y, _ = fused_lstm(*(problem[n] for n in NAMES), lengths=lengths, reverse=reverse, backend="triton")
+    assert torch.equal(y, outs[True][0].detach())

@@ -96,9 +96,9 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
 
 
 def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
-          has_lengths: bool = False, directions: int = 1) -> Resources:
+          has_lengths: bool = False, directions: int = 1, prefetch: bool = False) -> Resources:
     """kernel: "fwd", "bwd", "stack" or "stack_bwd" (the forward or backward kernel in its wavefront-stack
-    form)."""
+    form). prefetch: the single-layer forward's one-tile-per-program variant (kernels.lstm.prefetches)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -122,7 +122,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       TAGGED=kernel == "fwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,
                       PROBE=kernel == "fwd" and config.exchange == "tagged-probe",
                       MERGED=kernel == "fwd" and config.merged_gates,
-                      TRANSPOSED=config.transposed, KC=k.transposed_chunk(config, dtype.itemsize))
+                      TRANSPOSED=config.transposed, KC=k.transposed_chunk(config, dtype.itemsize),
+                      PREFETCH=prefetch and kernel == "fwd")
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       TAGGED=kernel == "bwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2)
@@ -143,10 +144,13 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
 
 
 def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
-                    measured: bool = True) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
-    """(kernel, dtype, H, config) for every distinct config the heuristic can choose on an H100 for
+                    measured: bool = True) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
+    """(kernel, dtype, H, config, prefetch) for every distinct config the heuristic can choose on an H100 for
     H <= max_hidden, any batch: one direction or both in one launch (fwd, bwd), and wavefront stacks of
-    2 to 4 layers (stack, stack_bwd). measured=False: its tiles before the layouts of the H100 A/B."""
+    2 to 4 layers (stack, stack_bwd); prefetch: the forward's one-tile-per-program variant, where a batch gives
+    it. measured=False: its tiles before the layouts of the H100 A/B."""
+    from tritonlstm.kernels.lstm import prefetches
+
     seen, out = set(), []
     hiddens = sorted(h for h in {h for p in range(0, 14) for h in (2 ** p, 2 ** p + 1)} | {24, 33, 100, 1000}
                      if min_hidden <= h <= max_hidden)
@@ -161,11 +165,12 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
                     else:
                         cfg = heuristic_config(hidden, batch, dtype, H100_SMS, kernel=kernel, measured=measured, **kw)
                     # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
+                    prefetch = kernel == "fwd" and prefetches(cfg, batch)
                     key = (kernel, dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
-                           cfg.num_warps, cfg.num_stages, cfg.split_k, cfg.merged_gates, cfg.transposed)
+                           cfg.num_warps, cfg.num_stages, cfg.split_k, cfg.merged_gates, cfg.transposed, prefetch)
                     if key not in seen:
                         seen.add(key)
-                        out.append((kernel, dtype, hidden, cfg))
+                        out.append((kernel, dtype, hidden, cfg, prefetch))
     return out
 
 
@@ -174,20 +179,21 @@ def tagged_variants(configs) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
     "tagged-probe"; bwd: "tagged"), a split-K config also unsplit (8 warps): candidates the tuner tries (and keeps
     only where they compile within limits), not the heuristic's picks."""
     out = []
-    for kernel, dtype, hidden, cfg in configs:
+    for kernel, dtype, hidden, cfg, _ in configs:
         tiles = [cfg] + ([dataclasses.replace(cfg, split_k=1, num_warps=8)] if cfg.split_k > 1 else [])
         for c in tiles:
-            out += [(kernel, dtype, hidden, tagged_variant(c, e)) for e in tagged_exchanges(kernel, c, dtype)
-                    if (kernel, dtype, tagged_variant(c, e)) not in {(k, d, v) for k, d, _, v in out}]
+            out += [(kernel, dtype, hidden, tagged_variant(c, e), False) for e in tagged_exchanges(kernel, c, dtype)
+                    if (kernel, dtype, tagged_variant(c, e)) not in {(k, d, v) for k, d, _, v, _ in out}]
     return out
 
 
 def _check_job(job) -> Resources:
-    kernel, dtype, hidden, cfg, store = job
-    return check(kernel, dtype, hidden, cfg, store_gates=store)
+    kernel, dtype, hidden, cfg, prefetch, store = job
+    return check(kernel, dtype, hidden, cfg, store_gates=store, prefetch=prefetch)
 
 
-def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig, store: bool) -> None:
+def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig, store: bool,
+            prefetch: bool = False) -> None:
     rows.append(r)
     status = ("ok" if r.spill_bytes == 0 else "ok~") if r.ok else "FAIL"
     variant = "" if kernel in BACKWARD else ("/train" if store else "/infer")
@@ -195,7 +201,7 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
           f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
           f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" split_k={cfg.split_k}" if cfg.split_k > 1 else "")
           + (" merged" if cfg.merged_gates else "") + (" transposed" if cfg.transposed else "")
-          + ("" if cfg.exchange == "barrier" else f" {cfg.exchange}")
+          + ("" if cfg.exchange == "barrier" else f" {cfg.exchange}") + (" prefetch" if prefetch else "")
           + (f" {r.error}" if r.error else ""), flush=True)
 
 
@@ -270,12 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         configs = tagged_variants(configs)
     # The single-layer forward in its training and inference variants; a stack only in its training one (with
     # dropout, the heavier of the two: compiling both doubled the sweep's time for nothing it found).
-    jobs = [(kernel, dtype, hidden, cfg, store) for kernel, dtype, hidden, cfg in configs
+    jobs = [(kernel, dtype, hidden, cfg, prefetch, store) for kernel, dtype, hidden, cfg, prefetch in configs
             for store in ((True, False) if kernel == "fwd" else (True,))]
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = pool.map(_check_job, jobs)
-        for (kernel, dtype, hidden, cfg, store), r in zip(jobs, results):
-            _report(rows, r, kernel, hidden, cfg, store)
+        for (kernel, dtype, hidden, cfg, prefetch, store), r in zip(jobs, results):
+            _report(rows, r, kernel, hidden, cfg, store, prefetch)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{**dataclasses.asdict(r), "config": dataclasses.asdict(r.config), "ok": r.ok} for r in rows],

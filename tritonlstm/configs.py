@@ -54,6 +54,10 @@ class LSTMConfig:
     # backward kernels ignore it); W resident or streamed in block_k chunks, barrier exchange, split_k = 1,
     # block_h = 16 (perf/NOTES.md v0.18).
     transposed: bool = False
+    # A persistent single-layer forward whose programs own one batch tile each loads the next step's gx before
+    # the barrier's wait and keeps c in registers (kernels/lstm.py PREFETCH; perf/NOTES.md v0.23). False: as
+    # before, both loaded after the wait.
+    prefetch: bool = True
 
     def __post_init__(self):
         if self.exchange not in EXCHANGES:
@@ -385,7 +389,7 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
 
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
             "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
-            "split-tagged", "split-tagged-probe", "streamed", "wide")
+            "split-tagged", "split-tagged-probe", "streamed", "wide", "no-prefetch")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -415,6 +419,8 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
       streamed     W_hh (and a stack's W_ih) streamed from L2 in 32-wide K chunks (16 in fp32), BH = 16, 4 warps
       wide         B >= 32, single layer: 64-row tiles, W streamed, 8 warps, 3 stages (configs.wide_tile_config;
                    the heuristic's pick where 16-row tiles would walk >= 4 tiles per program, v0.15)
+      no-prefetch  the single-layer forward's heuristic pick with its gx loaded after the barrier (v0.23), where
+                   the pick prefetches
 
     The stacks' wavefront kernels (layers > 1): "unsplit" is the heuristic's pick (heuristic_config /
     stack_backward_config), the others as above where they apply (no merged, no tagged; transposed for the forward
@@ -467,6 +473,10 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         out["flags"] = dataclasses.replace(unsplit, exchange="flags")
         if "transposed" in out:
             out["transposed-flags"] = dataclasses.replace(out["transposed"], exchange="flags")
+    if kernel == "fwd":
+        pick = heuristic_config(H, B, dtype, sms, kernel="fwd")
+        if pick.persistent and pick.prefetch and cdiv(B, pick.block_b) <= pick.batch_groups:
+            out["no-prefetch"] = dataclasses.replace(pick, prefetch=False)
     for e in tagged_exchanges(kernel, unsplit, dtype):  # none for the stacks
         out[e] = tagged_variant(unsplit, e)
     if "split" in out:
