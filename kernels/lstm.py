@@ -307,6 +307,26 @@ def _load_gate_rows(p_gx, m, H):
     return b_gi, b_gf, b_gg, b_go
 
 
+@triton.jit
+def _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b, o_j, m_j, s, T, B, H, SG, SY, rev, BB: tl.constexpr,
+                      HAS_LENGTHS: tl.constexpr):
+    """The backward's saved inputs of step s for the rows o_b, as float32 [BB, BH] tiles: the gates i, f, g, o,
+    c_t, c_{t-1} (c0 at s = 0) and dy (all zeros where a row is not live at s, or s < 0)."""
+    last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
+    m_live = (m_b & (s >= 0) & (s <= last))[:, None] & m_j[None, :]
+    o_row = o_t * B + o_b
+    p_g = GATES + o_row[:, None] * SG + o_j[None, :]
+    b_i = tl.load(p_g, mask=m_live, other=0.0).to(tl.float32)
+    b_f = tl.load(p_g + H, mask=m_live, other=0.0).to(tl.float32)
+    b_g = tl.load(p_g + 2 * H, mask=m_live, other=0.0).to(tl.float32)
+    b_o = tl.load(p_g + 3 * H, mask=m_live, other=0.0).to(tl.float32)
+    b_c = tl.load(C_ALL + o_row[:, None] * SY + o_j[None, :], mask=m_live, other=0.0)
+    o_prow = tl.where(s == 0, o_b.to(tl.int64) * H, ((o_t - o_dir) * B + o_b) * SY)
+    b_cp = tl.load(tl.where(s == 0, C0, C_ALL) + o_prow[:, None] + o_j[None, :], mask=m_live, other=0.0)
+    b_dy = tl.load(DY + o_row[:, None] * SY + o_j[None, :], mask=m_live, other=0.0).to(tl.float32)
+    return b_i, b_f, b_g, b_o, b_c, b_cp, b_dy
+
+
 # A released barrier counter: above every target a launch waits for (_run splits longer launches).
 RELEASED: tl.constexpr = tl.constexpr(1 << 30)
 
@@ -885,9 +905,11 @@ def lstm_bwd_kernel(
     SK: tl.constexpr,  # split-K ways of the recurrent dots (_gate_dots)
     FLAGS: tl.constexpr,  # as the forward's
     NP: tl.constexpr,
+    PREFETCH: tl.constexpr,  # as the forward's: the next step's gates, c, c_{t-1} and dy before the wait
 ):
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
+    tl.static_assert(not (PREFETCH and (STACK or TAGGED)), "prefetch: single layer, barrier exchange")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -948,6 +970,15 @@ def lstm_bwd_kernel(
                 b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & has_up, m_j, H, H, 1)
 
     poisoned = tl.load(ERR, volatile=True) != 0  # as in the forward
+    if PREFETCH:
+        # A program's one tile: the saved tensors of its next step (read-only but for its own dG stores over
+        # gates of this step's rows) are loaded before the barrier's wait, and dc stays in registers.
+        o_b0 = i_q * BB + tl.arange(0, BB)
+        m_b0 = o_b0 < B
+        n_gi, n_gf, n_gg, n_go, n_c, n_cp, n_dy = _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b0, m_b0, o_j, m_j,
+                                                                     T - 1 - S_START, T, B, H, SG, SY, rev, BB,
+                                                                     HAS_LENGTHS)
+        n_dc = tl.load(DC_WS + o_b0[:, None] * H + o_j[None, :], mask=m_b0[:, None] & m_j[None, :], other=0.0)
     for r_glob in range(S_START, S_START + S_COUNT):
         r = r_glob - lag
         s = T - 1 - r
@@ -958,7 +989,6 @@ def lstm_bwd_kernel(
             m_b = o_b < B
             last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
             o_tn = o_t + o_dir
-            o_tp = o_t - o_dir
             o_bh = o_b[:, None] * H + o_j[None, :]
 
             # Recurrent part of dh_t: dG_{t+1} @ W_hh, over all 4H gate columns.
@@ -1008,26 +1038,25 @@ def lstm_bwd_kernel(
                 b_dh += b_up
             b_dh = tl.where(poisoned, float("nan"), b_dh)
             p_dc = DC_WS + o_bh
-            b_dc = tl.load(p_dc, mask=m_b[:, None] & m_j[None, :], other=0.0, cache_modifier=".cg")
+            if PREFETCH:
+                b_dc = n_dc
+            else:
+                b_dc = tl.load(p_dc, mask=m_b[:, None] & m_j[None, :], other=0.0, cache_modifier=".cg")
 
             if s >= 0:
                 live = m_b & (s <= last)
                 m_live = live[:, None] & m_j[None, :]
                 m_last = (m_b & (s == last))[:, None] & m_j[None, :]
                 o_row = o_t * B + o_b
-                b_dh += tl.load(DY + o_row[:, None] * SY + o_j[None, :], mask=m_live, other=0.0).to(tl.float32)
+                if PREFETCH:
+                    b_i, b_f, b_g, b_o, b_c, b_cp, b_dy = n_gi, n_gf, n_gg, n_go, n_c, n_cp, n_dy
+                else:
+                    b_i, b_f, b_g, b_o, b_c, b_cp, b_dy = _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b, o_j,
+                                                                            m_j, s, T, B, H, SG, SY, rev, BB,
+                                                                            HAS_LENGTHS)
+                b_dh += b_dy
                 b_dh += tl.load(DHN + o_bh, mask=m_last, other=0.0).to(tl.float32)
                 b_dc += tl.load(DCN + o_bh, mask=m_last, other=0.0).to(tl.float32)
-
-                p_g = GATES + o_row[:, None] * SG + o_j[None, :]
-                b_i = tl.load(p_g, mask=m_live, other=0.0).to(tl.float32)
-                b_f = tl.load(p_g + H, mask=m_live, other=0.0).to(tl.float32)
-                b_g = tl.load(p_g + 2 * H, mask=m_live, other=0.0).to(tl.float32)
-                b_o = tl.load(p_g + 3 * H, mask=m_live, other=0.0).to(tl.float32)
-                b_c = tl.load(C_ALL + o_row[:, None] * SY + o_j[None, :], mask=m_live, other=0.0)
-                o_prow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
-                p_cbase = tl.where(s == 0, C0, C_ALL)
-                b_cp = tl.load(p_cbase + o_prow[:, None] + o_j[None, :], mask=m_live, other=0.0)
 
                 b_tc = 2.0 * _sigmoid(2.0 * b_c) - 1.0
                 b_do = b_dh * b_tc
@@ -1059,6 +1088,13 @@ def lstm_bwd_kernel(
                 tl.store(p_out + 3 * H, b_dgo.to(DG.dtype.element_ty), mask=m_live)
                 # The exact c_t -> c_{t-1} path: dc_{t-1} gets dc_t * f_t.
                 tl.store(p_dc, b_dc * b_f, mask=m_b[:, None] & m_j[None, :])
+                if PREFETCH:
+                    n_dc = b_dc * b_f
+                    # The next step's (none past this launch's last step, nor before s = 0).
+                    n_s = tl.where(r_glob + 1 < S_START + S_COUNT, s - 1, -1)
+                    n_gi, n_gf, n_gg, n_go, n_c, n_cp, n_dy = _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b,
+                                                                                 o_j, m_j, n_s, T, B, H, SG, SY, rev,
+                                                                                 BB, HAS_LENGTHS)
             else:
                 m_out = m_b[:, None] & m_j[None, :]
                 tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_out)
@@ -1233,11 +1269,13 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
             kernel[grid](*args, step, 1, config.max_spin, **meta)
 
 
-def prefetches(config, B: int) -> bool:
-    """Whether a single-layer forward launch prefetches each step's gx before the barrier (PREFETCH): asked for
-    (config.prefetch), persistent (a stepwise launch runs one step), every program owning one batch tile, and a
-    barrier exchange (the tagged ones wait per word instead)."""
-    return (config.prefetch and config.persistent and not config.exchange.startswith("tagged")
+def prefetches(config, B: int, H: int) -> bool:
+    """Whether a single-layer launch loads each step's own inputs before the barrier (PREFETCH: the forward its
+    gx, the backward its saved gates, c_t, c_{t-1} and dy): asked for (config.prefetch), persistent (a stepwise
+    launch runs one step), every program owning one batch tile, a barrier exchange (the tagged ones wait per
+    word instead), and H a multiple of 16 (unaligned tiles at the register limit spill: 8 bytes in the 16-bit
+    backward at H = 1025, compile-only)."""
+    return (config.prefetch and config.persistent and not config.exchange.startswith("tagged") and H % 16 == 0
             and triton.cdiv(B, config.block_b) <= config.batch_groups)
 
 
@@ -1320,7 +1358,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
               PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize), PREFETCH=prefetches(config, B), **flags), sync)
+              KC=transposed_chunk(config, dt.itemsize), PREFETCH=prefetches(config, B, H), **flags), sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
@@ -1382,7 +1420,7 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
             last if last is not None else sync, sync, barrier_errors.flag(dev), ring, T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
          dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt),
-              TAGGED=tagged, PACK=pack, **flags), sync)
+              TAGGED=tagged, PACK=pack, PREFETCH=prefetches(config, B, H), **flags), sync)
     return dg, dh0, dc0
 
 
@@ -1409,5 +1447,5 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
             dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, T, B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
          dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1, **flags), sync)
+              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1, PREFETCH=False, **flags), sync)
     return dg, dh0, dc0

@@ -715,15 +715,17 @@ def test_split_persistent_launches_match_reference(monkeypatch, reverse):
 
 @pytest.mark.parametrize("lengths,reverse", [(None, False), (torch.tensor([6, 2, 5]), True)],
                          ids=["fwd", "rev-lengths"])
-def test_prefetched_gx_gives_the_same_bits(lengths, reverse, monkeypatch):
-    """A one-tile persistent forward prefetches the next step's gx before the barrier and carries c in registers
-    (PREFETCH, perf/NOTES.md v0.23): the same arithmetic in the same order as loading both after the wait, so the
-    same bits, training (gates over gx) and inference alike. Also the launch-split path (a new launch reloads c)."""
+def test_prefetched_step_inputs_give_the_same_bits(lengths, reverse, monkeypatch):
+    """A one-tile persistent launch loads its next step's own inputs before the barrier (PREFETCH, perf/NOTES.md
+    v0.23: the forward its gx, carrying c in registers; the backward its saved gates, c_t, c_{t-1} and dy,
+    carrying dc): the same arithmetic in the same order as loading them after the wait, so the same bits,
+    training (gates over gx, dG over the gates) and inference alike. Also the launch-split path (a new launch
+    reloads its state)."""
     import dataclasses
 
-    problem = make_problem(6, 3, 5, 8, torch.float32)
-    base = tritonlstm.configs.heuristic_config(8, 3, torch.float32, None, interpreter=True)
-    assert base.persistent and kernels.prefetches(base, 3)
+    problem = make_problem(6, 3, 5, 16, torch.float32)
+    base = tritonlstm.configs.heuristic_config(16, 3, torch.float32, None, interpreter=True)
+    assert base.persistent and kernels.prefetches(base, 3, 16) and not kernels.prefetches(base, 3, 24)
     outs = {}
     for prefetch in (True, False):
         p = leaf(problem)

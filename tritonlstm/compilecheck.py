@@ -98,7 +98,7 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
 def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
           has_lengths: bool = False, directions: int = 1, prefetch: bool = False) -> Resources:
     """kernel: "fwd", "bwd", "stack" or "stack_bwd" (the forward or backward kernel in its wavefront-stack
-    form). prefetch: the single-layer forward's one-tile-per-program variant (kernels.lstm.prefetches)."""
+    form). prefetch: a single layer's one-tile-per-program variant (kernels.lstm.prefetches)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -126,7 +126,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       PREFETCH=prefetch and kernel == "fwd")
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
-                      TAGGED=kernel == "bwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2)
+                      TAGGED=kernel == "bwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,
+                      PREFETCH=prefetch and kernel == "bwd")
     backward = kernel in BACKWARD
     fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,
@@ -147,8 +148,8 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
                     measured: bool = True) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
     """(kernel, dtype, H, config, prefetch) for every distinct config the heuristic can choose on an H100 for
     H <= max_hidden, any batch: one direction or both in one launch (fwd, bwd), and wavefront stacks of
-    2 to 4 layers (stack, stack_bwd); prefetch: the forward's one-tile-per-program variant, where a batch gives
-    it. measured=False: its tiles before the layouts of the H100 A/B."""
+    2 to 4 layers (stack, stack_bwd); prefetch: a single layer's one-tile-per-program variant, where a batch
+    gives it. measured=False: its tiles before the layouts of the H100 A/B."""
     from tritonlstm.kernels.lstm import prefetches
 
     seen, out = set(), []
@@ -165,7 +166,7 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
                     else:
                         cfg = heuristic_config(hidden, batch, dtype, H100_SMS, kernel=kernel, measured=measured, **kw)
                     # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
-                    prefetch = kernel == "fwd" and prefetches(cfg, batch)
+                    prefetch = kernel in ("fwd", "bwd") and prefetches(cfg, batch, hidden)
                     key = (kernel, dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
                            cfg.num_warps, cfg.num_stages, cfg.split_k, cfg.merged_gates, cfg.transposed, prefetch)
                     if key not in seen:

@@ -281,7 +281,8 @@ def measured_forward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms
     if layers > 1:
         return transposed_config(hidden, batch, esize, share, 16) if resident else tiles
     plain = heuristic_config(hidden, batch, dtype, num_sms, directions=directions, kernel="none", measured=False)
-    merged = dataclasses.replace(plain, merged_gates=True, num_warps=8) if plain.persistent else tiles
+    # Measured on resident tiles only (streamed, untimed, it spills 16 bytes at 8 warps): the tiles elsewhere.
+    merged = dataclasses.replace(plain, merged_gates=True, num_warps=8) if plain.w_resident else tiles
     if batch <= 16:
         return transposed_config(hidden, batch, esize, share, 16) if resident else merged
     if kbytes <= (1024 if batch <= 64 else 512):
@@ -475,7 +476,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
             out["transposed-flags"] = dataclasses.replace(out["transposed"], exchange="flags")
     if kernel == "fwd":
         pick = heuristic_config(H, B, dtype, sms, kernel="fwd")
-        if pick.persistent and pick.prefetch and cdiv(B, pick.block_b) <= pick.batch_groups:
+        if pick.persistent and pick.prefetch and H % 16 == 0 and cdiv(B, pick.block_b) <= pick.batch_groups:
             out["no-prefetch"] = dataclasses.replace(pick, prefetch=False)
     for e in tagged_exchanges(kernel, unsplit, dtype):  # none for the stacks
         out[e] = tagged_variant(unsplit, e)
