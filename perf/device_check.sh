@@ -12,9 +12,9 @@
 # perf/kernel_ab.py with KERNEL_AB_ARGS and KERNEL_AB_TIMEOUT (150); TUNE_ARGS="..." runs the tuner on those
 # shapes (TUNE_TIMEOUT, 240; every candidate's time in tune-log.json; "--quick" searches the named variants
 # alone); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles many candidates),
-# TESTS_TIMEOUT (140) and TESTS_WORKERS (pytest-xdist processes sharing the GPU, 0 = none: the tests compile more
-# than they run, and kernels of different processes time-slice rather than share SMs, so persistent launches
-# keep every program resident); STACK_AB=1 (off by default, ~1 min) runs perf/kernel_ab.py on the
+# TESTS_TIMEOUT (140) and TESTS_WORKERS (pytest-xdist processes sharing the GPU, default 8, 0 = none: the tests
+# compile more than they run, and kernels of different processes time-slice rather than share SMs, so persistent
+# launches keep every program resident; run 4: 106 tests in 45 s on 8 workers); STACK_AB=1 (off by default, ~1 min) runs perf/kernel_ab.py on the
 # stack kernels (2 and 4 layers, H = 512, B = 16, every dtype); PERF_SUITE runs `pytest perf/ --benchmark-only`
 # with -k PERF_SUITE_K (default "stack_training"; PERF_SUITE_K= runs the whole suite, 160 tests: give it
 # PERF_SUITE_TIMEOUT=400) and PERF_SUITE_TIMEOUT (60); FLOOR=1 (off by default, ~1 min) runs perf/floor_probe.py
@@ -102,7 +102,7 @@ fi
 if [ "${GPU_TESTS:-1}" != 0 ]; then
     step "GPU tests"
     timeout "${TESTS_TIMEOUT:-140}" $py -m pytest -q -m gpu tests/ -p no:cacheprovider --timeout 60 -rfE \
-        -n "${TESTS_WORKERS:-0}" -k "${TESTS_K:-not tune}" > "$W/gpu-tests.txt" 2>&1
+        -n "${TESTS_WORKERS:-8}" -k "${TESTS_K:-not tune}" > "$W/gpu-tests.txt" 2>&1
     echo "gpu tests rc=$?: $(tail -1 "$W/gpu-tests.txt")" | tee -a "$W/summary.txt"
     grep -E "^(FAILED|ERROR)" "$W/gpu-tests.txt" | head -30
     pack
