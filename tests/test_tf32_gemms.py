@@ -111,3 +111,15 @@ def test_bidirectional_layer_and_stack_match_nn_lstm(forced):
         for a, b in zip(ours.parameters(), ref.parameters()):
             assert rel_err(a.grad, b.grad) <= 1e-4
     assert any(a[0] == 8 * 4 for a, _ in forced)  # the stack's W_ih gradients of the layers above
+
+
+def test_matmul_under_compile_only_launches_nothing(monkeypatch):
+    """kernels.lstm.compile_only (the bench's and tuner's parallel warm-up): the GEMM compiles and leaves its
+    output unwritten, like the recurrence kernels."""
+    from tritonlstm.kernels import lstm as kernels
+
+    launched = []
+    monkeypatch.setattr(mm.matmul_kernel, "warmup", lambda *a, **k: launched.append("warmup"))
+    with kernels.compile_only():
+        mm.matmul(torch.ones(4, 3), torch.ones(3, 2))
+    assert launched == ["warmup"]
