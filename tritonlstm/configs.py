@@ -266,8 +266,8 @@ def measured_forward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms
       64-row tiles beyond, or where W^T does not fit (0.47-0.56x, against the wide tiles' 1.0).
     The transposed dots only where H is a multiple of 16, like every measured shape: elsewhere their unaligned
     tiles spill registers in the compile-only check (536-1268 bytes at H = 129, 257, 513), and the merged dot or
-    the tiles stand in. Shapes whose programs would not fit the SMs keep the tiles of
-    `heuristic_config(measured=False)`."""
+    the tiles stand in; the merged dot only on resident tiles, where it was measured. Shapes whose programs would
+    not fit the SMs keep the tiles of `heuristic_config(measured=False)`."""
     share = num_sms // (directions * layers)
     kernel = "stack" if layers > 1 else "fwd"
     tiles = heuristic_config(hidden, batch, dtype, num_sms, directions=directions, layers=layers, kernel=kernel,
@@ -301,7 +301,8 @@ def wide_tile_config(hidden: int, batch: int, esize: int, num_sms: int, kernel: 
     H = 1024; run 3: fp16 H = 1024 B = 256 at 56.8 us per step, 8 tiles per program). Resident W cannot take
     64-row tiles: the whole-K x tile then needs 128 KB of shared memory and spills 3-10 KB (compile-only,
     2026-11-27). Compile-only: no spills at 8 warps with these K chunks (the backward spills 244 B at 64).
-    Not yet measured (perf/NOTES.md v0.15)."""
+    Measured in run 4 (perf/NOTES.md v0.15): fp16 H = 1024 B = 256 forward 56.8 -> 27 us per step; the transposed
+    streamed dots beat it since (v0.20), and it stays the fp32 backward's pick at large batches."""
     bk = 64 if esize < 4 and kernel == "fwd" else 32
     groups = max(1, min(cdiv(batch, 64), num_sms // cdiv(hidden, 16)))
     return LSTMConfig(block_h=16, block_b=64, block_k=bk, w_resident=False, batch_groups=groups, persistent=True,
