@@ -1269,16 +1269,6 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
             kernel[grid](*args, step, 1, config.max_spin, **meta)
 
 
-def prefetches(config, B: int, H: int) -> bool:
-    """Whether a single-layer launch loads each step's own inputs before the barrier (PREFETCH: the forward its
-    gx, the backward its saved gates, c_t, c_{t-1} and dy): asked for (config.prefetch), persistent (a stepwise
-    launch runs one step), every program owning one batch tile, a barrier exchange (the tagged ones wait per
-    word instead), and H a multiple of 16 (unaligned tiles at the register limit spill: 8 bytes in the 16-bit
-    backward at H = 1025, compile-only)."""
-    return (config.prefetch and config.persistent and not config.exchange.startswith("tagged") and H % 16 == 0
-            and triton.cdiv(B, config.block_b) <= config.batch_groups)
-
-
 # A transposed dot's K chunk holds this much of h_{t-1} ([BB, KC]): compile-only sm_90 (perf/NOTES.md v0.18), no
 # spills at BB = 16 up to K = 1024 in 16-bit and K = 512 in fp32, at BB = 64 up to K = 512 in 16-bit.
 TRANSPOSED_CHUNK_BYTES = 8192
@@ -1358,7 +1348,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
               PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize), PREFETCH=prefetches(config, B, H), **flags), sync)
+              KC=transposed_chunk(config, dt.itemsize), PREFETCH=config.prefetches(B, H), **flags), sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
@@ -1420,7 +1410,7 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
             last if last is not None else sync, sync, barrier_errors.flag(dev), ring, T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
          dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt),
-              TAGGED=tagged, PACK=pack, PREFETCH=prefetches(config, B, H), **flags), sync)
+              TAGGED=tagged, PACK=pack, PREFETCH=config.prefetches(B, H), **flags), sync)
     return dg, dh0, dc0
 
 

@@ -725,7 +725,7 @@ def test_prefetched_step_inputs_give_the_same_bits(lengths, reverse, monkeypatch
 
     problem = make_problem(6, 3, 5, 16, torch.float32)
     base = tritonlstm.configs.heuristic_config(16, 3, torch.float32, None, interpreter=True)
-    assert base.persistent and kernels.prefetches(base, 3, 16) and not kernels.prefetches(base, 3, 24)
+    assert base.persistent and base.prefetches(3, 16) and not base.prefetches(3, 24)
     outs = {}
     for prefetch in (True, False):
         p = leaf(problem)

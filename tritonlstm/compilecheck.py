@@ -98,7 +98,7 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
 def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
           has_lengths: bool = False, directions: int = 1, prefetch: bool = False) -> Resources:
     """kernel: "fwd", "bwd", "stack" or "stack_bwd" (the forward or backward kernel in its wavefront-stack
-    form). prefetch: a single layer's one-tile-per-program variant (kernels.lstm.prefetches)."""
+    form). prefetch: a single layer's one-tile-per-program variant (LSTMConfig.prefetches)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -150,7 +150,6 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
     H <= max_hidden, any batch: one direction or both in one launch (fwd, bwd), and wavefront stacks of
     2 to 4 layers (stack, stack_bwd); prefetch: a single layer's one-tile-per-program variant, where a batch
     gives it. measured=False: its tiles before the layouts of the H100 A/B."""
-    from tritonlstm.kernels.lstm import prefetches
 
     seen, out = set(), []
     hiddens = sorted(h for h in {h for p in range(0, 14) for h in (2 ** p, 2 ** p + 1)} | {24, 33, 100, 1000}
@@ -166,7 +165,7 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
                     else:
                         cfg = heuristic_config(hidden, batch, dtype, H100_SMS, kernel=kernel, measured=measured, **kw)
                     # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
-                    prefetch = kernel in ("fwd", "bwd") and prefetches(cfg, batch, hidden)
+                    prefetch = kernel in ("fwd", "bwd") and cfg.prefetches(batch, hidden)
                     key = (kernel, dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
                            cfg.num_warps, cfg.num_stages, cfg.split_k, cfg.merged_gates, cfg.transposed, prefetch)
                     if key not in seen:

@@ -93,6 +93,15 @@ class LSTMConfig:
         """h_{t-1} (dG_{t+1}) through tagged words instead of a barrier."""
         return self.exchange.startswith("tagged")
 
+    def prefetches(self, batch: int, hidden: int) -> bool:
+        """Whether a single-layer launch loads each step's own inputs before the barrier (the kernels' PREFETCH:
+        the forward its gx, the backward its saved gates, c_t, c_{t-1} and dy): asked for (prefetch),
+        persistent (a stepwise launch runs one step), every program owning one batch tile, a barrier exchange
+        (the tagged ones wait per word instead), and H a multiple of 16 (unaligned tiles at the register limit
+        spill: 8 bytes in the 16-bit backward at H = 1025, compile-only)."""
+        return (self.prefetch and self.persistent and not self.tagged and hidden % 16 == 0
+                and cdiv(batch, self.block_b) <= self.batch_groups)
+
     def programs(self, hidden: int) -> int:
         return cdiv(hidden, self.block_h) * self.batch_groups
 
@@ -462,7 +471,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         out["merged"] = dataclasses.replace(unsplit, merged_gates=True, num_warps=8)
         out["merged-w4"] = dataclasses.replace(unsplit, merged_gates=True, num_warps=4)
     hk, esize = max(16, _pow2(H)), dtype.itemsize
-    if forward and H > 16 and (2 if stack else 1) * 64 * hk * esize <= 128 * 1024 and cdiv(H, 16) <= share:
+    if forward and H > 16 and transposed_fits(H, esize, 2 if stack else 1) and cdiv(H, 16) <= share:
         # 64-row batch tiles where their h chunks leave registers (compile-only: K * esize <= 1 KB), else 16.
         bb = 64 if B >= 64 and hk * esize <= 1024 and not stack else 16
         out["transposed"] = transposed_config(H, B, esize, share, bb)
@@ -477,7 +486,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
             out["transposed-flags"] = dataclasses.replace(out["transposed"], exchange="flags")
     if kernel == "fwd":
         pick = heuristic_config(H, B, dtype, sms, kernel="fwd")
-        if pick.persistent and pick.prefetch and H % 16 == 0 and cdiv(B, pick.block_b) <= pick.batch_groups:
+        if pick.prefetches(B, H):
             out["no-prefetch"] = dataclasses.replace(pick, prefetch=False)
     for e in tagged_exchanges(kernel, unsplit, dtype):  # none for the stacks
         out[e] = tagged_variant(unsplit, e)
