@@ -178,6 +178,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def batch_groups(hidden: int, batch: int, block_h: int, block_b: int, num_sms: int) -> int:
+    """Q, the programs along the batch: one per batch tile, as many as the SMs left by the cdiv(hidden, block_h)
+    programs along the hidden units allow, at least one."""
+    return max(1, min(cdiv(batch, block_b), num_sms // cdiv(hidden, block_h)))
+
+
 def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None,
                      interpreter: bool = False, directions: int = 1, layers: int = 1,
                      kernel: str = "fwd", measured: bool = True) -> LSTMConfig:
@@ -238,8 +244,7 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
             # where the programs need not be resident together.
             return LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=False, batch_groups=cdiv(batch, bb),
                               persistent=False, num_warps=warps)
-    p = cdiv(hidden, bh)
-    groups = max(1, min(cdiv(batch, bb), num_sms // p))
+    groups = batch_groups(hidden, batch, bh, bb, num_sms)
     # The 16-bit backward is faster on the split tiles than on wide ones even where they walk 4-8 tiles (0.72-0.85x
     # at B = 256, H = 512 and 1024, run 4's tuner log); fp32's is not (1.0-3.1x).
     wide_kernels = ("fwd", "bwd") if esize == 4 or not measured else ("fwd",)
@@ -313,7 +318,7 @@ def wide_tile_config(hidden: int, batch: int, esize: int, num_sms: int, kernel: 
     Measured in run 4 (perf/NOTES.md v0.15): fp16 H = 1024 B = 256 forward 56.8 -> 27 us per step; the transposed
     streamed dots beat it since (v0.20), and it stays the fp32 backward's pick at large batches."""
     bk = 64 if esize < 4 and kernel == "fwd" else 32
-    groups = max(1, min(cdiv(batch, 64), num_sms // cdiv(hidden, 16)))
+    groups = batch_groups(hidden, batch, 16, 64, num_sms)
     return LSTMConfig(block_h=16, block_b=64, block_k=bk, w_resident=False, batch_groups=groups, persistent=True,
                       num_warps=8, num_stages=3)
 
@@ -324,7 +329,7 @@ def transposed_config(hidden: int, batch: int, esize: int, num_sms: int, block_b
     gate rows, one warpgroup MMA), 4 warps, block_b batch rows per tile, as many batch groups as the num_sms
     allow; W^T resident over the whole K, or streamed from L2 in K chunks of 64 (16-bit) or 32 (fp32) over a
     3-stage pipeline."""
-    groups = max(1, min(cdiv(batch, block_b), num_sms // cdiv(hidden, 16)))
+    groups = batch_groups(hidden, batch, 16, block_b, num_sms)
     if streamed:
         return LSTMConfig(block_h=16, block_b=block_b, block_k=64 if esize < 4 else 32, w_resident=False,
                           batch_groups=groups, num_warps=4, num_stages=3, transposed=True)
@@ -351,14 +356,14 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
             # Split 4 ways over 4 warps, BH <= 16: 0.40-0.74x the step of these tiles in every resident row of
             # run 5's stack A/B (2 and 4 layers, H = 512, B = 16, each dtype; perf/NOTES.md v0.20).
             bh = min(cfg.block_h, 16)
-            groups = max(1, min(cdiv(batch, cfg.block_b), num_sms // layers // cdiv(hidden, bh)))
-            cfg = dataclasses.replace(cfg, block_h=bh, batch_groups=groups, split_k=4, num_warps=4)
+            cfg = dataclasses.replace(cfg, block_h=bh, split_k=4, num_warps=4,
+                                      batch_groups=batch_groups(hidden, batch, bh, cfg.block_b, num_sms // layers))
         return cfg
     bh, bk = 16, 32 if esize < 4 else 16
     if cdiv(hidden, bh) > num_sms // layers:
         return LSTMConfig(block_h=bh, block_b=16, block_k=bk, w_resident=False, batch_groups=cdiv(batch, 16),
                           persistent=False, num_warps=8)
-    groups = max(1, min(cdiv(batch, 16), num_sms // layers // cdiv(hidden, bh)))
+    groups = batch_groups(hidden, batch, bh, 16, num_sms // layers)
     return LSTMConfig(block_h=bh, block_b=16, block_k=bk, w_resident=False, batch_groups=groups, persistent=True,
                       num_warps=4 if esize < 4 else 8)
 
@@ -441,8 +446,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
 
     def regroup(cfg, **kw):
         cfg = dataclasses.replace(cfg, **kw)
-        groups = max(1, min(cdiv(B, cfg.block_b), share // cdiv(H, cfg.block_h)))
-        return dataclasses.replace(cfg, batch_groups=groups)
+        return dataclasses.replace(cfg, batch_groups=batch_groups(H, B, cfg.block_h, cfg.block_b, share))
 
     if stack:
         unsplit = stack_backward_config(H, B, dtype, sms, layers, measured=False) if kernel == "stack_bwd" else \

@@ -33,6 +33,7 @@ import torch
 from tritonlstm.configs import (
     LSTMConfig,
     _pow2,
+    batch_groups,
     cdiv,
     heuristic_config,
     named_variants,
@@ -212,7 +213,7 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                 p = cdiv(hidden, bh)
                 if p > num_sms or (4 * bk * bh + bb * bk) * esize > smem_limit:
                     continue
-                q = max(1, min(cdiv(batch, bb), num_sms // p))
+                q = batch_groups(hidden, batch, bh, bb, num_sms)
                 for warps in (4, 8):
                     cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=q,
                                      num_warps=warps)
