@@ -308,6 +308,15 @@ def _load_gate_rows(p_gx, m, H):
 
 
 @triton.jit
+def _load_step_gx(GX, LAST, o_b, m_b, o_j, m_j, s, T, B, H, SG, rev, BB: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """The forward's gx tiles of step s for the rows o_b, as float32 (zeros where a row is not live at s, or
+    s < 0): _load_step_inputs' twin for PREFETCH."""
+    last, o_t, _ = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
+    m_live = (m_b & (s >= 0) & (s <= last))[:, None] & m_j[None, :]
+    return _load_gate_rows(GX + (o_t * B + o_b)[:, None] * SG + o_j[None, :], m_live, H)
+
+
+@triton.jit
 def _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b, o_j, m_j, s, T, B, H, SG, SY, rev, BB: tl.constexpr,
                       HAS_LENGTHS: tl.constexpr):
     """The backward's saved inputs of step s for the rows o_b, as float32 [BB, BH] tiles: the gates i, f, g, o,
@@ -735,10 +744,9 @@ def lstm_fwd_kernel(
         # step's critical path, and its c stays in registers from step to step.
         o_b0 = i_q * BB + tl.arange(0, BB)
         m_b0 = o_b0 < B
-        last0, o_t0, _ = _row_steps(LAST, o_b0, m_b0, S_START, T, rev, BB, HAS_LENGTHS)
-        m_next = (m_b0 & (S_START <= last0))[:, None] & m_j[None, :]
-        n_gi, n_gf, n_gg, n_go = _load_gate_rows(GX + (o_t0 * B + o_b0)[:, None] * SG + o_j[None, :], m_next, H)
-        n_c = tl.load(C_WS + o_b0[:, None] * H + o_j[None, :], mask=m_next, other=0.0)
+        n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b0, m_b0, o_j, m_j, S_START, T, B, H, SG, rev, BB,
+                                               HAS_LENGTHS)
+        n_c = tl.load(C_WS + o_b0[:, None] * H + o_j[None, :], mask=m_b0[:, None] & m_j[None, :], other=0.0)
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
         for i_b in range(i_q, n_tiles, n_q):
@@ -849,10 +857,9 @@ def lstm_fwd_kernel(
             if PREFETCH:
                 # The next step's rows (none past this launch's last step): gx is read-only to the other
                 # programs' stores, and over it go only this program's own gates, of this step's rows.
-                _, o_tn, _ = _row_steps(LAST, o_b, m_b, s + 1, T, rev, BB, HAS_LENGTHS)
-                m_next = (m_b & (s + 1 <= last) & (s_glob + 1 < S_START + S_COUNT))[:, None] & m_j[None, :]
-                n_gi, n_gf, n_gg, n_go = _load_gate_rows(GX + (o_tn * B + o_b)[:, None] * SG + o_j[None, :],
-                                                         m_next, H)
+                n_s = tl.where(s_glob + 1 < S_START + S_COUNT, s + 1, -1)
+                n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b, m_b, o_j, m_j, n_s, T, B, H, SG, rev, BB,
+                                                       HAS_LENGTHS)
                 n_c = b_c
         if PERSISTENT and not TAGGED:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
