@@ -83,11 +83,13 @@ def _tf32_gemms(*tensors: Tensor) -> bool:
             and _kernels()._rnn_allows_tf32())
 
 
+def _tf32_matmul(a: Tensor, b: Tensor) -> Tensor:
+    return importlib.import_module("tritonlstm.kernels.matmul").matmul(a, b)
+
+
 def _mm(a: Tensor, b: Tensor) -> Tensor:
     """a @ b, on TF32 where `_tf32_gemms` says so."""
-    if _tf32_gemms(a, b):
-        return importlib.import_module("tritonlstm.kernels.matmul").matmul(a, b)
-    return a @ b
+    return _tf32_matmul(a, b) if _tf32_gemms(a, b) else a @ b
 
 
 class _TF32Projection(torch.autograd.Function):
@@ -377,8 +379,8 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
     if need[1] and L > 1:
         inputs = y[:-1] if drop is None else xd  # the layers above took their input after dropout
         inputs = inputs.reshape(L - 1, T * B, H)
-        d_ih = torch.stack([_mm(dg2[l + 1].t(), inputs[l]) for l in range(L - 1)]) if _tf32_gemms(dg2) else \
-            torch.bmm(dg2[1:].transpose(1, 2), inputs)
+        d_ih = torch.stack([_tf32_matmul(dg2[l + 1].t(), inputs[l]) for l in range(L - 1)]) \
+            if _tf32_gemms(dg2, inputs) else torch.bmm(dg2[1:].transpose(1, 2), inputs)
     if need[2]:
         d_hh = torch.stack([_recurrent_weight_grad(dg[l], y[l], h0[l], lengths, False) for l in range(L)])
     if need[3]:
@@ -415,7 +417,7 @@ def _recurrent_weight_grad(dg: Tensor, y: Tensor, h0: Tensor, lengths: Tensor | 
     dw = _mm(first.t(), h0)
     if T > 1:
         a, b = later.reshape((T - 1) * B, G).t(), previous.reshape((T - 1) * B, y.shape[2])
-        dw = dw + _mm(a, b) if _tf32_gemms(a, b) else torch.addmm(dw, a, b)
+        dw = dw + _tf32_matmul(a, b) if _tf32_gemms(a, b) else torch.addmm(dw, a, b)
     return dw
 
 
