@@ -24,13 +24,13 @@ them).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 import triton
 import triton.language as tl
 
+from tritonlstm.bench import write_rows_json
 from tritonlstm.kernels.lstm import _flag_barrier, _grid_barrier
 
 MODES = {"barrier": 0, "flags": 1, "none": 2}
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 us = f"{r['us_per_step']:8.2f}" if "us_per_step" in r else f"{'-':>8}  {r.get('error', '')}"
                 print(f"{h:5} {b:4} {r['programs']:4} {r['warps']:5} {r['what']:28} {us}", flush=True)
             if a.json:
-                with open(a.json, "w") as f:
-                    json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+                write_rows_json(a.json, rows)
     return 0
 
 

@@ -9,8 +9,9 @@ dG @ W_ih and the weight gradient dG^T @ x. Each result is checked against torch
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from tritonlstm.bench import write_rows_json
 
 
 def shapes(hidden: int, rows: int):
@@ -80,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                   for k in ("triton_tf32", "torch_fp32", "torch_tf32"))
                       + f"  rel err {r['rel_err_vs_fp32']:.1e}", flush=True)
             if a.json:
-                with open(a.json, "w") as f:
-                    json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+                write_rows_json(a.json, rows)
     return 0
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
+from tritonlstm.bench import write_rows_json
 from tritonlstm.configs import VARIANTS
 from tritonlstm.configs import named_variants as variants
 
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     rows.append(r)
                     if a.json:
-                        with open(a.json, "w") as f:
-                            json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+                        write_rows_json(a.json, rows)
                     base = r.get("unsplit_us_per_step")
                     for name in VARIANTS:
                         us, err = r.get(f"{name}_us_per_step"), r.get(f"{name}_error")

@@ -14,9 +14,10 @@ A cell is dtype:H:B:T (one layer, input size H).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import weakref
+
+from tritonlstm.bench import write_rows_json
 
 DEFAULT_CELLS = ("float16:512:16:256,float16:512:256:64,float16:512:256:256,float32:512:256:64,"
                  "float16:1024:16:256,bfloat16:512:16:256")
@@ -116,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in r["at_peak"]:
             print(f"      {e['mb']:8.1f} MB  {e['op']:34} {e['shape']} {e['dtype']}")
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+            write_rows_json(a.json, rows)
     return 0
 
 

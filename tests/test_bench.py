@@ -275,3 +275,15 @@ def test_memory_probe_without_gpu_says_so():
 def test_gemm_probe_without_gpu_says_so():
     proc = run_python(str(Path(__file__).parents[1] / "perf" / "gemm_probe.py"), timeout=120)
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+def test_perf_scripts_rows_file_names_the_gpu(tmp_path, monkeypatch):
+    """bench.write_rows_json, the --json file of perf/kernel_ab.py and the probes: GPU name and rows so far."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    path = tmp_path / "rows.json"
+    bench.write_rows_json(path, [{"hidden": 512, "ms": 1.5}])
+    bench.write_rows_json(path, [{"hidden": 512, "ms": 1.5}, {"hidden": 1024, "ms": 2.5}])
+    assert json.loads(path.read_text()) == {"gpu": "NVIDIA H100 80GB HBM3",
+                                            "rows": [{"hidden": 512, "ms": 1.5}, {"hidden": 1024, "ms": 2.5}]}

@@ -221,6 +221,14 @@ def write_results(out: Path, env: dict, rows: list[dict], heatmap: bool = True) 
         write_heatmap(out / "heatmap.png", env, rows)
 
 
+def write_rows_json(path: str | os.PathLike, rows: list[dict]) -> None:
+    """The perf scripts' --json file (perf/kernel_ab.py and the probes): the GPU's name and the rows so far,
+    rewritten after each row, so that a run cut short keeps what it finished."""
+    import torch
+
+    Path(path).write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
+
+
 def write_heatmap(path: Path, env: dict, rows: list[dict]) -> bool:
     """Speed-ups of the single-layer cells: one panel per mode, rows dtype x H, columns B. False (and a note on
     stderr) if matplotlib is missing."""
