@@ -286,6 +286,68 @@ def _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m
 
 
 @triton.jit
+def _load_transposed_grad_tiles(p_wt, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
+    """The backward's resident W_hh[R, :]^T (R = this program's 4 * BH gate rows, _transposed_rows) read from
+    W_hh^T [H, 4H] at p_wt, so that each row's gate values lie contiguous (K-major, as Hopper's MMA wants its A
+    operand in every dtype): a tuple of [KC, 4 * BH] tiles, one per chunk of the H units the product covers."""
+    rows, m_r = _transposed_rows(i_h, m_w, H, BH)
+    tiles = ()
+    for i in tl.static_range(BK // KC):
+        o_c = i * KC + tl.arange(0, KC)
+        tiles = tiles + (tl.load(p_wt + o_c[:, None] * (4 * H) + rows[None, :],
+                                 mask=(o_c < H)[:, None] & m_r[None, :], other=0.0),)
+    return tiles
+
+
+@triton.jit
+def _gate_grads_transposed(b_dgi, b_dgf, b_dgg, b_dgo, m_live, DT: tl.constexpr, BB: tl.constexpr,
+                           BH: tl.constexpr):
+    """The program's dG [BB, 4 * BH] as dG^T [4 * BH, BB] in the row order of _transposed_rows (row g * BH + j:
+    gate g of unit j), in the stored dtype (what the unfused path's dot reads), zero where a row is not live.
+    _transposed_gate_dots' split, inverted: [BB, BH, a, b] -> row (2a + b) * BH + j."""
+    b_ig = tl.join(tl.where(m_live, b_dgi, 0.0), tl.where(m_live, b_dgg, 0.0))
+    b_fo = tl.join(tl.where(m_live, b_dgf, 0.0), tl.where(m_live, b_dgo, 0.0))
+    return tl.reshape(tl.permute(tl.join(b_ig, b_fo), (2, 3, 1, 0)), [4 * BH, BB]).to(DT)
+
+
+@triton.jit
+def _scatter_partials(p_part, o_b, m_b, b_dgt, w_t, p_wt, i_h, H, BH: tl.constexpr, BK: tl.constexpr,
+                      KC: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """This program's share of every unit's dh: partial^T [H, BB] = W_hh[R, :]^T @ dG[:, R]^T over its own gate
+    rows R (M = H in KC-row chunks, K = 4 * BH = 64: Hopper's warpgroup MMA at any batch), stored as float32
+    [BB, H] rows at p_part. W^T from the resident tiles w_t, or each chunk loaded from p_wt (W_hh^T)."""
+    if W_RESIDENT:
+        for i in tl.static_range(BK // KC):
+            o_c = i * KC + tl.arange(0, KC)
+            acc = tl.dot(w_t[i], b_dgt, input_precision=DOT_PRECISION)
+            tl.store(p_part + o_b[None, :] * H + o_c[:, None], acc, mask=(o_c < H)[:, None] & m_b[None, :])
+    else:
+        rows, m_r = _transposed_rows(i_h, True, H, BH)
+        for k0 in range(0, H, KC):
+            o_c = k0 + tl.arange(0, KC)
+            m_c = o_c < H
+            t_w = tl.load(p_wt + o_c[:, None] * (4 * H) + rows[None, :], mask=m_c[:, None] & m_r[None, :], other=0.0)
+            acc = tl.dot(t_w, b_dgt, input_precision=DOT_PRECISION)
+            tl.store(p_part + o_b[None, :] * H + o_c[:, None], acc, mask=m_c[:, None] & m_b[None, :])
+
+
+@triton.jit
+def _gather_partials(p_part, n_h, o_b, m_b, o_j, m_j, B, H, BB: tl.constexpr, BH: tl.constexpr, QP: tl.constexpr,
+                     QC: tl.constexpr):
+    """dh[:, units] = sum over the n_h producers q of partial_q[:, units] (partial q at p_part + q * B * H), in a
+    fixed order (bitwise deterministic): QC producers per load, QP >= n_h in all (powers of two)."""
+    acc = tl.zeros([BB, BH], dtype=tl.float32)
+    o_bj = o_b[:, None] * H + o_j[None, :]
+    m_bj = m_b[:, None] & m_j[None, :]
+    for i in tl.static_range(QP // QC):
+        o_q = i * QC + tl.arange(0, QC)
+        p = p_part + (o_q.to(tl.int64) * B * H)[:, None, None] + o_bj[None, :, :]
+        m = (o_q < n_h)[:, None, None] & m_bj[None, :, :]
+        acc += tl.sum(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), axis=0)
+    return acc
+
+
+@triton.jit
 def _row_steps(LAST, o_b, m_b, s, T, rev, BB: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """For the rows o_b at step s: each row's last live step, the time index it visits (int64, for offsets into
     [T, B, *] buffers past 2^31 elements) and the direction of travel (+1, or -1 when rev)."""
@@ -890,6 +952,8 @@ def lstm_bwd_kernel(
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
     RING,  # [2, D, B, 4, cdiv(H, PACK)] int64 zeros: dG of step r as tagged words, slot r % 2 (when TAGGED)
+    W_T,  # [D, H, 4H] W_hh^T (when TRANSPOSED)
+    PART,  # [2, D, P, B, H] float32: program p's share of dh at step r in slot r % 2 (when TRANSPOSED)
     T,
     B,
     H,
@@ -913,9 +977,14 @@ def lstm_bwd_kernel(
     FLAGS: tl.constexpr,  # as the forward's
     NP: tl.constexpr,
     PREFETCH: tl.constexpr,  # as the forward's: the next step's gates, c, c_{t-1} and dy before the wait
+    TRANSPOSED: tl.constexpr,  # dh by reduce-scatter: each program's dG[:, R] @ W_hh[R, :] as W^T @ dG^T, summed
+    KC: tl.constexpr,  # TRANSPOSED: rows (units) of each chunk of that product
+    QP: tl.constexpr,  # TRANSPOSED: power of two >= P, the producers each program sums
+    QC: tl.constexpr,  # TRANSPOSED: producers per load of that sum
 ):
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
+    tl.static_assert(not (TRANSPOSED and (STACK or TAGGED or SK > 1)), "reduce-scatter: single layer, barrier")
     tl.static_assert(not (PREFETCH and (STACK or TAGGED)), "prefetch: single layer, barrier exchange")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
@@ -959,7 +1028,17 @@ def lstm_bwd_kernel(
     o_k = tl.arange(0, BK)
     # Streamed (not W_RESIDENT): no tiles held; the dots load them per K chunk.
     b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo = None, None, None, None, None, None, None, None
-    if W_RESIDENT:
+    b_wt = None
+    n_h = tl.num_programs(0)
+    if TRANSPOSED:
+        # Program p stores its share of every unit's dh_{t-1} (its own dG_t rows times their W_hh rows) before the
+        # barrier, and after it sums the P shares of its own units: P * BB * BH float32 read per step instead of
+        # dG_t's BB * 4H, and the product on a 64-row MMA (perf/NOTES.md v0.24).
+        W_T += i_d * H * 4 * H
+        PART += (i_d * n_h).to(tl.int64) * B * H
+        if W_RESIDENT:
+            b_wt = _load_transposed_grad_tiles(W_T, i_h, True, H, BH, BK, KC)
+    elif W_RESIDENT:
         # dh_{t-1} = dG_t @ W_hh: tile (k, j) of gate g is W_hh[g*H + k, j].
         if TAGGED and PACK == 2:
             # Each gate's even rows in b_w*, its odd rows in b_u* (_tagged_grad_dot).
@@ -1004,7 +1083,11 @@ def lstm_bwd_kernel(
             # (_gate_grad_dot computes the same, but written through it this loop spills registers in the fp16
             # stack backward at K = 512: 288 bytes, compilecheck 2026-11-26; inline it compiles without.)
             b_dh = tl.zeros([BB, BH], dtype=tl.float32)
-            if TAGGED:
+            if TRANSPOSED:
+                # The shares of step r - 1 (slot (r + 1) % 2); none before the first step.
+                p_prev = PART + (((r + 1) % 2) * D * n_h).to(tl.int64) * B * H
+                b_dh = _gather_partials(p_prev, n_h, o_b, m_b & (r > 0), o_j, m_j, B, H, BB, BH, QP, QC)
+            elif TAGGED:
                 # Every row's dG of step r - 1 (zeros past a row's end, and zeros with tag 0 for r = 0), tagged r.
                 p_ring = RING + (((r + 1) % 2) * D + i_d).to(tl.int64) * B * 4 * ((H + PACK - 1) // PACK)
                 b_dh, failed = _tagged_grad_dot(b_dh, p_ring, o_b, m_b, r, b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug,
@@ -1093,6 +1176,11 @@ def lstm_bwd_kernel(
                 tl.store(p_out + H, b_dgf.to(DG.dtype.element_ty), mask=m_live)
                 tl.store(p_out + 2 * H, b_dgg.to(DG.dtype.element_ty), mask=m_live)
                 tl.store(p_out + 3 * H, b_dgo.to(DG.dtype.element_ty), mask=m_live)
+                if TRANSPOSED:
+                    b_dgt = _gate_grads_transposed(b_dgi, b_dgf, b_dgg, b_dgo, m_live, DG.dtype.element_ty, BB, BH)
+                    p_part = PART + ((r % 2) * D * n_h + i_h).to(tl.int64) * B * H
+                    _scatter_partials(p_part, o_b, m_b, b_dgt, b_wt, W_T, i_h, H, BH, BK, KC, W_RESIDENT,
+                                      DOT_PRECISION)
                 # The exact c_t -> c_{t-1} path: dc_{t-1} gets dc_t * f_t.
                 tl.store(p_dc, b_dc * b_f, mask=m_b[:, None] & m_j[None, :])
                 if PREFETCH:
@@ -1413,12 +1501,45 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     pack = _tag_pack(dt, config) if tagged else 1
     # Zeros: slot 1 is dG of the step after the last (zero, tag 0); slot 0 carries no reader's tag before r = 1.
     ring = torch.zeros((2, D, B, 4, triton.cdiv(H, pack)), dtype=torch.int64, device=dev) if tagged else sync
+    w_t, part, scatter = _reduce_scatter_state(config, w_hh, B, sync)
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
-            last if last is not None else sync, sync, barrier_errors.flag(dev), ring, T, B, H, int(reverse))
+            last if last is not None else sync, sync, barrier_errors.flag(dev), ring, w_t, part, T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
          dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt),
-              TAGGED=tagged, PACK=pack, PREFETCH=config.prefetches(B, H), **flags), sync)
+              TAGGED=tagged, PACK=pack, PREFETCH=config.prefetches(B, H), **scatter, **flags), sync)
     return dg, dh0, dc0
+
+
+NO_REDUCE_SCATTER = dict(TRANSPOSED=False, KC=16, QP=1, QC=1)
+
+
+def reduce_scatter_constexprs(config, hidden: int) -> dict:
+    """The backward kernel's TRANSPOSED, KC, QP, QC for `config` (LSTMConfig.transposed: dh by reduce-scatter)."""
+    if not config.transposed:
+        return NO_REDUCE_SCATTER
+    qp = triton.next_power_of_2(triton.cdiv(hidden, config.block_h))
+    kc = min(config.block_k, REDUCE_SCATTER_CHUNK) if config.w_resident else config.block_k
+    return dict(TRANSPOSED=True, KC=kc, QP=qp, QC=min(qp, REDUCE_SCATTER_LOAD))
+
+
+# A reduce-scatter backward's product W^T @ dG^T in chunks of this many units (M: two warpgroups' 64 rows on
+# 8 warps), and the producers' shares summed per load ([QC, BB, BH] float32). Compile-only (sm_90, BB = 16, 8
+# warps): no spills at H <= 1024; smaller loads or chunks, or 4 warps, spill (perf/NOTES.md v0.24).
+REDUCE_SCATTER_CHUNK = 128
+REDUCE_SCATTER_LOAD = 16
+
+
+def _reduce_scatter_state(config, w_hh, batch: int, placeholder):
+    """W_hh^T [D, H, 4H] and the [2, D, P, B, H] float32 shares of a reduce-scatter backward (placeholders for
+    other configs), and its constexprs. Every share a program reads was written at the step before (the
+    kernel reads none at its first step), so the buffer needs no zeroing."""
+    D, _, H = w_hh.shape
+    consts = reduce_scatter_constexprs(config, H)
+    if not config.transposed:
+        return placeholder, placeholder, consts
+    w_t = w_hh.transpose(1, 2).contiguous()
+    part = _alloc((2, D, triton.cdiv(H, config.block_h), batch, H), torch.float32, w_hh.device)
+    return w_t, part, consts
 
 
 def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, config, drop=None,
@@ -1441,8 +1562,10 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
     sync, flags = _barrier_state(config, grid, dev, stack=True)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
-            dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, T, B, H, 0)
+            dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync, T,
+            B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
          dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1, PREFETCH=False, **flags), sync)
+              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1, PREFETCH=False,
+              **NO_REDUCE_SCATTER, **flags), sync)
     return dg, dh0, dc0

@@ -160,3 +160,19 @@ def test_stacks_whose_weights_cannot_stay_on_chip_run_in_resident_chunks():
             if span < layers:
                 assert heuristic_config(512, 16, dtype, 132, layers=span, kernel="stack").w_resident
                 assert stack_backward_config(512, 16, dtype, 132, span).w_resident
+
+
+def test_reduce_scatter_backward_candidates_compile_without_spills(tmp_path):
+    """The backward's reduce-scatter configs (tuner candidates, perf/NOTES.md v0.24) at the largest tiles the bench
+    uses (H = 1024: W^T resident in 16-bit, streamed in every dtype, 64 producers summed) and an unaligned H:
+    every one within shared memory and free of spills, the 8 warps' point (4 spill 40-800 bytes)."""
+    out = tmp_path / "rs.json"
+    proc = run_python("-m", "tritonlstm.compilecheck", "--reduce-scatter", "--min-hidden", "1000", "--max-hidden",
+                      "1024", "--json", str(out), timeout=1200)
+    rows = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert {(r["dtype"], r["config"]["w_resident"]) for r in rows} == {
+        ("fp16", True), ("bf16", True), ("fp16", False), ("bf16", False), ("fp32", False)}
+    assert {r["hidden"] for r in rows} == {1000, 1024}
+    assert all(r["kernel"] == "bwd" and r["config"]["transposed"] and r["config"]["num_warps"] == 8 for r in rows)
+    assert all(r["ok"] and r["spill_bytes"] == 0 for r in rows), proc.stdout[-3000:]

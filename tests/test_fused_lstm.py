@@ -142,9 +142,11 @@ def test_merged_gate_dots(config, reverse, dtype, kernel_calls):
     assert kernel_calls == {"fwd": 1, "bwd": 1}
 
 
-# The forward's gate dots transposed (W^T @ h^T, perf/NOTES.md v0.18; the backward ignores it): H = 33 gives 3
-# programs of 16 units, the last with 15 masked gate rows; BB = 4 with 17 rows, 5 tiles over 2 batch groups; the
-# K = 64 tile in one chunk, and in four (64-byte chunks of h: KC = 16, the smallest); and W^T streamed.
+# The forward's gate dots transposed (W^T @ h^T, perf/NOTES.md v0.18) and the backward's dh by reduce-scatter
+# (v0.24): H = 33 gives 3 programs of 16 units, the last with 15 masked gate rows (each program sums 3 shares of
+# 4 loaded, in one load, or with "four-chunks" in two); BB = 4 with 17 rows, 5 tiles over 2 batch groups; the
+# K = 64 tile in one chunk, and in four (64-byte chunks of h: KC = 16, the smallest; the backward's product in
+# 16-unit chunks); and W^T streamed.
 @pytest.mark.parametrize("chunk", [8192, 64, "streamed"], ids=["one-chunk", "four-chunks", "streamed-W"])
 @pytest.mark.parametrize("reverse,dtype,lengths", [(False, torch.float32, False), (True, torch.float16, True)],
                          ids=["fp32", "fp16-rev-lengths"])
@@ -152,10 +154,15 @@ def test_transposed_gate_dots(chunk, reverse, dtype, lengths, monkeypatch, kerne
     streamed = chunk == "streamed"
     if not streamed:
         monkeypatch.setattr(kernels, "TRANSPOSED_CHUNK_BYTES", chunk)
+    if chunk == 64:
+        monkeypatch.setattr(kernels, "REDUCE_SCATTER_CHUNK", 16)
+        monkeypatch.setattr(kernels, "REDUCE_SCATTER_LOAD", 2)
     config = LSTMConfig(block_h=16, block_b=4, block_k=16 if streamed else 64, w_resident=not streamed,
                         batch_groups=2, persistent=False, transposed=True)
     # Streamed: W^T loaded in 16-wide K chunks each step, three of them for H = 33.
     assert kernels.transposed_chunk(config, dtype.itemsize) == (64 if chunk == 8192 else 16)
+    assert kernels.reduce_scatter_constexprs(config, 33) == dict(TRANSPOSED=True, KC=64 if chunk == 8192 else 16,
+                                                                QP=4, QC=2 if chunk == 64 else 4)
     problem = make_problem(6, 17, 10, 33, dtype)
     lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
     check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config)
@@ -534,8 +541,10 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(p[n].grad, q[n].grad)
 
 
-@pytest.mark.parametrize("config", [None, MULTI_PROGRAM[0].values[0], MULTI_PROGRAM[1].values[0]],
-                         ids=["default", "stepwise-P5-Q2", "streamedW"])
+@pytest.mark.parametrize("config", [None, MULTI_PROGRAM[0].values[0], MULTI_PROGRAM[1].values[0],
+                                    LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2,
+                                               persistent=False, transposed=True)],
+                         ids=["default", "stepwise-P5-Q2", "streamedW", "transposed-reduce-scatter"])
 @pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5, 1, 6])], ids=["padded", "lengths"])
 @pytest.mark.parametrize("proj", [0, 4], ids=["noproj", "proj4"])
 def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):
@@ -738,3 +747,29 @@ def test_prefetched_step_inputs_give_the_same_bits(lengths, reverse, monkeypatch
     with use_config(base), torch.no_grad():
         y, _ = fused_lstm(*(problem[n] for n in NAMES), lengths=lengths, reverse=reverse, backend="triton")
     assert torch.equal(y, outs[True][0].detach())
+
+
+@pytest.mark.parametrize("lengths,reverse", [(None, False), (torch.tensor([6, 2, 5]), True)],
+                         ids=["fwd", "rev-lengths"])
+def test_reduce_scatter_backward_persistent_prefetched_and_split(lengths, reverse, monkeypatch, kernel_calls):
+    """The backward's dh by reduce-scatter (perf/NOTES.md v0.24) on a persistent launch: its shares pass between
+    steps through the double-buffered ring inside one launch, and across launches where the launch is split;
+    prefetched inputs give the same bits as loading them after the wait; every gradient matches the reference."""
+    import dataclasses
+
+    config = LSTMConfig(block_h=16, block_b=4, block_k=16, w_resident=True, persistent=True, transposed=True)
+    assert config.prefetches(3, 16)
+    problem = make_problem(6, 3, 5, 16, torch.float32)
+    check_against_reference(problem, torch.float32, reverse=reverse, lengths=lengths, config=config)
+    grads = {}
+    for name, cfg, released in (("prefetch", config, None), ("no-prefetch", dataclasses.replace(config, prefetch=False),
+                                                             None), ("split", config, 3)):
+        if released:
+            monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(released))  # launches of 2 steps
+        p = leaf(problem)
+        with use_config(cfg):
+            y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), lengths=lengths, reverse=reverse, backend="triton")
+            (y.square().sum() + hn.sum() + cn.sum()).backward()
+        grads[name] = [p[n].grad for n in NAMES]
+    assert all(torch.equal(a, b) for a, b in zip(grads["prefetch"], grads["no-prefetch"]))
+    assert all(torch.equal(a, b) for a, b in zip(grads["prefetch"], grads["split"]))

@@ -417,14 +417,17 @@ def _layout_config(kind, H, B, dtype, sms, directions=1):
 @pytest.mark.parametrize("kind,H,B,dtype", LAYOUT_CASES)
 def test_transposed_dots_and_flags_barrier_match_cudnn(kind, H, B, dtype):
     """The tuner's newer candidates on persistent multi-program launches, forward and backward (the backward
-    takes the flags barrier too; it ignores transposed), then both directions with per-row lengths: what the
-    interpreter cannot show (wgmma, the flags' ordering between programs)."""
+    takes the flags barrier too), then both directions with per-row lengths: what the interpreter cannot show
+    (wgmma, the flags' ordering between programs)."""
+    import dataclasses
+
     from tritonlstm.configs import use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfg = _layout_config(kind, H, B, dtype, sms)
     assert cfg.persistent and cfg.programs(H) > 1, cfg
-    with use_config(cfg):
+    # The backward on the same tiles and barrier, with dG's exchange as before (its reduce-scatter has its own test).
+    with use_config(cfg, "fwd"), use_config(dataclasses.replace(cfg, transposed=False), "bwd"):
         run_both(256, B, H, dtype)
     packed_bidirectional_matches_cudnn(H, B, dtype, _layout_config(kind, H, B, dtype, sms, directions=2))
 
@@ -478,3 +481,47 @@ def test_module_on_a_gpu_other_than_the_current_one():
         y.sum().backward()
     assert y.device == torch.device("cuda:1")
     assert rel_err(y, ref(x)[0]) <= RESOLUTION_GPU[torch.float32] * 2
+
+
+REDUCE_SCATTER_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
+                        for kind in ("transposed", "transposed-streamed") for name, dt in DTYPES.items()
+                        for H, B in ((256, 1), (512, 16), (1024, 16))
+                        if not (kind == "transposed" and dt == torch.float32 and H == 1024)]
+
+
+@pytest.mark.parametrize("kind,H,B,dtype", REDUCE_SCATTER_CASES)
+def test_reduce_scatter_backward_matches_cudnn(kind, H, B, dtype):
+    """The backward's dh by reduce-scatter (perf/NOTES.md v0.24) on persistent multi-program launches: each program
+    stores its share of every unit's dh before the barrier and sums its units' shares after it, through a
+    two-slot ring, so a missing fence or a slot reused too early shows here as a wrong gradient. Then both
+    directions in one launch with per-row lengths, against cuDNN's packed bidirectional layer."""
+    from tritonlstm import LSTM
+    from tritonlstm.configs import named_variants, use_config
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = named_variants("bwd", H, B, dtype, sms)[kind]
+    assert cfg.transposed and cfg.persistent and cfg.programs(H) > 1 and cfg.prefetches(B, H), cfg
+    with use_config(cfg, "bwd"):
+        run_both(256, B, H, dtype)
+
+    m = torch.nn.LSTM(H, H, bidirectional=True).to("cuda", dtype)
+    ours = LSTM(H, H, bidirectional=True, backend="triton").to("cuda", dtype)
+    ours.load_state_dict(m.state_dict())
+    lengths = torch.randint(1, 65, (max(B, 3),))
+    lengths[0] = 64
+    x = torch.randn(64, len(lengths), H, device="cuda", dtype=dtype)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    dy = None
+    outs = []
+    with use_config(named_variants("bwd", H, len(lengths), dtype, sms // 2)[kind], "bwd"):
+        for model, xi in ((m, xs[0]), (ours, xs[1])):
+            packed = torch.nn.utils.rnn.pack_padded_sequence(xi, lengths, enforce_sorted=False)
+            y = model(packed)[0].data
+            dy = torch.randn_like(y) if dy is None else dy
+            (y * dy).sum().backward()
+            outs.append(y)
+    tol = RESOLUTION_GPU[dtype] * 2
+    assert rel_err(outs[1], outs[0]) <= tol
+    assert rel_err(xs[1].grad, xs[0].grad) <= 2 * tol
+    for (name, a), b in zip(ours.named_parameters(), m.parameters()):
+        assert rel_err(a.grad, b.grad) <= 2 * tol, name

@@ -20,7 +20,15 @@ import tempfile
 
 import torch
 
-from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_config, tagged_exchanges, tagged_variant
+from tritonlstm.configs import (
+    LSTMConfig,
+    _pow2,
+    heuristic_config,
+    named_variants,
+    stack_backward_config,
+    tagged_exchanges,
+    tagged_variant,
+)
 
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
 # Register spills up to this many bytes per thread are allowed: on an H100 several spilling configs measured
@@ -62,7 +70,7 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
                 "DCN": p, "DG": p, "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "RING": "*i64"}
+                "ERR": "*i32", "RING": "*i64", "W_T": p, "PART": "*fp32"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "HAS_LENGTHS", "STACK", "HAS_DROPOUT",
                  "PERSISTENT", "DOT_PRECISION", "SK")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
@@ -127,7 +135,9 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       TAGGED=kernel == "bwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,
-                      PREFETCH=prefetch and kernel == "bwd")
+                      PREFETCH=prefetch and kernel == "bwd",
+                      **(k.reduce_scatter_constexprs(config, hidden) if kernel == "bwd"
+                         else k.NO_REDUCE_SCATTER))
     backward = kernel in BACKWARD
     fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,
@@ -144,6 +154,12 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     return res
 
 
+def _hiddens(min_hidden: int, max_hidden: int) -> list[int]:
+    """The H of a sweep: powers of two, one past each (unaligned tiles), and a few in between."""
+    return sorted(h for h in {h for p in range(0, 14) for h in (2 ** p, 2 ** p + 1)} | {24, 33, 100, 1000}
+                  if min_hidden <= h <= max_hidden)
+
+
 def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
                     measured: bool = True) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
     """(kernel, dtype, H, config, prefetch) for every distinct config the heuristic can choose on an H100 for
@@ -152,8 +168,7 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
     gives it. measured=False: its tiles before the layouts of the H100 A/B."""
 
     seen, out = set(), []
-    hiddens = sorted(h for h in {h for p in range(0, 14) for h in (2 ** p, 2 ** p + 1)} | {24, 33, 100, 1000}
-                     if min_hidden <= h <= max_hidden)
+    hiddens = _hiddens(min_hidden, max_hidden)
     shapes = [(kn, dict(directions=d)) for kn in ("fwd", "bwd") for d in (1, 2)] + \
         [(kn, dict(layers=n)) for kn in ("stack", "stack_bwd") for n in (2, 3, 4)]
     for dtype in _TRITON_DTYPE:
@@ -171,6 +186,27 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
                     if key not in seen:
                         seen.add(key)
                         out.append((kernel, dtype, hidden, cfg, prefetch))
+    return out
+
+
+def reduce_scatter_variants(max_hidden: int = 1024, min_hidden: int = 1) -> list[tuple[str, torch.dtype, int,
+                                                                                   LSTMConfig, bool]]:
+    """The single-layer backward's reduce-scatter configs (configs.named_variants' "transposed" and
+    "transposed-streamed" for "bwd", perf/NOTES.md v0.24) at B = 1 and 16, as shipped_configs lists them: tuner
+    candidates, not yet heuristic picks."""
+    seen, out = set(), []
+    for dtype in _TRITON_DTYPE:
+        for hidden in _hiddens(min_hidden, max_hidden):
+            for batch in (1, 16):
+                for cfg in named_variants("bwd", hidden, batch, dtype, H100_SMS,
+                                          ("transposed", "transposed-streamed")).values():
+                    prefetch = cfg.prefetches(batch, hidden)
+                    # The sum over the producers unrolls over QP, a power of two >= H / 16.
+                    key = (dtype, cfg.block_k, cfg.w_resident, cfg.num_warps, cfg.num_stages, prefetch,
+                           _pow2(-(-hidden // cfg.block_h)))
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(("bwd", dtype, hidden, cfg, prefetch))
     return out
 
 
@@ -256,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tagged", action="store_true",
                     help="check the fwd and bwd configs with the tagged exchanges instead (tuner candidates: "
                          "reported, and the exit status says whether all fit)")
+    ap.add_argument("--reduce-scatter", action="store_true",
+                    help="check the backward's reduce-scatter configs instead (tuner candidates, at B = 1 and 16)")
     ap.add_argument("--matmul", action="store_true", help="check the float32 TF32 GEMM kernel instead")
     args = ap.parse_args(argv)
     if args.matmul:
@@ -274,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged)  # tagged: on the tiles
     if args.tagged:
         configs = tagged_variants(configs)
+    if args.reduce_scatter:
+        configs = reduce_scatter_variants(args.max_hidden, args.min_hidden)
     # The single-layer forward in its training and inference variants; a stack only in its training one (with
     # dropout, the heavier of the two: compiling both doubled the sweep's time for nothing it found).
     jobs = [(kernel, dtype, hidden, cfg, prefetch, store) for kernel, dtype, hidden, cfg, prefetch in configs

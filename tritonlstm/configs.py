@@ -50,9 +50,12 @@ class LSTMConfig:
     merged_gates: bool = False
     # The forward's gate dots transposed, gates^T = W^T @ h^T (kernels/lstm.py _transposed_gate_dots): M = the
     # program's 4 * block_h gate rows instead of the batch tile, so that block_h = 16 makes one 64-row Hopper
-    # warpgroup MMA (wgmma) at any batch. The forward kernels only (a single layer's and a stack's wavefront; the
-    # backward kernels ignore it); W resident or streamed in block_k chunks, barrier exchange, split_k = 1,
-    # block_h = 16 (perf/NOTES.md v0.18).
+    # warpgroup MMA (wgmma) at any batch (a single layer's and a stack's forward wavefront; perf/NOTES.md v0.18).
+    # A single layer's backward takes dh by reduce-scatter instead: each program multiplies its own 64 gate rows
+    # of dG_t by their rows of W_hh (W^T @ dG^T, M = H, K = 64, on wgmma), stores that share of every unit's dh
+    # and, after the barrier, sums the shares of its own units (kernels/lstm.py _scatter_partials, v0.24); the
+    # stack's backward ignores it. W resident or streamed in block_k chunks, barrier exchange, split_k = 1,
+    # block_h = 16.
     transposed: bool = False
     # A persistent single-layer forward whose programs own one batch tile each loads the next step's gx before
     # the barrier's wait and keeps c in registers (kernels/lstm.py PREFETCH; perf/NOTES.md v0.23). False: as
@@ -337,6 +340,20 @@ def transposed_config(hidden: int, batch: int, esize: int, num_sms: int, block_b
                       batch_groups=groups, num_warps=4, transposed=True)
 
 
+def reduce_scatter_config(hidden: int, batch: int, esize: int, num_sms: int, streamed: bool = False) -> LSTMConfig:
+    """The single-layer backward's reduce-scatter tiles (LSTMConfig.transposed, perf/NOTES.md v0.24): 16 units per
+    program (its 64 gate rows are the K of the W^T @ dG^T product), 16-row batch tiles, 8 warps (two warpgroups
+    over each 128-unit chunk of the product), W^T resident over the whole H, or streamed from L2 in 64-unit
+    chunks over a 3-stage pipeline. Compile-only (sm_90, B = 16, prefetch): no spills at H 256-1024 in any
+    dtype, resident where W^T fits (transposed_fits) and streamed; 4 warps spill 40-800 bytes from H = 512."""
+    groups = batch_groups(hidden, batch, 16, 16, num_sms)
+    if streamed:
+        return LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=False, batch_groups=groups, num_warps=8,
+                          num_stages=3, transposed=True)
+    return LSTMConfig(block_h=16, block_b=16, block_k=max(16, _pow2(hidden)), w_resident=True, batch_groups=groups,
+                      num_warps=8, transposed=True)
+
+
 def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None, layers: int,
                           interpreter: bool = False, measured: bool = True) -> LSTMConfig:
     """The reverse wavefront of a stack: the forward stack's choice, except where its two sets of four gate dots
@@ -422,11 +439,12 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
       split-bb32   split-K, 32-row batch tiles (B >= 32: half the tile iterations per step)
       merged       forward only: the four gate dots as one over interleaved columns, warps along N (8 warps;
                    merged-w4: 4), on the unsplit tiles (perf/NOTES.md v0.11)
-      transposed   forward kernels only: gates^T = W^T @ h^T, M = a program's 64 gate rows (BH = 16) on Hopper's
+      transposed   forward kernels: gates^T = W^T @ h^T, M = a program's 64 gate rows (BH = 16) on Hopper's
                    warpgroup MMA, 4 warps, 16-row batch tiles (single layer: 64 at B >= 64 where K * element size
-                   <= 1 KB) (v0.18)
+                   <= 1 KB) (v0.18); the single-layer backward: dh by reduce-scatter (reduce_scatter_config,
+                   v0.24) where every program owns one batch tile
       transposed-streamed   the same with W^T streamed from L2 in pipelined K chunks (3 stages): any H, 64-row
-                   batch tiles at B >= 64 (single layer)
+                   batch tiles at B >= 64 (single-layer forward)
       flags        the unsplit tiles with the barrier as one flag per program instead of one counter (v0.19);
                    transposed-flags: the transposed tiles with it
       tagged       the unsplit tiles with h_{t-1} (dG_{t+1}) through tagged words instead of a barrier (v0.8)
@@ -484,6 +502,12 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         # spills at BB = 64 up to K = 1024 in both widths).
         out["transposed-streamed"] = transposed_config(H, B, esize, share, 64 if B >= 64 and not stack else 16,
                                                        streamed=True)
+    if kernel == "bwd" and H > 16 and cdiv(H, 16) <= share and cdiv(B, 16) <= batch_groups(H, B, 16, 16, share):
+        # The reduce-scatter backward where every program owns one batch tile (its shares are H * 16 float32 a
+        # tile, stored and summed each step: the small-batch regime it is for).
+        if transposed_fits(H, esize):
+            out["transposed"] = reduce_scatter_config(H, B, esize, share)
+        out["transposed-streamed"] = reduce_scatter_config(H, B, esize, share, streamed=True)
     if unsplit.persistent:
         out["flags"] = dataclasses.replace(unsplit, exchange="flags")
         if "transposed" in out:

@@ -37,6 +37,7 @@ from tritonlstm.configs import (
     cdiv,
     heuristic_config,
     named_variants,
+    reduce_scatter_config,
     tagged_exchanges,
     tagged_variant,
     wide_tile_config,
@@ -221,6 +222,9 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                     if kernel == "fwd" and bh == 16 and warps == 4:
                         # perf/NOTES.md v0.18; streamed W^T chunks pipelined like the wide tiles' (3 stages).
                         merged.append(dataclasses.replace(cfg, transposed=True, num_stages=1 if resident else 3))
+                    if kernel == "bwd" and bh == 16 and bb == 16 and warps == 8 and cdiv(batch, bb) <= q:
+                        # The reduce-scatter backward (v0.24), where every program owns one batch tile.
+                        merged.append(reduce_scatter_config(hidden, batch, esize, num_sms, streamed=not resident))
                     for c in (cfg, with_split_k(cfg), *merged):
                         if c not in out:
                             out.append(c)
