@@ -11,6 +11,11 @@ stores it, and meets the other programs by
             loads (no shared memory, no CTA barrier inside the loop) and fences once after the wait (the
             kernels' exchange="flags": kernels.lstm._flag_barrier)
   none      no exchange at all: the loop alone (its h reads race the producers; timed, not checked)
+  counter-ld  the counter, polled with plain loads by every thread (no atomic per poll, no CTA barrier inside the
+            loop: warps may leave it at different polls), one fence after the wait; the arrival's add has no
+            result to wait for (a candidate for the kernels' barrier if it beats "barrier", session 8)
+  arrive    the counter's arrival alone, no wait (a CTA barrier, the release and the add): what the arrival costs
+            of a barrier step (races like "none"; timed, not checked)
 
 Every barrier and flags variant's output is checked against a PyTorch loop before it is timed, and the real
 forward kernel (its heuristic config) is timed beside it at the same shape, so the table reads: kernel step =
@@ -31,9 +36,33 @@ import triton
 import triton.language as tl
 
 from tritonlstm.bench import write_rows_json
-from tritonlstm.kernels.lstm import _flag_barrier, _grid_barrier
+from tritonlstm.kernels.lstm import FENCES, _flag_barrier, _grid_barrier
 
-MODES = {"barrier": 0, "flags": 1, "none": 2}
+MODES = {"barrier": 0, "flags": 1, "none": 2, "counter-ld": 3, "arrive": 4}
+UNCHECKED = ("none", "arrive")
+
+
+@triton.jit
+def _counter_ld_barrier(p_err, p_count, target, max_spin, failed):
+    """The counter barrier with plain-load polls: every thread reads the count itself (one load per warp reaches
+    L2) instead of one thread's atomic broadcast through shared memory between two CTA barriers per poll. Warps may
+    leave at different polls (nothing in the loop pairs them); the CTA barrier after the fence joins them. Returns
+    True if it failed (failed on entry, the device's flag, or max_spin polls, which set it)."""
+    tl.debug_barrier()
+    tl.atomic_add(p_count, 1, sem="release", scope="gpu")
+    seen = tl.load(p_count, volatile=True)
+    spins = 0
+    while (seen < target) & (spins <= max_spin) & (not failed):
+        seen = tl.load(p_count, volatile=True)
+        spins += 1
+    gave_up = seen < target
+    if gave_up:
+        tl.atomic_xchg(p_err, 1)
+    if FENCES:  # the polls were relaxed loads: the fence makes them acquire what the other programs released
+        seen = tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [seen], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    tl.debug_barrier()
+    return gave_up | (tl.load(p_err, volatile=True) != 0) | (seen < 0)
 
 
 @triton.jit
@@ -59,6 +88,11 @@ def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, T, B, H, max_spin, BB: tl.constex
             failed = failed | _grid_barrier(ERR, SYNC, (s + 1) * n_h, max_spin)
         elif MODE == 1:
             failed = failed | _flag_barrier(FLAGS, i_h, n_h, s + 1, ERR, failed, max_spin, PB)
+        elif MODE == 3:
+            failed = failed | _counter_ld_barrier(ERR, SYNC, (s + 1) * n_h, max_spin, failed)
+        elif MODE == 4:
+            tl.debug_barrier()
+            tl.atomic_add(SYNC, 1, sem="release", scope="gpu")
 
 
 def reference(u: torch.Tensor) -> torch.Tensor:
@@ -122,7 +156,7 @@ def measure(H: int, B: int, T: int, dtype: torch.dtype, warps: list[int]) -> lis
                     torch.cuda.synchronize()
                     if int(err.item()):
                         raise RuntimeError("an exchange gave up (programs not all resident?)")
-                    if mode != "none" and load_h:
+                    if mode not in UNCHECKED and load_h:
                         rel = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
                         row["rel_err"] = rel
                         if not rel < 1e-2:

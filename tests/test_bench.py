@@ -223,7 +223,7 @@ def test_floor_probe_without_gpu_says_so_and_exits_0():
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
 
 
-@pytest.mark.parametrize("mode", ["barrier", "flags", "none"])
+@pytest.mark.parametrize("mode", ["barrier", "flags", "none", "counter-ld"])
 def test_floor_probe_computes_its_recurrence(mode):
     """One program (the interpreter runs programs one after another): every exchange's y_t = 0.5 mean(y_{t-1}) +
     u_t against the PyTorch loop, and without the h read y = u."""
