@@ -422,7 +422,7 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
 
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
             "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
-            "split-tagged", "split-tagged-probe", "streamed", "wide", "no-prefetch")
+            "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "no-prefetch")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -453,6 +453,10 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
       streamed     W_hh (and a stack's W_ih) streamed from L2 in 32-wide K chunks (16 in fp32), BH = 16, 4 warps
       wide         B >= 32, single layer: 64-row tiles, W streamed, 8 warps, 3 stages (configs.wide_tile_config;
                    the heuristic's pick where 16-row tiles would walk >= 4 tiles per program, v0.15)
+      wide-bh32, wide-bh64   B >= 64: the wide tiles with 32 or 64 units per program (32-wide K chunks): fewer
+                   programs, each reading its rows' h_{t-1} (dG_{t+1}: 4H wide) once for more units, so less L2
+                   traffic per step (16-bit backward, H = 1024, B = 256: 96 or 64 MB against the split tiles' 128;
+                   v0.25)
       no-prefetch  the single-layer forward's heuristic pick with its gx loaded after the barrier (v0.23), where
                    the pick prefetches
 
@@ -480,6 +484,9 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                                              num_warps=4))
         if not stack and B >= 32:
             out["wide"] = wide_tile_config(H, B, dtype.itemsize, sms, kernel)
+            for bh in (32, 64):
+                if H >= 2 * bh and B >= 64:
+                    out[f"wide-bh{bh}"] = regroup(out["wide"], block_h=bh, block_k=32)
     if unsplit.w_resident and unsplit.block_k >= 64:
         split = with_split_k(regroup(unsplit, block_h=min(unsplit.block_h, 16)))
         out["split"] = split
