@@ -1199,6 +1199,142 @@ def lstm_bwd_kernel(
             poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP)
 
 
+@triton.jit(do_not_specialize=["T", "B", "rev0", "S_START", "S_COUNT", "max_spin"])
+def lstm_bwd_2d_kernel(
+    GATES,  # [T, B, D*4H] activated gates i, f, g, o from the forward
+    C_ALL,  # [T, B, D*H] float32 c_t from the forward
+    C0,  # [D, B, H] float32 initial cell state
+    W,  # [D, 4H, H] W_hh
+    DY,  # [T, B, D*H] gradient of the output
+    DHN,  # [D, B, H] gradient of h_n
+    DCN,  # [D, B, H] gradient of c_n
+    DG,  # [T, B, D*4H] out: gradient of the gate pre-activations (zeros on entry when HAS_LENGTHS; may be GATES)
+    DC_WS,  # [D, B, H] float32 carried dc_{t+1} * f_{t+1}; zeros on entry
+    DH0,  # [D, B, H] out
+    DC0,  # [D, B, H] out
+    LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
+    SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
+    ERR,  # [1] int32 the device's sticky barrier-error flag
+    PART,  # [D, NB, B, H] float32: block a's share of every unit's dh
+    T,
+    B,
+    H,
+    rev0,  # 1: a D = 1 launch runs in reverse
+    S_START,  # half-steps: 2 r + phase
+    S_COUNT,
+    max_spin,
+    BU: tl.constexpr,  # units per block (the product's N, and its K per gate)
+    NB: tl.constexpr,  # blocks a side, a power of two >= cdiv(H, BU); program (a, b) = (i_p // NB, i_p % NB)
+    BB: tl.constexpr,
+    D: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    FLAGS: tl.constexpr,
+    NP: tl.constexpr,
+):
+    """The single-layer backward with its recurrent product on a 2-D grid (perf/NOTES.md v0.26), for large batches:
+    program (a, b) keeps the block of W_hh that maps unit block a's four gate rows to unit block b. Step r runs
+    in two phases, each ended by the barrier: 0, the product: partial_{a,b} = dG_{t+1}[:, gate rows of block a] @
+    that block, stored as float32 block a's share of block b's units; 1, the gates: the program owns BU / NB units
+    of block b, sums the NB shares of them (fixed order) into dh_t and runs the gate arithmetic of
+    lstm_bwd_kernel, storing dG_t (or, at r = T, dh0 and dc0). Each program reads dG for its K block only, not
+    all 4H columns, at the price of a second barrier and the shares' round trip."""
+    i_p = tl.program_id(0)
+    i_q = tl.program_id(1)
+    i_d = tl.program_id(2)
+    n_q = tl.num_programs(1)
+    n_tiles = (B + BB - 1) // BB
+    a = i_p // NB
+    b = i_p % NB
+    BO: tl.constexpr = BU // NB
+    rev = (i_d + rev0) == 1
+    GATES += i_d * 4 * H
+    DG += i_d * 4 * H
+    C_ALL += i_d * H
+    DY += i_d * H
+    W += i_d * 4 * H * H
+    C0 += i_d * B * H
+    DHN += i_d * B * H
+    DCN += i_d * B * H
+    DC_WS += i_d * B * H
+    DH0 += i_d * B * H
+    DC0 += i_d * B * H
+    PART += (i_d * NB).to(tl.int64) * B * H
+    SG = D * 4 * H
+    SY = D * H
+
+    # Phase 0's operands: block a's units (the K of each gate's product), block b's (its N).
+    o_ka = a * BU + tl.arange(0, BU)
+    m_ka = o_ka < H
+    o_nb = b * BU + tl.arange(0, BU)
+    m_nb = o_nb < H
+    b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_ka, o_nb, m_ka, m_nb, H, H, 1)
+    # Phase 1's units: this program's share of block b.
+    o_j = b * BU + a * BO + tl.arange(0, BO)
+    m_j = o_j < H
+
+    poisoned = tl.load(ERR, volatile=True) != 0
+    for u in range(S_START, S_START + S_COUNT):
+        r = u // 2
+        s = T - 1 - r
+        for i_b in range(i_q, n_tiles, n_q):
+            o_b = i_b * BB + tl.arange(0, BB)
+            m_b = o_b < B
+            last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
+            if u % 2 == 0:
+                # dG_{t+1} of block a's gate rows (none past a row's end, nor before the first step).
+                m_next = m_b & (s + 1 <= last) & (r > 0)
+                p_dg = DG + ((o_t + o_dir) * B + o_b)[:, None] * SG + o_ka[None, :]
+                m_dg = m_next[:, None] & m_ka[None, :]
+                acc = tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wi,
+                             input_precision=DOT_PRECISION)
+                acc = tl.dot(tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wf, acc,
+                             input_precision=DOT_PRECISION)
+                acc = tl.dot(tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wg, acc,
+                             input_precision=DOT_PRECISION)
+                acc = tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wo, acc,
+                             input_precision=DOT_PRECISION)
+                tl.store(PART + a.to(tl.int64) * B * H + o_b[:, None] * H + o_nb[None, :], acc,
+                         mask=m_b[:, None] & m_nb[None, :])
+            else:
+                o_bh = o_b[:, None] * H + o_j[None, :]
+                m_bh = m_b[:, None] & m_j[None, :]
+                o_a = tl.arange(0, NB)
+                b_dh = tl.sum(tl.load(PART + (o_a.to(tl.int64) * B * H)[:, None, None] + o_bh[None, :, :],
+                                      mask=m_bh[None, :, :], other=0.0, cache_modifier=".cg"), axis=0)
+                b_dh = tl.where(poisoned, float("nan"), b_dh)
+                p_dc = DC_WS + o_bh
+                b_dc = tl.load(p_dc, mask=m_bh, other=0.0, cache_modifier=".cg")
+                if s >= 0:
+                    live = m_b & (s <= last)
+                    m_live = live[:, None] & m_j[None, :]
+                    m_last = (m_b & (s == last))[:, None] & m_j[None, :]
+                    b_i, b_f, b_g, b_o, b_c, b_cp, b_dy = _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b, o_j,
+                                                                            m_j, s, T, B, H, SG, SY, rev, BB,
+                                                                            HAS_LENGTHS)
+                    b_dh += b_dy
+                    b_dh += tl.load(DHN + o_bh, mask=m_last, other=0.0).to(tl.float32)
+                    b_dc += tl.load(DCN + o_bh, mask=m_last, other=0.0).to(tl.float32)
+                    b_tc = 2.0 * _sigmoid(2.0 * b_c) - 1.0
+                    b_do = b_dh * b_tc
+                    b_dc += b_dh * b_o * (1.0 - b_tc * b_tc)
+                    b_dc = tl.where(m_live, b_dc, 0.0)
+                    # DG may be GATES: every warp's loads of this tile's gates before any warp stores over them.
+                    tl.debug_barrier()
+                    p_out = DG + (o_t * B + o_b)[:, None] * SG + o_j[None, :]
+                    tl.store(p_out, (b_dc * b_g * b_i * (1.0 - b_i)).to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_out + H, (b_dc * b_cp * b_f * (1.0 - b_f)).to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_out + 2 * H, (b_dc * b_i * (1.0 - b_g * b_g)).to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_out + 3 * H, (b_do * b_o * (1.0 - b_o)).to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_dc, b_dc * b_f, mask=m_bh)
+                else:
+                    tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_bh)
+                    tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_bh)
+        if PERSISTENT:
+            poisoned = poisoned | _step_barrier(SYNC, ERR, u, S_START, poisoned, max_spin, False, FLAGS, NP)
+
+
 if interpreting():
     # Without it, bf16 on the interpreter gives wrong answers silently (kernels/interpreter.py says why).
     from tritonlstm.kernels.interpreter import fix_bf16
@@ -1235,7 +1371,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _check_residency(config, H: int, D: int, device: torch.device) -> None:
     if not config.persistent:
         return
-    programs = triton.cdiv(H, config.block_h) * config.batch_groups * D
+    programs = config.programs(H) * D
     if interpreting():
         if programs != 1:
             raise ValueError(f"config: a persistent launch under the interpreter needs 1 program, got {programs} "
@@ -1333,16 +1469,17 @@ def compile_only():
 
 
 def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, constexprs: dict,
-         sync: torch.Tensor) -> None:
+         sync: torch.Tensor, grid_2d: bool = False) -> None:
     """Launches the kernel: once for all steps (persistent), or once per step. sync: the barrier counters in
-    args (zeros)."""
+    args (zeros). grid_2d: lstm_bwd_2d_kernel, which takes its tiles in `constexprs`."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         # Triton launches on the current device (and its stream); tensors on another GPU must not be run there.
         with torch.cuda.device(device):
-            return _run(kernel, grid, n_steps, config, device, args, constexprs, sync)
-    meta = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
-                PERSISTENT=config.persistent, SK=config.split_k, num_warps=config.num_warps,
+            return _run(kernel, grid, n_steps, config, device, args, constexprs, sync, grid_2d)
+    meta = dict(BB=config.block_b, PERSISTENT=config.persistent, num_warps=config.num_warps,
                 num_stages=config.num_stages, **constexprs)
+    if not grid_2d:
+        meta.update(BK=config.block_k, BH=config.block_h, W_RESIDENT=config.w_resident, SK=config.split_k)
     if _compiling_only.get():
         kernel.warmup(*args, 0, n_steps, config.max_spin, grid=grid, **meta)
         return
@@ -1495,6 +1632,9 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     dc_ws = torch.zeros(D, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((D, B, H), dt, dev)
     dc0 = _alloc((D, B, H), dt, dev)
+    if config.grid_2d:
+        _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
+        return dg, dh0, dc0
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
     sync, flags = _barrier_state(config, grid, dev)
     tagged = config.exchange.startswith("tagged")  # the backward has no probe: "tagged-probe" runs as "tagged"
@@ -1508,6 +1648,26 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
          dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt),
               TAGGED=tagged, PACK=pack, PREFETCH=config.prefetches(B, H), **scatter, **flags), sync)
     return dg, dh0, dc0
+
+
+def _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse: bool, config) -> None:
+    """lstm_backward on lstm_bwd_2d_kernel (LSTMConfig.grid_2d): 2 (T + 1) half-steps, each ended by the barrier
+    (or, stepwise, by its launch)."""
+    from tritonlstm.configs import grid_2d_blocks
+
+    T, B, _ = gates.shape
+    D, _, H = w_hh.shape
+    dev = gates.device
+    nb = grid_2d_blocks(H, config.block_h)
+    grid = (nb * nb, config.batch_groups, D)
+    sync, flags = _barrier_state(config, grid, dev)
+    # Every share a gate phase reads was written by the product phase before it (zeros at the first step).
+    part = _alloc((D, nb, B, H), torch.float32, dev)
+    args = (gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last if last is not None else sync, sync,
+            barrier_errors.flag(dev), part, T, B, H, int(reverse))
+    _run(lstm_bwd_2d_kernel, grid, 2 * (T + 1), config, dev, args,
+         dict(BU=config.block_h, NB=nb, D=D, HAS_LENGTHS=last is not None, DOT_PRECISION=_dot_precision(gates.dtype),
+              **flags), sync, grid_2d=True)
 
 
 NO_REDUCE_SCATTER = dict(TRANSPOSED=False, KC=16, QP=1, QC=1)

@@ -773,3 +773,25 @@ def test_reduce_scatter_backward_persistent_prefetched_and_split(lengths, revers
         grads[name] = [p[n].grad for n in NAMES]
     assert all(torch.equal(a, b) for a, b in zip(grads["prefetch"], grads["no-prefetch"]))
     assert all(torch.equal(a, b) for a, b in zip(grads["prefetch"], grads["split"]))
+
+
+# The backward's product on a 2-D grid (perf/NOTES.md v0.26): H = 33 in blocks of 16 makes 3 blocks, rounded to
+# NB = 4 a side (the fourth empty), 16 programs per batch group, each owning 4 units of its block in the gate
+# phase; 17 rows in tiles of 4 over 2 batch groups; stepwise, each half-step its own launch. And one persistent
+# program (H = 16: NB = 1), where the two phases meet at the barrier.
+GRID_2D = [pytest.param(LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2,
+                                   persistent=False, grid_2d=True), 33, id="stepwise-NB4-Q2-tiles3"),
+           pytest.param(LSTMConfig(block_h=16, block_b=4, block_k=16, w_resident=True, persistent=True,
+                                   grid_2d=True), 16, id="persistent-1prog")]
+
+
+@pytest.mark.parametrize("config,H", GRID_2D)
+@pytest.mark.parametrize("reverse,dtype,lengths", [(False, torch.float32, False), (True, torch.float16, True)],
+                         ids=["fp32", "fp16-rev-lengths"])
+def test_backward_on_a_2d_grid(config, H, reverse, dtype, lengths, kernel_calls):
+    assert config.programs(H) == (32 if H == 33 else 1)
+    problem = make_problem(6, 17, 10, H, dtype)
+    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
+    with use_config(None, "fwd"):
+        check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config)
+    assert kernel_calls == {"fwd": 1, "bwd": 1}

@@ -61,6 +61,13 @@ class LSTMConfig:
     # the barrier's wait and keeps c in registers (kernels/lstm.py PREFETCH; perf/NOTES.md v0.23). False: as
     # before, both loaded after the wait.
     prefetch: bool = True
+    # The single-layer backward's recurrent product on a 2-D grid of programs (kernels/lstm.py lstm_bwd_2d_kernel,
+    # perf/NOTES.md v0.26): program (a, b) multiplies unit block a's dG columns by W_hh's block to unit block b
+    # (block_h units a block, NB = next power of two >= cdiv(H, block_h) blocks a side, NB^2 programs per batch
+    # group), then owns block_h / NB units of block b for the gate arithmetic; two barriers per step. For large
+    # batches: each program reads dG for its own K block, not all 4H columns. W resident, barrier exchange,
+    # split_k = 1; the forward kernels and the stacks ignore it.
+    grid_2d: bool = False
 
     def __post_init__(self):
         if self.exchange not in EXCHANGES:
@@ -86,6 +93,12 @@ class LSTMConfig:
             raise ValueError(f"LSTMConfig.transposed needs block_h=16, split_k=1, merged_gates=False and a barrier "
                              f"exchange, got block_h={self.block_h}, split_k={self.split_k}, merged_gates="
                              f"{self.merged_gates}, exchange={self.exchange!r}")
+        if self.grid_2d and (self.split_k > 1 or self.merged_gates or self.transposed or self.tagged
+                             or not self.w_resident or self.block_h < 16):
+            raise ValueError(f"LSTMConfig.grid_2d needs block_h >= 16, W resident, split_k=1, no merged or transposed "
+                             f"dots and a barrier exchange, got block_h={self.block_h}, w_resident={self.w_resident}, "
+                             f"split_k={self.split_k}, merged_gates={self.merged_gates}, transposed={self.transposed}, "
+                             f"exchange={self.exchange!r}")
         if self.exchange == "flags" and not self.persistent:
             raise ValueError("LSTMConfig.exchange='flags' is a persistent launch's barrier, got persistent=False")
         if self.batch_groups < 1:
@@ -106,7 +119,19 @@ class LSTMConfig:
                 and cdiv(batch, self.block_b) <= self.batch_groups)
 
     def programs(self, hidden: int) -> int:
+        if self.grid_2d:
+            return grid_2d_blocks(hidden, self.block_h) ** 2 * self.batch_groups
         return cdiv(hidden, self.block_h) * self.batch_groups
+
+
+def grid_2d_blocks(hidden: int, block_h: int) -> int:
+    """NB of a grid_2d backward: unit blocks a side, a power of two (each program owns block_h / NB units of its
+    block in the gate phase); blocks past H are empty. block_h must be at least NB."""
+    nb = _pow2(cdiv(hidden, block_h))
+    if block_h < nb:
+        raise ValueError(f"LSTMConfig.grid_2d: block_h={block_h} is below the {nb} blocks H={hidden} makes (each "
+                         "program owns block_h / blocks units)")
+    return nb
 
 
 def tagged_exchanges(kernel: str, config: LSTMConfig, dtype: torch.dtype) -> tuple[str, ...]:
