@@ -543,8 +543,10 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("config", [None, MULTI_PROGRAM[0].values[0], MULTI_PROGRAM[1].values[0],
                                     LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2,
-                                               persistent=False, transposed=True)],
-                         ids=["default", "stepwise-P5-Q2", "streamedW", "transposed-reduce-scatter"])
+                                               persistent=False, transposed=True),
+                                    LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2,
+                                               persistent=False, grid_2d=True)],
+                         ids=["default", "stepwise-P5-Q2", "streamedW", "transposed-reduce-scatter", "grid-2d"])
 @pytest.mark.parametrize("lengths", [None, torch.tensor([6, 2, 5, 1, 6])], ids=["padded", "lengths"])
 @pytest.mark.parametrize("proj", [0, 4], ids=["noproj", "proj4"])
 def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):

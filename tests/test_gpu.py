@@ -495,7 +495,6 @@ def test_reduce_scatter_backward_matches_cudnn(kind, H, B, dtype):
     stores its share of every unit's dh before the barrier and sums its units' shares after it, through a
     two-slot ring, so a missing fence or a slot reused too early shows here as a wrong gradient. Then both
     directions in one launch with per-row lengths, against cuDNN's packed bidirectional layer."""
-    from tritonlstm import LSTM
     from tritonlstm.configs import named_variants, use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -504,16 +503,26 @@ def test_reduce_scatter_backward_matches_cudnn(kind, H, B, dtype):
     with use_config(cfg, "bwd"):
         run_both(256, B, H, dtype)
 
+    packed_bidirectional_training_matches_cudnn(H, max(B, 3), dtype,
+                                                named_variants("bwd", H, max(B, 3), dtype, sms // 2)[kind])
+
+
+def packed_bidirectional_training_matches_cudnn(H, B, dtype, bwd_config):
+    """Both directions and per-row lengths in one backward launch with bwd_config: output, input and parameter
+    gradients against cuDNN's packed bidirectional layer."""
+    from tritonlstm import LSTM
+    from tritonlstm.configs import use_config
+
     m = torch.nn.LSTM(H, H, bidirectional=True).to("cuda", dtype)
     ours = LSTM(H, H, bidirectional=True, backend="triton").to("cuda", dtype)
     ours.load_state_dict(m.state_dict())
-    lengths = torch.randint(1, 65, (max(B, 3),))
+    lengths = torch.randint(1, 65, (B,))
     lengths[0] = 64
-    x = torch.randn(64, len(lengths), H, device="cuda", dtype=dtype)
+    x = torch.randn(64, B, H, device="cuda", dtype=dtype)
     xs = [x.clone().requires_grad_() for _ in range(2)]
     dy = None
     outs = []
-    with use_config(named_variants("bwd", H, len(lengths), dtype, sms // 2)[kind], "bwd"):
+    with use_config(bwd_config, "bwd"):
         for model, xi in ((m, xs[0]), (ours, xs[1])):
             packed = torch.nn.utils.rnn.pack_padded_sequence(xi, lengths, enforce_sorted=False)
             y = model(packed)[0].data
@@ -525,3 +534,22 @@ def test_reduce_scatter_backward_matches_cudnn(kind, H, B, dtype):
     assert rel_err(xs[1].grad, xs[0].grad) <= 2 * tol
     for (name, a), b in zip(ours.named_parameters(), m.parameters()):
         assert rel_err(a.grad, b.grad) <= 2 * tol, name
+
+
+GRID_2D_CASES = [pytest.param(H, B, dt, id=f"grid-2d-H{H}-B{B}-{name}") for name, dt in DTYPES.items()
+                 for H, B in ((512, 256), (1024, 64)) if not (dt == torch.float32 and H == 1024)]
+
+
+@pytest.mark.parametrize("H,B,dtype", GRID_2D_CASES)
+def test_backward_on_a_2d_grid_matches_cudnn(H, B, dtype):
+    """The backward's product on a 2-D grid (perf/NOTES.md v0.26) on persistent multi-program launches: two
+    barriers per step, the shares' float32 round trip between them, so a missing fence shows here as a wrong
+    gradient. Then both directions in one launch with per-row lengths against cuDNN's packed layer."""
+    from tritonlstm.configs import named_variants, use_config
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = named_variants("bwd", H, B, dtype, sms)["grid-2d"]
+    assert cfg.grid_2d and cfg.persistent and cfg.programs(H) > 1, cfg
+    with use_config(cfg, "bwd"):
+        run_both(128, B, H, dtype)
+    packed_bidirectional_training_matches_cudnn(H, B, dtype, named_variants("bwd", H, B, dtype, sms // 2)["grid-2d"])

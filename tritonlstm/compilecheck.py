@@ -61,7 +61,11 @@ class Resources:
 def _signature(kernel: str, dtype: str) -> dict[str, str]:
     p = "*" + dtype
     ints = {n: "i32" for n in ("T", "B", "H", "rev0", "S_START", "S_COUNT", "max_spin")}
-    if kernel == "fwd":
+    if kernel == "bwd_2d":
+        ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
+                "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32", "PART": "*fp32"}
+        flags = ()
+    elif kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": p, "W_IH": p, "DROP": p, "XD": p, "BIAS": "*fp32", "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
                 "ERR": "*i32", "RING": "*i64"}
@@ -116,6 +120,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     if k.interpreting():
         raise RuntimeError("compilecheck needs the real compiler: unset TRITON_INTERPRET")
     tdt = _TRITON_DTYPE[dtype]
+    if kernel == "bwd" and config.grid_2d:
+        return _check_2d(dtype, hidden, config, directions)
     consts = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", SK=config.split_k,
@@ -160,6 +166,33 @@ def _hiddens(min_hidden: int, max_hidden: int) -> list[int]:
                   if min_hidden <= h <= max_hidden)
 
 
+def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: int) -> Resources:
+    """check() of a grid_2d backward (lstm_bwd_2d_kernel)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tritonlstm.configs import grid_2d_blocks
+    from tritonlstm.kernels import lstm as k
+
+    res = Resources("bwd", _TRITON_DTYPE[dtype], hidden, config, shared=0, registers=0, spill_bytes=0,
+                    store_gates=False)
+    consts = dict(BU=config.block_h, NB=grid_2d_blocks(hidden, config.block_h), BB=config.block_b, D=directions,
+                  HAS_LENGTHS=False, PERSISTENT=config.persistent,
+                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", FLAGS=config.exchange == "flags",
+                  NP=1 if config.exchange != "flags" else triton.next_power_of_2(config.programs(hidden)))
+    try:
+        sig = {**_signature("bwd_2d", _TRITON_DTYPE[dtype]), **{n: "constexpr" for n in consts}}
+        src = ASTSource(fn=k.lstm_bwd_2d_kernel, signature=sig, constexprs=consts, attrs=_launch_attrs(sig, hidden))
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        res.shared = compiled.metadata.shared
+        res.registers, res.spill_bytes = _ptxas_report(compiled.asm["ptx"])
+    except Exception as e:  # a compile failure is a finding, reported with the config that caused it
+        res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return res
+
+
 def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
                     measured: bool = True) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
     """(kernel, dtype, H, config, prefetch) for every distinct config the heuristic can choose on an H100 for
@@ -189,21 +222,21 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
     return out
 
 
-def reduce_scatter_variants(max_hidden: int = 1024, min_hidden: int = 1) -> list[tuple[str, torch.dtype, int,
-                                                                                   LSTMConfig, bool]]:
+def reduce_scatter_variants(max_hidden: int = 1024, min_hidden: int = 1, grid_2d: bool = False
+                            ) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
     """The single-layer backward's reduce-scatter configs (configs.named_variants' "transposed" and
-    "transposed-streamed" for "bwd", perf/NOTES.md v0.24) at B = 1 and 16, as shipped_configs lists them: tuner
-    candidates, not yet heuristic picks."""
+    "transposed-streamed" for "bwd", perf/NOTES.md v0.24) at B = 1 and 16, or with grid_2d its "grid-2d" configs
+    (v0.26) at B = 64 and 256, as shipped_configs lists them: tuner candidates, not yet heuristic picks."""
     seen, out = set(), []
+    names = ("grid-2d",) if grid_2d else ("transposed", "transposed-streamed")
     for dtype in _TRITON_DTYPE:
         for hidden in _hiddens(min_hidden, max_hidden):
-            for batch in (1, 16):
-                for cfg in named_variants("bwd", hidden, batch, dtype, H100_SMS,
-                                          ("transposed", "transposed-streamed")).values():
+            for batch in (64, 256) if grid_2d else (1, 16):
+                for cfg in named_variants("bwd", hidden, batch, dtype, H100_SMS, names).values():
                     prefetch = cfg.prefetches(batch, hidden)
-                    # The sum over the producers unrolls over QP, a power of two >= H / 16.
-                    key = (dtype, cfg.block_k, cfg.w_resident, cfg.num_warps, cfg.num_stages, prefetch,
-                           _pow2(-(-hidden // cfg.block_h)))
+                    # H enters through its blocks (QP, NB) and its alignment (the launch's 16-divisibility).
+                    key = (dtype, cfg.block_k, cfg.block_b, cfg.w_resident, cfg.num_warps, cfg.num_stages, prefetch,
+                           _pow2(-(-hidden // cfg.block_h)), hidden % 16 == 0)
                     if key not in seen:
                         seen.add(key)
                         out.append(("bwd", dtype, hidden, cfg, prefetch))
@@ -294,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                          "reported, and the exit status says whether all fit)")
     ap.add_argument("--reduce-scatter", action="store_true",
                     help="check the backward's reduce-scatter configs instead (tuner candidates, at B = 1 and 16)")
+    ap.add_argument("--grid-2d", action="store_true",
+                    help="check the backward's 2-D grid configs instead (tuner candidates, at B = 64 and 256)")
     ap.add_argument("--matmul", action="store_true", help="check the float32 TF32 GEMM kernel instead")
     args = ap.parse_args(argv)
     if args.matmul:
@@ -312,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged)  # tagged: on the tiles
     if args.tagged:
         configs = tagged_variants(configs)
-    if args.reduce_scatter:
-        configs = reduce_scatter_variants(args.max_hidden, args.min_hidden)
+    if args.reduce_scatter or args.grid_2d:
+        configs = reduce_scatter_variants(args.max_hidden, args.min_hidden, grid_2d=args.grid_2d)
     # The single-layer forward in its training and inference variants; a stack only in its training one (with
     # dropout, the heavier of the two: compiling both doubled the sweep's time for nothing it found).
     jobs = [(kernel, dtype, hidden, cfg, prefetch, store) for kernel, dtype, hidden, cfg, prefetch in configs

@@ -115,7 +115,7 @@ class LSTMConfig:
         persistent (a stepwise launch runs one step), every program owning one batch tile, a barrier exchange
         (the tagged ones wait per word instead), and H a multiple of 16 (unaligned tiles at the register limit
         spill: 8 bytes in the 16-bit backward at H = 1025, compile-only)."""
-        return (self.prefetch and self.persistent and not self.tagged and hidden % 16 == 0
+        return (self.prefetch and self.persistent and not self.tagged and not self.grid_2d and hidden % 16 == 0
                 and cdiv(batch, self.block_b) <= self.batch_groups)
 
     def programs(self, hidden: int) -> int:
@@ -379,6 +379,21 @@ def reduce_scatter_config(hidden: int, batch: int, esize: int, num_sms: int, str
                       num_warps=8, transposed=True)
 
 
+def grid_2d_config(hidden: int, batch: int, esize: int, num_sms: int) -> LSTMConfig | None:
+    """The single-layer backward on a 2-D grid (LSTMConfig.grid_2d, perf/NOTES.md v0.26): the widest unit block
+    (128, 64 or 32) whose four [block, block] W_hh tiles fit the shared-memory budget and whose NB^2 programs fit
+    the SMs; 32-row batch tiles at 128-unit blocks (64 rows spill 240 bytes there, compile-only sm_90), else 64;
+    8 warps. None where no block fits."""
+    for bu in (128, 64, 32):
+        nb = _pow2(cdiv(hidden, bu))
+        if 4 * bu * bu * esize <= _W_BUDGET and nb * nb <= num_sms and bu >= nb:
+            bb = 32 if bu == 128 else 64
+            groups = max(1, min(cdiv(batch, bb), num_sms // (nb * nb)))
+            return LSTMConfig(block_h=bu, block_b=bb, block_k=bu, w_resident=True, batch_groups=groups, num_warps=8,
+                              grid_2d=True)
+    return None
+
+
 def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None, layers: int,
                           interpreter: bool = False, measured: bool = True) -> LSTMConfig:
     """The reverse wavefront of a stack: the forward stack's choice, except where its two sets of four gate dots
@@ -447,7 +462,8 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
 
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
             "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
-            "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "no-prefetch")
+            "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d",
+            "no-prefetch")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -482,6 +498,8 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    programs, each reading its rows' h_{t-1} (dG_{t+1}: 4H wide) once for more units, so less L2
                    traffic per step (16-bit backward, H = 1024, B = 256: 96 or 64 MB against the split tiles' 128;
                    v0.25)
+      grid-2d      single-layer backward, B >= 64: the recurrent product on a 2-D grid of unit blocks, two barriers
+                   per step (grid_2d_config, v0.26)
       no-prefetch  the single-layer forward's heuristic pick with its gx loaded after the barrier (v0.23), where
                    the pick prefetches
 
@@ -540,6 +558,10 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         if transposed_fits(H, esize):
             out["transposed"] = reduce_scatter_config(H, B, esize, share)
         out["transposed-streamed"] = reduce_scatter_config(H, B, esize, share, streamed=True)
+    if kernel == "bwd" and B >= 64 and H >= 128:
+        grid = grid_2d_config(H, B, esize, share)
+        if grid is not None:
+            out["grid-2d"] = grid
     if unsplit.persistent:
         out["flags"] = dataclasses.replace(unsplit, exchange="flags")
         if "transposed" in out:

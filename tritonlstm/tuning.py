@@ -35,6 +35,7 @@ from tritonlstm.configs import (
     _pow2,
     batch_groups,
     cdiv,
+    grid_2d_config,
     heuristic_config,
     named_variants,
     reduce_scatter_config,
@@ -177,7 +178,7 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 # The tagged exchanges measured slower than the barrier everywhere (perf/NOTES.md v0.8, run 1) and 2 warps
 # spill at large K: left to the full search.
 QUICK_VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "merged", "transposed", "transposed-streamed", "flags",
-                  "transposed-flags", "streamed", "wide", "wide-bh32", "wide-bh64", "no-prefetch")
+                  "transposed-flags", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d", "no-prefetch")
 
 
 def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
@@ -230,6 +231,8 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                             out.append(c)
     if batch > 16 and cdiv(hidden, 16) <= num_sms:
         out.append(wide_tile_config(hidden, batch, esize, num_sms, kernel))
+    if kernel == "bwd" and batch >= 64 and (grid := grid_2d_config(hidden, batch, esize, num_sms)) is not None:
+        out.append(grid)  # perf/NOTES.md v0.26
     out += [tagged_variant(c, exchange) for c in list(out)
             for exchange in tagged_exchanges(kernel, c, dtype)]
     # The flags barrier (v0.19) on the heuristic's tiles and the transposed ones: a change of the exchange alone,
