@@ -165,10 +165,12 @@ def test_kernel_ab_variants_are_runnable_configs():
     for kernel in ("fwd", "bwd"):
         got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "tagged",
-                "split-tagged", "streamed", "wide", "flags"}
+                "split-tagged", "streamed", "wide", "wide-bh32", "wide-bh64", "flags"}
         fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4", "transposed", "transposed-flags",
                     "transposed-streamed"}
-        assert set(got) == want | (fwd_only if kernel == "fwd" else set()), got
+        # The backward's transposed (reduce-scatter) variants only where every program owns one batch tile.
+        assert set(got) == want | (fwd_only if kernel == "fwd" else {"grid-2d"}), got
+        assert [got[f"wide-bh{bh}"].block_h for bh in (32, 64)] == [32, 64]
         assert len(set(got.values())) == len(got)
         assert all(c.programs(1024) <= 132 for c in got.values())
         assert got["unsplit"].split_k == 1 and got["split"].split_k == 8 and got["split4"].split_k == 4
@@ -180,6 +182,11 @@ def test_kernel_ab_variants_are_runnable_configs():
     t = ab.variants("fwd", 512, 256, torch.float16, 132, ["transposed"])["transposed"]
     assert t.block_b == 64 and t.batch_groups == 4
     assert "transposed" not in ab.variants("fwd", 1024, 16, torch.float32, 132, ["transposed"])  # 256 KB of W^T
+    g = ab.variants("bwd", 1024, 256, torch.float16, 132, ["grid-2d"])["grid-2d"]
+    assert g.grid_2d and g.block_h == 128 and g.programs(1024) == 128
+    assert not ab.variants("bwd", 1024, 256, torch.float32, 132, ["grid-2d"])  # a 128-unit fp32 block: 256 KB
+    t = ab.variants("bwd", 512, 16, torch.float16, 132, ["transposed"])["transposed"]
+    assert t.transposed and t.num_warps == 8 and t.batch_groups == 1
     t = ab.variants("fwd", 1024, 256, torch.float32, 132, ["transposed-streamed"])["transposed-streamed"]
     assert t.transposed and not t.w_resident and t.block_b == 64 and t.num_stages == 3 and t.programs(1024) <= 132
     for kernel in ("stack", "stack_bwd"):  # 4 layers share the SMs: 33 each
