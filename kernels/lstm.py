@@ -1300,9 +1300,12 @@ def lstm_bwd_2d_kernel(
             else:
                 o_bh = o_b[:, None] * H + o_j[None, :]
                 m_bh = m_b[:, None] & m_j[None, :]
-                o_a = tl.arange(0, NB)
-                b_dh = tl.sum(tl.load(PART + (o_a.to(tl.int64) * B * H)[:, None, None] + o_bh[None, :, :],
-                                      mask=m_bh[None, :, :], other=0.0, cache_modifier=".cg"), axis=0)
+                # The NB shares in a fixed order (bitwise deterministic), one load each (a [NB, BB, BO] load held
+                # more registers: compile-only).
+                b_dh = tl.zeros([BB, BO], dtype=tl.float32)
+                for i_a in tl.static_range(NB):
+                    b_dh += tl.load(PART + (B * H).to(tl.int64) * i_a + o_bh, mask=m_bh, other=0.0,
+                                    cache_modifier=".cg")
                 b_dh = tl.where(poisoned, float("nan"), b_dh)
                 p_dc = DC_WS + o_bh
                 b_dc = tl.load(p_dc, mask=m_bh, other=0.0, cache_modifier=".cg")

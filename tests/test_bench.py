@@ -169,7 +169,7 @@ def test_kernel_ab_variants_are_runnable_configs():
         fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4", "transposed", "transposed-flags",
                     "transposed-streamed"}
         # The backward's transposed (reduce-scatter) variants only where every program owns one batch tile.
-        assert set(got) == want | (fwd_only if kernel == "fwd" else {"grid-2d"}), got
+        assert set(got) == want | (fwd_only if kernel == "fwd" else {"grid-2d", "grid-2d-bb64"}), got
         assert [got[f"wide-bh{bh}"].block_h for bh in (32, 64)] == [32, 64]
         assert len(set(got.values())) == len(got)
         assert all(c.programs(1024) <= 132 for c in got.values())

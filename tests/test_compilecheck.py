@@ -180,12 +180,14 @@ def test_reduce_scatter_backward_candidates_compile_without_spills(tmp_path):
 
 def test_grid_2d_backward_candidates_compile_without_spills(tmp_path):
     """The backward's 2-D grid configs (tuner candidates, perf/NOTES.md v0.26) at H = 1000 and 1024 in 16-bit
-    (128-unit blocks, 8 a side, 32-row tiles): within shared memory, free of spills."""
+    (128-unit blocks, 8 a side): within shared memory, free of spills on 32-row tiles; on 64-row tiles (wgmma) at
+    most 600 bytes (212 at H = 1024, 552 at the unaligned 1000)."""
     out = tmp_path / "g2.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--grid-2d", "--min-hidden", "1000", "--max-hidden", "1024",
                       "--json", str(out), timeout=1200)
     rows = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert {(r["dtype"], r["hidden"]) for r in rows} == {(d, h) for d in ("fp16", "bf16") for h in (1000, 1024)}
-    assert all(r["config"]["grid_2d"] and r["config"]["block_h"] == 128 and r["ok"] and r["spill_bytes"] == 0
-               for r in rows), proc.stdout[-3000:]
+    assert {(r["dtype"], r["hidden"], r["config"]["block_b"]) for r in rows} == {
+        (d, h, bb) for d in ("fp16", "bf16") for h in (1000, 1024) for bb in (32, 64)}
+    assert all(r["config"]["grid_2d"] and r["config"]["block_h"] == 128 and r["ok"]
+               and r["spill_bytes"] <= (0 if r["config"]["block_b"] == 32 else 600) for r in rows), proc.stdout[-3000:]

@@ -228,7 +228,7 @@ def reduce_scatter_variants(max_hidden: int = 1024, min_hidden: int = 1, grid_2d
     "transposed-streamed" for "bwd", perf/NOTES.md v0.24) at B = 1 and 16, or with grid_2d its "grid-2d" configs
     (v0.26) at B = 64 and 256, as shipped_configs lists them: tuner candidates, not yet heuristic picks."""
     seen, out = set(), []
-    names = ("grid-2d",) if grid_2d else ("transposed", "transposed-streamed")
+    names = ("grid-2d", "grid-2d-bb64") if grid_2d else ("transposed", "transposed-streamed")
     for dtype in _TRITON_DTYPE:
         for hidden in _hiddens(min_hidden, max_hidden):
             for batch in (64, 256) if grid_2d else (1, 16):

@@ -379,15 +379,17 @@ def reduce_scatter_config(hidden: int, batch: int, esize: int, num_sms: int, str
                       num_warps=8, transposed=True)
 
 
-def grid_2d_config(hidden: int, batch: int, esize: int, num_sms: int) -> LSTMConfig | None:
+def grid_2d_config(hidden: int, batch: int, esize: int, num_sms: int, block_b: int | None = None
+                   ) -> LSTMConfig | None:
     """The single-layer backward on a 2-D grid (LSTMConfig.grid_2d, perf/NOTES.md v0.26): the widest unit block
     (128, 64 or 32) whose four [block, block] W_hh tiles fit the shared-memory budget and whose NB^2 programs fit
-    the SMs; 32-row batch tiles at 128-unit blocks (64 rows spill 240 bytes there, compile-only sm_90), else 64;
-    8 warps. None where no block fits."""
+    the SMs; block_b rows per tile, by default 32 at 128-unit blocks (64 rows there spill 144-212 bytes,
+    compile-only sm_90, but run the product on wgmma, which 32 rows do not), else 64; 8 warps. None where no
+    block fits."""
     for bu in (128, 64, 32):
         nb = _pow2(cdiv(hidden, bu))
         if 4 * bu * bu * esize <= _W_BUDGET and nb * nb <= num_sms and bu >= nb:
-            bb = 32 if bu == 128 else 64
+            bb = block_b or (32 if bu == 128 else 64)
             groups = max(1, min(cdiv(batch, bb), num_sms // (nb * nb)))
             return LSTMConfig(block_h=bu, block_b=bb, block_k=bu, w_resident=True, batch_groups=groups, num_warps=8,
                               grid_2d=True)
@@ -463,7 +465,7 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
             "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
             "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d",
-            "no-prefetch")
+            "grid-2d-bb64", "no-prefetch")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -499,7 +501,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    traffic per step (16-bit backward, H = 1024, B = 256: 96 or 64 MB against the split tiles' 128;
                    v0.25)
       grid-2d      single-layer backward, B >= 64: the recurrent product on a 2-D grid of unit blocks, two barriers
-                   per step (grid_2d_config, v0.26)
+                   per step (grid_2d_config, v0.26); grid-2d-bb64: with 64-row tiles where it has 32 (wgmma)
       no-prefetch  the single-layer forward's heuristic pick with its gx loaded after the barrier (v0.23), where
                    the pick prefetches
 
@@ -562,6 +564,9 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         grid = grid_2d_config(H, B, esize, share)
         if grid is not None:
             out["grid-2d"] = grid
+            if grid.block_b < 64:
+                # 64-row tiles: the product on wgmma (32 rows run it as mma.sync), at 144-212 bytes of spills.
+                out["grid-2d-bb64"] = grid_2d_config(H, B, esize, share, block_b=64)
     if unsplit.persistent:
         out["flags"] = dataclasses.replace(unsplit, exchange="flags")
         if "transposed" in out:

@@ -178,7 +178,8 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 # The tagged exchanges measured slower than the barrier everywhere (perf/NOTES.md v0.8, run 1) and 2 warps
 # spill at large K: left to the full search.
 QUICK_VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "merged", "transposed", "transposed-streamed", "flags",
-                  "transposed-flags", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d", "no-prefetch")
+                  "transposed-flags", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64",
+                  "no-prefetch")
 
 
 def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
