@@ -398,6 +398,18 @@ def _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b, o_j, m_j, s, T, B, H
     return b_i, b_f, b_g, b_o, b_c, b_cp, b_dy
 
 
+@triton.jit
+def _cell_grads(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_cp, m_live):
+    """One step of the cell's backward on a tile: from the whole dh_t and the dc carried in, the gradients of the
+    four gate pre-activations and dc_t (zero where a row is not live)."""
+    b_tc = 2.0 * _sigmoid(2.0 * b_c) - 1.0
+    b_do = b_dh * b_tc
+    b_dc += b_dh * b_o * (1.0 - b_tc * b_tc)
+    b_dc = tl.where(m_live, b_dc, 0.0)
+    return (b_dc * b_g * b_i * (1.0 - b_i), b_dc * b_cp * b_f * (1.0 - b_f), b_dc * b_i * (1.0 - b_g * b_g),
+            b_do * b_o * (1.0 - b_o), b_dc)
+
+
 # A released barrier counter: above every target a launch waits for (_run splits longer launches).
 RELEASED: tl.constexpr = tl.constexpr(1 << 30)
 
@@ -1148,14 +1160,7 @@ def lstm_bwd_kernel(
                 b_dh += tl.load(DHN + o_bh, mask=m_last, other=0.0).to(tl.float32)
                 b_dc += tl.load(DCN + o_bh, mask=m_last, other=0.0).to(tl.float32)
 
-                b_tc = 2.0 * _sigmoid(2.0 * b_c) - 1.0
-                b_do = b_dh * b_tc
-                b_dc += b_dh * b_o * (1.0 - b_tc * b_tc)
-                b_dc = tl.where(m_live, b_dc, 0.0)
-                b_dgi = b_dc * b_g * b_i * (1.0 - b_i)
-                b_dgf = b_dc * b_cp * b_f * (1.0 - b_f)
-                b_dgg = b_dc * b_i * (1.0 - b_g * b_g)
-                b_dgo = b_do * b_o * (1.0 - b_o)
+                b_dgi, b_dgf, b_dgg, b_dgo, b_dc = _cell_grads(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_cp, m_live)
 
                 if TAGGED:
                     # Every row, dead ones too (their dG is zero here): the readers wait on all rows.
@@ -1319,17 +1324,15 @@ def lstm_bwd_2d_kernel(
                     b_dh += b_dy
                     b_dh += tl.load(DHN + o_bh, mask=m_last, other=0.0).to(tl.float32)
                     b_dc += tl.load(DCN + o_bh, mask=m_last, other=0.0).to(tl.float32)
-                    b_tc = 2.0 * _sigmoid(2.0 * b_c) - 1.0
-                    b_do = b_dh * b_tc
-                    b_dc += b_dh * b_o * (1.0 - b_tc * b_tc)
-                    b_dc = tl.where(m_live, b_dc, 0.0)
+                    b_dgi, b_dgf, b_dgg, b_dgo, b_dc = _cell_grads(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_cp,
+                                                                   m_live)
                     # DG may be GATES: every warp's loads of this tile's gates before any warp stores over them.
                     tl.debug_barrier()
                     p_out = DG + (o_t * B + o_b)[:, None] * SG + o_j[None, :]
-                    tl.store(p_out, (b_dc * b_g * b_i * (1.0 - b_i)).to(DG.dtype.element_ty), mask=m_live)
-                    tl.store(p_out + H, (b_dc * b_cp * b_f * (1.0 - b_f)).to(DG.dtype.element_ty), mask=m_live)
-                    tl.store(p_out + 2 * H, (b_dc * b_i * (1.0 - b_g * b_g)).to(DG.dtype.element_ty), mask=m_live)
-                    tl.store(p_out + 3 * H, (b_do * b_o * (1.0 - b_o)).to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_out, b_dgi.to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_out + H, b_dgf.to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_out + 2 * H, b_dgg.to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_out + 3 * H, b_dgo.to(DG.dtype.element_ty), mask=m_live)
                     tl.store(p_dc, b_dc * b_f, mask=m_bh)
                 else:
                     tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_bh)

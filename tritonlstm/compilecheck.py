@@ -112,8 +112,6 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     """kernel: "fwd", "bwd", "stack" or "stack_bwd" (the forward or backward kernel in its wavefront-stack
     form). prefetch: a single layer's one-tile-per-program variant (LSTMConfig.prefetches)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from tritonlstm.kernels import lstm as k
 
@@ -148,14 +146,23 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,
                     store_gates=store_gates and not backward)
+    return _compile(res, fn, _signature("bwd" if backward else "fwd", tdt), consts)
+
+
+def _compile(res: Resources, fn, sig: dict, consts: dict) -> Resources:
+    """Compiles fn for sm_90 as a launch of res.config would and fills res in: shared memory, registers, spills,
+    or the error (a compile failure is a finding, reported with the config that caused it)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     try:
-        sig = _signature("bwd" if backward else "fwd", tdt)
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=_launch_attrs(sig, hidden))
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=_launch_attrs(sig, res.hidden))
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                                  options=dict(num_warps=res.config.num_warps, num_stages=res.config.num_stages))
         res.shared = compiled.metadata.shared
         res.registers, res.spill_bytes = _ptxas_report(compiled.asm["ptx"])
-    except Exception as e:  # a compile failure is a finding, reported with the config that caused it
+    except Exception as e:
         res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return res
 
@@ -169,8 +176,6 @@ def _hiddens(min_hidden: int, max_hidden: int) -> list[int]:
 def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: int) -> Resources:
     """check() of a grid_2d backward (lstm_bwd_2d_kernel)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from tritonlstm.configs import grid_2d_blocks
     from tritonlstm.kernels import lstm as k
@@ -181,16 +186,8 @@ def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: i
                   HAS_LENGTHS=False, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", FLAGS=config.exchange == "flags",
                   NP=1 if config.exchange != "flags" else triton.next_power_of_2(config.programs(hidden)))
-    try:
-        sig = {**_signature("bwd_2d", _TRITON_DTYPE[dtype]), **{n: "constexpr" for n in consts}}
-        src = ASTSource(fn=k.lstm_bwd_2d_kernel, signature=sig, constexprs=consts, attrs=_launch_attrs(sig, hidden))
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-        res.shared = compiled.metadata.shared
-        res.registers, res.spill_bytes = _ptxas_report(compiled.asm["ptx"])
-    except Exception as e:  # a compile failure is a finding, reported with the config that caused it
-        res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return res
+    sig = {**_signature("bwd_2d", _TRITON_DTYPE[dtype]), **{n: "constexpr" for n in consts}}
+    return _compile(res, k.lstm_bwd_2d_kernel, sig, consts)
 
 
 def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
