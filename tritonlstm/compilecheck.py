@@ -219,21 +219,26 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
     return out
 
 
-def reduce_scatter_variants(max_hidden: int = 1024, min_hidden: int = 1, grid_2d: bool = False
-                            ) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
-    """The single-layer backward's reduce-scatter configs (configs.named_variants' "transposed" and
-    "transposed-streamed" for "bwd", perf/NOTES.md v0.24) at B = 1 and 16, or with grid_2d its "grid-2d" configs
-    (v0.26) at B = 64 and 256, as shipped_configs lists them: tuner candidates, not yet heuristic picks."""
+# The backward's tuner candidates that are not heuristic picks, as (named variants, batches) for --reduce-scatter
+# (perf/NOTES.md v0.24: one batch tile per program) and --grid-2d (v0.26: large batches).
+REDUCE_SCATTER = (("transposed", "transposed-streamed"), (1, 16))
+GRID_2D = (("grid-2d", "grid-2d-bb64"), (64, 256))
+
+
+def backward_variants(names: tuple[str, ...], batches: tuple[int, ...], max_hidden: int = 1024,
+                      min_hidden: int = 1) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
+    """The single-layer backward's configs.named_variants `names` at `batches`, as shipped_configs lists them:
+    tuner candidates, not yet heuristic picks."""
     seen, out = set(), []
-    names = ("grid-2d", "grid-2d-bb64") if grid_2d else ("transposed", "transposed-streamed")
     for dtype in _TRITON_DTYPE:
         for hidden in _hiddens(min_hidden, max_hidden):
-            for batch in (64, 256) if grid_2d else (1, 16):
+            for batch in batches:
                 for cfg in named_variants("bwd", hidden, batch, dtype, H100_SMS, names).values():
                     prefetch = cfg.prefetches(batch, hidden)
-                    # H enters through its blocks (QP, NB) and its alignment (the launch's 16-divisibility).
-                    key = (dtype, cfg.block_k, cfg.block_b, cfg.w_resident, cfg.num_warps, cfg.num_stages, prefetch,
-                           _pow2(-(-hidden // cfg.block_h)), hidden % 16 == 0)
+                    # A compile depends on the tiles, not the batch groups; H enters through its blocks (QP, NB)
+                    # and its alignment (the launch's 16-divisibility).
+                    key = (dtype, dataclasses.replace(cfg, batch_groups=1), prefetch, _pow2(-(-hidden // cfg.block_h)),
+                           hidden % 16 == 0)
                     if key not in seen:
                         seen.add(key)
                         out.append(("bwd", dtype, hidden, cfg, prefetch))
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tagged:
         configs = tagged_variants(configs)
     if args.reduce_scatter or args.grid_2d:
-        configs = reduce_scatter_variants(args.max_hidden, args.min_hidden, grid_2d=args.grid_2d)
+        configs = backward_variants(*(GRID_2D if args.grid_2d else REDUCE_SCATTER), args.max_hidden, args.min_hidden)
     # The single-layer forward in its training and inference variants; a stack only in its training one (with
     # dropout, the heavier of the two: compiling both doubled the sweep's time for nothing it found).
     jobs = [(kernel, dtype, hidden, cfg, prefetch, store) for kernel, dtype, hidden, cfg, prefetch in configs
