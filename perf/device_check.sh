@@ -11,7 +11,7 @@
 # fwd,fwdbwd" runs the whole matrix) and BENCH_TIMEOUT (200); KERNEL_AB=1 (off by default, ~2 min) runs
 # perf/kernel_ab.py with KERNEL_AB_ARGS and KERNEL_AB_TIMEOUT (150); TUNE_ARGS="..." runs the tuner on those
 # shapes (TUNE_TIMEOUT, 240; every candidate's time in tune-log.json; "--quick" searches the named variants
-# alone); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles many candidates),
+# alone); TUNED_BENCH_ARGS="..." runs the bench again after the tuner, with its winners (TUNED_BENCH_TIMEOUT, 200); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles many candidates),
 # TESTS_TIMEOUT (140) and TESTS_WORKERS (pytest-xdist processes sharing the GPU, default 8, 0 = none: the tests
 # compile more than they run, and kernels of different processes time-slice rather than share SMs, so persistent
 # launches keep every program resident; run 4: 106 tests in 45 s on 8 workers); STACK_AB=1 (off by default, ~1 min) runs perf/kernel_ab.py on the
@@ -97,6 +97,15 @@ if [ -n "${TUNE_ARGS:-}" ]; then
     echo "tune rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
     unset TRITONLSTM_CACHE_DIR
     pack
+fi
+if [ -n "${TUNED_BENCH_ARGS:-}" ]; then
+    # The bench again with the configs just tuned (the user's cache first, then the shipped ones): e.g. after
+    # TUNE_ARGS="--quick --kernels bwd", TUNED_BENCH_ARGS="--modes fwdbwd" times training with the new winners
+    # in the same call, before they are committed as shipped configs.
+    step "bench with the tuned configs ($TUNED_BENCH_ARGS)"
+    export TRITONLSTM_CACHE_DIR="$W/tuned"
+    measure bench-tuned "${TUNED_BENCH_TIMEOUT:-200}" $py -m tritonlstm.bench $TUNED_BENCH_ARGS --out "$W/bench-tuned"
+    unset TRITONLSTM_CACHE_DIR
 fi
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then

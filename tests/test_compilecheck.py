@@ -10,8 +10,24 @@ import json
 import torch
 
 from helpers import run_python
-from tritonlstm.compilecheck import SM90_SHARED_LIMIT, SPILL_LIMIT, shipped_configs
-from tritonlstm.configs import heuristic_config, wide_tile_config
+from tritonlstm.compilecheck import GPUS, SM90_SHARED_LIMIT, SPILL_LIMIT, shipped_configs
+from tritonlstm.configs import (
+    LSTMConfig,
+    fit_shared_memory,
+    heuristic_config,
+    shared_bytes,
+    stack_backward_config,
+    wide_tile_config,
+)
+
+ESIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def assert_estimate_bounds_the_compile(rows):
+    """configs.shared_bytes (what fit_shared_memory sizes configs by) at or above the compiled shared memory."""
+    for r in rows:
+        est = shared_bytes(LSTMConfig(**r["config"]), r["kernel"], r["hidden"], ESIZE[r["dtype"]])
+        assert est >= r["shared"], (est, r)
 
 
 def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
@@ -34,6 +50,7 @@ def test_every_shipped_config_compiles_for_sm90_within_limits(tmp_path):
         limit = 700 if resident_stack else 0 if r["kernel"].startswith("stack") or not r["config"]["w_resident"] \
             else SPILL_LIMIT
         assert r["spill_bytes"] <= limit, r
+    assert_estimate_bounds_the_compile(rows)
     configs = shipped_configs(4096)
     # The single-layer forward in both variants; a stack in its training one (dropout, the heavier).
     assert len(rows) == sum(2 if kernel == "fwd" else 1 for kernel, *_ in configs)
@@ -176,6 +193,7 @@ def test_reduce_scatter_backward_candidates_compile_without_spills(tmp_path):
     assert {r["hidden"] for r in rows} == {1000, 1024}
     assert all(r["kernel"] == "bwd" and r["config"]["transposed"] and r["config"]["num_warps"] == 8 for r in rows)
     assert all(r["ok"] and r["spill_bytes"] == 0 for r in rows), proc.stdout[-3000:]
+    assert_estimate_bounds_the_compile(rows)
 
 
 def test_grid_2d_backward_candidates_compile_without_spills(tmp_path):
@@ -191,3 +209,79 @@ def test_grid_2d_backward_candidates_compile_without_spills(tmp_path):
         (d, h, bb) for d in ("fp16", "bf16") for h in (1000, 1024) for bb in (32, 64)}
     assert all(r["config"]["grid_2d"] and r["config"]["block_h"] == 128 and r["ok"]
                and r["spill_bytes"] <= (0 if r["config"]["block_b"] == 32 else 600) for r in rows), proc.stdout[-3000:]
+    assert_estimate_bounds_the_compile(rows)
+
+
+def _heuristic_picks(sms: int):
+    """(kernel, dtype, H, B, directions, layers, config) of the heuristic on a GPU of `sms` SMs, as the runtime
+    asks for them (before fit_shared_memory)."""
+    from tritonlstm.compilecheck import _hiddens
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for hidden in _hiddens(1, 4096):
+            for batch in (1, 16, 17, 64, 256, 4096):
+                for d in (1, 2):
+                    for kernel in ("fwd", "bwd"):
+                        yield kernel, dtype, hidden, batch, d, 1, heuristic_config(hidden, batch, dtype, sms,
+                                                                                   directions=d, kernel=kernel)
+                for n in (2, 4):
+                    yield "stack", dtype, hidden, batch, 1, n, heuristic_config(hidden, batch, dtype, sms, layers=n,
+                                                                                kernel="stack")
+                    yield "stack_bwd", dtype, hidden, batch, 1, n, stack_backward_config(hidden, batch, dtype, sms, n)
+
+
+def test_fit_shared_memory_keeps_h100_picks_and_fits_smaller_gpus():
+    """configs.fit_shared_memory, applied to every pick at run time: on an H100 it changes nothing (the heuristic
+    was measured there); on an A100 (163 KB of shared memory per block) and the 99 KB GPUs (A10, L4, RTX 4090),
+    where a launch of the unfitted pick fails with OutOfResources (fp16 H >= 512, fp32 H >= 256), every fitted
+    pick is under the limit by the estimate, keeps its programs resident, and is the pick itself wherever that
+    already fits."""
+    for name, gpu in GPUS.items():
+        changed = 0
+        for kernel, dtype, hidden, batch, d, n, cfg in _heuristic_picks(gpu.sms):
+            fitted = fit_shared_memory(cfg, kernel, hidden, batch, dtype, gpu.sms, gpu.smem, d, n)
+            assert shared_bytes(fitted, kernel, hidden, dtype.itemsize) <= gpu.smem, (name, kernel, hidden, cfg)
+            assert not fitted.persistent or fitted.programs(hidden) * d * n <= gpu.sms, (name, kernel, hidden, fitted)
+            if shared_bytes(cfg, kernel, hidden, dtype.itemsize) <= gpu.smem:
+                assert fitted == cfg
+            changed += fitted != cfg
+        if name == "h100":
+            assert changed == 0
+        else:
+            assert changed > 0, name
+    # RTX 4090: the fp16 H = 1024 forward streams W^T (resident it needs 139 KB); the backward halves its units per
+    # program, still resident (96 KB); fp32 at H = 1024 streams W in 16-wide K chunks.
+    gpu = GPUS["rtx4090"]
+    fwd = fit_shared_memory(heuristic_config(1024, 16, torch.float16, gpu.sms), "fwd", 1024, 16, torch.float16,
+                            gpu.sms, gpu.smem)
+    assert fwd.transposed and not fwd.w_resident
+    bwd = fit_shared_memory(heuristic_config(1024, 16, torch.float16, gpu.sms, kernel="bwd"), "bwd", 1024, 16,
+                            torch.float16, gpu.sms, gpu.smem)
+    assert bwd.w_resident and bwd.block_h == 8
+    fp32 = fit_shared_memory(heuristic_config(1024, 16, torch.float32, gpu.sms), "fwd", 1024, 16, torch.float32,
+                             gpu.sms, gpu.smem)
+    assert not fp32.w_resident and fp32.block_k == 16 and fp32.persistent
+
+
+def test_picks_fitted_to_an_rtx4090_compile_for_sm89_within_its_shared_memory():
+    """The configs fit_shared_memory gives an sm_89 GPU with 99 KB of shared memory per block where the H100's
+    pick does not fit (H 256-1024, every kernel and dtype; the rest are the H100's picks, compiled above),
+    compiled for sm_89: each within 101376 bytes, spills at most the H100 sweep's. (`python -m
+    tritonlstm.compilecheck --gpu rtx4090` compiles them all.)"""
+    code = (
+        "import concurrent.futures, dataclasses, json\n"
+        "from tritonlstm import compilecheck as cc\n"
+        "gpu = cc.GPUS['rtx4090']\n"
+        "h100 = {(k, d, h, c) for k, d, h, c, _ in cc.shipped_configs(1024, 256)}\n"
+        "jobs = [(k, d, h, c, p, True, gpu) for k, d, h, c, p in cc.shipped_configs(1024, 256, target=gpu)\n"
+        "        if (k, d, h, c) not in h100]\n"
+        "with concurrent.futures.ProcessPoolExecutor(2) as pool:\n"
+        "    rows = list(pool.map(cc._check_job, jobs))\n"
+        "print(json.dumps([dict(dataclasses.asdict(r), ok=r.ok) for r in rows]))\n")
+    proc = run_python("-c", code, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert len(rows) > 20 and {r["kernel"] for r in rows} == {"fwd", "bwd", "stack", "stack_bwd"}
+    assert all(r["ok"] and r["smem_limit"] == 101376 and r["spill_bytes"] <= 700 for r in rows), \
+        [r for r in rows if not r["ok"] or r["spill_bytes"] > 700]
+    assert_estimate_bounds_the_compile(rows)

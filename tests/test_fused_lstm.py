@@ -797,3 +797,35 @@ def test_backward_on_a_2d_grid(config, H, reverse, dtype, lengths, kernel_calls)
     with use_config(None, "fwd"):
         check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config)
     assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+def test_a_launch_the_gpu_cannot_hold_reruns_on_the_last_resort_config(kernel, monkeypatch):
+    """Where Triton refuses a launch for want of shared memory (OutOfResources: raised before the kernel starts, on a
+    GPU whose figures configs.fit_shared_memory was not checked against), the layer runs that recurrence again on
+    configs.last_resort_config with a RuntimeWarning, and the results are the kernels' as usual; a config forced
+    with use_config raises instead."""
+    from triton.runtime.errors import OutOfResources
+
+    from tritonlstm.configs import heuristic_config, last_resort_config
+
+    name = {"fwd": "lstm_forward", "bwd": "lstm_backward"}[kernel]
+    real, seen = getattr(kernels, name), []
+
+    def refuses_once(*args, config, **kw):
+        seen.append(config)
+        if len(seen) == 1:
+            raise OutOfResources(262144, 101376, "shared memory")
+        return real(*args, config=config, **kw)
+
+    monkeypatch.setattr(kernels, name, refuses_once)
+    torch.manual_seed(0)
+    T, B, H = 5, 3, 24
+    with pytest.warns(RuntimeWarning, match="does not fit this GPU"):
+        errors = check_against_reference(make_problem(T, B, 7, H, torch.float32), torch.float32)
+    assert seen[1] == last_resort_config(kernel, B, torch.float32) and len(seen) == 2, (seen, errors)
+    seen.clear()
+    forced = heuristic_config(H, B, torch.float32, None, interpreter=True)
+    with pytest.raises(OutOfResources):
+        check_against_reference(make_problem(T, B, 7, H, torch.float32), torch.float32, config=forced)
+    assert seen == [forced]

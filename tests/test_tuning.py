@@ -291,4 +291,41 @@ def test_shipped_h100_configs_cover_the_bench_matrix_and_can_run():
     for key, cfg in shipped.items():
         hidden = int(key.split("|")[2][1:])
         assert cfg.programs(hidden) <= 132, key
+        # Within the H100's shared memory by the estimate, so select_config runs it as shipped.
+        kernel, dtype = key.split("|")[:2]
+        assert configs.shared_bytes(cfg, kernel, hidden, getattr(torch, dtype).itemsize) <= 232448, key
         assert not cfg.transposed or key.startswith("fwd"), key  # the backward has no transposed dots
+
+
+def test_select_config_fits_what_it_finds_to_the_gpus_shared_memory(monkeypatch):
+    """A config from the cache or the shipped file that needs more shared memory than this GPU has (a cache
+    copied from an H100 to a 99 KB GPU) is cut down as the heuristic's picks are; one that fits is kept."""
+    big = configs.heuristic_config(1024, 16, torch.float16, 128, kernel="bwd")  # 160 KB: split, resident
+    monkeypatch.setattr(configs, "device_limits", lambda device: (128, 101376))
+    monkeypatch.setattr(tuning, "lookup", lambda *a: big)
+    cuda = torch.device("cuda", 0)
+    got = configs.select_config(1024, 16, torch.float16, cuda, False, "bwd")
+    assert got == configs.fit_shared_memory(big, "bwd", 1024, 16, torch.float16, 128, 101376) != big
+    assert configs.shared_bytes(got, "bwd", 1024, 2) <= 101376
+    monkeypatch.setattr(tuning, "lookup", lambda *a: OTHER)  # 64 KB + 16 KB
+    assert configs.select_config(1024, 16, torch.float16, cuda, False, "fwd") == OTHER
+    monkeypatch.setattr(tuning, "lookup", lambda *a: None)  # the heuristic, fitted
+    assert configs.select_config(1024, 16, torch.float16, cuda, False, "fwd") == configs.fit_shared_memory(
+        configs.heuristic_config(1024, 16, torch.float16, 128), "fwd", 1024, 16, torch.float16, 128, 101376)
+    with use_config(big, kernel="bwd"):  # forced: as given, for the tuner and the tests
+        assert configs.select_config(1024, 16, torch.float16, cuda, False, "bwd") == big
+
+
+def test_candidates_fit_a_smaller_gpu_and_the_2d_grid_has_no_tagged_copy():
+    """The full search's candidates on a 99 KB GPU all fit it by the estimate (configs.shared_bytes). The
+    backward's at B >= 64 hold the 2-D grid (v0.26) and no tagged copy of it: building one raised ValueError, so
+    `python -m tritonlstm.tune` failed at every such key before any timing."""
+    for kernel in ("fwd", "bwd"):
+        for dtype in (torch.float16, torch.float32):
+            for hidden in (256, 512, 1024):
+                for batch in (16, 256):
+                    small = tuning.candidates(hidden, batch, dtype, 128, 101376, kernel)
+                    assert small, (kernel, dtype, hidden, batch)
+                    assert all(configs.shared_bytes(c, kernel, hidden, dtype.itemsize) <= 101376 for c in small)
+    grids = [c for c in tuning.candidates(1024, 256, torch.float16, 132, 232448, "bwd") if c.grid_2d]
+    assert grids and all(c.exchange == "barrier" for c in grids)

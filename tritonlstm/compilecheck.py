@@ -3,7 +3,9 @@
 `triton.compile(..., target=GPUTarget("cuda", 90, 32))` builds the sm_90 binary on a CPU-only machine; ptxas
 (bundled with triton's wheel) then reports registers and spills. This catches what the interpreter cannot:
 type errors, shared-memory overflow, register spills. Run as `python -m tritonlstm.compilecheck` (it must
-run without TRITON_INTERPRET: the interpreter does not compile).
+run without TRITON_INTERPRET: the interpreter does not compile); `--gpu a100` (a10, l4, rtx4090) checks the
+configs the heuristic picks on that GPU, cut down to its shared memory (configs.fit_shared_memory), compiled for
+its architecture.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from tritonlstm.configs import (
     LSTMConfig,
     _pow2,
+    fit_shared_memory,
     heuristic_config,
     named_variants,
     stack_backward_config,
@@ -37,6 +40,21 @@ SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H10
 # K = 1024 split 4 ways on 4 warps, at an H that is not a multiple of 16).
 SPILL_LIMIT = 2048
 H100_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A GPU as the configs see it: compute capability (the compile's target), SMs, shared memory per block."""
+
+    arch: int
+    sms: int
+    smem: int
+
+
+# The H100 the heuristic was measured on, and GPUs with less shared memory or fewer SMs (CUDA's figures).
+GPUS = {"h100": Target(90, H100_SMS, SM90_SHARED_LIMIT), "a100": Target(80, 108, 166912),
+        "a10": Target(86, 72, 101376), "l4": Target(89, 58, 101376), "rtx4090": Target(89, 128, 101376)}
+H100 = GPUS["h100"]
 BACKWARD = ("bwd", "stack_bwd")  # the kernels compiled from lstm_bwd_kernel
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -52,10 +70,11 @@ class Resources:
     spill_bytes: int
     error: str | None = None
     store_gates: bool = True  # the training variant of fwd / stack (False: inference)
+    smem_limit: int = SM90_SHARED_LIMIT  # the target GPU's shared memory per block
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.shared <= SM90_SHARED_LIMIT and self.spill_bytes <= SPILL_LIMIT
+        return self.error is None and self.shared <= self.smem_limit and self.spill_bytes <= SPILL_LIMIT
 
 
 def _signature(kernel: str, dtype: str) -> dict[str, str]:
@@ -108,7 +127,7 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
 
 
 def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
-          has_lengths: bool = False, directions: int = 1, prefetch: bool = False) -> Resources:
+          has_lengths: bool = False, directions: int = 1, prefetch: bool = False, target: Target = H100) -> Resources:
     """kernel: "fwd", "bwd", "stack" or "stack_bwd" (the forward or backward kernel in its wavefront-stack
     form). prefetch: a single layer's one-tile-per-program variant (LSTMConfig.prefetches)."""
     import triton
@@ -119,7 +138,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
         raise RuntimeError("compilecheck needs the real compiler: unset TRITON_INTERPRET")
     tdt = _TRITON_DTYPE[dtype]
     if kernel == "bwd" and config.grid_2d:
-        return _check_2d(dtype, hidden, config, directions)
+        return _check_2d(dtype, hidden, config, directions, target)
     consts = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", SK=config.split_k,
@@ -145,20 +164,20 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     backward = kernel in BACKWARD
     fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,
-                    store_gates=store_gates and not backward)
-    return _compile(res, fn, _signature("bwd" if backward else "fwd", tdt), consts)
+                    store_gates=store_gates and not backward, smem_limit=target.smem)
+    return _compile(res, fn, _signature("bwd" if backward else "fwd", tdt), consts, target.arch)
 
 
-def _compile(res: Resources, fn, sig: dict, consts: dict) -> Resources:
-    """Compiles fn for sm_90 as a launch of res.config would and fills res in: shared memory, registers, spills,
-    or the error (a compile failure is a finding, reported with the config that caused it)."""
+def _compile(res: Resources, fn, sig: dict, consts: dict, arch: int = 90) -> Resources:
+    """Compiles fn for sm_`arch` as a launch of res.config would and fills res in: shared memory, registers,
+    spills, or the error (a compile failure is a finding, reported with the config that caused it)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=_launch_attrs(sig, res.hidden))
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=res.config.num_warps, num_stages=res.config.num_stages))
         res.shared = compiled.metadata.shared
         res.registers, res.spill_bytes = _ptxas_report(compiled.asm["ptx"])
@@ -173,7 +192,7 @@ def _hiddens(min_hidden: int, max_hidden: int) -> list[int]:
                   if min_hidden <= h <= max_hidden)
 
 
-def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: int) -> Resources:
+def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: int, target: Target) -> Resources:
     """check() of a grid_2d backward (lstm_bwd_2d_kernel)."""
     import triton
 
@@ -181,21 +200,22 @@ def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: i
     from tritonlstm.kernels import lstm as k
 
     res = Resources("bwd", _TRITON_DTYPE[dtype], hidden, config, shared=0, registers=0, spill_bytes=0,
-                    store_gates=False)
+                    store_gates=False, smem_limit=target.smem)
     consts = dict(BU=config.block_h, NB=grid_2d_blocks(hidden, config.block_h), BB=config.block_b, D=directions,
                   HAS_LENGTHS=False, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", FLAGS=config.exchange == "flags",
                   NP=1 if config.exchange != "flags" else triton.next_power_of_2(config.programs(hidden)))
     sig = {**_signature("bwd_2d", _TRITON_DTYPE[dtype]), **{n: "constexpr" for n in consts}}
-    return _compile(res, k.lstm_bwd_2d_kernel, sig, consts)
+    return _compile(res, k.lstm_bwd_2d_kernel, sig, consts, target.arch)
 
 
-def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
-                    measured: bool = True) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
-    """(kernel, dtype, H, config, prefetch) for every distinct config the heuristic can choose on an H100 for
-    H <= max_hidden, any batch: one direction or both in one launch (fwd, bwd), and wavefront stacks of
-    2 to 4 layers (stack, stack_bwd); prefetch: a single layer's one-tile-per-program variant, where a batch
-    gives it. measured=False: its tiles before the layouts of the H100 A/B."""
+def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1, measured: bool = True,
+                    target: Target = H100) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
+    """(kernel, dtype, H, config, prefetch) for every distinct config the heuristic can choose on `target` (an
+    H100 by default) for H <= max_hidden, any batch: one direction or both in one launch (fwd, bwd), and
+    wavefront stacks of 2 to 4 layers (stack, stack_bwd), each cut down to the target's shared memory as at run
+    time (configs.fit_shared_memory: no change on an H100); prefetch: a single layer's one-tile-per-program
+    variant, where a batch gives it. measured=False: its tiles before the layouts of the H100 A/B."""
 
     seen, out = set(), []
     hiddens = _hiddens(min_hidden, max_hidden)
@@ -206,9 +226,12 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1,
             for batch in (1, 16, 17, 33, 64, 256, 4096):
                 for kernel, kw in shapes:
                     if kernel == "stack_bwd":
-                        cfg = stack_backward_config(hidden, batch, dtype, H100_SMS, measured=measured, **kw)
+                        cfg = stack_backward_config(hidden, batch, dtype, target.sms, measured=measured, **kw)
                     else:
-                        cfg = heuristic_config(hidden, batch, dtype, H100_SMS, kernel=kernel, measured=measured, **kw)
+                        cfg = heuristic_config(hidden, batch, dtype, target.sms, kernel=kernel, measured=measured,
+                                               **kw)
+                    cfg = fit_shared_memory(cfg, kernel, hidden, batch, dtype, target.sms, target.smem,
+                                            kw.get("directions", 1), kw.get("layers", 1))
                     # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
                     prefetch = kernel in ("fwd", "bwd") and cfg.prefetches(batch, hidden)
                     key = (kernel, dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
@@ -259,8 +282,8 @@ def tagged_variants(configs) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
 
 
 def _check_job(job) -> Resources:
-    kernel, dtype, hidden, cfg, prefetch, store = job
-    return check(kernel, dtype, hidden, cfg, store_gates=store, prefetch=prefetch)
+    kernel, dtype, hidden, cfg, prefetch, store, target = job
+    return check(kernel, dtype, hidden, cfg, store_gates=store, prefetch=prefetch, target=target)
 
 
 def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig, store: bool,
@@ -332,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid-2d", action="store_true",
                     help="check the backward's 2-D grid configs instead (tuner candidates, at B = 64 and 256)")
     ap.add_argument("--matmul", action="store_true", help="check the float32 TF32 GEMM kernel instead")
+    ap.add_argument("--gpu", choices=sorted(GPUS), default="h100",
+                    help="the GPU whose heuristic picks to check, compiled for its architecture within its shared "
+                         "memory (default h100)")
     args = ap.parse_args(argv)
+    target = GPUS[args.gpu]
     if args.matmul:
         rows = check_matmul()
         for r in rows:
@@ -346,25 +373,27 @@ def main(argv: list[str] | None = None) -> int:
         bad = [r for r in rows if r["error"] or r["spill_bytes"] or r["shared"] > SM90_SHARED_LIMIT]
         return 1 if bad else 0
     rows = []
-    configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged)  # tagged: on the tiles
+    configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged,  # tagged: on the tiles
+                              target=target)
     if args.tagged:
         configs = tagged_variants(configs)
     if args.reduce_scatter or args.grid_2d:
         configs = backward_variants(*(GRID_2D if args.grid_2d else REDUCE_SCATTER), args.max_hidden, args.min_hidden)
     # The single-layer forward in its training and inference variants; a stack only in its training one (with
     # dropout, the heavier of the two: compiling both doubled the sweep's time for nothing it found).
-    jobs = [(kernel, dtype, hidden, cfg, prefetch, store) for kernel, dtype, hidden, cfg, prefetch in configs
+    jobs = [(kernel, dtype, hidden, cfg, prefetch, store, target) for kernel, dtype, hidden, cfg, prefetch in configs
             for store in ((True, False) if kernel == "fwd" else (True,))]
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = pool.map(_check_job, jobs)
-        for (kernel, dtype, hidden, cfg, prefetch, store), r in zip(jobs, results):
+        for (kernel, dtype, hidden, cfg, prefetch, store, _), r in zip(jobs, results):
             _report(rows, r, kernel, hidden, cfg, store, prefetch)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{**dataclasses.asdict(r), "config": dataclasses.asdict(r.config), "ok": r.ok} for r in rows],
                       f, indent=1)
     bad = [r for r in rows if not r.ok]
-    print(f"{len(rows) - len(bad)} of {len(rows)} kernel configs within sm_90 limits")
+    print(f"{len(rows) - len(bad)} of {len(rows)} kernel configs within {args.gpu}'s limits (sm_{target.arch}, "
+          f"{target.smem} bytes of shared memory)")
     return 1 if bad else 0
 
 

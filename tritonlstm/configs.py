@@ -12,10 +12,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 
 import torch
 
-# Shared memory per SM on sm_90 is 232448 bytes; these budgets leave room for the compiler's own staging.
+# Shared memory one block may use on an H100 (sm_90), where the heuristic was built and measured; its budgets leave
+# room for the compiler's own staging. GPUs with less (sm_80: 166912, sm_86 / sm_89: 101376) get its picks cut
+# down to what fits by fit_shared_memory.
+SM90_SHARED = 232448
 _W_BUDGET = 128 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
@@ -142,7 +146,7 @@ def tagged_exchanges(kernel: str, config: LSTMConfig, dtype: torch.dtype) -> tup
     exchanges = {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
     min_k = (16 if dtype == torch.float32 else 32) * config.split_k
     ok = (config.persistent and config.block_h >= 2 and config.block_k >= min_k and not config.merged_gates
-          and not config.transposed and config.exchange == "barrier")
+          and not config.transposed and not config.grid_2d and config.exchange == "barrier")
     return exchanges if ok else ()
 
 
@@ -254,6 +258,8 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
         bh //= 2
     resident = hk <= 1024 and 4 * hk * bh * esize <= w_budget and cdiv(hidden, bh) <= num_sms
     sk = measured_split(kernel, hk, esize) if resident and layers == 1 else 1
+    if sk > 1 and cdiv(hidden, min(bh, 16)) > num_sms:
+        sk = 1  # split tiles are 16 units wide: their programs would not all be resident (GPUs below 64 SMs)
     if sk > 1:
         bh = min(bh, 16)
     if resident:
@@ -411,10 +417,11 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
     esize = torch.empty((), dtype=dtype).element_size()
     if cfg.w_resident and hk * esize <= 2048 and hk <= 512:
         cfg = dataclasses.replace(cfg, num_warps=4) if hk == 64 and esize == 2 else cfg
-        if measured and hk >= 64 and hidden % 16 == 0:  # unaligned H spills (880 bytes at fp32 H = 257)
-            # Split 4 ways over 4 warps, BH <= 16: 0.40-0.74x the step of these tiles in every resident row of
-            # run 5's stack A/B (2 and 4 layers, H = 512, B = 16, each dtype; perf/NOTES.md v0.20).
-            bh = min(cfg.block_h, 16)
+        bh = min(cfg.block_h, 16)
+        # Split 4 ways over 4 warps, BH <= 16: 0.40-0.74x the step of these tiles in every resident row of run 5's
+        # stack A/B (2 and 4 layers, H = 512, B = 16, each dtype; perf/NOTES.md v0.20). Not at unaligned H (880
+        # bytes of spills at fp32 H = 257), nor where 16-unit programs would not all be resident (small GPUs).
+        if measured and hk >= 64 and hidden % 16 == 0 and cdiv(hidden, bh) <= num_sms // layers:
             cfg = dataclasses.replace(cfg, block_h=bh, split_k=4, num_warps=4,
                                       batch_groups=batch_groups(hidden, batch, bh, cfg.block_b, num_sms // layers))
         return cfg
@@ -427,39 +434,138 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
                       num_warps=4 if esize < 4 else 8)
 
 
-def stack_layers_per_launch(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, layers: int) -> int:
+def stack_layers_per_launch(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, layers: int,
+                            smem_limit: int = SM90_SHARED) -> int:
     """How many layers of a unidirectional stack one wavefront launch runs: all of them, unless their weights
     cannot stay on chip together while fewer layers' can; then the stack runs as consecutive wavefronts of that
     many layers. fp32 at H = 512: 4 layers stream W from L2 at 40-45 us per step in every variant of run 5's
     stack A/B, where a 2-layer wavefront keeps W resident at 10-11 us (perf/NOTES.md v0.22)."""
     def resident(n: int) -> bool:
-        return heuristic_config(hidden, batch, dtype, num_sms, layers=n, kernel="stack").w_resident and \
-            stack_backward_config(hidden, batch, dtype, num_sms, n).w_resident
+        fwd = heuristic_config(hidden, batch, dtype, num_sms, layers=n, kernel="stack")
+        bwd = stack_backward_config(hidden, batch, dtype, num_sms, n)
+        return fit_shared_memory(fwd, "stack", hidden, batch, dtype, num_sms, smem_limit, layers=n).w_resident and \
+            fit_shared_memory(bwd, "stack_bwd", hidden, batch, dtype, num_sms, smem_limit, layers=n).w_resident
     if layers <= 2 or resident(layers):
         return layers
     return next((n for n in range(layers - 1, 1, -1) if resident(n)), layers)
 
 
+# Shared memory the compiler adds to the estimate's terms (2 KB seen at H = 33: scratch of a layout conversion).
+_SHARED_MARGIN = 2048
+
+
+def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> int:
+    """Shared memory of one program of `config`, an upper estimate from the compile-only sweeps (sm_90 and sm_89
+    compile to the same figures; tests/test_compilecheck.py keeps it at or above the compiled one for every config
+    the heuristic picks and the named variants): the weight slices it keeps resident (a stack's two: W_ih and W_hh),
+    or num_stages K chunks of them when streamed, and the h_{t-1} tile the dot reads (the backward's dG_{t+1}
+    chunk spans four gates' columns, 4 KB more), or a transposed dot's 8 KB chunk of it (12 KB for the
+    backward's reduce-scatter)."""
+    hk = max(16, _pow2(hidden))
+    slices = 2 if kernel in ("stack", "stack_bwd") else 1
+    backward = kernel in ("bwd", "stack_bwd")
+    bh, bb, bk, stages = config.block_h, config.block_b, config.block_k, config.num_stages
+    if config.grid_2d and kernel == "bwd":
+        return 4 * bh * bh * esize + 2 * bb * bh * esize + _SHARED_MARGIN
+    if config.transposed and kernel != "stack_bwd":  # the stack's backward ignores `transposed`
+        if config.w_resident:
+            return slices * 64 * hk * esize + (12288 if backward else 8192) + _SHARED_MARGIN
+        return stages * (slices * 64 * bk + bb * bk) * esize + _SHARED_MARGIN
+    if config.w_resident:
+        # At K <= 32 the scratch outgrows the tile: 4 KB in all (a merged dot's at H = 17-32: 12288 bytes).
+        return slices * 4 * hk * bh * esize + max(bb * hk * esize + _SHARED_MARGIN, 4096)
+    if backward:
+        return stages * (slices * 4 * bk * bh + bb * 4 * bk) * esize + 4096 + _SHARED_MARGIN
+    return stages * (slices * 4 * bk * bh + bb * bk) * esize + _SHARED_MARGIN
+
+
+def fit_shared_memory(config: LSTMConfig, kernel: str, hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
+                      smem_limit: int, directions: int = 1, layers: int = 1) -> LSTMConfig:
+    """`config` if it fits `smem_limit` bytes of shared memory per block (shared_bytes), else the nearest config
+    that does, first of: the transposed dots with W^T streamed; the same tiles with half the units per program (down
+    to 8, while the programs fit the SMs); W streamed in 32-wide K chunks (16 in float32); one launch per step.
+    Every pick of the H100 heuristic fits an H100 (232448 bytes) unchanged; on an sm_86 / sm_89 GPU (101376 bytes)
+    a launch of the unfitted pick fails with Triton's OutOfResources (fp16 H >= 512, fp32 H >= 256)."""
+    esize = torch.empty((), dtype=dtype).element_size()
+
+    def fits(cfg):
+        return shared_bytes(cfg, kernel, hidden, esize) <= smem_limit
+
+    if fits(config):
+        return config
+    share = max(1, num_sms // (directions * layers))
+    tries = []
+    if config.transposed and config.w_resident and kernel != "stack_bwd":
+        tries.append(reduce_scatter_config(hidden, batch, esize, share, streamed=True) if kernel == "bwd" else
+                     transposed_config(hidden, batch, esize, share, config.block_b, streamed=True))
+    if config.w_resident and not config.transposed and not config.grid_2d:
+        bh = config.block_h // 2
+        while bh >= 8 and cdiv(hidden, bh) <= share:
+            tries.append(dataclasses.replace(config, block_h=bh, batch_groups=batch_groups(
+                hidden, batch, bh, config.block_b, share) if config.persistent else config.batch_groups))
+            bh //= 2
+    last = last_resort_config(kernel, batch, dtype)
+    if cdiv(hidden, 16) <= share:
+        tries.append(dataclasses.replace(last, block_k=32 if esize < 4 else 16, persistent=True,
+                                         batch_groups=batch_groups(hidden, batch, 16, 16, share)))
+    tries.append(last)
+    return next((c for c in tries if fits(c)), last)
+
+
+def last_resort_config(kernel: str, batch: int, dtype: torch.dtype) -> LSTMConfig:
+    """The config that needs least of a GPU: W streamed in 16-wide K chunks, one launch per step (no residency),
+    16 x 16 tiles: 5 KB of shared memory in every kernel (compile-only sm_90); 4 warps (8 for a float32 stack's
+    reverse wavefront, as the heuristic streams it: no spills)."""
+    return LSTMConfig(block_h=16, block_b=16, block_k=16, w_resident=False, batch_groups=cdiv(batch, 16),
+                      persistent=False, num_warps=8 if kernel == "stack_bwd" and dtype.itemsize == 4 else 4)
+
+
+def forced_config(kernel: str) -> LSTMConfig | None:
+    """The config use_config forces on `kernel` here, or None."""
+    return (_override.get() or {}).get(kernel)
+
+
+@functools.lru_cache(maxsize=16)
+def _limits_of(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", SM90_SHARED)
+
+
+def device_limits(device: torch.device | str | int) -> tuple[int, int]:
+    """(SMs, bytes of shared memory one block may use) of a CUDA device."""
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return _limits_of(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def device_heuristic(hidden: int, batch: int, dtype: torch.dtype, device: torch.device | str | int,
+                     kernel: str = "fwd", directions: int = 1, layers: int = 1) -> LSTMConfig:
+    """The heuristic's pick for `kernel` on a CUDA device: heuristic_config (stack_backward_config for a stack's
+    backward) with its SMs, cut down to its shared memory (fit_shared_memory)."""
+    sms, smem = device_limits(device)
+    if kernel == "stack_bwd":
+        cfg = stack_backward_config(hidden, batch, dtype, sms, layers)
+    else:
+        cfg = heuristic_config(hidden, batch, dtype, sms, directions=directions, layers=layers, kernel=kernel)
+    return fit_shared_memory(cfg, kernel, hidden, batch, dtype, sms, smem, directions, layers)
+
+
 def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,
                   kernel: str = "fwd", directions: int = 1, layers: int = 1) -> LSTMConfig:
-    forced = (_override.get() or {}).get(kernel)
+    forced = forced_config(kernel)
     if forced is not None:
         return forced
     if interpreter or device.type != "cuda":
         return heuristic_config(hidden, batch, dtype, None, interpreter=True, directions=directions, layers=layers,
                                 kernel=kernel)
     if kernel in ("stack", "stack_bwd"):  # not tuned yet: the heuristic
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if kernel == "stack_bwd":
-            return stack_backward_config(hidden, batch, dtype, sms, layers)
-        return heuristic_config(hidden, batch, dtype, sms, layers=layers, kernel=kernel)
+        return device_heuristic(hidden, batch, dtype, device, kernel, directions, layers)
     from tritonlstm.tuning import lookup  # the cache and the tuner; imported here to keep this module light
 
     found = lookup(kernel, hidden, batch, dtype, directions, device)
-    if found is not None:
-        return found
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return heuristic_config(hidden, batch, dtype, sms, directions=directions, kernel=kernel)
+    if found is None:
+        return device_heuristic(hidden, batch, dtype, device, kernel, directions)
+    # A config tuned or shipped for this GPU fits it; a cache copied from a larger one may not.
+    return fit_shared_memory(found, kernel, hidden, batch, dtype, *device_limits(device), directions)
 
 
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",

@@ -18,11 +18,18 @@ import functools
 import importlib
 import os
 import sys
+import warnings
 
 import torch
 from torch import Tensor
 
-from tritonlstm.configs import select_config, stack_layers_per_launch
+from tritonlstm.configs import (
+    device_limits,
+    forced_config,
+    last_resort_config,
+    select_config,
+    stack_layers_per_launch,
+)
 from tritonlstm.naive import lstm_layer_reference
 
 BACKENDS = ("auto", "triton", "torch")
@@ -199,6 +206,28 @@ def _graph_released_after_this_backward(ctx, *saved: Tensor) -> bool:
         return False
 
 
+def _launch(kernel: str, H: int, B: int, dtype: torch.dtype, device: torch.device, launch, directions: int = 1,
+            layers: int = 1):
+    """launch(config) with the config select_config picks. Where Triton finds that config needs more shared memory
+    than this GPU has (configs.fit_shared_memory sizes every pick from an estimate checked on sm_80 / sm_86 /
+    sm_89 / sm_90; this is for the GPUs it was not checked on), once more with configs.last_resort_config, and a
+    warning that says so. The kernel has not started when Triton raises that, so nothing was written."""
+    k = _kernels()
+    config = select_config(H, B, dtype, device, k.interpreting(), kernel, directions, layers)
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return launch(config)
+    except OutOfResources as e:
+        if forced_config(kernel) is not None:
+            raise
+        fallback = last_resort_config(kernel, B, dtype)
+        warnings.warn(f"tritonlstm: the {kernel} kernel's config {config} does not fit this GPU ({e}); running "
+                      f"{fallback} instead, which is slower. `python -m tritonlstm.tune` finds the fastest that fits.",
+                      RuntimeWarning, stacklevel=2)
+        return launch(fallback)
+
+
 def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
                         lengths: Tensor | None, reverse: bool, training: bool,
                         gates_into_gx: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -206,12 +235,11 @@ def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: 
     T, B, _ = gx.shape
     D, _, H = weight_hh.shape
     c_ws = c0.to(torch.float32, copy=True).contiguous()
-    config = select_config(H, B, gx.dtype, gx.device, k.interpreting(), "fwd", D)
     gx = gx.contiguous()
-    y, hn, cn, gates, c_all = k.lstm_forward(gx, weight_hh.contiguous(), None if bias is None else bias.contiguous(),
-                                             h0.contiguous(), c_ws, _last_steps(lengths, gx.device), reverse=reverse,
-                                             store_gates=training, config=config,
-                                             gates_out=gx if gates_into_gx and training and lengths is None else None)
+    y, hn, cn, gates, c_all = _launch("fwd", H, B, gx.dtype, gx.device, lambda config: k.lstm_forward(
+        gx, weight_hh.contiguous(), None if bias is None else bias.contiguous(), h0.contiguous(), c_ws,
+        _last_steps(lengths, gx.device), reverse=reverse, store_gates=training, config=config,
+        gates_out=gx if gates_into_gx and training and lengths is None else None), directions=D)
     if not training:
         return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0)
     return y, hn, cn, gates, c_all
@@ -250,10 +278,10 @@ def _recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_
     k = _kernels()
     T, B, _ = gates.shape
     D, _, H = weight_hh.shape
-    config = select_config(H, B, gates.dtype, gates.device, k.interpreting(), "bwd", D)
-    return k.lstm_backward(gates, c_all, c0.to(torch.float32).contiguous(), weight_hh.contiguous(),
-                           dy.contiguous(), dhn.contiguous(), dcn.contiguous(), _last_steps(lengths, gates.device),
-                           reverse=reverse, config=config, into_gates=into_gates)
+    return _launch("bwd", H, B, gates.dtype, gates.device, lambda config: k.lstm_backward(
+        gates, c_all, c0.to(torch.float32).contiguous(), weight_hh.contiguous(), dy.contiguous(), dhn.contiguous(),
+        dcn.contiguous(), _last_steps(lengths, gates.device), reverse=reverse, config=config, into_gates=into_gates),
+        directions=D)
 
 
 @_custom_op("lstm_recurrence_backward")
@@ -285,11 +313,10 @@ def _stack_backward_run(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_a
     k = _kernels()
     L, T, B, _ = gates.shape
     H = weight_hh.shape[2]
-    config = select_config(H, B, gates.dtype, gates.device, k.interpreting(), "stack_bwd", layers=L)
-    return k.lstm_stack_backward(gates, c_all, c0.to(torch.float32).contiguous(), weight_ih.contiguous(),
-                                 weight_hh.contiguous(), dy.contiguous(), dhn.contiguous(), dcn.contiguous(),
-                                 _last_steps(lengths, gates.device), config=config,
-                                 drop=None if drop is None else drop.contiguous(), into_gates=into_gates)
+    return _launch("stack_bwd", H, B, gates.dtype, gates.device, lambda config: k.lstm_stack_backward(
+        gates, c_all, c0.to(torch.float32).contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
+        dy.contiguous(), dhn.contiguous(), dcn.contiguous(), _last_steps(lengths, gates.device), config=config,
+        drop=None if drop is None else drop.contiguous(), into_gates=into_gates), layers=L)
 
 
 @_custom_op("lstm_stack_backward")
@@ -324,12 +351,11 @@ def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor |
     k = _kernels()
     T, B, _ = gx.shape
     L, _, H = weight_hh.shape
-    config = select_config(H, B, gx.dtype, gx.device, k.interpreting(), "stack", layers=L)
     c_ws = c0.to(torch.float32, copy=True).contiguous()
-    y, hn, cn, gates, c_all, xd = k.lstm_stack_forward(
+    y, hn, cn, gates, c_all, xd = _launch("stack", H, B, gx.dtype, gx.device, lambda config: k.lstm_stack_forward(
         gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), None if bias is None else bias.contiguous(),
         h0.contiguous(), c_ws, _last_steps(lengths, gx.device), store_gates=training, config=config,
-        drop=None if drop is None else drop.contiguous())
+        drop=None if drop is None else drop.contiguous()), layers=L)
     xd = gx.new_empty(0) if xd is None else xd
     if not training:
         return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0), xd
@@ -688,8 +714,8 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
 def _layers_per_launch(H: int, B: int, dtype: torch.dtype, device: torch.device, L: int) -> int:
     if device.type != "cuda":
         return L  # the interpreter runs any stack in one stepwise wavefront
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return stack_layers_per_launch(H, B, dtype, sms, L)
+    sms, smem = device_limits(device)
+    return stack_layers_per_launch(H, B, dtype, sms, L, smem)
 
 
 def _stack_launch(x, weights, h0, c0, lengths, dropout_scale):

@@ -35,10 +35,13 @@ from tritonlstm.configs import (
     _pow2,
     batch_groups,
     cdiv,
+    device_heuristic,
+    device_limits,
     grid_2d_config,
     heuristic_config,
     named_variants,
     reduce_scatter_config,
+    shared_bytes,
     tagged_exchanges,
     tagged_variant,
     wide_tile_config,
@@ -240,8 +243,8 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
     # not worth doubling every candidate (compiling dominates a tuning run).
     out += [dataclasses.replace(c, exchange="flags") for i, c in enumerate(out)
             if c.persistent and c.exchange == "barrier" and (i == 0 or c.transposed)]
-    out = list(dict.fromkeys(out))
-    return out
+    # The estimate (configs.shared_bytes) for the layouts the loop above did not size: none is dropped on an H100.
+    return [c for c in dict.fromkeys(out) if shared_bytes(c, kernel, hidden, esize) <= smem_limit]
 
 
 def fits(kernel: str, dtype: torch.dtype, hidden: int, cfg: LSTMConfig, smem_limit: int, check=None) -> bool:
@@ -350,9 +353,8 @@ def make_problem(kernel: str, dtype: torch.dtype, hidden: int, batch: int, seq: 
     problem = Problem(kernel, gx, w_hh, w_ih, bias, h0, c0, dy)
     if kernel in ("bwd", "stack_bwd"):
         if base is None:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            base = heuristic_config(H, B, dtype, sms, directions=1 if stack else n, layers=n if stack else 1,
-                                    kernel="stack" if stack else "fwd")
+            base = device_heuristic(H, B, dtype, device, "stack" if stack else "fwd", directions=1 if stack else n,
+                                    layers=n if stack else 1)
         if stack:
             _, _, _, gates, c_all, _ = k.lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c0.clone(), None,
                                                            store_gates=True, config=base)
@@ -373,10 +375,9 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     if timer is None:
         from triton.testing import do_bench as timer
     device = torch.device(device)
-    props = torch.cuda.get_device_properties(device)
-    smem = getattr(props, "shared_memory_per_block_optin", 232448)
+    num_sms, smem = device_limits(device)
     H, B, T, D = hidden, batch, seq, directions
-    default = heuristic_config(H, B, dtype, props.multi_processor_count, directions=D, kernel=kernel)
+    default = device_heuristic(H, B, dtype, device, kernel, directions=D)
     problem = make_problem(kernel, dtype, H, B, T, directions=D, device=device, base=default)
     run = problem.launch
 
@@ -391,9 +392,12 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     limit = LIMITS[dtype]
     expected = y_ref if kernel == "fwd" else gx_ref.grad
     times, rejected, log = {}, 0, []
-    sms = props.multi_processor_count // D
+    sms = num_sms // D
     names = quick_candidates(H, B, dtype, sms, kernel) if quick else {}
     cands = list(names) if quick else candidates(H, B, dtype, sms, smem, kernel)
+    if default not in cands:  # the heuristic's pick cut down to this GPU's shared memory
+        cands.insert(0, default)
+        names[default] = "heuristic-fitted"
     with ThreadPoolExecutor(_compile_workers()) as pool:  # compile-only checks: independent compiles
         keep = list(pool.map(lambda c: c == default or fits(kernel, dtype, H, c, smem, check), cands))
     cands = [c for c, ok in zip(cands, keep) if ok]
