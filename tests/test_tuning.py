@@ -166,11 +166,16 @@ def test_fits_uses_compile_only_figures():
         def __init__(self, shared, spills, error=None):
             self.shared, self.spill_bytes, self.error = shared, spills, error
 
-    assert tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a: Res(1000, 0))
-    assert tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a: Res(1000, 8))  # timing decides
-    assert not tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a: Res(1000, 4096))
-    assert not tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a: Res(300000, 0))
-    assert not tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a: Res(0, 0, "error"))
+    assert tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a, **k: Res(1000, 0))
+    assert tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a, **k: Res(1000, 8))  # timing decides
+    assert not tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a, **k: Res(1000, 4096))
+    assert not tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a, **k: Res(300000, 0))
+    assert not tuning.fits("fwd", torch.float16, 64, CFG, 232448, check=lambda *a, **k: Res(0, 0, "error"))
+    # Compiled for the tuning GPU's architecture, judged by its shared memory (an RTX 4090: sm_89, 99 KB).
+    targets = []
+    assert not tuning.fits("fwd", torch.float16, 64, CFG, 101376, arch=89,
+                           check=lambda *a, target: targets.append(target) or Res(135168, 0))
+    assert (targets[0].arch, targets[0].smem) == (89, 101376)
 
 
 def test_fits_with_the_real_compile_check():

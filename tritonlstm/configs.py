@@ -486,7 +486,7 @@ def fit_shared_memory(config: LSTMConfig, kernel: str, hidden: int, batch: int, 
     to 8, while the programs fit the SMs); W streamed in 32-wide K chunks (16 in float32); one launch per step.
     Every pick of the H100 heuristic fits an H100 (232448 bytes) unchanged; on an sm_86 / sm_89 GPU (101376 bytes)
     a launch of the unfitted pick fails with Triton's OutOfResources (fp16 H >= 512, fp32 H >= 256)."""
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
 
     def fits(cfg):
         return shared_bytes(cfg, kernel, hidden, esize) <= smem_limit

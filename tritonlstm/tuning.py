@@ -247,14 +247,16 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
     return [c for c in dict.fromkeys(out) if shared_bytes(c, kernel, hidden, esize) <= smem_limit]
 
 
-def fits(kernel: str, dtype: torch.dtype, hidden: int, cfg: LSTMConfig, smem_limit: int, check=None) -> bool:
-    """The compile-only verdict (compilecheck.check): compiles, shared memory under the limit, register spills
-    at most compilecheck.SPILL_LIMIT bytes (small spills can still win: the timing decides)."""
-    from tritonlstm.compilecheck import SPILL_LIMIT
+def fits(kernel: str, dtype: torch.dtype, hidden: int, cfg: LSTMConfig, smem_limit: int, check=None,
+         arch: int = 90) -> bool:
+    """The compile-only verdict (compilecheck.check, compiled for sm_`arch`): compiles, shared memory under the
+    limit, register spills at most compilecheck.SPILL_LIMIT bytes (small spills can still win: the timing
+    decides)."""
+    from tritonlstm.compilecheck import SPILL_LIMIT, Target
 
     if check is None:
         from tritonlstm.compilecheck import check
-    res = check(kernel, dtype, hidden, cfg)
+    res = check(kernel, dtype, hidden, cfg, target=Target(arch, 0, smem_limit))
     return res.error is None and res.shared <= smem_limit and res.spill_bytes <= SPILL_LIMIT
 
 
@@ -376,6 +378,8 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
         from triton.testing import do_bench as timer
     device = torch.device(device)
     num_sms, smem = device_limits(device)
+    props = torch.cuda.get_device_properties(device)
+    arch = props.major * 10 + props.minor  # compile-only checks for this GPU's architecture
     H, B, T, D = hidden, batch, seq, directions
     default = device_heuristic(H, B, dtype, device, kernel, directions=D)
     problem = make_problem(kernel, dtype, H, B, T, directions=D, device=device, base=default)
@@ -399,7 +403,7 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
         cands.insert(0, default)
         names[default] = "heuristic-fitted"
     with ThreadPoolExecutor(_compile_workers()) as pool:  # compile-only checks: independent compiles
-        keep = list(pool.map(lambda c: c == default or fits(kernel, dtype, H, c, smem, check), cands))
+        keep = list(pool.map(lambda c: c == default or fits(kernel, dtype, H, c, smem, check, arch), cands))
     cands = [c for c, ok in zip(cands, keep) if ok]
     compile_in_parallel([run(cfg) for cfg in cands])
     for cfg in cands:
