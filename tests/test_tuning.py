@@ -334,3 +334,15 @@ def test_candidates_fit_a_smaller_gpu_and_the_2d_grid_has_no_tagged_copy():
                     assert all(configs.shared_bytes(c, kernel, hidden, dtype.itemsize) <= 101376 for c in small)
     grids = [c for c in tuning.candidates(1024, 256, torch.float16, 132, 232448, "bwd") if c.grid_2d]
     assert grids and all(c.exchange == "barrier" for c in grids)
+
+
+def test_quick_candidates_a_small_gpu_cannot_keep_resident_are_left_out_before_timing():
+    """On 20 SMs the A/B's split tiles (16 units a program) at H = 512 need 32 programs: tuning.resident drops them
+    before any compile or timing (tune_key filters with it), and keeps the stepwise and resident ones."""
+    quick = tuning.quick_candidates(512, 16, torch.float16, 20, "bwd")
+    dropped = [c for c in quick if not tuning.resident(c, 512, 1, 20)]
+    assert dropped and all(c.persistent and c.programs(512) > 20 for c in dropped)
+    assert any(tuning.resident(c, 512, 1, 20) for c in quick)
+    stepwise = dataclasses.replace(dropped[0], persistent=False)
+    assert tuning.resident(stepwise, 512, 1, 20)
+    assert not tuning.resident(CFG, 1024, 2, 132) and tuning.resident(CFG, 1024, 1, 132)  # 128 programs a direction

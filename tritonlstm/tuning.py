@@ -247,6 +247,13 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
     return [c for c in dict.fromkeys(out) if shared_bytes(c, kernel, hidden, esize) <= smem_limit]
 
 
+def resident(cfg: LSTMConfig, hidden: int, directions: int, num_sms: int) -> bool:
+    """Whether every program of a launch of cfg can be resident at once, as a persistent launch needs (a named
+    variant's tiles on a GPU with fewer SMs than the H100 they were named on may not be; a stepwise one always
+    is)."""
+    return not cfg.persistent or cfg.programs(hidden) * directions <= num_sms
+
+
 def fits(kernel: str, dtype: torch.dtype, hidden: int, cfg: LSTMConfig, smem_limit: int, check=None,
          arch: int = 90) -> bool:
     """The compile-only verdict (compilecheck.check, compiled for sm_`arch`): compiles, shared memory under the
@@ -402,6 +409,7 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     if default not in cands:  # the heuristic's pick cut down to this GPU's shared memory
         cands.insert(0, default)
         names[default] = "heuristic-fitted"
+    cands = [c for c in cands if c == default or resident(c, H, D, num_sms)]
     with ThreadPoolExecutor(_compile_workers()) as pool:  # compile-only checks: independent compiles
         keep = list(pool.map(lambda c: c == default or fits(kernel, dtype, H, c, smem, check, arch), cands))
     cands = [c for c, ok in zip(cands, keep) if ok]
