@@ -553,3 +553,19 @@ def test_backward_on_a_2d_grid_matches_cudnn(H, B, dtype):
     with use_config(cfg, "bwd"):
         run_both(128, B, H, dtype)
     packed_bidirectional_training_matches_cudnn(H, B, dtype, named_variants("bwd", H, B, dtype, sms // 2)["grid-2d"])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("B", [16, 256])
+@pytest.mark.parametrize("H", [512, 1024])
+def test_configs_fitted_to_a_99kb_gpu_match_cudnn(monkeypatch, H, B, dtype):
+    """configs.fit_shared_memory's picks for a GPU with 99 KB of shared memory per block (A10, L4, RTX 4090: the
+    shipped or heuristic pick cut down: W^T streamed, half the units per program, W streamed), run on this GPU as
+    if it had only that much (perf/NOTES.md v0.27): forward and backward against cuDNN."""
+    from tritonlstm import configs
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    monkeypatch.setattr(configs, "device_limits", lambda device: (sms, 101376))
+    cfgs = [select_config(H, B, dtype, torch.device("cuda"), False, kernel) for kernel in ("fwd", "bwd")]
+    assert all(configs.shared_bytes(c, k, H, dtype.itemsize) <= 101376 for c, k in zip(cfgs, ("fwd", "bwd")))
+    run_both(64, B, H, dtype)
