@@ -23,6 +23,7 @@ import tempfile
 import torch
 
 from tritonlstm.configs import (
+    SM90_SHARED,
     LSTMConfig,
     _pow2,
     fit_shared_memory,
@@ -33,7 +34,7 @@ from tritonlstm.configs import (
     tagged_variant,
 )
 
-SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100
+SM90_SHARED_LIMIT = SM90_SHARED  # bytes of shared memory one block may use on an H100
 # Register spills up to this many bytes per thread are allowed: on an H100 several spilling configs measured
 # faster than spill-free ones (perf/NOTES.md v0.9: 4 warps doing less duplicated work beat 8 that fit
 # registers); beyond it ptxas has given up (one fell back to 32 registers and 30 KB of spills: fp16 backward,
@@ -248,15 +249,15 @@ REDUCE_SCATTER = (("transposed", "transposed-streamed"), (1, 16))
 GRID_2D = (("grid-2d", "grid-2d-bb64"), (64, 256))
 
 
-def backward_variants(names: tuple[str, ...], batches: tuple[int, ...], max_hidden: int = 1024,
-                      min_hidden: int = 1) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
-    """The single-layer backward's configs.named_variants `names` at `batches`, as shipped_configs lists them:
-    tuner candidates, not yet heuristic picks."""
+def backward_variants(names: tuple[str, ...], batches: tuple[int, ...], max_hidden: int = 1024, min_hidden: int = 1,
+                      target: Target = H100) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
+    """The single-layer backward's configs.named_variants `names` at `batches` on `target`'s SMs, as
+    shipped_configs lists them: tuner candidates, not yet heuristic picks."""
     seen, out = set(), []
     for dtype in _TRITON_DTYPE:
         for hidden in _hiddens(min_hidden, max_hidden):
             for batch in batches:
-                for cfg in named_variants("bwd", hidden, batch, dtype, H100_SMS, names).values():
+                for cfg in named_variants("bwd", hidden, batch, dtype, target.sms, names).values():
                     prefetch = cfg.prefetches(batch, hidden)
                     # A compile depends on the tiles, not the batch groups; H enters through its blocks (QP, NB)
                     # and its alignment (the launch's 16-divisibility).
@@ -373,12 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         bad = [r for r in rows if r["error"] or r["spill_bytes"] or r["shared"] > SM90_SHARED_LIMIT]
         return 1 if bad else 0
     rows = []
-    configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged,  # tagged: on the tiles
-                              target=target)
-    if args.tagged:
-        configs = tagged_variants(configs)
     if args.reduce_scatter or args.grid_2d:
-        configs = backward_variants(*(GRID_2D if args.grid_2d else REDUCE_SCATTER), args.max_hidden, args.min_hidden)
+        configs = backward_variants(*(GRID_2D if args.grid_2d else REDUCE_SCATTER), args.max_hidden, args.min_hidden,
+                                    target)
+    else:
+        configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged,  # tagged: on the tiles
+                                  target=target)
+        if args.tagged:
+            configs = tagged_variants(configs)
     # The single-layer forward in its training and inference variants; a stack only in its training one (with
     # dropout, the heavier of the two: compiling both doubled the sweep's time for nothing it found).
     jobs = [(kernel, dtype, hidden, cfg, prefetch, store, target) for kernel, dtype, hidden, cfg, prefetch in configs

@@ -210,10 +210,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def batch_groups(hidden: int, batch: int, block_h: int, block_b: int, num_sms: int) -> int:
-    """Q, the programs along the batch: one per batch tile, as many as the SMs left by the cdiv(hidden, block_h)
-    programs along the hidden units allow, at least one."""
-    return max(1, min(cdiv(batch, block_b), num_sms // cdiv(hidden, block_h)))
+def batch_groups(hidden: int, batch: int, block_h: int, block_b: int, num_sms: int, group: int | None = None) -> int:
+    """Q, the programs along the batch: one per batch tile, as many as the SMs left by a group's programs (the
+    cdiv(hidden, block_h) along the hidden units, or `group`) allow, at least one."""
+    return max(1, min(cdiv(batch, block_b), num_sms // (group or cdiv(hidden, block_h))))
 
 
 def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int | None,
@@ -396,7 +396,7 @@ def grid_2d_config(hidden: int, batch: int, esize: int, num_sms: int, block_b: i
         nb = _pow2(cdiv(hidden, bu))
         if 4 * bu * bu * esize <= _W_BUDGET and nb * nb <= num_sms and bu >= nb:
             bb = block_b or (32 if bu == 128 else 64)
-            groups = max(1, min(cdiv(batch, bb), num_sms // (nb * nb)))
+            groups = batch_groups(hidden, batch, bu, bb, num_sms, group=nb * nb)
             return LSTMConfig(block_h=bu, block_b=bb, block_k=bu, w_resident=True, batch_groups=groups, num_warps=8,
                               grid_2d=True)
     return None

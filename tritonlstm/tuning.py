@@ -200,8 +200,8 @@ def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
 
 def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_limit: int,
                kernel: str = "fwd") -> list[LSTMConfig]:
-    """The full search's configs that can run: every program resident (P * Q <= SMs) and an estimate of the shared
-    memory (the W_hh slices and one h tile) under the limit. The heuristic's pick comes first. Each persistent one also
+    """The full search's configs that can run: every program resident (P * Q <= SMs) and the estimate of its shared
+    memory (configs.shared_bytes) under the limit. The heuristic's pick comes first. Each persistent one also
     with the tagged exchanges where its tiles allow them (h_{t-1}, or dG_{t+1} in the backward, in tagged words
     instead of a barrier per step; "tagged" and "tagged-probe" for fwd, "tagged" for bwd; perf/NOTES.md v0.8), and
     the heuristic's and the transposed tiles with the flags barrier (v0.19)."""
@@ -216,18 +216,18 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
             for bb in (16, 32, 64):
                 if bb > max(16, _pow2(batch)):
                     continue
-                p = cdiv(hidden, bh)
-                if p > num_sms or (4 * bk * bh + bb * bk) * esize > smem_limit:
+                tiles = LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident,
+                                   batch_groups=batch_groups(hidden, batch, bh, bb, num_sms))
+                if cdiv(hidden, bh) > num_sms or shared_bytes(tiles, kernel, hidden, esize) > smem_limit:
                     continue
-                q = batch_groups(hidden, batch, bh, bb, num_sms)
                 for warps in (4, 8):
-                    cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=bk, w_resident=resident, batch_groups=q,
-                                     num_warps=warps)
+                    cfg = dataclasses.replace(tiles, num_warps=warps)
                     merged = [dataclasses.replace(cfg, merged_gates=True)] if kernel == "fwd" else []
                     if kernel == "fwd" and bh == 16 and warps == 4:
                         # perf/NOTES.md v0.18; streamed W^T chunks pipelined like the wide tiles' (3 stages).
                         merged.append(dataclasses.replace(cfg, transposed=True, num_stages=1 if resident else 3))
-                    if kernel == "bwd" and bh == 16 and bb == 16 and warps == 8 and cdiv(batch, bb) <= q:
+                    if kernel == "bwd" and bh == 16 and bb == 16 and warps == 8 and \
+                            cdiv(batch, bb) <= tiles.batch_groups:
                         # The reduce-scatter backward (v0.24), where every program owns one batch tile.
                         merged.append(reduce_scatter_config(hidden, batch, esize, num_sms, streamed=not resident))
                     for c in (cfg, with_split_k(cfg), *merged):
