@@ -346,11 +346,10 @@ def test_stack_dropout_matches_the_layer_by_layer_computation():
         assert rel_err(a, b) < 1e-2
 
 
-def packed_bidirectional_matches_cudnn(H, B, dtype, fwd_config):
-    """Both directions and per-row lengths in one forward launch with fwd_config, against cuDNN's packed
-    bidirectional layer."""
+def packed_bidirectional_pair(H, B, dtype):
+    """cuDNN's bidirectional layer and ours with its weights, per-row lengths (one row of the full 64 steps) and
+    a padded input [64, B, H]."""
     from tritonlstm import LSTM
-    from tritonlstm.configs import use_config
 
     m = torch.nn.LSTM(H, H, bidirectional=True).to("cuda", dtype)
     ours = LSTM(H, H, bidirectional=True, backend="triton").to("cuda", dtype)
@@ -358,6 +357,15 @@ def packed_bidirectional_matches_cudnn(H, B, dtype, fwd_config):
     lengths = torch.randint(1, 65, (B,))
     lengths[0] = 64
     x = torch.randn(64, B, H, device="cuda", dtype=dtype)
+    return m, ours, lengths, x
+
+
+def packed_bidirectional_matches_cudnn(H, B, dtype, fwd_config):
+    """Both directions and per-row lengths in one forward launch with fwd_config, against cuDNN's packed
+    bidirectional layer."""
+    from tritonlstm.configs import use_config
+
+    m, ours, lengths, x = packed_bidirectional_pair(H, B, dtype)
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
     with use_config(fwd_config, "fwd"), torch.no_grad():
         a, b = m(packed)[0], ours(packed)[0]
@@ -510,15 +518,9 @@ def test_reduce_scatter_backward_matches_cudnn(kind, H, B, dtype):
 def packed_bidirectional_training_matches_cudnn(H, B, dtype, bwd_config):
     """Both directions and per-row lengths in one backward launch with bwd_config: output, input and parameter
     gradients against cuDNN's packed bidirectional layer."""
-    from tritonlstm import LSTM
     from tritonlstm.configs import use_config
 
-    m = torch.nn.LSTM(H, H, bidirectional=True).to("cuda", dtype)
-    ours = LSTM(H, H, bidirectional=True, backend="triton").to("cuda", dtype)
-    ours.load_state_dict(m.state_dict())
-    lengths = torch.randint(1, 65, (B,))
-    lengths[0] = 64
-    x = torch.randn(64, B, H, device="cuda", dtype=dtype)
+    m, ours, lengths, x = packed_bidirectional_pair(H, B, dtype)
     xs = [x.clone().requires_grad_() for _ in range(2)]
     dy = None
     outs = []
