@@ -370,17 +370,6 @@ def _load_gate_rows(p_gx, m, H):
 
 
 @triton.jit
-def _store_gate_rows(p, b_i, b_f, b_g, b_o, m, H):
-    """_load_gate_rows' inverse: the four gates' [BB, BH] tiles to their columns g * H on of the rows at p, in p's
-    dtype."""
-    dt = p.dtype.element_ty
-    tl.store(p, b_i.to(dt), mask=m)
-    tl.store(p + H, b_f.to(dt), mask=m)
-    tl.store(p + 2 * H, b_g.to(dt), mask=m)
-    tl.store(p + 3 * H, b_o.to(dt), mask=m)
-
-
-@triton.jit
 def _load_step_gx(GX, LAST, o_b, m_b, o_j, m_j, s, T, B, H, SG, rev, BB: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """The forward's gx tiles of step s for the rows o_b, as float32 (zeros where a row is not live at s, or
     s < 0): _load_step_inputs' twin for PREFETCH."""
@@ -930,7 +919,11 @@ def lstm_fwd_kernel(
                     # GATES may be GX (lstm_forward's gates_out; a stack's never is): every warp's gx loads of this
                     # tile must be done before any warp stores over them (as before the backward's dG stores).
                     tl.debug_barrier()
-                _store_gate_rows(GATES + o_row[:, None] * SG + o_j[None, :], b_i, b_f, b_g, b_o, m_live, H)
+                p_gates = GATES + o_row[:, None] * SG + o_j[None, :]
+                tl.store(p_gates, b_i.to(GATES.dtype.element_ty), mask=m_live)
+                tl.store(p_gates + H, b_f.to(GATES.dtype.element_ty), mask=m_live)
+                tl.store(p_gates + 2 * H, b_g.to(GATES.dtype.element_ty), mask=m_live)
+                tl.store(p_gates + 3 * H, b_o.to(GATES.dtype.element_ty), mask=m_live)
                 tl.store(C_ALL + o_row[:, None] * SY + o_j[None, :], b_c, mask=m_live)
             m_last = (m_b & (s == last))[:, None] & m_j[None, :]
             tl.store(HN + o_bh, b_y.to(HN.dtype.element_ty), mask=m_last)
@@ -1183,7 +1176,11 @@ def lstm_bwd_kernel(
                 # DG may be GATES (lstm_backward's into_gates): every warp's loads of this tile's gates must be
                 # done before any warp stores over them (in a replicated layout several warps load one element).
                 tl.debug_barrier()
-                _store_gate_rows(DG + o_row[:, None] * SG + o_j[None, :], b_dgi, b_dgf, b_dgg, b_dgo, m_live, H)
+                p_out = DG + o_row[:, None] * SG + o_j[None, :]
+                tl.store(p_out, b_dgi.to(DG.dtype.element_ty), mask=m_live)
+                tl.store(p_out + H, b_dgf.to(DG.dtype.element_ty), mask=m_live)
+                tl.store(p_out + 2 * H, b_dgg.to(DG.dtype.element_ty), mask=m_live)
+                tl.store(p_out + 3 * H, b_dgo.to(DG.dtype.element_ty), mask=m_live)
                 if TRANSPOSED:
                     b_dgt = _gate_grads_transposed(b_dgi, b_dgf, b_dgg, b_dgo, m_live, DG.dtype.element_ty, BB, BH)
                     p_part = PART + ((r % 2) * D * n_h + i_h).to(tl.int64) * B * H
@@ -1331,8 +1328,11 @@ def lstm_bwd_2d_kernel(
                                                                    m_live)
                     # DG may be GATES: every warp's loads of this tile's gates before any warp stores over them.
                     tl.debug_barrier()
-                    _store_gate_rows(DG + (o_t * B + o_b)[:, None] * SG + o_j[None, :], b_dgi, b_dgf, b_dgg, b_dgo,
-                                     m_live, H)
+                    p_out = DG + (o_t * B + o_b)[:, None] * SG + o_j[None, :]
+                    tl.store(p_out, b_dgi.to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_out + H, b_dgf.to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_out + 2 * H, b_dgg.to(DG.dtype.element_ty), mask=m_live)
+                    tl.store(p_out + 3 * H, b_dgo.to(DG.dtype.element_ty), mask=m_live)
                     tl.store(p_dc, b_dc * b_f, mask=m_bh)
                 else:
                     tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_bh)
