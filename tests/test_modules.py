@@ -428,6 +428,24 @@ def test_stack_training_gradients_match_nn_lstm(kind, stack_calls):
     assert stack_calls == {"stack": 1, "fwd": 0}
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(num_layers=2), dict(bidirectional=True, proj_size=2)], ids=str)
+def test_empty_batch_backward_gives_zero_weight_gradients_like_nn_lstm(kw):
+    # PyTorch's test_RNN_input_size_zero: outputs of an empty batch still require grad through the weights.
+    for cls in (torch.nn.LSTM, tritonlstm.LSTM):
+        m = cls(3, 4, **kw)
+        y, (h, c) = m(torch.zeros(5, 0, 3))
+        dirs = 2 if kw.get("bidirectional") else 1
+        assert y.shape == (5, 0, dirs * kw.get("proj_size", 4))
+        assert y.requires_grad and h.requires_grad and c.requires_grad
+        (y.sum() + h.sum() + c.sum()).backward()
+        assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+    for cls in (torch.nn.LSTMCell, tritonlstm.LSTMCell):
+        cell = cls(3, 4)
+        h, c = cell(torch.zeros(0, 3))
+        (h.sum() + c.sum()).backward()
+        assert all(p.grad is not None and not p.grad.any() for p in cell.parameters())
+
+
 def test_cell_with_zero_hidden_size_matches_torch():
     x = torch.randn(3, 10, requires_grad=True)
     hx = torch.randn(3, 0)

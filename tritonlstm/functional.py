@@ -592,6 +592,12 @@ def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor 
     return y, (hn[0], cn[0])
 
 
+def zero_from(*tensors):
+    """A zero that depends on every tensor given (None skipped), for empty outputs: nn.LSTM's empty outputs still
+    require grad through the weights, and backward gives the weights zero gradients."""
+    return sum(0 * t.sum() for t in tensors if t is not None)
+
+
 def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Tensor | None = None, *,
                lengths: Tensor | None = None, reverse: bool = False, backend: str = "auto",
                checked: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -616,7 +622,7 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     c0 = x.new_zeros(D, B, H) if c0 is None else c0
     if B == 0:
         # nn.LSTM returns empty outputs for an empty batch; keep them connected to the graph.
-        nothing = 0 * x.sum()
+        nothing = zero_from(x, *(t for w in weights for t in w))
         return x.new_zeros(T, 0, D * P) + nothing, (h0 + nothing, c0 + nothing)
     if which == "torch":
         outs = [lstm_layer_reference(x, *weights[d][:4], h0[d], c0[d], reverse or d == 1, lengths, w_hr[d])

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from tritonlstm.functional import BACKENDS, fused_lstm, lstm_layer, lstm_stack, resolve_backend
+from tritonlstm.functional import BACKENDS, fused_lstm, lstm_layer, lstm_stack, resolve_backend, zero_from
 
 
 def _check_backend(backend: str) -> str:
@@ -250,7 +250,7 @@ class LSTMCell(nn.LSTMCell):
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
             w = [None if t is None else t.to(cast) for t in w]
         if B == 0 or self.hidden_size == 0:  # nothing to compute; keep the outputs connected to the graph
-            nothing = 0 * x.sum()
+            nothing = zero_from(x, *w)
             h, c = h0 + nothing, c0 + nothing
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
         y, (_, c) = fused_lstm(x[None], *w, h0, c0, backend="triton")
