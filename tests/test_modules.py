@@ -331,6 +331,8 @@ CELL_BAD = [
     pytest.param(lambda m: m(torch.randn(3, 4), (torch.zeros(2, 5), torch.zeros(2, 5))), id="hx-batch"),
     pytest.param(lambda m: m(torch.randn(3, 4), (torch.zeros(1, 3, 5), torch.zeros(3, 5))), id="hx-3d"),
     pytest.param(lambda m: m(torch.randn(3, 4), (torch.zeros(3, 6), torch.zeros(3, 5))), id="h-size"),
+    pytest.param(lambda m: m(torch.randn(3, 4), (torch.zeros(3, 5).double(), torch.zeros(3, 5))), id="h-dtype"),
+    pytest.param(lambda m: m(torch.ones(3, 4, dtype=torch.long)), id="int-input"),
 ]
 
 
@@ -341,6 +343,16 @@ def test_cell_input_errors_like_nn_lstmcell(bad):
     ref_type, ref_msg = _errors(lambda: bad(ref))
     our_type, our_msg = _errors(lambda: bad(ours))
     assert ref_type is not None and our_type is ref_type, (ref_type, ref_msg, our_type, our_msg)
+
+
+def test_cell_takes_a_cell_state_of_another_dtype_like_nn_lstmcell():
+    # nn.LSTMCell only scales c_0, so type promotion lets it differ from the input's dtype.
+    ref = nn.LSTMCell(4, 5)
+    ours = tritonlstm.LSTMCell(4, 5, backend="triton")
+    ours.load_state_dict(ref.state_dict())
+    x, h0, c0 = torch.randn(3, 4), torch.randn(3, 5), torch.randn(3, 5).half()
+    for a, b in zip(ours(x, (h0, c0)), ref(x, (h0, c0))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_backend_name():

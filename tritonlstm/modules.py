@@ -245,6 +245,14 @@ class LSTMCell(nn.LSTMCell):
         if cast is None and x.dtype != self.weight_ih.dtype:
             raise RuntimeError(f"LSTMCell input dtype ({x.dtype}) does not match weight dtype "
                                f"({self.weight_ih.dtype})")
+        for i, st in enumerate((h0, c0)):
+            if st.device != x.device:
+                raise RuntimeError(f"LSTMCell: hx[{i}] is on {st.device}, input on {x.device}")
+        # nn.LSTMCell multiplies h_0 by a weight (a dtype mismatch raises) but only scales c_0 (it promotes).
+        if cast is None and h0.dtype != x.dtype:
+            raise RuntimeError(f"LSTMCell: hx[0] dtype ({h0.dtype}) does not match input dtype ({x.dtype})")
+        if cast is None and c0.dtype != x.dtype:
+            c0 = c0.to(x.dtype)
         w = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
         if cast is not None:
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
