@@ -578,3 +578,55 @@ def test_malformed_hx_is_named(hx):
     with pytest.raises(TypeError, match=r"LSTMCell: hx must be a tuple \(h_0, c_0\)"):
         cell(torch.randn(2, 4), hx())
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kw", [dict(), dict(num_layers=2), dict(num_layers=2, bidirectional=True, proj_size=3)],
+                         ids=["1L", "2L-stack", "2L-bidir-proj"])
+def test_cpu_autocast_runs_the_layer_in_the_autocast_dtype(dtype, kw):
+    # A matmul inside the layer used to be autocast while the states were not: the kernel got mismatched
+    # pointers. nn.LSTM under CPU autocast returns the autocast dtype (bf16; fp16 crashes in oneDNN here).
+    ref = nn.LSTM(4, 6, **kw)
+    ours = tritonlstm.LSTM(4, 6, backend="triton", **kw)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y, (h, c) = ours(x)
+    assert y.dtype == h.dtype == c.dtype == dtype
+    expected = tritonlstm.LSTM(4, 6, backend="triton", **kw).to(dtype)
+    expected.load_state_dict(ref.state_dict())
+    for a, b in zip((y, h, c), (expected(x.detach().to(dtype))[0], *expected(x.detach().to(dtype))[1])):
+        torch.testing.assert_close(a, b)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in ours.parameters())
+    with torch.autocast("cpu", dtype=dtype):  # a backward run inside the autocast region as well
+        ours(x)[0].float().sum().backward()
+    if dtype == torch.bfloat16 and not kw.get("proj_size"):
+        with torch.autocast("cpu", dtype=dtype):
+            y0, _ = ref(x)
+        assert y0.dtype == dtype
+        torch.testing.assert_close(y, y0, rtol=2e-2, atol=1e-2)
+
+
+def test_cpu_autocast_cell_returns_float32_like_nn_lstmcell():
+    ref = nn.LSTMCell(4, 6)
+    ours = tritonlstm.LSTMCell(4, 6, backend="triton")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h0, c0 = ref(x)
+        h1, c1 = ours(x)
+    assert h1.dtype == c1.dtype == h0.dtype == c0.dtype == torch.float32
+    torch.testing.assert_close(h1, h0, rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(c1, c0, rtol=2e-2, atol=1e-2)
+
+
+def test_fused_lstm_under_cpu_autocast_runs_in_the_autocast_dtype():
+    m = nn.LSTM(4, 6)
+    w = (m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0)
+    x = torch.randn(5, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, (h, c) = tritonlstm.fused_lstm(x, *w, backend="triton")
+    y_ref, (h_ref, c_ref) = tritonlstm.fused_lstm(x.bfloat16(), *(t.bfloat16() for t in w), backend="triton")
+    assert y.dtype == h.dtype == c.dtype == torch.bfloat16
+    torch.testing.assert_close((y, h, c), (y_ref, h_ref, c_ref))

@@ -78,6 +78,34 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 _TF32_GEMMS_ON_CPU = False
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype torch.lstm runs in under autocast on this device (a lower-precision op on CUDA and on the CPU),
+    or None where autocast is off."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _cast_floating(dtype: torch.dtype, obj):
+    """obj with every float16/32 and bfloat16 tensor in it (through tuples and lists) cast to dtype, as autocast
+    casts an op's inputs (float64 and non-floating tensors stay)."""
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != torch.float64 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floating(dtype, t) for t in obj)
+    return obj
+
+
+def _without_autocast(fn):
+    """fn with autocast off: its matmuls must run in the dtype of the tensors it hands the kernels (under
+    autocast a gx of another dtype than the states reaches the kernel as mismatched pointers)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def _tf32_gemms(*tensors: Tensor) -> bool:
     """Whether a layer's float32 GEMMs (input projection, input and weight gradients, the projection of
     proj_size) run on kernels.matmul with TF32, as nn.LSTM's cuDNN path runs them: float32 CUDA tensors and
@@ -383,6 +411,7 @@ def _stack_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@_without_autocast
 def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
     """The stack's reverse recurrence in one launch (a reverse wavefront over the layers), then the weight
     gradients as GEMMs: layer l's input is the layer below's output (x for layer 0, whose input gradient is
@@ -447,6 +476,7 @@ def _recurrent_weight_grad(dg: Tensor, y: Tensor, h0: Tensor, lengths: Tensor | 
     return dw
 
 
+@_without_autocast
 def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     weight_hh, h0, c0, lengths, y, gates, c_all = ctx.saved_tensors
     if gates.numel() == 0 and y.numel() != 0:
@@ -607,6 +637,11 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
 
     Returns y [T, B, D*P] (the directions concatenated, as nn.LSTM lays them out) and (h_n [D, B, P],
     c_n [D, B, H])."""
+    cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    if cast is not None:  # as torch.lstm under autocast: the whole layer in the autocast dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return lstm_layer(*_cast_floating(cast, (x, weights, h0, c0)), lengths=lengths, reverse=reverse,
+                              backend=backend, checked=checked)
     D = len(weights)
     if D not in (1, 2):
         raise ValueError(f"lstm_layer takes 1 or 2 directions of weights, got {D}")
@@ -668,6 +703,11 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     before the layer above takes it as input; for dropout with probability p, entries 0 or 1 / (1 - p), drawn
     by the caller (`tritonlstm.LSTM` draws them as nn.LSTM would on the CPU).
     Returns the last layer's y [T, B, H] and (h_n, c_n) [L, B, H]."""
+    cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    if cast is not None:  # as in lstm_layer
+        with torch.autocast(x.device.type, enabled=False):
+            return lstm_stack(*_cast_floating(cast, (x, weights, h0, c0)), lengths=lengths,
+                              dropout_scale=_cast_floating(cast, dropout_scale), backend=backend)
     L = len(weights)
     if L < 1:
         raise ValueError("lstm_stack needs at least one layer of weights")

@@ -12,7 +12,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from tritonlstm.functional import BACKENDS, fused_lstm, lstm_layer, lstm_stack, resolve_backend, zero_from
+from tritonlstm.functional import (
+    BACKENDS,
+    autocast_dtype,
+    fused_lstm,
+    lstm_layer,
+    lstm_stack,
+    resolve_backend,
+    zero_from,
+)
 
 
 def _check_backend(backend: str) -> str:
@@ -21,11 +29,13 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype nn.LSTM would run in under autocast on this device (cuDNN's RNN is a lower-precision op)."""
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    return None
+def _autocast_dtype(device: torch.device, cell: bool = False) -> torch.dtype | None:
+    """The dtype nn.LSTM (cell: nn.LSTMCell) would run in under autocast on this device. torch.lstm is a
+    lower-precision op on CUDA and on the CPU; torch.lstm_cell only on CUDA (on the CPU nn.LSTMCell returns
+    float32, and so does ours, computed in float32)."""
+    if cell and device.type != "cuda":
+        return None
+    return autocast_dtype(device)
 
 
 def _allow_dynamo() -> None:
@@ -217,7 +227,7 @@ class LSTMCell(nn.LSTMCell):
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         if not isinstance(input, Tensor):
             raise TypeError(f"LSTMCell: input must be a Tensor, got {type(input).__name__}")
-        cast = _autocast_dtype(input.device)
+        cast = _autocast_dtype(input.device, cell=True)
         if resolve_backend(self.backend, input.device, cast or self.weight_ih.dtype) == "torch":
             return super().forward(input, hx)
         if input.dim() not in (1, 2):
@@ -261,7 +271,8 @@ class LSTMCell(nn.LSTMCell):
             nothing = zero_from(x, *w)
             h, c = h0 + nothing, c0 + nothing
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
-        y, (_, c) = fused_lstm(x[None], *w, h0, c0, backend="triton")
+        with torch.autocast(x.device.type, enabled=False):  # already in the dtype nn.LSTMCell would use
+            y, (_, c) = fused_lstm(x[None], *w, h0, c0, backend="triton")
         h = y[0]
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
