@@ -630,3 +630,38 @@ def test_fused_lstm_under_cpu_autocast_runs_in_the_autocast_dtype():
     y_ref, (h_ref, c_ref) = tritonlstm.fused_lstm(x.bfloat16(), *(t.bfloat16() for t in w), backend="triton")
     assert y.dtype == h.dtype == c.dtype == torch.bfloat16
     torch.testing.assert_close((y, h, c), (y_ref, h_ref, c_ref))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_layers=2), dict(bidirectional=True, proj_size=3)],
+                         ids=["1L", "2L-stack", "bidir-proj"])
+def test_torch_func_grad_and_per_sample_grads_match_nn_lstm(kw, monkeypatch):
+    # torch.func.grad / vmap(grad) through the kernels (the custom op's own autograd fails under torch.func,
+    # PyTorch #168393), against per-sample autograd through nn.LSTM.
+    from torch.func import functional_call, grad, vmap
+
+    ref = nn.LSTM(4, 6, **kw)
+    ours = tritonlstm.LSTM(4, 6, backend="triton", **kw)
+    ours.load_state_dict(ref.state_dict())
+    xs = torch.randn(3, 5, 4)
+
+    def loss(m, x):
+        y, (h, c) = m(x[:, None])
+        return (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + h.sum() + 0.5 * c.sum()
+
+    expected = []
+    for i in range(3):
+        x = xs[i].clone().requires_grad_()
+        expected.append(torch.autograd.grad(loss(ref, x), [x, *ref.parameters()]))
+    launches = []
+    for name in ("lstm_forward", "lstm_backward", "lstm_stack_forward", "lstm_stack_backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=real, **k: launches.append(_n) or _f(*a, **k))
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    per_sample = vmap(grad(lambda p, x: loss(lambda inp: functional_call(ours, p, (inp,)), x)),
+                      in_dims=(None, 0))(params, xs)
+    dx = grad(lambda x: loss(ours, x))(xs[1])
+    assert any("forward" in n for n in launches) and any("backward" in n for n in launches)
+    torch.testing.assert_close(dx, expected[1][0], **TOL)
+    for i in range(3):
+        for (name, _), g in zip(ref.named_parameters(), expected[i][1:]):
+            torch.testing.assert_close(per_sample[name][i], g, **TOL)

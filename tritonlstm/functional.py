@@ -162,13 +162,17 @@ def _custom_op(name: str):
     """torch.library.custom_op, keeping the plain function as `.eager` for `_call`."""
     def wrap(fn):
         op = torch.library.custom_op(f"tritonlstm::{name}", fn, mutates_args=())
-        op.eager, op.eager_autograd = fn, None
+        op.eager = op.pure = fn
         return op
     return wrap
 
 
 def _register_autograd(op, backward, setup_context) -> None:
-    """The op's autograd formula, for the custom op and for its eager path alike."""
+    """The op's autograd formula, for the custom op and for its eager paths alike: `eager_autograd` for plain
+    tensors, `transformable` under torch.func (grad, vjp, vmap of them), where the custom op's own autograd
+    fails (PyTorch #168393: the Function it generates has no setup_context). The latter runs the op's function
+    without writing over its inputs (a separate setup_context may not save an input returned as an output)
+    and, under vmap, once per sample."""
     op.register_autograd(backward, setup_context=setup_context)
 
     class Eager(torch.autograd.Function):
@@ -186,7 +190,26 @@ def _register_autograd(op, backward, setup_context) -> None:
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
-    op.eager_autograd = Eager
+    class Transformable(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return op.pure(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            outs = [Transformable.apply(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
+                    for i in range(info.batch_size)]
+            return tuple(torch.stack(column) for column in zip(*outs)), (0,) * len(outs[0])
+
+    op.eager_autograd, op.transformable = Eager, Transformable
 
 
 _is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
@@ -207,15 +230,19 @@ def _records_grad(*tensors: Tensor | None) -> bool:
 def _call(op, *args):
     """Runs one of the ops. Eagerly, on plain tensors: its function directly, under the autograd.Function of
     its formula when gradients are recorded (the custom-op dispatch cost 25-45 us of host time per forward
-    call on the CI machine, perf/NOTES.md v0.7). Otherwise (torch.compile, torch.jit.trace, fake or functional
-    tensors while a graph is traced, torch.func transforms, tensor subclasses): the custom op, which a trace
-    records as one node. A backward op called with grad mode on (create_graph) also goes through the custom
-    op, whose autograd refuses double backward with a clear error."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not all(_plain(a) for a in args):
+    call on the CI machine, perf/NOTES.md v0.7). Under torch.func transforms: that autograd.Function too (see
+    _register_autograd). Otherwise (torch.compile, torch.jit.trace, fake or functional tensors while a graph is
+    traced, tensor subclasses): the custom op, which a trace records as one node. The backward ops' formula
+    refuses double backward with a clear error."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return op(*args)
+    if any(_is_wrapped(a) for a in args if isinstance(a, Tensor)):  # torch.func
+        return op.transformable.apply(*args)
+    if not all(_plain(a) for a in args):
         return op(*args)
     if not torch.is_grad_enabled():
         return op.eager(*args)
-    return op(*args) if op.eager_autograd is None else op.eager_autograd.apply(*args)
+    return op.eager_autograd.apply(*args)
 
 
 def _graph_released_after_this_backward(ctx, *saved: Tensor) -> bool:
@@ -332,7 +359,7 @@ def _no_double_backward(ctx, *grads):
         "or fused_lstm(..., backend='torch')), whose plain PyTorch ops support it.")
 
 
-_lstm_recurrence_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_register_autograd(_lstm_recurrence_backward, _no_double_backward, lambda ctx, inputs, output: None)
 
 
 def _stack_backward_run(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
@@ -362,8 +389,7 @@ def _(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop):
     return torch.empty_like(gates), torch.empty_like(dhn), torch.empty_like(dhn)
 
 
-_lstm_stack_backward.register_autograd(_no_double_backward,
-                                       setup_context=lambda ctx, inputs, output: None)
+_register_autograd(_lstm_stack_backward, _no_double_backward, lambda ctx, inputs, output: None)
 
 
 @_custom_op("lstm_stack")
