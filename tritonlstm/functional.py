@@ -236,9 +236,9 @@ def _call(op, *args):
     refuses double backward with a clear error."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return op(*args)
-    if any(_is_wrapped(a) for a in args if isinstance(a, Tensor)):  # torch.func
-        return op.transformable.apply(*args)
     if not all(_plain(a) for a in args):
+        if any(_is_wrapped(a) for a in args if isinstance(a, Tensor)):  # torch.func
+            return op.transformable.apply(*args)
         return op(*args)
     if not torch.is_grad_enabled():
         return op.eager(*args)

@@ -271,7 +271,10 @@ class LSTMCell(nn.LSTMCell):
             nothing = zero_from(x, *w)
             h, c = h0 + nothing, c0 + nothing
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
-        with torch.autocast(x.device.type, enabled=False):  # already in the dtype nn.LSTMCell would use
+        if torch.is_autocast_enabled(x.device.type):  # x is in the dtype nn.LSTMCell would use already
+            with torch.autocast(x.device.type, enabled=False):
+                y, (_, c) = fused_lstm(x[None], *w, h0, c0, backend="triton")
+        else:
             y, (_, c) = fused_lstm(x[None], *w, h0, c0, backend="triton")
         h = y[0]
         if not is_batched:
