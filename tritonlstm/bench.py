@@ -4,7 +4,8 @@ The matrix: single layer, every dtype x H x B at T = 256, plus (H = 512, B = 16)
 bidirectional, 2 layers bidirectional, 4 layers. Each cell in forward (no grad) and forward+backward mode, timed
 with do_bench (median, 20th and 80th percentiles) right beside cuDNN with copied weights, peak memory of both,
 after a correctness check against cuDNN (a cell that disagrees is reported as an error, never timed). Writes
-results.json, results.csv, results.md and heatmap.png. Without CUDA it says so, runs the interpreter self-check
+results.json, results.csv, results.md, heatmap.png and targets.md (`tritonlstm.targets`: which of issue 5's and
+7's targets the cells meet). Without CUDA it says so, runs the interpreter self-check
 and exits 0.
 """
 
@@ -332,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     progress(len(todo), len(todo), None)
     write_results(Path(args.out), env, rows)
     print(markdown_table(env, rows))
+    from tritonlstm.targets import report
+
+    targets = report(rows)
+    (Path(args.out) / "targets.md").write_text(targets + "\n")
+    print(targets)
     return 0
 
 
