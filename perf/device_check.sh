@@ -19,7 +19,7 @@
 # with -k PERF_SUITE_K (default "stack_training"; PERF_SUITE_K= runs the whole suite, 160 tests: give it
 # PERF_SUITE_TIMEOUT=400) and PERF_SUITE_TIMEOUT (60); FLOOR=1 (off by default, ~1 min) runs perf/floor_probe.py
 # with FLOOR_ARGS and FLOOR_TIMEOUT (120); GEMM=1 (off by default, ~20 s) runs perf/gemm_probe.py with GEMM_ARGS
-# and GEMM_TIMEOUT (60); MEMORY=1 (off by default, ~30 s) runs perf/memory_probe.py with
+# and GEMM_TIMEOUT (60); MEMORY=1 (off by default, ~2 x 30 s) runs perf/memory_probe.py (twice: as is, and with cuBLAS's workspaces off) with
 # MEMORY_ARGS and MEMORY_TIMEOUT (90); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
 # NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute.
 set -uo pipefail
@@ -74,6 +74,10 @@ fi
 if [ "${MEMORY:-0}" != 0 ]; then
     step "where a training step's peak memory goes (perf/memory_probe.py ${MEMORY_ARGS:-})"
     measure memory "${MEMORY_TIMEOUT:-90}" $py perf/memory_probe.py ${MEMORY_ARGS:-} --json "$W/memory.json"
+    # The same cells with cuBLAS's and cuBLASLt's workspaces off: if the part beyond the counted tensors is theirs,
+    # it goes (perf/memory_probe.py's docstring).
+    measure memory-no-blas-workspace "${MEMORY_TIMEOUT:-90}" env CUBLAS_WORKSPACE_CONFIG=:0:0 CUBLASLT_WORKSPACE_SIZE=0 \
+        $py perf/memory_probe.py ${MEMORY_ARGS:-} --json "$W/memory-no-blas-workspace.json"
 fi
 
 if [ "${STACK_AB:-0}" != 0 ]; then

@@ -1,14 +1,21 @@
-"""Where a training step's peak memory goes, on a GPU (issue 5.5, perf/NOTES.md v0.20): for each cell, the
-CUDA allocator's peak over one forward + backward of tritonlstm.LSTM (what the bench reports), the peak of the
-tensors that ATen ops returned during it (recorded by a TorchDispatchMode: every tensor the step made, kernels'
-buffers included), and the largest of those alive at that peak. Allocator peak minus tensor peak is memory no
-ATen op returned: library workspaces (cuBLAS, cuBLASLt), the caching allocator's rounding. Run 4 found a part of
-the peak that does not grow with T (26-140 MB, growing with H and B, the same in fp16 and fp32) on top of the
-counted bytes per T*B*H; this says whose it is.
+"""Where a training step's peak memory goes, on a GPU (issue 5.5, perf/NOTES.md v0.20, session 10): for each
+cell, the CUDA allocator's peak over one forward + backward of tritonlstm.LSTM (what the bench reports) and the
+forward's alone, and the blocks alive at the step's peak from the caching allocator's own trace
+(torch.cuda.memory._record_memory_history: every block, ATen tensors, library workspaces and blocks made in the
+autograd engine's device thread alike, each with the Python line and the C++ frames that allocated it).
+
+Run 5 found ~30-125 MB per training step beyond the counted tensors (~17 bytes per T*B*H in 16-bit), none at
+B = 1, ~32 MB x H / 256 at B = 16, ~125 MB at B = 64, the same in fp16 and fp32. The GPU path's Python, emulated
+on the CPU with the shipped H100 configs and the launches stubbed, allocates only the counted tensors (17.1 bytes
+per T*B*H at fp16 H = 256 B = 16, where the GPU peaked at 48.6), so the rest comes from below Python: a cuBLAS /
+cuBLASLt workspace of the GEMMs, or allocations of the backward's device thread. device_check.sh runs this twice,
+the second time with cuBLAS's workspaces off (CUBLAS_WORKSPACE_CONFIG=:0:0, CUBLASLT_WORKSPACE_SIZE=0).
 
     python perf/memory_probe.py [--cells float16:512:16:256,float16:512:256:64] [--json FILE]
 
-A cell is dtype:H:B:T (one layer, input size H).
+A cell is dtype:H:B:T (one layer, input size H). (The TorchDispatchMode recorder below sees only the calling
+thread's ATen ops: on a GPU the backward runs in the autograd engine's device thread, which it misses; it serves
+the CPU check in tests/test_bench.py.)
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ import weakref
 
 from tritonlstm.bench import write_rows_json
 
-DEFAULT_CELLS = ("float16:512:16:256,float16:512:256:64,float16:512:256:256,float32:512:256:64,"
-                 "float16:1024:16:256,bfloat16:512:16:256")
+DEFAULT_CELLS = ("float16:256:1:256,float16:256:16:256,float16:512:16:256,float32:256:16:256,float16:256:64:256,"
+                 "float16:1024:64:256,float16:512:256:64")
 
 
 def _recorder():
@@ -60,6 +67,33 @@ def _recorder():
     return LiveTensors
 
 
+def _where(frames: list[dict]) -> str:
+    """A block's origin: the innermost frame in tritonlstm (or the probe), plus any C++ frame naming a BLAS
+    library or a workspace."""
+    py = next((f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in frames
+               if "tritonlstm" in f["filename"] or "kernels/" in f["filename"] or "memory_probe" in f["filename"]),
+              "?")
+    native = [f["name"] for f in frames if any(k in f["name"].lower() for k in ("blas", "workspace", "cudnn"))]
+    return py + (f" [{native[0][:80]}]" if native else "")
+
+
+def peak_from_trace(events: list[dict]) -> tuple[int, list[tuple[int, str]]]:
+    """(peak bytes, [(bytes, origin)] of the blocks alive at the peak, largest first) from one device's caching
+    allocator trace (torch.cuda.memory._snapshot()["device_traces"][device]), counted from where the trace
+    starts: 'alloc' adds a block, 'free_completed' removes it (the allocator's allocated-bytes statistic moves
+    at those two events)."""
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for e in events:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _where(e.get("frames", [])))
+            total += e["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])[0]
+    return peak, sorted(at_peak.values(), key=lambda b: -b[0])
+
+
 def probe(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
     import torch
 
@@ -68,28 +102,38 @@ def probe(dtype_name: str, hidden: int, batch: int, seq: int) -> dict:
     dtype = getattr(torch, dtype_name)
     model = LSTM(hidden, hidden, backend="triton").to("cuda", dtype)
     x = torch.randn(seq, batch, hidden, device="cuda", dtype=dtype, requires_grad=True)
+
+    def clear():
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+
     y, _ = model(x)  # compile and warm up, as the bench does before measuring
     y.backward(torch.ones_like(y))
     del y
-    x.grad = None
-    for p in model.parameters():
-        p.grad = None
+    base = clear()
+    with torch.no_grad():
+        model(x)
     torch.cuda.synchronize()
-    before = {t.untyped_storage().data_ptr() for t in (x, *model.parameters())}
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    with _recorder()(before) as rec:
-        y, _ = model(x)
-        y.backward(torch.ones_like(y))
-        del y
+    fwd_peak = torch.cuda.max_memory_allocated() - base
+    base = clear()
+    torch.cuda.memory._record_memory_history(max_entries=100000)
+    y, _ = model(x)
+    y.backward(torch.ones_like(y))
+    del y
     torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    step_peak = torch.cuda.max_memory_allocated() - base
+    trace_peak, blocks = peak_from_trace(snapshot["device_traces"][torch.cuda.current_device()])
     mb = 2 ** 20
-    tbh = seq * batch * hidden
-    top = sorted(rec.at_peak.values(), key=lambda e: -e[3])[:10]
     return {"dtype": dtype_name, "hidden": hidden, "batch": batch, "seq": seq,
-            "allocator_peak_mb": (torch.cuda.max_memory_allocated() - base) / mb, "tensor_peak_mb": rec.peak / mb,
-            "tensor_peak_per_tbh": rec.peak / tbh,
-            "at_peak": [{"op": op, "shape": list(shape), "dtype": dt, "mb": n / mb} for op, shape, dt, n in top]}
+            "allocator_peak_mb": step_peak / mb, "forward_peak_mb": fwd_peak / mb, "trace_peak_mb": trace_peak / mb,
+            "per_tbh": step_peak / (seq * batch * hidden),
+            "at_peak": [{"mb": n / mb, "where": where} for n, where in blocks[:12]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     for cell in cells:
         r = probe(*cell)
         rows.append(r)
-        print(f"{r['dtype']:9} H={r['hidden']:<5} B={r['batch']:<4} T={r['seq']:<4} allocator peak "
-              f"{r['allocator_peak_mb']:8.1f} MB, tensors {r['tensor_peak_mb']:8.1f} MB "
-              f"({r['tensor_peak_per_tbh']:.1f} B per T*B*H), not from ATen ops "
-              f"{r['allocator_peak_mb'] - r['tensor_peak_mb']:7.1f} MB", flush=True)
+        print(f"{r['dtype']:9} H={r['hidden']:<5} B={r['batch']:<4} T={r['seq']:<4} training step peak "
+              f"{r['allocator_peak_mb']:8.1f} MB ({r['per_tbh']:.1f} B per T*B*H; the trace's "
+              f"{r['trace_peak_mb']:.1f}), inference forward {r['forward_peak_mb']:8.1f} MB; alive at the peak:",
+              flush=True)
         for e in r["at_peak"]:
-            print(f"      {e['mb']:8.1f} MB  {e['op']:34} {e['shape']} {e['dtype']}")
+            print(f"      {e['mb']:8.1f} MB  {e['where']}")
         if a.json:
             write_rows_json(a.json, rows)
     return 0

@@ -294,3 +294,24 @@ def test_perf_scripts_rows_file_names_the_gpu(tmp_path, monkeypatch):
     bench.write_rows_json(path, [{"hidden": 512, "ms": 1.5}, {"hidden": 1024, "ms": 2.5}])
     assert json.loads(path.read_text()) == {"gpu": "NVIDIA H100 80GB HBM3",
                                             "rows": [{"hidden": 512, "ms": 1.5}, {"hidden": 1024, "ms": 2.5}]}
+
+
+def test_memory_probe_replays_the_allocator_trace_to_its_peak():
+    """perf/memory_probe.py's peak_from_trace on a synthetic caching-allocator trace: the peak counts allocs
+    until their free_completed (not free_requested), and names each block by its tritonlstm frame and any BLAS or
+    workspace C++ frame."""
+    ours = [{"filename": "/x/tritonlstm/functional.py", "line": 7, "name": "_backward"}]
+    blas = ours + [{"filename": "??", "line": 0, "name": "at::cuda::getCUDABlasLtWorkspace()"}]
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": ours},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": blas},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 3, "size": 30, "frames": []},
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 2, "size": 50},
+        {"action": "alloc", "addr": 4, "size": 10, "frames": []},
+    ]
+    peak, blocks = _memory_probe().peak_from_trace(events)
+    assert peak == 180
+    assert blocks == [(100, "functional.py:7 _backward"),
+                      (50, "functional.py:7 _backward [at::cuda::getCUDABlasLtWorkspace()]"), (30, "?")]
