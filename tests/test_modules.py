@@ -665,3 +665,17 @@ def test_torch_func_grad_and_per_sample_grads_match_nn_lstm(kw, monkeypatch):
     for i in range(3):
         for (name, _), g in zip(ref.named_parameters(), expected[i][1:]):
             torch.testing.assert_close(per_sample[name][i], g, **TOL)
+
+
+def test_forward_mode_ad_is_refused_clearly():
+    import torch.autograd.forward_ad as fwAD
+
+    m = tritonlstm.LSTM(2, 3, backend="triton")
+    x = torch.randn(4, 1, 2)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda x: m(x)[0], (x,), (torch.ones_like(x),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        m(fwAD.make_dual(x, torch.ones_like(x)))
+    _, tangent = torch.func.jvp(lambda x: tritonlstm.fused_lstm(x, m.weight_ih_l0, m.weight_hh_l0, backend="torch")[0],
+                                (x,), (torch.ones_like(x),))
+    assert tangent.shape == (4, 1, 3)

@@ -167,6 +167,13 @@ def _custom_op(name: str):
     return wrap
 
 
+def _no_forward_ad(ctx, *tangents):
+    raise NotImplementedError(
+        "tritonlstm: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported by the Triton "
+        "kernels (nor by nn.LSTM's cuDNN and oneDNN paths). fused_lstm(..., backend='torch'), a loop of plain "
+        "PyTorch ops, supports it.")
+
+
 def _register_autograd(op, backward, setup_context) -> None:
     """The op's autograd formula, for the custom op and for its eager paths alike: `eager_autograd` for plain
     tensors, `transformable` under torch.func (grad, vjp, vmap of them), where the custom op's own autograd
@@ -190,6 +197,8 @@ def _register_autograd(op, backward, setup_context) -> None:
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
+        jvp = staticmethod(_no_forward_ad)
+
     class Transformable(torch.autograd.Function):
         @staticmethod
         def forward(*args):
@@ -202,6 +211,8 @@ def _register_autograd(op, backward, setup_context) -> None:
         @staticmethod
         def backward(ctx, *grads):
             return backward(ctx, *grads)
+
+        jvp = staticmethod(_no_forward_ad)
 
         @staticmethod
         def vmap(info, in_dims, *args):
