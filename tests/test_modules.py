@@ -296,6 +296,44 @@ def test_torch_compile_fullgraph_module():
     torch.testing.assert_close(gw, m.weight_hh_l1.grad)
 
 
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+def test_torch_compile_fullgraph_with_packed_input_matches_nn_lstm(enforce_sorted):
+    ref, ours = pair(4, 6, num_layers=2, bidirectional=True)
+    cm = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    lengths = [5, 4, 2] if enforce_sorted else [5, 2, 4]
+    res = []
+    for m in (ref, cm):
+        x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        y, (h, c) = m(pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted))
+        (y.data.sum() + h.sum() + 0.5 * c.sum()).backward()
+        res.append([y.data, h, c, x.grad])
+    for a, b in zip(res[1], res[0]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_packed_input_is_unpacked_without_a_copy_per_step(monkeypatch):
+    # pad_packed_sequence / pack_padded_sequence copy step by step: on a GPU ~4T kernel launches per call.
+    ref, ours = pair(4, 6, num_layers=2, dropout=0.3)
+    x = torch.randn(7, 3, 4, requires_grad=True)
+    packed = pack_padded_sequence(x, [3, 7, 5], enforce_sorted=False)
+    with torch.no_grad():
+        expected = ref.eval()(packed)
+
+    def refuse(*a, **k):
+        raise AssertionError("a step-by-step (un)packing op ran")
+
+    monkeypatch.setattr(torch._VF, "_pad_packed_sequence", refuse)
+    monkeypatch.setattr(torch._VF, "_pack_padded_sequence", refuse)
+    ours.train()
+    y, _ = ours(packed)
+    y.data.sum().backward()
+    ours.eval()
+    y, (h, c) = ours(packed)
+    torch.testing.assert_close(y.data, expected[0].data, **TOL)
+    torch.testing.assert_close(h, expected[1][0], **TOL)
+    assert torch.equal(y.batch_sizes, packed.batch_sizes) and torch.equal(y.unsorted_indices, packed.unsorted_indices)
+
+
 def _errors(fn):
     try:
         fn()

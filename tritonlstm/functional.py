@@ -622,7 +622,8 @@ def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, we
                 or lengths.is_floating_point():
             got = _shape(lengths) if isinstance(lengths, Tensor) else type(lengths).__name__
             raise ValueError(f"lengths must be an integer tensor of shape ({B},), got {got}")
-        if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        # (Not while torch.compile traces: the values are data, which a graph cannot branch on.)
+        if B and not torch.compiler.is_compiling() and (int(lengths.min()) < 1 or int(lengths.max()) > T):
             raise ValueError(f"lengths must lie in [1, T] = [1, {T}], got min {int(lengths.min())}, "
                              f"max {int(lengths.max())}")
 

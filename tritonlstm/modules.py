@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from tritonlstm.functional import (
     BACKENDS,
@@ -67,6 +67,36 @@ def _no_script(module) -> None:
                        f"is Python around Triton launches. torch.jit.trace, torch.export and torch.compile work.")
 
 
+class _PackedLayout:
+    """Where each row of a PackedSequence's data sits in the padded, time-major [T, B, ...] batch, in the sorted
+    order the data is packed in: row n is step `steps[n]` of sorted row `rows[n]`. Unpacking and packing are
+    then one scatter and one gather, where pad_packed_sequence / pack_padded_sequence copy step by step (on a
+    GPU, a kernel launch per step, each way and again in the backward: ~4T launches a call)."""
+
+    def __init__(self, packed: PackedSequence):
+        batch_sizes = packed.batch_sizes.to("cpu", torch.int64)
+        n, T = packed.data.size(0), batch_sizes.numel()
+        if packed.sorted_indices is not None:
+            self.B = packed.sorted_indices.numel()
+        else:
+            self.B = int(batch_sizes[0])
+            torch._check(self.B >= 1)  # under torch.compile B is data: what a PackedSequence guarantees
+        steps = torch.repeat_interleave(torch.arange(T), batch_sizes, output_size=n)
+        rows = torch.arange(n) - (torch.cumsum(batch_sizes, 0) - batch_sizes)[steps]
+        device = packed.data.device
+        self.T, self.steps, self.rows = T, steps.to(device), rows.to(device)
+        # Sorted row b runs for as many steps as have more than b rows. Kept on the CPU, where checking them
+        # needs no device sync (each launch copies them over without one).
+        self.lengths = (batch_sizes.unsqueeze(0) > torch.arange(self.B).unsqueeze(1)).sum(1)
+
+    def unpack(self, data: Tensor) -> Tensor:
+        padded = data.new_zeros(self.T, self.B, *data.shape[1:])
+        return padded.index_put((self.steps, self.rows), data)
+
+    def pack(self, padded: Tensor) -> Tensor:
+        return padded[self.steps, self.rows]
+
+
 class LSTM(nn.LSTM):
     """`torch.nn.LSTM` with the recurrence fused in Triton kernels. Same constructor (plus `backend`), same
     parameters, same `forward(input, hx=None)` contract and outputs."""
@@ -113,9 +143,11 @@ class LSTM(nn.LSTM):
 
         dirs = 2 if self.bidirectional else 1
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
-        lengths = None
+        lengths = layout = None
         if isinstance(input, PackedSequence):
-            x, lengths = pad_packed_sequence(input)  # original batch order, time-major
+            # The layers run in the packed (sorted) batch order; hx and h_n are permuted instead of x and y.
+            layout = _PackedLayout(input)
+            x, lengths = layout.unpack(input.data), layout.lengths
             is_batched = True
         else:
             if input.dim() not in (2, 3):
@@ -140,13 +172,13 @@ class LSTM(nn.LSTM):
         self._check_args(x, h0, c0)
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if layout is not None and input.sorted_indices is not None:
+            h0, c0 = h0.index_select(1, input.sorted_indices), c0.index_select(1, input.sorted_indices)
 
         weights = {name: getattr(self, name) for name in self._flat_weights_names}
         if cast is not None:
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
             weights = {k: w.to(cast) for k, w in weights.items()}
-        if lengths is not None:
-            lengths = lengths.to(x.device)
 
         dropping = self.dropout > 0 and self.training and self.num_layers > 1
         if self.num_layers > 1 and dirs == 1 and self.proj_size == 0:
@@ -155,10 +187,10 @@ class LSTM(nn.LSTM):
                          for layer in range(self.num_layers)]
             scale = None
             if dropping:
-                scale = torch.stack([self._dropout_scale(input, x, self.hidden_size)
+                scale = torch.stack([self._dropout_scale(layout, x, self.hidden_size)
                                      for _ in range(self.num_layers - 1)])
             output, hidden = lstm_stack(x, per_layer, h0, c0, lengths=lengths, dropout_scale=scale, backend="triton")
-            return self._finish(input, output, hidden, is_batched, lengths)
+            return self._finish(input, output, hidden, is_batched, layout)
 
         layer_input, h_n, c_n = x, [], []
         for layer in range(self.num_layers):
@@ -171,35 +203,31 @@ class LSTM(nn.LSTM):
             h_n.append(h)
             c_n.append(c)
             if dropping and layer < self.num_layers - 1:
-                layer_input = layer_input * self._dropout_scale(input, x, layer_input.size(2))
-        return self._finish(input, layer_input, (torch.cat(h_n), torch.cat(c_n)), is_batched, lengths)
+                layer_input = layer_input * self._dropout_scale(layout, x, layer_input.size(2))
+        return self._finish(input, layer_input, (torch.cat(h_n), torch.cat(c_n)), is_batched, layout)
 
-    def _dropout_scale(self, input, x: Tensor, width: int) -> Tensor:
+    def _dropout_scale(self, layout: _PackedLayout | None, x: Tensor, width: int) -> Tensor:
         """One layer's dropout scale [T, B, width] (0 or 1 / (1 - p)), drawn as nn.LSTM draws it on the CPU
         (bernoulli over its own layout of the layer's output: packed rows for a PackedSequence), so that the
         same seed drops the same units."""
         p = self.dropout
-        packed = isinstance(input, PackedSequence)
-        shape = (input.data.size(0), width) if packed else (x.size(0), x.size(1), width)
+        shape = (layout.steps.numel(), width) if layout is not None else (x.size(0), x.size(1), width)
         if p >= 1:
             noise = x.new_zeros(shape)  # nn.LSTM draws nothing for p = 1
         else:
             noise = x.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
-        if packed:
-            noise, _ = pad_packed_sequence(PackedSequence(noise, input.batch_sizes, input.sorted_indices,
-                                                          input.unsorted_indices))
-        return noise
+        return noise if layout is None else layout.unpack(noise)
 
     def _finish(self, input, output: Tensor, hidden: tuple[Tensor, Tensor], is_batched: bool,
-                lengths: Tensor | None):
+                layout: _PackedLayout | None):
         """Time-major padded output back to the caller's form: PackedSequence, batch_first, unbatched."""
-        if isinstance(input, PackedSequence):
-            # Same batch_sizes and indices as the input, as nn.LSTM returns them.
-            order = input.sorted_indices
-            out_sorted = output if order is None else output.index_select(1, order)
-            lens_sorted = lengths if order is None else lengths.index_select(0, order.to(lengths.device))
-            packed = pack_padded_sequence(out_sorted, lens_sorted.cpu(), enforce_sorted=True)
-            return PackedSequence(packed.data, input.batch_sizes, input.sorted_indices,
+        if layout is not None:
+            # Same batch_sizes and indices as the input, as nn.LSTM returns them; h_n and c_n in the caller's
+            # batch order.
+            if input.unsorted_indices is not None:
+                hidden = (hidden[0].index_select(1, input.unsorted_indices),
+                          hidden[1].index_select(1, input.unsorted_indices))
+            return PackedSequence(layout.pack(output), input.batch_sizes, input.sorted_indices,
                                   input.unsorted_indices), hidden
         if self.batch_first:
             output = output.transpose(0, 1)
