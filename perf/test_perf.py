@@ -73,3 +73,41 @@ def test_stack_training_with_and_without_dropout(benchmark, stack, impl):
     run = _step({"tritonlstm": ours, "cudnn": ref}[impl], x, True)
     run()
     benchmark.pedantic(run, rounds=20, warmup_rounds=3)
+
+
+PACKED = [pytest.param((d, mode, packed), id=f"{d}-{mode}-{'packed' if packed else 'padded'}")
+          for d in ("float16", "bfloat16", "float32") for mode in ("fwd", "fwdbwd") for packed in (True, False)]
+
+
+@pytest.mark.parametrize("impl", ["tritonlstm", "cudnn"])
+@pytest.mark.parametrize("case", PACKED)
+def test_packed_against_padded(benchmark, case, impl):
+    """H = 512, B = 16, T = 256, one layer: the same batch as a PackedSequence (lengths T/4..T, unsorted) and
+    padded. Packed input used to cost ~4T small copies a training call in tritonlstm (pad_packed_sequence and
+    back); since v0.28 it is one scatter and one gather (perf/NOTES.md): packed should cost about what padded
+    does. The packing of the input is inside the timed call, for both implementations alike."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from tritonlstm import LSTM
+
+    dtype_name, mode, packed = case
+    dtype = getattr(torch, dtype_name)
+    ref = torch.nn.LSTM(512, 512).to("cuda", dtype)
+    ours = LSTM(512, 512, backend="triton").to("cuda", dtype)
+    ours.load_state_dict(ref.state_dict())
+    model = {"tritonlstm": ours, "cudnn": ref}[impl]
+    train = mode == "fwdbwd"
+    x = torch.randn(256, 16, 512, device="cuda", dtype=dtype, requires_grad=train)
+    lengths = torch.randint(64, 257, (16,), generator=torch.Generator().manual_seed(0))
+    lengths[3] = 256
+
+    def run():
+        with torch.set_grad_enabled(train):
+            y, _ = model(pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x)
+            if train:
+                (y.data if packed else y).sum().backward()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"packed-{dtype_name}-{mode}"
+    run()
+    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
