@@ -717,3 +717,21 @@ def test_forward_mode_ad_is_refused_clearly():
     _, tangent = torch.func.jvp(lambda x: tritonlstm.fused_lstm(x, m.weight_ih_l0, m.weight_hh_l0, backend="torch")[0],
                                 (x,), (torch.ones_like(x),))
     assert tangent.shape == (4, 1, 3)
+
+
+def test_vmap_over_inputs_and_over_an_ensemble_of_weights():
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    models = [tritonlstm.LSTM(4, 6, 2, backend="triton") for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(5, 2, 4)
+    ys = vmap(lambda p, b: functional_call(base, (p, b), (x,))[0])(params, buffers)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(ys[i], m(x)[0], **TOL)
+    xs = torch.randn(3, 5, 2, 4)
+    ys = vmap(lambda x: models[0](x)[0])(xs)
+    for i in range(3):
+        torch.testing.assert_close(ys[i], models[0](xs[i])[0], **TOL)
