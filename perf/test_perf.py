@@ -111,3 +111,34 @@ def test_packed_against_padded(benchmark, case, impl):
     benchmark.group = f"packed-{dtype_name}-{mode}"
     run()
     benchmark.pedantic(run, rounds=20, warmup_rounds=3)
+
+
+CELLS = [pytest.param((d, b), id=f"{d}-B{b}") for d in ("float16", "float32") for b in (16, 128)]
+
+
+@pytest.mark.parametrize("impl", ["tritonlstm", "cudnn"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cell_loop(benchmark, cell, impl):
+    """LSTMCell stepped from Python, as a decoder runs it: 64 steps at H = 512, no grad. On the CPU the host path
+    of one tritonlstm step costs ~110-150 us against nn.LSTMCell's ~40 (perf/NOTES.md v0.7); this says what a
+    GPU host makes of it, against nn.LSTMCell (two GEMMs and a fused pointwise kernel)."""
+    from tritonlstm import LSTMCell
+
+    dtype_name, batch = cell
+    dtype = getattr(torch, dtype_name)
+    ref = torch.nn.LSTMCell(512, 512).to("cuda", dtype)
+    ours = LSTMCell(512, 512, backend="triton").to("cuda", dtype)
+    ours.load_state_dict(ref.state_dict())
+    model = {"tritonlstm": ours, "cudnn": ref}[impl]
+    xs = torch.randn(64, batch, 512, device="cuda", dtype=dtype)
+
+    def run():
+        with torch.no_grad():
+            h = c = torch.zeros(batch, 512, device="cuda", dtype=dtype)
+            for x in xs:
+                h, c = model(x, (h, c))
+        torch.cuda.synchronize()
+
+    benchmark.group = f"cell-loop-{dtype_name}-B{batch}"
+    run()
+    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
