@@ -8,6 +8,8 @@ interpreter, float64), and `backend="triton"` raises there instead.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
@@ -299,10 +301,9 @@ class LSTMCell(nn.LSTMCell):
             nothing = zero_from(x, *w)
             h, c = h0 + nothing, c0 + nothing
             return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
-        if torch.is_autocast_enabled(x.device.type):  # x is in the dtype nn.LSTMCell would use already
-            with torch.autocast(x.device.type, enabled=False):
-                y, (_, c) = fused_lstm(x[None], *w, h0, c0, backend="triton")
-        else:
+        # x is in the dtype nn.LSTMCell would use already (under CPU autocast: its own, float32).
+        autocast = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             y, (_, c) = fused_lstm(x[None], *w, h0, c0, backend="triton")
         h = y[0]
         if not is_batched:
