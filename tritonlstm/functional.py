@@ -96,6 +96,19 @@ def _cast_floating(dtype: torch.dtype, obj):
     return obj
 
 
+def _in_autocast_dtype(fn):
+    """fn(x, ...) as torch.lstm runs under autocast: every floating argument (float64 aside) in the autocast dtype
+    of x's device, and autocast off inside (its matmuls must keep the dtype of the states the kernels get)."""
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
+        if cast is None:
+            return fn(x, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(*_cast_floating(cast, (x, *args)), **{k: _cast_floating(cast, v) for k, v in kwargs.items()})
+    return wrapper
+
+
 def _without_autocast(fn):
     """fn with autocast off: its matmuls must run in the dtype of the tensors it hands the kernels (under
     autocast a gx of another dtype than the states reaches the kernel as mismatched pointers)."""
@@ -666,6 +679,7 @@ def zero_from(*tensors):
     return sum(0 * t.sum() for t in tensors if t is not None)
 
 
+@_in_autocast_dtype
 def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Tensor | None = None, *,
                lengths: Tensor | None = None, reverse: bool = False, backend: str = "auto",
                checked: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -675,11 +689,6 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
 
     Returns y [T, B, D*P] (the directions concatenated, as nn.LSTM lays them out) and (h_n [D, B, P],
     c_n [D, B, H])."""
-    cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
-    if cast is not None:  # as torch.lstm under autocast: the whole layer in the autocast dtype
-        with torch.autocast(x.device.type, enabled=False):
-            return lstm_layer(*_cast_floating(cast, (x, weights, h0, c0)), lengths=lengths, reverse=reverse,
-                              backend=backend, checked=checked)
     D = len(weights)
     if D not in (1, 2):
         raise ValueError(f"lstm_layer takes 1 or 2 directions of weights, got {D}")
@@ -731,6 +740,7 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     return y, (torch.stack([rn[d] @ w_hr[d].t() for d in range(D)]), cn)
 
 
+@_in_autocast_dtype
 def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Tensor | None = None, *,
                lengths: Tensor | None = None, dropout_scale: Tensor | None = None,
                backend: str = "auto") -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -741,11 +751,6 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     before the layer above takes it as input; for dropout with probability p, entries 0 or 1 / (1 - p), drawn
     by the caller (`tritonlstm.LSTM` draws them as nn.LSTM would on the CPU).
     Returns the last layer's y [T, B, H] and (h_n, c_n) [L, B, H]."""
-    cast = autocast_dtype(x.device) if isinstance(x, Tensor) else None
-    if cast is not None:  # as in lstm_layer
-        with torch.autocast(x.device.type, enabled=False):
-            return lstm_stack(*_cast_floating(cast, (x, weights, h0, c0)), lengths=lengths,
-                              dropout_scale=_cast_floating(cast, dropout_scale), backend=backend)
     L = len(weights)
     if L < 1:
         raise ValueError("lstm_stack needs at least one layer of weights")
