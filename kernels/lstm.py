@@ -38,6 +38,7 @@ t = LAST[b] - s, so each sequence starts at its own end.
 
 import contextlib
 import contextvars
+import math
 
 import torch
 import triton
@@ -203,18 +204,25 @@ def _load_transposed_tiles(p_w, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr,
 @triton.jit
 def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_t, p_w, i_h, m_w, H,
                           BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr,
-                          W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, HALF_W: tl.constexpr, x_mul,
+                          acc_mul):
     """_gate_dots transposed: gates^T [4 * BH, BB] = W^T @ x^T, M = the program's 4 * BH gate rows (BH = 16: one
     64-row Hopper warpgroup MMA, which a 16-row batch tile as M is too small for), N = the batch tile, K in KC
     chunks: w_t's resident tiles (_load_transposed_tiles), or streamed, each [4 * BH, KC] chunk of W^T loaded
     from p_w (masked by m_w) in a pipelined loop. x comes in [BB, KC] pieces used transposed (a [KC, BB] pointer
-    tensor costs registers per element). The gates then come out of the accumulator's rows as [BB, BH] tiles."""
+    tensor costs registers per element). The gates then come out of the accumulator's rows as [BB, BH] tiles.
+
+    HALF_W: W^T is float16, scaled by a power of two into its range (_half_weights), and x (float32) is multiplied
+    by x_mul, another power of two, and rounded to float16: the product on float16 operands, the accumulator times
+    acc_mul = 1 / (both scales). Exact scalings, so the operands lose only what TF32 loses (10-bit mantissas)."""
     acc = tl.zeros([4 * BH, BB], dtype=tl.float32)
     if W_RESIDENT:
         for i in tl.static_range(BK // KC):
             o_c = i * KC + tl.arange(0, KC)
             b_x = tl.load(p_base + o_rows[:, None] + o_c[None, :], mask=m_rows[:, None] & (o_c < H)[None, :],
                           other=0.0, cache_modifier=".cg")
+            if HALF_W:
+                b_x = (b_x * x_mul).to(tl.float16)
             acc = tl.dot(w_t[i], tl.trans(b_x), acc, input_precision=DOT_PRECISION)
     else:
         rows, m_r = _transposed_rows(i_h, m_w, H, BH)
@@ -224,7 +232,11 @@ def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_
             t_w = tl.load(p_w + rows[:, None] * H + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
             b_x = tl.load(p_base + o_rows[:, None] + o_c[None, :], mask=m_rows[:, None] & m_c[None, :], other=0.0,
                           cache_modifier=".cg")
+            if HALF_W:
+                b_x = (b_x * x_mul).to(tl.float16)
             acc = tl.dot(t_w, tl.trans(b_x), acc, input_precision=DOT_PRECISION)
+    if HALF_W:
+        acc = acc * acc_mul
     # Row (2a + b) * BH + j -> [BB, BH, a, b]: splitting b then a gives the gates (i, g) and (f, o).
     b_ig, b_fo = tl.split(tl.permute(tl.reshape(acc, [2, 2, BH, BB]), (3, 2, 0, 1)))
     b_i, b_g = tl.split(b_ig)
@@ -412,6 +424,8 @@ def _cell_grads(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_cp, m_live):
 
 # A released barrier counter: above every target a launch waits for (_run splits longer launches).
 RELEASED: tl.constexpr = tl.constexpr(1 << 30)
+# HALF_W: h_{t-1} (within +-1) times this is within float16's range, its small values clear of the subnormals.
+REC_MUL: tl.constexpr = tl.constexpr(16384.0)
 
 
 @triton.jit
@@ -704,6 +718,7 @@ def lstm_fwd_kernel(
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
     RING,  # [2, D, B, cdiv(H, PACK)] int64 zeros on entry: h_t as tagged words, slot t % 2 (when TAGGED)
+    WSCALE,  # [D or L, 5] float32 the scales of HALF_W's float16 operands (_half_weights)
     T,
     B,
     H,
@@ -733,8 +748,10 @@ def lstm_fwd_kernel(
     FLAGS: tl.constexpr,  # the barrier as a flag per program (_flag_barrier): SYNC holds NP-strided flags
     NP: tl.constexpr,  # FLAGS: power of two >= the programs of one barrier (P, or P * L for a stack)
     PREFETCH: tl.constexpr,  # one batch tile per program, single layer, barrier: next step's gx before the wait
+    HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
 ):
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
+    tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
     tl.static_assert(not (PREFETCH and (STACK or TAGGED)), "prefetch: single layer, barrier exchange")
     tl.static_assert(not (MERGED and (STACK or TAGGED or SK > 1)), "merged gates: single layer, barrier, unsplit")
     tl.static_assert(not (TRANSPOSED and (TAGGED or MERGED or SK > 1)), "transposed dots: barrier, unsplit")
@@ -804,6 +821,17 @@ def lstm_fwd_kernel(
                 b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W_IH, 0, o_j, m_j & (i_l > 0), H, 1, H, 1, 0, BK, SK)
             else:
                 b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & (i_l > 0), m_j, H, 1, H)
+    if HALF_W:
+        # h0 and the layer below's output (within +-max|dropout scale|) have their own scales; h_{t-1} = o *
+        # tanh(c) is within +-1, so 2^14 puts it in float16's range.
+        p_ws = WSCALE + (i_l if STACK else i_d) * 5
+        ws_h0_mul = tl.load(p_ws)
+        ws_h0_acc = tl.load(p_ws + 1)
+        ws_rec_acc = tl.load(p_ws + 2)
+        ws_x_mul = tl.load(p_ws + 3)
+        ws_x_acc = tl.load(p_ws + 4)
+    else:
+        ws_h0_mul, ws_h0_acc, ws_rec_acc, ws_x_mul, ws_x_acc = 1.0, 1.0, 1.0, 1.0, 1.0
     if HAS_BIAS:
         b_bi = tl.load(BIAS + o_j, mask=m_j, other=0.0)[None, :]
         b_bf = tl.load(BIAS + H + o_j, mask=m_j, other=0.0)[None, :]
@@ -848,7 +876,8 @@ def lstm_fwd_kernel(
                     if TRANSPOSED:
                         b_gi, b_gf, b_gg, b_go = _transposed_gate_dots(zero, zero, zero, zero, X, o_row * H, live,
                                                                        b_um, W_IH, i_h, i_l > 0, H, BB, BH, BK, KC,
-                                                                       W_RESIDENT, DOT_PRECISION)
+                                                                       W_RESIDENT, DOT_PRECISION, HALF_W, ws_x_mul,
+                                                                       ws_x_acc)
                     else:
                         b_gi, b_gf, b_gg, b_go = _gate_dots(zero, zero, zero, zero, X, o_row * H, live, b_ui, b_uf,
                                                             b_ug, b_uo, W_IH, o_k, o_j, m_j, i_l > 0, H, BK,
@@ -876,7 +905,9 @@ def lstm_fwd_kernel(
                 elif TRANSPOSED:
                     b_gi, b_gf, b_gg, b_go = _transposed_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live,
                                                                    b_wm, W, i_h, i_h >= 0, H, BB, BH, BK, KC,
-                                                                   W_RESIDENT, DOT_PRECISION)
+                                                                   W_RESIDENT, DOT_PRECISION, HALF_W,
+                                                                   tl.where(s == 0, ws_h0_mul, REC_MUL),
+                                                                   tl.where(s == 0, ws_h0_acc, ws_rec_acc))
                 else:
                     b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf,
                                                         b_wg, b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT,
@@ -1374,6 +1405,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit operands
 
 
+def _half_w(config, dtype: torch.dtype) -> bool:
+    """Whether a forward launch of `config` takes its dots on float16 operands (LSTMConfig.half_w): float32 layers
+    whose dots may round to TF32 (the launcher swaps a half_w config for configs.without_half_w where they may
+    not)."""
+    if not config.half_w:
+        return False
+    if dtype != torch.float32 or not config.transposed:
+        raise ValueError(f"config: half_w is for float32 layers on the transposed dots, got {dtype}, transposed="
+                         f"{config.transposed}")
+    if _dot_precision(dtype) != "tf32":
+        raise ValueError("config: half_w rounds the dots' operands as TF32 does, and PyTorch's RNN precision does "
+                         "not allow TF32 here (configs.without_half_w gives the full-precision stand-in)")
+    return True
+
+
 def _check_residency(config, H: int, D: int, device: torch.device) -> None:
     if not config.persistent:
         return
@@ -1412,6 +1458,13 @@ class BarrierErrors:
     MESSAGE = ("tritonlstm: a grid barrier (or a wait on another program's h) did not complete (a program never "
                "arrived; were all programs resident?). The outputs of that launch, and of launches queued while it "
                "failed, are NaN.")
+    # The flag's value 2 (set by _half_weights' launchers, before the launch): an operand out of range.
+    RANGE = 2
+    RANGE_MESSAGE = ("tritonlstm: a float32 weight, h0 or dropout scale beyond 2^75 in magnitude, out of the range of "
+                     "the float16 operands (power-of-two scaled) that the forward takes where TF32 is allowed "
+                     "(LSTMConfig.half_w). The outputs of that launch, and of launches queued after it, are NaN. "
+                     "Disallow TF32 for RNNs (torch.backends.cudnn.rnn.fp32_precision = 'ieee') to run such values "
+                     "in float32.")
 
     def __init__(self):
         self._err: dict[torch.device, torch.Tensor] = {}
@@ -1450,7 +1503,7 @@ class BarrierErrors:
                 if device in self._host:
                     self._host[device].zero_()
             err.zero_()
-            raise RuntimeError(self.MESSAGE)
+            raise RuntimeError(self.RANGE_MESSAGE if seen == self.RANGE else self.MESSAGE)
 
 
 barrier_errors = BarrierErrors()
@@ -1555,6 +1608,58 @@ def _tag_ring(h0: torch.Tensor, pack: int) -> torch.Tensor:
     return torch.stack([torch.zeros_like(words), words])
 
 
+def _exp2(k: torch.Tensor) -> torch.Tensor:
+    """2^k as float32, exactly (int32 k in the normal range), from its exponent bits."""
+    return ((k + 127) << 23).view(torch.float32)
+
+
+# The scales' exponents stay within +-HALF_W_MAX_SHIFT, so that a product of two is a normal float32: magnitudes
+# up to 2^75 (2^-60 * 2^75 = 2^15, within float16) and down to 2^-45 keep every bit float16 holds.
+HALF_W_MAX_SHIFT = 60
+
+
+def _half_weights(w_hh, h0, w_ih=None, drop=None):
+    """The float16 operands of a HALF_W launch, for float32 layers whose TF32 dots would round W and h to 10-bit
+    mantissas anyway: float16 holds the same mantissa, so W scaled by a power of two into its range (per direction
+    or layer) loses nothing TF32 keeps; the kernel scales h0, h_{t-1} and the layer below's output likewise. Returns
+    W_hh (and a stack's W_ih) in float16 and the [N, 5] scales the kernel reads: h0's multiplier, the
+    accumulator's at the first step (1 / (h0's scale * W_hh's)) and at the others (1 / (REC_MUL * W_hh's)), the
+    layer below's output's multiplier and its accumulator's (1 / (that * W_ih's)). On the device, without a sync,
+    in ~30 small ops. A finite magnitude beyond 2^75 sets the device's error flag (BarrierErrors.RANGE): the
+    launch's outputs are NaN and the host raises, as after a failed barrier. Inf and NaN go through, and propagate
+    as in torch."""
+    n = w_hh.shape[0]
+    stack = w_ih is not None and n > 1
+    inf = float("inf")
+    parts = [torch.linalg.vector_norm(w_hh, inf, dim=(1, 2)), torch.linalg.vector_norm(h0, inf, dim=(1, 2))]
+    if stack:
+        parts.append(torch.linalg.vector_norm(w_ih, inf, dim=(1, 2)))
+        # The layer below's output is h (within +-1) times its dropout scale.
+        parts.append(torch.linalg.vector_norm(drop, inf, dim=(1, 2, 3)) if drop is not None else
+                     w_hh.new_ones(n - 1))
+    amax = torch.cat(parts)
+    # amax < 2^(e - 126), e its biased exponent (0 for zero, 255 for inf and NaN): scaled by 2^(141 - e), it is
+    # below 2^15. Clamped, zero scales by 2^60 and inf by 2^-60, and both stay what they are.
+    e = (amax.view(torch.int32) >> 23) & 0xFF
+    k = 141 - e
+    beyond = ((k < -HALF_W_MAX_SHIFT) & (e != 255)).any()
+    err = barrier_errors.flag(w_hh.device)
+    torch.maximum(err, beyond.to(torch.int32) * BarrierErrors.RANGE, out=err)
+    k = k.clamp(-HALF_W_MAX_SHIFT, HALF_W_MAX_SHIFT)
+    k_w, k_h0 = k[:n], k[n:2 * n]
+    k_rec = int(math.log2(REC_MUL.value))
+    if stack:  # layer 0 has no in-loop input dot
+        k_ih = torch.nn.functional.pad(k[2 * n:3 * n - 1], (1, 0))
+        k_x = torch.nn.functional.pad(k[3 * n - 1:], (1, 0), value=k_rec)
+    else:
+        k_ih = k_x = torch.zeros_like(k_w)
+    scales = _exp2(torch.stack([k_h0, -(k_w + k_h0), -(k_w + k_rec), k_x, -(k_ih + k_x)], dim=1))
+    w16 = (w_hh * _exp2(k_w)[:, None, None]).to(torch.float16)
+    if w_ih is None:
+        return w16, None, scales
+    return w16, (w_ih * _exp2(k_ih[1:])[:, None, None]).to(torch.float16) if stack else w16, scales
+
+
 def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config, gates_out=None):
     """Runs the recurrence of D directions (D = w_hh.shape[0]; direction 1 in reverse) over gx = x @ W_ih^T
     [T, B, D*4H] (read only, unless it is gates_out). w_hh [D, 4H, H], bias [D, 4H] float32 or None, h0
@@ -1580,13 +1685,16 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     tagged = config.exchange.startswith("tagged")
     pack = _tag_pack(dt, config) if tagged else 1
     ring = _tag_ring(h0, pack) if tagged else sync
-    args = (gx, gates, w_hh, w_hh, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
-            last if last is not None else sync, sync, barrier_errors.flag(dev), ring, T, B, H, int(reverse))
+    half = _half_w(config, dt)
+    w_dot, _, wscale = _half_weights(w_hh, h0) if half else (w_hh, None, c_ws)
+    args = (gx, gates, w_dot, w_dot, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
+            last if last is not None else sync, sync, barrier_errors.flag(dev), ring, wscale, T, B, H, int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, dev, args,
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
               PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize), PREFETCH=config.prefetches(B, H), **flags), sync)
+              KC=transposed_chunk(config, dt.itemsize), PREFETCH=config.prefetches(B, H), HALF_W=half, **flags),
+         sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
@@ -1612,13 +1720,16 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     c_all = _per_step((L, T, B, H), torch.float32, dev, lengths) if store_gates else c_ws
     grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
     sync, flags = _barrier_state(config, grid, dev, stack=True)
-    args = (gx, gates, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else y, xd if xd is not None else y,
+    half = _half_w(config, dt)
+    w_ih = w_ih if L > 1 else w_hh
+    w_dot, w_ih_dot, wscale = _half_weights(w_hh, h0, w_ih, drop) if half else (w_hh, w_ih, c_ws)
+    args = (gx, gates, w_dot, w_ih_dot, drop if drop is not None else y, xd if xd is not None else y,
             bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync, sync,
-            barrier_errors.flag(dev), sync, T, B, H, 0)
+            barrier_errors.flag(dev), sync, wscale, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
               TAGGED=False, PACK=1, PROBE=False, MERGED=False, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize), PREFETCH=False, **flags,
+              KC=transposed_chunk(config, dt.itemsize), PREFETCH=False, HALF_W=half, **flags,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)), sync)
     if not store_gates:
         gates = c_all = None

@@ -7,7 +7,7 @@ import torch
 import triton.language as tl
 
 import tritonlstm
-from helpers import NAMES, RESOLUTION, call_kwargs, leaf, loss_of, make_problem, reference, rel_err
+from helpers import NAMES, RESOLUTION, RESOLUTION_GPU, call_kwargs, leaf, loss_of, make_problem, reference, rel_err
 from tritonlstm import LSTMConfig, fused_lstm, use_config
 from tritonlstm.functional import lstm_layer
 from tritonlstm.kernels import lstm as kernels
@@ -32,7 +32,7 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def check_against_reference(problem, dtype, *, reverse=False, lengths=None, config=None, grad_factor=2.0):
+def check_against_reference(problem, dtype, *, reverse=False, lengths=None, config=None, grad_factor=2.0, tol=None):
     _, ref_out = reference(problem, reverse=reverse, lengths=lengths)
     weights = tuple(torch.randn_like(t) for t in ref_out)
     p_ref, _ = None, None
@@ -46,7 +46,7 @@ def check_against_reference(problem, dtype, *, reverse=False, lengths=None, conf
         assert y.dtype == hn.dtype == cn.dtype == dtype
         loss_of(y, hn, cn, weights).backward()
 
-    tol = RESOLUTION[dtype]
+    tol = tol or RESOLUTION[dtype]
     errors = {"y": rel_err(y, y_r), "h_n": rel_err(hn, hn_r), "c_n": rel_err(cn, cn_r)}
     bad = {k: v for k, v in errors.items() if not v <= tol}
     for n in (*NAMES, "weight_hr"):
@@ -167,6 +167,81 @@ def test_transposed_gate_dots(chunk, reverse, dtype, lengths, monkeypatch, kerne
     lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
     check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config)
     assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+# float32 forward dots on float16 operands, W^T scaled by a power of two (LSTMConfig.half_w, perf/NOTES.md v0.29):
+# as precise as TF32's operands, so judged by the GPU's float32 tolerance (TF32), never by the interpreter's exact one.
+HALF_TOL = RESOLUTION_GPU[torch.float32]
+HALF_CONFIGS = {
+    "resident": LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                           transposed=True, half_w=True),
+    "streamed": LSTMConfig(block_h=16, block_b=4, block_k=16, w_resident=False, batch_groups=1, persistent=False,
+                           transposed=True, half_w=True),
+}
+
+
+@pytest.fixture
+def half_weights_calls(monkeypatch):
+    """The float16 operands each launch got from _half_weights (proof that the half_w path ran)."""
+    calls, real = [], kernels._half_weights
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(kernels, "_half_weights", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(HALF_CONFIGS))
+@pytest.mark.parametrize("reverse,lengths", [(False, None), (True, torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5,
+                                                                                 3, 3, 6, 2, 4]))],
+                         ids=["padded", "rev-lengths"])
+def test_half_w_forward_matches_reference_at_tf32_precision(name, reverse, lengths, half_weights_calls):
+    problem = make_problem(6, 17, 10, 33, torch.float32)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        check_against_reference(problem, torch.float32, reverse=reverse, lengths=lengths, config=HALF_CONFIGS[name],
+                                tol=HALF_TOL)
+    assert [w.dtype for w, _, _ in half_weights_calls] == [torch.float16]
+
+
+@pytest.mark.parametrize("w_scale,h0_scale", [(1e-8, 1e8), (1e8, 1e-8), (3e-13, 1.0), (1.0, 1e22)])
+def test_half_w_scales_weights_and_h0_into_float16s_range(w_scale, h0_scale, half_weights_calls):
+    """Without the power-of-two scaling these would underflow to zero or overflow to inf in float16: W_hh at 1e-8
+    (float16's smallest subnormal is 6e-8) against h0 at 1e8 (beyond 65504), and the other way round; the first
+    step's product is of order one, so a lost scale shows in y_0."""
+    problem = make_problem(6, 17, 10, 33, torch.float32)
+    problem["weight_hh"] = problem["weight_hh"] * w_scale
+    problem["h0"] = problem["h0"] * h0_scale
+    _, (y_r, hn_r, cn_r) = reference(problem)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(HALF_CONFIGS["resident"]):
+        y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+    assert rel_err(y[0], y_r[0]) < HALF_TOL and rel_err(y, y_r) < HALF_TOL and rel_err(cn, cn_r) < HALF_TOL
+    assert len(half_weights_calls) == 1
+
+
+def test_half_w_raises_beyond_its_range_instead_of_returning_inf():
+    problem = make_problem(3, 5, 4, 33, torch.float32)
+    problem["weight_hh"][0, 0] = 1e30
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(HALF_CONFIGS["resident"]), \
+            pytest.raises(RuntimeError, match="beyond 2\\^75"):
+        fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+    assert int(kernels.barrier_errors.flag(torch.device("cpu"))[0]) == 0  # reported once, then cleared
+    problem["weight_hh"][0, 0] = float("inf")  # inf is no range error: it propagates as in torch
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(HALF_CONFIGS["resident"]):
+        fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+
+
+def test_half_w_keeps_float32_operands_where_tf32_is_not_allowed(half_weights_calls):
+    """A half_w config runs as configs.without_half_w (W^T streamed in float32) when PyTorch's RNN precision
+    says full float32: exact to the interpreter's float32 tolerance."""
+    problem = make_problem(6, 17, 10, 33, torch.float32)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        check_against_reference(problem, torch.float32, config=HALF_CONFIGS["resident"])
+    assert half_weights_calls == []
+    with pytest.raises(ValueError, match="half_w"):  # a launcher given one anyway refuses it
+        kernels._half_w(HALF_CONFIGS["resident"], torch.float16)
 
 
 # h_{t-1} and dG_{t+1} as tagged words (perf/NOTES.md v0.8): the multi-program paths through the rings instead of
@@ -668,6 +743,50 @@ def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, dropout,
         assert rel_err(a.grad, b.grad) < 2 * tol
     chunks = -(-L // span) if span else 1
     assert launches == ["lstm_stack_forward"] * chunks + ["lstm_stack_backward"] * chunks
+
+
+@pytest.mark.parametrize("keep", [0.7, 1e-4], ids=["dropout0.3", "dropout0.9999"])
+def test_half_w_stack_matches_layer_by_layer(keep, half_weights_calls):
+    """A float32 wavefront stack on float16 operands (LSTMConfig.half_w): W_hh and W_ih of each layer scaled apart,
+    the layer below's output scaled by its dropout's largest factor (1 / keep: 1e4 at keep = 1e-4, beyond float16's
+    range after the 2^14 that h alone takes), lengths; outputs, states and every gradient (the backward in float32)
+    against the float64 reference, at TF32's tolerance."""
+    from tritonlstm.functional import lstm_stack
+
+    T, B, I, H, L = 6, 5, 7, 33, 3
+    lengths = torch.tensor([6, 2, 5, 1, 6])
+    layers = [make_problem(T, B, I if l == 0 else H, H, torch.float32) for l in range(L)]
+    layers[1]["weight_hh"] *= 1e-6  # its own scale, apart from the other layers'
+    for p in layers[1:]:  # inputs up to 1 / keep, products of order one (TF32's rounding of larger ones is larger)
+        p["weight_ih"] *= keep
+    keys = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def leaves(dt):
+        ws = [tuple(p[k].detach().to(dt).requires_grad_() for k in keys) for p in layers]
+        st = [torch.stack([p[n] for p in layers]).detach().to(dt).requires_grad_() for n in ("h0", "c0")]
+        return layers[0]["x"].detach().to(dt).requires_grad_(), ws, st
+
+    x, ws, (h0, c0) = leaves(torch.float32)
+    g = torch.Generator().manual_seed(7)
+    scale = (torch.rand(L - 1, T, B, H, generator=g) < max(keep, 0.5)).float() / keep
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(HALF_CONFIGS["resident"]):
+        y, (hn, cn) = lstm_stack(x, ws, h0, c0, lengths=lengths, dropout_scale=scale, backend="triton")
+    xr, wr, (h0r, c0r) = leaves(torch.float64)
+    yr, hs, cs = xr, [], []
+    for l in range(L):
+        if l > 0:
+            yr = yr * scale[l - 1].double()
+        yr, (h, c) = tritonlstm.naive.lstm_layer_reference(yr, *wr[l], h0r[l], c0r[l], lengths=lengths)
+        hs.append(h)
+        cs.append(c)
+    hr, cr = torch.stack(hs), torch.stack(cs)
+    weights = tuple(torch.randn_like(t) for t in (yr, hr, cr))
+    loss_of(y, hn, cn, weights).backward()
+    loss_of(yr, hr, cr, weights).backward()
+    assert rel_err(y, yr) < HALF_TOL and rel_err(hn, hr) < HALF_TOL and rel_err(cn, cr) < HALF_TOL
+    for a, b in [(x, xr), (h0, h0r), (c0, c0r)] + [(p, q) for wl, wq in zip(ws, wr) for p, q in zip(wl, wq)]:
+        assert rel_err(a.grad, b.grad) < 2 * HALF_TOL
+    assert [(w.dtype, wi.dtype) for w, wi, _ in half_weights_calls] == [(torch.float16, torch.float16)]
 
 
 @pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu")], ids=["default", "str", "device"])

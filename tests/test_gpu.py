@@ -321,6 +321,43 @@ def test_stack_training_matches_cudnn(layers, dtype):
     assert not bad, bad
 
 
+def test_float32_stack_inference_in_one_launch_on_float16_weights(monkeypatch):
+    """float32, 4 layers at H = 512 (perf/NOTES.md v0.29): without training, one forward wavefront with W^T and
+    W_ih^T resident in float16 (half_w), where training runs two 2-layer ones; against cuDNN (TF32 on both sides)."""
+    from torch.utils._pytree import tree_leaves
+
+    import tritonlstm
+    from tritonlstm.kernels import lstm as k
+
+    launches = []
+    real = k.lstm_stack_forward
+    monkeypatch.setattr(k, "lstm_stack_forward", lambda *a, **kw: launches.append(kw["config"]) or real(*a, **kw))
+    ref = torch.nn.LSTM(512, 512, num_layers=4).to("cuda")
+    ours = tritonlstm.LSTM(512, 512, num_layers=4, backend="triton").to("cuda")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(64, 16, 512, device="cuda")
+    with torch.no_grad():
+        outs = [m(x) for m in (ref, ours)]
+    tritonlstm.synchronize()
+    assert len(launches) == 1 and launches[0].half_w and launches[0].w_resident, launches
+    tol = RESOLUTION_GPU[torch.float32] * 4
+    for a, b in zip(tree_leaves(outs[1]), tree_leaves(outs[0])):
+        assert rel_err(a, b) <= tol
+
+
+@pytest.mark.parametrize("H,B", [(1024, 1), (1024, 16), (512, 64)])
+def test_half_w_forward_matches_cudnn(H, B):
+    """The float32 forward's transposed-half candidate (W^T resident in float16, scaled; v0.29) on persistent
+    multi-program launches, against cuDNN's TF32; the backward as selected."""
+    from tritonlstm.configs import named_variants, use_config
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = named_variants("fwd", H, B, torch.float32, sms)["transposed-half"]
+    assert cfg.half_w and cfg.persistent and cfg.programs(H) > 1, cfg
+    with use_config(cfg, "fwd"):
+        run_both(256, B, H, torch.float32)
+
+
 def test_stack_dropout_matches_the_layer_by_layer_computation():
     """Dropout inside the wavefronts against the same scale applied between separate single-layer launches."""
     from tritonlstm.functional import lstm_layer, lstm_stack

@@ -78,17 +78,18 @@ class Resources:
         return self.error is None and self.shared <= self.smem_limit and self.spill_bytes <= SPILL_LIMIT
 
 
-def _signature(kernel: str, dtype: str) -> dict[str, str]:
+def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     p = "*" + dtype
+    pw = "*fp16" if half_w else p
     ints = {n: "i32" for n in ("T", "B", "H", "rev0", "S_START", "S_COUNT", "max_spin")}
     if kernel == "bwd_2d":
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
                 "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32", "PART": "*fp32"}
         flags = ()
     elif kernel == "fwd":
-        ptrs = {"GX": p, "GATES": p, "W": p, "W_IH": p, "DROP": p, "XD": p, "BIAS": "*fp32", "H0": p,
+        ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": "*fp32", "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "RING": "*i64"}
+                "ERR": "*i32", "RING": "*i64", "WSCALE": "*fp32"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "PROBE", "HAS_BIAS", "HAS_LENGTHS", "STACK",
                  "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK", "MERGED")
     else:
@@ -155,7 +156,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       PROBE=kernel == "fwd" and config.exchange == "tagged-probe",
                       MERGED=kernel == "fwd" and config.merged_gates,
                       TRANSPOSED=config.transposed, KC=k.transposed_chunk(config, dtype.itemsize),
-                      PREFETCH=prefetch and kernel == "fwd")
+                      PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w)
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       TAGGED=kernel == "bwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,
@@ -166,7 +167,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,
                     store_gates=store_gates and not backward, smem_limit=target.smem)
-    return _compile(res, fn, _signature("bwd" if backward else "fwd", tdt), consts, target.arch)
+    sig = _signature("bwd" if backward else "fwd", tdt, config.half_w and not backward)
+    return _compile(res, fn, sig, consts, target.arch)
 
 
 def _compile(res: Resources, fn, sig: dict, consts: dict, arch: int = 90) -> Resources:
@@ -236,28 +238,31 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1, measured: bool 
                     # The kernels depend on H only through the tile shapes, so one compile covers a shape class.
                     prefetch = kernel in ("fwd", "bwd") and cfg.prefetches(batch, hidden)
                     key = (kernel, dtype, cfg.block_h, cfg.block_b, cfg.block_k, cfg.w_resident, cfg.persistent,
-                           cfg.num_warps, cfg.num_stages, cfg.split_k, cfg.merged_gates, cfg.transposed, prefetch)
+                           cfg.num_warps, cfg.num_stages, cfg.split_k, cfg.merged_gates, cfg.transposed, cfg.half_w,
+                           prefetch)
                     if key not in seen:
                         seen.add(key)
                         out.append((kernel, dtype, hidden, cfg, prefetch))
     return out
 
 
-# The backward's tuner candidates that are not heuristic picks, as (named variants, batches) for --reduce-scatter
-# (perf/NOTES.md v0.24: one batch tile per program) and --grid-2d (v0.26: large batches).
-REDUCE_SCATTER = (("transposed", "transposed-streamed"), (1, 16))
-GRID_2D = (("grid-2d", "grid-2d-bb64"), (64, 256))
+# Single-layer tuner candidates that are not heuristic picks, as (kernel, named variants, batches): the
+# backward's for --reduce-scatter (perf/NOTES.md v0.24: one batch tile per program) and --grid-2d (v0.26: large
+# batches), the float32 forward's for --half-w (v0.29: W^T resident in float16).
+REDUCE_SCATTER = ("bwd", ("transposed", "transposed-streamed"), (1, 16))
+GRID_2D = ("bwd", ("grid-2d", "grid-2d-bb64"), (64, 256))
+HALF_W = ("fwd", ("transposed-half",), (1, 16))
 
 
-def backward_variants(names: tuple[str, ...], batches: tuple[int, ...], max_hidden: int = 1024, min_hidden: int = 1,
-                      target: Target = H100) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
-    """The single-layer backward's configs.named_variants `names` at `batches` on `target`'s SMs, as
+def variant_configs(kernel: str, names: tuple[str, ...], batches: tuple[int, ...], max_hidden: int = 1024,
+                    min_hidden: int = 1, target: Target = H100) -> list[tuple[str, torch.dtype, int, LSTMConfig, bool]]:
+    """A single layer's configs.named_variants `names` of `kernel` at `batches` on `target`'s SMs, as
     shipped_configs lists them: tuner candidates, not yet heuristic picks."""
     seen, out = set(), []
     for dtype in _TRITON_DTYPE:
         for hidden in _hiddens(min_hidden, max_hidden):
             for batch in batches:
-                for cfg in named_variants("bwd", hidden, batch, dtype, target.sms, names).values():
+                for cfg in named_variants(kernel, hidden, batch, dtype, target.sms, names).values():
                     prefetch = cfg.prefetches(batch, hidden)
                     # A compile depends on the tiles, not the batch groups; H enters through its blocks (QP, NB)
                     # and its alignment (the launch's 16-divisibility).
@@ -265,7 +270,7 @@ def backward_variants(names: tuple[str, ...], batches: tuple[int, ...], max_hidd
                            hidden % 16 == 0)
                     if key not in seen:
                         seen.add(key)
-                        out.append(("bwd", dtype, hidden, cfg, prefetch))
+                        out.append((kernel, dtype, hidden, cfg, prefetch))
     return out
 
 
@@ -355,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="check the backward's reduce-scatter configs instead (tuner candidates, at B = 1 and 16)")
     ap.add_argument("--grid-2d", action="store_true",
                     help="check the backward's 2-D grid configs instead (tuner candidates, at B = 64 and 256)")
+    ap.add_argument("--half-w", action="store_true",
+                    help="check the float32 forward's configs with W^T in float16 instead (tuner candidates, at "
+                         "B = 1 and 16)")
     ap.add_argument("--matmul", action="store_true", help="check the float32 TF32 GEMM kernel instead")
     ap.add_argument("--gpu", choices=sorted(GPUS), default="h100",
                     help="the GPU whose heuristic picks to check, compiled for its architecture within its shared "
@@ -374,9 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         bad = [r for r in rows if r["error"] or r["spill_bytes"] or r["shared"] > SM90_SHARED_LIMIT]
         return 1 if bad else 0
     rows = []
-    if args.reduce_scatter or args.grid_2d:
-        configs = backward_variants(*(GRID_2D if args.grid_2d else REDUCE_SCATTER), args.max_hidden, args.min_hidden,
-                                    target)
+    if args.reduce_scatter or args.grid_2d or args.half_w:
+        which = GRID_2D if args.grid_2d else HALF_W if args.half_w else REDUCE_SCATTER
+        configs = variant_configs(*which, args.max_hidden, args.min_hidden, target)
     else:
         configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged,  # tagged: on the tiles
                                   target=target)

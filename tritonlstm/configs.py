@@ -72,6 +72,12 @@ class LSTMConfig:
     # batches: each program reads dG for its own K block, not all 4H columns. W resident, barrier exchange,
     # split_k = 1; the forward kernels and the stacks ignore it.
     grid_2d: bool = False
+    # Float32 forward on the transposed dots with W^T held in float16, scaled by a power of two into its range, and
+    # h rounded to float16 likewise (kernels/lstm.py _half_weights, perf/NOTES.md v0.29): the same 10-bit mantissas
+    # as TF32's operands, half the bytes, so W^T stays on chip where float32's would not (H = 1024, stacks at
+    # H = 512) and the MMA runs at float16's rate. Only where PyTorch's RNN precision allows TF32: elsewhere the
+    # launcher runs without_half_w(config). The backward kernels ignore it (their dG operands need TF32's range).
+    half_w: bool = False
 
     def __post_init__(self):
         if self.exchange not in EXCHANGES:
@@ -103,6 +109,9 @@ class LSTMConfig:
                              f"dots and a barrier exchange, got block_h={self.block_h}, w_resident={self.w_resident}, "
                              f"split_k={self.split_k}, merged_gates={self.merged_gates}, transposed={self.transposed}, "
                              f"exchange={self.exchange!r}")
+        if self.half_w and not self.transposed:
+            raise ValueError("LSTMConfig.half_w needs transposed=True (the transposed dots are the ones that take "
+                             "float16 weights), got transposed=False")
         if self.exchange == "flags" and not self.persistent:
             raise ValueError("LSTMConfig.exchange='flags' is a persistent launch's barrier, got persistent=False")
         if self.batch_groups < 1:
@@ -293,6 +302,14 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
 WIDE_TILE_WALKS = 4
 
 
+def without_half_w(config: LSTMConfig) -> LSTMConfig:
+    """A half_w config's stand-in where the dots must keep float32 operands (TF32 not allowed): the same tiles with
+    W^T streamed in float32 from L2 (32-wide K chunks, 3 stages), which fits at any H."""
+    if not config.half_w:
+        return config
+    return dataclasses.replace(config, half_w=False, w_resident=False, block_k=32, num_stages=3)
+
+
 def transposed_fits(hidden: int, esize: int, layers: int = 1) -> bool:
     """Whether a transposed config can keep its W^T slices resident: 64 gate rows over the whole K (a stack's
     programs hold W_ih^T too) within the shared-memory budget."""
@@ -327,7 +344,12 @@ def measured_forward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms
     aligned = hidden % 16 == 0
     resident = transposed_fits(hidden, esize, layers) and aligned
     if layers > 1:
-        return transposed_config(hidden, batch, esize, share, 16) if resident else tiles
+        # float32 W^T and W_ih^T that do not fit, held in float16 instead (LSTMConfig.half_w; the launcher keeps
+        # float32 operands where TF32 is not allowed), resident as 16-bit layers' are: every float32 variant of
+        # run 5's stack A/B streamed or split its tiles (7.3-45 us per step against 16-bit's transposed 3.6;
+        # perf/NOTES.md v0.29). Single layers take it from the tuner ("transposed-half") until it is measured.
+        half = esize == 4 and aligned and not resident and transposed_fits(hidden, 2, layers)
+        return transposed_config(hidden, batch, esize, share, 16, half_w=half) if resident or half else tiles
     plain = heuristic_config(hidden, batch, dtype, num_sms, directions=directions, kernel="none", measured=False)
     # Measured on resident tiles only (streamed, untimed, it spills 16 bytes at 8 warps): the tiles elsewhere.
     merged = dataclasses.replace(plain, merged_gates=True, num_warps=8) if plain.w_resident else tiles
@@ -358,17 +380,17 @@ def wide_tile_config(hidden: int, batch: int, esize: int, num_sms: int, kernel: 
 
 
 def transposed_config(hidden: int, batch: int, esize: int, num_sms: int, block_b: int,
-                      streamed: bool = False) -> LSTMConfig:
+                      streamed: bool = False, half_w: bool = False) -> LSTMConfig:
     """The transposed gate dots' tiles (LSTMConfig.transposed, perf/NOTES.md v0.18): 16 units per program (64
     gate rows, one warpgroup MMA), 4 warps, block_b batch rows per tile, as many batch groups as the num_sms
     allow; W^T resident over the whole K, or streamed from L2 in K chunks of 64 (16-bit) or 32 (fp32) over a
-    3-stage pipeline."""
+    3-stage pipeline. half_w: W^T resident in float16 (float32 layers; LSTMConfig.half_w)."""
     groups = batch_groups(hidden, batch, 16, block_b, num_sms)
     if streamed:
         return LSTMConfig(block_h=16, block_b=block_b, block_k=64 if esize < 4 else 32, w_resident=False,
                           batch_groups=groups, num_warps=4, num_stages=3, transposed=True)
     return LSTMConfig(block_h=16, block_b=block_b, block_k=max(16, _pow2(hidden)), w_resident=True,
-                      batch_groups=groups, num_warps=4, transposed=True)
+                      batch_groups=groups, num_warps=4, transposed=True, half_w=half_w)
 
 
 def reduce_scatter_config(hidden: int, batch: int, esize: int, num_sms: int, streamed: bool = False) -> LSTMConfig:
@@ -435,16 +457,21 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
 
 
 def stack_layers_per_launch(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, layers: int,
-                            smem_limit: int = SM90_SHARED) -> int:
+                            smem_limit: int = SM90_SHARED, training: bool = True) -> int:
     """How many layers of a unidirectional stack one wavefront launch runs: all of them, unless their weights
     cannot stay on chip together while fewer layers' can; then the stack runs as consecutive wavefronts of that
     many layers. fp32 at H = 512: 4 layers stream W from L2 at 40-45 us per step in every variant of run 5's
-    stack A/B, where a 2-layer wavefront keeps W resident at 10-11 us (perf/NOTES.md v0.22)."""
+    stack A/B, where a 2-layer wavefront keeps W resident at 10-11 us (perf/NOTES.md v0.22). Without training
+    (no backward to follow) only the forward's weights count: with W^T in float16 (LSTMConfig.half_w) a float32
+    forward keeps 4 layers at H = 512 on chip, where its backward keeps 2 (perf/NOTES.md v0.29)."""
     def resident(n: int) -> bool:
         fwd = heuristic_config(hidden, batch, dtype, num_sms, layers=n, kernel="stack")
+        if not fit_shared_memory(fwd, "stack", hidden, batch, dtype, num_sms, smem_limit, layers=n).w_resident:
+            return False
+        if not training:
+            return True
         bwd = stack_backward_config(hidden, batch, dtype, num_sms, n)
-        return fit_shared_memory(fwd, "stack", hidden, batch, dtype, num_sms, smem_limit, layers=n).w_resident and \
-            fit_shared_memory(bwd, "stack_bwd", hidden, batch, dtype, num_sms, smem_limit, layers=n).w_resident
+        return fit_shared_memory(bwd, "stack_bwd", hidden, batch, dtype, num_sms, smem_limit, layers=n).w_resident
     if layers <= 2 or resident(layers):
         return layers
     return next((n for n in range(layers - 1, 1, -1) if resident(n)), layers)
@@ -468,9 +495,10 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
     if config.grid_2d and kernel == "bwd":
         return 4 * bh * bh * esize + 2 * bb * bh * esize + _SHARED_MARGIN
     if config.transposed and kernel != "stack_bwd":  # the stack's backward ignores `transposed`
+        wsize = 2 if config.half_w and not backward else esize
         if config.w_resident:
-            return slices * 64 * hk * esize + (12288 if backward else 8192) + _SHARED_MARGIN
-        return stages * (slices * 64 * bk + bb * bk) * esize + _SHARED_MARGIN
+            return slices * 64 * hk * wsize + (12288 if backward else 8192) + _SHARED_MARGIN
+        return stages * (slices * 64 * bk * wsize + bb * bk * esize) + _SHARED_MARGIN
     if config.w_resident:
         # At K <= 32 the scratch outgrows the tile: 4 KB in all (a merged dot's at H = 17-32: 12288 bytes).
         return slices * 4 * hk * bh * esize + max(bb * hk * esize + _SHARED_MARGIN, 4096)
@@ -571,7 +599,7 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
             "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
             "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d",
-            "grid-2d-bb64", "no-prefetch")
+            "grid-2d-bb64", "no-prefetch", "transposed-half")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -610,6 +638,8 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    per step (grid_2d_config, v0.26); grid-2d-bb64: with 64-row tiles where it has 32 (wgmma)
       no-prefetch  the single-layer forward's heuristic pick with its gx loaded after the barrier (v0.23), where
                    the pick prefetches
+      transposed-half   float32 forward kernels: the transposed dots, 16-row batch tiles, W^T resident in float16
+                   (LSTMConfig.half_w, v0.29) wherever float16's W^T fits
 
     The stacks' wavefront kernels (layers > 1): "unsplit" is the heuristic's pick (heuristic_config /
     stack_backward_config), the others as above where they apply (no merged, no tagged; transposed for the forward
@@ -677,6 +707,9 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         out["flags"] = dataclasses.replace(unsplit, exchange="flags")
         if "transposed" in out:
             out["transposed-flags"] = dataclasses.replace(out["transposed"], exchange="flags")
+    if forward and fp32 and H > 16 and H % 16 == 0 and transposed_fits(H, 2, 2 if stack else 1) \
+            and cdiv(H, 16) <= share:
+        out["transposed-half"] = transposed_config(H, B, esize, share, 16, half_w=True)
     if kernel == "fwd":
         pick = heuristic_config(H, B, dtype, sms, kernel="fwd")
         if pick.prefetches(B, H):

@@ -29,6 +29,7 @@ from tritonlstm.configs import (
     last_resort_config,
     select_config,
     stack_layers_per_launch,
+    without_half_w,
 )
 from tritonlstm.naive import lstm_layer_reference
 
@@ -293,6 +294,8 @@ def _launch(kernel: str, H: int, B: int, dtype: torch.dtype, device: torch.devic
     warning that says so. The kernel has not started when Triton raises that, so nothing was written."""
     k = _kernels()
     config = select_config(H, B, dtype, device, k.interpreting(), kernel, directions, layers)
+    if config.half_w and kernel in ("fwd", "stack") and k._dot_precision(dtype) != "tf32":
+        config = without_half_w(config)  # float16 operands round as TF32 does; not where TF32 is not allowed
     from triton.runtime.errors import OutOfResources
 
     try:
@@ -783,7 +786,8 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
             hs.append(h)
             cs.append(c)
         return y, (torch.cat(hs), torch.cat(cs))
-    span = _layers_per_launch(H, B, x.dtype, x.device, L)
+    span = _layers_per_launch(H, B, x.dtype, x.device, L,
+                              _records_grad(x, h0, c0, *(t for w in weights for t in w)))
     if span >= L:
         return _stack_launch(x, weights, h0, c0, lengths, dropout_scale)
     # Consecutive wavefronts of `span` layers, each keeping its weights on chip; between two, the dropout the
@@ -800,11 +804,11 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     return y, (torch.cat(hs), torch.cat(cs))
 
 
-def _layers_per_launch(H: int, B: int, dtype: torch.dtype, device: torch.device, L: int) -> int:
+def _layers_per_launch(H: int, B: int, dtype: torch.dtype, device: torch.device, L: int, training: bool) -> int:
     if device.type != "cuda":
         return L  # the interpreter runs any stack in one stepwise wavefront
     sms, smem = device_limits(device)
-    return stack_layers_per_launch(H, B, dtype, sms, L, smem)
+    return stack_layers_per_launch(H, B, dtype, sms, L, smem, training)
 
 
 def _stack_launch(x, weights, h0, c0, lengths, dropout_scale):

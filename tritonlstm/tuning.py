@@ -44,6 +44,7 @@ from tritonlstm.configs import (
     shared_bytes,
     tagged_exchanges,
     tagged_variant,
+    transposed_config,
     wide_tile_config,
     with_split_k,
 )
@@ -235,6 +236,9 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
                             out.append(c)
     if batch > 16 and cdiv(hidden, 16) <= num_sms:
         out.append(wide_tile_config(hidden, batch, esize, num_sms, kernel))
+    if kernel == "fwd" and esize == 4 and hidden % 16 == 0 and hk <= 1024 and cdiv(hidden, 16) <= num_sms:
+        # float32 W^T resident in float16 (perf/NOTES.md v0.29), where the float32 tiles above may not fit.
+        out.append(transposed_config(hidden, batch, esize, num_sms, 16, half_w=True))
     if kernel == "bwd" and batch >= 64 and (grid := grid_2d_config(hidden, batch, esize, num_sms)) is not None:
         out.append(grid)  # perf/NOTES.md v0.26
     out += [tagged_variant(c, exchange) for c in list(out)
