@@ -666,6 +666,35 @@ def test_both_directions_in_one_launch(config, lengths, proj, kernel_calls):
     assert kernel_calls == {"fwd": 1, "bwd": 1}
 
 
+def _stack_leaves(layers, dtype):
+    """x, each layer's (weight_ih, weight_hh, bias_ih, bias_hh) and the stacked h0, c0 of `layers` (make_problem's),
+    as leaves in `dtype`."""
+    ws = [tuple(p[k].detach().to(dtype).requires_grad_() for k in NAMES[1:5]) for p in layers]
+    st = [torch.stack([p[n] for p in layers]).detach().to(dtype).requires_grad_() for n in ("h0", "c0")]
+    return layers[0]["x"].detach().to(dtype).requires_grad_(), ws, st
+
+
+def _check_stack_against_reference(layers, scale, lengths, leaves, outs, tol):
+    """A stack's outputs and (after its backward, run here) every gradient against the float64 reference run layer
+    by layer, with `scale` (or None) multiplying each layer's output before the layer above."""
+    xr, wr, (h0r, c0r) = _stack_leaves(layers, torch.float64)
+    yr, hs, cs = xr, [], []
+    for l in range(len(layers)):
+        if l > 0 and scale is not None:
+            yr = yr * scale[l - 1].double()
+        yr, (h, c) = tritonlstm.naive.lstm_layer_reference(yr, *wr[l], h0r[l], c0r[l], lengths=lengths)
+        hs.append(h)
+        cs.append(c)
+    refs = (yr, torch.stack(hs), torch.stack(cs))
+    weights = tuple(torch.randn_like(t) for t in refs)
+    loss_of(*outs, weights).backward()
+    loss_of(*refs, weights).backward()
+    assert all(rel_err(a, b) < tol for a, b in zip(outs, refs)), [rel_err(a, b) for a, b in zip(outs, refs)]
+    x, ws, h0, c0 = leaves
+    for a, b in [(x, xr), (h0, h0r), (c0, c0r)] + [(p, q) for wl, wq in zip(ws, wr) for p, q in zip(wl, wq)]:
+        assert rel_err(a.grad, b.grad) < 2 * tol
+
+
 _STACK_CONFIGS = {"default": None, "stepwise-P5-Q2": MULTI_PROGRAM[0].values[0],
                   "streamedW": MULTI_PROGRAM[1].values[0], "split4": MULTI_PROGRAM[3].values[0],
                   "transposed": LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2,
@@ -710,37 +739,14 @@ def test_wavefront_stack_matches_layer_by_layer(config, lengths, dtype, dropout,
         monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=real, **k: launches.append(_n) or _f(*a, **k))
     T, B, I, H, L = 6, 5, 7, 33 if config is not None else 12, 3
     layers = [make_problem(T, B, I if l == 0 else H, H, dtype) for l in range(L)]
-    keys = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-
-    def leaves(dt):
-        ws = [tuple(p[k].detach().to(dt).requires_grad_() for k in keys) for p in layers]
-        st = [torch.stack([p[n] for p in layers]).detach().to(dt).requires_grad_() for n in ("h0", "c0")]
-        return layers[0]["x"].detach().to(dt).requires_grad_(), ws, st
-
-    x, ws, (h0, c0) = leaves(dtype)
+    x, ws, (h0, c0) = _stack_leaves(layers, dtype)
     scale = None
     if dropout:
         g = torch.Generator().manual_seed(7)
         scale = (torch.rand(L - 1, T, B, H, generator=g) > 0.3).to(dtype) / 0.7
     with use_config(config):
         y, (hn, cn) = lstm_stack(x, ws, h0, c0, lengths=lengths, dropout_scale=scale, backend="triton")
-    xr, wr, (h0r, c0r) = leaves(torch.float64)
-    yr, hs, cs = xr, [], []
-    for l in range(L):
-        if l > 0 and dropout:
-            yr = yr * scale[l - 1].double()
-        yr, (h, c) = tritonlstm.naive.lstm_layer_reference(yr, *wr[l], h0r[l], c0r[l], lengths=lengths)
-        hs.append(h)
-        cs.append(c)
-    hr, cr = torch.stack(hs), torch.stack(cs)
-    weights = tuple(torch.randn_like(t) for t in (yr, hr, cr))
-    with use_config(config):
-        loss_of(y, hn, cn, weights).backward()
-    loss_of(yr, hr, cr, weights).backward()
-    tol = RESOLUTION[dtype]
-    assert rel_err(y, yr) < tol and rel_err(hn, hr) < tol and rel_err(cn, cr) < tol
-    for a, b in [(x, xr), (h0, h0r), (c0, c0r)] + [(p, q) for wl, wq in zip(ws, wr) for p, q in zip(wl, wq)]:
-        assert rel_err(a.grad, b.grad) < 2 * tol
+        _check_stack_against_reference(layers, scale, lengths, (x, ws, h0, c0), (y, hn, cn), RESOLUTION[dtype])
     chunks = -(-L // span) if span else 1
     assert launches == ["lstm_stack_forward"] * chunks + ["lstm_stack_backward"] * chunks
 
@@ -759,33 +765,12 @@ def test_half_w_stack_matches_layer_by_layer(keep, half_weights_calls):
     layers[1]["weight_hh"] *= 1e-6  # its own scale, apart from the other layers'
     for p in layers[1:]:  # inputs up to 1 / keep, products of order one (TF32's rounding of larger ones is larger)
         p["weight_ih"] *= keep
-    keys = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-
-    def leaves(dt):
-        ws = [tuple(p[k].detach().to(dt).requires_grad_() for k in keys) for p in layers]
-        st = [torch.stack([p[n] for p in layers]).detach().to(dt).requires_grad_() for n in ("h0", "c0")]
-        return layers[0]["x"].detach().to(dt).requires_grad_(), ws, st
-
-    x, ws, (h0, c0) = leaves(torch.float32)
+    x, ws, (h0, c0) = _stack_leaves(layers, torch.float32)
     g = torch.Generator().manual_seed(7)
     scale = (torch.rand(L - 1, T, B, H, generator=g) < max(keep, 0.5)).float() / keep
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(HALF_CONFIGS["resident"]):
         y, (hn, cn) = lstm_stack(x, ws, h0, c0, lengths=lengths, dropout_scale=scale, backend="triton")
-    xr, wr, (h0r, c0r) = leaves(torch.float64)
-    yr, hs, cs = xr, [], []
-    for l in range(L):
-        if l > 0:
-            yr = yr * scale[l - 1].double()
-        yr, (h, c) = tritonlstm.naive.lstm_layer_reference(yr, *wr[l], h0r[l], c0r[l], lengths=lengths)
-        hs.append(h)
-        cs.append(c)
-    hr, cr = torch.stack(hs), torch.stack(cs)
-    weights = tuple(torch.randn_like(t) for t in (yr, hr, cr))
-    loss_of(y, hn, cn, weights).backward()
-    loss_of(yr, hr, cr, weights).backward()
-    assert rel_err(y, yr) < HALF_TOL and rel_err(hn, hr) < HALF_TOL and rel_err(cn, cr) < HALF_TOL
-    for a, b in [(x, xr), (h0, h0r), (c0, c0r)] + [(p, q) for wl, wq in zip(ws, wr) for p, q in zip(wl, wq)]:
-        assert rel_err(a.grad, b.grad) < 2 * HALF_TOL
+        _check_stack_against_reference(layers, scale, lengths, (x, ws, h0, c0), (y, hn, cn), HALF_TOL)
     assert [(w.dtype, wi.dtype) for w, wi, _ in half_weights_calls] == [(torch.float16, torch.float16)]
 
 
