@@ -108,6 +108,21 @@ def test_training_step_keeps_what_the_count_says(dtype):
     assert margin <= per, f"{margin:.1f} bytes per T*B*H at the margin (and {fixed_mb:.0f} MB that do not grow with T)"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("H,B", [(256, 16), (512, 64)])
+def test_training_step_peak_holds_nothing_beyond_the_count(H, B, dtype):
+    """The whole peak of a training step, not its margin: the counted tensors (at most 20 / 36 bytes per T*B*H) and
+    the weight gradients, plus 4 MB. Run 5's peaks held 30-130 MB more (ATen's staging of the bias gradient's
+    row sum; perf/NOTES.md v0.30): bf16 at H = 256, B = 16 took 49 MB, cuDNN 40."""
+    T = 256
+    _, w = cudnn_and_weights(H, H, dtype)
+    peak = _training_step_peak(T, B, H, dtype, w)
+    per = 20 if dtype != torch.float32 else 36
+    weight_grads = sum(p.numel() for p in w) * dtype.itemsize
+    bound = per * T * B * H + weight_grads + 4 * 2 ** 20
+    assert peak <= bound, f"peak {peak / 2 ** 20:.1f} MB > {bound / 2 ** 20:.1f} MB"
+
+
 def test_large_batch_4096():
     run_both(8, 4096, 1024, torch.float16)
 

@@ -132,6 +132,16 @@ def _tf32_gemms(*tensors: Tensor) -> bool:
             and _kernels()._rnn_allows_tf32())
 
 
+def _column_sums(m: Tensor) -> Tensor:
+    """m [N, C] summed over its rows in float32 (the bias gradient, N = T*B): kernels.reduce on the GPU (and the
+    interpreter), eagerly on plain tensors. ATen's sum over the rows of a tall CUDA tensor staged 30-140 MB of
+    partial sums, the excess of run 5's training peaks over the counted tensors (perf/NOTES.md v0.30). Under
+    torch.compile the compiler generates its own reduction."""
+    if (m.device.type == "cuda" or interpreter_active()) and not torch.compiler.is_compiling() and _plain(m):
+        return importlib.import_module("tritonlstm.kernels.reduce").column_sums(m)
+    return m.sum(0, dtype=torch.float32)
+
+
 def _tf32_matmul(a: Tensor, b: Tensor) -> Tensor:
     return importlib.import_module("tritonlstm.kernels.matmul").matmul(a, b)
 
@@ -492,7 +502,7 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
     if need[2]:
         d_hh = torch.stack([_recurrent_weight_grad(dg[l], y[l], h0[l], lengths, False) for l in range(L)])
     if need[3]:
-        d_bias = dg2.sum(1, dtype=torch.float32)
+        d_bias = torch.stack([_column_sums(dg2[l]) for l in range(L)])
     return (dg[0] if need[0] else None, d_ih, d_hh, d_bias, dh0 if need[4] else None, dc0 if need[5] else None,
             None, None, None)
 
@@ -552,7 +562,7 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
         dg4 = dg.view(T, B, D, G)
         dw_hh = torch.stack([_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], h0[d], lengths,
                                                     d == 1 or ctx.reverse) for d in range(D)])
-    dbias = dg3.sum(0, dtype=torch.float32) if need[2] else None
+    dbias = _column_sums(dg3.view(T * B, D * G)).view(D, G) if need[2] else None
     return (dg if need[0] else None, dw_hh, dbias, dh0 if need[3] else None, dc0 if need[4] else None,
             None, None, None)
 
