@@ -240,6 +240,10 @@ def test_half_w_keeps_float32_operands_where_tf32_is_not_allowed(half_weights_ca
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         check_against_reference(problem, torch.float32, config=HALF_CONFIGS["resident"])
     assert half_weights_calls == []
+    # A 16-bit layer given a half_w config (a hand-made cache, say) runs it without, as float16 W^T is W itself.
+    problem = make_problem(6, 17, 10, 33, torch.float16)
+    check_against_reference(problem, torch.float16, config=HALF_CONFIGS["resident"])
+    assert half_weights_calls == []
     with pytest.raises(ValueError, match="half_w"):  # a launcher given one anyway refuses it
         kernels._half_w(HALF_CONFIGS["resident"], torch.float16)
 

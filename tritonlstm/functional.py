@@ -304,8 +304,9 @@ def _launch(kernel: str, H: int, B: int, dtype: torch.dtype, device: torch.devic
     warning that says so. The kernel has not started when Triton raises that, so nothing was written."""
     k = _kernels()
     config = select_config(H, B, dtype, device, k.interpreting(), kernel, directions, layers)
-    if config.half_w and kernel in ("fwd", "stack") and k._dot_precision(dtype) != "tf32":
-        config = without_half_w(config)  # float16 operands round as TF32 does; not where TF32 is not allowed
+    if config.half_w and kernel in ("fwd", "stack") and (dtype != torch.float32 or k._dot_precision(dtype) != "tf32"):
+        # float16 operands round as TF32 does: for float32 layers where TF32 is allowed (a cache may hold others)
+        config = without_half_w(config)
     from triton.runtime.errors import OutOfResources
 
     try:
