@@ -132,12 +132,18 @@ def _tf32_gemms(*tensors: Tensor) -> bool:
             and _kernels()._rnn_allows_tf32())
 
 
+# ATen splits a row sum over blocks, and stages their partials, from 4096 rows (256 values a thread, 16 rows a
+# block): below, its one launch costs less host time than a Triton launch.
+_STAGED_ROWS = 2048
+
+
 def _column_sums(m: Tensor) -> Tensor:
-    """m [N, C] summed over its rows in float32 (the bias gradient, N = T*B): kernels.reduce on the GPU (and the
-    interpreter), eagerly on plain tensors. ATen's sum over the rows of a tall CUDA tensor staged 30-140 MB of
-    partial sums, the excess of run 5's training peaks over the counted tensors (perf/NOTES.md v0.30). Under
-    torch.compile the compiler generates its own reduction."""
-    if (m.device.type == "cuda" or interpreter_active()) and not torch.compiler.is_compiling() and _plain(m):
+    """m [N, C] summed over its rows in float32 (the bias gradient, N = T*B): kernels.reduce on the GPU from
+    _STAGED_ROWS rows (and at any size on the interpreter, which the tests run), eagerly on plain tensors. ATen's
+    sum over the rows of a tall CUDA tensor staged 30-140 MB of partial sums, the excess of run 5's training peaks
+    over the counted tensors (perf/NOTES.md v0.30). Under torch.compile the compiler generates its own reduction."""
+    kernel = m.device.type == "cuda" and m.shape[0] >= _STAGED_ROWS or interpreter_active()
+    if kernel and not torch.compiler.is_compiling() and _plain(m):
         return importlib.import_module("tritonlstm.kernels.reduce").column_sums(m)
     return m.sum(0, dtype=torch.float32)
 
@@ -659,8 +665,14 @@ def _stacked_bias(pairs: list, H: int, device: torch.device) -> Tensor | None:
     """b_ih + b_hh in float32 for each direction or layer, stacked [N, 4H]; None when no bias is given."""
     if all(b is None for pair in pairs for b in pair):
         return None
-    return torch.stack([sum((b.float() for b in pair if b is not None), torch.zeros(4 * H, device=device))
-                        for pair in pairs])
+    sums = []
+    for b_ih, b_hh in pairs:  # as few ops as it takes: a layer call is host-bound at short T (NOTES v0.7)
+        if b_ih is None or b_hh is None:
+            b = b_hh if b_ih is None else b_ih
+            sums.append(torch.zeros(4 * H, device=device) if b is None else b.float())
+        else:
+            sums.append(torch.add(b_ih.float(), b_hh))  # promotes b_hh to float32
+    return sums[0][None] if len(sums) == 1 else torch.stack(sums)
 
 
 def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
