@@ -132,9 +132,10 @@ def _tf32_gemms(*tensors: Tensor) -> bool:
             and _kernels()._rnn_allows_tf32())
 
 
-# ATen splits a row sum over blocks, and stages their partials, from 4096 rows (256 values a thread, 16 rows a
-# block): below, its one launch costs less host time than a Triton launch.
-_STAGED_ROWS = 2048
+# ATen splits a row sum over blocks, and stages their partials, once a thread would add 256 values: from 4096 rows
+# at 16 rows a block (what it takes for 4H >= 128 outputs), from 1024 at 4. Below, its one launch costs less host
+# time than a Triton launch.
+_STAGED_ROWS = 1024
 
 
 def _column_sums(m: Tensor) -> Tensor:
