@@ -1563,13 +1563,20 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
 # A transposed dot's K chunk holds this much of h_{t-1} ([BB, KC]): compile-only sm_90 (perf/NOTES.md v0.18), no
 # spills at BB = 16 up to K = 1024 in 16-bit and K = 512 in fp32, at BB = 64 up to K = 512 in 16-bit.
 TRANSPOSED_CHUNK_BYTES = 8192
+# ... but each chunk's load waits for the dot before it (one L2 round trip per chunk, ~0.44 us: run 4's steps of
+# 2.46 / 2.90 / 3.78 us at 1 / 2 / 4 chunks), so a single layer whose whole h tile takes this much loads it as one
+# chunk: compile-only sm_90, no spills (252 registers at 16-bit K = 512 and fp32 K = 256); a stack's two dots spill
+# 476-632 bytes with it (perf/NOTES.md v0.31).
+TRANSPOSED_ONE_CHUNK_BYTES = 16384
 
 
-def transposed_chunk(config, esize: int) -> int:
+def transposed_chunk(config, esize: int, stack: bool = False) -> int:
     """KC of a transposed config (and a placeholder 16 for the others): with W streamed, its K chunk."""
     if not config.transposed:
         return 16
     if not config.w_resident:
+        return config.block_k
+    if not stack and config.block_b * config.block_k * esize <= TRANSPOSED_ONE_CHUNK_BYTES:
         return config.block_k
     return max(16, min(config.block_k, TRANSPOSED_CHUNK_BYTES // (config.block_b * esize)))
 
@@ -1729,7 +1736,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
               TAGGED=False, PACK=1, PROBE=False, MERGED=False, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize), PREFETCH=False, HALF_W=half, **flags,
+              KC=transposed_chunk(config, dt.itemsize, stack=True), PREFETCH=False, HALF_W=half, **flags,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)), sync)
     if not store_gates:
         gates = c_all = None

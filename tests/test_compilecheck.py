@@ -211,6 +211,24 @@ def test_half_w_configs():
         assert any(c.half_w for c in candidates(1024, 16, dtype, 132, SM90_SHARED_LIMIT)) == (dtype == torch.float32)
 
 
+def test_transposed_dots_load_h_in_one_chunk_where_it_fits():
+    """kernels.lstm.transposed_chunk (perf/NOTES.md v0.31): a single layer's resident transposed dots load h_{t-1}
+    whole up to 16 KB (16-bit K = 512, fp32 K = 256, at 16 rows), each chunk beyond costing an L2 round trip; a
+    stack's two dots, and larger tiles, in 8 KB chunks (registers)."""
+    from tritonlstm.kernels import lstm as k
+
+    def kc(H, dtype, stack=False):
+        cfg = heuristic_config(H, 16, dtype, 132, layers=2 if stack else 1, kernel="stack" if stack else "fwd")
+        assert cfg.transposed and cfg.w_resident, cfg
+        return k.transposed_chunk(cfg, dtype.itemsize, stack=stack)
+
+    assert [kc(H, torch.float16) for H in (256, 512, 1024)] == [256, 512, 256]
+    assert [kc(H, torch.bfloat16) for H in (256, 512)] == [256, 512]
+    assert kc(256, torch.float32) == 256
+    assert [kc(H, torch.float16, stack=True) for H in (256, 512)] == [256, 256]
+    assert kc(512, torch.float32, stack=True) == 128  # W^T in float16 (half_w), h loaded in float32
+
+
 def test_half_w_candidates_compile_without_spills(tmp_path):
     """The float32 forward's transposed-half configs (tuner candidates) at H = 1000 and 1024: W^T in float16 within
     shared memory where float32's is not, no spills, the dots on float16 warpgroup MMA. (The stacks' half_w picks

@@ -154,6 +154,7 @@ def test_transposed_gate_dots(chunk, reverse, dtype, lengths, monkeypatch, kerne
     streamed = chunk == "streamed"
     if not streamed:
         monkeypatch.setattr(kernels, "TRANSPOSED_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(kernels, "TRANSPOSED_ONE_CHUNK_BYTES", chunk)
     if chunk == 64:
         monkeypatch.setattr(kernels, "REDUCE_SCATTER_CHUNK", 16)
         monkeypatch.setattr(kernels, "REDUCE_SCATTER_LOAD", 2)

@@ -155,7 +155,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       TAGGED=kernel == "fwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,
                       PROBE=kernel == "fwd" and config.exchange == "tagged-probe",
                       MERGED=kernel == "fwd" and config.merged_gates,
-                      TRANSPOSED=config.transposed, KC=k.transposed_chunk(config, dtype.itemsize),
+                      TRANSPOSED=config.transposed,
+                      KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack"),
                       PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w)
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
