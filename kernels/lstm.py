@@ -202,6 +202,14 @@ def _load_transposed_tiles(p_w, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr,
 
 
 @triton.jit
+def _x_chunk(p_base, o_rows, m_rows, k0, H, KC: tl.constexpr):
+    """Columns k0 .. k0 + KC of a transposed dot's x rows (row r at p_base + o_rows[r]): [BB, KC]."""
+    o_c = k0 + tl.arange(0, KC)
+    return tl.load(p_base + o_rows[:, None] + o_c[None, :], mask=m_rows[:, None] & (o_c < H)[None, :], other=0.0,
+                   cache_modifier=".cg")
+
+
+@triton.jit
 def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_t, p_w, i_h, m_w, H,
                           BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr,
                           W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, HALF_W: tl.constexpr, x_mul,
@@ -217,13 +225,19 @@ def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_
     acc_mul = 1 / (both scales). Exact scalings, so the operands lose only what TF32 loses (10-bit mantissas)."""
     acc = tl.zeros([4 * BH, BB], dtype=tl.float32)
     if W_RESIDENT:
+        # Code after a dot waits for it (wgmma.wait_group), so a chunk loaded after the previous chunk's dot starts
+        # its L2 round trip only then (perf/NOTES.md v0.31). With HALF_W, chunk i + 1's load is issued before
+        # chunk i's dot; in 16-bit the same costs 256-512 bytes of spills (compile-only sm_90), so there the chunks
+        # stay in turn.
+        b_x = _x_chunk(p_base, o_rows, m_rows, 0, H, KC)
         for i in tl.static_range(BK // KC):
-            o_c = i * KC + tl.arange(0, KC)
-            b_x = tl.load(p_base + o_rows[:, None] + o_c[None, :], mask=m_rows[:, None] & (o_c < H)[None, :],
-                          other=0.0, cache_modifier=".cg")
+            if HALF_W and i + 1 < BK // KC:
+                b_next = _x_chunk(p_base, o_rows, m_rows, (i + 1) * KC, H, KC)
             if HALF_W:
                 b_x = (b_x * x_mul).to(tl.float16)
             acc = tl.dot(w_t[i], tl.trans(b_x), acc, input_precision=DOT_PRECISION)
+            if i + 1 < BK // KC:
+                b_x = b_next if HALF_W else _x_chunk(p_base, o_rows, m_rows, (i + 1) * KC, H, KC)
     else:
         rows, m_r = _transposed_rows(i_h, m_w, H, BH)
         for k0 in range(0, H, KC):

@@ -195,11 +195,16 @@ def half_weights_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", list(HALF_CONFIGS))
+@pytest.mark.parametrize("name", [*HALF_CONFIGS, "resident-four-chunks"])
 @pytest.mark.parametrize("reverse,lengths", [(False, None), (True, torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5,
                                                                                  3, 3, 6, 2, 4]))],
                          ids=["padded", "rev-lengths"])
-def test_half_w_forward_matches_reference_at_tf32_precision(name, reverse, lengths, half_weights_calls):
+def test_half_w_forward_matches_reference_at_tf32_precision(name, reverse, lengths, half_weights_calls, monkeypatch):
+    if name == "resident-four-chunks":  # 16-column chunks of h, each loaded before the previous chunk's dot
+        monkeypatch.setattr(kernels, "TRANSPOSED_CHUNK_BYTES", 64)
+        monkeypatch.setattr(kernels, "TRANSPOSED_ONE_CHUNK_BYTES", 64)
+        name = "resident"
+        assert kernels.transposed_chunk(HALF_CONFIGS[name], 4) == 16
     problem = make_problem(6, 17, 10, 33, torch.float32)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
         check_against_reference(problem, torch.float32, reverse=reverse, lengths=lengths, config=HALF_CONFIGS[name],
