@@ -231,8 +231,9 @@ def test_transposed_dots_load_h_in_one_chunk_where_it_fits():
 
 def test_half_w_candidates_compile_without_spills(tmp_path):
     """The float32 forward's transposed-half configs (tuner candidates) at H = 1000 and 1024: W^T in float16 within
-    shared memory where float32's is not, no spills, the dots on float16 warpgroup MMA. (The stacks' half_w picks
-    are heuristic picks: the sweep of every shipped config compiles them.)"""
+    shared memory where float32's is not, at most 64 bytes of spills (the chunks of h loaded ahead of the previous
+    dot: 16-40 bytes at H = 1024; 0 without that, perf/NOTES.md v0.31). (The stacks' half_w picks are heuristic
+    picks: the sweep of every shipped config compiles them.)"""
     out = tmp_path / "half.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--half-w", "--min-hidden", "1000", "--max-hidden", "1024",
                       "--json", str(out), timeout=1200)
@@ -240,7 +241,7 @@ def test_half_w_candidates_compile_without_spills(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert {(r["dtype"], r["hidden"]) for r in rows} == {("fp32", 1024)}  # H = 1000 is not aligned: none
     assert all(r["kernel"] == "fwd" and r["config"]["half_w"] and r["config"]["w_resident"] for r in rows)
-    assert all(r["ok"] and r["spill_bytes"] == 0 for r in rows), proc.stdout[-3000:]
+    assert all(r["ok"] and r["spill_bytes"] <= 64 for r in rows), proc.stdout[-3000:]
     assert_estimate_bounds_the_compile(rows)
 
 
