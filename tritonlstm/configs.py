@@ -497,9 +497,12 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
     if config.transposed and kernel != "stack_bwd":  # the stack's backward ignores `transposed`
         wsize = 2 if config.half_w and not backward else esize
         if config.w_resident:
-            # h's chunk: 8 KB, or a single layer's whole tile up to 16 KB (kernels/lstm.py transposed_chunk).
-            chunk = bb * hk * esize if kernel == "fwd" and bb * hk * esize <= 16384 else 8192
-            return slices * 64 * hk * wsize + (12288 if backward else max(chunk, 8192)) + _SHARED_MARGIN
+            if backward:
+                return slices * 64 * hk * wsize + 12288 + _SHARED_MARGIN
+            from tritonlstm.kernels.lstm import transposed_chunk  # h's chunk, as the launch sizes it
+
+            chunk = bb * transposed_chunk(config, esize, stack=kernel == "stack") * esize
+            return slices * 64 * hk * wsize + max(chunk, 8192) + _SHARED_MARGIN
         return stages * (slices * 64 * bk * wsize + bb * bk * esize) + _SHARED_MARGIN
     if config.w_resident:
         # At K <= 32 the scratch outgrows the tile: 4 KB in all (a merged dot's at H = 17-32: 12288 bytes).
