@@ -1419,18 +1419,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit operands
 
 
+def half_w_allowed(dtype: torch.dtype) -> bool:
+    """Whether layers of `dtype` may take LSTMConfig.half_w: float32 ones whose dots may round to TF32 (float16
+    operands round as TF32 does)."""
+    return dtype == torch.float32 and _dot_precision(dtype) == "tf32"
+
+
 def _half_w(config, dtype: torch.dtype) -> bool:
-    """Whether a forward launch of `config` takes its dots on float16 operands (LSTMConfig.half_w): float32 layers
-    whose dots may round to TF32 (the launcher swaps a half_w config for configs.without_half_w where they may
-    not)."""
+    """Whether a forward launch of `config` takes its dots on float16 operands (LSTMConfig.half_w); a config that
+    may not is refused (functional._launch swaps it for configs.without_half_w before it gets here)."""
     if not config.half_w:
         return False
-    if dtype != torch.float32 or not config.transposed:
-        raise ValueError(f"config: half_w is for float32 layers on the transposed dots, got {dtype}, transposed="
-                         f"{config.transposed}")
-    if _dot_precision(dtype) != "tf32":
-        raise ValueError("config: half_w rounds the dots' operands as TF32 does, and PyTorch's RNN precision does "
-                         "not allow TF32 here (configs.without_half_w gives the full-precision stand-in)")
+    if not config.transposed or not half_w_allowed(dtype):
+        raise ValueError(f"config: half_w is for float32 layers on the transposed dots where PyTorch's RNN precision "
+                         f"allows TF32 (configs.without_half_w gives the full-precision stand-in), got {dtype}, "
+                         f"transposed={config.transposed}, float32 dot precision {_dot_precision(torch.float32)!r}")
     return True
 
 

@@ -311,8 +311,7 @@ def _launch(kernel: str, H: int, B: int, dtype: torch.dtype, device: torch.devic
     warning that says so. The kernel has not started when Triton raises that, so nothing was written."""
     k = _kernels()
     config = select_config(H, B, dtype, device, k.interpreting(), kernel, directions, layers)
-    if config.half_w and kernel in ("fwd", "stack") and (dtype != torch.float32 or k._dot_precision(dtype) != "tf32"):
-        # float16 operands round as TF32 does: for float32 layers where TF32 is allowed (a cache may hold others)
+    if config.half_w and kernel in ("fwd", "stack") and not k.half_w_allowed(dtype):  # a cache may hold others
         config = without_half_w(config)
     from triton.runtime.errors import OutOfResources
 
