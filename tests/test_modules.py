@@ -371,6 +371,11 @@ CELL_BAD = [
     pytest.param(lambda m: m(torch.randn(3, 4), (torch.zeros(3, 6), torch.zeros(3, 5))), id="h-size"),
     pytest.param(lambda m: m(torch.randn(3, 4), (torch.zeros(3, 5).double(), torch.zeros(3, 5))), id="h-dtype"),
     pytest.param(lambda m: m(torch.ones(3, 4, dtype=torch.long)), id="int-input"),
+    # One parameter cast alone (the step's own path checks what fused_lstm would have).
+    pytest.param(lambda m: (setattr(m.weight_hh, "data", m.weight_hh.data.half()), m(torch.randn(3, 4))),
+                 id="weight_hh-dtype"),
+    pytest.param(lambda m: (setattr(m.bias_hh, "data", m.bias_hh.data.double()), m(torch.randn(3, 4))),
+                 id="bias_hh-dtype"),
 ]
 
 

@@ -38,8 +38,9 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kernels():
-    # Imported on first use, so that `python -m tritonlstm` can set TRITON_INTERPRET before triton loads.
-    return importlib.import_module("tritonlstm.kernels.lstm")
+    # Imported on first use, so that `python -m tritonlstm` can set TRITON_INTERPRET before triton loads; then
+    # found in sys.modules (import_module's own lookup costs a few us on every launch of a host-bound step).
+    return sys.modules.get("tritonlstm.kernels.lstm") or importlib.import_module("tritonlstm.kernels.lstm")
 
 
 def interpreter_active() -> bool:
@@ -115,6 +116,8 @@ def _without_autocast(fn):
     autocast a gx of another dtype than the states reaches the kernel as mismatched pointers)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+            return fn(*args, **kwargs)  # (two autocast contexts cost ~10 us of a host-bound step's backward)
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             return fn(*args, **kwargs)
     return wrapper
@@ -697,6 +700,26 @@ def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor 
                              None if h0 is None else h0[None], None if c0 is None else c0[None],
                              lengths=lengths, reverse=reverse, backend=backend, checked=True)
     return y, (hn[0], cn[0])
+
+
+def lstm_cell_step(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
+                   bias_hh: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One step of nn.LSTMCell on the recurrence kernel: x [B, I], h0 and c0 [B, H] (B, H >= 1), weights as
+    nn.LSTMCell stores them, every tensor of one dtype and device, already checked by the caller (LSTMCell's
+    forward, with nn.LSTMCell's messages). Returns (h_1, c_1) [B, H].
+
+    fused_lstm's path with T = 1 less what a step in a Python loop cannot afford twice: its checks, the autocast
+    wrapper and the layer's handling of directions, projections and lengths (a step is host-bound: perf/NOTES.md
+    v0.32)."""
+    for name, t in (("weight_ih", weight_ih), ("weight_hh", weight_hh), ("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):  # a parameter cast or moved alone
+            raise RuntimeError(f"LSTMCell: {name} must have the input's dtype {x.dtype} and device {x.device}, got "
+                            f"{t.dtype} on {t.device}")
+    bias = _stacked_bias([(bias_ih, bias_hh)], weight_hh.shape[1], x.device)
+    training = _records_grad(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+    _, hn, cn, _, _ = _call(_lstm_recurrence, _project(x, weight_ih)[None], weight_hh[None], bias, h0[None],
+                            c0[None], None, False, training)
+    return hn[0], cn[0]
 
 
 def zero_from(*tensors):

@@ -1,9 +1,9 @@
 """Drop-in modules: `LSTM` (subclasses nn.LSTM), `LSTMCell` (subclasses nn.LSTMCell) and `convert(model)`.
 
 They override only `forward`, so parameter names, initialisation, `extra_repr` and the state_dict stay torch's
-and checkpoints load both ways. Each layer and direction runs on `fused_lstm` (the Triton recurrence);
-`backend="auto"` falls back to `super().forward` only where the kernels cannot run (CPU without the
-interpreter, float64), and `backend="triton"` raises there instead.
+and checkpoints load both ways. Each layer and direction runs on the Triton recurrence (`lstm_layer`,
+`lstm_stack`, `lstm_cell_step`); `backend="auto"` falls back to `super().forward` only where the kernels
+cannot run (CPU without the interpreter, float64), and `backend="triton"` raises there instead.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 from tritonlstm.functional import (
     BACKENDS,
     autocast_dtype,
-    fused_lstm,
+    lstm_cell_step,
     lstm_layer,
     lstm_stack,
     resolve_backend,
@@ -304,8 +304,7 @@ class LSTMCell(nn.LSTMCell):
         # x is in the dtype nn.LSTMCell would use already (under CPU autocast: its own, float32).
         autocast = torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            y, (_, c) = fused_lstm(x[None], *w, h0, c0, backend="triton")
-        h = y[0]
+            h, c = lstm_cell_step(x, h0, c0, *w)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
