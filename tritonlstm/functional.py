@@ -719,7 +719,7 @@ def lstm_cell_step(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_
     training = _records_grad(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
     _, hn, cn, _, _ = _call(_lstm_recurrence, _project(x, weight_ih)[None], weight_hh[None], bias, h0[None],
                             c0[None], None, False, training)
-    return hn[0], cn[0]
+    return hn.squeeze(0), cn.squeeze(0)  # (views: their backward allocates nothing, select's zero-fills)
 
 
 def zero_from(*tensors):
