@@ -62,6 +62,9 @@ def test_writers(tmp_path):
     assert len(data["rows"]) == 5 and all(list(r) == list(bench.ROW_KEYS) for r in data["rows"])
     assert data["rows"][0]["speedup"] == pytest.approx(4.0)
     assert data["errors"][0]["error"].startswith("output differs")
+    assert data["spread"][0] == {**{k: rows[0][k] for k in bench.CELL_KEYS}, "tritonlstm_ms_q20": 0.4,
+                                 "tritonlstm_ms_q80": None, "cudnn_ms_q20": None, "cudnn_ms_q80": None}
+    assert len(data["spread"]) == 4  # every row with a quantile (the error row has none)
     with open(tmp_path / "results.csv") as f:
         got = list(csv.DictReader(f))
     assert len(got) == 5 and list(got[0]) == list(bench.ROW_KEYS) and float(got[0]["cudnn_ms"]) == 2.0

@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROW_KEYS = ("dtype", "hidden", "batch", "seq", "layers", "bidirectional", "mode", "tritonlstm_ms", "cudnn_ms",
             "speedup", "tritonlstm_peak_mb", "cudnn_peak_mb", "max_rel_err")
+CELL_KEYS = ROW_KEYS[:7]
+QUANTILE_KEYS = ("tritonlstm_ms_q20", "tritonlstm_ms_q80", "cudnn_ms_q20", "cudnn_ms_q80")
 DTYPES = ("float16", "bfloat16", "float32")
 MODES = ("fwd", "fwdbwd")
 # (layers, bidirectional) rows measured at H = 512, B = 16 besides the single-layer matrix.
@@ -212,7 +214,12 @@ def write_results(out: Path, env: dict, rows: list[dict], heatmap: bool = True) 
     out.mkdir(parents=True, exist_ok=True)
     clean = [clean_row(r) for r in rows]
     errors = [{**clean_row(r), "error": r["error"]} for r in rows if r.get("error")]
-    (out / "results.json").write_text(json.dumps({**env, "rows": clean, "errors": errors}, indent=1))
+    # do_bench's 20th and 80th percentiles beside each median: runs 3-5 moved some cells by 10-60 % between calls
+    # (perf/NOTES.md), and a wide spread within one call says the time itself varies from launch to launch.
+    spread = [{**{k: r[k] for k in CELL_KEYS}, **{k: r.get(k) for k in QUANTILE_KEYS}}
+              for r in rows if any(r.get(k) is not None for k in QUANTILE_KEYS)]
+    (out / "results.json").write_text(json.dumps({**env, "rows": clean, "errors": errors, "spread": spread},
+                                                 indent=1))
     with open(out / "results.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=ROW_KEYS)
         wr.writeheader()
