@@ -21,7 +21,8 @@
 # with FLOOR_ARGS and FLOOR_TIMEOUT (120); GEMM=1 (off by default, ~20 s) runs perf/gemm_probe.py with GEMM_ARGS
 # and GEMM_TIMEOUT (60); MEMORY=1 (off by default, ~2 x 30 s) runs perf/memory_probe.py (twice: as is, and with cuBLAS's workspaces off) with
 # MEMORY_ARGS and MEMORY_TIMEOUT (90); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
-# NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute.
+# NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute; SPREAD=1 (off by default, ~30 s) runs
+# perf/launch_spread.py with SPREAD_ARGS and SPREAD_TIMEOUT (90).
 set -uo pipefail
 OUT=${OUT:-perf-out}
 W=${WORK_DIR:-/tmp/tritonlstm-device}
@@ -78,6 +79,11 @@ if [ "${MEMORY:-0}" != 0 ]; then
     # it goes (perf/memory_probe.py's docstring).
     measure memory-no-blas-workspace "${MEMORY_TIMEOUT:-90}" env CUBLAS_WORKSPACE_CONFIG=:0:0 CUBLASLT_WORKSPACE_SIZE=0 \
         $py perf/memory_probe.py ${MEMORY_ARGS:-} --json "$W/memory-no-blas-workspace.json"
+fi
+
+if [ "${SPREAD:-0}" != 0 ]; then
+    step "launch-to-launch spread, kernel alone up to the module, beside cuDNN (perf/launch_spread.py ${SPREAD_ARGS:-})"
+    measure spread "${SPREAD_TIMEOUT:-90}" $py perf/launch_spread.py ${SPREAD_ARGS:-} --json "$W/spread.json"
 fi
 
 if [ "${STACK_AB:-0}" != 0 ]; then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import importlib.util
@@ -318,3 +319,41 @@ def test_memory_probe_replays_the_allocator_trace_to_its_peak():
     assert peak == 180
     assert blocks == [(100, "functional.py:7 _backward"),
                       (50, "functional.py:7 _backward [at::cuda::getCUDABlasLtWorkspace()]"), (30, "?")]
+
+
+def _launch_spread():
+    spec = importlib.util.spec_from_file_location("launch_spread",
+                                                  Path(__file__).parents[1] / "perf" / "launch_spread.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launch_spread_without_gpu_says_so_and_exits_0():
+    proc = run_python(str(Path(__file__).parents[1] / "perf" / "launch_spread.py"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA device" in proc.stdout
+
+
+def test_launch_spread_levels_compute_the_same_layer():
+    """Its five levels (the tuner's kernel call on its own random inputs aside) agree with nn.LSTM, on the
+    interpreter: the probe's calls are the library's as they are, so a GPU run spends no time on a broken one."""
+    import torch
+
+    calls = _launch_spread().levels("float32", 8, 2, 3, device="cpu")
+    assert list(calls) == ["kernel", "op", "layer", "module", "cudnn"]
+    with torch.no_grad():
+        want = calls["cudnn"]()
+        for name in ("op", "layer", "module"):
+            torch.testing.assert_close(calls[name](), want, rtol=1e-5, atol=1e-5)
+        assert calls["kernel"]().shape == want.shape
+
+
+def test_launch_spread_cells_and_percentiles():
+    spread = _launch_spread()
+    assert spread.parse_cells("float16:256:16,bfloat16:512:1") == [("float16", 256, 16), ("bfloat16", 512, 1)]
+    for bad in ("float64:256:16", "float16:256", "float16:0:16", "float16:a:16"):
+        with pytest.raises(argparse.ArgumentTypeError, match="dtype:H:B"):
+            spread.parse_cells(bad)
+    got = spread.percentiles([float(v) for v in range(10, -1, -1)])
+    assert got == {"min": 0.0, "q20": 2.0, "median": 5.0, "q80": 8.0, "max": 10.0}
