@@ -22,7 +22,8 @@
 # and GEMM_TIMEOUT (60); MEMORY=1 (off by default, ~2 x 30 s) runs perf/memory_probe.py (twice: as is, and with cuBLAS's workspaces off) with
 # MEMORY_ARGS and MEMORY_TIMEOUT (90); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
 # NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute; SPREAD=1 (off by default, ~30 s) runs
-# perf/launch_spread.py with SPREAD_ARGS and SPREAD_TIMEOUT (90).
+# perf/launch_spread.py with SPREAD_ARGS and SPREAD_TIMEOUT (90); TIMELINE=1 (off by default, ~30-60 s) runs
+# perf/step_timeline.py with TIMELINE_ARGS ("--traces $W/traces" keeps the Chrome traces) and TIMELINE_TIMEOUT (120).
 set -uo pipefail
 OUT=${OUT:-perf-out}
 W=${WORK_DIR:-/tmp/tritonlstm-device}
@@ -84,6 +85,11 @@ fi
 if [ "${SPREAD:-0}" != 0 ]; then
     step "launch-to-launch spread, kernel alone up to the module, beside cuDNN (perf/launch_spread.py ${SPREAD_ARGS:-})"
     measure spread "${SPREAD_TIMEOUT:-90}" $py perf/launch_spread.py ${SPREAD_ARGS:-} --json "$W/spread.json"
+fi
+
+if [ "${TIMELINE:-0}" != 0 ]; then
+    step "a call's GPU time kernel by kernel, gaps included (perf/step_timeline.py ${TIMELINE_ARGS:-})"
+    measure timeline "${TIMELINE_TIMEOUT:-120}" $py perf/step_timeline.py ${TIMELINE_ARGS:-} --json "$W/timeline.json"
 fi
 
 if [ "${STACK_AB:-0}" != 0 ]; then

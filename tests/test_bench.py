@@ -357,3 +357,38 @@ def test_launch_spread_cells_and_percentiles():
             spread.parse_cells(bad)
     got = spread.percentiles([float(v) for v in range(10, -1, -1)])
     assert got == {"min": 0.0, "q20": 2.0, "median": 5.0, "q80": 8.0, "max": 10.0}
+
+
+def _step_timeline():
+    spec = importlib.util.spec_from_file_location("step_timeline",
+                                                  Path(__file__).parents[1] / "perf" / "step_timeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_timeline_without_gpu_says_so_and_exits_0():
+    proc = run_python(str(Path(__file__).parents[1] / "perf" / "step_timeline.py"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA device" in proc.stdout
+
+
+def test_step_timeline_splits_calls_into_kernels_and_gaps():
+    timeline = _step_timeline()
+    trace = {"traceEvents": [
+        {"cat": "user_annotation", "name": "call0", "ts": 0, "dur": 50},
+        {"cat": "user_annotation", "name": "call1", "ts": 1000, "dur": 50},
+        {"cat": "kernel", "name": "gemm", "ts": 20, "dur": 30},
+        {"cat": "gpu_memset", "name": "Memset", "ts": 52, "dur": 1},
+        {"cat": "kernel", "name": "lstm_fwd_kernel", "ts": 300, "dur": 600},  # after a 247 us gap
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 10, "dur": 5},  # host side: not a device event
+        {"cat": "kernel", "name": "lstm_fwd_kernel", "ts": 1010, "dur": 600},
+    ]}
+    events = timeline.device_events(trace)
+    assert [e["name"] for e in events] == ["gemm", "Memset", "lstm_fwd_kernel", "lstm_fwd_kernel"]
+    calls = timeline.split_calls(events, [(0.0, 50.0), (1000.0, 50.0)])
+    assert [len(c) for c in calls] == [3, 1]
+    first = timeline.summarise(calls[0])
+    assert first["span_us"] == 880 and first["busy_us"] == 631 and first["gaps_us"] == 247
+    assert first["gaps"] == [{"us": 247, "after": "Memset", "before": "lstm_fwd_kernel"}]
+    assert timeline.summarise(calls[1])["gaps"] == [] and timeline.summarise([])["span_us"] == 0

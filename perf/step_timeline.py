@@ -1,0 +1,146 @@
+"""Where a call's GPU time goes, kernel by kernel, from the profiler's device timeline (perf/NOTES.md, session 12).
+
+Run 5's training steps took 0.2-1.5 ms more than the forward plus the backward kernel alone in cells whose
+GEMMs are tiny (fp16 H = 256 B = 16: 3.37 ms against 0.89 + 1.03; fp16 H = 256 B = 1: +0.8 ms), and the forward
+0.27 ms more than its kernel at fp16 H = 256 B = 16. This profiles a few calls of one cell after warm-up and
+splits each call's span on the GPU (first kernel start to last kernel end) into the kernels' own time and the
+gaps between them: a gap is the GPU waiting for the host (or a sync), a long kernel is itself slow. Each call is
+separated by a synchronize, so the span excludes the host time before the first launch. The profiler adds a
+few us of host time per op, so a gap here is an upper bound on the gap without it; cuDNN's calls, profiled the
+same way beside ours, show how much.
+
+    python perf/step_timeline.py [--cells float16:256:16,float16:256:1] [--modes fwd,fwdbwd] [--calls 5]
+                                 [--json FILE] [--traces DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch_spread import parse_cells  # noqa: E402
+
+from tritonlstm.bench import write_rows_json  # noqa: E402
+
+DEFAULT_CELLS = "float16:256:16,float16:256:1,float16:512:16,bfloat16:512:16"
+GAP_US = 10.0  # gaps shorter than this are launch latency, not named one by one
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def device_events(trace: dict) -> list[dict]:
+    """The device-side events of a Chrome trace (kernels, copies, memsets), by start time: name, ts, dur (us)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("cat") in DEVICE_CATEGORIES and "dur" in e]
+    return sorted(({"name": e["name"], "ts": float(e["ts"]), "dur": float(e["dur"])} for e in events),
+                  key=lambda e: e["ts"])
+
+
+def split_calls(events: list[dict], markers: list[tuple[float, float]]) -> list[list[dict]]:
+    """The device events of each call: those that start inside the call's marker (host ts, ts + dur), or later but
+    before the next marker starts (a launch runs after the host call that queued it returns)."""
+    calls = []
+    for i, (start, _) in enumerate(markers):
+        end = markers[i + 1][0] if i + 1 < len(markers) else float("inf")
+        calls.append([e for e in events if start <= e["ts"] < end])
+    return calls
+
+
+def summarise(events: list[dict]) -> dict:
+    """One call's span on the GPU, the kernels' share of it, and its gaps (>= GAP_US) with their neighbours."""
+    if not events:
+        return {"span_us": 0.0, "busy_us": 0.0, "gaps_us": 0.0, "kernels": [], "gaps": []}
+    span = events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]
+    busy, gaps, end = 0.0, [], events[0]["ts"]
+    for prev, e in zip([None] + events[:-1], events):
+        gap = e["ts"] - end
+        if prev is not None and gap >= GAP_US:
+            gaps.append({"us": gap, "after": prev["name"][:80], "before": e["name"][:80]})
+        busy += e["dur"]
+        end = max(end, e["ts"] + e["dur"])
+    kernels = [{"name": e["name"][:80], "us": e["dur"]} for e in events]
+    return {"span_us": span, "busy_us": busy, "gaps_us": sum(g["us"] for g in gaps), "kernels": kernels,
+            "gaps": gaps}
+
+
+def profile_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, calls: int,
+                 trace_dir: str | None) -> list[dict]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from tritonlstm.functional import synchronize
+    from tritonlstm.modules import LSTM
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    model = LSTM(hidden, hidden, backend="triton").to("cuda", dtype)
+    ref = torch.nn.LSTM(hidden, hidden).to("cuda", dtype)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(seq, batch, hidden, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
+    rows = []
+    for name, net in (("tritonlstm", model), ("cudnn", ref)):
+        def call():
+            with torch.enable_grad() if mode == "fwdbwd" else torch.no_grad():
+                y, _ = net(x)
+                if mode == "fwdbwd":
+                    y.backward(torch.ones_like(y))
+
+        for _ in range(5):
+            call()
+        synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(calls):
+                with record_function(f"call{i}"):
+                    call()
+                synchronize()
+        path = Path(trace_dir or tempfile.mkdtemp()) / f"trace-{name}-{dtype_name}-{hidden}-{batch}-{mode}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+        if trace_dir is None:
+            os.remove(path)
+        markers = sorted((float(e["ts"]), float(e["dur"])) for e in trace.get("traceEvents", [])
+                         if e.get("name", "").startswith("call") and e.get("cat") == "user_annotation")
+        for i, events in enumerate(split_calls(device_events(trace), markers)):
+            rows.append({"dtype": dtype_name, "hidden": hidden, "batch": batch, "seq": seq, "mode": mode,
+                         "impl": name, "call": i, **summarise(events)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=parse_cells, default=parse_cells(DEFAULT_CELLS), help="dtype:H:B,...")
+    ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--json", help="write the rows here (rewritten after each cell)")
+    ap.add_argument("--traces", help="keep the Chrome traces in this folder")
+    a = ap.parse_args(argv)
+    modes = a.modes.split(",")
+    if any(m not in ("fwd", "fwdbwd") for m in modes) or a.seq < 1 or a.calls < 1:
+        ap.error(f"--modes takes fwd and fwdbwd, --seq and --calls >= 1; got {a.modes!r}, {a.seq}, {a.calls}")
+    import torch
+
+    if not torch.cuda.is_available():
+        print("perf/step_timeline.py: no CUDA device, nothing to profile.")
+        return 0
+    rows: list[dict] = []
+    print(f"{'cell':<24}{'impl':<12}{'call':>5}{'span':>9}{'busy':>9}{'gaps':>9}  (us)  largest gaps")
+    for dtype_name, hidden, batch in a.cells:
+        for mode in modes:
+            for row in profile_cell(dtype_name, hidden, batch, a.seq, mode, a.calls, a.traces):
+                rows.append(row)
+                top = sorted(row["gaps"], key=lambda g: -g["us"])[:2]
+                print(f"{dtype_name}:{hidden}:{batch}:{mode:<8}".ljust(24) + f"{row['impl']:<12}{row['call']:>5}"
+                      f"{row['span_us']:9.0f}{row['busy_us']:9.0f}{row['gaps_us']:9.0f}  " +
+                      "; ".join(f"{g['us']:.0f} before {g['before'][:40]}" for g in top), flush=True)
+            if a.json:
+                write_rows_json(a.json, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
