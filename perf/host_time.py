@@ -2,7 +2,7 @@
 sequence) costs in Python and ATen before any GPU work. Runs on the CPU interpreter's path (the config comes from
 the heuristic, not the GPU's tuned table).
 
-    python perf/host_time.py [case ...]          # cases: cell, cell_train, layer (default: all)
+    python perf/host_time.py [case ...]          # cases: cell, cell_train, layer, layer_train (default: all)
     PROFILE=cumulative python perf/host_time.py cell   # and cProfile's top 40 of the first case
     TREE=/path/to/other/checkout python perf/host_time.py cell   # time another checkout's code (an A/B: run the
                                                                   # two alternately and read the minimum; this
@@ -50,7 +50,15 @@ def layer():
         lstm(xs)
 
 
-CASES = {"cell": cell_step, "cell_train": cell_train, "layer": layer}
+xs_grad = xs.clone().requires_grad_()
+
+
+def layer_train():
+    y, _ = lstm(xs_grad)
+    y.backward(torch.ones_like(y))
+
+
+CASES = {"cell": cell_step, "cell_train": cell_train, "layer": layer, "layer_train": layer_train}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

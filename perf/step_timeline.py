@@ -5,7 +5,9 @@ GEMMs are tiny (fp16 H = 256 B = 16: 3.37 ms against 0.89 + 1.03; fp16 H = 256 B
 0.27 ms more than its kernel at fp16 H = 256 B = 16. This profiles a few calls of one cell after warm-up and
 splits each call's span on the GPU (first kernel start to last kernel end) into the kernels' own time and the
 gaps between them: a gap is the GPU waiting for the host (or a sync), a long kernel is itself slow. Each call is
-separated by a synchronize, so the span excludes the host time before the first launch. The profiler adds a
+separated by a synchronize, so the span excludes the host time before the first launch. "host" is the host's
+time per call without the profiler (the calls queued behind a sleep kernel, so the GPU cannot pace them): a call
+is host-bound where it exceeds the span's busy time. The profiler adds a
 few us of host time per op, so a gap here is an upper bound on the gap without it; cuDNN's calls, profiled the
 same way beside ours, show how much.
 
@@ -66,6 +68,25 @@ def summarise(events: list[dict]) -> dict:
             "gaps": gaps}
 
 
+def host_time_us(call, calls: int = 10, sleep_cycles: int = 200_000_000) -> float:
+    """The host's time per call, without the profiler: the calls are queued behind a ~0.1 s sleep kernel, so the
+    GPU runs none of them while the host queues them and the wall time is the host's alone. A call that waits for
+    the GPU anywhere (a sync) takes the rest of the sleep: a figure near 0.1 s / calls says so."""
+    import time
+
+    import torch
+
+    from tritonlstm.functional import synchronize
+
+    torch.cuda._sleep(sleep_cycles)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    elapsed = time.perf_counter() - start
+    synchronize()
+    return elapsed / calls * 1e6
+
+
 def profile_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, calls: int,
                  trace_dir: str | None) -> list[dict]:
     import torch
@@ -91,6 +112,7 @@ def profile_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, 
         for _ in range(5):
             call()
         synchronize()
+        host_us = host_time_us(call)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(calls):
                 with record_function(f"call{i}"):
@@ -106,7 +128,7 @@ def profile_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, 
                          if e.get("name", "").startswith("call") and e.get("cat") == "user_annotation")
         for i, events in enumerate(split_calls(device_events(trace), markers)):
             rows.append({"dtype": dtype_name, "hidden": hidden, "batch": batch, "seq": seq, "mode": mode,
-                         "impl": name, "call": i, **summarise(events)})
+                         "impl": name, "call": i, "host_us": host_us, **summarise(events)})
     return rows
 
 
@@ -128,14 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         print("perf/step_timeline.py: no CUDA device, nothing to profile.")
         return 0
     rows: list[dict] = []
-    print(f"{'cell':<24}{'impl':<12}{'call':>5}{'span':>9}{'busy':>9}{'gaps':>9}  (us)  largest gaps")
+    print(f"{'cell':<24}{'impl':<12}{'call':>5}{'host':>9}{'span':>9}{'busy':>9}{'gaps':>9}  (us)  largest gaps")
     for dtype_name, hidden, batch in a.cells:
         for mode in modes:
             for row in profile_cell(dtype_name, hidden, batch, a.seq, mode, a.calls, a.traces):
                 rows.append(row)
                 top = sorted(row["gaps"], key=lambda g: -g["us"])[:2]
                 print(f"{dtype_name}:{hidden}:{batch}:{mode:<8}".ljust(24) + f"{row['impl']:<12}{row['call']:>5}"
-                      f"{row['span_us']:9.0f}{row['busy_us']:9.0f}{row['gaps_us']:9.0f}  " +
+                      f"{row['host_us']:9.0f}{row['span_us']:9.0f}{row['busy_us']:9.0f}{row['gaps_us']:9.0f}  " +
                       "; ".join(f"{g['us']:.0f} before {g['before'][:40]}" for g in top), flush=True)
             if a.json:
                 write_rows_json(a.json, rows)
