@@ -23,7 +23,7 @@
 # MEMORY_ARGS and MEMORY_TIMEOUT (90); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
 # NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute; SPREAD=1 (off by default, ~30 s) runs
 # perf/launch_spread.py with SPREAD_ARGS and SPREAD_TIMEOUT (90); TIMELINE=1 (off by default, ~30-60 s) runs
-# perf/step_timeline.py with TIMELINE_ARGS ("--traces $W/traces" keeps the Chrome traces) and TIMELINE_TIMEOUT (120).
+# perf/step_timeline.py with TIMELINE_ARGS and TIMELINE_TIMEOUT (120), its Chrome traces kept in traces/.
 set -uo pipefail
 OUT=${OUT:-perf-out}
 W=${WORK_DIR:-/tmp/tritonlstm-device}
@@ -89,7 +89,8 @@ fi
 
 if [ "${TIMELINE:-0}" != 0 ]; then
     step "a call's GPU time kernel by kernel, gaps included (perf/step_timeline.py ${TIMELINE_ARGS:-})"
-    measure timeline "${TIMELINE_TIMEOUT:-120}" $py perf/step_timeline.py ${TIMELINE_ARGS:-} --json "$W/timeline.json"
+    measure timeline "${TIMELINE_TIMEOUT:-120}" $py perf/step_timeline.py ${TIMELINE_ARGS:-} --json "$W/timeline.json" \
+        --traces "$W/traces"
 fi
 
 if [ "${STACK_AB:-0}" != 0 ]; then
