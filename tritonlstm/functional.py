@@ -570,8 +570,9 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     dw_hh = None
     if need[1]:
         dg4 = dg.view(T, B, D, G)
-        dw_hh = torch.stack([_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], h0[d], lengths,
-                                                    d == 1 or ctx.reverse) for d in range(D)])
+        dw_hh = [_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], h0[d], lengths, d == 1 or ctx.reverse)
+                 for d in range(D)]
+        dw_hh = dw_hh[0].unsqueeze(0) if D == 1 else torch.stack(dw_hh)  # (stack would copy a single one)
     dbias = _column_sums(dg3.view(T * B, D * G)).view(D, G) if need[2] else None
     return (dg if need[0] else None, dw_hh, dbias, dh0 if need[3] else None, dc0 if need[4] else None,
             None, None, None)

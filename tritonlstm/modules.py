@@ -206,7 +206,9 @@ class LSTM(nn.LSTM):
             c_n.append(c)
             if dropping and layer < self.num_layers - 1:
                 layer_input = layer_input * self._dropout_scale(layout, x, layer_input.size(2))
-        return self._finish(input, layer_input, (torch.cat(h_n), torch.cat(c_n)), is_batched, layout)
+        # (One layer: its states as they are; cat would copy them.)
+        hidden = (h_n[0], c_n[0]) if len(h_n) == 1 else (torch.cat(h_n), torch.cat(c_n))
+        return self._finish(input, layer_input, hidden, is_batched, layout)
 
     def _dropout_scale(self, layout: _PackedLayout | None, x: Tensor, width: int) -> Tensor:
         """One layer's dropout scale [T, B, width] (0 or 1 / (1 - p)), drawn as nn.LSTM draws it on the CPU
