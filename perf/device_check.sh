@@ -23,7 +23,7 @@
 # MEMORY_ARGS and MEMORY_TIMEOUT (90); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
 # NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute; SPREAD=1 (off by default, ~30 s) runs
 # perf/launch_spread.py with SPREAD_ARGS and SPREAD_TIMEOUT (90); TIMELINE=1 (off by default, ~30-60 s) runs
-# perf/step_timeline.py with TIMELINE_ARGS and TIMELINE_TIMEOUT (120), its Chrome traces kept in traces/.
+# perf/step_timeline.py with TIMELINE_ARGS and TIMELINE_TIMEOUT (150), its Chrome traces kept in traces/.
 set -uo pipefail
 OUT=${OUT:-perf-out}
 W=${WORK_DIR:-/tmp/tritonlstm-device}
@@ -82,17 +82,6 @@ if [ "${MEMORY:-0}" != 0 ]; then
         $py perf/memory_probe.py ${MEMORY_ARGS:-} --json "$W/memory-no-blas-workspace.json"
 fi
 
-if [ "${SPREAD:-0}" != 0 ]; then
-    step "launch-to-launch spread, kernel alone up to the module, beside cuDNN (perf/launch_spread.py ${SPREAD_ARGS:-})"
-    measure spread "${SPREAD_TIMEOUT:-90}" $py perf/launch_spread.py ${SPREAD_ARGS:-} --json "$W/spread.json"
-fi
-
-if [ "${TIMELINE:-0}" != 0 ]; then
-    step "a call's GPU time kernel by kernel, gaps included (perf/step_timeline.py ${TIMELINE_ARGS:-})"
-    measure timeline "${TIMELINE_TIMEOUT:-120}" $py perf/step_timeline.py ${TIMELINE_ARGS:-} --json "$W/timeline.json" \
-        --traces "$W/traces"
-fi
-
 if [ "${STACK_AB:-0}" != 0 ]; then
     step "A/B of launch configs, stack kernels alone"
     measure stack_ab "${STACK_AB_TIMEOUT:-120}" $py perf/kernel_ab.py --kernels stack,stack_bwd --layers 2,4 \
@@ -123,6 +112,18 @@ if [ -n "${TUNED_BENCH_ARGS:-}" ]; then
     export TRITONLSTM_CACHE_DIR="$W/tuned"
     measure bench-tuned "${TUNED_BENCH_TIMEOUT:-200}" $py -m tritonlstm.bench $TUNED_BENCH_ARGS --out "$W/bench-tuned"
     unset TRITONLSTM_CACHE_DIR
+fi
+
+# After the bench, whose parallel compile has built these cells' kernels.
+if [ "${SPREAD:-0}" != 0 ]; then
+    step "launch-to-launch spread, kernel alone up to the module, beside cuDNN (perf/launch_spread.py ${SPREAD_ARGS:-})"
+    measure spread "${SPREAD_TIMEOUT:-90}" $py perf/launch_spread.py ${SPREAD_ARGS:-} --json "$W/spread.json"
+fi
+
+if [ "${TIMELINE:-0}" != 0 ]; then
+    step "a call's GPU time kernel by kernel, gaps included (perf/step_timeline.py ${TIMELINE_ARGS:-})"
+    measure timeline "${TIMELINE_TIMEOUT:-150}" $py perf/step_timeline.py ${TIMELINE_ARGS:-} --json "$W/timeline.json" \
+        --traces "$W/traces"
 fi
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then
