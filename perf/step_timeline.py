@@ -5,13 +5,14 @@ GEMMs are tiny (fp16 H = 256 B = 16: 3.37 ms against 0.89 + 1.03; fp16 H = 256 B
 0.27 ms more than its kernel at fp16 H = 256 B = 16. This profiles a few calls of one cell after warm-up and
 splits each call's span on the GPU (first kernel start to last kernel end) into the kernels' own time and the
 gaps between them: a gap is the GPU waiting for the host (or a sync), a long kernel is itself slow. Each call is
-separated by a synchronize, so the span excludes the host time before the first launch. "host" is the host's
+separated by a synchronize, so the span excludes the host time before the first launch. Mode "cell" is one
+LSTMCell step (no grad) against nn.LSTMCell's, the decoder loop's call. "host" is the host's
 time per call without the profiler (the calls queued behind a sleep kernel, so the GPU cannot pace them): a call
 is host-bound where it exceeds the span's busy time. The profiler adds a
 few us of host time per op, so a gap here is an upper bound on the gap without it; cuDNN's calls, profiled the
 same way beside ours, show how much.
 
-    python perf/step_timeline.py [--cells float16:256:16,float16:256:1] [--modes fwd,fwdbwd] [--calls 5]
+    python perf/step_timeline.py [--cells float16:256:16,float16:256:1] [--modes fwd,fwdbwd,cell] [--calls 5]
                                  [--json FILE] [--traces DIR]
 """
 
@@ -87,28 +88,43 @@ def host_time_us(call, calls: int = 10, sleep_cycles: int = 200_000_000) -> floa
     return elapsed / calls * 1e6
 
 
-def profile_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, calls: int,
-                 trace_dir: str | None) -> list[dict]:
+def make_calls(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, device: str = "cuda") -> dict:
+    """{"tritonlstm": call, "cudnn": call}: one call of the cell's module each (device "cpu": on the interpreter
+    against torch's CPU modules, for the tests); each returns the output it made."""
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
 
-    from tritonlstm.functional import synchronize
-    from tritonlstm.modules import LSTM
+    from tritonlstm.modules import LSTM, LSTMCell
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
-    model = LSTM(hidden, hidden, backend="triton").to("cuda", dtype)
-    ref = torch.nn.LSTM(hidden, hidden).to("cuda", dtype)
+    cell = mode == "cell"  # one LSTMCell step, no grad, as a decoder's loop calls it (against nn.LSTMCell)
+    model = (LSTMCell if cell else LSTM)(hidden, hidden, backend="triton").to(device, dtype)
+    ref = (torch.nn.LSTMCell if cell else torch.nn.LSTM)(hidden, hidden).to(device, dtype)
     ref.load_state_dict(model.state_dict())
-    x = torch.randn(seq, batch, hidden, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
-    rows = []
-    for name, net in (("tritonlstm", model), ("cudnn", ref)):
+    x = torch.randn(*(() if cell else (seq,)), batch, hidden, device=device, dtype=dtype,
+                    requires_grad=mode == "fwdbwd")
+
+    def caller(net):
         def call():
             with torch.enable_grad() if mode == "fwdbwd" else torch.no_grad():
-                y, _ = net(x)
+                y = net(x)[0]
                 if mode == "fwdbwd":
                     y.backward(torch.ones_like(y))
+            return y
 
+        return call
+
+    return {"tritonlstm": caller(model), "cudnn": caller(ref)}
+
+
+def profile_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, calls: int,
+                 trace_dir: str | None) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from tritonlstm.functional import synchronize
+
+    rows = []
+    for name, call in make_calls(dtype_name, hidden, batch, seq, mode).items():
         for _ in range(5):
             call()
         synchronize()
@@ -135,15 +151,15 @@ def profile_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=parse_cells, default=parse_cells(DEFAULT_CELLS), help="dtype:H:B,...")
-    ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--modes", default="fwd,fwdbwd,cell")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--json", help="write the rows here (rewritten after each cell)")
     ap.add_argument("--traces", help="keep the Chrome traces in this folder")
     a = ap.parse_args(argv)
     modes = a.modes.split(",")
-    if any(m not in ("fwd", "fwdbwd") for m in modes) or a.seq < 1 or a.calls < 1:
-        ap.error(f"--modes takes fwd and fwdbwd, --seq and --calls >= 1; got {a.modes!r}, {a.seq}, {a.calls}")
+    if any(m not in ("fwd", "fwdbwd", "cell") for m in modes) or a.seq < 1 or a.calls < 1:
+        ap.error(f"--modes takes fwd, fwdbwd and cell, --seq and --calls >= 1; got {a.modes!r}, {a.seq}, {a.calls}")
     import torch
 
     if not torch.cuda.is_available():

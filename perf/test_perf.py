@@ -120,8 +120,8 @@ CELLS = [pytest.param((d, b), id=f"{d}-B{b}") for d in ("float16", "float32") fo
 @pytest.mark.parametrize("cell", CELLS)
 def test_cell_loop(benchmark, cell, impl):
     """LSTMCell stepped from Python, as a decoder runs it: 64 steps at H = 512, no grad. On the CPU the host path
-    of one tritonlstm step costs ~110-150 us against nn.LSTMCell's ~40 (perf/NOTES.md v0.7); this says what a
-    GPU host makes of it, against nn.LSTMCell (two GEMMs and a fused pointwise kernel)."""
+    of one tritonlstm step costs ~86 us (v0.32; ~110-150 before) against nn.LSTMCell's ~40-55 (perf/NOTES.md v0.7,
+    v0.32); this says what a GPU host makes of it, against nn.LSTMCell (two GEMMs and a fused pointwise kernel)."""
     from tritonlstm import LSTMCell
 
     dtype_name, batch = cell

@@ -392,3 +392,14 @@ def test_step_timeline_splits_calls_into_kernels_and_gaps():
     assert first["span_us"] == 880 and first["busy_us"] == 631 and first["gaps_us"] == 247
     assert first["gaps"] == [{"us": 247, "after": "Memset", "before": "lstm_fwd_kernel"}]
     assert timeline.summarise(calls[1])["gaps"] == [] and timeline.summarise([])["span_us"] == 0
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd", "cell"])
+def test_step_timeline_calls_run_ours_against_torch(mode):
+    """The timeline's calls on the interpreter: ours (the Triton kernels) and torch's module give the same output,
+    so a GPU run profiles working calls."""
+    import torch
+
+    calls = _step_timeline().make_calls("float32", 8, 2, 3, mode, device="cpu")
+    assert list(calls) == ["tritonlstm", "cudnn"]
+    torch.testing.assert_close(calls["tritonlstm"]().detach(), calls["cudnn"]().detach(), rtol=1e-5, atol=1e-5)
