@@ -14,6 +14,17 @@ import pytest
 from helpers import run_python
 from tritonlstm import bench
 
+PERF = Path(__file__).parents[1] / "perf"
+
+
+def _perf_script(name: str):
+    """perf/<name>.py imported as a module (the perf scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, PERF / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 ENV = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cudnn": "91900", "date": "2026-11-26"}
 
 
@@ -144,13 +155,15 @@ def test_barrier_failure_while_timed_is_an_error_not_a_time(monkeypatch):
     assert int(kernels.barrier_errors.flag(torch.device("cpu"))[0]) == 0
 
 
-def test_kernel_ab_script_without_gpu_says_so_and_exits_0():
-    proc = run_python(str(Path(__file__).parents[1] / "perf" / "kernel_ab.py"), timeout=120)
-    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+@pytest.mark.parametrize("script", ["kernel_ab", "floor_probe", "memory_probe", "gemm_probe", "launch_spread",
+                                    "step_timeline"])
+def test_perf_script_without_gpu_says_so_and_exits_0(script):
+    proc = run_python(str(PERF / f"{script}.py"), timeout=120)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_profile_one_script_takes_the_ab_variants_and_without_gpu_says_so():
-    script = str(Path(__file__).parents[1] / "perf" / "profile_one.py")
+    script = str(PERF / "profile_one.py")
     proc = run_python(script, "--kernel", "bwd", "--variant", "wide", "--batch", "256", timeout=120)
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
     proc = run_python(script, "--variant", "no-such-variant", timeout=120)
@@ -159,13 +172,9 @@ def test_profile_one_script_takes_the_ab_variants_and_without_gpu_says_so():
 
 def test_kernel_ab_variants_are_runnable_configs():
     """The A/B's variants: each a different config whose programs all fit the SMs, named as documented."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("kernel_ab", Path(__file__).parents[1] / "perf" / "kernel_ab.py")
-    ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab)
+    ab = _perf_script("kernel_ab")
     for kernel in ("fwd", "bwd"):
         got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "tagged",
@@ -220,27 +229,13 @@ def test_cells_warm_up_under_compile_only_without_launching(layers, bidirectiona
     assert not launched  # no launch reached the pre-launch check
 
 
-def _floor_probe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("floor_probe", Path(__file__).parents[1] / "perf" / "floor_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    return probe
-
-
-def test_floor_probe_without_gpu_says_so_and_exits_0():
-    proc = run_python(str(Path(__file__).parents[1] / "perf" / "floor_probe.py"), timeout=120)
-    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
-
-
 @pytest.mark.parametrize("mode", ["barrier", "flags", "none", "counter-ld"])
 def test_floor_probe_computes_its_recurrence(mode):
     """One program (the interpreter runs programs one after another): every exchange's y_t = 0.5 mean(y_{t-1}) +
     u_t against the PyTorch loop, and without the h read y = u."""
     import torch
 
-    probe = _floor_probe()
+    probe = _perf_script("floor_probe")
     u = torch.randn(5, 3, 12, dtype=torch.float16)
     y, err = probe.launcher(u, 16, 4, mode, True)()
     assert int(err[0]) == 0
@@ -248,14 +243,6 @@ def test_floor_probe_computes_its_recurrence(mode):
     assert not torch.equal(y, u)  # the h read reached the output
     y, _ = probe.launcher(u, 16, 4, mode, False)()
     assert torch.equal(y, u)
-
-
-def _memory_probe():
-    path = Path(__file__).parents[1] / "perf" / "memory_probe.py"
-    spec = importlib.util.spec_from_file_location("memory_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_memory_probe_records_the_tensors_alive_at_a_training_steps_peak():
@@ -269,23 +256,13 @@ def test_memory_probe_records_the_tensors_alive_at_a_training_steps_peak():
     model = LSTM(H, H, backend="triton")
     x = torch.randn(T, B, H, requires_grad=True)
     before = {t.untyped_storage().data_ptr() for t in (x, *model.parameters())}
-    with _memory_probe()._recorder()(before, device_type="cpu") as rec:
+    with _perf_script("memory_probe")._recorder()(before, device_type="cpu") as rec:
         y, _ = model(x)
         y.backward(torch.ones_like(y))
     shapes = {(e[1], e[2]) for e in rec.at_peak.values()}
     assert ((T * B, 4 * H), "float32") in shapes and ((T, B, H), "float32") in shapes
     assert rec.peak >= (16 + 4) * T * B * H and not before & set(rec.at_peak)
     assert rec.bytes < rec.peak  # the step's temporaries were freed and counted out
-
-
-def test_memory_probe_without_gpu_says_so():
-    proc = run_python(str(Path(__file__).parents[1] / "perf" / "memory_probe.py"), timeout=120)
-    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
-
-
-def test_gemm_probe_without_gpu_says_so():
-    proc = run_python(str(Path(__file__).parents[1] / "perf" / "gemm_probe.py"), timeout=120)
-    assert proc.returncode == 0 and "no CUDA device" in proc.stdout
 
 
 def test_perf_scripts_rows_file_names_the_gpu(tmp_path, monkeypatch):
@@ -315,24 +292,10 @@ def test_memory_probe_replays_the_allocator_trace_to_its_peak():
         {"action": "free_completed", "addr": 2, "size": 50},
         {"action": "alloc", "addr": 4, "size": 10, "frames": []},
     ]
-    peak, blocks = _memory_probe().peak_from_trace(events)
+    peak, blocks = _perf_script("memory_probe").peak_from_trace(events)
     assert peak == 180
     assert blocks == [(100, "functional.py:7 _backward"),
                       (50, "functional.py:7 _backward [at::cuda::getCUDABlasLtWorkspace()]"), (30, "?")]
-
-
-def _launch_spread():
-    spec = importlib.util.spec_from_file_location("launch_spread",
-                                                  Path(__file__).parents[1] / "perf" / "launch_spread.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_launch_spread_without_gpu_says_so_and_exits_0():
-    proc = run_python(str(Path(__file__).parents[1] / "perf" / "launch_spread.py"), timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "no CUDA device" in proc.stdout
 
 
 def test_launch_spread_levels_compute_the_same_layer():
@@ -340,7 +303,7 @@ def test_launch_spread_levels_compute_the_same_layer():
     interpreter: the probe's calls are the library's as they are, so a GPU run spends no time on a broken one."""
     import torch
 
-    calls = _launch_spread().levels("float32", 8, 2, 3, device="cpu")
+    calls = _perf_script("launch_spread").levels("float32", 8, 2, 3, device="cpu")
     assert list(calls) == ["kernel", "op", "layer", "module", "cudnn"]
     with torch.no_grad():
         want = calls["cudnn"]()
@@ -350,7 +313,7 @@ def test_launch_spread_levels_compute_the_same_layer():
 
 
 def test_launch_spread_cells_and_percentiles():
-    spread = _launch_spread()
+    spread = _perf_script("launch_spread")
     assert spread.parse_cells("float16:256:16,bfloat16:512:1") == [("float16", 256, 16), ("bfloat16", 512, 1)]
     for bad in ("float64:256:16", "float16:256", "float16:0:16", "float16:a:16"):
         with pytest.raises(argparse.ArgumentTypeError, match="dtype:H:B"):
@@ -359,22 +322,8 @@ def test_launch_spread_cells_and_percentiles():
     assert got == {"min": 0.0, "q20": 2.0, "median": 5.0, "q80": 8.0, "max": 10.0}
 
 
-def _step_timeline():
-    spec = importlib.util.spec_from_file_location("step_timeline",
-                                                  Path(__file__).parents[1] / "perf" / "step_timeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_step_timeline_without_gpu_says_so_and_exits_0():
-    proc = run_python(str(Path(__file__).parents[1] / "perf" / "step_timeline.py"), timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "no CUDA device" in proc.stdout
-
-
 def test_step_timeline_splits_calls_into_kernels_and_gaps():
-    timeline = _step_timeline()
+    timeline = _perf_script("step_timeline")
     trace = {"traceEvents": [
         {"cat": "user_annotation", "name": "call0", "ts": 0, "dur": 50},
         {"cat": "user_annotation", "name": "call1", "ts": 1000, "dur": 50},
@@ -400,6 +349,6 @@ def test_step_timeline_calls_run_ours_against_torch(mode):
     so a GPU run profiles working calls."""
     import torch
 
-    calls = _step_timeline().make_calls("float32", 8, 2, 3, mode, device="cpu")
+    calls = _perf_script("step_timeline").make_calls("float32", 8, 2, 3, mode, device="cpu")
     assert list(calls) == ["tritonlstm", "cudnn"]
     torch.testing.assert_close(calls["tritonlstm"]().detach(), calls["cudnn"]().detach(), rtol=1e-5, atol=1e-5)
