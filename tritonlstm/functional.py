@@ -37,10 +37,16 @@ BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _kernel_module(name: str):
+    """tritonlstm.kernels.<name>: imported on first use, so that `python -m tritonlstm` can set TRITON_INTERPRET
+    before triton loads; then found in sys.modules (import_module's own lookup costs a few us on every launch of a
+    host-bound step)."""
+    full = f"tritonlstm.kernels.{name}"
+    return sys.modules.get(full) or importlib.import_module(full)
+
+
 def _kernels():
-    # Imported on first use, so that `python -m tritonlstm` can set TRITON_INTERPRET before triton loads; then
-    # found in sys.modules (import_module's own lookup costs a few us on every launch of a host-bound step).
-    return sys.modules.get("tritonlstm.kernels.lstm") or importlib.import_module("tritonlstm.kernels.lstm")
+    return _kernel_module("lstm")
 
 
 def interpreter_active() -> bool:
@@ -148,12 +154,12 @@ def _column_sums(m: Tensor) -> Tensor:
     over the counted tensors (perf/NOTES.md v0.30). Under torch.compile the compiler generates its own reduction."""
     kernel = m.device.type == "cuda" and m.shape[0] >= _STAGED_ROWS or interpreter_active()
     if kernel and not torch.compiler.is_compiling() and _plain(m):
-        return importlib.import_module("tritonlstm.kernels.reduce").column_sums(m)
+        return _kernel_module("reduce").column_sums(m)
     return m.sum(0, dtype=torch.float32)
 
 
 def _tf32_matmul(a: Tensor, b: Tensor) -> Tensor:
-    return importlib.import_module("tritonlstm.kernels.matmul").matmul(a, b)
+    return _kernel_module("matmul").matmul(a, b)
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
