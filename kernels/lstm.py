@@ -51,6 +51,16 @@ def interpreting() -> bool:
     return isinstance(lstm_fwd_kernel, InterpretedFunction)
 
 
+# Host-side ceil division and next power of two: Triton 3.6's triton.cdiv and triton.next_power_of_2 are
+# constexpr_function wrappers costing ~3 us a call on the host, and a launch took several (perf/NOTES.md v0.33).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
@@ -1606,7 +1616,7 @@ def _barrier_state(config, grid, device, stack: bool = False) -> tuple[torch.Ten
     barriers = Q if stack else Q * Z
     if config.exchange != "flags":
         return torch.zeros(barriers, device=device, dtype=torch.int32), dict(FLAGS=False, NP=1)
-    np_ = triton.next_power_of_2(P * Z if stack else P)
+    np_ = next_power_of_2(P * Z if stack else P)
     return torch.zeros(barriers * np_, device=device, dtype=torch.int32), dict(FLAGS=True, NP=np_)
 
 
@@ -1704,7 +1714,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
         raise ValueError("lstm_forward: gates_out needs store_gates=True and no lengths")
     gates = gates_out if gates_out is not None else _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
-    grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
+    grid = (cdiv(H, config.block_h), config.batch_groups, D)
     sync, flags = _barrier_state(config, grid, dev)
     tagged = config.exchange.startswith("tagged")
     pack = _tag_pack(dt, config) if tagged else 1
@@ -1742,7 +1752,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     cn = _alloc((L, B, H), dt, dev)
     gates = _per_step((L, T, B, G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((L, T, B, H), torch.float32, dev, lengths) if store_gates else c_ws
-    grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
+    grid = (cdiv(H, config.block_h), config.batch_groups, L)
     sync, flags = _barrier_state(config, grid, dev, stack=True)
     half = _half_w(config, dt)
     w_ih = w_ih if L > 1 else w_hh
@@ -1776,12 +1786,12 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
         return dg, dh0, dc0
-    grid = (triton.cdiv(H, config.block_h), config.batch_groups, D)
+    grid = (cdiv(H, config.block_h), config.batch_groups, D)
     sync, flags = _barrier_state(config, grid, dev)
     tagged = config.exchange.startswith("tagged")  # the backward has no probe: "tagged-probe" runs as "tagged"
     pack = _tag_pack(dt, config) if tagged else 1
     # Zeros: slot 1 is dG of the step after the last (zero, tag 0); slot 0 carries no reader's tag before r = 1.
-    ring = torch.zeros((2, D, B, 4, triton.cdiv(H, pack)), dtype=torch.int64, device=dev) if tagged else sync
+    ring = torch.zeros((2, D, B, 4, cdiv(H, pack)), dtype=torch.int64, device=dev) if tagged else sync
     w_t, part, scatter = _reduce_scatter_state(config, w_hh, B, sync)
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
             last if last is not None else sync, sync, barrier_errors.flag(dev), ring, w_t, part, T, B, H, int(reverse))
@@ -1818,7 +1828,7 @@ def reduce_scatter_constexprs(config, hidden: int) -> dict:
     """The backward kernel's TRANSPOSED, KC, QP, QC for `config` (LSTMConfig.transposed: dh by reduce-scatter)."""
     if not config.transposed:
         return NO_REDUCE_SCATTER
-    qp = triton.next_power_of_2(triton.cdiv(hidden, config.block_h))
+    qp = next_power_of_2(cdiv(hidden, config.block_h))
     kc = min(config.block_k, REDUCE_SCATTER_CHUNK) if config.w_resident else config.block_k
     return dict(TRANSPOSED=True, KC=kc, QP=qp, QC=min(qp, REDUCE_SCATTER_LOAD))
 
@@ -1839,7 +1849,7 @@ def _reduce_scatter_state(config, w_hh, batch: int, placeholder):
     if not config.transposed:
         return placeholder, placeholder, consts
     w_t = w_hh.transpose(1, 2).contiguous()
-    part = _alloc((2, D, triton.cdiv(H, config.block_h), batch, H), torch.float32, w_hh.device)
+    part = _alloc((2, D, cdiv(H, config.block_h), batch, H), torch.float32, w_hh.device)
     return w_t, part, consts
 
 
@@ -1860,7 +1870,7 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     dc_ws = torch.zeros(L, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((L, B, H), dt, dev)
     dc0 = _alloc((L, B, H), dt, dev)
-    grid = (triton.cdiv(H, config.block_h), config.batch_groups, L)
+    grid = (cdiv(H, config.block_h), config.batch_groups, L)
     sync, flags = _barrier_state(config, grid, dev, stack=True)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
             dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync, T,

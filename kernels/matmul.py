@@ -42,10 +42,12 @@ def matmul_kernel(A, B, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
 
 
 def _config(M: int, N: int, interpreting: bool) -> dict:
+    from tritonlstm.kernels.lstm import cdiv
+
     if interpreting:
         return dict(BM=16, BN=16, BK=16, GROUP_M=4, num_warps=4, num_stages=1)
     # 128 x 128 tiles while they still give the GPU's SMs work (an H100 has 132), 64 x 64 below that.
-    if triton.cdiv(M, 128) * triton.cdiv(N, 128) >= 64:
+    if cdiv(M, 128) * cdiv(N, 128) >= 64:
         return dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3)
 
@@ -53,7 +55,7 @@ def _config(M: int, N: int, interpreting: bool) -> dict:
 def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32") -> torch.Tensor:
     """a [M, K] @ b [K, N] -> a new [M, N], float32, any strides (transposed views included). precision: "tf32"
     or "ieee" (tl.dot's input_precision)."""
-    from tritonlstm.kernels.lstm import _compiling_only, interpreting
+    from tritonlstm.kernels.lstm import _compiling_only, cdiv, interpreting
 
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         raise TypeError(f"matmul: float32 operands only, got {a.dtype} and {b.dtype}")
@@ -68,7 +70,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32") -> torc
         return torch.zeros((M, N), dtype=torch.float32, device=a.device)
     out = torch.empty((M, N), dtype=torch.float32, device=a.device)
     cfg = _config(M, N, interpreting())
-    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    grid = (cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]),)
     args = (a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
     if _compiling_only.get():  # kernels.lstm.compile_only: compile what would launch, launch nothing
         matmul_kernel.warmup(*args, grid=grid, PRECISION=precision, **cfg)

@@ -35,7 +35,7 @@ def column_sums_kernel(M, PART, N, C, ROWS, BN: tl.constexpr, BC: tl.constexpr):
 
 def column_sums(m: torch.Tensor) -> torch.Tensor:
     """m [N, C] (any floating dtype) summed over its rows, as a new float32 [C]."""
-    from tritonlstm.kernels.lstm import _compiling_only, interpreting
+    from tritonlstm.kernels.lstm import _compiling_only, cdiv, interpreting
 
     if m.dim() != 2:
         raise ValueError(f"column_sums: m must be [N, C], got {tuple(m.shape)}")
@@ -46,12 +46,12 @@ def column_sums(m: torch.Tensor) -> torch.Tensor:
     N, C = m.shape
     if N == 0 or C == 0:
         return torch.zeros(C, dtype=torch.float32, device=m.device)
-    n_c = triton.cdiv(C, BLOCK_COLS)
+    n_c = cdiv(C, BLOCK_COLS)
     # Row chunks enough for ~4 programs per SM (the interpreter: up to 3, so that tests cross chunks).
     want = 3 if interpreting() else 4 * torch.cuda.get_device_properties(m.device).multi_processor_count
-    chunks = max(1, min(triton.cdiv(want, n_c), triton.cdiv(N, BLOCK_ROWS)))
-    rows = triton.cdiv(triton.cdiv(N, chunks), BLOCK_ROWS) * BLOCK_ROWS
-    chunks = triton.cdiv(N, rows)
+    chunks = max(1, min(cdiv(want, n_c), cdiv(N, BLOCK_ROWS)))
+    rows = cdiv(cdiv(N, chunks), BLOCK_ROWS) * BLOCK_ROWS
+    chunks = cdiv(N, rows)
     part = torch.empty((chunks, C), dtype=torch.float32, device=m.device)
     args = (m, part, N, C, rows)
     if _compiling_only.get():  # kernels.lstm.compile_only: compile what would launch, launch nothing

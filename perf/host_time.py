@@ -1,8 +1,16 @@
-"""Host time per call, the kernel launches stubbed out: what a host-bound call (LSTMCell in a Python loop, a short
-sequence) costs in Python and ATen before any GPU work. Runs on the CPU interpreter's path (the config comes from
-the heuristic, not the GPU's tuned table).
+"""Host time per call: what a host-bound call (LSTMCell in a Python loop, a short sequence) costs before any GPU
+work, on a machine without one. Two modes:
+
+- stub (default): the kernel launches stubbed out, on the CPU interpreter's path (the config from the interpreter's
+  heuristic). Python and ATen only.
+- LAUNCH=triton: Triton's real launch path too (argument binding, specialisation, the cache key, the launcher
+  call) through a stand-in driver that compiles for sm_90 (ptxas, as compilecheck) and launches nothing; the
+  configs as on an H100 (the shipped table, else the device heuristic). What the stub leaves out of a GPU host's
+  time, except the CUDA driver's ~3-5 us per launch (ours and ATen's: ATen's ops compute on the CPU here, so use
+  small shapes, as the cases do).
 
     python perf/host_time.py [case ...]          # cases: cell, cell_train, layer, layer_train (default: all)
+    LAUNCH=triton python perf/host_time.py cell  # with Triton's launch path
     PROFILE=cumulative python perf/host_time.py cell   # and cProfile's top 40 of the first case
     TREE=/path/to/other/checkout python perf/host_time.py cell   # time another checkout's code (an A/B: run the
                                                                   # two alternately and read the minimum; this
@@ -13,7 +21,11 @@ import os
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"
+TRITON_LAUNCH = os.environ.get("LAUNCH", "stub") == "triton"
+if TRITON_LAUNCH:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = "1"
 if os.environ.get("TREE"):  # another checkout, ahead of this one's editable install
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()]
     sys.path.insert(0, os.environ["TREE"])
@@ -23,9 +35,69 @@ import torch  # noqa: E402
 import tritonlstm  # noqa: E402
 from tritonlstm import functional  # noqa: E402
 
+H100 = "NVIDIA H100 80GB HBM3"
+launches = 0
+
+
+def _launch_onto_nothing():
+    """Triton's driver for a GPU that is not there: the kernels compile for sm_90 and each launch only counts; the
+    configs are chosen as on an H100."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    from tritonlstm import configs, modules, tuning
+
+    class Launcher:
+        def __init__(self, src, metadata):
+            pass
+
+        def __call__(self, *args):
+            global launches
+            launches += 1
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return object(), object(), 128, 0, 1024  # module, function, registers, spills, max threads
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": configs.SM90_SHARED, "multiprocessor_count": 132}
+
+    class NoGPU:
+        utils, launcher_cls = Utils(), Launcher
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(NoGPU())
+
+    class Props:
+        multi_processor_count, name = 132, H100
+
+    torch.cuda.get_device_properties = lambda device=None: Props()  # kernels.reduce sizes its grid by the SMs
+    configs.device_limits = lambda device: (132, configs.SM90_SHARED)
+    tuning.lookup = lambda kernel, hidden, batch, dtype, directions, device: tuning.lookup_in(
+        H100, tuning.config_key(kernel, dtype, hidden, batch, directions))[0]
+    select = configs.select_config
+    functional.select_config = lambda *args, **kw: select(args[0], args[1], args[2], torch.device("cuda", 0), False,
+                                                          *args[5:], **kw)
+    # CPU tensors take the kernels' path (on a GPU: CUDA tensors), and the barrier's error flag is never set.
+    functional.resolve_backend = modules.resolve_backend = lambda backend, device, dtype: "triton"
+    kernels.barrier_errors.check = lambda device, wait=False: None
+    kernels.barrier_errors.launched = lambda device, capturing: None
+
+
 kernels = functional._kernels()
-kernels._run = lambda *args, **kwargs: None  # every launch
-functional._column_sums = lambda m: m.sum(0, dtype=torch.float32)  # its own kernel, interpreted, would dominate
+if TRITON_LAUNCH:
+    _launch_onto_nothing()
+else:
+    kernels._run = lambda *args, **kwargs: None  # every launch
+    functional._column_sums = lambda m: m.sum(0, dtype=torch.float32)  # its own kernel, interpreted, would dominate
 
 H, B, T = 32, 4, 8
 torch.manual_seed(0)
@@ -64,6 +136,7 @@ if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)
     for name in names:
         fn = CASES[name]
+        before = launches
         for _ in range(50):
             fn()
         best = float("inf")
@@ -72,7 +145,8 @@ if __name__ == "__main__":
             for _ in range(300):
                 fn()
             best = min(best, (time.perf_counter() - start) / 300)
-        print(f"{name}: {best * 1e6:.0f} us")
+        per_call = f" ({(launches - before) / 950:g} Triton launches a call)" if TRITON_LAUNCH else ""
+        print(f"{name}: {best * 1e6:.0f} us{per_call}")
     if os.environ.get("PROFILE"):
         import cProfile
         import pstats

@@ -352,3 +352,14 @@ def test_step_timeline_calls_run_ours_against_torch(mode):
     calls = _perf_script("step_timeline").make_calls("float32", 8, 2, 3, mode, device="cpu")
     assert list(calls) == ["tritonlstm", "cudnn"]
     torch.testing.assert_close(calls["tritonlstm"]().detach(), calls["cudnn"]().detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_host_time_through_tritons_launch_path_launches_the_kernel_every_call(monkeypatch):
+    """perf/host_time.py with LAUNCH=triton times Triton's own launch path (the kernel compiled for sm_90, launched
+    onto a stand-in driver), not a stub: one forward launch per LSTMCell step, two for a training step (the
+    backward's bias sum is ATen's at these sizes)."""
+    monkeypatch.setenv("LAUNCH", "triton")
+    proc = run_python(str(PERF / "host_time.py"), "cell", "cell_train", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cell: " in proc.stdout and "(1 Triton launches a call)" in proc.stdout, proc.stdout
+    assert "cell_train: " in proc.stdout and "(2 Triton launches a call)" in proc.stdout, proc.stdout

@@ -319,6 +319,14 @@ def test_select_config_fits_what_it_finds_to_the_gpus_shared_memory(monkeypatch)
         configs.heuristic_config(1024, 16, torch.float16, 128), "fwd", 1024, 16, torch.float16, 128, 101376)
     with use_config(big, kernel="bwd"):  # forced: as given, for the tuner and the tests
         assert configs.select_config(1024, 16, torch.float16, cuda, False, "bwd") == big
+    # The picks are memoised (perf/NOTES.md v0.33) with the GPU's limits in the key: the same shapes on an H100
+    # get the H100's.
+    monkeypatch.setattr(configs, "device_limits", lambda device: (132, configs.SM90_SHARED))
+    h100 = configs.select_config(1024, 16, torch.float16, cuda, False, "fwd")
+    assert h100 == configs.heuristic_config(1024, 16, torch.float16, 132) != configs.fit_shared_memory(
+        h100, "fwd", 1024, 16, torch.float16, 128, 101376)
+    monkeypatch.setattr(tuning, "lookup", lambda *a: big)
+    assert configs.select_config(1024, 16, torch.float16, cuda, False, "bwd") == big
 
 
 def test_candidates_fit_a_smaller_gpu_and_the_2d_grid_has_no_tagged_copy():

@@ -245,13 +245,13 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
         bh = min(_pow2(hidden), _MAX_BLOCK_H)
         bb = min(_pow2(batch), 32)
         single = cdiv(hidden, bh) == 1 and directions == 1 and layers == 1
-        sk = measured_split(kernel, hk, torch.empty((), dtype=dtype).element_size()) if layers == 1 else 1
+        sk = measured_split(kernel, hk, dtype.itemsize) if layers == 1 else 1
         return LSTMConfig(block_h=bh, block_b=bb, block_k=hk, w_resident=True, batch_groups=1, persistent=single,
                           split_k=sk, num_warps=max(4, sk))
 
     num_sms //= directions * layers
     w_budget = _W_BUDGET // (2 if layers > 1 else 1)
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     # 16 batch rows per tile (the MMA's M): larger tiles spill registers on sm_90 (compilecheck sweeps,
     # 2026-11-26); more rows go to more batch groups or more tiles per program.
     bb = 16
@@ -337,7 +337,7 @@ def measured_forward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms
     kernel = "stack" if layers > 1 else "fwd"
     tiles = heuristic_config(hidden, batch, dtype, num_sms, directions=directions, layers=layers, kernel=kernel,
                              measured=False)
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     kbytes = max(16, _pow2(hidden)) * esize
     if cdiv(hidden, 16) > share or not tiles.persistent:
         return tiles
@@ -436,7 +436,7 @@ def stack_backward_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: 
     if interpreter or num_sms is None:
         return cfg
     hk = max(16, _pow2(hidden))
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     if cfg.w_resident and hk * esize <= 2048 and hk <= 512:
         cfg = dataclasses.replace(cfg, num_warps=4) if hk == 64 and esize == 2 else cfg
         bh = min(cfg.block_h, 16)
@@ -574,12 +574,32 @@ def device_heuristic(hidden: int, batch: int, dtype: torch.dtype, device: torch.
                      kernel: str = "fwd", directions: int = 1, layers: int = 1) -> LSTMConfig:
     """The heuristic's pick for `kernel` on a CUDA device: heuristic_config (stack_backward_config for a stack's
     backward) with its SMs, cut down to its shared memory (fit_shared_memory)."""
-    sms, smem = device_limits(device)
+    return _device_pick(hidden, batch, dtype, *device_limits(device), kernel, directions, layers)
+
+
+# The picks are pure functions of their arguments, and a host-bound step (LSTMCell in a Python loop) asked for one
+# on every launch: ~100 us of this machine's host time where no tuned config matched (perf/NOTES.md v0.33).
+@functools.lru_cache(maxsize=4096)
+def _device_pick(hidden: int, batch: int, dtype: torch.dtype, sms: int, smem: int, kernel: str, directions: int,
+                 layers: int) -> LSTMConfig:
     if kernel == "stack_bwd":
         cfg = stack_backward_config(hidden, batch, dtype, sms, layers)
     else:
         cfg = heuristic_config(hidden, batch, dtype, sms, directions=directions, layers=layers, kernel=kernel)
     return fit_shared_memory(cfg, kernel, hidden, batch, dtype, sms, smem, directions, layers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _interpreter_pick(hidden: int, batch: int, dtype: torch.dtype, kernel: str, directions: int,
+                      layers: int) -> LSTMConfig:
+    return heuristic_config(hidden, batch, dtype, None, interpreter=True, directions=directions, layers=layers,
+                            kernel=kernel)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fitted(config: LSTMConfig, kernel: str, hidden: int, batch: int, dtype: torch.dtype, sms: int, smem: int,
+            directions: int) -> LSTMConfig:
+    return fit_shared_memory(config, kernel, hidden, batch, dtype, sms, smem, directions)
 
 
 def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,
@@ -588,8 +608,7 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
     if forced is not None:
         return forced
     if interpreter or device.type != "cuda":
-        return heuristic_config(hidden, batch, dtype, None, interpreter=True, directions=directions, layers=layers,
-                                kernel=kernel)
+        return _interpreter_pick(hidden, batch, dtype, kernel, directions, layers)
     if kernel in ("stack", "stack_bwd"):  # not tuned yet: the heuristic
         return device_heuristic(hidden, batch, dtype, device, kernel, directions, layers)
     from tritonlstm.tuning import lookup  # the cache and the tuner; imported here to keep this module light
@@ -598,7 +617,7 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
     if found is None:
         return device_heuristic(hidden, batch, dtype, device, kernel, directions)
     # A config tuned or shipped for this GPU fits it; a cache copied from a larger one may not.
-    return fit_shared_memory(found, kernel, hidden, batch, dtype, *device_limits(device), directions)
+    return _fitted(found, kernel, hidden, batch, dtype, *device_limits(device), directions)
 
 
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",

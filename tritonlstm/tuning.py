@@ -206,7 +206,7 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
     with the tagged exchanges where its tiles allow them (h_{t-1}, or dG_{t+1} in the backward, in tagged words
     instead of a barrier per step; "tagged" and "tagged-probe" for fwd, "tagged" for bwd; perf/NOTES.md v0.8), and
     the heuristic's and the transposed tiles with the flags barrier (v0.19)."""
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     hk = max(16, _pow2(hidden))
     out = [heuristic_config(hidden, batch, dtype, num_sms, kernel=kernel)]
     for resident in (True, False):
