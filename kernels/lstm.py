@@ -43,6 +43,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
 
 
@@ -522,11 +523,27 @@ def _flags_state(p, m, step, p_err, failed):
 
 
 @triton.jit
+def _cluster_barrier(x):
+    """Hopper's cluster barrier, for programs launched as one thread-block cluster (LSTMConfig.exchange "cluster",
+    launched by _launch_as_cluster): every thread arrives, releasing its stores at cluster scope, and waits,
+    acquiring the other CTAs'. Nothing in memory, no polls, and it cannot fail: the hardware schedules a cluster's
+    CTAs together. Returns x, so that the barrier has a result to stay in place by. The interpreter (one program)
+    skips it."""
+    if FENCES:
+        x = tl.inline_asm_elementwise("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;\n\t"
+                                      "mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
 def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.constexpr, FLAGS: tl.constexpr,
-                  NP: tl.constexpr):
+                  NP: tl.constexpr, CLUSTER: tl.constexpr = False):
     """The barrier that ends global step s_glob of a persistent launch, among the programs of one (direction,
-    batch group), or of one batch group across all layers of a STACK (axis 2): the counter's (_grid_barrier) or
-    the flags' (_flag_barrier; SYNC holds NP flags per barrier). Returns True if it failed."""
+    batch group), or of one batch group across all layers of a STACK (axis 2): the counter's (_grid_barrier),
+    the flags' (_flag_barrier; SYNC holds NP flags per barrier) or the cluster's (_cluster_barrier; a single
+    layer's P programs along axis 0 form the cluster). Returns True if it failed."""
+    if CLUSTER:
+        return failed | (_cluster_barrier(s_glob) < 0)
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_z = tl.program_id(2)
@@ -771,6 +788,7 @@ def lstm_fwd_kernel(
     KC: tl.constexpr,  # TRANSPOSED: K chunk of the dot
     FLAGS: tl.constexpr,  # the barrier as a flag per program (_flag_barrier): SYNC holds NP-strided flags
     NP: tl.constexpr,  # FLAGS: power of two >= the programs of one barrier (P, or P * L for a stack)
+    CLUSTER: tl.constexpr,  # the barrier as Hopper's cluster barrier (_cluster_barrier); single layer, P <= 16
     PREFETCH: tl.constexpr,  # one batch tile per program, single layer, barrier: next step's gx before the wait
     HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
 ):
@@ -992,7 +1010,8 @@ def lstm_fwd_kernel(
                 n_c = b_c
         if PERSISTENT and not TAGGED:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
-            poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP)
+            poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP,
+                                                CLUSTER)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1043,6 +1062,7 @@ def lstm_bwd_kernel(
     SK: tl.constexpr,  # split-K ways of the recurrent dots (_gate_dots)
     FLAGS: tl.constexpr,  # as the forward's
     NP: tl.constexpr,
+    CLUSTER: tl.constexpr,
     PREFETCH: tl.constexpr,  # as the forward's: the next step's gates, c, c_{t-1} and dy before the wait
     TRANSPOSED: tl.constexpr,  # dh by reduce-scatter: each program's dG[:, R] @ W_hh[R, :] as W^T @ dG^T, summed
     KC: tl.constexpr,  # TRANSPOSED: rows (units) of each chunk of that product
@@ -1256,7 +1276,8 @@ def lstm_bwd_kernel(
                 tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
         if PERSISTENT and not TAGGED:
             # A stack's barrier spans its layers: a layer's step needs the layer above's dG of the same t.
-            poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP)
+            poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP,
+                                                CLUSTER)
 
 
 @triton.jit(do_not_specialize=["T", "B", "rev0", "S_START", "S_COUNT", "max_spin"])
@@ -1292,6 +1313,7 @@ def lstm_bwd_2d_kernel(
     DOT_PRECISION: tl.constexpr,
     FLAGS: tl.constexpr,
     NP: tl.constexpr,
+    CLUSTER: tl.constexpr,  # never (LSTMConfig refuses a cluster on the 2-D grid); one signature for _barrier_state
 ):
     """The single-layer backward with its recurrent product on a 2-D grid (perf/NOTES.md v0.26), for large batches:
     program (a, b) keeps the block of W_hh that maps unit block a's four gate rows to unit block b. Step r runs
@@ -1537,6 +1559,9 @@ barrier_errors = BarrierErrors()
 # _flag_barrier's PTX fence, in inline assembly, which the CPU interpreter cannot run (it runs programs one after
 # another and needs none). Read when the kernels compile, after this module is loaded.
 FENCES = tl.constexpr(not interpreting())
+# Programs in one thread-block cluster on an H100 (16 is non-portable: Triton's launcher allows it when asked for
+# 16); as tritonlstm.configs.MAX_CLUSTER.
+MAX_CLUSTER = 16
 
 
 _compiling_only: contextvars.ContextVar[bool] = contextvars.ContextVar("tritonlstm_compile_only", default=False)
@@ -1580,11 +1605,34 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
         for start in range(0, n_steps, chunk):
             if start:
                 sync.zero_()
-            kernel[grid](*args, start, min(chunk, n_steps - start), config.max_spin, **meta)
+            if config.exchange == "cluster" and not interpreting():
+                _launch_as_cluster(kernel, grid, (*args, start, min(chunk, n_steps - start), config.max_spin), meta)
+            else:
+                kernel[grid](*args, start, min(chunk, n_steps - start), config.max_spin, **meta)
         barrier_errors.launched(device, capturing)
     else:
         for step in range(n_steps):
             kernel[grid](*args, step, 1, config.max_spin, **meta)
+
+
+def _launch_as_cluster(kernel, grid, args: tuple, meta: dict) -> None:
+    """kernel[grid](*args, **meta) with each grid[0] programs of one (batch group, direction) as one thread-block
+    cluster: built as usual (one CTA a program, num_ctas = 1, whose tl.program_id(0) reads %ctaid.x: compile-
+    checked), then handed to Triton's launcher with num_ctas = grid[0] in its metadata, which makes it launch
+    1 x grid[0] CTAs along x with that cluster dimension (and allow 16, non-portable, on an H100)."""
+    compiled = kernel.warmup(*args, grid=grid, **meta)
+    if compiled.metadata.global_scratch_size or compiled.metadata.profile_scratch_size:
+        # The launcher sizes scratch memory by the grid it is given (x = 1 here), not the CTAs it launches.
+        raise RuntimeError(f"exchange='cluster': {kernel.fn.__name__} needs global scratch memory, which a cluster "
+                           "launch through Triton's launcher would under-allocate")
+    launch = compiled.run  # (loads the module: compiled.function is set from here on)
+    named = {**dict(zip(kernel.arg_names, args)), **{k: v for k, v in meta.items() if k in kernel.arg_names}}
+    params = [named[name] for name in kernel.arg_names]
+    stream = torch.cuda.current_stream().cuda_stream
+    packed = (compiled.metadata.num_warps, grid[0], compiled.metadata.shared)
+    # As JITFunction.run hands them over (profilers' launch hooks included), but for grid x and num_ctas.
+    launch(1, grid[1], grid[2], stream, compiled.function, packed, compiled.launch_metadata(grid, stream, *params),
+           knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *params)
 
 
 # A transposed dot's K chunk holds this much of h_{t-1} ([BB, KC]): compile-only sm_90 (perf/NOTES.md v0.18), no
@@ -1614,10 +1662,15 @@ def _barrier_state(config, grid, device, stack: bool = False) -> tuple[torch.Ten
     NP >= its programs (grid[0], times the layers of a stack)."""
     P, Q, Z = grid
     barriers = Q if stack else Q * Z
+    if config.exchange == "cluster":
+        if stack or P > MAX_CLUSTER:
+            raise ValueError(f"config: exchange='cluster' needs a single layer's launch of at most {MAX_CLUSTER} "
+                             f"programs a barrier, got {'a stack' if stack else f'{P} programs'}")
+        return torch.zeros(barriers, device=device, dtype=torch.int32), dict(FLAGS=False, NP=1, CLUSTER=True)
     if config.exchange != "flags":
-        return torch.zeros(barriers, device=device, dtype=torch.int32), dict(FLAGS=False, NP=1)
+        return torch.zeros(barriers, device=device, dtype=torch.int32), dict(FLAGS=False, NP=1, CLUSTER=False)
     np_ = next_power_of_2(P * Z if stack else P)
-    return torch.zeros(barriers * np_, device=device, dtype=torch.int32), dict(FLAGS=True, NP=np_)
+    return torch.zeros(barriers * np_, device=device, dtype=torch.int32), dict(FLAGS=True, NP=np_, CLUSTER=False)
 
 
 def _tag_pack(dtype: torch.dtype, config) -> int:

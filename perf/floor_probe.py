@@ -16,6 +16,12 @@ stores it, and meets the other programs by
             result to wait for (a candidate for the kernels' barrier if it beats "barrier", session 8)
   arrive    the counter's arrival alone, no wait (a CTA barrier, the release and the add): what the arrival costs
             of a barrier step (races like "none"; timed, not checked)
+  cluster   Hopper's hardware cluster barrier (barrier.cluster.arrive.release / wait.acquire) instead of any
+            counter in memory: the kernel is built for one CTA a program (num_ctas = 1) and launched as one
+            thread-block cluster of all P programs, which Triton's CUDA launcher does when the metadata it is handed
+            says num_ctas = P (it multiplies grid x by it and sets the cluster dimension). At most 16 programs
+            (16 is non-portable; the launcher allows it on an H100), so the rows say their P and beside them is
+            "barrier" at the same P. h_{t-1} is read with .cg loads (from L2) (perf/NOTES.md v0.34)
 
 Every barrier and flags variant's output is checked against a PyTorch loop before it is timed, and the real
 forward kernel (its heuristic config) is timed beside it at the same shape, so the table reads: kernel step =
@@ -36,9 +42,17 @@ import triton
 import triton.language as tl
 
 from tritonlstm.bench import write_rows_json
-from tritonlstm.kernels.lstm import FENCES, _flag_barrier, _grid_barrier
+from tritonlstm.kernels.lstm import (
+    FENCES,
+    MAX_CLUSTER,
+    _cluster_barrier,
+    _flag_barrier,
+    _grid_barrier,
+    _launch_as_cluster,
+    interpreting,
+)
 
-MODES = {"barrier": 0, "flags": 1, "none": 2, "counter-ld": 3, "arrive": 4}
+MODES = {"barrier": 0, "flags": 1, "none": 2, "counter-ld": 3, "arrive": 4, "cluster": 5}
 UNCHECKED = ("none", "arrive")
 
 
@@ -69,7 +83,8 @@ def _counter_ld_barrier(p_err, p_count, target, max_spin, failed):
 def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
                        BK: tl.constexpr, PB: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr):
     """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1], FLAGS [PB] int32 zeros. The
-    exchanges are the kernels' own (_grid_barrier, _flag_barrier)."""
+    exchanges are the kernels' own (_grid_barrier, _flag_barrier,
+    _cluster_barrier)."""
     i_h = tl.program_id(0)
     n_h = tl.num_programs(0)
     o_b = tl.arange(0, BB)
@@ -81,7 +96,11 @@ def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, T, B, H, max_spin, BB: tl.constex
         b_y = tl.load(U + (s * B + o_b[:, None]) * H + o_j[None, :], mask=m, other=0.0).to(tl.float32)
         if LOAD_H:
             m_h = (o_b < B)[:, None] & (o_k < H)[None, :] & (s > 0)
-            b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0)
+            if MODE == 5:  # L1 is the SM's own: the other CTAs' h is in L2
+                b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0,
+                              cache_modifier=".cg")
+            else:
+                b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0)
             b_y += (0.5 / H) * tl.sum(b_h.to(tl.float32), axis=1)[:, None]
         tl.store(Y + (s * B + o_b[:, None]) * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m)
         if MODE == 0:
@@ -93,6 +112,8 @@ def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, T, B, H, max_spin, BB: tl.constex
         elif MODE == 4:
             tl.debug_barrier()
             tl.atomic_add(SYNC, 1, sem="release", scope="gpu")
+        elif MODE == 5:
+            failed = failed | (_cluster_barrier(s) < 0)
 
 
 def reference(u: torch.Tensor) -> torch.Tensor:
@@ -111,12 +132,19 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
     meta = dict(BB=triton.next_power_of_2(B), BH=block_h, BK=triton.next_power_of_2(H),
                 PB=triton.next_power_of_2(P), MODE=MODES[mode], LOAD_H=load_h, num_warps=warps)
 
+    if mode == "cluster" and P > MAX_CLUSTER:
+        raise ValueError(f"cluster: {P} programs, a cluster holds at most {MAX_CLUSTER}")
+
     def run():
         y = torch.full_like(u, float("nan"))
         sync = torch.zeros(1, dtype=torch.int32, device=u.device)
         flags = torch.zeros(meta["PB"], dtype=torch.int32, device=u.device)
         err = torch.zeros(1, dtype=torch.int32, device=u.device)
-        floor_probe_kernel[(P,)](u, y, sync, flags, err, T, B, H, max_spin, **meta)
+        args = (u, y, sync, flags, err, T, B, H, max_spin)
+        if mode == "cluster" and not interpreting():
+            _launch_as_cluster(floor_probe_kernel, (P, 1, 1), args, meta)
+        else:
+            floor_probe_kernel[(P,)](*args, **meta)
         return y, err
 
     return run
@@ -146,11 +174,17 @@ def measure(H: int, B: int, T: int, dtype: torch.dtype, warps: list[int]) -> lis
     ms = do_bench(problem.launch(cfg), warmup=25, rep=100, return_mode="median")
     tritonlstm_sync()
     rows.append({**base, "what": "forward kernel (heuristic)", "warps": cfg.num_warps, "us_per_step": ms * 1e3 / T})
+    jobs = [(mode, cfg.block_h) for mode in MODES]
+    wide = max(cfg.block_h, triton.next_power_of_2(triton.cdiv(H, MAX_CLUSTER)))
+    if wide != cfg.block_h:  # a cluster's P is at most 16: the cluster there, and the counter barrier beside it
+        jobs = [(mode, wide if mode == "cluster" else bh) for mode, bh in jobs] + [("barrier", wide)]
     for w in warps:
-        for mode in MODES:
+        for mode, bh in jobs:
             for load_h in (True, False):
-                row = {**base, "what": f"{mode}{'' if load_h else ' (no h read)'}", "warps": w}
-                run = launcher(u, cfg.block_h, w, mode, load_h)
+                what = mode if bh == cfg.block_h else f"{mode} (P={triton.cdiv(H, bh)})"
+                row = {**base, "what": f"{what}{'' if load_h else ' (no h read)'}", "warps": w,
+                       "programs": triton.cdiv(H, bh), "block_h": bh}
+                run = launcher(u, bh, w, mode, load_h)
                 try:
                     y, err = run()
                     torch.cuda.synchronize()
@@ -182,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; {a.dtype}, T = {a.seq}; us per step")
-    print(f"{'H':>5} {'B':>4} {'P':>4} {'warps':>5} {'what':28} {'us/step':>8}")
+    print(f"{'H':>5} {'B':>4} {'P':>4} {'warps':>5} {'what':34} {'us/step':>8}")
     for h in (int(v) for v in a.hidden.split(",")):
         for b in (int(v) for v in a.batch.split(",")):
             for r in measure(h, b, a.seq, getattr(torch, a.dtype), [int(v) for v in a.warps.split(",")]):
                 rows.append(r)
                 us = f"{r['us_per_step']:8.2f}" if "us_per_step" in r else f"{'-':>8}  {r.get('error', '')}"
-                print(f"{h:5} {b:4} {r['programs']:4} {r['warps']:5} {r['what']:28} {us}", flush=True)
+                print(f"{h:5} {b:4} {r['programs']:4} {r['warps']:5} {r['what']:34} {us}", flush=True)
             if a.json:
                 write_rows_json(a.json, rows)
     return 0

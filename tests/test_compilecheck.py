@@ -351,3 +351,103 @@ def test_picks_fitted_to_an_rtx4090_compile_for_sm89_within_its_shared_memory():
     assert all(r["ok"] and r["smem_limit"] == 101376 and r["spill_bytes"] <= 700 for r in rows), \
         [r for r in rows if not r["ok"] or r["spill_bytes"] > 700]
     assert_estimate_bounds_the_compile(rows)
+
+
+CLUSTER_COMPILE = """
+import torch
+from tritonlstm import compilecheck as cc
+from tritonlstm.configs import named_variants
+ptx = []
+report = cc._ptxas_report
+cc._ptxas_report = lambda text: ptx.append(text) or report(text)
+for kernel in ("fwd", "bwd"):
+    for hidden, name in ((256, "transposed-cluster"), (512, "cluster")):
+        cfg = named_variants(kernel, hidden, 16, torch.float16, 132)[name]
+        r = cc.check(kernel, torch.float16, hidden, cfg, prefetch=cfg.prefetches(16, hidden))
+        text = ptx[-1]
+        print(kernel, hidden, name, r.ok, r.error, r.spill_bytes, "barrier.cluster.arrive.release" in text,
+              "barrier.cluster.wait.acquire" in text, "%ctaid.x" in text, "%clusterid" in text, "atom." in text)
+"""
+
+
+def test_cluster_exchange_compiles_for_sm90_with_one_program_a_cta():
+    """The cluster exchange's kernels (v0.34) for sm_90: no spills, the cluster barrier in place of the counter's
+    atomics, and tl.program_id(0) read from %ctaid.x with num_ctas = 1, which _launch_as_cluster relies on (each
+    CTA of the cluster is still its own program)."""
+    proc = run_python("-c", CLUSTER_COMPILE, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4, proc.stdout
+    for line in lines:
+        assert line.split()[3:] == ["True", "None", "0", "True", "True", "True", "False", "False"], line
+
+
+CLUSTER_LAUNCH = """
+import importlib.util, sys
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+calls = []
+
+
+class Launcher:
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *args):
+        calls.append(args)
+
+
+class Utils:
+    def load_binary(self, name, kernel, shared, device):
+        return object(), object(), 128, 0, 1024
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132}
+
+
+class NoGPU:  # Triton's driver for a GPU that is not there: sm_90 builds, launches recorded
+    utils, launcher_cls = Utils(), Launcher
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 7
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+driver.set_active(NoGPU())
+torch.cuda.current_stream = lambda device=None: type("S", (), {"cuda_stream": 7})()
+from tritonlstm.kernels import lstm as k
+
+spec = importlib.util.spec_from_file_location("floor_probe", sys.argv[1])
+probe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(probe)
+u = torch.zeros(4, 16, 256, dtype=torch.float16)
+y, flags, ints = torch.zeros_like(u), torch.zeros(16, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+args = (u, y, ints[:1], flags, ints[1:], 4, 16, 256, 1000)
+meta = dict(BB=16, BH=16, BK=256, PB=16, MODE=probe.MODES["cluster"], LOAD_H=True, num_warps=4)
+probe.floor_probe_kernel[(16, 2, 3)](*args, **meta)
+k._launch_as_cluster(probe.floor_probe_kernel, (16, 2, 3), args, meta)
+plain, cluster = calls
+print(plain[:3], cluster[:3], plain[5][1], cluster[5][1], plain[5][::2] == cluster[5][::2], plain[3:5] == cluster[3:5],
+      type(plain[6]) is type(cluster[6]), plain[7:9] == cluster[7:9],
+      len(cluster[9:]) == len(probe.floor_probe_kernel.arg_names), plain[9:] == cluster[9:])
+"""
+
+
+def test_cluster_launch_hands_tritons_launcher_what_a_plain_launch_does_but_grid_x_and_num_ctas():
+    """_launch_as_cluster (v0.34) against Triton's own launch of the same kernel and arguments, through a
+    stand-in driver that records what reaches the launcher: the same function, stream and arguments (every
+    parameter, in order), grid x = 1 instead of P, and the metadata's num_ctas = P, which the launcher turns into
+    P CTAs along x in clusters of P."""
+    from pathlib import Path
+
+    probe = Path(__file__).resolve().parents[1] / "perf" / "floor_probe.py"
+    proc = run_python("-c", CLUSTER_LAUNCH, str(probe), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["(16,", "2,", "3)", "(1,", "2,", "3)", "1", "16"] + ["True"] * 6, proc.stdout

@@ -117,6 +117,10 @@ MULTI_PROGRAM = [
     # The flags barrier (one program: its wait has no other flag to read; the failure tests below wait on two).
     pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=64, w_resident=True, batch_groups=1, persistent=True,
                             exchange="flags"), id="persistent-1prog-flags"),
+    # The cluster barrier (v0.34): under the interpreter the launch and the barrier are the plain ones; this is its
+    # constexpr's way through every launcher (test_gpu runs it as a cluster).
+    pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=64, w_resident=True, batch_groups=1, persistent=True,
+                            exchange="cluster"), id="persistent-1prog-cluster"),
 ]
 
 
@@ -944,3 +948,22 @@ def test_a_launch_the_gpu_cannot_hold_reruns_on_the_last_resort_config(kernel, m
     with pytest.raises(OutOfResources):
         check_against_reference(make_problem(T, B, 7, H, torch.float32), torch.float32, config=forced)
     assert seen == [forced]
+
+
+def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
+    """A cluster holds at most 16 CTAs, along the grid's axis 0: a barrier of more programs, a stack's (its barrier
+    spans the layers, axis 2) and a 2-D grid's get a ValueError naming the exchange, not a launch that fails or
+    hangs."""
+    from tritonlstm.kernels import lstm as k
+
+    cfg = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="cluster")
+    sync, flags = k._barrier_state(cfg, (16, 2, 2), torch.device("cpu"))
+    assert flags == {"FLAGS": False, "NP": 1, "CLUSTER": True} and sync.numel() == 4
+    with pytest.raises(ValueError, match="exchange='cluster'.*17 programs"):
+        k._barrier_state(cfg, (17, 1, 1), torch.device("cpu"))
+    with pytest.raises(ValueError, match="exchange='cluster'.*a stack"):
+        k._barrier_state(cfg, (4, 1, 2), torch.device("cpu"), stack=True)
+    with pytest.raises(ValueError, match="exchange='cluster'.*grid_2d"):
+        LSTMConfig(block_h=32, block_b=32, block_k=64, w_resident=True, grid_2d=True, exchange="cluster")
+    with pytest.raises(ValueError, match="exchange='cluster'.*persistent=False"):
+        LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, persistent=False, exchange="cluster")

@@ -492,6 +492,27 @@ def test_transposed_dots_and_flags_barrier_match_cudnn(kind, H, B, dtype):
     packed_bidirectional_matches_cudnn(H, B, dtype, _layout_config(kind, H, B, dtype, sms, directions=2))
 
 
+CLUSTER_CASES = [pytest.param(kind, H, dt, id=f"{kind}-H{H}-{name}") for name, dt in DTYPES.items()
+                 for kind, H in (("cluster", 256), ("cluster", 512), ("transposed-cluster", 256))]
+
+
+@pytest.mark.parametrize("kind,H,dtype", CLUSTER_CASES)
+def test_cluster_barrier_matches_cudnn(kind, H, dtype):
+    """The cluster exchange (v0.34): a barrier's programs launched as one thread-block cluster (16 at H = 512,
+    non-portable) and met by the hardware cluster barrier, forward and backward, B = 16 and B = 64 (four batch
+    groups: four clusters), then both directions with per-row lengths (a cluster per direction)."""
+    from tritonlstm.configs import named_variants, use_config
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for B in (16, 64):
+        fwd = named_variants("fwd", H, B, dtype, sms)[kind]
+        bwd = named_variants("bwd", H, B, dtype, sms)[kind]
+        assert fwd.exchange == bwd.exchange == "cluster" and fwd.programs(H) > 1, fwd
+        with use_config(fwd, "fwd"), use_config(bwd, "bwd"):
+            run_both(64, B, H, dtype)
+    packed_bidirectional_matches_cudnn(H, 16, dtype, named_variants("fwd", H, 16, dtype, sms // 2)[kind])
+
+
 @pytest.mark.parametrize("kind", ["transposed", "flags", "transposed-flags"])
 def test_stack_with_transposed_dots_and_flags_barrier_matches_cudnn(kind):
     """A 4-layer fp16 stack (the bench's stack row, H = 512, B = 16) through both wavefronts with the newer

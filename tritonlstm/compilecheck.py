@@ -147,7 +147,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                   # A flags barrier's polls reduce over NP flags: a stack's span its layers (4, the bench's most).
                   FLAGS=config.exchange == "flags",
                   NP=triton.next_power_of_2(-(-hidden // config.block_h) * (4 if kernel.startswith("stack") else 1))
-                  if config.exchange == "flags" else 1)
+                  if config.exchange == "flags" else 1, CLUSTER=config.exchange == "cluster")
     if kernel in ("fwd", "stack"):
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
         consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
@@ -208,7 +208,8 @@ def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: i
     consts = dict(BU=config.block_h, NB=grid_2d_blocks(hidden, config.block_h), BB=config.block_b, D=directions,
                   HAS_LENGTHS=False, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", FLAGS=config.exchange == "flags",
-                  NP=1 if config.exchange != "flags" else triton.next_power_of_2(config.programs(hidden)))
+                  NP=1 if config.exchange != "flags" else triton.next_power_of_2(config.programs(hidden)),
+                  CLUSTER=False)
     sig = {**_signature("bwd_2d", _TRITON_DTYPE[dtype]), **{n: "constexpr" for n in consts}}
     return _compile(res, k.lstm_bwd_2d_kernel, sig, consts, target.arch)
 

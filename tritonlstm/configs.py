@@ -23,7 +23,9 @@ SM90_SHARED = 232448
 _W_BUDGET = 128 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
-EXCHANGES = ("barrier", "tagged", "tagged-probe", "flags")
+EXCHANGES = ("barrier", "tagged", "tagged-probe", "flags", "cluster")
+# Programs one thread-block cluster holds on an H100 (16 is non-portable; Triton's launcher allows it there).
+MAX_CLUSTER = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,10 @@ class LSTMConfig:
     # the words it needs: no fence, no counter, twice the bytes; "tagged-probe", forward only, waits on one word
     # per producer before reloading a tile that was not complete; the backward runs it as "tagged"). The
     # stacks' wavefront kernels use the barrier. "flags": the barrier with one flag per program instead of one
-    # counter (kernels/lstm.py _flag_barrier; every kernel, stacks included; perf/NOTES.md v0.19).
+    # counter (kernels/lstm.py _flag_barrier; every kernel, stacks included; perf/NOTES.md v0.19). "cluster": the
+    # P programs of a barrier launched as one thread-block cluster, met by Hopper's hardware cluster barrier
+    # instead of a counter in memory (kernels/lstm.py _cluster_barrier; single layer, forward and backward, P <= 16;
+    # perf/NOTES.md v0.34).
     exchange: str = "barrier"
     # Split-K ways of the recurrent dots (a batched dot, one warp per K slice, then a sum): with 16-row batch
     # tiles a plain dot stacks every warp along M, each computing the whole product (kernels/lstm.py
@@ -112,8 +117,11 @@ class LSTMConfig:
         if self.half_w and not self.transposed:
             raise ValueError("LSTMConfig.half_w needs transposed=True (the transposed dots are the ones that take "
                              "float16 weights), got transposed=False")
-        if self.exchange == "flags" and not self.persistent:
-            raise ValueError("LSTMConfig.exchange='flags' is a persistent launch's barrier, got persistent=False")
+        if self.exchange in ("flags", "cluster") and not self.persistent:
+            raise ValueError(f"LSTMConfig.exchange={self.exchange!r} is a persistent launch's barrier, got "
+                             "persistent=False")
+        if self.exchange == "cluster" and self.grid_2d:
+            raise ValueError("LSTMConfig.exchange='cluster' is for the one-dimensional grids, got grid_2d=True")
         if self.batch_groups < 1:
             raise ValueError(f"LSTMConfig.batch_groups must be >= 1, got {self.batch_groups}")
 
@@ -623,7 +631,7 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
             "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
             "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d",
-            "grid-2d-bb64", "no-prefetch", "transposed-half")
+            "grid-2d-bb64", "no-prefetch", "transposed-half", "cluster", "transposed-cluster")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -664,6 +672,9 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    the pick prefetches
       transposed-half   float32 forward kernels: the transposed dots, 16-row batch tiles, W^T resident in float16
                    (LSTMConfig.half_w, v0.29) wherever float16's W^T fits
+      cluster      single layer: the unsplit tiles with the barrier as Hopper's cluster barrier, the P <= 16
+                   programs of a barrier launched as one thread-block cluster (v0.34); transposed-cluster: the
+                   transposed tiles with it (BH = 16, so H <= 256)
 
     The stacks' wavefront kernels (layers > 1): "unsplit" is the heuristic's pick (heuristic_config /
     stack_backward_config), the others as above where they apply (no merged, no tagged; transposed for the forward
@@ -731,6 +742,10 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         out["flags"] = dataclasses.replace(unsplit, exchange="flags")
         if "transposed" in out:
             out["transposed-flags"] = dataclasses.replace(out["transposed"], exchange="flags")
+    if not stack:
+        for name, tiles in (("cluster", unsplit), ("transposed-cluster", out.get("transposed"))):
+            if tiles is not None and tiles.persistent and not tiles.grid_2d and cdiv(H, tiles.block_h) <= MAX_CLUSTER:
+                out[name] = dataclasses.replace(tiles, exchange="cluster")
     if forward and fp32 and H > 16 and H % 16 == 0 and transposed_fits(H, 2, 2 if stack else 1) \
             and cdiv(H, 16) <= share:
         out["transposed-half"] = transposed_config(H, B, esize, share, 16, half_w=True)
