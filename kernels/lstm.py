@@ -1881,6 +1881,9 @@ def reduce_scatter_constexprs(config, hidden: int) -> dict:
     """The backward kernel's TRANSPOSED, KC, QP, QC for `config` (LSTMConfig.transposed: dh by reduce-scatter)."""
     if not config.transposed:
         return NO_REDUCE_SCATTER
+    if config.block_h != 16:
+        raise ValueError(f"config: the backward's reduce-scatter (transposed=True) takes block_h=16, got "
+                         f"{config.block_h} (block_h=32 is for the forward's transposed dots)")
     qp = next_power_of_2(cdiv(hidden, config.block_h))
     kc = min(config.block_k, REDUCE_SCATTER_CHUNK) if config.w_resident else config.block_k
     return dict(TRANSPOSED=True, KC=kc, QP=qp, QC=min(qp, REDUCE_SCATTER_LOAD))

@@ -360,24 +360,25 @@ from tritonlstm.configs import named_variants
 ptx = []
 report = cc._ptxas_report
 cc._ptxas_report = lambda text: ptx.append(text) or report(text)
-for kernel in ("fwd", "bwd"):
-    for hidden, name in ((256, "transposed-cluster"), (512, "cluster")):
-        cfg = named_variants(kernel, hidden, 16, torch.float16, 132)[name]
-        r = cc.check(kernel, torch.float16, hidden, cfg, prefetch=cfg.prefetches(16, hidden))
-        text = ptx[-1]
-        print(kernel, hidden, name, r.ok, r.error, r.spill_bytes, "barrier.cluster.arrive.release" in text,
-              "barrier.cluster.wait.acquire" in text, "%ctaid.x" in text, "%clusterid" in text, "atom." in text)
+for kernel, hidden, name in (("fwd", 256, "transposed-cluster"), ("fwd", 512, "transposed-cluster"),
+                             ("fwd", 512, "cluster"), ("bwd", 256, "transposed-cluster"), ("bwd", 512, "cluster")):
+    cfg = named_variants(kernel, hidden, 16, torch.float16, 132)[name]
+    r = cc.check(kernel, torch.float16, hidden, cfg, prefetch=cfg.prefetches(16, hidden))
+    text = ptx[-1]
+    print(kernel, hidden, name, r.ok, r.error, r.spill_bytes, "barrier.cluster.arrive.release" in text,
+          "barrier.cluster.wait.acquire" in text, "%ctaid.x" in text, "%clusterid" in text, "atom." in text)
 """
 
 
 def test_cluster_exchange_compiles_for_sm90_with_one_program_a_cta():
-    """The cluster exchange's kernels (v0.34) for sm_90: no spills, the cluster barrier in place of the counter's
-    atomics, and tl.program_id(0) read from %ctaid.x with num_ctas = 1, which _launch_as_cluster relies on (each
-    CTA of the cluster is still its own program)."""
+    """The cluster exchange's kernels (v0.34) for sm_90 (the forward's transposed tiles at H = 512 with 32 units a
+    program): no spills, the cluster barrier in place of the counter's atomics, and tl.program_id(0) read from
+    %ctaid.x with num_ctas = 1, which _launch_as_cluster relies on (each CTA of the cluster is still its own
+    program)."""
     proc = run_python("-c", CLUSTER_COMPILE, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 4, proc.stdout
+    assert len(lines) == 5, proc.stdout
     for line in lines:
         assert line.split()[3:] == ["True", "None", "0", "True", "True", "True", "False", "False"], line
 

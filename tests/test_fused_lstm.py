@@ -32,7 +32,8 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def check_against_reference(problem, dtype, *, reverse=False, lengths=None, config=None, grad_factor=2.0, tol=None):
+def check_against_reference(problem, dtype, *, reverse=False, lengths=None, config=None, grad_factor=2.0, tol=None,
+                            kernel=None):
     _, ref_out = reference(problem, reverse=reverse, lengths=lengths)
     weights = tuple(torch.randn_like(t) for t in ref_out)
     p_ref, _ = None, None
@@ -40,7 +41,7 @@ def check_against_reference(problem, dtype, *, reverse=False, lengths=None, conf
     loss_of(y_r, hn_r, cn_r, weights).backward()
 
     p = leaf(problem)
-    with use_config(config):
+    with use_config(config, kernel):  # kernel None: every kernel
         y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), reverse=reverse, lengths=lengths, backend="triton",
                                  **call_kwargs(p))
         assert y.dtype == hn.dtype == cn.dtype == dtype
@@ -172,6 +173,22 @@ def test_transposed_gate_dots(chunk, reverse, dtype, lengths, monkeypatch, kerne
     lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
     check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config)
     assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+# The forward's transposed dots with 32 units a program (128 gate rows; v0.34, so that H = 512 makes a 16-program
+# cluster): H = 40 gives 2 programs, the second with 24 of its 32 units masked; 17 rows in 5 tiles over 2 batch
+# groups; K = 64 in one chunk. The backward runs its own config: its reduce-scatter takes 16-unit programs only.
+@pytest.mark.parametrize("reverse,dtype,lengths", [(False, torch.float32, False), (True, torch.float16, True)],
+                         ids=["fp32", "fp16-rev-lengths"])
+def test_transposed_forward_with_32_unit_programs(reverse, dtype, lengths, kernel_calls):
+    config = LSTMConfig(block_h=32, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                        transposed=True, num_warps=8)
+    problem = make_problem(6, 17, 10, 40, dtype)
+    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
+    check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config, kernel="fwd")
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+    with pytest.raises(ValueError, match="reduce-scatter.*block_h=16"):
+        kernels.reduce_scatter_constexprs(config, 40)
 
 
 # float32 forward dots on float16 operands, W^T scaled by a power of two (LSTMConfig.half_w, perf/NOTES.md v0.29):

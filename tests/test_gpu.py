@@ -493,21 +493,24 @@ def test_transposed_dots_and_flags_barrier_match_cudnn(kind, H, B, dtype):
 
 
 CLUSTER_CASES = [pytest.param(kind, H, dt, id=f"{kind}-H{H}-{name}") for name, dt in DTYPES.items()
-                 for kind, H in (("cluster", 256), ("cluster", 512), ("transposed-cluster", 256))]
+                 for kind, H in (("cluster", 256), ("cluster", 512), ("transposed-cluster", 256),
+                                 ("transposed-cluster", 512))
+                 if not (kind == "transposed-cluster" and H == 512 and dt == torch.float32)]  # (no such variant)
 
 
 @pytest.mark.parametrize("kind,H,dtype", CLUSTER_CASES)
 def test_cluster_barrier_matches_cudnn(kind, H, dtype):
     """The cluster exchange (v0.34): a barrier's programs launched as one thread-block cluster (16 at H = 512,
-    non-portable) and met by the hardware cluster barrier, forward and backward, B = 16 and B = 64 (four batch
-    groups: four clusters), then both directions with per-row lengths (a cluster per direction)."""
+    non-portable) and met by the hardware cluster barrier, forward and backward (the backward has no transposed
+    tiles at H = 512: its own config there), B = 16 and B = 64 (batch groups: a cluster each), then both
+    directions with per-row lengths (a cluster per direction)."""
     from tritonlstm.configs import named_variants, use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for B in (16, 64):
         fwd = named_variants("fwd", H, B, dtype, sms)[kind]
-        bwd = named_variants("bwd", H, B, dtype, sms)[kind]
-        assert fwd.exchange == bwd.exchange == "cluster" and fwd.programs(H) > 1, fwd
+        bwd = named_variants("bwd", H, B, dtype, sms).get(kind)
+        assert fwd.exchange == "cluster" and fwd.programs(H) > 1 and (bwd is None or bwd.exchange == "cluster"), fwd
         with use_config(fwd, "fwd"), use_config(bwd, "bwd"):
             run_both(64, B, H, dtype)
     packed_bidirectional_matches_cudnn(H, 16, dtype, named_variants("fwd", H, 16, dtype, sms // 2)[kind])

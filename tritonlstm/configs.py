@@ -59,7 +59,8 @@ class LSTMConfig:
     merged_gates: bool = False
     # The forward's gate dots transposed, gates^T = W^T @ h^T (kernels/lstm.py _transposed_gate_dots): M = the
     # program's 4 * block_h gate rows instead of the batch tile, so that block_h = 16 makes one 64-row Hopper
-    # warpgroup MMA (wgmma) at any batch (a single layer's and a stack's forward wavefront; perf/NOTES.md v0.18).
+    # warpgroup MMA (wgmma) at any batch (a single layer's and a stack's forward wavefront; perf/NOTES.md v0.18);
+    # the forward takes block_h = 32 too (128 gate rows, half the programs: v0.34's cluster at H = 512).
     # A single layer's backward takes dh by reduce-scatter instead: each program multiplies its own 64 gate rows
     # of dG_t by their rows of W_hh (W^T @ dG^T, M = H, K = 64, on wgmma), stores that share of every unit's dh
     # and, after the barrier, sums the shares of its own units (kernels/lstm.py _scatter_partials, v0.24); the
@@ -104,8 +105,9 @@ class LSTMConfig:
         if self.merged_gates and (self.split_k > 1 or self.tagged):
             raise ValueError(f"LSTMConfig.merged_gates needs split_k=1 and a barrier exchange, got split_k="
                              f"{self.split_k}, exchange={self.exchange!r}")
-        if self.transposed and (self.block_h != 16 or self.split_k > 1 or self.merged_gates or self.tagged):
-            raise ValueError(f"LSTMConfig.transposed needs block_h=16, split_k=1, merged_gates=False and a barrier "
+        if self.transposed and (self.block_h not in (16, 32) or self.split_k > 1 or self.merged_gates or self.tagged):
+            raise ValueError(f"LSTMConfig.transposed needs block_h 16 (32: the forward), split_k=1, merged_gates=False "
+                             f"and a barrier "
                              f"exchange, got block_h={self.block_h}, split_k={self.split_k}, merged_gates="
                              f"{self.merged_gates}, exchange={self.exchange!r}")
         if self.grid_2d and (self.split_k > 1 or self.merged_gates or self.transposed or self.tagged
@@ -504,14 +506,15 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
         return 4 * bh * bh * esize + 2 * bb * bh * esize + _SHARED_MARGIN
     if config.transposed and kernel != "stack_bwd":  # the stack's backward ignores `transposed`
         wsize = 2 if config.half_w and not backward else esize
+        rows = 4 * bh  # the program's gate rows of W^T
         if config.w_resident:
             if backward:
-                return slices * 64 * hk * wsize + 12288 + _SHARED_MARGIN
+                return slices * rows * hk * wsize + 12288 + _SHARED_MARGIN
             from tritonlstm.kernels.lstm import transposed_chunk  # h's chunk, as the launch sizes it
 
             chunk = bb * transposed_chunk(config, esize, stack=kernel == "stack") * esize
-            return slices * 64 * hk * wsize + max(chunk, 8192) + _SHARED_MARGIN
-        return stages * (slices * 64 * bk * wsize + bb * bk * esize) + _SHARED_MARGIN
+            return slices * rows * hk * wsize + max(chunk, 8192) + _SHARED_MARGIN
+        return stages * (slices * rows * bk * wsize + bb * bk * esize) + _SHARED_MARGIN
     if config.w_resident:
         # At K <= 32 the scratch outgrows the tile: 4 KB in all (a merged dot's at H = 17-32: 12288 bytes).
         return slices * 4 * hk * bh * esize + max(bb * hk * esize + _SHARED_MARGIN, 4096)
@@ -674,7 +677,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    (LSTMConfig.half_w, v0.29) wherever float16's W^T fits
       cluster      single layer: the unsplit tiles with the barrier as Hopper's cluster barrier, the P <= 16
                    programs of a barrier launched as one thread-block cluster (v0.34); transposed-cluster: the
-                   transposed tiles with it (BH = 16, so H <= 256)
+                   transposed tiles with it (BH = 16 up to H = 256; the forward at H = 512 with BH = 32)
 
     The stacks' wavefront kernels (layers > 1): "unsplit" is the heuristic's pick (heuristic_config /
     stack_backward_config), the others as above where they apply (no merged, no tagged; transposed for the forward
@@ -743,7 +746,12 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         if "transposed" in out:
             out["transposed-flags"] = dataclasses.replace(out["transposed"], exchange="flags")
     if not stack:
-        for name, tiles in (("cluster", unsplit), ("transposed-cluster", out.get("transposed"))):
+        transposed = out.get("transposed")
+        if kernel == "fwd" and transposed is not None and cdiv(H, 16) > MAX_CLUSTER and cdiv(H, 32) <= MAX_CLUSTER \
+                and 2 * 64 * hk * esize <= _W_BUDGET:
+            # 32 units a program (128 gate rows: 8 warps, no spills at H = 512, compile-only) to fit the cluster.
+            transposed = regroup(transposed, block_h=32, num_warps=8)
+        for name, tiles in (("cluster", unsplit), ("transposed-cluster", transposed)):
             if tiles is not None and tiles.persistent and not tiles.grid_2d and cdiv(H, tiles.block_h) <= MAX_CLUSTER:
                 out[name] = dataclasses.replace(tiles, exchange="cluster")
     if forward and fp32 and H > 16 and H % 16 == 0 and transposed_fits(H, 2, 2 if stack else 1) \
