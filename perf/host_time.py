@@ -42,39 +42,14 @@ launches = 0
 def _launch_onto_nothing():
     """Triton's driver for a GPU that is not there: the kernels compile for sm_90 and each launch only counts; the
     configs are chosen as on an H100."""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
-
     from tritonlstm import configs, modules, tuning
+    from tritonlstm.compilecheck import launch_onto_nothing
 
-    class Launcher:
-        def __init__(self, src, metadata):
-            pass
+    def count(*args):
+        global launches
+        launches += 1
 
-        def __call__(self, *args):
-            global launches
-            launches += 1
-
-    class Utils:
-        def load_binary(self, name, kernel, shared, device):
-            return object(), object(), 128, 0, 1024  # module, function, registers, spills, max threads
-
-        def get_device_properties(self, device):
-            return {"max_shared_mem": configs.SM90_SHARED, "multiprocessor_count": 132}
-
-    class NoGPU:
-        utils, launcher_cls = Utils(), Launcher
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    driver.set_active(NoGPU())
+    launch_onto_nothing(count)
 
     class Props:
         multi_processor_count, name = 132, H100

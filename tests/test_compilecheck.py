@@ -386,42 +386,10 @@ def test_cluster_exchange_compiles_for_sm90_with_one_program_a_cta():
 CLUSTER_LAUNCH = """
 import importlib.util, sys
 import torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
+from tritonlstm.compilecheck import launch_onto_nothing
 
 calls = []
-
-
-class Launcher:
-    def __init__(self, src, metadata):
-        pass
-
-    def __call__(self, *args):
-        calls.append(args)
-
-
-class Utils:
-    def load_binary(self, name, kernel, shared, device):
-        return object(), object(), 128, 0, 1024
-
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132}
-
-
-class NoGPU:  # Triton's driver for a GPU that is not there: sm_90 builds, launches recorded
-    utils, launcher_cls = Utils(), Launcher
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 7
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-
-driver.set_active(NoGPU())
+launch_onto_nothing(lambda *args: calls.append(args))
 torch.cuda.current_stream = lambda device=None: type("S", (), {"cuda_stream": 7})()
 from tritonlstm.kernels import lstm as k
 

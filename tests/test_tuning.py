@@ -149,11 +149,14 @@ def test_config_refuses_what_the_kernels_cannot_run():
     for kw, what in ((dict(split_k=3), "power of two"), (dict(block_k=32, split_k=4), "block_k // split_k"),
                      (dict(merged_gates=True, split_k=2), "merged_gates"),
                      (dict(merged_gates=True, exchange="tagged"), "merged_gates"),
-                     (dict(transposed=True, block_h=32), "transposed"),
+                     (dict(transposed=True, block_h=64), "transposed"),
+                     (dict(transposed=True, block_h=8), "transposed"),
                      (dict(transposed=True, split_k=2), "transposed"),
                      (dict(transposed=True, exchange="tagged"), "transposed")):
         with pytest.raises(ValueError, match=what):
             LSTMConfig(**{"block_h": 16, "block_b": 16, "block_k": 64, "w_resident": True, **kw})
+    # 16 or 32 units a program (the forward's 128-gate-row tiles, v0.34; the backward's reduce-scatter refuses 32).
+    assert LSTMConfig(block_h=32, block_b=16, block_k=64, w_resident=True, transposed=True).block_h == 32
     merged = LSTMConfig(block_h=16, block_b=16, block_k=256, w_resident=True, num_warps=8, merged_gates=True)
     assert configs.tagged_exchanges("fwd", merged, torch.float16) == () and configs.with_split_k(merged) == merged
     assert configs.with_split_k(dataclasses.replace(merged, merged_gates=False)).split_k == 8

@@ -78,6 +78,43 @@ class Resources:
         return self.error is None and self.shared <= self.smem_limit and self.spill_bytes <= SPILL_LIMIT
 
 
+def launch_onto_nothing(on_launch, arch: int = 90) -> None:
+    """Makes Triton's active driver one for a GPU that is not there: kernels compile for sm_`arch` (ptxas, as
+    check() does) and every launch goes through Triton's own launch path (binding, specialisation, the cache key)
+    to `on_launch(*what the launcher gets)` instead of a GPU. For perf/host_time.py (the host's time of a launch)
+    and the tests of what reaches the launcher; the process cannot run kernels for real afterwards."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class Launcher:
+        def __init__(self, src, metadata):
+            pass
+
+        def __call__(self, *args):
+            on_launch(*args)
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return object(), object(), 128, 0, 1024  # module, function, registers, spills, max threads
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": SM90_SHARED, "multiprocessor_count": 132}
+
+    class NoGPU:
+        utils, launcher_cls = Utils(), Launcher
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 7
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+    driver.set_active(NoGPU())
+
+
 def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     p = "*" + dtype
     pw = "*fp16" if half_w else p
