@@ -39,6 +39,7 @@ t = LAST[b] - s, so each sequence starts at its own end.
 import contextlib
 import contextvars
 import math
+import warnings
 
 import torch
 import triton
@@ -1591,6 +1592,14 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
                 num_stages=config.num_stages, **constexprs)
     if not grid_2d:
         meta.update(BK=config.block_k, BH=config.block_h, W_RESIDENT=config.w_resident, SK=config.split_k)
+    cluster = meta.get("CLUSTER", False) and not interpreting()
+    if cluster and torch.cuda.get_device_capability(device)[0] < 9:
+        # A cluster config on a GPU without thread-block clusters (a tuned cache copied from an H100): the counter
+        # barrier instead, over the same zeroed counters (_barrier_state allocates them for every exchange).
+        warnings.warn(f"tritonlstm: exchange='cluster' needs thread-block clusters (sm_90 or newer); "
+                      f"{torch.cuda.get_device_name(device)} runs this launch with the grid barrier instead",
+                      RuntimeWarning, stacklevel=2)
+        meta["CLUSTER"] = cluster = False
     if _compiling_only.get():
         kernel.warmup(*args, 0, n_steps, config.max_spin, grid=grid, **meta)
         return
@@ -1605,7 +1614,7 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
         for start in range(0, n_steps, chunk):
             if start:
                 sync.zero_()
-            if config.exchange == "cluster" and not interpreting():
+            if cluster:
                 _launch_as_cluster(kernel, grid, (*args, start, min(chunk, n_steps - start), config.max_spin), meta)
             else:
                 kernel[grid](*args, start, min(chunk, n_steps - start), config.max_spin, **meta)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import triton.language as tl
@@ -984,3 +986,36 @@ def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
         LSTMConfig(block_h=32, block_b=32, block_k=64, w_resident=True, grid_2d=True, exchange="cluster")
     with pytest.raises(ValueError, match="exchange='cluster'.*persistent=False"):
         LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, persistent=False, exchange="cluster")
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
+def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(capability, monkeypatch):
+    """_run with a cluster config (v0.34) on a CUDA device, the launch itself stubbed: on sm_90 through
+    _launch_as_cluster with CLUSTER set; on a GPU without thread-block clusters (a cache copied from an H100) the
+    plain launch with the counter barrier (CLUSTER off, the same zeroed counters) and a warning naming the GPU."""
+    from tritonlstm.kernels import lstm as k
+
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append(("plain", grid, meta["CLUSTER"]))
+
+    monkeypatch.setattr(k, "interpreting", lambda: False)
+    monkeypatch.setattr(k, "_launch_as_cluster", lambda kernel, grid, args, meta: launches.append(
+        ("cluster", grid, meta["CLUSTER"])))
+    monkeypatch.setattr(k.barrier_errors, "check", lambda *a, **kw: None)
+    monkeypatch.setattr(k.barrier_errors, "launched", lambda *a, **kw: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    cfg = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="cluster")
+    sync, flags = k._barrier_state(cfg, (16, 2, 1), torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        k._run(Kernel(), (16, 2, 1), 8, cfg, torch.device("cuda"), (), flags, sync)
+    if capability >= (9, 0):
+        assert launches == [("cluster", (16, 2, 1), True)] and not caught
+    else:
+        assert launches == [("plain", (16, 2, 1), False)]
+        assert any("A100" in str(w.message) and "grid barrier" in str(w.message) for w in caught)
