@@ -47,20 +47,15 @@ import triton.language as tl
 from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
 
+# Host-side ceil division and next power of two are configs' plain ones: Triton 3.6's triton.cdiv and
+# triton.next_power_of_2 are constexpr_function wrappers costing ~3 us a call on the host (perf/NOTES.md v0.33).
+from tritonlstm.configs import MAX_CLUSTER, cdiv
+from tritonlstm.configs import _pow2 as next_power_of_2
+
 
 def interpreting() -> bool:
     """True when the kernels were built for the CPU interpreter (TRITON_INTERPRET=1 before import)."""
     return isinstance(lstm_fwd_kernel, InterpretedFunction)
-
-
-# Host-side ceil division and next power of two: Triton 3.6's triton.cdiv and triton.next_power_of_2 are
-# constexpr_function wrappers costing ~3 us a call on the host, and a launch took several (perf/NOTES.md v0.33).
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1560,9 +1555,6 @@ barrier_errors = BarrierErrors()
 # _flag_barrier's PTX fence, in inline assembly, which the CPU interpreter cannot run (it runs programs one after
 # another and needs none). Read when the kernels compile, after this module is loaded.
 FENCES = tl.constexpr(not interpreting())
-# Programs in one thread-block cluster on an H100 (16 is non-portable: Triton's launcher allows it when asked for
-# 16); as tritonlstm.configs.MAX_CLUSTER.
-MAX_CLUSTER = 16
 
 
 _compiling_only: contextvars.ContextVar[bool] = contextvars.ContextVar("tritonlstm_compile_only", default=False)
@@ -1671,13 +1663,12 @@ def _barrier_state(config, grid, device, stack: bool = False) -> tuple[torch.Ten
     NP >= its programs (grid[0], times the layers of a stack)."""
     P, Q, Z = grid
     barriers = Q if stack else Q * Z
-    if config.exchange == "cluster":
-        if stack or P > MAX_CLUSTER:
-            raise ValueError(f"config: exchange='cluster' needs a single layer's launch of at most {MAX_CLUSTER} "
-                             f"programs a barrier, got {'a stack' if stack else f'{P} programs'}")
-        return torch.zeros(barriers, device=device, dtype=torch.int32), dict(FLAGS=False, NP=1, CLUSTER=True)
+    cluster = config.exchange == "cluster"
+    if cluster and (stack or P > MAX_CLUSTER):
+        raise ValueError(f"config: exchange='cluster' needs a single layer's launch of at most {MAX_CLUSTER} "
+                         f"programs a barrier, got {'a stack' if stack else f'{P} programs'}")
     if config.exchange != "flags":
-        return torch.zeros(barriers, device=device, dtype=torch.int32), dict(FLAGS=False, NP=1, CLUSTER=False)
+        return torch.zeros(barriers, device=device, dtype=torch.int32), dict(FLAGS=False, NP=1, CLUSTER=cluster)
     np_ = next_power_of_2(P * Z if stack else P)
     return torch.zeros(barriers * np_, device=device, dtype=torch.int32), dict(FLAGS=True, NP=np_, CLUSTER=False)
 

@@ -42,7 +42,7 @@ def matmul_kernel(A, B, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
 
 
 def _config(M: int, N: int, interpreting: bool) -> dict:
-    from tritonlstm.kernels.lstm import cdiv
+    from tritonlstm.configs import cdiv
 
     if interpreting:
         return dict(BM=16, BN=16, BK=16, GROUP_M=4, num_warps=4, num_stages=1)
@@ -55,7 +55,8 @@ def _config(M: int, N: int, interpreting: bool) -> dict:
 def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32") -> torch.Tensor:
     """a [M, K] @ b [K, N] -> a new [M, N], float32, any strides (transposed views included). precision: "tf32"
     or "ieee" (tl.dot's input_precision)."""
-    from tritonlstm.kernels.lstm import _compiling_only, cdiv, interpreting
+    from tritonlstm.configs import cdiv
+    from tritonlstm.kernels.lstm import _compiling_only, interpreting
 
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         raise TypeError(f"matmul: float32 operands only, got {a.dtype} and {b.dtype}")

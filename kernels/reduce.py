@@ -35,7 +35,8 @@ def column_sums_kernel(M, PART, N, C, ROWS, BN: tl.constexpr, BC: tl.constexpr):
 
 def column_sums(m: torch.Tensor) -> torch.Tensor:
     """m [N, C] (any floating dtype) summed over its rows, as a new float32 [C]."""
-    from tritonlstm.kernels.lstm import _compiling_only, cdiv, interpreting
+    from tritonlstm.configs import cdiv
+    from tritonlstm.kernels.lstm import _compiling_only, interpreting
 
     if m.dim() != 2:
         raise ValueError(f"column_sums: m must be [N, C], got {tuple(m.shape)}")
