@@ -622,6 +622,21 @@ def test_malformed_hx_is_named(hx):
         cell(torch.randn(2, 4), hx())
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_hx_of_the_wrong_length_raises_what_nn_lstm_raises(n):
+    """nn.LSTM and nn.LSTMCell raise RuntimeError ("expects two hidden states") for these: code catching that
+    must still catch ours."""
+    for ref, ours, x, h in ((nn.LSTM(4, 5), tritonlstm.LSTM(4, 5, backend="triton"), torch.randn(3, 2, 4),
+                             torch.zeros(1, 2, 5)),
+                            (nn.LSTMCell(4, 5), tritonlstm.LSTMCell(4, 5, backend="triton"), torch.randn(2, 4),
+                             torch.zeros(2, 5))):
+        if n == 3 or isinstance(ref, nn.LSTMCell):  # nn.LSTM's (h,) is an IndexError
+            with pytest.raises(RuntimeError, match="two hidden states"):
+                ref(x, (h,) * n)
+        with pytest.raises(RuntimeError, match="hx must be a tuple"):
+            ours(x, (h,) * n)
+
+
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kw", [dict(), dict(num_layers=2), dict(num_layers=2, bidirectional=True, proj_size=3)],

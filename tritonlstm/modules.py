@@ -50,6 +50,12 @@ def _allow_dynamo() -> None:
     torch._dynamo.config.allow_rnn = True
 
 
+class HiddenStateError(TypeError, RuntimeError):
+    """hx is not a pair of tensors. Both a TypeError (what it is) and a RuntimeError (what nn.LSTM and
+    nn.LSTMCell raise for a tuple of the wrong length: "lstm expects two hidden states"), so that code catching
+    either keeps working."""
+
+
 def _state_pair(module: str, hx) -> tuple[Tensor, Tensor]:
     """hx as (h_0, c_0), or an error that names it (nn.LSTM itself fails on a bare IndexError or on the
     argument parsing of torch.lstm)."""
@@ -61,7 +67,7 @@ def _state_pair(module: str, hx) -> tuple[Tensor, Tensor]:
         got = f"a {type(hx).__name__} of {len(hx)} ({', '.join(type(t).__name__ for t in hx)})"
     else:
         got = type(hx).__name__
-    raise TypeError(f"{module}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
+    raise HiddenStateError(f"{module}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
 
 
 def _no_script(module) -> None:
