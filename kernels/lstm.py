@@ -1695,14 +1695,78 @@ def _tag_ring(h0: torch.Tensor, pack: int) -> torch.Tensor:
     return torch.stack([torch.zeros_like(words), words])
 
 
-def _exp2(k: torch.Tensor) -> torch.Tensor:
-    """2^k as float32, exactly (int32 k in the normal range), from its exponent bits."""
-    return ((k + 127) << 23).view(torch.float32)
-
-
 # The scales' exponents stay within +-HALF_W_MAX_SHIFT, so that a product of two is a normal float32: magnitudes
 # up to 2^75 (2^-60 * 2^75 = 2^15, within float16) and down to 2^-45 keep every bit float16 holds.
-HALF_W_MAX_SHIFT = 60
+HALF_W_MAX_SHIFT: tl.constexpr = tl.constexpr(60)
+HALF_BLOCK = 2048  # elements of W a program of half_operands_kernel scales
+
+
+@triton.jit
+def _exp2_bits(k):
+    """2^k as float32, exactly (int32 k in the normal range), from its exponent bits."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_exp(AMAX, i):
+    """The exponent k that scales values of magnitude up to AMAX[i] below 2^15, clamped to +-HALF_W_MAX_SHIFT, and
+    whether it was out of that range with AMAX[i] finite. AMAX[i] < 2^(e - 126), e its biased exponent (0 for zero,
+    255 for inf and NaN), so 2^(141 - e) takes it below 2^15; clamped, zero scales by 2^60 and inf by 2^-60, and
+    both stay what they are."""
+    e = (tl.load(AMAX + i).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    k = 141 - e
+    return tl.minimum(tl.maximum(k, -HALF_W_MAX_SHIFT), HALF_W_MAX_SHIFT), (k < -HALF_W_MAX_SHIFT) & (e != 255)
+
+
+@triton.jit
+def half_operands_kernel(W_HH, W_IH, AMAX, W16, WIH16, SCALES, ERR, N, NUMEL, K_REC: tl.constexpr,
+                         STACK: tl.constexpr, HAS_DROP: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr):
+    # Program (c, l, 0) scales elements c * BLOCK.. of layer l's W_hh into float16, (c, l, 1) those of layer l + 1's
+    # W_ih (a stack's); program (0, 0, 0) also writes the [N, 5] scales. AMAX: the magnitudes of W_hh (N), h0 (N),
+    # and a stack's W_ih (N - 1) and dropout scale (N - 1), as _half_weights lays them out.
+    i_c = tl.program_id(0)
+    i_l = tl.program_id(1)
+    o = i_c.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < NUMEL
+    if tl.program_id(2) == 0:
+        k, _ = _scale_exp(AMAX, i_l)
+        w = tl.load(W_HH + i_l * NUMEL + o, mask=m)
+        tl.store(W16 + i_l * NUMEL + o, (w * _exp2_bits(k)).to(tl.float16), mask=m)
+    else:
+        m = m & (i_l < N - 1)
+        k, _ = _scale_exp(AMAX, 2 * N + i_l)
+        w = tl.load(W_IH + i_l * NUMEL + o, mask=m)
+        tl.store(WIH16 + i_l * NUMEL + o, (w * _exp2_bits(k)).to(tl.float16), mask=m)
+    if (i_c == 0) & (i_l == 0) & (tl.program_id(2) == 0):
+        o_n = tl.arange(0, BN)
+        m_n = o_n < N
+        i_n = tl.where(m_n, o_n, 0)
+        k_w, out_w = _scale_exp(AMAX, i_n)
+        k_h0, out_h0 = _scale_exp(AMAX, N + i_n)
+        beyond = (out_w | out_h0) & m_n
+        if STACK:  # layer 0 has no in-loop input dot; the layer below's output is h (within +-1) times its dropout
+            above = m_n & (o_n > 0)
+            below = tl.where(above, o_n - 1, 0)
+            k_ih, out_ih = _scale_exp(AMAX, 2 * N + below)
+            if HAS_DROP:
+                k_x, out_x = _scale_exp(AMAX, 3 * N - 1 + below)
+                beyond = beyond | (out_x & above)
+            else:
+                k_x = tl.full([BN], 14, tl.int32)  # 141 - 127: a magnitude of 1
+            beyond = beyond | (out_ih & above)
+            k_ih = tl.where(above, k_ih, 0)
+            k_x = tl.where(above, k_x, K_REC)
+        else:
+            k_ih = tl.zeros([BN], tl.int32)
+            k_x = tl.zeros([BN], tl.int32)
+        p = SCALES + o_n * 5
+        tl.store(p, _exp2_bits(k_h0), mask=m_n)
+        tl.store(p + 1, _exp2_bits(-(k_w + k_h0)), mask=m_n)
+        tl.store(p + 2, _exp2_bits(-(k_w + K_REC)), mask=m_n)
+        tl.store(p + 3, _exp2_bits(k_x), mask=m_n)
+        tl.store(p + 4, _exp2_bits(-(k_ih + k_x)), mask=m_n)
+        if tl.max(beyond.to(tl.int32), axis=0) > 0:
+            tl.store(ERR, tl.maximum(tl.load(ERR), 2))  # BarrierErrors.RANGE
 
 
 def _half_weights(w_hh, h0, w_ih=None, drop=None):
@@ -1711,40 +1775,36 @@ def _half_weights(w_hh, h0, w_ih=None, drop=None):
     or layer) loses nothing TF32 keeps; the kernel scales h0, h_{t-1} and the layer below's output likewise. Returns
     W_hh (and a stack's W_ih) in float16 and the [N, 5] scales the kernel reads: h0's multiplier, the
     accumulator's at the first step (1 / (h0's scale * W_hh's)) and at the others (1 / (REC_MUL * W_hh's)), the
-    layer below's output's multiplier and its accumulator's (1 / (that * W_ih's)). On the device, without a sync,
-    in ~30 small ops. A finite magnitude beyond 2^75 sets the device's error flag (BarrierErrors.RANGE): the
-    launch's outputs are NaN and the host raises, as after a failed barrier. Inf and NaN go through, and propagate
-    as in torch."""
-    n = w_hh.shape[0]
-    stack = w_ih is not None and n > 1
+    layer below's output's multiplier and its accumulator's (1 / (that * W_ih's)). On the device without a sync,
+    in 3-5 launches: ATen's max-magnitude reductions, then half_operands_kernel for the rest (in ATen's ops it was
+    ~30 launches, perf/NOTES.md v0.35). A finite magnitude beyond 2^75 sets the device's error flag
+    (BarrierErrors.RANGE): the launch's outputs are NaN and the host raises, as after a failed barrier. Inf and NaN
+    go through, and propagate as in torch."""
+    n, G, H = w_hh.shape
+    given, stack = w_ih is not None, w_ih is not None and n > 1
     inf = float("inf")
-    parts = [torch.linalg.vector_norm(w_hh, inf, dim=(1, 2)), torch.linalg.vector_norm(h0, inf, dim=(1, 2))]
+    amax = w_hh.new_empty((4 * n - 2 if drop is not None else 3 * n - 1) if stack else 2 * n)
+    torch.linalg.vector_norm(w_hh, inf, dim=(1, 2), out=amax[:n])
+    torch.linalg.vector_norm(h0, inf, dim=(1, 2), out=amax[n:2 * n])
     if stack:
-        parts.append(torch.linalg.vector_norm(w_ih, inf, dim=(1, 2)))
-        # The layer below's output is h (within +-1) times its dropout scale.
-        parts.append(torch.linalg.vector_norm(drop, inf, dim=(1, 2, 3)) if drop is not None else
-                     w_hh.new_ones(n - 1))
-    amax = torch.cat(parts)
-    # amax < 2^(e - 126), e its biased exponent (0 for zero, 255 for inf and NaN): scaled by 2^(141 - e), it is
-    # below 2^15. Clamped, zero scales by 2^60 and inf by 2^-60, and both stay what they are.
-    e = (amax.view(torch.int32) >> 23) & 0xFF
-    k = 141 - e
-    beyond = ((k < -HALF_W_MAX_SHIFT) & (e != 255)).any()
-    err = barrier_errors.flag(w_hh.device)
-    torch.maximum(err, beyond.to(torch.int32) * BarrierErrors.RANGE, out=err)
-    k = k.clamp(-HALF_W_MAX_SHIFT, HALF_W_MAX_SHIFT)
-    k_w, k_h0 = k[:n], k[n:2 * n]
-    k_rec = int(math.log2(REC_MUL.value))
-    if stack:  # layer 0 has no in-loop input dot
-        k_ih = torch.nn.functional.pad(k[2 * n:3 * n - 1], (1, 0))
-        k_x = torch.nn.functional.pad(k[3 * n - 1:], (1, 0), value=k_rec)
+        torch.linalg.vector_norm(w_ih, inf, dim=(1, 2), out=amax[2 * n:3 * n - 1])
+        if drop is not None:
+            torch.linalg.vector_norm(drop, inf, dim=(1, 2, 3), out=amax[3 * n - 1:])
+    w_hh = w_hh.contiguous()
+    w_ih = w_ih.contiguous() if stack else w_hh
+    w16 = torch.empty(w_hh.shape, dtype=torch.float16, device=w_hh.device)
+    wih16 = torch.empty(w_ih.shape, dtype=torch.float16, device=w_hh.device) if stack else w16
+    scales = torch.empty((n, 5), dtype=torch.float32, device=w_hh.device)
+    numel = G * H
+    grid = (cdiv(numel, HALF_BLOCK), n, 2 if stack else 1)
+    args = (w_hh, w_ih, amax, w16, wih16, scales, barrier_errors.flag(w_hh.device), n, numel)
+    meta = dict(K_REC=int(math.log2(REC_MUL.value)), STACK=stack, HAS_DROP=drop is not None, BLOCK=HALF_BLOCK,
+                BN=next_power_of_2(n))
+    if _compiling_only.get():
+        half_operands_kernel.warmup(*args, grid=grid, **meta)
     else:
-        k_ih = k_x = torch.zeros_like(k_w)
-    scales = _exp2(torch.stack([k_h0, -(k_w + k_h0), -(k_w + k_rec), k_x, -(k_ih + k_x)], dim=1))
-    w16 = (w_hh * _exp2(k_w)[:, None, None]).to(torch.float16)
-    if w_ih is None:
-        return w16, None, scales
-    return w16, (w_ih * _exp2(k_ih[1:])[:, None, None]).to(torch.float16) if stack else w16, scales
+        half_operands_kernel[grid](*args, **meta)
+    return w16, wih16 if given else None, scales
 
 
 def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config, gates_out=None):

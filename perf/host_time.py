@@ -9,7 +9,8 @@ work, on a machine without one. Two modes:
   time, except the CUDA driver's ~3-5 us per launch (ours and ATen's: ATen's ops compute on the CPU here, so use
   small shapes, as the cases do).
 
-    python perf/host_time.py [case ...]          # cases: cell, cell_train, layer, layer_train (default: all)
+    python perf/host_time.py [case ...]          # cases: cell, cell_train, layer, layer_train, stack_fp32
+                                                 # (default: all)
     LAUNCH=triton python perf/host_time.py cell  # with Triton's launch path
     PROFILE=cumulative python perf/host_time.py cell   # and cProfile's top 40 of the first case
     TREE=/path/to/other/checkout python perf/host_time.py cell   # time another checkout's code (an A/B: run the
@@ -27,7 +28,23 @@ if TRITON_LAUNCH:
 else:
     os.environ["TRITON_INTERPRET"] = "1"
 if os.environ.get("TREE"):  # another checkout, ahead of this one's editable install
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()]
+    import importlib.util
+
+    class _TreeKernels:
+        """tritonlstm.kernels from the other checkout's kernels/ (the build maps it there; without this finder the
+        kernels came from this checkout, whatever TREE said)."""
+
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "tritonlstm.kernels" and not name.startswith("tritonlstm.kernels."):
+                return None
+            base = os.path.join(os.environ["TREE"], "kernels", *name.split(".")[2:])
+            if os.path.isdir(base):
+                return importlib.util.spec_from_file_location(name, os.path.join(base, "__init__.py"),
+                                                              submodule_search_locations=[base])
+            return importlib.util.spec_from_file_location(name, base + ".py")
+
+    sys.meta_path[:] = [_TreeKernels] + [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()]
     sys.path.insert(0, os.environ["TREE"])
 
 import torch  # noqa: E402
@@ -105,7 +122,21 @@ def layer_train():
     y.backward(torch.ones_like(y))
 
 
-CASES = {"cell": cell_step, "cell_train": cell_train, "layer": layer, "layer_train": layer_train}
+stack = tritonlstm.LSTM(H, H, num_layers=4, backend="triton")
+
+
+def stack_fp32():
+    """A float32 4-layer stack's forward on the float16 operands (LSTMConfig.half_w, TF32 allowed), as the heuristic
+    picks it at H = 512: the operands' preparation (_half_weights) is part of every call."""
+    from tritonlstm.configs import named_variants, use_config
+
+    half = named_variants("fwd", H, B, torch.float32, 132, names=("transposed-half",))["transposed-half"]
+    with torch.no_grad(), use_config(half, "stack"), torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        stack(xs)
+
+
+CASES = {"cell": cell_step, "cell_train": cell_train, "layer": layer, "layer_train": layer_train,
+         "stack_fp32": stack_fp32}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

@@ -420,3 +420,34 @@ def test_cluster_launch_hands_tritons_launcher_what_a_plain_launch_does_but_grid
     proc = run_python("-c", CLUSTER_LAUNCH, str(probe), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["(16,", "2,", "3)", "(1,", "2,", "3)", "1", "16"] + ["True"] * 6, proc.stdout
+
+
+HALF_OPERANDS_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tritonlstm.compilecheck import _ptxas_report
+from tritonlstm.kernels import lstm as k
+sig = dict(W_HH="*fp32", W_IH="*fp32", AMAX="*fp32", W16="*fp16", WIH16="*fp16", SCALES="*fp32", ERR="*i32",
+           N="i32", NUMEL="i32", K_REC="constexpr", STACK="constexpr", HAS_DROP="constexpr", BLOCK="constexpr",
+           BN="constexpr")
+names = list(sig)
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("W_HH", "W_IH", "AMAX", "W16", "WIH16", "SCALES",
+                                                                 "NUMEL")}
+for stack, drop in ((False, False), (True, False), (True, True)):
+    consts = dict(K_REC=14, STACK=stack, HAS_DROP=drop, BLOCK=k.HALF_BLOCK, BN=4)
+    c = triton.compile(ASTSource(fn=k.half_operands_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    regs, spills = _ptxas_report(c.asm["ptx"])
+    print(stack, drop, regs, spills, "ld.global.v4" in c.asm["ptx"], "cvt.rn.f16x2.f32" in c.asm["ptx"])
+"""
+
+
+def test_half_operands_kernel_compiles_for_sm90_vectorised_without_spills():
+    """_half_weights' kernel (perf/NOTES.md v0.35): 16-byte loads and round-to-nearest float16 pairs, no spills."""
+    proc = run_python("-c", HALF_OPERANDS_COMPILE, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")[:3]
+    for line, (stack, drop) in zip(lines, ((False, False), (True, False), (True, True)), strict=True):
+        s, d, regs, spills, v4, cvt = line.split()
+        assert (s, d) == (str(stack), str(drop)) and int(spills) == 0 and int(regs) <= 64 and v4 == cvt == "True", line

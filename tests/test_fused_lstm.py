@@ -262,6 +262,86 @@ def test_half_w_raises_beyond_its_range_instead_of_returning_inf():
         fused_lstm(*(problem[n] for n in NAMES), backend="triton")
 
 
+def half_operands_reference(w_hh, h0, w_ih=None, drop=None):
+    """_half_weights' operands in ATen's ops (as it computed them before half_operands_kernel, perf/NOTES.md v0.35),
+    and the error flag's value they set."""
+    def exp2(k):
+        return ((k + 127) << 23).view(torch.float32)
+
+    n = w_hh.shape[0]
+    stack = w_ih is not None and n > 1
+    parts = [torch.linalg.vector_norm(w_hh, float("inf"), dim=(1, 2)),
+             torch.linalg.vector_norm(h0, float("inf"), dim=(1, 2))]
+    if stack:
+        parts.append(torch.linalg.vector_norm(w_ih, float("inf"), dim=(1, 2)))
+        parts.append(torch.linalg.vector_norm(drop, float("inf"), dim=(1, 2, 3)) if drop is not None else
+                     w_hh.new_ones(n - 1))
+    e = (torch.cat(parts).view(torch.int32) >> 23) & 0xFF
+    k = 141 - e
+    flag = 2 if bool(((k < -60) & (e != 255)).any()) else 0
+    k = k.clamp(-60, 60)
+    k_w, k_h0 = k[:n], k[n:2 * n]
+    if stack:
+        k_ih = torch.nn.functional.pad(k[2 * n:3 * n - 1], (1, 0))
+        k_x = torch.nn.functional.pad(k[3 * n - 1:], (1, 0), value=14)  # REC_MUL = 2^14
+    else:
+        k_ih = k_x = torch.zeros_like(k_w)
+    scales = exp2(torch.stack([k_h0, -(k_w + k_h0), -(k_w + 14), k_x, -(k_ih + k_x)], dim=1))
+    w16 = (w_hh * exp2(k_w)[:, None, None]).to(torch.float16)
+    wih16 = None if w_ih is None else (w_ih * exp2(k_ih[1:])[:, None, None]).to(torch.float16) if stack else w16
+    return w16, wih16, scales, flag
+
+
+def _half_case(n, H=24, B=3, T=4, stack=False, drop=False, poke=None):
+    g = torch.Generator().manual_seed(n * 100 + H)
+    w_hh = torch.randn(n, 4 * H, H, generator=g) * torch.logspace(-3, 3, n)[:, None, None]
+    h0 = torch.randn(n, B, H, generator=g)
+    w_ih = torch.randn(n - 1, 4 * H, H, generator=g) * 0.05 if stack else None
+    d = (torch.rand(n - 1, T, B, H, generator=g) > 0.3).float() * (1 / 0.7) if stack and drop else None
+    if poke:
+        poke(w_hh, h0, w_ih, d)
+    return w_hh, h0, w_ih, d
+
+
+HALF_CASES = {
+    "layer": lambda: _half_case(1),
+    "bidirectional": lambda: _half_case(2, H=40),
+    "stack4-dropout": lambda: _half_case(4, H=16, stack=True, drop=True),
+    "stack3": lambda: _half_case(3, H=8, stack=True),
+    "stack1": lambda: (lambda w, h, _, __: (w, h, w, None))(*_half_case(1, H=8)),
+    "zero-h0-subnormal-w": lambda: _half_case(2, poke=lambda w, h, *_: (h.zero_(), w[1].mul_(1e-42))),
+    "inf-and-nan": lambda: _half_case(2, poke=lambda w, h, *_: (w.__setitem__((0, 3, 2), float("inf")),
+                                                               h.__setitem__((1, 0, 0), float("nan")))),
+    "w-beyond": lambda: _half_case(2, poke=lambda w, *_: w.__setitem__((1, 5, 5), -1e30)),
+    "h0-beyond": lambda: _half_case(1, poke=lambda w, h, *_: h.__setitem__((0, 2, 3), 3e23)),
+    "w_ih-beyond": lambda: _half_case(3, H=8, stack=True, poke=lambda w, h, wi, d: wi.__setitem__((1, 0, 0), 1e24)),
+    "dropout-beyond": lambda: _half_case(3, H=8, stack=True, drop=True,
+                                         poke=lambda w, h, wi, d: d.__setitem__((0, 1, 1, 1), 1e25)),
+    "just-in-range": lambda: _half_case(2, poke=lambda w, *_: w.__setitem__((1, 5, 5), 3e22)),
+}
+
+
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_half_operands_kernel_matches_the_formulas_bit_for_bit(case):
+    """half_operands_kernel (one launch after ATen's magnitudes) against the same formulas in ATen's ops: the
+    float16 operands and the scales bit for bit, and the range error where a finite magnitude is beyond 2^75."""
+    w_hh, h0, w_ih, drop = HALF_CASES[case]()
+    w16_r, wih16_r, scales_r, flag_r = half_operands_reference(w_hh, h0, w_ih, drop)
+    flag = kernels.barrier_errors.flag(torch.device("cpu"))
+    assert int(flag[0]) == 0
+    try:
+        w16, wih16, scales = kernels._half_weights(w_hh, h0, w_ih, drop)
+        assert int(flag[0]) == flag_r, case
+    finally:
+        flag.zero_()
+    assert flag_r == (2 if "beyond" in case else 0)
+    assert torch.equal(w16.view(torch.int16), w16_r.view(torch.int16)), case
+    assert (wih16 is None) == (wih16_r is None)
+    if wih16 is not None:
+        assert torch.equal(wih16.view(torch.int16), wih16_r.view(torch.int16)), case
+    assert torch.equal(scales.view(torch.int32), scales_r.view(torch.int32)), (case, scales, scales_r)
+
+
 def test_half_w_keeps_float32_operands_where_tf32_is_not_allowed(half_weights_calls):
     """A half_w config runs as configs.without_half_w (W^T streamed in float32) when PyTorch's RNN precision
     says full float32: exact to the interpreter's float32 tolerance."""
