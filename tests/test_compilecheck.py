@@ -451,3 +451,33 @@ def test_half_operands_kernel_compiles_for_sm90_vectorised_without_spills():
     for line, (stack, drop) in zip(lines, ((False, False), (True, False), (True, True)), strict=True):
         s, d, regs, spills, v4, cvt = line.split()
         assert (s, d) == (str(stack), str(drop)) and int(spills) == 0 and int(regs) <= 64 and v4 == cvt == "True", line
+
+
+TRANSPOSED_SHARED = """
+import json, sys
+import torch
+from tritonlstm.compilecheck import check
+from tritonlstm.configs import LSTMConfig, shared_bytes
+rows = []
+for kernel, dtype, H, bh, bb, warps, half in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype)
+    cfg = LSTMConfig(block_h=bh, block_b=bb, block_k=H, w_resident=True, batch_groups=1, num_warps=warps,
+                     transposed=True, half_w=half)
+    r = check(kernel, dtype, H, cfg)
+    rows.append([r.error, r.shared, shared_bytes(cfg, kernel, H, dtype.itemsize)])
+print(json.dumps(rows))
+"""
+
+
+def test_shared_estimate_bounds_the_transposed_tiles_beyond_the_picks():
+    """configs.shared_bytes of resident transposed tiles that neither the heuristic nor a named variant picks on an
+    H100 but a tuned cache or a smaller GPU's fitting may meet: 64-row batch tiles and 32-unit programs, whose
+    product's layout change outgrows h's chunk (it was under by 6-22 KB, perf/NOTES.md v0.34), and h in several
+    chunks on 8 warps (4 KB more)."""
+    cases = [("fwd", "float16", 64, 32, 64, 4, False), ("fwd", "float16", 256, 16, 64, 8, False),
+             ("fwd", "float16", 512, 32, 64, 8, False), ("fwd", "float32", 512, 16, 16, 8, False),
+             ("stack", "float16", 512, 16, 16, 8, False), ("fwd", "float32", 1024, 32, 64, 8, True)]
+    proc = run_python("-c", TRANSPOSED_SHARED, json.dumps(cases), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case, (error, compiled, estimate) in zip(cases, json.loads(proc.stdout.splitlines()[-1]), strict=True):
+        assert error is None and compiled <= estimate <= compiled + 16384, (case, compiled, estimate)

@@ -496,8 +496,8 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
     compile to the same figures; tests/test_compilecheck.py keeps it at or above the compiled one for every config
     the heuristic picks and the named variants): the weight slices it keeps resident (a stack's two: W_ih and W_hh),
     or num_stages K chunks of them when streamed, and the h_{t-1} tile the dot reads (the backward's dG_{t+1}
-    chunk spans four gates' columns, 4 KB more), or a transposed dot's 8 KB chunk of it (12 KB for the
-    backward's reduce-scatter)."""
+    chunk spans four gates' columns, 4 KB more), or a transposed dot's chunk of it (at least 8 KB; 12 KB for the
+    backward's reduce-scatter) or its product's layout change, whichever is larger."""
     hk = max(16, _pow2(hidden))
     slices = 2 if kernel in ("stack", "stack_bwd") else 1
     backward = kernel in ("bwd", "stack_bwd")
@@ -512,8 +512,11 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
                 return slices * rows * hk * wsize + 12288 + _SHARED_MARGIN
             from tritonlstm.kernels.lstm import transposed_chunk  # h's chunk, as the launch sizes it
 
-            chunk = bb * transposed_chunk(config, esize, stack=kernel == "stack") * esize
-            return slices * rows * hk * wsize + max(chunk, 8192) + _SHARED_MARGIN
+            kc = transposed_chunk(config, esize, stack=kernel == "stack")
+            # h's chunk, or the [4 * BH, BB] float32 product's layout change after the dot where that is larger
+            # (16-32 KB at BB = 64); with h in several chunks, 8 warps keep 4 KB more live (compile-only sm_90).
+            scratch = max(bb * kc * esize, rows * bb * 4, 8192) + (4096 if kc < hk else 0)
+            return slices * rows * hk * wsize + scratch + _SHARED_MARGIN
         return stages * (slices * rows * bk * wsize + bb * bk * esize) + _SHARED_MARGIN
     if config.w_resident:
         # At K <= 32 the scratch outgrows the tile: 4 KB in all (a merged dot's at H = 17-32: 12288 bytes).
