@@ -52,6 +52,10 @@ CASES = [
     pytest.param(dict(lengths=torch.tensor([4, 5, 2])), ValueError, r"lengths must lie in \[1, T\]", id="lengths>T"),
     pytest.param(dict(lengths=torch.tensor([4, 2])), ValueError, r"lengths must be an integer tensor of shape \(3,\)",
                  id="lengths-size"),
+    pytest.param(dict(lengths=torch.tensor([4.0, 2.0, 1.0])), ValueError,
+                 r"lengths must be an integer tensor of shape \(3,\), got torch.float32", id="lengths-float"),
+    pytest.param(dict(reverse="yes"), TypeError, r"reverse must be a bool, got 'yes'", id="reverse-str"),
+    pytest.param(dict(reverse=2), TypeError, r"reverse must be a bool, got 2", id="reverse-2"),
     pytest.param(dict(backend="cuda"), ValueError, r"backend must be one of", id="backend-name"),
 ]
 

@@ -663,7 +663,8 @@ def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, we
     if lengths is not None:
         if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B \
                 or lengths.is_floating_point():
-            got = _shape(lengths) if isinstance(lengths, Tensor) else type(lengths).__name__
+            got = f"{lengths.dtype} of shape {_shape(lengths)}" if isinstance(lengths, Tensor) else \
+                type(lengths).__name__
             raise ValueError(f"lengths must be an integer tensor of shape ({B},), got {got}")
         # (Not while torch.compile traces: the values are data, which a graph cannot branch on.)
         if B and not torch.compiler.is_compiling() and (int(lengths.min()) < 1 or int(lengths.max()) > T):
@@ -703,6 +704,8 @@ def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor 
     Returns y [T, B, H or P] and (h_n [B, H or P], c_n [B, H]).
     """
     _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, weight_hr)
+    if not isinstance(reverse, (bool, int)) or reverse not in (0, 1):
+        raise TypeError(f"reverse must be a bool, got {reverse!r}")
     y, (hn, cn) = lstm_layer(x, [(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)],
                              None if h0 is None else h0[None], None if c0 is None else c0[None],
                              lengths=lengths, reverse=reverse, backend=backend, checked=True)
