@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -133,6 +134,25 @@ MULTI_PROGRAM = [
 def test_multi_program_paths(config, reverse, dtype, kernel_calls):
     problem = make_problem(6, 17, 10, 33, dtype)
     check_against_reference(problem, dtype, reverse=reverse, config=config)
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.parametrize("dtype,reverse", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-rev"])
+def test_transposed_streamed_bb128_forward(dtype, reverse, kernel_calls):
+    """The named variant transposed-streamed-bb128 (perf/NOTES.md v0.36) as the tuner would take it at H = 1024,
+    B = 256, run stepwise on the interpreter at H = 33 (3 programs, the last with 15 masked units), B = 130 (2 batch
+    groups of one 128-row tile, the second with 2 live rows) and with lengths."""
+    from tritonlstm.configs import named_variants
+
+    cfg = named_variants("fwd", 1024, 256, dtype, 132, names=("transposed-streamed-bb128",))[
+        "transposed-streamed-bb128"]
+    assert (cfg.block_b, cfg.block_h, cfg.w_resident, cfg.transposed, cfg.batch_groups, cfg.num_warps) == \
+        (128, 16, False, True, 2, 8)
+    lengths = torch.randint(1, 5, (130,))
+    lengths[0] = 4
+    problem = make_problem(4, 130, 10, 33, dtype)
+    check_against_reference(problem, dtype, reverse=reverse, lengths=lengths,
+                            config=dataclasses.replace(cfg, persistent=False), kernel="fwd")
     assert kernel_calls == {"fwd": 1, "bwd": 1}
 
 

@@ -451,7 +451,9 @@ LAYOUT_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
                 for name, dt in DTYPES.items() for H, B in ((256, 16), (512, 64), (1024, 16))
                 if not (dt == torch.float32 and H == 1024 and kind.startswith("transposed"))] + \
     [pytest.param("transposed-streamed", H, B, dt, id=f"transposed-streamed-H{H}-B{B}-{name}")
-     for name, dt in DTYPES.items() for H, B in ((1024, 16), (1024, 256))]
+     for name, dt in DTYPES.items() for H, B in ((1024, 16), (1024, 256))] + \
+    [pytest.param("transposed-streamed-bb128", 1024, 256, dt, id=f"transposed-streamed-bb128-H1024-B256-{name}")
+     for name, dt in DTYPES.items()]
 
 
 def _layout_config(kind, H, B, dtype, sms, directions=1):
@@ -470,6 +472,10 @@ def _layout_config(kind, H, B, dtype, sms, directions=1):
     share = sms // directions
     if kind == "transposed-streamed":
         return transposed_config(H, B, dtype.itemsize, share, 64 if B >= 64 else 16, streamed=True)
+    if kind == "transposed-streamed-bb128":  # v0.36, as the tuner takes it
+        from tritonlstm.configs import named_variants
+
+        return named_variants("fwd", H, B, dtype, share, names=(kind,))[kind]
     cfg = transposed_config(H, B, dtype.itemsize, share, 16)
     return dataclasses.replace(cfg, exchange="flags") if kind.endswith("flags") else cfg
 

@@ -637,7 +637,8 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
             "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
             "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d",
-            "grid-2d-bb64", "no-prefetch", "transposed-half", "cluster", "transposed-cluster")
+            "grid-2d-bb64", "no-prefetch", "transposed-half", "cluster", "transposed-cluster",
+            "transposed-streamed-bb128")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -660,6 +661,9 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    v0.24) where every program owns one batch tile
       transposed-streamed   the same with W^T streamed from L2 in pipelined K chunks (3 stages): any H, 64-row
                    batch tiles at B >= 64 (single-layer forward)
+      transposed-streamed-bb128   single-layer forward, B >= 128: the same with 128-row batch tiles, so that a
+                   program streams its W^T chunk once for 128 rows where the 64-row tiles stream it once per tile
+                   (H = 1024, B = 256: 48 MB of L2 reads a step instead of 64; v0.36)
       flags        the unsplit tiles with the barrier as one flag per program instead of one counter (v0.19);
                    transposed-flags: the transposed tiles with it
       tagged       the unsplit tiles with h_{t-1} (dG_{t+1}) through tagged words instead of a barrier (v0.8)
@@ -731,6 +735,11 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         # spills at BB = 64 up to K = 1024 in both widths).
         out["transposed-streamed"] = transposed_config(H, B, esize, share, 64 if B >= 64 and not stack else 16,
                                                        streamed=True)
+    if kernel == "fwd" and B >= 128 and H > 32 and cdiv(H, 16) <= share:
+        # 8 warps (two warpgroups over the tile's columns): compile-only sm_90, no spills in any dtype with the
+        # gates stored (4 warps spill 64-152 bytes there), 72 KB of shared memory, the product on wgmma.
+        out["transposed-streamed-bb128"] = dataclasses.replace(
+            transposed_config(H, B, esize, share, 128, streamed=True), num_warps=8)
     if kernel == "bwd" and H > 16 and cdiv(H, 16) <= share and cdiv(B, 16) <= batch_groups(H, B, 16, 16, share):
         # The reduce-scatter backward where every program owns one batch tile (its shares are H * 16 float32 a
         # tile, stored and summed each step: the small-batch regime it is for).
