@@ -1728,15 +1728,16 @@ def half_operands_kernel(W_HH, W_IH, AMAX, W16, WIH16, SCALES, ERR, N, NUMEL, K_
     i_l = tl.program_id(1)
     o = i_c.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < NUMEL
+    o_l = i_l.to(tl.int64) * NUMEL + o
     if tl.program_id(2) == 0:
         k, _ = _scale_exp(AMAX, i_l)
-        w = tl.load(W_HH + i_l * NUMEL + o, mask=m)
-        tl.store(W16 + i_l * NUMEL + o, (w * _exp2_bits(k)).to(tl.float16), mask=m)
+        w = tl.load(W_HH + o_l, mask=m)
+        tl.store(W16 + o_l, (w * _exp2_bits(k)).to(tl.float16), mask=m)
     else:
         m = m & (i_l < N - 1)
         k, _ = _scale_exp(AMAX, 2 * N + i_l)
-        w = tl.load(W_IH + i_l * NUMEL + o, mask=m)
-        tl.store(WIH16 + i_l * NUMEL + o, (w * _exp2_bits(k)).to(tl.float16), mask=m)
+        w = tl.load(W_IH + o_l, mask=m)
+        tl.store(WIH16 + o_l, (w * _exp2_bits(k)).to(tl.float16), mask=m)
     if (i_c == 0) & (i_l == 0) & (tl.program_id(2) == 0):
         o_n = tl.arange(0, BN)
         m_n = o_n < N
