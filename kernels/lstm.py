@@ -49,7 +49,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 # Host-side ceil division and next power of two are configs' plain ones: Triton 3.6's triton.cdiv and
 # triton.next_power_of_2 are constexpr_function wrappers costing ~3 us a call on the host (perf/NOTES.md v0.33).
-from tritonlstm.configs import MAX_CLUSTER, cdiv
+from tritonlstm.configs import MAX_CLUSTER, MAX_PORTABLE_CLUSTER, cdiv, cluster_size_ok
 from tritonlstm.configs import _pow2 as next_power_of_2
 
 
@@ -1664,9 +1664,10 @@ def _barrier_state(config, grid, device, stack: bool = False) -> tuple[torch.Ten
     P, Q, Z = grid
     barriers = Q if stack else Q * Z
     cluster = config.exchange == "cluster"
-    if cluster and (stack or P > MAX_CLUSTER):
-        raise ValueError(f"config: exchange='cluster' needs a single layer's launch of at most {MAX_CLUSTER} "
-                         f"programs a barrier, got {'a stack' if stack else f'{P} programs'}")
+    if cluster and (stack or not cluster_size_ok(P)):
+        raise ValueError(f"config: exchange='cluster' needs a single layer's launch of at most "
+                         f"{MAX_PORTABLE_CLUSTER} programs a barrier, or exactly {MAX_CLUSTER} (the cluster sizes "
+                         f"Triton's launcher can launch), got {'a stack' if stack else f'{P} programs'}")
     if config.exchange != "flags":
         return torch.zeros(barriers, device=device, dtype=torch.int32), dict(FLAGS=False, NP=1, CLUSTER=cluster)
     np_ = next_power_of_2(P * Z if stack else P)

@@ -44,11 +44,11 @@ import triton.language as tl
 from tritonlstm.bench import write_rows_json
 from tritonlstm.kernels.lstm import (
     FENCES,
-    MAX_CLUSTER,
     _cluster_barrier,
     _flag_barrier,
     _grid_barrier,
     _launch_as_cluster,
+    cluster_size_ok,
     interpreting,
 )
 
@@ -132,8 +132,8 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
     meta = dict(BB=triton.next_power_of_2(B), BH=block_h, BK=triton.next_power_of_2(H),
                 PB=triton.next_power_of_2(P), MODE=MODES[mode], LOAD_H=load_h, num_warps=warps)
 
-    if mode == "cluster" and P > MAX_CLUSTER:
-        raise ValueError(f"cluster: {P} programs, a cluster holds at most {MAX_CLUSTER}")
+    if mode == "cluster" and not cluster_size_ok(P):
+        raise ValueError(f"cluster: {P} programs; Triton's launcher launches clusters of at most 8, or 16")
 
     def run():
         y = torch.full_like(u, float("nan"))
@@ -175,8 +175,10 @@ def measure(H: int, B: int, T: int, dtype: torch.dtype, warps: list[int]) -> lis
     tritonlstm_sync()
     rows.append({**base, "what": "forward kernel (heuristic)", "warps": cfg.num_warps, "us_per_step": ms * 1e3 / T})
     jobs = [(mode, cfg.block_h) for mode in MODES]
-    wide = max(cfg.block_h, triton.next_power_of_2(triton.cdiv(H, MAX_CLUSTER)))
-    if wide != cfg.block_h:  # a cluster's P is at most 16: the cluster there, and the counter barrier beside it
+    wide = cfg.block_h
+    while not cluster_size_ok(triton.cdiv(H, wide)):
+        wide *= 2
+    if wide != cfg.block_h:  # a cluster's P is at most 8, or 16: the cluster there, and the counter barrier beside it
         jobs = [(mode, wide if mode == "cluster" else bh) for mode, bh in jobs] + [("barrier", wide)]
     for w in warps:
         for mode, bh in jobs:

@@ -1070,7 +1070,8 @@ def test_a_launch_the_gpu_cannot_hold_reruns_on_the_last_resort_config(kernel, m
 
 
 def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
-    """A cluster holds at most 16 CTAs, along the grid's axis 0: a barrier of more programs, a stack's (its barrier
+    """A cluster holds at most 16 CTAs (through Triton's launcher: at most 8, or 16), along the grid's axis 0: a
+    barrier of other counts, a stack's (its barrier
     spans the layers, axis 2) and a 2-D grid's get a ValueError naming the exchange, not a launch that fails or
     hangs."""
     from tritonlstm.kernels import lstm as k
@@ -1080,6 +1081,10 @@ def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
     assert flags == {"FLAGS": False, "NP": 1, "CLUSTER": True} and sync.numel() == 4
     with pytest.raises(ValueError, match="exchange='cluster'.*17 programs"):
         k._barrier_state(cfg, (17, 1, 1), torch.device("cpu"))
+    # 9-15: non-portable cluster sizes, which Triton 3.6's launcher does not allow (it does for 16 only).
+    assert k._barrier_state(cfg, (8, 1, 1), torch.device("cpu"))[1]["CLUSTER"]
+    with pytest.raises(ValueError, match="exchange='cluster'.*at most 8 programs.*or exactly 16.*12 programs"):
+        k._barrier_state(cfg, (12, 1, 1), torch.device("cpu"))
     with pytest.raises(ValueError, match="exchange='cluster'.*a stack"):
         k._barrier_state(cfg, (4, 1, 2), torch.device("cpu"), stack=True)
     with pytest.raises(ValueError, match="exchange='cluster'.*grid_2d"):

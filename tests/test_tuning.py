@@ -145,6 +145,20 @@ def test_quick_candidates_are_the_heuristic_and_named_variants(kernel):
         assert 5 <= len(quick) <= len(tuning.QUICK_VARIANTS) + 1
 
 
+def test_cluster_variants_only_at_cluster_sizes_the_launcher_can_launch():
+    """Triton 3.6's launcher allows a non-portable cluster (9-16 CTAs) for exactly 16: the cluster variants
+    (v0.34) exist only where a barrier's programs number at most 8, or 16."""
+    sizes = set()
+    for H in range(17, 1100, 7):
+        for kernel in ("fwd", "bwd"):
+            for name, cfg in configs.named_variants(kernel, H, 16, torch.float16, 132,
+                                                    ("cluster", "transposed-cluster")).items():
+                p = cfg.programs(H) // cfg.batch_groups
+                assert configs.cluster_size_ok(p) and (p <= 8 or p == 16), (kernel, H, name, cfg)
+                sizes.add(p)
+    assert {16, 8} <= sizes and not sizes & set(range(9, 16))
+
+
 def test_config_refuses_what_the_kernels_cannot_run():
     for kw, what in ((dict(split_k=3), "power of two"), (dict(block_k=32, split_k=4), "block_k // split_k"),
                      (dict(merged_gates=True, split_k=2), "merged_gates"),

@@ -26,6 +26,14 @@ _DEFAULT_MAX_SPIN = 1 << 24
 EXCHANGES = ("barrier", "tagged", "tagged-probe", "flags", "cluster")
 # Programs one thread-block cluster holds on an H100 (16 is non-portable; Triton's launcher allows it there).
 MAX_CLUSTER = 16
+# Clusters of more than 8 CTAs are non-portable: the launch must allow them (CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_
+# SIZE_ALLOWED), which Triton 3.6's launcher sets for exactly 16 and no other size, so 9-15 would fail to launch.
+MAX_PORTABLE_CLUSTER = 8
+
+
+def cluster_size_ok(programs: int) -> bool:
+    """Whether `programs` CTAs can be launched as one thread-block cluster through Triton's launcher."""
+    return 1 <= programs <= MAX_PORTABLE_CLUSTER or programs == MAX_CLUSTER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -759,12 +767,12 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
             out["transposed-flags"] = dataclasses.replace(out["transposed"], exchange="flags")
     if not stack:
         transposed = out.get("transposed")
-        if kernel == "fwd" and transposed is not None and cdiv(H, 16) > MAX_CLUSTER and cdiv(H, 32) <= MAX_CLUSTER \
-                and 2 * 64 * hk * esize <= _W_BUDGET:
+        if kernel == "fwd" and transposed is not None and not cluster_size_ok(cdiv(H, 16)) \
+                and cluster_size_ok(cdiv(H, 32)) and 2 * 64 * hk * esize <= _W_BUDGET:
             # 32 units a program (128 gate rows: 8 warps, no spills at H = 512, compile-only) to fit the cluster.
             transposed = regroup(transposed, block_h=32, num_warps=8)
         for name, tiles in (("cluster", unsplit), ("transposed-cluster", transposed)):
-            if tiles is not None and tiles.persistent and not tiles.grid_2d and cdiv(H, tiles.block_h) <= MAX_CLUSTER:
+            if tiles is not None and tiles.persistent and not tiles.grid_2d and cluster_size_ok(cdiv(H, tiles.block_h)):
                 out[name] = dataclasses.replace(tiles, exchange="cluster")
     if forward and fp32 and H > 16 and H % 16 == 0 and transposed_fits(H, 2, 2 if stack else 1) \
             and cdiv(H, 16) <= share:
