@@ -362,6 +362,14 @@ def test_candidates_fit_a_smaller_gpu_and_the_2d_grid_has_no_tagged_copy():
     assert grids and all(c.exchange == "barrier" for c in grids)
 
 
+def test_cluster_candidates_are_timed_only_on_gpus_with_clusters():
+    quick = tuning.quick_candidates(256, 16, torch.float16, 132, "fwd")
+    cluster = [c for c in quick if c.exchange == "cluster"]
+    assert cluster and all(tuning.launchable(c, 256, 1, 132, clusters=True) for c in quick)
+    assert [c for c in quick if tuning.launchable(c, 256, 1, 132, clusters=False)] == \
+        [c for c in quick if c.exchange != "cluster"]
+
+
 def test_quick_candidates_a_small_gpu_cannot_keep_resident_are_left_out_before_timing():
     """On 20 SMs the A/B's split tiles (16 units a program) at H = 512 need 32 programs: tuning.resident drops them
     before any compile or timing (tune_key filters with it), and keeps the stepwise and resident ones."""

@@ -251,6 +251,13 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
     return [c for c in dict.fromkeys(out) if shared_bytes(c, kernel, hidden, esize) <= smem_limit]
 
 
+def launchable(cfg: LSTMConfig, hidden: int, directions: int, num_sms: int, clusters: bool) -> bool:
+    """Whether the tuner times cfg on this GPU: resident (below), and the cluster exchange only where the GPU has
+    thread-block clusters (sm_90 on). Elsewhere a cluster config runs as the counter barrier (kernels.lstm._run):
+    a copy of another candidate, which could win and be cached as a config that warns in every process."""
+    return resident(cfg, hidden, directions, num_sms) and (clusters or cfg.exchange != "cluster")
+
+
 def resident(cfg: LSTMConfig, hidden: int, directions: int, num_sms: int) -> bool:
     """Whether every program of a launch of cfg can be resident at once, as a persistent launch needs (a named
     variant's tiles on a GPU with fewer SMs than the H100 they were named on may not be; a stepwise one always
@@ -413,7 +420,7 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     if default not in cands:  # the heuristic's pick cut down to this GPU's shared memory
         cands.insert(0, default)
         names[default] = "heuristic-fitted"
-    cands = [c for c in cands if c == default or resident(c, H, D, num_sms)]
+    cands = [c for c in cands if c == default or launchable(c, H, D, num_sms, clusters=props.major >= 9)]
     with ThreadPoolExecutor(_compile_workers()) as pool:  # compile-only checks: independent compiles
         keep = list(pool.map(lambda c: c == default or fits(kernel, dtype, H, c, smem, check, arch), cands))
     cands = [c for c, ok in zip(cands, keep) if ok]
