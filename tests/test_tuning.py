@@ -362,6 +362,17 @@ def test_candidates_fit_a_smaller_gpu_and_the_2d_grid_has_no_tagged_copy():
     assert grids and all(c.exchange == "barrier" for c in grids)
 
 
+def test_quick_search_times_the_float32_half_w_forward():
+    """v0.29's float32 forward on float16 operands is in the quick search, which the next GPU session's forward
+    re-tune runs (it was only in the full search); 16-bit layers have no such variant."""
+    for H, B in ((1024, 16), (512, 1), (256, 64)):
+        quick = tuning.quick_candidates(H, B, torch.float32, 132, "fwd")
+        half = [c for c, name in quick.items() if name == "transposed-half"]
+        assert len(half) == 1 and half[0].half_w and half[0].transposed, (H, B, quick)
+        assert not any(c.half_w for c in tuning.quick_candidates(H, B, torch.float16, 132, "fwd"))
+        assert not any(c.half_w for c in tuning.quick_candidates(H, B, torch.float32, 132, "bwd"))
+
+
 def test_cluster_candidates_are_timed_only_on_gpus_with_clusters():
     quick = tuning.quick_candidates(256, 16, torch.float16, 132, "fwd")
     cluster = [c for c in quick if c.exchange == "cluster"]

@@ -183,7 +183,7 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 # spill at large K: left to the full search.
 QUICK_VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "merged", "transposed", "transposed-streamed", "flags",
                   "transposed-flags", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64",
-                  "no-prefetch", "cluster", "transposed-cluster", "transposed-streamed-bb128")
+                  "no-prefetch", "cluster", "transposed-cluster", "transposed-streamed-bb128", "transposed-half")
 
 
 def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
