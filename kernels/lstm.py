@@ -1782,6 +1782,10 @@ def _half_weights(w_hh, h0, w_ih=None, drop=None):
     ~30 launches, perf/NOTES.md v0.35). A finite magnitude beyond 2^75 sets the device's error flag
     (BarrierErrors.RANGE): the launch's outputs are NaN and the host raises, as after a failed barrier. Inf and NaN
     go through, and propagate as in torch."""
+    dev = w_hh.device
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):  # Triton launches on the current device
+            return _half_weights(w_hh, h0, w_ih, drop)
     n, G, H = w_hh.shape
     given, stack = w_ih is not None, w_ih is not None and n > 1
     inf = float("inf")

@@ -571,6 +571,14 @@ def test_module_on_a_gpu_other_than_the_current_one():
         y.sum().backward()
     assert y.device == torch.device("cuda:1")
     assert rel_err(y, ref(x)[0]) <= RESOLUTION_GPU[torch.float32] * 2
+    # A float32 stack on float16 operands (LSTMConfig.half_w): its operands come from a launch of their own
+    # (half_operands_kernel, v0.35), before the recurrence's.
+    from tritonlstm.configs import named_variants, use_config
+
+    half = named_variants("stack", 64, 4, torch.float32, 66, names=("transposed-half",), layers=2)["transposed-half"]
+    with torch.cuda.device(0), use_config(half, "stack"), torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        y, _ = ours(x)
+    assert rel_err(y, ref(x)[0]) <= RESOLUTION_GPU[torch.float32] * 2
 
 
 REDUCE_SCATTER_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
