@@ -13,6 +13,7 @@ work, on a machine without one. Two modes:
                                                  # (default: all)
     LAUNCH=triton python perf/host_time.py cell  # with Triton's launch path
     PROFILE=cumulative python perf/host_time.py cell   # and cProfile's top 40 of the first case
+    REF=1 python perf/host_time.py cell    # and the same call on torch.nn's module
     TREE=/path/to/other/checkout python perf/host_time.py cell   # time another checkout's code (an A/B: run the
                                                                   # two alternately and read the minimum; this
                                                                   # machine's noise is +-30 % run to run)
@@ -138,11 +139,23 @@ def stack_fp32():
 CASES = {"cell": cell_step, "cell_train": cell_train, "layer": layer, "layer_train": layer_train,
          "stack_fp32": stack_fp32}
 
+# REF=1: the same calls on torch.nn's modules (ATen on this CPU, its compute included: a few us at these sizes), for
+# what a host-bound loop of them costs against ours.
+nn_cell, nn_lstm, nn_stack = torch.nn.LSTMCell(H, H), torch.nn.LSTM(H, H), torch.nn.LSTM(H, H, num_layers=4)
+
+
+def _nn_train(module, inp):
+    out = module(inp, hx) if module is nn_cell else module(inp)[0]
+    (out[0].sum() + out[1].sum() if module is nn_cell else out.sum()).backward()
+
+
+REFERENCE = {"cell": lambda: nn_cell(x, hx), "cell_train": lambda: _nn_train(nn_cell, x),
+             "layer": lambda: nn_lstm(xs), "layer_train": lambda: _nn_train(nn_lstm, xs_grad),
+             "stack_fp32": lambda: nn_stack(xs)}
+
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)
-    for name in names:
-        fn = CASES[name]
-        before = launches
+    def best_of(fn):
         for _ in range(50):
             fn()
         best = float("inf")
@@ -151,8 +164,18 @@ if __name__ == "__main__":
             for _ in range(300):
                 fn()
             best = min(best, (time.perf_counter() - start) / 300)
+        return best
+
+    for name in names:
+        before = launches
+        best = best_of(CASES[name])
         per_call = f" ({(launches - before) / 950:g} Triton launches a call)" if TRITON_LAUNCH else ""
-        print(f"{name}: {best * 1e6:.0f} us{per_call}")
+        ref = ""
+        if os.environ.get("REF"):
+            grad = name.endswith("_train")
+            with torch.enable_grad() if grad else torch.no_grad():
+                ref = f"; torch.nn: {best_of(REFERENCE[name]) * 1e6:.0f} us"
+        print(f"{name}: {best * 1e6:.0f} us{per_call}{ref}")
     if os.environ.get("PROFILE"):
         import cProfile
         import pstats

@@ -385,9 +385,13 @@ def test_step_timeline_calls_run_ours_against_torch(mode):
 def test_host_time_through_tritons_launch_path_launches_the_kernel_every_call(monkeypatch):
     """perf/host_time.py with LAUNCH=triton times Triton's own launch path (the kernel compiled for sm_90, launched
     onto a stand-in driver), not a stub: one forward launch per LSTMCell step, two for a training step (the
-    backward's bias sum is ATen's at these sizes)."""
+    backward's bias sum is ATen's at these sizes); a float32 stack's forward on float16 operands two (v0.35: the
+    operands' kernel, then the wavefront). REF=1 adds torch.nn's time for the same call."""
     monkeypatch.setenv("LAUNCH", "triton")
-    proc = run_python(str(PERF / "host_time.py"), "cell", "cell_train", timeout=900)
+    monkeypatch.setenv("REF", "1")
+    proc = run_python(str(PERF / "host_time.py"), "cell", "cell_train", "stack_fp32", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "cell: " in proc.stdout and "(1 Triton launches a call)" in proc.stdout, proc.stdout
-    assert "cell_train: " in proc.stdout and "(2 Triton launches a call)" in proc.stdout, proc.stdout
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    assert "(1 Triton launches a call); torch.nn: " in lines["cell"], proc.stdout
+    assert "(2 Triton launches a call); torch.nn: " in lines["cell_train"], proc.stdout
+    assert "(2 Triton launches a call); torch.nn: " in lines["stack_fp32"], proc.stdout
