@@ -481,3 +481,30 @@ def test_shared_estimate_bounds_the_transposed_tiles_beyond_the_picks():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for case, (error, compiled, estimate) in zip(cases, json.loads(proc.stdout.splitlines()[-1]), strict=True):
         assert error is None and compiled <= estimate <= compiled + 16384, (case, compiled, estimate)
+
+
+BB128_COMPILE = """
+import json
+import torch
+from tritonlstm.compilecheck import check
+from tritonlstm.configs import named_variants
+rows = []
+for dtype in (torch.bfloat16, torch.float32):
+    cfg = named_variants("fwd", 1024, 256, dtype, 132, names=("transposed-streamed-bb128",))[
+        "transposed-streamed-bb128"]
+    for store in (False, True):
+        r = check("fwd", dtype, 1024, cfg, store_gates=store, prefetch=cfg.prefetches(256, 1024))
+        rows.append([str(dtype), store, cfg.prefetches(256, 1024), r.error, r.shared, r.spill_bytes])
+print(json.dumps(rows))
+"""
+
+
+def test_bb128_forward_compiles_as_launched_without_spills():
+    """v0.36's 128-row tiles as the tuner launches them at H = 1024, B = 256 (each program one tile, so its next
+    step's gx prefetched; training and inference variants): no spills, 72 KB of shared memory."""
+    proc = run_python("-c", BB128_COMPILE, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert len(rows) == 4
+    for dtype, store, prefetch, error, shared, spills in rows:
+        assert prefetch and error is None and spills == 0 and shared <= 80 * 1024, (dtype, store, shared, spills)
