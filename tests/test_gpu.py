@@ -6,6 +6,7 @@ interpreter and these are skipped."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -246,6 +247,11 @@ def test_tune_small_shape_end_to_end(tmp_path, monkeypatch, quick):
         assert all(bool(c["name"]) == quick for c in key["candidates"])
     found = tuning.lookup("fwd", 64, 9, torch.float16, 1, torch.device("cuda"))
     assert found == results[0].best
+    if quick:  # a re-tune times what the cache holds now, by that name, so its winner is never slower
+        again = tuning.tune_key("fwd", torch.float16, 64, 16, 1, 16, quick=True)
+        cached = [c for c in again.log if c["name"].startswith("cache")]
+        assert len(cached) == 1 and cached[0]["config"] == dataclasses.asdict(found), again.log
+        assert again.best_ms <= cached[0]["ms"] * 1.0001
     _, w = cudnn_and_weights(64, 64, torch.float16)
     y, _ = fused_lstm(torch.randn(16, 16, 64, device="cuda", dtype=torch.float16), *w, backend="triton")
     assert torch.isfinite(y).all()

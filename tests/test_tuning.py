@@ -373,6 +373,26 @@ def test_quick_search_times_the_float32_half_w_forward():
         assert not any(c.half_w for c in tuning.quick_candidates(H, B, torch.float32, 132, "bwd"))
 
 
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_a_retune_times_the_config_that_runs_now(quick):
+    """The config a key runs now (the user's cache, else the shipped one) is a candidate of its re-tune, named by
+    where it came from, even where neither search holds it: the winner goes to the user's cache, which is read
+    first, so it must not be slower than what it replaces."""
+    H, B, dt = 1024, 256, torch.float16
+    default = configs.heuristic_config(H, B, dt, 132, kernel="bwd")
+    plain, plain_names = tuning.key_candidates("bwd", dt, H, B, 132, 232448, default, None, quick)
+    assert plain[0] == default
+    odd = dataclasses.replace(default, block_h=32, block_b=32, num_warps=2, split_k=1)  # in neither search
+    assert odd not in plain
+    cands, names = tuning.key_candidates("bwd", dt, H, B, 132, 232448, default, (odd, "shipped"), quick)
+    assert cands[0] == default and cands[1] == odd and names[odd] == "shipped"
+    assert cands[2:] == plain[1:] and all(names.get(c) == plain_names.get(c) for c in plain)
+    if quick:  # a named variant that is also what runs now keeps both names
+        split4 = configs.named_variants("bwd", H, B, dt, 132)["split4"]
+        cands, names = tuning.key_candidates("bwd", dt, H, B, 132, 232448, default, (split4, "cache"), quick)
+        assert cands == plain and names[split4] == "cache=split4"
+
+
 def test_cluster_candidates_are_timed_only_on_gpus_with_clusters():
     quick = tuning.quick_candidates(256, 16, torch.float16, 132, "fwd")
     cluster = [c for c in quick if c.exchange == "cluster"]

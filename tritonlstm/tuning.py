@@ -32,6 +32,7 @@ import torch
 
 from tritonlstm.configs import (
     LSTMConfig,
+    _fitted,
     _pow2,
     batch_groups,
     cdiv,
@@ -251,6 +252,26 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
     return [c for c in dict.fromkeys(out) if shared_bytes(c, kernel, hidden, esize) <= smem_limit]
 
 
+def key_candidates(kernel: str, dtype: torch.dtype, hidden: int, batch: int, num_sms: int, smem_limit: int,
+                   default: LSTMConfig, current: tuple[LSTMConfig, str] | None = None,
+                   quick: bool = False) -> tuple[list[LSTMConfig], dict[LSTMConfig, str]]:
+    """The candidates of one key, in order, and the names the log gives them: the quick or the full search, with
+    the heuristic's pick (default) first, and the config that runs for the key now (current: (config, "cache" or
+    "shipped")), which neither search need contain: without it a re-tune's winner, written to the user's cache and
+    read before the shipped configs, could be slower than the shipped config it replaces."""
+    names = quick_candidates(hidden, batch, dtype, num_sms, kernel) if quick else {}
+    cands = list(names) if quick else candidates(hidden, batch, dtype, num_sms, smem_limit, kernel)
+    if default not in cands:  # the heuristic's pick cut down to this GPU's shared memory
+        cands.insert(0, default)
+        names[default] = "heuristic-fitted"
+    if current is not None:
+        cfg, source = current
+        if cfg not in cands:
+            cands.insert(1, cfg)
+        names[cfg] = f"{source}={names[cfg]}" if names.get(cfg) else source
+    return cands, names
+
+
 def launchable(cfg: LSTMConfig, hidden: int, directions: int, num_sms: int, clusters: bool) -> bool:
     """Whether the tuner times cfg on this GPU: resident (below), and the cluster exchange only where the GPU has
     thread-block clusters (sm_90 on). Elsewhere a cluster config runs as the counter barrier (kernels.lstm._run):
@@ -415,11 +436,10 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     expected = y_ref if kernel == "fwd" else gx_ref.grad
     times, rejected, log = {}, 0, []
     sms = num_sms // D
-    names = quick_candidates(H, B, dtype, sms, kernel) if quick else {}
-    cands = list(names) if quick else candidates(H, B, dtype, sms, smem, kernel)
-    if default not in cands:  # the heuristic's pick cut down to this GPU's shared memory
-        cands.insert(0, default)
-        names[default] = "heuristic-fitted"
+    # What runs for this key now, as select_config finds it (not `lookup`, which may tune: this is the tuner).
+    found, source = lookup_in(props.name, config_key(kernel, dtype, H, B, D))
+    current = None if found is None else (_fitted(found, kernel, H, B, dtype, num_sms, smem, D), source)
+    cands, names = key_candidates(kernel, dtype, H, B, sms, smem, default, current, quick)
     cands = [c for c in cands if c == default or launchable(c, H, D, num_sms, clusters=props.major >= 9)]
     with ThreadPoolExecutor(_compile_workers()) as pool:  # compile-only checks: independent compiles
         keep = list(pool.map(lambda c: c == default or fits(kernel, dtype, H, c, smem, check, arch), cands))
