@@ -226,6 +226,19 @@ def test_cli_arguments_and_no_gpu_message():
         tuning.tune(hidden=[64], batch=[1])
 
 
+def test_cli_prints_each_winner_against_the_heuristic_and_what_ran_before(monkeypatch, capsys):
+    cfg = configs.heuristic_config(512, 16, torch.float16, 132)
+    results = [tuning.TuneResult("fwd|float16|H512|B16|D1", cfg, 0.5, cfg, 1.0, 9, 0, [], "shipped", 0.8),
+               tuning.TuneResult("bwd|float16|H512|B16|D1", cfg, 0.9, cfg, 1.8, 9, 1, [])]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tuning, "tune", lambda *a, **k: results)
+    assert tuning.main(["--hidden", "512", "--batch", "16", "--dtypes", "float16", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:6] == ["key", "default", "ms", "before", "ms", "tuned"]
+    assert lines[1].split()[:5] == ["fwd|float16|H512|B16|D1", "1.000", "0.800", "0.500", "2.00x"]
+    assert lines[2].split()[:5] == ["bwd|float16|H512|B16|D1", "1.800", "-", "0.900", "2.00x"]
+
+
 def test_tagged_exchanges_are_candidates_of_both_kernels():
     fwd = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel="fwd")
     bwd = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel="bwd")

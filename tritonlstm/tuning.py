@@ -316,6 +316,10 @@ class TuneResult:
     # Every candidate: its config (dataclasses.asdict), name (quick search) or "", median ms (None if rejected)
     # and relative error against the reference; `python -m tritonlstm.tune --log FILE` writes them.
     log: list[dict] = dataclasses.field(default_factory=list)
+    # What ran for the key before (the user's cache or the shipped config, by that name) and its time; None where
+    # the heuristic's pick (default) ran.
+    current_source: str | None = None
+    current_ms: float | None = None
 
     @property
     def speedup(self) -> float:
@@ -465,7 +469,8 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
                            "failed its correctness check")
     best = min(times, key=times.get)
     return TuneResult(config_key(kernel, dtype, H, B, D), best, times[best], default, times[default],
-                      len(cands), rejected, log)
+                      len(cands), rejected, log, None if current is None else current[1],
+                      None if current is None else times.get(current[0]))
 
 
 def _compile_workers() -> int:
@@ -519,7 +524,8 @@ def tune(hidden=(256, 512, 1024), batch=(1, 16, 64, 256), dtypes=("float16", "bf
         if log_path:
             Path(log_path).write_text(json.dumps({"gpu": gpu, "triton": _triton_version(), "seq": seq, "keys": [
                 {"key": r.key, "default": dataclasses.asdict(r.default), "default_ms": r.default_ms,
-                 "best": dataclasses.asdict(r.best), "best_ms": r.best_ms, "candidates": r.log}
+                 "best": dataclasses.asdict(r.best), "best_ms": r.best_ms, "current_source": r.current_source,
+                 "current_ms": r.current_ms, "candidates": r.log}
                 for r in results]}, indent=1))
     if progress:
         progress(len(jobs), len(jobs), None)
@@ -573,11 +579,14 @@ def main(argv: list[str] | None = None) -> int:
                    write=not args.dry_run, quick=args.quick, log_path=args.log,
                    progress=lambda i, n, job: progress(i, n, None if job is None else
                                                        (job[1], job[2], job[3], args.seq, 1, False, job[0])))
-    print(f"{'key':<34} {'default ms':>10} {'tuned ms':>9} {'speed-up':>8}  tuned config")
+    # "default": the heuristic's pick; "before": what ran for the key until now where that was a cached or shipped
+    # config (its time in this run; "-" where the heuristic's pick ran, or the config failed here).
+    print(f"{'key':<34} {'default ms':>10} {'before ms':>9} {'tuned ms':>9} {'speed-up':>8}  tuned config")
     for r in results:
         c = r.best
-        print(f"{r.key:<34} {r.default_ms:>10.3f} {r.best_ms:>9.3f} {r.speedup:>7.2f}x  BH={c.block_h} BB={c.block_b} "
-              f"BK={c.block_k} resident={c.w_resident} Q={c.batch_groups} warps={c.num_warps}")
+        before = "-" if r.current_ms is None else f"{r.current_ms:.3f}"
+        print(f"{r.key:<34} {r.default_ms:>10.3f} {before:>9} {r.best_ms:>9.3f} {r.speedup:>7.2f}x  BH={c.block_h} "
+              f"BB={c.block_b} BK={c.block_k} resident={c.w_resident} Q={c.batch_groups} warps={c.num_warps}")
     if not args.dry_run:
         print(f"written to {cache_path(torch.cuda.get_device_name())}")
     return 0
