@@ -784,7 +784,7 @@ def lstm_fwd_kernel(
     KC: tl.constexpr,  # TRANSPOSED: K chunk of the dot
     FLAGS: tl.constexpr,  # the barrier as a flag per program (_flag_barrier): SYNC holds NP-strided flags
     NP: tl.constexpr,  # FLAGS: power of two >= the programs of one barrier (P, or P * L for a stack)
-    CLUSTER: tl.constexpr,  # the barrier as Hopper's cluster barrier (_cluster_barrier); single layer, P <= 16
+    CLUSTER: tl.constexpr,  # the barrier as Hopper's cluster barrier (_cluster_barrier); single layer, P <= 8 or 16
     PREFETCH: tl.constexpr,  # one batch tile per program, single layer, barrier: next step's gx before the wait
     HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
 ):
@@ -1798,12 +1798,12 @@ def _half_weights(w_hh, h0, w_ih=None, drop=None):
             torch.linalg.vector_norm(drop, inf, dim=(1, 2, 3), out=amax[3 * n - 1:])
     w_hh = w_hh.contiguous()
     w_ih = w_ih.contiguous() if stack else w_hh
-    w16 = torch.empty(w_hh.shape, dtype=torch.float16, device=w_hh.device)
-    wih16 = torch.empty(w_ih.shape, dtype=torch.float16, device=w_hh.device) if stack else w16
-    scales = torch.empty((n, 5), dtype=torch.float32, device=w_hh.device)
+    w16 = torch.empty(w_hh.shape, dtype=torch.float16, device=dev)
+    wih16 = torch.empty(w_ih.shape, dtype=torch.float16, device=dev) if stack else w16
+    scales = torch.empty((n, 5), dtype=torch.float32, device=dev)
     numel = G * H
     grid = (cdiv(numel, HALF_BLOCK), n, 2 if stack else 1)
-    args = (w_hh, w_ih, amax, w16, wih16, scales, barrier_errors.flag(w_hh.device), n, numel)
+    args = (w_hh, w_ih, amax, w16, wih16, scales, barrier_errors.flag(dev), n, numel)
     meta = dict(K_REC=int(math.log2(REC_MUL.value)), STACK=stack, HAS_DROP=drop is not None, BLOCK=HALF_BLOCK,
                 BN=next_power_of_2(n))
     if _compiling_only.get():

@@ -19,9 +19,9 @@ stores it, and meets the other programs by
   cluster   Hopper's hardware cluster barrier (barrier.cluster.arrive.release / wait.acquire) instead of any
             counter in memory: the kernel is built for one CTA a program (num_ctas = 1) and launched as one
             thread-block cluster of all P programs, which Triton's CUDA launcher does when the metadata it is handed
-            says num_ctas = P (it multiplies grid x by it and sets the cluster dimension). At most 16 programs
-            (16 is non-portable; the launcher allows it on an H100), so the rows say their P and beside them is
-            "barrier" at the same P. h_{t-1} is read with .cg loads (from L2) (perf/NOTES.md v0.34)
+            says num_ctas = P (it multiplies grid x by it and sets the cluster dimension). At most 8 programs,
+            or 16 (non-portable: the launcher allows 16 and no size between), so the rows say their P and beside
+            them is "barrier" at the same P. h_{t-1} is read with .cg loads (from L2) (perf/NOTES.md v0.34)
 
 Every barrier and flags variant's output is checked against a PyTorch loop before it is timed, and the real
 forward kernel (its heuristic config) is timed beside it at the same shape, so the table reads: kernel step =
@@ -83,8 +83,7 @@ def _counter_ld_barrier(p_err, p_count, target, max_spin, failed):
 def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
                        BK: tl.constexpr, PB: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr):
     """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1], FLAGS [PB] int32 zeros. The
-    exchanges are the kernels' own (_grid_barrier, _flag_barrier,
-    _cluster_barrier)."""
+    exchanges are the kernels' own (_grid_barrier, _flag_barrier, _cluster_barrier)."""
     i_h = tl.program_id(0)
     n_h = tl.num_programs(0)
     o_b = tl.arange(0, BB)

@@ -54,8 +54,8 @@ class LSTMConfig:
     # stacks' wavefront kernels use the barrier. "flags": the barrier with one flag per program instead of one
     # counter (kernels/lstm.py _flag_barrier; every kernel, stacks included; perf/NOTES.md v0.19). "cluster": the
     # P programs of a barrier launched as one thread-block cluster, met by Hopper's hardware cluster barrier
-    # instead of a counter in memory (kernels/lstm.py _cluster_barrier; single layer, forward and backward, P <= 16;
-    # perf/NOTES.md v0.34).
+    # instead of a counter in memory (kernels/lstm.py _cluster_barrier; single layer, forward and backward,
+    # P <= 8 or 16: cluster_size_ok; perf/NOTES.md v0.34).
     exchange: str = "barrier"
     # Split-K ways of the recurrent dots (a batched dot, one warp per K slice, then a sum): with 16-row batch
     # tiles a plain dot stacks every warp along M, each computing the whole product (kernels/lstm.py
@@ -690,7 +690,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    the pick prefetches
       transposed-half   float32 forward kernels: the transposed dots, 16-row batch tiles, W^T resident in float16
                    (LSTMConfig.half_w, v0.29) wherever float16's W^T fits
-      cluster      single layer: the unsplit tiles with the barrier as Hopper's cluster barrier, the P <= 16
+      cluster      single layer: the unsplit tiles with the barrier as Hopper's cluster barrier, the P <= 8 or 16
                    programs of a barrier launched as one thread-block cluster (v0.34); transposed-cluster: the
                    transposed tiles with it (BH = 16 up to H = 256; the forward at H = 512 with BH = 32)
 
