@@ -19,6 +19,7 @@ work, on a machine without one. Two modes:
                                                                   # machine's noise is +-30 % run to run)
 """
 
+import functools
 import os
 import sys
 import time
@@ -100,40 +101,40 @@ x, xs = torch.randn(B, H), torch.randn(T, B, H)
 hx = (torch.randn(B, H), torch.randn(B, H))
 
 
-def cell_step():
+def cell_step(m=cell):
     with torch.no_grad():
-        cell(x, hx)
+        m(x, hx)
 
 
-def cell_train():
-    h, c = cell(x, hx)
+def cell_train(m=cell):
+    h, c = m(x, hx)
     (h.sum() + c.sum()).backward()
 
 
-def layer():
+def layer(m=lstm):
     with torch.no_grad():
-        lstm(xs)
+        m(xs)
 
 
 xs_grad = xs.clone().requires_grad_()
 
 
-def layer_train():
-    y, _ = lstm(xs_grad)
+def layer_train(m=lstm):
+    y, _ = m(xs_grad)
     y.backward(torch.ones_like(y))
 
 
 stack = tritonlstm.LSTM(H, H, num_layers=4, backend="triton")
 
 
-def stack_fp32():
+def stack_fp32(m=stack):
     """A float32 4-layer stack's forward on the float16 operands (LSTMConfig.half_w, TF32 allowed), as the heuristic
     picks it at H = 512: the operands' preparation (_half_weights) is part of every call."""
     from tritonlstm.configs import named_variants, use_config
 
     half = named_variants("fwd", H, B, torch.float32, 132, names=("transposed-half",))["transposed-half"]
     with torch.no_grad(), use_config(half, "stack"), torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
-        stack(xs)
+        m(xs)
 
 
 CASES = {"cell": cell_step, "cell_train": cell_train, "layer": layer, "layer_train": layer_train,
@@ -141,17 +142,8 @@ CASES = {"cell": cell_step, "cell_train": cell_train, "layer": layer, "layer_tra
 
 # REF=1: the same calls on torch.nn's modules (ATen on this CPU, its compute included: a few us at these sizes), for
 # what a host-bound loop of them costs against ours.
-nn_cell, nn_lstm, nn_stack = torch.nn.LSTMCell(H, H), torch.nn.LSTM(H, H), torch.nn.LSTM(H, H, num_layers=4)
-
-
-def _nn_train(module, inp):
-    out = module(inp, hx) if module is nn_cell else module(inp)[0]
-    (out[0].sum() + out[1].sum() if module is nn_cell else out.sum()).backward()
-
-
-REFERENCE = {"cell": lambda: nn_cell(x, hx), "cell_train": lambda: _nn_train(nn_cell, x),
-             "layer": lambda: nn_lstm(xs), "layer_train": lambda: _nn_train(nn_lstm, xs_grad),
-             "stack_fp32": lambda: nn_stack(xs)}
+NN = {"cell": torch.nn.LSTMCell(H, H), "layer": torch.nn.LSTM(H, H), "stack": torch.nn.LSTM(H, H, num_layers=4)}
+NN["cell_train"], NN["layer_train"], NN["stack_fp32"] = NN["cell"], NN["layer"], NN["stack"]
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)
@@ -172,9 +164,7 @@ if __name__ == "__main__":
         per_call = f" ({(launches - before) / 950:g} Triton launches a call)" if TRITON_LAUNCH else ""
         ref = ""
         if os.environ.get("REF"):
-            grad = name.endswith("_train")
-            with torch.enable_grad() if grad else torch.no_grad():
-                ref = f"; torch.nn: {best_of(REFERENCE[name]) * 1e6:.0f} us"
+            ref = f"; torch.nn: {best_of(functools.partial(CASES[name], NN[name])) * 1e6:.0f} us"
         print(f"{name}: {best * 1e6:.0f} us{per_call}{ref}")
     if os.environ.get("PROFILE"):
         import cProfile
