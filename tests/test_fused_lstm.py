@@ -1071,9 +1071,8 @@ def test_a_launch_the_gpu_cannot_hold_reruns_on_the_last_resort_config(kernel, m
 
 def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
     """A cluster holds at most 16 CTAs (through Triton's launcher: at most 8, or 16), along the grid's axis 0: a
-    barrier of other counts, a stack's (its barrier
-    spans the layers, axis 2) and a 2-D grid's get a ValueError naming the exchange, not a launch that fails or
-    hangs."""
+    barrier of other counts, a stack's (its barrier spans the layers, axis 2) and a 2-D grid's get a ValueError
+    naming the exchange, not a launch that fails or hangs."""
     from tritonlstm.kernels import lstm as k
 
     cfg = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="cluster")

@@ -637,7 +637,6 @@ def test_hx_of_the_wrong_length_raises_what_nn_lstm_raises(n):
             ours(x, (h,) * n)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kw", [dict(), dict(num_layers=2), dict(num_layers=2, bidirectional=True, proj_size=3)],
                          ids=["1L", "2L-stack", "2L-bidir-proj"])
