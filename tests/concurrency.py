@@ -1,0 +1,128 @@
+"""Persistent launches of several programs on Triton's CPU interpreter, with the programs running at once.
+
+The interpreter runs a launch's programs one after another, so a persistent launch of more than one program
+cannot run there (the first program would wait at its first barrier for programs that have not started), and the
+kernels' exchanges between programs (the grid barrier, the flags barrier, tagged words, the backward's
+reduce-scatter and 2-D grid) are otherwise exercised only on a GPU. Inside `concurrent_programs()` every program of
+a launch runs in its own thread, so the barriers work as on a GPU: by atomics and polled loads on shared memory.
+
+Threads switch often (a 10 us switch interval) but otherwise keep near step with one another, which hides most
+ordering bugs. So one program of each launch, drawn from a seeded generator, is made slow: it sleeps before each of
+its stores. A program that reads another's output before a barrier or flag guarantees it was written then reads
+stale memory, and the result is wrong (checked: the forward with no barrier, or with a barrier that waits for one
+program fewer, fails every time at the shapes of tests/test_concurrent_programs.py). What this cannot find is
+what the GPU's weaker memory ordering adds (a missing fence): the interpreter's stores are visible at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+import sys
+import threading
+import time
+
+_local = threading.local()
+
+
+class Aborted(Exception):
+    """Raised inside a program still running at the launch's time limit."""
+
+
+@contextlib.contextmanager
+def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 60.0):
+    """Inside: each interpreted launch runs its programs in threads, one of them (drawn with `seed`) sleeping
+    `delay` seconds before each of its stores; and a persistent launch may have several programs (the
+    launchers refuse them on the sequential interpreter). A launch whose programs have not all finished after
+    `time_limit` seconds (a barrier that never completes: the kernels' own bound, max_spin polls, is hours of
+    interpreted polls) is stopped, its programs raising Aborted at their next memory access, and fails."""
+    from triton.runtime import interpreter as interp
+
+    from tritonlstm.kernels import lstm
+
+    builder_type = type(interp.interpreter_builder)
+    rng = random.Random(seed)
+    stores = ("create_store", "create_masked_store")
+    saved = {name: getattr(builder_type, name) for name in (*stores, "create_load", "create_masked_load",
+                                                           "create_atomic_rmw", "create_atomic_cas")}
+    saved_call, saved_residency = interp.GridExecutor.__call__, lstm._check_residency
+    saved_switch = sys.getswitchinterval()
+
+    def watched(access, is_store):
+        def run(self, *args):
+            stop = getattr(_local, "stop", None)
+            if stop is not None and stop.is_set():
+                raise Aborted
+            if is_store and getattr(_local, "slow", False):
+                time.sleep(delay)
+            return access(self, *args)
+        return run
+
+    def grid_idx(self):  # each thread's own program id (the interpreter keeps one for the process)
+        return getattr(_local, "idx", None)
+
+    def set_grid_idx(self, value):
+        _local.idx = value
+
+    def call(self, *args_dev, **kwargs):
+        # GridExecutor.__call__ of triton 3.6, with the loop over programs replaced by threads.
+        kwargs = {k: v for k, v in kwargs.items() if k in inspect.getfullargspec(self.fn).args}
+        args_hst, kwargs_hst = self._init_args_hst(args_dev, kwargs)
+        for hook in self.pre_run_hooks:
+            hook(*args_hst, **kwargs_hst)
+        scope = interp._patch_lang(self.fn)
+        try:
+            args = inspect.getcallargs(self.fn, *args_hst, **kwargs_hst)
+            args = {n: a if n in self.constexprs else interp._implicit_cvt(a) for n, a in args.items()}
+            grid = self.grid(args) if callable(self.grid) else self.grid
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+            interp.interpreter_builder.set_grid_dim(*grid)
+            ids = [(x, y, z) for x in range(grid[0]) for y in range(grid[1]) for z in range(grid[2])]
+            slow = rng.randrange(len(ids))
+            errors, stop = [], threading.Event()
+
+            def program(i):
+                _local.idx, _local.slow, _local.stop = ids[i], i == slow, stop
+                try:
+                    self.fn(**args)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the launching thread
+                    errors.append(e)
+
+            threads = [threading.Thread(target=program, args=(i,), daemon=True) for i in range(len(ids))]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + time_limit
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            if any(t.is_alive() for t in threads):
+                stop.set()
+                for t in threads:
+                    t.join()
+                raise TimeoutError(f"{self.fn.__name__}: programs still running after {time_limit} s (a barrier "
+                                   "that never completes?)")
+            if errors:
+                raise interp.InterpreterError(repr(errors[0])) from errors[0]
+        finally:
+            scope.restore()
+        self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
+
+    def residency(config, H, D, device):
+        if not lstm.interpreting():
+            saved_residency(config, H, D, device)
+
+    builder_type.grid_idx = property(grid_idx, set_grid_idx)
+    for name, access in saved.items():
+        setattr(builder_type, name, watched(access, name in stores))
+    interp.GridExecutor.__call__ = call
+    lstm._check_residency = residency
+    sys.setswitchinterval(1e-5)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(saved_switch)
+        lstm._check_residency = saved_residency
+        interp.GridExecutor.__call__ = saved_call
+        for name, access in saved.items():
+            setattr(builder_type, name, access)
+        del builder_type.grid_idx

@@ -1,0 +1,136 @@
+"""Persistent launches of several programs on the interpreter, the programs running at once (tests/concurrency.py):
+the exchanges between programs (grid barrier, flags barrier, tagged words, reduce-scatter, the 2-D grid's two
+barriers a step, a stack's wavefront) against the float64 reference, as they run on a GPU but for its memory
+ordering. Without this, a launch of more than one program runs only on a GPU; the interpreter's tests run such
+configs stepwise, one launch per step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from concurrency import concurrent_programs
+from helpers import NAMES, RESOLUTION, leaf, loss_of, make_problem, reference, rel_err
+from tritonlstm import configs, fused_lstm, use_config
+from tritonlstm.functional import lstm_layer, lstm_stack
+from tritonlstm.kernels import lstm as kernels
+
+SMS = 132  # the H100's: configs as the heuristic and the tuner would give them there
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """(kernel name, programs, persistent) of every recurrence launch."""
+    seen = []
+    run = kernels._run
+
+    def spy(kernel, grid, n_steps, config, *args, **kwargs):
+        seen.append((kernel.fn.__name__, grid[0] * grid[1] * grid[2], config.persistent))
+        return run(kernel, grid, n_steps, config, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_run", spy)
+    return seen
+
+
+def variant(kernel, name, H, B, layers=1):
+    if name == "grid-2d":  # 2 x 2 unit blocks (its own pick, at these H, is one block: no exchange)
+        return dataclasses.replace(configs.grid_2d_config(H, B, 4, SMS), block_h=H // 2)
+    return configs.named_variants(kernel, H, B, torch.float32, SMS, names=(name,), layers=layers)[name]
+
+
+def run_and_compare(problem, fwd, bwd, *, lengths=None, reverse=False, seed=0):
+    p_ref, (y_r, hn_r, cn_r) = reference(problem, reverse=reverse, lengths=lengths)
+    weights = tuple(torch.randn_like(t) for t in (y_r, hn_r, cn_r))
+    loss_of(y_r, hn_r, cn_r, weights).backward()
+    p = leaf(problem)
+    with concurrent_programs(seed), use_config(fwd, "fwd"), use_config(bwd, "bwd"):
+        y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), reverse=reverse, lengths=lengths, backend="triton")
+        loss_of(y, hn, cn, weights).backward()
+    errors = {"y": rel_err(y, y_r), "h_n": rel_err(hn, hn_r), "c_n": rel_err(cn, cn_r),
+              **{f"d{n}": rel_err(p[n].grad, p_ref[n].grad) for n in NAMES}}
+    tol = RESOLUTION[torch.float32]
+    assert all(e <= 2 * tol for e in errors.values()), errors
+
+
+# (forward variant, backward variant, H, B): every exchange, the prefetching forward, split and merged dots, 64- and
+# 128-row tiles, several batch groups, the backward's reduce-scatter and 2-D grid.
+CASES = [
+    ("unsplit", "unsplit", 64, 5),
+    ("transposed", "transposed", 32, 5),
+    ("no-prefetch", "transposed-streamed", 32, 5),
+    ("flags", "flags", 64, 5),
+    ("transposed-flags", "transposed-flags", 32, 5),
+    ("tagged", "tagged", 64, 5),
+    ("tagged-probe", "split-tagged", 64, 20),
+    ("merged", "split", 64, 20),
+    ("transposed", "wide", 64, 40),
+    ("transposed", "grid-2d", 64, 40),
+    ("transposed-streamed-bb128", "unsplit-w4", 64, 130),
+]
+
+
+@pytest.mark.parametrize("fwd_name, bwd_name, H, B", CASES, ids=[f"{f}+{b}-H{h}-B{bb}" for f, b, h, bb in CASES])
+def test_single_layer_with_programs_at_once(fwd_name, bwd_name, H, B, launches):
+    torch.manual_seed(0)
+    fwd, bwd = variant("fwd", fwd_name, H, B), variant("bwd", bwd_name, H, B)
+    run_and_compare(make_problem(4, B, H - 3, H, torch.float32), fwd, bwd)
+    assert [k for k, _, _ in launches] == ["lstm_fwd_kernel", "lstm_bwd_2d_kernel" if bwd.grid_2d
+                                           else "lstm_bwd_kernel"]
+    assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
+
+
+@pytest.mark.parametrize("names, H", [(("transposed", "transposed"), 32), (("unsplit", "flags"), 64)])
+def test_lengths_reverse_and_both_directions(names, H, launches):
+    torch.manual_seed(1)
+    B, T = 6, 5
+    fwd, bwd = variant("fwd", names[0], H, B), variant("bwd", names[1], H, B)
+    lengths = torch.tensor([5, 1, 3, 5, 2, 4])
+    run_and_compare(make_problem(T, B, H, H, torch.float32), fwd, bwd, lengths=lengths, reverse=True, seed=1)
+
+    # Both directions of a layer in one launch: two groups of programs, each with its own barrier.
+    problems = [make_problem(T, B, H, H, torch.float32) for _ in range(2)]
+    x = problems[0]["x"]
+    refs = [reference({**pr, "x": x}, reverse=d == 1, lengths=lengths)[1] for d, pr in enumerate(problems)]
+    weights = [tuple(pr[n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) + (None,) for pr in problems]
+    h0 = torch.stack([pr["h0"] for pr in problems])
+    c0 = torch.stack([pr["c0"] for pr in problems])
+    with concurrent_programs(2), use_config(fwd, "fwd"):
+        y, (hn, cn) = lstm_layer(x, weights, h0, c0, lengths=lengths, backend="triton")
+    assert rel_err(y, torch.cat([r[0] for r in refs], dim=2)) <= RESOLUTION[torch.float32]
+    assert rel_err(hn, torch.stack([r[1] for r in refs])) <= RESOLUTION[torch.float32]
+    assert rel_err(cn, torch.stack([r[2] for r in refs])) <= RESOLUTION[torch.float32]
+    assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
+
+
+@pytest.mark.parametrize("fwd_name, bwd_name", [("unsplit", "unsplit"), ("transposed", "flags")])
+def test_stack_wavefronts_with_programs_at_once(fwd_name, bwd_name, launches):
+    """Two layers in one forward launch and one backward launch, several programs a layer, with dropout between
+    them, against the same stack run one step per launch (where every program's outputs are in memory before the
+    next step's launch reads them)."""
+    torch.manual_seed(2)
+    L, T, B, H = 2, 4, 5, 32
+    layers = [make_problem(T, B, H, H, torch.float32) for _ in range(L)]
+    x = layers[0]["x"].requires_grad_()
+    weights = [tuple(pr[n].requires_grad_() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+               for pr in layers]
+    scale = (torch.rand(L - 1, T, B, H) > 0.3).float() / 0.7
+    fwd, bwd = variant("stack", fwd_name, H, B, L), variant("stack_bwd", bwd_name, H, B, L)
+
+    def run(persistent):
+        configs_ = (fwd, bwd) if persistent else (dataclasses.replace(fwd, persistent=False, exchange="barrier"),
+                                                  dataclasses.replace(bwd, persistent=False, exchange="barrier"))
+        with concurrent_programs(3), use_config(configs_[0], "stack"), use_config(configs_[1], "stack_bwd"):
+            y, (hn, cn) = lstm_stack(x, weights, dropout_scale=scale, backend="triton")
+            grads = torch.autograd.grad((y * torch.arange(y.numel()).view_as(y).sin()).sum() + hn.sum() + cn.sum(),
+                                        [x, *(t for w in weights for t in w[:4])])
+        return (y, hn, cn, *grads)
+
+    expected = run(persistent=False)
+    launches.clear()
+    got = run(persistent=True)
+    for a, b in zip(got, expected):
+        assert rel_err(a, b) <= RESOLUTION[torch.float32]
+    assert [k for k, _, _ in launches] == ["lstm_fwd_kernel", "lstm_bwd_kernel"]
+    assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
