@@ -34,7 +34,9 @@ class Aborted(Exception):
 def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 60.0):
     """Inside: each interpreted launch runs its programs in threads, one of them (drawn with `seed`) sleeping
     `delay` seconds before each of its stores; and a persistent launch may have several programs (the
-    launchers refuse them on the sequential interpreter). A launch whose programs have not all finished after
+    launchers refuse them on the sequential interpreter), and exchange="cluster" meets its programs at a
+    barrier of threads, as Hopper's cluster barrier meets a cluster's CTAs (the kernels skip it on the interpreter).
+    A launch whose programs have not all finished after
     `time_limit` seconds (a barrier that never completes: the kernels' own bound, max_spin polls, is hours of
     interpreted polls) is stopped, its programs raising Aborted at their next memory access, and fails."""
     from triton.runtime import interpreter as interp
@@ -47,6 +49,7 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
     saved = {name: getattr(builder_type, name) for name in (*stores, "create_load", "create_masked_load",
                                                            "create_atomic_rmw", "create_atomic_cas")}
     saved_call, saved_residency = interp.GridExecutor.__call__, lstm._check_residency
+    saved_cluster_barrier = lstm._cluster_barrier
     saved_switch = sys.getswitchinterval()
 
     def watched(access, is_store):
@@ -58,6 +61,12 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
                 time.sleep(delay)
             return access(self, *args)
         return run
+
+    def cluster_barrier(x):
+        # Hopper's cluster barrier (the kernels skip theirs on the interpreter): the programs along axis 0 that share
+        # the caller's axes 1 and 2, as _launch_as_cluster launches them.
+        _local.clusters[_local.idx[1:]].wait()
+        return x
 
     def grid_idx(self):  # each thread's own program id (the interpreter keeps one for the process)
         return getattr(_local, "idx", None)
@@ -81,9 +90,10 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
             ids = [(x, y, z) for x in range(grid[0]) for y in range(grid[1]) for z in range(grid[2])]
             slow = rng.randrange(len(ids))
             errors, stop = [], threading.Event()
+            clusters = {(y, z): threading.Barrier(grid[0]) for y in range(grid[1]) for z in range(grid[2])}
 
             def program(i):
-                _local.idx, _local.slow, _local.stop = ids[i], i == slow, stop
+                _local.idx, _local.slow, _local.stop, _local.clusters = ids[i], i == slow, stop, clusters
                 try:
                     self.fn(**args)
                 except BaseException as e:  # noqa: BLE001 - re-raised in the launching thread
@@ -97,6 +107,8 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
                 t.join(max(0.0, deadline - time.monotonic()))
             if any(t.is_alive() for t in threads):
                 stop.set()
+                for barrier in clusters.values():
+                    barrier.abort()
                 for t in threads:
                     t.join()
                 raise TimeoutError(f"{self.fn.__name__}: programs still running after {time_limit} s (a barrier "
@@ -116,12 +128,14 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
         setattr(builder_type, name, watched(access, name in stores))
     interp.GridExecutor.__call__ = call
     lstm._check_residency = residency
+    lstm._cluster_barrier = cluster_barrier
     sys.setswitchinterval(1e-5)
     try:
         yield
     finally:
         sys.setswitchinterval(saved_switch)
         lstm._check_residency = saved_residency
+        lstm._cluster_barrier = saved_cluster_barrier
         interp.GridExecutor.__call__ = saved_call
         for name, access in saved.items():
             setattr(builder_type, name, access)

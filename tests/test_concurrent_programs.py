@@ -10,9 +10,10 @@ import dataclasses
 
 import pytest
 import torch
+import triton.language as tl
 
 from concurrency import concurrent_programs
-from helpers import NAMES, RESOLUTION, leaf, loss_of, make_problem, reference, rel_err
+from helpers import NAMES, RESOLUTION, RESOLUTION_GPU, leaf, loss_of, make_problem, reference, rel_err
 from tritonlstm import configs, fused_lstm, use_config
 from tritonlstm.functional import lstm_layer, lstm_stack
 from tritonlstm.kernels import lstm as kernels
@@ -34,13 +35,13 @@ def launches(monkeypatch):
     return seen
 
 
-def variant(kernel, name, H, B, layers=1):
+def variant(kernel, name, H, B, layers=1, dtype=torch.float32):
     if name == "grid-2d":  # 2 x 2 unit blocks (its own pick, at these H, is one block: no exchange)
-        return dataclasses.replace(configs.grid_2d_config(H, B, 4, SMS), block_h=H // 2)
-    return configs.named_variants(kernel, H, B, torch.float32, SMS, names=(name,), layers=layers)[name]
+        return dataclasses.replace(configs.grid_2d_config(H, B, dtype.itemsize, SMS), block_h=H // 2)
+    return configs.named_variants(kernel, H, B, dtype, SMS, names=(name,), layers=layers)[name]
 
 
-def run_and_compare(problem, fwd, bwd, *, lengths=None, reverse=False, seed=0):
+def run_and_compare(problem, fwd, bwd, *, lengths=None, reverse=False, seed=0, tol=None):
     p_ref, (y_r, hn_r, cn_r) = reference(problem, reverse=reverse, lengths=lengths)
     weights = tuple(torch.randn_like(t) for t in (y_r, hn_r, cn_r))
     loss_of(y_r, hn_r, cn_r, weights).backward()
@@ -50,7 +51,7 @@ def run_and_compare(problem, fwd, bwd, *, lengths=None, reverse=False, seed=0):
         loss_of(y, hn, cn, weights).backward()
     errors = {"y": rel_err(y, y_r), "h_n": rel_err(hn, hn_r), "c_n": rel_err(cn, cn_r),
               **{f"d{n}": rel_err(p[n].grad, p_ref[n].grad) for n in NAMES}}
-    tol = RESOLUTION[torch.float32]
+    tol = tol or RESOLUTION[problem["x"].dtype]
     assert all(e <= 2 * tol for e in errors.values()), errors
 
 
@@ -61,6 +62,8 @@ CASES = [
     ("transposed", "transposed", 32, 5),
     ("no-prefetch", "transposed-streamed", 32, 5),
     ("flags", "flags", 64, 5),
+    ("cluster", "cluster", 64, 5),
+    ("transposed-cluster", "transposed-cluster", 32, 5),
     ("transposed-flags", "transposed-flags", 32, 5),
     ("tagged", "tagged", 64, 5),
     ("tagged-probe", "split-tagged", 64, 20),
@@ -79,6 +82,39 @@ def test_single_layer_with_programs_at_once(fwd_name, bwd_name, H, B, launches):
     assert [k for k, _, _ in launches] == ["lstm_fwd_kernel", "lstm_bwd_2d_kernel" if bwd.grid_2d
                                            else "lstm_bwd_kernel"]
     assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
+
+
+# 16-bit: the tagged words' two values a word (fp32 has one); half_w: float32 on float16 operands, as precise as
+# TF32's (a float32 stack's forward at H = 512 takes it); the transposed dots' 16-bit operands.
+SIXTEEN_BIT_CASES = [
+    ("tagged", "tagged", torch.bfloat16, RESOLUTION[torch.bfloat16]),
+    ("tagged-probe", "tagged", torch.float16, RESOLUTION[torch.float16]),
+    ("transposed", "transposed", torch.bfloat16, RESOLUTION[torch.bfloat16]),
+    ("transposed-half", "transposed", torch.float32, RESOLUTION_GPU[torch.float32]),
+]
+
+
+@pytest.mark.parametrize("fwd_name, bwd_name, dtype, tol", SIXTEEN_BIT_CASES,
+                         ids=[f"{f}+{b}-{str(d)[6:]}" for f, b, d, _ in SIXTEEN_BIT_CASES])
+def test_sixteen_bit_exchanges_and_half_operands(fwd_name, bwd_name, dtype, tol, launches):
+    torch.manual_seed(3)
+    H, B = 64, 5
+    fwd = variant("fwd", fwd_name, H, B, dtype=dtype)
+    run_and_compare(make_problem(4, B, H, H, dtype), fwd, variant("bwd", bwd_name, H, B, dtype=dtype), seed=3,
+                    tol=tol)
+    assert fwd.half_w == (fwd_name == "transposed-half")
+    assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
+
+
+def test_sequence_longer_than_a_launch_runs_as_consecutive_launches(monkeypatch, launches):
+    """A counter would pass RELEASED: the launcher splits the sequence into launches of 2 steps here (state through
+    memory between them), each of several programs."""
+    monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(9))  # 4 programs: (9 - 1) // 4 = 2 steps a launch
+    torch.manual_seed(4)
+    H, B = 64, 5
+    fwd, bwd = variant("fwd", "transposed", H, B), variant("bwd", "transposed", H, B)
+    run_and_compare(make_problem(5, B, H, H, torch.float32), fwd, bwd, lengths=torch.tensor([5, 2, 3, 5, 1]), seed=4)
+    assert launches == [("lstm_fwd_kernel", 4, True), ("lstm_bwd_kernel", 4, True)]  # 3 launches each
 
 
 @pytest.mark.parametrize("names, H", [(("transposed", "transposed"), 32), (("unsplit", "flags"), 64)])
