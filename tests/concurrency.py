@@ -33,32 +33,50 @@ class Aborted(Exception):
 @contextlib.contextmanager
 def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 60.0):
     """Inside: each interpreted launch runs its programs in threads, one of them (drawn with `seed`) sleeping
-    `delay` seconds before each of its stores; and a persistent launch may have several programs (the
-    launchers refuse them on the sequential interpreter), and exchange="cluster" meets its programs at a
-    barrier of threads, as Hopper's cluster barrier meets a cluster's CTAs (the kernels skip it on the interpreter).
-    A launch whose programs have not all finished after
-    `time_limit` seconds (a barrier that never completes: the kernels' own bound, max_spin polls, is hours of
-    interpreted polls) is stopped, its programs raising Aborted at their next memory access, and fails."""
+    `delay` seconds before each of its stores; a persistent launch may have several programs (the launchers refuse
+    them on the sequential interpreter); and exchange="cluster" meets its programs at a barrier of threads, as
+    Hopper's cluster barrier meets a cluster's CTAs (the kernels skip theirs on the interpreter). A launch whose
+    programs have not all finished after `time_limit` seconds (a barrier that never completes: the kernels' own
+    bound, max_spin polls, is hours of interpreted polls) is stopped, its programs raising Aborted at their next
+    memory access, and fails."""
     from triton.runtime import interpreter as interp
 
     from tritonlstm.kernels import lstm
 
     builder_type = type(interp.interpreter_builder)
     rng = random.Random(seed)
-    stores = ("create_store", "create_masked_store")
-    saved = {name: getattr(builder_type, name) for name in (*stores, "create_load", "create_masked_load",
-                                                           "create_atomic_rmw", "create_atomic_cas")}
+    kinds = {"create_store": "store", "create_masked_store": "store", "create_load": "load",
+             "create_masked_load": "load", "create_atomic_rmw": "poll", "create_atomic_cas": "poll"}
+    saved = {name: getattr(builder_type, name) for name in kinds}
     saved_call, saved_residency = interp.GridExecutor.__call__, lstm._check_residency
     saved_cluster_barrier = lstm._cluster_barrier
+    saved_patch_lang, saved_rewrite = interp._patch_lang, interp.InterpretedFunction.rewrite
+    # The interpreter's own state is built for one program at a time: rewriting a jitted helper at its first call
+    # adds names to the kernel module's globals, which _patch_lang iterates over at every helper call ("dictionary
+    # changed size during iteration" in another thread, now and then). One at a time, then.
+    interp_lock = threading.RLock()
+
+    def patch_lang(fn):
+        with interp_lock:
+            return saved_patch_lang(fn)
+
+    def rewrite(self):
+        with interp_lock:
+            return saved_rewrite(self)
+
     saved_switch = sys.getswitchinterval()
 
-    def watched(access, is_store):
+    def watched(access, kind):
         def run(self, *args):
             stop = getattr(_local, "stop", None)
             if stop is not None and stop.is_set():
                 raise Aborted
-            if is_store and getattr(_local, "slow", False):
+            if kind == "store" and getattr(_local, "slow", False):
                 time.sleep(delay)
+            elif kind == "poll" or (kind == "load" and args[-1]):
+                # An atomic or a volatile load: what a waiting program polls. Giving up the GIL here lets the
+                # programs it waits for run (without it, at 30-50 programs a launch took minutes).
+                time.sleep(0)
             return access(self, *args)
         return run
 
@@ -106,11 +124,14 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
             for t in threads:
                 t.join(max(0.0, deadline - time.monotonic()))
             if any(t.is_alive() for t in threads):
+                failed = list(errors)  # a program that raised leaves the others waiting for it
                 stop.set()
                 for barrier in clusters.values():
                     barrier.abort()
                 for t in threads:
                     t.join()
+                if failed:
+                    raise interp.InterpreterError(repr(failed[0])) from failed[0]
                 raise TimeoutError(f"{self.fn.__name__}: programs still running after {time_limit} s (a barrier "
                                    "that never completes?)")
             if errors:
@@ -125,10 +146,11 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
 
     builder_type.grid_idx = property(grid_idx, set_grid_idx)
     for name, access in saved.items():
-        setattr(builder_type, name, watched(access, name in stores))
+        setattr(builder_type, name, watched(access, kinds[name]))
     interp.GridExecutor.__call__ = call
     lstm._check_residency = residency
     lstm._cluster_barrier = cluster_barrier
+    interp._patch_lang, interp.InterpretedFunction.rewrite = patch_lang, rewrite
     sys.setswitchinterval(1e-5)
     try:
         yield
@@ -136,6 +158,7 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
         sys.setswitchinterval(saved_switch)
         lstm._check_residency = saved_residency
         lstm._cluster_barrier = saved_cluster_barrier
+        interp._patch_lang, interp.InterpretedFunction.rewrite = saved_patch_lang, saved_rewrite
         interp.GridExecutor.__call__ = saved_call
         for name, access in saved.items():
             setattr(builder_type, name, access)

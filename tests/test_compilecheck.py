@@ -383,6 +383,46 @@ def test_cluster_exchange_compiles_for_sm90_with_one_program_a_cta():
         assert line.split()[3:] == ["True", "None", "0", "True", "True", "True", "False", "False"], line
 
 
+ORDERING_COMPILE = """
+import re, torch
+from tritonlstm import compilecheck as cc
+from tritonlstm.configs import named_variants
+ptx = []
+report = cc._ptxas_report
+cc._ptxas_report = lambda text: ptx.append(text) or report(text)
+for kernel, name in (("fwd", "transposed"), ("bwd", "transposed"), ("fwd", "flags"), ("bwd", "flags"),
+                     ("fwd", "tagged"), ("bwd", "tagged")):
+    cfg = named_variants(kernel, 256, 16, torch.float16, 132)[name]
+    r = cc.check(kernel, torch.float16, 256, cfg, prefetch=cfg.prefetches(16, 256))
+    ops = sorted(set(re.findall(r"\\b(?:atom|ld|st|fence)\\.[a-z0-9_.]+", ptx[-1])))
+    print(kernel, name, r.ok, " ".join(ops))
+"""
+
+# What each exchange's correctness on a GPU rests on beyond its protocol (which tests/test_concurrent_programs.py
+# checks on the interpreter, where every store is visible at once): the memory ordering of its instructions.
+ORDERING = {
+    "transposed": ("atom.global.gpu.acq_rel.add", "atom.global.gpu.release.max"),  # counter: arrive/poll, give up
+    "flags": ("atom.global.gpu.release.exch", "ld.volatile.global", "fence.acq_rel.gpu"),  # set, poll, acquire
+    "tagged": ("st.global.b64", "ld.volatile.global.b64"),  # a tag and its values stored and loaded as one word
+}
+
+
+def test_exchanges_compile_with_the_memory_ordering_they_rely_on():
+    """sm_90 PTX of the forward and backward kernels with each exchange between programs (fp16, H = 256, B = 16):
+    the counter barrier arrives and polls with acq_rel atomics at GPU scope and releases a failed wait with an
+    atomic max; the flags barrier sets a flag with a release exchange, polls with volatile loads and acquires
+    with a fence after them; the tagged exchange stores and loads each 8-byte word (tag and values) whole."""
+    proc = run_python("-c", ORDERING_COMPILE, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 6, proc.stdout
+    for line in lines:
+        kernel, name, ok, *ops = line.split()
+        assert ok == "True", line
+        for op in ORDERING[name]:
+            assert any(o.startswith(op) for o in ops), f"{kernel} {name}: no {op} in {ops}"
+
+
 CLUSTER_LAUNCH = """
 import importlib.util, sys
 import torch
