@@ -245,6 +245,25 @@ def test_floor_probe_computes_its_recurrence(mode):
     assert torch.equal(y, u)
 
 
+@pytest.mark.parametrize("mode", ["barrier", "flags", "counter-ld", "cluster"])
+def test_floor_probe_with_its_programs_at_once(mode, monkeypatch):
+    """The probe as it runs on a GPU, 3 programs at once (tests/concurrency.py): each exchange must make every
+    program's y_{t-1} visible before any reads it (the slowed program's outputs come late)."""
+    import torch
+
+    from concurrency import concurrent_programs
+    from tritonlstm.kernels import lstm
+
+    probe = _perf_script("floor_probe")
+    u = torch.randn(5, 3, 48, dtype=torch.float16)
+    with concurrent_programs(5):
+        # The probe's own name for the kernels' cluster barrier, which the harness replaces by a barrier of threads.
+        monkeypatch.setattr(probe, "_cluster_barrier", lstm._cluster_barrier)
+        y, err = probe.launcher(u, 16, 4, mode, True)()
+    assert int(err[0]) == 0
+    torch.testing.assert_close(y, probe.reference(u), rtol=2e-3, atol=2e-3)
+
+
 CLUSTER_PTX = """
 import importlib.util, re, sys
 import triton
