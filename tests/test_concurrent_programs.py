@@ -170,3 +170,22 @@ def test_stack_wavefronts_with_programs_at_once(fwd_name, bwd_name, launches):
         assert rel_err(a, b) <= RESOLUTION[torch.float32]
     assert [k for k, _, _ in launches] == ["lstm_fwd_kernel", "lstm_bwd_kernel"]
     assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
+
+
+@pytest.mark.parametrize("exchange", ["barrier", "flags", "tagged"])
+def test_waits_that_give_up_together_poison_the_rest_and_raise(exchange, monkeypatch):
+    """max_spin = 2 polls: the programs waiting for the slowed one give up at about the same time (perf/NOTES.md
+    v0.14: several give-ups must release the launch once, not wrap the counter), every output from then on is NaN,
+    and the failure is reported."""
+    import tritonlstm
+
+    monkeypatch.setattr(kernels.barrier_errors, "launched", lambda device, capturing: None)
+    torch.manual_seed(5)
+    H, B = 64, 5
+    config = dataclasses.replace(variant("fwd", "unsplit" if exchange == "barrier" else exchange, H, B), max_spin=2)
+    problem = make_problem(4, B, H, H, torch.float32)
+    with concurrent_programs(6), use_config(config, "fwd"), torch.no_grad():
+        y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+    assert torch.isnan(y[-1]).all() and torch.isnan(hn).all() and torch.isnan(cn).all()
+    with pytest.raises(RuntimeError, match="barrier"):
+        tritonlstm.synchronize("cpu")
