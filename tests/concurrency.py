@@ -2,16 +2,18 @@
 
 The interpreter runs a launch's programs one after another, so a persistent launch of more than one program
 cannot run there (the first program would wait at its first barrier for programs that have not started), and the
-kernels' exchanges between programs (the grid barrier, the flags barrier, tagged words, the backward's
-reduce-scatter and 2-D grid) are otherwise exercised only on a GPU. Inside `concurrent_programs()` every program of
-a launch runs in its own thread, so the barriers work as on a GPU: by atomics and polled loads on shared memory.
+kernels' exchanges between programs (the grid barrier, the flags barrier, tagged words, the cluster barrier, the
+backward's reduce-scatter and 2-D grid) are otherwise exercised only on a GPU. Inside `concurrent_programs()`
+every program of a launch runs in its own thread, so the barriers work as on a GPU: by atomics and polled loads on
+shared memory.
 
 Threads switch often (a 10 us switch interval) but otherwise keep near step with one another, which hides most
 ordering bugs. So one program of each launch, drawn from a seeded generator, is made slow: it sleeps before each of
 its stores. A program that reads another's output before a barrier or flag guarantees it was written then reads
-stale memory, and the result is wrong (checked: the forward with no barrier, or with a barrier that waits for one
-program fewer, fails every time at the shapes of tests/test_concurrent_programs.py). What this cannot find is
-what the GPU's weaker memory ordering adds (a missing fence): the interpreter's stores are visible at once.
+stale memory, and the result is wrong (checked: a counter barrier that waits for one program fewer fails every
+test of tests/test_concurrent_programs.py that uses it). What this cannot find is what the GPU's weaker memory
+ordering adds (a missing fence): the interpreter's stores are visible at once (tests/test_compilecheck.py reads
+each exchange's ordering off its PTX instead).
 """
 
 from __future__ import annotations
