@@ -1,8 +1,8 @@
 """Every named variant of the recurrence kernels as a persistent launch of several programs running at once
 (tests/concurrency.py), over more shapes than CI's tests/test_concurrent_programs.py: single layers (lengths,
 reverse) against the float64 reference, two-layer stacks with dropout against the same stack run stepwise.
-Outside CI (~25 minutes on a 2-core machine as two processes). Prints one line per case; a failure is "BAD" (errors
-over tolerance) or "ERR" (an exception).
+Outside CI: about an hour on a 2-core machine as two processes (a stack of 100 programs takes up to 13 minutes).
+Prints one line per case; a failure is "BAD" (errors over tolerance) or "ERR" (an exception).
 
     python tests/sweep_concurrent.py [part parts]     # e.g. "0 2" and "1 2" in two processes
 """
