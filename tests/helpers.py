@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 
 import torch
 
+from tritonlstm import fused_lstm, use_config
 from tritonlstm.naive import lstm_layer_reference
 
 # Relative error ||out - ref|| / ||ref|| allowed per dtype, against a float64 reference run on the same
@@ -79,3 +81,36 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-2) -> float:
         return float("inf")
     denom = max(ref.norm().item(), floor * ref.numel() ** 0.5, 1e-30)
     return (out - ref).norm().item() / denom
+
+
+def check_against_reference(problem, dtype, *, reverse=False, lengths=None, config=None, grad_factor=2.0, tol=None,
+                            kernel=None):
+    """fused_lstm on the kernels (backend="triton") against the float64 reference: outputs within tol (the dtype's
+    RESOLUTION), every gradient within tol * grad_factor, padded outputs zero. Returns the errors."""
+    p_ref, (y_r, hn_r, cn_r) = reference(problem, reverse=reverse, lengths=lengths)
+    weights = tuple(torch.randn_like(t) for t in (y_r, hn_r, cn_r))
+    loss_of(y_r, hn_r, cn_r, weights).backward()
+
+    p = leaf(problem)
+    # kernel None: every kernel; config None: the configs chosen around the call (the normal choice, or a caller's
+    # use_config)
+    with use_config(config, kernel) if config is not None else contextlib.nullcontext():
+        y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), reverse=reverse, lengths=lengths, backend="triton",
+                                 **call_kwargs(p))
+        assert y.dtype == hn.dtype == cn.dtype == dtype
+        loss_of(y, hn, cn, weights).backward()
+
+    tol = tol or RESOLUTION[dtype]
+    errors = {"y": rel_err(y, y_r), "h_n": rel_err(hn, hn_r), "c_n": rel_err(cn, cn_r)}
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    for n in (*NAMES, "weight_hr"):
+        if p.get(n) is not None:
+            assert p[n].grad is not None, f"no gradient for {n}"
+            errors[f"d{n}"] = e = rel_err(p[n].grad, p_ref[n].grad)
+            if not e <= tol * grad_factor:
+                bad[f"d{n}"] = e
+    if lengths is not None:
+        for b, n in enumerate(lengths.tolist()):
+            assert (y[n:, b] == 0).all(), "padded outputs must be zero"
+    assert not bad, f"errors over tolerance {tol}: {bad} (all: {errors})"
+    return errors

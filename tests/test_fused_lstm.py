@@ -10,7 +10,17 @@ import torch
 import triton.language as tl
 
 import tritonlstm
-from helpers import NAMES, RESOLUTION, RESOLUTION_GPU, call_kwargs, leaf, loss_of, make_problem, reference, rel_err
+from helpers import (
+    NAMES,
+    RESOLUTION,
+    RESOLUTION_GPU,
+    check_against_reference,
+    leaf,
+    loss_of,
+    make_problem,
+    reference,
+    rel_err,
+)
 from tritonlstm import LSTMConfig, fused_lstm, use_config
 from tritonlstm.functional import lstm_layer
 from tritonlstm.kernels import lstm as kernels
@@ -33,37 +43,6 @@ def kernel_calls(monkeypatch):
     monkeypatch.setattr(kernels, "lstm_forward", spy_fwd)
     monkeypatch.setattr(kernels, "lstm_backward", spy_bwd)
     return calls
-
-
-def check_against_reference(problem, dtype, *, reverse=False, lengths=None, config=None, grad_factor=2.0, tol=None,
-                            kernel=None):
-    _, ref_out = reference(problem, reverse=reverse, lengths=lengths)
-    weights = tuple(torch.randn_like(t) for t in ref_out)
-    p_ref, _ = None, None
-    p_ref, (y_r, hn_r, cn_r) = reference(problem, reverse=reverse, lengths=lengths)
-    loss_of(y_r, hn_r, cn_r, weights).backward()
-
-    p = leaf(problem)
-    with use_config(config, kernel):  # kernel None: every kernel
-        y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), reverse=reverse, lengths=lengths, backend="triton",
-                                 **call_kwargs(p))
-        assert y.dtype == hn.dtype == cn.dtype == dtype
-        loss_of(y, hn, cn, weights).backward()
-
-    tol = tol or RESOLUTION[dtype]
-    errors = {"y": rel_err(y, y_r), "h_n": rel_err(hn, hn_r), "c_n": rel_err(cn, cn_r)}
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    for n in (*NAMES, "weight_hr"):
-        if p.get(n) is not None:
-            assert p[n].grad is not None, f"no gradient for {n}"
-            errors[f"d{n}"] = e = rel_err(p[n].grad, p_ref[n].grad)
-            if not e <= tol * grad_factor:
-                bad[f"d{n}"] = e
-    if lengths is not None:
-        for b, n in enumerate(lengths.tolist()):
-            assert (y[n:, b] == 0).all(), "padded outputs must be zero"
-    assert not bad, f"errors over tolerance {tol}: {bad} (all: {errors})"
-    return errors
 
 
 def _shape_cases():
