@@ -6,6 +6,12 @@ default), 5-8x slower on an H100. The layers' float32 GEMMs come here instead wh
 TF32 (tritonlstm.functional decides), so that a float32 LSTM runs the arithmetic nn.LSTM runs. No global flag
 is touched: PyTorch's precision flags are process-wide, and flipping them around a call would change other
 threads' matmuls and, mixing its legacy and new APIs, make PyTorch raise.
+
+TF32 warpgroup MMAs read both operands K-major (K the unit stride) from shared memory. Given an operand whose unit
+stride is along M or N, Triton gathers it there with 4-byte cp.async, one row of global memory a thread: run 6's
+probe (H100) had the weight gradients dG^T @ x at 23-48 TFLOP/s and dG @ W at 75-80, against 217-232 for the
+K-major x @ W^T. Such operands are restaged K-major first by `restage_kernel` (coalesced on both sides), in chunks
+of K so that the staging stays a fraction of the operand (perf/NOTES.md v0.37).
 """
 
 import torch
@@ -15,7 +21,7 @@ import triton.language as tl
 
 @triton.jit
 def matmul_kernel(A, B, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
-                  PRECISION: tl.constexpr,
+                  PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # Tiles of GROUP_M rows of C share their B columns in L2 before the next group starts.
     pid = tl.program_id(0)
@@ -38,7 +44,22 @@ def matmul_kernel(A, B, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
         b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     c = C + rm[:, None].to(tl.int64) * s_cm + rn[None, :].to(tl.int64) * s_cn
-    tl.store(c, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ACCUMULATE:  # C += A @ B: the chunks of K after the first
+        acc += tl.load(c, mask=c_mask, other=0.0)
+    tl.store(c, acc, mask=c_mask)
+
+
+@triton.jit
+def restage_kernel(X, Y, R, C, s_xr, s_xc, s_yr, s_yc, BR: tl.constexpr, BC: tl.constexpr):
+    # Y[r, c] = X[r, c] between two layouts of one [R, C] matrix; Triton coalesces the load along X's unit stride and
+    # the store along Y's, exchanging the tile through shared memory.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (r[:, None] < R) & (c[None, :] < C)
+    r64, c64 = r.to(tl.int64), c.to(tl.int64)
+    v = tl.load(X + r64[:, None] * s_xr + c64[None, :] * s_xc, mask=mask)
+    tl.store(Y + r64[:, None] * s_yr + c64[None, :] * s_yc, v, mask=mask)
 
 
 def _config(M: int, N: int, interpreting: bool) -> dict:
@@ -46,10 +67,37 @@ def _config(M: int, N: int, interpreting: bool) -> dict:
 
     if interpreting:
         return dict(BM=16, BN=16, BK=16, GROUP_M=4, num_warps=4, num_stages=1)
-    # 128 x 128 tiles while they still give the GPU's SMs work (an H100 has 132), 64 x 64 below that.
-    if cdiv(M, 128) * cdiv(N, 128) >= 64:
+    # 128 x 128 tiles where they give an H100's 132 SMs about a wave, 128 x 64 where those do (a weight gradient
+    # at H = 512: 64 tiles of 128 x 128 left half the SMs idle through K = T*B), 64 x 64 below that.
+    if cdiv(M, 128) * cdiv(N, 128) >= 128:
         return dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=3)
+    if cdiv(M, 128) * cdiv(N, 64) >= 64:
+        return dict(BM=128, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3)
     return dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+# Restaging (see the module's docstring): only where the product is worth a few more launches. Operands of up to
+# RESTAGE_WHOLE_BYTES (a weight, for dG @ W) are restaged whole; larger ones in chunks of K of 1 / RESTAGE_CHUNKS
+# of them (at least RESTAGE_MIN_BYTES), so a weight gradient over T*B rows adds an eighth of dG to the training
+# step's peak, not a second dG.
+RESTAGE_MIN_FLOPS = 2 ** 33
+RESTAGE_WHOLE_BYTES = 32 * 2 ** 20
+RESTAGE_CHUNKS = 8
+RESTAGE_MIN_BYTES = 8 * 2 ** 20
+
+
+def _restage(x: torch.Tensor, y: torch.Tensor) -> None:
+    """y[:] = x for two [R, C] views of different layouts, float32."""
+    from tritonlstm.configs import cdiv
+    from tritonlstm.kernels.lstm import _compiling_only
+
+    R, C = x.shape
+    grid = (cdiv(R, 64), cdiv(C, 64))
+    args = (x, y, R, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+    if _compiling_only.get():
+        restage_kernel.warmup(*args, grid=grid, BR=64, BC=64, num_warps=4)
+        return
+    restage_kernel[grid](*args, BR=64, BC=64, num_warps=4)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32") -> torch.Tensor:
@@ -72,9 +120,33 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32") -> torc
     out = torch.empty((M, N), dtype=torch.float32, device=a.device)
     cfg = _config(M, N, interpreting())
     grid = (cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]),)
-    args = (a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
-    if _compiling_only.get():  # kernels.lstm.compile_only: compile what would launch, launch nothing
-        matmul_kernel.warmup(*args, grid=grid, PRECISION=precision, **cfg)
+
+    def launch(a, b, accumulate):
+        args = (a, b, out, M, N, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+                out.stride(1))
+        if _compiling_only.get():  # kernels.lstm.compile_only: compile what would launch, launch nothing
+            matmul_kernel.warmup(*args, grid=grid, PRECISION=precision, ACCUMULATE=accumulate, **cfg)
+        else:
+            matmul_kernel[grid](*args, PRECISION=precision, ACCUMULATE=accumulate, **cfg)
+
+    restage_a, restage_b = a.stride(1) != 1 and K > 1, b.stride(0) != 1 and K > 1
+    if precision != "tf32" or not (restage_a or restage_b) or 2 * M * N * K < RESTAGE_MIN_FLOPS:
+        launch(a, b, False)
         return out
-    matmul_kernel[grid](*args, PRECISION=precision, **cfg)
+    per_k = 4 * (M * restage_a + N * restage_b)  # staging bytes per unit of K
+    chunk = K if per_k * K <= RESTAGE_WHOLE_BYTES else max(cdiv(K, RESTAGE_CHUNKS), RESTAGE_MIN_BYTES // per_k)
+    chunk = min(K, cdiv(chunk, 32) * 32)
+    # Staging stored [M, chunk] and [N, chunk] row-major: both K-major as the kernel reads them.
+    stage_a = torch.empty((M, chunk), dtype=torch.float32, device=a.device) if restage_a else None
+    stage_b = torch.empty((N, chunk), dtype=torch.float32, device=a.device) if restage_b else None
+    for k0 in range(0, K, chunk):
+        n = min(chunk, K - k0)
+        a_k, b_k = a[:, k0:k0 + n], b[k0:k0 + n]
+        if restage_a:
+            _restage(a_k, stage_a[:, :n])
+            a_k = stage_a[:, :n]
+        if restage_b:
+            _restage(b_k, stage_b[:, :n].t())
+            b_k = stage_b[:, :n].t()
+        launch(a_k, b_k, k0 > 0)
     return out

@@ -180,7 +180,8 @@ def test_kernel_ab_variants_are_runnable_configs():
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "tagged",
                 "split-tagged", "streamed", "wide", "wide-bh32", "wide-bh64", "flags"}
         fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4", "transposed", "transposed-flags",
-                    "transposed-streamed", "transposed-streamed-bb128"}
+                    "transposed-streamed", "transposed-streamed-bb128",
+                    "no-prefetch"}  # (the heuristic's pick there, bb128 since v0.38, prefetches)
         # The backward's transposed (reduce-scatter) variants only where every program owns one batch tile.
         assert set(got) == want | (fwd_only if kernel == "fwd" else {"grid-2d", "grid-2d-bb64"}), got
         assert [got[f"wide-bh{bh}"].block_h for bh in (32, 64)] == [32, 64]

@@ -80,16 +80,21 @@ def test_heuristic_tiles_keep_programs_resident_and_weights_on_chip_up_to_1024()
     assert heuristic_config(512, 256, torch.float16, 132, measured=False).w_resident  # 2 tiles per program: stays
 
 
-# The forward layouts that won the H100 A/B (runs 4-5: the tuner's log of every named variant, perf/NOTES.md
-# v0.20), and the backward's 16-bit large-batch tiles: (kernel, dtype, H, B) -> configs.named_variants name.
+# The layouts that won the H100's tuner logs (every named variant: runs 4-5 for the 16-bit forward, perf/NOTES.md
+# v0.20; run 6 for the float32 forward, the forward at H = 1024, B = 256 and the backward, v0.38), other than the
+# cluster barrier's (Hopper's alone): (kernel, dtype, H, B) -> configs.named_variants name.
 MEASURED_WINNERS = {
     ("fwd", torch.float16, 512, 16): "transposed", ("fwd", torch.bfloat16, 1024, 1): "transposed",
-    ("fwd", torch.float32, 256, 16): "transposed", ("fwd", torch.float32, 1024, 16): "merged",
+    ("fwd", torch.float32, 256, 16): "transposed-half", ("fwd", torch.float32, 1024, 16): "transposed-half",
     ("fwd", torch.float16, 256, 64): "merged", ("fwd", torch.float16, 256, 256): "merged",
-    ("fwd", torch.float16, 1024, 64): "transposed", ("fwd", torch.float32, 1024, 64): "transposed-streamed",
-    ("fwd", torch.float16, 512, 256): "transposed-streamed", ("fwd", torch.bfloat16, 1024, 256): "transposed-streamed",
-    ("bwd", torch.float16, 512, 256): "split4", ("bwd", torch.bfloat16, 1024, 256): "split",
-    ("bwd", torch.float32, 512, 256): "wide",
+    ("fwd", torch.float16, 1024, 64): "transposed", ("fwd", torch.float32, 1024, 64): "transposed-half",
+    ("fwd", torch.float16, 512, 256): "transposed-streamed",
+    ("fwd", torch.bfloat16, 1024, 256): "transposed-streamed-bb128",
+    ("fwd", torch.float32, 1024, 256): "transposed-streamed-bb128",
+    ("bwd", torch.float16, 256, 16): "transposed", ("bwd", torch.float32, 512, 64): "transposed",
+    ("bwd", torch.float16, 256, 256): "unsplit-w4", ("bwd", torch.float16, 512, 64): "split4",
+    ("bwd", torch.float16, 512, 256): "grid-2d", ("bwd", torch.bfloat16, 1024, 64): "grid-2d",
+    ("bwd", torch.float32, 512, 256): "grid-2d", ("bwd", torch.float32, 1024, 256): "wide",
 }
 
 
@@ -202,9 +207,9 @@ def test_half_w_configs():
             assert (got is not None) == (kernel == "fwd" and dtype == torch.float32), (kernel, dtype, got)
     assert named_variants("fwd", 1024, 16, torch.float32, 132)["transposed-half"] == dataclasses.replace(
         named_variants("fwd", 1024, 16, torch.float16, 132)["transposed"], half_w=True)
-    # The single-layer heuristic keeps the measured winner (merged) until the tuner has timed transposed-half,
-    # which both searches offer for float32 only.
-    assert not heuristic_config(1024, 16, torch.float32, 132).half_w
+    # Timed by run 6's tuner (v0.38), transposed-half is the single-layer heuristic's float32 pick from there on;
+    # both searches offer it for float32 only.
+    assert heuristic_config(1024, 16, torch.float32, 132).half_w
     from tritonlstm.tuning import candidates
 
     for dtype in (torch.float16, torch.float32):
@@ -326,7 +331,7 @@ def test_fit_shared_memory_keeps_h100_picks_and_fits_smaller_gpus():
     assert bwd.w_resident and bwd.block_h == 8
     fp32 = fit_shared_memory(heuristic_config(1024, 16, torch.float32, gpu.sms), "fwd", 1024, 16, torch.float32,
                              gpu.sms, gpu.smem)
-    assert not fp32.w_resident and fp32.block_k == 16 and fp32.persistent
+    assert not fp32.w_resident and fp32.persistent and (fp32.transposed, fp32.half_w, fp32.block_k) == (True, False, 32)
 
 
 def test_picks_fitted_to_an_rtx4090_compile_for_sm89_within_its_shared_memory():

@@ -24,14 +24,55 @@ def test_matmul_matches_torch_with_any_strides(M, K, N):
 
 
 def test_matmul_compiles_for_sm90_onto_warpgroup_mma(tmp_path):
-    """Compile-only (sm_90): each tile config in each of the layers' operand layouts, as launched."""
+    """Compile-only (sm_90): each tile config in each of the layers' operand layouts, as launched, and the
+    restaging copy. K-major operands (x @ W^T, and restaged chunks) reach shared memory in 16-byte copies; the
+    layouts that restaging replaces are gathered 4 bytes at a time (v0.37's reason), and the copy itself loads and
+    stores 16 bytes wide on both sides."""
     import json
 
     out = tmp_path / "mm.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--matmul", "--json", str(out), timeout=600)
     rows = json.loads(out.read_text())
-    assert proc.returncode == 0 and len(rows) == 6, proc.stdout + proc.stderr[-2000:]
-    assert all(r["error"] is None and r["spill_bytes"] == 0 and r["wgmma"] for r in rows), rows
+    gemms, (copy,) = rows[:-1], rows[-1:]
+    assert proc.returncode == 0 and len(gemms) == 12, proc.stdout + proc.stderr[-2000:]
+    assert all(r["error"] is None and r["spill_bytes"] == 0 and r["wgmma"] for r in gemms), gemms
+    for r in gemms:
+        assert (r["narrow_copies"] == 0) == (r["layout"] in ("x @ W^T", "restaged")), r
+    assert copy["layout"] == "restage" and copy["spill_bytes"] == 0, copy
+    assert copy["wide_loads"] > 0 and copy["wide_stores"] > 0 and copy["narrow_loads"] == 0, copy
+
+
+@pytest.mark.parametrize("layout", ["a M-major", "b N-major", "both", "K-major"])
+def test_matmul_restages_gathered_operands_k_major_in_chunks(monkeypatch, layout):
+    """v0.37: an operand whose unit stride is not along K is copied K-major in chunks of K (the last one partial),
+    each chunk's product accumulated into C; K-major operands go straight to the GEMM. Thresholds lowered so the
+    interpreter's small problem takes the GPU's path for large ones."""
+    monkeypatch.setattr(mm, "RESTAGE_MIN_FLOPS", 0)
+    monkeypatch.setattr(mm, "RESTAGE_WHOLE_BYTES", 0)
+    monkeypatch.setattr(mm, "RESTAGE_MIN_BYTES", 0)
+    restaged = []
+    real = mm._restage
+    monkeypatch.setattr(mm, "_restage", lambda x, y: restaged.append(tuple(x.shape)) or real(x, y))
+    M, K, N = 40, 300, 24
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(K, M, generator=g).t() if layout in ("a M-major", "both") else torch.randn(M, K, generator=g)
+    b = torch.randn(K, N, generator=g) if layout in ("b N-major", "both") else torch.randn(N, K, generator=g).t()
+    torch.testing.assert_close(mm.matmul(a, b), a @ b, rtol=1e-5, atol=1e-4)  # (sums over K = 300)
+    chunks = [64, 64, 64, 64, 44]  # K / RESTAGE_CHUNKS, rounded up to the GEMM's BK multiple (32)
+    want = {"a M-major": [(M, k) for k in chunks], "b N-major": [(k, N) for k in chunks],
+            "both": [s for k in chunks for s in ((M, k), (k, N))], "K-major": []}[layout]
+    assert restaged == want
+
+
+def test_matmul_restages_a_small_operand_whole(monkeypatch):
+    """dG @ W: the weight (under RESTAGE_WHOLE_BYTES) restaged in one piece, so the product runs once over dG."""
+    monkeypatch.setattr(mm, "RESTAGE_MIN_FLOPS", 0)
+    restaged = []
+    monkeypatch.setattr(mm, "_restage", lambda x, y, real=mm._restage: restaged.append(tuple(x.shape)) or real(x, y))
+    g = torch.Generator().manual_seed(8)
+    dg, w = torch.randn(50, 64, generator=g), torch.randn(64, 16, generator=g)  # w [K = 4H, N = H], N-major
+    torch.testing.assert_close(mm.matmul(dg, w), dg @ w, rtol=1e-5, atol=1e-5)
+    assert restaged == [(64, 16)]
 
 
 def test_matmul_empty_and_refusals():

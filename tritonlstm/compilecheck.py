@@ -344,9 +344,10 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
           + (f" {r.error}" if r.error else ""), flush=True)
 
 
-# The float32 GEMMs' operand layouts (kernels/matmul.py): which strides are 1 in each of the layers' products.
+# The float32 GEMMs' operand layouts (kernels/matmul.py): which strides are 1 in each of the layers' products as
+# they come, and in a chunk of K restaged K-major (accumulating into C), as the last two run from v0.37.
 MATMUL_LAYOUTS = {"x @ W^T": ("s_ak", "s_bk", "s_cn"), "dG @ W": ("s_ak", "s_bn", "s_cn"),
-                  "dG^T @ x": ("s_am", "s_bn", "s_cn")}
+                  "dG^T @ x": ("s_am", "s_bn", "s_cn"), "restaged": ("s_ak", "s_bk", "s_cn")}
 
 
 def check_matmul() -> list[dict]:
@@ -363,10 +364,11 @@ def check_matmul() -> list[dict]:
                                                                          "s_bn", "s_cm", "s_cn")}
     names = list(base)
     rows = []
-    for tiles in (mm._config(4096, 4096, False), mm._config(64, 64, False)):
+    for tiles in (mm._config(4096, 4096, False), mm._config(2048, 512, False), mm._config(64, 64, False)):
         for layout, unit in MATMUL_LAYOUTS.items():
             sig = dict(base)
-            consts = dict(PRECISION="tf32", **{k: tiles[k] for k in ("BM", "BN", "BK", "GROUP_M")})
+            consts = dict(PRECISION="tf32", ACCUMULATE=layout == "restaged",
+                          **{k: tiles[k] for k in ("BM", "BN", "BK", "GROUP_M")})
             for n in unit:
                 sig[n], consts[n] = "constexpr", 1
             attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in unit}
@@ -378,9 +380,25 @@ def check_matmul() -> list[dict]:
                 row["shared"] = c.metadata.shared
                 row["registers"], row["spill_bytes"] = _ptxas_report(c.asm["ptx"])
                 row["wgmma"] = "wgmma.mma_async" in c.asm["ptx"]
+                # 4-byte cp.async: an operand gathered one element a thread (what restaging avoids)
+                row["narrow_copies"] = len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x4",
+                                                      c.asm["ptx"]))
             except Exception as e:  # a compile failure is a finding
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             rows.append(row)
+    # The restaging copy, from an M-major [M, K] chunk into K-major staging: 16-byte loads and stores both sides.
+    sig = {"X": "*fp32", "Y": "*fp32", "R": "i32", "C": "i32", "s_xr": "constexpr", "s_xc": "i32", "s_yr": "i32",
+           "s_yc": "constexpr"}
+    c = triton.compile(ASTSource(fn=mm.restage_kernel, signature=sig,
+                                 constexprs=dict(s_xr=1, s_yc=1, BR=64, BC=64),
+                                 attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6)}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptx = c.asm["ptx"]
+    rows.append({"tiles": {"BM": 64, "BN": 64, "BK": 0, "num_warps": 4}, "layout": "restage", "error": None,
+                 "shared": c.metadata.shared, "wide_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+                 "wide_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx)),
+                 "narrow_loads": len(re.findall(r"ld\.global(?:\.(?!v[24]\b)\w+)*\.b32 ", ptx)),
+                 "spill_bytes": _ptxas_report(ptx)[1]})
     return rows
 
 
@@ -412,9 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = check_matmul()
         for r in rows:
             t = r["tiles"]
+            if r["layout"] == "restage":
+                print(f"restage {t['BM']}x{t['BN']} warps={t['num_warps']} shared={r['shared']} 16-byte loads "
+                      f"{r['wide_loads']} stores {r['wide_stores']}, 4-byte loads {r['narrow_loads']}")
+                continue
             print(f"matmul {t['BM']}x{t['BN']}x{t['BK']} warps={t['num_warps']} {r['layout']:9} "
                   + (r["error"] or f"shared={r['shared']} regs={r['registers']} spills={r['spill_bytes']} "
-                                   f"wgmma={r['wgmma']}"))
+                                   f"wgmma={r['wgmma']} 4-byte cp.async={r['narrow_copies']}"))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -259,6 +259,8 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
     hk = max(16, _pow2(hidden))
     if measured and kernel in ("fwd", "stack") and not interpreter and num_sms is not None:
         return measured_forward_layout(hidden, batch, dtype, num_sms, directions, layers)
+    if measured and kernel == "bwd" and directions == 1 and layers == 1 and not interpreter and num_sms is not None:
+        return measured_backward_layout(hidden, batch, dtype, num_sms)
     if interpreter or num_sms is None:
         bh = min(_pow2(hidden), _MAX_BLOCK_H)
         bb = min(_pow2(batch), 32)
@@ -368,6 +370,14 @@ def measured_forward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms
         # perf/NOTES.md v0.29). Single layers take it from the tuner ("transposed-half") until it is measured.
         half = esize == 4 and aligned and not resident and transposed_fits(hidden, 2, layers)
         return transposed_config(hidden, batch, esize, share, 16, half_w=half) if resident or half else tiles
+    if esize == 4 and aligned and directions == 1 and transposed_fits(hidden, 2) and (batch <= 64 or hidden <= 256):
+        # Run 6's float32 re-tune (v0.38): W^T in float16 won 9 of the 12 keys (0.65-0.93x the shipped step), and
+        # at H = 256, B <= 16 it came second only to the cluster barrier, which is Hopper's alone.
+        return transposed_config(hidden, batch, esize, share, 16, half_w=True)
+    if batch >= 128 and hidden >= 1024 and aligned and directions == 1:
+        # 128-row tiles with W^T streamed once for them (v0.36): 0.69-0.75x the 64-row tiles' step in run 6 at
+        # H = 1024, B = 256, every dtype; at H = 512 they lost (fp32: 1.28x).
+        return dataclasses.replace(transposed_config(hidden, batch, esize, share, 128, streamed=True), num_warps=8)
     plain = heuristic_config(hidden, batch, dtype, num_sms, directions=directions, kernel="none", measured=False)
     # Measured on resident tiles only (streamed, untimed, it spills 16 bytes at 8 warps): the tiles elsewhere.
     merged = dataclasses.replace(plain, merged_gates=True, num_warps=8) if plain.w_resident else tiles
@@ -380,6 +390,37 @@ def measured_forward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms
     if batch <= 64 and resident:
         return transposed_config(hidden, batch, esize, share, 16)
     return transposed_config(hidden, batch, esize, share, 64 if batch >= 64 else 16, streamed=True)
+
+
+def measured_backward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms: int) -> LSTMConfig:
+    """A single direction's backward layout from run 6's tuner log (H100, every named variant at the 36 keys of
+    the single-layer matrix; perf/NOTES.md v0.38), as a rule of the shape:
+
+    - the 2-D grid in 16-bit at H = 512 from 128 rows and at H >= 1024 from 64 (0.44-0.55x the split tiles' time;
+      at H = 512, B = 64 it took 1.39x), and in fp32 at H = 512 from 128 rows (0.62x); fp32 at H = 1024 kept the
+      split or wide tiles.
+    - the reduce-scatter tiles up to 64 rows at H <= 256, and in fp32 at H = 512 (0.78-0.98x). Their cluster
+      barrier was faster still at H = 256 (0.68-0.78x), but clusters launch on Hopper alone: the tuner, or the
+      shipped configs of an H100, pick it.
+    - unsplit tiles on 4 warps at H <= 256 in 16-bit from 128 rows (0.75x).
+    - otherwise the tiles of `heuristic_config(measured=False)` (16-bit H = 512 up to 64 rows and H = 1024 up to
+      16: the split tiles stayed best).
+    Only where H is a multiple of 16, like every measured shape."""
+    tiles = heuristic_config(hidden, batch, dtype, num_sms, kernel="bwd", measured=False)
+    esize = dtype.itemsize
+    if hidden % 16 or not tiles.persistent or cdiv(hidden, 16) > num_sms:
+        return tiles
+    if hidden >= 512 and batch >= (64 if esize < 4 and hidden >= 1024 else 128) and (esize < 4 or hidden <= 512):
+        grid = grid_2d_config(hidden, batch, esize, num_sms)
+        if grid is not None:
+            return grid
+    if batch <= 64 and (hidden <= 256 or esize == 4 and hidden <= 512) and hidden > 16 \
+            and transposed_fits(hidden, esize) \
+            and cdiv(batch, 16) <= batch_groups(hidden, batch, 16, 16, num_sms):
+        return reduce_scatter_config(hidden, batch, esize, num_sms)
+    if esize < 4 and hidden <= 256 and batch >= 128 and tiles.w_resident:
+        return heuristic_config(hidden, batch, dtype, num_sms, kernel="none")  # (named_variants' "unsplit-w4")
+    return tiles
 
 
 def wide_tile_config(hidden: int, batch: int, esize: int, num_sms: int, kernel: str) -> LSTMConfig:

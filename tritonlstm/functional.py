@@ -313,14 +313,16 @@ def _graph_released_after_this_backward(ctx, *saved: Tensor) -> bool:
 
 
 def _launch(kernel: str, H: int, B: int, dtype: torch.dtype, device: torch.device, launch, directions: int = 1,
-            layers: int = 1):
+            layers: int = 1, steps: int | None = None):
     """launch(config) with the config select_config picks. Where Triton finds that config needs more shared memory
     than this GPU has (configs.fit_shared_memory sizes every pick from an estimate checked on sm_80 / sm_86 /
     sm_89 / sm_90; this is for the GPUs it was not checked on), once more with configs.last_resort_config, and a
     warning that says so. The kernel has not started when Triton raises that, so nothing was written."""
     k = _kernels()
     config = select_config(H, B, dtype, device, k.interpreting(), kernel, directions, layers)
-    if config.half_w and kernel in ("fwd", "stack") and not k.half_w_allowed(dtype):  # a cache may hold others
+    # half_w where allowed (a cache may hold others), and not for one step (an LSTMCell's): it reads W once, so
+    # converting W to float16 first would cost a launch and save nothing.
+    if config.half_w and kernel in ("fwd", "stack") and (not k.half_w_allowed(dtype) or steps == 1):
         config = without_half_w(config)
     from triton.runtime.errors import OutOfResources
 
@@ -347,7 +349,7 @@ def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: 
     y, hn, cn, gates, c_all = _launch("fwd", H, B, gx.dtype, gx.device, lambda config: k.lstm_forward(
         gx, weight_hh.contiguous(), None if bias is None else bias.contiguous(), h0.contiguous(), c_ws,
         _last_steps(lengths, gx.device), reverse=reverse, store_gates=training, config=config,
-        gates_out=gx if gates_into_gx and training and lengths is None else None), directions=D)
+        gates_out=gx if gates_into_gx and training and lengths is None else None), directions=D, steps=T)
     if not training:
         return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0)
     return y, hn, cn, gates, c_all

@@ -247,7 +247,7 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
     # The flags barrier (v0.19) on the heuristic's tiles and the transposed ones: a change of the exchange alone,
     # not worth doubling every candidate (compiling dominates a tuning run).
     out += [dataclasses.replace(c, exchange="flags") for i, c in enumerate(out)
-            if c.persistent and c.exchange == "barrier" and (i == 0 or c.transposed)]
+            if c.persistent and c.exchange == "barrier" and not c.grid_2d and (i == 0 or c.transposed)]
     # The estimate (configs.shared_bytes) for the layouts the loop above did not size: none is dropped on an H100.
     return [c for c in dict.fromkeys(out) if shared_bytes(c, kernel, hidden, esize) <= smem_limit]
 
