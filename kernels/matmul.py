@@ -78,11 +78,12 @@ def _config(M: int, N: int, interpreting: bool) -> dict:
 
 # Restaging (see the module's docstring): only where the product is worth a few more launches. Operands of up to
 # RESTAGE_WHOLE_BYTES (a weight, for dG @ W) are restaged whole; larger ones in chunks of K of 1 / RESTAGE_CHUNKS
-# of them (at least RESTAGE_MIN_BYTES), so a weight gradient over T*B rows adds an eighth of dG to the training
-# step's peak, not a second dG.
+# of them (at least RESTAGE_MIN_BYTES), so a weight gradient over T*B rows adds a sixteenth of dG and x to the
+# training step's peak (1.3 bytes per T*B*H in float32; an eighth took the step past the 36 bytes the memory test
+# allows, in a CPU emulation: perf/NOTES.md v0.37), not a second dG.
 RESTAGE_MIN_FLOPS = 2 ** 33
 RESTAGE_WHOLE_BYTES = 32 * 2 ** 20
-RESTAGE_CHUNKS = 8
+RESTAGE_CHUNKS = 16
 RESTAGE_MIN_BYTES = 8 * 2 ** 20
 
 

@@ -415,3 +415,32 @@ def test_host_time_through_tritons_launch_path_launches_the_kernel_every_call(mo
     assert "(1 Triton launches a call); torch.nn: " in lines["cell"], proc.stdout
     assert "(2 Triton launches a call); torch.nn: " in lines["cell_train"], proc.stdout
     assert "(2 Triton launches a call); torch.nn: " in lines["stack_fp32"], proc.stdout
+
+
+def test_merge_tuned_takes_winners_by_the_margin_and_leaves_the_rest(tmp_path, monkeypatch, capsys):
+    """perf/merge_tuned.py: a key takes the log's best where it beat the config that ran by more than the margin;
+    a key within the margin, and one whose best already ships, keep the shipped config; other keys stay."""
+    import torch
+
+    from tritonlstm import configs, tuning
+
+    merge = _perf_script("merge_tuned")
+    gpu = "NVIDIA H100 80GB HBM3"
+    shipped = tmp_path / "shipped.json"
+    monkeypatch.setattr(merge, "shipped_path", lambda name: shipped)
+    a, b, c = (configs.heuristic_config(256, 16, torch.float16, 132, kernel="bwd", measured=False),
+               configs.named_variants("bwd", 256, 16, torch.float16, 132)["transposed"],
+               configs.named_variants("bwd", 256, 16, torch.float16, 132)["split"])
+    tuning.write_configs(shipped, gpu, {"k-win": a, "k-close": a, "k-ships": b, "k-other": a}, "3.6.0")
+
+    def entry(key, best, best_ms, current_ms):
+        return {"key": key, "best": dataclasses.asdict(best), "best_ms": best_ms, "current_ms": current_ms}
+
+    log = tmp_path / "tune-log.json"
+    log.write_text(json.dumps({"gpu": gpu, "triton": "3.6.0", "keys": [
+        entry("k-win", b, 0.90, 1.0), entry("k-close", c, 0.99, 1.0), entry("k-ships", b, 0.5, 0.5)]}))
+    assert merge.main([str(log)]) == 0
+    got = tuning.read_configs(shipped, gpu, None)
+    assert got == {"k-win": b, "k-close": a, "k-ships": b, "k-other": a}
+    out = capsys.readouterr().out
+    assert "k-close" in out and "kept" in out and "already ships" in out and "1 keys written" in out

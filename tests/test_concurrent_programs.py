@@ -70,7 +70,10 @@ CASES = [
 def test_single_layer_with_programs_at_once(fwd_name, bwd_name, H, B, launches):
     torch.manual_seed(0)
     fwd, bwd = variant("fwd", fwd_name, H, B), variant("bwd", bwd_name, H, B)
-    run_and_compare(make_problem(4, B, H - 3, H, torch.float32), fwd, bwd)
+    # "no-prefetch" is the heuristic's pick without the prefetch: in float32 on float16 operands since v0.38 (half_w,
+    # as precise as TF32).
+    run_and_compare(make_problem(4, B, H - 3, H, torch.float32), fwd, bwd,
+                    tol=RESOLUTION_GPU[torch.float32] if fwd.half_w else None)
     assert [k for k, _, _ in launches] == ["lstm_fwd_kernel", "lstm_bwd_2d_kernel" if bwd.grid_2d
                                            else "lstm_bwd_kernel"]
     assert all(persistent and programs > 1 for _, programs, persistent in launches), launches

@@ -145,3 +145,57 @@ def test_training_forward_writes_the_gates_over_its_input_projection(monkeypatch
         y, _ = fused_lstm(*(p[n] for n in NAMES), lengths=lengths, backend="triton")
     assert seen == [lengths is None]
     assert mode.shapes.count((T, B, 4 * H)) + mode.shapes.count((T * B, 4 * H)) == (1 if lengths is None else 2)
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of every storage an ATen op creates, held until it is freed, and their peak: the allocated memory
+    of a step on the CPU, as the GPU's allocator would count it (without its rounding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.held = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in self.held:
+                storage = o.untyped_storage()
+                ptr, n = storage.data_ptr(), storage.nbytes()
+                if ptr:
+                    self.held.add(ptr)
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, ptr, n)
+        return out
+
+    def _free(self, ptr, n):
+        self.live -= n
+        self.held.discard(ptr)
+
+
+def _float32_training_peak(monkeypatch, restage: bool) -> int:
+    import tritonlstm.functional as F
+    from tritonlstm.kernels import matmul as mm
+
+    monkeypatch.setattr(F, "_TF32_GEMMS_ON_CPU", True)
+    monkeypatch.setattr(mm, "RESTAGE_MIN_FLOPS", 0 if restage else 2 ** 62)
+    monkeypatch.setattr(mm, "RESTAGE_WHOLE_BYTES", 0)
+    monkeypatch.setattr(mm, "RESTAGE_MIN_BYTES", 0)
+    p = leaf(make_problem(32, 16, 32, 32, torch.float32))
+    with LiveBytes() as mode:
+        y, _ = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+        y.backward(torch.ones_like(y))
+    return mode.peak
+
+
+def test_restaged_weight_gradients_add_at_most_their_staging_to_the_peak(monkeypatch):
+    """v0.37: the float32 GEMMs restage gathered operands in chunks of K; a training step's peak grows by at most
+    one chunk's staging of the largest product (dW: [4H, chunk] and [H, chunk], float32), not by a copy of dG.
+    Sixteenths of T*B = 512 rows are 32 (the GEMM's BK)."""
+    H, chunk = 32, 32
+    gathered = _float32_training_peak(monkeypatch, restage=False)
+    restaged = _float32_training_peak(monkeypatch, restage=True)
+    assert gathered < restaged <= gathered + 4 * (4 * H + H) * chunk, (gathered, restaged)

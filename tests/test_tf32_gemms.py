@@ -58,7 +58,7 @@ def test_matmul_restages_gathered_operands_k_major_in_chunks(monkeypatch, layout
     a = torch.randn(K, M, generator=g).t() if layout in ("a M-major", "both") else torch.randn(M, K, generator=g)
     b = torch.randn(K, N, generator=g) if layout in ("b N-major", "both") else torch.randn(N, K, generator=g).t()
     torch.testing.assert_close(mm.matmul(a, b), a @ b, rtol=1e-5, atol=1e-4)  # (sums over K = 300)
-    chunks = [64, 64, 64, 64, 44]  # K / RESTAGE_CHUNKS, rounded up to the GEMM's BK multiple (32)
+    chunks = [32] * 9 + [12]  # K / RESTAGE_CHUNKS, rounded up to the GEMM's BK multiple (32)
     want = {"a M-major": [(M, k) for k in chunks], "b N-major": [(k, N) for k in chunks],
             "both": [s for k in chunks for s in ((M, k), (k, N))], "K-major": []}[layout]
     assert restaged == want
