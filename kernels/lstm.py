@@ -258,11 +258,64 @@ def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_
             acc = tl.dot(t_w, tl.trans(b_x), acc, input_precision=DOT_PRECISION)
     if HALF_W:
         acc = acc * acc_mul
+    return _transposed_split(acc_i, acc_f, acc_g, acc_o, acc, BB, BH)
+
+
+@triton.jit
+def _transposed_split(acc_i, acc_f, acc_g, acc_o, acc, BB: tl.constexpr, BH: tl.constexpr):
+    """The gates' [BB, BH] tiles of a transposed product acc [4 * BH, BB], added to acc_*."""
     # Row (2a + b) * BH + j -> [BB, BH, a, b]: splitting b then a gives the gates (i, g) and (f, o).
     b_ig, b_fo = tl.split(tl.permute(tl.reshape(acc, [2, 2, BH, BB]), (3, 2, 0, 1)))
     b_i, b_g = tl.split(b_ig)
     b_f, b_o = tl.split(b_fo)
     return acc_i + b_i, acc_f + b_f, acc_g + b_g, acc_o + b_o
+
+
+# Exchange "dsmem" (LSTMConfig.exchange): each program keeps h_{t-1} [BB, BK] of its batch tile in two slots of
+# 16-bit values at the end of the launch's dynamic shared memory (_launch_as_cluster requests them beyond the
+# kernel's own), slot s % 2 written at step s by every program of the cluster into every program's copy
+# (st.shared::cluster through mapa), read locally after the cluster barrier. Operands: byte offsets within the two
+# slots, and the slots' size, counted back from %dynamic_smem_size.
+def _smem_address(offset: str, size: str) -> str:
+    """PTX: %a = the shared address of byte `offset` of the slots, which end the dynamic shared memory and take
+    `size` bytes of it."""
+    return ("mov.u32 %a, global_smem;\n\tmov.u32 %n, %dynamic_smem_size;\n\tadd.u32 %a, %a, %n;\n\t"
+            f"sub.u32 %a, %a, {size};\n\tadd.u32 %a, %a, {offset};\n\t")
+
+
+DSMEM_PUT = tl.constexpr(
+    "{\n\t.reg .b32 %a, %n, %d;\n\t.reg .pred %p;\n\t" + _smem_address("$2", "$3")
+    + "".join(f"setp.gt.u32 %p, $4, {r};\n\t@%p mapa.shared::cluster.u32 %d, %a, {r};\n\t"
+              f"@%p st.shared::cluster.b16 [%d], $1;\n\t" for r in range(MAX_CLUSTER))
+    + "mov.b32 $0, 0;\n\t}")
+SMEM_PUT = tl.constexpr("{\n\t.reg .b32 %a, %n;\n\t" + _smem_address("$2", "$3")
+                        + "st.shared.b16 [%a], $1;\n\tmov.b32 $0, 0;\n\t}")
+SMEM_GET = tl.constexpr("{\n\t.reg .b32 %a, %n;\n\t" + _smem_address("$1", "$2") + "ld.shared.b16 $0, [%a];\n\t}")
+
+
+@triton.jit
+def _dsmem_put(b_v, o_bytes, slots_bytes, ranks):
+    """b_v (16-bit) into every program's slots of the cluster (ranks programs) at byte offsets o_bytes."""
+    bits = b_v.to(tl.int16, bitcast=True)
+    return tl.inline_asm_elementwise(DSMEM_PUT, "=r,h,r,r,r", [bits, o_bytes, o_bytes * 0 + slots_bytes,
+                                                                 o_bytes * 0 + ranks], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _smem_put(b_v, o_bytes, slots_bytes):
+    """b_v (16-bit) into this program's own slots at byte offsets o_bytes."""
+    bits = b_v.to(tl.int16, bitcast=True)
+    return tl.inline_asm_elementwise(SMEM_PUT, "=r,h,r,r", [bits, o_bytes, o_bytes * 0 + slots_bytes],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _smem_get(o_bytes, slots_bytes, dtype: tl.constexpr):
+    """This program's slots at byte offsets o_bytes, as `dtype` (16-bit)."""
+    bits = tl.inline_asm_elementwise(SMEM_GET, "=h,r,r", [o_bytes, o_bytes * 0 + slots_bytes], dtype=tl.int16,
+                                     is_pure=False, pack=1)
+    return bits.to(dtype, bitcast=True)
 
 
 @triton.jit
@@ -532,6 +585,26 @@ def _cluster_barrier(x):
 
 
 @triton.jit
+def _cluster_arrive(x):
+    """_cluster_barrier's first half (exchange "dsmem"): arrive, releasing this thread's stores so far at cluster
+    scope, and go on; the stores after it (the outputs in global memory, which no other program reads in the
+    launch) stay off the barrier's path. Returns x."""
+    if FENCES:
+        x = tl.inline_asm_elementwise("barrier.cluster.arrive.release;\n\tmov.b32 $0, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
+def _cluster_wait(x):
+    """_cluster_barrier's second half: wait for every thread of the cluster to arrive, acquiring their stores."""
+    if FENCES:
+        x = tl.inline_asm_elementwise("barrier.cluster.wait.acquire;\n\tmov.b32 $0, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
 def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.constexpr, FLAGS: tl.constexpr,
                   NP: tl.constexpr, CLUSTER: tl.constexpr = False):
     """The barrier that ends global step s_glob of a persistent launch, among the programs of one (direction,
@@ -787,12 +860,19 @@ def lstm_fwd_kernel(
     CLUSTER: tl.constexpr,  # the barrier as Hopper's cluster barrier (_cluster_barrier); single layer, P <= 8 or 16
     PREFETCH: tl.constexpr,  # one batch tile per program, single layer, barrier: next step's gx before the wait
     HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
+    DSMEM: tl.constexpr = False,  # CLUSTER, TRANSPOSED resident in one chunk, 16-bit, one batch tile a program:
+    # h_{t-1} through distributed shared memory (DSMEM_PUT)
 ):
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
     tl.static_assert(not (PREFETCH and (STACK or TAGGED)), "prefetch: single layer, barrier exchange")
     tl.static_assert(not (MERGED and (STACK or TAGGED or SK > 1)), "merged gates: single layer, barrier, unsplit")
     tl.static_assert(not (TRANSPOSED and (TAGGED or MERGED or SK > 1)), "transposed dots: barrier, unsplit")
+    tl.static_assert(not DSMEM or (CLUSTER and TRANSPOSED and W_RESIDENT and KC == BK and not STACK and not HALF_W),
+                     "dsmem: a cluster's transposed resident dots in one chunk, single layer, 16-bit")
+    # The interpreter runs "dsmem" as "cluster" (its programs, in threads, share no on-chip memory).
+    EXCHANGE_DSMEM: tl.constexpr = DSMEM and FENCES
+    SLOTS: tl.constexpr = 2 * BB * BK * 2  # bytes of the two [BB, BK] 16-bit slots
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -887,6 +967,21 @@ def lstm_fwd_kernel(
         n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b0, m_b0, o_j, m_j, S_START, T, B, H, SG, rev, BB,
                                                HAS_LENGTHS)
         n_c = tl.load(C_WS + o_b0[:, None] * H + o_j[None, :], mask=m_b0[:, None] & m_j[None, :], other=0.0)
+    if EXCHANGE_DSMEM:
+        # The launch's first h_{t-1} from global memory, as the other exchanges read it, into this program's slot:
+        # its one batch tile, every unit.
+        o_b0 = i_q * BB + tl.arange(0, BB)
+        m_b0 = o_b0 < B
+        last0, o_t0, o_dir0 = _row_steps(LAST, o_b0, m_b0, S_START, T, rev, BB, HAS_LENGTHS)
+        o_hk = tl.arange(0, BK)
+        o_h0 = tl.where(S_START == 0, o_b0.to(tl.int64) * H, ((o_t0 - o_dir0) * B + o_b0) * SY)
+        b_h0 = tl.load(tl.where(S_START == 0, H0, Y) + o_h0[:, None] + o_hk[None, :],
+                       mask=(m_b0 & (S_START <= last0))[:, None] & (o_hk < H)[None, :], other=0.0)
+        o_slot = (tl.arange(0, BB)[:, None] * BK + o_hk[None, :]) * 2
+        _smem_put(b_h0, o_slot + ((S_START + 1) % 2) * (SLOTS // 2), SLOTS)
+        # Also: every program of the cluster has started before any writes into its shared memory (CUDA's rule for
+        # distributed shared memory); the last step's barrier keeps each one running until the others' writes end.
+        _cluster_barrier(S_START)
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
         for i_b in range(i_q, n_tiles, n_q):
@@ -937,7 +1032,14 @@ def lstm_fwd_kernel(
             else:
                 o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
                 p_hbase = tl.where(s == 0, H0, Y)
-                if MERGED:
+                if EXCHANGE_DSMEM:
+                    # Slot (s - 1) % 2, which every program of the cluster wrote before the last barrier.
+                    b_x = _smem_get(o_slot + ((s_glob + 1) % 2) * (SLOTS // 2), SLOTS, Y.dtype.element_ty)
+                    b_x = tl.where(live[:, None] & (o_hk < H)[None, :], b_x, tl.zeros_like(b_x))
+                    acc = tl.dot(b_wm[0], tl.trans(b_x), tl.zeros([4 * BH, BB], dtype=tl.float32),
+                                 input_precision=DOT_PRECISION)
+                    b_gi, b_gf, b_gg, b_go = _transposed_split(b_gi, b_gf, b_gg, b_go, acc, BB, BH)
+                elif MERGED:
                     b_gi, b_gf, b_gg, b_go = _merged_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wm,
                                                                W, o_k, i_h, H, BK, BB, BH, W_RESIDENT, DOT_PRECISION)
                 elif TRANSPOSED:
@@ -965,6 +1067,12 @@ def lstm_fwd_kernel(
             b_c = tl.where(poisoned, float("nan"), b_c)
             b_y = tl.where(poisoned, float("nan"), b_y)
 
+            if EXCHANGE_DSMEM:
+                # h_t into slot s % 2 of every program of the cluster, then arrive: the global stores below are
+                # not on the barrier's path.
+                o_put = (tl.arange(0, BB)[:, None] * BK + o_j[None, :]) * 2 + (s_glob % 2) * (SLOTS // 2)
+                _dsmem_put(b_y.to(Y.dtype.element_ty), o_put, SLOTS, tl.num_programs(0))
+                _cluster_arrive(s_glob)
             o_bh = o_b[:, None] * H + o_j[None, :]
             if TAGGED:
                 HW = (H + PACK - 1) // PACK
@@ -1004,7 +1112,13 @@ def lstm_fwd_kernel(
                 n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b, m_b, o_j, m_j, n_s, T, B, H, SG, rev, BB,
                                                        HAS_LENGTHS)
                 n_c = b_c
-        if PERSISTENT and not TAGGED:
+        if EXCHANGE_DSMEM:
+            if i_q >= n_tiles:
+                # No batch tile here (a config's batch groups outnumber this call's tiles): arrive all the same, or
+                # the cluster's wait would never complete.
+                _cluster_arrive(s_glob)
+            _cluster_wait(s_glob)
+        elif PERSISTENT and not TAGGED:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
             poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP,
                                                 CLUSTER)
@@ -1592,6 +1706,7 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
                       f"{torch.cuda.get_device_name(device)} runs this launch with the grid barrier instead",
                       RuntimeWarning, stacklevel=2)
         meta["CLUSTER"] = cluster = False
+        meta.pop("DSMEM", None)
     if _compiling_only.get():
         kernel.warmup(*args, 0, n_steps, config.max_spin, grid=grid, **meta)
         return
@@ -1630,10 +1745,40 @@ def _launch_as_cluster(kernel, grid, args: tuple, meta: dict) -> None:
     named = {**dict(zip(kernel.arg_names, args)), **{k: v for k, v in meta.items() if k in kernel.arg_names}}
     params = [named[name] for name in kernel.arg_names]
     stream = torch.cuda.current_stream().cuda_stream
-    packed = (compiled.metadata.num_warps, grid[0], compiled.metadata.shared)
+    shared = cluster_launch_shared(compiled.metadata.shared, meta)
+    if shared > compiled.metadata.shared:
+        _allow_dynamic_shared(compiled.function, shared)
+    packed = (compiled.metadata.num_warps, grid[0], shared)
     # As JITFunction.run hands them over (profilers' launch hooks included), but for grid x and num_ctas.
     launch(1, grid[1], grid[2], stream, compiled.function, packed, compiled.launch_metadata(grid, stream, *params),
            knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *params)
+
+
+def cluster_launch_shared(kernel_shared: int, meta: dict) -> int:
+    """The dynamic shared memory of a cluster launch: the kernel's own, and with DSMEM the two h slots
+    (lstm_fwd_kernel's SLOTS) after it, 16-aligned, at the end, where the kernel finds them (_smem_address)."""
+    if not meta.get("DSMEM"):
+        return kernel_shared
+    return -(-kernel_shared // 16) * 16 + 2 * meta["BB"] * meta["BK"] * 2
+
+
+_shared_allowed: dict[int, int] = {}
+
+
+def _allow_dynamic_shared(function: int, nbytes: int) -> None:
+    """Raises a kernel's dynamic shared memory limit to nbytes (Triton's loader raises it only for kernels that
+    need more than 48 KB themselves)."""
+    if _shared_allowed.get(function, 0) >= nbytes:
+        return
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    max_dynamic_shared_size_bytes = 8  # CUfunction_attribute
+    rc = cuda.cuFuncSetAttribute(ctypes.c_void_p(function), max_dynamic_shared_size_bytes, ctypes.c_int(nbytes))
+    if rc != 0:
+        raise RuntimeError(f"exchange='dsmem': cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {nbytes}) failed "
+                           f"with CUresult {rc}")
+    _shared_allowed[function] = nbytes
 
 
 # A transposed dot's K chunk holds this much of h_{t-1} ([BB, KC]): compile-only sm_90 (perf/NOTES.md v0.18), no
@@ -1663,9 +1808,9 @@ def _barrier_state(config, grid, device, stack: bool = False) -> tuple[torch.Ten
     NP >= its programs (grid[0], times the layers of a stack)."""
     P, Q, Z = grid
     barriers = Q if stack else Q * Z
-    cluster = config.exchange == "cluster"
+    cluster = config.clustered
     if cluster and (stack or not cluster_size_ok(P)):
-        raise ValueError(f"config: exchange='cluster' needs a single layer's launch of at most "
+        raise ValueError(f"config: exchange={config.exchange!r} needs a single layer's launch of at most "
                          f"{MAX_PORTABLE_CLUSTER} programs a barrier, or exactly {MAX_CLUSTER} (the cluster sizes "
                          f"Triton's launcher can launch), got {'a stack' if stack else f'{P} programs'}")
     if config.exchange != "flags":
@@ -1846,9 +1991,18 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
          dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
               PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize), PREFETCH=config.prefetches(B, H), HALF_W=half, **flags),
+              KC=transposed_chunk(config, dt.itemsize), PREFETCH=config.prefetches(B, H), HALF_W=half,
+              **flags, **_dsmem(config, dt, B, H)),
          sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
+
+
+def _dsmem(config, dtype: torch.dtype, batch: int, hidden: int) -> dict:
+    """The forward's DSMEM constexpr: exchange "dsmem" where its kernel path applies (16-bit, the transposed dots
+    resident in one K chunk, one batch tile a program); elsewhere the launch runs as exchange "cluster"."""
+    one_chunk = config.transposed and config.w_resident and transposed_chunk(config, dtype.itemsize) == config.block_k
+    return dict(DSMEM=config.exchange == "dsmem" and dtype.itemsize == 2 and one_chunk
+                and cdiv(batch, config.block_b) <= config.batch_groups)
 
 
 def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: bool, config, drop=None):

@@ -86,6 +86,8 @@ SIXTEEN_BIT_CASES = [
     ("tagged-probe", "tagged", torch.float16, RESOLUTION[torch.float16]),
     ("transposed", "transposed", torch.bfloat16, RESOLUTION[torch.bfloat16]),
     ("transposed-half", "transposed", torch.float32, RESOLUTION_GPU[torch.float32]),
+    # (the interpreter runs "dsmem" as "cluster": its kernel path, in shared memory, is the GPU's alone)
+    ("transposed-dsmem", "transposed-cluster", torch.float16, RESOLUTION[torch.float16]),
 ]
 
 

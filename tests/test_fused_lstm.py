@@ -1071,6 +1071,37 @@ def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
         LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, persistent=False, exchange="cluster")
 
 
+def test_dsmem_exchange_is_a_cluster_launch_and_its_kernel_path_only_where_it_applies():
+    """exchange "dsmem" (v0.39): refused like "cluster" where no cluster can hold the barrier, and on tiles other
+    than the transposed resident ones; launched as a cluster; its kernel path (DSMEM) only for 16-bit layers whose
+    h tile is one K chunk and whose programs own one batch tile each, the rest running as "cluster"."""
+    from tritonlstm.configs import named_variants
+    from tritonlstm.kernels import lstm as k
+
+    cfg = LSTMConfig(block_h=16, block_b=16, block_k=256, w_resident=True, transposed=True, exchange="dsmem")
+    assert cfg.clustered and k._barrier_state(cfg, (16, 1, 1), torch.device("cpu"))[1]["CLUSTER"]
+    with pytest.raises(ValueError, match="exchange='dsmem'.*12 programs"):
+        k._barrier_state(cfg, (12, 1, 1), torch.device("cpu"))
+    with pytest.raises(ValueError, match="exchange='dsmem'.*transposed dots with W resident"):
+        LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="dsmem")
+    with pytest.raises(ValueError, match="exchange='dsmem'.*persistent=False"):
+        LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, transposed=True, persistent=False,
+                   exchange="dsmem")
+    assert k._dsmem(cfg, torch.float16, 16, 256) == {"DSMEM": True}
+    assert k._dsmem(cfg, torch.bfloat16, 16, 256) == {"DSMEM": True}
+    assert k._dsmem(cfg, torch.float32, 16, 256) == {"DSMEM": False}
+    assert k._dsmem(cfg, torch.float16, 32, 256) == {"DSMEM": False}  # two batch tiles for one program
+    assert k._dsmem(dataclasses.replace(cfg, exchange="cluster"), torch.float16, 16, 256) == {"DSMEM": False}
+    for dtype in (torch.float16, torch.bfloat16):
+        for H in (256, 512):
+            got = named_variants("fwd", H, 16, dtype, 132)["transposed-dsmem"]
+            assert got == dataclasses.replace(named_variants("fwd", H, 16, dtype, 132)["transposed-cluster"],
+                                              exchange="dsmem")
+            assert k._dsmem(got, dtype, 16, H) == {"DSMEM": True}
+    assert "transposed-dsmem" not in named_variants("fwd", 256, 16, torch.float32, 132)
+    assert "transposed-dsmem" not in named_variants("bwd", 256, 16, torch.float16, 132)
+
+
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
 def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(capability, monkeypatch):
     """_run with a cluster config (v0.34) on a CUDA device, the launch itself stubbed: on sm_90 through
@@ -1082,11 +1113,11 @@ def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(ca
 
     class Kernel:
         def __getitem__(self, grid):
-            return lambda *args, **meta: launches.append(("plain", grid, meta["CLUSTER"]))
+            return lambda *args, **meta: launches.append(("plain", grid, meta["CLUSTER"], meta.get("DSMEM")))
 
     monkeypatch.setattr(k, "interpreting", lambda: False)
     monkeypatch.setattr(k, "_launch_as_cluster", lambda kernel, grid, args, meta: launches.append(
-        ("cluster", grid, meta["CLUSTER"])))
+        ("cluster", grid, meta["CLUSTER"], meta["DSMEM"])))
     monkeypatch.setattr(k.barrier_errors, "check", lambda *a, **kw: None)
     monkeypatch.setattr(k.barrier_errors, "launched", lambda *a, **kw: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -1096,9 +1127,10 @@ def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(ca
     sync, flags = k._barrier_state(cfg, (16, 2, 1), torch.device("cpu"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        k._run(Kernel(), (16, 2, 1), 8, cfg, torch.device("cuda"), (), flags, sync)
+        # (as lstm_forward passes a "dsmem" config's DSMEM, which a GPU without clusters must drop too)
+        k._run(Kernel(), (16, 2, 1), 8, cfg, torch.device("cuda"), (), {**flags, "DSMEM": True}, sync)
     if capability >= (9, 0):
-        assert launches == [("cluster", (16, 2, 1), True)] and not caught
+        assert launches == [("cluster", (16, 2, 1), True, True)] and not caught
     else:
-        assert launches == [("plain", (16, 2, 1), False)]
+        assert launches == [("plain", (16, 2, 1), False, None)]
         assert any("A100" in str(w.message) and "grid barrier" in str(w.message) for w in caught)

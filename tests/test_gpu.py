@@ -506,10 +506,10 @@ def test_transposed_dots_and_flags_barrier_match_cudnn(kind, H, B, dtype):
 
 CLUSTER_CASES = [pytest.param(kind, H, dt, id=f"{kind}-H{H}-{name}") for name, dt in DTYPES.items()
                  for kind, H in (("cluster", 256), ("cluster", 512), ("transposed-cluster", 256),
-                                 ("transposed-cluster", 512))
+                                 ("transposed-cluster", 512), ("transposed-dsmem", 256), ("transposed-dsmem", 512))
                  # float32 at H = 512 has 32 programs of 16 units in both layouts: over a cluster's 16 (no such
-                 # variant: named_variants offers neither)
-                 if not (H == 512 and dt == torch.float32)]
+                 # variant: named_variants offers neither); dsmem is 16-bit
+                 if not (H == 512 and dt == torch.float32) and not (kind.endswith("dsmem") and dt == torch.float32)]
 
 
 @pytest.mark.parametrize("kind,H,dtype", CLUSTER_CASES)
@@ -517,17 +517,34 @@ def test_cluster_barrier_matches_cudnn(kind, H, dtype):
     """The cluster exchange (v0.34): a barrier's programs launched as one thread-block cluster (16 at H = 512,
     non-portable) and met by the hardware cluster barrier, forward and backward (the backward has no transposed
     tiles at H = 512: its own config there), B = 16 and B = 64 (batch groups: a cluster each), then both
-    directions with per-row lengths (a cluster per direction)."""
+    directions with per-row lengths (a cluster per direction). transposed-dsmem (v0.39): h_{t-1} through
+    distributed shared memory, the forward only (the backward takes its own config), then with more batch groups
+    than tiles, and with the sequence split into launches of 3 steps (each launch's first h_{t-1} from global
+    memory)."""
+    import triton.language as tl
+
     from tritonlstm.configs import named_variants, use_config
+    from tritonlstm.kernels import lstm as k
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for B in (16, 64):
         fwd = named_variants("fwd", H, B, dtype, sms)[kind]
         bwd = named_variants("bwd", H, B, dtype, sms).get(kind)
-        assert fwd.exchange == "cluster" and fwd.programs(H) > 1 and (bwd is None or bwd.exchange == "cluster"), fwd
+        assert fwd.clustered and fwd.programs(H) > 1 and (bwd is None or bwd.clustered), fwd
         with use_config(fwd, "fwd"), use_config(bwd, "bwd"):
             run_both(64, B, H, dtype)
     packed_bidirectional_matches_cudnn(H, 16, dtype, named_variants("fwd", H, 16, dtype, sms // 2)[kind])
+    if kind.endswith("dsmem"):
+        with use_config(named_variants("fwd", H, 64, dtype, sms)[kind], "fwd"):
+            run_both(16, 40, H, dtype, backward=False)  # 4 batch groups, 3 tiles: one cluster without a tile
+        fwd = named_variants("fwd", H, 16, dtype, sms)[kind]
+        released = k.RELEASED
+        k.RELEASED = tl.constexpr(3 * fwd.programs(H) + 1)
+        try:
+            with use_config(fwd, "fwd"):
+                run_both(10, 16, H, dtype, backward=False)
+        finally:
+            k.RELEASED = released
 
 
 @pytest.mark.parametrize("kind", ["transposed", "flags", "transposed-flags"])

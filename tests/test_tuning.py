@@ -410,10 +410,10 @@ def test_a_retune_times_the_config_that_runs_now(quick):
 
 def test_cluster_candidates_are_timed_only_on_gpus_with_clusters():
     quick = tuning.quick_candidates(256, 16, torch.float16, 132, "fwd")
-    cluster = [c for c in quick if c.exchange == "cluster"]
-    assert cluster and all(tuning.launchable(c, 256, 1, 132, clusters=True) for c in quick)
+    assert {c.exchange for c in quick if c.clustered} == {"cluster", "dsmem"}
+    assert all(tuning.launchable(c, 256, 1, 132, clusters=True) for c in quick)
     assert [c for c in quick if tuning.launchable(c, 256, 1, 132, clusters=False)] == \
-        [c for c in quick if c.exchange != "cluster"]
+        [c for c in quick if not c.clustered]
 
 
 def test_quick_candidates_a_small_gpu_cannot_keep_resident_are_left_out_before_timing():

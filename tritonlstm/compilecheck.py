@@ -184,7 +184,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                   # A flags barrier's polls reduce over NP flags: a stack's span its layers (4, the bench's most).
                   FLAGS=config.exchange == "flags",
                   NP=triton.next_power_of_2(-(-hidden // config.block_h) * (4 if kernel.startswith("stack") else 1))
-                  if config.exchange == "flags" else 1, CLUSTER=config.exchange == "cluster")
+                  if config.exchange == "flags" else 1, CLUSTER=config.clustered)
     if kernel in ("fwd", "stack"):
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
         consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
@@ -194,7 +194,9 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       MERGED=kernel == "fwd" and config.merged_gates,
                       TRANSPOSED=config.transposed,
                       KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack"),
-                      PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w)
+                      PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w,
+                      **(k._dsmem(config, dtype, 16 * config.batch_groups, hidden) if kernel == "fwd"
+                         else {}))
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       TAGGED=kernel == "bwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,

@@ -23,7 +23,7 @@ SM90_SHARED = 232448
 _W_BUDGET = 128 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
-EXCHANGES = ("barrier", "tagged", "tagged-probe", "flags", "cluster")
+EXCHANGES = ("barrier", "tagged", "tagged-probe", "flags", "cluster", "dsmem")
 # Programs one thread-block cluster holds on an H100 (16 is non-portable; Triton's launcher allows it there).
 MAX_CLUSTER = 16
 # Clusters of more than 8 CTAs are non-portable: the launch must allow them (CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_
@@ -55,7 +55,10 @@ class LSTMConfig:
     # counter (kernels/lstm.py _flag_barrier; every kernel, stacks included; perf/NOTES.md v0.19). "cluster": the
     # P programs of a barrier launched as one thread-block cluster, met by Hopper's hardware cluster barrier
     # instead of a counter in memory (kernels/lstm.py _cluster_barrier; single layer, forward and backward,
-    # P <= 8 or 16: cluster_size_ok; perf/NOTES.md v0.34).
+    # P <= 8 or 16: cluster_size_ok; perf/NOTES.md v0.34). "dsmem": the cluster's barrier, and h_{t-1} written by
+    # each program into every program's shared memory (Hopper's distributed shared memory) instead of read back
+    # from L2; the forward's transposed resident dots in 16-bit, one batch tile a program (perf/NOTES.md v0.39);
+    # elsewhere (the backward, the stacks) it runs as "cluster".
     exchange: str = "barrier"
     # Split-K ways of the recurrent dots (a batched dot, one warp per K slice, then a sum): with 16-row batch
     # tiles a plain dot stacks every warp along M, each computing the whole product (kernels/lstm.py
@@ -127,13 +130,22 @@ class LSTMConfig:
         if self.half_w and not self.transposed:
             raise ValueError("LSTMConfig.half_w needs transposed=True (the transposed dots are the ones that take "
                              "float16 weights), got transposed=False")
-        if self.exchange in ("flags", "cluster") and not self.persistent:
+        if self.exchange in ("flags", "cluster", "dsmem") and not self.persistent:
             raise ValueError(f"LSTMConfig.exchange={self.exchange!r} is a persistent launch's barrier, got "
                              "persistent=False")
-        if self.exchange == "cluster" and self.grid_2d:
-            raise ValueError("LSTMConfig.exchange='cluster' is for the one-dimensional grids, got grid_2d=True")
+        if self.clustered and self.grid_2d:
+            raise ValueError(f"LSTMConfig.exchange={self.exchange!r} is for the one-dimensional grids, got "
+                             "grid_2d=True")
+        if self.exchange == "dsmem" and not (self.transposed and self.w_resident):
+            raise ValueError(f"LSTMConfig.exchange='dsmem' is for the transposed dots with W resident, got transposed="
+                             f"{self.transposed}, w_resident={self.w_resident}")
         if self.batch_groups < 1:
             raise ValueError(f"LSTMConfig.batch_groups must be >= 1, got {self.batch_groups}")
+
+    @property
+    def clustered(self) -> bool:
+        """The programs of a barrier launched as one thread-block cluster ("cluster" and "dsmem")."""
+        return self.exchange in ("cluster", "dsmem")
 
     @property
     def tagged(self) -> bool:
@@ -687,7 +699,7 @@ VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8
             "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
             "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d",
             "grid-2d-bb64", "no-prefetch", "transposed-half", "cluster", "transposed-cluster",
-            "transposed-streamed-bb128")
+            "transposed-streamed-bb128", "transposed-dsmem")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -734,6 +746,8 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
       cluster      single layer: the unsplit tiles with the barrier as Hopper's cluster barrier, the P <= 8 or 16
                    programs of a barrier launched as one thread-block cluster (v0.34); transposed-cluster: the
                    transposed tiles with it (BH = 16 up to H = 256; the forward at H = 512 with BH = 32)
+      transposed-dsmem  the forward's transposed-cluster in 16-bit with h_{t-1} through distributed shared memory
+                   (exchange "dsmem", v0.39), where h's tile is one K chunk and each program owns one batch tile
 
     The stacks' wavefront kernels (layers > 1): "unsplit" is the heuristic's pick (heuristic_config /
     stack_backward_config), the others as above where they apply (no merged, no tagged; transposed for the forward
@@ -815,6 +829,11 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         for name, tiles in (("cluster", unsplit), ("transposed-cluster", transposed)):
             if tiles is not None and tiles.persistent and not tiles.grid_2d and cluster_size_ok(cdiv(H, tiles.block_h)):
                 out[name] = dataclasses.replace(tiles, exchange="cluster")
+        tc = out.get("transposed-cluster")
+        if kernel == "fwd" and tc is not None and dtype.itemsize == 2 and tc.w_resident and H % 16 == 0 \
+                and tc.block_b * tc.block_k * 2 <= 16384 and cdiv(B, tc.block_b) <= tc.batch_groups:
+            # (h_{t-1} in one K chunk: kernels/lstm.py TRANSPOSED_ONE_CHUNK_BYTES)
+            out["transposed-dsmem"] = dataclasses.replace(tc, exchange="dsmem")
     if forward and fp32 and H > 16 and H % 16 == 0 and transposed_fits(H, 2, 2 if stack else 1) \
             and cdiv(H, 16) <= share:
         out["transposed-half"] = transposed_config(H, B, esize, share, 16, half_w=True)

@@ -184,7 +184,8 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 # spill at large K: left to the full search.
 QUICK_VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "merged", "transposed", "transposed-streamed", "flags",
                   "transposed-flags", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64",
-                  "no-prefetch", "cluster", "transposed-cluster", "transposed-streamed-bb128", "transposed-half")
+                  "no-prefetch", "cluster", "transposed-cluster", "transposed-streamed-bb128", "transposed-half",
+                  "transposed-dsmem")
 
 
 def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
@@ -276,7 +277,7 @@ def launchable(cfg: LSTMConfig, hidden: int, directions: int, num_sms: int, clus
     """Whether the tuner times cfg on this GPU: resident (below), and the cluster exchange only where the GPU has
     thread-block clusters (sm_90 on). Elsewhere a cluster config runs as the counter barrier (kernels.lstm._run):
     a copy of another candidate, which could win and be cached as a config that warns in every process."""
-    return resident(cfg, hidden, directions, num_sms) and (clusters or cfg.exchange != "cluster")
+    return resident(cfg, hidden, directions, num_sms) and (clusters or not cfg.clustered)
 
 
 def resident(cfg: LSTMConfig, hidden: int, directions: int, num_sms: int) -> bool:
