@@ -578,10 +578,7 @@ def _cluster_barrier(x):
     acquiring the other CTAs'. Nothing in memory, no polls, and it cannot fail: the hardware schedules a cluster's
     CTAs together. Returns x, so that the barrier has a result to stay in place by. The interpreter (one program)
     skips it."""
-    if FENCES:
-        x = tl.inline_asm_elementwise("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;\n\t"
-                                      "mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
-    return x
+    return _cluster_wait(_cluster_arrive(x))
 
 
 @triton.jit
@@ -1992,17 +1989,17 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
               PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates, TRANSPOSED=config.transposed,
               KC=transposed_chunk(config, dt.itemsize), PREFETCH=config.prefetches(B, H), HALF_W=half,
-              **flags, **_dsmem(config, dt, B, H)),
+              DSMEM=dsmem_applies(config, dt, B), **flags),
          sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
-def _dsmem(config, dtype: torch.dtype, batch: int, hidden: int) -> dict:
+def dsmem_applies(config, dtype: torch.dtype, batch: int) -> bool:
     """The forward's DSMEM constexpr: exchange "dsmem" where its kernel path applies (16-bit, the transposed dots
     resident in one K chunk, one batch tile a program); elsewhere the launch runs as exchange "cluster"."""
     one_chunk = config.transposed and config.w_resident and transposed_chunk(config, dtype.itemsize) == config.block_k
-    return dict(DSMEM=config.exchange == "dsmem" and dtype.itemsize == 2 and one_chunk
-                and cdiv(batch, config.block_b) <= config.batch_groups)
+    return (config.exchange == "dsmem" and dtype.itemsize == 2 and one_chunk
+            and cdiv(batch, config.block_b) <= config.batch_groups)
 
 
 def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: bool, config, drop=None):

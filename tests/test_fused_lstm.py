@@ -1087,17 +1087,17 @@ def test_dsmem_exchange_is_a_cluster_launch_and_its_kernel_path_only_where_it_ap
     with pytest.raises(ValueError, match="exchange='dsmem'.*persistent=False"):
         LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, transposed=True, persistent=False,
                    exchange="dsmem")
-    assert k._dsmem(cfg, torch.float16, 16, 256) == {"DSMEM": True}
-    assert k._dsmem(cfg, torch.bfloat16, 16, 256) == {"DSMEM": True}
-    assert k._dsmem(cfg, torch.float32, 16, 256) == {"DSMEM": False}
-    assert k._dsmem(cfg, torch.float16, 32, 256) == {"DSMEM": False}  # two batch tiles for one program
-    assert k._dsmem(dataclasses.replace(cfg, exchange="cluster"), torch.float16, 16, 256) == {"DSMEM": False}
+    assert k.dsmem_applies(cfg, torch.float16, 16) is True
+    assert k.dsmem_applies(cfg, torch.bfloat16, 16) is True
+    assert k.dsmem_applies(cfg, torch.float32, 16) is False
+    assert k.dsmem_applies(cfg, torch.float16, 32) is False  # two batch tiles for one program
+    assert k.dsmem_applies(dataclasses.replace(cfg, exchange="cluster"), torch.float16, 16) is False
     for dtype in (torch.float16, torch.bfloat16):
         for H in (256, 512):
             got = named_variants("fwd", H, 16, dtype, 132)["transposed-dsmem"]
             assert got == dataclasses.replace(named_variants("fwd", H, 16, dtype, 132)["transposed-cluster"],
                                               exchange="dsmem")
-            assert k._dsmem(got, dtype, 16, H) == {"DSMEM": True}
+            assert k.dsmem_applies(got, dtype, 16) is True
     assert "transposed-dsmem" not in named_variants("fwd", 256, 16, torch.float32, 132)
     assert "transposed-dsmem" not in named_variants("bwd", 256, 16, torch.float16, 132)
 

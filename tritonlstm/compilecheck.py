@@ -195,8 +195,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       TRANSPOSED=config.transposed,
                       KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack"),
                       PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w,
-                      **(k._dsmem(config, dtype, 16 * config.batch_groups, hidden) if kernel == "fwd"
-                         else {}))
+                      DSMEM=kernel == "fwd" and k.dsmem_applies(config, dtype, 16 * config.batch_groups))
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       TAGGED=kernel == "bwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,

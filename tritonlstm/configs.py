@@ -379,7 +379,7 @@ def measured_forward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms
         # float32 W^T and W_ih^T that do not fit, held in float16 instead (LSTMConfig.half_w; the launcher keeps
         # float32 operands where TF32 is not allowed), resident as 16-bit layers' are: every float32 variant of
         # run 5's stack A/B streamed or split its tiles (7.3-45 us per step against 16-bit's transposed 3.6;
-        # perf/NOTES.md v0.29). Single layers take it from the tuner ("transposed-half") until it is measured.
+        # perf/NOTES.md v0.29). Single float32 layers take it below, since run 6 measured it (v0.38).
         half = esize == 4 and aligned and not resident and transposed_fits(hidden, 2, layers)
         return transposed_config(hidden, batch, esize, share, 16, half_w=half) if resident or half else tiles
     if esize == 4 and aligned and directions == 1 and transposed_fits(hidden, 2) and (batch <= 64 or hidden <= 256):
@@ -829,11 +829,12 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         for name, tiles in (("cluster", unsplit), ("transposed-cluster", transposed)):
             if tiles is not None and tiles.persistent and not tiles.grid_2d and cluster_size_ok(cdiv(H, tiles.block_h)):
                 out[name] = dataclasses.replace(tiles, exchange="cluster")
-        tc = out.get("transposed-cluster")
-        if kernel == "fwd" and tc is not None and dtype.itemsize == 2 and tc.w_resident and H % 16 == 0 \
-                and tc.block_b * tc.block_k * 2 <= 16384 and cdiv(B, tc.block_b) <= tc.batch_groups:
-            # (h_{t-1} in one K chunk: kernels/lstm.py TRANSPOSED_ONE_CHUNK_BYTES)
-            out["transposed-dsmem"] = dataclasses.replace(tc, exchange="dsmem")
+        if kernel == "fwd" and "transposed-cluster" in out and H % 16 == 0:
+            from tritonlstm.kernels.lstm import dsmem_applies  # (kernels import this module)
+
+            dsmem = dataclasses.replace(out["transposed-cluster"], exchange="dsmem")
+            if dsmem_applies(dsmem, dtype, B):
+                out["transposed-dsmem"] = dsmem
     if forward and fp32 and H > 16 and H % 16 == 0 and transposed_fits(H, 2, 2 if stack else 1) \
             and cdiv(H, 16) <= share:
         out["transposed-half"] = transposed_config(H, B, esize, share, 16, half_w=True)
