@@ -1147,6 +1147,8 @@ def lstm_bwd_kernel(
     RING,  # [2, D, B, 4, cdiv(H, PACK)] int64 zeros: dG of step r as tagged words, slot r % 2 (when TAGGED)
     W_T,  # [D, H, 4H] W_hh^T (when TRANSPOSED)
     PART,  # [2, D, P, B, H] float32: program p's share of dh at step r in slot r % 2 (when TRANSPOSED)
+    AMAX,  # [D] float32 max |W_hh| of each direction (when HALF_W)
+    RMAX,  # [2, D, P, B] float32: program p's largest |dG| of each row of its units at step r, slot r % 2 (HALF_W)
     T,
     B,
     H,
@@ -1175,11 +1177,14 @@ def lstm_bwd_kernel(
     KC: tl.constexpr,  # TRANSPOSED: rows (units) of each chunk of that product
     QP: tl.constexpr,  # TRANSPOSED: power of two >= P, the producers each program sums
     QC: tl.constexpr,  # TRANSPOSED: producers per load of that sum
+    HALF_W: tl.constexpr,  # float32: dG_{t+1} @ W_hh on float16 operands, W and each row of dG scaled (v0.41)
 ):
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     tl.static_assert(not (TRANSPOSED and (STACK or TAGGED or SK > 1)), "reduce-scatter: single layer, barrier")
     tl.static_assert(not (PREFETCH and (STACK or TAGGED)), "prefetch: single layer, barrier exchange")
+    tl.static_assert(not (HALF_W and (STACK or TAGGED or TRANSPOSED or not W_RESIDENT)),
+                     "float16 operands: a single layer's tiles, W resident, barrier exchange")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -1249,6 +1254,11 @@ def lstm_bwd_kernel(
             else:
                 b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & has_up, m_j, H, H, 1)
 
+    k_w = 0
+    if HALF_W:
+        # Half the shared memory, so float32 takes 16-bit's tiles (perf/NOTES.md v0.41).
+        k_w, b_wi, b_wf, b_wg, b_wo = _half_tiles(tl.load(AMAX + i_d), b_wi, b_wf, b_wg, b_wo)
+        RMAX += (i_d * n_h).to(tl.int64) * B
     poisoned = tl.load(ERR, volatile=True) != 0  # as in the forward
     if PREFETCH:
         # A program's one tile: the saved tensors of its next step (read-only but for its own dG stores over
@@ -1288,6 +1298,16 @@ def lstm_bwd_kernel(
                                                 b_uo, W, o_j, m_j, H, ERR, max_spin, BK, PACK, W_RESIDENT,
                                                 DOT_PRECISION, DG.dtype.element_ty, SK, BB, BH)
                 poisoned = poisoned | failed
+            elif HALF_W:
+                # Each row's largest |dG_{t+1}|: the largest of the P programs' own, stored with dG (slot r - 1).
+                p_rmax = RMAX + (((r + 1) % 2) * D * n_h).to(tl.int64) * B + o_b
+                amax = tl.zeros([BB], dtype=tl.float32)
+                for q0 in range(0, n_h, 16):
+                    o_q = q0 + tl.arange(0, 16)
+                    amax = tl.maximum(amax, tl.max(tl.load(p_rmax[:, None] + o_q[None, :] * B,
+                                                           mask=m_next[:, None] & (o_q < n_h)[None, :], other=0.0,
+                                                           cache_modifier=".cg"), axis=1))
+                b_dh = _half_grad_dot(DG, o_nrow * SG, m_next, b_wi, b_wf, b_wg, b_wo, H, BK, SK, k_w, amax)
             elif SK > 1:
                 b_dh = _split_grad_dot(DG, o_nrow * SG, m_next, b_wi, b_wf, b_wg, b_wo, W, o_j, m_j, True, H, BK,
                                        W_RESIDENT, DOT_PRECISION, SK)
@@ -1363,6 +1383,9 @@ def lstm_bwd_kernel(
                 tl.store(p_out + H, b_dgf.to(DG.dtype.element_ty), mask=m_live)
                 tl.store(p_out + 2 * H, b_dgg.to(DG.dtype.element_ty), mask=m_live)
                 tl.store(p_out + 3 * H, b_dgo.to(DG.dtype.element_ty), mask=m_live)
+                if HALF_W:
+                    tl.store(RMAX + ((r % 2) * D * n_h + i_h).to(tl.int64) * B + o_b,
+                             _row_amax(b_dgi, b_dgf, b_dgg, b_dgo, m_live), mask=m_b)
                 if TRANSPOSED:
                     b_dgt = _gate_grads_transposed(b_dgi, b_dgf, b_dgg, b_dgo, m_live, DG.dtype.element_ty, BB, BH)
                     p_part = PART + ((r % 2) * D * n_h + i_h).to(tl.int64) * B * H
@@ -1387,6 +1410,80 @@ def lstm_bwd_kernel(
                                                 CLUSTER)
 
 
+@triton.jit
+def _half_exp(amax):
+    """The exponent k (int32) that takes magnitudes up to amax below 2^15, clamped to +-126 so that 2^k and 2^-k
+    are normal float32: amax < 2^(e - 126), e its biased exponent. Zero (and float32 subnormals) scale by 2^126 and
+    stay below 1; inf and NaN by 2^-114, and stay what they are."""
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.minimum(tl.maximum(141 - e, -126), 126)
+
+
+@triton.jit
+def _half_tiles(amax, w_i, w_f, w_g, w_o):
+    """A HALF_W backward's W tiles (float32) in float16, scaled by the power of two 2^k_w that takes amax, W's largest
+    magnitude, below 2^15. Returns k_w and the four tiles."""
+    k_w = _half_exp(amax)
+    s_w = _exp2_bits(k_w)
+    return (k_w, (w_i * s_w).to(tl.float16), (w_f * s_w).to(tl.float16), (w_g * s_w).to(tl.float16),
+            (w_o * s_w).to(tl.float16))
+
+
+@triton.jit
+def _half_rows_product(p_dg, m_dg, H, w_i, w_f, w_g, w_o, k_w, amax):
+    """dG[:, four gates' columns] (float32, at p_dg, p_dg + H, ..) @ the four float16 tiles w_* (W scaled by 2^k_w)
+    on float16 operands: each row of dG scaled by the power of two that takes its largest magnitude (amax, one a
+    row) below 2^15, so the rounding is TF32's (10-bit mantissas) and nothing of a row underflows but what lies
+    2^29 below its largest value; the float32 product scaled back exactly, in two halves of the exponent so that
+    no partial scale leaves float32's normal range where the result does not."""
+    k = _half_exp(amax)
+    s = _exp2_bits(k)[:, None]
+    acc = tl.dot((tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_i)
+    acc = tl.dot((tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_f, acc)
+    acc = tl.dot((tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_g, acc)
+    acc = tl.dot((tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_o, acc)
+    k_all = k + k_w
+    k_one = k_all // 2
+    return acc * _exp2_bits(-k_one)[:, None] * _exp2_bits(k_one - k_all)[:, None]
+
+
+@triton.jit
+def _half_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, H, BK: tl.constexpr, SK: tl.constexpr, k_w, amax):
+    """lstm_bwd_kernel's sum_g dG_g @ W_g[:, units] on float16 operands (HALF_W), W resident in one K chunk (BK >= H)
+    as float16 tiles scaled by 2^k_w: each row of dG scaled by the power of two that takes its largest magnitude
+    (amax) below 2^15, the product scaled back as in _half_rows_product. SK > 1: split-K as in _split_grad_dot."""
+    k = _half_exp(amax)
+    s = _exp2_bits(k)
+    if SK > 1:
+        o_kx = _word_offsets(0, 1, BK, SK)
+        p = p_base + o_rows[None, :, None] + o_kx
+        m = m_rows[None, :, None] & (o_kx < H)
+        sx = s[None, :, None]
+        acc = tl.zeros([SK, o_rows.shape[0], w_i.shape[2]], dtype=tl.float32)
+    else:
+        o_kx = tl.arange(0, BK)
+        p = p_base + o_rows[:, None] + o_kx[None, :]
+        m = m_rows[:, None] & (o_kx < H)[None, :]
+        sx = s[:, None]
+        acc = tl.zeros([o_rows.shape[0], w_i.shape[1]], dtype=tl.float32)
+    acc = tl.dot((tl.load(p, mask=m, other=0.0, cache_modifier=".cg") * sx).to(tl.float16), w_i, acc)
+    acc = tl.dot((tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg") * sx).to(tl.float16), w_f, acc)
+    acc = tl.dot((tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg") * sx).to(tl.float16), w_g, acc)
+    acc = tl.dot((tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg") * sx).to(tl.float16), w_o, acc)
+    if SK > 1:
+        acc = tl.sum(acc, axis=0)
+    k_all = k + k_w
+    k_one = k_all // 2
+    return acc * _exp2_bits(-k_one)[:, None] * _exp2_bits(k_one - k_all)[:, None]
+
+
+@triton.jit
+def _row_amax(b_i, b_f, b_g, b_o, m):
+    """The largest magnitude of each row of the four [BB, BU] tiles where m."""
+    big = tl.maximum(tl.maximum(tl.abs(b_i), tl.abs(b_f)), tl.maximum(tl.abs(b_g), tl.abs(b_o)))
+    return tl.max(tl.where(m, big, 0.0), axis=1)
+
+
 @triton.jit(do_not_specialize=["T", "B", "rev0", "S_START", "S_COUNT", "max_spin"])
 def lstm_bwd_2d_kernel(
     GATES,  # [T, B, D*4H] activated gates i, f, g, o from the forward
@@ -1404,6 +1501,8 @@ def lstm_bwd_2d_kernel(
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
     PART,  # [D, NB, B, H] float32: block a's share of every unit's dh
+    AMAX,  # [D] float32 max |W_hh| of each direction (when HALF_W)
+    RMAX,  # [D, NB, NB, B] float32: program (a, b)'s largest |dG| of each row of its units, at [b, a] (when HALF_W)
     T,
     B,
     H,
@@ -1421,6 +1520,7 @@ def lstm_bwd_2d_kernel(
     FLAGS: tl.constexpr,
     NP: tl.constexpr,
     CLUSTER: tl.constexpr,  # never (LSTMConfig refuses a cluster on the 2-D grid); one signature for _barrier_state
+    HALF_W: tl.constexpr,  # float32: the product on float16 operands, W's block and dG's rows scaled (_half_rows)
 ):
     """The single-layer backward with its recurrent product on a 2-D grid (perf/NOTES.md v0.26), for large batches:
     program (a, b) keeps the block of W_hh that maps unit block a's four gate rows to unit block b. Step r runs
@@ -1450,6 +1550,7 @@ def lstm_bwd_2d_kernel(
     DH0 += i_d * B * H
     DC0 += i_d * B * H
     PART += (i_d * NB).to(tl.int64) * B * H
+    RMAX += (i_d * NB * NB).to(tl.int64) * B
     SG = D * 4 * H
     SY = D * H
 
@@ -1459,6 +1560,10 @@ def lstm_bwd_2d_kernel(
     o_nb = b * BU + tl.arange(0, BU)
     m_nb = o_nb < H
     b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_ka, o_nb, m_ka, m_nb, H, H, 1)
+    k_w = 0
+    if HALF_W:
+        # Half the shared memory, so that 128-unit blocks fit at float32 (perf/NOTES.md v0.40).
+        k_w, b_wi, b_wf, b_wg, b_wo = _half_tiles(tl.load(AMAX + i_d), b_wi, b_wf, b_wg, b_wo)
     # Phase 1's units: this program's share of block b.
     o_j = b * BU + a * BO + tl.arange(0, BO)
     m_j = o_j < H
@@ -1476,14 +1581,21 @@ def lstm_bwd_2d_kernel(
                 m_next = m_b & (s + 1 <= last) & (r > 0)
                 p_dg = DG + ((o_t + o_dir) * B + o_b)[:, None] * SG + o_ka[None, :]
                 m_dg = m_next[:, None] & m_ka[None, :]
-                acc = tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wi,
-                             input_precision=DOT_PRECISION)
-                acc = tl.dot(tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wf, acc,
-                             input_precision=DOT_PRECISION)
-                acc = tl.dot(tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wg, acc,
-                             input_precision=DOT_PRECISION)
-                acc = tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wo, acc,
-                             input_precision=DOT_PRECISION)
+                if HALF_W:
+                    # Each row's largest |dG| over block a's units: the largest of the NB shares' own, which the
+                    # gate phase stored with dG (a [BB, NB] load instead of holding the four tiles at once).
+                    p_rmax = RMAX + (a * NB * B + tl.arange(0, NB) * B)[None, :] + o_b[:, None]
+                    amax = tl.max(tl.load(p_rmax, mask=m_next[:, None], other=0.0, cache_modifier=".cg"), axis=1)
+                    acc = _half_rows_product(p_dg, m_dg, H, b_wi, b_wf, b_wg, b_wo, k_w, amax)
+                else:
+                    acc = tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wi,
+                                 input_precision=DOT_PRECISION)
+                    acc = tl.dot(tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wf, acc,
+                                 input_precision=DOT_PRECISION)
+                    acc = tl.dot(tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wg, acc,
+                                 input_precision=DOT_PRECISION)
+                    acc = tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wo, acc,
+                                 input_precision=DOT_PRECISION)
                 tl.store(PART + a.to(tl.int64) * B * H + o_b[:, None] * H + o_nb[None, :], acc,
                          mask=m_b[:, None] & m_nb[None, :])
             else:
@@ -1518,6 +1630,9 @@ def lstm_bwd_2d_kernel(
                     tl.store(p_out + 2 * H, b_dgg.to(DG.dtype.element_ty), mask=m_live)
                     tl.store(p_out + 3 * H, b_dgo.to(DG.dtype.element_ty), mask=m_live)
                     tl.store(p_dc, b_dc * b_f, mask=m_bh)
+                    if HALF_W:
+                        tl.store(RMAX + (b * NB + a) * B + o_b, _row_amax(b_dgi, b_dgf, b_dgg, b_dgo, m_live),
+                                 mask=m_b)
                 else:
                     tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_bh)
                     tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_bh)
@@ -1564,15 +1679,19 @@ def half_w_allowed(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and _dot_precision(dtype) == "tf32"
 
 
-def _half_w(config, dtype: torch.dtype) -> bool:
-    """Whether a forward launch of `config` takes its dots on float16 operands (LSTMConfig.half_w); a config that
-    may not is refused (functional._launch swaps it for configs.without_half_w before it gets here)."""
-    if not config.half_w:
+def _half_w(config, dtype: torch.dtype, backward: bool = False) -> bool:
+    """Whether a launch of `config` takes its dots on float16 operands (LSTMConfig.half_w): a forward's transposed
+    dots; a single layer's backward on the 2-D grid or on tiles with W resident (not its reduce-scatter, which
+    ignores the flag of a forward's config). A config that may not is refused (functional._launch swaps it for
+    configs.without_half_w before it gets here)."""
+    if not config.half_w or backward and config.transposed:
         return False
-    if not config.transposed or not half_w_allowed(dtype):
-        raise ValueError(f"config: half_w is for float32 layers on the transposed dots where PyTorch's RNN precision "
-                         f"allows TF32 (configs.without_half_w gives the full-precision stand-in), got {dtype}, "
-                         f"transposed={config.transposed}, float32 dot precision {_dot_precision(torch.float32)!r}")
+    layout = (config.grid_2d or config.w_resident and not config.tagged) if backward else config.transposed
+    if not layout or not half_w_allowed(dtype):
+        where = "the backward's 2-D grid or resident tiles" if backward else "the forward's transposed dots"
+        raise ValueError(f"config: half_w is for float32 layers on {where} where PyTorch's RNN precision allows TF32 "
+                         f"(configs.without_half_w gives the full-precision stand-in), got {dtype}, {config}, "
+                         f"float32 dot precision {_dot_precision(torch.float32)!r}")
     return True
 
 
@@ -2063,12 +2182,24 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     # Zeros: slot 1 is dG of the step after the last (zero, tag 0); slot 0 carries no reader's tag before r = 1.
     ring = torch.zeros((2, D, B, 4, cdiv(H, pack)), dtype=torch.int64, device=dev) if tagged else sync
     w_t, part, scatter = _reduce_scatter_state(config, w_hh, B, sync)
+    half = _half_w(config, dt, backward=True)
+    amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), half, sync)
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
-            last if last is not None else sync, sync, barrier_errors.flag(dev), ring, w_t, part, T, B, H, int(reverse))
+            last if last is not None else sync, sync, barrier_errors.flag(dev), ring, w_t, part, amax, rmax, T, B, H,
+            int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
          dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt),
-              TAGGED=tagged, PACK=pack, PREFETCH=config.prefetches(B, H), **scatter, **flags), sync)
+              TAGGED=tagged, PACK=pack, PREFETCH=config.prefetches(B, H), HALF_W=half, **scatter, **flags), sync)
     return dg, dh0, dc0
+
+
+def _half_grad_state(w_hh, rmax_shape, half: bool, dummy):
+    """A HALF_W backward's max |W_hh| of each direction, and the buffer of each row's largest |dG| (written by the
+    gate phase before any product reads it: at the first step the product reads none). dummy where not half."""
+    if not half:
+        return dummy, dummy
+    return (torch.linalg.vector_norm(w_hh, float("inf"), dim=(1, 2)),
+            _alloc(rmax_shape, torch.float32, w_hh.device))
 
 
 def _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse: bool, config) -> None:
@@ -2084,11 +2215,13 @@ def _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last
     sync, flags = _barrier_state(config, grid, dev)
     # Every share a gate phase reads was written by the product phase before it (zeros at the first step).
     part = _alloc((D, nb, B, H), torch.float32, dev)
+    half = _half_w(config, gates.dtype, backward=True)
+    amax, rmax = _half_grad_state(w_hh, (D, nb, nb, B), half, part)
     args = (gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last if last is not None else sync, sync,
-            barrier_errors.flag(dev), part, T, B, H, int(reverse))
+            barrier_errors.flag(dev), part, amax, rmax, T, B, H, int(reverse))
     _run(lstm_bwd_2d_kernel, grid, 2 * (T + 1), config, dev, args,
          dict(BU=config.block_h, NB=nb, D=D, HAS_LENGTHS=last is not None, DOT_PRECISION=_dot_precision(gates.dtype),
-              **flags), sync, grid_2d=True)
+              HALF_W=half, **flags), sync, grid_2d=True)
 
 
 NO_REDUCE_SCATTER = dict(TRANSPOSED=False, KC=16, QP=1, QC=1)
@@ -2146,10 +2279,10 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     grid = (cdiv(H, config.block_h), config.batch_groups, L)
     sync, flags = _barrier_state(config, grid, dev, stack=True)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
-            dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync, T,
-            B, H, 0)
+            dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync, sync,
+            sync, T, B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
          dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1, PREFETCH=False,
+              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1, PREFETCH=False, HALF_W=False,
               **NO_REDUCE_SCATTER, **flags), sync)
     return dg, dh0, dc0

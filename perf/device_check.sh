@@ -9,9 +9,10 @@
 #   device run: bash perf/device_check.sh      (then unpack results.tgz into perf/results/<gpu>-<date>/)
 # Environment (each step: NAME=0 skips it): SELFCHECK; BENCH with BENCH_ARGS (default --quick; "--modes
 # fwd,fwdbwd" runs the whole matrix) and BENCH_TIMEOUT (200); KERNEL_AB=1 (off by default, ~2 min) runs
-# perf/kernel_ab.py with KERNEL_AB_ARGS and KERNEL_AB_TIMEOUT (150); TUNE_ARGS="..." runs the tuner on those
-# shapes (TUNE_TIMEOUT, 240; every candidate's time in tune-log.json; "--quick" searches the named variants
-# alone); TUNED_BENCH_ARGS="..." runs the bench again after the tuner, with its winners (TUNED_BENCH_TIMEOUT, 200); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles many candidates),
+# perf/kernel_ab.py with KERNEL_AB_ARGS and KERNEL_AB_TIMEOUT (150), and KERNEL_AB2_ARGS="..." a second A/B
+# (KERNEL_AB2_TIMEOUT); TUNE_ARGS="..." runs the tuner on those shapes (TUNE_TIMEOUT, 240; every candidate's time
+# in tune-log.json; "--quick" searches the named variants alone), and TUNE2_ARGS="..." a second set of keys
+# (TUNE2_TIMEOUT; tune2-log.json); TUNED_BENCH_ARGS="..." runs the bench again after the tuner, with its winners (TUNED_BENCH_TIMEOUT, 200); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles many candidates),
 # TESTS_TIMEOUT (140) and TESTS_WORKERS (pytest-xdist processes sharing the GPU, default 8, 0 = none: the tests
 # compile more than they run, and kernels of different processes time-slice rather than share SMs, so persistent
 # launches keep every program resident; run 4: 106 tests in 45 s on 8 workers); STACK_AB=1 (off by default, ~1 min) runs perf/kernel_ab.py on the
@@ -62,6 +63,10 @@ if [ "${KERNEL_AB:-0}" != 0 ]; then
     step "A/B of launch configs, recurrence kernels alone (perf/kernel_ab.py ${KERNEL_AB_ARGS:-})"
     measure kernel_ab "${KERNEL_AB_TIMEOUT:-150}" $py perf/kernel_ab.py ${KERNEL_AB_ARGS:-} --json "$W/kernel_ab.json"
 fi
+if [ -n "${KERNEL_AB2_ARGS:-}" ]; then
+    step "a second A/B (perf/kernel_ab.py $KERNEL_AB2_ARGS)"
+    measure kernel_ab2 "${KERNEL_AB2_TIMEOUT:-150}" $py perf/kernel_ab.py $KERNEL_AB2_ARGS --json "$W/kernel_ab2.json"
+fi
 
 if [ "${FLOOR:-0}" != 0 ]; then
     step "floor of a persistent step: exchange alone against the forward kernel (perf/floor_probe.py ${FLOOR_ARGS:-})"
@@ -94,16 +99,21 @@ if [ "${BENCH:-1}" != 0 ]; then
     measure bench "${BENCH_TIMEOUT:-200}" $py -m tritonlstm.bench ${BENCH_ARGS---quick} --out "$W/bench"
 fi
 
-if [ -n "${TUNE_ARGS:-}" ]; then
-    # e.g. TUNE_ARGS="--hidden 256,512,1024 --batch 16 --dtypes float16,bfloat16". The winners land in
-    # tuned/, to be committed as kernels/configs/<gpu>.json.
-    step "tune $TUNE_ARGS"
-    export TRITONLSTM_CACHE_DIR="$W/tuned"
-    timeout "${TUNE_TIMEOUT:-240}" $py -m tritonlstm.tune $TUNE_ARGS --log "$W/tune-log.json" 2>&1 | tee "$W/tune.txt"
-    echo "tune rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
-    unset TRITONLSTM_CACHE_DIR
+# tune NAME TIMEOUT ARGS...: the tuner into the work folder's cache (tuned/, to be committed as
+# kernels/configs/<gpu>.json through perf/merge_tuned.py), every candidate's time in NAME-log.json.
+tune() {
+    local name=$1 limit=$2
+    shift 2
+    step "tune $*"
+    TRITONLSTM_CACHE_DIR="$W/tuned" timeout "$limit" $py -m tritonlstm.tune "$@" --log "$W/$name-log.json" 2>&1 \
+        | tee "$W/$name.txt"
+    echo "$name rc=${PIPESTATUS[0]}" | tee -a "$W/summary.txt"
     pack
-fi
+}
+# e.g. TUNE_ARGS="--hidden 256,512,1024 --batch 16 --dtypes float16,bfloat16"; TUNE2_ARGS: a second set of keys
+# (another kernel or dtype), into the same cache, its log apart.
+[ -n "${TUNE_ARGS:-}" ] && tune tune "${TUNE_TIMEOUT:-240}" $TUNE_ARGS
+[ -n "${TUNE2_ARGS:-}" ] && tune tune2 "${TUNE2_TIMEOUT:-240}" $TUNE2_ARGS
 if [ -n "${TUNED_BENCH_ARGS:-}" ]; then
     # The bench again with the configs just tuned (the user's cache first, then the shipped ones): e.g. after
     # TUNE_ARGS="--quick --kernels bwd", TUNED_BENCH_ARGS="--modes fwdbwd" times training with the new winners

@@ -19,6 +19,7 @@ from tritonlstm.configs import (
     heuristic_config,
     shared_bytes,
     stack_backward_config,
+    tagged_exchanges,
     wide_tile_config,
 )
 
@@ -190,12 +191,19 @@ def test_stacks_whose_weights_cannot_stay_on_chip_run_in_resident_chunks():
 
 
 def test_half_w_configs():
-    """LSTMConfig.half_w (perf/NOTES.md v0.29): only on the transposed dots; its stand-in where TF32 is not allowed
-    streams float32 W^T; its shared memory counts W^T at 2 bytes; a tuner candidate of float32 forwards only."""
+    """LSTMConfig.half_w (perf/NOTES.md v0.29, v0.40-v0.41): on the transposed dots, or (the backward's) W
+    resident, never tagged; its forward stand-in where TF32 is not allowed streams float32 W^T; its shared memory
+    counts W at 2 bytes; the forward's tuner candidate is float32's only."""
     from tritonlstm.configs import named_variants, without_half_w
 
-    with pytest.raises(ValueError, match="half_w needs transposed"):
-        LSTMConfig(block_h=16, block_b=16, block_k=512, w_resident=True, half_w=True)
+    with pytest.raises(ValueError, match="half_w needs transposed=True .* or W resident"):
+        LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=False, half_w=True)
+    with pytest.raises(ValueError, match="half_w .* a barrier exchange.*tagged"):
+        LSTMConfig(block_h=16, block_b=16, block_k=512, w_resident=True, half_w=True, exchange="tagged")
+    tiles = LSTMConfig(block_h=16, block_b=16, block_k=1024, w_resident=True, half_w=True, split_k=8, num_warps=8)
+    assert shared_bytes(tiles, "bwd", 1024, 4) == shared_bytes(dataclasses.replace(tiles, half_w=False), "bwd", 1024,
+                                                               4) - 4 * 1024 * 16 * 2
+    assert tagged_exchanges("bwd", tiles, torch.float32) == ()
     half = heuristic_config(512, 16, torch.float32, 132, layers=4, kernel="stack")
     full = without_half_w(half)
     assert (full.half_w, full.w_resident, full.transposed, full.block_k, full.num_stages) == (False, False, True, 32, 3)
@@ -235,18 +243,22 @@ def test_transposed_dots_load_h_in_one_chunk_where_it_fits():
 
 
 def test_half_w_candidates_compile_without_spills(tmp_path):
-    """The float32 forward's transposed-half configs (tuner candidates) at H = 1000 and 1024: W^T in float16 within
+    """The float32 transposed-half forward configs (tuner candidates) at H = 1000 and 1024: W^T in float16 within
     shared memory where float32's is not, at most 64 bytes of spills (the chunks of h loaded ahead of the previous
-    dot: 16-40 bytes at H = 1024; 0 without that, perf/NOTES.md v0.31). (The stacks' half_w picks are heuristic
-    picks: the sweep of every shipped config compiles them.)"""
+    dot: 16-40 bytes at H = 1024; 0 without that, perf/NOTES.md v0.31). The backward's split-half tiles (v0.41): W
+    in float16 within shared memory, at most 512 bytes of spills (392-412 at H = 1024: dG's float32 row tiles in
+    registers before they are scaled). (The stacks' half_w picks are heuristic picks: the sweep of every shipped
+    config compiles them.)"""
     out = tmp_path / "half.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--half-w", "--min-hidden", "1000", "--max-hidden", "1024",
                       "--json", str(out), timeout=1200)
     rows = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert {(r["dtype"], r["hidden"]) for r in rows} == {("fp32", 1024)}  # H = 1000 is not aligned: none
-    assert all(r["kernel"] == "fwd" and r["config"]["half_w"] and r["config"]["w_resident"] for r in rows)
-    assert all(r["ok"] and r["spill_bytes"] <= 64 for r in rows), proc.stdout[-3000:]
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd"}
+    assert all(r["config"]["half_w"] and r["config"]["w_resident"] for r in rows)
+    assert all(r["ok"] and r["spill_bytes"] <= (64 if r["kernel"] == "fwd" else 512) for r in rows), \
+        proc.stdout[-3000:]
     assert_estimate_bounds_the_compile(rows)
 
 
@@ -268,18 +280,22 @@ def test_reduce_scatter_backward_candidates_compile_without_spills(tmp_path):
 
 
 def test_grid_2d_backward_candidates_compile_without_spills(tmp_path):
-    """The backward's 2-D grid configs (tuner candidates, perf/NOTES.md v0.26) at H = 1000 and 1024 in 16-bit
-    (128-unit blocks, 8 a side): within shared memory, free of spills on 32-row tiles; on 64-row tiles (wgmma) at
-    most 600 bytes (212 at H = 1024, 552 at the unaligned 1000)."""
+    """The backward's 2-D grid configs (tuner candidates, perf/NOTES.md v0.26) at H = 1000 and 1024 (128-unit
+    blocks, 8 a side; float32's with W's block in float16, v0.40): within shared memory; in 16-bit free of spills on
+    32-row tiles, and on 64-row tiles (wgmma) at most 600 bytes (212 at H = 1024, 552 at the unaligned 1000); in
+    float32 at most 80 bytes on 32-row tiles (16 at H = 1024) and 1200 on 64-row ones (its float32 dG tiles)."""
     out = tmp_path / "g2.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--grid-2d", "--min-hidden", "1000", "--max-hidden", "1024",
                       "--json", str(out), timeout=1200)
     rows = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert {(r["dtype"], r["hidden"], r["config"]["block_b"]) for r in rows} == {
-        (d, h, bb) for d in ("fp16", "bf16") for h in (1000, 1024) for bb in (32, 64)}
+        (d, h, bb) for d in ("fp16", "bf16", "fp32") for h in (1000, 1024) for bb in (32, 64)}
+    bound = {("fp16", 32): 0, ("bf16", 32): 0, ("fp32", 32): 80, ("fp16", 64): 600, ("bf16", 64): 600,
+             ("fp32", 64): 1200}
     assert all(r["config"]["grid_2d"] and r["config"]["block_h"] == 128 and r["ok"]
-               and r["spill_bytes"] <= (0 if r["config"]["block_b"] == 32 else 600) for r in rows), proc.stdout[-3000:]
+               and r["config"]["half_w"] == (r["dtype"] == "fp32")
+               and r["spill_bytes"] <= bound[r["dtype"], r["config"]["block_b"]] for r in rows), proc.stdout[-3000:]
     assert_estimate_bounds_the_compile(rows)
 
 

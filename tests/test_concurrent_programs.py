@@ -36,8 +36,9 @@ def launches(monkeypatch):
 
 
 def variant(kernel, name, H, B, layers=1, dtype=torch.float32):
-    if name == "grid-2d":  # 2 x 2 unit blocks (its own pick, at these H, is one block: no exchange)
-        return dataclasses.replace(configs.grid_2d_config(H, B, dtype.itemsize, SMS), block_h=H // 2)
+    if name in ("grid-2d", "grid-2d-half"):  # 2 x 2 unit blocks (its own pick, at these H, is one block)
+        return dataclasses.replace(configs.grid_2d_config(H, B, dtype.itemsize, SMS), block_h=H // 2,
+                                   half_w=name == "grid-2d-half")
     return configs.named_variants(kernel, H, B, dtype, SMS, names=(name,), layers=layers)[name]
 
 
@@ -80,12 +81,15 @@ def test_single_layer_with_programs_at_once(fwd_name, bwd_name, H, B, launches):
 
 
 # 16-bit: the tagged words' two values a word (fp32 has one); half_w: float32 on float16 operands, as precise as
-# TF32's (a float32 stack's forward at H = 512 takes it); the transposed dots' 16-bit operands.
+# TF32's (a float32 stack's forward at H = 512 takes it; the backward's 2-D grid and split tiles, v0.40-v0.41, with
+# each row's largest |dG| passed between the programs); the transposed dots' 16-bit operands.
 SIXTEEN_BIT_CASES = [
     ("tagged", "tagged", torch.bfloat16, RESOLUTION[torch.bfloat16]),
     ("tagged-probe", "tagged", torch.float16, RESOLUTION[torch.float16]),
     ("transposed", "transposed", torch.bfloat16, RESOLUTION[torch.bfloat16]),
     ("transposed-half", "transposed", torch.float32, RESOLUTION_GPU[torch.float32]),
+    ("transposed", "split-half", torch.float32, RESOLUTION_GPU[torch.float32]),
+    ("transposed", "grid-2d-half", torch.float32, RESOLUTION_GPU[torch.float32]),
     # (the interpreter runs "dsmem" as "cluster": its kernel path, in shared memory, is the GPU's alone)
     ("transposed-dsmem", "transposed-cluster", torch.float16, RESOLUTION[torch.float16]),
 ]

@@ -1016,6 +1016,92 @@ def test_backward_on_a_2d_grid(config, H, reverse, dtype, lengths, kernel_calls)
     assert kernel_calls == {"fwd": 1, "bwd": 1}
 
 
+# float32's backward on float16 operands (LSTMConfig.half_w, perf/NOTES.md v0.40, v0.41): W and each row of dG
+# scaled by their own powers of two, so TF32's precision (the GPU's float32 tolerance) at float32's range. The 2-D
+# grid's cases, and the tiles': unsplit over 17 programs of 2 units (the rows' largest |dG| gathered from 17
+# programs, over two 16-wide loads), split-K, and one persistent program.
+HALF_BWD = [pytest.param(dataclasses.replace(p.values[0], half_w=True), p.values[1], id="grid-2d-" + p.id)
+            for p in GRID_2D] + [
+    pytest.param(LSTMConfig(block_h=2, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                            half_w=True), 33, id="tiles-stepwise-P17-Q2"),
+    pytest.param(LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                            split_k=4, half_w=True), 33, id="tiles-split4-stepwise"),
+    pytest.param(LSTMConfig(block_h=16, block_b=4, block_k=16, w_resident=True, persistent=True, half_w=True), 16,
+                 id="tiles-persistent-1prog")]
+
+
+@pytest.fixture
+def half_bwd_launches(monkeypatch):
+    """HALF_W of every single-layer backward launch (proof of which path ran)."""
+    seen, real = [], kernels._run
+
+    def spy(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw):
+        if kernel in (kernels.lstm_bwd_2d_kernel, kernels.lstm_bwd_kernel):
+            seen.append(constexprs["HALF_W"])
+        return real(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw)
+
+    monkeypatch.setattr(kernels, "_run", spy)
+    return seen
+
+
+@pytest.mark.parametrize("config,H", HALF_BWD)
+@pytest.mark.parametrize("reverse,lengths", [(False, False), (True, True)], ids=["padded", "rev-lengths"])
+def test_half_w_backward_on_a_2d_grid_matches_reference_at_tf32_precision(config, H, reverse, lengths,
+                                                                           half_bwd_launches):
+    problem = make_problem(6, 17, 10, H, torch.float32)
+    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(None, "fwd"):
+        check_against_reference(problem, torch.float32, reverse=reverse, lengths=lens, config=config, kernel="bwd",
+                                tol=HALF_TOL)
+    assert half_bwd_launches and all(half_bwd_launches)
+
+
+@pytest.mark.parametrize("config,H", HALF_BWD)
+def test_half_w_backward_scales_each_row_of_dg_on_its_own(config, H, half_bwd_launches):
+    """Rows of dG 1e24 apart (the output's gradient scaled row by row, which scales that row of dG): one scale for
+    all of them, or none, would flush the small rows to zero or the large ones to inf in float16. Each row's input
+    gradients are judged on their own, relative to their own size; h0's is dG_0 @ W_hh alone, the recurrent
+    product with W_hh at 1e-12 (float16's subnormals end at 6e-8). The last unit's gradient is 1e5 times the
+    others', so a row's largest |dG| is the last program's: a scale that missed it would overflow float16."""
+    T, B, I = 6, 5, 7
+    problem = make_problem(T, B, I, H, torch.float32)
+    problem["weight_hh"] = problem["weight_hh"] * 1e-12
+    row = torch.tensor([1e-12, 1.0, 1e12, 3e-6, 7e8], dtype=torch.float64)
+    p_ref, (y_r, _, _) = reference(problem)
+    wy = torch.randn(y_r.shape, dtype=torch.float64) * row[None, :, None]
+    wy[..., -1] *= 1e5
+    (y_r * wy).sum().backward()
+    p = leaf(problem)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(None, "fwd"), use_config(config, "bwd"):
+        y, _ = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+        (y.double() * wy).sum().backward()
+    for b in range(B):
+        for n in ("x", "h0", "c0"):
+            got, ref = p[n].grad.select(-2, b).double(), p_ref[n].grad.select(-2, b)
+            assert rel_err(got, ref, floor=0) < HALF_TOL, (n, b, rel_err(got, ref, floor=0))
+    assert rel_err(p["weight_hh"].grad, p_ref["weight_hh"].grad) < HALF_TOL
+    assert half_bwd_launches and all(half_bwd_launches)
+
+
+def test_half_w_backward_keeps_float32_operands_where_tf32_is_not_allowed(half_bwd_launches):
+    """A half_w backward runs as the heuristic's full-precision pick when PyTorch's RNN precision says float32 (its
+    float32 W need not fit), and in 16-bit as it is without the flag (W is float16 already)."""
+    config, H = HALF_BWD[0].values
+    problem = make_problem(6, 17, 10, H, torch.float32)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), use_config(None, "fwd"):
+        check_against_reference(problem, torch.float32, config=config, kernel="bwd")
+    assert half_bwd_launches == [False]  # the interpreter's heuristic pick
+    problem = make_problem(6, 17, 10, H, torch.float16)
+    with use_config(None, "fwd"):
+        check_against_reference(problem, torch.float16, config=config, kernel="bwd")
+    assert half_bwd_launches == [False, False]
+    with pytest.raises(ValueError, match="half_w.*backward's 2-D grid or resident tiles"):
+        kernels._half_w(config, torch.float16, backward=True)
+    # A forward's transposed half_w config given to the backward (use_config for every kernel): its reduce-scatter
+    # ignores the flag.
+    assert not kernels._half_w(HALF_CONFIGS["resident"], torch.float32, backward=True)
+
+
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
 def test_a_launch_the_gpu_cannot_hold_reruns_on_the_last_resort_config(kernel, monkeypatch):
     """Where Triton refuses a launch for want of shared memory (OutOfResources: raised before the kernel starts, on a

@@ -672,6 +672,24 @@ def test_backward_on_a_2d_grid_matches_cudnn(H, B, dtype):
     packed_bidirectional_training_matches_cudnn(H, B, dtype, named_variants("bwd", H, B, dtype, sms // 2)["grid-2d"])
 
 
+@pytest.mark.parametrize("name,H,B", [("grid-2d-half", 1024, 64), ("grid-2d-half-bb64", 1024, 64),
+                                      ("grid-2d-half", 512, 256), ("grid-2d-half-bb64", 512, 256),
+                                      ("split-half", 1024, 16), ("split-half", 512, 64)])
+def test_float32_backward_on_float16_operands_matches_cudnn(name, H, B):
+    """float32's backward with W and dG's rows in float16 (LSTMConfig.half_w, perf/NOTES.md v0.40-v0.41), on the
+    2-D grid and on the split tiles, persistent launches of 64-128 programs, against cuDNN's TF32: one direction,
+    then both in one launch with per-row lengths."""
+    from tritonlstm.configs import named_variants, use_config
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = named_variants("bwd", H, B, torch.float32, sms)[name]
+    assert cfg.half_w and cfg.persistent and cfg.programs(H) > 1, cfg
+    with use_config(cfg, "bwd"):
+        run_both(128, B, H, torch.float32)
+    both = named_variants("bwd", H, B, torch.float32, sms // 2)[name]
+    packed_bidirectional_training_matches_cudnn(H, B, torch.float32, both)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("B", [16, 256])
 @pytest.mark.parametrize("H", [512, 1024])

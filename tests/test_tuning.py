@@ -379,13 +379,19 @@ def test_candidates_fit_a_smaller_gpu_and_the_2d_grid_has_no_tagged_copy():
 
 def test_quick_search_times_the_float32_half_w_forward():
     """v0.29's float32 forward on float16 operands is in the quick search, which the next GPU session's forward
-    re-tune runs (it was only in the full search); 16-bit layers have no such variant."""
+    re-tune runs (it was only in the full search), and so are v0.40-v0.41's backward ones; 16-bit layers have no such
+    variant."""
     for H, B in ((1024, 16), (512, 1), (256, 64)):
         quick = tuning.quick_candidates(H, B, torch.float32, 132, "fwd")
         half = [c for c, name in quick.items() if name.removeprefix("heuristic=") == "transposed-half"]
         assert len(half) == 1 and half[0].half_w and half[0].transposed, (H, B, quick)
         assert not any(c.half_w for c in tuning.quick_candidates(H, B, torch.float16, 132, "fwd"))
-        assert not any(c.half_w for c in tuning.quick_candidates(H, B, torch.float32, 132, "bwd"))
+        # The backward's (v0.40, v0.41): its split tiles, and the 2-D grid from 64 rows; never the reduce-scatter.
+        bwd = tuning.quick_candidates(H, B, torch.float32, 132, "bwd")
+        assert sorted(n for c, n in bwd.items() if c.half_w) == (["grid-2d-half", "grid-2d-half-bb64", "split-half"]
+                                                                  if B >= 64 else ["split-half"]), (H, B, bwd)
+        assert not any(c.half_w and c.transposed for c in bwd)
+        assert not any(c.half_w for c in tuning.quick_candidates(H, B, torch.float16, 132, "bwd"))
 
 
 @pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])

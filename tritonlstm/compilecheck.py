@@ -121,7 +121,8 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     ints = {n: "i32" for n in ("T", "B", "H", "rev0", "S_START", "S_COUNT", "max_spin")}
     if kernel == "bwd_2d":
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
-                "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32", "PART": "*fp32"}
+                "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32", "PART": "*fp32",
+                "AMAX": "*fp32", "RMAX": "*fp32"}
         flags = ()
     elif kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": "*fp32", "H0": p,
@@ -132,7 +133,7 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
                 "DCN": p, "DG": p, "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "RING": "*i64", "W_T": p, "PART": "*fp32"}
+                "ERR": "*i32", "RING": "*i64", "W_T": p, "PART": "*fp32", "AMAX": "*fp32", "RMAX": "*fp32"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "HAS_LENGTHS", "STACK", "HAS_DROPOUT",
                  "PERSISTENT", "DOT_PRECISION", "SK")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
@@ -200,6 +201,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       TAGGED=kernel == "bwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,
                       PREFETCH=prefetch and kernel == "bwd",
+                      HALF_W=kernel == "bwd" and config.half_w and not config.transposed,
                       **(k.reduce_scatter_constexprs(config, hidden) if kernel == "bwd"
                          else k.NO_REDUCE_SCATTER))
     backward = kernel in BACKWARD
@@ -247,7 +249,7 @@ def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: i
                   HAS_LENGTHS=False, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", FLAGS=config.exchange == "flags",
                   NP=1 if config.exchange != "flags" else triton.next_power_of_2(config.programs(hidden)),
-                  CLUSTER=False)
+                  CLUSTER=False, HALF_W=config.half_w)
     sig = {**_signature("bwd_2d", _TRITON_DTYPE[dtype]), **{n: "constexpr" for n in consts}}
     return _compile(res, k.lstm_bwd_2d_kernel, sig, consts, target.arch)
 
@@ -290,8 +292,9 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1, measured: bool 
 # backward's for --reduce-scatter (perf/NOTES.md v0.24: one batch tile per program) and --grid-2d (v0.26: large
 # batches), the float32 forward's for --half-w (v0.29: W^T resident in float16).
 REDUCE_SCATTER = ("bwd", ("transposed", "transposed-streamed"), (1, 16))
-GRID_2D = ("bwd", ("grid-2d", "grid-2d-bb64"), (64, 256))
+GRID_2D = ("bwd", ("grid-2d", "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64"), (64, 256))
 HALF_W = ("fwd", ("transposed-half",), (1, 16))
+HALF_W_BWD = ("bwd", ("split-half",), (1, 16, 64))
 
 
 def variant_configs(kernel: str, names: tuple[str, ...], batches: tuple[int, ...], max_hidden: int = 1024,
@@ -419,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid-2d", action="store_true",
                     help="check the backward's 2-D grid configs instead (tuner candidates, at B = 64 and 256)")
     ap.add_argument("--half-w", action="store_true",
-                    help="check the float32 forward's configs with W^T in float16 instead (tuner candidates, at "
-                         "B = 1 and 16)")
+                    help="check the float32 configs with W in float16 instead (tuner candidates: the forward's at "
+                         "B = 1 and 16, the backward's tiles at B = 1, 16 and 64)")
     ap.add_argument("--matmul", action="store_true", help="check the float32 TF32 GEMM kernel instead")
     ap.add_argument("--gpu", choices=sorted(GPUS), default="h100",
                     help="the GPU whose heuristic picks to check, compiled for its architecture within its shared "
@@ -447,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reduce_scatter or args.grid_2d or args.half_w:
         which = GRID_2D if args.grid_2d else HALF_W if args.half_w else REDUCE_SCATTER
         configs = variant_configs(*which, args.max_hidden, args.min_hidden, target)
+        if args.half_w:
+            configs += variant_configs(*HALF_W_BWD, args.max_hidden, args.min_hidden, target)
     else:
         configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged,  # tagged: on the tiles
                                   target=target)

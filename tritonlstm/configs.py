@@ -93,7 +93,10 @@ class LSTMConfig:
     # h rounded to float16 likewise (kernels/lstm.py _half_weights, perf/NOTES.md v0.29): the same 10-bit mantissas
     # as TF32's operands, half the bytes, so W^T stays on chip where float32's would not (H = 1024, stacks at
     # H = 512) and the MMA runs at float16's rate. Only where PyTorch's RNN precision allows TF32: elsewhere the
-    # launcher runs without_half_w(config). The backward kernels ignore it (their dG operands need TF32's range).
+    # launcher runs without_half_w(config). A single layer's backward takes it on the 2-D grid and on tiles with W
+    # resident (kernels/lstm.py _half_rows_product, _half_grad_dot; perf/NOTES.md v0.40, v0.41): W in float16, and
+    # each row of dG scaled by its own power of two, which keeps TF32's range where one scale for all of dG would
+    # not; so float32 takes 16-bit's tiles. Its reduce-scatter (transposed) ignores it.
     half_w: bool = False
 
     def __post_init__(self):
@@ -127,9 +130,10 @@ class LSTMConfig:
                              f"dots and a barrier exchange, got block_h={self.block_h}, w_resident={self.w_resident}, "
                              f"split_k={self.split_k}, merged_gates={self.merged_gates}, transposed={self.transposed}, "
                              f"exchange={self.exchange!r}")
-        if self.half_w and not self.transposed:
-            raise ValueError("LSTMConfig.half_w needs transposed=True (the transposed dots are the ones that take "
-                             "float16 weights), got transposed=False")
+        if self.half_w and (self.tagged or not (self.transposed or self.w_resident)):
+            raise ValueError(f"LSTMConfig.half_w needs transposed=True (the forward's dots) or W resident (the "
+                             f"backward's), and a barrier exchange, got transposed={self.transposed}, w_resident="
+                             f"{self.w_resident}, exchange={self.exchange!r}")
         if self.exchange in ("flags", "cluster", "dsmem") and not self.persistent:
             raise ValueError(f"LSTMConfig.exchange={self.exchange!r} is a persistent launch's barrier, got "
                              "persistent=False")
@@ -185,7 +189,7 @@ def tagged_exchanges(kernel: str, config: LSTMConfig, dtype: torch.dtype) -> tup
     exchanges = {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
     min_k = (16 if dtype == torch.float32 else 32) * config.split_k
     ok = (config.persistent and config.block_h >= 2 and config.block_k >= min_k and not config.merged_gates
-          and not config.transposed and not config.grid_2d and config.exchange == "barrier")
+          and not config.transposed and not config.grid_2d and not config.half_w and config.exchange == "barrier")
     return exchanges if ok else ()
 
 
@@ -334,11 +338,15 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
 WIDE_TILE_WALKS = 4
 
 
-def without_half_w(config: LSTMConfig) -> LSTMConfig:
-    """A half_w config's stand-in where the dots must keep float32 operands (TF32 not allowed): the same tiles with
-    W^T streamed in float32 from L2 (32-wide K chunks, 3 stages), which fits at any H."""
+def without_half_w(config: LSTMConfig, backward_standin: LSTMConfig | None = None) -> LSTMConfig:
+    """A half_w config's stand-in where the dots must keep float32 operands (TF32 not allowed), or where W is
+    16-bit already: the transposed dots' tiles with W^T streamed in float32 from L2 (32-wide K chunks, 3 stages),
+    which fits at any H; a backward's (2-D grid or tiles), whose W must stay on chip, as backward_standin (float32:
+    the layout the heuristic picks without half_w) or, without one (16-bit), as it is without the flag."""
     if not config.half_w:
         return config
+    if not config.transposed:  # a backward's
+        return backward_standin if backward_standin is not None else dataclasses.replace(config, half_w=False)
     return dataclasses.replace(config, half_w=False, w_resident=False, block_k=32, num_stages=3)
 
 
@@ -478,20 +486,21 @@ def reduce_scatter_config(hidden: int, batch: int, esize: int, num_sms: int, str
                       num_warps=8, transposed=True)
 
 
-def grid_2d_config(hidden: int, batch: int, esize: int, num_sms: int, block_b: int | None = None
-                   ) -> LSTMConfig | None:
+def grid_2d_config(hidden: int, batch: int, esize: int, num_sms: int, block_b: int | None = None,
+                   half_w: bool = False) -> LSTMConfig | None:
     """The single-layer backward on a 2-D grid (LSTMConfig.grid_2d, perf/NOTES.md v0.26): the widest unit block
     (128, 64 or 32) whose four [block, block] W_hh tiles fit the shared-memory budget and whose NB^2 programs fit
     the SMs; block_b rows per tile, by default 32 at 128-unit blocks (64 rows there spill 144-212 bytes,
-    compile-only sm_90, but run the product on wgmma, which 32 rows do not), else 64; 8 warps. None where no
-    block fits."""
+    compile-only sm_90, but run the product on wgmma, which 32 rows do not), else 64; 8 warps. half_w: float32's
+    W block in float16 (LSTMConfig.half_w, v0.40), sized as 16-bit's. None where no block fits."""
+    wsize = 2 if half_w else esize
     for bu in (128, 64, 32):
         nb = _pow2(cdiv(hidden, bu))
-        if 4 * bu * bu * esize <= _W_BUDGET and nb * nb <= num_sms and bu >= nb:
+        if 4 * bu * bu * wsize <= _W_BUDGET and nb * nb <= num_sms and bu >= nb:
             bb = block_b or (32 if bu == 128 else 64)
             groups = batch_groups(hidden, batch, bu, bb, num_sms, group=nb * nb)
             return LSTMConfig(block_h=bu, block_b=bb, block_k=bu, w_resident=True, batch_groups=groups, num_warps=8,
-                              grid_2d=True)
+                              grid_2d=True, half_w=half_w)
     return None
 
 
@@ -564,7 +573,7 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
     backward = kernel in ("bwd", "stack_bwd")
     bh, bb, bk, stages = config.block_h, config.block_b, config.block_k, config.num_stages
     if config.grid_2d and kernel == "bwd":
-        return 4 * bh * bh * esize + 2 * bb * bh * esize + _SHARED_MARGIN
+        return 4 * bh * bh * (2 if config.half_w else esize) + 2 * bb * bh * esize + _SHARED_MARGIN
     if config.transposed and kernel != "stack_bwd":  # the stack's backward ignores `transposed`
         wsize = 2 if config.half_w and not backward else esize
         rows = 4 * bh  # the program's gate rows of W^T
@@ -580,8 +589,10 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
             return slices * rows * hk * wsize + scratch + _SHARED_MARGIN
         return stages * (slices * rows * bk * wsize + bb * bk * esize) + _SHARED_MARGIN
     if config.w_resident:
-        # At K <= 32 the scratch outgrows the tile: 4 KB in all (a merged dot's at H = 17-32: 12288 bytes).
-        return slices * 4 * hk * bh * esize + max(bb * hk * esize + _SHARED_MARGIN, 4096)
+        # At K <= 32 the scratch outgrows the tile: 4 KB in all (a merged dot's at H = 17-32: 12288 bytes). A single
+        # layer's backward with half_w holds W in float16 (v0.41).
+        wsize = 2 if config.half_w and kernel == "bwd" else esize
+        return slices * 4 * hk * bh * wsize + max(bb * hk * esize + _SHARED_MARGIN, 4096)
     if backward:
         return stages * (slices * 4 * bk * bh + bb * 4 * bk) * esize + 4096 + _SHARED_MARGIN
     return stages * (slices * 4 * bk * bh + bb * bk) * esize + _SHARED_MARGIN
@@ -677,15 +688,22 @@ def _fitted(config: LSTMConfig, kernel: str, hidden: int, batch: int, dtype: tor
     return fit_shared_memory(config, kernel, hidden, batch, dtype, sms, smem, directions)
 
 
+def heuristic_pick(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,
+                   kernel: str = "fwd", directions: int = 1, layers: int = 1) -> LSTMConfig:
+    """select_config's last resort alone: the heuristic's pick for this device (or the interpreter), without the
+    overrides, the caches and the shipped configs."""
+    if interpreter or device.type != "cuda":
+        return _interpreter_pick(hidden, batch, dtype, kernel, directions, layers)
+    return device_heuristic(hidden, batch, dtype, device, kernel, directions, layers)
+
+
 def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,
                   kernel: str = "fwd", directions: int = 1, layers: int = 1) -> LSTMConfig:
     forced = forced_config(kernel)
     if forced is not None:
         return forced
-    if interpreter or device.type != "cuda":
-        return _interpreter_pick(hidden, batch, dtype, kernel, directions, layers)
-    if kernel in ("stack", "stack_bwd"):  # not tuned yet: the heuristic
-        return device_heuristic(hidden, batch, dtype, device, kernel, directions, layers)
+    if interpreter or device.type != "cuda" or kernel in ("stack", "stack_bwd"):  # stacks: not tuned yet
+        return heuristic_pick(hidden, batch, dtype, device, interpreter, kernel, directions, layers)
     from tritonlstm.tuning import lookup  # the cache and the tuner; imported here to keep this module light
 
     found = lookup(kernel, hidden, batch, dtype, directions, device)
@@ -698,8 +716,9 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
             "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
             "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d",
-            "grid-2d-bb64", "no-prefetch", "transposed-half", "cluster", "transposed-cluster",
-            "transposed-streamed-bb128", "transposed-dsmem")
+            "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64", "split-half", "no-prefetch",
+            "transposed-half", "cluster",
+            "transposed-cluster", "transposed-streamed-bb128", "transposed-dsmem")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -739,6 +758,12 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    v0.25)
       grid-2d      single-layer backward, B >= 64: the recurrent product on a 2-D grid of unit blocks, two barriers
                    per step (grid_2d_config, v0.26); grid-2d-bb64: with 64-row tiles where it has 32 (wgmma)
+      grid-2d-half float32 single-layer backward, B >= 64: the 2-D grid with W's block in float16 and dG's rows
+                   scaled into float16 (LSTMConfig.half_w, v0.40), so the 16-bit layers' 128-unit blocks;
+                   grid-2d-half-bb64: with 64-row tiles
+      split-half   float32 single-layer backward, H a multiple of 16: 16-bit's split tiles (16 units a program,
+                   split-K over 8 warps), W resident in float16 and dG's rows scaled into float16 (LSTMConfig.half_w,
+                   v0.41)
       no-prefetch  the single-layer forward's heuristic pick with its gx loaded after the barrier (v0.23), where
                    the pick prefetches
       transposed-half   float32 forward kernels: the transposed dots, 16-row batch tiles, W^T resident in float16
@@ -816,6 +841,18 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
             if grid.block_b < 64:
                 # 64-row tiles: the product on wgmma (32 rows run it as mma.sync), at 144-212 bytes of spills.
                 out["grid-2d-bb64"] = grid_2d_config(H, B, esize, share, block_b=64)
+        half = grid_2d_config(H, B, esize, share, half_w=True) if fp32 else None
+        if half is not None:
+            out["grid-2d-half"] = half
+            if half.block_b < 64:
+                out["grid-2d-half-bb64"] = grid_2d_config(H, B, esize, share, block_b=64, half_w=True)
+    if kernel == "bwd" and fp32 and H % 16 == 0:
+        # 16-bit's resident split tiles, which float32's W fits in float16 (v0.41): split-K over 8 warps from
+        # H = 128, where its float32 dG tiles take twice 16-bit's registers (compile-only sm_90, H = 1024: 412 bytes
+        # of spills; split4's 4 warps: 1404).
+        tiles = named_variants("bwd", H, B, torch.float16, sms, ("split",)).get("split")
+        if tiles is not None and tiles.w_resident and tiles.persistent:
+            out["split-half"] = dataclasses.replace(tiles, half_w=True)
     if unsplit.persistent:
         out["flags"] = dataclasses.replace(unsplit, exchange="flags")
         if "transposed" in out:

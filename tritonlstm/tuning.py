@@ -184,8 +184,8 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 # spill at large K: left to the full search.
 QUICK_VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "merged", "transposed", "transposed-streamed", "flags",
                   "transposed-flags", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64",
-                  "no-prefetch", "cluster", "transposed-cluster", "transposed-streamed-bb128", "transposed-half",
-                  "transposed-dsmem")
+                  "grid-2d-half", "grid-2d-half-bb64", "split-half", "no-prefetch", "cluster", "transposed-cluster",
+                  "transposed-streamed-bb128", "transposed-half", "transposed-dsmem")
 
 
 def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
@@ -243,6 +243,12 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
         out.append(transposed_config(hidden, batch, esize, num_sms, 16, half_w=True))
     if kernel == "bwd" and batch >= 64 and (grid := grid_2d_config(hidden, batch, esize, num_sms)) is not None:
         out.append(grid)  # perf/NOTES.md v0.26
+    if kernel == "bwd" and batch >= 64 and esize == 4 and \
+            (grid := grid_2d_config(hidden, batch, esize, num_sms, half_w=True)) is not None:
+        out.append(grid)  # float32's W block in float16 (v0.40); where TF32 is not allowed it times the stand-in
+    if kernel == "bwd" and esize == 4 and \
+            (half := named_variants(kernel, hidden, batch, dtype, num_sms, ("split-half",)).get("split-half")):
+        out.append(half)  # float32's W tiles in float16 (v0.41)
     out += [tagged_variant(c, exchange) for c in list(out)
             for exchange in tagged_exchanges(kernel, c, dtype)]
     # The flags barrier (v0.19) on the heuristic's tiles and the transposed ones: a change of the exchange alone,
