@@ -366,14 +366,16 @@ def test_float32_stack_inference_in_one_launch_on_float16_weights(monkeypatch):
         assert rel_err(a, b) <= tol
 
 
-@pytest.mark.parametrize("H,B", [(1024, 1), (1024, 16), (512, 64)])
-def test_half_w_forward_matches_cudnn(H, B):
-    """The float32 forward's transposed-half candidate (W^T resident in float16, scaled; v0.29) on persistent
+@pytest.mark.parametrize("H,B,name", [(1024, 1, "transposed-half"), (1024, 16, "transposed-half"),
+                                      (512, 64, "transposed-half"), (512, 256, "transposed-streamed-half"),
+                                      (1024, 256, "transposed-streamed-bb128-half")])
+def test_half_w_forward_matches_cudnn(H, B, name):
+    """The float32 forward's half_w candidates (W^T in float16, scaled; resident v0.29, streamed v0.42) on persistent
     multi-program launches, against cuDNN's TF32; the backward as selected."""
     from tritonlstm.configs import named_variants, use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cfg = named_variants("fwd", H, B, torch.float32, sms)["transposed-half"]
+    cfg = named_variants("fwd", H, B, torch.float32, sms)[name]
     assert cfg.half_w and cfg.persistent and cfg.programs(H) > 1, cfg
     with use_config(cfg, "fwd"):
         run_both(256, B, H, torch.float32)

@@ -293,7 +293,7 @@ def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1, measured: bool 
 # batches), the float32 forward's for --half-w (v0.29: W^T resident in float16).
 REDUCE_SCATTER = ("bwd", ("transposed", "transposed-streamed"), (1, 16))
 GRID_2D = ("bwd", ("grid-2d", "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64"), (64, 256))
-HALF_W = ("fwd", ("transposed-half",), (1, 16))
+HALF_W = ("fwd", ("transposed-half", "transposed-streamed-half", "transposed-streamed-bb128-half"), (1, 16, 256))
 HALF_W_BWD = ("bwd", ("split-half",), (1, 16, 64))
 
 

@@ -717,7 +717,7 @@ VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8
             "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
             "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d",
             "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64", "split-half", "no-prefetch",
-            "transposed-half", "cluster",
+            "transposed-half", "transposed-streamed-half", "transposed-streamed-bb128-half", "cluster",
             "transposed-cluster", "transposed-streamed-bb128", "transposed-dsmem")
 
 
@@ -767,7 +767,9 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
       no-prefetch  the single-layer forward's heuristic pick with its gx loaded after the barrier (v0.23), where
                    the pick prefetches
       transposed-half   float32 forward kernels: the transposed dots, 16-row batch tiles, W^T resident in float16
-                   (LSTMConfig.half_w, v0.29) wherever float16's W^T fits
+                   (LSTMConfig.half_w, v0.29) wherever float16's W^T fits; transposed-streamed-half and
+                   transposed-streamed-bb128-half (single layer, H a multiple of 16): those two streamed in float16,
+                   in 16-bit's 64-wide K chunks (v0.42)
       cluster      single layer: the unsplit tiles with the barrier as Hopper's cluster barrier, the P <= 8 or 16
                    programs of a barrier launched as one thread-block cluster (v0.34); transposed-cluster: the
                    transposed tiles with it (BH = 16 up to H = 256; the forward at H = 512 with BH = 32)
@@ -875,6 +877,11 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
     if forward and fp32 and H > 16 and H % 16 == 0 and transposed_fits(H, 2, 2 if stack else 1) \
             and cdiv(H, 16) <= share:
         out["transposed-half"] = transposed_config(H, B, esize, share, 16, half_w=True)
+    if kernel == "fwd" and fp32 and H % 16 == 0:
+        # The streamed tiles with W^T's chunks in float16 (v0.42): half the bytes from L2, 16-bit's chunks.
+        for name in ("transposed-streamed", "transposed-streamed-bb128"):
+            if name in out:
+                out[f"{name}-half"] = dataclasses.replace(out[name], half_w=True, block_k=64)
     if kernel == "fwd":
         pick = heuristic_config(H, B, dtype, sms, kernel="fwd")
         if pick.prefetches(B, H):
