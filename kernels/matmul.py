@@ -12,17 +12,26 @@ stride is along M or N, Triton gathers it there with 4-byte cp.async, one row of
 probe (H100) had the weight gradients dG^T @ x at 23-48 TFLOP/s and dG @ W at 75-80, against 217-232 for the
 K-major x @ W^T. Such operands are restaged K-major first by `restage_kernel` (coalesced on both sides), in chunks
 of K so that the staging stays a fraction of the operand (perf/NOTES.md v0.37).
+
+A product whose K is not along the rows of both operands' scaling can also run on float16 operands at twice the
+rate (`half=True`, v0.43): each row of A and each column of B scaled by its own power of two into float16's range
+(`half_rows_kernel`), which keeps what TF32 keeps (11 significant bits) and loses only values 2^29 below their row's
+largest; the product scaled back exactly in the epilogue. The input projection x @ W_ih^T and the input gradient
+dG @ W_ih; not a weight gradient, whose K runs over time and batch.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from tritonlstm.kernels.lstm import _exp2_bits, _half_exp
+
 
 @triton.jit
-def matmul_kernel(A, B, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
-                  PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+                  PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, SCALED: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # SCALED: A's rows and B's columns were scaled by 2^EA[m] and 2^EB[n] (half_rows_kernel); C gets them back.
     # Tiles of GROUP_M rows of C share their B columns in L2 before the next group starts.
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -43,6 +52,11 @@ def matmul_kernel(A, B, C, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
         a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if SCALED:
+        # In two halves of the exponent, so that no partial scale leaves float32's normal range where C does not.
+        k_all = tl.load(EA + rm, mask=rm < M, other=0)[:, None] + tl.load(EB + rn, mask=rn < N, other=0)[None, :]
+        k_one = k_all // 2
+        acc = acc * _exp2_bits(-k_one) * _exp2_bits(k_one - k_all)
     c = C + rm[:, None].to(tl.int64) * s_cm + rn[None, :].to(tl.int64) * s_cn
     c_mask = (rm[:, None] < M) & (rn[None, :] < N)
     if ACCUMULATE:  # C += A @ B: the chunks of K after the first
@@ -62,18 +76,45 @@ def restage_kernel(X, Y, R, C, s_xr, s_xc, s_yr, s_yc, BR: tl.constexpr, BC: tl.
     tl.store(Y + r64[:, None] * s_yr + c64[None, :] * s_yc, v, mask=mask)
 
 
-def _config(M: int, N: int, interpreting: bool) -> dict:
+@triton.jit
+def half_rows_kernel(X, Y, E, R, C, s_xr, s_xc, BR: tl.constexpr, BC: tl.constexpr):
+    # Row r of X [R, C] (any strides) into row r of Y [R, C] (row-major, float16) times 2^E[r], E[r] the exponent
+    # that takes the row's largest magnitude below 2^15 (kernels.lstm._half_exp: zero rows and float32 subnormals
+    # by 2^126, inf and NaN by 2^-114, both staying what they are). Two passes over the row: its magnitude, then
+    # the values.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m_r = r < R
+    p_x = X + r.to(tl.int64)[:, None] * s_xr
+    amax = tl.zeros([BR], dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        v = tl.load(p_x + c.to(tl.int64)[None, :] * s_xc, mask=m_r[:, None] & (c < C)[None, :], other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+    k = _half_exp(amax)
+    scale = _exp2_bits(k)[:, None]
+    p_y = Y + r.to(tl.int64)[:, None] * C
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        m = m_r[:, None] & (c < C)[None, :]
+        v = tl.load(p_x + c.to(tl.int64)[None, :] * s_xc, mask=m, other=0.0)
+        tl.store(p_y + c[None, :], (v * scale).to(tl.float16), mask=m)
+    tl.store(E + r, k, mask=m_r)
+
+
+def _config(M: int, N: int, interpreting: bool, esize: int = 4) -> dict:
     from tritonlstm.configs import cdiv
 
     if interpreting:
         return dict(BM=16, BN=16, BK=16, GROUP_M=4, num_warps=4, num_stages=1)
     # 128 x 128 tiles where they give an H100's 132 SMs about a wave, 128 x 64 where those do (a weight gradient
-    # at H = 512: 64 tiles of 128 x 128 left half the SMs idle through K = T*B), 64 x 64 below that.
+    # at H = 512: 64 tiles of 128 x 128 left half the SMs idle through K = T*B), 64 x 64 below that. K steps of
+    # 128 bytes: 32 in float32, 64 on float16 operands.
+    bk = 128 // esize
     if cdiv(M, 128) * cdiv(N, 128) >= 128:
-        return dict(BM=128, BN=128, BK=32, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BM=128, BN=128, BK=bk, GROUP_M=8, num_warps=8, num_stages=3)
     if cdiv(M, 128) * cdiv(N, 64) >= 64:
-        return dict(BM=128, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BM=128, BN=64, BK=bk, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BM=64, BN=64, BK=bk, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 # Restaging (see the module's docstring): only where the product is worth a few more launches. Operands of up to
@@ -85,6 +126,62 @@ RESTAGE_MIN_FLOPS = 2 ** 33
 RESTAGE_WHOLE_BYTES = 32 * 2 ** 20
 RESTAGE_CHUNKS = 16
 RESTAGE_MIN_BYTES = 8 * 2 ** 20
+# The float16 path (half=True) from this many flops: below, its two conversions cost more than the product saves.
+HALF_MIN_FLOPS = 2 ** 33
+
+
+def staging_chunk(total: int, per_unit: int) -> int:
+    """How many units (of K, or of rows) a staging buffer takes at a time, per_unit bytes each: all of them up to
+    RESTAGE_WHOLE_BYTES, else a RESTAGE_CHUNKS-th, at least RESTAGE_MIN_BYTES' worth, a multiple of 32."""
+    from tritonlstm.configs import cdiv
+
+    if per_unit * total <= RESTAGE_WHOLE_BYTES:
+        return total
+    chunk = max(cdiv(total, RESTAGE_CHUNKS), RESTAGE_MIN_BYTES // per_unit)
+    return min(total, cdiv(chunk, 32) * 32)
+
+
+def _half_rows(x: torch.Tensor, y: torch.Tensor, e: torch.Tensor) -> None:
+    """y [R, C] float16 (row-major) = the rows of x [R, C] (float32, any strides) scaled into float16's range, their
+    exponents in e [R] int32 (half_rows_kernel)."""
+    from tritonlstm.configs import cdiv
+    from tritonlstm.kernels.lstm import _compiling_only
+
+    R, C = x.shape
+    grid = (cdiv(R, 16),)
+    args = (x, y, e, R, C, x.stride(0), x.stride(1))
+    if _compiling_only.get():
+        half_rows_kernel.warmup(*args, grid=grid, BR=16, BC=128, num_warps=4)
+        return
+    half_rows_kernel[grid](*args, BR=16, BC=128, num_warps=4)
+
+
+def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk: int | None) -> None:
+    """out = a @ b on float16 operands, rows of a and columns of b scaled (the module's docstring), a's rows
+    converted row_chunk at a time (None: a staging of at most staging_chunk's bytes)."""
+    from tritonlstm.configs import cdiv
+    from tritonlstm.kernels.lstm import _compiling_only, interpreting
+
+    M, K = a.shape
+    N = b.shape[1]
+    dev = a.device
+    bt = torch.empty((N, K), dtype=torch.float16, device=dev)  # b's columns as K-major rows
+    eb = torch.empty(N, dtype=torch.int32, device=dev)
+    _half_rows(b.t(), bt, eb)
+    rows = row_chunk or staging_chunk(M, 2 * K)
+    stage = torch.empty((min(rows, M), K), dtype=torch.float16, device=dev)
+    ea = torch.empty(min(rows, M), dtype=torch.int32, device=dev)
+    for m0 in range(0, M, rows):
+        n = min(rows, M - m0)
+        _half_rows(a[m0:m0 + n], stage[:n], ea[:n])
+        c = out[m0:m0 + n]
+        cfg = _config(n, N, interpreting(), esize=2)
+        grid = (cdiv(n, cfg["BM"]) * cdiv(N, cfg["BN"]),)
+        args = (stage, bt, c, ea, eb, n, N, K, K, 1, 1, K, c.stride(0), c.stride(1))
+        if _compiling_only.get():
+            matmul_kernel.warmup(*args, grid=grid, PRECISION="tf32", ACCUMULATE=False, SCALED=True, **cfg)
+        else:
+            matmul_kernel[grid](*args, PRECISION="tf32", ACCUMULATE=False, SCALED=True, **cfg)
 
 
 def _restage(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -101,9 +198,11 @@ def _restage(x: torch.Tensor, y: torch.Tensor) -> None:
     restage_kernel[grid](*args, BR=64, BC=64, num_warps=4)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32") -> torch.Tensor:
+def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: bool = False,
+           row_chunk: int | None = None) -> torch.Tensor:
     """a [M, K] @ b [K, N] -> a new [M, N], float32, any strides (transposed views included). precision: "tf32"
-    or "ieee" (tl.dot's input_precision)."""
+    or "ieee" (tl.dot's input_precision). half: with "tf32", on row-scaled float16 operands where the product
+    has HALF_MIN_FLOPS (the module's docstring), a's rows converted row_chunk at a time (None: staging_chunk's)."""
     from tritonlstm.configs import cdiv
     from tritonlstm.kernels.lstm import _compiling_only, interpreting
 
@@ -113,30 +212,31 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32") -> torc
         raise ValueError(f"matmul: a [M, K] and b [K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.device.type == "cuda" and a.device.index is not None and a.device.index != torch.cuda.current_device():
         with torch.cuda.device(a.device):  # Triton launches on the current device
-            return matmul(a, b, precision=precision)
+            return matmul(a, b, precision=precision, half=half, row_chunk=row_chunk)
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=torch.float32, device=a.device)
     out = torch.empty((M, N), dtype=torch.float32, device=a.device)
+    if half and precision == "tf32" and 2 * M * N * K >= HALF_MIN_FLOPS:
+        _matmul_half(a, b, out, row_chunk)
+        return out
     cfg = _config(M, N, interpreting())
     grid = (cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]),)
 
     def launch(a, b, accumulate):
-        args = (a, b, out, M, N, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-                out.stride(1))
+        args = (a, b, out, out, out, M, N, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                out.stride(0), out.stride(1))
         if _compiling_only.get():  # kernels.lstm.compile_only: compile what would launch, launch nothing
-            matmul_kernel.warmup(*args, grid=grid, PRECISION=precision, ACCUMULATE=accumulate, **cfg)
+            matmul_kernel.warmup(*args, grid=grid, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False, **cfg)
         else:
-            matmul_kernel[grid](*args, PRECISION=precision, ACCUMULATE=accumulate, **cfg)
+            matmul_kernel[grid](*args, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False, **cfg)
 
     restage_a, restage_b = a.stride(1) != 1 and K > 1, b.stride(0) != 1 and K > 1
     if precision != "tf32" or not (restage_a or restage_b) or 2 * M * N * K < RESTAGE_MIN_FLOPS:
         launch(a, b, False)
         return out
-    per_k = 4 * (M * restage_a + N * restage_b)  # staging bytes per unit of K
-    chunk = K if per_k * K <= RESTAGE_WHOLE_BYTES else max(cdiv(K, RESTAGE_CHUNKS), RESTAGE_MIN_BYTES // per_k)
-    chunk = min(K, cdiv(chunk, 32) * 32)
+    chunk = staging_chunk(K, 4 * (M * restage_a + N * restage_b))  # staging bytes per unit of K
     # Staging stored [M, chunk] and [N, chunk] row-major: both K-major as the kernel reads them.
     stage_a = torch.empty((M, chunk), dtype=torch.float32, device=a.device) if restage_a else None
     stage_b = torch.empty((N, chunk), dtype=torch.float32, device=a.device) if restage_b else None

@@ -1,7 +1,9 @@
 """The float32 GEMMs of a layer, on a GPU (perf/NOTES.md v0.21): kernels.matmul in TF32 against torch.mm in
 full float32 (what the layers ran before) and torch.mm in TF32 (cuBLAS, the matmul precision set for the
 probe only), at the shapes of the bench's float32 cells: the input projection x @ W_ih^T, the input gradient
-dG @ W_ih and the weight gradient dG^T @ x. Each result is checked against torch's float32 product first.
+dG @ W_ih and the weight gradient dG^T @ x. Each result is checked against torch's float32 product first. The
+first two also on row-scaled float16 operands (kernels.matmul half=True, v0.43; the input gradient's dG converted
+in row chunks, as the layer does).
 
     python perf/gemm_probe.py [--hidden 512,1024] [--batch 64,256] [--seq 256] [--json FILE]
 """
@@ -52,8 +54,15 @@ def measure(hidden: int, rows: int) -> list[dict]:
             row["torch_tf32_ms"] = do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median")
         finally:
             setattr(torch.backends.cuda.matmul, flag, previous)
-        for k in ("triton_tf32", "torch_fp32", "torch_tf32"):
-            row[f"{k}_tflops"] = flops / row[f"{k}_ms"] / 1e9
+        if name != "dG^T @ x":
+            chunk = a.shape[0] if name == "x @ W_ih^T" else None  # as _TF32Projection converts them
+            half = matmul(a, b, half=True, row_chunk=chunk)
+            row["rel_err_half_vs_fp32"] = ((half - ref).norm() / ref.norm()).item()
+            row["triton_half_ms"] = do_bench(lambda: matmul(a, b, half=True, row_chunk=chunk), warmup=10, rep=50,
+                                             return_mode="median")
+        for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half"):
+            if f"{k}_ms" in row:
+                row[f"{k}_tflops"] = flops / row[f"{k}_ms"] / 1e9
         out.append(row)
     return out
 
@@ -71,15 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         print("perf/gemm_probe.py: no CUDA device, nothing to time.")
         return 0
     rows = []
-    print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32")
+    print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32, "
+          "kernels.matmul on row-scaled float16")
     for h in (int(v) for v in a.hidden.split(",")):
         for b in (int(v) for v in a.batch.split(",")):
             for r in measure(h, a.seq * b):
                 rows.append(r)
                 print(f"H={h:<5} B={b:<4} {r['gemm']:11} [{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
                       + "  ".join(f"{r[k + '_tflops']:6.1f} ({r[k + '_ms']:.3f})"
-                                  for k in ("triton_tf32", "torch_fp32", "torch_tf32"))
-                      + f"  rel err {r['rel_err_vs_fp32']:.1e}", flush=True)
+                                  for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half") if k + "_ms" in r)
+                      + f"  rel err {r['rel_err_vs_fp32']:.1e}"
+                      + (f" / {r['rel_err_half_vs_fp32']:.1e}" if "rel_err_half_vs_fp32" in r else ""), flush=True)
             if a.json:
                 write_rows_json(a.json, rows)
     return 0

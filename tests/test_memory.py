@@ -176,12 +176,13 @@ class LiveBytes(TorchDispatchMode):
         self.held.discard(ptr)
 
 
-def _float32_training_peak(monkeypatch, restage: bool) -> int:
+def _float32_training_peak(monkeypatch, restage: bool, half: bool = False) -> int:
     import tritonlstm.functional as F
     from tritonlstm.kernels import matmul as mm
 
     monkeypatch.setattr(F, "_TF32_GEMMS_ON_CPU", True)
     monkeypatch.setattr(mm, "RESTAGE_MIN_FLOPS", 0 if restage else 2 ** 62)
+    monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 0 if half else 2 ** 62)
     monkeypatch.setattr(mm, "RESTAGE_WHOLE_BYTES", 0)
     monkeypatch.setattr(mm, "RESTAGE_MIN_BYTES", 0)
     p = leaf(make_problem(32, 16, 32, 32, torch.float32))
@@ -199,3 +200,14 @@ def test_restaged_weight_gradients_add_at_most_their_staging_to_the_peak(monkeyp
     gathered = _float32_training_peak(monkeypatch, restage=False)
     restaged = _float32_training_peak(monkeypatch, restage=True)
     assert gathered < restaged <= gathered + 4 * (4 * H + H) * chunk, (gathered, restaged)
+
+
+def test_float16_gemms_add_at_most_the_input_gradients_staging_to_the_peak(monkeypatch):
+    """v0.43: the input projection and the input gradient on row-scaled float16 operands. x's rows are converted at
+    once in the forward, below the backward's peak; the peak grows by at most the input gradient's staging: W_ih
+    [4H, I] in float16 and one chunk of dG's rows ([32, 4H] float16, a sixteenth of T*B = 512), with their int32
+    exponents. Not by a float16 copy of dG (T*B*4H*2 = 128 KB here), nor of x (32 KB)."""
+    H, I, chunk = 32, 32, 32
+    gathered = _float32_training_peak(monkeypatch, restage=False)
+    half = _float32_training_peak(monkeypatch, restage=False, half=True)
+    assert half <= gathered + 2 * 4 * H * I + 4 * I + (2 * 4 * H + 4) * chunk, (gathered, half)

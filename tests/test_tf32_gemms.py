@@ -24,22 +24,26 @@ def test_matmul_matches_torch_with_any_strides(M, K, N):
 
 
 def test_matmul_compiles_for_sm90_onto_warpgroup_mma(tmp_path):
-    """Compile-only (sm_90): each tile config in each of the layers' operand layouts, as launched, and the
-    restaging copy. K-major operands (x @ W^T, and restaged chunks) reach shared memory in 16-byte copies; the
-    layouts that restaging replaces are gathered 4 bytes at a time (v0.37's reason), and the copy itself loads and
-    stores 16 bytes wide on both sides."""
+    """Compile-only (sm_90): each tile config in each of the layers' operand layouts, as launched (the row-scaled
+    float16 operands too, v0.43), the restaging copy and the float16 rows' conversion. K-major operands (x @ W^T,
+    restaged chunks, float16 rows) reach shared memory in 16-byte copies; the layouts that restaging replaces are
+    gathered 4 bytes at a time (v0.37's reason); the copy loads and stores 16 bytes wide on both sides, the
+    conversion loads 16 bytes wide and stores vectors."""
     import json
 
     out = tmp_path / "mm.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--matmul", "--json", str(out), timeout=600)
     rows = json.loads(out.read_text())
-    gemms, (copy,) = rows[:-1], rows[-1:]
-    assert proc.returncode == 0 and len(gemms) == 12, proc.stdout + proc.stderr[-2000:]
+    gemms, (copy, half) = rows[:-2], rows[-2:]
+    assert proc.returncode == 0 and len(gemms) == 15, proc.stdout + proc.stderr[-2000:]
     assert all(r["error"] is None and r["spill_bytes"] == 0 and r["wgmma"] for r in gemms), gemms
     for r in gemms:
-        assert (r["narrow_copies"] == 0) == (r["layout"] in ("x @ W^T", "restaged")), r
+        assert (r["narrow_copies"] == 0) == (r["layout"] in ("x @ W^T", "restaged", "half")), r
+        assert r["tiles"]["BK"] == (64 if r["layout"] == "half" else 32), r
     assert copy["layout"] == "restage" and copy["spill_bytes"] == 0, copy
     assert copy["wide_loads"] > 0 and copy["wide_stores"] > 0 and copy["narrow_loads"] == 0, copy
+    assert half["layout"] == "half rows" and half["spill_bytes"] == 0, half
+    assert half["wide_loads"] > 0 and half["wide_stores"] > 0 and half["narrow_loads"] == 0, half
 
 
 @pytest.mark.parametrize("layout", ["a M-major", "b N-major", "both", "K-major"])
@@ -73,6 +77,65 @@ def test_matmul_restages_a_small_operand_whole(monkeypatch):
     dg, w = torch.randn(50, 64, generator=g), torch.randn(64, 16, generator=g)  # w [K = 4H, N = H], N-major
     torch.testing.assert_close(mm.matmul(dg, w), dg @ w, rtol=1e-5, atol=1e-5)
     assert restaged == [(64, 16)]
+
+
+def _spread_rows(g, rows, cols, span):
+    """[rows, cols] float32 whose rows lie 10^span apart from one another (-span/2 .. span/2)."""
+    return torch.randn(rows, cols, generator=g) * torch.logspace(-span / 2, span / 2, rows)[:, None]
+
+
+@pytest.mark.parametrize("b_layout", ["K-major", "N-major"])
+def test_matmul_on_row_scaled_float16_operands(monkeypatch, b_layout):
+    """v0.43: a's rows and b's columns each scaled by their own power of two into float16 (rows 1e30 apart, columns
+    1e20 apart: no one scale spans them), the product scaled back: every row and column as precise as TF32 makes it,
+    each judged on its own scale; zero rows give zeros, inf and NaN go through as in float32. Below HALF_MIN_FLOPS,
+    the TF32 path."""
+    monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 0)
+    converted = []
+    real = mm._half_rows
+    monkeypatch.setattr(mm, "_half_rows", lambda x, y, e: converted.append(tuple(x.shape)) or real(x, y, e))
+    M, K, N = 40, 70, 24
+    g = torch.Generator().manual_seed(11)
+    a = _spread_rows(g, M, K, 30)
+    b = _spread_rows(g, N, K, 20).t()  # columns 1e20 apart
+    if b_layout == "N-major":
+        b = b.contiguous()
+    a[3] = 0.0
+    ref = a.double() @ b.double()
+    out = mm.matmul(a, b, half=True)
+    assert converted == [(N, K), (M, K)]
+    rows = [(out[m] - ref[m]).norm() / ref[m].norm() for m in range(M) if m != 3]
+    cols = [(out[:, n] - ref[:, n]).norm() / ref[:, n].norm() for n in range(N)]
+    # TF32's 11 significant bits: ~5e-4 relative a product, more where a row or column cancels
+    assert max(rows) < 5e-3 and max(cols) < 5e-3 and sum(rows) / len(rows) < 1e-3, (max(rows), max(cols))
+    assert torch.equal(out[3], torch.zeros(N))
+    a[5, 2], a[6, 4] = float("inf"), float("nan")
+    out = mm.matmul(a, b, half=True)
+    ref = a.double() @ b.double()
+    assert torch.equal(out[5].isinf(), ref[5].isinf()) and out[6].isnan().all() and ref[6].isnan().all()
+    assert torch.isfinite(out[7:]).all()
+    monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 2 * M * N * K + 1)
+    converted.clear()
+    torch.testing.assert_close(mm.matmul(a[7:], b, half=True), mm.matmul(a[7:], b), rtol=0, atol=0)  # TF32
+    assert converted == []
+
+
+def test_matmul_on_float16_operands_in_row_chunks(monkeypatch):
+    """The rows of a converted a chunk at a time (the staging of the input gradient's dG): the same result, bit for
+    bit, as at once, in ceil(M / chunk) conversions."""
+    monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 0)
+    g = torch.Generator().manual_seed(12)
+    a, b = _spread_rows(g, 50, 33, 20), torch.randn(33, 17, generator=g)
+    whole = mm.matmul(a, b, half=True, row_chunk=50)
+    converted = []
+    real = mm._half_rows
+    monkeypatch.setattr(mm, "_half_rows", lambda x, y, e: converted.append(tuple(x.shape)) or real(x, y, e))
+    assert torch.equal(mm.matmul(a, b, half=True, row_chunk=16), whole)
+    assert converted == [(17, 33), (16, 33), (16, 33), (16, 33), (2, 33)]
+    assert mm.staging_chunk(1000, 2 * 33) == 1000  # small: at once
+    monkeypatch.setattr(mm, "RESTAGE_WHOLE_BYTES", 0)
+    monkeypatch.setattr(mm, "RESTAGE_MIN_BYTES", 0)
+    assert mm.staging_chunk(1000, 2 * 33) == 64  # a sixteenth, rounded up to 32
 
 
 def test_matmul_empty_and_refusals():
@@ -127,6 +190,42 @@ def test_layer_forward_and_backward_through_the_tf32_gemms(forced):
     _check_layer(make_problem(T, B, I, H, torch.float32), forced)
     # The input projection, its two gradients, and dW_hh's two products (the first step's with h0, the rest).
     assert (T * B, I) in [a for a, _ in forced] and len(forced) == 5, forced
+
+
+def test_layer_through_the_float16_gemms(forced, monkeypatch):
+    """v0.43 at every size (HALF_MIN_FLOPS lowered): the input projection and the input gradient on row-scaled
+    float16 operands, the weight gradients on TF32, against the float64 reference at the GPU's float32 (TF32)
+    tolerance; the input gradient's dG in row chunks."""
+    from helpers import RESOLUTION_GPU
+
+    monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 0)
+    monkeypatch.setattr(mm, "RESTAGE_WHOLE_BYTES", 0)
+    monkeypatch.setattr(mm, "RESTAGE_MIN_BYTES", 0)
+    converted = []
+    real = mm._half_rows
+    monkeypatch.setattr(mm, "_half_rows", lambda x, y, e: converted.append(tuple(x.shape)) or real(x, y, e))
+    T, B, I, H = 16, 5, 7, 12
+    problem = make_problem(T, B, I, H, torch.float32)
+    problem["x"] = problem["x"] * torch.logspace(-6, 0, B)[None, :, None]  # x's rows 1e6 apart
+    p = leaf(problem)
+    y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+    # the gradient's batch rows 1e16 apart, and so dG's
+    weights = tuple(torch.randn(t.shape, dtype=torch.float64) * torch.logspace(-8, 8, B, dtype=torch.float64)[:, None]
+                    for t in (y, hn, cn))
+    loss_of(y, hn, cn, weights).backward()
+    ref_p, ref_out = reference(problem)
+    loss_of(*ref_out, weights).backward()
+    tol = RESOLUTION_GPU[torch.float32]
+    for out, ref in zip((y, hn, cn), ref_out):
+        assert rel_err(out, ref) <= tol
+    for b in range(B):  # each batch row's input gradient on its own scale
+        assert rel_err(p["x"].grad[:, b], ref_p["x"].grad[:, b], floor=0) <= tol, b
+    for n in p:
+        if p[n] is not None:
+            assert rel_err(p[n].grad, ref_p[n].grad) <= 2 * tol, n
+    # x's rows at once and W_ih's columns; then W_ih's rows (dx = dG @ W_ih's columns) and dG in 16-row chunks:
+    # T * B = 80 rows, a sixteenth rounded up to 32.
+    assert converted == [(4 * H, I), (T * B, I), (I, 4 * H), (32, 4 * H), (32, 4 * H), (16, 4 * H)], converted
 
 
 def test_projected_layer_through_the_tf32_gemms(forced):

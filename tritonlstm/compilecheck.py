@@ -351,7 +351,28 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
 # The float32 GEMMs' operand layouts (kernels/matmul.py): which strides are 1 in each of the layers' products as
 # they come, and in a chunk of K restaged K-major (accumulating into C), as the last two run from v0.37.
 MATMUL_LAYOUTS = {"x @ W^T": ("s_ak", "s_bk", "s_cn"), "dG @ W": ("s_ak", "s_bn", "s_cn"),
-                  "dG^T @ x": ("s_am", "s_bn", "s_cn"), "restaged": ("s_ak", "s_bk", "s_cn")}
+                  "dG^T @ x": ("s_am", "s_bn", "s_cn"), "restaged": ("s_ak", "s_bk", "s_cn"),
+                  # the row-scaled float16 operands (v0.43): both K-major, as half_rows_kernel writes them
+                  "half": ("s_ak", "s_bk", "s_cn")}
+
+
+def _copy_kernel_row(fn, layout: str, sig: dict, consts: dict, aligned: tuple[int, ...], wide_store: str) -> dict:
+    """check_matmul's row of a copy kernel (4 warps) compiled for sm_90: its vector loads and stores (16-byte loads,
+    stores of the width `wide_store` matches), its 4-byte loads, its spills."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts,
+                                 attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptx = c.asm["ptx"]
+    return {"tiles": {"BM": consts["BR"], "BN": consts["BC"], "BK": 0, "num_warps": 4}, "layout": layout,
+            "error": None, "shared": c.metadata.shared,
+            "wide_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+            "wide_stores": len(re.findall(r"st\.global(?:\.\w+)*\." + wide_store, ptx)),
+            "narrow_loads": len(re.findall(r"ld\.global(?:\.(?!v[24]\b)\w+)*\.b32 ", ptx)),
+            "spill_bytes": _ptxas_report(ptx)[1]}
 
 
 def check_matmul() -> list[dict]:
@@ -364,14 +385,16 @@ def check_matmul() -> list[dict]:
 
     from tritonlstm.kernels import matmul as mm
 
-    base = {n: "*fp32" for n in ("A", "B", "C")} | {n: "i32" for n in ("M", "N", "K", "s_am", "s_ak", "s_bk",
-                                                                         "s_bn", "s_cm", "s_cn")}
+    base = {n: "*fp32" for n in ("A", "B", "C")} | {"EA": "*i32", "EB": "*i32"} | {
+        n: "i32" for n in ("M", "N", "K", "s_am", "s_ak", "s_bk", "s_bn", "s_cm", "s_cn")}
     names = list(base)
     rows = []
-    for tiles in (mm._config(4096, 4096, False), mm._config(2048, 512, False), mm._config(64, 64, False)):
+    for shape in ((4096, 4096), (2048, 512), (64, 64)):
         for layout, unit in MATMUL_LAYOUTS.items():
-            sig = dict(base)
-            consts = dict(PRECISION="tf32", ACCUMULATE=layout == "restaged",
+            half = layout == "half"
+            tiles = mm._config(*shape, False, esize=2 if half else 4)
+            sig = dict(base) | ({"A": "*fp16", "B": "*fp16"} if half else {})
+            consts = dict(PRECISION="tf32", ACCUMULATE=layout == "restaged", SCALED=half,
                           **{k: tiles[k] for k in ("BM", "BN", "BK", "GROUP_M")})
             for n in unit:
                 sig[n], consts[n] = "constexpr", 1
@@ -391,18 +414,13 @@ def check_matmul() -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             rows.append(row)
     # The restaging copy, from an M-major [M, K] chunk into K-major staging: 16-byte loads and stores both sides.
-    sig = {"X": "*fp32", "Y": "*fp32", "R": "i32", "C": "i32", "s_xr": "constexpr", "s_xc": "i32", "s_yr": "i32",
-           "s_yc": "constexpr"}
-    c = triton.compile(ASTSource(fn=mm.restage_kernel, signature=sig,
-                                 constexprs=dict(s_xr=1, s_yc=1, BR=64, BC=64),
-                                 attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6)}),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    ptx = c.asm["ptx"]
-    rows.append({"tiles": {"BM": 64, "BN": 64, "BK": 0, "num_warps": 4}, "layout": "restage", "error": None,
-                 "shared": c.metadata.shared, "wide_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
-                 "wide_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx)),
-                 "narrow_loads": len(re.findall(r"ld\.global(?:\.(?!v[24]\b)\w+)*\.b32 ", ptx)),
-                 "spill_bytes": _ptxas_report(ptx)[1]})
+    rows.append(_copy_kernel_row(mm.restage_kernel, "restage", {
+        "X": "*fp32", "Y": "*fp32", "R": "i32", "C": "i32", "s_xr": "constexpr", "s_xc": "i32", "s_yr": "i32",
+        "s_yc": "constexpr"}, dict(s_xr=1, s_yc=1, BR=64, BC=64), (0, 1, 2, 3, 5, 6), r"v4"))
+    # The float16 rows of a K-major float32 operand (x, dG): 16-byte loads, stores of 8 bytes or more.
+    rows.append(_copy_kernel_row(mm.half_rows_kernel, "half rows", {
+        "X": "*fp32", "Y": "*fp16", "E": "*i32", "R": "i32", "C": "i32", "s_xr": "i32", "s_xc": "constexpr"},
+        dict(s_xc=1, BR=16, BC=128), (0, 1, 2, 4, 5), r"v[24]"))
     return rows
 
 
@@ -434,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = check_matmul()
         for r in rows:
             t = r["tiles"]
-            if r["layout"] == "restage":
-                print(f"restage {t['BM']}x{t['BN']} warps={t['num_warps']} shared={r['shared']} 16-byte loads "
+            if r["layout"] in ("restage", "half rows"):
+                print(f"{r['layout']} {t['BM']}x{t['BN']} warps={t['num_warps']} shared={r['shared']} 16-byte loads "
                       f"{r['wide_loads']} stores {r['wide_stores']}, 4-byte loads {r['narrow_loads']}")
                 continue
             print(f"matmul {t['BM']}x{t['BN']}x{t['BK']} warps={t['num_warps']} {r['layout']:9} "

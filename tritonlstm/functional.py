@@ -159,8 +159,8 @@ def _column_sums(m: Tensor) -> Tensor:
     return m.sum(0, dtype=torch.float32)
 
 
-def _tf32_matmul(a: Tensor, b: Tensor) -> Tensor:
-    return _kernel_module("matmul").matmul(a, b)
+def _tf32_matmul(a: Tensor, b: Tensor, half: bool = False, row_chunk: int | None = None) -> Tensor:
+    return _kernel_module("matmul").matmul(a, b, half=half, row_chunk=row_chunk)
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
@@ -169,18 +169,21 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _TF32Projection(torch.autograd.Function):
-    """x [N, I] @ w [G, I]^T with both gradients on kernels.matmul (TF32)."""
+    """x [N, I] @ w [G, I]^T with both gradients on kernels.matmul (TF32). The product and the input gradient
+    (grad @ w) on row-scaled float16 operands where they are large (kernels/matmul.py, perf/NOTES.md v0.43): x's
+    rows converted at once (the forward's peak is far below the backward's), grad's in chunks."""
 
     @staticmethod
     def forward(ctx, x, w):  # only ever applied where _project found _tf32_gemms
         ctx.save_for_backward(x, w)
-        return _tf32_matmul(x, w.t())
+        return _tf32_matmul(x, w.t(), half=True, row_chunk=x.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         need = ctx.needs_input_grad
-        return _mm(grad, w) if need[0] else None, _mm(grad.t(), x) if need[1] else None
+        dx = (_tf32_matmul(grad, w, half=True) if _tf32_gemms(grad, w) else grad @ w) if need[0] else None
+        return dx, _mm(grad.t(), x) if need[1] else None
 
 
 def _project(x: Tensor, w: Tensor) -> Tensor:
