@@ -1147,7 +1147,7 @@ def lstm_bwd_kernel(
     RING,  # [2, D, B, 4, cdiv(H, PACK)] int64 zeros: dG of step r as tagged words, slot r % 2 (when TAGGED)
     W_T,  # [D, H, 4H] W_hh^T (when TRANSPOSED)
     PART,  # [2, D, P, B, H] float32: program p's share of dh at step r in slot r % 2 (when TRANSPOSED)
-    AMAX,  # [D] float32 max |W_hh| of each direction (when HALF_W)
+    AMAX,  # [D, H] float32 max |W_hh| of each direction's columns (when HALF_W)
     RMAX,  # [2, D, P, B] float32: program p's largest |dG| of each row of its units at step r, slot r % 2 (HALF_W)
     T,
     B,
@@ -1257,7 +1257,8 @@ def lstm_bwd_kernel(
     k_w = 0
     if HALF_W:
         # Half the shared memory, so float32 takes 16-bit's tiles (perf/NOTES.md v0.41).
-        k_w, b_wi, b_wf, b_wg, b_wo = _half_tiles(tl.load(AMAX + i_d), b_wi, b_wf, b_wg, b_wo)
+        k_w, b_wi, b_wf, b_wg, b_wo = _half_tiles(tl.load(AMAX + i_d * H + o_j, mask=m_j, other=0.0), b_wi, b_wf,
+                                                  b_wg, b_wo)
         RMAX += (i_d * n_h).to(tl.int64) * B
     poisoned = tl.load(ERR, volatile=True) != 0  # as in the forward
     if PREFETCH:
@@ -1421,17 +1422,19 @@ def _half_exp(amax):
 
 @triton.jit
 def _half_tiles(amax, w_i, w_f, w_g, w_o):
-    """A HALF_W backward's W tiles (float32) in float16, scaled by the power of two 2^k_w that takes amax, W's largest
-    magnitude, below 2^15. Returns k_w and the four tiles."""
+    """A HALF_W backward's W tiles (float32, the last axis the output units) in float16, each output unit's column
+    scaled by the power of two 2^k_w that takes amax (its largest magnitude over W_hh's 4H rows) below 2^15, so
+    that a unit whose weights are all small keeps their precision. Returns k_w [units] and the four tiles."""
     k_w = _half_exp(amax)
-    s_w = _exp2_bits(k_w)
+    s_w = _exp2_bits(k_w)  # broadcast along the last axis, [BK, BH] or split-K's [SK, BK // SK, BH]
     return (k_w, (w_i * s_w).to(tl.float16), (w_f * s_w).to(tl.float16), (w_g * s_w).to(tl.float16),
             (w_o * s_w).to(tl.float16))
 
 
 @triton.jit
 def _half_rows_product(p_dg, m_dg, H, w_i, w_f, w_g, w_o, k_w, amax):
-    """dG[:, four gates' columns] (float32, at p_dg, p_dg + H, ..) @ the four float16 tiles w_* (W scaled by 2^k_w)
+    """dG[:, four gates' columns] (float32, at p_dg, p_dg + H, ..) @ the four float16 tiles w_* (W's columns scaled by
+    2^k_w)
     on float16 operands: each row of dG scaled by the power of two that takes its largest magnitude (amax, one a
     row) below 2^15, so the rounding is TF32's (10-bit mantissas) and nothing of a row underflows but what lies
     2^29 below its largest value; the float32 product scaled back exactly, in two halves of the exponent so that
@@ -1442,15 +1445,16 @@ def _half_rows_product(p_dg, m_dg, H, w_i, w_f, w_g, w_o, k_w, amax):
     acc = tl.dot((tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_f, acc)
     acc = tl.dot((tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_g, acc)
     acc = tl.dot((tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_o, acc)
-    k_all = k + k_w
+    k_all = k[:, None] + k_w[None, :]
     k_one = k_all // 2
-    return acc * _exp2_bits(-k_one)[:, None] * _exp2_bits(k_one - k_all)[:, None]
+    return acc * _exp2_bits(-k_one) * _exp2_bits(k_one - k_all)
 
 
 @triton.jit
 def _half_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, H, BK: tl.constexpr, SK: tl.constexpr, k_w, amax):
     """lstm_bwd_kernel's sum_g dG_g @ W_g[:, units] on float16 operands (HALF_W), W resident in one K chunk (BK >= H)
-    as float16 tiles scaled by 2^k_w: each row of dG scaled by the power of two that takes its largest magnitude
+    as float16 tiles, their columns scaled by 2^k_w: each row of dG scaled by the power of two that takes its largest
+    magnitude
     (amax) below 2^15, the product scaled back as in _half_rows_product. SK > 1: split-K as in _split_grad_dot."""
     k = _half_exp(amax)
     s = _exp2_bits(k)
@@ -1472,9 +1476,9 @@ def _half_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, H, BK: tl.constex
     acc = tl.dot((tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg") * sx).to(tl.float16), w_o, acc)
     if SK > 1:
         acc = tl.sum(acc, axis=0)
-    k_all = k + k_w
+    k_all = k[:, None] + k_w[None, :]
     k_one = k_all // 2
-    return acc * _exp2_bits(-k_one)[:, None] * _exp2_bits(k_one - k_all)[:, None]
+    return acc * _exp2_bits(-k_one) * _exp2_bits(k_one - k_all)
 
 
 @triton.jit
@@ -1501,7 +1505,7 @@ def lstm_bwd_2d_kernel(
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
     PART,  # [D, NB, B, H] float32: block a's share of every unit's dh
-    AMAX,  # [D] float32 max |W_hh| of each direction (when HALF_W)
+    AMAX,  # [D, H] float32 max |W_hh| of each direction's columns (when HALF_W)
     RMAX,  # [D, NB, NB, B] float32: program (a, b)'s largest |dG| of each row of its units, at [b, a] (when HALF_W)
     T,
     B,
@@ -1563,7 +1567,8 @@ def lstm_bwd_2d_kernel(
     k_w = 0
     if HALF_W:
         # Half the shared memory, so that 128-unit blocks fit at float32 (perf/NOTES.md v0.40).
-        k_w, b_wi, b_wf, b_wg, b_wo = _half_tiles(tl.load(AMAX + i_d), b_wi, b_wf, b_wg, b_wo)
+        k_w, b_wi, b_wf, b_wg, b_wo = _half_tiles(tl.load(AMAX + i_d * H + o_nb, mask=m_nb, other=0.0), b_wi,
+                                                  b_wf, b_wg, b_wo)
     # Phase 1's units: this program's share of block b.
     o_j = b * BU + a * BO + tl.arange(0, BO)
     m_j = o_j < H
@@ -2194,11 +2199,12 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
 
 
 def _half_grad_state(w_hh, rmax_shape, half: bool, dummy):
-    """A HALF_W backward's max |W_hh| of each direction, and the buffer of each row's largest |dG| (written by the
-    gate phase before any product reads it: at the first step the product reads none). dummy where not half."""
+    """A HALF_W backward's max |W_hh| of each direction's columns [D, H], and the buffer of each row's largest |dG|
+    (written by the gate phase before any product reads it: at the first step the product reads none). dummy where
+    not half."""
     if not half:
         return dummy, dummy
-    return (torch.linalg.vector_norm(w_hh, float("inf"), dim=(1, 2)),
+    return (torch.linalg.vector_norm(w_hh, float("inf"), dim=1),
             _alloc(rmax_shape, torch.float32, w_hh.device))
 
 

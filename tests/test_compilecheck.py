@@ -247,7 +247,7 @@ def test_half_w_candidates_compile_without_spills(tmp_path):
     shared memory where float32's is not, at most 64 bytes of spills (the chunks of h loaded ahead of the previous
     dot: 16-40 bytes at H = 1024; 0 without that, perf/NOTES.md v0.31), and its streamed ones with W^T's chunks in
     float16 (v0.42). The backward's split-half tiles (v0.41): W
-    in float16 within shared memory, at most 512 bytes of spills (392-412 at H = 1024: dG's float32 row tiles in
+    in float16 within shared memory, at most 512 bytes of spills (372-412 at H = 1024: dG's float32 row tiles in
     registers before they are scaled). (The stacks' half_w picks are heuristic picks: the sweep of every shipped
     config compiles them.)"""
     out = tmp_path / "half.json"
@@ -286,7 +286,8 @@ def test_grid_2d_backward_candidates_compile_without_spills(tmp_path):
     """The backward's 2-D grid configs (tuner candidates, perf/NOTES.md v0.26) at H = 1000 and 1024 (128-unit
     blocks, 8 a side; float32's with W's block in float16, v0.40): within shared memory; in 16-bit free of spills on
     32-row tiles, and on 64-row tiles (wgmma) at most 600 bytes (212 at H = 1024, 552 at the unaligned 1000); in
-    float32 at most 80 bytes on 32-row tiles (16 at H = 1024) and 1200 on 64-row ones (its float32 dG tiles)."""
+    float32 at most 80 bytes on 32-row tiles (16 at H = 1024) and 1500 on 64-row ones (its float32 dG tiles, and the
+    [64, 128] exponents of the epilogue's per-row and per-column scales)."""
     out = tmp_path / "g2.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--grid-2d", "--min-hidden", "1000", "--max-hidden", "1024",
                       "--json", str(out), timeout=1200)
@@ -295,7 +296,7 @@ def test_grid_2d_backward_candidates_compile_without_spills(tmp_path):
     assert {(r["dtype"], r["hidden"], r["config"]["block_b"]) for r in rows} == {
         (d, h, bb) for d in ("fp16", "bf16", "fp32") for h in (1000, 1024) for bb in (32, 64)}
     bound = {("fp16", 32): 0, ("bf16", 32): 0, ("fp32", 32): 80, ("fp16", 64): 600, ("bf16", 64): 600,
-             ("fp32", 64): 1200}
+             ("fp32", 64): 1500}
     assert all(r["config"]["grid_2d"] and r["config"]["block_h"] == 128 and r["ok"]
                and r["config"]["half_w"] == (r["dtype"] == "fp32")
                and r["spill_bytes"] <= bound[r["dtype"], r["config"]["block_b"]] for r in rows), proc.stdout[-3000:]

@@ -1083,6 +1083,24 @@ def test_half_w_backward_scales_each_row_of_dg_on_its_own(config, H, half_bwd_la
     assert half_bwd_launches and all(half_bwd_launches)
 
 
+@pytest.mark.parametrize("config,H", HALF_BWD)
+def test_half_w_backward_scales_each_column_of_w_on_its_own(config, H, half_bwd_launches):
+    """A unit whose W_hh weights are all 1e-10 times the others' (below 2^-29 of W's largest: one scale for all of
+    W would flush them in float16): h0's gradient for that unit (dG_0 @ W_hh[:, unit] alone) judged on its own."""
+    problem = make_problem(6, 5, 7, H, torch.float32)
+    problem["weight_hh"][:, 0] *= 1e-10
+    p_ref, (y_r, _, _) = reference(problem)
+    wy = torch.randn(y_r.shape, dtype=torch.float64)
+    (y_r * wy).sum().backward()
+    p = leaf(problem)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(None, "fwd"), use_config(config, "bwd"):
+        y, _ = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+        (y.double() * wy).sum().backward()
+    got, ref = p["h0"].grad[:, 0], p_ref["h0"].grad[:, 0]
+    assert rel_err(got, ref, floor=0) < 3 * HALF_TOL, rel_err(got, ref, floor=0)
+    assert half_bwd_launches and all(half_bwd_launches)
+
+
 def test_half_w_backward_keeps_float32_operands_where_tf32_is_not_allowed(half_bwd_launches):
     """A half_w backward runs as the heuristic's full-precision pick when PyTorch's RNN precision says float32 (its
     float32 W need not fit), and in 16-bit as it is without the flag (W is float16 already)."""

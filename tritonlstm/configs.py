@@ -850,7 +850,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                 out["grid-2d-half-bb64"] = grid_2d_config(H, B, esize, share, block_b=64, half_w=True)
     if kernel == "bwd" and fp32 and H % 16 == 0:
         # 16-bit's resident split tiles, which float32's W fits in float16 (v0.41): split-K over 8 warps from
-        # H = 128, where its float32 dG tiles take twice 16-bit's registers (compile-only sm_90, H = 1024: 412 bytes
+        # H = 128, where its float32 dG tiles take twice 16-bit's registers (compile-only sm_90, H = 1024: 372-412 bytes
         # of spills; split4's 4 warps: 1404).
         tiles = named_variants("bwd", H, B, torch.float16, sms, ("split",)).get("split")
         if tiles is not None and tiles.w_resident and tiles.persistent:
