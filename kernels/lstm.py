@@ -1432,19 +1432,20 @@ def _half_tiles(amax, w_i, w_f, w_g, w_o):
 
 
 @triton.jit
-def _half_rows_product(p_dg, m_dg, H, w_i, w_f, w_g, w_o, k_w, amax):
-    """dG[:, four gates' columns] (float32, at p_dg, p_dg + H, ..) @ the four float16 tiles w_* (W's columns scaled by
-    2^k_w)
-    on float16 operands: each row of dG scaled by the power of two that takes its largest magnitude (amax, one a
-    row) below 2^15, so the rounding is TF32's (10-bit mantissas) and nothing of a row underflows but what lies
-    2^29 below its largest value; the float32 product scaled back exactly, in two halves of the exponent so that
-    no partial scale leaves float32's normal range where the result does not."""
-    k = _half_exp(amax)
-    s = _exp2_bits(k)[:, None]
-    acc = tl.dot((tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_i)
-    acc = tl.dot((tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_f, acc)
-    acc = tl.dot((tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_g, acc)
-    acc = tl.dot((tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg") * s).to(tl.float16), w_o, acc)
+def _half_dots(acc, p, m, H, w_i, w_f, w_g, w_o, scale):
+    """acc + sum_g dG_g @ w_g on float16 operands: dG's four gates' columns (float32, at p, p + H, ..) times scale,
+    one power of two a row (_half_exp: its largest magnitude below 2^15), rounded to float16, so the rounding is
+    TF32's (11 significant bits) and nothing of a row underflows but what lies 2^29 below its largest value."""
+    acc = tl.dot((tl.load(p, mask=m, other=0.0, cache_modifier=".cg") * scale).to(tl.float16), w_i, acc)
+    acc = tl.dot((tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg") * scale).to(tl.float16), w_f, acc)
+    acc = tl.dot((tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg") * scale).to(tl.float16), w_g, acc)
+    return tl.dot((tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg") * scale).to(tl.float16), w_o, acc)
+
+
+@triton.jit
+def _half_unscale(acc, k, k_w):
+    """A [rows, units] product of rows scaled by 2^k and W's columns by 2^k_w, scaled back exactly: by 2^-(k + k_w)
+    in two halves, so that no partial scale leaves float32's normal range where the result does not."""
     k_all = k[:, None] + k_w[None, :]
     k_one = k_all // 2
     return acc * _exp2_bits(-k_one) * _exp2_bits(k_one - k_all)
@@ -1453,32 +1454,21 @@ def _half_rows_product(p_dg, m_dg, H, w_i, w_f, w_g, w_o, k_w, amax):
 @triton.jit
 def _half_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, H, BK: tl.constexpr, SK: tl.constexpr, k_w, amax):
     """lstm_bwd_kernel's sum_g dG_g @ W_g[:, units] on float16 operands (HALF_W), W resident in one K chunk (BK >= H)
-    as float16 tiles, their columns scaled by 2^k_w: each row of dG scaled by the power of two that takes its largest
-    magnitude
-    (amax) below 2^15, the product scaled back as in _half_rows_product. SK > 1: split-K as in _split_grad_dot."""
+    as float16 tiles, their columns scaled by 2^k_w; each row of dG scaled by the power of two that takes its
+    largest magnitude (amax) below 2^15 (_half_dots). SK > 1: split-K as in _split_grad_dot."""
     k = _half_exp(amax)
-    s = _exp2_bits(k)
     if SK > 1:
         o_kx = _word_offsets(0, 1, BK, SK)
-        p = p_base + o_rows[None, :, None] + o_kx
-        m = m_rows[None, :, None] & (o_kx < H)
-        sx = s[None, :, None]
-        acc = tl.zeros([SK, o_rows.shape[0], w_i.shape[2]], dtype=tl.float32)
+        acc = _half_dots(tl.zeros([SK, o_rows.shape[0], w_i.shape[2]], dtype=tl.float32),
+                         p_base + o_rows[None, :, None] + o_kx, m_rows[None, :, None] & (o_kx < H), H, w_i, w_f, w_g,
+                         w_o, _exp2_bits(k)[None, :, None])
+        acc = tl.sum(acc, axis=0)
     else:
         o_kx = tl.arange(0, BK)
-        p = p_base + o_rows[:, None] + o_kx[None, :]
-        m = m_rows[:, None] & (o_kx < H)[None, :]
-        sx = s[:, None]
-        acc = tl.zeros([o_rows.shape[0], w_i.shape[1]], dtype=tl.float32)
-    acc = tl.dot((tl.load(p, mask=m, other=0.0, cache_modifier=".cg") * sx).to(tl.float16), w_i, acc)
-    acc = tl.dot((tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg") * sx).to(tl.float16), w_f, acc)
-    acc = tl.dot((tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg") * sx).to(tl.float16), w_g, acc)
-    acc = tl.dot((tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg") * sx).to(tl.float16), w_o, acc)
-    if SK > 1:
-        acc = tl.sum(acc, axis=0)
-    k_all = k[:, None] + k_w[None, :]
-    k_one = k_all // 2
-    return acc * _exp2_bits(-k_one) * _exp2_bits(k_one - k_all)
+        acc = _half_dots(tl.zeros([o_rows.shape[0], w_i.shape[1]], dtype=tl.float32),
+                         p_base + o_rows[:, None] + o_kx[None, :], m_rows[:, None] & (o_kx < H)[None, :], H, w_i, w_f,
+                         w_g, w_o, _exp2_bits(k)[:, None])
+    return _half_unscale(acc, k, k_w)
 
 
 @triton.jit
@@ -1524,7 +1514,7 @@ def lstm_bwd_2d_kernel(
     FLAGS: tl.constexpr,
     NP: tl.constexpr,
     CLUSTER: tl.constexpr,  # never (LSTMConfig refuses a cluster on the 2-D grid); one signature for _barrier_state
-    HALF_W: tl.constexpr,  # float32: the product on float16 operands, W's block and dG's rows scaled (_half_rows)
+    HALF_W: tl.constexpr,  # float32: the product on float16 operands, W's block and dG's rows scaled (_half_dots)
 ):
     """The single-layer backward with its recurrent product on a 2-D grid (perf/NOTES.md v0.26), for large batches:
     program (a, b) keeps the block of W_hh that maps unit block a's four gate rows to unit block b. Step r runs
@@ -1590,8 +1580,11 @@ def lstm_bwd_2d_kernel(
                     # Each row's largest |dG| over block a's units: the largest of the NB shares' own, which the
                     # gate phase stored with dG (a [BB, NB] load instead of holding the four tiles at once).
                     p_rmax = RMAX + (a * NB * B + tl.arange(0, NB) * B)[None, :] + o_b[:, None]
-                    amax = tl.max(tl.load(p_rmax, mask=m_next[:, None], other=0.0, cache_modifier=".cg"), axis=1)
-                    acc = _half_rows_product(p_dg, m_dg, H, b_wi, b_wf, b_wg, b_wo, k_w, amax)
+                    k = _half_exp(tl.max(tl.load(p_rmax, mask=m_next[:, None], other=0.0, cache_modifier=".cg"),
+                                         axis=1))
+                    acc = _half_dots(tl.zeros([BB, BU], dtype=tl.float32), p_dg, m_dg, H, b_wi, b_wf, b_wg, b_wo,
+                                     _exp2_bits(k)[:, None])
+                    acc = _half_unscale(acc, k, k_w)
                 else:
                     acc = tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wi,
                                  input_precision=DOT_PRECISION)

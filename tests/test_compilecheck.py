@@ -284,17 +284,18 @@ def test_reduce_scatter_backward_candidates_compile_without_spills(tmp_path):
 
 def test_grid_2d_backward_candidates_compile_without_spills(tmp_path):
     """The backward's 2-D grid configs (tuner candidates, perf/NOTES.md v0.26) at H = 1000 and 1024 (128-unit
-    blocks, 8 a side; float32's with W's block in float16, v0.40): within shared memory; in 16-bit free of spills on
-    32-row tiles, and on 64-row tiles (wgmma) at most 600 bytes (212 at H = 1024, 552 at the unaligned 1000); in
-    float32 at most 80 bytes on 32-row tiles (16 at H = 1024) and 1500 on 64-row ones (its float32 dG tiles, and the
-    [64, 128] exponents of the epilogue's per-row and per-column scales)."""
+    blocks, 8 a side; float32's with W's block in float16, v0.40, at the aligned H only): within shared memory; in
+    16-bit free of spills on 32-row tiles, and on 64-row tiles (wgmma) at most 600 bytes (212 at H = 1024, 552 at the
+    unaligned 1000); in float32 at most 80 bytes on 32-row tiles (16 at H = 1024) and 1500 on 64-row ones (its
+    float32 dG tiles, and the [64, 128] exponents of the epilogue's per-row and per-column scales)."""
     out = tmp_path / "g2.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--grid-2d", "--min-hidden", "1000", "--max-hidden", "1024",
                       "--json", str(out), timeout=1200)
     rows = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert {(r["dtype"], r["hidden"], r["config"]["block_b"]) for r in rows} == {
-        (d, h, bb) for d in ("fp16", "bf16", "fp32") for h in (1000, 1024) for bb in (32, 64)}
+        (d, h, bb) for d in ("fp16", "bf16", "fp32") for h in (1000, 1024) for bb in (32, 64)
+        if d != "fp32" or h == 1024}
     bound = {("fp16", 32): 0, ("bf16", 32): 0, ("fp32", 32): 80, ("fp16", 64): 600, ("bf16", 64): 600,
              ("fp32", 64): 1500}
     assert all(r["config"]["grid_2d"] and r["config"]["block_h"] == 128 and r["ok"]

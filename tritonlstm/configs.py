@@ -94,7 +94,7 @@ class LSTMConfig:
     # as TF32's operands, half the bytes, so W^T stays on chip where float32's would not (H = 1024, stacks at
     # H = 512) and the MMA runs at float16's rate. Only where PyTorch's RNN precision allows TF32: elsewhere the
     # launcher runs without_half_w(config). A single layer's backward takes it on the 2-D grid and on tiles with W
-    # resident (kernels/lstm.py _half_rows_product, _half_grad_dot; perf/NOTES.md v0.40, v0.41): W in float16, and
+    # resident (kernels/lstm.py _half_dots, _half_grad_dot; perf/NOTES.md v0.40, v0.41): W in float16, and
     # each row of dG scaled by its own power of two, which keeps TF32's range where one scale for all of dG would
     # not; so float32 takes 16-bit's tiles. Its reduce-scatter (transposed) ignores it.
     half_w: bool = False
@@ -758,7 +758,8 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    v0.25)
       grid-2d      single-layer backward, B >= 64: the recurrent product on a 2-D grid of unit blocks, two barriers
                    per step (grid_2d_config, v0.26); grid-2d-bb64: with 64-row tiles where it has 32 (wgmma)
-      grid-2d-half float32 single-layer backward, B >= 64: the 2-D grid with W's block in float16 and dG's rows
+      grid-2d-half float32 single-layer backward, B >= 64, H a multiple of 16 (unaligned, the per-column scales
+                   spill 272 bytes at H = 1000): the 2-D grid with W's block in float16 and dG's rows
                    scaled into float16 (LSTMConfig.half_w, v0.40), so the 16-bit layers' 128-unit blocks;
                    grid-2d-half-bb64: with 64-row tiles
       split-half   float32 single-layer backward, H a multiple of 16: 16-bit's split tiles (16 units a program,
@@ -843,7 +844,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
             if grid.block_b < 64:
                 # 64-row tiles: the product on wgmma (32 rows run it as mma.sync), at 144-212 bytes of spills.
                 out["grid-2d-bb64"] = grid_2d_config(H, B, esize, share, block_b=64)
-        half = grid_2d_config(H, B, esize, share, half_w=True) if fp32 else None
+        half = grid_2d_config(H, B, esize, share, half_w=True) if fp32 and H % 16 == 0 else None
         if half is not None:
             out["grid-2d-half"] = half
             if half.block_b < 64:

@@ -244,7 +244,7 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
         out.append(transposed_config(hidden, batch, esize, num_sms, 16, half_w=True))
     if kernel == "bwd" and batch >= 64 and (grid := grid_2d_config(hidden, batch, esize, num_sms)) is not None:
         out.append(grid)  # perf/NOTES.md v0.26
-    if kernel == "bwd" and batch >= 64 and esize == 4 and \
+    if kernel == "bwd" and batch >= 64 and esize == 4 and hidden % 16 == 0 and \
             (grid := grid_2d_config(hidden, batch, esize, num_sms, half_w=True)) is not None:
         out.append(grid)  # float32's W block in float16 (v0.40); where TF32 is not allowed it times the stand-in
     if kernel == "bwd" and esize == 4 and \
