@@ -1044,19 +1044,22 @@ def half_bwd_launches(monkeypatch):
     return seen
 
 
+# (Each case of these tests runs for seconds on the interpreter: the cases where the paths differ, not all of them.)
+HALF_BWD_SINGLE = [p for p in HALF_BWD if "1prog" in p.id]
+
+
 @pytest.mark.parametrize("config,H", HALF_BWD)
-@pytest.mark.parametrize("reverse,lengths", [(False, False), (True, True)], ids=["padded", "rev-lengths"])
-def test_half_w_backward_on_a_2d_grid_matches_reference_at_tf32_precision(config, H, reverse, lengths,
-                                                                           half_bwd_launches):
+def test_half_w_backward_matches_reference_at_tf32_precision(config, H, half_bwd_launches):
+    """Reverse, with per-row lengths (padded rows' dG zero, their largest |dG| masked)."""
     problem = make_problem(6, 17, 10, H, torch.float32)
-    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
+    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4])
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(None, "fwd"):
-        check_against_reference(problem, torch.float32, reverse=reverse, lengths=lens, config=config, kernel="bwd",
+        check_against_reference(problem, torch.float32, reverse=True, lengths=lens, config=config, kernel="bwd",
                                 tol=HALF_TOL)
     assert half_bwd_launches and all(half_bwd_launches)
 
 
-@pytest.mark.parametrize("config,H", HALF_BWD)
+@pytest.mark.parametrize("config,H", [p for p in HALF_BWD if "1prog" in p.id or "P17" in p.id])
 def test_half_w_backward_scales_each_row_of_dg_on_its_own(config, H, half_bwd_launches):
     """Rows of dG 1e24 apart (the output's gradient scaled row by row, which scales that row of dG): one scale for
     all of them, or none, would flush the small rows to zero or the large ones to inf in float16. Each row's input
@@ -1083,7 +1086,7 @@ def test_half_w_backward_scales_each_row_of_dg_on_its_own(config, H, half_bwd_la
     assert half_bwd_launches and all(half_bwd_launches)
 
 
-@pytest.mark.parametrize("config,H", HALF_BWD)
+@pytest.mark.parametrize("config,H", HALF_BWD_SINGLE)
 def test_half_w_backward_scales_each_column_of_w_on_its_own(config, H, half_bwd_launches):
     """A unit whose W_hh weights are all 1e-10 times the others' (below 2^-29 of W's largest: one scale for all of
     W would flush them in float16): h0's gradient for that unit (dG_0 @ W_hh[:, unit] alone) judged on its own."""
@@ -1104,7 +1107,7 @@ def test_half_w_backward_scales_each_column_of_w_on_its_own(config, H, half_bwd_
 def test_half_w_backward_keeps_float32_operands_where_tf32_is_not_allowed(half_bwd_launches):
     """A half_w backward runs as the heuristic's full-precision pick when PyTorch's RNN precision says float32 (its
     float32 W need not fit), and in 16-bit as it is without the flag (W is float16 already)."""
-    config, H = HALF_BWD[0].values
+    config, H = HALF_BWD_SINGLE[0].values
     problem = make_problem(6, 17, 10, H, torch.float32)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), use_config(None, "fwd"):
         check_against_reference(problem, torch.float32, config=config, kernel="bwd")
