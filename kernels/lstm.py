@@ -1800,6 +1800,16 @@ def compile_only():
         _compiling_only.reset(token)
 
 
+def launch_or_compile(kernel, grid, args: tuple, **meta) -> bool:
+    """kernel[grid](*args, **meta), or inside compile_only() its warmup (the same specialisation, nothing launched,
+    the outputs left unwritten). Returns whether it launched."""
+    if _compiling_only.get():
+        kernel.warmup(*args, grid=grid, **meta)
+        return False
+    kernel[grid](*args, **meta)
+    return True
+
+
 def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, constexprs: dict,
          sync: torch.Tensor, grid_2d: bool = False) -> None:
     """Launches the kernel: once for all steps (persistent), or once per step. sync: the barrier counters in
@@ -2065,10 +2075,7 @@ def _half_weights(w_hh, h0, w_ih=None, drop=None):
     args = (w_hh, w_ih, amax, w16, wih16, scales, barrier_errors.flag(dev), n, numel)
     meta = dict(K_REC=int(math.log2(REC_MUL.value)), STACK=stack, HAS_DROP=drop is not None, BLOCK=HALF_BLOCK,
                 BN=next_power_of_2(n))
-    if _compiling_only.get():
-        half_operands_kernel.warmup(*args, grid=grid, **meta)
-    else:
-        half_operands_kernel[grid](*args, **meta)
+    launch_or_compile(half_operands_kernel, grid, args, **meta)
     return w16, wih16 if given else None, scales
 
 

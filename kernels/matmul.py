@@ -13,18 +13,19 @@ probe (H100) had the weight gradients dG^T @ x at 23-48 TFLOP/s and dG @ W at 75
 K-major x @ W^T. Such operands are restaged K-major first by `restage_kernel` (coalesced on both sides), in chunks
 of K so that the staging stays a fraction of the operand (perf/NOTES.md v0.37).
 
-A product whose K is not along the rows of both operands' scaling can also run on float16 operands at twice the
-rate (`half=True`, v0.43): each row of A and each column of B scaled by its own power of two into float16's range
-(`half_rows_kernel`), which keeps what TF32 keeps (11 significant bits) and loses only values 2^29 below their row's
-largest; the product scaled back exactly in the epilogue. The input projection x @ W_ih^T and the input gradient
-dG @ W_ih; not a weight gradient, whose K runs over time and batch.
+A product can also run on float16 operands at twice the rate (`half=True`, v0.43): each row of A and each column of
+B scaled by its own power of two into float16's range (`half_rows_kernel`), which keeps what TF32 keeps (11
+significant bits) and loses only values 2^29 below their row's largest; the product scaled back exactly in the
+epilogue, since a row's (a column's) scale is one factor of every term of its outputs. The input projection
+x @ W_ih^T and the input gradient dG @ W_ih take it; not a weight gradient, whose rows would need a scale per step
+of K (time and batch).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from tritonlstm.kernels.lstm import _exp2_bits, _half_exp
+from tritonlstm.kernels.lstm import _exp2_bits, _half_exp, launch_or_compile
 
 
 @triton.jit
@@ -145,22 +146,17 @@ def _half_rows(x: torch.Tensor, y: torch.Tensor, e: torch.Tensor) -> None:
     """y [R, C] float16 (row-major) = the rows of x [R, C] (float32, any strides) scaled into float16's range, their
     exponents in e [R] int32 (half_rows_kernel)."""
     from tritonlstm.configs import cdiv
-    from tritonlstm.kernels.lstm import _compiling_only
 
     R, C = x.shape
-    grid = (cdiv(R, 16),)
-    args = (x, y, e, R, C, x.stride(0), x.stride(1))
-    if _compiling_only.get():
-        half_rows_kernel.warmup(*args, grid=grid, BR=16, BC=128, num_warps=4)
-        return
-    half_rows_kernel[grid](*args, BR=16, BC=128, num_warps=4)
+    launch_or_compile(half_rows_kernel, (cdiv(R, 16),), (x, y, e, R, C, x.stride(0), x.stride(1)), BR=16, BC=128,
+                      num_warps=4)
 
 
 def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk: int | None) -> None:
     """out = a @ b on float16 operands, rows of a and columns of b scaled (the module's docstring), a's rows
     converted row_chunk at a time (None: a staging of at most staging_chunk's bytes)."""
     from tritonlstm.configs import cdiv
-    from tritonlstm.kernels.lstm import _compiling_only, interpreting
+    from tritonlstm.kernels.lstm import interpreting
 
     M, K = a.shape
     N = b.shape[1]
@@ -177,25 +173,17 @@ def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk:
         c = out[m0:m0 + n]
         cfg = _config(n, N, interpreting(), esize=2)
         grid = (cdiv(n, cfg["BM"]) * cdiv(N, cfg["BN"]),)
-        args = (stage, bt, c, ea, eb, n, N, K, K, 1, 1, K, c.stride(0), c.stride(1))
-        if _compiling_only.get():
-            matmul_kernel.warmup(*args, grid=grid, PRECISION="tf32", ACCUMULATE=False, SCALED=True, **cfg)
-        else:
-            matmul_kernel[grid](*args, PRECISION="tf32", ACCUMULATE=False, SCALED=True, **cfg)
+        launch_or_compile(matmul_kernel, grid, (stage, bt, c, ea, eb, n, N, K, K, 1, 1, K, c.stride(0), c.stride(1)),
+                          PRECISION="tf32", ACCUMULATE=False, SCALED=True, **cfg)
 
 
 def _restage(x: torch.Tensor, y: torch.Tensor) -> None:
     """y[:] = x for two [R, C] views of different layouts, float32."""
     from tritonlstm.configs import cdiv
-    from tritonlstm.kernels.lstm import _compiling_only
 
     R, C = x.shape
-    grid = (cdiv(R, 64), cdiv(C, 64))
-    args = (x, y, R, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
-    if _compiling_only.get():
-        restage_kernel.warmup(*args, grid=grid, BR=64, BC=64, num_warps=4)
-        return
-    restage_kernel[grid](*args, BR=64, BC=64, num_warps=4)
+    launch_or_compile(restage_kernel, (cdiv(R, 64), cdiv(C, 64)),
+                      (x, y, R, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1)), BR=64, BC=64, num_warps=4)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: bool = False,
@@ -204,7 +192,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
     or "ieee" (tl.dot's input_precision). half: with "tf32", on row-scaled float16 operands where the product
     has HALF_MIN_FLOPS (the module's docstring), a's rows converted row_chunk at a time (None: staging_chunk's)."""
     from tritonlstm.configs import cdiv
-    from tritonlstm.kernels.lstm import _compiling_only, interpreting
+    from tritonlstm.kernels.lstm import interpreting
 
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         raise TypeError(f"matmul: float32 operands only, got {a.dtype} and {b.dtype}")
@@ -227,10 +215,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
     def launch(a, b, accumulate):
         args = (a, b, out, out, out, M, N, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                 out.stride(0), out.stride(1))
-        if _compiling_only.get():  # kernels.lstm.compile_only: compile what would launch, launch nothing
-            matmul_kernel.warmup(*args, grid=grid, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False, **cfg)
-        else:
-            matmul_kernel[grid](*args, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False, **cfg)
+        launch_or_compile(matmul_kernel, grid, args, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False, **cfg)
 
     restage_a, restage_b = a.stride(1) != 1 and K > 1, b.stride(0) != 1 and K > 1
     if precision != "tf32" or not (restage_a or restage_b) or 2 * M * N * K < RESTAGE_MIN_FLOPS:

@@ -36,7 +36,7 @@ def column_sums_kernel(M, PART, N, C, ROWS, BN: tl.constexpr, BC: tl.constexpr):
 def column_sums(m: torch.Tensor) -> torch.Tensor:
     """m [N, C] (any floating dtype) summed over its rows, as a new float32 [C]."""
     from tritonlstm.configs import cdiv
-    from tritonlstm.kernels.lstm import _compiling_only, interpreting
+    from tritonlstm.kernels.lstm import interpreting, launch_or_compile
 
     if m.dim() != 2:
         raise ValueError(f"column_sums: m must be [N, C], got {tuple(m.shape)}")
@@ -55,9 +55,7 @@ def column_sums(m: torch.Tensor) -> torch.Tensor:
     chunks = cdiv(N, rows)
     part = torch.empty((chunks, C), dtype=torch.float32, device=m.device)
     args = (m, part, N, C, rows)
-    if _compiling_only.get():  # kernels.lstm.compile_only: compile what would launch, launch nothing
-        column_sums_kernel.warmup(*args, grid=(n_c, chunks), BN=BLOCK_ROWS, BC=BLOCK_COLS)
+    if not launch_or_compile(column_sums_kernel, (n_c, chunks), args, BN=BLOCK_ROWS, BC=BLOCK_COLS):
         return part[0]
-    column_sums_kernel[(n_c, chunks)](*args, BN=BLOCK_ROWS, BC=BLOCK_COLS)
     # Few rows of partials: ATen sums them without a staging buffer (its split needs >= 256 values per thread).
     return part[0] if chunks == 1 else part.sum(0)

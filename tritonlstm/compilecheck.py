@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="check the backward's 2-D grid configs instead (tuner candidates, at B = 64 and 256)")
     ap.add_argument("--half-w", action="store_true",
                     help="check the float32 configs with W in float16 instead (tuner candidates: the forward's at "
-                         "B = 1 and 16, the backward's tiles at B = 1, 16 and 64)")
+                         "B = 1, 16 and 256, the backward's tiles at B = 1, 16 and 64)")
     ap.add_argument("--matmul", action="store_true", help="check the float32 TF32 GEMM kernel instead")
     ap.add_argument("--gpu", choices=sorted(GPUS), default="h100",
                     help="the GPU whose heuristic picks to check, compiled for its architecture within its shared "

@@ -572,10 +572,13 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
     slices = 2 if kernel in ("stack", "stack_bwd") else 1
     backward = kernel in ("bwd", "stack_bwd")
     bh, bb, bk, stages = config.block_h, config.block_b, config.block_k, config.num_stages
+    # W's width: float16 where half_w applies (the forward kernels' transposed dots, a single layer's backward but
+    # its reduce-scatter; kernels/lstm.py _half_w).
+    wsize = 2 if config.half_w and config.transposed == (kernel in ("fwd", "stack")) and kernel != "stack_bwd" \
+        else esize
     if config.grid_2d and kernel == "bwd":
-        return 4 * bh * bh * (2 if config.half_w else esize) + 2 * bb * bh * esize + _SHARED_MARGIN
+        return 4 * bh * bh * wsize + 2 * bb * bh * esize + _SHARED_MARGIN
     if config.transposed and kernel != "stack_bwd":  # the stack's backward ignores `transposed`
-        wsize = 2 if config.half_w and not backward else esize
         rows = 4 * bh  # the program's gate rows of W^T
         if config.w_resident:
             if backward:
@@ -589,9 +592,7 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
             return slices * rows * hk * wsize + scratch + _SHARED_MARGIN
         return stages * (slices * rows * bk * wsize + bb * bk * esize) + _SHARED_MARGIN
     if config.w_resident:
-        # At K <= 32 the scratch outgrows the tile: 4 KB in all (a merged dot's at H = 17-32: 12288 bytes). A single
-        # layer's backward with half_w holds W in float16 (v0.41).
-        wsize = 2 if config.half_w and kernel == "bwd" else esize
+        # At K <= 32 the scratch outgrows the tile: 4 KB in all (a merged dot's at H = 17-32: 12288 bytes).
         return slices * 4 * hk * bh * wsize + max(bb * hk * esize + _SHARED_MARGIN, 4096)
     if backward:
         return stages * (slices * 4 * bk * bh + bb * 4 * bk) * esize + 4096 + _SHARED_MARGIN
