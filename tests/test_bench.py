@@ -444,3 +444,27 @@ def test_merge_tuned_takes_winners_by_the_margin_and_leaves_the_rest(tmp_path, m
     assert got == {"k-win": b, "k-close": a, "k-ships": b, "k-other": a}
     out = capsys.readouterr().out
     assert "k-close" in out and "kept" in out and "already ships" in out and "1 keys written" in out
+
+
+def test_merge_tuned_gives_a_sibling_gpu_a_file_from_its_siblings_configs(tmp_path, monkeypatch):
+    """An H200's tuner log (it ran the H100's shipped configs): its new file holds the H100's keys and the winner,
+    and the H100's file is untouched."""
+    import torch
+
+    from tritonlstm import configs, tuning
+
+    merge = _perf_script("merge_tuned")
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    path = lambda name: tmp_path / f"{tuning.gpu_slug(name)}.json"  # noqa: E731
+    monkeypatch.setattr(merge, "shipped_path", path)
+    monkeypatch.setattr(tuning, "shipped_path", path)
+    monkeypatch.setattr(tuning, "_loaded", {})
+    a, b = (configs.heuristic_config(256, 16, torch.float16, 132, kernel="bwd", measured=False),
+            configs.named_variants("bwd", 256, 16, torch.float16, 132)["transposed"])
+    tuning.write_configs(path(h100), h100, {"k-win": a, "k-other": a}, "3.6.0")
+    log = tmp_path / "tune-log.json"
+    log.write_text(json.dumps({"gpu": h200, "triton": "3.6.0", "keys": [
+        {"key": "k-win", "best": dataclasses.asdict(b), "best_ms": 0.5, "current_ms": 1.0}]}))
+    assert merge.main([str(log)]) == 0
+    assert tuning.read_configs(path(h200), h200, None) == {"k-win": b, "k-other": a}
+    assert tuning.read_configs(path(h100), h100, None) == {"k-win": a, "k-other": a}

@@ -26,7 +26,26 @@ def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "_loaded", {})
     monkeypatch.setattr(tuning, "_warned", set())
     monkeypatch.setattr(tuning, "shipped_path", lambda gpu: tmp_path / "shipped" / f"{tuning.gpu_slug(gpu)}.json")
-    return tmp_path / "cache"
+    tuning._lookup_paths.cache_clear()
+    yield tmp_path / "cache"
+    tuning._lookup_paths.cache_clear()
+
+
+def test_a_sibling_gpu_runs_the_shipped_configs_until_its_own_file_ships():
+    """An H200 has no shipped file of its own: it runs the H100's (same SMs, same shared memory), named as such;
+    its own file, once shipped, takes over; a GPU without a sibling stays on the heuristic."""
+    key = "fwd|float16|H512|B16|D1"
+    h200 = "NVIDIA H200"
+    assert tuning.SHIPPED_SIBLINGS[h200] == GPU
+    tuning.write_configs(tuning.shipped_path(GPU), GPU, {key: OTHER}, triton_version="3.6.0")
+    assert tuning.lookup_in(h200, key) == (OTHER, f"shipped:{GPU}")
+    assert tuning.lookup_in("NVIDIA A100-SXM4-80GB", key) == (None, "heuristic")
+    tuning.write_configs(tuning.shipped_path(h200), h200, {key: CFG}, triton_version="3.6.0")
+    tuning._lookup_paths.cache_clear()
+    tuning._loaded.clear()
+    assert tuning.lookup_in(h200, key) == (CFG, "shipped")
+    tuning.write_configs(tuning.cache_path(h200), h200, {key: OTHER})
+    assert tuning.lookup_in(h200, key) == (OTHER, "cache")
 
 
 def test_key_buckets_batch_to_power_of_two():

@@ -144,21 +144,37 @@ def _configs_of(path: Path, gpu: str, triton_version: str | None) -> dict[str, L
     return _loaded[key]
 
 
+# GPUs with no shipped file of their own that run a sibling's shipped configs: same architecture, SM count and
+# shared memory per block, so every config fits and was tuned on the same SM (the H200 is an H100 SXM with more
+# and faster memory). A GPU's own file, once shipped, takes over.
+SHIPPED_SIBLINGS = {"NVIDIA H200": "NVIDIA H100 80GB HBM3"}
+
+
+def shipped_gpu(gpu: str) -> str:
+    """Whose shipped configs this GPU runs: its own file's, else its sibling's (SHIPPED_SIBLINGS), else its own."""
+    sibling = SHIPPED_SIBLINGS.get(gpu)
+    if sibling is not None and not shipped_path(gpu).exists() and shipped_path(sibling).exists():
+        return sibling
+    return gpu
+
+
 @functools.lru_cache(maxsize=64)
-def _lookup_paths(gpu: str, cache_dir_env: str | None) -> tuple[Path, Path]:
+def _lookup_paths(gpu: str, cache_dir_env: str | None) -> tuple[Path, Path, str]:
     # Building the paths (pathlib, importlib.resources) cost ~100 us per launch before this memo.
-    return cache_path(gpu), shipped_path(gpu)
+    owner = shipped_gpu(gpu)
+    return cache_path(gpu), shipped_path(owner), owner
 
 
 def lookup_in(gpu: str, key: str) -> tuple[LSTMConfig | None, str]:
-    """(config, where it came from): the user's cache first, then the configs shipped for this GPU."""
-    user, shipped = _lookup_paths(gpu, os.environ.get("TRITONLSTM_CACHE_DIR"))
+    """(config, where it came from): the user's cache first, then the configs shipped for this GPU (or its
+    sibling's, "shipped:<sibling>")."""
+    user, shipped, owner = _lookup_paths(gpu, os.environ.get("TRITONLSTM_CACHE_DIR"))
     found = _configs_of(user, gpu, _triton_version()).get(key)
     if found is not None:
         return found, "cache"
-    found = _configs_of(shipped, gpu, None).get(key)
+    found = _configs_of(shipped, owner, None).get(key)
     if found is not None:
-        return found, "shipped"
+        return found, "shipped" if owner == gpu else f"shipped:{owner}"
     return None, "heuristic"
 
 
