@@ -5,13 +5,17 @@ dG @ W_ih and the weight gradient dG^T @ x. Each result is checked against torch
 first two also on row-scaled float16 operands (kernels.matmul half=True, v0.43; the input gradient's dG converted
 in row chunks, as the layer does).
 
-    python perf/gemm_probe.py [--hidden 512,1024] [--batch 64,256] [--seq 256] [--json FILE]
+    python perf/gemm_probe.py [--hidden 512,1024] [--batch 64,256] [--seq 256] [--restage-chunks 16,2] [--json FILE]
+
+Also the host's time per kernels.matmul TF32 call (launches queued without a sync): where it reaches the GPU's,
+the product is launch-bound (run 7: dG^T @ x restaged in 16 chunks of 3 launches each).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from tritonlstm.bench import write_rows_json
 
@@ -45,6 +49,12 @@ def measure(hidden: int, rows: int) -> list[dict]:
         row = {"gemm": name, "hidden": hidden, "rows": rows, "m": a.shape[0], "k": a.shape[1], "n": b.shape[1],
                "rel_err_vs_fp32": err}
         row["triton_tf32_ms"] = do_bench(lambda: matmul(a, b), warmup=10, rep=50, return_mode="median")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            matmul(a, b)
+        row["host_ms"] = (time.perf_counter() - start) * 1e3 / 20
+        torch.cuda.synchronize()
         row["torch_fp32_ms"] = do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median")
         # This process's own setting, for the probe only (the new API where this torch has it).
         flag = "fp32_precision" if hasattr(torch.backends.cuda.matmul, "fp32_precision") else "allow_tf32"
@@ -72,27 +82,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", default="512,1024")
     ap.add_argument("--batch", default="64,256")
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--restage-chunks", default="", help="values of kernels.matmul.RESTAGE_CHUNKS to run, e.g. 16,2 "
+                    "(default: the module's)")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     import torch
+
+    from tritonlstm.kernels import matmul as mm
 
     if not torch.cuda.is_available():
         print("perf/gemm_probe.py: no CUDA device, nothing to time.")
         return 0
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32, "
-          "kernels.matmul on row-scaled float16")
-    for h in (int(v) for v in a.hidden.split(",")):
-        for b in (int(v) for v in a.batch.split(",")):
-            for r in measure(h, a.seq * b):
-                rows.append(r)
-                print(f"H={h:<5} B={b:<4} {r['gemm']:11} [{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
-                      + "  ".join(f"{r[k + '_tflops']:6.1f} ({r[k + '_ms']:.3f})"
-                                  for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half") if k + "_ms" in r)
-                      + f"  rel err {r['rel_err_vs_fp32']:.1e}"
-                      + (f" / {r['rel_err_half_vs_fp32']:.1e}" if "rel_err_half_vs_fp32" in r else ""), flush=True)
-            if a.json:
-                write_rows_json(a.json, rows)
+          "kernels.matmul on row-scaled float16; /N: the operands restaged in N chunks")
+    cases = [(c, int(h), int(b)) for c in ([int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS])
+             for h in a.hidden.split(",") for b in a.batch.split(",")]
+    for chunks, h, b in cases:
+        mm.RESTAGE_CHUNKS = chunks
+        for r in measure(h, a.seq * b):
+            r["restage_chunks"] = chunks
+            rows.append(r)
+            print(f"/{chunks:<2} H={h:<5} B={b:<4} {r['gemm']:11} [{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
+                  + "  ".join(f"{r[k + '_tflops']:6.1f} ({r[k + '_ms']:.3f})"
+                              for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half") if k + "_ms" in r)
+                  + f"  host {r['host_ms']:.3f} ms  rel err {r['rel_err_vs_fp32']:.1e}"
+                  + (f" / {r['rel_err_half_vs_fp32']:.1e}" if "rel_err_half_vs_fp32" in r else ""), flush=True)
+        if a.json:
+            write_rows_json(a.json, rows)
     return 0
 
 

@@ -203,10 +203,10 @@ def test_restaged_weight_gradients_add_at_most_their_staging_to_the_peak(monkeyp
 
 
 def test_float16_gemms_add_at_most_the_input_gradients_staging_to_the_peak(monkeypatch):
-    """v0.43: the input projection and the input gradient on row-scaled float16 operands. x's rows are converted at
-    once in the forward, below the backward's peak; the peak grows by at most the input gradient's staging: W_ih
-    [4H, I] in float16 and one chunk of dG's rows ([32, 4H] float16, a sixteenth of T*B = 512), with their int32
-    exponents. Not by a float16 copy of dG (T*B*4H*2 = 128 KB here), nor of x (32 KB)."""
+    """v0.43: the input projection on row-scaled float16 operands (and, until run 7, the input gradient). x's rows
+    are converted at once in the forward, below the backward's peak; the peak grows by at most an input gradient's
+    staging: W_ih [4H, I] in float16 and one chunk of dG's rows ([32, 4H] float16, a sixteenth of T*B = 512), with
+    their int32 exponents. Not by a float16 copy of dG (T*B*4H*2 = 128 KB here), nor of x (32 KB)."""
     H, I, chunk = 32, 32, 32
     gathered = _float32_training_peak(monkeypatch, restage=False)
     half = _float32_training_peak(monkeypatch, restage=False, half=True)

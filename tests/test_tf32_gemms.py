@@ -193,9 +193,9 @@ def test_layer_forward_and_backward_through_the_tf32_gemms(forced):
 
 
 def test_layer_through_the_float16_gemms(forced, monkeypatch):
-    """v0.43 at every size (HALF_MIN_FLOPS lowered): the input projection and the input gradient on row-scaled
-    float16 operands, the weight gradients on TF32, against the float64 reference at the GPU's float32 (TF32)
-    tolerance; the input gradient's dG in row chunks."""
+    """v0.43 at every size (HALF_MIN_FLOPS lowered): the input projection on row-scaled float16 operands, the
+    gradients on TF32 (the input gradient's float16 path lost at every shape of run 7), against the float64
+    reference at the GPU's float32 (TF32) tolerance."""
     from helpers import RESOLUTION_GPU
 
     monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 0)
@@ -223,9 +223,8 @@ def test_layer_through_the_float16_gemms(forced, monkeypatch):
     for n in p:
         if p[n] is not None:
             assert rel_err(p[n].grad, ref_p[n].grad) <= 2 * tol, n
-    # x's rows at once and W_ih's columns; then W_ih's rows (dx = dG @ W_ih's columns) and dG in 16-row chunks:
-    # T * B = 80 rows, a sixteenth rounded up to 32.
-    assert converted == [(4 * H, I), (T * B, I), (I, 4 * H), (32, 4 * H), (32, 4 * H), (16, 4 * H)], converted
+    # x's rows at once and W_ih's columns; nothing in the backward.
+    assert converted == [(4 * H, I), (T * B, I)], converted
 
 
 def test_projected_layer_through_the_tf32_gemms(forced):

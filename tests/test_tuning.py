@@ -451,3 +451,35 @@ def test_quick_candidates_a_small_gpu_cannot_keep_resident_are_left_out_before_t
     stepwise = dataclasses.replace(dropped[0], persistent=False)
     assert tuning.resident(stepwise, 512, 1, 20)
     assert not tuning.resident(CFG, 1024, 2, 132) and tuning.resident(CFG, 1024, 1, 132)  # 128 programs a direction
+
+
+def test_a_key_whose_default_fails_is_reported_and_the_run_goes_on(monkeypatch, tmp_path):
+    """Run 7 (H200): one key's default config failed its check and the exception ended the whole run, losing the
+    keys after it. Now the key is warned about, logged under "failed" with its candidates, not written, and the
+    other keys are tuned; the CLI exits 1 after naming it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: GPU)
+
+    def fake_tune_key(kernel, dtype, H, B, D, seq, quick=False):
+        key = tuning.config_key(kernel, dtype, H, B, D)
+        if H == 512:
+            raise tuning.TuneKeyError(f"tritonlstm.tune: the default config of {key} failed its correctness check "
+                                      "(RuntimeError: barrier)", key, [{"name": "heuristic", "error": "barrier"}])
+        return tuning.TuneResult(key, CFG, 1.0, CFG, 2.0, 3, 0)
+
+    monkeypatch.setattr(tuning, "tune_key", fake_tune_key)
+    log = tmp_path / "log.json"
+    failed = []
+    with pytest.warns(RuntimeWarning, match=r"fwd\|float16\|H512\|B16\|D1 failed its correctness check"):
+        results = tuning.tune((256, 512, 1024), (16,), ("float16",), kernels=("fwd",), log_path=log, failed=failed)
+    assert [r.key for r in results] == ["fwd|float16|H256|B16|D1", "fwd|float16|H1024|B16|D1"]
+    assert failed == ["fwd|float16|H512|B16|D1"]
+    written = tuning.read_configs(tuning.cache_path(GPU), GPU, tuning._triton_version())
+    assert sorted(written) == ["fwd|float16|H1024|B16|D1", "fwd|float16|H256|B16|D1"]
+    data = json.loads(log.read_text())
+    assert [k["key"] for k in data["keys"]] == [r.key for r in results]
+    assert data["failed"][0]["key"] == "fwd|float16|H512|B16|D1" and "barrier" in data["failed"][0]["error"]
+    assert data["failed"][0]["candidates"] == [{"name": "heuristic", "error": "barrier"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tuning.main(["--hidden", "512,1024", "--batch", "16", "--dtypes", "float16", "--kernels", "fwd"]) == 1

@@ -350,6 +350,15 @@ class TuneResult:
         return self.default_ms / self.best_ms
 
 
+class TuneKeyError(RuntimeError):
+    """A key that could not be tuned: the heuristic's pick, the reference every winner must beat, failed. `tune`
+    reports it and goes on to the next key."""
+
+    def __init__(self, message: str, key: str, log: list[dict]):
+        super().__init__(message)
+        self.key, self.log = key, log
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     if not torch.isfinite(a).all():
@@ -489,8 +498,10 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
             continue
         times[cfg] = entry["ms"] = ms[0] if isinstance(ms, (list, tuple)) else ms
     if default not in times:
-        raise RuntimeError(f"tritonlstm.tune: the default config of {config_key(kernel, dtype, H, B, D)} "
-                           "failed its correctness check")
+        why = next((e.get("error") or f"relative error {e['rel_err']:.2e} > {limit:g}" for e, c in zip(log, cands)
+                    if c == default), "not run")
+        raise TuneKeyError(f"tritonlstm.tune: the default config of {config_key(kernel, dtype, H, B, D)} failed "
+                           f"its correctness check ({why})", config_key(kernel, dtype, H, B, D), log)
     best = min(times, key=times.get)
     return TuneResult(config_key(kernel, dtype, H, B, D), best, times[best], default, times[default],
                       len(cands), rejected, log, None if current is None else current[1],
@@ -528,9 +539,10 @@ def compile_in_parallel(calls) -> None:
 
 def tune(hidden=(256, 512, 1024), batch=(1, 16, 64, 256), dtypes=("float16", "bfloat16", "float32"), seq=256,
          bidirectional: bool = False, kernels=TUNABLE, write: bool = True, progress=None, quick: bool = False,
-         log_path: str | os.PathLike | None = None) -> list[TuneResult]:
+         log_path: str | os.PathLike | None = None, failed: list[str] | None = None) -> list[TuneResult]:
     """Tunes every (kernel, dtype, H, batch bucket) and, with write, merges the winners into the user's cache;
-    with log_path, writes every candidate's time there (JSON, rewritten after each key)."""
+    with log_path, writes every candidate's time there (JSON, rewritten after each key). A key whose default config
+    fails is warned about, logged under "failed", appended to `failed`, and left out of the results."""
     if not torch.cuda.is_available():
         raise RuntimeError("tritonlstm.tune needs a CUDA GPU: there is nothing to tune on the CPU interpreter, "
                            "which always runs a single config")
@@ -538,19 +550,27 @@ def tune(hidden=(256, 512, 1024), batch=(1, 16, 64, 256), dtypes=("float16", "bf
     directions = 2 if bidirectional else 1
     jobs = [(kn, getattr(torch, d), h, batch_bucket(b)) for kn in kernels for d in dtypes for h in hidden
             for b in sorted({batch_bucket(b) for b in batch})]
-    results = []
+    results, errors = [], []
     for i, (kn, dt, h, b) in enumerate(jobs):
         if progress:
             progress(i, len(jobs), (kn, DTYPE_NAMES[dt], h, b))
-        results.append(tune_key(kn, dt, h, b, directions, seq, quick=quick))
-        if write:  # key by key: a run cut short keeps what it finished
-            write_configs(cache_path(gpu), gpu, {results[-1].key: results[-1].best})
+        try:
+            results.append(tune_key(kn, dt, h, b, directions, seq, quick=quick))
+        except TuneKeyError as e:  # one key's failure must not cost the others: reported, logged, not written
+            warnings.warn(str(e), RuntimeWarning, stacklevel=2)
+            errors.append(e)
+            if failed is not None:
+                failed.append(e.key)
+        else:
+            if write:  # key by key: a run cut short keeps what it finished
+                write_configs(cache_path(gpu), gpu, {results[-1].key: results[-1].best})
         if log_path:
             Path(log_path).write_text(json.dumps({"gpu": gpu, "triton": _triton_version(), "seq": seq, "keys": [
                 {"key": r.key, "default": dataclasses.asdict(r.default), "default_ms": r.default_ms,
                  "best": dataclasses.asdict(r.best), "best_ms": r.best_ms, "current_source": r.current_source,
                  "current_ms": r.current_ms, "candidates": r.log}
-                for r in results]}, indent=1))
+                for r in results], "failed": [{"key": e.key, "error": str(e), "candidates": e.log} for e in errors]},
+                indent=1))
     if progress:
         progress(len(jobs), len(jobs), None)
     return results
@@ -599,8 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tritonlstm.bench import progress
 
+    failed: list[str] = []
     results = tune(args.hidden, args.batch, args.dtypes, args.seq, args.bidirectional, args.kernels,
-                   write=not args.dry_run, quick=args.quick, log_path=args.log,
+                   write=not args.dry_run, quick=args.quick, log_path=args.log, failed=failed,
                    progress=lambda i, n, job: progress(i, n, None if job is None else
                                                        (job[1], job[2], job[3], args.seq, 1, False, job[0])))
     # "default": the heuristic's pick; "before": what ran for the key until now where that was a cached or shipped
@@ -613,5 +634,7 @@ def main(argv: list[str] | None = None) -> int:
               f"BB={c.block_b} BK={c.block_k} resident={c.w_resident} Q={c.batch_groups} warps={c.num_warps}")
     if not args.dry_run:
         print(f"written to {cache_path(torch.cuda.get_device_name())}")
-    return 0
+    if failed:
+        print(f"not tuned (the default config failed; see the warnings): {', '.join(failed)}")
+    return 1 if failed else 0
 
