@@ -49,7 +49,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 # Host-side ceil division and next power of two are configs' plain ones: Triton 3.6's triton.cdiv and
 # triton.next_power_of_2 are constexpr_function wrappers costing ~3 us a call on the host (perf/NOTES.md v0.33).
-from tritonlstm.configs import MAX_CLUSTER, MAX_PORTABLE_CLUSTER, cdiv, cluster_size_ok
+from tritonlstm.configs import MAX_CLUSTER, MAX_PORTABLE_CLUSTER, cdiv, cluster_size_ok, for_kernel
 from tritonlstm.configs import _pow2 as next_power_of_2
 
 
@@ -1693,6 +1693,14 @@ def _half_w(config, dtype: torch.dtype, backward: bool = False) -> bool:
     return True
 
 
+def _check_tiles(config, H: int) -> None:
+    """W resident means one K chunk: the kernels read a resident W's [.., BK] tile once, and a block_k below H left
+    the rest of K out, silently (a grid_2d config's block_k is its unit block, not a K chunk)."""
+    if config.w_resident and not config.grid_2d and config.block_k < H:
+        raise ValueError(f"config: w_resident=True holds W in one K chunk, so block_k must be >= H = {H}, got "
+                         f"block_k={config.block_k} ({config})")
+
+
 def _check_residency(config, H: int, D: int, device: torch.device) -> None:
     if not config.persistent:
         return
@@ -2089,6 +2097,8 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     None)."""
     T, B, _ = gx.shape
     D, G, H = w_hh.shape
+    config = for_kernel(config, "fwd")
+    _check_tiles(config, H)
     _check_residency(config, H, D, gx.device)
     dt, dev = gx.dtype, gx.device
     lengths = last is not None
@@ -2137,6 +2147,8 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     dropped outputs [L-1, T, B, H] that the layers above took as input (None without drop)."""
     T, B, _ = gx.shape
     L, G, H = w_hh.shape
+    config = for_kernel(config, "stack")
+    _check_tiles(config, H)
     _check_residency(config, H, L, gx.device)
     dt, dev = gx.dtype, gx.device
     lengths = last is not None
@@ -2171,6 +2183,7 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     zeros past each row's end) instead of a new buffer."""
     T, B, _ = gates.shape
     D, G, H = w_hh.shape
+    _check_tiles(config, H)
     _check_residency(config, H, D, gates.device)
     dt, dev = gates.dtype, gates.device
     dg = gates if into_gates else _per_step((T, B, D * G), dt, dev, last is not None)
@@ -2276,6 +2289,8 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     [L, B, H]. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]; into_gates as lstm_backward's."""
     L, T, B, G = gates.shape
     H = w_hh.shape[2]
+    config = for_kernel(config, "stack_bwd")
+    _check_tiles(config, H)
     _check_residency(config, H, L, gates.device)
     dt, dev = gates.dtype, gates.device
     dg = gates if into_gates else _per_step((L, T, B, G), dt, dev, last is not None)

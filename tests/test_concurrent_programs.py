@@ -190,3 +190,4 @@ def test_waits_that_give_up_together_poison_the_rest_and_raise(exchange, monkeyp
     assert torch.isnan(y[-1]).all() and torch.isnan(hn).all() and torch.isnan(cn).all()
     with pytest.raises(RuntimeError, match="barrier"):
         tritonlstm.synchronize("cpu")
+

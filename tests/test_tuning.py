@@ -178,6 +178,39 @@ def test_cluster_variants_only_at_cluster_sizes_the_launcher_can_launch():
     assert {16, 8} <= sizes and not sizes & set(range(9, 16))
 
 
+def test_a_resident_w_whose_block_k_misses_part_of_h_is_refused_at_launch():
+    """Run 7: the tuner ran a forward on a backward key's grid_2d default (fp32 H = 512 B = 256: W resident, block_k
+    64, which the 2-D grid reads as its unit block). The forward read W's first 64 columns of 512 and stored wrong
+    gates, so every candidate of that key "failed" against the reference. The same from any config that keeps W
+    resident with block_k < H (checked on the interpreter: y off by 0.42 at H = 128, block_k = 64). Now every
+    launcher refuses it, naming block_k and H; the other kernels run a grid_2d config as its tiles
+    (configs.for_kernel); and the tuner's backward problems take the forward's own pick."""
+    from tritonlstm.kernels import lstm as k
+
+    grid = configs.grid_2d_config(512, 256, 4, 132)
+    assert grid.grid_2d and grid.w_resident and grid.block_k < 512
+    assert configs.for_kernel(grid, "bwd") == grid
+    assert all(configs.for_kernel(grid, kn) == dataclasses.replace(grid, grid_2d=False)
+               for kn in ("fwd", "stack", "stack_bwd"))
+    T, B, H = 2, 3, 128
+    short = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, persistent=False)
+    gx, w, bias = torch.zeros(T, B, 4 * H), torch.zeros(1, 4 * H, H), torch.zeros(1, 4 * H)
+    h0, c0 = torch.zeros(1, B, H), torch.zeros(1, B, H)
+    gates, c_all, dy = torch.zeros(T, B, 4 * H), torch.zeros(T, B, H), torch.zeros(T, B, H)
+    launches = {
+        "fwd": lambda cfg: k.lstm_forward(gx, w, bias, h0, c0, None, reverse=False, store_gates=True, config=cfg),
+        "stack": lambda cfg: k.lstm_stack_forward(gx, w[:0], w, bias, h0, c0, None, store_gates=True, config=cfg),
+        "bwd": lambda cfg: k.lstm_backward(gates, c_all, c0, w, dy, h0, c0, None, reverse=False, config=cfg),
+        "stack_bwd": lambda cfg: k.lstm_stack_backward(gates[None], c_all[None], c0, w[:0], w, dy[None], h0, c0,
+                                                      None, config=cfg),
+    }
+    for kernel, launch in launches.items():
+        with pytest.raises(ValueError, match=r"w_resident=True .* block_k must be >= H = 128, got block_k=64"):
+            launch(short)
+    with pytest.raises(ValueError, match="block_k must be >= H = 128"):  # the tuner's problem, as run 7 built it
+        tuning.make_problem("bwd", torch.float32, H, B, T, device="cpu", base=configs.grid_2d_config(H, 64, 4, 132))
+
+
 def test_config_refuses_what_the_kernels_cannot_run():
     for kw, what in ((dict(split_k=3), "power of two"), (dict(block_k=32, split_k=4), "block_k // split_k"),
                      (dict(merged_gates=True, split_k=2), "merged_gates"),

@@ -228,10 +228,18 @@ KERNELS = ("fwd", "bwd", "stack", "stack_bwd")
 _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tritonlstm_config", default=None)
 
 
+def for_kernel(config: LSTMConfig, kernel: str) -> LSTMConfig:
+    """`config` as `kernel` runs it: grid_2d is the single-layer backward's layout alone, and every other kernel
+    runs the config's tiles without it. Counting a grid_2d config's NB^2 * Q programs, a persistent forward launched
+    more programs than its tiles and they overlapped: wrong gates (run 7's tuner ran a forward on a backward key's
+    default)."""
+    return dataclasses.replace(config, grid_2d=False) if config.grid_2d and kernel != "bwd" else config
+
+
 @contextlib.contextmanager
 def use_config(config: LSTMConfig | None, kernel: str | None = None):
-    """Forces the recurrence launches inside the block to use `config`: both kernels, or only `kernel` ("fwd" or
-    "bwd"). None restores the normal choice."""
+    """Forces the recurrence launches inside the block to use `config`: every kernel, or only `kernel` ("fwd",
+    "bwd", "stack" or "stack_bwd"). None restores the normal choice."""
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     current = dict(_override.get() or {})

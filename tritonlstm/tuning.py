@@ -458,7 +458,10 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     arch = props.major * 10 + props.minor  # compile-only checks for this GPU's architecture
     H, B, T, D = hidden, batch, seq, directions
     default = device_heuristic(H, B, dtype, device, kernel, directions=D)
-    problem = make_problem(kernel, dtype, H, B, T, directions=D, device=device, base=default)
+    # A backward key's saved gates come from the forward's own heuristic pick (make_problem's base=None): run 7
+    # ran them on the backward's default, a grid_2d config whose programs the forward then miscounted (fixed:
+    # configs.for_kernel), and every candidate "failed" at fp32 H 512 B 256.
+    problem = make_problem(kernel, dtype, H, B, T, directions=D, device=device)
     run = problem.launch
 
     # float32 reference of the recurrence over gx (x = gx, W_ih = identity, direction 1 reversed), and its
