@@ -135,6 +135,40 @@ def test_agreeing_cell_is_checked_then_timed(monkeypatch):
     assert out["speedup"] == pytest.approx(4.0) and out["cudnn_peak_mb"] == 1.0 and "error" not in out
 
 
+def test_training_cell_checks_every_gradient_before_timing(monkeypatch):
+    """fwdbwd cells: the input's and every parameter's gradient against cuDNN's, not the output alone (run 7's
+    tuner found a backward problem that agreed on y and was 0.18 off in dG)."""
+    import torch
+
+    for fn in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, fn, lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2 ** 20)
+    x = torch.randn(5, requires_grad=True)
+    w_ours, w_ref = torch.randn(5, requires_grad=True), None
+    w_ref = w_ours.detach().clone().requires_grad_()
+
+    def step(w, wrong_by=1.0):
+        y = x * w
+        (y * wrong_by).sum().backward()
+        return y.detach()
+
+    leaves = ([x, w_ours], [x, w_ref], 1e-2)
+    timer = lambda *a, **k: [1.0, 1.0, 1.0]  # noqa: E731
+    out = bench.check_then_time(lambda: step(w_ours), lambda: step(w_ref), 1e-2, grad_to_none=[x, w_ours, w_ref],
+                                timer=timer, grads=leaves)
+    assert "error" not in out and out["grad_rel_err"] == 0 and out["speedup"] == 1
+    out = bench.check_then_time(lambda: step(w_ours, 1.5), lambda: step(w_ref), 1e-2,
+                                grad_to_none=[x, w_ours, w_ref], timer=timer, grads=leaves)
+    assert out["max_rel_err"] == 0 and "differs from cuDNN: rel err 5.00e-01" in out["error"]
+    assert "speedup" not in out
+    env = {"gpu": "GPU", "torch": "2", "triton": "3", "cudnn": "9", "date": "today"}
+    md = bench.markdown_table(env, [{**bench.cell_row(("float32", 8, 1, 4, 1, False, "fwdbwd")), "tritonlstm_ms": 1.0,
+                          "cudnn_ms": 2.0, "speedup": 2.0, "tritonlstm_peak_mb": 1, "cudnn_peak_mb": 2,
+                          "max_rel_err": 1e-4, "grad_rel_err": 3e-4}])
+    assert "| 1.0e-04 / 3.0e-04 |" in md
+
+
 def test_barrier_failure_while_timed_is_an_error_not_a_time(monkeypatch):
     import torch
 

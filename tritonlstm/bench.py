@@ -30,6 +30,9 @@ MODES = ("fwd", "fwdbwd")
 STACKS = ((2, False), (1, True), (2, True), (4, False))
 # Relative error against cuDNN above which a cell is reported as an error instead of timed.
 CHECK_LIMIT = {"float32": 5e-3, "float16": 1e-2, "bfloat16": 5e-2}
+# The gradients' (fwdbwd): twice the output's, as the GPU tests take (the weight gradients sum T * B terms); a wrong
+# gradient is off by 0.1 or more (run 7's tuner: 0.18).
+GRAD_LIMIT = {name: 2 * limit for name, limit in CHECK_LIMIT.items()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,9 +134,13 @@ def measure_cell(dtype_name: str, hidden: int, batch: int, seq: int, layers: int
         return y
 
     grad_ctx = torch.enable_grad if mode == "fwdbwd" else torch.no_grad
+    # fwdbwd: x's gradient and every parameter's, by name (the module is a drop-in: the same names).
+    ours_params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
+    grads = None if mode != "fwdbwd" else ([x, *(ours_params[n] for n in ref_params)], [x, *ref_params.values()],
+                                           GRAD_LIMIT[dtype_name])
     with grad_ctx():
         row.update(check_then_time(ours, cudnn, CHECK_LIMIT[dtype_name],
-                                   grad_to_none=[x, *model.parameters(), *ref.parameters()]))
+                                   grad_to_none=[x, *model.parameters(), *ref.parameters()], grads=grads))
     return row
 
 
@@ -154,19 +161,36 @@ def warm_cell(dtype_name: str, hidden: int, batch: int, seq: int, layers: int, b
             y.backward(torch.ones_like(y))
 
 
-def check_then_time(ours, cudnn, limit: float, grad_to_none=(), timer=None) -> dict:
-    """Compares the two outputs first; times both (median, q20, q80 and peak memory) only if they agree."""
+def check_then_time(ours, cudnn, limit: float, grad_to_none=(), timer=None, grads=None) -> dict:
+    """Compares the two outputs first, and with grads = (ours' leaves, cuDNN's leaves, limit) the gradients each
+    call leaves in them, pair by pair; times both (median, q20, q80 and peak memory) only if they agree."""
     import torch
 
     from tritonlstm.functional import synchronize
 
     if timer is None:
         from triton.testing import do_bench as timer
-    err = _rel(ours(), cudnn())
+
+    def call(fn, leaves):
+        for t in grad_to_none:
+            t.grad = None
+        y = fn()
+        return y, [None if t.grad is None else t.grad.clone() for t in leaves]
+
+    (y_ours, g_ours), (y_cudnn, g_cudnn) = call(ours, grads[0] if grads else ()), call(cudnn, grads[1] if grads else ())
+    err = _rel(y_ours, y_cudnn)
     out = {"max_rel_err": err}
     if not err <= limit:
         out["error"] = f"output differs from cuDNN: rel err {err:.2e} > {limit:.0e}"
         return out
+    if grads:
+        errs = [float("inf") if a is None or b is None else _rel(a, b) for a, b in zip(g_ours, g_cudnn)]
+        worst = max(range(len(errs)), key=errs.__getitem__)
+        out["grad_rel_err"] = errs[worst]
+        if not errs[worst] <= grads[2]:
+            out["error"] = (f"gradient {worst} (0: the input's, then the parameters') differs from cuDNN: rel err "
+                            f"{errs[worst]:.2e} > {grads[2]:.0e}")
+            return out
     for name, fn in (("tritonlstm", ours), ("cudnn", cudnn)):
         ms = timer(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8], grad_to_none=list(grad_to_none))
         # Peak memory of one call on its own: inside do_bench it would include do_bench's 256 MB cache-flush
@@ -288,7 +312,7 @@ def markdown_table(env: dict, rows: list[dict]) -> str:
                 continue
             lines += [f"### {dtype}, {mode}", "",
                       "| layers | H | B | T | tritonlstm ms | us/step | cuDNN ms | speed-up | peak MB (ours / cuDNN) "
-                      "| rel err |",
+                      "| rel err (y / grads) |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
             for r in sel:
                 stack = f"{r['layers']}{' bidir' if r['bidirectional'] else ''}"
@@ -301,7 +325,8 @@ def markdown_table(env: dict, rows: list[dict]) -> str:
                     per_step = 1000 * r["tritonlstm_ms"] / r["seq"]
                     lines.append(f"| {stack} | {r['hidden']} | {r['batch']} | {r['seq']} | {r['tritonlstm_ms']:.3f} | "
                                  f"{per_step:.2f} | {r['cudnn_ms']:.3f} | {r['speedup']:.2f}x | "
-                                 f"{r['tritonlstm_peak_mb']:.0f} / {r['cudnn_peak_mb']:.0f} | {r['max_rel_err']:.1e} |")
+                                 f"{r['tritonlstm_peak_mb']:.0f} / {r['cudnn_peak_mb']:.0f} | {r['max_rel_err']:.1e}"
+                                 + (f" / {r['grad_rel_err']:.1e}" if r.get("grad_rel_err") is not None else "") + " |")
             lines.append("")
     return "\n".join(lines)
 
