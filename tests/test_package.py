@@ -27,6 +27,7 @@ def test_wheel_layout(wheel):
     assert "tritonlstm/kernels/lstm.py" in names
     assert "tritonlstm/kernels/__init__.py" in names
     assert "tritonlstm/kernels/configs/nvidia-h100-80gb-hbm3.json" in names  # the tuned configs ship as data
+    assert "tritonlstm/kernels/configs/nvidia-h200.json" in names
     assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels package would shadow others"
     top = {n.split("/")[0] for n in names}
     assert top == {"tritonlstm", next(t for t in top if t.endswith(".dist-info"))}, top

@@ -363,16 +363,17 @@ def test_problem_launches_its_kernel_and_matches_a_reference(kernel, layers):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_shipped_h100_configs_cover_the_bench_matrix_and_can_run():
-    """The configs tuned on an H100 (kernels/configs/nvidia-h100-80gb-hbm3.json, issue 6): read as shipped files
-    are (any triton version), without a warning; a config for every fwd and bwd key of the bench's single-layer
-    matrix; each one a valid config whose programs all fit the H100's 132 SMs."""
+@pytest.mark.parametrize("gpu", [GPU, "NVIDIA H200"])
+def test_shipped_configs_cover_the_bench_matrix_and_can_run(gpu):
+    """The configs tuned on an H100 (kernels/configs/nvidia-h100-80gb-hbm3.json, issue 6) and on an H200 (run 7):
+    read as shipped files are (any triton version), without a warning; a config for every fwd and bwd key of the
+    bench's single-layer matrix; each one a valid config whose programs all fit the 132 SMs both have."""
     from pathlib import Path
 
-    path = Path(configs.__file__).parents[1] / "kernels" / "configs" / "nvidia-h100-80gb-hbm3.json"
+    path = Path(configs.__file__).parents[1] / "kernels" / "configs" / f"{tuning.gpu_slug(gpu)}.json"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        shipped = tuning.read_configs(path, GPU, None)
+        shipped = tuning.read_configs(path, gpu, None)
     want = {tuning.config_key(kn, getattr(torch, d), h, b, 1) for kn in ("fwd", "bwd")
             for d in ("float16", "bfloat16", "float32") for h in (256, 512, 1024) for b in (1, 16, 64, 256)}
     assert set(shipped) == want
@@ -516,3 +517,23 @@ def test_a_key_whose_default_fails_is_reported_and_the_run_goes_on(monkeypatch, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert tuning.main(["--hidden", "512,1024", "--batch", "16", "--dtypes", "float16", "--kernels", "fwd"]) == 1
+
+
+def test_the_float32_backward_heuristic_takes_the_half_grid_where_run_7_measured_it(monkeypatch):
+    """v0.44: float32 above H = 512 from 64 rows on the 2-D grid with float16 operands (run 7, H200: 0.25x and 0.51x
+    the shipped tiles' time at H = 1024); not at H = 512 (1.65x there), below 64 rows, or in 16-bit. Where TF32 is
+    not allowed, functional._launch runs full_precision_backward: the layout without half_w."""
+    monkeypatch.setattr(configs, "device_limits", lambda device: (132, 232448))
+    cuda = torch.device("cuda", 0)
+    for H, B in ((1024, 64), (1024, 256), (768, 128)):
+        pick = configs.heuristic_pick(H, B, torch.float32, cuda, False, "bwd")
+        assert pick == configs.grid_2d_config(H, B, 4, 132, half_w=True) and pick.half_w, (H, B, pick)
+        full = configs.full_precision_backward(H, B, torch.float32, cuda, False)
+        assert not full.half_w and full == configs.fit_shared_memory(
+            configs.measured_backward_layout(H, B, torch.float32, 132, half_w=False), "bwd", H, B, torch.float32, 132,
+            232448), (H, B, full)
+    for H, B, dt in ((512, 256, torch.float32), (1024, 16, torch.float32), (1024, 256, torch.float16),
+                     (1024, 256, torch.bfloat16)):
+        pick = configs.heuristic_pick(H, B, dt, cuda, False, "bwd")
+        assert not pick.half_w, (H, B, dt, pick)
+        assert configs.full_precision_backward(H, B, dt, cuda, False) == pick

@@ -420,7 +420,8 @@ def measured_forward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms
     return transposed_config(hidden, batch, esize, share, 64 if batch >= 64 else 16, streamed=True)
 
 
-def measured_backward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms: int) -> LSTMConfig:
+def measured_backward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
+                             half_w: bool = True) -> LSTMConfig:
     """A single direction's backward layout from run 6's tuner log (H100, every named variant at the 36 keys of
     the single-layer matrix; perf/NOTES.md v0.38), as a rule of the shape:
 
@@ -433,11 +434,20 @@ def measured_backward_layout(hidden: int, batch: int, dtype: torch.dtype, num_sm
     - unsplit tiles on 4 warps at H <= 256 in 16-bit from 128 rows (0.75x).
     - otherwise the tiles of `heuristic_config(measured=False)` (16-bit H = 512 up to 64 rows and H = 1024 up to
       16: the split tiles stayed best).
-    Only where H is a multiple of 16, like every measured shape."""
+    Only where H is a multiple of 16, like every measured shape.
+
+    And from run 7's (H200, perf/NOTES.md v0.44): float32 above H = 512 from 64 rows on the 2-D grid with float16
+    operands (v0.40: 0.25x and 0.51x the shipped split / wide tiles' time at H = 1024, B = 64 and 256; at H = 512,
+    B = 64 it took 1.65x the shipped config's). With half_w=False (TF32 not allowed: W must stay float32) the layout
+    without it."""
     tiles = heuristic_config(hidden, batch, dtype, num_sms, kernel="bwd", measured=False)
     esize = dtype.itemsize
     if hidden % 16 or not tiles.persistent or cdiv(hidden, 16) > num_sms:
         return tiles
+    if half_w and esize == 4 and hidden > 512 and batch >= 64:
+        grid = grid_2d_config(hidden, batch, esize, num_sms, half_w=True)
+        if grid is not None:
+            return grid
     if hidden >= 512 and batch >= (64 if esize < 4 and hidden >= 1024 else 128) and (esize < 4 or hidden <= 512):
         grid = grid_2d_config(hidden, batch, esize, num_sms)
         if grid is not None:
@@ -695,6 +705,18 @@ def _interpreter_pick(hidden: int, batch: int, dtype: torch.dtype, kernel: str, 
 def _fitted(config: LSTMConfig, kernel: str, hidden: int, batch: int, dtype: torch.dtype, sms: int, smem: int,
             directions: int) -> LSTMConfig:
     return fit_shared_memory(config, kernel, hidden, batch, dtype, sms, smem, directions)
+
+
+def full_precision_backward(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,
+                            directions: int = 1) -> LSTMConfig:
+    """The heuristic's backward pick where W must stay float32 (TF32 not allowed): its pick, or where that is a
+    half_w one, the measured layout without it, cut down to the device's shared memory."""
+    pick = heuristic_pick(hidden, batch, dtype, device, interpreter, "bwd", directions)
+    if not pick.half_w:
+        return pick
+    sms, smem = device_limits(device)
+    return fit_shared_memory(measured_backward_layout(hidden, batch, dtype, sms, half_w=False), "bwd", hidden, batch,
+                             dtype, sms, smem, directions)
 
 
 def heuristic_pick(hidden: int, batch: int, dtype: torch.dtype, device: torch.device, interpreter: bool,

@@ -26,7 +26,7 @@ from torch import Tensor
 from tritonlstm.configs import (
     device_limits,
     forced_config,
-    heuristic_pick,
+    full_precision_backward,
     last_resort_config,
     select_config,
     stack_layers_per_launch,
@@ -330,8 +330,8 @@ def _launch(kernel: str, H: int, B: int, dtype: torch.dtype, device: torch.devic
         config = without_half_w(config)
     if config.half_w and kernel == "bwd" and not config.transposed and not k.half_w_allowed(dtype):
         # float32 W does not fit where float16's did: the layout the heuristic picks without half_w.
-        standin = heuristic_pick(H, B, dtype, device, k.interpreting(), kernel, directions) if dtype.itemsize == 4 \
-            else None
+        standin = full_precision_backward(H, B, dtype, device, k.interpreting(), directions) \
+            if dtype.itemsize == 4 else None
         config = without_half_w(config, standin)
     from triton.runtime.errors import OutOfResources
 
