@@ -122,11 +122,14 @@ def _config(M: int, N: int, interpreting: bool, esize: int = 4) -> dict:
 # RESTAGE_WHOLE_BYTES (a weight, for dG @ W) are restaged whole; larger ones in chunks of K of 1 / RESTAGE_CHUNKS
 # of them (at least RESTAGE_MIN_BYTES), so a weight gradient over T*B rows adds a sixteenth of dG and x to the
 # training step's peak (1.3 bytes per T*B*H in float32; an eighth took the step past the 36 bytes the memory test
-# allows, in a CPU emulation: perf/NOTES.md v0.37), not a second dG.
+# allows, in a CPU emulation: perf/NOTES.md v0.37), not a second dG. Each chunk costs the host three launches,
+# ~140 us in all (run 7's GEMM probe): chunks of 8 MB made the weight gradient launch-bound (16 chunks: 1.4 ms at
+# H = 512 B = 64, 0.36 with 2), hence at least 32 MB (v0.45), a constant that the memory test's margin between two
+# lengths does not see.
 RESTAGE_MIN_FLOPS = 2 ** 33
 RESTAGE_WHOLE_BYTES = 32 * 2 ** 20
 RESTAGE_CHUNKS = 16
-RESTAGE_MIN_BYTES = 8 * 2 ** 20
+RESTAGE_MIN_BYTES = 32 * 2 ** 20
 # The float16 path (half=True) from this many flops: below, its two conversions cost more than the product saves.
 HALF_MIN_FLOPS = 2 ** 33
 

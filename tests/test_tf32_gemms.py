@@ -138,6 +138,18 @@ def test_matmul_on_float16_operands_in_row_chunks(monkeypatch):
     assert mm.staging_chunk(1000, 2 * 33) == 64  # a sixteenth, rounded up to 32
 
 
+def test_weight_gradients_restage_in_chunks_of_at_least_32_mb():
+    """v0.45: each chunk of a restaged weight gradient costs the host three launches (~140 us, run 7), so chunks of
+    8 MB made dG^T @ x launch-bound (16 chunks at T*B = 16384, H = 512: 1.41 ms against 0.36 in 2). Now at least
+    32 MB a chunk: 5 chunks there, 10 at H = 1024; the largest keep their sixteenths (memory)."""
+    def chunks(rows, hidden):  # dG^T [4H, T*B] @ x [T*B, H], both restaged: 4 (4H + H) bytes per row
+        return -(-rows // mm.staging_chunk(rows, 4 * (4 * hidden + hidden)))
+
+    assert chunks(256 * 64, 512) == 5 and chunks(256 * 64, 1024) == 10
+    assert chunks(256 * 256, 512) == 16 and chunks(256 * 256, 1024) == 16
+    assert mm.staging_chunk(256 * 256, 4 * 5 * 1024) * 4 * 5 * 1024 <= (256 * 256 * 4 * 5 * 1024) / 16 + 2 ** 20
+
+
 def test_matmul_empty_and_refusals():
     assert torch.equal(mm.matmul(torch.ones(3, 0), torch.ones(0, 2)), torch.zeros(3, 2))
     assert mm.matmul(torch.ones(0, 4), torch.ones(4, 2)).shape == (0, 2)
