@@ -82,8 +82,9 @@ def test_heuristic_tiles_keep_programs_resident_and_weights_on_chip_up_to_1024()
 
 
 # The layouts that won the H100's tuner logs (every named variant: runs 4-5 for the 16-bit forward, perf/NOTES.md
-# v0.20; run 6 for the float32 forward, the forward at H = 1024, B = 256 and the backward, v0.38), other than the
-# cluster barrier's (Hopper's alone): (kernel, dtype, H, B) -> configs.named_variants name.
+# v0.20; run 6 for the float32 forward, the forward at H = 1024, B = 256 and the backward, v0.38; run 7's H200 for
+# the float32 backward at H = 1024 from 64 rows, v0.44), other than the cluster barrier's (Hopper's alone):
+# (kernel, dtype, H, B) -> configs.named_variants name.
 MEASURED_WINNERS = {
     ("fwd", torch.float16, 512, 16): "transposed", ("fwd", torch.bfloat16, 1024, 1): "transposed",
     ("fwd", torch.float32, 256, 16): "transposed-half", ("fwd", torch.float32, 1024, 16): "transposed-half",
@@ -95,7 +96,8 @@ MEASURED_WINNERS = {
     ("bwd", torch.float16, 256, 16): "transposed", ("bwd", torch.float32, 512, 64): "transposed",
     ("bwd", torch.float16, 256, 256): "unsplit-w4", ("bwd", torch.float16, 512, 64): "split4",
     ("bwd", torch.float16, 512, 256): "grid-2d", ("bwd", torch.bfloat16, 1024, 64): "grid-2d",
-    ("bwd", torch.float32, 512, 256): "grid-2d", ("bwd", torch.float32, 1024, 256): "wide",
+    ("bwd", torch.float32, 512, 256): "grid-2d", ("bwd", torch.float32, 1024, 256): "grid-2d-half",
+    ("bwd", torch.float32, 1024, 64): "grid-2d-half",
 }
 
 
