@@ -130,6 +130,12 @@ RESTAGE_MIN_FLOPS = 2 ** 33
 RESTAGE_WHOLE_BYTES = 32 * 2 ** 20
 RESTAGE_CHUNKS = 16
 RESTAGE_MIN_BYTES = 32 * 2 ** 20
+# Where an operand is MN-major (a weight gradient's dG^T and x): "restage" copies it K-major in chunks first;
+# "registers" launches the product alone with num_stages=1, where Triton loads the tiles into registers 16 bytes
+# wide (ld.global.v4) and stores them K-major into shared memory for the warpgroup MMA (compile-only sm_90), with
+# no software pipelining of the loads, but no copy, no staging memory and one launch (v0.46, not yet timed: the
+# gemm probe's --mn-major A/B decides).
+MN_MAJOR_LOADS = "restage"
 # The float16 path (half=True) from this many flops: below, its two conversions cost more than the product saves.
 HALF_MIN_FLOPS = 2 ** 33
 
@@ -215,15 +221,21 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
     cfg = _config(M, N, interpreting())
     grid = (cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]),)
 
-    def launch(a, b, accumulate):
+    def launch(a, b, accumulate, **meta):
         args = (a, b, out, out, out, M, N, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                 out.stride(0), out.stride(1))
-        launch_or_compile(matmul_kernel, grid, args, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False, **cfg)
+        launch_or_compile(matmul_kernel, grid, args, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False,
+                          **(cfg | meta))
 
     restage_a, restage_b = a.stride(1) != 1 and K > 1, b.stride(0) != 1 and K > 1
     if precision != "tf32" or not (restage_a or restage_b) or 2 * M * N * K < RESTAGE_MIN_FLOPS:
         launch(a, b, False)
         return out
+    if MN_MAJOR_LOADS == "registers":
+        launch(a, b, False, num_stages=1)
+        return out
+    if MN_MAJOR_LOADS != "restage":
+        raise ValueError(f"kernels.matmul.MN_MAJOR_LOADS: 'restage' or 'registers', got {MN_MAJOR_LOADS!r}")
     chunk = staging_chunk(K, 4 * (M * restage_a + N * restage_b))  # staging bytes per unit of K
     # Staging stored [M, chunk] and [N, chunk] row-major: both K-major as the kernel reads them.
     stage_a = torch.empty((M, chunk), dtype=torch.float32, device=a.device) if restage_a else None

@@ -5,7 +5,8 @@ dG @ W_ih and the weight gradient dG^T @ x. Each result is checked against torch
 first two also on row-scaled float16 operands (kernels.matmul half=True, v0.43; the input gradient's dG converted
 in row chunks, as the layer does).
 
-    python perf/gemm_probe.py [--hidden 512,1024] [--batch 64,256] [--seq 256] [--restage-chunks 16,2] [--json FILE]
+    python perf/gemm_probe.py [--hidden 512,1024] [--batch 64,256] [--seq 256] [--restage-chunks 16,2]
+                              [--mn-major restage,registers] [--json FILE]
 
 Also the host's time per kernels.matmul TF32 call (launches queued without a sync): where it reaches the GPU's,
 the product is launch-bound (run 7: dG^T @ x restaged in 16 chunks of 3 launches each).
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--restage-chunks", default="", help="values of kernels.matmul.RESTAGE_CHUNKS to run, e.g. 16,2 "
                     "(default: the module's)")
+    ap.add_argument("--mn-major", default="restage", help="kernels.matmul.MN_MAJOR_LOADS values to run: restage, "
+                    "registers (v0.46: the product alone, tiles through registers), or both")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     import torch
@@ -95,15 +98,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32, "
-          "kernels.matmul on row-scaled float16; /N: the operands restaged in N chunks")
-    cases = [(c, int(h), int(b)) for c in ([int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS])
-             for h in a.hidden.split(",") for b in a.batch.split(",")]
-    for chunks, h, b in cases:
-        mm.RESTAGE_CHUNKS = chunks
+          "kernels.matmul on row-scaled float16; /N: MN-major operands restaged in N chunks, reg: loaded through "
+          "registers (v0.46)")
+    modes = [(mn, c) for mn in a.mn_major.split(",")
+             for c in (([int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS])
+                       if mn == "restage" else [0])]
+    cases = [(mn, c, int(h), int(b)) for mn, c in modes for h in a.hidden.split(",") for b in a.batch.split(",")]
+    for mn, chunks, h, b in cases:
+        mm.MN_MAJOR_LOADS, mm.RESTAGE_CHUNKS = mn, chunks or mm.RESTAGE_CHUNKS
         for r in measure(h, a.seq * b):
-            r["restage_chunks"] = chunks
+            r["mn_major_loads"], r["restage_chunks"] = mn, chunks or None
             rows.append(r)
-            print(f"/{chunks:<2} H={h:<5} B={b:<4} {r['gemm']:11} [{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
+            tag = f"/{chunks}" if chunks else "reg"
+            print(f"{tag:<3} H={h:<5} B={b:<4} {r['gemm']:11} [{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
                   + "  ".join(f"{r[k + '_tflops']:6.1f} ({r[k + '_ms']:.3f})"
                               for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half") if k + "_ms" in r)
                   + f"  host {r['host_ms']:.3f} ms  rel err {r['rel_err_vs_fp32']:.1e}"

@@ -27,7 +27,8 @@ def test_matmul_compiles_for_sm90_onto_warpgroup_mma(tmp_path):
     """Compile-only (sm_90): each tile config in each of the layers' operand layouts, as launched (the row-scaled
     float16 operands too, v0.43), the restaging copy and the float16 rows' conversion. K-major operands (x @ W^T,
     restaged chunks, float16 rows) reach shared memory in 16-byte copies; the layouts that restaging replaces are
-    gathered 4 bytes at a time (v0.37's reason); the copy loads and stores 16 bytes wide on both sides, the
+    gathered 4 bytes at a time (v0.37's reason), but for dG^T @ x launched with num_stages=1 (v0.46), whose tiles
+    come through registers in 16-byte loads; the copy loads and stores 16 bytes wide on both sides, the
     conversion loads 16 bytes wide and stores vectors."""
     import json
 
@@ -35,10 +36,13 @@ def test_matmul_compiles_for_sm90_onto_warpgroup_mma(tmp_path):
     proc = run_python("-m", "tritonlstm.compilecheck", "--matmul", "--json", str(out), timeout=600)
     rows = json.loads(out.read_text())
     gemms, (copy, half) = rows[:-2], rows[-2:]
-    assert proc.returncode == 0 and len(gemms) == 15, proc.stdout + proc.stderr[-2000:]
+    assert proc.returncode == 0 and len(gemms) == 18, proc.stdout + proc.stderr[-2000:]
     assert all(r["error"] is None and r["spill_bytes"] == 0 and r["wgmma"] for r in gemms), gemms
     for r in gemms:
-        assert (r["narrow_copies"] == 0) == (r["layout"] in ("x @ W^T", "restaged", "half")), r
+        assert (r["narrow_copies"] == 0) == (r["layout"] in ("x @ W^T", "restaged", "half", "dG^T @ x registers")), r
+        # v0.46: the MN-major tiles through registers, loaded 16 bytes wide (the copies' layouts: C's loads only)
+        assert r["layout"] != "dG^T @ x registers" or r["wide_loads"] >= 8, r
+        assert r["layout"] not in ("x @ W^T", "dG @ W", "dG^T @ x", "half") or r["wide_loads"] == 0, r
         assert r["tiles"]["BK"] == (64 if r["layout"] == "half" else 32), r
     assert copy["layout"] == "restage" and copy["spill_bytes"] == 0, copy
     assert copy["wide_loads"] > 0 and copy["wide_stores"] > 0 and copy["narrow_loads"] == 0, copy
@@ -66,6 +70,24 @@ def test_matmul_restages_gathered_operands_k_major_in_chunks(monkeypatch, layout
     want = {"a M-major": [(M, k) for k in chunks], "b N-major": [(k, N) for k in chunks],
             "both": [s for k in chunks for s in ((M, k), (k, N))], "K-major": []}[layout]
     assert restaged == want
+
+
+def test_matmul_with_mn_major_loads_through_registers_launches_the_product_alone(monkeypatch):
+    """v0.46 (MN_MAJOR_LOADS = "registers"): MN-major operands go to the GEMM as they are, one launch with
+    num_stages=1, nothing restaged; the same product. An unknown setting is refused by name."""
+    monkeypatch.setattr(mm, "RESTAGE_MIN_FLOPS", 0)
+    monkeypatch.setattr(mm, "MN_MAJOR_LOADS", "registers")
+    restaged, launched = [], []
+    monkeypatch.setattr(mm, "_restage", lambda x, y: restaged.append(x.shape))
+    real = mm.launch_or_compile
+    monkeypatch.setattr(mm, "launch_or_compile", lambda *a, **k: launched.append(k["num_stages"]) or real(*a, **k))
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(300, 40, generator=g).t(), torch.randn(300, 24, generator=g)  # dG^T @ x's layouts
+    torch.testing.assert_close(mm.matmul(a, b), a @ b, rtol=1e-5, atol=1e-4)
+    assert restaged == [] and launched == [1]
+    monkeypatch.setattr(mm, "MN_MAJOR_LOADS", "gather")
+    with pytest.raises(ValueError, match="MN_MAJOR_LOADS: 'restage' or 'registers', got 'gather'"):
+        mm.matmul(a, b)
 
 
 def test_matmul_restages_a_small_operand_whole(monkeypatch):

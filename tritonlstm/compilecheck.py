@@ -353,7 +353,9 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
 MATMUL_LAYOUTS = {"x @ W^T": ("s_ak", "s_bk", "s_cn"), "dG @ W": ("s_ak", "s_bn", "s_cn"),
                   "dG^T @ x": ("s_am", "s_bn", "s_cn"), "restaged": ("s_ak", "s_bk", "s_cn"),
                   # the row-scaled float16 operands (v0.43): both K-major, as half_rows_kernel writes them
-                  "half": ("s_ak", "s_bk", "s_cn")}
+                  "half": ("s_ak", "s_bk", "s_cn"),
+                  # dG^T @ x without restaging, its tiles through registers (num_stages=1, MN_MAJOR_LOADS, v0.46)
+                  "dG^T @ x registers": ("s_am", "s_bn", "s_cn")}
 
 
 def _copy_kernel_row(fn, layout: str, sig: dict, consts: dict, aligned: tuple[int, ...], wide_store: str) -> dict:
@@ -403,13 +405,15 @@ def check_matmul() -> list[dict]:
             try:
                 c = triton.compile(ASTSource(fn=mm.matmul_kernel, signature=sig, constexprs=consts, attrs=attrs),
                                    target=GPUTarget("cuda", 90, 32),
-                                   options=dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]))
+                                   options=dict(num_warps=tiles["num_warps"],
+                                                num_stages=1 if layout.endswith("registers") else tiles["num_stages"]))
                 row["shared"] = c.metadata.shared
                 row["registers"], row["spill_bytes"] = _ptxas_report(c.asm["ptx"])
                 row["wgmma"] = "wgmma.mma_async" in c.asm["ptx"]
                 # 4-byte cp.async: an operand gathered one element a thread (what restaging avoids)
                 row["narrow_copies"] = len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x4",
                                                       c.asm["ptx"]))
+                row["wide_loads"] = len(re.findall(r"ld\.global(\.[a-z0-9]+)*\.v4", c.asm["ptx"]))  # into registers
             except Exception as e:  # a compile failure is a finding
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             rows.append(row)
@@ -458,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"matmul {t['BM']}x{t['BN']}x{t['BK']} warps={t['num_warps']} {r['layout']:9} "
                   + (r["error"] or f"shared={r['shared']} regs={r['registers']} spills={r['spill_bytes']} "
-                                   f"wgmma={r['wgmma']} 4-byte cp.async={r['narrow_copies']}"))
+                                   f"wgmma={r['wgmma']} 4-byte cp.async={r['narrow_copies']} "
+                                   f"16-byte loads into registers={r['wide_loads']}"))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
