@@ -31,7 +31,8 @@ from tritonlstm.kernels.lstm import _exp2_bits, _half_exp, launch_or_compile
 @triton.jit
 def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
                   PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, SCALED: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                  AHEAD: tl.constexpr = False):
     # SCALED: A's rows and B's columns were scaled by 2^EA[m] and 2^EB[n] (half_rows_kernel); C gets them back.
     # Tiles of GROUP_M rows of C share their B columns in L2 before the next group starts.
     pid = tl.program_id(0)
@@ -48,11 +49,24 @@ def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
     # 64-bit offsets: a weight gradient's operand is a [4H, T*B] view of dG, T*B*4H elements past 2^31 at long T.
     a_rows = A + rm[:, None].to(tl.int64) * s_am
     b_cols = B + rn[None, :].to(tl.int64) * s_bn
-    for k0 in range(0, K, BK):
-        kk = (k0 + rk).to(tl.int64)
+    if AHEAD:
+        # Unpipelined launches (num_stages=1: MN-major tiles through registers, MN_MAJOR_LOADS): each step's loads
+        # are issued before the previous step's dot, so their latency runs under it. The last step's are masked off.
+        kk = rk.to(tl.int64)
         a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        for k0 in range(BK, K + BK, BK):
+            kk = (k0 + rk).to(tl.int64)
+            a_next = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            b_next = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a, b = a_next, b_next
+    else:
+        for k0 in range(0, K, BK):
+            kk = (k0 + rk).to(tl.int64)
+            a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if SCALED:
         # In two halves of the exponent, so that no partial scale leaves float32's normal range where C does not.
         k_all = tl.load(EA + rm, mask=rm < M, other=0)[:, None] + tl.load(EB + rn, mask=rn < N, other=0)[None, :]
@@ -134,7 +148,8 @@ RESTAGE_MIN_BYTES = 32 * 2 ** 20
 # "registers" launches the product alone with num_stages=1, where Triton loads the tiles into registers 16 bytes
 # wide (ld.global.v4) and stores them K-major into shared memory for the warpgroup MMA (compile-only sm_90), with
 # no software pipelining of the loads, but no copy, no staging memory and one launch (v0.46, not yet timed: the
-# gemm probe's --mn-major A/B decides).
+# gemm probe's --mn-major A/B decides); "registers-ahead" issues each step's loads before the previous step's dot
+# (matmul_kernel's AHEAD).
 MN_MAJOR_LOADS = "restage"
 # The float16 path (half=True) from this many flops: below, its two conversions cost more than the product saves.
 HALF_MIN_FLOPS = 2 ** 33
@@ -231,11 +246,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
     if precision != "tf32" or not (restage_a or restage_b) or 2 * M * N * K < RESTAGE_MIN_FLOPS:
         launch(a, b, False)
         return out
-    if MN_MAJOR_LOADS == "registers":
-        launch(a, b, False, num_stages=1)
+    if MN_MAJOR_LOADS in ("registers", "registers-ahead"):
+        launch(a, b, False, num_stages=1, AHEAD=MN_MAJOR_LOADS == "registers-ahead")
         return out
     if MN_MAJOR_LOADS != "restage":
-        raise ValueError(f"kernels.matmul.MN_MAJOR_LOADS: 'restage' or 'registers', got {MN_MAJOR_LOADS!r}")
+        raise ValueError(f"kernels.matmul.MN_MAJOR_LOADS: 'restage', 'registers' or 'registers-ahead', got "
+                         f"{MN_MAJOR_LOADS!r}")
     chunk = staging_chunk(K, 4 * (M * restage_a + N * restage_b))  # staging bytes per unit of K
     # Staging stored [M, chunk] and [N, chunk] row-major: both K-major as the kernel reads them.
     stage_a = torch.empty((M, chunk), dtype=torch.float32, device=a.device) if restage_a else None

@@ -6,7 +6,7 @@ first two also on row-scaled float16 operands (kernels.matmul half=True, v0.43; 
 in row chunks, as the layer does).
 
     python perf/gemm_probe.py [--hidden 512,1024] [--batch 64,256] [--seq 256] [--restage-chunks 16,2]
-                              [--mn-major restage,registers] [--json FILE]
+                              [--mn-major restage,registers,registers-ahead] [--json FILE]
 
 Also the host's time per kernels.matmul TF32 call (launches queued without a sync): where it reaches the GPU's,
 the product is launch-bound (run 7: dG^T @ x restaged in 16 chunks of 3 launches each).
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restage-chunks", default="", help="values of kernels.matmul.RESTAGE_CHUNKS to run, e.g. 16,2 "
                     "(default: the module's)")
     ap.add_argument("--mn-major", default="restage", help="kernels.matmul.MN_MAJOR_LOADS values to run: restage, "
-                    "registers (v0.46: the product alone, tiles through registers), or both")
+                    "registers, registers-ahead (v0.46: the product alone, tiles through registers)")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     import torch
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32, "
           "kernels.matmul on row-scaled float16; /N: MN-major operands restaged in N chunks, reg: loaded through "
-          "registers (v0.46)")
+          "registers, ahd: a step ahead (v0.46)")
     modes = [(mn, c) for mn in a.mn_major.split(",")
              for c in (([int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS])
                        if mn == "restage" else [0])]
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in measure(h, a.seq * b):
             r["mn_major_loads"], r["restage_chunks"] = mn, chunks or None
             rows.append(r)
-            tag = f"/{chunks}" if chunks else "reg"
+            tag = f"/{chunks}" if chunks else "reg" if mn == "registers" else "ahd"
             print(f"{tag:<3} H={h:<5} B={b:<4} {r['gemm']:11} [{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
                   + "  ".join(f"{r[k + '_tflops']:6.1f} ({r[k + '_ms']:.3f})"
                               for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half") if k + "_ms" in r)

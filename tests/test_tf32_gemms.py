@@ -36,12 +36,13 @@ def test_matmul_compiles_for_sm90_onto_warpgroup_mma(tmp_path):
     proc = run_python("-m", "tritonlstm.compilecheck", "--matmul", "--json", str(out), timeout=600)
     rows = json.loads(out.read_text())
     gemms, (copy, half) = rows[:-2], rows[-2:]
-    assert proc.returncode == 0 and len(gemms) == 18, proc.stdout + proc.stderr[-2000:]
+    assert proc.returncode == 0 and len(gemms) == 21, proc.stdout + proc.stderr[-2000:]
     assert all(r["error"] is None and r["spill_bytes"] == 0 and r["wgmma"] for r in gemms), gemms
     for r in gemms:
-        assert (r["narrow_copies"] == 0) == (r["layout"] in ("x @ W^T", "restaged", "half", "dG^T @ x registers")), r
+        k_major = r["layout"] in ("x @ W^T", "restaged", "half") or "registers" in r["layout"]
+        assert (r["narrow_copies"] == 0) == k_major, r
         # v0.46: the MN-major tiles through registers, loaded 16 bytes wide (the copies' layouts: C's loads only)
-        assert r["layout"] != "dG^T @ x registers" or r["wide_loads"] >= 8, r
+        assert "registers" not in r["layout"] or r["wide_loads"] >= 8, r
         assert r["layout"] not in ("x @ W^T", "dG @ W", "dG^T @ x", "half") or r["wide_loads"] == 0, r
         assert r["tiles"]["BK"] == (64 if r["layout"] == "half" else 32), r
     assert copy["layout"] == "restage" and copy["spill_bytes"] == 0, copy
@@ -72,21 +73,24 @@ def test_matmul_restages_gathered_operands_k_major_in_chunks(monkeypatch, layout
     assert restaged == want
 
 
-def test_matmul_with_mn_major_loads_through_registers_launches_the_product_alone(monkeypatch):
-    """v0.46 (MN_MAJOR_LOADS = "registers"): MN-major operands go to the GEMM as they are, one launch with
-    num_stages=1, nothing restaged; the same product. An unknown setting is refused by name."""
+@pytest.mark.parametrize("loads", ["registers", "registers-ahead"])
+def test_matmul_with_mn_major_loads_through_registers_launches_the_product_alone(monkeypatch, loads):
+    """v0.46 (MN_MAJOR_LOADS = "registers", "registers-ahead"): MN-major operands go to the GEMM as they are, one
+    launch with num_stages=1 (AHEAD: each step's loads issued before the previous step's dot), nothing restaged;
+    the same product, K = 300 not a multiple of BK. An unknown setting is refused by name."""
     monkeypatch.setattr(mm, "RESTAGE_MIN_FLOPS", 0)
-    monkeypatch.setattr(mm, "MN_MAJOR_LOADS", "registers")
+    monkeypatch.setattr(mm, "MN_MAJOR_LOADS", loads)
     restaged, launched = [], []
     monkeypatch.setattr(mm, "_restage", lambda x, y: restaged.append(x.shape))
     real = mm.launch_or_compile
-    monkeypatch.setattr(mm, "launch_or_compile", lambda *a, **k: launched.append(k["num_stages"]) or real(*a, **k))
+    monkeypatch.setattr(mm, "launch_or_compile",
+                        lambda *a, **k: launched.append((k["num_stages"], k["AHEAD"])) or real(*a, **k))
     g = torch.Generator().manual_seed(9)
     a, b = torch.randn(300, 40, generator=g).t(), torch.randn(300, 24, generator=g)  # dG^T @ x's layouts
     torch.testing.assert_close(mm.matmul(a, b), a @ b, rtol=1e-5, atol=1e-4)
-    assert restaged == [] and launched == [1]
+    assert restaged == [] and launched == [(1, loads == "registers-ahead")]
     monkeypatch.setattr(mm, "MN_MAJOR_LOADS", "gather")
-    with pytest.raises(ValueError, match="MN_MAJOR_LOADS: 'restage' or 'registers', got 'gather'"):
+    with pytest.raises(ValueError, match="MN_MAJOR_LOADS: 'restage', 'registers' or 'registers-ahead', got 'gather'"):
         mm.matmul(a, b)
 
 

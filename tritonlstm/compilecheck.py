@@ -355,7 +355,9 @@ MATMUL_LAYOUTS = {"x @ W^T": ("s_ak", "s_bk", "s_cn"), "dG @ W": ("s_ak", "s_bn"
                   # the row-scaled float16 operands (v0.43): both K-major, as half_rows_kernel writes them
                   "half": ("s_ak", "s_bk", "s_cn"),
                   # dG^T @ x without restaging, its tiles through registers (num_stages=1, MN_MAJOR_LOADS, v0.46)
-                  "dG^T @ x registers": ("s_am", "s_bn", "s_cn")}
+                  "dG^T @ x registers": ("s_am", "s_bn", "s_cn"),
+                  # the same with each step's loads issued a step ahead (AHEAD)
+                  "dG^T @ x registers-ahead": ("s_am", "s_bn", "s_cn")}
 
 
 def _copy_kernel_row(fn, layout: str, sig: dict, consts: dict, aligned: tuple[int, ...], wide_store: str) -> dict:
@@ -397,6 +399,7 @@ def check_matmul() -> list[dict]:
             tiles = mm._config(*shape, False, esize=2 if half else 4)
             sig = dict(base) | ({"A": "*fp16", "B": "*fp16"} if half else {})
             consts = dict(PRECISION="tf32", ACCUMULATE=layout == "restaged", SCALED=half,
+                          AHEAD=layout.endswith("registers-ahead"),
                           **{k: tiles[k] for k in ("BM", "BN", "BK", "GROUP_M")})
             for n in unit:
                 sig[n], consts[n] = "constexpr", 1
@@ -406,7 +409,7 @@ def check_matmul() -> list[dict]:
                 c = triton.compile(ASTSource(fn=mm.matmul_kernel, signature=sig, constexprs=consts, attrs=attrs),
                                    target=GPUTarget("cuda", 90, 32),
                                    options=dict(num_warps=tiles["num_warps"],
-                                                num_stages=1 if layout.endswith("registers") else tiles["num_stages"]))
+                                                num_stages=1 if "registers" in layout else tiles["num_stages"]))
                 row["shared"] = c.metadata.shared
                 row["registers"], row["spill_bytes"] = _ptxas_report(c.asm["ptx"])
                 row["wgmma"] = "wgmma.mma_async" in c.asm["ptx"]
