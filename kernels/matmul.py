@@ -116,11 +116,18 @@ def half_rows_kernel(X, Y, E, R, C, s_xr, s_xc, BR: tl.constexpr, BC: tl.constex
     tl.store(E + r, k, mask=m_r)
 
 
+# Tiles for every product where set (perf/gemm_probe.py --tiles: an A/B of tile shapes against cuBLAS), as
+# dict(BM=, BN=, BK=, num_warps=, num_stages=); None: _config's choice.
+TILES: dict | None = None
+
+
 def _config(M: int, N: int, interpreting: bool, esize: int = 4) -> dict:
     from tritonlstm.configs import cdiv
 
     if interpreting:
         return dict(BM=16, BN=16, BK=16, GROUP_M=4, num_warps=4, num_stages=1)
+    if TILES is not None:
+        return dict(GROUP_M=8, BK=128 // esize) | TILES
     # 128 x 128 tiles where they give an H100's 132 SMs about a wave, 128 x 64 where those do (a weight gradient
     # at H = 512: 64 tiles of 128 x 128 left half the SMs idle through K = T*B), 64 x 64 below that. K steps of
     # 128 bytes: 32 in float32, 64 on float16 operands.

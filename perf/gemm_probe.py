@@ -78,6 +78,17 @@ def measure(hidden: int, rows: int) -> list[dict]:
     return out
 
 
+def parse_tiles(text: str) -> dict:
+    """"128x256x32w8s4" -> dict(BM=128, BN=256, BK=32, num_warps=8, num_stages=4)."""
+    import re
+
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)", text)
+    if m is None:
+        raise SystemExit(f"perf/gemm_probe.py: --tiles wants BMxBNxBKwWARPSsSTAGES, e.g. 128x256x32w8s4, got {text!r}")
+    bm, bn, bk, w, st = map(int, m.groups())
+    return dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", default="512,1024")
@@ -87,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the module's)")
     ap.add_argument("--mn-major", default="restage", help="kernels.matmul.MN_MAJOR_LOADS values to run: restage, "
                     "registers, registers-ahead (v0.46: the product alone, tiles through registers)")
+    ap.add_argument("--tiles", default="", help="kernels.matmul tile shapes to run, BMxBNxBKwWARPSsSTAGES, e.g. "
+                    "128x128x32w8s3,128x256x32w8s4 (default: the module's choice per shape)")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     import torch
@@ -103,13 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     modes = [(mn, c) for mn in a.mn_major.split(",")
              for c in (([int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS])
                        if mn == "restage" else [0])]
-    cases = [(mn, c, int(h), int(b)) for mn, c in modes for h in a.hidden.split(",") for b in a.batch.split(",")]
-    for mn, chunks, h, b in cases:
-        mm.MN_MAJOR_LOADS, mm.RESTAGE_CHUNKS = mn, chunks or mm.RESTAGE_CHUNKS
+    tiles = [parse_tiles(t) for t in a.tiles.split(",") if t] or [None]
+    cases = [(mn, c, t, int(h), int(b)) for mn, c in modes for t in tiles for h in a.hidden.split(",")
+             for b in a.batch.split(",")]
+    for mn, chunks, t, h, b in cases:
+        mm.MN_MAJOR_LOADS, mm.RESTAGE_CHUNKS, mm.TILES = mn, chunks or mm.RESTAGE_CHUNKS, t
         for r in measure(h, a.seq * b):
-            r["mn_major_loads"], r["restage_chunks"] = mn, chunks or None
+            r["mn_major_loads"], r["restage_chunks"], r["tiles"] = mn, chunks or None, t
             rows.append(r)
-            tag = f"/{chunks}" if chunks else "reg" if mn == "registers" else "ahd"
+            tag = (f"/{chunks}" if chunks else "reg" if mn == "registers" else "ahd") + (
+                "" if t is None else f" {t['BM']}x{t['BN']}x{t['BK']}w{t['num_warps']}s{t['num_stages']}")
             print(f"{tag:<3} H={h:<5} B={b:<4} {r['gemm']:11} [{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
                   + "  ".join(f"{r[k + '_tflops']:6.1f} ({r[k + '_ms']:.3f})"
                               for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half") if k + "_ms" in r)

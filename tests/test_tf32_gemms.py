@@ -300,3 +300,12 @@ def test_matmul_under_compile_only_launches_nothing(monkeypatch):
     with kernels.compile_only():
         mm.matmul(torch.ones(4, 3), torch.ones(3, 2))
     assert launched == ["warmup"]
+
+
+def test_probe_tiles_reach_every_product(monkeypatch):
+    """kernels.matmul.TILES (perf/gemm_probe.py --tiles) replaces _config's choice on the GPU, BK from the operand
+    width unless given; the interpreter keeps its own small tiles."""
+    monkeypatch.setattr(mm, "TILES", dict(BM=128, BN=256, num_warps=8, num_stages=4))
+    assert mm._config(4096, 4096, False) == dict(BM=128, BN=256, BK=32, GROUP_M=8, num_warps=8, num_stages=4)
+    assert mm._config(4096, 4096, False, esize=2)["BK"] == 64
+    assert mm._config(4096, 4096, True)["BM"] == 16
