@@ -35,7 +35,7 @@ def test_matmul_compiles_for_sm90_onto_warpgroup_mma(tmp_path):
     out = tmp_path / "mm.json"
     proc = run_python("-m", "tritonlstm.compilecheck", "--matmul", "--json", str(out), timeout=600)
     rows = json.loads(out.read_text())
-    gemms, (copy, half) = rows[:-2], rows[-2:]
+    gemms, (copy, pair, half) = rows[:-3], rows[-3:]
     assert proc.returncode == 0 and len(gemms) == 21, proc.stdout + proc.stderr[-2000:]
     assert all(r["error"] is None and r["spill_bytes"] == 0 and r["wgmma"] for r in gemms), gemms
     for r in gemms:
@@ -47,6 +47,9 @@ def test_matmul_compiles_for_sm90_onto_warpgroup_mma(tmp_path):
         assert r["tiles"]["BK"] == (64 if r["layout"] == "half" else 32), r
     assert copy["layout"] == "restage" and copy["spill_bytes"] == 0, copy
     assert copy["wide_loads"] > 0 and copy["wide_stores"] > 0 and copy["narrow_loads"] == 0, copy
+    assert pair["layout"] == "restage pair" and pair["spill_bytes"] == 0, pair
+    assert pair["wide_loads"] >= 2 * copy["wide_loads"] and pair["wide_stores"] >= 2 * copy["wide_stores"], pair
+    assert pair["narrow_loads"] == 0, pair
     assert half["layout"] == "half rows" and half["spill_bytes"] == 0, half
     assert half["wide_loads"] > 0 and half["wide_stores"] > 0 and half["narrow_loads"] == 0, half
 
@@ -59,9 +62,12 @@ def test_matmul_restages_gathered_operands_k_major_in_chunks(monkeypatch, layout
     monkeypatch.setattr(mm, "RESTAGE_MIN_FLOPS", 0)
     monkeypatch.setattr(mm, "RESTAGE_WHOLE_BYTES", 0)
     monkeypatch.setattr(mm, "RESTAGE_MIN_BYTES", 0)
-    restaged = []
-    real = mm._restage
-    monkeypatch.setattr(mm, "_restage", lambda x, y: restaged.append(tuple(x.shape)) or real(x, y))
+    restaged, launches = [], []
+    real, real_pair = mm._restage, mm._restage_pair
+    monkeypatch.setattr(mm, "_restage",
+                        lambda x, y: launches.append(1) or restaged.append(tuple(x.shape)) or real(x, y))
+    monkeypatch.setattr(mm, "_restage_pair", lambda x1, y1, x2, y2: launches.append(2) or restaged.extend(
+        [tuple(x1.shape), tuple(x2.shape)]) or real_pair(x1, y1, x2, y2))
     M, K, N = 40, 300, 24
     g = torch.Generator().manual_seed(7)
     a = torch.randn(K, M, generator=g).t() if layout in ("a M-major", "both") else torch.randn(M, K, generator=g)
@@ -71,6 +77,8 @@ def test_matmul_restages_gathered_operands_k_major_in_chunks(monkeypatch, layout
     want = {"a M-major": [(M, k) for k in chunks], "b N-major": [(k, N) for k in chunks],
             "both": [s for k in chunks for s in ((M, k), (k, N))], "K-major": []}[layout]
     assert restaged == want
+    # Both operands of a chunk in one launch (session 18: the host's launches bounded the weight gradients).
+    assert launches == {"both": [2] * len(chunks), "K-major": []}.get(layout, [1] * len(chunks))
 
 
 @pytest.mark.parametrize("loads", ["registers", "registers-ahead"])
@@ -82,6 +90,7 @@ def test_matmul_with_mn_major_loads_through_registers_launches_the_product_alone
     monkeypatch.setattr(mm, "MN_MAJOR_LOADS", loads)
     restaged, launched = [], []
     monkeypatch.setattr(mm, "_restage", lambda x, y: restaged.append(x.shape))
+    monkeypatch.setattr(mm, "_restage_pair", lambda *a: restaged.append(a[0].shape))
     real = mm.launch_or_compile
     monkeypatch.setattr(mm, "launch_or_compile",
                         lambda *a, **k: launched.append((k["num_stages"], k["AHEAD"])) or real(*a, **k))

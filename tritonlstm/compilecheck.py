@@ -424,6 +424,13 @@ def check_matmul() -> list[dict]:
     rows.append(_copy_kernel_row(mm.restage_kernel, "restage", {
         "X": "*fp32", "Y": "*fp32", "R": "i32", "C": "i32", "s_xr": "constexpr", "s_xc": "i32", "s_yr": "i32",
         "s_yc": "constexpr"}, dict(s_xr=1, s_yc=1, BR=64, BC=64), (0, 1, 2, 3, 5, 6), r"v4"))
+    # Both operands of a weight gradient's chunk in one launch: dG^T's M-major chunk and x's N-major one, each
+    # branch 16 bytes wide both sides.
+    rows.append(_copy_kernel_row(mm.restage_pair_kernel, "restage pair", {
+        "X1": "*fp32", "Y1": "*fp32", "R1": "i32", "C1": "i32", "s_x1r": "constexpr", "s_x1c": "i32", "s_y1r": "i32",
+        "s_y1c": "constexpr", "X2": "*fp32", "Y2": "*fp32", "R2": "i32", "C2": "i32", "s_x2r": "i32",
+        "s_x2c": "constexpr", "s_y2r": "constexpr", "s_y2c": "i32"},
+        dict(s_x1r=1, s_y1c=1, s_x2c=1, s_y2r=1, BR=64, BC=64), (0, 1, 2, 3, 5, 6, 8, 9, 10, 11, 12, 15), r"v4"))
     # The float16 rows of a K-major float32 operand (x, dG): 16-byte loads, stores of 8 bytes or more.
     rows.append(_copy_kernel_row(mm.half_rows_kernel, "half rows", {
         "X": "*fp32", "Y": "*fp16", "E": "*i32", "R": "i32", "C": "i32", "s_xr": "i32", "s_xc": "constexpr"},
@@ -459,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = check_matmul()
         for r in rows:
             t = r["tiles"]
-            if r["layout"] in ("restage", "half rows"):
+            if r["layout"] in ("restage", "restage pair", "half rows"):
                 print(f"{r['layout']} {t['BM']}x{t['BN']} warps={t['num_warps']} shared={r['shared']} 16-byte loads "
                       f"{r['wide_loads']} stores {r['wide_stores']}, 4-byte loads {r['narrow_loads']}")
                 continue
