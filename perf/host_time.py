@@ -71,9 +71,14 @@ def _launch_onto_nothing():
     launch_onto_nothing(count)
 
     class Props:
-        multi_processor_count, name = 132, H100
+        multi_processor_count, name, major, minor = 132, H100, 9, 0  # clusters launch on sm_90 (shipped configs)
 
     torch.cuda.get_device_properties = lambda device=None: Props()  # kernels.reduce sizes its grid by the SMs
+
+    class Stream:
+        cuda_stream = 0
+
+    torch.cuda.current_stream = lambda device=None: Stream()  # a cluster launch hands Triton's launcher the stream
     configs.device_limits = lambda device: (132, configs.SM90_SHARED)
     tuning.lookup = lambda kernel, hidden, batch, dtype, directions, device: tuning.lookup_in(
         H100, tuning.config_key(kernel, dtype, hidden, batch, directions))[0]
