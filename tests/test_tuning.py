@@ -178,7 +178,7 @@ def test_cluster_variants_only_at_cluster_sizes_the_launcher_can_launch():
     assert {16, 8} <= sizes and not sizes & set(range(9, 16))
 
 
-def test_a_resident_w_whose_block_k_misses_part_of_h_is_refused_at_launch():
+def test_a_resident_w_whose_block_k_misses_part_of_h_is_refused_at_launch(monkeypatch):
     """Run 7: the tuner ran a forward on a backward key's grid_2d default (fp32 H = 512 B = 256: W resident, block_k
     64, which the 2-D grid reads as its unit block). The forward read W's first 64 columns of 512 and stored wrong
     gates, so every candidate of that key "failed" against the reference. The same from any config that keeps W
@@ -209,6 +209,12 @@ def test_a_resident_w_whose_block_k_misses_part_of_h_is_refused_at_launch():
             launch(short)
     with pytest.raises(ValueError, match="block_k must be >= H = 128"):  # the tuner's problem, as run 7 built it
         tuning.make_problem("bwd", torch.float32, H, B, T, device="cpu", base=configs.grid_2d_config(H, 64, 4, 132))
+    # A cache holding such a config for the key (hand-edited): ignored with a warning, never a failed forward.
+    key = tuning.config_key("fwd", torch.float32, H, B, 1)
+    tuning.write_configs(tuning.cache_path(GPU), GPU, {key: short})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: GPU)
+    with pytest.warns(RuntimeWarning, match="w_resident with block_k=64 < H=128"):
+        assert tuning.lookup("fwd", H, B, torch.float32, 1, torch.device("cpu")) is None
 
 
 def test_config_refuses_what_the_kernels_cannot_run():

@@ -184,7 +184,11 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
     With TRITONLSTM_AUTOTUNE=1 a miss is tuned on the spot and cached."""
     gpu = torch.cuda.get_device_name(device)
     key = config_key(kernel, dtype, hidden, batch, directions)
-    found, _ = lookup_in(gpu, key)
+    found, source = lookup_in(gpu, key)
+    if found is not None and found.w_resident and not found.grid_2d and found.block_k < hidden:
+        # A hand-edited or foreign file: the launchers refuse it (W resident in one K chunk), so the heuristic runs.
+        _warn_once(Path(f"{source}:{key}"), f"w_resident with block_k={found.block_k} < H={hidden}")
+        found = None
     if found is None and os.environ.get("TRITONLSTM_AUTOTUNE", "0") not in ("", "0"):
         found = tune_key(kernel, dtype, hidden, batch_bucket(batch), directions, seq=64, device=device).best
         write_configs(cache_path(gpu), gpu, {key: found})
