@@ -64,6 +64,7 @@ CASES = [
     ("transposed", "wide", 64, 40),
     ("transposed", "grid-2d", 64, 40),
     ("transposed-streamed-bb128", "unsplit-w4", 64, 130),
+    ("cluster-bh64", "unsplit", 128, 5),
 ]
 
 

@@ -749,7 +749,7 @@ VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8
             "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d",
             "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64", "split-half", "no-prefetch",
             "transposed-half", "transposed-streamed-half", "transposed-streamed-bb128-half", "cluster",
-            "transposed-cluster", "transposed-streamed-bb128", "transposed-dsmem")
+            "transposed-cluster", "transposed-streamed-bb128", "transposed-dsmem", "cluster-bh64")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -807,6 +807,9 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    transposed tiles with it (BH = 16 up to H = 256; the forward at H = 512 with BH = 32)
       transposed-dsmem  the forward's transposed-cluster in 16-bit with h_{t-1} through distributed shared memory
                    (exchange "dsmem", v0.39), where h's tile is one K chunk and each program owns one batch tile
+      cluster-bh64 single-layer forward, B <= 32: the unsplit tiles with 64 units a program (W resident where 4 x 64
+                   rows of it fit 128 KB: 16-bit H <= 256) and the cluster barrier, a quarter of the 16-row tiles'
+                   programs to meet at each step (session 18)
 
     The stacks' wavefront kernels (layers > 1): "unsplit" is the heuristic's pick (heuristic_config /
     stack_backward_config), the others as above where they apply (no merged, no tagged; transposed for the forward
@@ -900,6 +903,10 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         for name, tiles in (("cluster", unsplit), ("transposed-cluster", transposed)):
             if tiles is not None and tiles.persistent and not tiles.grid_2d and cluster_size_ok(cdiv(H, tiles.block_h)):
                 out[name] = dataclasses.replace(tiles, exchange="cluster")
+        if kernel == "fwd" and unsplit.persistent and unsplit.w_resident and not unsplit.grid_2d and H > 64 \
+                and 4 * 64 * hk * esize <= _W_BUDGET and B <= 32:
+            # 64 units a program: 4 programs at H = 256 meet at the cluster barrier (session 18, for fp16 B = 16).
+            out["cluster-bh64"] = dataclasses.replace(regroup(unsplit, block_h=64, num_warps=8), exchange="cluster")
         if kernel == "fwd" and "transposed-cluster" in out and H % 16 == 0:
             from tritonlstm.kernels.lstm import dsmem_applies  # (kernels import this module)
 

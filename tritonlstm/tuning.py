@@ -206,7 +206,7 @@ QUICK_VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "merged", "transpo
                   "transposed-flags", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64",
                   "grid-2d-half", "grid-2d-half-bb64", "split-half", "no-prefetch", "cluster", "transposed-cluster",
                   "transposed-streamed-bb128", "transposed-half", "transposed-streamed-half",
-                  "transposed-streamed-bb128-half", "transposed-dsmem")
+                  "transposed-streamed-bb128-half", "transposed-dsmem", "cluster-bh64")
 
 
 def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
