@@ -230,9 +230,8 @@ _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tritonl
 
 def for_kernel(config: LSTMConfig, kernel: str) -> LSTMConfig:
     """`config` as `kernel` runs it: grid_2d is the single-layer backward's layout alone, and every other kernel
-    runs the config's tiles without it. Counting a grid_2d config's NB^2 * Q programs, a persistent forward launched
-    more programs than its tiles and they overlapped: wrong gates (run 7's tuner ran a forward on a backward key's
-    default)."""
+    runs the config's tiles without it (its programs counted as the tiles', not as the 2-D grid's NB^2 * Q; where
+    its block_k, the grid's unit block, is below H with W resident, the launchers refuse it)."""
     return dataclasses.replace(config, grid_2d=False) if config.grid_2d and kernel != "bwd" else config
 
 

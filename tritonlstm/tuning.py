@@ -463,8 +463,8 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     H, B, T, D = hidden, batch, seq, directions
     default = device_heuristic(H, B, dtype, device, kernel, directions=D)
     # A backward key's saved gates come from the forward's own heuristic pick (make_problem's base=None): run 7
-    # ran them on the backward's default, a grid_2d config whose programs the forward then miscounted (fixed:
-    # configs.for_kernel), and every candidate "failed" at fp32 H 512 B 256.
+    # ran them on the backward's default, a grid_2d config (W resident, block_k its unit block, below H) of which
+    # the forward read W's first block_k columns alone, and every candidate "failed" at fp32 H 512 B 256.
     problem = make_problem(kernel, dtype, H, B, T, directions=D, device=device)
     run = problem.launch
 
