@@ -29,12 +29,21 @@ from tritonlstm.kernels.lstm import _exp2_bits, _half_exp, launch_or_compile
 
 
 @triton.jit
-def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, k_split, s_cz,
                   PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, SCALED: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                  AHEAD: tl.constexpr = False):
+                  AHEAD: tl.constexpr = False, SPLIT: tl.constexpr = False):
     # SCALED: A's rows and B's columns were scaled by 2^EA[m] and 2^EB[n] (half_rows_kernel); C gets them back.
     # Tiles of GROUP_M rows of C share their B columns in L2 before the next group starts.
+    # SPLIT: program_id(1) takes K's k_split-long part z into C's slice z (C + z * s_cz), the slices summed after.
+    if SPLIT:
+        z = tl.program_id(1)
+        k_lo = z * k_split
+        k_hi = tl.minimum(K, k_lo + k_split)
+        C += z.to(tl.int64) * s_cz
+    else:
+        k_lo = 0
+        k_hi = K
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     group = pid // (GROUP_M * grid_n)
@@ -52,20 +61,20 @@ def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
     if AHEAD:
         # Unpipelined launches (num_stages=1: MN-major tiles through registers, MN_MAJOR_LOADS): each step's loads
         # are issued before the previous step's dot, so their latency runs under it. The last step's are masked off.
-        kk = rk.to(tl.int64)
-        a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        for k0 in range(BK, K + BK, BK):
+        kk = (k_lo + rk).to(tl.int64)
+        a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
+        b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
+        for k0 in range(k_lo + BK, k_hi + BK, BK):
             kk = (k0 + rk).to(tl.int64)
-            a_next = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            b_next = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            a_next = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
+            b_next = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a, b = a_next, b_next
     else:
-        for k0 in range(0, K, BK):
+        for k0 in range(k_lo, k_hi, BK):
             kk = (k0 + rk).to(tl.int64)
-            a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
+            b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if SCALED:
         # In two halves of the exponent, so that no partial scale leaves float32's normal range where C does not.
@@ -179,6 +188,10 @@ RESTAGE_MIN_BYTES = 32 * 2 ** 20
 # gemm probe's --mn-major A/B decides); "registers-ahead" issues each step's loads before the previous step's dot
 # (matmul_kernel's AHEAD).
 MN_MAJOR_LOADS = "restage"
+# With "registers": K split this many ways over more programs (a weight gradient's [4H, H] product has 64-256 tiles,
+# about one a SM, and unpipelined loads need other blocks to hide them), each part into its own slice of a
+# [splits, M, N] buffer, summed after (not atomics: the same sum every run). 1: no split.
+MN_MAJOR_SPLIT_K = 1
 # The float16 path (half=True) from this many flops: below, its two conversions cost more than the product saves.
 HALF_MIN_FLOPS = 2 ** 33
 
@@ -225,7 +238,8 @@ def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk:
         c = out[m0:m0 + n]
         cfg = _config(n, N, interpreting(), esize=2)
         grid = (cdiv(n, cfg["BM"]) * cdiv(N, cfg["BN"]),)
-        launch_or_compile(matmul_kernel, grid, (stage, bt, c, ea, eb, n, N, K, K, 1, 1, K, c.stride(0), c.stride(1)),
+        launch_or_compile(matmul_kernel, grid,
+                          (stage, bt, c, ea, eb, n, N, K, K, 1, 1, K, c.stride(0), c.stride(1), K, 0),
                           PRECISION="tf32", ACCUMULATE=False, SCALED=True, **cfg)
 
 
@@ -277,7 +291,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
 
     def launch(a, b, accumulate, **meta):
         args = (a, b, out, out, out, M, N, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                out.stride(0), out.stride(1))
+                out.stride(0), out.stride(1), a.shape[1], 0)
         launch_or_compile(matmul_kernel, grid, args, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False,
                           **(cfg | meta))
 
@@ -286,7 +300,20 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
         launch(a, b, False)
         return out
     if MN_MAJOR_LOADS in ("registers", "registers-ahead"):
-        launch(a, b, False, num_stages=1, AHEAD=MN_MAJOR_LOADS == "registers-ahead")
+        ahead = MN_MAJOR_LOADS == "registers-ahead"
+        splits = min(MN_MAJOR_SPLIT_K, cdiv(K, cfg["BK"]))
+        if splits <= 1:
+            launch(a, b, False, num_stages=1, AHEAD=ahead)
+            return out
+        # K in `splits` parts, each program's partial product into its own slice, summed in a fixed order after.
+        k_split = cdiv(cdiv(K, splits), cfg["BK"]) * cfg["BK"]
+        parts = torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
+        launch_or_compile(matmul_kernel, (grid[0], cdiv(K, k_split)),
+                          (a, b, parts, parts, parts, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                           N, 1, k_split, M * N),
+                          PRECISION=precision, ACCUMULATE=False, SCALED=False, AHEAD=ahead, SPLIT=True,
+                          **(cfg | dict(num_stages=1)))
+        torch.sum(parts[:cdiv(K, k_split)], dim=0, out=out)
         return out
     if MN_MAJOR_LOADS != "restage":
         raise ValueError(f"kernels.matmul.MN_MAJOR_LOADS: 'restage', 'registers' or 'registers-ahead', got "

@@ -6,7 +6,8 @@ first two also on row-scaled float16 operands (kernels.matmul half=True, v0.43; 
 in row chunks, as the layer does).
 
     python perf/gemm_probe.py [--hidden 512,1024] [--batch 64,256] [--seq 256] [--restage-chunks 16,2]
-                              [--mn-major restage,registers,registers-ahead] [--json FILE]
+                              [--mn-major restage,registers,registers-ahead] [--split-k 1,4]
+                              [--tiles 128x256x32w8s4,...] [--json FILE]
 
 Also the host's time per kernels.matmul TF32 call (launches queued without a sync): where it reaches the GPU's,
 the product is launch-bound (run 7: dG^T @ x restaged in 16 chunks of 3 launches each).
@@ -78,6 +79,16 @@ def measure(hidden: int, rows: int) -> list[dict]:
     return out
 
 
+def mode_tag(mn_major: str, chunks: int, split: int, tiles: dict | None) -> str:
+    """"/16" (restaged in 16 chunks), "reg" / "ahd" (through registers, loads a step ahead) with "k4" (K split 4
+    ways), then the tiles where set."""
+    tag = f"/{chunks}" if mn_major == "restage" else ("reg" if mn_major == "registers" else "ahd")
+    tag += f"k{split}" if split > 1 else ""
+    if tiles is not None:
+        tag += f" {tiles['BM']}x{tiles['BN']}x{tiles['BK']}w{tiles['num_warps']}s{tiles['num_stages']}"
+    return tag
+
+
 def parse_tiles(text: str) -> dict:
     """"128x256x32w8s4" -> dict(BM=128, BN=256, BK=32, num_warps=8, num_stages=4)."""
     import re
@@ -98,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: the module's)")
     ap.add_argument("--mn-major", default="restage", help="kernels.matmul.MN_MAJOR_LOADS values to run: restage, "
                     "registers, registers-ahead (v0.46: the product alone, tiles through registers)")
+    ap.add_argument("--split-k", default="1", help="kernels.matmul.MN_MAJOR_SPLIT_K values for the registers modes, "
+                    "e.g. 1,4")
     ap.add_argument("--tiles", default="", help="kernels.matmul tile shapes to run, BMxBNxBKwWARPSsSTAGES, e.g. "
                     "128x128x32w8s3,128x256x32w8s4 (default: the module's choice per shape)")
     ap.add_argument("--json", help="write the rows here")
@@ -112,21 +125,23 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32, "
           "kernels.matmul on row-scaled float16; /N: MN-major operands restaged in N chunks, reg: loaded through "
-          "registers, ahd: a step ahead (v0.46)")
-    modes = [(mn, c) for mn in a.mn_major.split(",")
-             for c in (([int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS])
-                       if mn == "restage" else [0])]
+          "registers, ahd: a step ahead, kS: K split S ways (v0.46)")
+    chunk_counts = [int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS]
+    splits = [int(v) for v in a.split_k.split(",") if v] or [1]
+    # (MN_MAJOR_LOADS, RESTAGE_CHUNKS or 0, MN_MAJOR_SPLIT_K)
+    modes = [(mn, c, 1) for mn in a.mn_major.split(",") if mn == "restage" for c in chunk_counts] + \
+        [(mn, 0, k) for mn in a.mn_major.split(",") if mn != "restage" for k in splits]
     tiles = [parse_tiles(t) for t in a.tiles.split(",") if t] or [None]
-    cases = [(mn, c, t, int(h), int(b)) for mn, c in modes for t in tiles for h in a.hidden.split(",")
+    cases = [(mn, c, k, t, int(h), int(b)) for mn, c, k in modes for t in tiles for h in a.hidden.split(",")
              for b in a.batch.split(",")]
-    for mn, chunks, t, h, b in cases:
-        mm.MN_MAJOR_LOADS, mm.RESTAGE_CHUNKS, mm.TILES = mn, chunks or mm.RESTAGE_CHUNKS, t
+    for mn, chunks, split, t, h, b in cases:
+        mm.MN_MAJOR_LOADS, mm.MN_MAJOR_SPLIT_K, mm.TILES = mn, split, t
+        mm.RESTAGE_CHUNKS = chunks or mm.RESTAGE_CHUNKS
         for r in measure(h, a.seq * b):
-            r["mn_major_loads"], r["restage_chunks"], r["tiles"] = mn, chunks or None, t
+            r["mn_major_loads"], r["restage_chunks"], r["split_k"], r["tiles"] = mn, chunks or None, split, t
             rows.append(r)
-            tag = (f"/{chunks}" if chunks else "reg" if mn == "registers" else "ahd") + (
-                "" if t is None else f" {t['BM']}x{t['BN']}x{t['BK']}w{t['num_warps']}s{t['num_stages']}")
-            print(f"{tag:<3} H={h:<5} B={b:<4} {r['gemm']:11} [{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
+            print(f"{mode_tag(mn, chunks, split, t):<3} H={h:<5} B={b:<4} {r['gemm']:11} "
+                  f"[{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
                   + "  ".join(f"{r[k + '_tflops']:6.1f} ({r[k + '_ms']:.3f})"
                               for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half") if k + "_ms" in r)
                   + f"  host {r['host_ms']:.3f} ms  rel err {r['rel_err_vs_fp32']:.1e}"

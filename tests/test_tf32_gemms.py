@@ -36,7 +36,7 @@ def test_matmul_compiles_for_sm90_onto_warpgroup_mma(tmp_path):
     proc = run_python("-m", "tritonlstm.compilecheck", "--matmul", "--json", str(out), timeout=600)
     rows = json.loads(out.read_text())
     gemms, (copy, pair, half) = rows[:-3], rows[-3:]
-    assert proc.returncode == 0 and len(gemms) == 21, proc.stdout + proc.stderr[-2000:]
+    assert proc.returncode == 0 and len(gemms) == 24, proc.stdout + proc.stderr[-2000:]
     assert all(r["error"] is None and r["spill_bytes"] == 0 and r["wgmma"] for r in gemms), gemms
     for r in gemms:
         k_major = r["layout"] in ("x @ W^T", "restaged", "half") or "registers" in r["layout"]
@@ -79,6 +79,27 @@ def test_matmul_restages_gathered_operands_k_major_in_chunks(monkeypatch, layout
     assert restaged == want
     # Both operands of a chunk in one launch (session 18: the host's launches bounded the weight gradients).
     assert launches == {"both": [2] * len(chunks), "K-major": []}.get(layout, [1] * len(chunks))
+
+
+@pytest.mark.parametrize("splits", [3, 40], ids=["split3", "split-past-K"])
+def test_matmul_through_registers_with_k_split_sums_its_parts(monkeypatch, splits):
+    """MN_MAJOR_SPLIT_K: K = 300 over 3 programs (parts of 112, the last 76), or asked for more parts (40) than K
+    has BK steps (19 of 16, one step each), each into its own slice, summed after: the same product as unsplit.
+    The interpreter's 16 x 16 tiles: 6 of them along the grid's first axis."""
+    monkeypatch.setattr(mm, "RESTAGE_MIN_FLOPS", 0)
+    monkeypatch.setattr(mm, "MN_MAJOR_LOADS", "registers-ahead")
+    g = torch.Generator().manual_seed(10)
+    a, b = torch.randn(300, 40, generator=g).t(), torch.randn(300, 24, generator=g)
+    whole = mm.matmul(a, b)
+    monkeypatch.setattr(mm, "MN_MAJOR_SPLIT_K", splits)
+    launched = []
+    real = mm.launch_or_compile
+    monkeypatch.setattr(mm, "launch_or_compile", lambda kernel, grid, *a, **k: launched.append(grid) or real(
+        kernel, grid, *a, **k))
+    split = mm.matmul(a, b)
+    torch.testing.assert_close(split, a @ b, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-4)
+    assert launched == [(6, 3 if splits == 3 else 19)], launched
 
 
 @pytest.mark.parametrize("loads", ["registers", "registers-ahead"])
