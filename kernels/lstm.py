@@ -1696,7 +1696,7 @@ def _half_w(config, dtype: torch.dtype, backward: bool = False) -> bool:
 def _check_tiles(config, H: int) -> None:
     """W resident means one K chunk: the kernels read a resident W's [.., BK] tile once, and a block_k below H left
     the rest of K out, silently (a grid_2d config's block_k is its unit block, not a K chunk)."""
-    if config.w_resident and not config.grid_2d and config.block_k < H:
+    if not config.covers_k(H):
         raise ValueError(f"config: w_resident=True holds W in one K chunk, so block_k must be >= H = {H}, got "
                          f"block_k={config.block_k} ({config})")
 

@@ -17,8 +17,8 @@ A product can also run on float16 operands at twice the rate (`half=True`, v0.43
 B scaled by its own power of two into float16's range (`half_rows_kernel`), which keeps what TF32 keeps (11
 significant bits) and loses only values 2^29 below their row's largest; the product scaled back exactly in the
 epilogue, since a row's (a column's) scale is one factor of every term of its outputs. The input projection
-x @ W_ih^T and the input gradient dG @ W_ih take it; not a weight gradient, whose rows would need a scale per step
-of K (time and batch).
+x @ W_ih^T takes it (the input gradient dG @ W_ih did, and lost at every shape of run 7); not a weight gradient,
+whose rows would need a scale per step of K (time and batch).
 """
 
 import torch
@@ -289,11 +289,14 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
     cfg = _config(M, N, interpreting())
     grid = (cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]),)
 
-    def launch(a, b, accumulate, **meta):
-        args = (a, b, out, out, out, M, N, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                out.stride(0), out.stride(1), a.shape[1], 0)
-        launch_or_compile(matmul_kernel, grid, args, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False,
-                          **(cfg | meta))
+    def launch(a, b, accumulate, c=out, k_split=None, **meta):
+        # k_split: K in parts of k_split along the grid's second axis, part z into c[z] (matmul_kernel's SPLIT).
+        k = a.shape[1]
+        split = k_split is not None
+        args = (a, b, c, c, c, M, N, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                c.stride(-2), c.stride(-1), k_split if split else k, c.stride(0) if split else 0)
+        launch_or_compile(matmul_kernel, (grid[0], cdiv(k, k_split)) if split else grid, args, PRECISION=precision,
+                          ACCUMULATE=accumulate, SCALED=False, SPLIT=split, **(cfg | meta))
 
     restage_a, restage_b = a.stride(1) != 1 and K > 1, b.stride(0) != 1 and K > 1
     if precision != "tf32" or not (restage_a or restage_b) or 2 * M * N * K < RESTAGE_MIN_FLOPS:
@@ -307,13 +310,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
             return out
         # K in `splits` parts, each program's partial product into its own slice, summed in a fixed order after.
         k_split = cdiv(cdiv(K, splits), cfg["BK"]) * cfg["BK"]
-        parts = torch.empty((splits, M, N), dtype=torch.float32, device=a.device)
-        launch_or_compile(matmul_kernel, (grid[0], cdiv(K, k_split)),
-                          (a, b, parts, parts, parts, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                           N, 1, k_split, M * N),
-                          PRECISION=precision, ACCUMULATE=False, SCALED=False, AHEAD=ahead, SPLIT=True,
-                          **(cfg | dict(num_stages=1)))
-        torch.sum(parts[:cdiv(K, k_split)], dim=0, out=out)
+        parts = torch.empty((cdiv(K, k_split), M, N), dtype=torch.float32, device=a.device)
+        launch(a, b, False, c=parts, k_split=k_split, num_stages=1, AHEAD=ahead)
+        torch.sum(parts, dim=0, out=out)
         return out
     if MN_MAJOR_LOADS != "restage":
         raise ValueError(f"kernels.matmul.MN_MAJOR_LOADS: 'restage', 'registers' or 'registers-ahead', got "

@@ -165,6 +165,11 @@ class LSTMConfig:
         return (self.prefetch and self.persistent and not self.tagged and not self.grid_2d and hidden % 16 == 0
                 and cdiv(batch, self.block_b) <= self.batch_groups)
 
+    def covers_k(self, hidden: int) -> bool:
+        """Whether the kernels read all of W's K: a resident W is read as one [.., block_k] chunk, so block_k must
+        reach H (a grid_2d config's block_k is its unit block, not a K chunk)."""
+        return not self.w_resident or self.grid_2d or self.block_k >= hidden
+
     def programs(self, hidden: int) -> int:
         if self.grid_2d:
             return grid_2d_blocks(hidden, self.block_h) ** 2 * self.batch_groups
@@ -902,7 +907,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         for name, tiles in (("cluster", unsplit), ("transposed-cluster", transposed)):
             if tiles is not None and tiles.persistent and not tiles.grid_2d and cluster_size_ok(cdiv(H, tiles.block_h)):
                 out[name] = dataclasses.replace(tiles, exchange="cluster")
-        if kernel == "fwd" and unsplit.persistent and unsplit.w_resident and not unsplit.grid_2d and H > 64 \
+        if kernel == "fwd" and unsplit.persistent and unsplit.w_resident and H > 64 \
                 and 4 * 64 * hk * esize <= _W_BUDGET and B <= 32:
             # 64 units a program: 4 programs at H = 256 meet at the cluster barrier (session 18, for fp16 B = 16).
             out["cluster-bh64"] = dataclasses.replace(regroup(unsplit, block_h=64, num_warps=8), exchange="cluster")

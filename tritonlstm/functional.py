@@ -163,9 +163,9 @@ def _tf32_matmul(a: Tensor, b: Tensor, half: bool = False, row_chunk: int | None
     return _kernel_module("matmul").matmul(a, b, half=half, row_chunk=row_chunk)
 
 
-def _mm(a: Tensor, b: Tensor, half: bool = False) -> Tensor:
-    """a @ b, on TF32 where `_tf32_gemms` says so (half: kernels.matmul's row-scaled float16 operands there)."""
-    return _tf32_matmul(a, b, half=half) if _tf32_gemms(a, b) else a @ b
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b, on TF32 where `_tf32_gemms` says so."""
+    return _tf32_matmul(a, b) if _tf32_gemms(a, b) else a @ b
 
 
 class _TF32Projection(torch.autograd.Function):

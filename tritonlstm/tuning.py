@@ -185,7 +185,7 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
     gpu = torch.cuda.get_device_name(device)
     key = config_key(kernel, dtype, hidden, batch, directions)
     found, source = lookup_in(gpu, key)
-    if found is not None and found.w_resident and not found.grid_2d and found.block_k < hidden:
+    if found is not None and not found.covers_k(hidden):
         # A hand-edited or foreign file: the launchers refuse it (W resident in one K chunk), so the heuristic runs.
         _warn_once(Path(f"{source}:{key}"), f"w_resident with block_k={found.block_k} < H={hidden}")
         found = None
@@ -481,7 +481,8 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     times, rejected, log = {}, 0, []
     sms = num_sms // D
     # What runs for this key now, as select_config finds it (not `lookup`, which may tune: this is the tuner).
-    found, source = lookup_in(props.name, config_key(kernel, dtype, H, B, D))
+    key = config_key(kernel, dtype, H, B, D)
+    found, source = lookup_in(props.name, key)
     current = None if found is None else (_fitted(found, kernel, H, B, dtype, num_sms, smem, D), source)
     cands, names = key_candidates(kernel, dtype, H, B, sms, smem, default, current, quick)
     cands = [c for c in cands if c == default or launchable(c, H, D, num_sms, clusters=props.major >= 9)]
@@ -507,10 +508,10 @@ def tune_key(kernel: str, dtype: torch.dtype, hidden: int, batch: int, direction
     if default not in times:
         why = next((e.get("error") or f"relative error {e['rel_err']:.2e} > {limit:g}" for e, c in zip(log, cands)
                     if c == default), "not run")
-        raise TuneKeyError(f"tritonlstm.tune: the default config of {config_key(kernel, dtype, H, B, D)} failed "
-                           f"its correctness check ({why})", config_key(kernel, dtype, H, B, D), log)
+        raise TuneKeyError(f"tritonlstm.tune: the default config of {key} failed its correctness check ({why})",
+                           key, log)
     best = min(times, key=times.get)
-    return TuneResult(config_key(kernel, dtype, H, B, D), best, times[best], default, times[default],
+    return TuneResult(key, best, times[best], default, times[default],
                       len(cands), rejected, log, None if current is None else current[1],
                       None if current is None else times.get(current[0]))
 
