@@ -1412,12 +1412,20 @@ def lstm_bwd_kernel(
 
 
 @triton.jit
-def _half_exp(amax):
-    """The exponent k (int32) that takes magnitudes up to amax below 2^15, clamped to +-126 so that 2^k and 2^-k
-    are normal float32: amax < 2^(e - 126), e its biased exponent. Zero (and float32 subnormals) scale by 2^126 and
-    stay below 1; inf and NaN by 2^-114, and stay what they are."""
+def _exp_below_half_max(amax):
+    """The exponent k (int32, unclamped) that takes magnitudes up to amax (float32, >= 0) below 2^15, and amax's
+    biased exponent e: amax < 2^(e - 126), so 2^(141 - e) does it. e is 0 for zero and subnormals, 255 for inf and
+    NaN."""
     e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    return tl.minimum(tl.maximum(141 - e, -126), 126)
+    return 141 - e, e
+
+
+@triton.jit
+def _half_exp(amax):
+    """_exp_below_half_max's k clamped to +-126, so that 2^k and 2^-k are normal float32. Zero (and float32
+    subnormals) scale by 2^126 and stay below 1; inf and NaN by 2^-114, and stay what they are."""
+    k, _ = _exp_below_half_max(amax)
+    return tl.minimum(tl.maximum(k, -126), 126)
 
 
 @triton.jit
@@ -1987,12 +1995,9 @@ def _exp2_bits(k):
 
 @triton.jit
 def _scale_exp(AMAX, i):
-    """The exponent k that scales values of magnitude up to AMAX[i] below 2^15, clamped to +-HALF_W_MAX_SHIFT, and
-    whether it was out of that range with AMAX[i] finite. AMAX[i] < 2^(e - 126), e its biased exponent (0 for zero,
-    255 for inf and NaN), so 2^(141 - e) takes it below 2^15; clamped, zero scales by 2^60 and inf by 2^-60, and
-    both stay what they are."""
-    e = (tl.load(AMAX + i).to(tl.int32, bitcast=True) >> 23) & 0xFF
-    k = 141 - e
+    """_exp_below_half_max's k for AMAX[i] clamped to +-HALF_W_MAX_SHIFT, and whether it was out of that range with
+    AMAX[i] finite. Clamped, zero scales by 2^60 and inf by 2^-60, and both stay what they are."""
+    k, e = _exp_below_half_max(tl.load(AMAX + i))
     return tl.minimum(tl.maximum(k, -HALF_W_MAX_SHIFT), HALF_W_MAX_SHIFT), (k < -HALF_W_MAX_SHIFT) & (e != 255)
 
 

@@ -264,12 +264,11 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
         out.append(transposed_config(hidden, batch, esize, num_sms, 16, half_w=True))
     if kernel == "bwd" and batch >= 64 and (grid := grid_2d_config(hidden, batch, esize, num_sms)) is not None:
         out.append(grid)  # perf/NOTES.md v0.26
-    if kernel == "bwd" and batch >= 64 and esize == 4 and hidden % 16 == 0 and \
-            (grid := grid_2d_config(hidden, batch, esize, num_sms, half_w=True)) is not None:
-        out.append(grid)  # float32's W block in float16 (v0.40); where TF32 is not allowed it times the stand-in
-    if kernel == "bwd" and esize == 4 and \
-            (half := named_variants(kernel, hidden, batch, dtype, num_sms, ("split-half",)).get("split-half")):
-        out.append(half)  # float32's W tiles in float16 (v0.41)
+    if kernel == "bwd" and esize == 4:
+        # float32's W in float16: the 2-D grid's block (v0.40) and the split tiles (v0.41), as named_variants
+        # builds them; where TF32 is not allowed a launch times the stand-in.
+        halves = named_variants(kernel, hidden, batch, dtype, num_sms, ("grid-2d-half", "split-half"))
+        out += [halves[name] for name in ("grid-2d-half", "split-half") if name in halves]
     out += [tagged_variant(c, exchange) for c in list(out)
             for exchange in tagged_exchanges(kernel, c, dtype)]
     # The flags barrier (v0.19) on the heuristic's tiles and the transposed ones: a change of the exchange alone,
