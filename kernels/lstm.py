@@ -271,11 +271,23 @@ def _transposed_split(acc_i, acc_f, acc_g, acc_o, acc, BB: tl.constexpr, BH: tl.
     return acc_i + b_i, acc_f + b_f, acc_g + b_g, acc_o + b_o
 
 
-# Exchange "dsmem" (LSTMConfig.exchange): each program keeps h_{t-1} [BB, BK] of its batch tile in two slots of
-# 16-bit values at the end of the launch's dynamic shared memory (_launch_as_cluster requests them beyond the
-# kernel's own), slot s % 2 written at step s by every program of the cluster into every program's copy
-# (st.shared::cluster through mapa), read locally after the cluster barrier. Operands: byte offsets within the two
-# slots, and the slots' size, counted back from %dynamic_smem_size.
+# Exchange "dsmem" (LSTMConfig.exchange, v0.48): h_{t-1} through distributed shared memory, pulled. Each program
+# keeps its own [BB, BH] slice of h in two slots of 16-bit values at the end of the launch's dynamic shared memory
+# (_launch_as_cluster requests them beyond the kernel's own): slot s % 2 is written at step s by local stores before
+# the cluster barrier's arrive, and after the wait every program reads the whole h_{t-1} [BB, BK] out of the
+# cluster's slots, 16 bytes (8 units) a load: mapa, ld.shared::cluster.v4.b32, 4 loads a thread a step at H = 256.
+# v0.39 pushed instead, every value into every program's copy by 2-byte remote stores (32 a thread a step at H = 256,
+# each behind its own address arithmetic), and ran slower than the counter barrier on an H200.
+#
+# Which 8 units one inline-asm call gets is the layout's business (inline_asm_elementwise's pack). The units' codes
+# (_dsmem_codes) are loaded from global memory, which gives them a load's layout, 8 contiguous units a thread, and the
+# asm keeps the layout of its operand (compile-only sm_90: no conversion between the codes' load and the dot). The asm
+# checks that its 8 codes are 8 consecutive units of one program and returns NaN otherwise, so another layout would
+# fail loudly, never silently.
+#
+# RING holds, per program (in program order along axes 0, 1, 2), a DSMEM_BLOCK of bytes: its [BB, BK] int16 codes,
+# then (on the interpreter, which has no shared memory between programs and no inline PTX) its two slots, at the
+# same byte offsets as in shared memory.
 def _smem_address(offset: str, size: str) -> str:
     """PTX: %a = the shared address of byte `offset` of the slots, which end the dynamic shared memory and take
     `size` bytes of it."""
@@ -283,39 +295,72 @@ def _smem_address(offset: str, size: str) -> str:
             f"sub.u32 %a, %a, {size};\n\tadd.u32 %a, %a, {offset};\n\t")
 
 
-DSMEM_PUT = tl.constexpr(
-    "{\n\t.reg .b32 %a, %n, %d;\n\t.reg .pred %p;\n\t" + _smem_address("$2", "$3")
-    + "".join(f"setp.gt.u32 %p, $4, {r};\n\t@%p mapa.shared::cluster.u32 %d, %a, {r};\n\t"
-              f"@%p st.shared::cluster.b16 [%d], $1;\n\t" for r in range(MAX_CLUSTER))
-    + "mov.b32 $0, 0;\n\t}")
 SMEM_PUT = tl.constexpr("{\n\t.reg .b32 %a, %n;\n\t" + _smem_address("$2", "$3")
                         + "st.shared.b16 [%a], $1;\n\tmov.b32 $0, 0;\n\t}")
-SMEM_GET = tl.constexpr("{\n\t.reg .b32 %a, %n;\n\t" + _smem_address("$1", "$2") + "ld.shared.b16 $0, [%a];\n\t}")
+# A unit's code: (rank << CODE_SHIFT) | the byte of its value in slot 0 of that rank; ABSENT for a rank past the
+# cluster's. A step adds its slot's offset (SLOTS // 2 <= 1024 bytes: dsmem_applies) to every code.
+CODE_SHIFT: tl.constexpr = tl.constexpr(11)
+ABSENT: tl.constexpr = tl.constexpr(-32768)
+# pack = 8: $0-$3 the 8 16-bit values, $4-$11 their codes, $12 (-$19) the slots' size. All 1 bits (NaN in float16 and
+# bfloat16) unless the codes are 8 consecutive units of one present rank.
+DSMEM_GET = tl.constexpr(
+    "{\n\t.reg .b32 %a, %n, %d, %c;\n\t.reg .pred %p;\n\tsetp.ge.s32 %p, $4, 0;\n\t"
+    + "".join(f"add.s32 %c, $4, {2 * i};\n\tsetp.eq.and.s32 %p, ${4 + i}, %c, %p;\n\t" for i in range(1, 8))
+    + "mov.b32 $0, -1;\n\tmov.b32 $1, -1;\n\tmov.b32 $2, -1;\n\tmov.b32 $3, -1;\n\t"
+    + "and.b32 %c, $4, 2047;\n\t" + _smem_address("%c", "$12") + "shr.u32 %c, $4, 11;\n\t"
+    "@%p mapa.shared::cluster.u32 %d, %a, %c;\n\t@%p ld.shared::cluster.v4.b32 {$0, $1, $2, $3}, [%d];\n\t}")
+DSMEM_GET_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
 
 
 @triton.jit
-def _dsmem_put(b_v, o_bytes, slots_bytes, ranks):
-    """b_v (16-bit) into every program's slots of the cluster (ranks programs) at byte offsets o_bytes."""
-    bits = b_v.to(tl.int16, bitcast=True)
-    return tl.inline_asm_elementwise(DSMEM_PUT, "=r,h,r,r,r", [bits, o_bytes, o_bytes * 0 + slots_bytes,
-                                                                 o_bytes * 0 + ranks], dtype=tl.int32,
-                                     is_pure=False, pack=1)
+def _dsmem_block(rank, BB: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr):
+    """The byte offset in RING of program `rank`'s block, in this program's cluster (the programs along axis 0 that
+    share its axes 1 and 2)."""
+    cluster = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    return (cluster * tl.num_programs(0) + rank) * (BB * BK * 2 + SLOTS)
 
 
 @triton.jit
-def _smem_put(b_v, o_bytes, slots_bytes):
+def _dsmem_codes(RING, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr):
+    """The codes of h_{t-1}'s [BB, BK] units (int32), computed, stored to this program's block of RING and loaded
+    back: the load's layout is what the pulls need (above). Once a launch."""
+    o_k = tl.arange(0, BK)
+    rank = o_k // BH
+    byte = (tl.arange(0, BB)[:, None] * BH + (o_k % BH)[None, :]) * 2
+    codes = tl.where((rank < tl.num_programs(0))[None, :], (rank << CODE_SHIFT)[None, :] | byte, ABSENT)
+    p = RING.to(tl.pointer_type(tl.int16)) + _dsmem_block(tl.program_id(0), BB, BK, SLOTS) // 2 + \
+        tl.arange(0, BB)[:, None] * BK + o_k[None, :]
+    tl.store(p, codes.to(tl.int16))
+    tl.debug_barrier()  # the other threads' codes in global memory before they are read back
+    return tl.load(p).to(tl.int32)
+
+
+@triton.jit
+def _slot_put(b_v, o_bytes, RING, BB: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr):
     """b_v (16-bit) into this program's own slots at byte offsets o_bytes."""
     bits = b_v.to(tl.int16, bitcast=True)
-    return tl.inline_asm_elementwise(SMEM_PUT, "=r,h,r,r", [bits, o_bytes, o_bytes * 0 + slots_bytes],
-                                     dtype=tl.int32, is_pure=False, pack=1)
+    if FENCES:
+        tl.inline_asm_elementwise(SMEM_PUT, "=r,h,r,r", [bits, o_bytes, o_bytes * 0 + SLOTS], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    else:
+        base = _dsmem_block(tl.program_id(0), BB, BK, SLOTS) + BB * BK * 2
+        tl.store(RING.to(tl.pointer_type(tl.int16)) + (base + o_bytes) // 2, bits)
 
 
 @triton.jit
-def _smem_get(o_bytes, slots_bytes, dtype: tl.constexpr):
-    """This program's slots at byte offsets o_bytes, as `dtype` (16-bit)."""
-    bits = tl.inline_asm_elementwise(SMEM_GET, "=h,r,r", [o_bytes, o_bytes * 0 + slots_bytes], dtype=tl.int16,
-                                     is_pure=False, pack=1)
-    return bits.to(dtype, bitcast=True)
+def _slot_pull(codes, slot, RING, BB: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr, DT: tl.constexpr):
+    """h [BB, BK] (DT) of one step out of the cluster's slots `slot` (0 or 1), unit by unit as `codes` say (units of
+    ranks past the cluster's: NaN on the GPU, 0 on the interpreter; the caller masks them)."""
+    c = codes + slot * (SLOTS // 2)
+    if FENCES:
+        x = tl.inline_asm_elementwise(DSMEM_GET, DSMEM_GET_CONSTRAINTS, [c, c * 0 + SLOTS], dtype=tl.int16,
+                                      is_pure=False, pack=8)
+    else:
+        present = c >= 0
+        base = _dsmem_block(tl.where(present, c >> CODE_SHIFT, 0), BB, BK, SLOTS) + BB * BK * 2
+        x = tl.load(RING.to(tl.pointer_type(tl.int16)) + (base + (c & 2047)) // 2, mask=present, other=0,
+                    volatile=True)
+    return x.to(DT, bitcast=True)
 
 
 @triton.jit
@@ -858,7 +903,7 @@ def lstm_fwd_kernel(
     PREFETCH: tl.constexpr,  # one batch tile per program, single layer, barrier: next step's gx before the wait
     HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
     DSMEM: tl.constexpr = False,  # CLUSTER, TRANSPOSED resident in one chunk, 16-bit, one batch tile a program:
-    # h_{t-1} through distributed shared memory (DSMEM_PUT)
+    # h_{t-1} through distributed shared memory (_slot_put, _slot_pull; on the interpreter RING stands in for it)
 ):
     tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
@@ -867,9 +912,7 @@ def lstm_fwd_kernel(
     tl.static_assert(not (TRANSPOSED and (TAGGED or MERGED or SK > 1)), "transposed dots: barrier, unsplit")
     tl.static_assert(not DSMEM or (CLUSTER and TRANSPOSED and W_RESIDENT and KC == BK and not STACK and not HALF_W),
                      "dsmem: a cluster's transposed resident dots in one chunk, single layer, 16-bit")
-    # The interpreter runs "dsmem" as "cluster" (its programs, in threads, share no on-chip memory).
-    EXCHANGE_DSMEM: tl.constexpr = DSMEM and FENCES
-    SLOTS: tl.constexpr = 2 * BB * BK * 2  # bytes of the two [BB, BK] 16-bit slots
+    SLOTS: tl.constexpr = 2 * BB * BH * 2  # bytes of a program's two [BB, BH] 16-bit slots (exchange "dsmem")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -964,20 +1007,21 @@ def lstm_fwd_kernel(
         n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b0, m_b0, o_j, m_j, S_START, T, B, H, SG, rev, BB,
                                                HAS_LENGTHS)
         n_c = tl.load(C_WS + o_b0[:, None] * H + o_j[None, :], mask=m_b0[:, None] & m_j[None, :], other=0.0)
-    if EXCHANGE_DSMEM:
-        # The launch's first h_{t-1} from global memory, as the other exchanges read it, into this program's slot:
-        # its one batch tile, every unit.
+    if DSMEM:
+        # The launch's first h_{t-1} from global memory, as the other exchanges read it: this program's units of
+        # its one batch tile into its slot of step S_START - 1.
         o_b0 = i_q * BB + tl.arange(0, BB)
         m_b0 = o_b0 < B
         last0, o_t0, o_dir0 = _row_steps(LAST, o_b0, m_b0, S_START, T, rev, BB, HAS_LENGTHS)
-        o_hk = tl.arange(0, BK)
         o_h0 = tl.where(S_START == 0, o_b0.to(tl.int64) * H, ((o_t0 - o_dir0) * B + o_b0) * SY)
-        b_h0 = tl.load(tl.where(S_START == 0, H0, Y) + o_h0[:, None] + o_hk[None, :],
-                       mask=(m_b0 & (S_START <= last0))[:, None] & (o_hk < H)[None, :], other=0.0)
-        o_slot = (tl.arange(0, BB)[:, None] * BK + o_hk[None, :]) * 2
-        _smem_put(b_h0, o_slot + ((S_START + 1) % 2) * (SLOTS // 2), SLOTS)
-        # Also: every program of the cluster has started before any writes into its shared memory (CUDA's rule for
-        # distributed shared memory); the last step's barrier keeps each one running until the others' writes end.
+        b_h0 = tl.load(tl.where(S_START == 0, H0, Y) + o_h0[:, None] + o_j[None, :],
+                       mask=(m_b0 & (S_START <= last0))[:, None] & m_j[None, :], other=0.0)
+        o_slot = (tl.arange(0, BB)[:, None] * BH + tl.arange(0, BH)[None, :]) * 2  # a [BB, BH] slot's bytes
+        o_hk = tl.arange(0, BK)
+        codes = _dsmem_codes(RING, BB, BH, BK, SLOTS)
+        _slot_put(b_h0, o_slot + ((S_START + 1) % 2) * (SLOTS // 2), RING, BB, BK, SLOTS)
+        # Also: every program of the cluster has started before any reads of its shared memory (CUDA's rule for
+        # distributed shared memory); the last step's barrier keeps each one running until the others' reads end.
         _cluster_barrier(S_START)
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
@@ -1029,9 +1073,9 @@ def lstm_fwd_kernel(
             else:
                 o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
                 p_hbase = tl.where(s == 0, H0, Y)
-                if EXCHANGE_DSMEM:
-                    # Slot (s - 1) % 2, which every program of the cluster wrote before the last barrier.
-                    b_x = _smem_get(o_slot + ((s_glob + 1) % 2) * (SLOTS // 2), SLOTS, Y.dtype.element_ty)
+                if DSMEM:
+                    # Slots (s - 1) % 2, which every program of the cluster wrote before the last barrier.
+                    b_x = _slot_pull(codes, (s_glob + 1) % 2, RING, BB, BK, SLOTS, Y.dtype.element_ty)
                     b_x = tl.where(live[:, None] & (o_hk < H)[None, :], b_x, tl.zeros_like(b_x))
                     acc = tl.dot(b_wm[0], tl.trans(b_x), tl.zeros([4 * BH, BB], dtype=tl.float32),
                                  input_precision=DOT_PRECISION)
@@ -1064,11 +1108,10 @@ def lstm_fwd_kernel(
             b_c = tl.where(poisoned, float("nan"), b_c)
             b_y = tl.where(poisoned, float("nan"), b_y)
 
-            if EXCHANGE_DSMEM:
-                # h_t into slot s % 2 of every program of the cluster, then arrive: the global stores below are
-                # not on the barrier's path.
-                o_put = (tl.arange(0, BB)[:, None] * BK + o_j[None, :]) * 2 + (s_glob % 2) * (SLOTS // 2)
-                _dsmem_put(b_y.to(Y.dtype.element_ty), o_put, SLOTS, tl.num_programs(0))
+            if DSMEM:
+                # h_t into this program's slot s % 2, then arrive: the global stores below are not on the barrier's
+                # path.
+                _slot_put(b_y.to(Y.dtype.element_ty), o_slot + (s_glob % 2) * (SLOTS // 2), RING, BB, BK, SLOTS)
                 _cluster_arrive(s_glob)
             o_bh = o_b[:, None] * H + o_j[None, :]
             if TAGGED:
@@ -1109,12 +1152,16 @@ def lstm_fwd_kernel(
                 n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b, m_b, o_j, m_j, n_s, T, B, H, SG, rev, BB,
                                                        HAS_LENGTHS)
                 n_c = b_c
-        if EXCHANGE_DSMEM:
+        if DSMEM and FENCES:
             if i_q >= n_tiles:
                 # No batch tile here (a config's batch groups outnumber this call's tiles): arrive all the same, or
                 # the cluster's wait would never complete.
                 _cluster_arrive(s_glob)
             _cluster_wait(s_glob)
+        elif DSMEM:
+            # The interpreter's arrive and wait are one barrier here (stronger than the GPU's split; the reads of
+            # step s + 1 come after it either way).
+            _cluster_barrier(s_glob)
         elif PERSISTENT and not TAGGED:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
             poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP,
@@ -1899,7 +1946,7 @@ def cluster_launch_shared(kernel_shared: int, meta: dict) -> int:
     (lstm_fwd_kernel's SLOTS) after it, 16-aligned, at the end, where the kernel finds them (_smem_address)."""
     if not meta.get("DSMEM"):
         return kernel_shared
-    return -(-kernel_shared // 16) * 16 + 2 * meta["BB"] * meta["BK"] * 2
+    return -(-kernel_shared // 16) * 16 + 2 * meta["BB"] * meta["BH"] * 2
 
 
 _shared_allowed: dict[int, int] = {}
@@ -2118,7 +2165,8 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     sync, flags = _barrier_state(config, grid, dev)
     tagged = config.exchange.startswith("tagged")
     pack = _tag_pack(dt, config) if tagged else 1
-    ring = _tag_ring(h0, pack) if tagged else sync
+    dsmem = dsmem_applies(config, dt, B)
+    ring = _tag_ring(h0, pack) if tagged else _dsmem_blocks(grid, config, dev) if dsmem else sync
     half = _half_w(config, dt)
     w_dot, _, wscale = _half_weights(w_hh, h0) if half else (w_hh, None, c_ws)
     args = (gx, gates, w_dot, w_dot, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
@@ -2128,16 +2176,26 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
               PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates, TRANSPOSED=config.transposed,
               KC=transposed_chunk(config, dt.itemsize), PREFETCH=config.prefetches(B, H), HALF_W=half,
-              DSMEM=dsmem_applies(config, dt, B), **flags),
+              DSMEM=dsmem, **flags),
          sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
+def _dsmem_blocks(grid, config, device) -> torch.Tensor:
+    """Exchange "dsmem"'s RING: a block per program of its codes ([BB, BK] int16) and, used on the interpreter
+    only, its two [BB, BH] 16-bit slots (the kernel's _dsmem_block)."""
+    per_program = config.block_b * (config.block_k + 2 * config.block_h)
+    return torch.empty(grid[0] * grid[1] * grid[2] * per_program, dtype=torch.int16, device=device)
+
+
 def dsmem_applies(config, dtype: torch.dtype, batch: int) -> bool:
     """The forward's DSMEM constexpr: exchange "dsmem" where its kernel path applies (16-bit, the transposed dots
-    resident in one K chunk, one batch tile a program); elsewhere the launch runs as exchange "cluster"."""
+    resident in one K chunk, one batch tile a program, and a program's two slots within the codes' 11 bits of bytes:
+    BB * BH <= 512); elsewhere the launch runs as exchange "cluster". (The transposed tiles' 16 or 32 units a program
+    are whole 16-byte loads.)"""
     one_chunk = config.transposed and config.w_resident and transposed_chunk(config, dtype.itemsize) == config.block_k
-    return (config.exchange == "dsmem" and dtype.itemsize == 2 and one_chunk
+    fits = 4 * config.block_b * config.block_h <= 1 << CODE_SHIFT.value
+    return (config.exchange == "dsmem" and dtype.itemsize == 2 and one_chunk and fits
             and cdiv(batch, config.block_b) <= config.batch_groups)
 
 

@@ -423,23 +423,26 @@ for dtype, hidden in ((torch.float16, 256), (torch.bfloat16, 512)):
     r = cc.check("fwd", dtype, hidden, cfg, prefetch=cfg.prefetches(16, hidden))
     ins = [l.strip() for l in ptx[-1].splitlines() if l.strip() and not l.strip().startswith((".loc", "//", "$L__tmp"))]
     where = lambda op: [i for i, l in enumerate(ins) if op in l]
-    puts, arrives, stores = where("st.shared::cluster.b16"), where("barrier.cluster.arrive.release"), where("st.global")
+    pulls, puts = where("ld.shared::cluster.v4.b32"), where("st.shared.b16 [%a]")
+    arrives, stores = where("barrier.cluster.arrive.release"), where("st.global")
     last_arrive = min(i for i in arrives if i > max(puts))  # the step's (not the launch's first, not a tileless one)
-    print(r.ok, r.error, r.spill_bytes, len(where("mapa.shared::cluster")) == len(puts) > 0,
-          len(where("ld.shared.b16")) > 0, len(where("%dynamic_smem_size")) > 0,
+    threads = cfg.num_warps * 32
+    print(r.ok, r.error, r.spill_bytes, len(pulls) == len(where("mapa.shared::cluster")) == 16 * hidden // 8 // threads,
+          not where("st.shared::cluster"), len(where("%dynamic_smem_size")) > 0,
           len(arrives) == 3 and len(where("barrier.cluster.wait.acquire")) == 2,
-          max(puts) < last_arrive, not [i for i in stores if max(puts) < i < last_arrive],
+          max(pulls) < max(puts) < last_arrive, not [i for i in stores if max(puts) < i < last_arrive],
           any(i > last_arrive for i in stores))
 """
 
 
 def test_dsmem_exchange_compiles_for_sm90_with_the_outputs_off_the_barriers_path():
-    """exchange "dsmem" (v0.39) for sm_90, float16 at H = 256 and bfloat16 at H = 512 (16 programs of 32 units):
-    no spills; h_t put into every program's shared memory through mapa / st.shared::cluster and read back with
-    ld.shared, the slots found from %dynamic_smem_size; two cluster barriers (the launch's first, then one per
-    step split into arrive and wait, with a second arrive for a program without a batch tile); in the step, the
-    puts before the arrive and the global stores of the outputs after it, so that the barrier waits on no global
-    store."""
+    """exchange "dsmem" (v0.48) for sm_90, float16 at H = 256 and bfloat16 at H = 512 (16 programs of 32 units):
+    no spills; h_{t-1} pulled from the cluster's programs in 16-byte loads (mapa, ld.shared::cluster.v4.b32: 8 units
+    a load, so 16 * H / 8 loads over the program's threads) and nothing stored remotely; h_t put into the program's
+    own slots with local stores, found from %dynamic_smem_size; two cluster barriers (the launch's first, then one
+    per step split into arrive and wait, with a second arrive for a program without a batch tile); in the step, the
+    pulls before the puts, the puts before the arrive and the global stores of the outputs after it, so that the
+    barrier waits on no global store."""
     proc = run_python("-c", DSMEM_COMPILE, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -451,10 +454,10 @@ def test_dsmem_exchange_compiles_for_sm90_with_the_outputs_off_the_barriers_path
 def test_dsmem_launch_requests_the_slots_beyond_the_kernels_shared_memory():
     from tritonlstm.kernels import lstm as k
 
-    assert k.cluster_launch_shared(40960, dict(BB=16, BK=256)) == 40960
-    assert k.cluster_launch_shared(40960, dict(BB=16, BK=256, DSMEM=False)) == 40960
-    assert k.cluster_launch_shared(40960, dict(BB=16, BK=256, DSMEM=True)) == 40960 + 2 * 16 * 256 * 2
-    assert k.cluster_launch_shared(40961, dict(BB=16, BK=512, DSMEM=True)) == 40976 + 2 * 16 * 512 * 2
+    assert k.cluster_launch_shared(40960, dict(BB=16, BH=16)) == 40960
+    assert k.cluster_launch_shared(40960, dict(BB=16, BH=16, DSMEM=False)) == 40960
+    assert k.cluster_launch_shared(40960, dict(BB=16, BH=16, DSMEM=True)) == 40960 + 2 * 16 * 16 * 2  # own units
+    assert k.cluster_launch_shared(40961, dict(BB=16, BH=32, DSMEM=True)) == 40976 + 2 * 16 * 32 * 2
 
 
 ORDERING_COMPILE = """

@@ -91,7 +91,7 @@ SIXTEEN_BIT_CASES = [
     ("transposed-half", "transposed", torch.float32, RESOLUTION_GPU[torch.float32]),
     ("transposed", "split-half", torch.float32, RESOLUTION_GPU[torch.float32]),
     ("transposed", "grid-2d-half", torch.float32, RESOLUTION_GPU[torch.float32]),
-    # (the interpreter runs "dsmem" as "cluster": its kernel path, in shared memory, is the GPU's alone)
+    # (dsmem's slots in global memory on the interpreter: the offsets, words and slot rotation as on the GPU)
     ("transposed-dsmem", "transposed-cluster", torch.float16, RESOLUTION[torch.float16]),
 ]
 
@@ -192,3 +192,29 @@ def test_waits_that_give_up_together_poison_the_rest_and_raise(exchange, monkeyp
     with pytest.raises(RuntimeError, match="barrier"):
         tritonlstm.synchronize("cpu")
 
+
+
+def test_dsmem_pulls_h_from_every_program_with_lengths_both_directions_and_split_launches(monkeypatch, launches):
+    """exchange "dsmem" (v0.48) with its slots in global memory: H = 48 is 3 programs of 16 units, so the last of the
+    4 16-byte loads a row at K = 64 falls past the cluster and must read nothing; both directions in one launch
+    (a cluster each), per-row lengths, and the sequence split into launches of 2 steps (each launch's first h_{t-1}
+    from y, not h0)."""
+    monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(7))  # 3 programs: (7 - 1) // 3 = 2 steps a launch
+    torch.manual_seed(5)
+    H, B, T, dtype = 48, 5, 5, torch.float16
+    fwd = variant("fwd", "transposed-dsmem", H, B, dtype=dtype)
+    assert kernels.dsmem_applies(fwd, dtype, B)
+    problems = [make_problem(T, B, H, H, dtype) for _ in range(2)]
+    x = problems[0]["x"]
+    lengths = torch.tensor([5, 1, 3, 5, 2])
+    refs = [reference({**pr, "x": x}, reverse=d == 1, lengths=lengths)[1] for d, pr in enumerate(problems)]
+    weights = [tuple(pr[n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) + (None,) for pr in problems]
+    h0 = torch.stack([pr["h0"] for pr in problems])
+    c0 = torch.stack([pr["c0"] for pr in problems])
+    with concurrent_programs(5), use_config(fwd, "fwd"), torch.no_grad():
+        y, (hn, cn) = lstm_layer(x, weights, h0, c0, lengths=lengths, backend="triton")
+    tol = RESOLUTION[dtype]
+    assert rel_err(y, torch.cat([r[0] for r in refs], dim=2)) <= tol
+    assert rel_err(hn, torch.stack([r[1] for r in refs])) <= tol
+    assert rel_err(cn, torch.stack([r[2] for r in refs])) <= tol
+    assert launches == [("lstm_fwd_kernel", 6, True)], launches  # (3 launches of 2, 2 and 1 steps)

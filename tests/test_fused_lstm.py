@@ -1179,9 +1179,10 @@ def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
 
 
 def test_dsmem_exchange_is_a_cluster_launch_and_its_kernel_path_only_where_it_applies():
-    """exchange "dsmem" (v0.39): refused like "cluster" where no cluster can hold the barrier, and on tiles other
-    than the transposed resident ones; launched as a cluster; its kernel path (DSMEM) only for 16-bit layers whose
-    h tile is one K chunk and whose programs own one batch tile each, the rest running as "cluster"."""
+    """exchange "dsmem" (v0.39, pulled since v0.48): refused like "cluster" where no cluster can hold the barrier,
+    and on tiles other than the transposed resident ones; launched as a cluster; its kernel path (DSMEM) only for
+    16-bit layers whose h tile is one K chunk, whose programs own one batch tile each and whose two slots a program
+    fit the codes' 11 bits of bytes (BB * BH <= 512), the rest running as "cluster"."""
     from tritonlstm.configs import named_variants
     from tritonlstm.kernels import lstm as k
 
@@ -1198,6 +1199,8 @@ def test_dsmem_exchange_is_a_cluster_launch_and_its_kernel_path_only_where_it_ap
     assert k.dsmem_applies(cfg, torch.bfloat16, 16) is True
     assert k.dsmem_applies(cfg, torch.float32, 16) is False
     assert k.dsmem_applies(cfg, torch.float16, 32) is False  # two batch tiles for one program
+    assert k.dsmem_applies(dataclasses.replace(cfg, block_b=32), torch.float16, 32) is True  # 32 x 16 units: 2 KB
+    assert k.dsmem_applies(dataclasses.replace(cfg, block_b=64), torch.float16, 64) is False  # 4 KB of slots
     assert k.dsmem_applies(dataclasses.replace(cfg, exchange="cluster"), torch.float16, 16) is False
     for dtype in (torch.float16, torch.bfloat16):
         for H in (256, 512):

@@ -55,10 +55,10 @@ class LSTMConfig:
     # counter (kernels/lstm.py _flag_barrier; every kernel, stacks included; perf/NOTES.md v0.19). "cluster": the
     # P programs of a barrier launched as one thread-block cluster, met by Hopper's hardware cluster barrier
     # instead of a counter in memory (kernels/lstm.py _cluster_barrier; single layer, forward and backward,
-    # P <= 8 or 16: cluster_size_ok; perf/NOTES.md v0.34). "dsmem": the cluster's barrier, and h_{t-1} written by
-    # each program into every program's shared memory (Hopper's distributed shared memory) instead of read back
-    # from L2; the forward's transposed resident dots in 16-bit, one batch tile a program (perf/NOTES.md v0.39);
-    # elsewhere (the backward, the stacks) it runs as "cluster".
+    # P <= 8 or 16: cluster_size_ok; perf/NOTES.md v0.34). "dsmem": the cluster's barrier, and h_{t-1} read out of
+    # the programs' own shared memory (Hopper's distributed shared memory, 16 bytes a load) instead of from L2; the
+    # forward's transposed resident dots in 16-bit, one batch tile a program (kernels.lstm.dsmem_applies;
+    # perf/NOTES.md v0.39, v0.48); elsewhere (the backward, the stacks) it runs as "cluster".
     exchange: str = "barrier"
     # Split-K ways of the recurrent dots (a batched dot, one warp per K slice, then a sum): with 16-row batch
     # tiles a plain dot stacks every warp along M, each computing the whole product (kernels/lstm.py
@@ -810,7 +810,8 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    programs of a barrier launched as one thread-block cluster (v0.34); transposed-cluster: the
                    transposed tiles with it (BH = 16 up to H = 256; the forward at H = 512 with BH = 32)
       transposed-dsmem  the forward's transposed-cluster in 16-bit with h_{t-1} through distributed shared memory
-                   (exchange "dsmem", v0.39), where h's tile is one K chunk and each program owns one batch tile
+                   (exchange "dsmem", v0.39, pulled since v0.48), where h's tile is one K chunk and each program owns
+                   one batch tile
       cluster-bh64 single-layer forward, B <= 32: the unsplit tiles with 64 units a program (W resident where 4 x 64
                    rows of it fit 128 KB: 16-bit H <= 256) and the cluster barrier, a quarter of the 16-row tiles'
                    programs to meet at each step (session 18)
