@@ -9,8 +9,8 @@ work, on a machine without one. Two modes:
   time, except the CUDA driver's ~3-5 us per launch (ours and ATen's: ATen's ops compute on the CPU here, so use
   small shapes, as the cases do).
 
-    python perf/host_time.py [case ...]          # cases: cell, cell_train, layer, layer_train, stack_fp32
-                                                 # (default: all)
+    python perf/host_time.py [case ...]          # cases: cell, cell_train, layer, layer_train, stack_fp32,
+                                                 # layer16, layer16_train (default: all)
     LAUNCH=triton python perf/host_time.py cell  # with Triton's launch path
     PROFILE=cumulative python perf/host_time.py cell   # and cProfile's top 40 of the first case
     REF=1 python perf/host_time.py cell    # and the same call on torch.nn's module
@@ -131,6 +131,26 @@ def layer_train(m=lstm):
 
 stack = tritonlstm.LSTM(H, H, num_layers=4, backend="triton")
 
+# The bench's small 16-bit cells (B = 16) in bfloat16 (ATen's float16 matmul on a CPU takes ms) at H = 64, T = 2, so
+# that ATen's CPU compute stays small: the host path of the cells whose training steps clustered at 2.2-2.5 ms on
+# run 7's H200 whatever their GPU time.
+# HT16_H=16 shrinks ATen's share further (the config then differs; the host path does not).
+H16 = int(os.environ.get("HT16_H", 64))
+lstm16 = tritonlstm.LSTM(H16, H16, backend="triton").bfloat16()
+xs16 = torch.randn(2, 16, H16).bfloat16().requires_grad_()
+
+
+def layer16(m=lstm16):
+    with torch.no_grad():
+        m(xs16)
+
+
+def layer16_train(m=lstm16):
+    y, _ = m(xs16)
+    y.backward(torch.ones_like(y))
+    for p in (xs16, *m.parameters()):
+        p.grad = None  # as the bench's timer (grad_to_none)
+
 
 def stack_fp32(m=stack):
     """A float32 4-layer stack's forward on the float16 operands (LSTMConfig.half_w, TF32 allowed), as the heuristic
@@ -143,12 +163,13 @@ def stack_fp32(m=stack):
 
 
 CASES = {"cell": cell_step, "cell_train": cell_train, "layer": layer, "layer_train": layer_train,
-         "stack_fp32": stack_fp32}
+         "stack_fp32": stack_fp32, "layer16": layer16, "layer16_train": layer16_train}
 
 # REF=1: the same calls on torch.nn's modules (ATen on this CPU, its compute included: a few us at these sizes), for
 # what a host-bound loop of them costs against ours.
 NN = {"cell": torch.nn.LSTMCell(H, H), "layer": torch.nn.LSTM(H, H), "stack": torch.nn.LSTM(H, H, num_layers=4)}
 NN["cell_train"], NN["layer_train"], NN["stack_fp32"] = NN["cell"], NN["layer"], NN["stack"]
+NN["layer16"] = NN["layer16_train"] = torch.nn.LSTM(H16, H16).bfloat16()
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)
