@@ -24,7 +24,8 @@
 # MEMORY_ARGS and MEMORY_TIMEOUT (90); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
 # NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute; SPREAD=1 (off by default, ~30 s) runs
 # perf/launch_spread.py with SPREAD_ARGS and SPREAD_TIMEOUT (90); TIMELINE=1 (off by default, ~30-60 s) runs
-# perf/step_timeline.py with TIMELINE_ARGS and TIMELINE_TIMEOUT (150), its Chrome traces kept in traces/.
+# perf/step_timeline.py with TIMELINE_ARGS and TIMELINE_TIMEOUT (150), its Chrome traces kept in traces/ and a
+# cProfile of our calls' host path in hostprof/.
 set -uo pipefail
 OUT=${OUT:-perf-out}
 W=${WORK_DIR:-/tmp/tritonlstm-device}
@@ -133,7 +134,7 @@ fi
 if [ "${TIMELINE:-0}" != 0 ]; then
     step "a call's GPU time kernel by kernel, gaps included (perf/step_timeline.py ${TIMELINE_ARGS:-})"
     measure timeline "${TIMELINE_TIMEOUT:-150}" $py perf/step_timeline.py ${TIMELINE_ARGS:-} --json "$W/timeline.json" \
-        --traces "$W/traces"
+        --traces "$W/traces" --host-profile "$W/hostprof"
 fi
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then

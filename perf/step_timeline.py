@@ -13,7 +13,7 @@ few us of host time per op, so a gap here is an upper bound on the gap without i
 same way beside ours, show how much.
 
     python perf/step_timeline.py [--cells float16:256:16,float16:256:1] [--modes fwd,fwdbwd,cell] [--calls 5]
-                                 [--json FILE] [--traces DIR]
+                                 [--json FILE] [--traces DIR] [--host-profile DIR]
 """
 
 from __future__ import annotations
@@ -88,6 +88,33 @@ def host_time_us(call, calls: int = 10, sleep_cycles: int = 200_000_000) -> floa
     return elapsed / calls * 1e6
 
 
+def host_profile(call, path: Path, calls: int = 20, sleep_cycles: int = 1_000_000_000) -> None:
+    """cProfile of `calls` calls queued behind a ~0.5 s sleep kernel (so that none waits for the GPU), written to
+    `path`: the functions by their own time, then by cumulative time. Where the host's time per call goes on the
+    GPU machine itself (session 19: the CI CPU's profile of the same call, perf/host_time.py, may not rank the
+    parts as a GPU host does, whose CUDA launches and slower Python cost ~2.5x the CI CPU's per call)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from tritonlstm.functional import synchronize
+
+    profiler = cProfile.Profile()
+    torch.cuda._sleep(sleep_cycles)
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    synchronize()
+    out = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{calls} calls\n" + out.getvalue())
+
+
 def make_calls(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, device: str = "cuda") -> dict:
     """{"tritonlstm": call, "cudnn": call}: one call of the cell's module each (device "cpu": on the interpreter
     against torch's CPU modules, for the tests); each returns the output it made."""
@@ -118,7 +145,7 @@ def make_calls(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, de
 
 
 def profile_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, calls: int,
-                 trace_dir: str | None) -> list[dict]:
+                 trace_dir: str | None, host_profile_dir: str | None = None) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from tritonlstm.functional import synchronize
@@ -129,6 +156,8 @@ def profile_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, 
             call()
         synchronize()
         host_us = host_time_us(call)
+        if host_profile_dir and name == "tritonlstm":
+            host_profile(call, Path(host_profile_dir) / f"hostprof-{dtype_name}-{hidden}-{batch}-{mode}.txt")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(calls):
                 with record_function(f"call{i}"):
@@ -156,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--json", help="write the rows here (rewritten after each cell)")
     ap.add_argument("--traces", help="keep the Chrome traces in this folder")
+    ap.add_argument("--host-profile", metavar="DIR",
+                    help="and a cProfile of our calls' host path per cell and mode, as text files in this folder")
     a = ap.parse_args(argv)
     modes = a.modes.split(",")
     if any(m not in ("fwd", "fwdbwd", "cell") for m in modes) or a.seq < 1 or a.calls < 1:
@@ -169,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'cell':<24}{'impl':<12}{'call':>5}{'host':>9}{'span':>9}{'busy':>9}{'gaps':>9}  (us)  largest gaps")
     for dtype_name, hidden, batch in a.cells:
         for mode in modes:
-            for row in profile_cell(dtype_name, hidden, batch, a.seq, mode, a.calls, a.traces):
+            for row in profile_cell(dtype_name, hidden, batch, a.seq, mode, a.calls, a.traces, a.host_profile):
                 rows.append(row)
                 top = sorted(row["gaps"], key=lambda g: -g["us"])[:2]
                 print(f"{dtype_name}:{hidden}:{batch}:{mode:<8}".ljust(24) + f"{row['impl']:<12}{row['call']:>5}"

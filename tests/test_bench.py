@@ -436,6 +436,24 @@ def test_step_timeline_calls_run_ours_against_torch(mode):
     torch.testing.assert_close(calls["tritonlstm"]().detach(), calls["cudnn"]().detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_step_timeline_host_profile_writes_where_our_calls_spend_host_time(monkeypatch, tmp_path):
+    """--host-profile: the calls of ours run under cProfile behind a sleep kernel (stubbed here, as the sync after
+    it), and the functions by own and by cumulative time go to a text file."""
+    import torch
+
+    from tritonlstm import functional
+
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: None)
+    monkeypatch.setattr(functional, "synchronize", lambda device=None: None)
+    timeline = _perf_script("step_timeline")
+    calls = timeline.make_calls("float32", 8, 2, 3, "fwd", device="cpu")
+    path = tmp_path / "prof" / "hostprof.txt"
+    timeline.host_profile(calls["tritonlstm"], path, calls=3)
+    text = path.read_text()
+    assert text.startswith("3 calls") and "Ordered by: internal time" in text and "Ordered by: cumulative" in text
+    assert "lstm_layer" in text
+
+
 def test_host_time_through_tritons_launch_path_launches_the_kernel_every_call(monkeypatch):
     """perf/host_time.py with LAUNCH=triton times Triton's own launch path (the kernel compiled for sm_90, launched
     onto a stand-in driver), not a stub: one forward launch per LSTMCell step, two for a training step (the
