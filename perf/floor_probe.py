@@ -16,6 +16,10 @@ stores it, and meets the other programs by
             result to wait for (a candidate for the kernels' barrier if it beats "barrier", session 8)
   arrive    the counter's arrival alone, no wait (a CTA barrier, the release and the add): what the arrival costs
             of a barrier step (races like "none"; timed, not checked)
+  dsmem     the cluster barrier, and h_{t-1} out of the programs' shared memory instead of L2, as the forward's exchange
+            "dsmem" moves it (kernels.lstm _slot_put / _slot_pull, perf/NOTES.md v0.48): each program's y_t slice in
+            its own slot before the arrive, the whole y_{t-1} pulled in 16-byte loads after the wait (16-bit only;
+            the cluster's P as for "cluster")
   cluster   Hopper's hardware cluster barrier (barrier.cluster.arrive.release / wait.acquire) instead of any
             counter in memory: the kernel is built for one CTA a program (num_ctas = 1) and launched as one
             thread-block cluster of all P programs, which Triton's CUDA launcher does when the metadata it is handed
@@ -44,15 +48,21 @@ import triton.language as tl
 from tritonlstm.bench import write_rows_json
 from tritonlstm.kernels.lstm import (
     FENCES,
+    _cluster_arrive,
     _cluster_barrier,
+    _cluster_wait,
+    _dsmem_codes,
     _flag_barrier,
     _grid_barrier,
     _launch_as_cluster,
+    _slot_pull,
+    _slot_put,
     cluster_size_ok,
     interpreting,
 )
 
-MODES = {"barrier": 0, "flags": 1, "none": 2, "counter-ld": 3, "arrive": 4, "cluster": 5}
+MODES = {"barrier": 0, "flags": 1, "none": 2, "counter-ld": 3, "arrive": 4, "cluster": 5, "dsmem": 6}
+CLUSTERED = ("cluster", "dsmem")
 UNCHECKED = ("none", "arrive")
 
 
@@ -80,10 +90,14 @@ def _counter_ld_barrier(p_err, p_count, target, max_spin, failed):
 
 
 @triton.jit
-def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
-                       BK: tl.constexpr, PB: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr):
-    """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1], FLAGS [PB] int32 zeros. The
-    exchanges are the kernels' own (_grid_barrier, _flag_barrier, _cluster_barrier)."""
+def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, RING, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
+                       BK: tl.constexpr, PB: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr,
+                       DSMEM: tl.constexpr = False):
+    """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1], FLAGS [PB] int32 zeros; RING the
+    dsmem mode's codes (and slots, on the interpreter), kernels.lstm's layout; DSMEM (with MODE "dsmem") asks the
+    cluster launch for the slots' shared memory (cluster_launch_shared). The exchanges are the kernels' own
+    (_grid_barrier, _flag_barrier, _cluster_barrier, _slot_put / _slot_pull)."""
+    SLOTS: tl.constexpr = 2 * BB * BH * 2
     i_h = tl.program_id(0)
     n_h = tl.num_programs(0)
     o_b = tl.arange(0, BB)
@@ -91,18 +105,35 @@ def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, T, B, H, max_spin, BB: tl.constex
     o_k = tl.arange(0, BK)
     m = (o_b < B)[:, None] & (o_j < H)[None, :]
     failed = tl.load(ERR) != 0
+    if MODE == 6:
+        codes = _dsmem_codes(RING, BB, BH, BK, SLOTS)
+        o_slot = (o_b[:, None] * BH + tl.arange(0, BH)[None, :]) * 2
+        _slot_put(tl.zeros([BB, BH], dtype=Y.dtype.element_ty), o_slot + SLOTS // 2, RING, BB, BK, SLOTS)  # y_{-1}
+        _cluster_barrier(0)
     for s in range(T):
         b_y = tl.load(U + (s * B + o_b[:, None]) * H + o_j[None, :], mask=m, other=0.0).to(tl.float32)
         if LOAD_H:
             m_h = (o_b < B)[:, None] & (o_k < H)[None, :] & (s > 0)
-            if MODE == 5:  # L1 is the SM's own: the other CTAs' h is in L2
+            if MODE == 6:
+                b_h = _slot_pull(codes, (s + 1) % 2, RING, BB, BK, SLOTS, Y.dtype.element_ty)
+                b_h = tl.where(m_h, b_h, tl.zeros_like(b_h))
+            elif MODE == 5:  # L1 is the SM's own: the other CTAs' h is in L2
                 b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0,
                               cache_modifier=".cg")
             else:
                 b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0)
             b_y += (0.5 / H) * tl.sum(b_h.to(tl.float32), axis=1)[:, None]
+        if MODE == 6:
+            # This program's slice into its slot s % 2, arrive, and the output's global store off the barrier's path.
+            _slot_put(b_y.to(Y.dtype.element_ty), o_slot + (s % 2) * (SLOTS // 2), RING, BB, BK, SLOTS)
+            _cluster_arrive(s)
         tl.store(Y + (s * B + o_b[:, None]) * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m)
-        if MODE == 0:
+        if MODE == 6:
+            if FENCES:
+                _cluster_wait(s)
+            else:  # (the interpreter's arrive and wait as one barrier, as in the forward kernel)
+                _cluster_barrier(s)
+        elif MODE == 0:
             failed = failed | _grid_barrier(ERR, SYNC, (s + 1) * n_h, max_spin)
         elif MODE == 1:
             failed = failed | _flag_barrier(FLAGS, i_h, n_h, s + 1, ERR, failed, max_spin, PB)
@@ -131,16 +162,23 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
     meta = dict(BB=triton.next_power_of_2(B), BH=block_h, BK=triton.next_power_of_2(H),
                 PB=triton.next_power_of_2(P), MODE=MODES[mode], LOAD_H=load_h, num_warps=warps)
 
-    if mode == "cluster" and not cluster_size_ok(P):
-        raise ValueError(f"cluster: {P} programs; Triton's launcher launches clusters of at most 8, or 16")
+    if mode in CLUSTERED and not cluster_size_ok(P):
+        raise ValueError(f"{mode}: {P} programs; Triton's launcher launches clusters of at most 8, or 16")
+    if mode == "dsmem" and (u.dtype.itemsize != 2 or 4 * meta["BB"] * block_h > 2048):
+        raise ValueError(f"dsmem: 16-bit values and 4 * BB * BH <= 2048 bytes of slots (kernels.lstm.dsmem_applies), "
+                         f"got {u.dtype}, BB = {meta['BB']}, BH = {block_h}")
+    if mode == "dsmem":
+        meta["DSMEM"] = True  # (for cluster_launch_shared: the slots beyond the kernel's shared memory)
 
     def run():
         y = torch.full_like(u, float("nan"))
         sync = torch.zeros(1, dtype=torch.int32, device=u.device)
         flags = torch.zeros(meta["PB"], dtype=torch.int32, device=u.device)
         err = torch.zeros(1, dtype=torch.int32, device=u.device)
-        args = (u, y, sync, flags, err, T, B, H, max_spin)
-        if mode == "cluster" and not interpreting():
+        ring = torch.empty(P * meta["BB"] * (meta["BK"] + 2 * block_h) if mode == "dsmem" else 1, dtype=torch.int16,
+                           device=u.device)
+        args = (u, y, sync, flags, err, ring, T, B, H, max_spin)
+        if mode in CLUSTERED and not interpreting():
             _launch_as_cluster(floor_probe_kernel, (P, 1, 1), args, meta)
         else:
             floor_probe_kernel[(P,)](*args, **meta)
@@ -178,7 +216,9 @@ def measure(H: int, B: int, T: int, dtype: torch.dtype, warps: list[int]) -> lis
     while not cluster_size_ok(triton.cdiv(H, wide)):
         wide *= 2
     if wide != cfg.block_h:  # a cluster's P is at most 8, or 16: the cluster there, and the counter barrier beside it
-        jobs = [(mode, wide if mode == "cluster" else bh) for mode, bh in jobs] + [("barrier", wide)]
+        jobs = [(mode, wide if mode in CLUSTERED else bh) for mode, bh in jobs] + [("barrier", wide)]
+    if dtype.itemsize != 2:
+        jobs = [(mode, bh) for mode, bh in jobs if mode != "dsmem"]
     for w in warps:
         for mode, bh in jobs:
             for load_h in (True, False):

@@ -264,7 +264,7 @@ def test_cells_warm_up_under_compile_only_without_launching(layers, bidirectiona
     assert not launched  # no launch reached the pre-launch check
 
 
-@pytest.mark.parametrize("mode", ["barrier", "flags", "none", "counter-ld", "cluster"])
+@pytest.mark.parametrize("mode", ["barrier", "flags", "none", "counter-ld", "cluster", "dsmem"])
 def test_floor_probe_computes_its_recurrence(mode):
     """One program (the interpreter runs programs one after another): every exchange's y_t = 0.5 mean(y_{t-1}) +
     u_t against the PyTorch loop, and without the h read y = u."""
@@ -280,7 +280,7 @@ def test_floor_probe_computes_its_recurrence(mode):
     assert torch.equal(y, u)
 
 
-@pytest.mark.parametrize("mode", ["barrier", "flags", "counter-ld", "cluster"])
+@pytest.mark.parametrize("mode", ["barrier", "flags", "counter-ld", "cluster", "dsmem"])
 def test_floor_probe_with_its_programs_at_once(mode, monkeypatch):
     """The probe as it runs on a GPU, 3 programs at once (tests/concurrency.py): each exchange must make every
     program's y_{t-1} visible before any reads it (the slowed program's outputs come late)."""
@@ -307,24 +307,30 @@ from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("floor_probe", sys.argv[1])
 probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probe)
-sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", FLAGS="*i32", ERR="*i32", T="i32", B="i32", H="i32", max_spin="i32",
-           BB="constexpr", BH="constexpr", BK="constexpr", PB="constexpr", MODE="constexpr", LOAD_H="constexpr")
-consts = dict(BB=16, BH=16, BK=256, PB=16, MODE=probe.MODES["cluster"], LOAD_H=True)
-c = triton.compile(ASTSource(fn=probe.floor_probe_kernel, signature=sig, constexprs=consts),
-                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-ptx = c.asm["ptx"]
-print(c.metadata.num_ctas, len(c.asm["cubin"]) > 0, "barrier.cluster.arrive.release" in ptx,
-      "barrier.cluster.wait.acquire" in ptx, "%ctaid.x" in ptx, "%clusterid" in ptx or "%cluster_ctaid" in ptx)
+sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", FLAGS="*i32", ERR="*i32", RING="*i16", T="i32", B="i32", H="i32",
+           max_spin="i32", BB="constexpr", BH="constexpr", BK="constexpr", PB="constexpr", MODE="constexpr",
+           LOAD_H="constexpr", DSMEM="constexpr")
+for mode in ("cluster", "dsmem"):
+    consts = dict(BB=16, BH=16, BK=256, PB=16, MODE=probe.MODES[mode], LOAD_H=True, DSMEM=mode == "dsmem")
+    c = triton.compile(ASTSource(fn=probe.floor_probe_kernel, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptx = c.asm["ptx"]
+    print(c.metadata.num_ctas, len(c.asm["cubin"]) > 0, "barrier.cluster.arrive.release" in ptx,
+          "barrier.cluster.wait.acquire" in ptx, "%ctaid.x" in ptx, "%clusterid" in ptx or "%cluster_ctaid" in ptx,
+          ptx.count("ld.shared::cluster.v4.b32"))
 """
 
 
 def test_floor_probe_cluster_mode_compiles_for_sm90_with_one_program_a_cta():
     """The cluster exchange (perf/NOTES.md v0.34): ptxas takes the cluster barrier, and the build has num_ctas = 1
     with tl.program_id(0) read from %ctaid.x, which is what launch_as_cluster relies on: launched as a cluster, each
-    CTA is still its own program."""
+    CTA is still its own program. The dsmem exchange (v0.48) too, with its pulls."""
     proc = run_python("-c", CLUSTER_PTX, str(PERF / "floor_probe.py"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["1", "True", "True", "True", "True", "False"], proc.stdout
+    cluster, dsmem = proc.stdout.splitlines()
+    assert cluster.split() == ["1", "True", "True", "True", "True", "False", "0"], proc.stdout
+    # dsmem: the same, and h_{t-1} pulled in 16-byte loads: 16 x 256 units / 8 a load / 128 threads
+    assert dsmem.split() == ["1", "True", "True", "True", "True", "False", "4"], proc.stdout
 
 
 def test_memory_probe_records_the_tensors_alive_at_a_training_steps_peak():
