@@ -194,15 +194,18 @@ def test_waits_that_give_up_together_poison_the_rest_and_raise(exchange, monkeyp
 
 
 
-def test_dsmem_pulls_h_from_every_program_with_lengths_both_directions_and_split_launches(monkeypatch, launches):
-    """exchange "dsmem" (v0.48) with its slots in global memory: H = 48 is 3 programs of 16 units, so the last of the
-    4 16-byte loads a row at K = 64 falls past the cluster and must read nothing; both directions in one launch
-    (a cluster each), per-row lengths, and the sequence split into launches of 2 steps (each launch's first h_{t-1}
-    from y, not h0)."""
+@pytest.mark.parametrize("H, BH", [(48, 16), (80, 32)])
+def test_dsmem_pulls_h_from_every_program_with_lengths_both_directions_and_split_launches(H, BH, monkeypatch,
+                                                                                         launches):
+    """exchange "dsmem" (v0.48) with its slots in global memory: 3 programs of 16 units (H = 48; the tuner's tiles)
+    or of 32 (H = 80; the tiles it takes at H = 512), so the last 16-byte loads of a row (K = 64, 128) fall past the
+    cluster and must read nothing; both directions in one launch (a cluster each), per-row lengths, and the sequence
+    split into launches of 2 steps (each launch's first h_{t-1} from y, not h0)."""
     monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(7))  # 3 programs: (7 - 1) // 3 = 2 steps a launch
     torch.manual_seed(5)
-    H, B, T, dtype = 48, 5, 5, torch.float16
-    fwd = variant("fwd", "transposed-dsmem", H, B, dtype=dtype)
+    B, T, dtype = 5, 5, torch.float16
+    fwd = dataclasses.replace(variant("fwd", "transposed-dsmem", 48, B, dtype=dtype), block_h=BH,
+                              block_k=64 if H <= 64 else 128, num_warps=4 if BH == 16 else 8)
     assert kernels.dsmem_applies(fwd, dtype, B)
     problems = [make_problem(T, B, H, H, dtype) for _ in range(2)]
     x = problems[0]["x"]
