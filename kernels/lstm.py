@@ -285,9 +285,9 @@ def _transposed_split(acc_i, acc_f, acc_g, acc_o, acc, BB: tl.constexpr, BH: tl.
 # checks that its 8 codes are 8 consecutive units of one program and returns NaN otherwise, so another layout would
 # fail loudly, never silently.
 #
-# RING holds, per program (in program order along axes 0, 1, 2), a DSMEM_BLOCK of bytes: its [BB, BK] int16 codes,
-# then (on the interpreter, which has no shared memory between programs and no inline PTX) its two slots, at the
-# same byte offsets as in shared memory.
+# RING holds, per program (in program order along axes 0, 1, 2), a block of BB * BK * 2 + SLOTS bytes (_dsmem_block):
+# its [BB, BK] int16 codes, then (on the interpreter, which has no shared memory between programs and no inline PTX)
+# its two slots, at the same byte offsets as in shared memory.
 def _smem_address(offset: str, size: str) -> str:
     """PTX: %a = the shared address of byte `offset` of the slots, which end the dynamic shared memory and take
     `size` bytes of it."""
@@ -299,7 +299,9 @@ SMEM_PUT = tl.constexpr("{\n\t.reg .b32 %a, %n;\n\t" + _smem_address("$2", "$3")
                         + "st.shared.b16 [%a], $1;\n\tmov.b32 $0, 0;\n\t}")
 # A unit's code: (rank << CODE_SHIFT) | the byte of its value in slot 0 of that rank; ABSENT for a rank past the
 # cluster's. A step adds its slot's offset (SLOTS // 2 <= 1024 bytes: dsmem_applies) to every code.
-CODE_SHIFT: tl.constexpr = tl.constexpr(11)
+_CODE_BITS = 11
+CODE_SHIFT: tl.constexpr = tl.constexpr(_CODE_BITS)
+BYTE_MASK: tl.constexpr = tl.constexpr((1 << _CODE_BITS) - 1)
 ABSENT: tl.constexpr = tl.constexpr(-32768)
 # pack = 8: $0-$3 the 8 16-bit values, $4-$11 their codes, $12 (-$19) the slots' size. All 1 bits (NaN in float16 and
 # bfloat16) unless the codes are 8 consecutive units of one present rank.
@@ -307,7 +309,8 @@ DSMEM_GET = tl.constexpr(
     "{\n\t.reg .b32 %a, %n, %d, %c;\n\t.reg .pred %p;\n\tsetp.ge.s32 %p, $4, 0;\n\t"
     + "".join(f"add.s32 %c, $4, {2 * i};\n\tsetp.eq.and.s32 %p, ${4 + i}, %c, %p;\n\t" for i in range(1, 8))
     + "mov.b32 $0, -1;\n\tmov.b32 $1, -1;\n\tmov.b32 $2, -1;\n\tmov.b32 $3, -1;\n\t"
-    + "and.b32 %c, $4, 2047;\n\t" + _smem_address("%c", "$12") + "shr.u32 %c, $4, 11;\n\t"
+    + f"and.b32 %c, $4, {(1 << _CODE_BITS) - 1};\n\t" + _smem_address("%c", "$12")
+    + f"shr.u32 %c, $4, {_CODE_BITS};\n\t"
     "@%p mapa.shared::cluster.u32 %d, %a, %c;\n\t@%p ld.shared::cluster.v4.b32 {$0, $1, $2, $3}, [%d];\n\t}")
 DSMEM_GET_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
 
@@ -358,7 +361,7 @@ def _slot_pull(codes, slot, RING, BB: tl.constexpr, BK: tl.constexpr, SLOTS: tl.
     else:
         present = c >= 0
         base = _dsmem_block(tl.where(present, c >> CODE_SHIFT, 0), BB, BK, SLOTS) + BB * BK * 2
-        x = tl.load(RING.to(tl.pointer_type(tl.int16)) + (base + (c & 2047)) // 2, mask=present, other=0,
+        x = tl.load(RING.to(tl.pointer_type(tl.int16)) + (base + (c & BYTE_MASK)) // 2, mask=present, other=0,
                     volatile=True)
     return x.to(DT, bitcast=True)
 
