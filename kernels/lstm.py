@@ -1932,7 +1932,9 @@ def _launch_as_cluster(kernel, grid, args: tuple, meta: dict) -> None:
         raise RuntimeError(f"exchange='cluster': {kernel.fn.__name__} needs global scratch memory, which a cluster "
                            "launch through Triton's launcher would under-allocate")
     launch = compiled.run  # (loads the module: compiled.function is set from here on)
-    named = {**dict(zip(kernel.arg_names, args)), **{k: v for k, v in meta.items() if k in kernel.arg_names}}
+    # Every parameter in order, as JITFunction.run binds them: the arguments, the meta's, the defaults of the rest.
+    named = {**{name: p.default for name, p in kernel.signature.parameters.items() if p.default is not p.empty},
+             **dict(zip(kernel.arg_names, args)), **{k: v for k, v in meta.items() if k in kernel.arg_names}}
     params = [named[name] for name in kernel.arg_names]
     stream = torch.cuda.current_stream().cuda_stream
     shared = cluster_launch_shared(compiled.metadata.shared, meta)

@@ -122,7 +122,7 @@ def test_wrong_cell_is_reported_not_timed():
     assert not timed and "tritonlstm_ms" not in out
 
 
-def test_agreeing_cell_is_checked_then_timed(monkeypatch):
+def test_agreeing_cell_is_checked_then_timed(monkeypatch, tmp_path):
     import torch
 
     for fn in ("synchronize", "reset_peak_memory_stats"):
@@ -133,6 +133,39 @@ def test_agreeing_cell_is_checked_then_timed(monkeypatch):
     times = iter([[0.5, 0.4, 0.6], [2.0, 1.9, 2.1]])
     out = bench.check_then_time(lambda: x, lambda: x, 1e-2, timer=lambda *a, **k: next(times))
     assert out["speedup"] == pytest.approx(4.0) and out["cudnn_peak_mb"] == 1.0 and "error" not in out
+    assert "tritonlstm_host_ms" not in out  # (no host time with another timer, unless asked)
+
+    # The host's time per call of each side, beside the GPU's, into results.json's "host" list (the rows keep their
+    # keys): here ours spends 0.45 ms of its 0.5 on the host, a host-bound cell.
+    times = iter([[0.5, 0.4, 0.6], [2.0, 1.9, 2.1]])
+    host = iter([0.45, 0.1])
+    out = bench.check_then_time(lambda: x, lambda: x, 1e-2, timer=lambda *a, **k: next(times),
+                                host_timer=lambda fn, grad_to_none: next(host))
+    assert (out["tritonlstm_host_ms"], out["cudnn_host_ms"]) == (0.45, 0.1)
+    row = {**bench.cell_row(("float16", 256, 16, 256, 1, False, "fwd")), **out}
+    bench.write_results(tmp_path, ENV, [row], heatmap=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["host"] == [{**{k: row[k] for k in bench.CELL_KEYS}, "tritonlstm_host_ms": 0.45,
+                             "cudnn_host_ms": 0.1}]
+    assert list(data["rows"][0]) == list(bench.ROW_KEYS)
+
+
+def test_host_time_is_the_calls_queued_behind_a_sleep_kernel(monkeypatch):
+    """bench.host_ms: the sleep holds the GPU, the calls are timed on the host alone, each with its gradients reset
+    first (as do_bench's grad_to_none), and the device waited for after the clock stops."""
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: seen.append("sync"))
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: seen.append(("sleep", cycles)))
+    x = torch.zeros(2, requires_grad=True)
+    x.grad = torch.ones(2)
+
+    def call():
+        seen.append(("call", x.grad))
+
+    ms = bench.host_ms(call, [x], calls=3, sleep_cycles=7)
+    assert ms >= 0 and seen == ["sync", ("sleep", 7), ("call", None), ("call", None), ("call", None), "sync"]
 
 
 def test_training_cell_checks_every_gradient_before_timing(monkeypatch):

@@ -24,6 +24,7 @@ ROW_KEYS = ("dtype", "hidden", "batch", "seq", "layers", "bidirectional", "mode"
             "speedup", "tritonlstm_peak_mb", "cudnn_peak_mb", "max_rel_err")
 CELL_KEYS = ROW_KEYS[:7]
 QUANTILE_KEYS = ("tritonlstm_ms_q20", "tritonlstm_ms_q80", "cudnn_ms_q20", "cudnn_ms_q80")
+HOST_KEYS = ("tritonlstm_host_ms", "cudnn_host_ms")
 DTYPES = ("float16", "bfloat16", "float32")
 MODES = ("fwd", "fwdbwd")
 # (layers, bidirectional) rows measured at H = 512, B = 16 besides the single-layer matrix.
@@ -161,15 +162,38 @@ def warm_cell(dtype_name: str, hidden: int, batch: int, seq: int, layers: int, b
             y.backward(torch.ones_like(y))
 
 
-def check_then_time(ours, cudnn, limit: float, grad_to_none=(), timer=None, grads=None) -> dict:
+def host_ms(fn, grad_to_none=(), calls: int = 5, sleep_cycles: int = 100_000_000) -> float:
+    """The host's time per call in ms: the calls queued while a sleep kernel (~50 ms) holds the GPU, so that it
+    cannot pace them. A cell whose time is near it is host-bound (perf/NOTES.md, session 19); a call that waits for
+    the GPU somewhere shows as the sleep's length."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(sleep_cycles)
+    start = time.perf_counter()
+    for _ in range(calls):
+        for t in grad_to_none:
+            t.grad = None
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
+def check_then_time(ours, cudnn, limit: float, grad_to_none=(), timer=None, grads=None, host_timer=None) -> dict:
     """Compares the two outputs first, and with grads = (ours' leaves, cuDNN's leaves, limit) the gradients each
-    call leaves in them, pair by pair; times both (median, q20, q80 and peak memory) only if they agree."""
+    call leaves in them, pair by pair; times both (median, q20, q80, the host's time per call and peak memory) only
+    if they agree. host_timer(fn, grad_to_none) -> ms: host_ms with the default timer, none with another."""
     import torch
 
     from tritonlstm.functional import synchronize
 
     if timer is None:
         from triton.testing import do_bench as timer
+
+        host_timer = host_timer or host_ms
 
     def call(fn, leaves):
         for t in grad_to_none:
@@ -193,6 +217,8 @@ def check_then_time(ours, cudnn, limit: float, grad_to_none=(), timer=None, grad
             return out
     for name, fn in (("tritonlstm", ours), ("cudnn", cudnn)):
         ms = timer(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8], grad_to_none=list(grad_to_none))
+        if host_timer is not None:
+            out[f"{name}_host_ms"] = host_timer(fn, grad_to_none)
         # Peak memory of one call on its own: inside do_bench it would include do_bench's 256 MB cache-flush
         # buffer (both sides alike, which flattered the ratio in runs 1-3).
         for t in grad_to_none:
@@ -242,8 +268,11 @@ def write_results(out: Path, env: dict, rows: list[dict], heatmap: bool = True) 
     # (perf/NOTES.md), and a wide spread within one call says the time itself varies from launch to launch.
     spread = [{**{k: r[k] for k in CELL_KEYS}, **{k: r.get(k) for k in QUANTILE_KEYS}}
               for r in rows if any(r.get(k) is not None for k in QUANTILE_KEYS)]
-    (out / "results.json").write_text(json.dumps({**env, "rows": clean, "errors": errors, "spread": spread},
-                                                 indent=1))
+    # The host's time per call of each side (host_ms): where it reaches the median, the cell is host-bound.
+    host = [{**{k: r[k] for k in CELL_KEYS}, **{k: r.get(k) for k in HOST_KEYS}}
+            for r in rows if any(r.get(k) is not None for k in HOST_KEYS)]
+    (out / "results.json").write_text(json.dumps({**env, "rows": clean, "errors": errors, "spread": spread,
+                                                  "host": host}, indent=1))
     with open(out / "results.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=ROW_KEYS)
         wr.writeheader()
