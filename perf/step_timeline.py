@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from launch_spread import parse_cells  # noqa: E402
 
-from tritonlstm.bench import write_rows_json  # noqa: E402
+from tritonlstm.bench import host_ms, write_rows_json  # noqa: E402
 
 DEFAULT_CELLS = "float16:256:16,float16:256:1,float16:512:16,bfloat16:512:16"
 GAP_US = 10.0  # gaps shorter than this are launch latency, not named one by one
@@ -67,25 +67,6 @@ def summarise(events: list[dict]) -> dict:
     kernels = [{"name": e["name"][:80], "us": e["dur"]} for e in events]
     return {"span_us": span, "busy_us": busy, "gaps_us": sum(g["us"] for g in gaps), "kernels": kernels,
             "gaps": gaps}
-
-
-def host_time_us(call, calls: int = 10, sleep_cycles: int = 200_000_000) -> float:
-    """The host's time per call, without the profiler: the calls are queued behind a ~0.1 s sleep kernel, so the
-    GPU runs none of them while the host queues them and the wall time is the host's alone. A call that waits for
-    the GPU anywhere (a sync) takes the rest of the sleep: a figure near 0.1 s / calls says so."""
-    import time
-
-    import torch
-
-    from tritonlstm.functional import synchronize
-
-    torch.cuda._sleep(sleep_cycles)
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    elapsed = time.perf_counter() - start
-    synchronize()
-    return elapsed / calls * 1e6
 
 
 def host_profile(call, path: Path, calls: int = 20, sleep_cycles: int = 1_000_000_000) -> None:
@@ -155,7 +136,7 @@ def profile_cell(dtype_name: str, hidden: int, batch: int, seq: int, mode: str, 
         for _ in range(5):
             call()
         synchronize()
-        host_us = host_time_us(call)
+        host_us = host_ms(call, calls=10) * 1e3
         if host_profile_dir and name == "tritonlstm":
             host_profile(call, Path(host_profile_dir) / f"hostprof-{dtype_name}-{hidden}-{batch}-{mode}.txt")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
