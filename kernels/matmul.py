@@ -29,6 +29,15 @@ from tritonlstm.kernels.lstm import _exp2_bits, _half_exp, launch_or_compile
 
 
 @triton.jit
+def _k_tiles(a_rows, b_cols, k0, rk, rm, rn, M, N, k_hi, s_ak, s_bk):
+    # The [BM, BK] tile of A and the [BK, BN] tile of B at K offset k0 (zeros past M, N and k_hi).
+    kk = (k0 + rk).to(tl.int64)
+    a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
+    b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
+    return a, b
+
+
+@triton.jit
 def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, k_split, s_cz,
                   PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, SCALED: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -61,20 +70,14 @@ def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, 
     if AHEAD:
         # Unpipelined launches (num_stages=1: MN-major tiles through registers, MN_MAJOR_LOADS): each step's loads
         # are issued before the previous step's dot, so their latency runs under it. The last step's are masked off.
-        kk = (k_lo + rk).to(tl.int64)
-        a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
-        b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
+        a, b = _k_tiles(a_rows, b_cols, k_lo, rk, rm, rn, M, N, k_hi, s_ak, s_bk)
         for k0 in range(k_lo + BK, k_hi + BK, BK):
-            kk = (k0 + rk).to(tl.int64)
-            a_next = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
-            b_next = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
+            a_next, b_next = _k_tiles(a_rows, b_cols, k0, rk, rm, rn, M, N, k_hi, s_ak, s_bk)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a, b = a_next, b_next
     else:
         for k0 in range(k_lo, k_hi, BK):
-            kk = (k0 + rk).to(tl.int64)
-            a = tl.load(a_rows + kk[None, :] * s_ak, mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
-            b = tl.load(b_cols + kk[:, None] * s_bk, mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
+            a, b = _k_tiles(a_rows, b_cols, k0, rk, rm, rn, M, N, k_hi, s_ak, s_bk)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if SCALED:
         # In two halves of the exponent, so that no partial scale leaves float32's normal range where C does not.
