@@ -1951,7 +1951,23 @@ def cluster_launch_shared(kernel_shared: int, meta: dict) -> int:
     (lstm_fwd_kernel's SLOTS) after it, 16-aligned, at the end, where the kernel finds them (_smem_address)."""
     if not meta.get("DSMEM"):
         return kernel_shared
-    return -(-kernel_shared // 16) * 16 + 2 * meta["BB"] * meta["BH"] * 2
+    return -(-kernel_shared // 16) * 16 + dsmem_slots_bytes(meta["BB"], meta["BH"])
+
+
+def dsmem_slots_bytes(block_b: int, block_h: int) -> int:
+    """A program's two [BB, BH] 16-bit slots of exchange "dsmem" (the kernels' SLOTS): within the codes' bytes,
+    DSMEM_MAX_SLOTS, where dsmem_applies."""
+    return 2 * block_b * block_h * 2
+
+
+DSMEM_MAX_SLOTS = 1 << _CODE_BITS
+
+
+def dsmem_ring(programs: int, block_b: int, block_h: int, block_k: int, device) -> torch.Tensor:
+    """Exchange "dsmem"'s RING: a block per program (the kernels' _dsmem_block) of its codes ([BB, BK] int16) and,
+    used on the interpreter only, its two slots."""
+    return torch.empty(programs * (block_b * block_k + dsmem_slots_bytes(block_b, block_h) // 2), dtype=torch.int16,
+                       device=device)
 
 
 _shared_allowed: dict[int, int] = {}
@@ -2171,7 +2187,8 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     tagged = config.exchange.startswith("tagged")
     pack = _tag_pack(dt, config) if tagged else 1
     dsmem = dsmem_applies(config, dt, B)
-    ring = _tag_ring(h0, pack) if tagged else _dsmem_blocks(grid, config, dev) if dsmem else sync
+    ring = _tag_ring(h0, pack) if tagged else \
+        dsmem_ring(grid[0] * grid[1] * grid[2], config.block_b, config.block_h, config.block_k, dev) if dsmem else sync
     half = _half_w(config, dt)
     w_dot, _, wscale = _half_weights(w_hh, h0) if half else (w_hh, None, c_ws)
     args = (gx, gates, w_dot, w_dot, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
@@ -2186,20 +2203,13 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
 
-def _dsmem_blocks(grid, config, device) -> torch.Tensor:
-    """Exchange "dsmem"'s RING: a block per program of its codes ([BB, BK] int16) and, used on the interpreter
-    only, its two [BB, BH] 16-bit slots (the kernel's _dsmem_block)."""
-    per_program = config.block_b * (config.block_k + 2 * config.block_h)
-    return torch.empty(grid[0] * grid[1] * grid[2] * per_program, dtype=torch.int16, device=device)
-
-
 def dsmem_applies(config, dtype: torch.dtype, batch: int) -> bool:
     """The forward's DSMEM constexpr: exchange "dsmem" where its kernel path applies (16-bit, the transposed dots
     resident in one K chunk, one batch tile a program, and a program's two slots within the codes' 11 bits of bytes:
     BB * BH <= 512); elsewhere the launch runs as exchange "cluster". (The transposed tiles' 16 or 32 units a program
     are whole 16-byte loads.)"""
     one_chunk = config.transposed and config.w_resident and transposed_chunk(config, dtype.itemsize) == config.block_k
-    fits = 4 * config.block_b * config.block_h <= 1 << CODE_SHIFT.value
+    fits = dsmem_slots_bytes(config.block_b, config.block_h) <= DSMEM_MAX_SLOTS
     return (config.exchange == "dsmem" and dtype.itemsize == 2 and one_chunk and fits
             and cdiv(batch, config.block_b) <= config.batch_groups)
 

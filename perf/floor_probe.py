@@ -47,6 +47,7 @@ import triton.language as tl
 
 from tritonlstm.bench import write_rows_json
 from tritonlstm.kernels.lstm import (
+    DSMEM_MAX_SLOTS,
     FENCES,
     _cluster_arrive,
     _cluster_barrier,
@@ -58,6 +59,8 @@ from tritonlstm.kernels.lstm import (
     _slot_pull,
     _slot_put,
     cluster_size_ok,
+    dsmem_ring,
+    dsmem_slots_bytes,
     interpreting,
 )
 
@@ -164,9 +167,9 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
 
     if mode in CLUSTERED and not cluster_size_ok(P):
         raise ValueError(f"{mode}: {P} programs; Triton's launcher launches clusters of at most 8, or 16")
-    if mode == "dsmem" and (u.dtype.itemsize != 2 or 4 * meta["BB"] * block_h > 2048):
-        raise ValueError(f"dsmem: 16-bit values and 4 * BB * BH <= 2048 bytes of slots (kernels.lstm.dsmem_applies), "
-                         f"got {u.dtype}, BB = {meta['BB']}, BH = {block_h}")
+    if mode == "dsmem" and (u.dtype.itemsize != 2 or dsmem_slots_bytes(meta["BB"], block_h) > DSMEM_MAX_SLOTS):
+        raise ValueError(f"dsmem: 16-bit values and at most {DSMEM_MAX_SLOTS} bytes of slots (kernels.lstm."
+                         f"dsmem_applies), got {u.dtype}, BB = {meta['BB']}, BH = {block_h}")
     if mode == "dsmem":
         meta["DSMEM"] = True  # (for cluster_launch_shared: the slots beyond the kernel's shared memory)
 
@@ -175,8 +178,8 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
         sync = torch.zeros(1, dtype=torch.int32, device=u.device)
         flags = torch.zeros(meta["PB"], dtype=torch.int32, device=u.device)
         err = torch.zeros(1, dtype=torch.int32, device=u.device)
-        ring = torch.empty(P * meta["BB"] * (meta["BK"] + 2 * block_h) if mode == "dsmem" else 1, dtype=torch.int16,
-                           device=u.device)
+        ring = dsmem_ring(P, meta["BB"], block_h, meta["BK"], u.device) if mode == "dsmem" else \
+            torch.empty(1, dtype=torch.int16, device=u.device)
         args = (u, y, sync, flags, err, ring, T, B, H, max_spin)
         if mode in CLUSTERED and not interpreting():
             _launch_as_cluster(floor_probe_kernel, (P, 1, 1), args, meta)
