@@ -51,6 +51,7 @@ from triton.runtime.interpreter import InterpretedFunction
 # triton.next_power_of_2 are constexpr_function wrappers costing ~3 us a call on the host (perf/NOTES.md v0.33).
 from tritonlstm.configs import MAX_CLUSTER, MAX_PORTABLE_CLUSTER, cdiv, cluster_size_ok, for_kernel
 from tritonlstm.configs import _pow2 as next_power_of_2
+from tritonlstm.kernels import launcher
 
 
 def interpreting() -> bool:
@@ -1872,7 +1873,7 @@ def launch_or_compile(kernel, grid, args: tuple, **meta) -> bool:
     if _compiling_only.get():
         kernel.warmup(*args, grid=grid, **meta)
         return False
-    kernel[grid](*args, **meta)
+    launcher.launch(kernel, grid, args, meta)
     return True
 
 
@@ -1914,11 +1915,11 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
             if cluster:
                 _launch_as_cluster(kernel, grid, (*args, start, min(chunk, n_steps - start), config.max_spin), meta)
             else:
-                kernel[grid](*args, start, min(chunk, n_steps - start), config.max_spin, **meta)
+                launcher.launch(kernel, grid, (*args, start, min(chunk, n_steps - start), config.max_spin), meta)
         barrier_errors.launched(device, capturing)
     else:
         for step in range(n_steps):
-            kernel[grid](*args, step, 1, config.max_spin, **meta)
+            launcher.launch(kernel, grid, (*args, step, 1, config.max_spin), meta)
 
 
 def _launch_as_cluster(kernel, grid, args: tuple, meta: dict) -> None:
@@ -1926,16 +1927,15 @@ def _launch_as_cluster(kernel, grid, args: tuple, meta: dict) -> None:
     cluster: built as usual (one CTA a program, num_ctas = 1, whose tl.program_id(0) reads %ctaid.x: compile-
     checked), then handed to Triton's launcher with num_ctas = grid[0] in its metadata, which makes it launch
     1 x grid[0] CTAs along x with that cluster dimension (and allow 16, non-portable, on an H100)."""
-    compiled = kernel.warmup(*args, grid=grid, **meta)
+    found = launcher.compiled_kernel(kernel, args, meta)
+    if found is None:
+        raise RuntimeError(f"exchange='cluster': {kernel.fn.__name__}'s arguments cannot be bound for a cluster launch")
+    compiled, params = found
     if compiled.metadata.global_scratch_size or compiled.metadata.profile_scratch_size:
         # The launcher sizes scratch memory by the grid it is given (x = 1 here), not the CTAs it launches.
         raise RuntimeError(f"exchange='cluster': {kernel.fn.__name__} needs global scratch memory, which a cluster "
                            "launch through Triton's launcher would under-allocate")
     launch = compiled.run  # (loads the module: compiled.function is set from here on)
-    # Every parameter in order, as JITFunction.run binds them: the arguments, the meta's, the defaults of the rest.
-    named = {**{name: p.default for name, p in kernel.signature.parameters.items() if p.default is not p.empty},
-             **dict(zip(kernel.arg_names, args)), **{k: v for k, v in meta.items() if k in kernel.arg_names}}
-    params = [named[name] for name in kernel.arg_names]
     stream = torch.cuda.current_stream().cuda_stream
     shared = cluster_launch_shared(compiled.metadata.shared, meta)
     if shared > compiled.metadata.shared:

@@ -1,0 +1,117 @@
+"""Kernel launches with less host time than `kernel[grid](*args, **meta)`.
+
+Triton's `JITFunction.run` recomputes the specialisation of every argument on every launch (its binder: one
+`native_specialize_impl` per argument), builds a cache key string from it and checks the kernel's globals: ~24 us
+of host time for lstm_fwd_kernel's 25 arguments and 27 keywords on the CI CPU, against ~1.6 us for handing the
+compiled kernel's launcher its arguments (perf/NOTES.md v0.49). A short sequence's forward and a small training
+step are host-bound on a GPU, so that difference is part of their time.
+
+`launch` keys the compiled kernel by what the specialisation depends on, computed directly: each tensor's dtype
+and 16-byte alignment, each integer's class (1, a multiple of 16, 32- or 64-bit), the keywords (constexprs and
+options) and the current device. The key distinguishes everything Triton's specialisation distinguishes (it may
+distinguish more: a second entry for one compiled kernel, never one entry for two), so a hit is the kernel
+`JITFunction.run` would pick. A miss compiles through `kernel.warmup` (Triton's own binder and caches) and records
+the entry. Either way the launch goes through the compiled kernel's launcher with the arguments, hooks and launch
+metadata `JITFunction.run` passes it.
+
+Arguments of another kind than tensors, ints, bools, floats and None, runtime arguments given as keywords,
+kernels with pre-run hooks and the CPU interpreter's kernels go through `kernel[grid]` as before.
+"""
+
+import torch
+from triton import knobs
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+MAX_ENTRIES = 1024
+_entries: dict = {}
+_constexpr_names: dict = {}
+
+
+def _int_class(v: int) -> tuple:
+    # Triton 3.6: 1 is a constexpr, multiples of 16 are marked divisible, and the type is i32 / i64 / u64 by range.
+    return (v == 1, v % 16 == 0, -0x80000000 <= v < 0x80000000, -0x8000000000000000 <= v < 0x8000000000000000)
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    kind = type(a)
+    if kind is int:
+        return _int_class(a)
+    if kind is bool or a is None:
+        return a
+    if kind is float:
+        return float
+    raise TypeError
+
+
+def _bindable(kernel, meta: dict) -> bool:
+    """Whether every keyword is a constexpr or an option (num_warps, ...), not a runtime argument."""
+    names = _constexpr_names.get(kernel)
+    if names is None:
+        names = _constexpr_names[kernel] = (frozenset(p.name for p in kernel.params if p.is_constexpr),
+                                            frozenset(kernel.arg_names))
+    constexprs, arg_names = names
+    return all(k in constexprs or k not in arg_names for k in meta)
+
+
+def _entry(kernel, args: tuple, meta: dict, key):
+    """(compiled kernel, the parameters after args in signature order) for this specialisation: from the cache, or
+    compiled through kernel.warmup and recorded."""
+    found = _entries.get(key)
+    if found is not None:
+        return found
+    compiled = kernel.warmup(*args, grid=(1, 1, 1), **meta)
+    if hasattr(compiled, "result"):  # compiled under triton's AsyncCompileMode
+        compiled = compiled.result()
+    # As JITFunction.run binds them: the positional arguments, then each later parameter from the keywords or its
+    # default.
+    named = {name: param.default for name, param in kernel.signature.parameters.items()
+             if param.default is not param.empty}
+    named.update((k, v) for k, v in meta.items() if k in kernel.arg_names)
+    tail = tuple(named[name] for name in kernel.arg_names[len(args):])
+    if len(_entries) >= MAX_ENTRIES:
+        _entries.clear()
+    _entries[key] = found = (compiled, tail)
+    return found
+
+
+def compiled_kernel(kernel, args: tuple, meta: dict):
+    """(compiled kernel, every parameter in signature order) of kernel[grid](*args, **meta), compiling it if need
+    be (nothing launched), or None where `launch` would not cache it."""
+    key = _key(kernel, args, meta)
+    if key is None:
+        return None
+    compiled, tail = _entry(kernel, args, meta, key)
+    return compiled, (*args, *tail)
+
+
+def _key(kernel, args: tuple, meta: dict):
+    if not isinstance(kernel, JITFunction) or kernel.pre_run_hooks or not _bindable(kernel, meta):
+        return None
+    try:
+        arg_keys = tuple(map(_arg_key, args))
+    except TypeError:
+        return None
+    return (kernel, driver.active.get_current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+            tuple(meta.items()), arg_keys)
+
+
+def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
+    """kernel[grid](*args, **meta) on the current device and stream, through the launch cache."""
+    found = compiled_kernel(kernel, args, meta)
+    if found is None:
+        kernel[grid](*args, **meta)
+        return
+    compiled, params = found
+    grid = (*grid, 1, 1)[:3]
+    run = compiled.run  # loads the module on its first use (and raises OutOfResources where it does not fit)
+    stream = driver.active.get_current_stream(driver.active.get_current_device())
+    run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+        compiled.launch_metadata(grid, stream, *params), knobs.runtime.launch_enter_hook,
+        knobs.runtime.launch_exit_hook, *params)
+
+
+def clear() -> None:
+    _entries.clear()

@@ -1,0 +1,94 @@
+"""kernels.launcher (perf/NOTES.md v0.49): its launches hand Triton's launcher what `kernel[grid](...)` hands it,
+the same compiled kernel included, for every specialisation Triton distinguishes. Checked through a stand-in driver
+that compiles for sm_90 and records each launch instead of running it (no GPU needed)."""
+
+from helpers import run_python
+
+SPECIALISATIONS = """
+import torch
+from tritonlstm.compilecheck import launch_onto_nothing
+
+calls = []
+launch_onto_nothing(lambda *args: calls.append(args))
+from tritonlstm.kernels import launcher
+from tritonlstm.kernels.reduce import column_sums_kernel as kernel, BLOCK_ROWS, BLOCK_COLS
+
+warmups = []
+warmup = kernel.warmup
+kernel.warmup = lambda *a, **kw: warmups.append(1) or warmup(*a, **kw)
+base = torch.zeros(4096, dtype=torch.float16)
+half, single = base[:2048].view(32, 64), torch.zeros(32, 64)
+part = torch.zeros(64, dtype=torch.float32)
+meta = dict(BN=BLOCK_ROWS, BC=BLOCK_COLS)
+cases = [
+    (half, part, 32, 64, 16),             # the first: compiled
+    (base[16:2064].view(32, 64), part, 32, 64, 16),  # another 16-byte aligned tensor: the same entry
+    (base[1:2049].view(32, 64), part, 32, 64, 16),   # misaligned
+    (single, part, 32, 64, 16),           # another dtype
+    (half, part, 1, 64, 16),              # an int of 1 (a constexpr in Triton's specialisation)
+    (half, part, 33, 64, 16),             # not a multiple of 16
+    (half, part, 2 ** 31, 64, 16),        # 64-bit
+    (half, part, 48, 64, 16),             # a multiple of 16 again: the first's entry
+]
+same = []
+for args in cases:
+    kernel[(2, 1)](*args, **meta)
+    jit = calls.pop()
+    launcher.launch(kernel, (2, 1), args, meta)
+    ours = calls.pop()
+    same.append(ours[:4] == jit[:4] and ours[4] is jit[4] and ours[5] == jit[5] and type(ours[6]) is type(jit[6])
+                and ours[7:] == jit[7:])
+print(all(same), same.index(False) if False in same else -1, len(warmups), len(launcher._entries))
+"""
+
+
+def test_launch_cache_picks_the_compiled_kernel_tritons_run_picks():
+    """Each case launched by kernel[grid] and by launcher.launch: the same grid, stream, function (the compiled
+    kernel's, by identity), metadata, hooks and arguments (the launch metadata is a new object each launch). The cases cross every class of Triton's specialisation; a key
+    that left one out (alignment, dtype, 1, divisibility by 16, 64-bit) would hand the launcher the compiled kernel
+    of another case. Six entries for eight cases: the second and the last reuse the first's, without compiling."""
+    proc = run_python("-c", SPECIALISATIONS, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "-1", "6", "6"], proc.stdout
+
+
+LAYER_LAUNCH = """
+import torch
+from tritonlstm.compilecheck import launch_onto_nothing
+
+calls = []
+launch_onto_nothing(lambda *args: calls.append(args))
+from tritonlstm import configs
+from tritonlstm.kernels import launcher, lstm as k
+
+configs.device_limits = lambda device: (132, configs.SM90_SHARED)
+k.barrier_errors.check = lambda device, wait=False: None
+k.barrier_errors.launched = lambda device, capturing: None
+k._check_residency = lambda *args: None
+T, B, H = 3, 16, 32
+gx = torch.randn(T, B, 4 * H, dtype=torch.bfloat16)
+w = torch.randn(1, 4 * H, H, dtype=torch.bfloat16)
+bias, h0 = torch.randn(1, 4 * H), torch.randn(1, B, H, dtype=torch.bfloat16)
+config = configs._device_pick(H, B, torch.bfloat16, 132, configs.SM90_SHARED, "fwd", 1, 1)
+def forward():
+    k.lstm_forward(gx, w, bias, h0, torch.zeros(1, B, H), None, reverse=False, store_gates=True, config=config)
+forward()
+launch = launcher.launch
+launcher.launch = lambda kernel, grid, args, meta: kernel[grid](*args, **meta)
+forward()
+launcher.launch = launch
+forward()
+ours, jit, again = calls
+same = lambda a, b: a[:4] == b[:4] and a[4] is b[4] and a[5] == b[5] and a[7:9] == b[7:9] and len(a) == len(b) and all(
+    x is y or x == y if not isinstance(x, torch.Tensor) else x.shape == y.shape and x.dtype == y.dtype
+    for x, y in zip(a[9:], b[9:]))
+print(same(ours, jit), same(again, jit), len(ours) - 9 == len(k.lstm_fwd_kernel.arg_names))
+"""
+
+
+def test_forward_launch_through_the_cache_matches_tritons_own():
+    """lstm_forward's launch (25 arguments, 27 keywords) through the cache, before and after a launch by
+    kernel[grid]: what reaches the launcher is the same (function, metadata, every parameter in order)."""
+    proc = run_python("-c", LAYER_LAUNCH, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True"] * 3, proc.stdout
