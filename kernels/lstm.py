@@ -38,6 +38,7 @@ t = LAST[b] - s, so each sequence starts at its own end.
 
 import contextlib
 import contextvars
+import functools
 import math
 import warnings
 
@@ -2014,6 +2015,12 @@ def _barrier_state(config, grid, device, stack: bool = False) -> tuple[torch.Ten
     """The zeroed barrier state of a launch and the kernels' FLAGS and NP constexprs: one counter per barrier
     (per direction and batch group; a stack's spans its layers), or with exchange "flags" NP flags per barrier,
     NP >= its programs (grid[0], times the layers of a stack)."""
+    words, flags = _barrier_layout(config, grid, stack)
+    return torch.zeros(words, device=device, dtype=torch.int32), flags
+
+
+def _barrier_layout(config, grid, stack: bool = False) -> tuple[int, dict]:
+    """_barrier_state's int32 words and constexprs."""
     P, Q, Z = grid
     barriers = Q if stack else Q * Z
     cluster = config.clustered
@@ -2022,9 +2029,9 @@ def _barrier_state(config, grid, device, stack: bool = False) -> tuple[torch.Ten
                          f"{MAX_PORTABLE_CLUSTER} programs a barrier, or exactly {MAX_CLUSTER} (the cluster sizes "
                          f"Triton's launcher can launch), got {'a stack' if stack else f'{P} programs'}")
     if config.exchange != "flags":
-        return torch.zeros(barriers, device=device, dtype=torch.int32), dict(FLAGS=False, NP=1, CLUSTER=cluster)
+        return barriers, dict(FLAGS=False, NP=1, CLUSTER=cluster)
     np_ = next_power_of_2(P * Z if stack else P)
-    return torch.zeros(barriers * np_, device=device, dtype=torch.int32), dict(FLAGS=True, NP=np_, CLUSTER=False)
+    return barriers * np_, dict(FLAGS=True, NP=np_, CLUSTER=False)
 
 
 def _tag_pack(dtype: torch.dtype, config) -> int:
@@ -2170,11 +2177,11 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     None)."""
     T, B, _ = gx.shape
     D, G, H = w_hh.shape
-    config = for_kernel(config, "fwd")
-    _check_tiles(config, H)
-    _check_residency(config, H, D, gx.device)
     dt, dev = gx.dtype, gx.device
     lengths = last is not None
+    config, grid, words, constexprs = _forward_plan(config, dt, B, H, D, store_gates, bias is not None, lengths,
+                                                    _dot_precision(dt))
+    _check_residency(config, H, D, dev)
     y = _per_step((T, B, D * H), dt, dev, lengths)
     hn = _alloc((D, B, H), dt, dev)
     cn = _alloc((D, B, H), dt, dev)
@@ -2182,25 +2189,36 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
         raise ValueError("lstm_forward: gates_out needs store_gates=True and no lengths")
     gates = gates_out if gates_out is not None else _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
-    grid = (cdiv(H, config.block_h), config.batch_groups, D)
-    sync, flags = _barrier_state(config, grid, dev)
-    tagged = config.exchange.startswith("tagged")
-    pack = _tag_pack(dt, config) if tagged else 1
-    dsmem = dsmem_applies(config, dt, B)
-    ring = _tag_ring(h0, pack) if tagged else \
-        dsmem_ring(grid[0] * grid[1] * grid[2], config.block_b, config.block_h, config.block_k, dev) if dsmem else sync
-    half = _half_w(config, dt)
-    w_dot, _, wscale = _half_weights(w_hh, h0) if half else (w_hh, None, c_ws)
+    sync = torch.zeros(words, device=dev, dtype=torch.int32)
+    ring = _tag_ring(h0, constexprs["PACK"]) if constexprs["TAGGED"] else \
+        dsmem_ring(grid[0] * grid[1] * grid[2], config.block_b, config.block_h, config.block_k, dev) \
+        if constexprs["DSMEM"] else sync
+    w_dot, _, wscale = _half_weights(w_hh, h0) if constexprs["HALF_W"] else (w_hh, None, c_ws)
     args = (gx, gates, w_dot, w_dot, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
             last if last is not None else sync, sync, barrier_errors.flag(dev), ring, wscale, T, B, H, int(reverse))
-    _run(lstm_fwd_kernel, grid, T, config, dev, args,
-         dict(D=D, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False,
-              STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt), TAGGED=tagged, PACK=pack,
-              PROBE=config.exchange == "tagged-probe", MERGED=config.merged_gates, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize), PREFETCH=config.prefetches(B, H), HALF_W=half,
-              DSMEM=dsmem, **flags),
-         sync)
+    _run(lstm_fwd_kernel, grid, T, config, dev, args, constexprs, sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
+
+
+# What a launch's shapes and config decide, checked and built once per key: made on every launch, the checks and
+# the constexprs' dict were ~10 us of a host-bound call's host time (perf/NOTES.md v0.49). The dot precision is
+# in the key, as _half_w and DOT_PRECISION follow PyTorch's RNN precision setting.
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gates: bool, has_bias: bool,
+                  has_lengths: bool, precision: str):
+    """(config as the forward runs it, grid, barrier words, the kernel's constexprs) of an lstm_forward launch."""
+    config = for_kernel(config, "fwd")
+    _check_tiles(config, H)
+    grid = (cdiv(H, config.block_h), config.batch_groups, D)
+    words, flags = _barrier_layout(config, grid)
+    tagged = config.exchange.startswith("tagged")
+    constexprs = dict(D=D, HAS_BIAS=has_bias, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False,
+                      STORE_GATES=store_gates, DOT_PRECISION=precision, TAGGED=tagged,
+                      PACK=_tag_pack(dtype, config) if tagged else 1, PROBE=config.exchange == "tagged-probe",
+                      MERGED=config.merged_gates, TRANSPOSED=config.transposed,
+                      KC=transposed_chunk(config, dtype.itemsize), PREFETCH=config.prefetches(B, H),
+                      HALF_W=_half_w(config, dtype), DSMEM=dsmem_applies(config, dtype, B), **flags)
+    return config, grid, words, constexprs
 
 
 def dsmem_applies(config, dtype: torch.dtype, batch: int) -> bool:
@@ -2271,22 +2289,31 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
         return dg, dh0, dc0
-    grid = (cdiv(H, config.block_h), config.batch_groups, D)
-    sync, flags = _barrier_state(config, grid, dev)
-    tagged = config.exchange.startswith("tagged")  # the backward has no probe: "tagged-probe" runs as "tagged"
-    pack = _tag_pack(dt, config) if tagged else 1
+    grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt))
+    sync = torch.zeros(words, device=dev, dtype=torch.int32)
     # Zeros: slot 1 is dG of the step after the last (zero, tag 0); slot 0 carries no reader's tag before r = 1.
-    ring = torch.zeros((2, D, B, 4, cdiv(H, pack)), dtype=torch.int64, device=dev) if tagged else sync
-    w_t, part, scatter = _reduce_scatter_state(config, w_hh, B, sync)
-    half = _half_w(config, dt, backward=True)
-    amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), half, sync)
+    ring = torch.zeros((2, D, B, 4, cdiv(H, constexprs["PACK"])), dtype=torch.int64, device=dev) \
+        if constexprs["TAGGED"] else sync
+    w_t, part, _ = _reduce_scatter_state(config, w_hh, B, sync)
+    amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
             last if last is not None else sync, sync, barrier_errors.flag(dev), ring, w_t, part, amax, rmax, T, B, H,
             int(reverse))
-    _run(lstm_bwd_kernel, grid, T + 1, config, dev, args,
-         dict(D=D, HAS_LENGTHS=last is not None, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=_dot_precision(dt),
-              TAGGED=tagged, PACK=pack, PREFETCH=config.prefetches(B, H), HALF_W=half, **scatter, **flags), sync)
+    _run(lstm_bwd_kernel, grid, T + 1, config, dev, args, constexprs, sync)
     return dg, dh0, dc0
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengths: bool, precision: str):
+    """(grid, barrier words, the kernel's constexprs) of an lstm_backward launch on tiles, as _forward_plan."""
+    grid = (cdiv(H, config.block_h), config.batch_groups, D)
+    words, flags = _barrier_layout(config, grid)
+    tagged = config.exchange.startswith("tagged")  # the backward has no probe: "tagged-probe" runs as "tagged"
+    constexprs = dict(D=D, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=precision,
+                      TAGGED=tagged, PACK=_tag_pack(dtype, config) if tagged else 1,
+                      PREFETCH=config.prefetches(B, H), HALF_W=_half_w(config, dtype, backward=True),
+                      **reduce_scatter_constexprs(config, H), **flags)
+    return grid, words, constexprs
 
 
 def _half_grad_state(w_hh, rmax_shape, half: bool, dummy):
