@@ -44,9 +44,10 @@ print(all(same), same.index(False) if False in same else -1, len(warmups), len(l
 
 def test_launch_cache_picks_the_compiled_kernel_tritons_run_picks():
     """Each case launched by kernel[grid] and by launcher.launch: the same grid, stream, function (the compiled
-    kernel's, by identity), metadata, hooks and arguments (the launch metadata is a new object each launch). The cases cross every class of Triton's specialisation; a key
-    that left one out (alignment, dtype, 1, divisibility by 16, 64-bit) would hand the launcher the compiled kernel
-    of another case. Six entries for eight cases: the second and the last reuse the first's, without compiling."""
+    kernel's, by identity), metadata, hooks and arguments (the launch metadata is a new object each launch). The
+    cases cross every class of Triton's specialisation; a key that left one out (alignment, dtype, 1, divisibility
+    by 16, 64-bit) would hand the launcher the compiled kernel of another case. Six entries for eight cases: the
+    second and the last reuse the first's, without compiling."""
     proc = run_python("-c", SPECIALISATIONS, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "-1", "6", "6"], proc.stdout

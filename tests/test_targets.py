@@ -60,3 +60,22 @@ def test_cli_prints_the_report(tmp_path, capsys):
     assert targets.main([str(path)]) == 0
     assert "Issue 5" in capsys.readouterr().out
     assert targets.main([]) == 2
+
+
+def test_host_bound_cells_are_listed_with_cudnns_host_time(tmp_path, capsys):
+    """The bench's host time per call (results.json "host", beside the rows): cells whose host time reaches 80 % of
+    their median are listed, not counted against any target; a run without host times prints no such section."""
+    bound = _row("float16", 256, 16, ms=0.667, cudnn=0.347)
+    free = _row("float16", 1024, 256, ms=3.0, cudnn=4.0)
+    host = [{**{k: bound[k] for k in bound if k in ("dtype", "hidden", "batch", "seq", "layers", "bidirectional",
+                                                      "mode")}, "tritonlstm_host_ms": 0.6, "cudnn_host_ms": 0.15},
+            {**{k: free[k] for k in free if k in ("dtype", "hidden", "batch", "seq", "layers", "bidirectional",
+                                                    "mode")}, "tritonlstm_host_ms": 0.6, "cudnn_host_ms": 0.2}]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"gpu": "G", "rows": [bound, free], "errors": [], "host": host}))
+    assert targets.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Host-bound cells (not a target: our host time per call >= 80% of our median): 1 of 2 timed" in out
+    assert "float16 H=256 B=16 fwd: host 0.600 of 0.667 ms (cuDNN's host 0.150 of 0.347 ms)" in out
+    assert "H=1024 B=256 fwd: host" not in out
+    assert "Host-bound" not in targets.report([bound, free])

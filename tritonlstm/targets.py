@@ -103,7 +103,32 @@ def report(rows: list[dict]) -> str:
     lines += _line("4-layer forward within 1.5x of a 1-layer forward", ratio)
     lines += _line("stack memory of forward+backward <= cuDNN's + 10 % (not an issue-7 target; for the record)",
                    [memory((d, 512, 16), n, bi) for d in DTYPES for n, bi, _ in STACKS])
+    lines += _host_bound(rows)
     return "\n".join(lines)
+
+
+# A cell whose host time per call reaches this share of its median time is held by the host, not by its kernels.
+HOST_BOUND = 0.8
+
+
+def _host_bound(rows: list[dict]) -> list[str]:
+    """Not a target: the cells whose time is the host's (the bench's host time per call, `bench.host_ms`, at least
+    HOST_BOUND of the median), with cuDNN's host time beside. Where ours is, a faster kernel cannot move the cell
+    (perf/NOTES.md, session 19)."""
+    timed = [r for r in rows if not r.get("error") and isinstance(r.get("tritonlstm_host_ms"), (int, float))
+             and isinstance(r.get("tritonlstm_ms"), (int, float))]
+    if not timed:
+        return []
+    bound = [r for r in timed if r["tritonlstm_host_ms"] >= HOST_BOUND * r["tritonlstm_ms"]]
+    lines = ["", f"Host-bound cells (not a target: our host time per call >= {HOST_BOUND:.0%} of our median): "
+                 f"{len(bound)} of {len(timed)} timed"]
+    for r in bound:
+        theirs = r.get("cudnn_host_ms")
+        lines.append(f"    {_name(r['dtype'], r['hidden'], r['batch'], r['layers'], bool(r['bidirectional']))} "
+                     f"{r['mode']}: host {r['tritonlstm_host_ms']:.3f} of {r['tritonlstm_ms']:.3f} ms"
+                     + ("" if not isinstance(theirs, (int, float)) else
+                        f" (cuDNN's host {theirs:.3f} of {r['cudnn_ms']:.3f} ms)"))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(argv[0]) as f:
         data = json.load(f)
     rows = data["rows"] + data.get("errors", [])
+    # The host times sit in their own list (results.json "host"), keyed by the cell.
+    from tritonlstm.bench import CELL_KEYS
+
+    host = {tuple(h[k] for k in CELL_KEYS): h for h in data.get("host", [])}
+    rows = [{**r, **host.get(tuple(r[k] for k in CELL_KEYS), {})} for r in rows]
     print(f"{data.get('gpu', '?')}, torch {data.get('torch', '?')}, triton {data.get('triton', '?')}, "
           f"{data.get('date', '?')}")
     print(report(rows))
