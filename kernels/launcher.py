@@ -15,7 +15,9 @@ the entry. Either way the launch goes through the compiled kernel's launcher wit
 metadata `JITFunction.run` passes it.
 
 Arguments of another kind than tensors, ints, bools, floats and None, runtime arguments given as keywords,
-kernels with pre-run hooks and the CPU interpreter's kernels go through `kernel[grid]` as before.
+kernels with pre-run hooks and the CPU interpreter's kernels go through `kernel[grid]` as before. What a hit skips
+beside the binder: `JITFunction.run`'s check that the kernel's globals kept their values (ours are constants), and
+compiler options taken from the environment after the first launch (set them before it, as Triton's docs say).
 """
 
 import torch
@@ -23,9 +25,21 @@ from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-MAX_ENTRIES = 1024
-_entries: dict = {}
-_constexpr_names: dict = {}
+MAX_ENTRIES = 1024  # a kernel's compiled specialisations kept (then all dropped, to be found again)
+
+
+class _Kernel:
+    """A kernel's entries, and what its keywords may name. Found by the kernel's id (JITFunction's own hash digests
+    its source on each call), which stays its own while this holds the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.constexprs = frozenset(p.name for p in kernel.params if p.is_constexpr)
+        self.arg_names = frozenset(kernel.arg_names)
+        self.entries: dict = {}
+
+
+_kernels: dict[int, _Kernel] = {}
 
 
 def _int_class(v: int) -> tuple:
@@ -46,20 +60,23 @@ def _arg_key(a):
     raise TypeError
 
 
-def _bindable(kernel, meta: dict) -> bool:
-    """Whether every keyword is a constexpr or an option (num_warps, ...), not a runtime argument."""
-    names = _constexpr_names.get(kernel)
-    if names is None:
-        names = _constexpr_names[kernel] = (frozenset(p.name for p in kernel.params if p.is_constexpr),
-                                            frozenset(kernel.arg_names))
-    constexprs, arg_names = names
-    return all(k in constexprs or k not in arg_names for k in meta)
-
-
-def _entry(kernel, args: tuple, meta: dict, key):
-    """(compiled kernel, the parameters after args in signature order) for this specialisation: from the cache, or
-    compiled through kernel.warmup and recorded."""
-    found = _entries.get(key)
+def _entry(kernel, args: tuple, meta: dict):
+    """(compiled kernel, the parameters after args in signature order) for this launch's specialisation: from the
+    cache, or compiled through kernel.warmup and recorded. None where the cache cannot key it."""
+    if not isinstance(kernel, JITFunction) or kernel.pre_run_hooks:
+        return None
+    known = _kernels.get(id(kernel))
+    if known is None:
+        known = _kernels[id(kernel)] = _Kernel(kernel)
+    # Every keyword a constexpr or an option (num_warps, ...), not a runtime argument.
+    if not all(k in known.constexprs or k not in known.arg_names for k in meta):
+        return None
+    try:
+        key = (driver.active.get_current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+               tuple(meta.items()), tuple(map(_arg_key, args)))
+        found = known.entries.get(key)
+    except TypeError:  # an argument of another kind, or a keyword's value that cannot be hashed
+        return None
     if found is not None:
         return found
     compiled = kernel.warmup(*args, grid=(1, 1, 1), **meta)
@@ -69,33 +86,22 @@ def _entry(kernel, args: tuple, meta: dict, key):
     # default.
     named = {name: param.default for name, param in kernel.signature.parameters.items()
              if param.default is not param.empty}
-    named.update((k, v) for k, v in meta.items() if k in kernel.arg_names)
+    named.update((k, v) for k, v in meta.items() if k in known.arg_names)
     tail = tuple(named[name] for name in kernel.arg_names[len(args):])
-    if len(_entries) >= MAX_ENTRIES:
-        _entries.clear()
-    _entries[key] = found = (compiled, tail)
+    if len(known.entries) >= MAX_ENTRIES:
+        known.entries.clear()
+    known.entries[key] = found = (compiled, tail)
     return found
 
 
 def compiled_kernel(kernel, args: tuple, meta: dict):
     """(compiled kernel, every parameter in signature order) of kernel[grid](*args, **meta), compiling it if need
     be (nothing launched), or None where `launch` would not cache it."""
-    key = _key(kernel, args, meta)
-    if key is None:
+    found = _entry(kernel, args, meta)
+    if found is None:
         return None
-    compiled, tail = _entry(kernel, args, meta, key)
+    compiled, tail = found
     return compiled, (*args, *tail)
-
-
-def _key(kernel, args: tuple, meta: dict):
-    if not isinstance(kernel, JITFunction) or kernel.pre_run_hooks or not _bindable(kernel, meta):
-        return None
-    try:
-        arg_keys = tuple(map(_arg_key, args))
-    except TypeError:
-        return None
-    return (kernel, driver.active.get_current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
-            tuple(meta.items()), arg_keys)
 
 
 def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
@@ -114,4 +120,4 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
 
 
 def clear() -> None:
-    _entries.clear()
+    _kernels.clear()

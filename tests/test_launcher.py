@@ -38,7 +38,8 @@ for args in cases:
     ours = calls.pop()
     same.append(ours[:4] == jit[:4] and ours[4] is jit[4] and ours[5] == jit[5] and type(ours[6]) is type(jit[6])
                 and ours[7:] == jit[7:])
-print(all(same), same.index(False) if False in same else -1, len(warmups), len(launcher._entries))
+print(all(same), same.index(False) if False in same else -1, len(warmups),
+      len(launcher._kernels[id(kernel)].entries))
 """
 
 
@@ -93,3 +94,27 @@ def test_forward_launch_through_the_cache_matches_tritons_own():
     proc = run_python("-c", LAYER_LAUNCH, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True"] * 3, proc.stdout
+
+
+def test_launches_the_cache_cannot_key_go_through_tritons_own_path(monkeypatch):
+    """Arguments the key does not know (here a string), runtime arguments given as keywords and keyword values that
+    cannot be hashed fall back to kernel[grid](...) rather than being refused or keyed wrongly."""
+    from tritonlstm.kernels import launcher
+
+    class Kernel(launcher.JITFunction):
+        def __init__(self):
+            self.pre_run_hooks, self.params, self.arg_names, self.launched = [], [], ["X", "N"], []
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: self.launched.append((grid, args, meta))
+
+    monkeypatch.setattr(Kernel, "warmup", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("keyed")),
+                        raising=False)
+    monkeypatch.setattr(launcher, "driver", type("Driver", (), {"active": type("GPU", (), {
+        "get_current_device": staticmethod(lambda: 0)})}))  # (no GPU here)
+    kernel = Kernel()
+    launcher.launch(kernel, (1,), ("a string", 3), {})
+    launcher.launch(kernel, (1,), (None,), {"N": 3})
+    launcher.launch(kernel, (2,), (None, 3), {"num_warps": [4]})
+    assert kernel.launched == [((1,), ("a string", 3), {}), ((1,), (None,), {"N": 3}),
+                               ((2,), (None, 3), {"num_warps": [4]})]
