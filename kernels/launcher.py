@@ -20,11 +20,15 @@ beside the binder: `JITFunction.run`'s check that the kernel's globals kept thei
 compiler options taken from the environment after the first launch (set them before it, as Triton's docs say).
 """
 
+import os
+
 import torch
 from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
+# TRITONLSTM_LAUNCH_CACHE=0 (read at import) sends every launch through kernel[grid], as before the cache.
+ENABLED = os.environ.get("TRITONLSTM_LAUNCH_CACHE", "1") not in ("", "0")
 MAX_ENTRIES = 1024  # a kernel's compiled specialisations kept (then all dropped, to be found again)
 
 
@@ -106,7 +110,7 @@ def compiled_kernel(kernel, args: tuple, meta: dict):
 
 def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
     """kernel[grid](*args, **meta) on the current device and stream, through the launch cache."""
-    found = compiled_kernel(kernel, args, meta)
+    found = compiled_kernel(kernel, args, meta) if ENABLED else None
     if found is None:
         kernel[grid](*args, **meta)
         return

@@ -174,6 +174,33 @@ def test_gradients_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_launch_cache_runs_what_tritons_own_launch_runs(monkeypatch, dtype):
+    """kernels.launcher (v0.49) against kernel[grid](...): a forward and backward through each, bitwise equal
+    (the same compiled kernels, the same arguments), at a cluster config's shape (H = 256, B = 16) and a plain
+    barrier's (H = 1024, B = 64), with lengths (another specialisation) and without."""
+    from tritonlstm.kernels import launcher
+
+    outs = []
+    for enabled in (True, False, True):
+        monkeypatch.setattr(launcher, "ENABLED", enabled)
+        got = []
+        for H, B in ((256, 16), (1024, 64)):
+            torch.manual_seed(H + B)
+            _, w = cudnn_and_weights(H, H, dtype)
+            x = torch.randn(24, B, H, device="cuda", dtype=dtype, requires_grad=True)
+            lengths = torch.randint(1, 25, (B,), device="cuda")
+            for lens in (None, lengths):
+                for p in (x, *w):
+                    p.grad = None
+                y, (hn, cn) = fused_lstm(x, *w, lengths=lens, backend="triton")
+                (y.float().sum() + hn.float().sum()).backward()
+                got += [y, hn, cn, x.grad] + [p.grad for p in w]
+        outs.append([t.clone() for t in got])
+    for cached, plain, again in zip(*outs):
+        assert torch.equal(cached, plain) and torch.equal(again, plain)
+
+
 def test_module_parity_multilayer_bidirectional_projection():
     import tritonlstm
 
