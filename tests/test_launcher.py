@@ -118,3 +118,40 @@ def test_launches_the_cache_cannot_key_go_through_tritons_own_path(monkeypatch):
     launcher.launch(kernel, (2,), (None, 3), {"num_warps": [4]})
     assert kernel.launched == [((1,), ("a string", 3), {}), ((1,), (None,), {"N": 3}),
                                ((2,), (None, 3), {"num_warps": [4]})]
+
+
+def test_the_key_never_joins_what_tritons_specialisation_tells_apart():
+    """launcher._arg_key against Triton's own specialisation of one argument (native_specialize_impl, what its
+    binder calls), over integers around every boundary it draws, tensors of several dtypes at every offset of a
+    16-byte line, bools, None and floats: two arguments with one key always have one specialisation."""
+    import itertools
+
+    import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from tritonlstm.kernels import launcher
+
+    ints = {0, 1, 2, 15, 16, 17, 32, 48, 1000, 1024, -1, -15, -16, -17}
+    for edge in (2 ** 31, 2 ** 32, 2 ** 63):
+        ints |= {edge - 16, edge - 1, edge, edge + 1, edge + 16, -edge - 16, -edge - 1, -edge, -edge + 1}
+    ints = [v for v in ints if -2 ** 63 <= v < 2 ** 64]
+    tensors = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64):
+        base = torch.zeros(64, dtype=dtype)
+        tensors += [base[i:] for i in range(16 // base.element_size() + 1)]
+    values = ints + tensors + [True, False, None, 0.5, 3.0]
+
+    def triton_spec(v):
+        return native_specialize_impl(BaseBackend, v, False, True, True)
+
+    checked = 0
+    for a, b in itertools.combinations(values, 2):
+        try:
+            same_key = launcher._arg_key(a) == launcher._arg_key(b)
+        except TypeError:
+            continue
+        if same_key:
+            assert triton_spec(a) == triton_spec(b), (a, b)
+            checked += 1
+    assert checked > 100
