@@ -4,8 +4,9 @@ work, on a machine without one. Two modes:
 - stub (default): the kernel launches stubbed out, on the CPU interpreter's path (the config from the interpreter's
   heuristic). Python and ATen only.
 - LAUNCH=triton: the real launch path too (kernels.launcher's key and the launcher call; Triton's binding and
-  specialisation on a first launch, or everywhere with TRITONLSTM_LAUNCH_CACHE=0) through a stand-in driver that compiles for sm_90 (ptxas, as compilecheck) and launches nothing; the
-  configs as on an H100 (the shipped table, else the device heuristic). What the stub leaves out of a GPU host's
+  specialisation on a first launch, or everywhere with TRITONLSTM_LAUNCH_CACHE=0) through a stand-in driver that
+  compiles for sm_90 (ptxas, as compilecheck) and launches nothing; the configs as on an H100 (the shipped table,
+  else the device heuristic). What the stub leaves out of a GPU host's
   time, except the CUDA driver's ~3-5 us per launch (ours and ATen's: ATen's ops compute on the CPU here, so use
   small shapes, as the cases do).
 

@@ -6,11 +6,15 @@ Each rep flushes L2 (as do_bench does) and times every level once, in turn, with
 alone, so drift hits the levels alike:
   kernel   the recurrence kernel on the tuner's random inputs (tuning.Problem.launch: what the tuner timed)
   op       the recurrence on the module's own gx and weights (functional._recurrence_forward: + states, bias)
-  layer    functional.lstm_layer (+ the input GEMM, the bias sum)
+  lean     the layer's ATen ops (input GEMM, bias sum, zero states) and the op, nothing else: the floor of a
+           no-grad forward's host path with the library's device work (perf/NOTES.md, sessions 19-20)
+  layer    functional.lstm_layer (+ the input GEMM, the bias sum, the checks and the plumbing)
   module   tritonlstm.LSTM (+ the module's checks and states: what the bench timed)
   cudnn    nn.LSTM
 A wide q20-q80 (or a bimodal min / median) says the time varies launch to launch; equal narrow spreads with a gap
-between two levels name the level that adds it.
+between two levels name the level that adds it. Then each level's host time per call (bench.host_ms: calls queued
+behind a sleep kernel): where a level's time is its host time, the gap to "lean" is what a leaner host path would
+take off.
 
     python perf/launch_spread.py [--cells float16:256:16,bfloat16:512:16] [--seq 256] [--reps 60] [--json FILE]
 """
@@ -23,7 +27,7 @@ import sys
 from tritonlstm.bench import write_rows_json
 
 DEFAULT_CELLS = "float16:256:16,float16:512:16,bfloat16:512:16,bfloat16:256:1"
-LEVELS = ("kernel", "op", "layer", "module", "cudnn")
+LEVELS = ("kernel", "op", "lean", "layer", "module", "cudnn")
 
 
 def parse_cells(text: str) -> list[tuple[str, int, int]]:
@@ -71,16 +75,24 @@ def levels(dtype_name: str, hidden: int, batch: int, seq: int, device: str = "cu
     bias = functional._stacked_bias([(model.bias_ih_l0, model.bias_hh_l0)], hidden, device)
     h0 = x.new_zeros(1, batch, hidden)
     w_hh = model.weight_hh_l0.unsqueeze(0)
+
+    def lean():
+        gx = torch.mm(x.view(seq * batch, hidden), model.weight_ih_l0.t()).view(seq, batch, 4 * hidden)
+        bias = torch.add(model.bias_ih_l0.float(), model.bias_hh_l0)[None]
+        h0, c0 = x.new_zeros(1, batch, hidden), x.new_zeros(1, batch, hidden)
+        return functional._recurrence_forward(gx, w_hh, bias, h0, c0, None, False, False)[0]
+
     calls = {
         "kernel": kernel,
         "op": lambda: functional._recurrence_forward(gx, w_hh, bias, h0, h0, None, False, False)[0],
+        "lean": lean,
         "layer": lambda: functional.lstm_layer(x, weights, backend="triton")[0],
         "module": lambda: model(x)[0],
         "cudnn": lambda: ref(x)[0],
     }
     with torch.no_grad():
         want = calls["cudnn"]().float()
-        for name in ("op", "layer", "module"):
+        for name in ("op", "lean", "layer", "module"):
             err = ((calls[name]().float() - want).norm() / want.norm()).item()
             if not err < 2e-2:
                 raise RuntimeError(f"{name} differs from cuDNN at {dtype_name}:{hidden}:{batch}: rel err {err:.2e}")
@@ -90,6 +102,7 @@ def levels(dtype_name: str, hidden: int, batch: int, seq: int, device: str = "cu
 def measure(dtype_name: str, hidden: int, batch: int, seq: int, reps: int) -> list[dict]:
     import torch
 
+    from tritonlstm.bench import host_ms
     from tritonlstm.functional import synchronize
 
     calls = levels(dtype_name, hidden, batch, seq)
@@ -109,9 +122,10 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, reps: int) -> li
                 end.record()
                 end.synchronize()
                 times[name].append(start.elapsed_time(end))
+        host = {name: min(host_ms(calls[name]) for _ in range(3)) for name in LEVELS}
         synchronize()  # a failed barrier raises here, so no row comes from a broken launch
     return [{"dtype": dtype_name, "hidden": hidden, "batch": batch, "seq": seq, "level": name,
-             **percentiles(times[name]), "reps": reps} for name in LEVELS]
+             **percentiles(times[name]), "host": host[name], "reps": reps} for name in LEVELS]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         print("perf/launch_spread.py: no CUDA device, nothing to time.")
         return 0
     rows: list[dict] = []
-    print(f"{'cell':<22}{'level':<8}{'min':>8}{'q20':>8}{'median':>8}{'q80':>8}{'max':>8}  (ms)")
+    print(f"{'cell':<22}{'level':<8}{'min':>8}{'q20':>8}{'median':>8}{'q80':>8}{'max':>8}{'host':>8}  (ms)")
     for dtype_name, hidden, batch in a.cells:
         for row in measure(dtype_name, hidden, batch, a.seq, a.reps):
             rows.append(row)
             print(f"{dtype_name}:{hidden}:{batch:<10}{row['level']:<8}" +
-                  "".join(f"{row[k]:8.3f}" for k in ("min", "q20", "median", "q80", "max")), flush=True)
+                  "".join(f"{row[k]:8.3f}" for k in ("min", "q20", "median", "q80", "max", "host")), flush=True)
         if a.json:
             write_rows_json(a.json, rows)
     return 0

@@ -420,15 +420,15 @@ def test_memory_probe_replays_the_allocator_trace_to_its_peak():
 
 
 def test_launch_spread_levels_compute_the_same_layer():
-    """Its five levels (the tuner's kernel call on its own random inputs aside) agree with nn.LSTM, on the
+    """Its six levels (the tuner's kernel call on its own random inputs aside) agree with nn.LSTM, on the
     interpreter: the probe's calls are the library's as they are, so a GPU run spends no time on a broken one."""
     import torch
 
     calls = _perf_script("launch_spread").levels("float32", 8, 2, 3, device="cpu")
-    assert list(calls) == ["kernel", "op", "layer", "module", "cudnn"]
+    assert list(calls) == ["kernel", "op", "lean", "layer", "module", "cudnn"]
     with torch.no_grad():
         want = calls["cudnn"]()
-        for name in ("op", "layer", "module"):
+        for name in ("op", "lean", "layer", "module"):
             torch.testing.assert_close(calls[name](), want, rtol=1e-5, atol=1e-5)
         assert calls["kernel"]().shape == want.shape
 
