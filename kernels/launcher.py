@@ -33,8 +33,8 @@ MAX_ENTRIES = 1024  # a kernel's compiled specialisations kept (then all dropped
 
 
 class _Kernel:
-    """A kernel's entries, and what its keywords may name. Found by the kernel's id (JITFunction's own hash digests
-    its source on each call), which stays its own while this holds the kernel."""
+    """A kernel's entries, and what its keywords may name. Found by the kernel's id (JITFunction's own hash takes a
+    lock and its cache key on each call), which no other object can take while this holds the kernel."""
 
     def __init__(self, kernel):
         self.kernel = kernel
