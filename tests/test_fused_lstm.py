@@ -652,6 +652,25 @@ def test_tf32_follows_cudnn_flag():
     assert kernels._dot_precision(torch.float16) == "tf32"  # ignored for 16-bit operands
 
 
+def test_launch_plan_follows_the_precision_flag_between_calls(monkeypatch):
+    """The forward's and the backward's launch plans (built once per key, perf/NOTES.md v0.49) take the float32 dot
+    precision from PyTorch's flag at each call: the same shape under both settings launches with both."""
+    seen = []
+    run = kernels._run
+    monkeypatch.setattr(kernels, "_run", lambda kernel, grid, n, config, device, args, constexprs, *rest: (
+        seen.append((kernel.fn.__name__, constexprs["DOT_PRECISION"])),
+        run(kernel, grid, n, config, device, args, constexprs, *rest))[1])
+    problem = make_problem(3, 2, 4, 8, torch.float32)
+    for allow in (False, True, False):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow):
+            ins = [problem[n].clone().requires_grad_() for n in NAMES]
+            y, _ = fused_lstm(*ins, backend="triton")
+            y.sum().backward()
+    fwd = [p for name, p in seen if name == "lstm_fwd_kernel"]
+    bwd = [p for name, p in seen if name == "lstm_bwd_kernel"]
+    assert fwd[0] == bwd[0] == "ieee" and "tf32" in fwd and "tf32" in bwd and fwd[-1] == bwd[-1] == "ieee"
+
+
 _PRECISION_API_CHECK = """
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"
