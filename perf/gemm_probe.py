@@ -3,7 +3,8 @@ full float32 (what the layers ran before) and torch.mm in TF32 (cuBLAS, the matm
 probe only), at the shapes of the bench's float32 cells: the input projection x @ W_ih^T, the input gradient
 dG @ W_ih and the weight gradient dG^T @ x. Each result is checked against torch's float32 product first. The
 first two also on row-scaled float16 operands (kernels.matmul half=True, v0.43; the input gradient's dG converted
-in row chunks, as the layer does).
+in row chunks, as the layer does), and each on cuBLAS's float16 GEMM with a float32 output (operands converted
+beforehand, untimed; where this torch has torch.mm's out_dtype).
 
     python perf/gemm_probe.py [--hidden 512,1024] [--batch 64,256] [--seq 256] [--restage-chunks 16,2]
                               [--mn-major restage,registers,registers-ahead] [--split-k 1,4]
@@ -66,13 +67,24 @@ def measure(hidden: int, rows: int) -> list[dict]:
             row["torch_tf32_ms"] = do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median")
         finally:
             setattr(torch.backends.cuda.matmul, flag, previous)
+        # cuBLAS on float16 operands to a float32 output (torch.mm's out_dtype, torch >= 2.8), the operands converted
+        # beforehand (untimed): the GEMM's own rate, for the lever in perf/NOTES.md (end of session 20).
+        a16, b16 = a.half(), b.half()
+        try:
+            cublas16 = torch.mm(a16, b16, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            cublas16 = None
+        if cublas16 is not None:
+            row["rel_err_cublas_f16_vs_fp32"] = ((cublas16 - ref).norm() / ref.norm()).item()
+            row["cublas_f16_ms"] = do_bench(lambda: torch.mm(a16, b16, out_dtype=torch.float32), warmup=10, rep=50,
+                                            return_mode="median")
         if name != "dG^T @ x":
             chunk = a.shape[0] if name == "x @ W_ih^T" else None  # as _TF32Projection converts them
             half = matmul(a, b, half=True, row_chunk=chunk)
             row["rel_err_half_vs_fp32"] = ((half - ref).norm() / ref.norm()).item()
             row["triton_half_ms"] = do_bench(lambda: matmul(a, b, half=True, row_chunk=chunk), warmup=10, rep=50,
                                              return_mode="median")
-        for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half"):
+        for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half", "cublas_f16"):
             if f"{k}_ms" in row:
                 row[f"{k}_tflops"] = flops / row[f"{k}_ms"] / 1e9
         out.append(row)
@@ -144,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"[{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
                   + "  ".join(f"{r[k + '_tflops']:6.1f} ({r[k + '_ms']:.3f})"
                               for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half") if k + "_ms" in r)
+                  + (f"  cuBLAS f16->f32 {r['cublas_f16_tflops']:6.1f} ({r['cublas_f16_ms']:.3f})"
+                     if "cublas_f16_ms" in r else "")
                   + f"  host {r['host_ms']:.3f} ms  rel err {r['rel_err_vs_fp32']:.1e}"
-                  + (f" / {r['rel_err_half_vs_fp32']:.1e}" if "rel_err_half_vs_fp32" in r else ""), flush=True)
+                  + (f" / {r['rel_err_half_vs_fp32']:.1e}" if "rel_err_half_vs_fp32" in r else "")
+                  + (f" / cuBLAS f16 {r['rel_err_cublas_f16_vs_fp32']:.1e}" if "cublas_f16_ms" in r else ""),
+                  flush=True)
         if a.json:
             write_rows_json(a.json, rows)
     return 0
