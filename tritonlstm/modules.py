@@ -141,6 +141,37 @@ class LSTM(nn.LSTM):
             if st.device != x.device:
                 raise RuntimeError(f"Expected hidden[{i}] on the input's device {x.device}, got {st.device}")
 
+    def _check_weights(self, weights: dict, x: Tensor) -> None:
+        """Every parameter a layer launch reads, as the constructor shaped it and in the input's dtype and device
+        (after autocast's cast): one that was replaced, cast or moved alone raises here, named, instead of
+        reaching a kernel. The layers then skip lstm_layer's own checks (which the module's already cover for x
+        and the states: ~5 us a layer and direction of a host-bound call, perf/NOTES.md v0.50)."""
+        if not x.is_floating_point():
+            raise TypeError(f"LSTM: input must have a floating dtype, got {x.dtype}")
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        P = self.proj_size if self.proj_size > 0 else H
+        for name, w in weights.items():
+            if w is None:
+                continue
+            if not isinstance(w, Tensor):
+                raise TypeError(f"LSTM: {name} must be a Tensor, got {type(w).__name__}")
+            kind = name[:9]
+            if kind == "weight_ih":
+                shape = (4 * H, self.input_size if name in ("weight_ih_l0", "weight_ih_l0_reverse") else D * P)
+            elif kind == "weight_hh":
+                shape = (4 * H, P)
+            elif kind == "weight_hr":
+                shape = (P, H)
+            else:
+                shape = (4 * H,)
+            if w.shape != shape:
+                raise RuntimeError(f"LSTM: {name} must have shape {shape} (from the constructor's sizes), got "
+                                   f"{tuple(w.shape)}")
+            if w.dtype != x.dtype or w.device != x.device:
+                raise RuntimeError(f"LSTM: {name} must have the input's dtype {x.dtype} and device {x.device}, got "
+                                   f"{w.dtype} on {w.device}")
+
     def forward(self, input, hx=None):
         data = input.data if isinstance(input, PackedSequence) else input
         if not isinstance(data, Tensor):
@@ -200,14 +231,18 @@ class LSTM(nn.LSTM):
             output, hidden = lstm_stack(x, per_layer, h0, c0, lengths=lengths, dropout_scale=scale, backend="triton")
             return self._finish(input, output, hidden, is_batched, layout)
 
+        self._check_weights(weights, x)
         layer_input, h_n, c_n = x, [], []
         for layer in range(self.num_layers):
             # Both directions of a layer run in one launch.
             sfxs = [f"_l{layer}" + ("_reverse" if d else "") for d in range(dirs)]
             per_dir = [tuple(weights.get(n + sfx) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
                                                             "weight_hr")) for sfx in sfxs]
-            k = slice(layer * dirs, (layer + 1) * dirs)
-            layer_input, (h, c) = lstm_layer(layer_input, per_dir, h0[k], c0[k], lengths=lengths, backend="triton")
+            # (One layer: the states as they are; a slice is a view op a call.)
+            states = (h0, c0) if self.num_layers == 1 else (h0[layer * dirs:(layer + 1) * dirs],
+                                                            c0[layer * dirs:(layer + 1) * dirs])
+            layer_input, (h, c) = lstm_layer(layer_input, per_dir, *states, lengths=lengths, backend="triton",
+                                             checked=True)
             h_n.append(h)
             c_n.append(c)
             if dropping and layer < self.num_layers - 1:
