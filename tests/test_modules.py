@@ -352,6 +352,11 @@ BAD = [
     pytest.param(lambda m: m(torch.randn(2, 4), (torch.zeros(1, 1, 5), torch.zeros(1, 1, 5))), id="hx-3d-unbatched"),
     pytest.param(lambda m: m(torch.randn(2, 3, 4).double()), id="dtype"),
     pytest.param(lambda m: m(torch.randn(0, 3, 4)), id="T0"),
+    # A parameter cast or replaced alone (the module checks them once; its layers skip lstm_layer's checks, v0.50).
+    pytest.param(lambda m: (setattr(m.weight_hh_l0, "data", m.weight_hh_l0.data.half()), m(torch.randn(2, 3, 4))),
+                 id="weight_hh-dtype"),
+    pytest.param(lambda m: (setattr(m.bias_ih_l0, "data", m.bias_ih_l0.data.double()), m(torch.randn(2, 3, 4))),
+                 id="bias_ih-dtype"),
 ]
 
 
@@ -361,6 +366,21 @@ def test_input_errors_like_nn_lstm(bad):
     ref_type, ref_msg = _errors(lambda: bad(ref))
     our_type, our_msg = _errors(lambda: bad(ours))
     assert ref_type is not None and our_type is ref_type, (ref_type, ref_msg, our_type, our_msg)
+
+
+@pytest.mark.parametrize("name, shape", [("weight_ih_l1_reverse", (20, 9)), ("weight_hr_l0", (3, 4)),
+                                         ("bias_hh_l1", (21,)), ("weight_ih_l0", (20, 5))])
+def test_a_parameter_of_the_wrong_shape_is_named(name, shape):
+    """Every layer's parameters are checked against the constructor's sizes before any launch: the input size at
+    layer 0, D * P above it, P with a projection (here 2 layers, both directions, proj_size 3). (nn.LSTM on the CPU
+    runs some such shapes without an error; the kernels would read past them.)"""
+    m = tritonlstm.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=3, backend="triton")
+    x = torch.randn(2, 3, 4)
+    m(x)  # as constructed: every shape passes
+    setattr(m, name, nn.Parameter(torch.randn(shape)))
+    with pytest.raises(RuntimeError, match=rf"LSTM: {name} must have shape") as info:
+        m(x)
+    assert str(info.value).endswith(f"got {shape}")
 
 
 CELL_BAD = [
