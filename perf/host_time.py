@@ -15,9 +15,10 @@ work, on a machine without one. Two modes:
     LAUNCH=triton python perf/host_time.py cell  # with Triton's launch path
     PROFILE=cumulative python perf/host_time.py cell   # and cProfile's top 40 of the first case
     REF=1 python perf/host_time.py cell    # and the same call on torch.nn's module
-    TREE=/path/to/other/checkout python perf/host_time.py cell   # time another checkout's code (an A/B: run the
-                                                                  # two alternately and read the minimum; this
-                                                                  # machine's noise is +-30 % run to run)
+    TREE=/path/to/other/checkout python perf/host_time.py cell   # time another checkout's code
+    AB=/path/to/other/checkout ROUNDS=4 LAUNCH=triton python perf/host_time.py layer16   # an A/B: this checkout and
+                                                                  # the other in alternating processes, the least
+                                                                  # time of each (git worktree add /tmp/base REV)
 """
 
 import functools
@@ -172,27 +173,63 @@ NN = {"cell": torch.nn.LSTMCell(H, H), "layer": torch.nn.LSTM(H, H), "stack": to
 NN["cell_train"], NN["layer_train"], NN["stack_fp32"] = NN["cell"], NN["layer"], NN["stack"]
 NN["layer16"] = NN["layer16_train"] = torch.nn.LSTM(H16, H16).bfloat16()
 
+WARM, BLOCKS, BLOCK = 100, 60, 40
+
+
+def best_of(fn) -> float:
+    """Seconds a call: the least of BLOCKS blocks of BLOCK calls in this thread's CPU time (another process taking
+    one of a 2-core machine's cores moves wall-clock times by +-30 %; this minimum reproduces to ~3 %)."""
+    for _ in range(WARM):
+        fn()
+    best = float("inf")
+    for _ in range(BLOCKS):
+        start = time.thread_time()
+        for _ in range(BLOCK):
+            fn()
+        best = min(best, (time.thread_time() - start) / BLOCK)
+    return best
+
+
+def ab(names: list[str], other: str, rounds: int) -> None:
+    """This checkout against another (TREE=other), in alternating processes pinned to one core where taskset
+    exists, each case's least time over the rounds: what perf/NOTES.md v0.49 / v0.50's tables were measured with."""
+    import re
+    import shutil
+    import subprocess
+
+    pin = ["taskset", "-c", "1"] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(rounds):
+        for side, tree in (("this", None), ("other", other)):
+            env = {k: v for k, v in os.environ.items() if k not in ("AB", "TREE", "PROFILE", "REF")}
+            if tree:
+                env["TREE"] = tree
+            out = subprocess.run([*pin, sys.executable, __file__, *names], env=env, capture_output=True, text=True,
+                                 check=True).stdout
+            for name, us in re.findall(r"^(\w+): ([0-9.]+) us", out, re.M):
+                best[side, name] = min(best.get((side, name), float("inf")), float(us))
+    print(f"{'case':<16}{'this':>10}{'other':>10}  (us, least of {rounds} rounds; other = {other})")
+    for name in names:
+        this, that = best.get(("this", name)), best.get(("other", name))
+        change = f"  {100 * (this / that - 1):+.1f} %" if this and that else ""
+        print(f"{name:<16}{this or float('nan'):10.1f}{that or float('nan'):10.1f}{change}")
+
+
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)
-    def best_of(fn):
-        for _ in range(50):
-            fn()
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            for _ in range(300):
-                fn()
-            best = min(best, (time.perf_counter() - start) / 300)
-        return best
+    if os.environ.get("AB"):
+        ab(names, os.environ["AB"], int(os.environ.get("ROUNDS", 4)))
+        sys.exit(0)
 
     for name in names:
         before = launches
         best = best_of(CASES[name])
-        per_call = f" ({(launches - before) / 950:g} Triton launches a call)" if TRITON_LAUNCH else ""
+        calls = WARM + BLOCKS * BLOCK
+        per_call = f" ({(launches - before) / calls:g} Triton launches a call)" if TRITON_LAUNCH else ""
         ref = ""
         if os.environ.get("REF"):
             ref = f"; torch.nn: {best_of(functools.partial(CASES[name], NN[name])) * 1e6:.0f} us"
-        print(f"{name}: {best * 1e6:.0f} us{per_call}{ref}")
+        print(f"{name}: {best * 1e6:.1f} us{per_call}{ref}")
     if os.environ.get("PROFILE"):
         import cProfile
         import pstats

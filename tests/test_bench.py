@@ -559,3 +559,17 @@ def test_merge_tuned_gives_a_sibling_gpu_a_file_from_its_siblings_configs(tmp_pa
     assert merge.main([str(log)]) == 0
     assert tuning.read_configs(path(h200), h200, None) == {"k-win": b, "k-other": a}
     assert tuning.read_configs(path(h100), h100, None) == {"k-win": a, "k-other": a}
+
+
+def test_host_time_ab_mode_times_two_checkouts_in_alternating_processes(monkeypatch):
+    """perf/host_time.py with AB=<other checkout>: each side in its own processes, the least time of each case,
+    and the change (here the checkout against itself, one round, launches stubbed)."""
+    monkeypatch.setenv("AB", str(PERF.parent))
+    monkeypatch.setenv("ROUNDS", "1")
+    monkeypatch.delenv("LAUNCH", raising=False)
+    proc = run_python(str(PERF / "host_time.py"), "cell", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, row = proc.stdout.strip().splitlines()[-2:]
+    assert header.split()[:3] == ["case", "this", "other"] and "least of 1 rounds" in header
+    name, this, other, change, percent = row.split()
+    assert name == "cell" and float(this) > 0 and float(other) > 0 and percent == "%", row
