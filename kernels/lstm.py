@@ -2294,7 +2294,7 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     # Zeros: slot 1 is dG of the step after the last (zero, tag 0); slot 0 carries no reader's tag before r = 1.
     ring = torch.zeros((2, D, B, 4, cdiv(H, constexprs["PACK"])), dtype=torch.int64, device=dev) \
         if constexprs["TAGGED"] else sync
-    w_t, part, _ = _reduce_scatter_state(config, w_hh, B, sync)
+    w_t, part = _reduce_scatter_state(config, w_hh, B, sync)
     amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
             last if last is not None else sync, sync, barrier_errors.flag(dev), ring, w_t, part, amax, rmax, T, B, H,
@@ -2372,15 +2372,14 @@ REDUCE_SCATTER_LOAD = 16
 
 def _reduce_scatter_state(config, w_hh, batch: int, placeholder):
     """W_hh^T [D, H, 4H] and the [2, D, P, B, H] float32 shares of a reduce-scatter backward (placeholders for
-    other configs), and its constexprs. Every share a program reads was written at the step before (the
-    kernel reads none at its first step), so the buffer needs no zeroing."""
-    D, _, H = w_hh.shape
-    consts = reduce_scatter_constexprs(config, H)
+    other configs; its constexprs come with _backward_plan's). Every share a program reads was written at the step
+    before (the kernel reads none at its first step), so the buffer needs no zeroing."""
     if not config.transposed:
-        return placeholder, placeholder, consts
+        return placeholder, placeholder
+    D, _, H = w_hh.shape
     w_t = w_hh.transpose(1, 2).contiguous()
     part = _alloc((2, D, cdiv(H, config.block_h), batch, H), torch.float32, w_hh.device)
-    return w_t, part, consts
+    return w_t, part
 
 
 def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, config, drop=None,
