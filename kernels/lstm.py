@@ -88,27 +88,24 @@ def _load_gate_tiles(p_w, o_k, o_j, m_k, m_j, H, STRIDE_K, STRIDE_J):
 
 
 @triton.jit
-def _word_offsets(k0, PACK: tl.constexpr, BK: tl.constexpr, SK: tl.constexpr):
-    """The words of the K chunk at k0 (units k0 .. k0 + BK, PACK units per word; PACK = 1: the units themselves):
-    [BK // PACK] offsets, or with SK > 1 split-K slices of them, [SK, 1, BK // PACK // SK] (_gate_dots says why)."""
+def _chunk_offsets(k0, BK: tl.constexpr, SK: tl.constexpr):
+    """The units k0 .. k0 + BK of a K chunk: [BK] offsets, or with SK > 1 split-K slices of them, [SK, 1, BK // SK]
+    (_gate_dots says why)."""
     if SK == 1:
-        return k0 // PACK + tl.arange(0, BK // PACK)
+        return k0 + tl.arange(0, BK)
     else:
-        o_s = tl.arange(0, SK) * (BK // PACK // SK)
-        return k0 // PACK + o_s[:, None, None] + tl.arange(0, BK // PACK // SK)[None, None, :]
+        o_s = tl.arange(0, SK) * (BK // SK)
+        return k0 + o_s[:, None, None] + tl.arange(0, BK // SK)[None, None, :]
 
 
 @triton.jit
-def _load_word_tiles(p_w, k0, o_j, m_j, H, STRIDE_K, STRIDE_J, PACK: tl.constexpr, ODD: tl.constexpr,
-                     BK: tl.constexpr, SK: tl.constexpr):
-    """The four gates' W tiles that multiply the words of the K chunk at k0: rows PACK * word + ODD (a word's
-    low or high half; PACK = 1: the chunk's rows), [BK // PACK, BJ], or [SK, BK // PACK // SK, BJ] split-K tiles."""
-    o_w = _word_offsets(k0, PACK, BK, SK)
+def _load_chunk_tiles(p_w, k0, o_j, m_j, H, STRIDE_K, STRIDE_J, BK: tl.constexpr, SK: tl.constexpr):
+    """The four gates' W tiles that multiply the K chunk at k0: [BK, BJ], or [SK, BK // SK, BJ] split-K tiles."""
+    o_u = _chunk_offsets(k0, BK, SK)
     if SK == 1:
-        o_u = PACK * o_w + ODD
         return _load_gate_tiles(p_w, o_u, o_j, o_u < H, m_j, H, STRIDE_K, STRIDE_J)
     else:
-        o_u = PACK * tl.permute(o_w, (0, 2, 1)) + ODD  # [SK, BK // PACK // SK, 1]
+        o_u = tl.permute(o_u, (0, 2, 1))  # [SK, BK // SK, 1]
         return _load_four_gates(p_w + o_u * STRIDE_K + o_j[None, None, :] * STRIDE_J, (o_u < H) & m_j[None, None, :],
                                 H)
 
@@ -139,13 +136,13 @@ def _gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_i, w_f, w_g
             acc_g += tl.dot(b_x, t_g, input_precision=DOT_PRECISION)
             acc_o += tl.dot(b_x, t_o, input_precision=DOT_PRECISION)
         else:
-            o_kx = _word_offsets(k0, 1, BK, SK)
+            o_kx = _chunk_offsets(k0, BK, SK)
             b_x = tl.load(p_base + o_rows[None, :, None] + o_kx, mask=m_rows[None, :, None] & (o_kx < H), other=0.0,
                           cache_modifier=".cg")
             if W_RESIDENT:
                 t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
             else:
-                t_i, t_f, t_g, t_o = _load_word_tiles(p_w, k0, o_j, m_j & m_w, H, 1, H, 1, 0, BK, SK)
+                t_i, t_f, t_g, t_o = _load_chunk_tiles(p_w, k0, o_j, m_j & m_w, H, 1, H, BK, SK)
             acc_i += tl.sum(tl.dot(b_x, t_i, input_precision=DOT_PRECISION), axis=0)
             acc_f += tl.sum(tl.dot(b_x, t_f, input_precision=DOT_PRECISION), axis=0)
             acc_g += tl.sum(tl.dot(b_x, t_g, input_precision=DOT_PRECISION), axis=0)
@@ -405,13 +402,13 @@ def _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m
     into one [SK, BB, BH] product, reduced over the slices once."""
     acc = tl.zeros([SK, o_rows.shape[0], o_j.shape[0]], dtype=tl.float32)
     for k0 in range(0, H, BK):
-        o_kx = _word_offsets(k0, 1, BK, SK)
+        o_kx = _chunk_offsets(k0, BK, SK)
         p = p_base + o_rows[None, :, None] + o_kx
         m = m_rows[None, :, None] & (o_kx < H)
         if W_RESIDENT:
             t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
         else:
-            t_i, t_f, t_g, t_o = _load_word_tiles(p_w, k0, o_j, m_j & m_w, H, H, 1, 1, 0, BK, SK)
+            t_i, t_f, t_g, t_o = _load_chunk_tiles(p_w, k0, o_j, m_j & m_w, H, H, 1, BK, SK)
         acc = tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), t_i, acc, input_precision=DOT_PRECISION)
         acc = tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg"), t_f, acc, input_precision=DOT_PRECISION)
         acc = tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g, acc,
@@ -679,178 +676,6 @@ def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.conste
     return failed
 
 
-@triton.jit
-def _publish_tagged(p_ring, b_y, m, tag, BB: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
-                    DT: tl.constexpr):
-    """Stores the [BB, BH] tile b_y (float32, rounded to DT) as 8-byte words of PACK values and the tag in the
-    high 32 bits. A word lands whole, so a reader that sees the tag sees the values: no fence, no counter."""
-    if PACK == 2:
-        b_bits = tl.reshape(b_y.to(DT).to(tl.int16, bitcast=True), [BB, BH // 2, 2])
-        b_lo, b_hi = tl.split(b_bits)
-        b_low = (b_lo.to(tl.int32) & 0xFFFF) | (b_hi.to(tl.int32) << 16)
-    else:
-        b_low = b_y.to(tl.int32, bitcast=True)
-    tl.store(p_ring, b_low.to(tl.uint32).to(tl.int64) | (tag.to(tl.int64) << 32), mask=m)
-
-
-@triton.jit
-def _tag_state(b_words, tag, ERR):
-    """0: every word of the tile carries `tag`; 1: some do not; >= 2: the error flag is set. One reduction over the
-    tile, so the same in every thread: a flag read alone can differ between threads (_grid_barrier says why that
-    breaks a loop with CTA barriers inside, as these reductions are)."""
-    flag = (tl.load(ERR, volatile=True) != 0).to(tl.int32)
-    return tl.max(((b_words >> 32) != tag).to(tl.int32) + 2 * flag)
-
-
-@triton.jit
-def _wait_tagged(p, m, tag, p_probe, m_probe, ERR, max_spin, failed, PROBE: tl.constexpr):
-    """Loads the tagged words at p (masked by m) until every one carries `tag`; returns their low halves (the
-    values) and whether the wait failed (`failed` on entry, ERR set, or max_spin polls, which sets it). With
-    PROBE, after a first incomplete load it polls the words at p_probe until they carry the tag before reloading
-    the tile."""
-    want = tag.to(tl.int64) << 32
-    # Only the low halves (the values) live on past a load: the tags die in the check (registers).
-    b_words = tl.load(p, mask=m, other=want, volatile=True)
-    state = tl.maximum(_tag_state(b_words, tag, ERR), 2 * failed.to(tl.int32))
-    b_low = b_words.to(tl.int32)
-    spins = 0
-    while state == 1:
-        gave_up = 0
-        if PROBE:
-            probing = 1
-            while probing == 1:
-                b_probe = tl.load(p_probe, mask=m_probe, other=want, volatile=True)
-                probing = _tag_state(b_probe, tag, ERR)
-                spins += 1
-                if spins > max_spin:
-                    tl.atomic_xchg(ERR, 1)
-                    probing = 2
-            gave_up = 2 * (probing >= 2).to(tl.int32)
-        b_words = tl.load(p, mask=m, other=want, volatile=True)
-        state = tl.maximum(_tag_state(b_words, tag, ERR), gave_up)
-        b_low = b_words.to(tl.int32)
-        spins += 1
-        if spins > max_spin:
-            tl.atomic_xchg(ERR, 1)
-            state = 2
-    return b_low, state >= 2
-
-
-@triton.jit
-def _word_rows(p_ring, o_b, m_b, o_w, HW, ROW: tl.constexpr, SK: tl.constexpr):
-    """Pointers and mask of the words o_w of rows o_b (ROW words apart) in a tagged ring."""
-    if SK == 1:
-        return p_ring + o_b[:, None] * ROW * HW + o_w[None, :], m_b[:, None] & (o_w < HW)[None, :]
-    else:
-        return p_ring + o_b[None, :, None] * ROW * HW + o_w, m_b[None, :, None] & (o_w < HW)
-
-
-@triton.jit
-def _tagged_dots(acc_i, acc_f, acc_g, acc_o, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o, p_w, o_j,
-                 m_j, H, ERR, max_spin, BK: tl.constexpr, BH: tl.constexpr, PACK: tl.constexpr,
-                 PROBE: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, DT: tl.constexpr,
-                 SK: tl.constexpr, BB: tl.constexpr):
-    """_gate_dots with x = h_{t-1} read from tagged words (_publish_tagged): each K chunk is reloaded until every
-    word carries `tag`, then multiplied. With PACK = 2 a word holds units 2k (low half) and 2k + 1, and
-    x @ W = x_even @ W[even rows] + x_odd @ W[odd rows] (_dot_words): the halves are never interleaved back (a
-    shuffle through shared memory); w_* hold W's even rows and u_* its odd rows when resident. With PROBE, a
-    reader whose first load finds words missing polls one word per producer (the last of its slice in the
-    tile's last row) until all carry the tag, then reloads the tile: a poll of a few words instead of the whole
-    tile (L2 bandwidth), for one more round trip. SK > 1 splits each chunk's words along K as _gate_dots does.
-    Returns the accumulators and whether the wait gave up (after max_spin polls, setting the sticky ERR flag)
-    or found ERR set."""
-    HW = (H + PACK - 1) // PACK
-    failed = tag < 0  # False; the waits read the flag (uniformly: _tag_state)
-    # Producers per K chunk, and the words of each one's slice within the chunk.
-    N_PROBE: tl.constexpr = BK // BH if BK > BH else 1
-    S_PROBE: tl.constexpr = (BH if BK > BH else BK) // PACK
-    o_q = tl.arange(0, N_PROBE)
-    r_last = tl.max(tl.where(m_b, o_b, 0))
-    for k0 in range(0, H, BK):
-        p, m = _word_rows(p_ring, o_b, m_b, _word_offsets(k0, PACK, BK, SK), HW, 1, SK)
-        o_first = k0 // PACK + o_q * S_PROBE
-        p_probe = p_ring + r_last * HW + tl.minimum(o_first + S_PROBE - 1, HW - 1)
-        m_probe = o_first < HW
-        if W_RESIDENT:
-            t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o = w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o
-        else:
-            t_i, t_f, t_g, t_o = _load_word_tiles(p_w, k0, o_j, m_j, H, 1, H, PACK, 0, BK, SK)
-            v_i, v_f, v_g, v_o = t_i, t_f, t_g, t_o  # unused unless PACK == 2
-            if PACK == 2:
-                v_i, v_f, v_g, v_o = _load_word_tiles(p_w, k0, o_j, m_j, H, 1, H, PACK, 1, BK, SK)
-        b_low, failed = _wait_tagged(p, m, tag, p_probe, m_probe, ERR, max_spin, failed, PROBE)
-        if SK == 1:
-            acc_i = _dot_words(acc_i, b_low, t_i, v_i, PACK, DOT_PRECISION, DT)
-            acc_f = _dot_words(acc_f, b_low, t_f, v_f, PACK, DOT_PRECISION, DT)
-            acc_g = _dot_words(acc_g, b_low, t_g, v_g, PACK, DOT_PRECISION, DT)
-            acc_o = _dot_words(acc_o, b_low, t_o, v_o, PACK, DOT_PRECISION, DT)
-        else:
-            zero = tl.zeros([SK, BB, BH], dtype=tl.float32)
-            acc_i += tl.sum(_dot_words(zero, b_low, t_i, v_i, PACK, DOT_PRECISION, DT), axis=0)
-            acc_f += tl.sum(_dot_words(zero, b_low, t_f, v_f, PACK, DOT_PRECISION, DT), axis=0)
-            acc_g += tl.sum(_dot_words(zero, b_low, t_g, v_g, PACK, DOT_PRECISION, DT), axis=0)
-            acc_o += tl.sum(_dot_words(zero, b_low, t_o, v_o, PACK, DOT_PRECISION, DT), axis=0)
-    return acc_i, acc_f, acc_g, acc_o, failed
-
-
-@triton.jit
-def _tagged_grad_dot(acc, p_ring, o_b, m_b, tag, w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o, p_w, o_j, m_j, H, ERR,
-                     max_spin, BK: tl.constexpr, PACK: tl.constexpr, W_RESIDENT: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, DT: tl.constexpr, SK: tl.constexpr, BB: tl.constexpr,
-                     BH: tl.constexpr):
-    """The backward's acc += sum_g dG_g @ W_g[:, units] with dG_{t+1} read from tagged words: gate g's words
-    of row b at p_ring + (b * 4 + g) * cdiv(H, PACK). As _tagged_dots, 16-bit words split K into even and odd
-    units (w_* hold W's even rows of each gate, u_* its odd rows, when resident), and SK > 1 splits K over the
-    warps. Returns acc and whether the wait failed."""
-    HW = (H + PACK - 1) // PACK
-    failed = tag < 0  # False; the waits read the flag (uniformly: _tag_state)
-    part = tl.zeros([SK, BB, BH], dtype=tl.float32)  # the split-K partial sums (SK > 1)
-    for k0 in range(0, H, BK):
-        p, m = _word_rows(p_ring, o_b, m_b, _word_offsets(k0, PACK, BK, SK), HW, 4, SK)
-        if W_RESIDENT:
-            t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o = w_i, w_f, w_g, w_o, u_i, u_f, u_g, u_o
-        else:
-            t_i, t_f, t_g, t_o = _load_word_tiles(p_w, k0, o_j, m_j, H, H, 1, PACK, 0, BK, SK)
-            v_i, v_f, v_g, v_o = t_i, t_f, t_g, t_o  # unused unless PACK == 2
-            if PACK == 2:
-                v_i, v_f, v_g, v_o = _load_word_tiles(p_w, k0, o_j, m_j, H, H, 1, PACK, 1, BK, SK)
-        if SK == 1:
-            acc, failed = _gate_words_dot(acc, p, m, HW, tag, t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o, ERR, max_spin,
-                                          failed, PACK, DOT_PRECISION, DT)
-        else:
-            part, failed = _gate_words_dot(part, p, m, HW, tag, t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o, ERR,
-                                           max_spin, failed, PACK, DOT_PRECISION, DT)
-    if SK > 1:
-        acc += tl.sum(part, axis=0)
-    return acc, failed
-
-
-@triton.jit
-def _gate_words_dot(acc, p, m, HW, tag, t_i, t_f, t_g, t_o, v_i, v_f, v_g, v_o, ERR, max_spin, failed,
-                    PACK: tl.constexpr, DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
-    """acc += sum_g dG_g @ W_g, gate g's tagged words at p + g * HW, each gate's waited on in turn."""
-    b_low, failed = _wait_tagged(p, m, tag, p, m, ERR, max_spin, failed, False)
-    acc = _dot_words(acc, b_low, t_i, v_i, PACK, DOT_PRECISION, DT)
-    b_low, failed = _wait_tagged(p + HW, m, tag, p, m, ERR, max_spin, failed, False)
-    acc = _dot_words(acc, b_low, t_f, v_f, PACK, DOT_PRECISION, DT)
-    b_low, failed = _wait_tagged(p + 2 * HW, m, tag, p, m, ERR, max_spin, failed, False)
-    acc = _dot_words(acc, b_low, t_g, v_g, PACK, DOT_PRECISION, DT)
-    b_low, failed = _wait_tagged(p + 3 * HW, m, tag, p, m, ERR, max_spin, failed, False)
-    acc = _dot_words(acc, b_low, t_o, v_o, PACK, DOT_PRECISION, DT)
-    return acc, failed
-
-
-@triton.jit
-def _dot_words(acc, b_low, w, u, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr, DT: tl.constexpr):
-    """acc += x @ W for x given as the low halves of tagged words: with PACK = 2, x_even @ w + x_odd @ u."""
-    if PACK == 2:
-        acc += tl.dot(b_low.to(tl.int16).to(DT, bitcast=True), w, input_precision=DOT_PRECISION)
-        acc += tl.dot((b_low >> 16).to(tl.int16).to(DT, bitcast=True), u, input_precision=DOT_PRECISION)
-    else:
-        acc += tl.dot(b_low.to(tl.float32, bitcast=True), w, input_precision=DOT_PRECISION)
-    return acc
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
@@ -874,7 +699,7 @@ def lstm_fwd_kernel(
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
-    RING,  # [2, D, B, cdiv(H, PACK)] int64 zeros on entry: h_t as tagged words, slot t % 2 (when TAGGED)
+    RING,  # exchange "dsmem"'s codes (and on the interpreter its slots): dsmem_ring (when DSMEM)
     WSCALE,  # [D or L, 5] float32 the scales of HALF_W's float16 operands (_half_weights)
     T,
     B,
@@ -888,9 +713,6 @@ def lstm_fwd_kernel(
     BB: tl.constexpr,
     D: tl.constexpr,
     W_RESIDENT: tl.constexpr,
-    TAGGED: tl.constexpr,  # h_{t-1} from tagged words each reader waits on, instead of a grid barrier per step
-    PACK: tl.constexpr,  # values per tagged word: 2 for 16-bit h, 1 for float32
-    PROBE: tl.constexpr,  # TAGGED: wait on one word per producer before reloading a tile (_tagged_dots)
     HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     STACK: tl.constexpr,  # axis 2 is the layer of a unidirectional stack run as a wavefront (D = 1)
@@ -910,11 +732,10 @@ def lstm_fwd_kernel(
     DSMEM: tl.constexpr = False,  # CLUSTER, TRANSPOSED resident in one chunk, 16-bit, one batch tile a program:
     # h_{t-1} through distributed shared memory (_slot_put, _slot_pull; on the interpreter RING stands in for it)
 ):
-    tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
-    tl.static_assert(not (PREFETCH and (STACK or TAGGED)), "prefetch: single layer, barrier exchange")
-    tl.static_assert(not (MERGED and (STACK or TAGGED or SK > 1)), "merged gates: single layer, barrier, unsplit")
-    tl.static_assert(not (TRANSPOSED and (TAGGED or MERGED or SK > 1)), "transposed dots: barrier, unsplit")
+    tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
+    tl.static_assert(not (MERGED and (STACK or SK > 1)), "merged gates: single layer, unsplit")
+    tl.static_assert(not (TRANSPOSED and (MERGED or SK > 1)), "transposed dots: unsplit")
     tl.static_assert(not DSMEM or (CLUSTER and TRANSPOSED and W_RESIDENT and KC == BK and not STACK and not HALF_W),
                      "dsmem: a cluster's transposed resident dots in one chunk, single layer, 16-bit")
     SLOTS: tl.constexpr = 2 * BB * BH * 2  # bytes of a program's two [BB, BH] 16-bit slots (exchange "dsmem")
@@ -969,19 +790,15 @@ def lstm_fwd_kernel(
             b_wm = _load_merged_tiles(W, o_k, o_k < H, i_h, H, BH)
         elif TRANSPOSED:
             b_wm = _load_transposed_tiles(W, i_h, i_h >= 0, H, BH, BK, KC)
-        elif TAGGED and PACK == 2:
-            # W_hh's even rows in b_w*, its odd rows in b_u* (_tagged_dots says why).
-            b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, PACK, 0, BK, SK)
-            b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, PACK, 1, BK, SK)
         elif SK > 1:
-            b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, 1, H, 1, 0, BK, SK)
+            b_wi, b_wf, b_wg, b_wo = _load_chunk_tiles(W, 0, o_j, m_j, H, 1, H, BK, SK)
         else:
             b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, 1, H)
         if STACK:
             if TRANSPOSED:
                 b_um = _load_transposed_tiles(W_IH, i_h, i_l > 0, H, BH, BK, KC)
             elif SK > 1:
-                b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W_IH, 0, o_j, m_j & (i_l > 0), H, 1, H, 1, 0, BK, SK)
+                b_ui, b_uf, b_ug, b_uo = _load_chunk_tiles(W_IH, 0, o_j, m_j & (i_l > 0), H, 1, H, BK, SK)
             else:
                 b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & (i_l > 0), m_j, H, 1, H)
     if HALF_W:
@@ -1067,37 +884,28 @@ def lstm_fwd_kernel(
                 b_c = tl.load(p_c, mask=m_live, other=0.0, cache_modifier=".cg")
 
             # h_{t-1}: the previous output row, or h0 at the first step.
-            if TAGGED:
-                # Every row's h of step s - 1, tagged s, in slot (s - 1) % 2 (h0: slot 1, tag 0, by the launcher).
-                p_ring = RING + (((s + 1) % 2) * D + i_d).to(tl.int64) * B * ((H + PACK - 1) // PACK)
-                b_gi, b_gf, b_gg, b_go, failed = _tagged_dots(b_gi, b_gf, b_gg, b_go, p_ring, o_b, m_b, s, b_wi,
-                                                              b_wf, b_wg, b_wo, b_ui, b_uf, b_ug, b_uo, W, o_j, m_j,
-                                                              H, ERR, max_spin, BK, BH, PACK, PROBE, W_RESIDENT,
-                                                              DOT_PRECISION, Y.dtype.element_ty, SK, BB)
-                poisoned = poisoned | failed
+            o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
+            p_hbase = tl.where(s == 0, H0, Y)
+            if DSMEM:
+                # Slots (s - 1) % 2, which every program of the cluster wrote before the last barrier.
+                b_x = _slot_pull(codes, (s_glob + 1) % 2, RING, BB, BK, SLOTS, Y.dtype.element_ty)
+                b_x = tl.where(live[:, None] & (o_hk < H)[None, :], b_x, tl.zeros_like(b_x))
+                acc = tl.dot(b_wm[0], tl.trans(b_x), tl.zeros([4 * BH, BB], dtype=tl.float32),
+                             input_precision=DOT_PRECISION)
+                b_gi, b_gf, b_gg, b_go = _transposed_split(b_gi, b_gf, b_gg, b_go, acc, BB, BH)
+            elif MERGED:
+                b_gi, b_gf, b_gg, b_go = _merged_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wm,
+                                                           W, o_k, i_h, H, BK, BB, BH, W_RESIDENT, DOT_PRECISION)
+            elif TRANSPOSED:
+                b_gi, b_gf, b_gg, b_go = _transposed_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live,
+                                                               b_wm, W, i_h, i_h >= 0, H, BB, BH, BK, KC,
+                                                               W_RESIDENT, DOT_PRECISION, HALF_W,
+                                                               tl.where(s == 0, ws_h0_mul, REC_MUL),
+                                                               tl.where(s == 0, ws_h0_acc, ws_rec_acc))
             else:
-                o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
-                p_hbase = tl.where(s == 0, H0, Y)
-                if DSMEM:
-                    # Slots (s - 1) % 2, which every program of the cluster wrote before the last barrier.
-                    b_x = _slot_pull(codes, (s_glob + 1) % 2, RING, BB, BK, SLOTS, Y.dtype.element_ty)
-                    b_x = tl.where(live[:, None] & (o_hk < H)[None, :], b_x, tl.zeros_like(b_x))
-                    acc = tl.dot(b_wm[0], tl.trans(b_x), tl.zeros([4 * BH, BB], dtype=tl.float32),
-                                 input_precision=DOT_PRECISION)
-                    b_gi, b_gf, b_gg, b_go = _transposed_split(b_gi, b_gf, b_gg, b_go, acc, BB, BH)
-                elif MERGED:
-                    b_gi, b_gf, b_gg, b_go = _merged_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wm,
-                                                               W, o_k, i_h, H, BK, BB, BH, W_RESIDENT, DOT_PRECISION)
-                elif TRANSPOSED:
-                    b_gi, b_gf, b_gg, b_go = _transposed_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live,
-                                                                   b_wm, W, i_h, i_h >= 0, H, BB, BH, BK, KC,
-                                                                   W_RESIDENT, DOT_PRECISION, HALF_W,
-                                                                   tl.where(s == 0, ws_h0_mul, REC_MUL),
-                                                                   tl.where(s == 0, ws_h0_acc, ws_rec_acc))
-                else:
-                    b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf,
-                                                        b_wg, b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT,
-                                                        DOT_PRECISION, SK)
+                b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf,
+                                                    b_wg, b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT,
+                                                    DOT_PRECISION, SK)
             if HAS_BIAS:
                 b_gi += b_bi
                 b_gf += b_bf
@@ -1119,13 +927,6 @@ def lstm_fwd_kernel(
                 _slot_put(b_y.to(Y.dtype.element_ty), o_slot + (s_glob % 2) * (SLOTS // 2), RING, BB, BK, SLOTS)
                 _cluster_arrive(s_glob)
             o_bh = o_b[:, None] * H + o_j[None, :]
-            if TAGGED:
-                HW = (H + PACK - 1) // PACK
-                o_jw = i_h * (BH // PACK) + tl.arange(0, BH // PACK)
-                # Every row, dead ones too: the readers wait on all rows.
-                p_pub = RING + ((s % 2) * D + i_d).to(tl.int64) * B * HW + o_b[:, None] * HW + o_jw[None, :]
-                _publish_tagged(p_pub, b_y, m_b[:, None] & (o_jw < HW)[None, :], s + 1, BB, BH, PACK,
-                                Y.dtype.element_ty)
             tl.store(Y + o_row[:, None] * SY + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
             if STACK:
                 if HAS_DROPOUT:
@@ -1167,7 +968,7 @@ def lstm_fwd_kernel(
             # The interpreter's arrive and wait are one barrier here (stronger than the GPU's split; the reads of
             # step s + 1 come after it either way).
             _cluster_barrier(s_glob)
-        elif PERSISTENT and not TAGGED:
+        elif PERSISTENT:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
             poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP,
                                                 CLUSTER)
@@ -1196,7 +997,6 @@ def lstm_bwd_kernel(
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
-    RING,  # [2, D, B, 4, cdiv(H, PACK)] int64 zeros: dG of step r as tagged words, slot r % 2 (when TAGGED)
     W_T,  # [D, H, 4H] W_hh^T (when TRANSPOSED)
     PART,  # [2, D, P, B, H] float32: program p's share of dh at step r in slot r % 2 (when TRANSPOSED)
     AMAX,  # [D, H] float32 max |W_hh| of each direction's columns (when HALF_W)
@@ -1213,8 +1013,6 @@ def lstm_bwd_kernel(
     BB: tl.constexpr,
     D: tl.constexpr,
     W_RESIDENT: tl.constexpr,
-    TAGGED: tl.constexpr,  # dG_{t+1} from tagged words each reader waits on, instead of a grid barrier per step
-    PACK: tl.constexpr,  # values per tagged word: 2 for 16-bit, 1 for float32
     HAS_LENGTHS: tl.constexpr,
     STACK: tl.constexpr,  # axis 2 is the layer of a unidirectional stack run as a reverse wavefront (D = 1)
     HAS_DROPOUT: tl.constexpr,  # dropout between the layers of a STACK
@@ -1232,11 +1030,10 @@ def lstm_bwd_kernel(
     HALF_W: tl.constexpr,  # float32: dG_{t+1} @ W_hh on float16 operands, W and each row of dG scaled (v0.41)
 ):
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
-    tl.static_assert(not (TAGGED and STACK), "tagged exchange is for a single layer")
-    tl.static_assert(not (TRANSPOSED and (STACK or TAGGED or SK > 1)), "reduce-scatter: single layer, barrier")
-    tl.static_assert(not (PREFETCH and (STACK or TAGGED)), "prefetch: single layer, barrier exchange")
-    tl.static_assert(not (HALF_W and (STACK or TAGGED or TRANSPOSED or not W_RESIDENT)),
-                     "float16 operands: a single layer's tiles, W resident, barrier exchange")
+    tl.static_assert(not (TRANSPOSED and (STACK or SK > 1)), "reduce-scatter: single layer, unsplit")
+    tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
+    tl.static_assert(not (HALF_W and (STACK or TRANSPOSED or not W_RESIDENT)),
+                     "float16 operands: a single layer's tiles, W resident")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -1291,18 +1088,14 @@ def lstm_bwd_kernel(
             b_wt = _load_transposed_grad_tiles(W_T, i_h, True, H, BH, BK, KC)
     elif W_RESIDENT:
         # dh_{t-1} = dG_t @ W_hh: tile (k, j) of gate g is W_hh[g*H + k, j].
-        if TAGGED and PACK == 2:
-            # Each gate's even rows in b_w*, its odd rows in b_u* (_tagged_grad_dot).
-            b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, H, 1, PACK, 0, BK, SK)
-            b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W, 0, o_j, m_j, H, H, 1, PACK, 1, BK, SK)
-        elif SK > 1:
-            b_wi, b_wf, b_wg, b_wo = _load_word_tiles(W, 0, o_j, m_j, H, H, 1, 1, 0, BK, SK)
+        if SK > 1:
+            b_wi, b_wf, b_wg, b_wo = _load_chunk_tiles(W, 0, o_j, m_j, H, H, 1, BK, SK)
         else:
             b_wi, b_wf, b_wg, b_wo = _load_gate_tiles(W, o_k, o_j, o_k < H, m_j, H, H, 1)
         if STACK:
             # dX_{l+1,t} = dG_{l+1,t} @ W_ih_{l+1}: tile (k, j) of gate g is W_ih_{l+1}[g*H + k, j].
             if SK > 1:
-                b_ui, b_uf, b_ug, b_uo = _load_word_tiles(W_IH, 0, o_j, m_j & has_up, H, H, 1, 1, 0, BK, SK)
+                b_ui, b_uf, b_ug, b_uo = _load_chunk_tiles(W_IH, 0, o_j, m_j & has_up, H, H, 1, BK, SK)
             else:
                 b_ui, b_uf, b_ug, b_uo = _load_gate_tiles(W_IH, o_k, o_j, (o_k < H) & has_up, m_j, H, H, 1)
 
@@ -1344,13 +1137,6 @@ def lstm_bwd_kernel(
                 # The shares of step r - 1 (slot (r + 1) % 2); none before the first step.
                 p_prev = PART + (((r + 1) % 2) * D * n_h).to(tl.int64) * B * H
                 b_dh = _gather_partials(p_prev, n_h, o_b, m_b & (r > 0), o_j, m_j, B, H, BB, BH, QP, QC)
-            elif TAGGED:
-                # Every row's dG of step r - 1 (zeros past a row's end, and zeros with tag 0 for r = 0), tagged r.
-                p_ring = RING + (((r + 1) % 2) * D + i_d).to(tl.int64) * B * 4 * ((H + PACK - 1) // PACK)
-                b_dh, failed = _tagged_grad_dot(b_dh, p_ring, o_b, m_b, r, b_wi, b_wf, b_wg, b_wo, b_ui, b_uf, b_ug,
-                                                b_uo, W, o_j, m_j, H, ERR, max_spin, BK, PACK, W_RESIDENT,
-                                                DOT_PRECISION, DG.dtype.element_ty, SK, BB, BH)
-                poisoned = poisoned | failed
             elif HALF_W:
                 # Each row's largest |dG_{t+1}|: the largest of the P programs' own, stored with dG (slot r - 1).
                 p_rmax = RMAX + (((r + 1) % 2) * D * n_h).to(tl.int64) * B + o_b
@@ -1417,17 +1203,6 @@ def lstm_bwd_kernel(
 
                 b_dgi, b_dgf, b_dgg, b_dgo, b_dc = _cell_grads(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_cp, m_live)
 
-                if TAGGED:
-                    # Every row, dead ones too (their dG is zero here): the readers wait on all rows.
-                    HW = (H + PACK - 1) // PACK
-                    o_jw = i_h * (BH // PACK) + tl.arange(0, BH // PACK)
-                    p_pub = RING + ((r % 2) * D + i_d).to(tl.int64) * B * 4 * HW + o_b[:, None] * 4 * HW + \
-                        o_jw[None, :]
-                    m_pub = m_b[:, None] & (o_jw < HW)[None, :]
-                    _publish_tagged(p_pub, b_dgi, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
-                    _publish_tagged(p_pub + HW, b_dgf, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
-                    _publish_tagged(p_pub + 2 * HW, b_dgg, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
-                    _publish_tagged(p_pub + 3 * HW, b_dgo, m_pub, r + 1, BB, BH, PACK, DG.dtype.element_ty)
                 # DG may be GATES (lstm_backward's into_gates): every warp's loads of this tile's gates must be
                 # done before any warp stores over them (in a replicated layout several warps load one element).
                 tl.debug_barrier()
@@ -1457,7 +1232,7 @@ def lstm_bwd_kernel(
                 m_out = m_b[:, None] & m_j[None, :]
                 tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_out)
                 tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
-        if PERSISTENT and not TAGGED:
+        if PERSISTENT:
             # A stack's barrier spans its layers: a layer's step needs the layer above's dG of the same t.
             poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP,
                                                 CLUSTER)
@@ -1518,7 +1293,7 @@ def _half_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, H, BK: tl.constex
     largest magnitude (amax) below 2^15 (_half_dots). SK > 1: split-K as in _split_grad_dot."""
     k = _half_exp(amax)
     if SK > 1:
-        o_kx = _word_offsets(0, 1, BK, SK)
+        o_kx = _chunk_offsets(0, BK, SK)
         acc = _half_dots(tl.zeros([SK, o_rows.shape[0], w_i.shape[2]], dtype=tl.float32),
                          p_base + o_rows[None, :, None] + o_kx, m_rows[None, :, None] & (o_kx < H), H, w_i, w_f, w_g,
                          w_o, _exp2_bits(k)[None, :, None])
@@ -1744,7 +1519,7 @@ def _half_w(config, dtype: torch.dtype, backward: bool = False) -> bool:
     configs.without_half_w before it gets here)."""
     if not config.half_w or backward and config.transposed:
         return False
-    layout = (config.grid_2d or config.w_resident and not config.tagged) if backward else config.transposed
+    layout = (config.grid_2d or config.w_resident) if backward else config.transposed
     if not layout or not half_w_allowed(dtype):
         where = "the backward's 2-D grid or resident tiles" if backward else "the forward's transposed dots"
         raise ValueError(f"config: half_w is for float32 layers on {where} where PyTorch's RNN precision allows TF32 "
@@ -2034,28 +1809,6 @@ def _barrier_layout(config, grid, stack: bool = False) -> tuple[int, dict]:
     return barriers * np_, dict(FLAGS=True, NP=np_, CLUSTER=False)
 
 
-def _tag_pack(dtype: torch.dtype, config) -> int:
-    """Values per tagged word (two 16-bit values, or one float32), after checking that the K chunk can be split
-    into the words' two halves for tl.dot (K >= 16 each)."""
-    pack = 1 if dtype == torch.float32 else 2
-    if pack * 16 * config.split_k > config.block_k:
-        raise ValueError(f"config: exchange={config.exchange!r} with {dtype} and split_k={config.split_k} needs "
-                         f"block_k >= {pack * 16 * config.split_k}, got {config.block_k}")
-    return pack
-
-
-def _tag_ring(h0: torch.Tensor, pack: int) -> torch.Tensor:
-    """The [2, D, B, cdiv(H, pack)] int64 exchange of a tagged forward: slot 1 holds h0 as the words of step
-    -1 (tag 0, as _publish_tagged lays them out), slot 0 zeros (tag 0: no reader waits on it before step 1)."""
-    D, B, H = h0.shape
-    if pack == 1:
-        words = h0.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    else:
-        bits = torch.nn.functional.pad(h0.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF, (0, H % 2))
-        words = bits[..., 0::2] | (bits[..., 1::2] << 16)
-    return torch.stack([torch.zeros_like(words), words])
-
-
 # The scales' exponents stay within +-HALF_W_MAX_SHIFT, so that a product of two is a normal float32: magnitudes
 # up to 2^75 (2^-60 * 2^75 = 2^15, within float16) and down to 2^-45 keep every bit float16 holds.
 HALF_W_MAX_SHIFT: tl.constexpr = tl.constexpr(60)
@@ -2190,8 +1943,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     gates = gates_out if gates_out is not None else _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
     sync = torch.zeros(words, device=dev, dtype=torch.int32)
-    ring = _tag_ring(h0, constexprs["PACK"]) if constexprs["TAGGED"] else \
-        dsmem_ring(grid[0] * grid[1] * grid[2], config.block_b, config.block_h, config.block_k, dev) \
+    ring = dsmem_ring(grid[0] * grid[1] * grid[2], config.block_b, config.block_h, config.block_k, dev) \
         if constexprs["DSMEM"] else sync
     w_dot, _, wscale = _half_weights(w_hh, h0) if constexprs["HALF_W"] else (w_hh, None, c_ws)
     args = (gx, gates, w_dot, w_dot, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
@@ -2211,11 +1963,9 @@ def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gate
     _check_tiles(config, H)
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
     words, flags = _barrier_layout(config, grid)
-    tagged = config.exchange.startswith("tagged")
     constexprs = dict(D=D, HAS_BIAS=has_bias, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False,
-                      STORE_GATES=store_gates, DOT_PRECISION=precision, TAGGED=tagged,
-                      PACK=_tag_pack(dtype, config) if tagged else 1, PROBE=config.exchange == "tagged-probe",
-                      MERGED=config.merged_gates, TRANSPOSED=config.transposed,
+                      STORE_GATES=store_gates, DOT_PRECISION=precision, MERGED=config.merged_gates,
+                      TRANSPOSED=config.transposed,
                       KC=transposed_chunk(config, dtype.itemsize), PREFETCH=config.prefetches(B, H),
                       HALF_W=_half_w(config, dtype), DSMEM=dsmem_applies(config, dtype, B), **flags)
     return config, grid, words, constexprs
@@ -2264,7 +2014,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
             barrier_errors.flag(dev), sync, wscale, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              TAGGED=False, PACK=1, PROBE=False, MERGED=False, TRANSPOSED=config.transposed,
+              MERGED=False, TRANSPOSED=config.transposed,
               KC=transposed_chunk(config, dt.itemsize, stack=True), PREFETCH=False, HALF_W=half, **flags,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)), sync)
     if not store_gates:
@@ -2291,13 +2041,10 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
         return dg, dh0, dc0
     grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt))
     sync = torch.zeros(words, device=dev, dtype=torch.int32)
-    # Zeros: slot 1 is dG of the step after the last (zero, tag 0); slot 0 carries no reader's tag before r = 1.
-    ring = torch.zeros((2, D, B, 4, cdiv(H, constexprs["PACK"])), dtype=torch.int64, device=dev) \
-        if constexprs["TAGGED"] else sync
     w_t, part = _reduce_scatter_state(config, w_hh, B, sync)
     amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
-            last if last is not None else sync, sync, barrier_errors.flag(dev), ring, w_t, part, amax, rmax, T, B, H,
+            last if last is not None else sync, sync, barrier_errors.flag(dev), w_t, part, amax, rmax, T, B, H,
             int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args, constexprs, sync)
     return dg, dh0, dc0
@@ -2308,9 +2055,7 @@ def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengt
     """(grid, barrier words, the kernel's constexprs) of an lstm_backward launch on tiles, as _forward_plan."""
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
     words, flags = _barrier_layout(config, grid)
-    tagged = config.exchange.startswith("tagged")  # the backward has no probe: "tagged-probe" runs as "tagged"
     constexprs = dict(D=D, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=precision,
-                      TAGGED=tagged, PACK=_tag_pack(dtype, config) if tagged else 1,
                       PREFETCH=config.prefetches(B, H), HALF_W=_half_w(config, dtype, backward=True),
                       **reduce_scatter_constexprs(config, H), **flags)
     return grid, words, constexprs
@@ -2404,10 +2149,10 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     grid = (cdiv(H, config.block_h), config.batch_groups, L)
     sync, flags = _barrier_state(config, grid, dev, stack=True)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
-            dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync, sync,
+            dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync,
             sync, T, B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
          dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              DOT_PRECISION=_dot_precision(dt), TAGGED=False, PACK=1, PREFETCH=False, HALF_W=False,
+              DOT_PRECISION=_dot_precision(dt), PREFETCH=False, HALF_W=False,
               **NO_REDUCE_SCATTER, **flags), sync)
     return dg, dh0, dc0

@@ -244,9 +244,9 @@ def test_kernel_ab_variants_are_runnable_configs():
     ab = _perf_script("kernel_ab")
     for kernel in ("fwd", "bwd"):
         got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
-        want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "tagged",
-                "split-tagged", "streamed", "wide", "wide-bh32", "wide-bh64", "flags"}
-        fwd_only = {"tagged-probe", "split-tagged-probe", "merged", "merged-w4", "transposed", "transposed-flags",
+        want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "streamed",
+                "wide", "wide-bh32", "wide-bh64", "flags"}
+        fwd_only = {"merged", "merged-w4", "transposed", "transposed-flags",
                     "transposed-streamed", "transposed-streamed-bb128",
                     "no-prefetch"}  # (the heuristic's pick there, bb128 since v0.38, prefetches)
         # The backward's transposed (reduce-scatter) variants only where every program owns one batch tile.
@@ -255,8 +255,6 @@ def test_kernel_ab_variants_are_runnable_configs():
         assert len(set(got.values())) == len(got)
         assert all(c.programs(1024) <= 132 for c in got.values())
         assert got["unsplit"].split_k == 1 and got["split"].split_k == 8 and got["split4"].split_k == 4
-        assert got["tagged"].split_k == 1 and got["tagged"].block_h == got["unsplit"].block_h
-        assert got["split-tagged"].split_k == 8 and got["split-tagged"].exchange == "tagged"
     assert set(ab.variants("fwd", 256, 16, torch.float32, 132, ["unsplit", "split-bb32"])) == {"unsplit"}
     t = ab.variants("fwd", 1024, 256, torch.float16, 132, ["transposed"])["transposed"]
     assert t.transposed and t.block_h == 16 and t.block_b == 16 and t.programs(1024) <= 132
@@ -278,7 +276,7 @@ def test_kernel_ab_variants_are_runnable_configs():
         assert len(set(got.values())) == len(got)
         assert all(c.programs(512) <= 33 for c in got.values())
         assert got["unsplit"].w_resident and not got["streamed"].w_resident
-        assert not any(c.merged_gates or c.tagged for c in got.values())
+        assert not any(c.merged_gates for c in got.values())
         assert got["flags"] == dataclasses.replace(got["unsplit"], exchange="flags")
     assert "transposed" not in ab.variants("stack", 512, 16, torch.float32, 132, ab.VARIANTS, layers=2)  # 256 KB
 

@@ -19,7 +19,6 @@ from tritonlstm.configs import (
     heuristic_config,
     shared_bytes,
     stack_backward_config,
-    tagged_exchanges,
     wide_tile_config,
 )
 
@@ -148,30 +147,6 @@ def test_stack_configs_of_the_bench_rows_run_persistent():
             assert bwd.split_k == (4 if bwd.w_resident else 1), (dtype, layers, bwd)
 
 
-def test_tagged_exchange_candidates_compile_and_fit_at_the_h256_tiles(tmp_path):
-    """exchange="tagged" is a tuner candidate, not a heuristic pick: every variant must compile within shared
-    memory; spills only disqualify it in the tuner. The bench's H = 256 tile class (BK = 256), unsplit, must fit
-    without spills in every dtype, training and inference (perf/NOTES.md v0.8 and v0.9 list where the others
-    spill)."""
-    out = tmp_path / "tagged.json"
-    # H 129-256: the tile class the assertions below are about (the whole sweep is the CLI's, minutes long).
-    proc = run_python("-m", "tritonlstm.compilecheck", "--tagged", "--min-hidden", "129", "--max-hidden", "256",
-                      "--json", str(out), timeout=1200)
-    rows = json.loads(out.read_text())
-    assert {(r["kernel"], r["config"]["exchange"]) for r in rows} == {("fwd", "tagged"), ("fwd", "tagged-probe"),
-                                                                      ("bwd", "tagged")}
-    assert all(r["error"] is None and 0 < r["shared"] <= SM90_SHARED_LIMIT for r in rows), proc.stdout[-3000:]
-    assert any(r["config"]["split_k"] > 1 for r in rows) and any(r["config"]["split_k"] == 1 for r in rows)
-    h256 = [r for r in rows if r["config"]["block_k"] == 256 and r["config"]["split_k"] == 1]
-    assert {r["dtype"] for r in h256} == {"fp16", "bf16", "fp32"}
-    # At the class's lower boundary (H = 129, not a multiple of 16) in fp32: tagged-probe's nested poll loop spills
-    # since the flag check became uniform (perf/NOTES.md v0.14), and with a launch's 16-byte aligned pointers
-    # (compilecheck._launch_attrs) the allocation moved: 56-128 bytes, 8 for tagged. Neither was ever measured
-    # faster than the barrier (v0.9); the tuner times what it keeps.
-    assert all(r["spill_bytes"] <= (160 if r["config"]["exchange"] == "tagged-probe" else 16) for r in h256), \
-        proc.stdout[-3000:]
-
-
 def test_stacks_whose_weights_cannot_stay_on_chip_run_in_resident_chunks():
     """configs.stack_layers_per_launch: fp32 at H = 512 keeps W resident for 2 layers, not 3 or 4 (run 5: 40-45
     us per step streamed at 4 layers against 10-11 resident at 2), so longer fp32 stacks run as wavefronts of 2;
@@ -194,18 +169,15 @@ def test_stacks_whose_weights_cannot_stay_on_chip_run_in_resident_chunks():
 
 def test_half_w_configs():
     """LSTMConfig.half_w (perf/NOTES.md v0.29, v0.40-v0.41): on the transposed dots, or (the backward's) W
-    resident, never tagged; its forward stand-in where TF32 is not allowed streams float32 W^T; its shared memory
+    resident; its forward stand-in where TF32 is not allowed streams float32 W^T; its shared memory
     counts W at 2 bytes; the forward's tuner candidate is float32's only."""
     from tritonlstm.configs import named_variants, without_half_w
 
     with pytest.raises(ValueError, match="half_w needs transposed=True .* or W resident"):
         LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=False, half_w=True)
-    with pytest.raises(ValueError, match="half_w .* a barrier exchange.*tagged"):
-        LSTMConfig(block_h=16, block_b=16, block_k=512, w_resident=True, half_w=True, exchange="tagged")
     tiles = LSTMConfig(block_h=16, block_b=16, block_k=1024, w_resident=True, half_w=True, split_k=8, num_warps=8)
     assert shared_bytes(tiles, "bwd", 1024, 4) == shared_bytes(dataclasses.replace(tiles, half_w=False), "bwd", 1024,
                                                                4) - 4 * 1024 * 16 * 2
-    assert tagged_exchanges("bwd", tiles, torch.float32) == ()
     half = heuristic_config(512, 16, torch.float32, 132, layers=4, kernel="stack")
     full = without_half_w(half)
     assert (full.half_w, full.w_resident, full.transposed, full.block_k, full.num_stages) == (False, False, True, 32, 3)
@@ -467,8 +439,7 @@ from tritonlstm.configs import named_variants
 ptx = []
 report = cc._ptxas_report
 cc._ptxas_report = lambda text: ptx.append(text) or report(text)
-for kernel, name in (("fwd", "transposed"), ("bwd", "transposed"), ("fwd", "flags"), ("bwd", "flags"),
-                     ("fwd", "tagged"), ("bwd", "tagged")):
+for kernel, name in (("fwd", "transposed"), ("bwd", "transposed"), ("fwd", "flags"), ("bwd", "flags")):
     cfg = named_variants(kernel, 256, 16, torch.float16, 132)[name]
     r = cc.check(kernel, torch.float16, 256, cfg, prefetch=cfg.prefetches(16, 256))
     ops = sorted(set(re.findall(r"\\b(?:atom|ld|st|fence)\\.[a-z0-9_.]+", ptx[-1])))
@@ -480,7 +451,6 @@ for kernel, name in (("fwd", "transposed"), ("bwd", "transposed"), ("fwd", "flag
 ORDERING = {
     "transposed": ("atom.global.gpu.acq_rel.add", "atom.global.gpu.release.max"),  # counter: arrive/poll, give up
     "flags": ("atom.global.gpu.release.exch", "ld.volatile.global", "fence.acq_rel.gpu"),  # set, poll, acquire
-    "tagged": ("st.global.b64", "ld.volatile.global.b64"),  # a tag and its values stored and loaded as one word
 }
 
 
@@ -488,11 +458,11 @@ def test_exchanges_compile_with_the_memory_ordering_they_rely_on():
     """sm_90 PTX of the forward and backward kernels with each exchange between programs (fp16, H = 256, B = 16):
     the counter barrier arrives and polls with acq_rel atomics at GPU scope and releases a failed wait with an
     atomic max; the flags barrier sets a flag with a release exchange, polls with volatile loads and acquires
-    with a fence after them; the tagged exchange stores and loads each 8-byte word (tag and values) whole."""
+    with a fence after them."""
     proc = run_python("-c", ORDERING_COMPILE, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 6, proc.stdout
+    assert len(lines) == 4, proc.stdout
     for line in lines:
         kernel, name, ok, *ops = line.split()
         assert ok == "True", line

@@ -1,5 +1,5 @@
 """Persistent launches of several programs on the interpreter, the programs running at once (tests/concurrency.py):
-the exchanges between programs (grid barrier, flags barrier, tagged words, reduce-scatter, the 2-D grid's two
+the exchanges between programs (grid barrier, flags barrier, cluster barrier, reduce-scatter, the 2-D grid's two
 barriers a step, a stack's wavefront) against the float64 reference, as they run on a GPU but for its memory
 ordering. Without this, a launch of more than one program runs only on a GPU; the interpreter's tests run such
 configs stepwise, one launch per step."""
@@ -58,8 +58,6 @@ CASES = [
     ("cluster", "cluster", 64, 5),
     ("transposed-cluster", "transposed-cluster", 32, 5),
     ("transposed-flags", "transposed-flags", 32, 5),
-    ("tagged", "tagged", 64, 5),
-    ("tagged-probe", "split-tagged", 64, 20),
     ("merged", "split", 64, 20),
     ("transposed", "wide", 64, 40),
     ("transposed", "grid-2d", 64, 40),
@@ -81,12 +79,10 @@ def test_single_layer_with_programs_at_once(fwd_name, bwd_name, H, B, launches):
     assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
 
 
-# 16-bit: the tagged words' two values a word (fp32 has one); half_w: float32 on float16 operands, as precise as
+# 16-bit operands; half_w: float32 on float16 operands, as precise as
 # TF32's (a float32 stack's forward at H = 512 takes it; the backward's 2-D grid and split tiles, v0.40-v0.41, with
 # each row's largest |dG| passed between the programs); the transposed dots' 16-bit operands.
 SIXTEEN_BIT_CASES = [
-    ("tagged", "tagged", torch.bfloat16, RESOLUTION[torch.bfloat16]),
-    ("tagged-probe", "tagged", torch.float16, RESOLUTION[torch.float16]),
     ("transposed", "transposed", torch.bfloat16, RESOLUTION[torch.bfloat16]),
     ("transposed-half", "transposed", torch.float32, RESOLUTION_GPU[torch.float32]),
     ("transposed", "split-half", torch.float32, RESOLUTION_GPU[torch.float32]),
@@ -174,7 +170,7 @@ def test_stack_wavefronts_with_programs_at_once(fwd_name, bwd_name, launches):
     assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
 
 
-@pytest.mark.parametrize("exchange", ["barrier", "flags", "tagged"])
+@pytest.mark.parametrize("exchange", ["barrier", "flags"])
 def test_waits_that_give_up_together_poison_the_rest_and_raise(exchange, monkeypatch):
     """max_spin = 2 polls: the programs waiting for the slowed one give up at about the same time (perf/NOTES.md
     v0.14: several give-ups must release the launch once, not wrap the counter), every output from then on is NaN,

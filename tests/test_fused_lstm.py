@@ -22,7 +22,6 @@ from helpers import (
     rel_err,
 )
 from tritonlstm import LSTMConfig, fused_lstm, use_config
-from tritonlstm.functional import lstm_layer
 from tritonlstm.kernels import lstm as kernels
 
 
@@ -356,65 +355,6 @@ def test_half_w_keeps_float32_operands_where_tf32_is_not_allowed(half_weights_ca
         kernels._half_w(HALF_CONFIGS["resident"], torch.float16)
 
 
-# h_{t-1} and dG_{t+1} as tagged words (perf/NOTES.md v0.8): the multi-program paths through the rings instead of
-# y and dG, forward and backward (fewer combinations than above: each costs a stepwise run on the interpreter).
-TAGGED_PATHS = [
-    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
-                            exchange="tagged"), False, torch.float32, id="stepwise-P5-Q2-tiles3-fp32"),
-    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
-                            exchange="tagged-probe"), True, torch.float16, id="probe-stepwise-P5-Q2-tiles3-fp16-rev"),
-    pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=32, w_resident=False, batch_groups=1, persistent=False,
-                            exchange="tagged"), True, torch.float16, id="stepwise-streamedW-BK32-fp16-rev"),
-    pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=64, w_resident=True, batch_groups=1, persistent=True,
-                            exchange="tagged"), False, torch.float32, id="persistent-1prog-tiles5-fp32"),
-    # With split-K: the words of each K slice (16-bit: both halves of a slice's words, >= 16 units each).
-    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
-                            exchange="tagged", split_k=2), True, torch.float16, id="split2-stepwise-P5-Q2-fp16-rev"),
-    pytest.param(LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
-                            exchange="tagged-probe", split_k=4), False, torch.float32, id="split4-probe-P5-Q2-fp32"),
-    pytest.param(LSTMConfig(block_h=16, block_b=8, block_k=64, w_resident=False, batch_groups=1, persistent=False,
-                            exchange="tagged", split_k=2), False, torch.float16, id="split2-streamedW-BK64-fp16"),
-]
-
-
-@pytest.mark.parametrize("config,reverse,dtype", TAGGED_PATHS)
-def test_tagged_exchange_multi_program_paths(config, reverse, dtype, kernel_calls):
-    problem = make_problem(6, 17, 10, 33, dtype)
-    check_against_reference(problem, dtype, reverse=reverse, config=config)
-    assert kernel_calls == {"fwd": 1, "bwd": 1}
-
-
-TAGGED = LSTMConfig(block_h=8, block_b=4, block_k=32, w_resident=True, batch_groups=2, persistent=False,
-                    exchange="tagged")
-
-
-@pytest.mark.parametrize("dtype,H", [(torch.float32, 24), (torch.float16, 7), (torch.bfloat16, 24)],
-                         ids=["fp32-H24", "fp16-H7-odd", "bf16-H24"])
-def test_tagged_exchange_with_lengths_both_directions(dtype, H):
-    """The tagged words carry every row (dead ones too: readers wait on all rows), an odd H (the last word's
-    high half is padding) and h0 (slot 1, tag 0) in both directions of one launch."""
-    problem = make_problem(5, 6, 4, H, dtype)
-    lengths = torch.tensor([5, 2, 1, 4, 5, 3])
-    for reverse in (False, True):
-        check_against_reference(problem, dtype, reverse=reverse, lengths=lengths, config=TAGGED)
-    with use_config(TAGGED), torch.no_grad():
-        x, w_ih, w_hh, b_ih, b_hh, h0, c0 = (problem[n] for n in NAMES)
-        both, _ = lstm_layer(x, [(w_ih, w_hh, b_ih, b_hh, None)] * 2, torch.stack([h0, h0]), torch.stack([c0, c0]),
-                             lengths=lengths, backend="triton")
-        with use_config(None):
-            ref, _ = lstm_layer(x, [(w_ih, w_hh, b_ih, b_hh, None)] * 2, torch.stack([h0, h0]),
-                                torch.stack([c0, c0]), lengths=lengths, backend="triton")
-    tol = RESOLUTION[dtype]
-    torch.testing.assert_close(both, ref, rtol=tol, atol=tol)
-
-
-def test_tagged_exchange_refuses_a_k_chunk_too_small_to_split():
-    problem = make_problem(3, 2, 4, 8, torch.float16)
-    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, exchange="tagged")
-    with use_config(config), torch.no_grad(), pytest.raises(ValueError, match="tagged.*block_k >= 32"):
-        fused_lstm(*(problem[n] for n in NAMES), backend="triton")
-
-
 @pytest.mark.parametrize("config", [None, MULTI_PROGRAM[0].values[0]], ids=["default", "stepwise"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_lengths_match_reference(reverse, config):
@@ -572,10 +512,10 @@ def test_auto_backend_float64_uses_torch(kernel_calls):
     assert kernel_calls["fwd"] == 0
 
 
-@pytest.mark.parametrize("exchange", ["barrier", "tagged", "tagged-probe", "flags"])
+@pytest.mark.parametrize("exchange", ["barrier", "flags"])
 def test_barrier_that_cannot_complete_raises(monkeypatch, exchange):
     """A persistent launch whose programs cannot all be resident: the interpreter runs program 0 to the end
-    before program 1 starts, so program 0's barrier (or its wait on program 1's tagged h) can never complete.
+    before program 1 starts, so program 0's barrier can never complete.
     It must raise, not hang."""
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
     config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20,
@@ -585,10 +525,10 @@ def test_barrier_that_cannot_complete_raises(monkeypatch, exchange):
         fused_lstm(*(problem[n] for n in NAMES), backend="triton")
 
 
-@pytest.mark.parametrize("exchange", ["barrier", "tagged", "tagged-probe", "flags"])
+@pytest.mark.parametrize("exchange", ["barrier", "flags"])
 def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch, exchange):
     """Without the per-launch check the failure still cannot pass for a result: every output after the failed
-    barrier (or wait) is NaN, and the flag stays set until the host reports it, once."""
+    barrier is NaN, and the flag stays set until the host reports it, once."""
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
     errors, cpu = kernels.barrier_errors, torch.device("cpu")
     monkeypatch.setattr(errors, "launched", lambda device, capturing: None)
@@ -610,13 +550,12 @@ def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch, exchan
     assert int(errors.flag(cpu)[0]) == 0
 
 
-def test_tagged_backward_wait_that_cannot_complete_poisons_gradients_and_raises(monkeypatch):
-    """The backward's tagged wait on dG_{t+1}: program 0 runs every step before program 1 starts (interpreter),
-    so from its second step it waits for words that never come. Bounded: NaN gradients, then an error."""
+def test_backward_barrier_that_cannot_complete_poisons_gradients_and_raises(monkeypatch):
+    """The backward's barrier: program 0 runs every step before program 1 starts (interpreter), so its first
+    barrier waits for a program that never arrives. Bounded: NaN gradients, then an error."""
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
     monkeypatch.setattr(kernels.barrier_errors, "launched", lambda device, capturing: None)
-    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20,
-                        exchange="tagged")
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
     problem = leaf(make_problem(3, 2, 4, 16, torch.float32))
     y, _ = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
     with use_config(config, "bwd"):

@@ -475,28 +475,6 @@ def packed_bidirectional_matches_cudnn(H, B, dtype, fwd_config):
     assert rel_err(b.data, a.data) <= RESOLUTION_GPU[dtype] * 2
 
 
-TAGGED_CASES = [pytest.param("tagged", H, B, dt, id=f"tagged-H{H}-B{B}-{name}") for name, dt in DTYPES.items()
-                for B in (1, 16) for H in (256, 1024)] + \
-    [pytest.param("tagged-probe", H, 16, dt, id=f"tagged-probe-H{H}-B16-{name}")
-     for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)) for H in (256, 1024)]
-
-
-@pytest.mark.parametrize("exchange,H,B,dtype", TAGGED_CASES)
-def test_tagged_exchange_matches_cudnn(exchange, H, B, dtype):
-    """The tagged exchanges (perf/NOTES.md v0.8) on the heuristic's persistent multi-program tiles, forward and
-    backward: the readers wait on tagged words instead of a barrier, so a missing wait or a torn word shows here
-    as a wrong answer (or a NaN from the bounded wait), not on the interpreter."""
-    from tritonlstm.configs import heuristic_config, tagged_variant, use_config
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cfg = tagged_variant(heuristic_config(H, B, dtype, sms, measured=False), exchange)
-    assert cfg.persistent and cfg.programs(H) > 1, cfg
-    with use_config(cfg):  # both kernels: the backward exchanges dG_{t+1} the same way
-        run_both(256, B, H, dtype)
-    packed_bidirectional_matches_cudnn(H, B, dtype, tagged_variant(
-        heuristic_config(H, B, dtype, sms, directions=2, measured=False), exchange))
-
-
 LAYOUT_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
                 for kind in ("transposed", "flags", "transposed-flags", "merged")
                 for name, dt in DTYPES.items() for H, B in ((256, 16), (512, 64), (1024, 16))

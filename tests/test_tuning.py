@@ -150,7 +150,6 @@ def test_quick_candidates_are_the_heuristic_and_named_variants(kernel):
         named = configs.named_variants(kernel, H, B, dtype, 132)
         for cfg, name in list(quick.items())[1:]:
             assert name in tuning.QUICK_VARIANTS and named[name] == cfg and cfg.programs(H) <= 132
-        assert not any(c.exchange.startswith("tagged") for c in quick)
         assert any(c.exchange == "flags" for c in quick)
         # The backward's reduce-scatter (v0.24) only where every program owns one batch tile; 8 warps.
         assert any(c.transposed for c in quick) == (kernel == "fwd" or B <= 16)
@@ -220,20 +219,18 @@ def test_a_resident_w_whose_block_k_misses_part_of_h_is_refused_at_launch(monkey
 def test_config_refuses_what_the_kernels_cannot_run():
     for kw, what in ((dict(split_k=3), "power of two"), (dict(block_k=32, split_k=4), "block_k // split_k"),
                      (dict(merged_gates=True, split_k=2), "merged_gates"),
-                     (dict(merged_gates=True, exchange="tagged"), "merged_gates"),
                      (dict(transposed=True, block_h=64), "transposed"),
                      (dict(transposed=True, block_h=8), "transposed"),
                      (dict(transposed=True, split_k=2), "transposed"),
-                     (dict(transposed=True, exchange="tagged"), "transposed")):
+                     (dict(exchange="tagged"), "exchange must be one of")):
         with pytest.raises(ValueError, match=what):
             LSTMConfig(**{"block_h": 16, "block_b": 16, "block_k": 64, "w_resident": True, **kw})
     # 16 or 32 units a program (the forward's 128-gate-row tiles, v0.34; the backward's reduce-scatter refuses 32).
     assert LSTMConfig(block_h=32, block_b=16, block_k=64, w_resident=True, transposed=True).block_h == 32
     merged = LSTMConfig(block_h=16, block_b=16, block_k=256, w_resident=True, num_warps=8, merged_gates=True)
-    assert configs.tagged_exchanges("fwd", merged, torch.float16) == () and configs.with_split_k(merged) == merged
+    assert configs.with_split_k(merged) == merged
     assert configs.with_split_k(dataclasses.replace(merged, merged_gates=False)).split_k == 8
     transposed = dataclasses.replace(merged, merged_gates=False, transposed=True, num_warps=4)
-    assert configs.tagged_exchanges("fwd", transposed, torch.float16) == ()
     assert configs.with_split_k(transposed) == transposed
 
 
@@ -297,14 +294,10 @@ def test_cli_prints_each_winner_against_the_heuristic_and_what_ran_before(monkey
     assert lines[2].split()[:5] == ["bwd|float16|H512|B16|D1", "1.800", "-", "0.900", "2.00x"]
 
 
-def test_tagged_exchanges_are_candidates_of_both_kernels():
+def test_flags_barrier_is_a_candidate_of_both_kernels():
     fwd = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel="fwd")
     bwd = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel="bwd")
-    tagged = [c for c in fwd if c.tagged]
-    assert tagged and all(c.persistent and c.block_k >= 32 for c in tagged)
-    assert {c.exchange for c in fwd} == {"barrier", "tagged", "tagged-probe", "flags"}
-    assert {dataclasses.replace(c, exchange="barrier") for c in tagged} <= set(fwd)  # the same tiles, barrier
-    assert {c.exchange for c in bwd} == {"barrier", "tagged", "flags"}
+    assert {c.exchange for c in fwd} == {c.exchange for c in bwd} == {"barrier", "flags"}
     # The flags barrier: on the heuristic's tiles (first) and the transposed ones, nothing else.
     flags = [c for c in fwd if c.exchange == "flags"]
     assert dataclasses.replace(fwd[0], exchange="flags") in flags
@@ -421,10 +414,11 @@ def test_select_config_fits_what_it_finds_to_the_gpus_shared_memory(monkeypatch)
     assert configs.select_config(1024, 16, torch.float16, cuda, False, "bwd") == big
 
 
-def test_candidates_fit_a_smaller_gpu_and_the_2d_grid_has_no_tagged_copy():
+def test_candidates_fit_a_smaller_gpu_and_the_2d_grid_meets_at_the_counter_barrier():
     """The full search's candidates on a 99 KB GPU all fit it by the estimate (configs.shared_bytes). The
-    backward's at B >= 64 hold the 2-D grid (v0.26) and no tagged copy of it: building one raised ValueError, so
-    `python -m tritonlstm.tune` failed at every such key before any timing."""
+    backward's at B >= 64 hold the 2-D grid (v0.26) with the counter barrier only: a copy of it with another
+    exchange (once the tagged one) raised ValueError, so `python -m tritonlstm.tune` failed at every such key
+    before any timing."""
     for kernel in ("fwd", "bwd"):
         for dtype in (torch.float16, torch.float32):
             for hidden in (256, 512, 1024):

@@ -30,8 +30,6 @@ from tritonlstm.configs import (
     heuristic_config,
     named_variants,
     stack_backward_config,
-    tagged_exchanges,
-    tagged_variant,
 )
 
 SM90_SHARED_LIMIT = SM90_SHARED  # bytes of shared memory one block may use on an H100
@@ -128,13 +126,13 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
         ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": "*fp32", "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
                 "ERR": "*i32", "RING": "*i64", "WSCALE": "*fp32"}
-        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "PROBE", "HAS_BIAS", "HAS_LENGTHS", "STACK",
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "STACK",
                  "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK", "MERGED")
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
                 "DCN": p, "DG": p, "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "RING": "*i64", "W_T": p, "PART": "*fp32", "AMAX": "*fp32", "RMAX": "*fp32"}
-        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "TAGGED", "PACK", "HAS_LENGTHS", "STACK", "HAS_DROPOUT",
+                "ERR": "*i32", "W_T": p, "PART": "*fp32", "AMAX": "*fp32", "RMAX": "*fp32"}
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_LENGTHS", "STACK", "HAS_DROPOUT",
                  "PERSISTENT", "DOT_PRECISION", "SK")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
 
@@ -190,8 +188,6 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
         consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
                       HAS_DROPOUT=kernel == "stack" and store_gates,
-                      TAGGED=kernel == "fwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,
-                      PROBE=kernel == "fwd" and config.exchange == "tagged-probe",
                       MERGED=kernel == "fwd" and config.merged_gates,
                       TRANSPOSED=config.transposed,
                       KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack"),
@@ -199,7 +195,6 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       DSMEM=kernel == "fwd" and k.dsmem_applies(config, dtype, 16 * config.batch_groups))
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
-                      TAGGED=kernel == "bwd" and config.tagged, PACK=1 if dtype == torch.float32 else 2,
                       PREFETCH=prefetch and kernel == "bwd",
                       HALF_W=kernel == "bwd" and config.half_w and not config.transposed,
                       **(k.reduce_scatter_constexprs(config, hidden) if kernel == "bwd"
@@ -314,19 +309,6 @@ def variant_configs(kernel: str, names: tuple[str, ...], batches: tuple[int, ...
                     if key not in seen:
                         seen.add(key)
                         out.append((kernel, dtype, hidden, cfg, prefetch))
-    return out
-
-
-def tagged_variants(configs) -> list[tuple[str, torch.dtype, int, LSTMConfig]]:
-    """The persistent fwd and bwd configs among `configs` with the tagged exchanges (fwd: "tagged" and
-    "tagged-probe"; bwd: "tagged"), a split-K config also unsplit (8 warps): candidates the tuner tries (and keeps
-    only where they compile within limits), not the heuristic's picks."""
-    out = []
-    for kernel, dtype, hidden, cfg, _ in configs:
-        tiles = [cfg] + ([dataclasses.replace(cfg, split_k=1, num_warps=8)] if cfg.split_k > 1 else [])
-        for c in tiles:
-            out += [(kernel, dtype, hidden, tagged_variant(c, e), False) for e in tagged_exchanges(kernel, c, dtype)
-                    if (kernel, dtype, tagged_variant(c, e)) not in {(k, d, v) for k, d, _, v, _ in out}]
     return out
 
 
@@ -448,9 +430,6 @@ def main(argv: list[str] | None = None) -> int:
                          "adds the streamed-W configs)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel (default: CPUs)")
-    ap.add_argument("--tagged", action="store_true",
-                    help="check the fwd and bwd configs with the tagged exchanges instead (tuner candidates: "
-                         "reported, and the exit status says whether all fit)")
     ap.add_argument("--reduce-scatter", action="store_true",
                     help="check the backward's reduce-scatter configs instead (tuner candidates, at B = 1 and 16)")
     ap.add_argument("--grid-2d", action="store_true",
@@ -488,10 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.half_w:
             configs += variant_configs(*HALF_W_BWD, args.max_hidden, args.min_hidden, target)
     else:
-        configs = shipped_configs(args.max_hidden, args.min_hidden, measured=not args.tagged,  # tagged: on the tiles
-                                  target=target)
-        if args.tagged:
-            configs = tagged_variants(configs)
+        configs = shipped_configs(args.max_hidden, args.min_hidden, target=target)
     # The single-layer forward in its training and inference variants; a stack only in its training one (with
     # dropout, the heavier of the two: compiling both doubled the sweep's time for nothing it found).
     jobs = [(kernel, dtype, hidden, cfg, prefetch, store, target) for kernel, dtype, hidden, cfg, prefetch in configs

@@ -23,7 +23,7 @@ SM90_SHARED = 232448
 _W_BUDGET = 128 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
-EXCHANGES = ("barrier", "tagged", "tagged-probe", "flags", "cluster", "dsmem")
+EXCHANGES = ("barrier", "flags", "cluster", "dsmem")
 # Programs one thread-block cluster holds on an H100 (16 is non-portable; Triton's launcher allows it there).
 MAX_CLUSTER = 16
 # Clusters of more than 8 CTAs are non-portable: the launch must allow them (CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_
@@ -47,11 +47,10 @@ class LSTMConfig:
     num_warps: int = 4
     num_stages: int = 1
     max_spin: int = _DEFAULT_MAX_SPIN  # barrier spins before it gives up and raises
-    # How a single layer passes h_{t-1} (forward) or dG_{t+1} (backward) between programs: "barrier" (store,
-    # one grid barrier per step, load) or "tagged" (each 8-byte word carries a step tag and its reader waits on
-    # the words it needs: no fence, no counter, twice the bytes; "tagged-probe", forward only, waits on one word
-    # per producer before reloading a tile that was not complete; the backward runs it as "tagged"). The
-    # stacks' wavefront kernels use the barrier. "flags": the barrier with one flag per program instead of one
+    # How programs meet between steps to pass h_{t-1} (forward) or dG_{t+1} (backward): "barrier" (store, one
+    # grid barrier per step, a counter in memory, load). (An exchange "tagged", words carrying a step tag that
+    # their readers waited on, measured 1.0-2.1x the barrier's step and was removed: perf/NOTES.md v0.8-v0.9,
+    # v0.51.) "flags": the barrier with one flag per program instead of one
     # counter (kernels/lstm.py _flag_barrier; every kernel, stacks included; perf/NOTES.md v0.19). "cluster": the
     # P programs of a barrier launched as one thread-block cluster, met by Hopper's hardware cluster barrier
     # instead of a counter in memory (kernels/lstm.py _cluster_barrier; single layer, forward and backward,
@@ -62,11 +61,11 @@ class LSTMConfig:
     exchange: str = "barrier"
     # Split-K ways of the recurrent dots (a batched dot, one warp per K slice, then a sum): with 16-row batch
     # tiles a plain dot stacks every warp along M, each computing the whole product (kernels/lstm.py
-    # _gate_dots). block_k // split_k >= 16 (32 for a tagged exchange in 16-bit).
+    # _gate_dots). block_k // split_k >= 16.
     split_k: int = 1
     # The forward's four gate dots as one dot over the gates' interleaved columns (kernels/lstm.py
     # _merged_gate_dots): its warps split the columns instead of all computing the same rows. Single-layer
-    # forward only (the backward and the stacks ignore it); barrier exchange, split_k = 1.
+    # forward only (the backward and the stacks ignore it); split_k = 1.
     merged_gates: bool = False
     # The forward's gate dots transposed, gates^T = W^T @ h^T (kernels/lstm.py _transposed_gate_dots): M = the
     # program's 4 * block_h gate rows instead of the batch tile, so that block_h = 16 makes one 64-row Hopper
@@ -75,8 +74,7 @@ class LSTMConfig:
     # A single layer's backward takes dh by reduce-scatter instead: each program multiplies its own 64 gate rows
     # of dG_t by their rows of W_hh (W^T @ dG^T, M = H, K = 64, on wgmma), stores that share of every unit's dh
     # and, after the barrier, sums the shares of its own units (kernels/lstm.py _scatter_partials, v0.24); the
-    # stack's backward ignores it. W resident or streamed in block_k chunks, barrier exchange, split_k = 1,
-    # block_h = 16.
+    # stack's backward ignores it. W resident or streamed in block_k chunks, split_k = 1, block_h = 16.
     transposed: bool = False
     # A persistent single-layer forward whose programs own one batch tile each loads the next step's gx before
     # the barrier's wait and keeps c in registers (kernels/lstm.py PREFETCH; perf/NOTES.md v0.23). False: as
@@ -86,8 +84,8 @@ class LSTMConfig:
     # perf/NOTES.md v0.26): program (a, b) multiplies unit block a's dG columns by W_hh's block to unit block b
     # (block_h units a block, NB = next power of two >= cdiv(H, block_h) blocks a side, NB^2 programs per batch
     # group), then owns block_h / NB units of block b for the gate arithmetic; two barriers per step. For large
-    # batches: each program reads dG for its own K block, not all 4H columns. W resident, barrier exchange,
-    # split_k = 1; the forward kernels and the stacks ignore it.
+    # batches: each program reads dG for its own K block, not all 4H columns. W resident, split_k = 1, not a
+    # cluster; the forward kernels and the stacks ignore it.
     grid_2d: bool = False
     # Float32 forward on the transposed dots with W^T held in float16, scaled by a power of two into its range, and
     # h rounded to float16 likewise (kernels/lstm.py _half_weights, perf/NOTES.md v0.29): the same 10-bit mantissas
@@ -102,9 +100,6 @@ class LSTMConfig:
     def __post_init__(self):
         if self.exchange not in EXCHANGES:
             raise ValueError(f"LSTMConfig.exchange must be one of {EXCHANGES}, got {self.exchange!r}")
-        if self.tagged and self.block_h < 2:
-            raise ValueError(f"LSTMConfig.exchange={self.exchange!r} needs block_h >= 2 (two 16-bit values per "
-                             f"word), got {self.block_h}")
         for name in ("block_h", "block_b", "block_k"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -116,24 +111,20 @@ class LSTMConfig:
         if self.block_k // self.split_k < 16:
             raise ValueError(f"LSTMConfig.split_k: block_k // split_k must be >= 16 (tl.dot's K), got block_k="
                              f"{self.block_k}, split_k={self.split_k}")
-        if self.merged_gates and (self.split_k > 1 or self.tagged):
-            raise ValueError(f"LSTMConfig.merged_gates needs split_k=1 and a barrier exchange, got split_k="
-                             f"{self.split_k}, exchange={self.exchange!r}")
-        if self.transposed and (self.block_h not in (16, 32) or self.split_k > 1 or self.merged_gates or self.tagged):
-            raise ValueError(f"LSTMConfig.transposed needs block_h 16 (32: the forward), split_k=1, merged_gates=False "
-                             f"and a barrier "
-                             f"exchange, got block_h={self.block_h}, split_k={self.split_k}, merged_gates="
-                             f"{self.merged_gates}, exchange={self.exchange!r}")
-        if self.grid_2d and (self.split_k > 1 or self.merged_gates or self.transposed or self.tagged
-                             or not self.w_resident or self.block_h < 16):
-            raise ValueError(f"LSTMConfig.grid_2d needs block_h >= 16, W resident, split_k=1, no merged or transposed "
-                             f"dots and a barrier exchange, got block_h={self.block_h}, w_resident={self.w_resident}, "
-                             f"split_k={self.split_k}, merged_gates={self.merged_gates}, transposed={self.transposed}, "
-                             f"exchange={self.exchange!r}")
-        if self.half_w and (self.tagged or not (self.transposed or self.w_resident)):
+        if self.merged_gates and self.split_k > 1:
+            raise ValueError(f"LSTMConfig.merged_gates needs split_k=1, got split_k={self.split_k}")
+        if self.transposed and (self.block_h not in (16, 32) or self.split_k > 1 or self.merged_gates):
+            raise ValueError(f"LSTMConfig.transposed needs block_h 16 (32: the forward), split_k=1 and "
+                             f"merged_gates=False, got block_h={self.block_h}, split_k={self.split_k}, merged_gates="
+                             f"{self.merged_gates}")
+        if self.grid_2d and (self.split_k > 1 or self.merged_gates or self.transposed or not self.w_resident
+                             or self.block_h < 16):
+            raise ValueError(f"LSTMConfig.grid_2d needs block_h >= 16, W resident, split_k=1 and no merged or "
+                             f"transposed dots, got block_h={self.block_h}, w_resident={self.w_resident}, split_k="
+                             f"{self.split_k}, merged_gates={self.merged_gates}, transposed={self.transposed}")
+        if self.half_w and not (self.transposed or self.w_resident):
             raise ValueError(f"LSTMConfig.half_w needs transposed=True (the forward's dots) or W resident (the "
-                             f"backward's), and a barrier exchange, got transposed={self.transposed}, w_resident="
-                             f"{self.w_resident}, exchange={self.exchange!r}")
+                             f"backward's), got transposed={self.transposed}, w_resident={self.w_resident}")
         if self.exchange in ("flags", "cluster", "dsmem") and not self.persistent:
             raise ValueError(f"LSTMConfig.exchange={self.exchange!r} is a persistent launch's barrier, got "
                              "persistent=False")
@@ -151,18 +142,13 @@ class LSTMConfig:
         """The programs of a barrier launched as one thread-block cluster ("cluster" and "dsmem")."""
         return self.exchange in ("cluster", "dsmem")
 
-    @property
-    def tagged(self) -> bool:
-        """h_{t-1} (dG_{t+1}) through tagged words instead of a barrier."""
-        return self.exchange.startswith("tagged")
-
     def prefetches(self, batch: int, hidden: int) -> bool:
         """Whether a single-layer launch loads each step's own inputs before the barrier (the kernels' PREFETCH:
         the forward its gx, the backward its saved gates, c_t, c_{t-1} and dy): asked for (prefetch),
-        persistent (a stepwise launch runs one step), every program owning one batch tile, a barrier exchange
-        (the tagged ones wait per word instead), and H a multiple of 16 (unaligned tiles at the register limit
+        persistent (a stepwise launch runs one step), every program owning one batch tile, not on the 2-D grid,
+        and H a multiple of 16 (unaligned tiles at the register limit
         spill: 8 bytes in the 16-bit backward at H = 1025, compile-only)."""
-        return (self.prefetch and self.persistent and not self.tagged and not self.grid_2d and hidden % 16 == 0
+        return (self.prefetch and self.persistent and not self.grid_2d and hidden % 16 == 0
                 and cdiv(batch, self.block_b) <= self.batch_groups)
 
     def covers_k(self, hidden: int) -> bool:
@@ -184,23 +170,6 @@ def grid_2d_blocks(hidden: int, block_h: int) -> int:
         raise ValueError(f"LSTMConfig.grid_2d: block_h={block_h} is below the {nb} blocks H={hidden} makes (each "
                          "program owns block_h / blocks units)")
     return nb
-
-
-def tagged_exchanges(kernel: str, config: LSTMConfig, dtype: torch.dtype) -> tuple[str, ...]:
-    """The tagged exchanges `config` can run with on `kernel` ("fwd": tagged and tagged-probe; "bwd": tagged;
-    the stacks' kernels none): a persistent launch whose tiles hold two 16-bit values per word (block_h >= 2)
-    and whose K chunk (each split-K slice of it) splits into the words' halves for tl.dot (block_k / split_k
-    >= 32 in 16-bit, 16 in float32)."""
-    exchanges = {"fwd": ("tagged", "tagged-probe"), "bwd": ("tagged",)}.get(kernel, ())
-    min_k = (16 if dtype == torch.float32 else 32) * config.split_k
-    ok = (config.persistent and config.block_h >= 2 and config.block_k >= min_k and not config.merged_gates
-          and not config.transposed and not config.grid_2d and not config.half_w and config.exchange == "barrier")
-    return exchanges if ok else ()
-
-
-def tagged_variant(config: LSTMConfig, exchange: str) -> LSTMConfig:
-    """`config` with a tagged exchange: the same tiles and split."""
-    return dataclasses.replace(config, exchange=exchange)
 
 
 def with_split_k(config: LSTMConfig) -> LSTMConfig:
@@ -749,10 +718,9 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
 
 
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
-            "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "tagged", "tagged-probe",
-            "split-tagged", "split-tagged-probe", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d",
-            "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64", "split-half", "no-prefetch",
-            "transposed-half", "transposed-streamed-half", "transposed-streamed-bb128-half", "cluster",
+            "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "streamed", "wide",
+            "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64", "split-half",
+            "no-prefetch", "transposed-half", "transposed-streamed-half", "transposed-streamed-bb128-half", "cluster",
             "transposed-cluster", "transposed-streamed-bb128", "transposed-dsmem", "cluster-bh64")
 
 
@@ -781,9 +749,6 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    (H = 1024, B = 256: 48 MB of L2 reads a step instead of 64; v0.36)
       flags        the unsplit tiles with the barrier as one flag per program instead of one counter (v0.19);
                    transposed-flags: the transposed tiles with it
-      tagged       the unsplit tiles with h_{t-1} (dG_{t+1}) through tagged words instead of a barrier (v0.8)
-      tagged-probe the same, polling one word per producer first (forward only)
-      split-tagged, split-tagged-probe   the tagged exchanges on the split tiles
       streamed     W_hh (and a stack's W_ih) streamed from L2 in 32-wide K chunks (16 in fp32), BH = 16, 4 warps
       wide         B >= 32, single layer: 64-row tiles, W streamed, 8 warps, 3 stages (configs.wide_tile_config;
                    the heuristic's pick where 16-row tiles would walk >= 4 tiles per program, v0.15)
@@ -817,7 +782,7 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                    programs to meet at each step (session 18)
 
     The stacks' wavefront kernels (layers > 1): "unsplit" is the heuristic's pick (heuristic_config /
-    stack_backward_config), the others as above where they apply (no merged, no tagged; transposed for the forward
+    stack_backward_config), the others as above where they apply (no merged; transposed for the forward
     wavefront)."""
     stack, forward = kernel in ("stack", "stack_bwd"), kernel in ("fwd", "stack")
     share = sms // layers if stack else sms
@@ -930,9 +895,4 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         pick = heuristic_config(H, B, dtype, sms, kernel="fwd")
         if pick.prefetches(B, H):
             out["no-prefetch"] = dataclasses.replace(pick, prefetch=False)
-    for e in tagged_exchanges(kernel, unsplit, dtype):  # none for the stacks
-        out[e] = tagged_variant(unsplit, e)
-    if "split" in out:
-        for e in tagged_exchanges(kernel, out["split"], dtype):
-            out[f"split-{e}"] = tagged_variant(out["split"], e)
     return {n: c for n, c in out.items() if n in names}

@@ -43,8 +43,6 @@ from tritonlstm.configs import (
     named_variants,
     reduce_scatter_config,
     shared_bytes,
-    tagged_exchanges,
-    tagged_variant,
     transposed_config,
     wide_tile_config,
     with_split_k,
@@ -200,8 +198,7 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 # ----------------------------------------------------------------------------------------------------------
 
 
-# The tagged exchanges measured slower than the barrier everywhere (perf/NOTES.md v0.8, run 1) and 2 warps
-# spill at large K: left to the full search.
+# 2 warps spill at large K: left to the full search.
 QUICK_VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "merged", "transposed", "transposed-streamed", "flags",
                   "transposed-flags", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64",
                   "grid-2d-half", "grid-2d-half-bb64", "split-half", "no-prefetch", "cluster", "transposed-cluster",
@@ -225,10 +222,8 @@ def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
 def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_limit: int,
                kernel: str = "fwd") -> list[LSTMConfig]:
     """The full search's configs that can run: every program resident (P * Q <= SMs) and the estimate of its shared
-    memory (configs.shared_bytes) under the limit. The heuristic's pick comes first. Each persistent one also
-    with the tagged exchanges where its tiles allow them (h_{t-1}, or dG_{t+1} in the backward, in tagged words
-    instead of a barrier per step; "tagged" and "tagged-probe" for fwd, "tagged" for bwd; perf/NOTES.md v0.8), and
-    the heuristic's and the transposed tiles with the flags barrier (v0.19)."""
+    memory (configs.shared_bytes) under the limit. The heuristic's pick comes first; the heuristic's and the
+    transposed tiles also with the flags barrier (v0.19)."""
     esize = dtype.itemsize
     hk = max(16, _pow2(hidden))
     out = [heuristic_config(hidden, batch, dtype, num_sms, kernel=kernel)]
@@ -269,8 +264,6 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
         # builds them; where TF32 is not allowed a launch times the stand-in.
         halves = named_variants(kernel, hidden, batch, dtype, num_sms, ("grid-2d-half", "split-half"))
         out += [halves[name] for name in ("grid-2d-half", "split-half") if name in halves]
-    out += [tagged_variant(c, exchange) for c in list(out)
-            for exchange in tagged_exchanges(kernel, c, dtype)]
     # The flags barrier (v0.19) on the heuristic's tiles and the transposed ones: a change of the exchange alone,
     # not worth doubling every candidate (compiling dominates a tuning run).
     out += [dataclasses.replace(c, exchange="flags") for i, c in enumerate(out)
