@@ -23,8 +23,8 @@ wavefront): layer l runs one step behind the layer above and adds that layer's d
 the loop. Dropout between layers (HAS_DROPOUT): layer l multiplies its output tile by a given scale and
 writes the dropped copy that layer l + 1 reads; the backward scales the gradient from above the same way.
 
-The barrier is one counter per (direction, batch group) (_grid_barrier), or with FLAGS a flag per program
-(_flag_barrier). The recurrent dots are [BB, K] @ [K, BH] per gate, or with TRANSPOSED W^T [4*BH, K] @ h^T
+The barrier is one counter per (direction, batch group) (_grid_barrier), or with CLUSTER Hopper's cluster barrier
+(_cluster_barrier). The recurrent dots are [BB, K] @ [K, BH] per gate, or with TRANSPOSED W^T [4*BH, K] @ h^T
 (_transposed_gate_dots: M = the program's gate rows, for Hopper's warpgroup MMA at any batch).
 
 A barrier that fails (a program never arrives within max_spin polls) sets the device's sticky ERR flag; from
@@ -582,43 +582,6 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
 
 
 @triton.jit
-def _flag_barrier(p_flags, i_me, n, step, p_err, failed, max_spin, NP: tl.constexpr):
-    """The grid barrier with one flag per program instead of one counter (LSTMConfig.exchange "flags"): this
-    program sets its flag p_flags[i_me] to `step` (release) and waits until the other n - 1 flags reach it. The
-    arrival is fire-and-forget (the counter's arrival returned a value first), and a poll is plain loads of the
-    flags with a reduction, no atomic broadcast through shared memory. Returns True if the wait failed (`failed`
-    on entry: no wait; the device's error flag; or max_spin polls, which sets it). perf/NOTES.md v0.19."""
-    tl.debug_barrier()  # every thread's stores of this step before the release
-    tl.atomic_xchg(p_flags + i_me, step, sem="release", scope="gpu")
-    o_p = tl.arange(0, NP)
-    p = p_flags + o_p
-    m = (o_p < n) & (o_p != i_me)
-    state = _flags_state(p, m, step, p_err, failed)
-    spins = 0
-    while state == 1:
-        state = _flags_state(p, m, step, p_err, failed)
-        spins += 1
-        if spins > max_spin:
-            tl.atomic_xchg(p_err, 1)
-            state = 2
-    # The polls are relaxed loads: the fence makes them acquire what the other programs released.
-    if FENCES:
-        state = tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [state], dtype=tl.int32,
-                                          is_pure=False, pack=1)
-    return state >= 2
-
-
-@triton.jit
-def _flags_state(p, m, step, p_err, failed):
-    """0: every flag at p (masked by m) has reached `step`; 1: some have not; >= 2: the error flag is set, or
-    `failed`. One reduction over everything a thread read, so its result is the same in every thread wherever the
-    reduction spans warps, which is where the loop around it has CTA barriers (_grid_barrier says why that
-    matters); within one warp a poll has none, and warps may leave the loop at different polls."""
-    err = ((tl.load(p_err, volatile=True) != 0) | failed).to(tl.int32)
-    return tl.max((tl.load(p, mask=m, other=step, volatile=True) < step).to(tl.int32) + 2 * err)
-
-
-@triton.jit
 def _cluster_barrier(x):
     """Hopper's cluster barrier, for programs launched as one thread-block cluster (LSTMConfig.exchange "cluster",
     launched by _launch_as_cluster): every thread arrives, releasing its stores at cluster scope, and waits,
@@ -649,31 +612,20 @@ def _cluster_wait(x):
 
 
 @triton.jit
-def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.constexpr, FLAGS: tl.constexpr,
-                  NP: tl.constexpr, CLUSTER: tl.constexpr = False):
+def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.constexpr, CLUSTER: tl.constexpr = False):
     """The barrier that ends global step s_glob of a persistent launch, among the programs of one (direction,
-    batch group), or of one batch group across all layers of a STACK (axis 2): the counter's (_grid_barrier),
-    the flags' (_flag_barrier; SYNC holds NP flags per barrier) or the cluster's (_cluster_barrier; a single
-    layer's P programs along axis 0 form the cluster). Returns True if it failed."""
+    batch group), or of one batch group across all layers of a STACK (axis 2): the counter's (_grid_barrier) or
+    the cluster's (_cluster_barrier; a single layer's P programs along axis 0 form the cluster). Returns True if
+    it failed."""
     if CLUSTER:
         return failed | (_cluster_barrier(s_glob) < 0)
-    i_h = tl.program_id(0)
-    i_q = tl.program_id(1)
-    i_z = tl.program_id(2)
-    n_h = tl.num_programs(0)
     if STACK:
-        barrier = i_q
-        me = i_z * n_h + i_h
-        n = n_h * tl.num_programs(2)
+        barrier = tl.program_id(1)
+        n = tl.num_programs(0) * tl.num_programs(2)
     else:
-        barrier = i_z * tl.num_programs(1) + i_q
-        me = i_h
-        n = n_h
-    if FLAGS:
-        failed = _flag_barrier(SYNC + barrier * NP, me, n, s_glob + 1, ERR, failed, max_spin, NP)
-    else:
-        failed = _grid_barrier(ERR, SYNC + barrier, (s_glob - S_START + 1) * n, max_spin)
-    return failed
+        barrier = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+        n = tl.num_programs(0)
+    return _grid_barrier(ERR, SYNC + barrier, (s_glob - S_START + 1) * n, max_spin)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -724,8 +676,6 @@ def lstm_fwd_kernel(
     MERGED: tl.constexpr,  # the four gate dots as one (_merged_gate_dots); single layer, barrier, unsplit
     TRANSPOSED: tl.constexpr,  # the gate dots as W^T @ h^T (_transposed_gate_dots); barrier, unsplit
     KC: tl.constexpr,  # TRANSPOSED: K chunk of the dot
-    FLAGS: tl.constexpr,  # the barrier as a flag per program (_flag_barrier): SYNC holds NP-strided flags
-    NP: tl.constexpr,  # FLAGS: power of two >= the programs of one barrier (P, or P * L for a stack)
     CLUSTER: tl.constexpr,  # the barrier as Hopper's cluster barrier (_cluster_barrier); single layer, P <= 8 or 16
     PREFETCH: tl.constexpr,  # one batch tile per program, single layer, barrier: next step's gx before the wait
     HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
@@ -970,8 +920,7 @@ def lstm_fwd_kernel(
             _cluster_barrier(s_glob)
         elif PERSISTENT:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
-            poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP,
-                                                CLUSTER)
+            poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1019,8 +968,6 @@ def lstm_bwd_kernel(
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SK: tl.constexpr,  # split-K ways of the recurrent dots (_gate_dots)
-    FLAGS: tl.constexpr,  # as the forward's
-    NP: tl.constexpr,
     CLUSTER: tl.constexpr,
     PREFETCH: tl.constexpr,  # as the forward's: the next step's gates, c, c_{t-1} and dy before the wait
     TRANSPOSED: tl.constexpr,  # dh by reduce-scatter: each program's dG[:, R] @ W_hh[R, :] as W^T @ dG^T, summed
@@ -1234,8 +1181,7 @@ def lstm_bwd_kernel(
                 tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
         if PERSISTENT:
             # A stack's barrier spans its layers: a layer's step needs the layer above's dG of the same t.
-            poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, FLAGS, NP,
-                                                CLUSTER)
+            poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
 
 
 @triton.jit
@@ -1346,8 +1292,6 @@ def lstm_bwd_2d_kernel(
     HAS_LENGTHS: tl.constexpr,
     PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FLAGS: tl.constexpr,
-    NP: tl.constexpr,
     CLUSTER: tl.constexpr,  # never (LSTMConfig refuses a cluster on the 2-D grid); one signature for _barrier_state
     HALF_W: tl.constexpr,  # float32: the product on float16 operands, W's block and dG's rows scaled (_half_dots)
 ):
@@ -1470,7 +1414,7 @@ def lstm_bwd_2d_kernel(
                     tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_bh)
                     tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_bh)
         if PERSISTENT:
-            poisoned = poisoned | _step_barrier(SYNC, ERR, u, S_START, poisoned, max_spin, False, FLAGS, NP)
+            poisoned = poisoned | _step_barrier(SYNC, ERR, u, S_START, poisoned, max_spin, False)
 
 
 if interpreting():
@@ -1623,8 +1567,8 @@ class BarrierErrors:
 
 
 barrier_errors = BarrierErrors()
-# _flag_barrier's PTX fence, in inline assembly, which the CPU interpreter cannot run (it runs programs one after
-# another and needs none). Read when the kernels compile, after this module is loaded.
+# The cluster barrier's and the DSMEM exchange's PTX, in inline assembly, which the CPU interpreter cannot run (it
+# runs programs one after another and needs none). Read when the kernels compile, after this module is loaded.
 FENCES = tl.constexpr(not interpreting())
 
 
@@ -1787,11 +1731,10 @@ def transposed_chunk(config, esize: int, stack: bool = False) -> int:
 
 
 def _barrier_state(config, grid, device, stack: bool = False) -> tuple[torch.Tensor, dict]:
-    """The zeroed barrier state of a launch and the kernels' FLAGS and NP constexprs: one counter per barrier
-    (per direction and batch group; a stack's spans its layers), or with exchange "flags" NP flags per barrier,
-    NP >= its programs (grid[0], times the layers of a stack)."""
-    words, flags = _barrier_layout(config, grid, stack)
-    return torch.zeros(words, device=device, dtype=torch.int32), flags
+    """The zeroed barrier counters of a launch, one per barrier (per direction and batch group; a stack's spans
+    its layers), and the kernels' CLUSTER constexpr."""
+    words, cluster = _barrier_layout(config, grid, stack)
+    return torch.zeros(words, device=device, dtype=torch.int32), cluster
 
 
 def _barrier_layout(config, grid, stack: bool = False) -> tuple[int, dict]:
@@ -1803,10 +1746,7 @@ def _barrier_layout(config, grid, stack: bool = False) -> tuple[int, dict]:
         raise ValueError(f"config: exchange={config.exchange!r} needs a single layer's launch of at most "
                          f"{MAX_PORTABLE_CLUSTER} programs a barrier, or exactly {MAX_CLUSTER} (the cluster sizes "
                          f"Triton's launcher can launch), got {'a stack' if stack else f'{P} programs'}")
-    if config.exchange != "flags":
-        return barriers, dict(FLAGS=False, NP=1, CLUSTER=cluster)
-    np_ = next_power_of_2(P * Z if stack else P)
-    return barriers * np_, dict(FLAGS=True, NP=np_, CLUSTER=False)
+    return barriers, dict(CLUSTER=cluster)
 
 
 # The scales' exponents stay within +-HALF_W_MAX_SHIFT, so that a product of two is a normal float32: magnitudes
@@ -1962,12 +1902,12 @@ def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gate
     config = for_kernel(config, "fwd")
     _check_tiles(config, H)
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
-    words, flags = _barrier_layout(config, grid)
+    words, cluster = _barrier_layout(config, grid)
     constexprs = dict(D=D, HAS_BIAS=has_bias, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False,
                       STORE_GATES=store_gates, DOT_PRECISION=precision, MERGED=config.merged_gates,
                       TRANSPOSED=config.transposed,
                       KC=transposed_chunk(config, dtype.itemsize), PREFETCH=config.prefetches(B, H),
-                      HALF_W=_half_w(config, dtype), DSMEM=dsmem_applies(config, dtype, B), **flags)
+                      HALF_W=_half_w(config, dtype), DSMEM=dsmem_applies(config, dtype, B), **cluster)
     return config, grid, words, constexprs
 
 
@@ -2005,7 +1945,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     gates = _per_step((L, T, B, G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((L, T, B, H), torch.float32, dev, lengths) if store_gates else c_ws
     grid = (cdiv(H, config.block_h), config.batch_groups, L)
-    sync, flags = _barrier_state(config, grid, dev, stack=True)
+    sync, cluster = _barrier_state(config, grid, dev, stack=True)
     half = _half_w(config, dt)
     w_ih = w_ih if L > 1 else w_hh
     w_dot, w_ih_dot, wscale = _half_weights(w_hh, h0, w_ih, drop) if half else (w_hh, w_ih, c_ws)
@@ -2015,7 +1955,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
               MERGED=False, TRANSPOSED=config.transposed,
-              KC=transposed_chunk(config, dt.itemsize, stack=True), PREFETCH=False, HALF_W=half, **flags,
+              KC=transposed_chunk(config, dt.itemsize, stack=True), PREFETCH=False, HALF_W=half, **cluster,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)), sync)
     if not store_gates:
         gates = c_all = None
@@ -2054,10 +1994,10 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
 def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengths: bool, precision: str):
     """(grid, barrier words, the kernel's constexprs) of an lstm_backward launch on tiles, as _forward_plan."""
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
-    words, flags = _barrier_layout(config, grid)
+    words, cluster = _barrier_layout(config, grid)
     constexprs = dict(D=D, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=precision,
                       PREFETCH=config.prefetches(B, H), HALF_W=_half_w(config, dtype, backward=True),
-                      **reduce_scatter_constexprs(config, H), **flags)
+                      **reduce_scatter_constexprs(config, H), **cluster)
     return grid, words, constexprs
 
 
@@ -2081,7 +2021,7 @@ def _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last
     dev = gates.device
     nb = grid_2d_blocks(H, config.block_h)
     grid = (nb * nb, config.batch_groups, D)
-    sync, flags = _barrier_state(config, grid, dev)
+    sync, cluster = _barrier_state(config, grid, dev)
     # Every share a gate phase reads was written by the product phase before it (zeros at the first step).
     part = _alloc((D, nb, B, H), torch.float32, dev)
     half = _half_w(config, gates.dtype, backward=True)
@@ -2090,7 +2030,7 @@ def _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last
             barrier_errors.flag(dev), part, amax, rmax, T, B, H, int(reverse))
     _run(lstm_bwd_2d_kernel, grid, 2 * (T + 1), config, dev, args,
          dict(BU=config.block_h, NB=nb, D=D, HAS_LENGTHS=last is not None, DOT_PRECISION=_dot_precision(gates.dtype),
-              HALF_W=half, **flags), sync, grid_2d=True)
+              HALF_W=half, **cluster), sync, grid_2d=True)
 
 
 NO_REDUCE_SCATTER = dict(TRANSPOSED=False, KC=16, QP=1, QC=1)
@@ -2147,12 +2087,12 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     dh0 = _alloc((L, B, H), dt, dev)
     dc0 = _alloc((L, B, H), dt, dev)
     grid = (cdiv(H, config.block_h), config.batch_groups, L)
-    sync, flags = _barrier_state(config, grid, dev, stack=True)
+    sync, cluster = _barrier_state(config, grid, dev, stack=True)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
             dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync,
             sync, T, B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
          dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
               DOT_PRECISION=_dot_precision(dt), PREFETCH=False, HALF_W=False,
-              **NO_REDUCE_SCATTER, **flags), sync)
+              **NO_REDUCE_SCATTER, **cluster), sync)
     return dg, dh0, dc0

@@ -92,7 +92,7 @@ if [ "${STACK_AB:-0}" != 0 ]; then
     step "A/B of launch configs, stack kernels alone"
     measure stack_ab "${STACK_AB_TIMEOUT:-120}" $py perf/kernel_ab.py --kernels stack,stack_bwd --layers 2,4 \
         --hidden 512 --batch 16 --dtypes float16,bfloat16,float32 \
-        --variants unsplit,unsplit-w4,split,split4,streamed,transposed,transposed-streamed,flags --json "$W/stack_ab.json"
+        --variants unsplit,unsplit-w4,split,split4,streamed,transposed,transposed-streamed --json "$W/stack_ab.json"
 fi
 
 if [ "${BENCH:-1}" != 0 ]; then

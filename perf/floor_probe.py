@@ -7,9 +7,6 @@ stores it, and meets the other programs by
 
   barrier   the recurrence kernels' grid barrier (kernels.lstm._grid_barrier: one counter, polled by one thread
             whose result reaches the others through shared memory, two CTA barriers per poll)
-  flags     one flag per program, set by a release after its stores; every thread polls the others with plain
-            loads (no shared memory, no CTA barrier inside the loop) and fences once after the wait (the
-            kernels' exchange="flags": kernels.lstm._flag_barrier)
   none      no exchange at all: the loop alone (its h reads race the producers; timed, not checked)
   counter-ld  the counter, polled with plain loads by every thread (no atomic per poll, no CTA barrier inside the
             loop: warps may leave it at different polls), one fence after the wait; the arrival's add has no
@@ -27,7 +24,7 @@ stores it, and meets the other programs by
             or 16 (non-portable: the launcher allows 16 and no size between), so the rows say their P and beside
             them is "barrier" at the same P. h_{t-1} is read with .cg loads (from L2) (perf/NOTES.md v0.34)
 
-Every barrier and flags variant's output is checked against a PyTorch loop before it is timed, and the real
+Every barrier variant's output is checked against a PyTorch loop before it is timed, and the real
 forward kernel (its heuristic config) is timed beside it at the same shape, so the table reads: kernel step =
 exchange floor + the rest (perf/kernel_ab.py times the kernel's variants, the transposed dots of v0.18 among
 them).
@@ -53,7 +50,6 @@ from tritonlstm.kernels.lstm import (
     _cluster_barrier,
     _cluster_wait,
     _dsmem_codes,
-    _flag_barrier,
     _grid_barrier,
     _launch_as_cluster,
     _slot_pull,
@@ -64,7 +60,8 @@ from tritonlstm.kernels.lstm import (
     interpreting,
 )
 
-MODES = {"barrier": 0, "flags": 1, "none": 2, "counter-ld": 3, "arrive": 4, "cluster": 5, "dsmem": 6}
+# (Mode 1 was "flags", one flag per program: the kernels' exchange "flags", removed in v0.52.)
+MODES = {"barrier": 0, "none": 2, "counter-ld": 3, "arrive": 4, "cluster": 5, "dsmem": 6}
 CLUSTERED = ("cluster", "dsmem")
 UNCHECKED = ("none", "arrive")
 
@@ -93,13 +90,12 @@ def _counter_ld_barrier(p_err, p_count, target, max_spin, failed):
 
 
 @triton.jit
-def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, RING, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
-                       BK: tl.constexpr, PB: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr,
-                       DSMEM: tl.constexpr = False):
-    """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1], FLAGS [PB] int32 zeros; RING the
+def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
+                       BK: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr, DSMEM: tl.constexpr = False):
+    """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1] int32 zero; RING the
     dsmem mode's codes (and slots, on the interpreter), kernels.lstm's layout; DSMEM (with MODE "dsmem") asks the
     cluster launch for the slots' shared memory (cluster_launch_shared). The exchanges are the kernels' own
-    (_grid_barrier, _flag_barrier, _cluster_barrier, _slot_put / _slot_pull)."""
+    (_grid_barrier, _cluster_barrier, _slot_put / _slot_pull)."""
     SLOTS: tl.constexpr = 2 * BB * BH * 2
     i_h = tl.program_id(0)
     n_h = tl.num_programs(0)
@@ -138,8 +134,6 @@ def floor_probe_kernel(U, Y, SYNC, FLAGS, ERR, RING, T, B, H, max_spin, BB: tl.c
                 _cluster_barrier(s)
         elif MODE == 0:
             failed = failed | _grid_barrier(ERR, SYNC, (s + 1) * n_h, max_spin)
-        elif MODE == 1:
-            failed = failed | _flag_barrier(FLAGS, i_h, n_h, s + 1, ERR, failed, max_spin, PB)
         elif MODE == 3:
             failed = failed | _counter_ld_barrier(ERR, SYNC, (s + 1) * n_h, max_spin, failed)
         elif MODE == 4:
@@ -159,11 +153,11 @@ def reference(u: torch.Tensor) -> torch.Tensor:
 
 
 def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool, max_spin: int = 1 << 22):
-    """A call that runs the probe once (fresh counters and flags) and returns (y, err flag)."""
+    """A call that runs the probe once (a fresh counter) and returns (y, err flag)."""
     T, B, H = u.shape
     P = triton.cdiv(H, block_h)
     meta = dict(BB=triton.next_power_of_2(B), BH=block_h, BK=triton.next_power_of_2(H),
-                PB=triton.next_power_of_2(P), MODE=MODES[mode], LOAD_H=load_h, num_warps=warps)
+                MODE=MODES[mode], LOAD_H=load_h, num_warps=warps)
 
     if mode in CLUSTERED and not cluster_size_ok(P):
         raise ValueError(f"{mode}: {P} programs; Triton's launcher launches clusters of at most 8, or 16")
@@ -176,11 +170,10 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
     def run():
         y = torch.full_like(u, float("nan"))
         sync = torch.zeros(1, dtype=torch.int32, device=u.device)
-        flags = torch.zeros(meta["PB"], dtype=torch.int32, device=u.device)
         err = torch.zeros(1, dtype=torch.int32, device=u.device)
         ring = dsmem_ring(P, meta["BB"], block_h, meta["BK"], u.device) if mode == "dsmem" else \
             torch.empty(1, dtype=torch.int16, device=u.device)
-        args = (u, y, sync, flags, err, ring, T, B, H, max_spin)
+        args = (u, y, sync, err, ring, T, B, H, max_spin)
         if mode in CLUSTERED and not interpreting():
             _launch_as_cluster(floor_probe_kernel, (P, 1, 1), args, meta)
         else:

@@ -2,8 +2,8 @@
 
 The interpreter runs a launch's programs one after another, so a persistent launch of more than one program
 cannot run there (the first program would wait at its first barrier for programs that have not started), and the
-kernels' exchanges between programs (the grid barrier, the flags barrier, the cluster barrier, the
-backward's reduce-scatter and 2-D grid) are otherwise exercised only on a GPU. Inside `concurrent_programs()`
+kernels' exchanges between programs (the grid barrier, the cluster barrier, the backward's reduce-scatter and
+2-D grid) are otherwise exercised only on a GPU. Inside `concurrent_programs()`
 every program of a launch runs in its own thread, so the barriers work as on a GPU: by atomics and polled loads on
 shared memory.
 

@@ -245,8 +245,8 @@ def test_kernel_ab_variants_are_runnable_configs():
     for kernel in ("fwd", "bwd"):
         got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "streamed",
-                "wide", "wide-bh32", "wide-bh64", "flags"}
-        fwd_only = {"merged", "merged-w4", "transposed", "transposed-flags",
+                "wide", "wide-bh32", "wide-bh64"}
+        fwd_only = {"merged", "merged-w4", "transposed",
                     "transposed-streamed", "transposed-streamed-bb128",
                     "no-prefetch"}  # (the heuristic's pick there, bb128 since v0.38, prefetches)
         # The backward's transposed (reduce-scatter) variants only where every program owns one batch tile.
@@ -270,14 +270,13 @@ def test_kernel_ab_variants_are_runnable_configs():
     assert t.transposed and not t.w_resident and t.block_b == 64 and t.num_stages == 3 and t.programs(1024) <= 132
     for kernel in ("stack", "stack_bwd"):  # 4 layers share the SMs: 33 each
         got = ab.variants(kernel, 512, 16, torch.float16, 132, ab.VARIANTS, layers=4)
-        want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "streamed", "flags"}  # no BH 8
-        stack_fwd = {"transposed", "transposed-flags", "transposed-streamed"}
+        want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "streamed"}  # no BH 8
+        stack_fwd = {"transposed", "transposed-streamed"}
         assert set(got) == want | (stack_fwd if kernel == "stack" else set()), got
         assert len(set(got.values())) == len(got)
         assert all(c.programs(512) <= 33 for c in got.values())
         assert got["unsplit"].w_resident and not got["streamed"].w_resident
         assert not any(c.merged_gates for c in got.values())
-        assert got["flags"] == dataclasses.replace(got["unsplit"], exchange="flags")
     assert "transposed" not in ab.variants("stack", 512, 16, torch.float32, 132, ab.VARIANTS, layers=2)  # 256 KB
 
 
@@ -295,7 +294,7 @@ def test_cells_warm_up_under_compile_only_without_launching(layers, bidirectiona
     assert not launched  # no launch reached the pre-launch check
 
 
-@pytest.mark.parametrize("mode", ["barrier", "flags", "none", "counter-ld", "cluster", "dsmem"])
+@pytest.mark.parametrize("mode", ["barrier", "none", "counter-ld", "cluster", "dsmem"])
 def test_floor_probe_computes_its_recurrence(mode):
     """One program (the interpreter runs programs one after another): every exchange's y_t = 0.5 mean(y_{t-1}) +
     u_t against the PyTorch loop, and without the h read y = u."""
@@ -311,7 +310,7 @@ def test_floor_probe_computes_its_recurrence(mode):
     assert torch.equal(y, u)
 
 
-@pytest.mark.parametrize("mode", ["barrier", "flags", "counter-ld", "cluster", "dsmem"])
+@pytest.mark.parametrize("mode", ["barrier", "counter-ld", "cluster", "dsmem"])
 def test_floor_probe_with_its_programs_at_once(mode, monkeypatch):
     """The probe as it runs on a GPU, 3 programs at once (tests/concurrency.py): each exchange must make every
     program's y_{t-1} visible before any reads it (the slowed program's outputs come late)."""
@@ -338,11 +337,10 @@ from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("floor_probe", sys.argv[1])
 probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probe)
-sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", FLAGS="*i32", ERR="*i32", RING="*i16", T="i32", B="i32", H="i32",
-           max_spin="i32", BB="constexpr", BH="constexpr", BK="constexpr", PB="constexpr", MODE="constexpr",
-           LOAD_H="constexpr", DSMEM="constexpr")
+sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", ERR="*i32", RING="*i16", T="i32", B="i32", H="i32", max_spin="i32",
+           BB="constexpr", BH="constexpr", BK="constexpr", MODE="constexpr", LOAD_H="constexpr", DSMEM="constexpr")
 for mode in ("cluster", "dsmem"):
-    consts = dict(BB=16, BH=16, BK=256, PB=16, MODE=probe.MODES[mode], LOAD_H=True, DSMEM=mode == "dsmem")
+    consts = dict(BB=16, BH=16, BK=256, MODE=probe.MODES[mode], LOAD_H=True, DSMEM=mode == "dsmem")
     c = triton.compile(ASTSource(fn=probe.floor_probe_kernel, signature=sig, constexprs=consts),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     ptx = c.asm["ptx"]

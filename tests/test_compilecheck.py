@@ -439,7 +439,7 @@ from tritonlstm.configs import named_variants
 ptx = []
 report = cc._ptxas_report
 cc._ptxas_report = lambda text: ptx.append(text) or report(text)
-for kernel, name in (("fwd", "transposed"), ("bwd", "transposed"), ("fwd", "flags"), ("bwd", "flags")):
+for kernel, name in (("fwd", "transposed"), ("bwd", "transposed"), ("fwd", "unsplit"), ("bwd", "unsplit")):
     cfg = named_variants(kernel, 256, 16, torch.float16, 132)[name]
     r = cc.check(kernel, torch.float16, 256, cfg, prefetch=cfg.prefetches(16, 256))
     ops = sorted(set(re.findall(r"\\b(?:atom|ld|st|fence)\\.[a-z0-9_.]+", ptx[-1])))
@@ -448,17 +448,14 @@ for kernel, name in (("fwd", "transposed"), ("bwd", "transposed"), ("fwd", "flag
 
 # What each exchange's correctness on a GPU rests on beyond its protocol (which tests/test_concurrent_programs.py
 # checks on the interpreter, where every store is visible at once): the memory ordering of its instructions.
-ORDERING = {
-    "transposed": ("atom.global.gpu.acq_rel.add", "atom.global.gpu.release.max"),  # counter: arrive/poll, give up
-    "flags": ("atom.global.gpu.release.exch", "ld.volatile.global", "fence.acq_rel.gpu"),  # set, poll, acquire
-}
+COUNTER = ("atom.global.gpu.acq_rel.add", "atom.global.gpu.release.max")  # the counter: arrive/poll, give up
+ORDERING = {"transposed": COUNTER, "unsplit": COUNTER}
 
 
 def test_exchanges_compile_with_the_memory_ordering_they_rely_on():
-    """sm_90 PTX of the forward and backward kernels with each exchange between programs (fp16, H = 256, B = 16):
-    the counter barrier arrives and polls with acq_rel atomics at GPU scope and releases a failed wait with an
-    atomic max; the flags barrier sets a flag with a release exchange, polls with volatile loads and acquires
-    with a fence after them."""
+    """sm_90 PTX of the forward and backward kernels with the counter barrier between programs (fp16, H = 256,
+    B = 16; the transposed and the unsplit tiles): it arrives and polls with acq_rel atomics at GPU scope and
+    releases a failed wait with an atomic max."""
     proc = run_python("-c", ORDERING_COMPILE, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -484,10 +481,10 @@ spec = importlib.util.spec_from_file_location("floor_probe", sys.argv[1])
 probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probe)
 u = torch.zeros(4, 16, 256, dtype=torch.float16)
-y, flags, ints = torch.zeros_like(u), torch.zeros(16, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+y, ints = torch.zeros_like(u), torch.zeros(2, dtype=torch.int32)
 ring = torch.zeros(1, dtype=torch.int16)  # (the dsmem mode's; unused by the cluster mode)
-args = (u, y, ints[:1], flags, ints[1:], ring, 4, 16, 256, 1000)
-meta = dict(BB=16, BH=16, BK=256, PB=16, MODE=probe.MODES["cluster"], LOAD_H=True, num_warps=4)
+args = (u, y, ints[:1], ints[1:], ring, 4, 16, 256, 1000)
+meta = dict(BB=16, BH=16, BK=256, MODE=probe.MODES["cluster"], LOAD_H=True, num_warps=4)
 probe.floor_probe_kernel[(16, 2, 3)](*args, **meta)
 k._launch_as_cluster(probe.floor_probe_kernel, (16, 2, 3), args, meta)
 plain, cluster = calls

@@ -96,9 +96,6 @@ MULTI_PROGRAM = [
     # configs.wide_tile_config's shape (64-row tiles, streamed W, 3 stages), stepwise: one partial tile.
     pytest.param(LSTMConfig(block_h=16, block_b=64, block_k=32, w_resident=False, batch_groups=1, persistent=False,
                             num_warps=8, num_stages=3), id="stepwise-wide-BB64"),
-    # The flags barrier (one program: its wait has no other flag to read; the failure tests below wait on two).
-    pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=64, w_resident=True, batch_groups=1, persistent=True,
-                            exchange="flags"), id="persistent-1prog-flags"),
     # The cluster barrier (v0.34): under the interpreter the launch and the barrier are the plain ones; this is its
     # constexpr's way through every launcher (test_gpu runs it as a cluster).
     pytest.param(LSTMConfig(block_h=64, block_b=4, block_k=64, w_resident=True, batch_groups=1, persistent=True,
@@ -512,21 +509,18 @@ def test_auto_backend_float64_uses_torch(kernel_calls):
     assert kernel_calls["fwd"] == 0
 
 
-@pytest.mark.parametrize("exchange", ["barrier", "flags"])
-def test_barrier_that_cannot_complete_raises(monkeypatch, exchange):
+def test_barrier_that_cannot_complete_raises(monkeypatch):
     """A persistent launch whose programs cannot all be resident: the interpreter runs program 0 to the end
     before program 1 starts, so program 0's barrier can never complete.
     It must raise, not hang."""
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
-    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20,
-                        exchange=exchange)
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
     problem = make_problem(3, 2, 4, 16, torch.float32)
     with use_config(config), torch.no_grad(), pytest.raises(RuntimeError, match="barrier"):
         fused_lstm(*(problem[n] for n in NAMES), backend="triton")
 
 
-@pytest.mark.parametrize("exchange", ["barrier", "flags"])
-def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch, exchange):
+def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch):
     """Without the per-launch check the failure still cannot pass for a result: every output after the failed
     barrier is NaN, and the flag stays set until the host reports it, once."""
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
@@ -535,8 +529,7 @@ def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch, exchan
     # Outputs start at zero, not conftest's NaN: program 1's unwritten h would otherwise carry NaN into program
     # 0's later steps whether or not the failure poisoned them.
     monkeypatch.setattr(kernels, "_alloc", lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
-    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20,
-                        exchange=exchange)
+    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
     problem = make_problem(3, 2, 4, 16, torch.float32)
     with use_config(config), torch.no_grad():
         y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
@@ -1120,8 +1113,8 @@ def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
     from tritonlstm.kernels import lstm as k
 
     cfg = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="cluster")
-    sync, flags = k._barrier_state(cfg, (16, 2, 2), torch.device("cpu"))
-    assert flags == {"FLAGS": False, "NP": 1, "CLUSTER": True} and sync.numel() == 4
+    sync, cluster = k._barrier_state(cfg, (16, 2, 2), torch.device("cpu"))
+    assert cluster == {"CLUSTER": True} and sync.numel() == 4
     with pytest.raises(ValueError, match="exchange='cluster'.*17 programs"):
         k._barrier_state(cfg, (17, 1, 1), torch.device("cpu"))
     # 9-15: non-portable cluster sizes, which Triton 3.6's launcher does not allow (it does for 16 only).
@@ -1192,11 +1185,11 @@ def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(ca
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     cfg = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="cluster")
-    sync, flags = k._barrier_state(cfg, (16, 2, 1), torch.device("cpu"))
+    sync, cluster = k._barrier_state(cfg, (16, 2, 1), torch.device("cpu"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # (as lstm_forward passes a "dsmem" config's DSMEM, which a GPU without clusters must drop too)
-        k._run(Kernel(), (16, 2, 1), 8, cfg, torch.device("cuda"), (), {**flags, "DSMEM": True}, sync)
+        k._run(Kernel(), (16, 2, 1), 8, cfg, torch.device("cuda"), (), {**cluster, "DSMEM": True}, sync)
     if capability >= (9, 0):
         assert launches == [("cluster", (16, 2, 1), True, True)] and not caught
     else:

@@ -313,12 +313,10 @@ def reported_once_then_clean(x, w):
     assert torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("exchange", ["barrier", "flags"])
-def test_barrier_that_cannot_complete_gives_nan_then_raises(monkeypatch, exchange):
+def test_barrier_that_cannot_complete_gives_nan_then_raises(monkeypatch):
     """192 KB of shared memory per program (compile-only check: fp16, H = 2048, BH = 8, resident W) allows one
-    program per SM, so 256 programs of one group cannot all be resident: the barrier (the counter, or the flags:
-    each waiter gives up once, then skips its later waits) must fail, boundedly. The launch does not sync to
-    report it; its outputs are NaN, and the report comes at synchronize()."""
+    program per SM, so 256 programs of one group cannot all be resident: the barrier must fail, boundedly. The
+    launch does not sync to report it; its outputs are NaN, and the report comes at synchronize()."""
     import tritonlstm
     from tritonlstm import LSTMConfig, use_config
     from tritonlstm.kernels import lstm as k
@@ -331,7 +329,7 @@ def test_barrier_that_cannot_complete_gives_nan_then_raises(monkeypatch, exchang
     monkeypatch.setattr(k, "_alloc", lambda shape, dtype, device: torch.full(shape, sentinel, dtype=dtype,
                                                                               device=device))
     cfg = LSTMConfig(block_h=8, block_b=16, block_k=2048, w_resident=True, persistent=True, num_warps=8,
-                     max_spin=20000, exchange=exchange)
+                     max_spin=20000)
     _, w = cudnn_and_weights(64, 2048, torch.float16)
     x = torch.randn(6, 16, 64, device="cuda", dtype=torch.float16)
     with use_config(cfg), torch.no_grad():
@@ -476,7 +474,7 @@ def packed_bidirectional_matches_cudnn(H, B, dtype, fwd_config):
 
 
 LAYOUT_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
-                for kind in ("transposed", "flags", "transposed-flags", "merged")
+                for kind in ("transposed", "merged")
                 for name, dt in DTYPES.items() for H, B in ((256, 16), (512, 64), (1024, 16))
                 if not (dt == torch.float32 and H == 1024 and kind.startswith("transposed"))] + \
     [pytest.param("transposed-streamed", H, B, dt, id=f"transposed-streamed-H{H}-B{B}-{name}")
@@ -486,15 +484,12 @@ LAYOUT_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
 
 
 def _layout_config(kind, H, B, dtype, sms, directions=1):
-    """The heuristic's tiles (measured=False) with the flags barrier (v0.19), or the transposed tiles (v0.18: W^T
-    resident, with either barrier, or streamed), as the tuner's candidates build them."""
+    """The heuristic's tiles (measured=False) with merged gate dots (v0.11), or the transposed tiles (v0.18: W^T
+    resident or streamed), as the tuner's candidates build them."""
     import dataclasses
 
     from tritonlstm.configs import heuristic_config, transposed_config
 
-    if kind == "flags":
-        return dataclasses.replace(heuristic_config(H, B, dtype, sms, directions=directions, measured=False),
-                                   exchange="flags")
     if kind == "merged":  # the heuristic's pick at B > 16 with a short K (v0.20); the backward ignores it
         plain = heuristic_config(H, B, dtype, sms, directions=directions, kernel="none", measured=False)
         return dataclasses.replace(plain, merged_gates=True, num_warps=8)
@@ -505,15 +500,13 @@ def _layout_config(kind, H, B, dtype, sms, directions=1):
         from tritonlstm.configs import named_variants
 
         return named_variants("fwd", H, B, dtype, share, names=(kind,))[kind]
-    cfg = transposed_config(H, B, dtype.itemsize, share, 16)
-    return dataclasses.replace(cfg, exchange="flags") if kind.endswith("flags") else cfg
+    return transposed_config(H, B, dtype.itemsize, share, 16)
 
 
 @pytest.mark.parametrize("kind,H,B,dtype", LAYOUT_CASES)
-def test_transposed_dots_and_flags_barrier_match_cudnn(kind, H, B, dtype):
-    """The tuner's newer candidates on persistent multi-program launches, forward and backward (the backward
-    takes the flags barrier too), then both directions with per-row lengths: what the interpreter cannot show
-    (wgmma, the flags' ordering between programs)."""
+def test_transposed_and_merged_dots_match_cudnn(kind, H, B, dtype):
+    """The tuner's newer candidates on persistent multi-program launches, forward and backward, then both
+    directions with per-row lengths: what the interpreter cannot show (wgmma)."""
     import dataclasses
 
     from tritonlstm.configs import use_config
@@ -572,23 +565,19 @@ def test_cluster_barrier_matches_cudnn(kind, H, dtype):
             k.RELEASED = released
 
 
-@pytest.mark.parametrize("kind", ["transposed", "flags", "transposed-flags"])
-def test_stack_with_transposed_dots_and_flags_barrier_matches_cudnn(kind):
-    """A 4-layer fp16 stack (the bench's stack row, H = 512, B = 16) through both wavefronts with the newer
-    candidates: the forward's transposed W_ih and W_hh dots, the flags barrier over all 128 programs."""
-    import dataclasses
+@pytest.mark.parametrize("kind", ["unsplit", "transposed"])
+def test_stack_with_transposed_dots_matches_cudnn(kind):
+    """A 4-layer fp16 stack (the bench's stack row, H = 512, B = 16) through both wavefronts, the forward's dots
+    as the heuristic's tiles or transposed (W_ih and W_hh), a barrier over all 128 programs."""
 
     from tritonlstm import LSTM
     from tritonlstm.configs import LSTMConfig, heuristic_config, stack_backward_config, use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    flags = kind.endswith("flags")
     fwd = LSTMConfig(block_h=16, block_b=16, block_k=512, w_resident=True, num_warps=4, transposed=True) \
         if kind.startswith("transposed") else \
         heuristic_config(512, 16, torch.float16, sms, layers=4, kernel="stack", measured=False)
     bwd = stack_backward_config(512, 16, torch.float16, sms, 4)
-    if flags:
-        fwd, bwd = (dataclasses.replace(c, exchange="flags") for c in (fwd, bwd))
     m = torch.nn.LSTM(512, 512, num_layers=4).to("cuda", torch.float16)
     ours = LSTM(512, 512, num_layers=4, backend="triton").to("cuda", torch.float16)
     ours.load_state_dict(m.state_dict())

@@ -168,7 +168,6 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
           has_lengths: bool = False, directions: int = 1, prefetch: bool = False, target: Target = H100) -> Resources:
     """kernel: "fwd", "bwd", "stack" or "stack_bwd" (the forward or backward kernel in its wavefront-stack
     form). prefetch: a single layer's one-tile-per-program variant (LSTMConfig.prefetches)."""
-    import triton
 
     from tritonlstm.kernels import lstm as k
 
@@ -180,10 +179,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     consts = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", SK=config.split_k,
-                  # A flags barrier's polls reduce over NP flags: a stack's span its layers (4, the bench's most).
-                  FLAGS=config.exchange == "flags",
-                  NP=triton.next_power_of_2(-(-hidden // config.block_h) * (4 if kernel.startswith("stack") else 1))
-                  if config.exchange == "flags" else 1, CLUSTER=config.clustered)
+                  CLUSTER=config.clustered)
     if kernel in ("fwd", "stack"):
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
         consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
@@ -233,7 +229,6 @@ def _hiddens(min_hidden: int, max_hidden: int) -> list[int]:
 
 def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: int, target: Target) -> Resources:
     """check() of a grid_2d backward (lstm_bwd_2d_kernel)."""
-    import triton
 
     from tritonlstm.configs import grid_2d_blocks
     from tritonlstm.kernels import lstm as k
@@ -242,9 +237,7 @@ def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: i
                     store_gates=False, smem_limit=target.smem)
     consts = dict(BU=config.block_h, NB=grid_2d_blocks(hidden, config.block_h), BB=config.block_b, D=directions,
                   HAS_LENGTHS=False, PERSISTENT=config.persistent,
-                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", FLAGS=config.exchange == "flags",
-                  NP=1 if config.exchange != "flags" else triton.next_power_of_2(config.programs(hidden)),
-                  CLUSTER=False, HALF_W=config.half_w)
+                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", CLUSTER=False, HALF_W=config.half_w)
     sig = {**_signature("bwd_2d", _TRITON_DTYPE[dtype]), **{n: "constexpr" for n in consts}}
     return _compile(res, k.lstm_bwd_2d_kernel, sig, consts, target.arch)
 

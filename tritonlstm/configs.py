@@ -23,7 +23,7 @@ SM90_SHARED = 232448
 _W_BUDGET = 128 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
-EXCHANGES = ("barrier", "flags", "cluster", "dsmem")
+EXCHANGES = ("barrier", "cluster", "dsmem")
 # Programs one thread-block cluster holds on an H100 (16 is non-portable; Triton's launcher allows it there).
 MAX_CLUSTER = 16
 # Clusters of more than 8 CTAs are non-portable: the launch must allow them (CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_
@@ -48,10 +48,10 @@ class LSTMConfig:
     num_stages: int = 1
     max_spin: int = _DEFAULT_MAX_SPIN  # barrier spins before it gives up and raises
     # How programs meet between steps to pass h_{t-1} (forward) or dG_{t+1} (backward): "barrier" (store, one
-    # grid barrier per step, a counter in memory, load). (An exchange "tagged", words carrying a step tag that
-    # their readers waited on, measured 1.0-2.1x the barrier's step and was removed: perf/NOTES.md v0.8-v0.9,
-    # v0.51.) "flags": the barrier with one flag per program instead of one
-    # counter (kernels/lstm.py _flag_barrier; every kernel, stacks included; perf/NOTES.md v0.19). "cluster": the
+    # grid barrier per step, a counter in memory, load). (Two other exchanges measured slower than the counter
+    # on an H100 and were removed: "tagged", words carrying a step tag that their readers waited on, 1.0-2.1x its
+    # step, and "flags", one flag per program polled without atomics, never the tuner's pick in 146 keys;
+    # perf/NOTES.md v0.8-v0.9, v0.19-v0.20, v0.51, v0.52.) "cluster": the
     # P programs of a barrier launched as one thread-block cluster, met by Hopper's hardware cluster barrier
     # instead of a counter in memory (kernels/lstm.py _cluster_barrier; single layer, forward and backward,
     # P <= 8 or 16: cluster_size_ok; perf/NOTES.md v0.34). "dsmem": the cluster's barrier, and h_{t-1} read out of
@@ -125,7 +125,7 @@ class LSTMConfig:
         if self.half_w and not (self.transposed or self.w_resident):
             raise ValueError(f"LSTMConfig.half_w needs transposed=True (the forward's dots) or W resident (the "
                              f"backward's), got transposed={self.transposed}, w_resident={self.w_resident}")
-        if self.exchange in ("flags", "cluster", "dsmem") and not self.persistent:
+        if self.clustered and not self.persistent:
             raise ValueError(f"LSTMConfig.exchange={self.exchange!r} is a persistent launch's barrier, got "
                              "persistent=False")
         if self.clustered and self.grid_2d:
@@ -718,7 +718,7 @@ def select_config(hidden: int, batch: int, dtype: torch.dtype, device: torch.dev
 
 
 VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "merged",
-            "merged-w4", "transposed", "transposed-streamed", "flags", "transposed-flags", "streamed", "wide",
+            "merged-w4", "transposed", "transposed-streamed", "streamed", "wide",
             "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64", "split-half",
             "no-prefetch", "transposed-half", "transposed-streamed-half", "transposed-streamed-bb128-half", "cluster",
             "transposed-cluster", "transposed-streamed-bb128", "transposed-dsmem", "cluster-bh64")
@@ -747,8 +747,6 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
       transposed-streamed-bb128   single-layer forward, B >= 128: the same with 128-row batch tiles, so that a
                    program streams its W^T chunk once for 128 rows where the 64-row tiles stream it once per tile
                    (H = 1024, B = 256: 48 MB of L2 reads a step instead of 64; v0.36)
-      flags        the unsplit tiles with the barrier as one flag per program instead of one counter (v0.19);
-                   transposed-flags: the transposed tiles with it
       streamed     W_hh (and a stack's W_ih) streamed from L2 in 32-wide K chunks (16 in fp32), BH = 16, 4 warps
       wide         B >= 32, single layer: 64-row tiles, W streamed, 8 warps, 3 stages (configs.wide_tile_config;
                    the heuristic's pick where 16-row tiles would walk >= 4 tiles per program, v0.15)
@@ -860,10 +858,6 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
         tiles = named_variants("bwd", H, B, torch.float16, sms, ("split",)).get("split")
         if tiles is not None and tiles.w_resident and tiles.persistent:
             out["split-half"] = dataclasses.replace(tiles, half_w=True)
-    if unsplit.persistent:
-        out["flags"] = dataclasses.replace(unsplit, exchange="flags")
-        if "transposed" in out:
-            out["transposed-flags"] = dataclasses.replace(out["transposed"], exchange="flags")
     if not stack:
         transposed = out.get("transposed")
         if kernel == "fwd" and transposed is not None and not cluster_size_ok(cdiv(H, 16)) \

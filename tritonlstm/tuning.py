@@ -199,8 +199,8 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 
 
 # 2 warps spill at large K: left to the full search.
-QUICK_VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "merged", "transposed", "transposed-streamed", "flags",
-                  "transposed-flags", "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64",
+QUICK_VARIANTS = ("unsplit", "unsplit-w4", "split", "split4", "merged", "transposed", "transposed-streamed",
+                  "streamed", "wide", "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64",
                   "grid-2d-half", "grid-2d-half-bb64", "split-half", "no-prefetch", "cluster", "transposed-cluster",
                   "transposed-streamed-bb128", "transposed-half", "transposed-streamed-half",
                   "transposed-streamed-bb128-half", "transposed-dsmem", "cluster-bh64")
@@ -222,8 +222,7 @@ def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
 def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_limit: int,
                kernel: str = "fwd") -> list[LSTMConfig]:
     """The full search's configs that can run: every program resident (P * Q <= SMs) and the estimate of its shared
-    memory (configs.shared_bytes) under the limit. The heuristic's pick comes first; the heuristic's and the
-    transposed tiles also with the flags barrier (v0.19)."""
+    memory (configs.shared_bytes) under the limit. The heuristic's pick comes first."""
     esize = dtype.itemsize
     hk = max(16, _pow2(hidden))
     out = [heuristic_config(hidden, batch, dtype, num_sms, kernel=kernel)]
@@ -264,10 +263,6 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int, smem_l
         # builds them; where TF32 is not allowed a launch times the stand-in.
         halves = named_variants(kernel, hidden, batch, dtype, num_sms, ("grid-2d-half", "split-half"))
         out += [halves[name] for name in ("grid-2d-half", "split-half") if name in halves]
-    # The flags barrier (v0.19) on the heuristic's tiles and the transposed ones: a change of the exchange alone,
-    # not worth doubling every candidate (compiling dominates a tuning run).
-    out += [dataclasses.replace(c, exchange="flags") for i, c in enumerate(out)
-            if c.persistent and c.exchange == "barrier" and not c.grid_2d and (i == 0 or c.transposed)]
     # The estimate (configs.shared_bytes) for the layouts the loop above did not size: none is dropped on an H100.
     return [c for c in dict.fromkeys(out) if shared_bytes(c, kernel, hidden, esize) <= smem_limit]
 
