@@ -532,6 +532,16 @@ def _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b, o_j, m_j, s, T, B, H
 
 
 @triton.jit
+def _gate_bias(p, p2, o_j, m_j, TWO: tl.constexpr):
+    """One gate's bias of this program's units, [1, BH] float32: p's, plus p2's when TWO, each loaded in its own
+    dtype and added in float32 (as b_ih.float() + b_hh was before the launch)."""
+    b = tl.load(p + o_j, mask=m_j, other=0.0).to(tl.float32)
+    if TWO:
+        b += tl.load(p2 + o_j, mask=m_j, other=0.0).to(tl.float32)
+    return b[None, :]
+
+
+@triton.jit
 def _cell_grads(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_cp, m_live):
     """One step of the cell's backward on a tile: from the whole dh_t and the dc carried in, the gradients of the
     four gate pre-activations and dc_t (zero where a row is not live)."""
@@ -641,7 +651,8 @@ def lstm_fwd_kernel(
     W_IH,  # [L-1, 4H, H] W_ih of the layers above the first (when STACK)
     DROP,  # [L-1, T, B, H] dropout scale (0 or 1/(1-p)) of each layer's output but the last (when HAS_DROPOUT)
     XD,  # [L-1, T, B, H] out: those outputs after dropout, the next layer's input (when HAS_DROPOUT)
-    BIAS,  # [D, 4H] float32, b_ih + b_hh
+    BIAS,  # [D, 4H] b_ih (or b_ih + b_hh, or the one bias given), any float dtype
+    BIAS_HH,  # [D, 4H] b_hh, added to BIAS in float32 (when TWO_BIASES)
     H0,  # [D, B, H] initial hidden state
     C_WS,  # [D, B, H] float32 cell state carried between steps; holds c0 on entry
     Y,  # [T, B, D*H] output, h_t
@@ -666,6 +677,7 @@ def lstm_fwd_kernel(
     D: tl.constexpr,
     W_RESIDENT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    TWO_BIASES: tl.constexpr,  # HAS_BIAS: BIAS + BIAS_HH (nn.LSTM's two, summed here: no launch to sum them first)
     HAS_LENGTHS: tl.constexpr,
     STACK: tl.constexpr,  # axis 2 is the layer of a unidirectional stack run as a wavefront (D = 1)
     HAS_DROPOUT: tl.constexpr,  # dropout between the layers of a STACK
@@ -721,6 +733,7 @@ def lstm_fwd_kernel(
         C_ALL += i_d * H
     W += i_d * 4 * H * H
     BIAS += i_d * 4 * H
+    BIAS_HH += i_d * 4 * H
     H0 += i_d * B * H
     C_WS += i_d * B * H
     HN += i_d * B * H
@@ -763,10 +776,10 @@ def lstm_fwd_kernel(
     else:
         ws_h0_mul, ws_h0_acc, ws_rec_acc, ws_x_mul, ws_x_acc = 1.0, 1.0, 1.0, 1.0, 1.0
     if HAS_BIAS:
-        b_bi = tl.load(BIAS + o_j, mask=m_j, other=0.0)[None, :]
-        b_bf = tl.load(BIAS + H + o_j, mask=m_j, other=0.0)[None, :]
-        b_bg = tl.load(BIAS + 2 * H + o_j, mask=m_j, other=0.0)[None, :]
-        b_bo = tl.load(BIAS + 3 * H + o_j, mask=m_j, other=0.0)[None, :]
+        b_bi = _gate_bias(BIAS, BIAS_HH, o_j, m_j, TWO_BIASES)
+        b_bf = _gate_bias(BIAS + H, BIAS_HH + H, o_j, m_j, TWO_BIASES)
+        b_bg = _gate_bias(BIAS + 2 * H, BIAS_HH + 2 * H, o_j, m_j, TWO_BIASES)
+        b_bo = _gate_bias(BIAS + 3 * H, BIAS_HH + 3 * H, o_j, m_j, TWO_BIASES)
 
     # A failed barrier (here or in an earlier launch not yet reported) turns every later output into NaN, so
     # that the results of a failed launch cannot pass for valid before the host reports the error.
@@ -1860,9 +1873,20 @@ def _half_weights(w_hh, h0, w_ih=None, drop=None):
     return w16, wih16 if given else None, scales
 
 
+def _bias_args(bias, dummy) -> tuple:
+    """(BIAS, BIAS_HH, HAS_BIAS, TWO_BIASES) of a launch: bias None, one [N, 4H] tensor, or a pair of them (b_ih,
+    b_hh), summed by the kernel in float32."""
+    if bias is None:
+        return dummy, dummy, False, False
+    if isinstance(bias, (tuple, list)):
+        return bias[0].contiguous(), bias[1].contiguous(), True, True
+    return bias.contiguous(), dummy, True, False
+
+
 def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config, gates_out=None):
     """Runs the recurrence of D directions (D = w_hh.shape[0]; direction 1 in reverse) over gx = x @ W_ih^T
-    [T, B, D*4H] (read only, unless it is gates_out). w_hh [D, 4H, H], bias [D, 4H] float32 or None, h0
+    [T, B, D*4H] (read only, unless it is gates_out). w_hh [D, 4H, H], bias [D, 4H] (any float dtype), a pair
+    (b_ih, b_hh) of them, or None, h0
     [D, B, H], c_ws [D, B, H] float32 holding c0 (updated in place). reverse runs a D = 1 launch backwards.
     Returns y [T, B, D*H], h_n, c_n [D, B, H] and, when store_gates, the activated gates [T, B, D*4H] (in
     gates_out when given, which may be gx itself: each program overwrites only the gx elements it has read;
@@ -1872,7 +1896,8 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     D, G, H = w_hh.shape
     dt, dev = gx.dtype, gx.device
     lengths = last is not None
-    config, grid, words, constexprs = _forward_plan(config, dt, B, H, D, store_gates, bias is not None, lengths,
+    b1, b2, has_bias, two = _bias_args(bias, c_ws)
+    config, grid, words, constexprs = _forward_plan(config, dt, B, H, D, store_gates, has_bias, two, lengths,
                                                     _dot_precision(dt))
     _check_residency(config, H, D, dev)
     y = _per_step((T, B, D * H), dt, dev, lengths)
@@ -1886,8 +1911,8 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     ring = dsmem_ring(grid[0] * grid[1] * grid[2], config.block_b, config.block_h, config.block_k, dev) \
         if constexprs["DSMEM"] else sync
     w_dot, _, wscale = _half_weights(w_hh, h0) if constexprs["HALF_W"] else (w_hh, None, c_ws)
-    args = (gx, gates, w_dot, w_dot, y, y, bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all,
-            last if last is not None else sync, sync, barrier_errors.flag(dev), ring, wscale, T, B, H, int(reverse))
+    args = (gx, gates, w_dot, w_dot, y, y, b1, b2, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync,
+            sync, barrier_errors.flag(dev), ring, wscale, T, B, H, int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, dev, args, constexprs, sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
@@ -1897,14 +1922,14 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
 # in the key, as _half_w and DOT_PRECISION follow PyTorch's RNN precision setting.
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gates: bool, has_bias: bool,
-                  has_lengths: bool, precision: str):
+                  two_biases: bool, has_lengths: bool, precision: str):
     """(config as the forward runs it, grid, barrier words, the kernel's constexprs) of an lstm_forward launch."""
     config = for_kernel(config, "fwd")
     _check_tiles(config, H)
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
     words, cluster = _barrier_layout(config, grid)
-    constexprs = dict(D=D, HAS_BIAS=has_bias, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False,
-                      STORE_GATES=store_gates, DOT_PRECISION=precision, MERGED=config.merged_gates,
+    constexprs = dict(D=D, HAS_BIAS=has_bias, TWO_BIASES=two_biases, HAS_LENGTHS=has_lengths, STACK=False,
+                      HAS_DROPOUT=False, STORE_GATES=store_gates, DOT_PRECISION=precision, MERGED=config.merged_gates,
                       TRANSPOSED=config.transposed,
                       KC=transposed_chunk(config, dtype.itemsize), PREFETCH=config.prefetches(B, H),
                       HALF_W=_half_w(config, dtype), DSMEM=dsmem_applies(config, dtype, B), **cluster)
@@ -1925,7 +1950,7 @@ def dsmem_applies(config, dtype: torch.dtype, batch: int) -> bool:
 def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: bool, config, drop=None):
     """A unidirectional stack of L layers of equal width in one launch, as a wavefront: layer l runs its step t
     at global step t + l, so the stack takes T + L - 1 steps instead of L * T. gx = x @ W_ih^T of the first
-    layer [T, B, 4H]; w_ih [L-1, 4H, H] of the layers above; w_hh [L, 4H, H]; bias [L, 4H] float32 or None;
+    layer [T, B, 4H]; w_ih [L-1, 4H, H] of the layers above; w_hh [L, 4H, H]; bias as lstm_forward's, [L, 4H];
     h0 [L, B, H]; c_ws [L, B, H] float32 holding c0 (updated in place); drop [L-1, T, B, H] or None: the
     dropout scale (0 or 1/(1-p)) applied to each layer's output before the layer above takes it as input.
     Returns every layer's output y [L, T, B, H], h_n and c_n [L, B, H], when store_gates every layer's
@@ -1949,12 +1974,13 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     half = _half_w(config, dt)
     w_ih = w_ih if L > 1 else w_hh
     w_dot, w_ih_dot, wscale = _half_weights(w_hh, h0, w_ih, drop) if half else (w_hh, w_ih, c_ws)
-    args = (gx, gates, w_dot, w_ih_dot, drop if drop is not None else y, xd if xd is not None else y,
-            bias if bias is not None else c_ws, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync, sync,
-            barrier_errors.flag(dev), sync, wscale, T, B, H, 0)
+    b1, b2, has_bias, two = _bias_args(bias, c_ws)
+    args = (gx, gates, w_dot, w_ih_dot, drop if drop is not None else y, xd if xd is not None else y, b1, b2, h0,
+            c_ws, y, hn, cn, c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, wscale,
+            T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
-         dict(D=1, HAS_BIAS=bias is not None, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
-              MERGED=False, TRANSPOSED=config.transposed,
+         dict(D=1, HAS_BIAS=has_bias, TWO_BIASES=two, HAS_LENGTHS=last is not None, STACK=True,
+              HAS_DROPOUT=drop is not None, MERGED=False, TRANSPOSED=config.transposed,
               KC=transposed_chunk(config, dt.itemsize, stack=True), PREFETCH=False, HALF_W=half, **cluster,
               STORE_GATES=store_gates, DOT_PRECISION=_dot_precision(dt)), sync)
     if not store_gates:

@@ -72,19 +72,19 @@ def levels(dtype_name: str, hidden: int, batch: int, seq: int, device: str = "cu
     problem = make_problem("fwd", dtype, hidden, batch, seq, device=device)
     kernel = problem.launch(select_config(hidden, batch, dtype, device, device.type != "cuda", "fwd"))
     gx = functional._project(x.reshape(seq * batch, hidden), model.weight_ih_l0).view(seq, batch, 4 * hidden)
-    bias = functional._stacked_bias([(model.bias_ih_l0, model.bias_hh_l0)], hidden, device)
+    biases = functional._stacked_biases([(model.bias_ih_l0, model.bias_hh_l0)])
     h0 = x.new_zeros(1, batch, hidden)
     w_hh = model.weight_hh_l0.unsqueeze(0)
 
     def lean():
         gx = torch.mm(x.view(seq * batch, hidden), model.weight_ih_l0.t()).view(seq, batch, 4 * hidden)
-        bias = torch.add(model.bias_ih_l0.float(), model.bias_hh_l0)[None]
         h0, c0 = x.new_zeros(1, batch, hidden), x.new_zeros(1, batch, hidden)
-        return functional._recurrence_forward(gx, w_hh, bias, h0, c0, None, False, False)[0]
+        return functional._recurrence_forward(gx, w_hh, model.bias_ih_l0[None], model.bias_hh_l0[None], h0, c0, None,
+                                              False, False)[0]
 
     calls = {
         "kernel": kernel,
-        "op": lambda: functional._recurrence_forward(gx, w_hh, bias, h0, h0, None, False, False)[0],
+        "op": lambda: functional._recurrence_forward(gx, w_hh, *biases, h0, h0, None, False, False)[0],
         "lean": lean,
         "layer": lambda: functional.lstm_layer(x, weights, backend="triton")[0],
         "module": lambda: model(x)[0],

@@ -1195,3 +1195,37 @@ def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(ca
     else:
         assert launches == [("plain", (16, 2, 1), False, None)]
         assert any("A100" in str(w.message) and "grid barrier" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("given", ["bias_ih", "bias_hh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_bias_of_the_two(given, dtype):
+    """fused_lstm with only one of nn.LSTM's two biases: the kernel adds the one given (v0.54: it loads both in their
+    own dtype and adds them in float32, or the one there is), and only it gets a gradient."""
+    problem = make_problem(5, 3, 6, 24, dtype)
+    problem["bias_hh" if given == "bias_ih" else "bias_ih"] = None
+    check_against_reference(problem, dtype)
+
+
+def test_bias_gradients_are_separate_tensors_as_in_nn_lstm():
+    """The kernels take b_ih and b_hh as they are and the backward gives both the same float32 sum in their dtype:
+    as two tensors, so that an in-place update of one gradient (clip_grad_norm_, an optimizer's) leaves the other
+    alone, as nn.LSTM's do. One direction (the biases as views of themselves), two, and a stack."""
+    torch.manual_seed(0)
+    for kw in (dict(), dict(bidirectional=True), dict(num_layers=2)):
+        for dtype in (torch.float32, torch.bfloat16):
+            ref = torch.nn.LSTM(6, 8, **kw).to(dtype)
+            ours = tritonlstm.LSTM(6, 8, backend="triton", **kw).to(dtype)
+            ours.load_state_dict(ref.state_dict())
+            x = torch.randn(4, 3, 6, dtype=dtype)
+            for m in (ref, ours):
+                m(x)[0].square().sum().backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
+                for name, p in m.named_parameters():
+                    if name.startswith("bias_ih"):
+                        p.grad.mul_(2)
+            for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+                tol = 2e-5 if dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol * 1e-3, msg=f"{kw} {dtype} {name}")
+            ptrs = [p.grad.data_ptr() for n, p in ours.named_parameters() if n.startswith("bias")]
+            assert len(set(ptrs)) == len(ptrs), (kw, dtype)

@@ -118,7 +118,7 @@ def test_custom_op_leaves_its_gates_output_as_returned(backward_launches):
     gx = (torch.randn(T, B, 4 * H, generator=g) * 0.3).requires_grad_()
     w = (torch.randn(1, 4 * H, H, generator=g) * 0.3).requires_grad_()
     h0, c0 = torch.zeros(1, B, H), torch.zeros(1, B, H)
-    y, hn, cn, gates, c_all = F._lstm_recurrence(gx, w, None, h0, c0, None, False, True)
+    y, hn, cn, gates, c_all = F._lstm_recurrence(gx, w, None, None, h0, c0, None, False, True)
     kept = gates.clone()
     y.sum().backward()
     assert backward_launches == [(False, False)]

@@ -18,7 +18,8 @@ def test_opcheck_recurrence(training):
     g = torch.Generator().manual_seed(0)
     T, B, H = 3, 2, 8
     args = (_r(g, T, B, 8 * H).requires_grad_(training), _r(g, 2, 4 * H, H).requires_grad_(training),
-            _r(g, 2, 4 * H), _r(g, 2, B, H), _r(g, 2, B, H), torch.tensor([3, 2]), False, training)
+            _r(g, 2, 4 * H).requires_grad_(training), _r(g, 2, 4 * H).requires_grad_(training), _r(g, 2, B, H),
+            _r(g, 2, B, H), torch.tensor([3, 2]), False, training)
     torch.library.opcheck(F._lstm_recurrence, args)
 
 
@@ -28,8 +29,8 @@ def test_opcheck_stack_with_dropout(training):
     T, B, H, L = 3, 2, 8, 2
     drop = (torch.rand(L - 1, T, B, H, generator=g) > 0.5).float() * 2
     args = (_r(g, T, B, 4 * H).requires_grad_(training), _r(g, L - 1, 4 * H, H).requires_grad_(training),
-            _r(g, L, 4 * H, H).requires_grad_(training), _r(g, L, 4 * H), _r(g, L, B, H), _r(g, L, B, H), None, drop,
-            training)
+            _r(g, L, 4 * H, H).requires_grad_(training), _r(g, L, 4 * H).requires_grad_(training),
+            _r(g, L, 4 * H).requires_grad_(training), _r(g, L, B, H), _r(g, L, B, H), None, drop, training)
     torch.library.opcheck(F._lstm_stack, args)
 
 

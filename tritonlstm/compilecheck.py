@@ -123,10 +123,10 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
                 "AMAX": "*fp32", "RMAX": "*fp32"}
         flags = ()
     elif kernel == "fwd":
-        ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": "*fp32", "H0": p,
+        ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": p, "BIAS_HH": p, "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
                 "ERR": "*i32", "RING": "*i64", "WSCALE": "*fp32"}
-        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "HAS_LENGTHS", "STACK",
+        flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "TWO_BIASES", "HAS_LENGTHS", "STACK",
                  "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK", "MERGED")
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
@@ -182,7 +182,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                   CLUSTER=config.clustered)
     if kernel in ("fwd", "stack"):
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
-        consts.update(HAS_BIAS=True, STACK=kernel == "stack", STORE_GATES=store_gates,
+        consts.update(HAS_BIAS=True, TWO_BIASES=True, STACK=kernel == "stack", STORE_GATES=store_gates,
                       HAS_DROPOUT=kernel == "stack" and store_gates,
                       MERGED=kernel == "fwd" and config.merged_gates,
                       TRANSPOSED=config.transposed,

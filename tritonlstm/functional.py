@@ -347,8 +347,8 @@ def _launch(kernel: str, H: int, B: int, dtype: torch.dtype, device: torch.devic
         return launch(fallback)
 
 
-def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
-                        lengths: Tensor | None, reverse: bool, training: bool,
+def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None, h0: Tensor,
+                        c0: Tensor, lengths: Tensor | None, reverse: bool, training: bool,
                         gates_into_gx: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     k = _kernels()
     T, B, _ = gx.shape
@@ -356,7 +356,7 @@ def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: 
     c_ws = c0.to(torch.float32, copy=True).contiguous()
     gx = gx.contiguous()
     y, hn, cn, gates, c_all = _launch("fwd", H, B, gx.dtype, gx.device, lambda config: k.lstm_forward(
-        gx, weight_hh.contiguous(), None if bias is None else bias.contiguous(), h0.contiguous(), c_ws,
+        gx, weight_hh.contiguous(), _bias_pair(bias_ih, bias_hh), h0.contiguous(), c_ws,
         _last_steps(lengths, gx.device), reverse=reverse, store_gates=training, config=config,
         gates_out=gx if gates_into_gx and training and lengths is None else None), directions=D, steps=T)
     if not training:
@@ -365,14 +365,15 @@ def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: 
 
 
 @_custom_op("lstm_recurrence")
-def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
-                     lengths: Tensor | None, reverse: bool,
+def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None, h0: Tensor,
+                     c0: Tensor, lengths: Tensor | None, reverse: bool,
                      training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The recurrence of D directions in one launch (direction 1 in reverse; a single direction in reverse when
-    `reverse`): gx = x @ W_ih^T [T, B, D*4H], weight_hh [D, 4H, H], bias [D, 4H] float32 or None, h0 and c0
-    [D, B, H]. Returns y [T, B, D*H], h_n, c_n [D, B, H] and, when training, the activated gates [T, B, D*4H]
-    and c_t [T, B, D*H] float32 for the backward (empty otherwise)."""
-    return _recurrence_forward(gx, weight_hh, bias, h0, c0, lengths, reverse, training)
+    `reverse`): gx = x @ W_ih^T [T, B, D*4H], weight_hh [D, 4H, H], bias_ih and bias_hh [D, 4H] ([4H] for D = 1)
+    or None (the kernel adds them in float32), h0 and c0 [D, B, H]. Returns y [T, B, D*H], h_n, c_n [D, B, H] and,
+    when training, the activated gates [T, B, D*4H] and c_t [T, B, D*H] float32 for the backward (empty
+    otherwise)."""
+    return _recurrence_forward(gx, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training)
 
 
 # Eagerly (_call), gx is always the caller's temporary (lstm_layer's input projection), read by nobody after
@@ -382,7 +383,7 @@ _lstm_recurrence.eager = functools.partial(_recurrence_forward, gates_into_gx=Tr
 
 
 @_lstm_recurrence.register_fake
-def _(gx, weight_hh, bias, h0, c0, lengths, reverse, training):
+def _(gx, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training):
     T, B, G = gx.shape
     D, _, H = weight_hh.shape
     y, hn, cn = gx.new_empty(T, B, D * H), gx.new_empty(D, B, H), gx.new_empty(D, B, H)
@@ -457,13 +458,13 @@ _register_autograd(_lstm_stack_backward, _no_double_backward, lambda ctx, inputs
 
 
 @_custom_op("lstm_stack")
-def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, h0: Tensor, c0: Tensor,
-                lengths: Tensor | None, drop: Tensor | None,
+def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None,
+                h0: Tensor, c0: Tensor, lengths: Tensor | None, drop: Tensor | None,
                 training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A unidirectional stack of L layers in one launch (wavefront): gx of the first layer [T, B, 4H],
-    weight_ih [L-1, 4H, H] of the others, weight_hh [L, 4H, H], bias [L, 4H] float32 or None, h0 and c0
-    [L, B, H], drop [L-1, T, B, H] or None: the dropout scale applied to each layer's output before the next.
-    Returns every layer's y [L, T, B, H], h_n and c_n [L, B, H], when training every layer's gates
+    weight_ih [L-1, 4H, H] of the others, weight_hh [L, 4H, H], bias_ih and bias_hh [L, 4H] ([4H] for L = 1) or
+    None, h0 and c0 [L, B, H], drop [L-1, T, B, H] or None: the dropout scale applied to each layer's output before
+    the next. Returns every layer's y [L, T, B, H], h_n and c_n [L, B, H], when training every layer's gates
     [L, T, B, 4H] and c_t [L, T, B, H] float32 (empty otherwise), and the dropped outputs [L-1, T, B, H] that
     the layers above took as input (empty without drop)."""
     k = _kernels()
@@ -471,7 +472,7 @@ def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor |
     L, _, H = weight_hh.shape
     c_ws = c0.to(torch.float32, copy=True).contiguous()
     y, hn, cn, gates, c_all, xd = _launch("stack", H, B, gx.dtype, gx.device, lambda config: k.lstm_stack_forward(
-        gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), None if bias is None else bias.contiguous(),
+        gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), _bias_pair(bias_ih, bias_hh),
         h0.contiguous(), c_ws, _last_steps(lengths, gx.device), store_gates=training, config=config,
         drop=None if drop is None else drop.contiguous()), layers=L)
     xd = gx.new_empty(0) if xd is None else xd
@@ -481,7 +482,7 @@ def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor |
 
 
 @_lstm_stack.register_fake
-def _(gx, weight_ih, weight_hh, bias, h0, c0, lengths, drop, training):
+def _(gx, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, drop, training):
     T, B, G = gx.shape
     L, _, H = weight_hh.shape
     y, hn, cn = gx.new_empty(L, T, B, H), torch.empty_like(h0), torch.empty_like(h0)
@@ -492,8 +493,9 @@ def _(gx, weight_ih, weight_hh, bias, h0, c0, lengths, drop, training):
 
 
 def _stack_setup_context(ctx, inputs, output):
-    gx, weight_ih, weight_hh, bias, h0, c0, lengths, drop, training = inputs
+    gx, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, drop, training = inputs
     y, _, _, gates, c_all, xd = output
+    ctx.bias_metas = _bias_metas(bias_ih, bias_hh)
     ctx.save_for_backward(weight_ih, weight_hh, h0, c0, lengths, drop, y, gates, c_all, xd)
     ctx.mark_non_differentiable(gates, c_all, xd)
     # Unmaterialised, the gradients of the outputs nobody used (gates, c_all) are None rather than zeros as large
@@ -520,7 +522,7 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
         dg, dh0, dc0 = _call(_lstm_stack_backward, *args)
     dg2 = dg.view(L, T * B, 4 * H)
     need = ctx.needs_input_grad
-    d_ih = d_hh = d_bias = None
+    d_ih = d_hh = None
     if need[1] and L > 1:
         inputs = y[:-1] if drop is None else xd  # the layers above took their input after dropout
         inputs = inputs.reshape(L - 1, T * B, H)
@@ -528,19 +530,19 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
             if _tf32_gemms(dg2, inputs) else torch.bmm(dg2[1:].transpose(1, 2), inputs)
     if need[2]:
         d_hh = torch.stack([_recurrent_weight_grad(dg[l], y[l], h0[l], lengths, False) for l in range(L)])
-    if need[3]:
-        d_bias = torch.stack([_column_sums(dg2[l]) for l in range(L)])
-    return (dg[0] if need[0] else None, d_ih, d_hh, d_bias, dh0 if need[4] else None, dc0 if need[5] else None,
-            None, None, None)
+    d_bias = torch.stack([_column_sums(dg2[l]) for l in range(L)]) if need[3] or need[4] else None
+    return (dg[0] if need[0] else None, d_ih, d_hh, *_bias_grads(d_bias, ctx.bias_metas, need[3:5]),
+            dh0 if need[5] else None, dc0 if need[6] else None, None, None, None)
 
 
 _register_autograd(_lstm_stack, _stack_backward, _stack_setup_context)
 
 
 def _setup_context(ctx, inputs, output):
-    gx, weight_hh, bias, h0, c0, lengths, reverse, training = inputs
+    gx, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training = inputs
     y, _, _, gates, c_all = output
     ctx.reverse = reverse
+    ctx.bias_metas = _bias_metas(bias_ih, bias_hh)
     ctx.save_for_backward(weight_hh, h0, c0, lengths, y, gates, c_all)
     ctx.mark_non_differentiable(gates, c_all)
     ctx.set_materialize_grads(False)  # as in _stack_setup_context
@@ -590,9 +592,9 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
         dw_hh = [_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], h0[d], lengths, d == 1 or ctx.reverse)
                  for d in range(D)]
         dw_hh = dw_hh[0].unsqueeze(0) if D == 1 else torch.stack(dw_hh)  # (stack would copy a single one)
-    dbias = _column_sums(dg3.view(T * B, D * G)).view(D, G) if need[2] else None
-    return (dg if need[0] else None, dw_hh, dbias, dh0 if need[3] else None, dc0 if need[4] else None,
-            None, None, None)
+    dbias = _column_sums(dg3.view(T * B, D * G)).view(D, G) if need[2] or need[3] else None
+    return (dg if need[0] else None, dw_hh, *_bias_grads(dbias, ctx.bias_metas, need[2:4]),
+            dh0 if need[4] else None, dc0 if need[5] else None, None, None, None)
 
 
 _register_autograd(_lstm_recurrence, _backward, _setup_context)
@@ -683,18 +685,50 @@ def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, we
                              f"max {int(lengths.max())}")
 
 
-def _stacked_bias(pairs: list, H: int, device: torch.device) -> Tensor | None:
-    """b_ih + b_hh in float32 for each direction or layer, stacked [N, 4H]; None when no bias is given."""
-    if all(b is None for pair in pairs for b in pair):
-        return None
-    sums = []
-    for b_ih, b_hh in pairs:  # as few ops as it takes: a layer call is host-bound at short T (NOTES v0.7)
-        if b_ih is None or b_hh is None:
-            b = b_hh if b_ih is None else b_ih
-            sums.append(torch.zeros(4 * H, device=device) if b is None else b.float())
+def _stacked_biases(pairs: list) -> tuple[Tensor | None, Tensor | None]:
+    """(b_ih, b_hh) as the ops take them, or None where no direction or layer has it: one direction's or layer's as
+    it is ([4H]: no launch, and its gradient one tensor for both, _bias_grads), several stacked [N, 4H]. The kernels
+    add the two in float32, where b_ih.float() + b_hh before the launch took two ATen ops (perf/NOTES.md v0.54)."""
+    out = []
+    for col in zip(*pairs):
+        given = [b for b in col if b is not None]
+        if not given:
+            out.append(None)
+            continue
+        if len(given) < len(col):
+            col = [torch.zeros_like(given[0]) if b is None else b for b in col]
+        out.append(col[0] if len(col) == 1 else torch.stack(col))
+    return out[0], out[1]
+
+
+def _bias_pair(bias_ih: Tensor | None, bias_hh: Tensor | None):
+    """The kernels' bias argument: None, the one bias given, or the pair they add."""
+    if bias_ih is None or bias_hh is None:
+        return bias_hh if bias_ih is None else bias_ih
+    return bias_ih, bias_hh
+
+
+def _bias_metas(*biases: Tensor | None) -> tuple:
+    return tuple(None if b is None else (b.dtype, b.shape) for b in biases)
+
+
+def _bias_grads(dbias: Tensor | None, metas: tuple, need: tuple) -> tuple:
+    """The gradients of b_ih and b_hh: dbias (float32 [N, 4H]) in each one's dtype and shape. Two [4H] parameters
+    get one tensor: autograd's AccumulateGrad copies a gradient another input still holds before it stores one as
+    .grad, so the two .grad stay apart (as after nn.LSTM's backward). Stacked ones would each get a view of their
+    stack's gradient, which autograd stores as it is: views of one tensor, which an in-place update of one .grad
+    (clip_grad_norm_) would change both of; so there the second is a copy."""
+    out, first = [None, None], None
+    for i, (meta, needed) in enumerate(zip(metas, need)):
+        if not needed or meta is None:
+            continue
+        dtype, shape = meta
+        if first is not None and len(shape) == 1 and (first.dtype, first.shape) == meta:
+            out[i] = first
         else:
-            sums.append(torch.add(b_ih.float(), b_hh))  # promotes b_hh to float32
-    return sums[0][None] if len(sums) == 1 else torch.stack(sums)
+            out[i] = dbias.view(shape).to(dtype, copy=first is not None)
+            first = out[i]
+    return tuple(out)
 
 
 def fused_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None = None,
@@ -736,9 +770,9 @@ def lstm_cell_step(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_
         if t is not None and (t.dtype != x.dtype or t.device != x.device):  # a parameter cast or moved alone
             raise RuntimeError(f"LSTMCell: {name} must have the input's dtype {x.dtype} and device {x.device}, got "
                             f"{t.dtype} on {t.device}")
-    bias = _stacked_bias([(bias_ih, bias_hh)], weight_hh.shape[1], x.device)
+    b_ih, b_hh = _stacked_biases([(bias_ih, bias_hh)])
     training = _records_grad(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    _, hn, cn, _, _ = _call(_lstm_recurrence, _project(x, weight_ih)[None], weight_hh[None], bias, h0[None],
+    _, hn, cn, _, _ = _call(_lstm_recurrence, _project(x, weight_ih)[None], weight_hh[None], b_ih, b_hh, h0[None],
                             c0[None], None, False, training)
     return hn.squeeze(0), cn.squeeze(0)  # (views: their backward allocates nothing, select's zero-fills)
 
@@ -785,11 +819,11 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     # One GEMM projects the input of every step for every direction.
     # (One direction: the weights as they are; cat / stack would copy them on every call.)
     gx = _project(x.reshape(T * B, x.shape[2]), w_ih[0] if D == 1 else torch.cat(w_ih)).view(T, B, D * 4 * H)
-    bias = _stacked_bias(list(zip(b_ih, b_hh)), H, x.device)
+    biases = _stacked_biases(list(zip(b_ih, b_hh)))
     training = _records_grad(x, h0, c0, *w_ih, *w_hh, *b_ih, *b_hh, *w_hr)
     if w_hr[0] is None:
         w_rec = w_hh[0].unsqueeze(0) if D == 1 else torch.stack(w_hh)
-        y, hn, cn, _, _ = _call(_lstm_recurrence, gx, w_rec, bias, h0, c0, lengths, reverse, training)
+        y, hn, cn, _, _ = _call(_lstm_recurrence, gx, w_rec, *biases, h0, c0, lengths, reverse, training)
         return y, (hn, cn)
     # Projection: the recurrence runs on r_t = o * tanh(c_t) with W_hh @ W_hr as its recurrent weight, since
     # W_hh h_{t-1} = (W_hh W_hr) r_{t-1}; h0's term enters each row's first step through gx, and the outputs
@@ -803,7 +837,7 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
         g = gx[..., d * 4 * H:(d + 1) * 4 * H]
         gxs.append(g.index_put((first, rows), g[first, rows] + h0[d] @ w_hh[d].t()))
     w_rec = torch.stack([w_hh[d] @ w_hr[d] for d in range(D)])
-    r, rn, cn, _, _ = _call(_lstm_recurrence, torch.cat(gxs, dim=2), w_rec, bias, x.new_zeros(D, B, H), c0,
+    r, rn, cn, _, _ = _call(_lstm_recurrence, torch.cat(gxs, dim=2), w_rec, *biases, x.new_zeros(D, B, H), c0,
                             lengths, reverse, training)
     y = torch.cat([_project(r[..., d * H:(d + 1) * H].reshape(T * B, H), w_hr[d]).view(T, B, P) for d in range(D)],
                   dim=2)
@@ -885,8 +919,8 @@ def _stack_launch(x, weights, h0, c0, lengths, dropout_scale):
     L, H = len(weights), weights[0][1].shape[1]
     gx = _project(x.reshape(T * B, x.shape[2]), weights[0][0]).view(T, B, 4 * H)
     w_ih = torch.stack([w[0] for w in weights[1:]]) if L > 1 else weights[0][1][:0].view(0, 4 * H, H)
-    bias = _stacked_bias([w[2:4] for w in weights], H, x.device)
+    biases = _stacked_biases([w[2:4] for w in weights])
     training = _records_grad(x, h0, c0, *(t for w in weights for t in w))
-    y, hn, cn, _, _, _ = _call(_lstm_stack, gx, w_ih, torch.stack([w[1] for w in weights]), bias, h0, c0,
+    y, hn, cn, _, _, _ = _call(_lstm_stack, gx, w_ih, torch.stack([w[1] for w in weights]), *biases, h0, c0,
                                lengths, dropout_scale, training)
     return y[-1], (hn, cn)
