@@ -300,6 +300,19 @@ def _call(op, *args):
     return op.eager_autograd.apply(*args)
 
 
+def _zero_grads(like: Tensor, *grads: Tensor | None) -> list[Tensor]:
+    """The gradients of unused outputs (h_n, c_n: None with set_materialize_grads(False)) as zeros the kernels read,
+    one tensor for all of them (one launch on a GPU, not one each)."""
+    zeros = None
+    out = []
+    for g in grads:
+        if g is None:
+            zeros = torch.zeros_like(like) if zeros is None else zeros
+            g = zeros
+        out.append(g)
+    return out
+
+
 def _graph_released_after_this_backward(ctx, *saved: Tensor) -> bool:
     """Whether a backward may write dG over the gates it was saved (the training step's largest buffers, 8 bytes
     per T*B*H in 16-bit: perf/NOTES.md, peak memory), as cuDNN's backward writes over its reserve space: only in
@@ -513,8 +526,7 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
         raise RuntimeError("tritonlstm: backward through a stack forward that ran without saving its gates")
     L, T, B, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy
-    dhn = torch.zeros_like(h0) if dhn is None else dhn
-    dcn = torch.zeros_like(h0) if dcn is None else dcn
+    dhn, dcn = _zero_grads(h0, dhn, dcn)
     args = (dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop)
     if _graph_released_after_this_backward(ctx, *args[:6]):
         dg, dh0, dc0 = _stack_backward_run(*args, into_gates=True)
@@ -577,8 +589,7 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     T, B, _ = y.shape
     D, G, H = weight_hh.shape
     dy = torch.zeros_like(y) if dy is None else dy
-    dhn = torch.zeros_like(h0) if dhn is None else dhn
-    dcn = torch.zeros_like(h0) if dcn is None else dcn
+    dhn, dcn = _zero_grads(h0, dhn, dcn)
     args = (dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
     if _graph_released_after_this_backward(ctx, *args[:6]):
         dg, dh0, dc0 = _recurrence_backward(*args, into_gates=True)
@@ -592,7 +603,7 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
         dw_hh = [_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], h0[d], lengths, d == 1 or ctx.reverse)
                  for d in range(D)]
         dw_hh = dw_hh[0].unsqueeze(0) if D == 1 else torch.stack(dw_hh)  # (stack would copy a single one)
-    dbias = _column_sums(dg3.view(T * B, D * G)).view(D, G) if need[2] or need[3] else None
+    dbias = _column_sums(dg3.view(T * B, D * G)) if need[2] or need[3] else None
     return (dg if need[0] else None, dw_hh, *_bias_grads(dbias, ctx.bias_metas, need[2:4]),
             dh0 if need[4] else None, dc0 if need[5] else None, None, None, None)
 
@@ -689,6 +700,8 @@ def _stacked_biases(pairs: list) -> tuple[Tensor | None, Tensor | None]:
     """(b_ih, b_hh) as the ops take them, or None where no direction or layer has it: one direction's or layer's as
     it is ([4H]: no launch, and its gradient one tensor for both, _bias_grads), several stacked [N, 4H]. The kernels
     add the two in float32, where b_ih.float() + b_hh before the launch took two ATen ops (perf/NOTES.md v0.54)."""
+    if len(pairs) == 1:
+        return pairs[0][0], pairs[0][1]
     out = []
     for col in zip(*pairs):
         given = [b for b in col if b is not None]
@@ -713,21 +726,24 @@ def _bias_metas(*biases: Tensor | None) -> tuple:
 
 
 def _bias_grads(dbias: Tensor | None, metas: tuple, need: tuple) -> tuple:
-    """The gradients of b_ih and b_hh: dbias (float32 [N, 4H]) in each one's dtype and shape. Two [4H] parameters
-    get one tensor: autograd's AccumulateGrad copies a gradient another input still holds before it stores one as
-    .grad, so the two .grad stay apart (as after nn.LSTM's backward). Stacked ones would each get a view of their
-    stack's gradient, which autograd stores as it is: views of one tensor, which an in-place update of one .grad
-    (clip_grad_norm_) would change both of; so there the second is a copy."""
+    """The gradients of b_ih and b_hh: dbias (float32, N * 4H elements) in each one's dtype and shape. Two [4H]
+    parameters get one tensor: autograd's AccumulateGrad copies a gradient another input still holds before it
+    stores one as .grad, so the two .grad stay apart (as after nn.LSTM's backward). Stacked ones would each get a
+    view of their stack's gradient, which autograd stores as it is: views of one tensor, which an in-place update of
+    one .grad (clip_grad_norm_) would change both of; so there the second is a copy."""
     out, first = [None, None], None
-    for i, (meta, needed) in enumerate(zip(metas, need)):
-        if not needed or meta is None:
+    for i in (0, 1):
+        meta = metas[i]
+        if not need[i] or meta is None:
             continue
         dtype, shape = meta
-        if first is not None and len(shape) == 1 and (first.dtype, first.shape) == meta:
+        if first is not None and len(shape) == 1 and metas[0] == meta:
             out[i] = first
-        else:
-            out[i] = dbias.view(shape).to(dtype, copy=first is not None)
-            first = out[i]
+            continue
+        g = dbias if dbias.shape == shape else dbias.view(shape)
+        if g.dtype != dtype or first is not None:
+            g = g.to(dtype, copy=first is not None)
+        out[i] = first = g
     return tuple(out)
 
 
