@@ -1873,20 +1873,21 @@ def _half_weights(w_hh, h0, w_ih=None, drop=None):
     return w16, wih16 if given else None, scales
 
 
-def _bias_args(bias, dummy) -> tuple:
-    """(BIAS, BIAS_HH, HAS_BIAS, TWO_BIASES) of a launch: bias None, one [N, 4H] tensor, or a pair of them (b_ih,
-    b_hh), summed by the kernel in float32."""
+def _bias_args(bias, bias_hh, dummy) -> tuple:
+    """(BIAS, BIAS_HH, HAS_BIAS, TWO_BIASES) of a launch from its two optional biases, which the kernel adds in
+    float32."""
+    if bias is None:
+        bias, bias_hh = bias_hh, None
     if bias is None:
         return dummy, dummy, False, False
-    if isinstance(bias, (tuple, list)):
-        return bias[0].contiguous(), bias[1].contiguous(), True, True
-    return bias.contiguous(), dummy, True, False
+    return bias.contiguous(), dummy if bias_hh is None else bias_hh.contiguous(), True, bias_hh is not None
 
 
-def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config, gates_out=None):
+def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: bool, config, gates_out=None,
+                 bias_hh=None):
     """Runs the recurrence of D directions (D = w_hh.shape[0]; direction 1 in reverse) over gx = x @ W_ih^T
-    [T, B, D*4H] (read only, unless it is gates_out). w_hh [D, 4H, H], bias [D, 4H] (any float dtype), a pair
-    (b_ih, b_hh) of them, or None, h0
+    [T, B, D*4H] (read only, unless it is gates_out). w_hh [D, 4H, H], bias [D, 4H] (any float dtype) or None, and
+    bias_hh likewise (nn.LSTM's second bias, added to bias in float32), h0
     [D, B, H], c_ws [D, B, H] float32 holding c0 (updated in place). reverse runs a D = 1 launch backwards.
     Returns y [T, B, D*H], h_n, c_n [D, B, H] and, when store_gates, the activated gates [T, B, D*4H] (in
     gates_out when given, which may be gx itself: each program overwrites only the gx elements it has read;
@@ -1896,7 +1897,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     D, G, H = w_hh.shape
     dt, dev = gx.dtype, gx.device
     lengths = last is not None
-    b1, b2, has_bias, two = _bias_args(bias, c_ws)
+    b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
     config, grid, words, constexprs = _forward_plan(config, dt, B, H, D, store_gates, has_bias, two, lengths,
                                                     _dot_precision(dt))
     _check_residency(config, H, D, dev)
@@ -1947,11 +1948,12 @@ def dsmem_applies(config, dtype: torch.dtype, batch: int) -> bool:
             and cdiv(batch, config.block_b) <= config.batch_groups)
 
 
-def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: bool, config, drop=None):
+def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: bool, config, drop=None,
+                       bias_hh=None):
     """A unidirectional stack of L layers of equal width in one launch, as a wavefront: layer l runs its step t
     at global step t + l, so the stack takes T + L - 1 steps instead of L * T. gx = x @ W_ih^T of the first
-    layer [T, B, 4H]; w_ih [L-1, 4H, H] of the layers above; w_hh [L, 4H, H]; bias as lstm_forward's, [L, 4H];
-    h0 [L, B, H]; c_ws [L, B, H] float32 holding c0 (updated in place); drop [L-1, T, B, H] or None: the
+    layer [T, B, 4H]; w_ih [L-1, 4H, H] of the layers above; w_hh [L, 4H, H]; bias and bias_hh as lstm_forward's,
+    [L, 4H]; h0 [L, B, H]; c_ws [L, B, H] float32 holding c0 (updated in place); drop [L-1, T, B, H] or None: the
     dropout scale (0 or 1/(1-p)) applied to each layer's output before the layer above takes it as input.
     Returns every layer's output y [L, T, B, H], h_n and c_n [L, B, H], when store_gates every layer's
     activated gates [L, T, B, 4H] and c_t [L, T, B, H] float32 for the backward (else None, None), and the
@@ -1974,7 +1976,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     half = _half_w(config, dt)
     w_ih = w_ih if L > 1 else w_hh
     w_dot, w_ih_dot, wscale = _half_weights(w_hh, h0, w_ih, drop) if half else (w_hh, w_ih, c_ws)
-    b1, b2, has_bias, two = _bias_args(bias, c_ws)
+    b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
     args = (gx, gates, w_dot, w_ih_dot, drop if drop is not None else y, xd if xd is not None else y, b1, b2, h0,
             c_ws, y, hn, cn, c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, wscale,
             T, B, H, 0)

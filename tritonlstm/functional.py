@@ -369,8 +369,8 @@ def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, b
     c_ws = c0.to(torch.float32, copy=True).contiguous()
     gx = gx.contiguous()
     y, hn, cn, gates, c_all = _launch("fwd", H, B, gx.dtype, gx.device, lambda config: k.lstm_forward(
-        gx, weight_hh.contiguous(), _bias_pair(bias_ih, bias_hh), h0.contiguous(), c_ws,
-        _last_steps(lengths, gx.device), reverse=reverse, store_gates=training, config=config,
+        gx, weight_hh.contiguous(), bias_ih, h0.contiguous(), c_ws, _last_steps(lengths, gx.device),
+        reverse=reverse, store_gates=training, config=config, bias_hh=bias_hh,
         gates_out=gx if gates_into_gx and training and lengths is None else None), directions=D, steps=T)
     if not training:
         return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0)
@@ -485,9 +485,9 @@ def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tenso
     L, _, H = weight_hh.shape
     c_ws = c0.to(torch.float32, copy=True).contiguous()
     y, hn, cn, gates, c_all, xd = _launch("stack", H, B, gx.dtype, gx.device, lambda config: k.lstm_stack_forward(
-        gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), _bias_pair(bias_ih, bias_hh),
-        h0.contiguous(), c_ws, _last_steps(lengths, gx.device), store_gates=training, config=config,
-        drop=None if drop is None else drop.contiguous()), layers=L)
+        gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), bias_ih, h0.contiguous(), c_ws,
+        _last_steps(lengths, gx.device), store_gates=training, config=config,
+        drop=None if drop is None else drop.contiguous(), bias_hh=bias_hh), layers=L)
     xd = gx.new_empty(0) if xd is None else xd
     if not training:
         return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0), xd
@@ -710,15 +710,8 @@ def _stacked_biases(pairs: list) -> tuple[Tensor | None, Tensor | None]:
             continue
         if len(given) < len(col):
             col = [torch.zeros_like(given[0]) if b is None else b for b in col]
-        out.append(col[0] if len(col) == 1 else torch.stack(col))
+        out.append(torch.stack(col))
     return out[0], out[1]
-
-
-def _bias_pair(bias_ih: Tensor | None, bias_hh: Tensor | None):
-    """The kernels' bias argument: None, the one bias given, or the pair they add."""
-    if bias_ih is None or bias_hh is None:
-        return bias_hh if bias_ih is None else bias_ih
-    return bias_ih, bias_hh
 
 
 def _bias_metas(*biases: Tensor | None) -> tuple:
