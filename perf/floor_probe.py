@@ -23,6 +23,12 @@ stores it, and meets the other programs by
             says num_ctas = P (it multiplies grid x by it and sets the cluster dimension). At most 8 programs,
             or 16 (non-portable: the launcher allows 16 and no size between), so the rows say their P and beside
             them is "barrier" at the same P. h_{t-1} is read with .cg loads (from L2) (perf/NOTES.md v0.34)
+  tagged    no barrier: each program also stores its y_t slice as 8-byte words (two 16-bit values, and t + 1 in the
+            high 32 bits) into slot t % 2 of a ring, and reads h_{t-1} as those words: one volatile load of the
+            tile, then each thread checks its own words' tags and reloads, alone, those that are not yet of
+            step t - 1 (inline PTX, a bounded spin). An 8-byte store lands whole, so the right tag means the right
+            values: no fence, no counter, no CTA barrier in the wait. 16-bit only (perf/NOTES.md v0.55; the
+            kernels' v0.8 exchange polled whole tiles behind a CTA-wide reduction and never beat the barrier)
 
 Every barrier variant's output is checked against a PyTorch loop before it is timed, and the real
 forward kernel (its heuristic config) is timed beside it at the same shape, so the table reads: kernel step =
@@ -61,7 +67,8 @@ from tritonlstm.kernels.lstm import (
 )
 
 # (Mode 1 was "flags", one flag per program: the kernels' exchange "flags", removed in v0.52.)
-MODES = {"barrier": 0, "none": 2, "counter-ld": 3, "arrive": 4, "cluster": 5, "dsmem": 6}
+MODES = {"barrier": 0, "none": 2, "counter-ld": 3, "arrive": 4, "cluster": 5, "dsmem": 6, "tagged": 7}
+SIXTEEN_BIT = ("dsmem", "tagged")
 CLUSTERED = ("cluster", "dsmem")
 UNCHECKED = ("none", "arrive")
 
@@ -89,11 +96,60 @@ def _counter_ld_barrier(p_err, p_count, target, max_spin, failed):
     return gave_up | (tl.load(p_err, volatile=True) != 0) | (seen < 0)
 
 
+# A thread's wait for one tagged word (mode "tagged"): $1 the word as first loaded, $2 its address, $3 the tag wanted,
+# $4 max_spin. Reloads until the word's high 32 bits are the tag, or max_spin reloads; returns the word last seen.
+# The braces scope the labels to each instance.
+TAG_WAIT = tl.constexpr(
+    "{\n\t.reg .pred %p;\n\t.reg .b32 %lo, %tag, %n;\n\tmov.b64 $0, $1;\n\tmov.u32 %n, 0;\n"
+    "WAIT:\n\tmov.b64 {%lo, %tag}, $0;\n\tsetp.eq.s32 %p, %tag, $3;\n\t@%p bra DONE;\n\t"
+    "setp.gt.s32 %p, %n, $4;\n\t@%p bra DONE;\n\tld.volatile.global.b64 $0, [$2];\n\tadd.s32 %n, %n, 1;\n\t"
+    "bra WAIT;\nDONE:\n\t}")
+
+
+@triton.jit
+def _tagged_put(RING, b_y, s, o_b, i_h, B, H, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+    """This program's [BB, BH] slice of y_s (16-bit) into slot s % 2 of RING ([2, BB, BK // 2] int64 words): two
+    values a word in the low 32 bits (unit 2w low, 2w + 1 high), s + 1 in the high 32."""
+    lo, hi = tl.split(tl.reshape(b_y.to(tl.int16, bitcast=True), [BB, BH // 2, 2]))
+    bits = (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+    word = bits.to(tl.uint32).to(tl.int64) | (tl.cast(s + 1, tl.int64) << 32)
+    o_w = i_h * (BH // 2) + tl.arange(0, BH // 2)
+    tl.store(RING + (s % 2) * (BB * BK // 2) + o_b[:, None] * (BK // 2) + o_w[None, :], word,
+             mask=(o_b < B)[:, None] & (2 * o_w < H)[None, :])
+
+
+@triton.jit
+def _tagged_get(RING, s, B, H, spin_limit, DT: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
+    """y_{s-1} out of slot (s + 1) % 2 (zeros at s = 0: the ring starts as step -1's words, tag 0) as its even and
+    odd units ([BB, BK // 2] each: what a dot would take as x_even @ W[even rows] + x_odd @ W[odd rows], with no
+    interleaving), waiting for each word's tag s for up to spin_limit ([BB, BK // 2]) reloads; and which words'
+    waits gave up."""
+    o_b = tl.arange(0, BB)
+    o_w = tl.arange(0, BK // 2)
+    m = (o_b < B)[:, None] & (2 * o_w < H)[None, :]
+    want = tl.cast(s, tl.int64) << 32  # a word past the tile's edge reads as present (value 0)
+    p = RING + ((s + 1) % 2) * (BB * BK // 2) + o_b[:, None] * (BK // 2) + o_w[None, :]
+    words = tl.load(p, mask=m, other=want, volatile=True)
+    if FENCES:
+        words = tl.inline_asm_elementwise(TAG_WAIT, "=l,l,l,r,r", [words, p.to(tl.int64), spin_limit * 0 + s,
+                                                                   spin_limit], dtype=tl.int64, is_pure=False, pack=1)
+    else:  # the interpreter's programs (tests/concurrency.py) wait as a whole tile
+        spins = 0
+        while (tl.max(((words >> 32) != s).to(tl.int32)) > 0) & (spins <= tl.max(spin_limit)):
+            words = tl.load(p, mask=m, other=want, volatile=True)
+            spins += 1
+    gave_up = (words >> 32) != s
+    even = (words & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
+    odd = ((words >> 16) & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
+    odd = tl.where((2 * o_w + 1 < H)[None, :], odd, tl.zeros_like(odd))  # an odd H's last word has one unit
+    return even, odd, gave_up
+
 @triton.jit
 def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
                        BK: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr, DSMEM: tl.constexpr = False):
     """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1] int32 zero; RING the
-    dsmem mode's codes (and slots, on the interpreter), kernels.lstm's layout; DSMEM (with MODE "dsmem") asks the
+    dsmem mode's codes (and slots, on the interpreter), kernels.lstm's layout, or the tagged mode's words (int64
+    [2, BB, BK // 2] zeros); DSMEM (with MODE "dsmem") asks the
     cluster launch for the slots' shared memory (cluster_launch_shared). The exchanges are the kernels' own
     (_grid_barrier, _cluster_barrier, _slot_put / _slot_pull)."""
     SLOTS: tl.constexpr = 2 * BB * BH * 2
@@ -109,6 +165,7 @@ def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexp
         o_slot = (o_b[:, None] * BH + tl.arange(0, BH)[None, :]) * 2
         _slot_put(tl.zeros([BB, BH], dtype=Y.dtype.element_ty), o_slot + SLOTS // 2, RING, BB, BK, SLOTS)  # y_{-1}
         _cluster_barrier(0)
+    dead = tl.zeros([BB, BK // 2], dtype=tl.int1)  # mode 7: the words whose wait gave up
     for s in range(T):
         b_y = tl.load(U + (s * B + o_b[:, None]) * H + o_j[None, :], mask=m, other=0.0).to(tl.float32)
         if LOAD_H:
@@ -116,16 +173,26 @@ def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexp
             if MODE == 6:
                 b_h = _slot_pull(codes, (s + 1) % 2, RING, BB, BK, SLOTS, Y.dtype.element_ty)
                 b_h = tl.where(m_h, b_h, tl.zeros_like(b_h))
+            elif MODE == 7:
+                even, odd, gave_up = _tagged_get(RING, s, B, H, tl.where(dead, 0, max_spin), Y.dtype.element_ty,
+                                                 BB, BK)
+                dead = dead | gave_up  # no reduction on the step's path: the flag is set after the loop
+                b_h = tl.join(even, odd)  # (only summed below)
             elif MODE == 5:  # L1 is the SM's own: the other CTAs' h is in L2
                 b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0,
                               cache_modifier=".cg")
             else:
                 b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0)
-            b_y += (0.5 / H) * tl.sum(b_h.to(tl.float32), axis=1)[:, None]
+            if MODE == 7:
+                b_y += (0.5 / H) * tl.sum(tl.sum(b_h.to(tl.float32), axis=2), axis=1)[:, None]
+            else:
+                b_y += (0.5 / H) * tl.sum(b_h.to(tl.float32), axis=1)[:, None]
         if MODE == 6:
             # This program's slice into its slot s % 2, arrive, and the output's global store off the barrier's path.
             _slot_put(b_y.to(Y.dtype.element_ty), o_slot + (s % 2) * (SLOTS // 2), RING, BB, BK, SLOTS)
             _cluster_arrive(s)
+        if MODE == 7:
+            _tagged_put(RING, b_y.to(Y.dtype.element_ty), s, o_b, i_h, B, H, BB, BH, BK)
         tl.store(Y + (s * B + o_b[:, None]) * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m)
         if MODE == 6:
             if FENCES:
@@ -141,6 +208,8 @@ def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexp
             tl.atomic_add(SYNC, 1, sem="release", scope="gpu")
         elif MODE == 5:
             failed = failed | (_cluster_barrier(s) < 0)
+    if MODE == 7:
+        tl.atomic_xchg(ERR + tl.zeros([BB, BK // 2], dtype=tl.int32), 1, mask=dead, sem="relaxed")
 
 
 def reference(u: torch.Tensor) -> torch.Tensor:
@@ -161,6 +230,8 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
 
     if mode in CLUSTERED and not cluster_size_ok(P):
         raise ValueError(f"{mode}: {P} programs; Triton's launcher launches clusters of at most 8, or 16")
+    if mode == "tagged" and u.dtype.itemsize != 2:
+        raise ValueError(f"tagged: 16-bit values (two a word), got {u.dtype}")
     if mode == "dsmem" and (u.dtype.itemsize != 2 or dsmem_slots_bytes(meta["BB"], block_h) > DSMEM_MAX_SLOTS):
         raise ValueError(f"dsmem: 16-bit values and at most {DSMEM_MAX_SLOTS} bytes of slots (kernels.lstm."
                          f"dsmem_applies), got {u.dtype}, BB = {meta['BB']}, BH = {block_h}")
@@ -171,8 +242,12 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
         y = torch.full_like(u, float("nan"))
         sync = torch.zeros(1, dtype=torch.int32, device=u.device)
         err = torch.zeros(1, dtype=torch.int32, device=u.device)
-        ring = dsmem_ring(P, meta["BB"], block_h, meta["BK"], u.device) if mode == "dsmem" else \
-            torch.empty(1, dtype=torch.int16, device=u.device)
+        if mode == "dsmem":
+            ring = dsmem_ring(P, meta["BB"], block_h, meta["BK"], u.device)
+        elif mode == "tagged":
+            ring = torch.zeros(meta["BB"] * meta["BK"], dtype=torch.int64, device=u.device)  # 2 slots of BK / 2
+        else:
+            ring = torch.empty(1, dtype=torch.int16, device=u.device)
         args = (u, y, sync, err, ring, T, B, H, max_spin)
         if mode in CLUSTERED and not interpreting():
             _launch_as_cluster(floor_probe_kernel, (P, 1, 1), args, meta)
@@ -214,10 +289,10 @@ def measure(H: int, B: int, T: int, dtype: torch.dtype, warps: list[int]) -> lis
     if wide != cfg.block_h:  # a cluster's P is at most 8, or 16: the cluster there, and the counter barrier beside it
         jobs = [(mode, wide if mode in CLUSTERED else bh) for mode, bh in jobs] + [("barrier", wide)]
     if dtype.itemsize != 2:
-        jobs = [(mode, bh) for mode, bh in jobs if mode != "dsmem"]
+        jobs = [(mode, bh) for mode, bh in jobs if mode not in SIXTEEN_BIT]
     for w in warps:
         for mode, bh in jobs:
-            for load_h in (True, False):
+            for load_h in (True, False) if mode != "tagged" else (True,):  # (its wait is its h read)
                 what = mode if bh == cfg.block_h else f"{mode} (P={triton.cdiv(H, bh)})"
                 row = {**base, "what": f"{what}{'' if load_h else ' (no h read)'}", "warps": w,
                        "programs": triton.cdiv(H, bh), "block_h": bh}

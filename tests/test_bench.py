@@ -294,14 +294,14 @@ def test_cells_warm_up_under_compile_only_without_launching(layers, bidirectiona
     assert not launched  # no launch reached the pre-launch check
 
 
-@pytest.mark.parametrize("mode", ["barrier", "none", "counter-ld", "cluster", "dsmem"])
+@pytest.mark.parametrize("mode", ["barrier", "none", "counter-ld", "cluster", "dsmem", "tagged"])
 def test_floor_probe_computes_its_recurrence(mode):
     """One program (the interpreter runs programs one after another): every exchange's y_t = 0.5 mean(y_{t-1}) +
     u_t against the PyTorch loop, and without the h read y = u."""
     import torch
 
     probe = _perf_script("floor_probe")
-    u = torch.randn(5, 3, 12, dtype=torch.float16)
+    u = torch.randn(5, 3, 13, dtype=torch.float16)  # an odd H: the tagged words' last has one unit
     y, err = probe.launcher(u, 16, 4, mode, True)()
     assert int(err[0]) == 0
     torch.testing.assert_close(y, probe.reference(u), rtol=2e-3, atol=2e-3)
@@ -310,7 +310,7 @@ def test_floor_probe_computes_its_recurrence(mode):
     assert torch.equal(y, u)
 
 
-@pytest.mark.parametrize("mode", ["barrier", "counter-ld", "cluster", "dsmem"])
+@pytest.mark.parametrize("mode", ["barrier", "counter-ld", "cluster", "dsmem", "tagged"])
 def test_floor_probe_with_its_programs_at_once(mode, monkeypatch):
     """The probe as it runs on a GPU, 3 programs at once (tests/concurrency.py): each exchange must make every
     program's y_{t-1} visible before any reads it (the slowed program's outputs come late)."""
@@ -360,6 +360,45 @@ def test_floor_probe_cluster_mode_compiles_for_sm90_with_one_program_a_cta():
     assert cluster.split() == ["1", "True", "True", "True", "True", "False", "0"], proc.stdout
     # dsmem: the same, and h_{t-1} pulled in 16-byte loads: 16 x 256 units / 8 a load / 128 threads
     assert dsmem.split() == ["1", "True", "True", "True", "True", "False", "4"], proc.stdout
+
+
+
+TAGGED_PTX = """
+import importlib.util, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tritonlstm.compilecheck import _ptxas_report
+spec = importlib.util.spec_from_file_location("floor_probe", sys.argv[1])
+probe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(probe)
+sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", ERR="*i32", RING="*i64", T="i32", B="i32", H="i32", max_spin="i32",
+           BB="constexpr", BH="constexpr", BK="constexpr", MODE="constexpr", LOAD_H="constexpr", DSMEM="constexpr")
+for H in (256, 512):
+    consts = dict(BB=16, BH=16, BK=H, MODE=probe.MODES["tagged"], LOAD_H=True, DSMEM=False)
+    c = triton.compile(ASTSource(fn=probe.floor_probe_kernel, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptx = c.asm["ptx"]
+    first, last = ptx.index("ld.volatile.global.b64"), ptx.rindex("DONE:")
+    between = ptx[first:last]
+    print(H, *_ptxas_report(ptx), ptx.count("WAIT:"), len(re.findall(r"ld\\.volatile\\.global\\.b64", between)),
+          any(op in between for op in ("bar.sync", "atom.", "fence.", "membar")), "atom." in ptx[last:])
+"""
+
+
+def test_floor_probe_tagged_mode_waits_per_thread_on_sm90():
+    """The tagged exchange's wait (perf/NOTES.md v0.55), compiled for sm_90: each thread's 16-bit words of h_{t-1}
+    (16 x H / 2 words over 128 threads) are loaded at once, then each checked and reloaded alone in its own copy of
+    the spin (ptxas takes its labels, one instance a word); nothing between the first load and the last check
+    pairs the threads or orders memory (no CTA barrier, atomic or fence); the flag of a wait that gave up is set
+    after the step loop; no spills."""
+    proc = run_python("-c", TAGGED_PTX, str(PERF / "floor_probe.py"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    for (h, _regs, spills, waits, loads, ordered, flag_after), H in zip(rows, (256, 512)):
+        words = 16 * H // 2 // 128
+        assert (int(h), int(spills), int(waits), int(loads), ordered, flag_after) == \
+            (H, 0, words, 2 * words, "False", "True"), proc.stdout
 
 
 def test_memory_probe_records_the_tensors_alive_at_a_training_steps_peak():
