@@ -365,6 +365,75 @@ def _slot_pull(codes, slot, RING, BB: tl.constexpr, BK: tl.constexpr, SLOTS: tl.
     return x.to(DT, bitcast=True)
 
 
+# Exchange "tagged" (LSTMConfig.exchange, v0.56): h_{t-1} through 8-byte words that carry their step, no barrier.
+# Each program stores its [BB, BH] slice of h_t into slot t % 2 of a ring ([D, 2, B, BK / 2] int64) as words of two
+# 16-bit units (unit 2w in the low 16 bits, 2w + 1 above it) and the tag t + 1 in the high 32 bits (the ring's zeros
+# match no tag a reader waits for; step 0 reads h0 from memory). An aligned 8-byte store lands whole, so a word with
+# the right tag holds the right values: no fence. A reader loads the words it needs (all in flight at once), then
+# each thread checks its own words and reloads, alone, those not yet tagged (TAG_WAIT, inline PTX: Triton's control
+# flow is the program's, and v0.8's tagged exchange, which reloaded whole tiles behind a CTA-wide reduction per poll,
+# never beat the barrier). The words' even and odd units go into two dots (with W^T's even and odd columns): a join
+# into one [BB, BK] operand fails Triton 3.6's dot-operand pass. Two slots suffice: a program overwrites slot t % 2
+# only after it has read every producer's step t - 1 words, which each producer stored after its own reads of slot
+# t % 2 (its step t - 1 needs them).
+#
+# TAG_WAIT: $1 the word as first loaded, $2 its address, $3 the tag wanted, $4 the most reloads; returns the word last
+# seen. The braces scope the labels to each instance (one a word).
+TAG_WAIT = tl.constexpr(
+    "{\n\t.reg .pred %p;\n\t.reg .b32 %lo, %tag, %n;\n\tmov.b64 $0, $1;\n\tmov.u32 %n, 0;\n"
+    "WAIT:\n\tmov.b64 {%lo, %tag}, $0;\n\tsetp.eq.s32 %p, %tag, $3;\n\t@%p bra DONE;\n\t"
+    "setp.gt.s32 %p, %n, $4;\n\t@%p bra DONE;\n\tld.volatile.global.b64 $0, [$2];\n\tadd.s32 %n, %n, 1;\n\t"
+    "bra WAIT;\nDONE:\n\t}")
+
+
+@triton.jit
+def _tagged_put(p_slot, b_h, tag, o_b, m_b, w0, H, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+    """b_h [BB, BH] (16-bit: units 2 * w0 .. of rows o_b) into the slot at p_slot ([B, BK / 2] int64 words) as words
+    w0 .. w0 + BH / 2 of those rows, tagged `tag`. Rows where m_b is False are not written."""
+    lo, hi = tl.split(tl.reshape(b_h.to(tl.int16, bitcast=True), [BB, BH // 2, 2]))
+    bits = (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+    word = bits.to(tl.uint32).to(tl.int64) | (tl.cast(tag, tl.int64) << 32)
+    o_w = w0 + tl.arange(0, BH // 2)
+    tl.store(p_slot + o_b[:, None] * (BK // 2) + o_w[None, :], word, mask=m_b[:, None] & (2 * o_w < H)[None, :])
+
+
+@triton.jit
+def _tagged_get(p_slot, tag, o_b, m_b, H, spin_limit, DT: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
+    """Rows o_b of the slot at p_slot, waiting for each word's `tag` (at most spin_limit [BB, BK / 2] reloads), as
+    their even and odd units ([BB, BK / 2] each, DT: what a dot takes as x_even @ W[even rows] + x_odd @ W[odd rows],
+    with no interleaving); and which words' waits gave up. Rows where m_b is False read as zeros, without a wait."""
+    o_w = tl.arange(0, BK // 2)
+    m = m_b[:, None] & (2 * o_w < H)[None, :]
+    want = tl.cast(tag, tl.int64) << 32  # what a word masked out reads as: present, value 0
+    p = p_slot + o_b[:, None] * (BK // 2) + o_w[None, :]
+    words = tl.load(p, mask=m, other=want, volatile=True)
+    if FENCES:
+        words = tl.inline_asm_elementwise(TAG_WAIT, "=l,l,l,r,r", [words, p.to(tl.int64), spin_limit * 0 + tag,
+                                                                   spin_limit], dtype=tl.int64, is_pure=False, pack=1)
+    else:  # the interpreter's programs (tests/concurrency.py) wait as a whole tile
+        spins = 0
+        while (tl.max(((words >> 32) != tag).to(tl.int32)) > 0) & (spins <= tl.max(spin_limit)):
+            words = tl.load(p, mask=m, other=want, volatile=True)
+            spins += 1
+    gave_up = (words >> 32) != tag
+    even = (words & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
+    odd = ((words >> 16) & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
+    odd = tl.where((2 * o_w + 1 < H)[None, :], odd, tl.zeros_like(odd))  # an odd H's last word has one unit
+    return even, odd, gave_up
+
+
+@triton.jit
+def _load_transposed_halves(p_w, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr):
+    """W^T's rows of this program (_transposed_rows) as two [4 * BH, BK / 2] tiles: the even columns and the odd (the
+    tagged exchange's two dots)."""
+    rows, m_r = _transposed_rows(i_h, m_w, H, BH)
+    o_c = 2 * tl.arange(0, BK // 2)
+    p = p_w + rows[:, None] * H + o_c[None, :]
+    even = tl.load(p, mask=m_r[:, None] & (o_c < H)[None, :], other=0.0)
+    odd = tl.load(p + 1, mask=m_r[:, None] & (o_c + 1 < H)[None, :], other=0.0)
+    return even, odd
+
+
 @triton.jit
 def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_j, m_j, m_w, H,
                    BK: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, SK: tl.constexpr):
@@ -662,7 +731,7 @@ def lstm_fwd_kernel(
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
-    RING,  # exchange "dsmem"'s codes (and on the interpreter its slots): dsmem_ring (when DSMEM)
+    RING,  # exchange "dsmem"'s codes (and on the interpreter its slots): dsmem_ring (when DSMEM); "tagged"'s words
     WSCALE,  # [D or L, 5] float32 the scales of HALF_W's float16 operands (_half_weights)
     T,
     B,
@@ -693,6 +762,8 @@ def lstm_fwd_kernel(
     HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
     DSMEM: tl.constexpr = False,  # CLUSTER, TRANSPOSED resident in one chunk, 16-bit, one batch tile a program:
     # h_{t-1} through distributed shared memory (_slot_put, _slot_pull; on the interpreter RING stands in for it)
+    TAGGED: tl.constexpr = False,  # TRANSPOSED resident, 16-bit, single layer, one batch tile a program: h_{t-1}
+    # through tagged words in RING ([D, 2, B, BK / 2] int64: zeros, or a launch before's last words), no barrier
 ):
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
@@ -700,6 +771,8 @@ def lstm_fwd_kernel(
     tl.static_assert(not (TRANSPOSED and (MERGED or SK > 1)), "transposed dots: unsplit")
     tl.static_assert(not DSMEM or (CLUSTER and TRANSPOSED and W_RESIDENT and KC == BK and not STACK and not HALF_W),
                      "dsmem: a cluster's transposed resident dots in one chunk, single layer, 16-bit")
+    tl.static_assert(not TAGGED or (TRANSPOSED and W_RESIDENT and BK >= 32 and not (STACK or HALF_W or CLUSTER)),
+                     "tagged: the transposed resident dots, K >= 32, single layer, 16-bit, no cluster")
     SLOTS: tl.constexpr = 2 * BB * BH * 2  # bytes of a program's two [BB, BH] 16-bit slots (exchange "dsmem")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
@@ -751,6 +824,8 @@ def lstm_fwd_kernel(
         # Loaded once, reused for every step: tile (k, j) of gate g is W_hh[g*H + j, k].
         if MERGED:
             b_wm = _load_merged_tiles(W, o_k, o_k < H, i_h, H, BH)
+        elif TAGGED:
+            b_wm = _load_transposed_halves(W, i_h, i_h >= 0, H, BH, BK)
         elif TRANSPOSED:
             b_wm = _load_transposed_tiles(W, i_h, i_h >= 0, H, BH, BK, KC)
         elif SK > 1:
@@ -808,6 +883,10 @@ def lstm_fwd_kernel(
         # Also: every program of the cluster has started before any reads of its shared memory (CUDA's rule for
         # distributed shared memory); the last step's barrier keeps each one running until the others' reads end.
         _cluster_barrier(S_START)
+    if TAGGED:
+        SLOT = B * (BK // 2)  # words of a slot
+        RING_W = RING.to(tl.pointer_type(tl.int64)) + i_d * 2 * SLOT
+        dead = tl.zeros([BB, BK // 2], dtype=tl.int1)  # the words whose wait gave up (not waited for again)
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
         for i_b in range(i_q, n_tiles, n_q):
@@ -849,7 +928,25 @@ def lstm_fwd_kernel(
             # h_{t-1}: the previous output row, or h0 at the first step.
             o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
             p_hbase = tl.where(s == 0, H0, Y)
-            if DSMEM:
+            if TAGGED:
+                # Step s - 1's words (tag s), each waited for alone; a word that gives up is NaN from then on (its
+                # row's gates, then every program's row through the next exchange). h0 comes from memory as it is.
+                if s == 0:
+                    o_w = 2 * tl.arange(0, BK // 2)
+                    p_h0 = H0 + o_b[:, None] * H + o_w[None, :]
+                    b_ev = tl.load(p_h0, mask=live[:, None] & (o_w < H)[None, :], other=0.0)
+                    b_od = tl.load(p_h0 + 1, mask=live[:, None] & (o_w + 1 < H)[None, :], other=0.0)
+                    gave_up = tl.zeros([BB, BK // 2], dtype=tl.int1)
+                else:
+                    b_ev, b_od, gave_up = _tagged_get(RING_W + ((s + 1) % 2) * SLOT, s, o_b, live, H,
+                                                      tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK)
+                dead = dead | gave_up
+                nan = tl.full([BB, BK // 2], -1, tl.int16).to(Y.dtype.element_ty, bitcast=True)  # all 1 bits: NaN
+                acc = tl.dot(b_wm[0], tl.trans(tl.where(gave_up, nan, b_ev)), tl.zeros([4 * BH, BB], dtype=tl.float32),
+                             input_precision=DOT_PRECISION)
+                acc = tl.dot(b_wm[1], tl.trans(tl.where(gave_up, nan, b_od)), acc, input_precision=DOT_PRECISION)
+                b_gi, b_gf, b_gg, b_go = _transposed_split(b_gi, b_gf, b_gg, b_go, acc, BB, BH)
+            elif DSMEM:
                 # Slots (s - 1) % 2, which every program of the cluster wrote before the last barrier.
                 b_x = _slot_pull(codes, (s_glob + 1) % 2, RING, BB, BK, SLOTS, Y.dtype.element_ty)
                 b_x = tl.where(live[:, None] & (o_hk < H)[None, :], b_x, tl.zeros_like(b_x))
@@ -884,6 +981,10 @@ def lstm_fwd_kernel(
             b_c = tl.where(poisoned, float("nan"), b_c)
             b_y = tl.where(poisoned, float("nan"), b_y)
 
+            if TAGGED:
+                # Before the outputs' stores: the other programs wait for these words, for nothing else.
+                _tagged_put(RING_W + (s % 2) * SLOT, b_y.to(Y.dtype.element_ty), s + 1, o_b, live, i_h * (BH // 2), H,
+                            BB, BH, BK)
             if DSMEM:
                 # h_t into this program's slot s % 2, then arrive: the global stores below are not on the barrier's
                 # path.
@@ -931,9 +1032,12 @@ def lstm_fwd_kernel(
             # The interpreter's arrive and wait are one barrier here (stronger than the GPU's split; the reads of
             # step s + 1 come after it either way).
             _cluster_barrier(s_glob)
-        elif PERSISTENT:
+        elif PERSISTENT and not TAGGED:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
             poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
+    if TAGGED:
+        # Off the steps' path: no reduction of `dead` inside the loop.
+        tl.atomic_xchg(ERR + tl.zeros([BB, BK // 2], dtype=tl.int32), 1, mask=dead, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1908,9 +2012,16 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
         raise ValueError("lstm_forward: gates_out needs store_gates=True and no lengths")
     gates = gates_out if gates_out is not None else _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
-    sync = torch.zeros(words, device=dev, dtype=torch.int32)
-    ring = dsmem_ring(grid[0] * grid[1] * grid[2], config.block_b, config.block_h, config.block_k, dev) \
-        if constexprs["DSMEM"] else sync
+    if constexprs["TAGGED"]:
+        # The words' ring and the (unused) counters in one zeroed buffer: one launch. A sequence split into launches
+        # (_run) zeroes the counters between them, never the ring, which carries the last step's words across.
+        n = D * 2 * B * (config.block_k // 2)
+        zeros = torch.zeros(n + cdiv(words, 2), device=dev, dtype=torch.int64)
+        ring, sync = zeros[:n], zeros[n:].view(torch.int32)[:words]
+    else:
+        sync = torch.zeros(words, device=dev, dtype=torch.int32)
+        ring = dsmem_ring(grid[0] * grid[1] * grid[2], config.block_b, config.block_h, config.block_k, dev) \
+            if constexprs["DSMEM"] else sync
     w_dot, _, wscale = _half_weights(w_hh, h0) if constexprs["HALF_W"] else (w_hh, None, c_ws)
     args = (gx, gates, w_dot, w_dot, y, y, b1, b2, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync,
             sync, barrier_errors.flag(dev), ring, wscale, T, B, H, int(reverse))
@@ -1933,7 +2044,8 @@ def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gate
                       HAS_DROPOUT=False, STORE_GATES=store_gates, DOT_PRECISION=precision, MERGED=config.merged_gates,
                       TRANSPOSED=config.transposed,
                       KC=transposed_chunk(config, dtype.itemsize), PREFETCH=config.prefetches(B, H),
-                      HALF_W=_half_w(config, dtype), DSMEM=dsmem_applies(config, dtype, B), **cluster)
+                      HALF_W=_half_w(config, dtype), DSMEM=dsmem_applies(config, dtype, B),
+                      TAGGED=tagged_applies(config, dtype, B), **cluster)
     return config, grid, words, constexprs
 
 
@@ -1946,6 +2058,14 @@ def dsmem_applies(config, dtype: torch.dtype, batch: int) -> bool:
     fits = dsmem_slots_bytes(config.block_b, config.block_h) <= DSMEM_MAX_SLOTS
     return (config.exchange == "dsmem" and dtype.itemsize == 2 and one_chunk and fits
             and cdiv(batch, config.block_b) <= config.batch_groups)
+
+
+def tagged_applies(config, dtype: torch.dtype, batch: int) -> bool:
+    """The forward's TAGGED constexpr: exchange "tagged" where its kernel path applies (16-bit, the transposed dots
+    with W resident and K >= 32, one batch tile a program); elsewhere the launch runs as "barrier". (Stepwise, one
+    launch a step, the words pass between launches.)"""
+    return (config.exchange == "tagged" and dtype.itemsize == 2 and config.transposed and config.w_resident
+            and config.block_k >= 32 and cdiv(batch, config.block_b) <= config.batch_groups)
 
 
 def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: bool, config, drop=None,

@@ -28,7 +28,7 @@ stores it, and meets the other programs by
             tile, then each thread checks its own words' tags and reloads, alone, those that are not yet of
             step t - 1 (inline PTX, a bounded spin). An 8-byte store lands whole, so the right tag means the right
             values: no fence, no counter, no CTA barrier in the wait. 16-bit only (perf/NOTES.md v0.55; the
-            kernels' v0.8 exchange polled whole tiles behind a CTA-wide reduction and never beat the barrier)
+            forward's exchange "tagged", kernels.lstm _tagged_put / _tagged_get, v0.56)
 
 Every barrier variant's output is checked against a PyTorch loop before it is timed, and the real
 forward kernel (its heuristic config) is timed beside it at the same shape, so the table reads: kernel step =
@@ -60,6 +60,8 @@ from tritonlstm.kernels.lstm import (
     _launch_as_cluster,
     _slot_pull,
     _slot_put,
+    _tagged_get,
+    _tagged_put,
     cluster_size_ok,
     dsmem_ring,
     dsmem_slots_bytes,
@@ -96,53 +98,6 @@ def _counter_ld_barrier(p_err, p_count, target, max_spin, failed):
     return gave_up | (tl.load(p_err, volatile=True) != 0) | (seen < 0)
 
 
-# A thread's wait for one tagged word (mode "tagged"): $1 the word as first loaded, $2 its address, $3 the tag wanted,
-# $4 max_spin. Reloads until the word's high 32 bits are the tag, or max_spin reloads; returns the word last seen.
-# The braces scope the labels to each instance.
-TAG_WAIT = tl.constexpr(
-    "{\n\t.reg .pred %p;\n\t.reg .b32 %lo, %tag, %n;\n\tmov.b64 $0, $1;\n\tmov.u32 %n, 0;\n"
-    "WAIT:\n\tmov.b64 {%lo, %tag}, $0;\n\tsetp.eq.s32 %p, %tag, $3;\n\t@%p bra DONE;\n\t"
-    "setp.gt.s32 %p, %n, $4;\n\t@%p bra DONE;\n\tld.volatile.global.b64 $0, [$2];\n\tadd.s32 %n, %n, 1;\n\t"
-    "bra WAIT;\nDONE:\n\t}")
-
-
-@triton.jit
-def _tagged_put(RING, b_y, s, o_b, i_h, B, H, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    """This program's [BB, BH] slice of y_s (16-bit) into slot s % 2 of RING ([2, BB, BK // 2] int64 words): two
-    values a word in the low 32 bits (unit 2w low, 2w + 1 high), s + 1 in the high 32."""
-    lo, hi = tl.split(tl.reshape(b_y.to(tl.int16, bitcast=True), [BB, BH // 2, 2]))
-    bits = (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
-    word = bits.to(tl.uint32).to(tl.int64) | (tl.cast(s + 1, tl.int64) << 32)
-    o_w = i_h * (BH // 2) + tl.arange(0, BH // 2)
-    tl.store(RING + (s % 2) * (BB * BK // 2) + o_b[:, None] * (BK // 2) + o_w[None, :], word,
-             mask=(o_b < B)[:, None] & (2 * o_w < H)[None, :])
-
-
-@triton.jit
-def _tagged_get(RING, s, B, H, spin_limit, DT: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
-    """y_{s-1} out of slot (s + 1) % 2 (zeros at s = 0: the ring starts as step -1's words, tag 0) as its even and
-    odd units ([BB, BK // 2] each: what a dot would take as x_even @ W[even rows] + x_odd @ W[odd rows], with no
-    interleaving), waiting for each word's tag s for up to spin_limit ([BB, BK // 2]) reloads; and which words'
-    waits gave up."""
-    o_b = tl.arange(0, BB)
-    o_w = tl.arange(0, BK // 2)
-    m = (o_b < B)[:, None] & (2 * o_w < H)[None, :]
-    want = tl.cast(s, tl.int64) << 32  # a word past the tile's edge reads as present (value 0)
-    p = RING + ((s + 1) % 2) * (BB * BK // 2) + o_b[:, None] * (BK // 2) + o_w[None, :]
-    words = tl.load(p, mask=m, other=want, volatile=True)
-    if FENCES:
-        words = tl.inline_asm_elementwise(TAG_WAIT, "=l,l,l,r,r", [words, p.to(tl.int64), spin_limit * 0 + s,
-                                                                   spin_limit], dtype=tl.int64, is_pure=False, pack=1)
-    else:  # the interpreter's programs (tests/concurrency.py) wait as a whole tile
-        spins = 0
-        while (tl.max(((words >> 32) != s).to(tl.int32)) > 0) & (spins <= tl.max(spin_limit)):
-            words = tl.load(p, mask=m, other=want, volatile=True)
-            spins += 1
-    gave_up = (words >> 32) != s
-    even = (words & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
-    odd = ((words >> 16) & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
-    odd = tl.where((2 * o_w + 1 < H)[None, :], odd, tl.zeros_like(odd))  # an odd H's last word has one unit
-    return even, odd, gave_up
 
 @triton.jit
 def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
@@ -174,8 +129,9 @@ def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexp
                 b_h = _slot_pull(codes, (s + 1) % 2, RING, BB, BK, SLOTS, Y.dtype.element_ty)
                 b_h = tl.where(m_h, b_h, tl.zeros_like(b_h))
             elif MODE == 7:
-                even, odd, gave_up = _tagged_get(RING, s, B, H, tl.where(dead, 0, max_spin), Y.dtype.element_ty,
-                                                 BB, BK)
+                # (The ring starts as y_{-1} = 0's words, tag 0; step s's words are tagged s + 1.)
+                even, odd, gave_up = _tagged_get(RING + ((s + 1) % 2) * (BB * BK // 2), s, o_b, o_b < B, H,
+                                                 tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK)
                 dead = dead | gave_up  # no reduction on the step's path: the flag is set after the loop
                 b_h = tl.join(even, odd)  # (only summed below)
             elif MODE == 5:  # L1 is the SM's own: the other CTAs' h is in L2
@@ -192,7 +148,8 @@ def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexp
             _slot_put(b_y.to(Y.dtype.element_ty), o_slot + (s % 2) * (SLOTS // 2), RING, BB, BK, SLOTS)
             _cluster_arrive(s)
         if MODE == 7:
-            _tagged_put(RING, b_y.to(Y.dtype.element_ty), s, o_b, i_h, B, H, BB, BH, BK)
+            _tagged_put(RING + (s % 2) * (BB * BK // 2), b_y.to(Y.dtype.element_ty), s + 1, o_b, o_b < B,
+                        i_h * (BH // 2), H, BB, BH, BK)
         tl.store(Y + (s * B + o_b[:, None]) * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m)
         if MODE == 6:
             if FENCES:

@@ -423,6 +423,45 @@ def test_dsmem_exchange_compiles_for_sm90_with_the_outputs_off_the_barriers_path
         assert line.split() == ["True", "None", "0"] + ["True"] * 7, line
 
 
+TAGGED_COMPILE = """
+import torch
+from tritonlstm import compilecheck as cc
+from tritonlstm.configs import named_variants
+ptx = []
+report = cc._ptxas_report
+cc._ptxas_report = lambda text: ptx.append(text) or report(text)
+for dtype, hidden in ((torch.float16, 256), (torch.bfloat16, 512)):
+    cfg = named_variants("fwd", hidden, 16, dtype, 132)["transposed-tagged"]
+    r = cc.check("fwd", dtype, hidden, cfg, prefetch=cfg.prefetches(16, hidden))
+    ins = [l.strip() for l in ptx[-1].splitlines() if l.strip() and not l.strip().startswith((".loc", "//", "$L__tmp"))]
+    where = lambda op: [i for i, l in enumerate(ins) if op in l]
+    loads, waits, done = where("ld.volatile.global.b64 {"), where("WAIT:"), where("DONE:")
+    words = where("st.global.b64")
+    ys = [i for i in where("st.global") if i not in words]
+    wait = ins[min(loads):max(done)]
+    threads = cfg.num_warps * 32
+    print(r.ok, r.error, r.spill_bytes, len(waits) == len(loads) == 16 * hidden // 2 // threads,
+          not [l for l in wait if l.startswith(("bar.sync", "atom.", "fence.", "membar"))],
+          not where("atom.global.gpu.acq_rel") and min(where("atom.")) > max(words),
+          len(words) == 1 and max(done) < words[0] < min(i for i in ys if i > words[0]))
+"""
+
+
+def test_tagged_exchange_compiles_for_sm90_with_the_wait_per_thread():
+    """exchange "tagged" (v0.56) for sm_90, float16 at H = 256 and bfloat16 at H = 512: no spills; h_{t-1}'s words
+    (16 x H / 2 over the program's threads) all loaded before any is checked, each then waited for in its own copy of
+    the spin; nothing between the first word load and the last check pairs the threads or orders memory (no CTA
+    barrier, atomic or fence), no acquire-release atomic anywhere (no barrier), the error flag's atomics after the
+    step loop; each step's one word store after the wait and before the outputs' stores (the other programs wait on
+    it, not on them)."""
+    proc = run_python("-c", TAGGED_COMPILE, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout
+    for line in lines:
+        assert line.split() == ["True", "None", "0"] + ["True"] * 4, line
+
+
 def test_dsmem_launch_requests_the_slots_beyond_the_kernels_shared_memory():
     from tritonlstm.kernels import lstm as k
 

@@ -87,6 +87,8 @@ SIXTEEN_BIT_CASES = [
     ("transposed", "grid-2d-half", torch.float32, RESOLUTION_GPU[torch.float32]),
     # (dsmem's slots in global memory on the interpreter: the offsets, words and slot rotation as on the GPU)
     ("transposed-dsmem", "transposed-cluster", torch.float16, RESOLUTION[torch.float16]),
+    # (no barrier: the tagged words are the only order between the programs)
+    ("transposed-tagged", "transposed", torch.bfloat16, RESOLUTION[torch.bfloat16]),
 ]
 
 
@@ -214,3 +216,48 @@ def test_dsmem_pulls_h_from_every_program_with_lengths_both_directions_and_split
     assert rel_err(hn, torch.stack([r[1] for r in refs])) <= tol
     assert rel_err(cn, torch.stack([r[2] for r in refs])) <= tol
     assert launches == [("lstm_fwd_kernel", 6, True)], launches  # (3 launches of 2, 2 and 1 steps)
+
+
+@pytest.mark.parametrize("H", [48, 33])
+def test_tagged_words_with_lengths_both_directions_and_split_launches(H, monkeypatch, launches):
+    """exchange "tagged" (v0.56), no barrier between the programs: 3 programs of 16 units, an even H and an odd one
+    (the last word of a row holds one unit), both directions in one launch (a ring each), per-row lengths (rows past
+    their end are not waited for), and the sequence split into launches of 2 steps (each launch's first h_{t-1}
+    from the ring the launch before left, not from h0)."""
+    monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(7))  # 3 programs: (7 - 1) // 3 = 2 steps a launch
+    torch.manual_seed(6)
+    B, T, dtype = 5, 5, torch.float16
+    fwd = variant("fwd", "transposed-tagged", H, B, dtype=dtype)
+    assert fwd.exchange == "tagged" and kernels.tagged_applies(fwd, dtype, B)
+    problems = [make_problem(T, B, H, H, dtype) for _ in range(2)]
+    x = problems[0]["x"]
+    lengths = torch.tensor([5, 1, 3, 5, 2])
+    refs = [reference({**pr, "x": x}, reverse=d == 1, lengths=lengths)[1] for d, pr in enumerate(problems)]
+    weights = [tuple(pr[n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) + (None,) for pr in problems]
+    h0 = torch.stack([pr["h0"] for pr in problems])
+    c0 = torch.stack([pr["c0"] for pr in problems])
+    with concurrent_programs(7), use_config(fwd, "fwd"), torch.no_grad():
+        y, (hn, cn) = lstm_layer(x, weights, h0, c0, lengths=lengths, backend="triton")
+    tol = RESOLUTION[dtype]
+    assert rel_err(y, torch.cat([r[0] for r in refs], dim=2)) <= tol
+    assert rel_err(hn, torch.stack([r[1] for r in refs])) <= tol
+    assert rel_err(cn, torch.stack([r[2] for r in refs])) <= tol
+    assert launches == [("lstm_fwd_kernel", 6, True)], launches  # (3 launches of 2, 2 and 1 steps)
+
+
+def test_tagged_waits_that_give_up_poison_the_rows_and_raise(monkeypatch):
+    """exchange "tagged" with max_spin = 2 reloads: the programs waiting for the slowed one's words give up on them,
+    those words read as NaN, so every row's state is NaN from then on (through the next step's words, in every
+    program), and the flag set after the step loop is reported."""
+    import tritonlstm
+
+    monkeypatch.setattr(kernels.barrier_errors, "launched", lambda device, capturing: None)
+    torch.manual_seed(5)
+    H, B = 48, 5
+    config = dataclasses.replace(variant("fwd", "transposed-tagged", H, B, dtype=torch.float16), max_spin=2)
+    problem = make_problem(4, B, H, H, torch.float16)
+    with concurrent_programs(6), use_config(config, "fwd"), torch.no_grad():
+        y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+    assert torch.isnan(y[-1]).all() and torch.isnan(hn).all() and torch.isnan(cn).all()
+    with pytest.raises(RuntimeError, match="barrier"):
+        tritonlstm.synchronize("cpu")

@@ -565,6 +565,38 @@ def test_cluster_barrier_matches_cudnn(kind, H, dtype):
             k.RELEASED = released
 
 
+@pytest.mark.parametrize("H", [256, 512])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_tagged_exchange_matches_cudnn(H, dtype):
+    """exchange "tagged" (v0.56): no barrier, h_{t-1} as words that carry their step, each thread waiting on its
+    own (inline PTX). The forward at B = 16 and 40 (3 tiles, a batch group each), both directions with per-row
+    lengths, more batch groups than tiles, and the sequence split into launches of 3 steps (each launch's first
+    h_{t-1} from the words the launch before left); the backward on its own config."""
+    import triton.language as tl
+
+    from tritonlstm.configs import named_variants, use_config
+    from tritonlstm.kernels import lstm as k
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for B in (16, 40):
+        fwd = named_variants("fwd", H, B, dtype, sms)["transposed-tagged"]
+        assert k.tagged_applies(fwd, dtype, B) and fwd.programs(H) > 1, fwd
+        with use_config(fwd, "fwd"):
+            run_both(64, B, H, dtype)
+    packed_bidirectional_matches_cudnn(H, 16, dtype, named_variants("fwd", H, 16, dtype, sms // 2)["transposed-tagged"])
+    four_groups = dataclasses.replace(named_variants("fwd", H, 40, dtype, sms)["transposed-tagged"], batch_groups=4)
+    with use_config(four_groups, "fwd"):
+        run_both(16, 40, H, dtype, backward=False)  # 4 batch groups, 3 tiles: a group of programs without rows
+    fwd = named_variants("fwd", H, 16, dtype, sms)["transposed-tagged"]
+    released = k.RELEASED
+    k.RELEASED = tl.constexpr(3 * fwd.programs(H) + 1)
+    try:
+        with use_config(fwd, "fwd"):
+            run_both(10, 16, H, dtype, backward=False)
+    finally:
+        k.RELEASED = released
+
+
 @pytest.mark.parametrize("kind", ["unsplit", "transposed"])
 def test_stack_with_transposed_dots_matches_cudnn(kind):
     """A 4-layer fp16 stack (the bench's stack row, H = 512, B = 16) through both wavefronts, the forward's dots

@@ -188,7 +188,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       TRANSPOSED=config.transposed,
                       KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack"),
                       PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w,
-                      DSMEM=kernel == "fwd" and k.dsmem_applies(config, dtype, 16 * config.batch_groups))
+                      DSMEM=kernel == "fwd" and k.dsmem_applies(config, dtype, 16 * config.batch_groups),
+                      TAGGED=kernel == "fwd" and k.tagged_applies(config, dtype, 16 * config.batch_groups))
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       PREFETCH=prefetch and kernel == "bwd",

@@ -23,7 +23,7 @@ SM90_SHARED = 232448
 _W_BUDGET = 128 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
-EXCHANGES = ("barrier", "cluster", "dsmem")
+EXCHANGES = ("barrier", "cluster", "dsmem", "tagged")
 # Programs one thread-block cluster holds on an H100 (16 is non-portable; Triton's launcher allows it there).
 MAX_CLUSTER = 16
 # Clusters of more than 8 CTAs are non-portable: the launch must allow them (CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_
@@ -48,16 +48,18 @@ class LSTMConfig:
     num_stages: int = 1
     max_spin: int = _DEFAULT_MAX_SPIN  # barrier spins before it gives up and raises
     # How programs meet between steps to pass h_{t-1} (forward) or dG_{t+1} (backward): "barrier" (store, one
-    # grid barrier per step, a counter in memory, load). (Two other exchanges measured slower than the counter
-    # on an H100 and were removed: "tagged", words carrying a step tag that their readers waited on, 1.0-2.1x its
-    # step, and "flags", one flag per program polled without atomics, never the tuner's pick in 146 keys;
-    # perf/NOTES.md v0.8-v0.9, v0.19-v0.20, v0.51, v0.52.) "cluster": the
+    # grid barrier per step, a counter in memory, load). (Flags, one per program polled without atomics, measured
+    # slower than the counter on an H100, never the tuner's pick in 146 keys, and were removed: perf/NOTES.md
+    # v0.19-v0.20, v0.52.) "cluster": the
     # P programs of a barrier launched as one thread-block cluster, met by Hopper's hardware cluster barrier
     # instead of a counter in memory (kernels/lstm.py _cluster_barrier; single layer, forward and backward,
     # P <= 8 or 16: cluster_size_ok; perf/NOTES.md v0.34). "dsmem": the cluster's barrier, and h_{t-1} read out of
     # the programs' own shared memory (Hopper's distributed shared memory, 16 bytes a load) instead of from L2; the
     # forward's transposed resident dots in 16-bit, one batch tile a program (kernels.lstm.dsmem_applies;
-    # perf/NOTES.md v0.39, v0.48); elsewhere (the backward, the stacks) it runs as "cluster".
+    # perf/NOTES.md v0.39, v0.48); elsewhere (the backward, the stacks) it runs as "cluster". "tagged": no barrier;
+    # h_{t-1} as 8-byte words that carry their step, each thread of a reader waiting on its own words (the forward's
+    # transposed resident dots in 16-bit, one batch tile a program: kernels.lstm.tagged_applies; perf/NOTES.md
+    # v0.55-v0.56; v0.8's version, whose waits polled whole tiles, was removed in v0.51); elsewhere "barrier".
     exchange: str = "barrier"
     # Split-K ways of the recurrent dots (a batched dot, one warp per K slice, then a sum): with 16-row batch
     # tiles a plain dot stacks every warp along M, each computing the whole product (kernels/lstm.py
@@ -131,9 +133,9 @@ class LSTMConfig:
         if self.clustered and self.grid_2d:
             raise ValueError(f"LSTMConfig.exchange={self.exchange!r} is for the one-dimensional grids, got "
                              "grid_2d=True")
-        if self.exchange == "dsmem" and not (self.transposed and self.w_resident):
-            raise ValueError(f"LSTMConfig.exchange='dsmem' is for the transposed dots with W resident, got transposed="
-                             f"{self.transposed}, w_resident={self.w_resident}")
+        if self.exchange in ("dsmem", "tagged") and not (self.transposed and self.w_resident):
+            raise ValueError(f"LSTMConfig.exchange={self.exchange!r} is for the transposed dots with W resident, got "
+                             f"transposed={self.transposed}, w_resident={self.w_resident}")
         if self.batch_groups < 1:
             raise ValueError(f"LSTMConfig.batch_groups must be >= 1, got {self.batch_groups}")
 
@@ -721,7 +723,8 @@ VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8
             "merged-w4", "transposed", "transposed-streamed", "streamed", "wide",
             "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64", "split-half",
             "no-prefetch", "transposed-half", "transposed-streamed-half", "transposed-streamed-bb128-half", "cluster",
-            "transposed-cluster", "transposed-streamed-bb128", "transposed-dsmem", "cluster-bh64")
+            "transposed-cluster", "transposed-streamed-bb128", "transposed-dsmem", "cluster-bh64",
+            "transposed-tagged")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -877,6 +880,14 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
             dsmem = dataclasses.replace(out["transposed-cluster"], exchange="dsmem")
             if dsmem_applies(dsmem, dtype, B):
                 out["transposed-dsmem"] = dsmem
+        if kernel == "fwd" and transposed is not None and transposed.w_resident and H <= 512:
+            # (Compile-only sm_90, 16-bit B = 16: 239 / 255 registers and no spills at H = 256 / 512; 4.6 KB of
+            # spills at H = 1024, where the words' 64-bit addresses take the registers.)
+            from tritonlstm.kernels.lstm import tagged_applies
+
+            tagged = dataclasses.replace(out["transposed"], exchange="tagged")
+            if tagged_applies(tagged, dtype, B):
+                out["transposed-tagged"] = tagged
     if forward and fp32 and H > 16 and H % 16 == 0 and transposed_fits(H, 2, 2 if stack else 1) \
             and cdiv(H, 16) <= share:
         out["transposed-half"] = transposed_config(H, B, esize, share, 16, half_w=True)
