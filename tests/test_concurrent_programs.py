@@ -188,6 +188,24 @@ def test_waits_that_give_up_together_poison_the_rest_and_raise(monkeypatch):
         tritonlstm.synchronize("cpu")
 
 
+def _both_directions_in_split_launches(fwd, T, B, H, dtype, seed, launches):
+    """A forward of both directions in one launch, 3 programs a direction, with per-row lengths, under RELEASED = 7
+    (the caller's): launches of 2 steps. Against the float64 reference."""
+    problems = [make_problem(T, B, H, H, dtype) for _ in range(2)]
+    x = problems[0]["x"]
+    lengths = torch.tensor([5, 1, 3, 5, 2])
+    refs = [reference({**pr, "x": x}, reverse=d == 1, lengths=lengths)[1] for d, pr in enumerate(problems)]
+    weights = [tuple(pr[n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) + (None,) for pr in problems]
+    h0 = torch.stack([pr["h0"] for pr in problems])
+    c0 = torch.stack([pr["c0"] for pr in problems])
+    with concurrent_programs(seed), use_config(fwd, "fwd"), torch.no_grad():
+        y, (hn, cn) = lstm_layer(x, weights, h0, c0, lengths=lengths, backend="triton")
+    tol = RESOLUTION[dtype]
+    assert rel_err(y, torch.cat([r[0] for r in refs], dim=2)) <= tol
+    assert rel_err(hn, torch.stack([r[1] for r in refs])) <= tol
+    assert rel_err(cn, torch.stack([r[2] for r in refs])) <= tol
+    assert launches == [("lstm_fwd_kernel", 6, True)], launches  # (3 launches of 2, 2 and 1 steps)
+
 
 @pytest.mark.parametrize("H, BH", [(48, 16), (80, 32)])
 def test_dsmem_pulls_h_from_every_program_with_lengths_both_directions_and_split_launches(H, BH, monkeypatch,
@@ -202,20 +220,7 @@ def test_dsmem_pulls_h_from_every_program_with_lengths_both_directions_and_split
     fwd = dataclasses.replace(variant("fwd", "transposed-dsmem", 48, B, dtype=dtype), block_h=BH,
                               block_k=64 if H <= 64 else 128, num_warps=4 if BH == 16 else 8)
     assert kernels.dsmem_applies(fwd, dtype, B)
-    problems = [make_problem(T, B, H, H, dtype) for _ in range(2)]
-    x = problems[0]["x"]
-    lengths = torch.tensor([5, 1, 3, 5, 2])
-    refs = [reference({**pr, "x": x}, reverse=d == 1, lengths=lengths)[1] for d, pr in enumerate(problems)]
-    weights = [tuple(pr[n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) + (None,) for pr in problems]
-    h0 = torch.stack([pr["h0"] for pr in problems])
-    c0 = torch.stack([pr["c0"] for pr in problems])
-    with concurrent_programs(5), use_config(fwd, "fwd"), torch.no_grad():
-        y, (hn, cn) = lstm_layer(x, weights, h0, c0, lengths=lengths, backend="triton")
-    tol = RESOLUTION[dtype]
-    assert rel_err(y, torch.cat([r[0] for r in refs], dim=2)) <= tol
-    assert rel_err(hn, torch.stack([r[1] for r in refs])) <= tol
-    assert rel_err(cn, torch.stack([r[2] for r in refs])) <= tol
-    assert launches == [("lstm_fwd_kernel", 6, True)], launches  # (3 launches of 2, 2 and 1 steps)
+    _both_directions_in_split_launches(fwd, T, B, H, dtype, 5, launches)
 
 
 @pytest.mark.parametrize("H", [48, 33])
@@ -229,20 +234,7 @@ def test_tagged_words_with_lengths_both_directions_and_split_launches(H, monkeyp
     B, T, dtype = 5, 5, torch.float16
     fwd = variant("fwd", "transposed-tagged", H, B, dtype=dtype)
     assert fwd.exchange == "tagged" and kernels.tagged_applies(fwd, dtype, B)
-    problems = [make_problem(T, B, H, H, dtype) for _ in range(2)]
-    x = problems[0]["x"]
-    lengths = torch.tensor([5, 1, 3, 5, 2])
-    refs = [reference({**pr, "x": x}, reverse=d == 1, lengths=lengths)[1] for d, pr in enumerate(problems)]
-    weights = [tuple(pr[n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) + (None,) for pr in problems]
-    h0 = torch.stack([pr["h0"] for pr in problems])
-    c0 = torch.stack([pr["c0"] for pr in problems])
-    with concurrent_programs(7), use_config(fwd, "fwd"), torch.no_grad():
-        y, (hn, cn) = lstm_layer(x, weights, h0, c0, lengths=lengths, backend="triton")
-    tol = RESOLUTION[dtype]
-    assert rel_err(y, torch.cat([r[0] for r in refs], dim=2)) <= tol
-    assert rel_err(hn, torch.stack([r[1] for r in refs])) <= tol
-    assert rel_err(cn, torch.stack([r[2] for r in refs])) <= tol
-    assert launches == [("lstm_fwd_kernel", 6, True)], launches  # (3 launches of 2, 2 and 1 steps)
+    _both_directions_in_split_launches(fwd, T, B, H, dtype, 7, launches)
 
 
 def test_tagged_waits_that_give_up_poison_the_rows_and_raise(monkeypatch):

@@ -528,6 +528,27 @@ CLUSTER_CASES = [pytest.param(kind, H, dt, id=f"{kind}-H{H}-{name}") for name, d
                  if not (H == 512 and dt == torch.float32) and not (kind.endswith("dsmem") and dt == torch.float32)]
 
 
+def _groups_without_rows_and_split_launches(kind, H, dtype, sms):
+    """The forward of variant `kind` (one batch tile a program) against cuDNN with 4 batch groups for 3 tiles (a
+    group of programs without rows), then with the sequence split into launches of 3 steps."""
+    import triton.language as tl
+
+    from tritonlstm.configs import named_variants, use_config
+    from tritonlstm.kernels import lstm as k
+
+    four_groups = dataclasses.replace(named_variants("fwd", H, 40, dtype, sms)[kind], batch_groups=4)
+    with use_config(four_groups, "fwd"):
+        run_both(16, 40, H, dtype, backward=False)
+    fwd = named_variants("fwd", H, 16, dtype, sms)[kind]
+    released = k.RELEASED
+    k.RELEASED = tl.constexpr(3 * fwd.programs(H) + 1)
+    try:
+        with use_config(fwd, "fwd"):
+            run_both(10, 16, H, dtype, backward=False)
+    finally:
+        k.RELEASED = released
+
+
 @pytest.mark.parametrize("kind,H,dtype", CLUSTER_CASES)
 def test_cluster_barrier_matches_cudnn(kind, H, dtype):
     """The cluster exchange (v0.34): a barrier's programs launched as one thread-block cluster (16 at H = 512,
@@ -537,10 +558,7 @@ def test_cluster_barrier_matches_cudnn(kind, H, dtype):
     distributed shared memory, the forward only (the backward takes its own config), then with more batch groups
     than tiles, and with the sequence split into launches of 3 steps (each launch's first h_{t-1} from global
     memory)."""
-    import triton.language as tl
-
     from tritonlstm.configs import named_variants, use_config
-    from tritonlstm.kernels import lstm as k
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     # dsmem needs each program to own one batch tile: no variant at B = 64 (run 7 asked for one), B = 40's 3 tiles.
@@ -552,17 +570,7 @@ def test_cluster_barrier_matches_cudnn(kind, H, dtype):
             run_both(64, B, H, dtype)
     packed_bidirectional_matches_cudnn(H, 16, dtype, named_variants("fwd", H, 16, dtype, sms // 2)[kind])
     if kind.endswith("dsmem"):
-        four_groups = dataclasses.replace(named_variants("fwd", H, 40, dtype, sms)[kind], batch_groups=4)
-        with use_config(four_groups, "fwd"):
-            run_both(16, 40, H, dtype, backward=False)  # 4 batch groups, 3 tiles: one cluster without a tile
-        fwd = named_variants("fwd", H, 16, dtype, sms)[kind]
-        released = k.RELEASED
-        k.RELEASED = tl.constexpr(3 * fwd.programs(H) + 1)
-        try:
-            with use_config(fwd, "fwd"):
-                run_both(10, 16, H, dtype, backward=False)
-        finally:
-            k.RELEASED = released
+        _groups_without_rows_and_split_launches(kind, H, dtype, sms)  # (a cluster without a tile)
 
 
 @pytest.mark.parametrize("H", [256, 512])
@@ -572,8 +580,6 @@ def test_tagged_exchange_matches_cudnn(H, dtype):
     own (inline PTX). The forward at B = 16 and 40 (3 tiles, a batch group each), both directions with per-row
     lengths, more batch groups than tiles, and the sequence split into launches of 3 steps (each launch's first
     h_{t-1} from the words the launch before left); the backward on its own config."""
-    import triton.language as tl
-
     from tritonlstm.configs import named_variants, use_config
     from tritonlstm.kernels import lstm as k
 
@@ -584,17 +590,7 @@ def test_tagged_exchange_matches_cudnn(H, dtype):
         with use_config(fwd, "fwd"):
             run_both(64, B, H, dtype)
     packed_bidirectional_matches_cudnn(H, 16, dtype, named_variants("fwd", H, 16, dtype, sms // 2)["transposed-tagged"])
-    four_groups = dataclasses.replace(named_variants("fwd", H, 40, dtype, sms)["transposed-tagged"], batch_groups=4)
-    with use_config(four_groups, "fwd"):
-        run_both(16, 40, H, dtype, backward=False)  # 4 batch groups, 3 tiles: a group of programs without rows
-    fwd = named_variants("fwd", H, 16, dtype, sms)["transposed-tagged"]
-    released = k.RELEASED
-    k.RELEASED = tl.constexpr(3 * fwd.programs(H) + 1)
-    try:
-        with use_config(fwd, "fwd"):
-            run_both(10, 16, H, dtype, backward=False)
-    finally:
-        k.RELEASED = released
+    _groups_without_rows_and_split_launches("transposed-tagged", H, dtype, sms)
 
 
 @pytest.mark.parametrize("kind", ["unsplit", "transposed"])
