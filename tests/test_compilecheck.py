@@ -462,6 +462,20 @@ def test_tagged_exchange_compiles_for_sm90_with_the_wait_per_thread():
         assert line.split() == ["True", "None", "0"] + ["True"] * 4, line
 
 
+def test_tagged_variant_is_offered_where_its_words_fit_a_threads_registers():
+    """named_variants' "transposed-tagged" (v0.56): 16-bit, 16-row tiles, one a program, up to H = 512 (compile-only:
+    no spills there; 4.6 KB at H = 1024 and 1.2-5.5 KB with the 64-row tiles of B = 64), never float32."""
+    from tritonlstm.configs import named_variants
+    from tritonlstm.kernels import lstm as k
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for H in (256, 512, 1024):
+            for B in (1, 16, 64, 256):
+                cfg = named_variants("fwd", H, B, dtype, 132).get("transposed-tagged")
+                assert (cfg is not None) == (dtype.itemsize == 2 and H <= 512 and B <= 16), (dtype, H, B, cfg)
+                assert cfg is None or (cfg.block_b == 16 and k.tagged_applies(cfg, dtype, B))
+
+
 def test_dsmem_launch_requests_the_slots_beyond_the_kernels_shared_memory():
     from tritonlstm.kernels import lstm as k
 

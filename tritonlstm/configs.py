@@ -880,9 +880,11 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
             dsmem = dataclasses.replace(out["transposed-cluster"], exchange="dsmem")
             if dsmem_applies(dsmem, dtype, B):
                 out["transposed-dsmem"] = dsmem
-        if kernel == "fwd" and transposed is not None and transposed.w_resident and H <= 512:
-            # (Compile-only sm_90, 16-bit B = 16: 239 / 255 registers and no spills at H = 256 / 512; 4.6 KB of
-            # spills at H = 1024, where the words' 64-bit addresses take the registers.)
+        if kernel == "fwd" and transposed is not None and transposed.w_resident and H <= 512 \
+                and out["transposed"].block_b == 16:
+            # (Compile-only sm_90, 16-bit: 16-row tiles 239 / 255 registers and no spills at H = 256 / 512; 4.6 KB of
+            # spills at H = 1024, and 1.2-5.5 KB with 64-row tiles at H = 256-512: a thread's words take its
+            # registers.)
             from tritonlstm.kernels.lstm import tagged_applies
 
             tagged = dataclasses.replace(out["transposed"], exchange="tagged")
