@@ -188,6 +188,21 @@ def test_transposed_forward_with_32_unit_programs(reverse, dtype, lengths, kerne
         kernels.reduce_scatter_constexprs(config, 40)
 
 
+# exchange "tagged" (v0.56) run stepwise: h_{t-1} passes between the launches as words (two 16-bit units and the step);
+# 17 rows in 5 tiles of 4 over 5 batch groups (one tile a program, as tagged_applies asks), H = 33 over 3 programs
+# (the last word of a row holds one unit), h0 read as even and odd units at the first step.
+@pytest.mark.parametrize("reverse,dtype,lengths", [(False, torch.float16, False), (True, torch.bfloat16, True)],
+                         ids=["fp16", "bf16-rev-lengths"])
+def test_tagged_exchange_stepwise(reverse, dtype, lengths, kernel_calls):
+    config = LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=5, persistent=False,
+                        transposed=True, exchange="tagged")
+    assert kernels.tagged_applies(config, dtype, 17) and not kernels.tagged_applies(config, torch.float32, 17)
+    problem = make_problem(6, 17, 10, 33, dtype)
+    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
+    check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config, kernel="fwd")
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
 # float32 forward dots on float16 operands, W^T scaled by a power of two (LSTMConfig.half_w, perf/NOTES.md v0.29):
 # as precise as TF32's operands, so judged by the GPU's float32 tolerance (TF32), never by the interpreter's exact one.
 HALF_TOL = RESOLUTION_GPU[torch.float32]
