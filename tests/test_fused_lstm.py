@@ -44,6 +44,20 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def chunk_constants(monkeypatch):
+    """monkeypatch, for tests that patch the chunk sizes the launch plans read (TRANSPOSED_CHUNK_BYTES, ...): the plans
+    are memoised per config and shape (kernels._forward_plan, _backward_plan), so they are cleared around the test, or
+    a patched size would miss the launches of a config an earlier test planned (and reach a later test's)."""
+    def clear():
+        kernels._forward_plan.cache_clear()
+        kernels._backward_plan.cache_clear()
+
+    clear()
+    yield monkeypatch
+    clear()
+
+
 def _shape_cases():
     """Every T in {1, 5, 16}, B in {1, 3, 16, 17}, H in {1, 8, 24, 33, 64}, with I != H, and the flags
     (bias, initial state, reverse) cycled over them so each value meets each flag."""
@@ -152,7 +166,8 @@ def test_merged_gate_dots(config, reverse, dtype, kernel_calls):
 @pytest.mark.parametrize("chunk", [8192, 64, "streamed"], ids=["one-chunk", "four-chunks", "streamed-W"])
 @pytest.mark.parametrize("reverse,dtype,lengths", [(False, torch.float32, False), (True, torch.float16, True)],
                          ids=["fp32", "fp16-rev-lengths"])
-def test_transposed_gate_dots(chunk, reverse, dtype, lengths, monkeypatch, kernel_calls):
+def test_transposed_gate_dots(chunk, reverse, dtype, lengths, chunk_constants, kernel_calls):
+    monkeypatch = chunk_constants
     streamed = chunk == "streamed"
     if not streamed:
         monkeypatch.setattr(kernels, "TRANSPOSED_CHUNK_BYTES", chunk)
@@ -232,7 +247,9 @@ def half_weights_calls(monkeypatch):
 @pytest.mark.parametrize("reverse,lengths", [(False, None), (True, torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5,
                                                                                  3, 3, 6, 2, 4]))],
                          ids=["padded", "rev-lengths"])
-def test_half_w_forward_matches_reference_at_tf32_precision(name, reverse, lengths, half_weights_calls, monkeypatch):
+def test_half_w_forward_matches_reference_at_tf32_precision(name, reverse, lengths, half_weights_calls,
+                                                           chunk_constants):
+    monkeypatch = chunk_constants
     if name == "resident-four-chunks":  # 16-column chunks of h, each loaded before the previous chunk's dot
         monkeypatch.setattr(kernels, "TRANSPOSED_CHUNK_BYTES", 64)
         monkeypatch.setattr(kernels, "TRANSPOSED_ONE_CHUNK_BYTES", 64)
