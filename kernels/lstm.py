@@ -398,11 +398,13 @@ def _tagged_put(p_slot, b_h, tag, o_b, m_b, w0, H, BB: tl.constexpr, BH: tl.cons
 
 
 @triton.jit
-def _tagged_get(p_slot, tag, o_b, m_b, H, spin_limit, DT: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
-    """Rows o_b of the slot at p_slot, waiting for each word's `tag` (at most spin_limit [BB, BK / 2] reloads), as
-    their even and odd units ([BB, BK / 2] each, DT: what a dot takes as x_even @ W[even rows] + x_odd @ W[odd rows],
-    with no interleaving); and which words' waits gave up. Rows where m_b is False read as zeros, without a wait."""
-    o_w = tl.arange(0, BK // 2)
+def _tagged_get(p_slot, tag, o_b, m_b, H, spin_limit, DT: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
+                KW: tl.constexpr, k0):
+    """Units k0 .. k0 + KW of rows o_b of the slot at p_slot (rows of BK / 2 words), waiting for each word's `tag` (at
+    most spin_limit [BB, KW / 2] reloads), as their even and odd units ([BB, KW / 2] each, DT: what a dot takes as
+    x_even @ W[even rows] + x_odd @ W[odd rows], with no interleaving); and which words' waits gave up. Rows where
+    m_b is False read as zeros, without a wait."""
+    o_w = k0 // 2 + tl.arange(0, KW // 2)
     m = m_b[:, None] & (2 * o_w < H)[None, :]
     want = tl.cast(tag, tl.int64) << 32  # what a word masked out reads as: present, value 0
     p = p_slot + o_b[:, None] * (BK // 2) + o_w[None, :]
@@ -423,16 +425,18 @@ def _tagged_get(p_slot, tag, o_b, m_b, H, spin_limit, DT: tl.constexpr, BB: tl.c
 
 
 @triton.jit
-def _load_transposed_halves(p_w, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr):
-    """W^T's rows of this program (_transposed_rows) as two [4 * BH, BK / 2] tiles: the even columns and the odd (the
-    tagged exchange's two dots)."""
+def _load_transposed_halves(p_w, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr, KW: tl.constexpr):
+    """W^T's rows of this program (_transposed_rows) for the tagged exchange's dots: per chunk of KW units, a
+    [4 * BH, KW / 2] tile of its even columns, then one of its odd columns (a tuple: Triton cannot slice one resident
+    tile)."""
     rows, m_r = _transposed_rows(i_h, m_w, H, BH)
-    o_c = 2 * tl.arange(0, BK // 2)
-    p = p_w + rows[:, None] * H + o_c[None, :]
-    even = tl.load(p, mask=m_r[:, None] & (o_c < H)[None, :], other=0.0)
-    odd = tl.load(p + 1, mask=m_r[:, None] & (o_c + 1 < H)[None, :], other=0.0)
-    return even, odd
-
+    tiles = ()
+    for c in tl.static_range(BK // KW):
+        o_c = c * KW + 2 * tl.arange(0, KW // 2)
+        p = p_w + rows[:, None] * H + o_c[None, :]
+        tiles = tiles + (tl.load(p, mask=m_r[:, None] & (o_c < H)[None, :], other=0.0),
+                         tl.load(p + 1, mask=m_r[:, None] & (o_c + 1 < H)[None, :], other=0.0))
+    return tiles
 
 @triton.jit
 def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_j, m_j, m_w, H,
@@ -764,6 +768,7 @@ def lstm_fwd_kernel(
     # h_{t-1} through distributed shared memory (_slot_put, _slot_pull; on the interpreter RING stands in for it)
     TAGGED: tl.constexpr = False,  # TRANSPOSED resident, 16-bit, single layer, one batch tile a program: h_{t-1}
     # through tagged words in RING ([D, 2, B, BK / 2] int64: zeros, or a launch before's last words), no barrier
+    TKW: tl.constexpr = 16,  # TAGGED: the units of h_{t-1} a chunk of its words (tagged_chunk)
 ):
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
@@ -771,8 +776,9 @@ def lstm_fwd_kernel(
     tl.static_assert(not (TRANSPOSED and (MERGED or SK > 1)), "transposed dots: unsplit")
     tl.static_assert(not DSMEM or (CLUSTER and TRANSPOSED and W_RESIDENT and KC == BK and not STACK and not HALF_W),
                      "dsmem: a cluster's transposed resident dots in one chunk, single layer, 16-bit")
-    tl.static_assert(not TAGGED or (TRANSPOSED and W_RESIDENT and BK >= 32 and not (STACK or HALF_W or CLUSTER)),
-                     "tagged: the transposed resident dots, K >= 32, single layer, 16-bit, no cluster")
+    tl.static_assert(not TAGGED or (TRANSPOSED and W_RESIDENT and TKW >= 32 and BK % TKW == 0
+                                    and not (STACK or HALF_W or CLUSTER)),
+                     "tagged: the transposed resident dots, chunks of K >= 32, single layer, 16-bit, no cluster")
     SLOTS: tl.constexpr = 2 * BB * BH * 2  # bytes of a program's two [BB, BH] 16-bit slots (exchange "dsmem")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
@@ -825,7 +831,7 @@ def lstm_fwd_kernel(
         if MERGED:
             b_wm = _load_merged_tiles(W, o_k, o_k < H, i_h, H, BH)
         elif TAGGED:
-            b_wm = _load_transposed_halves(W, i_h, i_h >= 0, H, BH, BK)
+            b_wm = _load_transposed_halves(W, i_h, i_h >= 0, H, BH, BK, TKW)
         elif TRANSPOSED:
             b_wm = _load_transposed_tiles(W, i_h, i_h >= 0, H, BH, BK, KC)
         elif SK > 1:
@@ -886,7 +892,7 @@ def lstm_fwd_kernel(
     if TAGGED:
         SLOT = B * (BK // 2)  # words of a slot
         RING_W = RING.to(tl.pointer_type(tl.int64)) + i_d * 2 * SLOT
-        dead = tl.zeros([BB, BK // 2], dtype=tl.int1)  # the words whose wait gave up (not waited for again)
+        dead = tl.zeros([BB, TKW // 2], dtype=tl.int1)  # positions whose wait gave up (not waited for again)
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
         for i_b in range(i_q, n_tiles, n_q):
@@ -929,22 +935,27 @@ def lstm_fwd_kernel(
             o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
             p_hbase = tl.where(s == 0, H0, Y)
             if TAGGED:
-                # Step s - 1's words (tag s), each waited for alone; a word that gives up is NaN from then on (its
-                # row's gates, then every program's row through the next exchange). h0 comes from memory as it is.
-                if s == 0:
-                    o_w = 2 * tl.arange(0, BK // 2)
-                    p_h0 = H0 + o_b[:, None] * H + o_w[None, :]
-                    b_ev = tl.load(p_h0, mask=live[:, None] & (o_w < H)[None, :], other=0.0)
-                    b_od = tl.load(p_h0 + 1, mask=live[:, None] & (o_w + 1 < H)[None, :], other=0.0)
-                    gave_up = tl.zeros([BB, BK // 2], dtype=tl.int1)
-                else:
-                    b_ev, b_od, gave_up = _tagged_get(RING_W + ((s + 1) % 2) * SLOT, s, o_b, live, H,
-                                                      tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK)
-                dead = dead | gave_up
-                nan = tl.full([BB, BK // 2], -1, tl.int16).to(Y.dtype.element_ty, bitcast=True)  # all 1 bits: NaN
-                acc = tl.dot(b_wm[0], tl.trans(tl.where(gave_up, nan, b_ev)), tl.zeros([4 * BH, BB], dtype=tl.float32),
-                             input_precision=DOT_PRECISION)
-                acc = tl.dot(b_wm[1], tl.trans(tl.where(gave_up, nan, b_od)), acc, input_precision=DOT_PRECISION)
+                # Step s - 1's words (tag s), each waited for alone, in chunks of TKW units (a thread's words of a
+                # chunk take its registers); h0 comes from memory as it is. A word that gives up is NaN from then on
+                # (its row's gates, then every program's row through the next exchange), and its position is not
+                # waited for again in any chunk (the launch has failed).
+                acc = tl.zeros([4 * BH, BB], dtype=tl.float32)
+                nan = tl.full([BB, TKW // 2], -1, tl.int16).to(Y.dtype.element_ty, bitcast=True)  # all 1 bits: NaN
+                for c in tl.static_range(BK // TKW):
+                    if s == 0:
+                        o_w = c * TKW + 2 * tl.arange(0, TKW // 2)
+                        p_h0 = H0 + o_b[:, None] * H + o_w[None, :]
+                        b_ev = tl.load(p_h0, mask=live[:, None] & (o_w < H)[None, :], other=0.0)
+                        b_od = tl.load(p_h0 + 1, mask=live[:, None] & (o_w + 1 < H)[None, :], other=0.0)
+                    else:
+                        b_ev, b_od, gave_up = _tagged_get(RING_W + ((s + 1) % 2) * SLOT, s, o_b, live, H,
+                                                          tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK,
+                                                          TKW, c * TKW)
+                        dead = dead | gave_up
+                        b_ev = tl.where(gave_up, nan, b_ev)
+                        b_od = tl.where(gave_up, nan, b_od)
+                    acc = tl.dot(b_wm[2 * c], tl.trans(b_ev), acc, input_precision=DOT_PRECISION)
+                    acc = tl.dot(b_wm[2 * c + 1], tl.trans(b_od), acc, input_precision=DOT_PRECISION)
                 b_gi, b_gf, b_gg, b_go = _transposed_split(b_gi, b_gf, b_gg, b_go, acc, BB, BH)
             elif DSMEM:
                 # Slots (s - 1) % 2, which every program of the cluster wrote before the last barrier.
@@ -1037,7 +1048,7 @@ def lstm_fwd_kernel(
             poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
     if TAGGED:
         # Off the steps' path: no reduction of `dead` inside the loop.
-        tl.atomic_xchg(ERR + tl.zeros([BB, BK // 2], dtype=tl.int32), 1, mask=dead, sem="relaxed")
+        tl.atomic_xchg(ERR + tl.zeros([BB, TKW // 2], dtype=tl.int32), 1, mask=dead, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2045,7 +2056,7 @@ def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gate
                       TRANSPOSED=config.transposed,
                       KC=transposed_chunk(config, dtype.itemsize), PREFETCH=config.prefetches(B, H),
                       HALF_W=_half_w(config, dtype), DSMEM=dsmem_applies(config, dtype, B),
-                      TAGGED=tagged_applies(config, dtype, B), **cluster)
+                      TAGGED=tagged_applies(config, dtype, B), TKW=tagged_chunk(config), **cluster)
     return config, grid, words, constexprs
 
 
@@ -2058,6 +2069,17 @@ def dsmem_applies(config, dtype: torch.dtype, batch: int) -> bool:
     fits = dsmem_slots_bytes(config.block_b, config.block_h) <= DSMEM_MAX_SLOTS
     return (config.exchange == "dsmem" and dtype.itemsize == 2 and one_chunk and fits
             and cdiv(batch, config.block_b) <= config.batch_groups)
+
+
+# A chunk of the tagged words the forward waits for and multiplies before it loads the next (compile-only sm_90,
+# 16-bit B = 16: 512 units, 32 words a thread at 4 warps, spill 0 bytes at H = 512 and 40 at H = 1024; one chunk of
+# 1024 spills 4.6 KB, chunks of 256 spill 112 bytes there).
+TAGGED_CHUNK_UNITS = 512
+
+
+def tagged_chunk(config) -> int:
+    """The TKW constexpr: units of h_{t-1} a chunk of the tagged exchange (the whole K up to TAGGED_CHUNK_UNITS)."""
+    return min(config.block_k, TAGGED_CHUNK_UNITS)
 
 
 def tagged_applies(config, dtype: torch.dtype, batch: int) -> bool:

@@ -131,7 +131,7 @@ def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexp
             elif MODE == 7:
                 # (The ring starts as y_{-1} = 0's words, tag 0; step s's words are tagged s + 1.)
                 even, odd, gave_up = _tagged_get(RING + ((s + 1) % 2) * (BB * BK // 2), s, o_b, o_b < B, H,
-                                                 tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK)
+                                                 tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK, BK, 0)
                 dead = dead | gave_up  # no reduction on the step's path: the flag is set after the loop
                 b_h = tl.join(even, odd)  # (only summed below)
             elif MODE == 5:  # L1 is the SM's own: the other CTAs' h is in L2

@@ -223,18 +223,24 @@ def test_dsmem_pulls_h_from_every_program_with_lengths_both_directions_and_split
     _both_directions_in_split_launches(fwd, T, B, H, dtype, 5, launches)
 
 
-@pytest.mark.parametrize("H", [48, 33])
-def test_tagged_words_with_lengths_both_directions_and_split_launches(H, monkeypatch, launches):
+@pytest.mark.parametrize("H, chunk", [(48, 512), (33, 512), (48, 32)])
+def test_tagged_words_with_lengths_both_directions_and_split_launches(H, chunk, monkeypatch, launches):
     """exchange "tagged" (v0.56), no barrier between the programs: 3 programs of 16 units, an even H and an odd one
-    (the last word of a row holds one unit), both directions in one launch (a ring each), per-row lengths (rows past
-    their end are not waited for), and the sequence split into launches of 2 steps (each launch's first h_{t-1}
-    from the ring the launch before left, not from h0)."""
+    (the last word of a row holds one unit), the words waited for in one chunk or two (as H = 1024 takes them), both
+    directions in one launch (a ring each), per-row lengths (rows past their end are not waited for), and the
+    sequence split into launches of 2 steps (each launch's first h_{t-1} from the ring the launch before left, not
+    from h0)."""
     monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(7))  # 3 programs: (7 - 1) // 3 = 2 steps a launch
+    monkeypatch.setattr(kernels, "TAGGED_CHUNK_UNITS", chunk)
+    kernels._forward_plan.cache_clear()  # (the plans are memoised per config and shape; the chunk is in them)
     torch.manual_seed(6)
     B, T, dtype = 5, 5, torch.float16
     fwd = variant("fwd", "transposed-tagged", H, B, dtype=dtype)
     assert fwd.exchange == "tagged" and kernels.tagged_applies(fwd, dtype, B)
-    _both_directions_in_split_launches(fwd, T, B, H, dtype, 7, launches)
+    try:
+        _both_directions_in_split_launches(fwd, T, B, H, dtype, 7, launches)
+    finally:
+        kernels._forward_plan.cache_clear()
 
 
 def test_tagged_waits_that_give_up_poison_the_rows_and_raise(monkeypatch):

@@ -205,13 +205,17 @@ def test_transposed_forward_with_32_unit_programs(reverse, dtype, lengths, kerne
 
 # exchange "tagged" (v0.56) run stepwise: h_{t-1} passes between the launches as words (two 16-bit units and the step);
 # 17 rows in 5 tiles of 4 over 5 batch groups (one tile a program, as tagged_applies asks), H = 33 over 3 programs
-# (the last word of a row holds one unit), h0 read as even and odd units at the first step.
+# (the last word of a row holds one unit), h0 read as even and odd units at the first step; the words in one chunk of
+# K = 64, or in two of 32 (as H = 1024 takes them in chunks of 512).
+@pytest.mark.parametrize("chunk", [512, 32], ids=["one-chunk", "two-chunks"])
 @pytest.mark.parametrize("reverse,dtype,lengths", [(False, torch.float16, False), (True, torch.bfloat16, True)],
                          ids=["fp16", "bf16-rev-lengths"])
-def test_tagged_exchange_stepwise(reverse, dtype, lengths, kernel_calls):
+def test_tagged_exchange_stepwise(chunk, reverse, dtype, lengths, kernel_calls, chunk_constants):
+    chunk_constants.setattr(kernels, "TAGGED_CHUNK_UNITS", chunk)
     config = LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=5, persistent=False,
                         transposed=True, exchange="tagged")
     assert kernels.tagged_applies(config, dtype, 17) and not kernels.tagged_applies(config, torch.float32, 17)
+    assert kernels.tagged_chunk(config) == min(64, chunk)
     problem = make_problem(6, 17, 10, 33, dtype)
     lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
     check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config, kernel="fwd")

@@ -531,14 +531,22 @@ CLUSTER_CASES = [pytest.param(kind, H, dt, id=f"{kind}-H{H}-{name}") for name, d
 def _groups_without_rows_and_split_launches(kind, H, dtype, sms):
     """The forward of variant `kind` (one batch tile a program) against cuDNN with 4 batch groups for 3 tiles (a
     group of programs without rows), then with the sequence split into launches of 3 steps."""
+    from tritonlstm.configs import named_variants, use_config
+
+    four_groups = dataclasses.replace(named_variants("fwd", H, 40, dtype, sms)[kind], batch_groups=4)
+    with use_config(four_groups, "fwd"):
+        run_both(16, 40, H, dtype, backward=False)
+    _split_launches(kind, H, dtype, sms)
+
+
+def _split_launches(kind, H, dtype, sms):
+    """The forward of variant `kind` at B = 16 against cuDNN, the sequence split into launches of 3 steps (each
+    launch's first h_{t-1} from what the launch before left)."""
     import triton.language as tl
 
     from tritonlstm.configs import named_variants, use_config
     from tritonlstm.kernels import lstm as k
 
-    four_groups = dataclasses.replace(named_variants("fwd", H, 40, dtype, sms)[kind], batch_groups=4)
-    with use_config(four_groups, "fwd"):
-        run_both(16, 40, H, dtype, backward=False)
     fwd = named_variants("fwd", H, 16, dtype, sms)[kind]
     released = k.RELEASED
     k.RELEASED = tl.constexpr(3 * fwd.programs(H) + 1)
@@ -573,24 +581,28 @@ def test_cluster_barrier_matches_cudnn(kind, H, dtype):
         _groups_without_rows_and_split_launches(kind, H, dtype, sms)  # (a cluster without a tile)
 
 
-@pytest.mark.parametrize("H", [256, 512])
+@pytest.mark.parametrize("H", [256, 512, 1024])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_tagged_exchange_matches_cudnn(H, dtype):
     """exchange "tagged" (v0.56): no barrier, h_{t-1} as words that carry their step, each thread waiting on its
-    own (inline PTX). The forward at B = 16 and 40 (3 tiles, a batch group each), both directions with per-row
-    lengths, more batch groups than tiles, and the sequence split into launches of 3 steps (each launch's first
-    h_{t-1} from the words the launch before left); the backward on its own config."""
+    own (inline PTX), in two chunks at H = 1024. The forward at B = 16 and (H < 1024, where 3 batch groups fit the
+    SMs) 40, both directions with per-row lengths, more batch groups than tiles, and the sequence split into
+    launches of 3 steps (each launch's first h_{t-1} from the words the launch before left); the backward on its own
+    config."""
     from tritonlstm.configs import named_variants, use_config
     from tritonlstm.kernels import lstm as k
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for B in (16, 40):
+    for B in (16, 40) if H < 1024 else (16,):
         fwd = named_variants("fwd", H, B, dtype, sms)["transposed-tagged"]
         assert k.tagged_applies(fwd, dtype, B) and fwd.programs(H) > 1, fwd
         with use_config(fwd, "fwd"):
             run_both(64, B, H, dtype)
     packed_bidirectional_matches_cudnn(H, 16, dtype, named_variants("fwd", H, 16, dtype, sms // 2)["transposed-tagged"])
-    _groups_without_rows_and_split_launches("transposed-tagged", H, dtype, sms)
+    if H < 1024:
+        _groups_without_rows_and_split_launches("transposed-tagged", H, dtype, sms)
+    else:  # (4 batch groups of 64 programs are more than the SMs)
+        _split_launches("transposed-tagged", H, dtype, sms)
 
 
 @pytest.mark.parametrize("kind", ["unsplit", "transposed"])

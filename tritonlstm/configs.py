@@ -880,11 +880,10 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
             dsmem = dataclasses.replace(out["transposed-cluster"], exchange="dsmem")
             if dsmem_applies(dsmem, dtype, B):
                 out["transposed-dsmem"] = dsmem
-        if kernel == "fwd" and transposed is not None and transposed.w_resident and H <= 512 \
-                and out["transposed"].block_b == 16:
-            # (Compile-only sm_90, 16-bit: 16-row tiles 239 / 255 registers and no spills at H = 256 / 512; 4.6 KB of
-            # spills at H = 1024, and 1.2-5.5 KB with 64-row tiles at H = 256-512: a thread's words take its
-            # registers.)
+        if kernel == "fwd" and transposed is not None and transposed.w_resident and out["transposed"].block_b == 16:
+            # (Compile-only sm_90, 16-bit: 16-row tiles no spills at H = 256 / 512 and 40 bytes at H = 1024 (two
+            # chunks of words: kernels.lstm.TAGGED_CHUNK_UNITS); 64-row tiles spill 1.2-5.5 KB at H = 256-512: a
+            # thread's words take its registers.)
             from tritonlstm.kernels.lstm import tagged_applies
 
             tagged = dataclasses.replace(out["transposed"], exchange="tagged")
