@@ -329,7 +329,8 @@ def test_floor_probe_with_its_programs_at_once(mode, monkeypatch):
     torch.testing.assert_close(y, probe.reference(u), rtol=2e-3, atol=2e-3)
 
 
-CLUSTER_PTX = """
+# The start of a script (argv[1]: perf/floor_probe.py) that compiles the probe's kernel for sm_90, fp16, 4 warps.
+PROBE_SM90 = """
 import importlib.util, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -337,12 +338,18 @@ from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("floor_probe", sys.argv[1])
 probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probe)
-sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", ERR="*i32", RING="*i16", T="i32", B="i32", H="i32", max_spin="i32",
-           BB="constexpr", BH="constexpr", BK="constexpr", MODE="constexpr", LOAD_H="constexpr", DSMEM="constexpr")
+
+def compile_probe(ring, **consts):
+    sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", ERR="*i32", RING=ring, T="i32", B="i32", H="i32", max_spin="i32",
+               BB="constexpr", BH="constexpr", BK="constexpr", MODE="constexpr", LOAD_H="constexpr",
+               DSMEM="constexpr")
+    return triton.compile(ASTSource(fn=probe.floor_probe_kernel, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+"""
+
+CLUSTER_PTX = PROBE_SM90 + """
 for mode in ("cluster", "dsmem"):
-    consts = dict(BB=16, BH=16, BK=256, MODE=probe.MODES[mode], LOAD_H=True, DSMEM=mode == "dsmem")
-    c = triton.compile(ASTSource(fn=probe.floor_probe_kernel, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    c = compile_probe("*i16", BB=16, BH=16, BK=256, MODE=probe.MODES[mode], LOAD_H=True, DSMEM=mode == "dsmem")
     ptx = c.asm["ptx"]
     print(c.metadata.num_ctas, len(c.asm["cubin"]) > 0, "barrier.cluster.arrive.release" in ptx,
           "barrier.cluster.wait.acquire" in ptx, "%ctaid.x" in ptx, "%clusterid" in ptx or "%cluster_ctaid" in ptx,
@@ -362,22 +369,10 @@ def test_floor_probe_cluster_mode_compiles_for_sm90_with_one_program_a_cta():
     assert dsmem.split() == ["1", "True", "True", "True", "True", "False", "4"], proc.stdout
 
 
-
-TAGGED_PTX = """
-import importlib.util, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+TAGGED_PTX = PROBE_SM90 + """
 from tritonlstm.compilecheck import _ptxas_report
-spec = importlib.util.spec_from_file_location("floor_probe", sys.argv[1])
-probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(probe)
-sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", ERR="*i32", RING="*i64", T="i32", B="i32", H="i32", max_spin="i32",
-           BB="constexpr", BH="constexpr", BK="constexpr", MODE="constexpr", LOAD_H="constexpr", DSMEM="constexpr")
 for H in (256, 512):
-    consts = dict(BB=16, BH=16, BK=H, MODE=probe.MODES["tagged"], LOAD_H=True, DSMEM=False)
-    c = triton.compile(ASTSource(fn=probe.floor_probe_kernel, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    c = compile_probe("*i64", BB=16, BH=16, BK=H, MODE=probe.MODES["tagged"], LOAD_H=True, DSMEM=False)
     ptx = c.asm["ptx"]
     first, last = ptx.index("ld.volatile.global.b64"), ptx.rindex("DONE:")
     between = ptx[first:last]

@@ -170,17 +170,21 @@ def test_stack_wavefronts_with_programs_at_once(fwd_name, bwd_name, launches):
     assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
 
 
-def test_waits_that_give_up_together_poison_the_rest_and_raise(monkeypatch):
-    """max_spin = 2 polls: the programs waiting for the slowed one give up at about the same time (perf/NOTES.md
-    v0.14: several give-ups must release the launch once, not wrap the counter), every output from then on is NaN,
-    and the failure is reported."""
+@pytest.mark.parametrize("name, H, dtype", [("unsplit", 64, torch.float32), ("transposed-tagged", 48, torch.float16)],
+                         ids=["counter-barrier", "tagged"])
+def test_waits_that_give_up_poison_the_rest_and_raise(name, H, dtype, monkeypatch):
+    """max_spin = 2 polls: the programs waiting for the slowed one give up, every output from then on is NaN, and the
+    failure is reported. The counter barrier: its give-ups come at about the same time (perf/NOTES.md v0.14: several
+    give-ups must release the launch once, not wrap the counter). The tagged exchange (v0.56): the words that gave up
+    read as NaN, so every row's state is NaN from the next step on, in every program, and the flag is set after the
+    step loop."""
     import tritonlstm
 
     monkeypatch.setattr(kernels.barrier_errors, "launched", lambda device, capturing: None)
     torch.manual_seed(5)
-    H, B = 64, 5
-    config = dataclasses.replace(variant("fwd", "unsplit", H, B), max_spin=2)
-    problem = make_problem(4, B, H, H, torch.float32)
+    B = 5
+    config = dataclasses.replace(variant("fwd", name, H, B, dtype=dtype), max_spin=2)
+    problem = make_problem(4, B, H, H, dtype)
     with concurrent_programs(6), use_config(config, "fwd"), torch.no_grad():
         y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
     assert torch.isnan(y[-1]).all() and torch.isnan(hn).all() and torch.isnan(cn).all()
@@ -241,21 +245,3 @@ def test_tagged_words_with_lengths_both_directions_and_split_launches(H, chunk, 
         _both_directions_in_split_launches(fwd, T, B, H, dtype, 7, launches)
     finally:
         kernels._forward_plan.cache_clear()
-
-
-def test_tagged_waits_that_give_up_poison_the_rows_and_raise(monkeypatch):
-    """exchange "tagged" with max_spin = 2 reloads: the programs waiting for the slowed one's words give up on them,
-    those words read as NaN, so every row's state is NaN from then on (through the next step's words, in every
-    program), and the flag set after the step loop is reported."""
-    import tritonlstm
-
-    monkeypatch.setattr(kernels.barrier_errors, "launched", lambda device, capturing: None)
-    torch.manual_seed(5)
-    H, B = 48, 5
-    config = dataclasses.replace(variant("fwd", "transposed-tagged", H, B, dtype=torch.float16), max_spin=2)
-    problem = make_problem(4, B, H, H, torch.float16)
-    with concurrent_programs(6), use_config(config, "fwd"), torch.no_grad():
-        y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
-    assert torch.isnan(y[-1]).all() and torch.isnan(hn).all() and torch.isnan(cn).all()
-    with pytest.raises(RuntimeError, match="barrier"):
-        tritonlstm.synchronize("cpu")
