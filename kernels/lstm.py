@@ -370,20 +370,42 @@ def _slot_pull(codes, slot, RING, BB: tl.constexpr, BK: tl.constexpr, SLOTS: tl.
 # 16-bit units (unit 2w in the low 16 bits, 2w + 1 above it) and the tag t + 1 in the high 32 bits (the ring's zeros
 # match no tag a reader waits for; step 0 reads h0 from memory). An aligned 8-byte store lands whole, so a word with
 # the right tag holds the right values: no fence. A reader loads the words it needs (all in flight at once), then
-# each thread checks its own words and reloads, alone, those not yet tagged (TAG_WAIT, inline PTX: Triton's control
-# flow is the program's, and v0.8's tagged exchange, which reloaded whole tiles behind a CTA-wide reduction per poll,
-# never beat the barrier). The words' even and odd units go into two dots (with W^T's even and odd columns): a join
+# each thread checks its own words and reloads those not yet tagged, all at once, until none is late (tag_wait,
+# inline PTX: Triton's control flow is the program's, and v0.8's tagged exchange, which reloaded whole tiles behind
+# a CTA-wide reduction per poll, never beat the barrier). The words' even and odd units go into two dots (with W^T's even and odd columns): a join
 # into one [BB, BK] operand fails Triton 3.6's dot-operand pass. Two slots suffice: a program overwrites slot t % 2
 # only after it has read every producer's step t - 1 words, which each producer stored after its own reads of slot
 # t % 2 (its step t - 1 needs them).
 #
-# TAG_WAIT: $1 the word as first loaded, $2 its address, $3 the tag wanted, $4 the most reloads; returns the word last
-# seen. The braces scope the labels to each instance (one a word).
-TAG_WAIT = tl.constexpr(
-    "{\n\t.reg .pred %p;\n\t.reg .b32 %lo, %tag, %n;\n\tmov.b64 $0, $1;\n\tmov.u32 %n, 0;\n"
-    "WAIT:\n\tmov.b64 {%lo, %tag}, $0;\n\tsetp.eq.s32 %p, %tag, $3;\n\t@%p bra DONE;\n\t"
-    "setp.gt.s32 %p, %n, $4;\n\t@%p bra DONE;\n\tld.volatile.global.b64 $0, [$2];\n\tadd.s32 %n, %n, 1;\n\t"
-    "bra WAIT;\nDONE:\n\t}")
+# tag_wait(n): the inline PTX of a thread's wait for n of its words at once. Operands: $0 .. $n-1 the words returned
+# (as last seen), then n each of: the words as first loaded, their addresses, the tag wanted, the most reloads of
+# each. A round checks every word, reloads those not yet tagged that have reloads left (independent loads, in
+# flight together) and goes again while it reloaded any: a round costs one L2 round trip however many words are
+# late. (Run 8 timed the one-word wait, a loop per word: 8.7-30 us a step, a round trip per late word in series.)
+# The braces scope the labels to each instance.
+@triton.constexpr_function
+def tag_wait(n):
+    words, addrs, tags, limits = n, 2 * n, 3 * n, 4 * n
+    asm = ["{", ".reg .pred %p, %q, %late;", ".reg .b32 %lo, %tag, %n;", "mov.u32 %n, 0;"]
+    asm += [f"mov.b64 ${i}, ${words + i};" for i in range(n)]
+    asm += ["WAIT:", "setp.ne.s32 %late, %n, %n;"]  # false
+    for i in range(n):
+        asm += [f"mov.b64 {{%lo, %tag}}, ${i};", f"setp.ne.s32 %p, %tag, ${tags + i};",
+                f"setp.lt.s32 %q, %n, ${limits + i};", "and.pred %p, %p, %q;",
+                f"@%p ld.volatile.global.b64 ${i}, [${addrs + i}];", "or.pred %late, %late, %p;"]
+    asm += ["add.s32 %n, %n, 1;", "@%late bra WAIT;", "}"]
+    return "\n\t".join(asm)
+
+
+@triton.constexpr_function
+def tag_wait_constraints(n):
+    return ",".join(["=l"] * n + ["l"] * (2 * n) + ["r"] * (2 * n))
+
+
+def tag_wait_pack(rows: int, words: int, warps: int) -> int:
+    """The words one tag_wait takes: all a thread holds of a [rows, words] tile (Triton's blocked layout spreads a
+    tile over the threads evenly)."""
+    return max(1, rows * words // (32 * warps))
 
 
 @triton.jit
@@ -399,7 +421,7 @@ def _tagged_put(p_slot, b_h, tag, o_b, m_b, w0, H, BB: tl.constexpr, BH: tl.cons
 
 @triton.jit
 def _tagged_get(p_slot, tag, o_b, m_b, H, spin_limit, DT: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
-                KW: tl.constexpr, k0):
+                KW: tl.constexpr, k0, PACK: tl.constexpr):
     """Units k0 .. k0 + KW of rows o_b of the slot at p_slot (rows of BK / 2 words), waiting for each word's `tag` (at
     most spin_limit [BB, KW / 2] reloads), as their even and odd units ([BB, KW / 2] each, DT: what a dot takes as
     x_even @ W[even rows] + x_odd @ W[odd rows], with no interleaving); and which words' waits gave up. Rows where
@@ -410,8 +432,9 @@ def _tagged_get(p_slot, tag, o_b, m_b, H, spin_limit, DT: tl.constexpr, BB: tl.c
     p = p_slot + o_b[:, None] * (BK // 2) + o_w[None, :]
     words = tl.load(p, mask=m, other=want, volatile=True)
     if FENCES:
-        words = tl.inline_asm_elementwise(TAG_WAIT, "=l,l,l,r,r", [words, p.to(tl.int64), spin_limit * 0 + tag,
-                                                                   spin_limit], dtype=tl.int64, is_pure=False, pack=1)
+        words = tl.inline_asm_elementwise(tag_wait(PACK), tag_wait_constraints(PACK),
+                                          [words, p.to(tl.int64), spin_limit * 0 + tag, spin_limit], dtype=tl.int64,
+                                          is_pure=False, pack=PACK)
     else:  # the interpreter's programs (tests/concurrency.py) wait as a whole tile
         spins = 0
         while (tl.max(((words >> 32) != tag).to(tl.int32)) > 0) & (spins <= tl.max(spin_limit)):
@@ -769,6 +792,7 @@ def lstm_fwd_kernel(
     TAGGED: tl.constexpr = False,  # TRANSPOSED resident, 16-bit, single layer, one batch tile a program: h_{t-1}
     # through tagged words in RING ([D, 2, B, BK / 2] int64: zeros, or a launch before's last words), no barrier
     TKW: tl.constexpr = 16,  # TAGGED: the units of h_{t-1} a chunk of its words (tagged_chunk)
+    TPACK: tl.constexpr = 1,  # TAGGED: the words a thread's wait takes at once (tag_wait_pack)
 ):
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
@@ -935,8 +959,8 @@ def lstm_fwd_kernel(
             o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
             p_hbase = tl.where(s == 0, H0, Y)
             if TAGGED:
-                # Step s - 1's words (tag s), each waited for alone, in chunks of TKW units (a thread's words of a
-                # chunk take its registers); h0 comes from memory as it is. A word that gives up is NaN from then on
+                # Step s - 1's words (tag s), in chunks of TKW units (a thread's words of a chunk take its registers,
+                # and its wait takes them all at once); h0 comes from memory as it is. A word that gives up is NaN from then on
                 # (its row's gates, then every program's row through the next exchange), and its position is not
                 # waited for again in any chunk (the launch has failed).
                 acc = tl.zeros([4 * BH, BB], dtype=tl.float32)
@@ -950,7 +974,7 @@ def lstm_fwd_kernel(
                     else:
                         b_ev, b_od, gave_up = _tagged_get(RING_W + ((s + 1) % 2) * SLOT, s, o_b, live, H,
                                                           tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK,
-                                                          TKW, c * TKW)
+                                                          TKW, c * TKW, TPACK)
                         dead = dead | gave_up
                         b_ev = tl.where(gave_up, nan, b_ev)
                         b_od = tl.where(gave_up, nan, b_od)
@@ -2056,7 +2080,7 @@ def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gate
                       TRANSPOSED=config.transposed,
                       KC=transposed_chunk(config, dtype.itemsize), PREFETCH=config.prefetches(B, H),
                       HALF_W=_half_w(config, dtype), DSMEM=dsmem_applies(config, dtype, B),
-                      TAGGED=tagged_applies(config, dtype, B), TKW=tagged_chunk(config), **cluster)
+                      **tagged_constexprs(config, dtype, B), **cluster)
     return config, grid, words, constexprs
 
 
@@ -2080,6 +2104,13 @@ TAGGED_CHUNK_UNITS = 512
 def tagged_chunk(config) -> int:
     """The TKW constexpr: units of h_{t-1} a chunk of the tagged exchange (the whole K up to TAGGED_CHUNK_UNITS)."""
     return min(config.block_k, TAGGED_CHUNK_UNITS)
+
+
+def tagged_constexprs(config, dtype: torch.dtype, batch: int) -> dict:
+    """The forward's TAGGED, TKW and TPACK constexprs."""
+    chunk = tagged_chunk(config)
+    return dict(TAGGED=tagged_applies(config, dtype, batch), TKW=chunk,
+                TPACK=tag_wait_pack(config.block_b, chunk // 2, config.num_warps))
 
 
 def tagged_applies(config, dtype: torch.dtype, batch: int) -> bool:

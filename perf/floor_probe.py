@@ -61,6 +61,7 @@ from tritonlstm.kernels.lstm import (
     _slot_pull,
     _slot_put,
     _tagged_get,
+    tag_wait_pack,
     _tagged_put,
     cluster_size_ok,
     dsmem_ring,
@@ -101,7 +102,8 @@ def _counter_ld_barrier(p_err, p_count, target, max_spin, failed):
 
 @triton.jit
 def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
-                       BK: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr, DSMEM: tl.constexpr = False):
+                       BK: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr, DSMEM: tl.constexpr = False,
+                       PACK: tl.constexpr = 1):
     """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1] int32 zero; RING the
     dsmem mode's codes (and slots, on the interpreter), kernels.lstm's layout, or the tagged mode's words (int64
     [2, BB, BK // 2] zeros); DSMEM (with MODE "dsmem") asks the
@@ -131,7 +133,7 @@ def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexp
             elif MODE == 7:
                 # (The ring starts as y_{-1} = 0's words, tag 0; step s's words are tagged s + 1.)
                 even, odd, gave_up = _tagged_get(RING + ((s + 1) % 2) * (BB * BK // 2), s, o_b, o_b < B, H,
-                                                 tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK, BK, 0)
+                                                 tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK, BK, 0, PACK)
                 dead = dead | gave_up  # no reduction on the step's path: the flag is set after the loop
                 b_h = tl.join(even, odd)  # (only summed below)
             elif MODE == 5:  # L1 is the SM's own: the other CTAs' h is in L2
@@ -192,6 +194,8 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
     if mode == "dsmem" and (u.dtype.itemsize != 2 or dsmem_slots_bytes(meta["BB"], block_h) > DSMEM_MAX_SLOTS):
         raise ValueError(f"dsmem: 16-bit values and at most {DSMEM_MAX_SLOTS} bytes of slots (kernels.lstm."
                          f"dsmem_applies), got {u.dtype}, BB = {meta['BB']}, BH = {block_h}")
+    if mode == "tagged":
+        meta["PACK"] = tag_wait_pack(meta["BB"], meta["BK"] // 2, warps)
     if mode == "dsmem":
         meta["DSMEM"] = True  # (for cluster_launch_shared: the slots beyond the kernel's shared memory)
 

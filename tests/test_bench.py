@@ -342,7 +342,8 @@ spec.loader.exec_module(probe)
 def compile_probe(ring, **consts):
     sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", ERR="*i32", RING=ring, T="i32", B="i32", H="i32", max_spin="i32",
                BB="constexpr", BH="constexpr", BK="constexpr", MODE="constexpr", LOAD_H="constexpr",
-               DSMEM="constexpr")
+               DSMEM="constexpr", PACK="constexpr")
+    consts.setdefault("PACK", 1)
     return triton.compile(ASTSource(fn=probe.floor_probe_kernel, signature=sig, constexprs=consts),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 """
@@ -372,28 +373,30 @@ def test_floor_probe_cluster_mode_compiles_for_sm90_with_one_program_a_cta():
 TAGGED_PTX = PROBE_SM90 + """
 from tritonlstm.compilecheck import _ptxas_report
 for H in (256, 512):
-    c = compile_probe("*i64", BB=16, BH=16, BK=H, MODE=probe.MODES["tagged"], LOAD_H=True, DSMEM=False)
+    c = compile_probe("*i64", BB=16, BH=16, BK=H, MODE=probe.MODES["tagged"], LOAD_H=True, DSMEM=False,
+                      PACK=probe.tag_wait_pack(16, H // 2, 4))
     ptx = c.asm["ptx"]
-    first, last = ptx.index("ld.volatile.global.b64"), ptx.rindex("DONE:")
+    first, last = ptx.index("ld.volatile.global.b64"), ptx.rindex("bra WAIT")
     between = ptx[first:last]
     print(H, *_ptxas_report(ptx), ptx.count("WAIT:"), len(re.findall(r"ld\\.volatile\\.global\\.b64", between)),
+          ptx.count("@%p ld.volatile.global.b64"),
           any(op in between for op in ("bar.sync", "atom.", "fence.", "membar")), "atom." in ptx[last:])
 """
 
 
 def test_floor_probe_tagged_mode_waits_per_thread_on_sm90():
-    """The tagged exchange's wait (perf/NOTES.md v0.55), compiled for sm_90: each thread's 16-bit words of h_{t-1}
-    (16 x H / 2 words over 128 threads) are loaded at once, then each checked and reloaded alone in its own copy of
-    the spin (ptxas takes its labels, one instance a word); nothing between the first load and the last check
+    """The tagged exchange's wait (perf/NOTES.md v0.55, v0.58), compiled for sm_90: each thread's 16-bit words of
+    h_{t-1} (16 x H / 2 words over 128 threads) are loaded at once, then waited for together in one copy of the
+    spin (tag_wait: a round reloads every late word, predicated); nothing between the first load and the last check
     pairs the threads or orders memory (no CTA barrier, atomic or fence); the flag of a wait that gave up is set
     after the step loop; no spills."""
     proc = run_python("-c", TAGGED_PTX, str(PERF / "floor_probe.py"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines()]
-    for (h, _regs, spills, waits, loads, ordered, flag_after), H in zip(rows, (256, 512)):
+    for (h, _regs, spills, waits, loads, reloads, ordered, flag_after), H in zip(rows, (256, 512)):
         words = 16 * H // 2 // 128
-        assert (int(h), int(spills), int(waits), int(loads), ordered, flag_after) == \
-            (H, 0, words, 2 * words, "False", "True"), proc.stdout
+        assert (int(h), int(spills), int(waits), int(loads), int(reloads), ordered, flag_after) == \
+            (H, 0, 1, 2 * words, words, "False", "True"), proc.stdout
 
 
 def test_memory_probe_records_the_tensors_alive_at_a_training_steps_peak():

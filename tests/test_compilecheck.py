@@ -435,9 +435,11 @@ for dtype, hidden in ((torch.float16, 256), (torch.bfloat16, 512), (torch.float1
     r = cc.check("fwd", dtype, hidden, cfg, prefetch=cfg.prefetches(16, hidden))
     ins = [l.strip() for l in ptx[-1].splitlines() if l.strip() and not l.strip().startswith((".loc", "//", "$L__tmp"))]
     where = lambda op: [i for i, l in enumerate(ins) if op in l]
-    loads, waits, done = where("ld.volatile.global.b64 {"), where("WAIT:"), where("DONE:")
+    loads, waits, done = where("ld.volatile.global.b64 {"), where("WAIT:"), where("bra WAIT")
+    reloads = where("@%p ld.volatile.global.b64")
     words = where("st.global.b64")
-    print(hidden, r.error, r.spill_bytes, len(waits) == len(loads) == 16 * hidden // 2 // (cfg.num_warps * 32),
+    print(hidden, r.error, r.spill_bytes, len(waits) == len(done) == hidden // min(hidden, 512)
+          and len(loads) == len(reloads) == 16 * hidden // 2 // (cfg.num_warps * 32),
           not where("atom.global.gpu.acq_rel") and min(where("atom.")) > max(words), len(words) == 1)
     if hidden <= 512:  # one chunk of words, in one basic block: its order in the PTX is its order in a step
         ys = [i for i in where("st.global") if i not in words]

@@ -189,8 +189,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack"),
                       PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w,
                       DSMEM=kernel == "fwd" and k.dsmem_applies(config, dtype, 16 * config.batch_groups),
-                      TAGGED=kernel == "fwd" and k.tagged_applies(config, dtype, 16 * config.batch_groups),
-                      TKW=k.tagged_chunk(config))
+                      **k.tagged_constexprs(config, dtype, 16 * config.batch_groups))
+        consts["TAGGED"] = consts["TAGGED"] and kernel == "fwd"
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       PREFETCH=prefetch and kernel == "bwd",
