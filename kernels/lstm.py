@@ -270,197 +270,6 @@ def _transposed_split(acc_i, acc_f, acc_g, acc_o, acc, BB: tl.constexpr, BH: tl.
     return acc_i + b_i, acc_f + b_f, acc_g + b_g, acc_o + b_o
 
 
-# Exchange "dsmem" (LSTMConfig.exchange, v0.48): h_{t-1} through distributed shared memory, pulled. Each program
-# keeps its own [BB, BH] slice of h in two slots of 16-bit values at the end of the launch's dynamic shared memory
-# (_launch_as_cluster requests them beyond the kernel's own): slot s % 2 is written at step s by local stores before
-# the cluster barrier's arrive, and after the wait every program reads the whole h_{t-1} [BB, BK] out of the
-# cluster's slots, 16 bytes (8 units) a load: mapa, ld.shared::cluster.v4.b32, 4 loads a thread a step at H = 256.
-# v0.39 pushed instead, every value into every program's copy by 2-byte remote stores (32 a thread a step at H = 256,
-# each behind its own address arithmetic), and ran slower than the counter barrier on an H200.
-#
-# Which 8 units one inline-asm call gets is the layout's business (inline_asm_elementwise's pack). The units' codes
-# (_dsmem_codes) are loaded from global memory, which gives them a load's layout, 8 contiguous units a thread, and the
-# asm keeps the layout of its operand (compile-only sm_90: no conversion between the codes' load and the dot). The asm
-# checks that its 8 codes are 8 consecutive units of one program and returns NaN otherwise, so another layout would
-# fail loudly, never silently.
-#
-# RING holds, per program (in program order along axes 0, 1, 2), a block of BB * BK * 2 + SLOTS bytes (_dsmem_block):
-# its [BB, BK] int16 codes, then (on the interpreter, which has no shared memory between programs and no inline PTX)
-# its two slots, at the same byte offsets as in shared memory.
-def _smem_address(offset: str, size: str) -> str:
-    """PTX: %a = the shared address of byte `offset` of the slots, which end the dynamic shared memory and take
-    `size` bytes of it."""
-    return ("mov.u32 %a, global_smem;\n\tmov.u32 %n, %dynamic_smem_size;\n\tadd.u32 %a, %a, %n;\n\t"
-            f"sub.u32 %a, %a, {size};\n\tadd.u32 %a, %a, {offset};\n\t")
-
-
-SMEM_PUT = tl.constexpr("{\n\t.reg .b32 %a, %n;\n\t" + _smem_address("$2", "$3")
-                        + "st.shared.b16 [%a], $1;\n\tmov.b32 $0, 0;\n\t}")
-# A unit's code: (rank << CODE_SHIFT) | the byte of its value in slot 0 of that rank; ABSENT for a rank past the
-# cluster's. A step adds its slot's offset (SLOTS // 2 <= 1024 bytes: dsmem_applies) to every code.
-_CODE_BITS = 11
-CODE_SHIFT: tl.constexpr = tl.constexpr(_CODE_BITS)
-BYTE_MASK: tl.constexpr = tl.constexpr((1 << _CODE_BITS) - 1)
-ABSENT: tl.constexpr = tl.constexpr(-32768)
-# pack = 8: $0-$3 the 8 16-bit values, $4-$11 their codes, $12 (-$19) the slots' size. All 1 bits (NaN in float16 and
-# bfloat16) unless the codes are 8 consecutive units of one present rank.
-DSMEM_GET = tl.constexpr(
-    "{\n\t.reg .b32 %a, %n, %d, %c;\n\t.reg .pred %p;\n\tsetp.ge.s32 %p, $4, 0;\n\t"
-    + "".join(f"add.s32 %c, $4, {2 * i};\n\tsetp.eq.and.s32 %p, ${4 + i}, %c, %p;\n\t" for i in range(1, 8))
-    + "mov.b32 $0, -1;\n\tmov.b32 $1, -1;\n\tmov.b32 $2, -1;\n\tmov.b32 $3, -1;\n\t"
-    + f"and.b32 %c, $4, {(1 << _CODE_BITS) - 1};\n\t" + _smem_address("%c", "$12")
-    + f"shr.u32 %c, $4, {_CODE_BITS};\n\t"
-    "@%p mapa.shared::cluster.u32 %d, %a, %c;\n\t@%p ld.shared::cluster.v4.b32 {$0, $1, $2, $3}, [%d];\n\t}")
-DSMEM_GET_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
-
-
-@triton.jit
-def _dsmem_block(rank, BB: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr):
-    """The byte offset in RING of program `rank`'s block, in this program's cluster (the programs along axis 0 that
-    share its axes 1 and 2)."""
-    cluster = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
-    return (cluster * tl.num_programs(0) + rank) * (BB * BK * 2 + SLOTS)
-
-
-@triton.jit
-def _dsmem_codes(RING, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr):
-    """The codes of h_{t-1}'s [BB, BK] units (int32), computed, stored to this program's block of RING and loaded
-    back: the load's layout is what the pulls need (above). Once a launch."""
-    o_k = tl.arange(0, BK)
-    rank = o_k // BH
-    byte = (tl.arange(0, BB)[:, None] * BH + (o_k % BH)[None, :]) * 2
-    codes = tl.where((rank < tl.num_programs(0))[None, :], (rank << CODE_SHIFT)[None, :] | byte, ABSENT)
-    p = RING.to(tl.pointer_type(tl.int16)) + _dsmem_block(tl.program_id(0), BB, BK, SLOTS) // 2 + \
-        tl.arange(0, BB)[:, None] * BK + o_k[None, :]
-    tl.store(p, codes.to(tl.int16))
-    tl.debug_barrier()  # the other threads' codes in global memory before they are read back
-    return tl.load(p).to(tl.int32)
-
-
-@triton.jit
-def _slot_put(b_v, o_bytes, RING, BB: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr):
-    """b_v (16-bit) into this program's own slots at byte offsets o_bytes."""
-    bits = b_v.to(tl.int16, bitcast=True)
-    if FENCES:
-        tl.inline_asm_elementwise(SMEM_PUT, "=r,h,r,r", [bits, o_bytes, o_bytes * 0 + SLOTS], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-    else:
-        base = _dsmem_block(tl.program_id(0), BB, BK, SLOTS) + BB * BK * 2
-        tl.store(RING.to(tl.pointer_type(tl.int16)) + (base + o_bytes) // 2, bits)
-
-
-@triton.jit
-def _slot_pull(codes, slot, RING, BB: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr, DT: tl.constexpr):
-    """h [BB, BK] (DT) of one step out of the cluster's slots `slot` (0 or 1), unit by unit as `codes` say (units of
-    ranks past the cluster's: NaN on the GPU, 0 on the interpreter; the caller masks them)."""
-    c = codes + slot * (SLOTS // 2)
-    if FENCES:
-        x = tl.inline_asm_elementwise(DSMEM_GET, DSMEM_GET_CONSTRAINTS, [c, c * 0 + SLOTS], dtype=tl.int16,
-                                      is_pure=False, pack=8)
-    else:
-        present = c >= 0
-        base = _dsmem_block(tl.where(present, c >> CODE_SHIFT, 0), BB, BK, SLOTS) + BB * BK * 2
-        x = tl.load(RING.to(tl.pointer_type(tl.int16)) + (base + (c & BYTE_MASK)) // 2, mask=present, other=0,
-                    volatile=True)
-    return x.to(DT, bitcast=True)
-
-
-# Exchange "tagged" (LSTMConfig.exchange, v0.56): h_{t-1} through 8-byte words that carry their step, no barrier.
-# Each program stores its [BB, BH] slice of h_t into slot t % 2 of a ring ([D, 2, B, BK / 2] int64) as words of two
-# 16-bit units (unit 2w in the low 16 bits, 2w + 1 above it) and the tag t + 1 in the high 32 bits (the ring's zeros
-# match no tag a reader waits for; step 0 reads h0 from memory). An aligned 8-byte store lands whole, so a word with
-# the right tag holds the right values: no fence. A reader loads the words it needs (all in flight at once), then
-# each thread checks its own words and reloads those not yet tagged, all at once, until none is late (tag_wait,
-# inline PTX: Triton's control flow is the program's, and v0.8's tagged exchange, which reloaded whole tiles behind
-# a CTA-wide reduction per poll, never beat the barrier). The words' even and odd units go into two dots (with W^T's even and odd columns): a join
-# into one [BB, BK] operand fails Triton 3.6's dot-operand pass. Two slots suffice: a program overwrites slot t % 2
-# only after it has read every producer's step t - 1 words, which each producer stored after its own reads of slot
-# t % 2 (its step t - 1 needs them).
-#
-# tag_wait(n): the inline PTX of a thread's wait for n of its words at once. Operands: $0 .. $n-1 the words returned
-# (as last seen), then n each of: the words as first loaded, their addresses, the tag wanted, the most reloads of
-# each. A round checks every word, reloads those not yet tagged that have reloads left (independent loads, in
-# flight together) and goes again while it reloaded any: a round costs one L2 round trip however many words are
-# late. (Run 8 timed the one-word wait, a loop per word: 8.7-30 us a step, a round trip per late word in series.)
-# The braces scope the labels to each instance.
-@triton.constexpr_function
-def tag_wait(n):
-    words, addrs, tags, limits = n, 2 * n, 3 * n, 4 * n
-    asm = ["{", ".reg .pred %p, %q, %late;", ".reg .b32 %lo, %tag, %n;", "mov.u32 %n, 0;"]
-    asm += [f"mov.b64 ${i}, ${words + i};" for i in range(n)]
-    asm += ["WAIT:", "setp.ne.s32 %late, %n, %n;"]  # false
-    for i in range(n):
-        asm += [f"mov.b64 {{%lo, %tag}}, ${i};", f"setp.ne.s32 %p, %tag, ${tags + i};",
-                f"setp.lt.s32 %q, %n, ${limits + i};", "and.pred %p, %p, %q;",
-                f"@%p ld.volatile.global.b64 ${i}, [${addrs + i}];", "or.pred %late, %late, %p;"]
-    asm += ["add.s32 %n, %n, 1;", "@%late bra WAIT;", "}"]
-    return "\n\t".join(asm)
-
-
-@triton.constexpr_function
-def tag_wait_constraints(n):
-    return ",".join(["=l"] * n + ["l"] * (2 * n) + ["r"] * (2 * n))
-
-
-def tag_wait_pack(rows: int, words: int, warps: int) -> int:
-    """The words one tag_wait takes: all a thread holds of a [rows, words] tile (Triton's blocked layout spreads a
-    tile over the threads evenly)."""
-    return max(1, rows * words // (32 * warps))
-
-
-@triton.jit
-def _tagged_put(p_slot, b_h, tag, o_b, m_b, w0, H, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    """b_h [BB, BH] (16-bit: units 2 * w0 .. of rows o_b) into the slot at p_slot ([B, BK / 2] int64 words) as words
-    w0 .. w0 + BH / 2 of those rows, tagged `tag`. Rows where m_b is False are not written."""
-    lo, hi = tl.split(tl.reshape(b_h.to(tl.int16, bitcast=True), [BB, BH // 2, 2]))
-    bits = (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
-    word = bits.to(tl.uint32).to(tl.int64) | (tl.cast(tag, tl.int64) << 32)
-    o_w = w0 + tl.arange(0, BH // 2)
-    tl.store(p_slot + o_b[:, None] * (BK // 2) + o_w[None, :], word, mask=m_b[:, None] & (2 * o_w < H)[None, :])
-
-
-@triton.jit
-def _tagged_get(p_slot, tag, o_b, m_b, H, spin_limit, DT: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
-                KW: tl.constexpr, k0, PACK: tl.constexpr):
-    """Units k0 .. k0 + KW of rows o_b of the slot at p_slot (rows of BK / 2 words), waiting for each word's `tag` (at
-    most spin_limit [BB, KW / 2] reloads), as their even and odd units ([BB, KW / 2] each, DT: what a dot takes as
-    x_even @ W[even rows] + x_odd @ W[odd rows], with no interleaving); and which words' waits gave up. Rows where
-    m_b is False read as zeros, without a wait."""
-    o_w = k0 // 2 + tl.arange(0, KW // 2)
-    m = m_b[:, None] & (2 * o_w < H)[None, :]
-    want = tl.cast(tag, tl.int64) << 32  # what a word masked out reads as: present, value 0
-    p = p_slot + o_b[:, None] * (BK // 2) + o_w[None, :]
-    words = tl.load(p, mask=m, other=want, volatile=True)
-    if FENCES:
-        words = tl.inline_asm_elementwise(tag_wait(PACK), tag_wait_constraints(PACK),
-                                          [words, p.to(tl.int64), spin_limit * 0 + tag, spin_limit], dtype=tl.int64,
-                                          is_pure=False, pack=PACK)
-    else:  # the interpreter's programs (tests/concurrency.py) wait as a whole tile
-        spins = 0
-        while (tl.max(((words >> 32) != tag).to(tl.int32)) > 0) & (spins <= tl.max(spin_limit)):
-            words = tl.load(p, mask=m, other=want, volatile=True)
-            spins += 1
-    gave_up = (words >> 32) != tag
-    even = (words & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
-    odd = ((words >> 16) & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
-    odd = tl.where((2 * o_w + 1 < H)[None, :], odd, tl.zeros_like(odd))  # an odd H's last word has one unit
-    return even, odd, gave_up
-
-
-@triton.jit
-def _load_transposed_halves(p_w, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr, KW: tl.constexpr):
-    """W^T's rows of this program (_transposed_rows) for the tagged exchange's dots: per chunk of KW units, a
-    [4 * BH, KW / 2] tile of its even columns, then one of its odd columns (a tuple: Triton cannot slice one resident
-    tile)."""
-    rows, m_r = _transposed_rows(i_h, m_w, H, BH)
-    tiles = ()
-    for c in tl.static_range(BK // KW):
-        o_c = c * KW + 2 * tl.arange(0, KW // 2)
-        p = p_w + rows[:, None] * H + o_c[None, :]
-        tiles = tiles + (tl.load(p, mask=m_r[:, None] & (o_c < H)[None, :], other=0.0),
-                         tl.load(p + 1, mask=m_r[:, None] & (o_c + 1 < H)[None, :], other=0.0))
-    return tiles
-
 @triton.jit
 def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_j, m_j, m_w, H,
                    BK: tl.constexpr, W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, SK: tl.constexpr):
@@ -694,26 +503,9 @@ def _cluster_barrier(x):
     acquiring the other CTAs'. Nothing in memory, no polls, and it cannot fail: the hardware schedules a cluster's
     CTAs together. Returns x, so that the barrier has a result to stay in place by. The interpreter (one program)
     skips it."""
-    return _cluster_wait(_cluster_arrive(x))
-
-
-@triton.jit
-def _cluster_arrive(x):
-    """_cluster_barrier's first half (exchange "dsmem"): arrive, releasing this thread's stores so far at cluster
-    scope, and go on; the stores after it (the outputs in global memory, which no other program reads in the
-    launch) stay off the barrier's path. Returns x."""
     if FENCES:
-        x = tl.inline_asm_elementwise("barrier.cluster.arrive.release;\n\tmov.b32 $0, $1;", "=r,r", [x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-    return x
-
-
-@triton.jit
-def _cluster_wait(x):
-    """_cluster_barrier's second half: wait for every thread of the cluster to arrive, acquiring their stores."""
-    if FENCES:
-        x = tl.inline_asm_elementwise("barrier.cluster.wait.acquire;\n\tmov.b32 $0, $1;", "=r,r", [x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
+        x = tl.inline_asm_elementwise("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;\n\t"
+                                      "mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
     return x
 
 
@@ -758,7 +550,6 @@ def lstm_fwd_kernel(
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
-    RING,  # exchange "dsmem"'s codes (and on the interpreter its slots): dsmem_ring (when DSMEM); "tagged"'s words
     WSCALE,  # [D or L, 5] float32 the scales of HALF_W's float16 operands (_half_weights)
     T,
     B,
@@ -787,23 +578,11 @@ def lstm_fwd_kernel(
     CLUSTER: tl.constexpr,  # the barrier as Hopper's cluster barrier (_cluster_barrier); single layer, P <= 8 or 16
     PREFETCH: tl.constexpr,  # one batch tile per program, single layer, barrier: next step's gx before the wait
     HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
-    DSMEM: tl.constexpr = False,  # CLUSTER, TRANSPOSED resident in one chunk, 16-bit, one batch tile a program:
-    # h_{t-1} through distributed shared memory (_slot_put, _slot_pull; on the interpreter RING stands in for it)
-    TAGGED: tl.constexpr = False,  # TRANSPOSED resident, 16-bit, single layer, one batch tile a program: h_{t-1}
-    # through tagged words in RING ([D, 2, B, BK / 2] int64: zeros, or a launch before's last words), no barrier
-    TKW: tl.constexpr = 16,  # TAGGED: the units of h_{t-1} a chunk of its words (tagged_chunk)
-    TPACK: tl.constexpr = 1,  # TAGGED: the words a thread's wait takes at once (tag_wait_pack)
 ):
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
     tl.static_assert(not (MERGED and (STACK or SK > 1)), "merged gates: single layer, unsplit")
     tl.static_assert(not (TRANSPOSED and (MERGED or SK > 1)), "transposed dots: unsplit")
-    tl.static_assert(not DSMEM or (CLUSTER and TRANSPOSED and W_RESIDENT and KC == BK and not STACK and not HALF_W),
-                     "dsmem: a cluster's transposed resident dots in one chunk, single layer, 16-bit")
-    tl.static_assert(not TAGGED or (TRANSPOSED and W_RESIDENT and TKW >= 32 and BK % TKW == 0
-                                    and not (STACK or HALF_W or CLUSTER)),
-                     "tagged: the transposed resident dots, chunks of K >= 32, single layer, 16-bit, no cluster")
-    SLOTS: tl.constexpr = 2 * BB * BH * 2  # bytes of a program's two [BB, BH] 16-bit slots (exchange "dsmem")
     i_h = tl.program_id(0)
     i_q = tl.program_id(1)
     i_d = tl.program_id(2)
@@ -854,8 +633,6 @@ def lstm_fwd_kernel(
         # Loaded once, reused for every step: tile (k, j) of gate g is W_hh[g*H + j, k].
         if MERGED:
             b_wm = _load_merged_tiles(W, o_k, o_k < H, i_h, H, BH)
-        elif TAGGED:
-            b_wm = _load_transposed_halves(W, i_h, i_h >= 0, H, BH, BK, TKW)
         elif TRANSPOSED:
             b_wm = _load_transposed_tiles(W, i_h, i_h >= 0, H, BH, BK, KC)
         elif SK > 1:
@@ -897,26 +674,6 @@ def lstm_fwd_kernel(
         n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b0, m_b0, o_j, m_j, S_START, T, B, H, SG, rev, BB,
                                                HAS_LENGTHS)
         n_c = tl.load(C_WS + o_b0[:, None] * H + o_j[None, :], mask=m_b0[:, None] & m_j[None, :], other=0.0)
-    if DSMEM:
-        # The launch's first h_{t-1} from global memory, as the other exchanges read it: this program's units of
-        # its one batch tile into its slot of step S_START - 1.
-        o_b0 = i_q * BB + tl.arange(0, BB)
-        m_b0 = o_b0 < B
-        last0, o_t0, o_dir0 = _row_steps(LAST, o_b0, m_b0, S_START, T, rev, BB, HAS_LENGTHS)
-        o_h0 = tl.where(S_START == 0, o_b0.to(tl.int64) * H, ((o_t0 - o_dir0) * B + o_b0) * SY)
-        b_h0 = tl.load(tl.where(S_START == 0, H0, Y) + o_h0[:, None] + o_j[None, :],
-                       mask=(m_b0 & (S_START <= last0))[:, None] & m_j[None, :], other=0.0)
-        o_slot = (tl.arange(0, BB)[:, None] * BH + tl.arange(0, BH)[None, :]) * 2  # a [BB, BH] slot's bytes
-        o_hk = tl.arange(0, BK)
-        codes = _dsmem_codes(RING, BB, BH, BK, SLOTS)
-        _slot_put(b_h0, o_slot + ((S_START + 1) % 2) * (SLOTS // 2), RING, BB, BK, SLOTS)
-        # Also: every program of the cluster has started before any reads of its shared memory (CUDA's rule for
-        # distributed shared memory); the last step's barrier keeps each one running until the others' reads end.
-        _cluster_barrier(S_START)
-    if TAGGED:
-        SLOT = B * (BK // 2)  # words of a slot
-        RING_W = RING.to(tl.pointer_type(tl.int64)) + i_d * 2 * SLOT
-        dead = tl.zeros([BB, TKW // 2], dtype=tl.int1)  # positions whose wait gave up (not waited for again)
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
         for i_b in range(i_q, n_tiles, n_q):
@@ -958,37 +715,7 @@ def lstm_fwd_kernel(
             # h_{t-1}: the previous output row, or h0 at the first step.
             o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
             p_hbase = tl.where(s == 0, H0, Y)
-            if TAGGED:
-                # Step s - 1's words (tag s), in chunks of TKW units (a thread's words of a chunk take its registers,
-                # and its wait takes them all at once); h0 comes from memory as it is. A word that gives up is NaN from then on
-                # (its row's gates, then every program's row through the next exchange), and its position is not
-                # waited for again in any chunk (the launch has failed).
-                acc = tl.zeros([4 * BH, BB], dtype=tl.float32)
-                nan = tl.full([BB, TKW // 2], -1, tl.int16).to(Y.dtype.element_ty, bitcast=True)  # all 1 bits: NaN
-                for c in tl.static_range(BK // TKW):
-                    if s == 0:
-                        o_w = c * TKW + 2 * tl.arange(0, TKW // 2)
-                        p_h0 = H0 + o_b[:, None] * H + o_w[None, :]
-                        b_ev = tl.load(p_h0, mask=live[:, None] & (o_w < H)[None, :], other=0.0)
-                        b_od = tl.load(p_h0 + 1, mask=live[:, None] & (o_w + 1 < H)[None, :], other=0.0)
-                    else:
-                        b_ev, b_od, gave_up = _tagged_get(RING_W + ((s + 1) % 2) * SLOT, s, o_b, live, H,
-                                                          tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK,
-                                                          TKW, c * TKW, TPACK)
-                        dead = dead | gave_up
-                        b_ev = tl.where(gave_up, nan, b_ev)
-                        b_od = tl.where(gave_up, nan, b_od)
-                    acc = tl.dot(b_wm[2 * c], tl.trans(b_ev), acc, input_precision=DOT_PRECISION)
-                    acc = tl.dot(b_wm[2 * c + 1], tl.trans(b_od), acc, input_precision=DOT_PRECISION)
-                b_gi, b_gf, b_gg, b_go = _transposed_split(b_gi, b_gf, b_gg, b_go, acc, BB, BH)
-            elif DSMEM:
-                # Slots (s - 1) % 2, which every program of the cluster wrote before the last barrier.
-                b_x = _slot_pull(codes, (s_glob + 1) % 2, RING, BB, BK, SLOTS, Y.dtype.element_ty)
-                b_x = tl.where(live[:, None] & (o_hk < H)[None, :], b_x, tl.zeros_like(b_x))
-                acc = tl.dot(b_wm[0], tl.trans(b_x), tl.zeros([4 * BH, BB], dtype=tl.float32),
-                             input_precision=DOT_PRECISION)
-                b_gi, b_gf, b_gg, b_go = _transposed_split(b_gi, b_gf, b_gg, b_go, acc, BB, BH)
-            elif MERGED:
+            if MERGED:
                 b_gi, b_gf, b_gg, b_go = _merged_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wm,
                                                            W, o_k, i_h, H, BK, BB, BH, W_RESIDENT, DOT_PRECISION)
             elif TRANSPOSED:
@@ -1016,15 +743,6 @@ def lstm_fwd_kernel(
             b_c = tl.where(poisoned, float("nan"), b_c)
             b_y = tl.where(poisoned, float("nan"), b_y)
 
-            if TAGGED:
-                # Before the outputs' stores: the other programs wait for these words, for nothing else.
-                _tagged_put(RING_W + (s % 2) * SLOT, b_y.to(Y.dtype.element_ty), s + 1, o_b, live, i_h * (BH // 2), H,
-                            BB, BH, BK)
-            if DSMEM:
-                # h_t into this program's slot s % 2, then arrive: the global stores below are not on the barrier's
-                # path.
-                _slot_put(b_y.to(Y.dtype.element_ty), o_slot + (s_glob % 2) * (SLOTS // 2), RING, BB, BK, SLOTS)
-                _cluster_arrive(s_glob)
             o_bh = o_b[:, None] * H + o_j[None, :]
             tl.store(Y + o_row[:, None] * SY + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
             if STACK:
@@ -1057,22 +775,9 @@ def lstm_fwd_kernel(
                 n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b, m_b, o_j, m_j, n_s, T, B, H, SG, rev, BB,
                                                        HAS_LENGTHS)
                 n_c = b_c
-        if DSMEM and FENCES:
-            if i_q >= n_tiles:
-                # No batch tile here (a config's batch groups outnumber this call's tiles): arrive all the same, or
-                # the cluster's wait would never complete.
-                _cluster_arrive(s_glob)
-            _cluster_wait(s_glob)
-        elif DSMEM:
-            # The interpreter's arrive and wait are one barrier here (stronger than the GPU's split; the reads of
-            # step s + 1 come after it either way).
-            _cluster_barrier(s_glob)
-        elif PERSISTENT and not TAGGED:
+        if PERSISTENT:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
             poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
-    if TAGGED:
-        # Off the steps' path: no reduction of `dead` inside the loop.
-        tl.atomic_xchg(ERR + tl.zeros([BB, TKW // 2], dtype=tl.int32), 1, mask=dead, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1719,7 +1424,7 @@ class BarrierErrors:
 
 
 barrier_errors = BarrierErrors()
-# The cluster barrier's and the DSMEM exchange's PTX, in inline assembly, which the CPU interpreter cannot run (it
+# The cluster barrier's PTX, in inline assembly, which the CPU interpreter cannot run (it
 # runs programs one after another and needs none). Read when the kernels compile, after this module is loaded.
 FENCES = tl.constexpr(not interpreting())
 
@@ -1769,7 +1474,6 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
                       f"{torch.cuda.get_device_name(device)} runs this launch with the grid barrier instead",
                       RuntimeWarning, stacklevel=2)
         meta["CLUSTER"] = cluster = False
-        meta.pop("DSMEM", None)
     if _compiling_only.get():
         kernel.warmup(*args, 0, n_steps, config.max_spin, grid=grid, **meta)
         return
@@ -1809,56 +1513,10 @@ def _launch_as_cluster(kernel, grid, args: tuple, meta: dict) -> None:
                            "launch through Triton's launcher would under-allocate")
     launch = compiled.run  # (loads the module: compiled.function is set from here on)
     stream = torch.cuda.current_stream().cuda_stream
-    shared = cluster_launch_shared(compiled.metadata.shared, meta)
-    if shared > compiled.metadata.shared:
-        _allow_dynamic_shared(compiled.function, shared)
-    packed = (compiled.metadata.num_warps, grid[0], shared)
+    packed = (compiled.metadata.num_warps, grid[0], compiled.metadata.shared)
     # As JITFunction.run hands them over (profilers' launch hooks included), but for grid x and num_ctas.
     launch(1, grid[1], grid[2], stream, compiled.function, packed, compiled.launch_metadata(grid, stream, *params),
            knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *params)
-
-
-def cluster_launch_shared(kernel_shared: int, meta: dict) -> int:
-    """The dynamic shared memory of a cluster launch: the kernel's own, and with DSMEM the two h slots
-    (lstm_fwd_kernel's SLOTS) after it, 16-aligned, at the end, where the kernel finds them (_smem_address)."""
-    if not meta.get("DSMEM"):
-        return kernel_shared
-    return -(-kernel_shared // 16) * 16 + dsmem_slots_bytes(meta["BB"], meta["BH"])
-
-
-def dsmem_slots_bytes(block_b: int, block_h: int) -> int:
-    """A program's two [BB, BH] 16-bit slots of exchange "dsmem" (the kernels' SLOTS): within the codes' bytes,
-    DSMEM_MAX_SLOTS, where dsmem_applies."""
-    return 2 * block_b * block_h * 2
-
-
-DSMEM_MAX_SLOTS = 1 << _CODE_BITS
-
-
-def dsmem_ring(programs: int, block_b: int, block_h: int, block_k: int, device) -> torch.Tensor:
-    """Exchange "dsmem"'s RING: a block per program (the kernels' _dsmem_block) of its codes ([BB, BK] int16) and,
-    used on the interpreter only, its two slots."""
-    return torch.empty(programs * (block_b * block_k + dsmem_slots_bytes(block_b, block_h) // 2), dtype=torch.int16,
-                       device=device)
-
-
-_shared_allowed: dict[int, int] = {}
-
-
-def _allow_dynamic_shared(function: int, nbytes: int) -> None:
-    """Raises a kernel's dynamic shared memory limit to nbytes (Triton's loader raises it only for kernels that
-    need more than 48 KB themselves)."""
-    if _shared_allowed.get(function, 0) >= nbytes:
-        return
-    import ctypes
-
-    cuda = ctypes.CDLL("libcuda.so.1")
-    max_dynamic_shared_size_bytes = 8  # CUfunction_attribute
-    rc = cuda.cuFuncSetAttribute(ctypes.c_void_p(function), max_dynamic_shared_size_bytes, ctypes.c_int(nbytes))
-    if rc != 0:
-        raise RuntimeError(f"exchange='dsmem': cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {nbytes}) failed "
-                           f"with CUresult {rc}")
-    _shared_allowed[function] = nbytes
 
 
 # A transposed dot's K chunk holds this much of h_{t-1} ([BB, KC]): compile-only sm_90 (perf/NOTES.md v0.18), no
@@ -2047,19 +1705,10 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
         raise ValueError("lstm_forward: gates_out needs store_gates=True and no lengths")
     gates = gates_out if gates_out is not None else _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
-    if constexprs["TAGGED"]:
-        # The words' ring and the (unused) counters in one zeroed buffer: one launch. A sequence split into launches
-        # (_run) zeroes the counters between them, never the ring, which carries the last step's words across.
-        n = D * 2 * B * (config.block_k // 2)
-        zeros = torch.zeros(n + cdiv(words, 2), device=dev, dtype=torch.int64)
-        ring, sync = zeros[:n], zeros[n:].view(torch.int32)[:words]
-    else:
-        sync = torch.zeros(words, device=dev, dtype=torch.int32)
-        ring = dsmem_ring(grid[0] * grid[1] * grid[2], config.block_b, config.block_h, config.block_k, dev) \
-            if constexprs["DSMEM"] else sync
+    sync = torch.zeros(words, device=dev, dtype=torch.int32)
     w_dot, _, wscale = _half_weights(w_hh, h0) if constexprs["HALF_W"] else (w_hh, None, c_ws)
     args = (gx, gates, w_dot, w_dot, y, y, b1, b2, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync,
-            sync, barrier_errors.flag(dev), ring, wscale, T, B, H, int(reverse))
+            sync, barrier_errors.flag(dev), wscale, T, B, H, int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, dev, args, constexprs, sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
@@ -2079,46 +1728,8 @@ def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gate
                       HAS_DROPOUT=False, STORE_GATES=store_gates, DOT_PRECISION=precision, MERGED=config.merged_gates,
                       TRANSPOSED=config.transposed,
                       KC=transposed_chunk(config, dtype.itemsize), PREFETCH=config.prefetches(B, H),
-                      HALF_W=_half_w(config, dtype), DSMEM=dsmem_applies(config, dtype, B),
-                      **tagged_constexprs(config, dtype, B), **cluster)
+                      HALF_W=_half_w(config, dtype), **cluster)
     return config, grid, words, constexprs
-
-
-def dsmem_applies(config, dtype: torch.dtype, batch: int) -> bool:
-    """The forward's DSMEM constexpr: exchange "dsmem" where its kernel path applies (16-bit, the transposed dots
-    resident in one K chunk, one batch tile a program, and a program's two slots within the codes' 11 bits of bytes:
-    BB * BH <= 512); elsewhere the launch runs as exchange "cluster". (The transposed tiles' 16 or 32 units a program
-    are whole 16-byte loads.)"""
-    one_chunk = config.transposed and config.w_resident and transposed_chunk(config, dtype.itemsize) == config.block_k
-    fits = dsmem_slots_bytes(config.block_b, config.block_h) <= DSMEM_MAX_SLOTS
-    return (config.exchange == "dsmem" and dtype.itemsize == 2 and one_chunk and fits
-            and cdiv(batch, config.block_b) <= config.batch_groups)
-
-
-# A chunk of the tagged words the forward waits for and multiplies before it loads the next (compile-only sm_90,
-# 16-bit B = 16: 512 units, 32 words a thread at 4 warps, spill 0 bytes at H = 512 and 40 at H = 1024; one chunk of
-# 1024 spills 4.6 KB, chunks of 256 spill 112 bytes there).
-TAGGED_CHUNK_UNITS = 512
-
-
-def tagged_chunk(config) -> int:
-    """The TKW constexpr: units of h_{t-1} a chunk of the tagged exchange (the whole K up to TAGGED_CHUNK_UNITS)."""
-    return min(config.block_k, TAGGED_CHUNK_UNITS)
-
-
-def tagged_constexprs(config, dtype: torch.dtype, batch: int) -> dict:
-    """The forward's TAGGED, TKW and TPACK constexprs."""
-    chunk = tagged_chunk(config)
-    return dict(TAGGED=tagged_applies(config, dtype, batch), TKW=chunk,
-                TPACK=tag_wait_pack(config.block_b, chunk // 2, config.num_warps))
-
-
-def tagged_applies(config, dtype: torch.dtype, batch: int) -> bool:
-    """The forward's TAGGED constexpr: exchange "tagged" where its kernel path applies (16-bit, the transposed dots
-    with W resident and K >= 32, one batch tile a program); elsewhere the launch runs as "barrier". (Stepwise, one
-    launch a step, the words pass between launches.)"""
-    return (config.exchange == "tagged" and dtype.itemsize == 2 and config.transposed and config.w_resident
-            and config.block_k >= 32 and cdiv(batch, config.block_b) <= config.batch_groups)
 
 
 def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: bool, config, drop=None,
@@ -2151,7 +1762,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     w_dot, w_ih_dot, wscale = _half_weights(w_hh, h0, w_ih, drop) if half else (w_hh, w_ih, c_ws)
     b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
     args = (gx, gates, w_dot, w_ih_dot, drop if drop is not None else y, xd if xd is not None else y, b1, b2, h0,
-            c_ws, y, hn, cn, c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, wscale,
+            c_ws, y, hn, cn, c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), wscale,
             T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=has_bias, TWO_BIASES=two, HAS_LENGTHS=last is not None, STACK=True,

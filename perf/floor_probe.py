@@ -13,22 +13,16 @@ stores it, and meets the other programs by
             result to wait for (a candidate for the kernels' barrier if it beats "barrier", session 8)
   arrive    the counter's arrival alone, no wait (a CTA barrier, the release and the add): what the arrival costs
             of a barrier step (races like "none"; timed, not checked)
-  dsmem     the cluster barrier, and h_{t-1} out of the programs' shared memory instead of L2, as the forward's exchange
-            "dsmem" moves it (kernels.lstm _slot_put / _slot_pull, perf/NOTES.md v0.48): each program's y_t slice in
-            its own slot before the arrive, the whole y_{t-1} pulled in 16-byte loads after the wait (16-bit only;
-            the cluster's P as for "cluster")
   cluster   Hopper's hardware cluster barrier (barrier.cluster.arrive.release / wait.acquire) instead of any
             counter in memory: the kernel is built for one CTA a program (num_ctas = 1) and launched as one
             thread-block cluster of all P programs, which Triton's CUDA launcher does when the metadata it is handed
             says num_ctas = P (it multiplies grid x by it and sets the cluster dimension). At most 8 programs,
             or 16 (non-portable: the launcher allows 16 and no size between), so the rows say their P and beside
             them is "barrier" at the same P. h_{t-1} is read with .cg loads (from L2) (perf/NOTES.md v0.34)
-  tagged    no barrier: each program also stores its y_t slice as 8-byte words (two 16-bit values, and t + 1 in the
-            high 32 bits) into slot t % 2 of a ring, and reads h_{t-1} as those words: one volatile load of the
-            tile, then each thread checks its own words' tags and reloads, alone, those that are not yet of
-            step t - 1 (inline PTX, a bounded spin). An 8-byte store lands whole, so the right tag means the right
-            values: no fence, no counter, no CTA barrier in the wait. 16-bit only (perf/NOTES.md v0.55; the
-            forward's exchange "tagged", kernels.lstm _tagged_put / _tagged_get, v0.56)
+
+(Modes "dsmem", h_{t-1} through distributed shared memory, and "tagged", h_{t-1} as 8-byte words tagged with their
+step and no barrier, ran in runs 7-8 and were removed with the kernels' exchanges of those names: perf/NOTES.md
+v0.48, v0.55-v0.59.)
 
 Every barrier variant's output is checked against a PyTorch loop before it is timed, and the real
 forward kernel (its heuristic config) is timed beside it at the same shape, so the table reads: kernel step =
@@ -50,29 +44,18 @@ import triton.language as tl
 
 from tritonlstm.bench import write_rows_json
 from tritonlstm.kernels.lstm import (
-    DSMEM_MAX_SLOTS,
     FENCES,
-    _cluster_arrive,
     _cluster_barrier,
-    _cluster_wait,
-    _dsmem_codes,
     _grid_barrier,
     _launch_as_cluster,
-    _slot_pull,
-    _slot_put,
-    _tagged_get,
-    tag_wait_pack,
-    _tagged_put,
     cluster_size_ok,
-    dsmem_ring,
-    dsmem_slots_bytes,
     interpreting,
 )
 
-# (Mode 1 was "flags", one flag per program: the kernels' exchange "flags", removed in v0.52.)
-MODES = {"barrier": 0, "none": 2, "counter-ld": 3, "arrive": 4, "cluster": 5, "dsmem": 6, "tagged": 7}
-SIXTEEN_BIT = ("dsmem", "tagged")
-CLUSTERED = ("cluster", "dsmem")
+# (Mode 1 was "flags", one flag per program: the kernels' exchange "flags", removed in v0.52; 6 and 7 "dsmem" and
+# "tagged", removed in v0.59.)
+MODES = {"barrier": 0, "none": 2, "counter-ld": 3, "arrive": 4, "cluster": 5}
+CLUSTERED = ("cluster",)
 UNCHECKED = ("none", "arrive")
 
 
@@ -101,15 +84,10 @@ def _counter_ld_barrier(p_err, p_count, target, max_spin, failed):
 
 
 @triton.jit
-def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr,
-                       BK: tl.constexpr, MODE: tl.constexpr, LOAD_H: tl.constexpr, DSMEM: tl.constexpr = False,
-                       PACK: tl.constexpr = 1):
-    """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1] int32 zero; RING the
-    dsmem mode's codes (and slots, on the interpreter), kernels.lstm's layout, or the tagged mode's words (int64
-    [2, BB, BK // 2] zeros); DSMEM (with MODE "dsmem") asks the
-    cluster launch for the slots' shared memory (cluster_launch_shared). The exchanges are the kernels' own
-    (_grid_barrier, _cluster_barrier, _slot_put / _slot_pull)."""
-    SLOTS: tl.constexpr = 2 * BB * BH * 2
+def floor_probe_kernel(U, Y, SYNC, ERR, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                       MODE: tl.constexpr, LOAD_H: tl.constexpr):
+    """U, Y [T, B, H]; y_t = 0.5 * mean_k(y_{t-1}) + u_t (y_{-1} = 0). SYNC [1] int32 zero. The exchanges are the
+    kernels' own (_grid_barrier, _cluster_barrier)."""
     i_h = tl.program_id(0)
     n_h = tl.num_programs(0)
     o_b = tl.arange(0, BB)
@@ -117,48 +95,18 @@ def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexp
     o_k = tl.arange(0, BK)
     m = (o_b < B)[:, None] & (o_j < H)[None, :]
     failed = tl.load(ERR) != 0
-    if MODE == 6:
-        codes = _dsmem_codes(RING, BB, BH, BK, SLOTS)
-        o_slot = (o_b[:, None] * BH + tl.arange(0, BH)[None, :]) * 2
-        _slot_put(tl.zeros([BB, BH], dtype=Y.dtype.element_ty), o_slot + SLOTS // 2, RING, BB, BK, SLOTS)  # y_{-1}
-        _cluster_barrier(0)
-    dead = tl.zeros([BB, BK // 2], dtype=tl.int1)  # mode 7: the words whose wait gave up
     for s in range(T):
         b_y = tl.load(U + (s * B + o_b[:, None]) * H + o_j[None, :], mask=m, other=0.0).to(tl.float32)
         if LOAD_H:
             m_h = (o_b < B)[:, None] & (o_k < H)[None, :] & (s > 0)
-            if MODE == 6:
-                b_h = _slot_pull(codes, (s + 1) % 2, RING, BB, BK, SLOTS, Y.dtype.element_ty)
-                b_h = tl.where(m_h, b_h, tl.zeros_like(b_h))
-            elif MODE == 7:
-                # (The ring starts as y_{-1} = 0's words, tag 0; step s's words are tagged s + 1.)
-                even, odd, gave_up = _tagged_get(RING + ((s + 1) % 2) * (BB * BK // 2), s, o_b, o_b < B, H,
-                                                 tl.where(dead, 0, max_spin), Y.dtype.element_ty, BB, BK, BK, 0, PACK)
-                dead = dead | gave_up  # no reduction on the step's path: the flag is set after the loop
-                b_h = tl.join(even, odd)  # (only summed below)
-            elif MODE == 5:  # L1 is the SM's own: the other CTAs' h is in L2
+            if MODE == 5:  # L1 is the SM's own: the other CTAs' h is in L2
                 b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0,
                               cache_modifier=".cg")
             else:
                 b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0)
-            if MODE == 7:
-                b_y += (0.5 / H) * tl.sum(tl.sum(b_h.to(tl.float32), axis=2), axis=1)[:, None]
-            else:
-                b_y += (0.5 / H) * tl.sum(b_h.to(tl.float32), axis=1)[:, None]
-        if MODE == 6:
-            # This program's slice into its slot s % 2, arrive, and the output's global store off the barrier's path.
-            _slot_put(b_y.to(Y.dtype.element_ty), o_slot + (s % 2) * (SLOTS // 2), RING, BB, BK, SLOTS)
-            _cluster_arrive(s)
-        if MODE == 7:
-            _tagged_put(RING + (s % 2) * (BB * BK // 2), b_y.to(Y.dtype.element_ty), s + 1, o_b, o_b < B,
-                        i_h * (BH // 2), H, BB, BH, BK)
+            b_y += (0.5 / H) * tl.sum(b_h.to(tl.float32), axis=1)[:, None]
         tl.store(Y + (s * B + o_b[:, None]) * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m)
-        if MODE == 6:
-            if FENCES:
-                _cluster_wait(s)
-            else:  # (the interpreter's arrive and wait as one barrier, as in the forward kernel)
-                _cluster_barrier(s)
-        elif MODE == 0:
+        if MODE == 0:
             failed = failed | _grid_barrier(ERR, SYNC, (s + 1) * n_h, max_spin)
         elif MODE == 3:
             failed = failed | _counter_ld_barrier(ERR, SYNC, (s + 1) * n_h, max_spin, failed)
@@ -167,8 +115,6 @@ def floor_probe_kernel(U, Y, SYNC, ERR, RING, T, B, H, max_spin, BB: tl.constexp
             tl.atomic_add(SYNC, 1, sem="release", scope="gpu")
         elif MODE == 5:
             failed = failed | (_cluster_barrier(s) < 0)
-    if MODE == 7:
-        tl.atomic_xchg(ERR + tl.zeros([BB, BK // 2], dtype=tl.int32), 1, mask=dead, sem="relaxed")
 
 
 def reference(u: torch.Tensor) -> torch.Tensor:
@@ -189,27 +135,12 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
 
     if mode in CLUSTERED and not cluster_size_ok(P):
         raise ValueError(f"{mode}: {P} programs; Triton's launcher launches clusters of at most 8, or 16")
-    if mode == "tagged" and u.dtype.itemsize != 2:
-        raise ValueError(f"tagged: 16-bit values (two a word), got {u.dtype}")
-    if mode == "dsmem" and (u.dtype.itemsize != 2 or dsmem_slots_bytes(meta["BB"], block_h) > DSMEM_MAX_SLOTS):
-        raise ValueError(f"dsmem: 16-bit values and at most {DSMEM_MAX_SLOTS} bytes of slots (kernels.lstm."
-                         f"dsmem_applies), got {u.dtype}, BB = {meta['BB']}, BH = {block_h}")
-    if mode == "tagged":
-        meta["PACK"] = tag_wait_pack(meta["BB"], meta["BK"] // 2, warps)
-    if mode == "dsmem":
-        meta["DSMEM"] = True  # (for cluster_launch_shared: the slots beyond the kernel's shared memory)
 
     def run():
         y = torch.full_like(u, float("nan"))
         sync = torch.zeros(1, dtype=torch.int32, device=u.device)
         err = torch.zeros(1, dtype=torch.int32, device=u.device)
-        if mode == "dsmem":
-            ring = dsmem_ring(P, meta["BB"], block_h, meta["BK"], u.device)
-        elif mode == "tagged":
-            ring = torch.zeros(meta["BB"] * meta["BK"], dtype=torch.int64, device=u.device)  # 2 slots of BK / 2
-        else:
-            ring = torch.empty(1, dtype=torch.int16, device=u.device)
-        args = (u, y, sync, err, ring, T, B, H, max_spin)
+        args = (u, y, sync, err, T, B, H, max_spin)
         if mode in CLUSTERED and not interpreting():
             _launch_as_cluster(floor_probe_kernel, (P, 1, 1), args, meta)
         else:
@@ -249,11 +180,9 @@ def measure(H: int, B: int, T: int, dtype: torch.dtype, warps: list[int]) -> lis
         wide *= 2
     if wide != cfg.block_h:  # a cluster's P is at most 8, or 16: the cluster there, and the counter barrier beside it
         jobs = [(mode, wide if mode in CLUSTERED else bh) for mode, bh in jobs] + [("barrier", wide)]
-    if dtype.itemsize != 2:
-        jobs = [(mode, bh) for mode, bh in jobs if mode not in SIXTEEN_BIT]
     for w in warps:
         for mode, bh in jobs:
-            for load_h in (True, False) if mode != "tagged" else (True,):  # (its wait is its h read)
+            for load_h in (True, False):
                 what = mode if bh == cfg.block_h else f"{mode} (P={triton.cdiv(H, bh)})"
                 row = {**base, "what": f"{what}{'' if load_h else ' (no h read)'}", "warps": w,
                        "programs": triton.cdiv(H, bh), "block_h": bh}

@@ -1,7 +1,7 @@
 """A/B of launch configs of the recurrence kernels alone (no input GEMM, no weight gradients), on a GPU, with
 cuDNN timed beside them in the same process. Each row is one (kernel, dtype, H, B); its variants are
 tritonlstm.configs.named_variants (each named and described there: the heuristic's tiles "unsplit", split-K,
-merged, transposed, streamed and wide tiles, the cluster and dsmem exchanges).
+merged, transposed, streamed and wide tiles, the cluster exchange).
 
     python perf/kernel_ab.py [--dtypes float16,float32] [--hidden 256,512,1024] [--batch 16,256] [--seq 256]
                              [--kernels fwd,bwd,stack,stack_bwd] [--layers 2,4] [--variants unsplit,split,...]

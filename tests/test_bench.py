@@ -294,14 +294,14 @@ def test_cells_warm_up_under_compile_only_without_launching(layers, bidirectiona
     assert not launched  # no launch reached the pre-launch check
 
 
-@pytest.mark.parametrize("mode", ["barrier", "none", "counter-ld", "cluster", "dsmem", "tagged"])
+@pytest.mark.parametrize("mode", ["barrier", "none", "counter-ld", "cluster"])
 def test_floor_probe_computes_its_recurrence(mode):
     """One program (the interpreter runs programs one after another): every exchange's y_t = 0.5 mean(y_{t-1}) +
     u_t against the PyTorch loop, and without the h read y = u."""
     import torch
 
     probe = _perf_script("floor_probe")
-    u = torch.randn(5, 3, 13, dtype=torch.float16)  # an odd H: the tagged words' last has one unit
+    u = torch.randn(5, 3, 13, dtype=torch.float16)
     y, err = probe.launcher(u, 16, 4, mode, True)()
     assert int(err[0]) == 0
     torch.testing.assert_close(y, probe.reference(u), rtol=2e-3, atol=2e-3)
@@ -310,7 +310,7 @@ def test_floor_probe_computes_its_recurrence(mode):
     assert torch.equal(y, u)
 
 
-@pytest.mark.parametrize("mode", ["barrier", "counter-ld", "cluster", "dsmem", "tagged"])
+@pytest.mark.parametrize("mode", ["barrier", "counter-ld", "cluster"])
 def test_floor_probe_with_its_programs_at_once(mode, monkeypatch):
     """The probe as it runs on a GPU, 3 programs at once (tests/concurrency.py): each exchange must make every
     program's y_{t-1} visible before any reads it (the slowed program's outputs come late)."""
@@ -329,74 +329,33 @@ def test_floor_probe_with_its_programs_at_once(mode, monkeypatch):
     torch.testing.assert_close(y, probe.reference(u), rtol=2e-3, atol=2e-3)
 
 
-# The start of a script (argv[1]: perf/floor_probe.py) that compiles the probe's kernel for sm_90, fp16, 4 warps.
-PROBE_SM90 = """
-import importlib.util, re, sys
+# A script (argv[1]: perf/floor_probe.py) that compiles the probe's cluster mode for sm_90, fp16, 4 warps.
+CLUSTER_PTX = """
+import importlib.util, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("floor_probe", sys.argv[1])
 probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probe)
-
-def compile_probe(ring, **consts):
-    sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", ERR="*i32", RING=ring, T="i32", B="i32", H="i32", max_spin="i32",
-               BB="constexpr", BH="constexpr", BK="constexpr", MODE="constexpr", LOAD_H="constexpr",
-               DSMEM="constexpr", PACK="constexpr")
-    consts.setdefault("PACK", 1)
-    return triton.compile(ASTSource(fn=probe.floor_probe_kernel, signature=sig, constexprs=consts),
-                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-"""
-
-CLUSTER_PTX = PROBE_SM90 + """
-for mode in ("cluster", "dsmem"):
-    c = compile_probe("*i16", BB=16, BH=16, BK=256, MODE=probe.MODES[mode], LOAD_H=True, DSMEM=mode == "dsmem")
-    ptx = c.asm["ptx"]
-    print(c.metadata.num_ctas, len(c.asm["cubin"]) > 0, "barrier.cluster.arrive.release" in ptx,
-          "barrier.cluster.wait.acquire" in ptx, "%ctaid.x" in ptx, "%clusterid" in ptx or "%cluster_ctaid" in ptx,
-          ptx.count("ld.shared::cluster.v4.b32"))
+sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", ERR="*i32", T="i32", B="i32", H="i32", max_spin="i32", BB="constexpr",
+           BH="constexpr", BK="constexpr", MODE="constexpr", LOAD_H="constexpr")
+consts = dict(BB=16, BH=16, BK=256, MODE=probe.MODES["cluster"], LOAD_H=True)
+c = triton.compile(ASTSource(fn=probe.floor_probe_kernel, signature=sig, constexprs=consts),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+ptx = c.asm["ptx"]
+print(c.metadata.num_ctas, len(c.asm["cubin"]) > 0, "barrier.cluster.arrive.release" in ptx,
+      "barrier.cluster.wait.acquire" in ptx, "%ctaid.x" in ptx, "%clusterid" in ptx or "%cluster_ctaid" in ptx)
 """
 
 
 def test_floor_probe_cluster_mode_compiles_for_sm90_with_one_program_a_cta():
     """The cluster exchange (perf/NOTES.md v0.34): ptxas takes the cluster barrier, and the build has num_ctas = 1
     with tl.program_id(0) read from %ctaid.x, which is what launch_as_cluster relies on: launched as a cluster, each
-    CTA is still its own program. The dsmem exchange (v0.48) too, with its pulls."""
+    CTA is still its own program."""
     proc = run_python("-c", CLUSTER_PTX, str(PERF / "floor_probe.py"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cluster, dsmem = proc.stdout.splitlines()
-    assert cluster.split() == ["1", "True", "True", "True", "True", "False", "0"], proc.stdout
-    # dsmem: the same, and h_{t-1} pulled in 16-byte loads: 16 x 256 units / 8 a load / 128 threads
-    assert dsmem.split() == ["1", "True", "True", "True", "True", "False", "4"], proc.stdout
-
-
-TAGGED_PTX = PROBE_SM90 + """
-from tritonlstm.compilecheck import _ptxas_report
-for H in (256, 512):
-    c = compile_probe("*i64", BB=16, BH=16, BK=H, MODE=probe.MODES["tagged"], LOAD_H=True, DSMEM=False,
-                      PACK=probe.tag_wait_pack(16, H // 2, 4))
-    ptx = c.asm["ptx"]
-    first, last = ptx.index("ld.volatile.global.b64"), ptx.rindex("bra WAIT")
-    between = ptx[first:last]
-    print(H, *_ptxas_report(ptx), ptx.count("WAIT:"), len(re.findall(r"ld\\.volatile\\.global\\.b64", between)),
-          ptx.count("@%p ld.volatile.global.b64"),
-          any(op in between for op in ("bar.sync", "atom.", "fence.", "membar")), "atom." in ptx[last:])
-"""
-
-
-def test_floor_probe_tagged_mode_waits_per_thread_on_sm90():
-    """The tagged exchange's wait (perf/NOTES.md v0.55, v0.58), compiled for sm_90: each thread's 16-bit words of
-    h_{t-1} (16 x H / 2 words over 128 threads) are loaded at once, then waited for together in one copy of the
-    spin (tag_wait: a round reloads every late word, predicated); nothing between the first load and the last check
-    pairs the threads or orders memory (no CTA barrier, atomic or fence); the flag of a wait that gave up is set
-    after the step loop; no spills."""
-    proc = run_python("-c", TAGGED_PTX, str(PERF / "floor_probe.py"), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines()]
-    for (h, _regs, spills, waits, loads, reloads, ordered, flag_after), H in zip(rows, (256, 512)):
-        words = 16 * H // 2 // 128
-        assert (int(h), int(spills), int(waits), int(loads), int(reloads), ordered, flag_after) == \
-            (H, 0, 1, 2 * words, words, "False", "True"), proc.stdout
+    assert proc.stdout.split() == ["1", "True", "True", "True", "True", "False"], proc.stdout
 
 
 def test_memory_probe_records_the_tensors_alive_at_a_training_steps_peak():

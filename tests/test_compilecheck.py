@@ -383,113 +383,6 @@ def test_cluster_exchange_compiles_for_sm90_with_one_program_a_cta():
         assert line.split()[3:] == ["True", "None", "0", "True", "True", "True", "False", "False"], line
 
 
-DSMEM_COMPILE = """
-import re, torch
-from tritonlstm import compilecheck as cc
-from tritonlstm.configs import named_variants
-ptx = []
-report = cc._ptxas_report
-cc._ptxas_report = lambda text: ptx.append(text) or report(text)
-for dtype, hidden in ((torch.float16, 256), (torch.bfloat16, 512)):
-    cfg = named_variants("fwd", hidden, 16, dtype, 132)["transposed-dsmem"]
-    r = cc.check("fwd", dtype, hidden, cfg, prefetch=cfg.prefetches(16, hidden))
-    ins = [l.strip() for l in ptx[-1].splitlines() if l.strip() and not l.strip().startswith((".loc", "//", "$L__tmp"))]
-    where = lambda op: [i for i, l in enumerate(ins) if op in l]
-    pulls, puts = where("ld.shared::cluster.v4.b32"), where("st.shared.b16 [%a]")
-    arrives, stores = where("barrier.cluster.arrive.release"), where("st.global")
-    last_arrive = min(i for i in arrives if i > max(puts))  # the step's (not the launch's first, not a tileless one)
-    threads = cfg.num_warps * 32
-    print(r.ok, r.error, r.spill_bytes, len(pulls) == len(where("mapa.shared::cluster")) == 16 * hidden // 8 // threads,
-          not where("st.shared::cluster"), len(where("%dynamic_smem_size")) > 0,
-          len(arrives) == 3 and len(where("barrier.cluster.wait.acquire")) == 2,
-          max(pulls) < max(puts) < last_arrive, not [i for i in stores if max(puts) < i < last_arrive],
-          any(i > last_arrive for i in stores))
-"""
-
-
-def test_dsmem_exchange_compiles_for_sm90_with_the_outputs_off_the_barriers_path():
-    """exchange "dsmem" (v0.48) for sm_90, float16 at H = 256 and bfloat16 at H = 512 (16 programs of 32 units):
-    no spills; h_{t-1} pulled from the cluster's programs in 16-byte loads (mapa, ld.shared::cluster.v4.b32: 8 units
-    a load, so 16 * H / 8 loads over the program's threads) and nothing stored remotely; h_t put into the program's
-    own slots with local stores, found from %dynamic_smem_size; two cluster barriers (the launch's first, then one
-    per step split into arrive and wait, with a second arrive for a program without a batch tile); in the step, the
-    pulls before the puts, the puts before the arrive and the global stores of the outputs after it, so that the
-    barrier waits on no global store."""
-    proc = run_python("-c", DSMEM_COMPILE, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 2, proc.stdout
-    for line in lines:
-        assert line.split() == ["True", "None", "0"] + ["True"] * 7, line
-
-
-TAGGED_COMPILE = """
-import torch
-from tritonlstm import compilecheck as cc
-from tritonlstm.configs import named_variants
-ptx = []
-report = cc._ptxas_report
-cc._ptxas_report = lambda text: ptx.append(text) or report(text)
-for dtype, hidden in ((torch.float16, 256), (torch.bfloat16, 512), (torch.float16, 1024)):
-    cfg = named_variants("fwd", hidden, 16, dtype, 132)["transposed-tagged"]
-    r = cc.check("fwd", dtype, hidden, cfg, prefetch=cfg.prefetches(16, hidden))
-    ins = [l.strip() for l in ptx[-1].splitlines() if l.strip() and not l.strip().startswith((".loc", "//", "$L__tmp"))]
-    where = lambda op: [i for i, l in enumerate(ins) if op in l]
-    loads, waits, done = where("ld.volatile.global.b64 {"), where("WAIT:"), where("bra WAIT")
-    reloads = where("@%p ld.volatile.global.b64")
-    words = where("st.global.b64")
-    print(hidden, r.error, r.spill_bytes, len(waits) == len(done) == hidden // min(hidden, 512)
-          and len(loads) == len(reloads) == 16 * hidden // 2 // (cfg.num_warps * 32),
-          not where("atom.global.gpu.acq_rel") and min(where("atom.")) > max(words), len(words) == 1)
-    if hidden <= 512:  # one chunk of words, in one basic block: its order in the PTX is its order in a step
-        ys = [i for i in where("st.global") if i not in words]
-        print(max(loads) < min(done),
-              not [l for l in ins[min(loads):max(done)] if l.startswith(("bar.sync", "atom.", "fence.", "membar"))],
-              max(done) < words[0] < min(i for i in ys if i > words[0]))
-"""
-
-
-def test_tagged_exchange_compiles_for_sm90_with_the_wait_per_thread():
-    """exchange "tagged" (v0.56) for sm_90, float16 at H = 256 and 1024, bfloat16 at H = 512: no spills below H = 1024
-    (152 bytes there, in two chunks of words; the tuner takes up to 2 KB); h_{t-1}'s words (16 x H / 2 over the
-    program's threads) each waited for in its own copy of the spin; no acquire-release atomic anywhere (no barrier),
-    the error flag's atomics after the step loop. With one chunk (H <= 512, one basic block): all the words loaded
-    before any is checked, nothing between the first load and the last check that pairs the threads or orders memory
-    (no CTA barrier, atomic or fence), and the step's one word store after the waits and before the outputs' stores
-    (the other programs wait on it, not on them)."""
-    proc = run_python("-c", TAGGED_COMPILE, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line.split() for line in proc.stdout.splitlines()]
-    assert lines[0] == ["256", "None", "0"] + ["True"] * 3 and lines[1] == ["True"] * 3, proc.stdout
-    assert lines[2] == ["512", "None", "0"] + ["True"] * 3 and lines[3] == ["True"] * 3, proc.stdout
-    h, error, spills, *rest = lines[4]  # two chunks of words; the tuner's limit is 2 KB
-    assert (h, error, rest) == ("1024", "None", ["True"] * 3) and int(spills) <= 256 and len(lines) == 5, proc.stdout
-
-
-def test_tagged_variant_is_offered_where_its_words_fit_a_threads_registers():
-    """named_variants' "transposed-tagged" (v0.56): 16-bit, 16-row tiles, one a program (compile-only: 0-40 bytes of
-    spills up to H = 1024, its words in chunks of 512 units; 1.2-5.5 KB with the 64-row tiles of B = 64), never
-    float32."""
-    from tritonlstm.configs import named_variants
-    from tritonlstm.kernels import lstm as k
-
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for H in (256, 512, 1024):
-            for B in (1, 16, 64, 256):
-                cfg = named_variants("fwd", H, B, dtype, 132).get("transposed-tagged")
-                assert (cfg is not None) == (dtype.itemsize == 2 and B <= 16), (dtype, H, B, cfg)
-                assert cfg is None or (cfg.block_b == 16 and k.tagged_applies(cfg, dtype, B))
-
-
-def test_dsmem_launch_requests_the_slots_beyond_the_kernels_shared_memory():
-    from tritonlstm.kernels import lstm as k
-
-    assert k.cluster_launch_shared(40960, dict(BB=16, BH=16)) == 40960
-    assert k.cluster_launch_shared(40960, dict(BB=16, BH=16, DSMEM=False)) == 40960
-    assert k.cluster_launch_shared(40960, dict(BB=16, BH=16, DSMEM=True)) == 40960 + 2 * 16 * 16 * 2  # own units
-    assert k.cluster_launch_shared(40961, dict(BB=16, BH=32, DSMEM=True)) == 40976 + 2 * 16 * 32 * 2
-
-
 ORDERING_COMPILE = """
 import re, torch
 from tritonlstm import compilecheck as cc
@@ -540,8 +433,7 @@ probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probe)
 u = torch.zeros(4, 16, 256, dtype=torch.float16)
 y, ints = torch.zeros_like(u), torch.zeros(2, dtype=torch.int32)
-ring = torch.zeros(1, dtype=torch.int16)  # (the dsmem mode's; unused by the cluster mode)
-args = (u, y, ints[:1], ints[1:], ring, 4, 16, 256, 1000)
+args = (u, y, ints[:1], ints[1:], 4, 16, 256, 1000)
 meta = dict(BB=16, BH=16, BK=256, MODE=probe.MODES["cluster"], LOAD_H=True, num_warps=4)
 probe.floor_probe_kernel[(16, 2, 3)](*args, **meta)
 k._launch_as_cluster(probe.floor_probe_kernel, (16, 2, 3), args, meta)

@@ -85,10 +85,7 @@ SIXTEEN_BIT_CASES = [
     ("transposed-half", "transposed", torch.float32, RESOLUTION_GPU[torch.float32]),
     ("transposed", "split-half", torch.float32, RESOLUTION_GPU[torch.float32]),
     ("transposed", "grid-2d-half", torch.float32, RESOLUTION_GPU[torch.float32]),
-    # (dsmem's slots in global memory on the interpreter: the offsets, words and slot rotation as on the GPU)
-    ("transposed-dsmem", "transposed-cluster", torch.float16, RESOLUTION[torch.float16]),
-    # (no barrier: the tagged words are the only order between the programs)
-    ("transposed-tagged", "transposed", torch.bfloat16, RESOLUTION[torch.bfloat16]),
+    ("transposed-cluster", "transposed-cluster", torch.float16, RESOLUTION[torch.float16]),
 ]
 
 
@@ -170,78 +167,19 @@ def test_stack_wavefronts_with_programs_at_once(fwd_name, bwd_name, launches):
     assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
 
 
-@pytest.mark.parametrize("name, H, dtype", [("unsplit", 64, torch.float32), ("transposed-tagged", 48, torch.float16)],
-                         ids=["counter-barrier", "tagged"])
-def test_waits_that_give_up_poison_the_rest_and_raise(name, H, dtype, monkeypatch):
+def test_waits_that_give_up_together_poison_the_rest_and_raise(monkeypatch):
     """max_spin = 2 polls: the programs waiting for the slowed one give up, every output from then on is NaN, and the
-    failure is reported. The counter barrier: its give-ups come at about the same time (perf/NOTES.md v0.14: several
-    give-ups must release the launch once, not wrap the counter). The tagged exchange (v0.56): the words that gave up
-    read as NaN, so every row's state is NaN from the next step on, in every program, and the flag is set after the
-    step loop."""
+    failure is reported. The give-ups come at about the same time (perf/NOTES.md v0.14: several give-ups must
+    release the launch once, not wrap the counter)."""
     import tritonlstm
 
     monkeypatch.setattr(kernels.barrier_errors, "launched", lambda device, capturing: None)
     torch.manual_seed(5)
-    B = 5
-    config = dataclasses.replace(variant("fwd", name, H, B, dtype=dtype), max_spin=2)
+    B, H, dtype = 5, 64, torch.float32
+    config = dataclasses.replace(variant("fwd", "unsplit", H, B, dtype=dtype), max_spin=2)
     problem = make_problem(4, B, H, H, dtype)
     with concurrent_programs(6), use_config(config, "fwd"), torch.no_grad():
         y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
     assert torch.isnan(y[-1]).all() and torch.isnan(hn).all() and torch.isnan(cn).all()
     with pytest.raises(RuntimeError, match="barrier"):
         tritonlstm.synchronize("cpu")
-
-
-def _both_directions_in_split_launches(fwd, T, B, H, dtype, seed, launches):
-    """A forward of both directions in one launch, 3 programs a direction, with per-row lengths, under RELEASED = 7
-    (the caller's): launches of 2 steps. Against the float64 reference."""
-    problems = [make_problem(T, B, H, H, dtype) for _ in range(2)]
-    x = problems[0]["x"]
-    lengths = torch.tensor([5, 1, 3, 5, 2])
-    refs = [reference({**pr, "x": x}, reverse=d == 1, lengths=lengths)[1] for d, pr in enumerate(problems)]
-    weights = [tuple(pr[n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) + (None,) for pr in problems]
-    h0 = torch.stack([pr["h0"] for pr in problems])
-    c0 = torch.stack([pr["c0"] for pr in problems])
-    with concurrent_programs(seed), use_config(fwd, "fwd"), torch.no_grad():
-        y, (hn, cn) = lstm_layer(x, weights, h0, c0, lengths=lengths, backend="triton")
-    tol = RESOLUTION[dtype]
-    assert rel_err(y, torch.cat([r[0] for r in refs], dim=2)) <= tol
-    assert rel_err(hn, torch.stack([r[1] for r in refs])) <= tol
-    assert rel_err(cn, torch.stack([r[2] for r in refs])) <= tol
-    assert launches == [("lstm_fwd_kernel", 6, True)], launches  # (3 launches of 2, 2 and 1 steps)
-
-
-@pytest.mark.parametrize("H, BH", [(48, 16), (80, 32)])
-def test_dsmem_pulls_h_from_every_program_with_lengths_both_directions_and_split_launches(H, BH, monkeypatch,
-                                                                                         launches):
-    """exchange "dsmem" (v0.48) with its slots in global memory: 3 programs of 16 units (H = 48; the tuner's tiles)
-    or of 32 (H = 80; the tiles it takes at H = 512), so the last 16-byte loads of a row (K = 64, 128) fall past the
-    cluster and must read nothing; both directions in one launch (a cluster each), per-row lengths, and the sequence
-    split into launches of 2 steps (each launch's first h_{t-1} from y, not h0)."""
-    monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(7))  # 3 programs: (7 - 1) // 3 = 2 steps a launch
-    torch.manual_seed(5)
-    B, T, dtype = 5, 5, torch.float16
-    fwd = dataclasses.replace(variant("fwd", "transposed-dsmem", 48, B, dtype=dtype), block_h=BH,
-                              block_k=64 if H <= 64 else 128, num_warps=4 if BH == 16 else 8)
-    assert kernels.dsmem_applies(fwd, dtype, B)
-    _both_directions_in_split_launches(fwd, T, B, H, dtype, 5, launches)
-
-
-@pytest.mark.parametrize("H, chunk", [(48, 512), (33, 512), (48, 32)])
-def test_tagged_words_with_lengths_both_directions_and_split_launches(H, chunk, monkeypatch, launches):
-    """exchange "tagged" (v0.56), no barrier between the programs: 3 programs of 16 units, an even H and an odd one
-    (the last word of a row holds one unit), the words waited for in one chunk or two (as H = 1024 takes them), both
-    directions in one launch (a ring each), per-row lengths (rows past their end are not waited for), and the
-    sequence split into launches of 2 steps (each launch's first h_{t-1} from the ring the launch before left, not
-    from h0)."""
-    monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(7))  # 3 programs: (7 - 1) // 3 = 2 steps a launch
-    monkeypatch.setattr(kernels, "TAGGED_CHUNK_UNITS", chunk)
-    kernels._forward_plan.cache_clear()  # (the plans are memoised per config and shape; the chunk is in them)
-    torch.manual_seed(6)
-    B, T, dtype = 5, 5, torch.float16
-    fwd = variant("fwd", "transposed-tagged", H, B, dtype=dtype)
-    assert fwd.exchange == "tagged" and kernels.tagged_applies(fwd, dtype, B)
-    try:
-        _both_directions_in_split_launches(fwd, T, B, H, dtype, 7, launches)
-    finally:
-        kernels._forward_plan.cache_clear()

@@ -203,25 +203,6 @@ def test_transposed_forward_with_32_unit_programs(reverse, dtype, lengths, kerne
         kernels.reduce_scatter_constexprs(config, 40)
 
 
-# exchange "tagged" (v0.56) run stepwise: h_{t-1} passes between the launches as words (two 16-bit units and the step);
-# 17 rows in 5 tiles of 4 over 5 batch groups (one tile a program, as tagged_applies asks), H = 33 over 3 programs
-# (the last word of a row holds one unit), h0 read as even and odd units at the first step; the words in one chunk of
-# K = 64, or in two of 32 (as H = 1024 takes them in chunks of 512).
-@pytest.mark.parametrize("chunk", [512, 32], ids=["one-chunk", "two-chunks"])
-@pytest.mark.parametrize("reverse,dtype,lengths", [(False, torch.float16, False), (True, torch.bfloat16, True)],
-                         ids=["fp16", "bf16-rev-lengths"])
-def test_tagged_exchange_stepwise(chunk, reverse, dtype, lengths, kernel_calls, chunk_constants):
-    chunk_constants.setattr(kernels, "TAGGED_CHUNK_UNITS", chunk)
-    config = LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=5, persistent=False,
-                        transposed=True, exchange="tagged")
-    assert kernels.tagged_applies(config, dtype, 17) and not kernels.tagged_applies(config, torch.float32, 17)
-    assert kernels.tagged_chunk(config) == min(64, chunk)
-    problem = make_problem(6, 17, 10, 33, dtype)
-    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
-    check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config, kernel="fwd")
-    assert kernel_calls == {"fwd": 1, "bwd": 1}
-
-
 # float32 forward dots on float16 operands, W^T scaled by a power of two (LSTMConfig.half_w, perf/NOTES.md v0.29):
 # as precise as TF32's operands, so judged by the GPU's float32 tolerance (TF32), never by the interpreter's exact one.
 HALF_TOL = RESOLUTION_GPU[torch.float32]
@@ -1165,40 +1146,6 @@ def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
         LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, persistent=False, exchange="cluster")
 
 
-def test_dsmem_exchange_is_a_cluster_launch_and_its_kernel_path_only_where_it_applies():
-    """exchange "dsmem" (v0.39, pulled since v0.48): refused like "cluster" where no cluster can hold the barrier,
-    and on tiles other than the transposed resident ones; launched as a cluster; its kernel path (DSMEM) only for
-    16-bit layers whose h tile is one K chunk, whose programs own one batch tile each and whose two slots a program
-    fit the codes' 11 bits of bytes (BB * BH <= 512), the rest running as "cluster"."""
-    from tritonlstm.configs import named_variants
-    from tritonlstm.kernels import lstm as k
-
-    cfg = LSTMConfig(block_h=16, block_b=16, block_k=256, w_resident=True, transposed=True, exchange="dsmem")
-    assert cfg.clustered and k._barrier_state(cfg, (16, 1, 1), torch.device("cpu"))[1]["CLUSTER"]
-    with pytest.raises(ValueError, match="exchange='dsmem'.*12 programs"):
-        k._barrier_state(cfg, (12, 1, 1), torch.device("cpu"))
-    with pytest.raises(ValueError, match="exchange='dsmem'.*transposed dots with W resident"):
-        LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="dsmem")
-    with pytest.raises(ValueError, match="exchange='dsmem'.*persistent=False"):
-        LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, transposed=True, persistent=False,
-                   exchange="dsmem")
-    assert k.dsmem_applies(cfg, torch.float16, 16) is True
-    assert k.dsmem_applies(cfg, torch.bfloat16, 16) is True
-    assert k.dsmem_applies(cfg, torch.float32, 16) is False
-    assert k.dsmem_applies(cfg, torch.float16, 32) is False  # two batch tiles for one program
-    assert k.dsmem_applies(dataclasses.replace(cfg, block_b=32), torch.float16, 32) is True  # 32 x 16 units: 2 KB
-    assert k.dsmem_applies(dataclasses.replace(cfg, block_b=64), torch.float16, 64) is False  # 4 KB of slots
-    assert k.dsmem_applies(dataclasses.replace(cfg, exchange="cluster"), torch.float16, 16) is False
-    for dtype in (torch.float16, torch.bfloat16):
-        for H in (256, 512):
-            got = named_variants("fwd", H, 16, dtype, 132)["transposed-dsmem"]
-            assert got == dataclasses.replace(named_variants("fwd", H, 16, dtype, 132)["transposed-cluster"],
-                                              exchange="dsmem")
-            assert k.dsmem_applies(got, dtype, 16) is True
-    assert "transposed-dsmem" not in named_variants("fwd", 256, 16, torch.float32, 132)
-    assert "transposed-dsmem" not in named_variants("bwd", 256, 16, torch.float16, 132)
-
-
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
 def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(capability, monkeypatch):
     """_run with a cluster config (v0.34) on a CUDA device, the launch itself stubbed: on sm_90 through
@@ -1210,11 +1157,11 @@ def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(ca
 
     class Kernel:
         def __getitem__(self, grid):
-            return lambda *args, **meta: launches.append(("plain", grid, meta["CLUSTER"], meta.get("DSMEM")))
+            return lambda *args, **meta: launches.append(("plain", grid, meta["CLUSTER"]))
 
     monkeypatch.setattr(k, "interpreting", lambda: False)
     monkeypatch.setattr(k, "_launch_as_cluster", lambda kernel, grid, args, meta: launches.append(
-        ("cluster", grid, meta["CLUSTER"], meta["DSMEM"])))
+        ("cluster", grid, meta["CLUSTER"])))
     monkeypatch.setattr(k.barrier_errors, "check", lambda *a, **kw: None)
     monkeypatch.setattr(k.barrier_errors, "launched", lambda *a, **kw: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -1224,12 +1171,11 @@ def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(ca
     sync, cluster = k._barrier_state(cfg, (16, 2, 1), torch.device("cpu"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # (as lstm_forward passes a "dsmem" config's DSMEM, which a GPU without clusters must drop too)
-        k._run(Kernel(), (16, 2, 1), 8, cfg, torch.device("cuda"), (), {**cluster, "DSMEM": True}, sync)
+        k._run(Kernel(), (16, 2, 1), 8, cfg, torch.device("cuda"), (), cluster, sync)
     if capability >= (9, 0):
-        assert launches == [("cluster", (16, 2, 1), True, True)] and not caught
+        assert launches == [("cluster", (16, 2, 1), True)] and not caught
     else:
-        assert launches == [("plain", (16, 2, 1), False, None)]
+        assert launches == [("plain", (16, 2, 1), False)]
         assert any("A100" in str(w.message) and "grid barrier" in str(w.message) for w in caught)
 
 

@@ -522,31 +522,24 @@ def test_transposed_and_merged_dots_match_cudnn(kind, H, B, dtype):
 
 CLUSTER_CASES = [pytest.param(kind, H, dt, id=f"{kind}-H{H}-{name}") for name, dt in DTYPES.items()
                  for kind, H in (("cluster", 256), ("cluster", 512), ("transposed-cluster", 256),
-                                 ("transposed-cluster", 512), ("transposed-dsmem", 256), ("transposed-dsmem", 512))
+                                 ("transposed-cluster", 512))
                  # float32 at H = 512 has 32 programs of 16 units in both layouts: over a cluster's 16 (no such
-                 # variant: named_variants offers neither); dsmem is 16-bit
-                 if not (H == 512 and dt == torch.float32) and not (kind.endswith("dsmem") and dt == torch.float32)]
+                 # variant: named_variants offers neither)
+                 if not (H == 512 and dt == torch.float32)]
 
 
 def _groups_without_rows_and_split_launches(kind, H, dtype, sms):
-    """The forward of variant `kind` (one batch tile a program) against cuDNN with 4 batch groups for 3 tiles (a
-    group of programs without rows), then with the sequence split into launches of 3 steps."""
-    from tritonlstm.configs import named_variants, use_config
-
-    four_groups = dataclasses.replace(named_variants("fwd", H, 40, dtype, sms)[kind], batch_groups=4)
-    with use_config(four_groups, "fwd"):
-        run_both(16, 40, H, dtype, backward=False)
-    _split_launches(kind, H, dtype, sms)
-
-
-def _split_launches(kind, H, dtype, sms):
-    """The forward of variant `kind` at B = 16 against cuDNN, the sequence split into launches of 3 steps (each
-    launch's first h_{t-1} from what the launch before left)."""
+    """The forward of variant `kind` against cuDNN with 4 batch groups for B = 40's 3 tiles (a group of programs
+    without rows, which must still meet the others), then at B = 16 with the sequence split into launches of 3 steps
+    (each launch's first h_{t-1} from what the launch before left)."""
     import triton.language as tl
 
     from tritonlstm.configs import named_variants, use_config
     from tritonlstm.kernels import lstm as k
 
+    four_groups = dataclasses.replace(named_variants("fwd", H, 40, dtype, sms)[kind], batch_groups=4)
+    with use_config(four_groups, "fwd"):
+        run_both(16, 40, H, dtype, backward=False)
     fwd = named_variants("fwd", H, 16, dtype, sms)[kind]
     released = k.RELEASED
     k.RELEASED = tl.constexpr(3 * fwd.programs(H) + 1)
@@ -562,47 +555,20 @@ def test_cluster_barrier_matches_cudnn(kind, H, dtype):
     """The cluster exchange (v0.34): a barrier's programs launched as one thread-block cluster (16 at H = 512,
     non-portable) and met by the hardware cluster barrier, forward and backward (the backward has no transposed
     tiles at H = 512: its own config there), B = 16 and B = 64 (batch groups: a cluster each), then both
-    directions with per-row lengths (a cluster per direction). transposed-dsmem (v0.39): h_{t-1} through
-    distributed shared memory, the forward only (the backward takes its own config), then with more batch groups
-    than tiles, and with the sequence split into launches of 3 steps (each launch's first h_{t-1} from global
-    memory)."""
+    directions with per-row lengths (a cluster per direction); transposed-cluster's forward also with more batch
+    groups than tiles, and with the sequence split into launches."""
     from tritonlstm.configs import named_variants, use_config
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    # dsmem needs each program to own one batch tile: no variant at B = 64 (run 7 asked for one), B = 40's 3 tiles.
-    for B in (16, 40 if kind.endswith("dsmem") else 64):
+    for B in (16, 64):
         fwd = named_variants("fwd", H, B, dtype, sms)[kind]
         bwd = named_variants("bwd", H, B, dtype, sms).get(kind)
         assert fwd.clustered and fwd.programs(H) > 1 and (bwd is None or bwd.clustered), fwd
         with use_config(fwd, "fwd"), use_config(bwd, "bwd"):
             run_both(64, B, H, dtype)
     packed_bidirectional_matches_cudnn(H, 16, dtype, named_variants("fwd", H, 16, dtype, sms // 2)[kind])
-    if kind.endswith("dsmem"):
-        _groups_without_rows_and_split_launches(kind, H, dtype, sms)  # (a cluster without a tile)
-
-
-@pytest.mark.parametrize("H", [256, 512, 1024])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_tagged_exchange_matches_cudnn(H, dtype):
-    """exchange "tagged" (v0.56): no barrier, h_{t-1} as words that carry their step, each thread waiting on its
-    own (inline PTX), in two chunks at H = 1024. The forward at B = 16 and (H < 1024, where 3 batch groups fit the
-    SMs) 40, both directions with per-row lengths, more batch groups than tiles, and the sequence split into
-    launches of 3 steps (each launch's first h_{t-1} from the words the launch before left); the backward on its own
-    config."""
-    from tritonlstm.configs import named_variants, use_config
-    from tritonlstm.kernels import lstm as k
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for B in (16, 40) if H < 1024 else (16,):
-        fwd = named_variants("fwd", H, B, dtype, sms)["transposed-tagged"]
-        assert k.tagged_applies(fwd, dtype, B) and fwd.programs(H) > 1, fwd
-        with use_config(fwd, "fwd"):
-            run_both(64, B, H, dtype)
-    packed_bidirectional_matches_cudnn(H, 16, dtype, named_variants("fwd", H, 16, dtype, sms // 2)["transposed-tagged"])
-    if H < 1024:
-        _groups_without_rows_and_split_launches("transposed-tagged", H, dtype, sms)
-    else:  # (4 batch groups of 64 programs are more than the SMs)
-        _split_launches("transposed-tagged", H, dtype, sms)
+    if kind == "transposed-cluster":
+        _groups_without_rows_and_split_launches(kind, H, dtype, sms)
 
 
 @pytest.mark.parametrize("kind", ["unsplit", "transposed"])

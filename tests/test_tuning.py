@@ -150,7 +150,7 @@ def test_quick_candidates_are_the_heuristic_and_named_variants(kernel):
         named = configs.named_variants(kernel, H, B, dtype, 132)
         for cfg, name in list(quick.items())[1:]:
             assert name in tuning.QUICK_VARIANTS and named[name] == cfg and cfg.programs(H) <= 132
-        assert {c.exchange for c in quick} <= {"barrier", "cluster", "dsmem", "tagged"}
+        assert {c.exchange for c in quick} <= {"barrier", "cluster"}
         # The backward's reduce-scatter (v0.24) only where every program owns one batch tile; 8 warps.
         assert any(c.transposed for c in quick) == (kernel == "fwd" or B <= 16)
         if kernel == "bwd":
@@ -222,8 +222,7 @@ def test_config_refuses_what_the_kernels_cannot_run():
                      (dict(transposed=True, block_h=64), "transposed"),
                      (dict(transposed=True, block_h=8), "transposed"),
                      (dict(transposed=True, split_k=2), "transposed"),
-                     (dict(exchange="flags"), "exchange must be one of"),
-                     (dict(exchange="tagged"), "exchange='tagged' is for the transposed dots with W resident")):
+                     (dict(exchange="flags"), "exchange must be one of")):
         with pytest.raises(ValueError, match=what):
             LSTMConfig(**{"block_h": 16, "block_b": 16, "block_k": 64, "w_resident": True, **kw})
     # 16 or 32 units a program (the forward's 128-gate-row tiles, v0.34; the backward's reduce-scatter refuses 32).
@@ -296,16 +295,17 @@ def test_cli_prints_each_winner_against_the_heuristic_and_what_ran_before(monkey
 
 
 def test_full_search_meets_at_the_counter_barrier():
-    """The full search's candidates are tiles and layouts on the counter barrier (the cluster and tagged ones are
-    the quick search's named variants); the flags barrier, which measured slower, is gone (perf/NOTES.md v0.52), and
-    so is v0.8's tagged exchange on the tiles (v0.51): "tagged" is now the transposed dots' alone (v0.56)."""
+    """The full search's candidates are tiles and layouts on the counter barrier (the cluster ones are the quick
+    search's named variants); the exchanges that measured slower are gone: the flags barrier (perf/NOTES.md v0.52),
+    v0.8's tagged exchange (v0.51), and the dsmem and tagged exchanges of v0.48-v0.58 (v0.59)."""
     for kernel in ("fwd", "bwd"):
         found = tuning.candidates(512, 16, torch.float16, 132, 232448, kernel=kernel)
         assert found and {c.exchange for c in found} == {"barrier"}
     with pytest.raises(ValueError, match="exchange must be one of"):
         LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="flags")
-    with pytest.raises(ValueError, match="is for the transposed dots with W resident"):
-        LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="tagged")
+    for gone in ("tagged", "dsmem"):
+        with pytest.raises(ValueError, match="exchange must be one of"):
+            LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, transposed=True, exchange=gone)
 
 
 def test_compile_in_parallel_launches_nothing_and_survives_failing_candidates():
@@ -472,7 +472,7 @@ def test_a_retune_times_the_config_that_runs_now(quick):
 
 def test_cluster_candidates_are_timed_only_on_gpus_with_clusters():
     quick = tuning.quick_candidates(256, 16, torch.float16, 132, "fwd")
-    assert {c.exchange for c in quick if c.clustered} == {"cluster", "dsmem"}
+    assert {c.exchange for c in quick if c.clustered} == {"cluster"}
     assert all(tuning.launchable(c, 256, 1, 132, clusters=True) for c in quick)
     assert [c for c in quick if tuning.launchable(c, 256, 1, 132, clusters=False)] == \
         [c for c in quick if not c.clustered]

@@ -125,7 +125,7 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     elif kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": p, "BIAS_HH": p, "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "RING": "*i64", "WSCALE": "*fp32"}
+                "ERR": "*i32", "WSCALE": "*fp32"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "TWO_BIASES", "HAS_LENGTHS", "STACK",
                  "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK", "MERGED")
     else:
@@ -187,10 +187,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       MERGED=kernel == "fwd" and config.merged_gates,
                       TRANSPOSED=config.transposed,
                       KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack"),
-                      PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w,
-                      DSMEM=kernel == "fwd" and k.dsmem_applies(config, dtype, 16 * config.batch_groups),
-                      **k.tagged_constexprs(config, dtype, 16 * config.batch_groups))
-        consts["TAGGED"] = consts["TAGGED"] and kernel == "fwd"
+                      PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w)
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       PREFETCH=prefetch and kernel == "bwd",

@@ -23,7 +23,7 @@ SM90_SHARED = 232448
 _W_BUDGET = 128 * 1024
 _MAX_BLOCK_H = 32
 _DEFAULT_MAX_SPIN = 1 << 24
-EXCHANGES = ("barrier", "cluster", "dsmem", "tagged")
+EXCHANGES = ("barrier", "cluster")
 # Programs one thread-block cluster holds on an H100 (16 is non-portable; Triton's launcher allows it there).
 MAX_CLUSTER = 16
 # Clusters of more than 8 CTAs are non-portable: the launch must allow them (CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_
@@ -53,13 +53,9 @@ class LSTMConfig:
     # v0.19-v0.20, v0.52.) "cluster": the
     # P programs of a barrier launched as one thread-block cluster, met by Hopper's hardware cluster barrier
     # instead of a counter in memory (kernels/lstm.py _cluster_barrier; single layer, forward and backward,
-    # P <= 8 or 16: cluster_size_ok; perf/NOTES.md v0.34). "dsmem": the cluster's barrier, and h_{t-1} read out of
-    # the programs' own shared memory (Hopper's distributed shared memory, 16 bytes a load) instead of from L2; the
-    # forward's transposed resident dots in 16-bit, one batch tile a program (kernels.lstm.dsmem_applies;
-    # perf/NOTES.md v0.39, v0.48); elsewhere (the backward, the stacks) it runs as "cluster". "tagged": no barrier;
-    # h_{t-1} as 8-byte words that carry their step, each thread of a reader waiting on its own words (the forward's
-    # transposed resident dots in 16-bit, one batch tile a program: kernels.lstm.tagged_applies; perf/NOTES.md
-    # v0.55-v0.56; v0.8's version, whose waits polled whole tiles, was removed in v0.51); elsewhere "barrier".
+    # P <= 8 or 16: cluster_size_ok; perf/NOTES.md v0.34). (Two more were built, measured slower than the cluster
+    # barrier on an H200 and removed in v0.59: h_{t-1} through distributed shared memory, "dsmem", and through
+    # 8-byte words tagged with their step and no barrier, "tagged"; perf/NOTES.md v0.39, v0.48, v0.55-v0.58.)
     exchange: str = "barrier"
     # Split-K ways of the recurrent dots (a batched dot, one warp per K slice, then a sum): with 16-row batch
     # tiles a plain dot stacks every warp along M, each computing the whole product (kernels/lstm.py
@@ -133,16 +129,13 @@ class LSTMConfig:
         if self.clustered and self.grid_2d:
             raise ValueError(f"LSTMConfig.exchange={self.exchange!r} is for the one-dimensional grids, got "
                              "grid_2d=True")
-        if self.exchange in ("dsmem", "tagged") and not (self.transposed and self.w_resident):
-            raise ValueError(f"LSTMConfig.exchange={self.exchange!r} is for the transposed dots with W resident, got "
-                             f"transposed={self.transposed}, w_resident={self.w_resident}")
         if self.batch_groups < 1:
             raise ValueError(f"LSTMConfig.batch_groups must be >= 1, got {self.batch_groups}")
 
     @property
     def clustered(self) -> bool:
-        """The programs of a barrier launched as one thread-block cluster ("cluster" and "dsmem")."""
-        return self.exchange in ("cluster", "dsmem")
+        """The programs of a barrier launched as one thread-block cluster (exchange "cluster")."""
+        return self.exchange == "cluster"
 
     def prefetches(self, batch: int, hidden: int) -> bool:
         """Whether a single-layer launch loads each step's own inputs before the barrier (the kernels' PREFETCH:
@@ -723,8 +716,7 @@ VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8
             "merged-w4", "transposed", "transposed-streamed", "streamed", "wide",
             "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64", "split-half",
             "no-prefetch", "transposed-half", "transposed-streamed-half", "transposed-streamed-bb128-half", "cluster",
-            "transposed-cluster", "transposed-streamed-bb128", "transposed-dsmem", "cluster-bh64",
-            "transposed-tagged")
+            "transposed-cluster", "transposed-streamed-bb128", "cluster-bh64")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -775,9 +767,6 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
       cluster      single layer: the unsplit tiles with the barrier as Hopper's cluster barrier, the P <= 8 or 16
                    programs of a barrier launched as one thread-block cluster (v0.34); transposed-cluster: the
                    transposed tiles with it (BH = 16 up to H = 256; the forward at H = 512 with BH = 32)
-      transposed-dsmem  the forward's transposed-cluster in 16-bit with h_{t-1} through distributed shared memory
-                   (exchange "dsmem", v0.39, pulled since v0.48), where h's tile is one K chunk and each program owns
-                   one batch tile
       cluster-bh64 single-layer forward, B <= 32: the unsplit tiles with 64 units a program (W resident where 4 x 64
                    rows of it fit 128 KB: 16-bit H <= 256) and the cluster barrier, a quarter of the 16-row tiles'
                    programs to meet at each step (session 18)
@@ -874,21 +863,6 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
                 and 4 * 64 * hk * esize <= _W_BUDGET and B <= 32:
             # 64 units a program: 4 programs at H = 256 meet at the cluster barrier (session 18, for fp16 B = 16).
             out["cluster-bh64"] = dataclasses.replace(regroup(unsplit, block_h=64, num_warps=8), exchange="cluster")
-        if kernel == "fwd" and "transposed-cluster" in out and H % 16 == 0:
-            from tritonlstm.kernels.lstm import dsmem_applies  # (kernels import this module)
-
-            dsmem = dataclasses.replace(out["transposed-cluster"], exchange="dsmem")
-            if dsmem_applies(dsmem, dtype, B):
-                out["transposed-dsmem"] = dsmem
-        if kernel == "fwd" and transposed is not None and transposed.w_resident and out["transposed"].block_b == 16:
-            # (Compile-only sm_90, 16-bit: 16-row tiles no spills at H = 256 / 512 and 40 bytes at H = 1024 (two
-            # chunks of words: kernels.lstm.TAGGED_CHUNK_UNITS); 64-row tiles spill 1.2-5.5 KB at H = 256-512: a
-            # thread's words take its registers.)
-            from tritonlstm.kernels.lstm import tagged_applies
-
-            tagged = dataclasses.replace(out["transposed"], exchange="tagged")
-            if tagged_applies(tagged, dtype, B):
-                out["transposed-tagged"] = tagged
     if forward and fp32 and H > 16 and H % 16 == 0 and transposed_fits(H, 2, 2 if stack else 1) \
             and cdiv(H, 16) <= share:
         out["transposed-half"] = transposed_config(H, B, esize, share, 16, half_w=True)
