@@ -38,21 +38,11 @@ def _k_tiles(a_rows, b_cols, k0, rk, rm, rn, M, N, k_hi, s_ak, s_bk):
 
 
 @triton.jit
-def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, k_split, s_cz,
+def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
                   PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, SCALED: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                  AHEAD: tl.constexpr = False, SPLIT: tl.constexpr = False):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # SCALED: A's rows and B's columns were scaled by 2^EA[m] and 2^EB[n] (half_rows_kernel); C gets them back.
     # Tiles of GROUP_M rows of C share their B columns in L2 before the next group starts.
-    # SPLIT: program_id(1) takes K's k_split-long part z into C's slice z (C + z * s_cz), the slices summed after.
-    if SPLIT:
-        z = tl.program_id(1)
-        k_lo = z * k_split
-        k_hi = tl.minimum(K, k_lo + k_split)
-        C += z.to(tl.int64) * s_cz
-    else:
-        k_lo = 0
-        k_hi = K
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     group = pid // (GROUP_M * grid_n)
@@ -67,18 +57,9 @@ def matmul_kernel(A, B, C, EA, EB, M, N, K, s_am, s_ak, s_bk, s_bn, s_cm, s_cn, 
     # 64-bit offsets: a weight gradient's operand is a [4H, T*B] view of dG, T*B*4H elements past 2^31 at long T.
     a_rows = A + rm[:, None].to(tl.int64) * s_am
     b_cols = B + rn[None, :].to(tl.int64) * s_bn
-    if AHEAD:
-        # Unpipelined launches (num_stages=1: MN-major tiles through registers, MN_MAJOR_LOADS): each step's loads
-        # are issued before the previous step's dot, so their latency runs under it. The last step's are masked off.
-        a, b = _k_tiles(a_rows, b_cols, k_lo, rk, rm, rn, M, N, k_hi, s_ak, s_bk)
-        for k0 in range(k_lo + BK, k_hi + BK, BK):
-            a_next, b_next = _k_tiles(a_rows, b_cols, k0, rk, rm, rn, M, N, k_hi, s_ak, s_bk)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a, b = a_next, b_next
-    else:
-        for k0 in range(k_lo, k_hi, BK):
-            a, b = _k_tiles(a_rows, b_cols, k0, rk, rm, rn, M, N, k_hi, s_ak, s_bk)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    for k0 in range(0, K, BK):
+        a, b = _k_tiles(a_rows, b_cols, k0, rk, rm, rn, M, N, K, s_ak, s_bk)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if SCALED:
         # In two halves of the exponent, so that no partial scale leaves float32's normal range where C does not.
         k_all = tl.load(EA + rm, mask=rm < M, other=0)[:, None] + tl.load(EB + rn, mask=rn < N, other=0)[None, :]
@@ -184,17 +165,9 @@ RESTAGE_MIN_FLOPS = 2 ** 33
 RESTAGE_WHOLE_BYTES = 32 * 2 ** 20
 RESTAGE_CHUNKS = 16
 RESTAGE_MIN_BYTES = 32 * 2 ** 20
-# Where an operand is MN-major (a weight gradient's dG^T and x): "restage" copies it K-major in chunks first;
-# "registers" launches the product alone with num_stages=1, where Triton loads the tiles into registers 16 bytes
-# wide (ld.global.v4) and stores them K-major into shared memory for the warpgroup MMA (compile-only sm_90), with
-# no software pipelining of the loads, but no copy, no staging memory and one launch (v0.46, not yet timed: the
-# gemm probe's --mn-major A/B decides); "registers-ahead" issues each step's loads before the previous step's dot
-# (matmul_kernel's AHEAD).
-MN_MAJOR_LOADS = "restage"
-# With "registers": K split this many ways over more programs (a weight gradient's [4H, H] product has 64-256 tiles,
-# about one a SM, and unpipelined loads need other blocks to hide them), each part into its own slice of a
-# [splits, M, N] buffer, summed after (not atomics: the same sum every run). 1: no split.
-MN_MAJOR_SPLIT_K = 1
+# An MN-major operand (a weight gradient's dG^T and x) is copied K-major in chunks first. (Loading its tiles through
+# registers instead, num_stages=1, with or without K split over more programs, ran at 30-48 TFLOP/s against
+# restaging's 71-167 on an H200 and was removed: perf/NOTES.md v0.46, v0.60.)
 # The float16 path (half=True) from this many flops: below, its two conversions cost more than the product saves.
 HALF_MIN_FLOPS = 2 ** 33
 
@@ -242,7 +215,7 @@ def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk:
         cfg = _config(n, N, interpreting(), esize=2)
         grid = (cdiv(n, cfg["BM"]) * cdiv(N, cfg["BN"]),)
         launch_or_compile(matmul_kernel, grid,
-                          (stage, bt, c, ea, eb, n, N, K, K, 1, 1, K, c.stride(0), c.stride(1), K, 0),
+                          (stage, bt, c, ea, eb, n, N, K, K, 1, 1, K, c.stride(0), c.stride(1)),
                           PRECISION="tf32", ACCUMULATE=False, SCALED=True, **cfg)
 
 
@@ -292,34 +265,15 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
     cfg = _config(M, N, interpreting())
     grid = (cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]),)
 
-    def launch(a, b, accumulate, c=out, k_split=None, **meta):
-        # k_split: K in parts of k_split along the grid's second axis, part z into c[z] (matmul_kernel's SPLIT).
-        k = a.shape[1]
-        split = k_split is not None
-        args = (a, b, c, c, c, M, N, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                c.stride(-2), c.stride(-1), k_split if split else k, c.stride(0) if split else 0)
-        launch_or_compile(matmul_kernel, (grid[0], cdiv(k, k_split)) if split else grid, args, PRECISION=precision,
-                          ACCUMULATE=accumulate, SCALED=False, SPLIT=split, **(cfg | meta))
+    def launch(a, b, accumulate):
+        args = (a, b, out, out, out, M, N, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                out.stride(0), out.stride(1))
+        launch_or_compile(matmul_kernel, grid, args, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False, **cfg)
 
     restage_a, restage_b = a.stride(1) != 1 and K > 1, b.stride(0) != 1 and K > 1
     if precision != "tf32" or not (restage_a or restage_b) or 2 * M * N * K < RESTAGE_MIN_FLOPS:
         launch(a, b, False)
         return out
-    if MN_MAJOR_LOADS in ("registers", "registers-ahead"):
-        ahead = MN_MAJOR_LOADS == "registers-ahead"
-        splits = min(MN_MAJOR_SPLIT_K, cdiv(K, cfg["BK"]))
-        if splits <= 1:
-            launch(a, b, False, num_stages=1, AHEAD=ahead)
-            return out
-        # K in `splits` parts, each program's partial product into its own slice, summed in a fixed order after.
-        k_split = cdiv(cdiv(K, splits), cfg["BK"]) * cfg["BK"]
-        parts = torch.empty((cdiv(K, k_split), M, N), dtype=torch.float32, device=a.device)
-        launch(a, b, False, c=parts, k_split=k_split, num_stages=1, AHEAD=ahead)
-        torch.sum(parts, dim=0, out=out)
-        return out
-    if MN_MAJOR_LOADS != "restage":
-        raise ValueError(f"kernels.matmul.MN_MAJOR_LOADS: 'restage', 'registers' or 'registers-ahead', got "
-                         f"{MN_MAJOR_LOADS!r}")
     chunk = staging_chunk(K, 4 * (M * restage_a + N * restage_b))  # staging bytes per unit of K
     # Staging stored [M, chunk] and [N, chunk] row-major: both K-major as the kernel reads them.
     stage_a = torch.empty((M, chunk), dtype=torch.float32, device=a.device) if restage_a else None

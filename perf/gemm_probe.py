@@ -7,7 +7,6 @@ in row chunks, as the layer does), and each on cuBLAS's float16 GEMM with a floa
 beforehand, untimed; where this torch has torch.mm's out_dtype).
 
     python perf/gemm_probe.py [--hidden 512,1024] [--batch 64,256] [--seq 256] [--restage-chunks 16,2]
-                              [--mn-major restage,registers,registers-ahead] [--split-k 1,4]
                               [--tiles 128x256x32w8s4,...] [--json FILE]
 
 Also the host's time per kernels.matmul TF32 call (launches queued without a sync): where it reaches the GPU's,
@@ -91,11 +90,9 @@ def measure(hidden: int, rows: int) -> list[dict]:
     return out
 
 
-def mode_tag(mn_major: str, chunks: int, split: int, tiles: dict | None) -> str:
-    """"/16" (restaged in 16 chunks), "reg" / "ahd" (through registers, loads a step ahead) with "k4" (K split 4
-    ways), then the tiles where set."""
-    tag = f"/{chunks}" if mn_major == "restage" else ("reg" if mn_major == "registers" else "ahd")
-    tag += f"k{split}" if split > 1 else ""
+def mode_tag(chunks: int, tiles: dict | None) -> str:
+    """"/16" (MN-major operands restaged in 16 chunks), then the tiles where set."""
+    tag = f"/{chunks}"
     if tiles is not None:
         tag += f" {tiles['BM']}x{tiles['BN']}x{tiles['BK']}w{tiles['num_warps']}s{tiles['num_stages']}"
     return tag
@@ -119,10 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--restage-chunks", default="", help="values of kernels.matmul.RESTAGE_CHUNKS to run, e.g. 16,2 "
                     "(default: the module's)")
-    ap.add_argument("--mn-major", default="restage", help="kernels.matmul.MN_MAJOR_LOADS values to run: restage, "
-                    "registers, registers-ahead (v0.46: the product alone, tiles through registers)")
-    ap.add_argument("--split-k", default="1", help="kernels.matmul.MN_MAJOR_SPLIT_K values for the registers modes, "
-                    "e.g. 1,4")
     ap.add_argument("--tiles", default="", help="kernels.matmul tile shapes to run, BMxBNxBKwWARPSsSTAGES, e.g. "
                     "128x128x32w8s3,128x256x32w8s4 (default: the module's choice per shape)")
     ap.add_argument("--json", help="write the rows here")
@@ -136,23 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32, "
-          "kernels.matmul on row-scaled float16; /N: MN-major operands restaged in N chunks, reg: loaded through "
-          "registers, ahd: a step ahead, kS: K split S ways (v0.46)")
+          "kernels.matmul on row-scaled float16; /N: MN-major operands restaged in N chunks")
     chunk_counts = [int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS]
-    splits = [int(v) for v in a.split_k.split(",") if v] or [1]
-    # (MN_MAJOR_LOADS, RESTAGE_CHUNKS or 0, MN_MAJOR_SPLIT_K)
-    modes = [(mn, c, 1) for mn in a.mn_major.split(",") if mn == "restage" for c in chunk_counts] + \
-        [(mn, 0, k) for mn in a.mn_major.split(",") if mn != "restage" for k in splits]
     tiles = [parse_tiles(t) for t in a.tiles.split(",") if t] or [None]
-    cases = [(mn, c, k, t, int(h), int(b)) for mn, c, k in modes for t in tiles for h in a.hidden.split(",")
+    cases = [(c, t, int(h), int(b)) for c in chunk_counts for t in tiles for h in a.hidden.split(",")
              for b in a.batch.split(",")]
-    for mn, chunks, split, t, h, b in cases:
-        mm.MN_MAJOR_LOADS, mm.MN_MAJOR_SPLIT_K, mm.TILES = mn, split, t
-        mm.RESTAGE_CHUNKS = chunks or mm.RESTAGE_CHUNKS
+    for chunks, t, h, b in cases:
+        mm.TILES, mm.RESTAGE_CHUNKS = t, chunks
         for r in measure(h, a.seq * b):
-            r["mn_major_loads"], r["restage_chunks"], r["split_k"], r["tiles"] = mn, chunks or None, split, t
+            r["restage_chunks"], r["tiles"] = chunks, t
             rows.append(r)
-            print(f"{mode_tag(mn, chunks, split, t):<3} H={h:<5} B={b:<4} {r['gemm']:11} "
+            print(f"{mode_tag(chunks, t):<3} H={h:<5} B={b:<4} {r['gemm']:11} "
                   f"[{r['m']}x{r['k']}]@[{r['k']}x{r['n']}] "
                   + "  ".join(f"{r[k + '_tflops']:6.1f} ({r[k + '_ms']:.3f})"
                               for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half") if k + "_ms" in r)

@@ -202,16 +202,6 @@ def test_restaged_weight_gradients_add_at_most_their_staging_to_the_peak(monkeyp
     assert gathered < restaged <= gathered + 4 * (4 * H + H) * chunk, (gathered, restaged)
 
 
-def test_weight_gradients_through_registers_add_nothing_to_the_peak(monkeypatch):
-    """v0.46 (MN_MAJOR_LOADS = "registers"): the weight gradients read dG and x as they lie, so the step's peak is
-    the gathered GEMMs' one, without v0.37's staging."""
-    from tritonlstm.kernels import matmul as mm
-
-    gathered = _float32_training_peak(monkeypatch, restage=False)
-    monkeypatch.setattr(mm, "MN_MAJOR_LOADS", "registers")
-    assert _float32_training_peak(monkeypatch, restage=True) == gathered
-
-
 def test_float16_gemms_add_at_most_the_input_gradients_staging_to_the_peak(monkeypatch):
     """v0.43: the input projection on row-scaled float16 operands (and, until run 7, the input gradient). x's rows
     are converted at once in the forward, below the backward's peak; the peak grows by at most an input gradient's

@@ -327,13 +327,7 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
 MATMUL_LAYOUTS = {"x @ W^T": ("s_ak", "s_bk", "s_cn"), "dG @ W": ("s_ak", "s_bn", "s_cn"),
                   "dG^T @ x": ("s_am", "s_bn", "s_cn"), "restaged": ("s_ak", "s_bk", "s_cn"),
                   # the row-scaled float16 operands (v0.43): both K-major, as half_rows_kernel writes them
-                  "half": ("s_ak", "s_bk", "s_cn"),
-                  # dG^T @ x without restaging, its tiles through registers (num_stages=1, MN_MAJOR_LOADS, v0.46)
-                  "dG^T @ x registers": ("s_am", "s_bn", "s_cn"),
-                  # the same with each step's loads issued a step ahead (AHEAD)
-                  "dG^T @ x registers-ahead": ("s_am", "s_bn", "s_cn"),
-                  # and with K split over more programs into slices of C (SPLIT, MN_MAJOR_SPLIT_K)
-                  "dG^T @ x registers-ahead-split": ("s_am", "s_bn", "s_cn")}
+                  "half": ("s_ak", "s_bk", "s_cn")}
 
 
 def _copy_kernel_row(fn, layout: str, sig: dict, consts: dict, aligned: tuple[int, ...], wide_store: str) -> dict:
@@ -366,7 +360,7 @@ def check_matmul() -> list[dict]:
     from tritonlstm.kernels import matmul as mm
 
     base = {n: "*fp32" for n in ("A", "B", "C")} | {"EA": "*i32", "EB": "*i32"} | {
-        n: "i32" for n in ("M", "N", "K", "s_am", "s_ak", "s_bk", "s_bn", "s_cm", "s_cn", "k_split", "s_cz")}
+        n: "i32" for n in ("M", "N", "K", "s_am", "s_ak", "s_bk", "s_bn", "s_cm", "s_cn")}
     names = list(base)
     rows = []
     for shape in ((4096, 4096), (2048, 512), (64, 64)):
@@ -375,7 +369,6 @@ def check_matmul() -> list[dict]:
             tiles = mm._config(*shape, False, esize=2 if half else 4)
             sig = dict(base) | ({"A": "*fp16", "B": "*fp16"} if half else {})
             consts = dict(PRECISION="tf32", ACCUMULATE=layout == "restaged", SCALED=half,
-                          AHEAD="registers-ahead" in layout, SPLIT=layout.endswith("split"),
                           **{k: tiles[k] for k in ("BM", "BN", "BK", "GROUP_M")})
             for n in unit:
                 sig[n], consts[n] = "constexpr", 1
@@ -384,8 +377,7 @@ def check_matmul() -> list[dict]:
             try:
                 c = triton.compile(ASTSource(fn=mm.matmul_kernel, signature=sig, constexprs=consts, attrs=attrs),
                                    target=GPUTarget("cuda", 90, 32),
-                                   options=dict(num_warps=tiles["num_warps"],
-                                                num_stages=1 if "registers" in layout else tiles["num_stages"]))
+                                   options=dict(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]))
                 row["shared"] = c.metadata.shared
                 row["registers"], row["spill_bytes"] = _ptxas_report(c.asm["ptx"])
                 row["wgmma"] = "wgmma.mma_async" in c.asm["ptx"]
