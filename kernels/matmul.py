@@ -17,9 +17,12 @@ A product can also run on float16 operands at twice the rate (`half=True`, v0.43
 B scaled by its own power of two into float16's range (`half_rows_kernel`), which keeps what TF32 keeps (11
 significant bits) and loses only values 2^29 below their row's largest; the product scaled back exactly in the
 epilogue, since a row's (a column's) scale is one factor of every term of its outputs. The input projection
-x @ W_ih^T takes it (the input gradient dG @ W_ih did, and lost at every shape of run 7); not a weight gradient,
-whose rows would need a scale per step of K (time and batch).
+x @ W_ih^T takes it (the input gradient dG @ W_ih did, and lost at every shape of run 7). A weight gradient dG^T @ x
+may too, on cuBLAS's float16 GEMM, its operands' columns scaled (`HALF_WEIGHT_GRADS`, v0.61, off until a GPU has
+timed it).
 """
+
+import os
 
 import torch
 import triton
@@ -130,6 +133,32 @@ def half_rows_kernel(X, Y, E, R, C, s_xr, s_xc, BR: tl.constexpr, BC: tl.constex
     tl.store(E + r, k, mask=m_r)
 
 
+@triton.jit
+def column_amax_kernel(X, A, R, C, s_xr, s_xc, BR: tl.constexpr, BC: tl.constexpr):
+    # A[c] = max(A[c], the largest |X[r, c]| of this program's [BR, BC] tile), as int32 bits: non-negative floats
+    # order as their bits, so an atomic integer max gives every column's largest magnitude in any order.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (r < R)[:, None] & (c < C)[None, :]
+    v = tl.load(X + r.to(tl.int64)[:, None] * s_xr + c.to(tl.int64)[None, :] * s_xc, mask=m, other=0.0)
+    tl.atomic_max(A + c, tl.max(tl.abs(v), axis=0).to(tl.int32, bitcast=True), mask=c < C, sem="relaxed")
+
+
+@triton.jit
+def half_columns_kernel(X, Y, A, E, R, C, s_xr, s_xc, BR: tl.constexpr, BC: tl.constexpr):
+    # Column c of X [R, C] (any strides) into column c of Y [R, C] (row-major, float16) times 2^E[c], E[c] the
+    # exponent that takes A[c] (the column's largest magnitude, column_amax_kernel's bits) below 2^15, as
+    # half_rows_kernel does for rows. The first row of programs stores E.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_c = c < C
+    m = (r < R)[:, None] & m_c[None, :]
+    k = _half_exp(tl.load(A + c, mask=m_c, other=0).to(tl.float32, bitcast=True))
+    v = tl.load(X + r.to(tl.int64)[:, None] * s_xr + c.to(tl.int64)[None, :] * s_xc, mask=m, other=0.0)
+    tl.store(Y + r.to(tl.int64)[:, None] * C + c[None, :], (v * _exp2_bits(k)[None, :]).to(tl.float16), mask=m)
+    tl.store(E + c, k, mask=m_c & (tl.program_id(0) == 0))
+
+
 # Tiles for every product where set (perf/gemm_probe.py --tiles: an A/B of tile shapes against cuBLAS), as
 # dict(BM=, BN=, BK=, num_warps=, num_stages=); None: _config's choice.
 TILES: dict | None = None
@@ -170,6 +199,15 @@ RESTAGE_MIN_BYTES = 32 * 2 ** 20
 # restaging's 71-167 on an H200 and was removed: perf/NOTES.md v0.46, v0.60.)
 # The float16 path (half=True) from this many flops: below, its two conversions cost more than the product saves.
 HALF_MIN_FLOPS = 2 ** 33
+# A weight gradient (both operands MN-major) on float16 operands instead of restaging for TF32 (v0.61, not yet
+# timed: on by TRITONLSTM_HALF_WEIGHT_GRADS=1): dG's columns and x's (or h's) columns each scaled by their own power
+# of two into float16's range (column_amax_kernel, half_columns_kernel), the product on cuBLAS's float16 GEMM with a
+# float32 output (torch.mm's out_dtype; 630-790 TFLOP/s on run 8's H200 against restaged TF32's 70-170), then
+# scaled back exactly (a column's scale is one factor of every term of its outputs). Within a column the values keep
+# float16's 11 significant bits, as TF32 does, down to 2^-29 of the column's largest (then subnormal, then zero):
+# what is lost is a step whose gradient is 2^29 below the unit's largest, a term under float32's resolution of the
+# sum unless the others cancel.
+HALF_WEIGHT_GRADS = os.environ.get("TRITONLSTM_HALF_WEIGHT_GRADS", "0") == "1"
 
 
 def staging_chunk(total: int, per_unit: int) -> int:
@@ -191,6 +229,47 @@ def _half_rows(x: torch.Tensor, y: torch.Tensor, e: torch.Tensor) -> None:
     R, C = x.shape
     launch_or_compile(half_rows_kernel, (cdiv(R, 16),), (x, y, e, R, C, x.stride(0), x.stride(1)), BR=16, BC=128,
                       num_warps=4)
+
+
+def _half_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [R, C] float16 row-major, e [C] int32): the columns of x [R, C] (float32, any strides) scaled into
+    float16's range by 2^e (column_amax_kernel, then half_columns_kernel)."""
+    from tritonlstm.configs import cdiv
+
+    R, C = x.shape
+    amax = torch.zeros(C, dtype=torch.int32, device=x.device)
+    y = torch.empty((R, C), dtype=torch.float16, device=x.device)
+    e = torch.empty(C, dtype=torch.int32, device=x.device)
+    grid = (cdiv(R, 64), cdiv(C, 64))
+    launch_or_compile(column_amax_kernel, grid, (x, amax, R, C, x.stride(0), x.stride(1)), BR=64, BC=64, num_warps=4)
+    launch_or_compile(half_columns_kernel, grid, (x, y, amax, e, R, C, x.stride(0), x.stride(1)), BR=64, BC=64,
+                      num_warps=4)
+    return y, e
+
+
+def _mm_half_to_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of float16 operands into float32: cuBLAS's float16 GEMM with a float32 output on a GPU; elsewhere (the
+    interpreter's tests, where ATen has no such kernel) the same values multiplied in float32, which is what that
+    GEMM computes up to its order of summation."""
+    if a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _exp2(k: torch.Tensor) -> torch.Tensor:
+    """2^k (k int32, |k| <= 126) as float32, exactly."""
+    return torch.ldexp(torch.ones(k.shape, dtype=torch.float32, device=k.device), k)
+
+
+def _matmul_half_weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] for a weight gradient's layouts (a = dG^T, b = x, both MN-major) on float16 operands, a's
+    rows (dG's columns) and b's columns scaled (HALF_WEIGHT_GRADS)."""
+    a16t, ea = _half_columns(a.t())
+    b16, eb = _half_columns(b)
+    out = _mm_half_to_float(a16t.t(), b16)
+    # In two factors, as matmul_kernel's epilogue: neither partial scale leaves float32's normal range where C does not.
+    out.mul_(_exp2(-ea)[:, None]).mul_(_exp2(-eb)[None, :])
+    return out
 
 
 def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk: int | None) -> None:
@@ -258,6 +337,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
     N = b.shape[1]
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=torch.float32, device=a.device)
+    restage_a, restage_b = a.stride(1) != 1 and K > 1, b.stride(0) != 1 and K > 1
+    if HALF_WEIGHT_GRADS and precision == "tf32" and restage_a and restage_b and 2 * M * N * K >= HALF_MIN_FLOPS:
+        return _matmul_half_weight_grad(a, b)
     out = torch.empty((M, N), dtype=torch.float32, device=a.device)
     if half and precision == "tf32" and 2 * M * N * K >= HALF_MIN_FLOPS:
         _matmul_half(a, b, out, row_chunk)
@@ -270,7 +352,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
                 out.stride(0), out.stride(1))
         launch_or_compile(matmul_kernel, grid, args, PRECISION=precision, ACCUMULATE=accumulate, SCALED=False, **cfg)
 
-    restage_a, restage_b = a.stride(1) != 1 and K > 1, b.stride(0) != 1 and K > 1
     if precision != "tf32" or not (restage_a or restage_b) or 2 * M * N * K < RESTAGE_MIN_FLOPS:
         launch(a, b, False)
         return out

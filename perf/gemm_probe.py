@@ -83,6 +83,16 @@ def measure(hidden: int, rows: int) -> list[dict]:
             row["rel_err_half_vs_fp32"] = ((half - ref).norm() / ref.norm()).item()
             row["triton_half_ms"] = do_bench(lambda: matmul(a, b, half=True, row_chunk=chunk), warmup=10, rep=50,
                                              return_mode="median")
+        else:  # v0.61: column-scaled float16 operands on cuBLAS, the conversions included
+            from tritonlstm.kernels import matmul as mm
+
+            previous, mm.HALF_WEIGHT_GRADS = mm.HALF_WEIGHT_GRADS, True
+            try:
+                half = matmul(a, b)
+                row["rel_err_half_vs_fp32"] = ((half - ref).norm() / ref.norm()).item()
+                row["triton_half_ms"] = do_bench(lambda: matmul(a, b), warmup=10, rep=50, return_mode="median")
+            finally:
+                mm.HALF_WEIGHT_GRADS = previous
         for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half", "cublas_f16"):
             if f"{k}_ms" in row:
                 row[f"{k}_tflops"] = flops / row[f"{k}_ms"] / 1e9
@@ -129,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32, "
-          "kernels.matmul on row-scaled float16; /N: MN-major operands restaged in N chunks")
+          "kernels.matmul on row-scaled float16 (dG^T @ x: column-scaled, on cuBLAS, conversions included, v0.61); "
+          "/N: MN-major operands restaged in N chunks")
     chunk_counts = [int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS]
     tiles = [parse_tiles(t) for t in a.tiles.split(",") if t] or [None]
     cases = [(c, t, int(h), int(b)) for c in chunk_counts for t in tiles for h in a.hidden.split(",")

@@ -77,6 +77,20 @@ def test_float32_gemms_follow_the_rnn_precision(monkeypatch, precision):
         assert max(errs.values()) <= 1e-4, errs
 
 
+def test_float16_weight_gradients_match_cudnn(monkeypatch):
+    """v0.61 (HALF_WEIGHT_GRADS): a float32 training step whose weight gradients run on column-scaled float16
+    operands and cuBLAS's float16 GEMM with a float32 output (torch.mm's out_dtype), against cuDNN at its TF32
+    tolerance; dW_ih's and dW_hh's later steps take it (4 conversions), the first step's small product does not."""
+    from tritonlstm.kernels import matmul as mm
+
+    monkeypatch.setattr(mm, "HALF_WEIGHT_GRADS", True)
+    converted = []
+    real = mm._half_columns
+    monkeypatch.setattr(mm, "_half_columns", lambda x: converted.append(tuple(x.shape)) or real(x))
+    run_both(256, 64, 512, torch.float32)
+    assert len(converted) == 4, converted
+
+
 def test_float16_gemms_match_float64_row_by_row():
     """kernels.matmul on row-scaled float16 operands (v0.43) at a bench cell's size, on the GPU's wgmma: rows of a
     1e30 apart and columns of b 1e20 apart, each row as precise as TF32 makes it; in row chunks the same bits."""

@@ -147,6 +147,114 @@ def test_matmul_on_float16_operands_in_row_chunks(monkeypatch):
     assert mm.staging_chunk(1000, 2 * 33) == 64  # a sixteenth, rounded up to 32
 
 
+def test_weight_gradient_on_column_scaled_float16_operands(monkeypatch):
+    """v0.61 (HALF_WEIGHT_GRADS): dG^T @ x with both operands as the layers pass them (MN-major views), dG's columns
+    1e30 apart and x's 1e20 apart (no one scale spans them), each converted with its own power of two, the product
+    (emulated off the GPU) scaled back: every row and column of the result as precise as TF32 makes it, with no
+    restaging and no TF32 launch; a zero column of dG gives a zero row, inf and NaN go through. Off, the TF32 path."""
+    monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 0)
+    monkeypatch.setattr(mm, "HALF_WEIGHT_GRADS", True)
+    converted, launched = [], []
+    real_cols, real_launch = mm._half_columns, mm.launch_or_compile
+    monkeypatch.setattr(mm, "_half_columns", lambda x: converted.append(tuple(x.shape)) or real_cols(x))
+    monkeypatch.setattr(mm, "launch_or_compile", lambda k, *a, **kw: launched.append(k.fn.__name__) or real_launch(
+        k, *a, **kw))
+    K, M, N = 90, 40, 24
+    g = torch.Generator().manual_seed(13)
+    dg = _spread_rows(g, M, K, 30).t().contiguous()  # [K, M]: column m of dG at 10^(-15 .. 15)
+    x = _spread_rows(g, N, K, 20).t().contiguous()  # [K, N]
+    dg[:, 3] = 0.0
+    ref = dg.double().t() @ x.double()
+    out = mm.matmul(dg.t(), x)
+    assert converted == [(K, M), (K, N)]
+    assert launched == ["column_amax_kernel", "half_columns_kernel"] * 2
+    rows = [(out[m] - ref[m]).norm() / ref[m].norm() for m in range(M) if m != 3]
+    cols = [(out[:, n] - ref[:, n]).norm() / ref[:, n].norm() for n in range(N)]
+    assert max(rows) < 5e-3 and max(cols) < 5e-3 and sum(rows) / len(rows) < 1e-3, (max(rows), max(cols))
+    assert torch.equal(out[3], torch.zeros(N))
+    dg[2, 5], dg[4, 6] = float("inf"), float("nan")
+    out = mm.matmul(dg.t(), x)
+    ref = dg.double().t() @ x.double()
+    assert torch.equal(out[5].isinf(), ref[5].isinf()) and out[6].isnan().all() and ref[6].isnan().all()
+    assert torch.isfinite(out[7:]).all()
+    monkeypatch.setattr(mm, "HALF_WEIGHT_GRADS", False)
+    converted.clear()
+    launched.clear()
+    mm.matmul(dg.t(), x)
+    assert converted == [] and "matmul_kernel" in launched
+
+
+def test_column_conversion_scales_each_column_below_float16s_largest():
+    """half_columns_kernel with column_amax_kernel's maxima, over tiles of 64 rows (R = 150: three row programs per
+    column, each adding its tile's maximum): each column times 2^e lands in [2^14, 2^15) at its largest, exactly a
+    power of two apart from the float32 values; a zero column scales by 2^126 and stays zero."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(150, 70, generator=g) * torch.logspace(-20, 20, 70)[None, :]
+    x[:, 9] = 0.0
+    y, e = mm._half_columns(x.t().contiguous().t())  # a column-major view: any strides
+    assert y.dtype == torch.float16 and y.shape == x.shape and y.is_contiguous()
+    top = y.float().abs().amax(0)
+    live = torch.arange(70) != 9
+    assert ((top[live] >= 2 ** 14) & (top[live] < 2 ** 15)).all(), top
+    torch.testing.assert_close(y.float() * mm._exp2(-e)[None, :], x, rtol=1e-3, atol=0)
+    assert e[9] == 126 and torch.equal(y[:, 9], torch.zeros(150, dtype=torch.float16))
+
+
+HALF_COLUMNS_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tritonlstm.compilecheck import _ptxas_report
+from tritonlstm.kernels import matmul as mm
+for fn, sig in ((mm.column_amax_kernel, dict(X="*fp32", A="*i32")),
+                (mm.half_columns_kernel, dict(X="*fp32", Y="*fp16", A="*i32", E="*i32"))):
+    sig = sig | dict(R="i32", C="i32", s_xr="i32", s_xc="constexpr", BR="constexpr", BC="constexpr")
+    aligned = [i for i, n in enumerate(sig) if n not in ("R", "s_xc", "BR", "BC")]  # as a launch specialises them
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(s_xc=1, BR=64, BC=64),
+                                 attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptx = c.asm["ptx"]
+    print(fn.__name__, _ptxas_report(ptx)[1], "atom.global" in ptx and ".max" in ptx, ptx.count("ld.global.v4"))
+"""
+
+
+def test_column_conversion_kernels_compile_for_sm90():
+    """v0.61's two passes over dG (and x), compiled for sm_90 as _half_columns launches them on a row-major operand:
+    no spills, the maxima by atomic max, 16-byte loads (a [64, 64] tile over 128 threads: 8 each)."""
+    proc = run_python("-c", HALF_COLUMNS_SM90, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    amax, half = (line.split() for line in proc.stdout.splitlines())
+    assert amax == ["column_amax_kernel", "0", "True", "8"], proc.stdout
+    assert half[:2] == ["half_columns_kernel", "0"] and int(half[3]) >= 8, proc.stdout
+
+
+def test_layer_with_float16_weight_gradients(forced, monkeypatch):
+    """v0.61 at every size (HALF_MIN_FLOPS lowered, HALF_WEIGHT_GRADS on): dW_ih and dW_hh on column-scaled float16
+    operands, against the float64 reference at the GPU's float32 (TF32) tolerance, the gradient's batch rows 1e16
+    apart."""
+    from helpers import RESOLUTION_GPU
+
+    monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 0)
+    monkeypatch.setattr(mm, "HALF_WEIGHT_GRADS", True)
+    converted = []
+    real = mm._half_columns
+    monkeypatch.setattr(mm, "_half_columns", lambda x: converted.append(tuple(x.shape)) or real(x))
+    T, B, I, H = 16, 5, 7, 12
+    problem = make_problem(T, B, I, H, torch.float32)
+    p = leaf(problem)
+    y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+    weights = tuple(torch.randn(t.shape, dtype=torch.float64) * torch.logspace(-8, 8, B, dtype=torch.float64)[:, None]
+                    for t in (y, hn, cn))
+    loss_of(y, hn, cn, weights).backward()
+    ref_p, ref_out = reference(problem)
+    loss_of(*ref_out, weights).backward()
+    tol = RESOLUTION_GPU[torch.float32]
+    for n in ("weight_ih", "weight_hh", "x", "bias_ih"):
+        assert rel_err(p[n].grad, ref_p[n].grad) <= tol, n
+    # dW_hh's first step (dG[0] and h0) and later steps (dG[1:] and y[:-1]), then dW_ih's (dG and x)
+    assert converted == [(B, 4 * H), (B, H), ((T - 1) * B, 4 * H), ((T - 1) * B, H), (T * B, 4 * H), (T * B, I)]
+
+
 def test_weight_gradients_restage_in_chunks_of_at_least_32_mb():
     """v0.45: each chunk of a restaged weight gradient costs the host three launches (~140 us, run 7), so chunks of
     8 MB made dG^T @ x launch-bound (16 chunks at T*B = 16384, H = 512: 1.41 ms against 0.36 in 2). Now at least
