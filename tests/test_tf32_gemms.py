@@ -228,6 +228,21 @@ def test_column_conversion_kernels_compile_for_sm90():
     assert half[:2] == ["half_columns_kernel", "0"] and int(half[3]) >= 8, proc.stdout
 
 
+def _spread_gradient_step(problem):
+    """A layer's forward and backward through fused_lstm and through the float64 reference, under a loss whose
+    gradient's batch rows lie 1e16 apart (and so dG's). Returns (params, reference params, outputs, reference
+    outputs), the params with their gradients."""
+    B = problem["x"].shape[1]
+    p = leaf(problem)
+    y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), backend="triton")
+    weights = tuple(torch.randn(t.shape, dtype=torch.float64) * torch.logspace(-8, 8, B, dtype=torch.float64)[:, None]
+                    for t in (y, hn, cn))
+    loss_of(y, hn, cn, weights).backward()
+    ref_p, ref_out = reference(problem)
+    loss_of(*ref_out, weights).backward()
+    return p, ref_p, (y, hn, cn), ref_out
+
+
 def test_layer_with_float16_weight_gradients(forced, monkeypatch):
     """v0.61 at every size (HALF_MIN_FLOPS lowered, HALF_WEIGHT_GRADS on): dW_ih and dW_hh on column-scaled float16
     operands, against the float64 reference at the GPU's float32 (TF32) tolerance, the gradient's batch rows 1e16
@@ -240,14 +255,7 @@ def test_layer_with_float16_weight_gradients(forced, monkeypatch):
     real = mm._half_columns
     monkeypatch.setattr(mm, "_half_columns", lambda x: converted.append(tuple(x.shape)) or real(x))
     T, B, I, H = 16, 5, 7, 12
-    problem = make_problem(T, B, I, H, torch.float32)
-    p = leaf(problem)
-    y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), backend="triton")
-    weights = tuple(torch.randn(t.shape, dtype=torch.float64) * torch.logspace(-8, 8, B, dtype=torch.float64)[:, None]
-                    for t in (y, hn, cn))
-    loss_of(y, hn, cn, weights).backward()
-    ref_p, ref_out = reference(problem)
-    loss_of(*ref_out, weights).backward()
+    p, ref_p, _, _ = _spread_gradient_step(make_problem(T, B, I, H, torch.float32))
     tol = RESOLUTION_GPU[torch.float32]
     for n in ("weight_ih", "weight_hh", "x", "bias_ih"):
         assert rel_err(p[n].grad, ref_p[n].grad) <= tol, n
@@ -336,16 +344,9 @@ def test_layer_through_the_float16_gemms(forced, monkeypatch):
     T, B, I, H = 16, 5, 7, 12
     problem = make_problem(T, B, I, H, torch.float32)
     problem["x"] = problem["x"] * torch.logspace(-6, 0, B)[None, :, None]  # x's rows 1e6 apart
-    p = leaf(problem)
-    y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), backend="triton")
-    # the gradient's batch rows 1e16 apart, and so dG's
-    weights = tuple(torch.randn(t.shape, dtype=torch.float64) * torch.logspace(-8, 8, B, dtype=torch.float64)[:, None]
-                    for t in (y, hn, cn))
-    loss_of(y, hn, cn, weights).backward()
-    ref_p, ref_out = reference(problem)
-    loss_of(*ref_out, weights).backward()
+    p, ref_p, outs, ref_out = _spread_gradient_step(problem)
     tol = RESOLUTION_GPU[torch.float32]
-    for out, ref in zip((y, hn, cn), ref_out):
+    for out, ref in zip(outs, ref_out):
         assert rel_err(out, ref) <= tol
     for b in range(B):  # each batch row's input gradient on its own scale
         assert rel_err(p["x"].grad[:, b], ref_p["x"].grad[:, b], floor=0) <= tol, b
