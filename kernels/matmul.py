@@ -18,8 +18,8 @@ B scaled by its own power of two into float16's range (`half_rows_kernel`), whic
 significant bits) and loses only values 2^29 below their row's largest; the product scaled back exactly in the
 epilogue, since a row's (a column's) scale is one factor of every term of its outputs. The input projection
 x @ W_ih^T takes it (the input gradient dG @ W_ih did, and lost at every shape of run 7). A weight gradient dG^T @ x
-may too, on cuBLAS's float16 GEMM, its operands' columns scaled (`HALF_WEIGHT_GRADS`, v0.61, off until a GPU has
-timed it).
+may too, on cuBLAS's float16 GEMM, its operands' columns scaled, and the input gradient on cuBLAS (`HALF_GRADS`,
+v0.61-v0.62, off until a GPU has timed them).
 """
 
 import os
@@ -199,15 +199,16 @@ RESTAGE_MIN_BYTES = 32 * 2 ** 20
 # restaging's 71-167 on an H200 and was removed: perf/NOTES.md v0.46, v0.60.)
 # The float16 path (half=True) from this many flops: below, its two conversions cost more than the product saves.
 HALF_MIN_FLOPS = 2 ** 33
-# A weight gradient (both operands MN-major) on float16 operands instead of restaging for TF32 (v0.61, not yet
-# timed: on by TRITONLSTM_HALF_WEIGHT_GRADS=1): dG's columns and x's (or h's) columns each scaled by their own power
-# of two into float16's range (column_amax_kernel, half_columns_kernel), the product on cuBLAS's float16 GEMM with a
-# float32 output (torch.mm's out_dtype; 630-790 TFLOP/s on run 8's H200 against restaged TF32's 70-170), then
-# scaled back exactly (a column's scale is one factor of every term of its outputs). Within a column the values keep
-# float16's 11 significant bits, as TF32 does, down to 2^-29 of the column's largest (then subnormal, then zero):
-# what is lost is a step whose gradient is 2^29 below the unit's largest, a term under float32's resolution of the
-# sum unless the others cancel.
-HALF_WEIGHT_GRADS = os.environ.get("TRITONLSTM_HALF_WEIGHT_GRADS", "0") == "1"
+# The gradients' GEMMs on float16 operands and cuBLAS's float16 GEMM with a float32 output (torch.mm's out_dtype;
+# 630-790 TFLOP/s on run 8's H200 against restaged TF32's 70-250), v0.61-v0.62, not yet timed: on by
+# TRITONLSTM_HALF_GRADS=1. A weight gradient (both operands MN-major) instead of restaging for TF32: dG's columns and
+# x's (or h's) columns each scaled by their own power of two into float16's range (column_amax_kernel,
+# half_columns_kernel), then scaled back exactly (a column's scale is one factor of every term of its outputs).
+# Within a column the values keep float16's 11 significant bits, as TF32 does, down to 2^-29 of the column's largest
+# (then subnormal, then zero): what is lost is a step whose gradient is 2^29 below the unit's largest, a term under
+# float32's resolution of the sum unless the others cancel. The input gradient dG @ W_ih (functional's
+# _TF32Projection) on v0.43's row-scaled operands, the product on cuBLAS (`cublas=True`) and scaled back after it.
+HALF_GRADS = os.environ.get("TRITONLSTM_HALF_GRADS", "0") == "1"
 
 
 def staging_chunk(total: int, per_unit: int) -> int:
@@ -263,7 +264,7 @@ def _exp2(k: torch.Tensor) -> torch.Tensor:
 
 def _matmul_half_weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] @ b [K, N] for a weight gradient's layouts (a = dG^T, b = x, both MN-major) on float16 operands, a's
-    rows (dG's columns) and b's columns scaled (HALF_WEIGHT_GRADS)."""
+    rows (dG's columns) and b's columns scaled (HALF_GRADS)."""
     a16t, ea = _half_columns(a.t())
     b16, eb = _half_columns(b)
     out = _mm_half_to_float(a16t.t(), b16)
@@ -272,9 +273,11 @@ def _matmul_half_weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk: int | None) -> None:
+def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk: int | None,
+                 cublas: bool = False) -> None:
     """out = a @ b on float16 operands, rows of a and columns of b scaled (the module's docstring), a's rows
-    converted row_chunk at a time (None: a staging of at most staging_chunk's bytes)."""
+    converted row_chunk at a time (None: a staging of at most staging_chunk's bytes); each chunk's product on
+    matmul_kernel, its epilogue scaling back, or on cuBLAS, then scaled back in two passes over the chunk."""
     from tritonlstm.configs import cdiv
     from tritonlstm.kernels.lstm import interpreting
 
@@ -291,6 +294,10 @@ def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk:
         n = min(rows, M - m0)
         _half_rows(a[m0:m0 + n], stage[:n], ea[:n])
         c = out[m0:m0 + n]
+        if cublas:
+            torch.mul(_mm_half_to_float(stage[:n], bt.t()), _exp2(-ea[:n])[:, None], out=c)
+            c.mul_(_exp2(-eb)[None, :])
+            continue
         cfg = _config(n, N, interpreting(), esize=2)
         grid = (cdiv(n, cfg["BM"]) * cdiv(N, cfg["BN"]),)
         launch_or_compile(matmul_kernel, grid,
@@ -319,10 +326,11 @@ def _restage_pair(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torc
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: bool = False,
-           row_chunk: int | None = None) -> torch.Tensor:
+           row_chunk: int | None = None, cublas: bool = False) -> torch.Tensor:
     """a [M, K] @ b [K, N] -> a new [M, N], float32, any strides (transposed views included). precision: "tf32"
     or "ieee" (tl.dot's input_precision). half: with "tf32", on row-scaled float16 operands where the product
-    has HALF_MIN_FLOPS (the module's docstring), a's rows converted row_chunk at a time (None: staging_chunk's)."""
+    has HALF_MIN_FLOPS (the module's docstring), a's rows converted row_chunk at a time (None: staging_chunk's);
+    cublas: that product on cuBLAS's float16 GEMM, scaled back after it (v0.62), instead of matmul_kernel."""
     from tritonlstm.configs import cdiv
     from tritonlstm.kernels.lstm import interpreting
 
@@ -332,17 +340,17 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
         raise ValueError(f"matmul: a [M, K] and b [K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.device.type == "cuda" and a.device.index is not None and a.device.index != torch.cuda.current_device():
         with torch.cuda.device(a.device):  # Triton launches on the current device
-            return matmul(a, b, precision=precision, half=half, row_chunk=row_chunk)
+            return matmul(a, b, precision=precision, half=half, row_chunk=row_chunk, cublas=cublas)
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=torch.float32, device=a.device)
     restage_a, restage_b = a.stride(1) != 1 and K > 1, b.stride(0) != 1 and K > 1
-    if HALF_WEIGHT_GRADS and precision == "tf32" and restage_a and restage_b and 2 * M * N * K >= HALF_MIN_FLOPS:
+    if HALF_GRADS and precision == "tf32" and restage_a and restage_b and 2 * M * N * K >= HALF_MIN_FLOPS:
         return _matmul_half_weight_grad(a, b)
     out = torch.empty((M, N), dtype=torch.float32, device=a.device)
     if half and precision == "tf32" and 2 * M * N * K >= HALF_MIN_FLOPS:
-        _matmul_half(a, b, out, row_chunk)
+        _matmul_half(a, b, out, row_chunk, cublas)
         return out
     cfg = _config(M, N, interpreting())
     grid = (cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]),)

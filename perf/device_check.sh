@@ -13,7 +13,7 @@
 # (KERNEL_AB2_TIMEOUT); TUNE_ARGS="..." runs the tuner on those shapes (TUNE_TIMEOUT, 240; every candidate's time
 # in tune-log.json; "--quick" searches the named variants alone), and TUNE2_ARGS="..." a second set of keys
 # (TUNE2_TIMEOUT; tune2-log.json); TUNED_BENCH_ARGS="..." runs the bench again after the tuner, with its winners (TUNED_BENCH_TIMEOUT, 200);
-# HALF_WG_BENCH_ARGS="..." the bench with TRITONLSTM_HALF_WEIGHT_GRADS=1 (HALF_WG_BENCH_TIMEOUT, 150); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles many candidates),
+# HALF_GRADS_BENCH_ARGS="..." the bench with TRITONLSTM_HALF_GRADS=1 (HALF_GRADS_BENCH_TIMEOUT, 150); GPU_TESTS with TESTS_K (pytest -k; default skips the tuner test, which compiles many candidates),
 # TESTS_TIMEOUT (140) and TESTS_WORKERS (pytest-xdist processes sharing the GPU, default 8, 0 = none: the tests
 # compile more than they run, and kernels of different processes time-slice rather than share SMs, so persistent
 # launches keep every program resident; run 4: 106 tests in 45 s on 8 workers); STACK_AB=1 (off by default, ~1 min) runs perf/kernel_ab.py on the
@@ -126,12 +126,12 @@ if [ -n "${TUNED_BENCH_ARGS:-}" ]; then
     unset TRITONLSTM_CACHE_DIR
 fi
 
-if [ -n "${HALF_WG_BENCH_ARGS:-}" ]; then
-    # The bench again with the weight gradients on column-scaled float16 operands (kernels.matmul
-    # HALF_WEIGHT_GRADS, v0.61), e.g. HALF_WG_BENCH_ARGS="--modes fwdbwd --dtypes float32 --no-stacks".
-    step "bench with TRITONLSTM_HALF_WEIGHT_GRADS=1 ($HALF_WG_BENCH_ARGS)"
-    measure bench-half-wg "${HALF_WG_BENCH_TIMEOUT:-150}" env TRITONLSTM_HALF_WEIGHT_GRADS=1 $py -m tritonlstm.bench \
-        $HALF_WG_BENCH_ARGS --out "$W/bench-half-wg"
+if [ -n "${HALF_GRADS_BENCH_ARGS:-}" ]; then
+    # The bench again with the gradients' GEMMs on float16 operands and cuBLAS (kernels.matmul HALF_GRADS,
+    # v0.61-v0.62), e.g. HALF_GRADS_BENCH_ARGS="--modes fwdbwd --dtypes float32 --no-stacks".
+    step "bench with TRITONLSTM_HALF_GRADS=1 ($HALF_GRADS_BENCH_ARGS)"
+    measure bench-half-grads "${HALF_GRADS_BENCH_TIMEOUT:-150}" env TRITONLSTM_HALF_GRADS=1 $py -m tritonlstm.bench \
+        $HALF_GRADS_BENCH_ARGS --out "$W/bench-half-grads"
 fi
 
 # After the bench, whose parallel compile has built these cells' kernels.

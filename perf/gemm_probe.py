@@ -83,17 +83,22 @@ def measure(hidden: int, rows: int) -> list[dict]:
             row["rel_err_half_vs_fp32"] = ((half - ref).norm() / ref.norm()).item()
             row["triton_half_ms"] = do_bench(lambda: matmul(a, b, half=True, row_chunk=chunk), warmup=10, rep=50,
                                              return_mode="median")
+            if name == "dG @ W_ih":  # v0.62: the same row-scaled operands, the product on cuBLAS, scaled back after
+                half = matmul(a, b, half=True, cublas=True)
+                row["rel_err_cublas_half_vs_fp32"] = ((half - ref).norm() / ref.norm()).item()
+                row["cublas_half_ms"] = do_bench(lambda: matmul(a, b, half=True, cublas=True), warmup=10, rep=50,
+                                                 return_mode="median")
         else:  # v0.61: column-scaled float16 operands on cuBLAS, the conversions included
             from tritonlstm.kernels import matmul as mm
 
-            previous, mm.HALF_WEIGHT_GRADS = mm.HALF_WEIGHT_GRADS, True
+            previous, mm.HALF_GRADS = mm.HALF_GRADS, True
             try:
                 half = matmul(a, b)
                 row["rel_err_half_vs_fp32"] = ((half - ref).norm() / ref.norm()).item()
                 row["triton_half_ms"] = do_bench(lambda: matmul(a, b), warmup=10, rep=50, return_mode="median")
             finally:
-                mm.HALF_WEIGHT_GRADS = previous
-        for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half", "cublas_f16"):
+                mm.HALF_GRADS = previous
+        for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half", "cublas_f16", "cublas_half"):
             if f"{k}_ms" in row:
                 row[f"{k}_tflops"] = flops / row[f"{k}_ms"] / 1e9
         out.append(row)
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32, "
-          "kernels.matmul on row-scaled float16 (dG^T @ x: column-scaled, on cuBLAS, conversions included, v0.61); "
+          "kernels.matmul on row-scaled float16 (dG^T @ x: column-scaled, on cuBLAS, conversions included, v0.61; "
+          "dG @ W_ih also 'half on cuBLAS', v0.62); "
           "/N: MN-major operands restaged in N chunks")
     chunk_counts = [int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS]
     tiles = [parse_tiles(t) for t in a.tiles.split(",") if t] or [None]
@@ -156,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
                               for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half") if k + "_ms" in r)
                   + (f"  cuBLAS f16->f32 {r['cublas_f16_tflops']:6.1f} ({r['cublas_f16_ms']:.3f})"
                      if "cublas_f16_ms" in r else "")
+                  + (f"  half on cuBLAS {r['cublas_half_tflops']:6.1f} ({r['cublas_half_ms']:.3f})"
+                     if "cublas_half_ms" in r else "")
                   + f"  host {r['host_ms']:.3f} ms  rel err {r['rel_err_vs_fp32']:.1e}"
                   + (f" / {r['rel_err_half_vs_fp32']:.1e}" if "rel_err_half_vs_fp32" in r else "")
-                  + (f" / cuBLAS f16 {r['rel_err_cublas_f16_vs_fp32']:.1e}" if "cublas_f16_ms" in r else ""),
+                  + (f" / cuBLAS f16 {r['rel_err_cublas_f16_vs_fp32']:.1e}" if "cublas_f16_ms" in r else "")
+                  + (f" / half on cuBLAS {r['rel_err_cublas_half_vs_fp32']:.1e}" if "cublas_half_ms" in r else ""),
                   flush=True)
         if a.json:
             write_rows_json(a.json, rows)

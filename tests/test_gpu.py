@@ -77,18 +77,21 @@ def test_float32_gemms_follow_the_rnn_precision(monkeypatch, precision):
         assert max(errs.values()) <= 1e-4, errs
 
 
-def test_float16_weight_gradients_match_cudnn(monkeypatch):
-    """v0.61 (HALF_WEIGHT_GRADS): a float32 training step whose weight gradients run on column-scaled float16
-    operands and cuBLAS's float16 GEMM with a float32 output (torch.mm's out_dtype), against cuDNN at its TF32
-    tolerance; dW_ih's and dW_hh's later steps take it (4 conversions), the first step's small product does not."""
+def test_float16_gradients_match_cudnn(monkeypatch):
+    """v0.61-v0.62 (HALF_GRADS): a float32 training step whose weight gradients run on column-scaled float16
+    operands and whose input gradient on row-scaled ones, both on cuBLAS's float16 GEMM with a float32 output
+    (torch.mm's out_dtype), against cuDNN at its TF32 tolerance; dW_ih's and dW_hh's later steps take it (4 column
+    conversions), the first step's small product does not; dx's product never reaches matmul_kernel."""
     from tritonlstm.kernels import matmul as mm
 
-    monkeypatch.setattr(mm, "HALF_WEIGHT_GRADS", True)
-    converted = []
-    real = mm._half_columns
+    monkeypatch.setattr(mm, "HALF_GRADS", True)
+    converted, cublas = [], []
+    real, real_mm = mm._half_columns, mm._mm_half_to_float
     monkeypatch.setattr(mm, "_half_columns", lambda x: converted.append(tuple(x.shape)) or real(x))
+    monkeypatch.setattr(mm, "_mm_half_to_float", lambda a, b: cublas.append(tuple(a.shape)) or real_mm(a, b))
     run_both(256, 64, 512, torch.float32)
     assert len(converted) == 4, converted
+    assert len(cublas) >= 3, cublas  # dW_hh's, dW_ih's, and dx's (in row chunks)
 
 
 def test_float16_gemms_match_float64_row_by_row():

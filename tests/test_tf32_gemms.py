@@ -148,12 +148,12 @@ def test_matmul_on_float16_operands_in_row_chunks(monkeypatch):
 
 
 def test_weight_gradient_on_column_scaled_float16_operands(monkeypatch):
-    """v0.61 (HALF_WEIGHT_GRADS): dG^T @ x with both operands as the layers pass them (MN-major views), dG's columns
+    """v0.61 (HALF_GRADS): dG^T @ x with both operands as the layers pass them (MN-major views), dG's columns
     1e30 apart and x's 1e20 apart (no one scale spans them), each converted with its own power of two, the product
     (emulated off the GPU) scaled back: every row and column of the result as precise as TF32 makes it, with no
     restaging and no TF32 launch; a zero column of dG gives a zero row, inf and NaN go through. Off, the TF32 path."""
     monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 0)
-    monkeypatch.setattr(mm, "HALF_WEIGHT_GRADS", True)
+    monkeypatch.setattr(mm, "HALF_GRADS", True)
     converted, launched = [], []
     real_cols, real_launch = mm._half_columns, mm.launch_or_compile
     monkeypatch.setattr(mm, "_half_columns", lambda x: converted.append(tuple(x.shape)) or real_cols(x))
@@ -177,7 +177,7 @@ def test_weight_gradient_on_column_scaled_float16_operands(monkeypatch):
     ref = dg.double().t() @ x.double()
     assert torch.equal(out[5].isinf(), ref[5].isinf()) and out[6].isnan().all() and ref[6].isnan().all()
     assert torch.isfinite(out[7:]).all()
-    monkeypatch.setattr(mm, "HALF_WEIGHT_GRADS", False)
+    monkeypatch.setattr(mm, "HALF_GRADS", False)
     converted.clear()
     launched.clear()
     mm.matmul(dg.t(), x)
@@ -243,24 +243,55 @@ def _spread_gradient_step(problem):
     return p, ref_p, (y, hn, cn), ref_out
 
 
-def test_layer_with_float16_weight_gradients(forced, monkeypatch):
-    """v0.61 at every size (HALF_MIN_FLOPS lowered, HALF_WEIGHT_GRADS on): dW_ih and dW_hh on column-scaled float16
-    operands, against the float64 reference at the GPU's float32 (TF32) tolerance, the gradient's batch rows 1e16
-    apart."""
+def test_layer_with_float16_gradients(forced, monkeypatch):
+    """v0.61-v0.62 at every size (HALF_MIN_FLOPS lowered, HALF_GRADS on): dW_ih and dW_hh on column-scaled float16
+    operands, dx on row-scaled ones with the product on cuBLAS (emulated here), against the float64 reference at
+    the GPU's float32 (TF32) tolerance, the gradient's batch rows 1e16 apart and each batch row's dx judged on its
+    own scale."""
     from helpers import RESOLUTION_GPU
 
     monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 0)
-    monkeypatch.setattr(mm, "HALF_WEIGHT_GRADS", True)
-    converted = []
-    real = mm._half_columns
-    monkeypatch.setattr(mm, "_half_columns", lambda x: converted.append(tuple(x.shape)) or real(x))
+    monkeypatch.setattr(mm, "HALF_GRADS", True)
+    columns, rows = [], []
+    real_cols, real_rows = mm._half_columns, mm._half_rows
+    monkeypatch.setattr(mm, "_half_columns", lambda x: columns.append(tuple(x.shape)) or real_cols(x))
+    monkeypatch.setattr(mm, "_half_rows", lambda x, y, e: rows.append(tuple(x.shape)) or real_rows(x, y, e))
     T, B, I, H = 16, 5, 7, 12
     p, ref_p, _, _ = _spread_gradient_step(make_problem(T, B, I, H, torch.float32))
     tol = RESOLUTION_GPU[torch.float32]
     for n in ("weight_ih", "weight_hh", "x", "bias_ih"):
         assert rel_err(p[n].grad, ref_p[n].grad) <= tol, n
+    for b in range(B):
+        assert rel_err(p["x"].grad[:, b], ref_p["x"].grad[:, b], floor=0) <= tol, b
     # dW_hh's first step (dG[0] and h0) and later steps (dG[1:] and y[:-1]), then dW_ih's (dG and x)
-    assert converted == [(B, 4 * H), (B, H), ((T - 1) * B, 4 * H), ((T - 1) * B, H), (T * B, 4 * H), (T * B, I)]
+    assert columns == [(B, 4 * H), (B, H), ((T - 1) * B, 4 * H), ((T - 1) * B, H), (T * B, 4 * H), (T * B, I)]
+    # the forward's projection (W_ih's columns, x's rows), then dx's (W_ih^T's columns, dG's rows)
+    assert rows == [(4 * H, I), (T * B, I), (I, 4 * H), (T * B, 4 * H)], rows
+
+
+def test_input_gradient_product_on_cublas(monkeypatch):
+    """v0.62: matmul(half=True, cublas=True), the input gradient's layouts (a = dG K-major, b = W_ih N-major), rows
+    of a 1e30 apart and columns of b 1e20 apart, in row chunks: every row and column as precise as TF32 makes it,
+    each row within 1e-5 of matmul_kernel's epilogue on the same operands (the order of summation apart), and no
+    matmul_kernel launch."""
+    monkeypatch.setattr(mm, "HALF_MIN_FLOPS", 0)
+    g = torch.Generator().manual_seed(15)
+    M, K, N = 50, 48, 20
+    a = _spread_rows(g, M, K, 30)
+    b = _spread_rows(g, N, K, 20).t().contiguous()  # [K, N], N-major
+    ref = a.double() @ b.double()
+    launched = []
+    real = mm.launch_or_compile
+    monkeypatch.setattr(mm, "launch_or_compile",
+                        lambda k, *x, **kw: launched.append(k.fn.__name__) or real(k, *x, **kw))
+    out = mm.matmul(a, b, half=True, row_chunk=16, cublas=True)
+    assert "matmul_kernel" not in launched and launched.count("half_rows_kernel") == 1 + 4
+    rows = [(out[m] - ref[m]).norm() / ref[m].norm() for m in range(M)]
+    cols = [(out[:, n] - ref[:, n]).norm() / ref[:, n].norm() for n in range(N)]
+    # TF32's 11 significant bits: ~5e-4 relative a product, more where a row or column cancels
+    assert max(rows) < 5e-3 and max(cols) < 1e-2 and sum(rows) / len(rows) < 1e-3, (max(rows), max(cols))
+    other = mm.matmul(a, b, half=True, row_chunk=16)  # the same operands through matmul_kernel's epilogue
+    assert ((out - other).norm(dim=1) / other.norm(dim=1)).max() < 1e-5
 
 
 def test_weight_gradients_restage_in_chunks_of_at_least_32_mb():

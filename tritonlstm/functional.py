@@ -159,8 +159,9 @@ def _column_sums(m: Tensor) -> Tensor:
     return m.sum(0, dtype=torch.float32)
 
 
-def _tf32_matmul(a: Tensor, b: Tensor, half: bool = False, row_chunk: int | None = None) -> Tensor:
-    return _kernel_module("matmul").matmul(a, b, half=half, row_chunk=row_chunk)
+def _tf32_matmul(a: Tensor, b: Tensor, half: bool = False, row_chunk: int | None = None,
+                 cublas: bool = False) -> Tensor:
+    return _kernel_module("matmul").matmul(a, b, half=half, row_chunk=row_chunk, cublas=cublas)
 
 
 def _mm(a: Tensor, b: Tensor) -> Tensor:
@@ -172,7 +173,8 @@ class _TF32Projection(torch.autograd.Function):
     """x [N, I] @ w [G, I]^T with both gradients on kernels.matmul (TF32). The product on row-scaled float16
     operands where it is large (kernels/matmul.py, perf/NOTES.md v0.43), x's rows converted at once (the forward's
     peak is far below the backward's). Not the input gradient (grad @ w): its float16 path, grad's rows converted in
-    chunks, took 1.2-5.8x TF32's time at every measured shape (run 7, H200)."""
+    chunks, took 1.2-5.8x TF32's time at every measured shape (run 7, H200), unless kernels.matmul.HALF_GRADS puts
+    its product on cuBLAS (v0.62, not yet timed)."""
 
     @staticmethod
     def forward(ctx, x, w):  # only ever applied where _project found _tf32_gemms
@@ -183,7 +185,10 @@ class _TF32Projection(torch.autograd.Function):
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         need = ctx.needs_input_grad
-        return _mm(grad, w) if need[0] else None, _mm(grad.t(), x) if need[1] else None
+        dx = None
+        if need[0]:
+            dx = _tf32_matmul(grad, w, half=True, cublas=True) if _kernel_module("matmul").HALF_GRADS else _mm(grad, w)
+        return dx, _mm(grad.t(), x) if need[1] else None
 
 
 def _project(x: Tensor, w: Tensor) -> Tensor:
