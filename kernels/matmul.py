@@ -262,15 +262,21 @@ def _exp2(k: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones(k.shape, dtype=torch.float32, device=k.device), k)
 
 
-def _matmul_half_weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] @ b [K, N] for a weight gradient's layouts (a = dG^T, b = x, both MN-major) on float16 operands, a's
-    rows (dG's columns) and b's columns scaled (HALF_GRADS)."""
+def _scaled_back_product(a16: torch.Tensor, b16: torch.Tensor, ea: torch.Tensor, eb: torch.Tensor,
+                         out: torch.Tensor) -> None:
+    """out = (a16 @ b16) * 2^-ea[m] * 2^-eb[n]: the product of operands whose rows of a and columns of b were scaled
+    by 2^ea, 2^eb (_mm_half_to_float), scaled back in two factors, as matmul_kernel's epilogue: neither partial scale
+    leaves float32's normal range where the result does not."""
+    torch.mul(_mm_half_to_float(a16, b16), _exp2(-ea)[:, None], out=out)
+    out.mul_(_exp2(-eb)[None, :])
+
+
+def _matmul_half_weight_grad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a [M, K] @ b [K, N] for a weight gradient's layouts (a = dG^T, b = x, both MN-major) on float16
+    operands, a's rows (dG's columns) and b's columns scaled (HALF_GRADS)."""
     a16t, ea = _half_columns(a.t())
     b16, eb = _half_columns(b)
-    out = _mm_half_to_float(a16t.t(), b16)
-    # In two factors, as matmul_kernel's epilogue: neither partial scale leaves float32's normal range where C does not.
-    out.mul_(_exp2(-ea)[:, None]).mul_(_exp2(-eb)[None, :])
-    return out
+    _scaled_back_product(a16t.t(), b16, ea, eb, out)
 
 
 def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk: int | None,
@@ -295,8 +301,7 @@ def _matmul_half(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, row_chunk:
         _half_rows(a[m0:m0 + n], stage[:n], ea[:n])
         c = out[m0:m0 + n]
         if cublas:
-            torch.mul(_mm_half_to_float(stage[:n], bt.t()), _exp2(-ea[:n])[:, None], out=c)
-            c.mul_(_exp2(-eb)[None, :])
+            _scaled_back_product(stage[:n], bt.t(), ea[:n], eb, c)
             continue
         cfg = _config(n, N, interpreting(), esize=2)
         grid = (cdiv(n, cfg["BM"]) * cdiv(N, cfg["BN"]),)
@@ -346,9 +351,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, precision: str = "tf32", half: b
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=torch.float32, device=a.device)
     restage_a, restage_b = a.stride(1) != 1 and K > 1, b.stride(0) != 1 and K > 1
-    if HALF_GRADS and precision == "tf32" and restage_a and restage_b and 2 * M * N * K >= HALF_MIN_FLOPS:
-        return _matmul_half_weight_grad(a, b)
     out = torch.empty((M, N), dtype=torch.float32, device=a.device)
+    if HALF_GRADS and precision == "tf32" and restage_a and restage_b and 2 * M * N * K >= HALF_MIN_FLOPS:
+        _matmul_half_weight_grad(a, b, out)
+        return out
     if half and precision == "tf32" and 2 * M * N * K >= HALF_MIN_FLOPS:
         _matmul_half(a, b, out, row_chunk, cublas)
         return out

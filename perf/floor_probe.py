@@ -82,7 +82,6 @@ def _counter_ld_barrier(p_err, p_count, target, max_spin, failed):
     return gave_up | (tl.load(p_err, volatile=True) != 0) | (seen < 0)
 
 
-
 @triton.jit
 def floor_probe_kernel(U, Y, SYNC, ERR, T, B, H, max_spin, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                        MODE: tl.constexpr, LOAD_H: tl.constexpr):

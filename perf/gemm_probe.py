@@ -77,25 +77,23 @@ def measure(hidden: int, rows: int) -> list[dict]:
             row["rel_err_cublas_f16_vs_fp32"] = ((cublas16 - ref).norm() / ref.norm()).item()
             row["cublas_f16_ms"] = do_bench(lambda: torch.mm(a16, b16, out_dtype=torch.float32), warmup=10, rep=50,
                                             return_mode="median")
+
+        def timed(key: str, err_key: str, product) -> None:
+            """row[key_ms]: product's median time; row[err_key]: its error against torch's float32 product."""
+            row[err_key] = ((product() - ref).norm() / ref.norm()).item()
+            row[f"{key}_ms"] = do_bench(product, warmup=10, rep=50, return_mode="median")
+
         if name != "dG^T @ x":
             chunk = a.shape[0] if name == "x @ W_ih^T" else None  # as _TF32Projection converts them
-            half = matmul(a, b, half=True, row_chunk=chunk)
-            row["rel_err_half_vs_fp32"] = ((half - ref).norm() / ref.norm()).item()
-            row["triton_half_ms"] = do_bench(lambda: matmul(a, b, half=True, row_chunk=chunk), warmup=10, rep=50,
-                                             return_mode="median")
+            timed("triton_half", "rel_err_half_vs_fp32", lambda: matmul(a, b, half=True, row_chunk=chunk))
             if name == "dG @ W_ih":  # v0.62: the same row-scaled operands, the product on cuBLAS, scaled back after
-                half = matmul(a, b, half=True, cublas=True)
-                row["rel_err_cublas_half_vs_fp32"] = ((half - ref).norm() / ref.norm()).item()
-                row["cublas_half_ms"] = do_bench(lambda: matmul(a, b, half=True, cublas=True), warmup=10, rep=50,
-                                                 return_mode="median")
+                timed("cublas_half", "rel_err_cublas_half_vs_fp32", lambda: matmul(a, b, half=True, cublas=True))
         else:  # v0.61: column-scaled float16 operands on cuBLAS, the conversions included
             from tritonlstm.kernels import matmul as mm
 
             previous, mm.HALF_GRADS = mm.HALF_GRADS, True
             try:
-                half = matmul(a, b)
-                row["rel_err_half_vs_fp32"] = ((half - ref).norm() / ref.norm()).item()
-                row["triton_half_ms"] = do_bench(lambda: matmul(a, b), warmup=10, rep=50, return_mode="median")
+                timed("cublas_half", "rel_err_cublas_half_vs_fp32", lambda: matmul(a, b))
             finally:
                 mm.HALF_GRADS = previous
         for k in ("triton_tf32", "torch_fp32", "torch_tf32", "triton_half", "cublas_f16", "cublas_half"):
@@ -144,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     print(f"{torch.cuda.get_device_name(0)}; TFLOP/s (ms): kernels.matmul TF32, torch.mm float32, torch.mm TF32, "
-          "kernels.matmul on row-scaled float16 (dG^T @ x: column-scaled, on cuBLAS, conversions included, v0.61; "
-          "dG @ W_ih also 'half on cuBLAS', v0.62); "
+          "kernels.matmul on row-scaled float16; 'half on cuBLAS': float16 operands scaled by rows (dG @ W_ih, v0.62) "
+          "or columns (dG^T @ x, v0.61), the product on cuBLAS, conversions included; "
           "/N: MN-major operands restaged in N chunks")
     chunk_counts = [int(v) for v in a.restage_chunks.split(",") if v] or [mm.RESTAGE_CHUNKS]
     tiles = [parse_tiles(t) for t in a.tiles.split(",") if t] or [None]
