@@ -549,6 +549,28 @@ def test_double_backward_is_refused_clearly_and_works_on_the_torch_backend():
     torch.testing.assert_close(grads[0], grads[1], **TOL)
 
 
+
+@pytest.mark.parametrize("kind", ["layer", "stack", "bidirectional", "cell"])
+def test_double_backward_with_frozen_weights_is_refused_not_silently_wrong(kind):
+    """Frozen weights and a constant output gradient: nothing the backward ops take requires grad, so their
+    gradients were constants to a second backward, which then dropped the recurrence's second-order terms and
+    returned a wrong x.grad without a word (seen with the stack). It must raise as with trainable weights."""
+    if kind == "cell":
+        m = tritonlstm.LSTMCell(4, 5, backend="triton")
+        x = torch.randn(2, 4, requires_grad=True)
+    else:
+        m = tritonlstm.LSTM(4, 5, num_layers=2 if kind == "stack" else 1, bidirectional=kind == "bidirectional",
+                            backend="triton")
+        x = torch.randn(3, 2, 4, requires_grad=True)
+    m.requires_grad_(False)
+    y = m(x)[0]
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(NotImplementedError, match="double backward"):
+        (g.square().sum() + y.sum()).backward(retain_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(g.square().sum(), x)
+
 def test_activation_checkpointing_recomputes_the_same_stack_with_dropout():
     """torch.utils.checkpoint reruns the forward during backward (RNG state restored): the same outputs and
     gradients as without it, through the stack's one-launch forward and backward with dropout."""

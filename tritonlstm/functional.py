@@ -445,6 +445,32 @@ def _no_double_backward(ctx, *grads):
 _register_autograd(_lstm_recurrence_backward, _no_double_backward, lambda ctx, inputs, output: None)
 
 
+class _TiedToForward(torch.autograd.Function):
+    """The recurrence's gradients, under create_graph=True, tied to an output of the forward (`anchor`, which
+    requires grad wherever any of the forward's inputs does), so that differentiating them again raises
+    _no_double_backward's error. Untied, they would depend on the graph only through the backward op's inputs:
+    with frozen weights and a constant output gradient those need no grad, and a second backward would take the
+    recurrence's gradients for constants, silently (cuDNN's backward takes the input itself, and raises)."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx)
+
+
+def _tie_to_forward(anchor: Tensor, *grads: Tensor) -> tuple[Tensor, ...]:
+    """grads tied to anchor (_TiedToForward) where a backward builds a graph (create_graph=True) on plain tensors
+    and they do not already require grad; as they are otherwise. Under torch.func the backward ops' own autograd
+    (Transformable) refuses a second derivative."""
+    if not torch.is_grad_enabled() or not anchor.requires_grad or all(g.requires_grad for g in grads) \
+            or not all(_plain(t) for t in (anchor, *grads)):
+        return grads
+    return _TiedToForward.apply(anchor, *grads)
+
+
 def _stack_backward_run(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
                         weight_ih: Tensor, weight_hh: Tensor, lengths: Tensor | None, drop: Tensor | None,
                         into_gates: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -536,7 +562,7 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
     if _graph_released_after_this_backward(ctx, *args[:6]):
         dg, dh0, dc0 = _stack_backward_run(*args, into_gates=True)
     else:
-        dg, dh0, dc0 = _call(_lstm_stack_backward, *args)
+        dg, dh0, dc0 = _tie_to_forward(y, *_call(_lstm_stack_backward, *args))
     dg2 = dg.view(L, T * B, 4 * H)
     need = ctx.needs_input_grad
     d_ih = d_hh = None
@@ -599,7 +625,7 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     if _graph_released_after_this_backward(ctx, *args[:6]):
         dg, dh0, dc0 = _recurrence_backward(*args, into_gates=True)
     else:
-        dg, dh0, dc0 = _call(_lstm_recurrence_backward, *args)
+        dg, dh0, dc0 = _tie_to_forward(y, *_call(_lstm_recurrence_backward, *args))
     dg3 = dg.view(T * B, D, G)
     need = ctx.needs_input_grad
     dw_hh = None
