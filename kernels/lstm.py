@@ -40,6 +40,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 import warnings
 
 import torch
@@ -219,7 +220,7 @@ def _x_chunk(p_base, o_rows, m_rows, k0, H, KC: tl.constexpr):
 def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_t, p_w, i_h, m_w, H,
                           BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr,
                           W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, HALF_W: tl.constexpr, x_mul,
-                          acc_mul):
+                          acc_mul, X16: tl.constexpr = False):
     """_gate_dots transposed: gates^T [4 * BH, BB] = W^T @ x^T, M = the program's 4 * BH gate rows (BH = 16: one
     64-row Hopper warpgroup MMA, which a 16-row batch tile as M is too small for), N = the batch tile, K in KC
     chunks: w_t's resident tiles (_load_transposed_tiles), or streamed, each [4 * BH, KC] chunk of W^T loaded
@@ -228,7 +229,8 @@ def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_
 
     HALF_W: W^T is float16, scaled by a power of two into its range (_half_weights), and x (float32) is multiplied
     by x_mul, another power of two, and rounded to float16: the product on float16 operands, the accumulator times
-    acc_mul = 1 / (both scales). Exact scalings, so the operands lose only what TF32 loses (10-bit mantissas)."""
+    acc_mul = 1 / (both scales). Exact scalings, so the operands lose only what TF32 loses (10-bit mantissas).
+    X16 (with HALF_W): x is float16 already, scaled and rounded by whoever wrote it (x_mul unused)."""
     acc = tl.zeros([4 * BH, BB], dtype=tl.float32)
     if W_RESIDENT:
         # Code after a dot waits for it (wgmma.wait_group), so a chunk loaded after the previous chunk's dot starts
@@ -239,7 +241,7 @@ def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_
         for i in tl.static_range(BK // KC):
             if HALF_W and i + 1 < BK // KC:
                 b_next = _x_chunk(p_base, o_rows, m_rows, (i + 1) * KC, H, KC)
-            if HALF_W:
+            if HALF_W and not X16:
                 b_x = (b_x * x_mul).to(tl.float16)
             acc = tl.dot(w_t[i], tl.trans(b_x), acc, input_precision=DOT_PRECISION)
             if i + 1 < BK // KC:
@@ -252,7 +254,7 @@ def _transposed_gate_dots(acc_i, acc_f, acc_g, acc_o, p_base, o_rows, m_rows, w_
             t_w = tl.load(p_w + rows[:, None] * H + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
             b_x = tl.load(p_base + o_rows[:, None] + o_c[None, :], mask=m_rows[:, None] & m_c[None, :], other=0.0,
                           cache_modifier=".cg")
-            if HALF_W:
+            if HALF_W and not X16:
                 b_x = (b_x * x_mul).to(tl.float16)
             acc = tl.dot(t_w, tl.trans(b_x), acc, input_precision=DOT_PRECISION)
     if HALF_W:
@@ -551,6 +553,7 @@ def lstm_fwd_kernel(
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
     WSCALE,  # [D or L, 5] float32 the scales of HALF_W's float16 operands (_half_weights)
+    HB,  # [2, D, B, H] float16 h_t * REC_MUL at step t's parity, h0 times its scale at slot 1 (when HALF_H)
     T,
     B,
     H,
@@ -578,8 +581,10 @@ def lstm_fwd_kernel(
     CLUSTER: tl.constexpr,  # the barrier as Hopper's cluster barrier (_cluster_barrier); single layer, P <= 8 or 16
     PREFETCH: tl.constexpr,  # one batch tile per program, single layer, barrier: next step's gx before the wait
     HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
+    HALF_H: tl.constexpr = False,  # HALF_W, single layer: h_{t-1} read from HB, as its producer rounded it
 ):
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
+    tl.static_assert(not HALF_H or (HALF_W and not STACK), "float16 h exchange: a single layer's float16 dots")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
     tl.static_assert(not (MERGED and (STACK or SK > 1)), "merged gates: single layer, unsplit")
     tl.static_assert(not (TRANSPOSED and (MERGED or SK > 1)), "transposed dots: unsplit")
@@ -622,6 +627,8 @@ def lstm_fwd_kernel(
     CN += i_d * B * H
     SG = D * 4 * H
     SY = D * H
+    HB += i_d * B * H
+    HB_SLOT = D * B * H
 
     o_j = i_h * BH + tl.arange(0, BH)
     m_j = o_j < H
@@ -713,8 +720,15 @@ def lstm_fwd_kernel(
                 b_c = tl.load(p_c, mask=m_live, other=0.0, cache_modifier=".cg")
 
             # h_{t-1}: the previous output row, or h0 at the first step.
-            o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
-            p_hbase = tl.where(s == 0, H0, Y)
+            if HALF_H:
+                # ... as float16, scaled (h0's slot written by _half_weights): half the bytes of float32's, and
+                # straight into the dot, where the conversion in the loop cost more than the bytes it saved
+                # (perf/NOTES.md v0.42, v0.63).
+                o_hrow = o_b.to(tl.int64) * H
+                p_hbase = HB + ((s + 1) % 2) * HB_SLOT
+            else:
+                o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
+                p_hbase = tl.where(s == 0, H0, Y)
             if MERGED:
                 b_gi, b_gf, b_gg, b_go = _merged_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wm,
                                                            W, o_k, i_h, H, BK, BB, BH, W_RESIDENT, DOT_PRECISION)
@@ -723,7 +737,7 @@ def lstm_fwd_kernel(
                                                                b_wm, W, i_h, i_h >= 0, H, BB, BH, BK, KC,
                                                                W_RESIDENT, DOT_PRECISION, HALF_W,
                                                                tl.where(s == 0, ws_h0_mul, REC_MUL),
-                                                               tl.where(s == 0, ws_h0_acc, ws_rec_acc))
+                                                               tl.where(s == 0, ws_h0_acc, ws_rec_acc), HALF_H)
             else:
                 b_gi, b_gf, b_gg, b_go = _gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wi, b_wf,
                                                     b_wg, b_wo, W, o_k, o_j, m_j, i_h >= 0, H, BK, W_RESIDENT,
@@ -745,6 +759,9 @@ def lstm_fwd_kernel(
 
             o_bh = o_b[:, None] * H + o_j[None, :]
             tl.store(Y + o_row[:, None] * SY + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
+            if HALF_H:
+                # The slot step s - 1 read h_{t-2} from: the barrier before this step waited for those reads.
+                tl.store(HB + (s % 2) * HB_SLOT + o_bh, (b_y * REC_MUL).to(tl.float16), mask=m_live)
             if STACK:
                 if HAS_DROPOUT:
                     # On the [BB, BH] output tile, where it costs no registers (on the next layer's [BB, H]
@@ -1529,13 +1546,16 @@ TRANSPOSED_CHUNK_BYTES = 8192
 TRANSPOSED_ONE_CHUNK_BYTES = 16384
 
 
-def transposed_chunk(config, esize: int, stack: bool = False) -> int:
-    """KC of a transposed config (and a placeholder 16 for the others): with W streamed, its K chunk."""
+def transposed_chunk(config, esize: int, stack: bool = False, half_h: bool = False) -> int:
+    """KC of a transposed config (and a placeholder 16 for the others): with W streamed, its K chunk. half_h: h
+    comes in float16 (HALF_H), so the one-chunk case holds twice float32's K (at BB = 16, K = 512: 251 registers,
+    no spills); in several chunks it keeps float32's KC, as 2-byte chunks of 256 spill 500 bytes with the next
+    chunk's load issued before the dot (compile-only sm_90, perf/NOTES.md v0.63)."""
     if not config.transposed:
         return 16
     if not config.w_resident:
         return config.block_k
-    if not stack and config.block_b * config.block_k * esize <= TRANSPOSED_ONE_CHUNK_BYTES:
+    if not stack and config.block_b * config.block_k * (2 if half_h else esize) <= TRANSPOSED_ONE_CHUNK_BYTES:
         return config.block_k
     return max(16, min(config.block_k, TRANSPOSED_CHUNK_BYTES // (config.block_b * esize)))
 
@@ -1580,11 +1600,13 @@ def _scale_exp(AMAX, i):
 
 
 @triton.jit
-def half_operands_kernel(W_HH, W_IH, AMAX, W16, WIH16, SCALES, ERR, N, NUMEL, K_REC: tl.constexpr,
-                         STACK: tl.constexpr, HAS_DROP: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr):
-    # Program (c, l, 0) scales elements c * BLOCK.. of layer l's W_hh into float16, (c, l, 1) those of layer l + 1's
-    # W_ih (a stack's); program (0, 0, 0) also writes the [N, 5] scales. AMAX: the magnitudes of W_hh (N), h0 (N),
-    # and a stack's W_ih (N - 1) and dropout scale (N - 1), as _half_weights lays them out.
+def half_operands_kernel(W_HH, W_IH, AMAX, W16, WIH16, SCALES, ERR, H0, H016, N, NUMEL, NUMEL_H0,
+                         K_REC: tl.constexpr, STACK: tl.constexpr, HAS_DROP: tl.constexpr, HAS_H016: tl.constexpr,
+                         BLOCK: tl.constexpr, BN: tl.constexpr):
+    # Program (c, l, 0) scales elements c * BLOCK.. of layer l's W_hh into float16 (and, HAS_H016, of direction l's
+    # h0 [B, H] into H016, times h0's multiplier), (c, l, 1) those of layer l + 1's W_ih (a stack's); program
+    # (0, 0, 0) also writes the [N, 5] scales. AMAX: the magnitudes of W_hh (N), h0 (N), and a stack's W_ih (N - 1)
+    # and dropout scale (N - 1), as _half_weights lays them out.
     i_c = tl.program_id(0)
     i_l = tl.program_id(1)
     o = i_c.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -1594,6 +1616,11 @@ def half_operands_kernel(W_HH, W_IH, AMAX, W16, WIH16, SCALES, ERR, N, NUMEL, K_
         k, _ = _scale_exp(AMAX, i_l)
         w = tl.load(W_HH + o_l, mask=m)
         tl.store(W16 + o_l, (w * _exp2_bits(k)).to(tl.float16), mask=m)
+        if HAS_H016:
+            k_h0, _ = _scale_exp(AMAX, N + i_l)
+            m_h = o < NUMEL_H0
+            o_h = i_l.to(tl.int64) * NUMEL_H0 + o
+            tl.store(H016 + o_h, (tl.load(H0 + o_h, mask=m_h) * _exp2_bits(k_h0)).to(tl.float16), mask=m_h)
     else:
         m = m & (i_l < N - 1)
         k, _ = _scale_exp(AMAX, 2 * N + i_l)
@@ -1631,7 +1658,7 @@ def half_operands_kernel(W_HH, W_IH, AMAX, W16, WIH16, SCALES, ERR, N, NUMEL, K_
             tl.store(ERR, tl.maximum(tl.load(ERR), 2))  # BarrierErrors.RANGE
 
 
-def _half_weights(w_hh, h0, w_ih=None, drop=None):
+def _half_weights(w_hh, h0, w_ih=None, drop=None, h0_out=None):
     """The float16 operands of a HALF_W launch, for float32 layers whose TF32 dots would round W and h to 10-bit
     mantissas anyway: float16 holds the same mantissa, so W scaled by a power of two into its range (per direction
     or layer) loses nothing TF32 keeps; the kernel scales h0, h_{t-1} and the layer below's output likewise. Returns
@@ -1641,11 +1668,12 @@ def _half_weights(w_hh, h0, w_ih=None, drop=None):
     in 3-5 launches: ATen's max-magnitude reductions, then half_operands_kernel for the rest (in ATen's ops it was
     ~30 launches, perf/NOTES.md v0.35). A finite magnitude beyond 2^75 sets the device's error flag
     (BarrierErrors.RANGE): the launch's outputs are NaN and the host raises, as after a failed barrier. Inf and NaN
-    go through, and propagate as in torch."""
+    go through, and propagate as in torch. h0_out ([D, B, H] float16, a single layer's): h0 times its multiplier,
+    as the kernel's first step reads it with HALF_H."""
     dev = w_hh.device
     if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):  # Triton launches on the current device
-            return _half_weights(w_hh, h0, w_ih, drop)
+            return _half_weights(w_hh, h0, w_ih, drop, h0_out)
     n, G, H = w_hh.shape
     given, stack = w_ih is not None, w_ih is not None and n > 1
     inf = float("inf")
@@ -1662,10 +1690,17 @@ def _half_weights(w_hh, h0, w_ih=None, drop=None):
     wih16 = torch.empty(w_ih.shape, dtype=torch.float16, device=dev) if stack else w16
     scales = torch.empty((n, 5), dtype=torch.float32, device=dev)
     numel = G * H
-    grid = (cdiv(numel, HALF_BLOCK), n, 2 if stack else 1)
-    args = (w_hh, w_ih, amax, w16, wih16, scales, barrier_errors.flag(dev), n, numel)
-    meta = dict(K_REC=int(math.log2(REC_MUL.value)), STACK=stack, HAS_DROP=drop is not None, BLOCK=HALF_BLOCK,
-                BN=next_power_of_2(n))
+    numel_h0 = h0.shape[1] * h0.shape[2]
+    if h0_out is not None:
+        if stack or h0_out.shape != h0.shape or h0_out.dtype != torch.float16 or not h0_out.is_contiguous():
+            raise ValueError(f"_half_weights: h0_out must be a contiguous float16 {tuple(h0.shape)} of a single "
+                             f"layer, got {h0_out.dtype} {tuple(h0_out.shape)}")
+        h0 = h0.contiguous()
+    grid = (cdiv(max(numel, numel_h0) if h0_out is not None else numel, HALF_BLOCK), n, 2 if stack else 1)
+    args = (w_hh, w_ih, amax, w16, wih16, scales, barrier_errors.flag(dev), h0, h0_out if h0_out is not None else w16,
+            n, numel, numel_h0)
+    meta = dict(K_REC=int(math.log2(REC_MUL.value)), STACK=stack, HAS_DROP=drop is not None,
+                HAS_H016=h0_out is not None, BLOCK=HALF_BLOCK, BN=next_power_of_2(n))
     launch_or_compile(half_operands_kernel, grid, args, **meta)
     return w16, wih16 if given else None, scales
 
@@ -1696,7 +1731,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     lengths = last is not None
     b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
     config, grid, words, constexprs = _forward_plan(config, dt, B, H, D, store_gates, has_bias, two, lengths,
-                                                    _dot_precision(dt))
+                                                    _dot_precision(dt), HALF_H)
     _check_residency(config, H, D, dev)
     y = _per_step((T, B, D * H), dt, dev, lengths)
     hn = _alloc((D, B, H), dt, dev)
@@ -1706,11 +1741,18 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     gates = gates_out if gates_out is not None else _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
     sync = torch.zeros(words, device=dev, dtype=torch.int32)
-    w_dot, _, wscale = _half_weights(w_hh, h0) if constexprs["HALF_W"] else (w_hh, None, c_ws)
+    h16 = torch.empty((2, D, B, H), dtype=torch.float16, device=dev) if constexprs["HALF_H"] else None
+    w_dot, _, wscale = _half_weights(w_hh, h0, h0_out=None if h16 is None else h16[1]) if constexprs["HALF_W"] \
+        else (w_hh, None, c_ws)
     args = (gx, gates, w_dot, w_dot, y, y, b1, b2, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync,
-            sync, barrier_errors.flag(dev), wscale, T, B, H, int(reverse))
+            sync, barrier_errors.flag(dev), wscale, h16 if h16 is not None else sync, T, B, H, int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, dev, args, constexprs, sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
+
+
+# A single layer's HALF_W forward exchanges h_{t-1} in float16 (kernel's HALF_H, perf/NOTES.md v0.63);
+# TRITONLSTM_HALF_H=0 reads it from y in float32 and rounds it in the dot's loop instead, as before (for the A/B).
+HALF_H = os.environ.get("TRITONLSTM_HALF_H", "1") != "0"
 
 
 # What a launch's shapes and config decide, checked and built once per key: made on every launch, the checks and
@@ -1718,17 +1760,19 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
 # in the key, as _half_w and DOT_PRECISION follow PyTorch's RNN precision setting.
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gates: bool, has_bias: bool,
-                  two_biases: bool, has_lengths: bool, precision: str):
+                  two_biases: bool, has_lengths: bool, precision: str, half_h: bool = True):
     """(config as the forward runs it, grid, barrier words, the kernel's constexprs) of an lstm_forward launch."""
     config = for_kernel(config, "fwd")
     _check_tiles(config, H)
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
     words, cluster = _barrier_layout(config, grid)
+    half_w = _half_w(config, dtype)
+    half_h = half_h and half_w
     constexprs = dict(D=D, HAS_BIAS=has_bias, TWO_BIASES=two_biases, HAS_LENGTHS=has_lengths, STACK=False,
                       HAS_DROPOUT=False, STORE_GATES=store_gates, DOT_PRECISION=precision, MERGED=config.merged_gates,
                       TRANSPOSED=config.transposed,
-                      KC=transposed_chunk(config, dtype.itemsize), PREFETCH=config.prefetches(B, H),
-                      HALF_W=_half_w(config, dtype), **cluster)
+                      KC=transposed_chunk(config, dtype.itemsize, half_h=half_h), PREFETCH=config.prefetches(B, H),
+                      HALF_W=half_w, HALF_H=half_h, **cluster)
     return config, grid, words, constexprs
 
 
@@ -1762,7 +1806,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     w_dot, w_ih_dot, wscale = _half_weights(w_hh, h0, w_ih, drop) if half else (w_hh, w_ih, c_ws)
     b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
     args = (gx, gates, w_dot, w_ih_dot, drop if drop is not None else y, xd if xd is not None else y, b1, b2, h0,
-            c_ws, y, hn, cn, c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), wscale,
+            c_ws, y, hn, cn, c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), wscale, sync,
             T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=has_bias, TWO_BIASES=two, HAS_LENGTHS=last is not None, STACK=True,

@@ -5,11 +5,13 @@ merged, transposed, streamed and wide tiles, the cluster exchange).
 
     python perf/kernel_ab.py [--dtypes float16,float32] [--hidden 256,512,1024] [--batch 16,256] [--seq 256]
                              [--kernels fwd,bwd,stack,stack_bwd] [--layers 2,4] [--variants unsplit,split,...]
-                             [--json FILE]
+                             [--half-h-ab] [--json FILE]
 
 us/step is a kernel's time over its steps (T, or T + L - 1 for a stack); cuDNN's column is its whole inference
 forward (forward kernels' rows) or forward + backward (backward rows), input GEMMs and weight gradients
 included, for scale. Each variant's output (y, or dG) must match the unsplit variant's before it is timed.
+--half-h-ab: each float32 forward variant with half_w is timed again with kernels.lstm.HALF_H off (h_{t-1} read
+from y in float32 and rounded in the dot's loop, as before v0.63), as "<variant>/f32h".
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from tritonlstm.configs import named_variants as variants
 FORWARD = ("fwd", "stack")
 
 
-def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, names, layers: int = 1) -> dict:
+def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, names, layers: int = 1,
+            half_h_ab: bool = False) -> dict:
     import torch
     from triton.testing import do_bench
 
@@ -49,7 +52,12 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, nam
     limit = LIMITS[dtype]  # the variants differ from the base only in the order of accumulation
     y_base = run(base)()
     k.barrier_errors.check(torch.device("cuda"), wait=True)
-    for name, cfg in cfgs.items():
+    timed = [(name, cfg, True) for name, cfg in cfgs.items()]
+    if half_h_ab and kernel == "fwd" and dtype == torch.float32:
+        timed += [(f"{name}/f32h", cfg, False) for name, cfg in cfgs.items() if cfg.half_w]
+    half_h_default = k.HALF_H
+    for name, cfg, half_h in timed:
+        k.HALF_H = half_h and half_h_default
         try:
             y = run(cfg)()
             k.barrier_errors.check(torch.device("cuda"), wait=True)
@@ -64,6 +72,9 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, nam
             row[f"{name}_us_per_step"] = ms[0] * 1e3 / steps
         except Exception as e:  # a variant that fails is a finding, reported with its row
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        finally:
+            k.HALF_H = half_h_default
+    row["timed"] = [name for name, _, _ in timed]
     # cuDNN beside it, for scale: the whole layer (or stack) of the same shape.
     ref = torch.nn.LSTM(H, H, num_layers=L).to("cuda", dtype)
     x = torch.randn(T, B, H, device="cuda", dtype=dtype)
@@ -87,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", default="fwd,bwd", help="some of fwd, bwd, stack, stack_bwd")
     ap.add_argument("--layers", default="2,4", help="layer counts of the stack kernels' rows")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="some of " + ", ".join(VARIANTS))
+    ap.add_argument("--half-h-ab", action="store_true",
+                    help="time float32 half_w forward variants also with HALF_H off (as <variant>/f32h)")
     ap.add_argument("--json", help="write the rows here (after every row)")
     a = ap.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
@@ -114,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             for h in (int(v) for v in a.hidden.split(",")):
                 for b in (int(v) for v in a.batch.split(",")):
                     try:
-                        r = measure(d, h, b, a.seq, kn, names, l)
+                        r = measure(d, h, b, a.seq, kn, names, l, a.half_h_ab)
                     except Exception as e:  # the base variant itself failed: a finding, not a crash
                         print(f"{kn:9} {l:2} {d:9} {h:5} {b:4} failed: {type(e).__name__}: {e}", flush=True)
                         rows.append({"kernel": kn, "layers": l, "dtype": d, "hidden": h, "batch": b,
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     if a.json:
                         write_rows_json(a.json, rows)
                     base = r.get("unsplit_us_per_step")
-                    for name in VARIANTS:
+                    for name in r["timed"]:
                         us, err = r.get(f"{name}_us_per_step"), r.get(f"{name}_error")
                         if us is None and err is None:
                             continue

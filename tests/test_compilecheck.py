@@ -464,28 +464,31 @@ from triton.compiler import ASTSource
 from tritonlstm.compilecheck import _ptxas_report
 from tritonlstm.kernels import lstm as k
 sig = dict(W_HH="*fp32", W_IH="*fp32", AMAX="*fp32", W16="*fp16", WIH16="*fp16", SCALES="*fp32", ERR="*i32",
-           N="i32", NUMEL="i32", K_REC="constexpr", STACK="constexpr", HAS_DROP="constexpr", BLOCK="constexpr",
-           BN="constexpr")
+           H0="*fp32", H016="*fp16", N="i32", NUMEL="i32", NUMEL_H0="i32", K_REC="constexpr", STACK="constexpr",
+           HAS_DROP="constexpr", HAS_H016="constexpr", BLOCK="constexpr", BN="constexpr")
 names = list(sig)
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("W_HH", "W_IH", "AMAX", "W16", "WIH16", "SCALES",
-                                                                 "NUMEL")}
-for stack, drop in ((False, False), (True, False), (True, True)):
-    consts = dict(K_REC=14, STACK=stack, HAS_DROP=drop, BLOCK=k.HALF_BLOCK, BN=4)
+                                                                 "H0", "H016", "NUMEL", "NUMEL_H0")}
+for stack, drop, h016 in ((False, False, False), (True, False, False), (True, True, False), (False, False, True)):
+    consts = dict(K_REC=14, STACK=stack, HAS_DROP=drop, HAS_H016=h016, BLOCK=k.HALF_BLOCK, BN=4)
     c = triton.compile(ASTSource(fn=k.half_operands_kernel, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     regs, spills = _ptxas_report(c.asm["ptx"])
-    print(stack, drop, regs, spills, "ld.global.v4" in c.asm["ptx"], "cvt.rn.f16x2.f32" in c.asm["ptx"])
+    print(stack, drop, h016, regs, spills, "ld.global.v4" in c.asm["ptx"], "cvt.rn.f16x2.f32" in c.asm["ptx"])
 """
 
 
 def test_half_operands_kernel_compiles_for_sm90_vectorised_without_spills():
-    """_half_weights' kernel (perf/NOTES.md v0.35): 16-byte loads and round-to-nearest float16 pairs, no spills."""
+    """_half_weights' kernel (perf/NOTES.md v0.35): 16-byte loads and round-to-nearest float16 pairs, no spills;
+    also where it writes h0's float16 copy for the forward's HALF_H (v0.63)."""
     proc = run_python("-c", HALF_OPERANDS_COMPILE, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.split("\n")[:3]
-    for line, (stack, drop) in zip(lines, ((False, False), (True, False), (True, True)), strict=True):
-        s, d, regs, spills, v4, cvt = line.split()
-        assert (s, d) == (str(stack), str(drop)) and int(spills) == 0 and int(regs) <= 64 and v4 == cvt == "True", line
+    lines = proc.stdout.split("\n")[:4]
+    cases = ((False, False, False), (True, False, False), (True, True, False), (False, False, True))
+    for line, (stack, drop, h016) in zip(lines, cases, strict=True):
+        s, d, h, regs, spills, v4, cvt = line.split()
+        assert (s, d, h) == (str(stack), str(drop), str(h016)) and int(spills) == 0 and int(regs) <= 64 \
+            and v4 == cvt == "True", line
 
 
 TRANSPOSED_SHARED = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -10,6 +11,7 @@ import torch
 import triton.language as tl
 
 import tritonlstm
+from concurrency import concurrent_programs
 from helpers import (
     NAMES,
     RESOLUTION,
@@ -245,6 +247,60 @@ def test_half_w_forward_matches_reference_at_tf32_precision(name, reverse, lengt
         check_against_reference(problem, torch.float32, reverse=reverse, lengths=lengths, config=HALF_CONFIGS[name],
                                 tol=HALF_TOL)
     assert [w.dtype for w, _, _ in half_weights_calls] == [torch.float16]
+
+
+@pytest.mark.parametrize("name", [*HALF_CONFIGS, "resident-persistent"])
+@pytest.mark.parametrize("case", ["padded", "rev-lengths", "bidirectional"])
+def test_half_h_exchange_is_the_float32_reads_rounding_bit_for_bit(name, case, monkeypatch):
+    """HALF_H (perf/NOTES.md v0.63): h_{t-1} written once in float16 by its producer (h0 by _half_weights) is the
+    operand the dot rounded from y's float32 before, so outputs and every gradient equal those without it, bit for
+    bit: padded, reversed with lengths, and both directions of a bidirectional layer in one launch (each its own
+    slots); with h0 scaled far from 1 (a lost h0 multiplier shows in y_0), and in a persistent launch of several
+    programs running at once (tests/concurrency.py: one of them slow), where the two slots alternate inside one
+    kernel and a slot written too early would be read stale. The spy proves which path each launch took."""
+    config = HALF_CONFIGS["resident" if name == "resident-persistent" else name]
+    if name == "resident-persistent":
+        config = dataclasses.replace(config, persistent=True)
+    took, real = [], kernels._run
+
+    def spy(kernel, grid, n_steps, cfg, device, args, constexprs, *a, **k):
+        if kernel is kernels.lstm_fwd_kernel:
+            took.append(constexprs.get("HALF_H"))
+        return real(kernel, grid, n_steps, cfg, device, args, constexprs, *a, **k)
+
+    monkeypatch.setattr(kernels, "_run", spy)
+    torch.manual_seed(0)
+    T, B, I, H = 6, 9, 10, 33
+    lengths = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1]) if case == "rev-lengths" else None
+    if case == "bidirectional":
+        ref = torch.nn.LSTM(I, H, bidirectional=True)
+        x = torch.randn(T, B, I)
+        hx = (torch.randn(2, B, H) * 1e3, torch.randn(2, B, H))
+    else:
+        problem = make_problem(T, B, I, H, torch.float32)
+        problem["h0"] = problem["h0"] * 1e3
+    results = []
+    for half_h in (True, False):
+        monkeypatch.setattr(kernels, "HALF_H", half_h)
+        at_once = concurrent_programs(1) if config.persistent else contextlib.nullcontext()
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(config), at_once:
+            if case == "bidirectional":
+                m = tritonlstm.LSTM(I, H, bidirectional=True, backend="triton")
+                m.load_state_dict(ref.state_dict())
+                xx = x.clone().requires_grad_()
+                hh = tuple(t.clone().requires_grad_() for t in hx)
+                y, (hn, cn) = m(xx, hh)
+                leaves = [xx, *hh, *m.parameters()]
+            else:
+                leaves = [problem[n].clone().requires_grad_() for n in NAMES]
+                y, (hn, cn) = fused_lstm(*leaves, reverse=case == "rev-lengths", lengths=lengths,
+                                         backend="triton")
+            ((y * torch.arange(y.numel()).view_as(y).sin()).sum() + hn.sum() + cn.square().sum()).backward()
+        results.append([y, hn, cn, *(t.grad for t in leaves)])
+    assert took == [True, False]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert results[0][0].abs().max() > 0.1  # not an all-zero or NaN answer that would equal itself
 
 
 @pytest.mark.parametrize("w_scale,h0_scale", [(1e-8, 1e8), (1e8, 1e-8), (3e-13, 1.0), (1.0, 1e22)])

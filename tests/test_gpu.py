@@ -427,10 +427,15 @@ def test_float32_stack_inference_in_one_launch_on_float16_weights(monkeypatch):
 @pytest.mark.parametrize("H,B,name", [(1024, 1, "transposed-half"), (1024, 16, "transposed-half"),
                                       (512, 64, "transposed-half"), (512, 256, "transposed-streamed-half"),
                                       (1024, 256, "transposed-streamed-bb128-half")])
-def test_half_w_forward_matches_cudnn(H, B, name):
+@pytest.mark.parametrize("half_h", [True, False], ids=["h16", "h32"])
+def test_half_w_forward_matches_cudnn(H, B, name, half_h, monkeypatch):
     """The float32 forward's half_w candidates (W^T in float16, scaled; resident v0.29, streamed v0.42) on persistent
-    multi-program launches, against cuDNN's TF32; the backward as selected."""
+    multi-program launches, against cuDNN's TF32; the backward as selected. h16: h_{t-1} exchanged in float16 (the
+    default, v0.63); h32: read from y in float32 and rounded in the loop."""
     from tritonlstm.configs import named_variants, use_config
+    from tritonlstm.kernels import lstm as k
+
+    monkeypatch.setattr(k, "HALF_H", half_h)
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfg = named_variants("fwd", H, B, torch.float32, sms)[name]

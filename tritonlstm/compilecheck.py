@@ -125,7 +125,7 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     elif kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": p, "BIAS_HH": p, "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "WSCALE": "*fp32"}
+                "ERR": "*i32", "WSCALE": "*fp32", "HB": "*fp16"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "TWO_BIASES", "HAS_LENGTHS", "STACK",
                  "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK", "MERGED")
     else:
@@ -180,14 +180,16 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", SK=config.split_k,
                   CLUSTER=config.clustered)
+    # As _forward_plan sets it where TF32 is allowed (the compile-only checks assume it is).
+    half_h = config.half_w and kernel == "fwd" and dtype == torch.float32 and k.HALF_H
     if kernel in ("fwd", "stack"):
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
         consts.update(HAS_BIAS=True, TWO_BIASES=True, STACK=kernel == "stack", STORE_GATES=store_gates,
                       HAS_DROPOUT=kernel == "stack" and store_gates,
                       MERGED=kernel == "fwd" and config.merged_gates,
                       TRANSPOSED=config.transposed,
-                      KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack"),
-                      PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w)
+                      KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack", half_h=half_h),
+                      PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w, HALF_H=half_h)
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       PREFETCH=prefetch and kernel == "bwd",

@@ -569,12 +569,14 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
         if config.w_resident:
             if backward:
                 return slices * rows * hk * wsize + 12288 + _SHARED_MARGIN
-            from tritonlstm.kernels.lstm import transposed_chunk  # h's chunk, as the launch sizes it
+            from tritonlstm.kernels import lstm  # h's chunk, as the launch sizes it
 
-            kc = transposed_chunk(config, esize, stack=kernel == "stack")
+            # A float32 layer's h in float16 (the kernel's HALF_H, where TF32 is allowed).
+            half_h = config.half_w and kernel == "fwd" and esize == 4 and lstm.HALF_H
+            kc = lstm.transposed_chunk(config, esize, stack=kernel == "stack", half_h=half_h)
             # h's chunk, or the [4 * BH, BB] float32 product's layout change after the dot where that is larger
             # (16-32 KB at BB = 64); with h in several chunks, 8 warps keep 4 KB more live (compile-only sm_90).
-            scratch = max(bb * kc * esize, rows * bb * 4, 8192) + (4096 if kc < hk else 0)
+            scratch = max(bb * kc * (2 if half_h else esize), rows * bb * 4, 8192) + (4096 if kc < hk else 0)
             return slices * rows * hk * wsize + scratch + _SHARED_MARGIN
         return stages * (slices * rows * bk * wsize + bb * bk * esize) + _SHARED_MARGIN
     if config.w_resident:
