@@ -1540,9 +1540,10 @@ def _launch_as_cluster(kernel, grid, args: tuple, meta: dict) -> None:
 # spills at BB = 16 up to K = 1024 in 16-bit and K = 512 in fp32, at BB = 64 up to K = 512 in 16-bit.
 TRANSPOSED_CHUNK_BYTES = 8192
 # ... but each chunk's load waits for the dot before it (one L2 round trip per chunk, ~0.44 us: run 4's steps of
-# 2.46 / 2.90 / 3.78 us at 1 / 2 / 4 chunks), so a single layer whose whole h tile takes this much loads it as one
-# chunk: compile-only sm_90, no spills (252 registers at 16-bit K = 512 and fp32 K = 256); a stack's two dots spill
-# 476-632 bytes with it (perf/NOTES.md v0.31).
+# 2.46 / 2.90 / 3.78 us at 1 / 2 / 4 chunks), so a single layer whose whole h tile takes this much per 4 warps loads
+# it as one chunk: compile-only sm_90, no spills (4 warps: 252 registers at 16-bit K = 512 and fp32 K = 256; 8 warps:
+# 240-243 at 16-bit K = 1024, where 4 warps spill 864-912 bytes); a stack's two dots spill 476-632 bytes with it
+# (perf/NOTES.md v0.31, v0.64).
 TRANSPOSED_ONE_CHUNK_BYTES = 16384
 
 
@@ -1555,7 +1556,8 @@ def transposed_chunk(config, esize: int, stack: bool = False, half_h: bool = Fal
         return 16
     if not config.w_resident:
         return config.block_k
-    if not stack and config.block_b * config.block_k * (2 if half_h else esize) <= TRANSPOSED_ONE_CHUNK_BYTES:
+    one_chunk = TRANSPOSED_ONE_CHUNK_BYTES * max(1, config.num_warps // 4)
+    if not stack and config.block_b * config.block_k * (2 if half_h else esize) <= one_chunk:
         return config.block_k
     return max(16, min(config.block_k, TRANSPOSED_CHUNK_BYTES // (config.block_b * esize)))
 

@@ -246,7 +246,7 @@ def test_kernel_ab_variants_are_runnable_configs():
         got = ab.variants(kernel, 1024, 256, torch.float16, 132, ab.VARIANTS)
         want = {"unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8", "split-bb32", "streamed",
                 "wide", "wide-bh32", "wide-bh64"}
-        fwd_only = {"merged", "merged-w4", "transposed",
+        fwd_only = {"merged", "merged-w4", "transposed", "transposed-w8",
                     "transposed-streamed", "transposed-streamed-bb128",
                     "no-prefetch"}  # (the heuristic's pick there, bb128 since v0.38, prefetches)
         # The backward's transposed (reduce-scatter) variants only where every program owns one batch tile.
@@ -261,6 +261,9 @@ def test_kernel_ab_variants_are_runnable_configs():
     t = ab.variants("fwd", 512, 256, torch.float16, 132, ["transposed"])["transposed"]
     assert t.block_b == 64 and t.batch_groups == 4
     assert "transposed" not in ab.variants("fwd", 1024, 16, torch.float32, 132, ["transposed"])  # 256 KB of W^T
+    w8 = ab.variants("fwd", 1024, 16, torch.float32, 132, ["transposed-half", "transposed-half-w8"])
+    assert w8["transposed-half-w8"] == dataclasses.replace(w8["transposed-half"], num_warps=8)
+    assert not ab.variants("fwd", 256, 16, torch.float16, 132, ["transposed-w8"])  # one chunk at 4 warps already
     g = ab.variants("bwd", 1024, 256, torch.float16, 132, ["grid-2d"])["grid-2d"]
     assert g.grid_2d and g.block_h == 128 and g.programs(1024) == 128
     assert not ab.variants("bwd", 1024, 256, torch.float32, 132, ["grid-2d"])  # a 128-unit fp32 block: 256 KB

@@ -214,6 +214,9 @@ def test_transposed_dots_load_h_in_one_chunk_where_it_fits():
     assert kc(256, torch.float32) == 256
     assert [kc(H, torch.float16, stack=True) for H in (256, 512)] == [256, 256]
     assert kc(512, torch.float32, stack=True) == 128  # W^T in float16 (half_w), h loaded in float32
+    # 8 warps take twice 4 warps' tile in one chunk (v0.64): the 16-bit [16, 1024] tile
+    w8 = dataclasses.replace(heuristic_config(1024, 16, torch.float16, 132, kernel="fwd"), num_warps=8)
+    assert k.transposed_chunk(w8, 2) == 1024 and k.transposed_chunk(w8, 2, stack=True) < 1024
 
 
 def test_half_w_candidates_compile_without_spills(tmp_path):
@@ -546,3 +549,35 @@ def test_bb128_forward_compiles_as_launched_without_spills():
     assert len(rows) == 4
     for dtype, store, prefetch, error, shared, spills in rows:
         assert prefetch and error is None and spills == 0 and shared <= 80 * 1024, (dtype, store, shared, spills)
+
+
+W8_COMPILE = """
+import json
+import torch
+from tritonlstm.compilecheck import check
+from tritonlstm.configs import named_variants, shared_bytes
+from tritonlstm.kernels import lstm as k
+rows = []
+for dtype, name in ((torch.float16, "transposed-w8"), (torch.bfloat16, "transposed-w8"),
+                    (torch.float32, "transposed-half-w8")):
+    for B in (16, 64):
+        cfg = named_variants("fwd", 1024, B, dtype, 132, names=(name,))[name]
+        half_h = cfg.half_w and dtype == torch.float32
+        r = check("fwd", dtype, 1024, cfg, prefetch=cfg.prefetches(B, 1024))
+        rows.append([str(dtype), B, cfg.num_warps, k.transposed_chunk(cfg, dtype.itemsize, half_h=half_h), r.error,
+                     r.shared, r.spill_bytes, shared_bytes(cfg, "fwd", 1024, dtype.itemsize)])
+print(json.dumps(rows))
+"""
+
+
+def test_eight_warp_transposed_tiles_take_h_in_one_load_without_spills():
+    """v0.64's transposed-w8 / transposed-half-w8 at H = 1024, 16-row tiles: 8 warps hold the whole [16, 1024] h tile
+    (16-bit, or float32's in float16 with HALF_H) in one load, where 4 warps take four (and spill 864-912 bytes in one:
+    compile-only sm_90); no spills, and the shared-memory estimate at or above the compile."""
+    proc = run_python("-c", W8_COMPILE, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert len(rows) == 6
+    for dtype, B, warps, kc, error, shared, spills, estimate in rows:
+        assert warps == 8 and kc == 1024 and error is None and spills == 0 and shared <= estimate, \
+            (dtype, B, kc, error, shared, spills, estimate)

@@ -230,7 +230,7 @@ def half_weights_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", [*HALF_CONFIGS, "resident-four-chunks"])
+@pytest.mark.parametrize("name", [*HALF_CONFIGS, "resident-four-chunks", "resident-w8-one-chunk"])
 @pytest.mark.parametrize("reverse,lengths", [(False, None), (True, torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5,
                                                                                  3, 3, 6, 2, 4]))],
                          ids=["padded", "rev-lengths"])
@@ -242,9 +242,16 @@ def test_half_w_forward_matches_reference_at_tf32_precision(name, reverse, lengt
         monkeypatch.setattr(kernels, "TRANSPOSED_ONE_CHUNK_BYTES", 64)
         name = "resident"
         assert kernels.transposed_chunk(HALF_CONFIGS[name], 4) == 16
+    config = HALF_CONFIGS.get(name)
+    if name == "resident-w8-one-chunk":  # v0.64: 8 warps take twice 4 warps' tile in one chunk
+        monkeypatch.setattr(kernels, "TRANSPOSED_CHUNK_BYTES", 64)
+        monkeypatch.setattr(kernels, "TRANSPOSED_ONE_CHUNK_BYTES", 256)
+        config = dataclasses.replace(HALF_CONFIGS["resident"], num_warps=8)
+        assert kernels.transposed_chunk(config, 4, half_h=True) == 64  # [4, 64] float16: 512 bytes
+        assert kernels.transposed_chunk(dataclasses.replace(config, num_warps=4), 4, half_h=True) == 16
     problem = make_problem(6, 17, 10, 33, torch.float32)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
-        check_against_reference(problem, torch.float32, reverse=reverse, lengths=lengths, config=HALF_CONFIGS[name],
+        check_against_reference(problem, torch.float32, reverse=reverse, lengths=lengths, config=config,
                                 tol=HALF_TOL)
     assert [w.dtype for w, _, _ in half_weights_calls] == [torch.float16]
 

@@ -718,7 +718,7 @@ VARIANTS = ("unsplit", "unsplit-w4", "unsplit-w2", "split", "split4", "split-bh8
             "merged-w4", "transposed", "transposed-streamed", "streamed", "wide",
             "wide-bh32", "wide-bh64", "grid-2d", "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64", "split-half",
             "no-prefetch", "transposed-half", "transposed-streamed-half", "transposed-streamed-bb128-half", "cluster",
-            "transposed-cluster", "transposed-streamed-bb128", "cluster-bh64")
+            "transposed-cluster", "transposed-streamed-bb128", "cluster-bh64", "transposed-w8", "transposed-half-w8")
 
 
 def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, names=VARIANTS,
@@ -772,6 +772,9 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
       cluster-bh64 single-layer forward, B <= 32: the unsplit tiles with 64 units a program (W resident where 4 x 64
                    rows of it fit 128 KB: 16-bit H <= 256) and the cluster barrier, a quarter of the 16-row tiles'
                    programs to meet at each step (session 18)
+      transposed-w8, transposed-half-w8   single-layer forward, H >= 512: transposed or transposed-half where it has
+                   16-row tiles, on 8 warps, which take the whole h_{t-1} tile in one load up to 32 KB (16-bit H = 1024;
+                   float32 with HALF_H) where 4 warps take four (v0.64)
 
     The stacks' wavefront kernels (layers > 1): "unsplit" is the heuristic's pick (heuristic_config /
     stack_backward_config), the others as above where they apply (no merged; transposed for the forward
@@ -868,6 +871,12 @@ def named_variants(kernel: str, H: int, B: int, dtype: torch.dtype, sms: int, na
     if forward and fp32 and H > 16 and H % 16 == 0 and transposed_fits(H, 2, 2 if stack else 1) \
             and cdiv(H, 16) <= share:
         out["transposed-half"] = transposed_config(H, B, esize, share, 16, half_w=True)
+    if kernel == "fwd" and H >= 512:
+        # 8 warps, whose registers take a 16-row tile's whole h_{t-1} in one load up to 32 KB (16-bit, or float32's
+        # with HALF_H, at H = 1024; kernels/lstm.py transposed_chunk, v0.64): one L2 round trip a step, not four.
+        for name in ("transposed", "transposed-half"):
+            if out.get(name) is not None and out[name].block_b == 16:
+                out[f"{name}-w8"] = dataclasses.replace(out[name], num_warps=8)
     if kernel == "fwd" and fp32 and H % 16 == 0:
         # The streamed tiles with W^T's chunks in float16 (v0.42): half the bytes from L2, 16-bit's chunks.
         for name in ("transposed-streamed", "transposed-streamed-bb128"):
