@@ -1098,6 +1098,21 @@ def _half_dots(acc, p, m, H, w_i, w_f, w_g, w_o, scale):
 
 
 @triton.jit
+def _producers_half_dots(acc, p, m, H, w_i, w_f, w_g, w_o, k, r_max, BO: tl.constexpr):
+    """_half_dots on dG as the gate phase's NB programs left it in float16 (HALF_G): program q's BO units of a row
+    (r_max[:, q] their largest magnitude) scaled by its own 2^k_q, brought to the row's 2^k (k <= k_q) by 2^(k - k_q)
+    in float16. Exact where the result is a normal float16, as _half_dots' rounding of dG * 2^k; below that (2^29
+    under the row's largest) a second rounding, and under 2^-24 a zero, as there."""
+    d = tl.minimum(tl.maximum(k[:, None] - _half_exp(r_max), -30), 0)  # (NaN's k_q may exceed a row's k)
+    f = _exp2_bits(d).to(tl.float16)
+    f = tl.reshape(tl.broadcast_to(f[:, :, None], (f.shape[0], f.shape[1], BO)), (f.shape[0], f.shape[1] * BO))
+    acc = tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg") * f, w_i, acc)
+    acc = tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg") * f, w_f, acc)
+    acc = tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg") * f, w_g, acc)
+    return tl.dot(tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg") * f, w_o, acc)
+
+
+@triton.jit
 def _half_unscale(acc, k, k_w):
     """A [rows, units] product of rows scaled by 2^k and W's columns by 2^k_w, scaled back exactly: by 2^-(k + k_w)
     in two halves, so that no partial scale leaves float32's normal range where the result does not."""
@@ -1152,6 +1167,7 @@ def lstm_bwd_2d_kernel(
     PART,  # [D, NB, B, H] float32: block a's share of every unit's dh
     AMAX,  # [D, H] float32 max |W_hh| of each direction's columns (when HALF_W)
     RMAX,  # [D, NB, NB, B] float32: program (a, b)'s largest |dG| of each row of its units, at [b, a] (when HALF_W)
+    DG16,  # [B, D*4H] float16: the latest dG, each program's units of a row times its own power of two (when HALF_G)
     T,
     B,
     H,
@@ -1168,6 +1184,7 @@ def lstm_bwd_2d_kernel(
     DOT_PRECISION: tl.constexpr,
     CLUSTER: tl.constexpr,  # never (LSTMConfig refuses a cluster on the 2-D grid); one signature for _barrier_state
     HALF_W: tl.constexpr,  # float32: the product on float16 operands, W's block and dG's rows scaled (_half_dots)
+    HALF_G: tl.constexpr = False,  # HALF_W: dG_{t+1} read in float16 from DG16, as its producers scaled it
 ):
     """The single-layer backward with its recurrent product on a 2-D grid (perf/NOTES.md v0.26), for large batches:
     program (a, b) keeps the block of W_hh that maps unit block a's four gate rows to unit block b. Step r runs
@@ -1198,6 +1215,7 @@ def lstm_bwd_2d_kernel(
     DC0 += i_d * B * H
     PART += (i_d * NB).to(tl.int64) * B * H
     RMAX += (i_d * NB * NB).to(tl.int64) * B
+    DG16 += i_d * 4 * H
     SG = D * 4 * H
     SY = D * H
 
@@ -1233,10 +1251,15 @@ def lstm_bwd_2d_kernel(
                     # Each row's largest |dG| over block a's units: the largest of the NB shares' own, which the
                     # gate phase stored with dG (a [BB, NB] load instead of holding the four tiles at once).
                     p_rmax = RMAX + (a * NB * B + tl.arange(0, NB) * B)[None, :] + o_b[:, None]
-                    k = _half_exp(tl.max(tl.load(p_rmax, mask=m_next[:, None], other=0.0, cache_modifier=".cg"),
-                                         axis=1))
-                    acc = _half_dots(tl.zeros([BB, BU], dtype=tl.float32), p_dg, m_dg, H, b_wi, b_wf, b_wg, b_wo,
-                                     _exp2_bits(k)[:, None])
+                    r_max = tl.load(p_rmax, mask=m_next[:, None], other=0.0, cache_modifier=".cg")
+                    k = _half_exp(tl.max(r_max, axis=1))
+                    if HALF_G:
+                        acc = _producers_half_dots(tl.zeros([BB, BU], dtype=tl.float32),
+                                                   DG16 + o_b[:, None] * SG + o_ka[None, :], m_dg, H, b_wi, b_wf,
+                                                   b_wg, b_wo, k, r_max, BO)
+                    else:
+                        acc = _half_dots(tl.zeros([BB, BU], dtype=tl.float32), p_dg, m_dg, H, b_wi, b_wf, b_wg,
+                                         b_wo, _exp2_bits(k)[:, None])
                     acc = _half_unscale(acc, k, k_w)
                 else:
                     acc = tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wi,
@@ -1282,8 +1305,17 @@ def lstm_bwd_2d_kernel(
                     tl.store(p_out + 3 * H, b_dgo.to(DG.dtype.element_ty), mask=m_live)
                     tl.store(p_dc, b_dc * b_f, mask=m_bh)
                     if HALF_W:
-                        tl.store(RMAX + (b * NB + a) * B + o_b, _row_amax(b_dgi, b_dgf, b_dgg, b_dgo, m_live),
-                                 mask=m_b)
+                        r_own = _row_amax(b_dgi, b_dgf, b_dgg, b_dgo, m_live)
+                        tl.store(RMAX + (b * NB + a) * B + o_b, r_own, mask=m_b)
+                        if HALF_G:
+                            # In float16 for the next product phase, each row times this program's own power of
+                            # two (the row's over every unit is known only after the barrier).
+                            s_own = _exp2_bits(_half_exp(r_own))[:, None]
+                            p_16 = DG16 + o_b[:, None] * SG + o_j[None, :]
+                            tl.store(p_16, (b_dgi * s_own).to(tl.float16), mask=m_live)
+                            tl.store(p_16 + H, (b_dgf * s_own).to(tl.float16), mask=m_live)
+                            tl.store(p_16 + 2 * H, (b_dgg * s_own).to(tl.float16), mask=m_live)
+                            tl.store(p_16 + 3 * H, (b_dgo * s_own).to(tl.float16), mask=m_live)
                 else:
                     tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_bh)
                     tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_bh)
@@ -1755,6 +1787,10 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
 # A single layer's HALF_W forward exchanges h_{t-1} in float16 (kernel's HALF_H, perf/NOTES.md v0.63);
 # TRITONLSTM_HALF_H=0 reads it from y in float32 and rounds it in the dot's loop instead, as before (for the A/B).
 HALF_H = os.environ.get("TRITONLSTM_HALF_H", "1") != "0"
+# A single layer's HALF_W backward on the 2-D grid reads dG_{t+1} in float16 as its producers scaled it (kernel's
+# HALF_G, perf/NOTES.md v0.65); off until a GPU has timed it (not bit for bit the float32 read, unlike HALF_H):
+# TRITONLSTM_HALF_G=1 turns it on.
+HALF_G = os.environ.get("TRITONLSTM_HALF_G", "0") == "1"
 
 
 # What a launch's shapes and config decide, checked and built once per key: made on every launch, the checks and
@@ -1884,11 +1920,13 @@ def _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last
     part = _alloc((D, nb, B, H), torch.float32, dev)
     half = _half_w(config, gates.dtype, backward=True)
     amax, rmax = _half_grad_state(w_hh, (D, nb, nb, B), half, part)
+    half_g = half and HALF_G
+    dg16 = torch.empty((B, D * 4 * H), dtype=torch.float16, device=dev) if half_g else part
     args = (gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last if last is not None else sync, sync,
-            barrier_errors.flag(dev), part, amax, rmax, T, B, H, int(reverse))
+            barrier_errors.flag(dev), part, amax, rmax, dg16, T, B, H, int(reverse))
     _run(lstm_bwd_2d_kernel, grid, 2 * (T + 1), config, dev, args,
          dict(BU=config.block_h, NB=nb, D=D, HAS_LENGTHS=last is not None, DOT_PRECISION=_dot_precision(gates.dtype),
-              HALF_W=half, **cluster), sync, grid_2d=True)
+              HALF_W=half, HALF_G=half_g, **cluster), sync, grid_2d=True)
 
 
 NO_REDUCE_SCATTER = dict(TRANSPOSED=False, KC=16, QP=1, QC=1)

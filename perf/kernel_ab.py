@@ -5,13 +5,15 @@ merged, transposed, streamed and wide tiles, the cluster exchange).
 
     python perf/kernel_ab.py [--dtypes float16,float32] [--hidden 256,512,1024] [--batch 16,256] [--seq 256]
                              [--kernels fwd,bwd,stack,stack_bwd] [--layers 2,4] [--variants unsplit,split,...]
-                             [--half-h-ab] [--json FILE]
+                             [--half-h-ab] [--half-g-ab] [--json FILE]
 
 us/step is a kernel's time over its steps (T, or T + L - 1 for a stack); cuDNN's column is its whole inference
 forward (forward kernels' rows) or forward + backward (backward rows), input GEMMs and weight gradients
 included, for scale. Each variant's output (y, or dG) must match the unsplit variant's before it is timed.
 --half-h-ab: each float32 forward variant with half_w is timed again with kernels.lstm.HALF_H off (h_{t-1} read
-from y in float32 and rounded in the dot's loop, as before v0.63), as "<variant>/f32h".
+from y in float32 and rounded in the dot's loop, as before v0.63), as "<variant>/f32h". --half-g-ab: each float32
+2-D grid backward variant with half_w is timed again with kernels.lstm.HALF_G on (dG_{t+1} read in float16 as its
+producers scaled it, v0.65), as "<variant>/g16".
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ FORWARD = ("fwd", "stack")
 
 
 def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, names, layers: int = 1,
-            half_h_ab: bool = False) -> dict:
+            half_h_ab: bool = False, half_g_ab: bool = False) -> dict:
     import torch
     from triton.testing import do_bench
 
@@ -52,12 +54,16 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, nam
     limit = LIMITS[dtype]  # the variants differ from the base only in the order of accumulation
     y_base = run(base)()
     k.barrier_errors.check(torch.device("cuda"), wait=True)
-    timed = [(name, cfg, True) for name, cfg in cfgs.items()]
+    # (name, config, the kernels module's switches for it): each variant as the module has them, then the A/Bs.
+    timed = [(name, cfg, {}) for name, cfg in cfgs.items()]
     if half_h_ab and kernel == "fwd" and dtype == torch.float32:
-        timed += [(f"{name}/f32h", cfg, False) for name, cfg in cfgs.items() if cfg.half_w]
-    half_h_default = k.HALF_H
-    for name, cfg, half_h in timed:
-        k.HALF_H = half_h and half_h_default
+        timed += [(f"{name}/f32h", cfg, {"HALF_H": False}) for name, cfg in cfgs.items() if cfg.half_w]
+    if half_g_ab and kernel == "bwd" and dtype == torch.float32:
+        timed += [(f"{name}/g16", cfg, {"HALF_G": True}) for name, cfg in cfgs.items() if cfg.half_w and cfg.grid_2d]
+    defaults = {"HALF_H": k.HALF_H, "HALF_G": k.HALF_G}
+    for name, cfg, switches in timed:
+        for flag, value in switches.items():
+            setattr(k, flag, value)
         try:
             y = run(cfg)()
             k.barrier_errors.check(torch.device("cuda"), wait=True)
@@ -73,7 +79,8 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, nam
         except Exception as e:  # a variant that fails is a finding, reported with its row
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         finally:
-            k.HALF_H = half_h_default
+            for flag, value in defaults.items():
+                setattr(k, flag, value)
     row["timed"] = [name for name, _, _ in timed]
     # cuDNN beside it, for scale: the whole layer (or stack) of the same shape.
     ref = torch.nn.LSTM(H, H, num_layers=L).to("cuda", dtype)
@@ -100,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="some of " + ", ".join(VARIANTS))
     ap.add_argument("--half-h-ab", action="store_true",
                     help="time float32 half_w forward variants also with HALF_H off (as <variant>/f32h)")
+    ap.add_argument("--half-g-ab", action="store_true",
+                    help="time float32 half_w 2-D grid backward variants also with HALF_G on (as <variant>/g16)")
     ap.add_argument("--json", help="write the rows here (after every row)")
     a = ap.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             for h in (int(v) for v in a.hidden.split(",")):
                 for b in (int(v) for v in a.batch.split(",")):
                     try:
-                        r = measure(d, h, b, a.seq, kn, names, l, a.half_h_ab)
+                        r = measure(d, h, b, a.seq, kn, names, l, a.half_h_ab, a.half_g_ab)
                     except Exception as e:  # the base variant itself failed: a finding, not a crash
                         print(f"{kn:9} {l:2} {d:9} {h:5} {b:4} failed: {type(e).__name__}: {e}", flush=True)
                         rows.append({"kernel": kn, "layers": l, "dtype": d, "hidden": h, "batch": b,

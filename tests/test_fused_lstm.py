@@ -1090,13 +1090,36 @@ def test_half_w_backward_matches_reference_at_tf32_precision(config, H, half_bwd
     assert half_bwd_launches and all(half_bwd_launches)
 
 
-@pytest.mark.parametrize("config,H", [p for p in HALF_BWD if "1prog" in p.id or "P17" in p.id])
-def test_half_w_backward_scales_each_row_of_dg_on_its_own(config, H, half_bwd_launches):
+@pytest.fixture
+def half_g_launches(monkeypatch):
+    """HALF_G of every 2-D grid backward launch."""
+    seen, real = [], kernels._run
+
+    def spy(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw):
+        if kernel is kernels.lstm_bwd_2d_kernel:
+            seen.append(constexprs["HALF_G"])
+        return real(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw)
+
+    monkeypatch.setattr(kernels, "_run", spy)
+    return seen
+
+
+# The 2-D grid's cases with HALF_G (v0.65: dG_{t+1} read in float16 as each gate-phase program scaled its own units):
+# NB = 4 producers of 4 units a block, and one program (one producer).
+HALF_G_CASES = [pytest.param(*p.values, True, id=p.id + "-half-g") for p in HALF_BWD if p.id.startswith("grid-2d")]
+
+
+@pytest.mark.parametrize("config,H,half_g", [pytest.param(*p.values, False, id=p.id) for p in HALF_BWD
+                                             if "1prog" in p.id or "P17" in p.id] + HALF_G_CASES)
+def test_half_w_backward_scales_each_row_of_dg_on_its_own(config, H, half_g, half_bwd_launches, half_g_launches,
+                                                          monkeypatch):
     """Rows of dG 1e24 apart (the output's gradient scaled row by row, which scales that row of dG): one scale for
     all of them, or none, would flush the small rows to zero or the large ones to inf in float16. Each row's input
     gradients are judged on their own, relative to their own size; h0's is dG_0 @ W_hh alone, the recurrent
     product with W_hh at 1e-12 (float16's subnormals end at 6e-8). The last unit's gradient is 1e5 times the
-    others', so a row's largest |dG| is the last program's: a scale that missed it would overflow float16."""
+    others', so a row's largest |dG| is the last program's: a scale that missed it would overflow float16. With
+    HALF_G the last program's units carry a scale 2^17 below the others' until the product brings them together."""
+    monkeypatch.setattr(kernels, "HALF_G", half_g)
     T, B, I = 6, 5, 7
     problem = make_problem(T, B, I, H, torch.float32)
     problem["weight_hh"] = problem["weight_hh"] * 1e-12
@@ -1115,6 +1138,32 @@ def test_half_w_backward_scales_each_row_of_dg_on_its_own(config, H, half_bwd_la
             assert rel_err(got, ref, floor=0) < HALF_TOL, (n, b, rel_err(got, ref, floor=0))
     assert rel_err(p["weight_hh"].grad, p_ref["weight_hh"].grad) < HALF_TOL
     assert half_bwd_launches and all(half_bwd_launches)
+    assert half_g_launches == ([True] if half_g else [False] * config.grid_2d)
+
+
+@pytest.mark.parametrize("config,H", [pytest.param(*p.values[:2], id=p.id) for p in HALF_G_CASES])
+def test_half_g_backward_matches_the_float32_read(config, H, half_g_launches, monkeypatch):
+    """HALF_G against the float32 read of dG (HALF_W alone): the same gradients to within float32's rounding of the
+    products (the float16 operands differ only where they are subnormal, 2^29 under a row's largest), reversed with
+    per-row lengths, and both against the reference at TF32's precision."""
+    problem = make_problem(6, 17, 10, H, torch.float32)
+    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4])
+    grads = []
+    for half_g in (True, False):
+        monkeypatch.setattr(kernels, "HALF_G", half_g)
+        p = leaf(problem)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(None, "fwd"), \
+                use_config(config, "bwd"):
+            y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), reverse=True, lengths=lens, backend="triton")
+            (y * torch.arange(y.numel()).view_as(y).cos()).sum().backward()
+        grads.append([p[n].grad for n in NAMES])
+    assert half_g_launches == [True, False]
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-6, rel_err(a, b)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(None, "fwd"):
+        monkeypatch.setattr(kernels, "HALF_G", True)
+        check_against_reference(problem, torch.float32, reverse=True, lengths=lens, config=config, kernel="bwd",
+                                tol=HALF_TOL)
 
 
 @pytest.mark.parametrize("config,H", HALF_BWD_SINGLE)

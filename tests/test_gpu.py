@@ -717,11 +717,18 @@ def test_backward_on_a_2d_grid_matches_cudnn(H, B, dtype):
 @pytest.mark.parametrize("name,H,B", [("grid-2d-half", 1024, 64), ("grid-2d-half-bb64", 1024, 64),
                                       ("grid-2d-half", 512, 256), ("grid-2d-half-bb64", 512, 256),
                                       ("split-half", 1024, 16), ("split-half", 512, 64)])
-def test_float32_backward_on_float16_operands_matches_cudnn(name, H, B):
+@pytest.mark.parametrize("half_g", [False, True], ids=["g32", "g16"])
+def test_float32_backward_on_float16_operands_matches_cudnn(name, H, B, half_g, monkeypatch):
     """float32's backward with W and dG's rows in float16 (LSTMConfig.half_w, perf/NOTES.md v0.40-v0.41), on the
     2-D grid and on the split tiles, persistent launches of 64-128 programs, against cuDNN's TF32: one direction,
-    then both in one launch with per-row lengths."""
+    then both in one launch with per-row lengths. g16: the 2-D grid reads dG in float16 as its producers scaled it
+    (HALF_G, v0.65; the split tiles have no such path)."""
     from tritonlstm.configs import named_variants, use_config
+    from tritonlstm.kernels import lstm as k
+
+    if half_g and not name.startswith("grid-2d"):
+        pytest.skip("HALF_G is the 2-D grid's")
+    monkeypatch.setattr(k, "HALF_G", half_g)
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfg = named_variants("bwd", H, B, torch.float32, sms)[name]

@@ -120,7 +120,7 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     if kernel == "bwd_2d":
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
                 "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32", "PART": "*fp32",
-                "AMAX": "*fp32", "RMAX": "*fp32"}
+                "AMAX": "*fp32", "RMAX": "*fp32", "DG16": "*fp16"}
         flags = ()
     elif kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": p, "BIAS_HH": p, "H0": p,
@@ -238,7 +238,8 @@ def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: i
                     store_gates=False, smem_limit=target.smem)
     consts = dict(BU=config.block_h, NB=grid_2d_blocks(hidden, config.block_h), BB=config.block_b, D=directions,
                   HAS_LENGTHS=False, PERSISTENT=config.persistent,
-                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", CLUSTER=False, HALF_W=config.half_w)
+                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", CLUSTER=False, HALF_W=config.half_w,
+                  HALF_G=config.half_w and dtype == torch.float32 and k.HALF_G)
     sig = {**_signature("bwd_2d", _TRITON_DTYPE[dtype]), **{n: "constexpr" for n in consts}}
     return _compile(res, k.lstm_bwd_2d_kernel, sig, consts, target.arch)
 
