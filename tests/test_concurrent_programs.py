@@ -101,6 +101,29 @@ def test_sixteen_bit_exchanges_and_half_operands(fwd_name, bwd_name, dtype, tol,
     assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
 
 
+def test_half_g_backward_with_programs_at_once(monkeypatch, launches):
+    """v0.65's float16 dG (HALF_G) sits in one buffer for every step: a product phase's reads of dG_{t+1} end at the
+    barrier before the next gate phase writes dG_t over them. With the programs at once and one of them slow, a write
+    too early (or a read too late) would be read stale. 2 x 2 unit blocks of 32 units: each block's dG comes from two
+    programs, each with its own scale."""
+    half_g, run = [], kernels._run
+
+    def spy(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw):
+        if kernel is kernels.lstm_bwd_2d_kernel:
+            half_g.append(constexprs["HALF_G"])
+        return run(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw)
+
+    monkeypatch.setattr(kernels, "_run", spy)
+    monkeypatch.setattr(kernels, "HALF_G", True)
+    torch.manual_seed(5)
+    H, B = 64, 5
+    fwd, bwd = variant("fwd", "transposed", H, B), variant("bwd", "grid-2d-half", H, B)
+    run_and_compare(make_problem(4, B, H, H, torch.float32), fwd, bwd, lengths=torch.tensor([4, 2, 3, 4, 1]), seed=5,
+                    tol=RESOLUTION_GPU[torch.float32])
+    assert half_g == [True]
+    assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
+
+
 def test_sequence_longer_than_a_launch_runs_as_consecutive_launches(monkeypatch, launches):
     """A counter would pass RELEASED: the launcher splits the sequence into launches of 2 steps here (state through
     memory between them), each of several programs."""
