@@ -114,3 +114,19 @@ def check_against_reference(problem, dtype, *, reverse=False, lengths=None, conf
             assert (y[n:, b] == 0).all(), "padded outputs must be zero"
     assert not bad, f"errors over tolerance {tol}: {bad} (all: {errors})"
     return errors
+
+
+def launch_constexprs(monkeypatch, kernel_name: str, name: str) -> list:
+    """The constexpr `name` of every launch of kernels.lstm's `kernel_name` through kernels._run, in order (proof of
+    which path a launch took)."""
+    from tritonlstm.kernels import lstm as kernels
+
+    seen, real = [], kernels._run
+
+    def spy(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw):
+        if kernel is getattr(kernels, kernel_name):
+            seen.append(constexprs.get(name))
+        return real(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw)
+
+    monkeypatch.setattr(kernels, "_run", spy)
+    return seen

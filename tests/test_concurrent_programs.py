@@ -13,7 +13,16 @@ import torch
 import triton.language as tl
 
 from concurrency import concurrent_programs
-from helpers import NAMES, RESOLUTION, RESOLUTION_GPU, check_against_reference, make_problem, reference, rel_err
+from helpers import (
+    NAMES,
+    RESOLUTION,
+    RESOLUTION_GPU,
+    check_against_reference,
+    launch_constexprs,
+    make_problem,
+    reference,
+    rel_err,
+)
 from tritonlstm import configs, fused_lstm, use_config
 from tritonlstm.functional import lstm_layer, lstm_stack
 from tritonlstm.kernels import lstm as kernels
@@ -106,14 +115,7 @@ def test_half_g_backward_with_programs_at_once(monkeypatch, launches):
     barrier before the next gate phase writes dG_t over them. With the programs at once and one of them slow, a write
     too early (or a read too late) would be read stale. 2 x 2 unit blocks of 32 units: each block's dG comes from two
     programs, each with its own scale."""
-    half_g, run = [], kernels._run
-
-    def spy(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw):
-        if kernel is kernels.lstm_bwd_2d_kernel:
-            half_g.append(constexprs["HALF_G"])
-        return run(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw)
-
-    monkeypatch.setattr(kernels, "_run", spy)
+    half_g = launch_constexprs(monkeypatch, "lstm_bwd_2d_kernel", "HALF_G")
     monkeypatch.setattr(kernels, "HALF_G", True)
     torch.manual_seed(5)
     H, B = 64, 5

@@ -17,6 +17,7 @@ from helpers import (
     RESOLUTION,
     RESOLUTION_GPU,
     check_against_reference,
+    launch_constexprs,
     leaf,
     loss_of,
     make_problem,
@@ -269,14 +270,7 @@ def test_half_h_exchange_is_the_float32_reads_rounding_bit_for_bit(name, case, m
     config = HALF_CONFIGS["resident" if name == "resident-persistent" else name]
     if name == "resident-persistent":
         config = dataclasses.replace(config, persistent=True)
-    took, real = [], kernels._run
-
-    def spy(kernel, grid, n_steps, cfg, device, args, constexprs, *a, **k):
-        if kernel is kernels.lstm_fwd_kernel:
-            took.append(constexprs.get("HALF_H"))
-        return real(kernel, grid, n_steps, cfg, device, args, constexprs, *a, **k)
-
-    monkeypatch.setattr(kernels, "_run", spy)
+    took = launch_constexprs(monkeypatch, "lstm_fwd_kernel", "HALF_H")
     torch.manual_seed(0)
     T, B, I, H = 6, 9, 10, 33
     lengths = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1]) if case == "rev-lengths" else None
@@ -1094,15 +1088,7 @@ def test_half_w_backward_matches_reference_at_tf32_precision(config, H, half_bwd
 @pytest.fixture
 def half_g_launches(monkeypatch):
     """HALF_G of every 2-D grid backward launch."""
-    seen, real = [], kernels._run
-
-    def spy(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw):
-        if kernel is kernels.lstm_bwd_2d_kernel:
-            seen.append(constexprs["HALF_G"])
-        return real(kernel, grid, n_steps, config, device, args, constexprs, *rest, **kw)
-
-    monkeypatch.setattr(kernels, "_run", spy)
-    return seen
+    return launch_constexprs(monkeypatch, "lstm_bwd_2d_kernel", "HALF_G")
 
 
 # The 2-D grid's cases with HALF_G (v0.65: dG_{t+1} read in float16 as each gate-phase program scaled its own units):
