@@ -160,6 +160,9 @@ def test_quick_candidates_are_the_heuristic_and_named_variants(kernel):
             assert {n.removeprefix("heuristic=") for c, n in quick.items() if c.transposed} == (
                 set() if B > 16 else {"transposed", "transposed-streamed"} |
                 ({"transposed-cluster"} if H <= 256 else set()) if fits else {"transposed-streamed"})
+        if kernel == "fwd" and H == 1024 and B == 16:  # v0.64's 8-warp tiles are searched where they apply
+            assert ("transposed-half-w8" if dtype == torch.float32 else "transposed-w8") in {
+                n.removeprefix("heuristic=") for n in quick.values()}
         assert 5 <= len(quick) <= len(tuning.QUICK_VARIANTS) + 1
 
 

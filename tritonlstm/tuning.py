@@ -204,7 +204,7 @@ def lookup(kernel: str, hidden: int, batch: int, dtype: torch.dtype, directions:
 QUICK_VARIANTS = ("unsplit-w4", "split", "split4", "merged", "transposed", "transposed-streamed", "wide", "wide-bh32",
                   "grid-2d", "grid-2d-bb64", "grid-2d-half", "grid-2d-half-bb64", "split-half", "no-prefetch",
                   "transposed-cluster", "transposed-streamed-bb128", "transposed-half", "transposed-streamed-half",
-                  "transposed-streamed-bb128-half", "cluster-bh64")
+                  "transposed-streamed-bb128-half", "cluster-bh64", "transposed-w8", "transposed-half-w8")
 
 
 def quick_candidates(hidden: int, batch: int, dtype: torch.dtype, num_sms: int,
