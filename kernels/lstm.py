@@ -1787,6 +1787,15 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
 # A single layer's HALF_W forward exchanges h_{t-1} in float16 (kernel's HALF_H, perf/NOTES.md v0.63);
 # TRITONLSTM_HALF_H=0 reads it from y in float32 and rounds it in the dot's loop instead, as before (for the A/B).
 HALF_H = os.environ.get("TRITONLSTM_HALF_H", "1") != "0"
+
+
+def half_h_applies(config, esize: int, kernel: str) -> bool:
+    """Whether a `kernel` launch of `config` reads h_{t-1} in float16 (HALF_H) where TF32 is allowed: a float32 single
+    layer's half_w forward, with the flag on. What the compile-only check and the shared-memory estimate size; a
+    launch decides by _half_w as well (PyTorch's precision setting), in _forward_plan."""
+    return HALF_H and kernel == "fwd" and config.half_w and esize == 4
+
+
 # A single layer's HALF_W backward on the 2-D grid reads dG_{t+1} in float16 as its producers scaled it (kernel's
 # HALF_G, perf/NOTES.md v0.65); off until a GPU has timed it (not bit for bit the float32 read, unlike HALF_H):
 # TRITONLSTM_HALF_G=1 turns it on.

@@ -180,8 +180,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", SK=config.split_k,
                   CLUSTER=config.clustered)
-    # As _forward_plan sets it where TF32 is allowed (the compile-only checks assume it is).
-    half_h = config.half_w and kernel == "fwd" and dtype == torch.float32 and k.HALF_H
+    half_h = k.half_h_applies(config, dtype.itemsize, kernel)
     if kernel in ("fwd", "stack"):
         # A training stack is compiled with dropout between its layers, the heavier of its two variants.
         consts.update(HAS_BIAS=True, TWO_BIASES=True, STACK=kernel == "stack", STORE_GATES=store_gates,

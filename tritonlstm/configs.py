@@ -571,8 +571,7 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
                 return slices * rows * hk * wsize + 12288 + _SHARED_MARGIN
             from tritonlstm.kernels import lstm  # h's chunk, as the launch sizes it
 
-            # A float32 layer's h in float16 (the kernel's HALF_H, where TF32 is allowed).
-            half_h = config.half_w and kernel == "fwd" and esize == 4 and lstm.HALF_H
+            half_h = lstm.half_h_applies(config, esize, kernel)
             kc = lstm.transposed_chunk(config, esize, stack=kernel == "stack", half_h=half_h)
             # h's chunk, or the [4 * BH, BB] float32 product's layout change after the dot where that is larger
             # (16-32 KB at BB = 64); with h in several chunks, 8 warps keep 4 KB more live (compile-only sm_90).
