@@ -2,7 +2,8 @@
 the gate arithmetic are taken out, so that the step time of the real kernel splits into exchange and compute
 (issue 5.4, perf/NOTES.md "v0.17"). Each of P programs per step: loads its [B, BH] tile of a gx-like input,
 reads the whole h_{t-1} [B, H] that the recurrent dot would read (or not: the "no h read" rows), makes its
-[B, BH] slice of h_t from them (a row mean of h_{t-1}: the dot's data dependence without its arithmetic),
+[B, BH] slice of h_t from them (a row mean of h_{t-1}, taken as a dot with ones: the kernels' path from L2
+through shared memory to the tensor cores, at a 16-column N),
 stores it, and meets the other programs by
 
   barrier   the recurrence kernels' grid barrier (kernels.lstm._grid_barrier: one counter, polled by one thread
@@ -94,8 +95,14 @@ def floor_probe_kernel(U, Y, SYNC, ERR, T, B, H, max_spin, BB: tl.constexpr, BH:
     o_k = tl.arange(0, BK)
     m = (o_b < B)[:, None] & (o_j < H)[None, :]
     failed = tl.load(ERR) != 0
+    # As the kernels do: u_t is loaded a step ahead (their PREFETCH of gx), and h_{t-1} goes through shared memory
+    # to a dot. The row mean is the dot with ones. (A tl.sum of the loaded tile instead had ptxas consume each
+    # 16-byte load before issuing the next: 4 L2 round trips a step at H = 256 where the kernels take one,
+    # perf/NOTES.md "Session 25".)
+    n_u = tl.load(U + o_b[:, None] * H + o_j[None, :], mask=m, other=0.0).to(tl.float32)
+    ones = tl.full([BK, BH], 1.0, U.dtype.element_ty)
     for s in range(T):
-        b_y = tl.load(U + (s * B + o_b[:, None]) * H + o_j[None, :], mask=m, other=0.0).to(tl.float32)
+        b_y = n_u
         if LOAD_H:
             m_h = (o_b < B)[:, None] & (o_k < H)[None, :] & (s > 0)
             if MODE == 5:  # L1 is the SM's own: the other CTAs' h is in L2
@@ -103,8 +110,10 @@ def floor_probe_kernel(U, Y, SYNC, ERR, T, B, H, max_spin, BB: tl.constexpr, BH:
                               cache_modifier=".cg")
             else:
                 b_h = tl.load(Y + ((s - 1) * B + o_b[:, None]) * H + o_k[None, :], mask=m_h, other=0.0)
-            b_y += (0.5 / H) * tl.sum(b_h.to(tl.float32), axis=1)[:, None]
+            b_y += (0.5 / H) * tl.dot(b_h, ones)
         tl.store(Y + (s * B + o_b[:, None]) * H + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m)
+        n_u = tl.load(U + ((s + 1) * B + o_b[:, None]) * H + o_j[None, :], mask=m & (s + 1 < T),
+                      other=0.0).to(tl.float32)
         if MODE == 0:
             failed = failed | _grid_barrier(ERR, SYNC, (s + 1) * n_h, max_spin)
         elif MODE == 3:
@@ -129,8 +138,10 @@ def launcher(u: torch.Tensor, block_h: int, warps: int, mode: str, load_h: bool,
     """A call that runs the probe once (a fresh counter) and returns (y, err flag)."""
     T, B, H = u.shape
     P = triton.cdiv(H, block_h)
-    meta = dict(BB=triton.next_power_of_2(B), BH=block_h, BK=triton.next_power_of_2(H),
-                MODE=MODES[mode], LOAD_H=load_h, num_warps=warps)
+    # At least 16 rows and columns (the dot's smallest tile); one stage, as the kernels' resident tiles: a pipelined
+    # loop would load the next step's h_{t-1} before the barrier that makes it valid.
+    meta = dict(BB=max(16, triton.next_power_of_2(B)), BH=block_h, BK=max(16, triton.next_power_of_2(H)),
+                MODE=MODES[mode], LOAD_H=load_h, num_warps=warps, num_stages=1)
 
     if mode in CLUSTERED and not cluster_size_ok(P):
         raise ValueError(f"{mode}: {P} programs; Triton's launcher launches clusters of at most 8, or 16")

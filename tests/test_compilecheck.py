@@ -581,3 +581,69 @@ def test_eight_warp_transposed_tiles_take_h_in_one_load_without_spills():
     for dtype, B, warps, kc, error, shared, spills, estimate in rows:
         assert warps == 8 and kc == 1024 and error is None and spills == 0 and shared <= estimate, \
             (dtype, B, kc, error, shared, spills, estimate)
+
+
+ROUNDS_COMPILE = """
+import importlib.util, json, sys
+import torch, triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tritonlstm import compilecheck as cc
+from tritonlstm.configs import named_variants
+
+compiled = []
+compile_ = triton.compile
+triton.compile = lambda *a, **kw: compiled.append(compile_(*a, **kw)) or compiled[-1]
+
+
+@triton.jit
+def row_sums(X, Y, B, H, BB: tl.constexpr, BK: tl.constexpr):
+    # The floor probe's read before session 25: a loaded tile summed in registers.
+    o_b = tl.arange(0, BB)
+    o_k = tl.arange(0, BK)
+    for s in range(4):
+        b = tl.load(X + (s * B + o_b[:, None]) * H + o_k[None, :], mask=(o_b < B)[:, None] & (o_k < H)[None, :])
+        tl.store(Y + s * B + o_b, tl.sum(b.to(tl.float32), axis=1))
+
+
+def rounds(fn, sig, consts, H, opcode, **options):
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=cc._launch_attrs(sig, H)),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, **options))
+    return cc.load_rounds(cc.sass(c.asm["cubin"]), opcode)
+
+
+out = {"sum": rounds(row_sums, dict(X="*fp16", Y="*fp32", B="i32", H="i32"), dict(BB=16, BK=256), 256, "LDG.E.128")}
+spec = importlib.util.spec_from_file_location("floor_probe", sys.argv[1])
+probe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(probe)
+sig = dict(U="*fp16", Y="*fp16", SYNC="*i32", ERR="*i32", T="i32", B="i32", H="i32", max_spin="i32")
+for mode in ("none", "barrier", "cluster"):
+    for H in (256, 512):
+        out[f"probe {mode} {H}"] = rounds(probe.floor_probe_kernel, sig,
+                                          dict(BB=16, BH=16, BK=H, MODE=probe.MODES[mode], LOAD_H=True), H,
+                                          "LDG.E.128.STRONG.GPU" if mode == "cluster" else "LDG.E.128", num_stages=1)
+for H in (256, 512):
+    cfg = named_variants("fwd", H, 16, torch.float16, 132, names=("transposed-cluster",))["transposed-cluster"]
+    assert cc.check("fwd", torch.float16, H, cfg, prefetch=cfg.prefetches(16, H)).ok
+    out[f"kernel {H}"] = cc.load_rounds(cc.sass(compiled[-1].asm["cubin"]), "LDG.E.128.STRONG.GPU")
+print(json.dumps(out))
+"""
+
+
+def test_h_read_takes_one_round_trip_where_it_is_one_chunk(tmp_path):
+    """The SASS of a step's h_{t-1} read, in L2 round trips one after another (compilecheck.load_rounds): one in the
+    16-bit B = 16 forward's transposed-cluster tiles at H = 256 and 512 (all its 16-byte loads issued before any
+    is waited for), and one in the floor probe's modes, whose read goes to a dot as the kernel's does. The control:
+    the same tile summed in registers (the probe's read before session 25) takes four, ptxas consuming each load
+    before it issues the next (perf/NOTES.md "Session 25")."""
+    from pathlib import Path
+
+    probe = Path(__file__).resolve().parents[1] / "perf" / "floor_probe.py"
+    script = tmp_path / "rounds.py"  # (a file: Triton reads a jit function's source from it)
+    script.write_text(ROUNDS_COMPILE)
+    proc = run_python(str(script), str(probe), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out.pop("sum") >= 2, out
+    assert out == {k: 1 for k in out} and len(out) == 8, out

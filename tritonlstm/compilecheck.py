@@ -164,6 +164,42 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
     return regs, spills
 
 
+def sass(cubin: bytes) -> str:
+    """The SASS of a compiled kernel's cubin (the bundled cuobjdump)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def load_rounds(sass_text: str, opcode: str = "LDG.E.128") -> int:
+    """How many memory round trips the loads of `opcode` (a SASS opcode with its modifiers, e.g.
+    LDG.E.128.STRONG.GPU) take one after another, in program order: 1, plus one for each such load issued after an
+    instruction that reads an earlier one's data (the warp waits there for that load to return). 0 without such
+    loads. ptxas decides this, not the source: a tile's tl.sum had each 16-byte load consumed before the next
+    issued (perf/NOTES.md "Session 25")."""
+    code = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass_text)
+    width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
+    rounds, pending, waited = 0, set(), False
+    for ins in code:
+        words = ins.split(None, 2) if ins.startswith("@") else [""] + ins.split(None, 1)
+        mnemonic, operands = words[1], words[2] if len(words) > 2 else ""
+        # A store reads every operand; anything else writes its first.
+        read = operands if mnemonic.startswith("ST") else operands.partition(",")[2]
+        if pending and any(re.search(rf"\b{r}\b", read) for r in pending):
+            waited, pending = True, set()
+        if mnemonic == opcode:
+            if rounds == 0 or waited:
+                rounds, waited = rounds + 1, False
+            first = int(re.match(r"R(\d+)", operands).group(1))
+            pending |= {f"R{first + k}" for k in range(width)}
+    return rounds
+
+
 def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
           has_lengths: bool = False, directions: int = 1, prefetch: bool = False, target: Target = H100) -> Resources:
     """kernel: "fwd", "bwd", "stack" or "stack_bwd" (the forward or backward kernel in its wavefront-stack
