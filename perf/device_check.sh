@@ -23,7 +23,8 @@
 # with FLOOR_ARGS and FLOOR_TIMEOUT (120); GEMM=1 (off by default, ~20 s) runs perf/gemm_probe.py with GEMM_ARGS
 # and GEMM_TIMEOUT (60); MEMORY=1 (off by default, ~2 x 30 s) runs perf/memory_probe.py (twice: as is, and with cuBLAS's workspaces off) with
 # MEMORY_ARGS and MEMORY_TIMEOUT (90); NCU_ARGS="..." profiles one launch (perf/profile_one.py;
-# NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute; SPREAD=1 (off by default, ~30 s) runs
+# NCU_KERNEL=lstm_bwd_kernel with --kernel bwd) with Nsight Compute; NCU_SOURCE_ARGS="..." the same launch's stall
+# samples per SASS instruction (ncu-source.txt, perf/ncu_source.py; NCU_SOURCE_TIMEOUT, 90); SPREAD=1 (off by default, ~30 s) runs
 # perf/launch_spread.py with SPREAD_ARGS and SPREAD_TIMEOUT (90); TIMELINE=1 (off by default, ~30-60 s) runs
 # perf/step_timeline.py with TIMELINE_ARGS and TIMELINE_TIMEOUT (150), its Chrome traces kept in traces/ and a
 # cProfile of our calls' host path in hostprof/.
@@ -170,6 +171,18 @@ if [ -n "${NCU_ARGS:-}" ]; then
         > "$W/ncu.txt" 2>&1
     echo "ncu rc=$?" | tee -a "$W/summary.txt"
     grep -E "stalled|Duration|Warp Cycles|Throughput" "$W/ncu.txt" | sort -k3 -g -r | head -30
+    pack
+fi
+if [ -n "${NCU_SOURCE_ARGS:-}" ]; then
+    # e.g. NCU_SOURCE_ARGS="--hidden 256 --batch 16 --dtype float16 --variant transposed-cluster": the stall samples
+    # of one launch instruction by instruction (SASS), ranked by perf/ncu_source.py (perf/NOTES.md "Session 25").
+    step "Nsight Compute source counters, one launch ($NCU_SOURCE_ARGS)"
+    timeout "${NCU_SOURCE_TIMEOUT:-90}" ncu --clock-control none --section SourceCounters --section WarpStateStats \
+        -k "regex:${NCU_KERNEL:-lstm_fwd_kernel}" --launch-skip 1 -c 1 -f -o "$W/ncu-source" \
+        $py perf/profile_one.py $NCU_SOURCE_ARGS > "$W/ncu-source.log" 2>&1
+    echo "ncu source rc=$?" | tee -a "$W/summary.txt"
+    ncu --import "$W/ncu-source.ncu-rep" --page source --csv --print-source sass > "$W/ncu-source.csv" 2>&1
+    $py perf/ncu_source.py "$W/ncu-source.csv" --top 40 | tee "$W/ncu-source.txt" | head -60
     pack
 fi
 step done

@@ -229,6 +229,33 @@ def test_perf_script_without_gpu_says_so_and_exits_0(script):
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout, proc.stderr[-2000:]
 
 
+NCU_SOURCE_CSV = """==PROF== Connected to process 1
+"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)"
+"0x7f0","@P1 LDG.E.128.STRONG.GPU R40, desc[UR60][R26.64]","2","1"
+"0x800","STS.128 [R38+0x8000], R40","60","58"
+"0x810","UCGABAR_WAIT","30","30"
+"0x820","MEMBAR.ALL.GPU","1,000","990"
+"0x830","@!P1 BRA 0x1fb0","",""
+"""
+
+
+def test_ncu_source_report_ranks_instructions_and_opcodes_by_stall_samples(tmp_path):
+    """perf/ncu_source.py on a made-up page of ncu's source CSV: the instructions by their share of the samples
+    (thousands separators read, rows without a number skipped), then the shares by opcode; a file without the
+    page's header says what it found instead."""
+    ncu = _perf_script("ncu_source")
+    rows, column = ncu.read_rows(NCU_SOURCE_CSV.splitlines())
+    assert column == "Warp Stall Sampling (All Samples)" and len(rows) == 4
+    text = ncu.report(rows, column)
+    ranked = [line.split()[0] for line in text.splitlines()[3:7]]
+    assert ranked == ["91.6%", "5.5%", "2.7%", "0.2%"], text
+    assert "MEMBAR.ALL.GPU" in text.splitlines()[3] and "91.6%  MEMBAR" in text and "0.2%  LDG" in text
+    assert ncu.opcode("@!P1 LDG.E.128.STRONG.GPU R4, desc[UR6][R10.64]") == "LDG"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("==ERROR== something else\n")
+    assert ncu.main([str(bad)]) == 1
+
+
 def test_profile_one_script_takes_the_ab_variants_and_without_gpu_says_so():
     script = str(PERF / "profile_one.py")
     proc = run_python(script, "--kernel", "bwd", "--variant", "wide", "--batch", "256", timeout=120)
