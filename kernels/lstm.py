@@ -304,9 +304,16 @@ def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_
 
 @triton.jit
 def _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m_w, H, BK: tl.constexpr,
-                    W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, SK: tl.constexpr):
+                    W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, SK: tl.constexpr,
+                    PAIRED: tl.constexpr = False):
     """sum_g dG_g @ W_g[:, units] with split-K (_gate_dots says why): the four gates' batched dots accumulate
-    into one [SK, BB, BH] product, reduced over the slices once."""
+    into one [SK, BB, BH] product, reduced over the slices once.
+
+    PAIRED: gates i and f are loaded before either's dot, then g and o. Each dot's operand goes through shared
+    memory behind a CTA barrier, which no load can be moved above, so a load written inside its dot is issued only
+    after the previous gate's data has arrived: four L2 round trips in series. Paired, the 4-warp tiles at H 512
+    take two, and spill nothing where they spilled 172 bytes (SASS, sm_90; perf/NOTES.md v0.66). The same dots in
+    the same order: the same result."""
     acc = tl.zeros([SK, o_rows.shape[0], o_j.shape[0]], dtype=tl.float32)
     for k0 in range(0, H, BK):
         o_kx = _chunk_offsets(k0, BK, SK)
@@ -316,12 +323,24 @@ def _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m
             t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
         else:
             t_i, t_f, t_g, t_o = _load_chunk_tiles(p_w, k0, o_j, m_j & m_w, H, H, 1, BK, SK)
-        acc = tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), t_i, acc, input_precision=DOT_PRECISION)
-        acc = tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg"), t_f, acc, input_precision=DOT_PRECISION)
-        acc = tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g, acc,
-                     input_precision=DOT_PRECISION)
-        acc = tl.dot(tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), t_o, acc,
-                     input_precision=DOT_PRECISION)
+        if PAIRED:
+            b_i = tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+            b_f = tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg")
+            acc = tl.dot(b_i, t_i, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(b_f, t_f, acc, input_precision=DOT_PRECISION)
+            b_g = tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg")
+            b_o = tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg")
+            acc = tl.dot(b_g, t_g, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(b_o, t_o, acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), t_i, acc,
+                         input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg"), t_f, acc,
+                         input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g, acc,
+                         input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), t_o, acc,
+                         input_precision=DOT_PRECISION)
     return tl.sum(acc, axis=0)
 
 
@@ -849,6 +868,7 @@ def lstm_bwd_kernel(
     QP: tl.constexpr,  # TRANSPOSED: power of two >= P, the producers each program sums
     QC: tl.constexpr,  # TRANSPOSED: producers per load of that sum
     HALF_W: tl.constexpr,  # float32: dG_{t+1} @ W_hh on float16 operands, W and each row of dG scaled (v0.41)
+    PAIRED: tl.constexpr = False,  # SK > 1, single layer: dG_{t+1}'s gates loaded two at a time (_split_grad_dot)
 ):
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     tl.static_assert(not (TRANSPOSED and (STACK or SK > 1)), "reduce-scatter: single layer, unsplit")
@@ -970,7 +990,7 @@ def lstm_bwd_kernel(
                 b_dh = _half_grad_dot(DG, o_nrow * SG, m_next, b_wi, b_wf, b_wg, b_wo, H, BK, SK, k_w, amax)
             elif SK > 1:
                 b_dh = _split_grad_dot(DG, o_nrow * SG, m_next, b_wi, b_wf, b_wg, b_wo, W, o_j, m_j, True, H, BK,
-                                       W_RESIDENT, DOT_PRECISION, SK)
+                                       W_RESIDENT, DOT_PRECISION, SK, PAIRED)
             else:
                 for k0 in range(0, H, BK):
                     o_kk = k0 + o_k
@@ -1882,7 +1902,7 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
         return dg, dh0, dc0
-    grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt))
+    grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt), SPLIT_PAIRS)
     sync = torch.zeros(words, device=dev, dtype=torch.int32)
     w_t, part = _reduce_scatter_state(config, w_hh, B, sync)
     amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
@@ -1893,14 +1913,20 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     return dg, dh0, dc0
 
 
+# A single layer's split-K backward loads dG_{t+1}'s gates two at a time (kernel's PAIRED, perf/NOTES.md v0.66): the
+# same result bit for bit; TRITONLSTM_SPLIT_PAIRS=0 loads each gate inside its dot, as before (for the A/B).
+SPLIT_PAIRS = os.environ.get("TRITONLSTM_SPLIT_PAIRS", "1") != "0"
+
+
 @functools.lru_cache(maxsize=1024)
-def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengths: bool, precision: str):
+def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengths: bool, precision: str,
+                   paired: bool = True):
     """(grid, barrier words, the kernel's constexprs) of an lstm_backward launch on tiles, as _forward_plan."""
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
     words, cluster = _barrier_layout(config, grid)
     constexprs = dict(D=D, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=precision,
                       PREFETCH=config.prefetches(B, H), HALF_W=_half_w(config, dtype, backward=True),
-                      **reduce_scatter_constexprs(config, H), **cluster)
+                      PAIRED=paired and config.split_k > 1, **reduce_scatter_constexprs(config, H), **cluster)
     return grid, words, constexprs
 
 

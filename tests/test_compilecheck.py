@@ -647,3 +647,38 @@ def test_h_read_takes_one_round_trip_where_it_is_one_chunk(tmp_path):
     out = json.loads(proc.stdout.splitlines()[-1])
     assert out.pop("sum") >= 2, out
     assert out == {k: 1 for k in out} and len(out) == 8, out
+
+
+PAIRS_COMPILE = """
+import json, torch, triton
+from tritonlstm import compilecheck as cc
+from tritonlstm.kernels import lstm as k
+from tritonlstm.tuning import config_key, lookup_in
+
+compiled = []
+compile_ = triton.compile
+triton.compile = lambda *a, **kw: compiled.append(compile_(*a, **kw)) or compiled[-1]
+out = []
+for dtype, H, B in ((torch.float16, 512, 16), (torch.float16, 1024, 16), (torch.float32, 256, 256)):
+    cfg = lookup_in("NVIDIA H200", config_key("bwd", dtype, H, B, 1))[0]
+    for paired in (True, False):
+        k.SPLIT_PAIRS = paired
+        r = cc.check("bwd", dtype, H, cfg, prefetch=cfg.prefetches(B, H))
+        out.append([str(dtype), H, B, cfg.split_k, paired, r.error, r.spill_bytes,
+                    cc.load_rounds(cc.sass(compiled[-1].asm["cubin"]), "LDG.E.128.STRONG.GPU")])
+print(json.dumps(out))
+"""
+
+
+def test_split_backward_pairs_take_fewer_round_trips_and_spill_less():
+    """v0.66 on the shipped H200 split-K backward tiles (sm_90 SASS): dG_{t+1}'s gates loaded two at a time read it
+    in fewer L2 round trips one after another (compilecheck.load_rounds) and spill less than each gate loaded
+    inside its dot: 16-bit H = 512 B = 16 in 2 rounds without spills (unpaired: 4 rounds, 172 bytes)."""
+    proc = run_python("-c", PAIRS_COMPILE, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert len(rows) == 6 and all(r[3] > 1 and r[5] is None for r in rows), rows
+    for paired, unpaired in zip(rows[::2], rows[1::2]):
+        assert paired[4] and not unpaired[4]
+        assert paired[7] < unpaired[7] and paired[6] <= unpaired[6], (paired, unpaired)
+    assert rows[0][6:] == [0, 2] and rows[1][6:] == [172, 4], rows[:2]

@@ -305,6 +305,35 @@ def test_half_h_exchange_is_the_float32_reads_rounding_bit_for_bit(name, case, m
     assert results[0][0].abs().max() > 0.1  # not an all-zero or NaN answer that would equal itself
 
 
+@pytest.mark.parametrize("config", [
+    LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False, split_k=4),
+    LSTMConfig(block_h=16, block_b=8, block_k=32, w_resident=False, batch_groups=1, persistent=False, split_k=2),
+    LSTMConfig(block_h=8, block_b=16, block_k=64, w_resident=True, batch_groups=1, persistent=True, split_k=4),
+], ids=["resident-split4", "streamed-split2", "persistent-split4"])
+def test_split_backward_pairs_are_the_unpaired_result_bit_for_bit(config, monkeypatch):
+    """SPLIT_PAIRS (perf/NOTES.md v0.66): the split-K backward's gate loads two at a time only move loads, so dx,
+    dh0, dc0 and every weight gradient equal those of the loads inside their dots, bit for bit: reversed with lengths,
+    W resident or streamed, and a persistent launch of 5 programs at once (tests/concurrency.py, one slow), where a
+    load moved above the step's barrier would read dG stale. The spy proves which path each launch took."""
+    took = launch_constexprs(monkeypatch, "lstm_bwd_kernel", "PAIRED")
+    torch.manual_seed(0)
+    problem = make_problem(6, 9, 10, 33, torch.float32)
+    lengths = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1])
+    results = []
+    for paired in (True, False):
+        monkeypatch.setattr(kernels, "SPLIT_PAIRS", paired)
+        at_once = concurrent_programs(1) if config.persistent else contextlib.nullcontext()
+        with use_config(config), at_once:
+            leaves = [problem[n].clone().requires_grad_() for n in NAMES]
+            y, (hn, cn) = fused_lstm(*leaves, reverse=True, lengths=lengths, backend="triton")
+            ((y * torch.arange(y.numel()).view_as(y).sin()).sum() + hn.sum() + cn.square().sum()).backward()
+        results.append([y, hn, cn, *(t.grad for t in leaves)])
+    assert took == [True, False]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert results[0][3].abs().max() > 0.01  # dx: not an all-zero or NaN answer that would equal itself
+
+
 @pytest.mark.parametrize("w_scale,h0_scale", [(1e-8, 1e8), (1e8, 1e-8), (3e-13, 1.0), (1.0, 1e22)])
 def test_half_w_scales_weights_and_h0_into_float16s_range(w_scale, h0_scale, half_weights_calls):
     """Without the power-of-two scaling these would underflow to zero or overflow to inf in float16: W_hh at 1e-8

@@ -444,6 +444,22 @@ def test_half_w_forward_matches_cudnn(H, B, name, half_h, monkeypatch):
         run_both(256, B, H, torch.float32)
 
 
+@pytest.mark.parametrize("dtype,H,B", [(torch.float16, 512, 16), (torch.float16, 1024, 16), (torch.float32, 256, 256)])
+@pytest.mark.parametrize("paired", [True, False], ids=["paired", "unpaired"])
+def test_split_backward_matches_cudnn_with_gates_loaded_in_pairs_or_not(dtype, H, B, paired, monkeypatch):
+    """The shipped split-K backward tiles (persistent, several programs) against cuDNN with dG_{t+1}'s gates loaded
+    two at a time (v0.66, the default) and inside their dots (before it)."""
+    from tritonlstm.configs import named_variants, use_config
+    from tritonlstm.kernels import lstm as k
+
+    monkeypatch.setattr(k, "SPLIT_PAIRS", paired)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = named_variants("bwd", H, B, dtype, sms)["split4"]
+    assert cfg.split_k == 4 and cfg.persistent and cfg.programs(H) > 1, cfg
+    with use_config(cfg, "bwd"):
+        run_both(256, B, H, dtype)
+
+
 def test_stack_dropout_matches_the_layer_by_layer_computation():
     """Dropout inside the wavefronts against the same scale applied between separate single-layer launches."""
     from tritonlstm.functional import lstm_layer, lstm_stack

@@ -229,6 +229,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       PREFETCH=prefetch and kernel == "bwd",
                       HALF_W=kernel == "bwd" and config.half_w and not config.transposed,
+                      PAIRED=kernel == "bwd" and k.SPLIT_PAIRS and config.split_k > 1,
                       **(k.reduce_scatter_constexprs(config, hidden) if kernel == "bwd"
                          else k.NO_REDUCE_SCATTER))
     backward = kernel in BACKWARD
