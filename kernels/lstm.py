@@ -51,7 +51,16 @@ from triton.runtime.interpreter import InterpretedFunction
 
 # Host-side ceil division and next power of two are configs' plain ones: Triton 3.6's triton.cdiv and
 # triton.next_power_of_2 are constexpr_function wrappers costing ~3 us a call on the host (perf/NOTES.md v0.33).
-from tritonlstm.configs import MAX_CLUSTER, MAX_PORTABLE_CLUSTER, cdiv, cluster_size_ok, for_kernel
+from tritonlstm.configs import (
+    MAX_CLUSTER,
+    MAX_PORTABLE_CLUSTER,
+    SM90_SHARED,
+    cdiv,
+    cluster_size_ok,
+    device_limits,
+    for_kernel,
+    shared_bytes,
+)
 from tritonlstm.configs import _pow2 as next_power_of_2
 from tritonlstm.kernels import launcher
 
@@ -1902,7 +1911,9 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
         return dg, dh0, dc0
-    grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt), SPLIT_PAIRS)
+    smem = device_limits(dev)[1] if dev.type == "cuda" and not interpreting() else SM90_SHARED
+    grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt),
+                                             pairs_gates(config, "bwd", H, dt.itemsize, smem))
     sync = torch.zeros(words, device=dev, dtype=torch.int32)
     w_t, part = _reduce_scatter_state(config, w_hh, B, sync)
     amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
@@ -1918,6 +1929,15 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
 SPLIT_PAIRS = os.environ.get("TRITONLSTM_SPLIT_PAIRS", "1") != "0"
 
 
+def pairs_gates(config, kernel: str, hidden: int, esize: int, smem_limit: int) -> bool:
+    """Whether a `kernel` launch of `config` loads dG_{t+1}'s gates two at a time (PAIRED): a single layer's split-K
+    tiles with W resident, where the second gate's operand buffer fits the GPU's shared memory (`smem_limit` bytes a
+    block) beside the rest (configs.shared_bytes(paired=True)): fp32 H = 1024's 64 KB of it did not (262144 bytes
+    compiled). What the launch, the compile-only check and their shared-memory estimate decide by."""
+    return (SPLIT_PAIRS and kernel == "bwd" and config.split_k > 1 and config.w_resident and not config.transposed
+            and not config.grid_2d and shared_bytes(config, kernel, hidden, esize, paired=True) <= smem_limit)
+
+
 @functools.lru_cache(maxsize=1024)
 def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengths: bool, precision: str,
                    paired: bool = True):
@@ -1926,7 +1946,7 @@ def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengt
     words, cluster = _barrier_layout(config, grid)
     constexprs = dict(D=D, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=precision,
                       PREFETCH=config.prefetches(B, H), HALF_W=_half_w(config, dtype, backward=True),
-                      PAIRED=paired and config.split_k > 1, **reduce_scatter_constexprs(config, H), **cluster)
+                      PAIRED=paired, **reduce_scatter_constexprs(config, H), **cluster)
     return grid, words, constexprs
 
 

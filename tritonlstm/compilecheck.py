@@ -70,6 +70,9 @@ class Resources:
     error: str | None = None
     store_gates: bool = True  # the training variant of fwd / stack (False: inference)
     smem_limit: int = SM90_SHARED_LIMIT  # the target GPU's shared memory per block
+    # The L2 round trips one after another of the kernel's 16-byte .cg loads (load_rounds): a step's reads of what
+    # other programs wrote (h_{t-1}, dG_{t+1}), one batch tile's, in program order; 0 where they are cp.async.
+    rounds: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -229,7 +232,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       PREFETCH=prefetch and kernel == "bwd",
                       HALF_W=kernel == "bwd" and config.half_w and not config.transposed,
-                      PAIRED=kernel == "bwd" and k.SPLIT_PAIRS and config.split_k > 1,
+                      PAIRED=k.pairs_gates(config, kernel, hidden, dtype.itemsize, target.smem),
                       **(k.reduce_scatter_constexprs(config, hidden) if kernel == "bwd"
                          else k.NO_REDUCE_SCATTER))
     backward = kernel in BACKWARD
@@ -253,6 +256,7 @@ def _compile(res: Resources, fn, sig: dict, consts: dict, arch: int = 90) -> Res
                                   options=dict(num_warps=res.config.num_warps, num_stages=res.config.num_stages))
         res.shared = compiled.metadata.shared
         res.registers, res.spill_bytes = _ptxas_report(compiled.asm["ptx"])
+        res.rounds = load_rounds(sass(compiled.asm["cubin"]), "LDG.E.128.STRONG.GPU")
     except Exception as e:
         res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return res
@@ -355,7 +359,8 @@ def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig,
     variant = "" if kernel in BACKWARD else ("/train" if store else "/infer")
     print(f"{status:4} {kernel + variant:11} {r.dtype} H={hidden:<5} BH={cfg.block_h:<3} BB={cfg.block_b:<3} "
           f"BK={cfg.block_k:<5} resident={int(cfg.w_resident)} warps={cfg.num_warps} shared={r.shared:<7} "
-          f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" split_k={cfg.split_k}" if cfg.split_k > 1 else "")
+          f"regs={r.registers:<4} spills={r.spill_bytes}" + (f" rounds={r.rounds}" if r.rounds else "")
+          + (f" split_k={cfg.split_k}" if cfg.split_k > 1 else "")
           + (" merged" if cfg.merged_gates else "") + (" transposed" if cfg.transposed else "")
           + ("" if cfg.exchange == "barrier" else f" {cfg.exchange}") + (" prefetch" if prefetch else "")
           + (f" {r.error}" if r.error else ""), flush=True)

@@ -547,13 +547,14 @@ def stack_layers_per_launch(hidden: int, batch: int, dtype: torch.dtype, num_sms
 _SHARED_MARGIN = 2048
 
 
-def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> int:
+def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int, paired: bool = False) -> int:
     """Shared memory of one program of `config`, an upper estimate from the compile-only sweeps (sm_90 and sm_89
     compile to the same figures; tests/test_compilecheck.py keeps it at or above the compiled one for every config
     the heuristic picks and the named variants): the weight slices it keeps resident (a stack's two: W_ih and W_hh),
     or num_stages K chunks of them when streamed, and the h_{t-1} tile the dot reads (the backward's dG_{t+1}
     chunk spans four gates' columns, 4 KB more), or a transposed dot's chunk of it (at least 8 KB; 12 KB for the
-    backward's reduce-scatter) or its product's layout change, whichever is larger."""
+    backward's reduce-scatter) or its product's layout change, whichever is larger. paired: a split-K backward that
+    loads dG_{t+1}'s gates two at a time (kernels.lstm.pairs_gates) holds a second gate's operand, block_b x K."""
     hk = max(16, _pow2(hidden))
     slices = 2 if kernel in ("stack", "stack_bwd") else 1
     backward = kernel in ("bwd", "stack_bwd")
@@ -580,7 +581,8 @@ def shared_bytes(config: LSTMConfig, kernel: str, hidden: int, esize: int) -> in
         return stages * (slices * rows * bk * wsize + bb * bk * esize) + _SHARED_MARGIN
     if config.w_resident:
         # At K <= 32 the scratch outgrows the tile: 4 KB in all (a merged dot's at H = 17-32: 12288 bytes).
-        return slices * 4 * hk * bh * wsize + max(bb * hk * esize + _SHARED_MARGIN, 4096)
+        return slices * 4 * hk * bh * wsize + max(bb * hk * esize + _SHARED_MARGIN, 4096) + \
+            (bb * hk * esize if paired else 0)
     if backward:
         return stages * (slices * 4 * bk * bh + bb * 4 * bk) * esize + 4096 + _SHARED_MARGIN
     return stages * (slices * 4 * bk * bh + bb * bk) * esize + _SHARED_MARGIN
