@@ -307,13 +307,13 @@ def test_half_h_exchange_is_the_float32_reads_rounding_bit_for_bit(name, case, m
 
 @pytest.mark.parametrize("config", [
     LSTMConfig(block_h=8, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False, split_k=4),
-    LSTMConfig(block_h=16, block_b=8, block_k=32, w_resident=False, batch_groups=1, persistent=False, split_k=2),
+    LSTMConfig(block_h=16, block_b=8, block_k=64, w_resident=True, batch_groups=1, persistent=False, split_k=2),
     LSTMConfig(block_h=8, block_b=16, block_k=64, w_resident=True, batch_groups=1, persistent=True, split_k=4),
-], ids=["resident-split4", "streamed-split2", "persistent-split4"])
+], ids=["tiles3-split4", "split2", "persistent-split4"])
 def test_split_backward_pairs_are_the_unpaired_result_bit_for_bit(config, monkeypatch):
     """SPLIT_PAIRS (perf/NOTES.md v0.66): the split-K backward's gate loads two at a time only move loads, so dx,
     dh0, dc0 and every weight gradient equal those of the loads inside their dots, bit for bit: reversed with lengths,
-    W resident or streamed, and a persistent launch of 5 programs at once (tests/concurrency.py, one slow), where a
+    split 4 and 2 ways, and a persistent launch of 5 programs at once (tests/concurrency.py, one slow), where a
     load moved above the step's barrier would read dG stale. The spy proves which path each launch took."""
     took = launch_constexprs(monkeypatch, "lstm_bwd_kernel", "PAIRED")
     torch.manual_seed(0)
