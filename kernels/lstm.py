@@ -312,37 +312,17 @@ def _gate_grad_dot(acc, p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_k, o_
 
 
 @triton.jit
-def _gate_dot_chain(acc, p, m, H, t_i, t_f, t_g, t_o, DOT_PRECISION: tl.constexpr, PAIRED: tl.constexpr):
-    """acc + dG_i @ t_i + dG_f @ t_f + dG_g @ t_g + dG_o @ t_o, accumulated in that order, gate g's piece of dG
-    loaded from p + g * H (.cg: other programs wrote it this step).
-
-    PAIRED: gates i and f are loaded before either's dot, then g and o. Each dot's operand goes through shared
-    memory behind a CTA barrier, which no load can be moved above, so a load written inside its dot is issued only
-    after the previous gate's data has arrived: four L2 round trips in series. Paired, the split-K 4-warp tiles at
-    H 512 take two and spill nothing where they spilled 172 bytes (SASS, sm_90; perf/NOTES.md v0.66); the second
-    gate's operand takes shared memory (kernels.lstm.pairs_gates). The same dots in the same order: the same
-    result."""
-    if PAIRED:
-        b_i = tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
-        b_f = tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg")
-        acc = tl.dot(b_i, t_i, acc, input_precision=DOT_PRECISION)
-        acc = tl.dot(b_f, t_f, acc, input_precision=DOT_PRECISION)
-        b_g = tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg")
-        b_o = tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg")
-        acc = tl.dot(b_g, t_g, acc, input_precision=DOT_PRECISION)
-        return tl.dot(b_o, t_o, acc, input_precision=DOT_PRECISION)
-    acc = tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), t_i, acc, input_precision=DOT_PRECISION)
-    acc = tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg"), t_f, acc, input_precision=DOT_PRECISION)
-    acc = tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g, acc, input_precision=DOT_PRECISION)
-    return tl.dot(tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), t_o, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
 def _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m_w, H, BK: tl.constexpr,
                     W_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, SK: tl.constexpr,
                     PAIRED: tl.constexpr = False):
     """sum_g dG_g @ W_g[:, units] with split-K (_gate_dots says why): the four gates' batched dots accumulate
-    into one [SK, BB, BH] product, reduced over the slices once. PAIRED: as _gate_dot_chain."""
+    into one [SK, BB, BH] product, reduced over the slices once.
+
+    PAIRED: gates i and f are loaded before either's dot, then g and o. Each dot's operand goes through shared
+    memory behind a CTA barrier, which no load can be moved above, so a load written inside its dot is issued only
+    after the previous gate's data has arrived: four L2 round trips in series. Paired, the 4-warp tiles at H 512
+    take two, and spill nothing where they spilled 172 bytes (SASS, sm_90; perf/NOTES.md v0.66). The same dots in
+    the same order: the same result."""
     acc = tl.zeros([SK, o_rows.shape[0], o_j.shape[0]], dtype=tl.float32)
     for k0 in range(0, H, BK):
         o_kx = _chunk_offsets(k0, BK, SK)
@@ -352,7 +332,24 @@ def _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m
             t_i, t_f, t_g, t_o = w_i, w_f, w_g, w_o
         else:
             t_i, t_f, t_g, t_o = _load_chunk_tiles(p_w, k0, o_j, m_j & m_w, H, H, 1, BK, SK)
-        acc = _gate_dot_chain(acc, p, m, H, t_i, t_f, t_g, t_o, DOT_PRECISION, PAIRED)
+        if PAIRED:
+            b_i = tl.load(p, mask=m, other=0.0, cache_modifier=".cg")
+            b_f = tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg")
+            acc = tl.dot(b_i, t_i, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(b_f, t_f, acc, input_precision=DOT_PRECISION)
+            b_g = tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg")
+            b_o = tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg")
+            acc = tl.dot(b_g, t_g, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(b_o, t_o, acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), t_i, acc,
+                         input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.load(p + H, mask=m, other=0.0, cache_modifier=".cg"), t_f, acc,
+                         input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.load(p + 2 * H, mask=m, other=0.0, cache_modifier=".cg"), t_g, acc,
+                         input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.load(p + 3 * H, mask=m, other=0.0, cache_modifier=".cg"), t_o, acc,
+                         input_precision=DOT_PRECISION)
     return tl.sum(acc, axis=0)
 
 
@@ -1294,8 +1291,14 @@ def lstm_bwd_2d_kernel(
                                          b_wo, _exp2_bits(k)[:, None])
                     acc = _half_unscale(acc, k, k_w)
                 else:
-                    acc = _gate_dot_chain(tl.zeros([BB, BU], dtype=tl.float32), p_dg, m_dg, H, b_wi, b_wf, b_wg, b_wo,
-                                          DOT_PRECISION, False)
+                    acc = tl.dot(tl.load(p_dg, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wi,
+                                 input_precision=DOT_PRECISION)
+                    acc = tl.dot(tl.load(p_dg + H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wf, acc,
+                                 input_precision=DOT_PRECISION)
+                    acc = tl.dot(tl.load(p_dg + 2 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wg, acc,
+                                 input_precision=DOT_PRECISION)
+                    acc = tl.dot(tl.load(p_dg + 3 * H, mask=m_dg, other=0.0, cache_modifier=".cg"), b_wo, acc,
+                                 input_precision=DOT_PRECISION)
                 tl.store(PART + a.to(tl.int64) * B * H + o_b[:, None] * H + o_nb[None, :], acc,
                          mask=m_b[:, None] & m_nb[None, :])
             else:

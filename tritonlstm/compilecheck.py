@@ -204,9 +204,11 @@ def load_rounds(sass_text: str, opcode: str = "LDG.E.128") -> int:
 
 
 def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
-          has_lengths: bool = False, directions: int = 1, prefetch: bool = False, target: Target = H100) -> Resources:
+          has_lengths: bool = False, directions: int = 1, prefetch: bool = False, target: Target = H100,
+          rounds: bool = False) -> Resources:
     """kernel: "fwd", "bwd", "stack" or "stack_bwd" (the forward or backward kernel in its wavefront-stack
-    form). prefetch: a single layer's one-tile-per-program variant (LSTMConfig.prefetches)."""
+    form). prefetch: a single layer's one-tile-per-program variant (LSTMConfig.prefetches). rounds: fill in
+    Resources.rounds (cuobjdump, ~0.4 s a kernel)."""
 
     from tritonlstm.kernels import lstm as k
 
@@ -214,7 +216,7 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
         raise RuntimeError("compilecheck needs the real compiler: unset TRITON_INTERPRET")
     tdt = _TRITON_DTYPE[dtype]
     if kernel == "bwd" and config.grid_2d:
-        return _check_2d(dtype, hidden, config, directions, target)
+        return _check_2d(dtype, hidden, config, directions, target, rounds)
     consts = dict(BK=config.block_k, BH=config.block_h, BB=config.block_b, W_RESIDENT=config.w_resident,
                   D=directions, HAS_LENGTHS=has_lengths, PERSISTENT=config.persistent,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", SK=config.split_k,
@@ -240,10 +242,10 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,
                     store_gates=store_gates and not backward, smem_limit=target.smem)
     sig = _signature("bwd" if backward else "fwd", tdt, config.half_w and not backward)
-    return _compile(res, fn, sig, consts, target.arch)
+    return _compile(res, fn, sig, consts, target.arch, rounds)
 
 
-def _compile(res: Resources, fn, sig: dict, consts: dict, arch: int = 90) -> Resources:
+def _compile(res: Resources, fn, sig: dict, consts: dict, arch: int = 90, rounds: bool = False) -> Resources:
     """Compiles fn for sm_`arch` as a launch of res.config would and fills res in: shared memory, registers,
     spills, or the error (a compile failure is a finding, reported with the config that caused it)."""
     import triton
@@ -256,7 +258,8 @@ def _compile(res: Resources, fn, sig: dict, consts: dict, arch: int = 90) -> Res
                                   options=dict(num_warps=res.config.num_warps, num_stages=res.config.num_stages))
         res.shared = compiled.metadata.shared
         res.registers, res.spill_bytes = _ptxas_report(compiled.asm["ptx"])
-        res.rounds = load_rounds(sass(compiled.asm["cubin"]), "LDG.E.128.STRONG.GPU")
+        if rounds:
+            res.rounds = load_rounds(sass(compiled.asm["cubin"]), "LDG.E.128.STRONG.GPU")
     except Exception as e:
         res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return res
@@ -268,7 +271,8 @@ def _hiddens(min_hidden: int, max_hidden: int) -> list[int]:
                   if min_hidden <= h <= max_hidden)
 
 
-def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: int, target: Target) -> Resources:
+def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: int, target: Target,
+              rounds: bool = False) -> Resources:
     """check() of a grid_2d backward (lstm_bwd_2d_kernel)."""
 
     from tritonlstm.configs import grid_2d_blocks
@@ -281,7 +285,7 @@ def _check_2d(dtype: torch.dtype, hidden: int, config: LSTMConfig, directions: i
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", CLUSTER=False, HALF_W=config.half_w,
                   HALF_G=config.half_w and dtype == torch.float32 and k.HALF_G)
     sig = {**_signature("bwd_2d", _TRITON_DTYPE[dtype]), **{n: "constexpr" for n in consts}}
-    return _compile(res, k.lstm_bwd_2d_kernel, sig, consts, target.arch)
+    return _compile(res, k.lstm_bwd_2d_kernel, sig, consts, target.arch, rounds)
 
 
 def shipped_configs(max_hidden: int = 1024, min_hidden: int = 1, measured: bool = True,
@@ -348,8 +352,8 @@ def variant_configs(kernel: str, names: tuple[str, ...], batches: tuple[int, ...
 
 
 def _check_job(job) -> Resources:
-    kernel, dtype, hidden, cfg, prefetch, store, target = job
-    return check(kernel, dtype, hidden, cfg, store_gates=store, prefetch=prefetch, target=target)
+    kernel, dtype, hidden, cfg, prefetch, store, target, rounds = job
+    return check(kernel, dtype, hidden, cfg, store_gates=store, prefetch=prefetch, target=target, rounds=rounds)
 
 
 def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig, store: bool,
@@ -466,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="check the float32 configs with W in float16 instead (tuner candidates: the forward's at "
                          "B = 1, 16 and 256, the backward's tiles at B = 1, 16 and 64)")
     ap.add_argument("--matmul", action="store_true", help="check the float32 TF32 GEMM kernel instead")
+    ap.add_argument("--rounds", action="store_true",
+                    help="also count each kernel's L2 round trips in series of its 16-byte .cg loads (load_rounds, "
+                         "from SASS; ~0.4 s a kernel)")
     ap.add_argument("--gpu", choices=sorted(GPUS), default="h100",
                     help="the GPU whose heuristic picks to check, compiled for its architecture within its shared "
                          "memory (default h100)")
@@ -498,11 +505,12 @@ def main(argv: list[str] | None = None) -> int:
         configs = shipped_configs(args.max_hidden, args.min_hidden, target=target)
     # The single-layer forward in its training and inference variants; a stack only in its training one (with
     # dropout, the heavier of the two: compiling both doubled the sweep's time for nothing it found).
-    jobs = [(kernel, dtype, hidden, cfg, prefetch, store, target) for kernel, dtype, hidden, cfg, prefetch in configs
+    jobs = [(kernel, dtype, hidden, cfg, prefetch, store, target, args.rounds)
+            for kernel, dtype, hidden, cfg, prefetch in configs
             for store in ((True, False) if kernel == "fwd" else (True,))]
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = pool.map(_check_job, jobs)
-        for (kernel, dtype, hidden, cfg, prefetch, store, _), r in zip(jobs, results):
+        for (kernel, dtype, hidden, cfg, prefetch, store, _, _), r in zip(jobs, results):
             _report(rows, r, kernel, hidden, cfg, store, prefetch)
     if args.json:
         with open(args.json, "w") as f:
