@@ -352,8 +352,10 @@ def variant_configs(kernel: str, names: tuple[str, ...], batches: tuple[int, ...
 
 
 def _check_job(job) -> Resources:
-    kernel, dtype, hidden, cfg, prefetch, store, target, rounds = job
-    return check(kernel, dtype, hidden, cfg, store_gates=store, prefetch=prefetch, target=target, rounds=rounds)
+    """check() of (kernel, dtype, hidden, config, prefetch, store_gates, target[, rounds])."""
+    kernel, dtype, hidden, cfg, prefetch, store, target, *rounds = job
+    return check(kernel, dtype, hidden, cfg, store_gates=store, prefetch=prefetch, target=target,
+                 rounds=bool(rounds and rounds[0]))
 
 
 def _report(rows: list, r: Resources, kernel: str, hidden: int, cfg: LSTMConfig, store: bool,
