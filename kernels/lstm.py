@@ -1911,9 +1911,8 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
         return dg, dh0, dc0
-    smem = device_limits(dev)[1] if dev.type == "cuda" and not interpreting() else SM90_SHARED
-    grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt),
-                                             pairs_gates(config, "bwd", H, dt.itemsize, smem))
+    grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt), dev,
+                                             SPLIT_PAIRS)
     sync = torch.zeros(words, device=dev, dtype=torch.int32)
     w_t, part = _reduce_scatter_state(config, w_hh, B, sync)
     amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
@@ -1940,9 +1939,12 @@ def pairs_gates(config, kernel: str, hidden: int, esize: int, smem_limit: int) -
 
 @functools.lru_cache(maxsize=1024)
 def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengths: bool, precision: str,
-                   paired: bool = True):
-    """(grid, barrier words, the kernel's constexprs) of an lstm_backward launch on tiles, as _forward_plan."""
+                   device: torch.device, split_pairs: bool):
+    """(grid, barrier words, the kernel's constexprs) of an lstm_backward launch on tiles, as _forward_plan.
+    split_pairs: SPLIT_PAIRS at the call (pairs_gates reads it), in the key so that switching it takes effect."""
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
+    smem = device_limits(device)[1] if device.type == "cuda" and not interpreting() else SM90_SHARED
+    paired = pairs_gates(config, "bwd", H, dtype.itemsize, smem)
     words, cluster = _barrier_layout(config, grid)
     constexprs = dict(D=D, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=precision,
                       PREFETCH=config.prefetches(B, H), HALF_W=_half_w(config, dtype, backward=True),
