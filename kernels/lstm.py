@@ -403,7 +403,8 @@ def _scatter_partials(p_part, o_b, m_b, b_dgt, w_t, p_wt, i_h, H, BH: tl.constex
 def _gather_partials(p_part, n_h, o_b, m_b, o_j, m_j, B, H, BB: tl.constexpr, BH: tl.constexpr, QP: tl.constexpr,
                      QC: tl.constexpr):
     """dh[:, units] = sum over the n_h producers q of partial_q[:, units] (partial q at p_part + q * B * H), in a
-    fixed order (bitwise deterministic): QC producers per load, QP >= n_h in all (powers of two)."""
+    fixed order (bitwise deterministic): QC producers per load, QP >= n_h in all (powers of two). With QC = 1 the
+    sum over the producer axis of each load is a thread's own: no exchange between threads."""
     acc = tl.zeros([BB, BH], dtype=tl.float32)
     o_bj = o_b[:, None] * H + o_j[None, :]
     m_bj = m_b[:, None] & m_j[None, :]
@@ -1998,13 +1999,20 @@ def reduce_scatter_constexprs(config, hidden: int) -> dict:
                          f"{config.block_h} (block_h=32 is for the forward's transposed dots)")
     qp = next_power_of_2(cdiv(hidden, config.block_h))
     kc = min(config.block_k, REDUCE_SCATTER_CHUNK) if config.w_resident else config.block_k
-    return dict(TRANSPOSED=True, KC=kc, QP=qp, QC=min(qp, REDUCE_SCATTER_LOAD))
+    qc = 1 if qp <= REDUCE_SCATTER_IN_REGISTERS else min(qp, REDUCE_SCATTER_LOAD)
+    return dict(TRANSPOSED=True, KC=kc, QP=qp, QC=qc)
 
 
 # A reduce-scatter backward's product W^T @ dG^T in chunks of this many units (M: two warpgroups' 64 rows on
-# 8 warps), and the producers' shares summed per load ([QC, BB, BH] float32). Compile-only (sm_90, BB = 16, 8
-# warps): no spills at H <= 1024; smaller loads or chunks, or 4 warps, spill (perf/NOTES.md v0.24).
+# 8 warps). Compile-only (sm_90, BB = 16, 8 warps): no spills at H <= 1024; smaller chunks, or 4 warps, spill
+# (perf/NOTES.md v0.24).
 REDUCE_SCATTER_CHUNK = 128
+# The producers' shares summed per load ([QC, BB, BH] float32). Up to REDUCE_SCATTER_IN_REGISTERS producers, one a
+# load: each thread adds its own element of every share in registers, where a [16, BB, BH] load's sum over the
+# producer axis ran across lanes and warps (shuffles, shared memory and 4-8 CTA barriers on each step's critical
+# path). Beyond (64 producers at H = 1024), one a load spills and takes 8 rounds of loads, 4 a load spills in the
+# streamed float32 tiles, so 16 as before (compile-only sm_90, perf/NOTES.md v0.67).
+REDUCE_SCATTER_IN_REGISTERS = 32
 REDUCE_SCATTER_LOAD = 16
 
 

@@ -5,7 +5,7 @@ merged, transposed, streamed and wide tiles, the cluster exchange).
 
     python perf/kernel_ab.py [--dtypes float16,float32] [--hidden 256,512,1024] [--batch 16,256] [--seq 256]
                              [--kernels fwd,bwd,stack,stack_bwd] [--layers 2,4] [--variants unsplit,split,...]
-                             [--half-h-ab] [--half-g-ab] [--pairs-ab] [--json FILE]
+                             [--half-h-ab] [--half-g-ab] [--pairs-ab] [--qc-ab] [--json FILE]
 
 us/step is a kernel's time over its steps (T, or T + L - 1 for a stack); cuDNN's column is its whole inference
 forward (forward kernels' rows) or forward + backward (backward rows), input GEMMs and weight gradients
@@ -15,6 +15,8 @@ from y in float32 and rounded in the dot's loop, as before v0.63), as "<variant>
 2-D grid backward variant with half_w is timed again with kernels.lstm.HALF_G on (dG_{t+1} read in float16 as its
 producers scaled it, v0.65), as "<variant>/g16". --pairs-ab: each split-K backward variant is timed again with
 kernels.lstm.SPLIT_PAIRS off (each gate of dG_{t+1} loaded inside its dot, as before v0.66), as "<variant>/unpaired".
+--qc-ab: each reduce-scatter backward variant (transposed) is timed again with its producers' shares summed 16 a load
+across threads (REDUCE_SCATTER_IN_REGISTERS 0, REDUCE_SCATTER_LOAD 16, as before v0.67), as "<variant>/qc16".
 """
 
 from __future__ import annotations
@@ -30,8 +32,27 @@ from tritonlstm.configs import named_variants as variants
 FORWARD = ("fwd", "stack")
 
 
+def timed_runs(kernel: str, dtype, cfgs: dict, half_h_ab: bool = False, half_g_ab: bool = False,
+               pairs_ab: bool = False, qc_ab: bool = False) -> list[tuple]:
+    """(name, config, the kernels module's switches for it): each variant as the module has them, then the A/Bs."""
+    import torch
+
+    timed = [(name, cfg, {}) for name, cfg in cfgs.items()]
+    if half_h_ab and kernel == "fwd" and dtype == torch.float32:
+        timed += [(f"{name}/f32h", cfg, {"HALF_H": False}) for name, cfg in cfgs.items() if cfg.half_w]
+    if half_g_ab and kernel == "bwd" and dtype == torch.float32:
+        timed += [(f"{name}/g16", cfg, {"HALF_G": True}) for name, cfg in cfgs.items() if cfg.half_w and cfg.grid_2d]
+    if pairs_ab and kernel == "bwd":
+        timed += [(f"{name}/unpaired", cfg, {"SPLIT_PAIRS": False}) for name, cfg in cfgs.items()
+                  if cfg.split_k > 1 and not cfg.grid_2d]
+    if qc_ab and kernel == "bwd":
+        timed += [(f"{name}/qc16", cfg, {"REDUCE_SCATTER_IN_REGISTERS": 0, "REDUCE_SCATTER_LOAD": 16})
+                  for name, cfg in cfgs.items() if cfg.transposed]
+    return timed
+
+
 def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, names, layers: int = 1,
-            half_h_ab: bool = False, half_g_ab: bool = False, pairs_ab: bool = False) -> dict:
+            half_h_ab: bool = False, half_g_ab: bool = False, pairs_ab: bool = False, qc_ab: bool = False) -> dict:
     import torch
     from triton.testing import do_bench
 
@@ -55,19 +76,14 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, nam
     limit = LIMITS[dtype]  # the variants differ from the base only in the order of accumulation
     y_base = run(base)()
     k.barrier_errors.check(torch.device("cuda"), wait=True)
-    # (name, config, the kernels module's switches for it): each variant as the module has them, then the A/Bs.
-    timed = [(name, cfg, {}) for name, cfg in cfgs.items()]
-    if half_h_ab and kernel == "fwd" and dtype == torch.float32:
-        timed += [(f"{name}/f32h", cfg, {"HALF_H": False}) for name, cfg in cfgs.items() if cfg.half_w]
-    if half_g_ab and kernel == "bwd" and dtype == torch.float32:
-        timed += [(f"{name}/g16", cfg, {"HALF_G": True}) for name, cfg in cfgs.items() if cfg.half_w and cfg.grid_2d]
-    if pairs_ab and kernel == "bwd":
-        timed += [(f"{name}/unpaired", cfg, {"SPLIT_PAIRS": False}) for name, cfg in cfgs.items()
-                  if cfg.split_k > 1 and not cfg.grid_2d]
-    defaults = {"HALF_H": k.HALF_H, "HALF_G": k.HALF_G, "SPLIT_PAIRS": k.SPLIT_PAIRS}
+    timed = timed_runs(kernel, dtype, cfgs, half_h_ab, half_g_ab, pairs_ab, qc_ab)
+    defaults = {"HALF_H": k.HALF_H, "HALF_G": k.HALF_G, "SPLIT_PAIRS": k.SPLIT_PAIRS,
+                "REDUCE_SCATTER_IN_REGISTERS": k.REDUCE_SCATTER_IN_REGISTERS,
+                "REDUCE_SCATTER_LOAD": k.REDUCE_SCATTER_LOAD}
     for name, cfg, switches in timed:
         for flag, value in switches.items():
             setattr(k, flag, value)
+        k._backward_plan.cache_clear()  # the plans hold the reduce-scatter's constexprs
         try:
             y = run(cfg)()
             k.barrier_errors.check(torch.device("cuda"), wait=True)
@@ -85,6 +101,7 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, nam
         finally:
             for flag, value in defaults.items():
                 setattr(k, flag, value)
+            k._backward_plan.cache_clear()
     row["timed"] = [name for name, _, _ in timed]
     # cuDNN beside it, for scale: the whole layer (or stack) of the same shape.
     ref = torch.nn.LSTM(H, H, num_layers=L).to("cuda", dtype)
@@ -115,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="time float32 half_w 2-D grid backward variants also with HALF_G on (as <variant>/g16)")
     ap.add_argument("--pairs-ab", action="store_true",
                     help="time split-K backward variants also with SPLIT_PAIRS off (as <variant>/unpaired)")
+    ap.add_argument("--qc-ab", action="store_true",
+                    help="time reduce-scatter backward variants also with 16 shares a load (as <variant>/qc16)")
     ap.add_argument("--json", help="write the rows here (after every row)")
     a = ap.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
@@ -142,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             for h in (int(v) for v in a.hidden.split(",")):
                 for b in (int(v) for v in a.batch.split(",")):
                     try:
-                        r = measure(d, h, b, a.seq, kn, names, l, a.half_h_ab, a.half_g_ab, a.pairs_ab)
+                        r = measure(d, h, b, a.seq, kn, names, l, a.half_h_ab, a.half_g_ab, a.pairs_ab,
+                                    a.qc_ab)
                     except Exception as e:  # the base variant itself failed: a finding, not a crash
                         print(f"{kn:9} {l:2} {d:9} {h:5} {b:4} failed: {type(e).__name__}: {e}", flush=True)
                         rows.append({"kernel": kn, "layers": l, "dtype": d, "hidden": h, "batch": b,

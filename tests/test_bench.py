@@ -595,3 +595,26 @@ def test_host_time_ab_mode_times_two_checkouts_in_alternating_processes(monkeypa
     assert header.split()[:3] == ["case", "this", "other"] and "least of 1 rounds" in header
     name, this, other, change, percent = row.split()
     assert name == "cell" and float(this) > 0 and float(other) > 0 and percent == "%", row
+
+
+def test_kernel_ab_switches_name_the_kernels_module_flags():
+    """Each A/B of perf/kernel_ab.py sets flags of tritonlstm.kernels.lstm by name (setattr would create a misspelt
+    one silently, and the "A/B" would time the same code twice): every switch names an existing flag. --qc-ab times
+    the reduce-scatter backward variants again with 16 shares a load across threads, as before v0.67."""
+    import torch
+
+    from tritonlstm.kernels import lstm as k
+
+    ab = _perf_script("kernel_ab")
+    bwd = ab.variants("bwd", 256, 16, torch.float16, 132, ["unsplit", "split4", "transposed", "transposed-cluster"])
+    runs = ab.timed_runs("bwd", torch.float16, bwd, pairs_ab=True, qc_ab=True)
+    names = [name for name, _, _ in runs]
+    assert [n for n in names if n.endswith("/qc16")] == [f"{n}/qc16" for n, c in bwd.items() if c.transposed]
+    assert any(n.endswith("/qc16") for n in names) and any(n.endswith("/unpaired") for n in names), names
+    fwd32 = ab.variants("fwd", 1024, 16, torch.float32, 132, ["transposed-half"])
+    bwd32 = ab.variants("bwd", 1024, 256, torch.float32, 132, ["grid-2d-half"])
+    runs += ab.timed_runs("fwd", torch.float32, fwd32, half_h_ab=True)
+    runs += ab.timed_runs("bwd", torch.float32, bwd32, half_g_ab=True)
+    switches = {flag for _, _, s in runs for flag in s}
+    assert switches == {"SPLIT_PAIRS", "REDUCE_SCATTER_IN_REGISTERS", "REDUCE_SCATTER_LOAD", "HALF_H", "HALF_G"}
+    assert all(hasattr(k, flag) for flag in switches), switches

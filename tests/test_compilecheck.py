@@ -688,3 +688,37 @@ def test_split_backward_pairs_take_fewer_round_trips_and_spill_less():
     assert paired[4] and not unpaired[4]
     assert paired[6:8] == [0, 2] and unpaired[6:8] == [172, 4], (paired, unpaired)
     assert not fp32[4], fp32
+
+
+GATHER_COMPILE = """
+import json, re, torch, triton
+from tritonlstm import compilecheck as cc
+from tritonlstm.kernels import lstm as k
+from tritonlstm.tuning import config_key, lookup_in
+
+compiled = []
+compile_ = triton.compile
+triton.compile = lambda *a, **kw: compiled.append(compile_(*a, **kw)) or compiled[-1]
+cfg = lookup_in("NVIDIA H200", config_key("bwd", torch.float16, 256, 16, 1))[0]
+out = []
+for in_registers, load in ((k.REDUCE_SCATTER_IN_REGISTERS, k.REDUCE_SCATTER_LOAD), (0, 16)):
+    k.REDUCE_SCATTER_IN_REGISTERS, k.REDUCE_SCATTER_LOAD = in_registers, load
+    r = cc.check("bwd", torch.float16, 256, cfg, prefetch=cfg.prefetches(16, 256))
+    sass = cc.sass(compiled[-1].asm["cubin"])
+    ops = re.findall(r"/\\*[0-9a-f]{4}\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_.]+)", sass)
+    out.append([cfg.transposed, k.reduce_scatter_constexprs(cfg, 256)["QC"], r.error, r.spill_bytes,
+                ops.count("SHFL.BFLY"), ops.count("BAR.SYNC.DEFER_BLOCKING")])
+print(json.dumps(out))
+"""
+
+
+def test_reduce_scatter_backward_sums_the_shares_without_exchanges_between_threads():
+    """v0.67 on the shipped H200 reduce-scatter backward (16-bit H = 256 B = 16, sm_90 SASS): with one producer's
+    share a load each thread sums its own elements, so the step loses the sum's shuffles and 5 of its CTA barriers
+    (the control, 16 producers a load as before: 50 shuffles, 11 barriers), spilling nothing."""
+    proc = run_python("-c", GATHER_COMPILE, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, sixteen = json.loads(proc.stdout.splitlines()[-1])
+    assert one[:4] == [True, 1, None, 0] and sixteen[:4] == [True, 16, None, 0], (one, sixteen)
+    assert one[4] == 0 and sixteen[4] >= 32, (one, sixteen)
+    assert one[5] <= sixteen[5] - 4, (one, sixteen)

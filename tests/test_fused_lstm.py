@@ -163,7 +163,7 @@ def test_merged_gate_dots(config, reverse, dtype, kernel_calls):
 
 # The forward's gate dots transposed (W^T @ h^T, perf/NOTES.md v0.18) and the backward's dh by reduce-scatter
 # (v0.24): H = 33 gives 3 programs of 16 units, the last with 15 masked gate rows (each program sums 3 shares of
-# 4 loaded, in one load, or with "four-chunks" in two); BB = 4 with 17 rows, 5 tiles over 2 batch groups; the
+# 4 loaded, one a load, or with "four-chunks" two a load); BB = 4 with 17 rows, 5 tiles over 2 batch groups; the
 # K = 64 tile in one chunk, and in four (64-byte chunks of h: KC = 16, the smallest; the backward's product in
 # 16-unit chunks); and W^T streamed.
 @pytest.mark.parametrize("chunk", [8192, 64, "streamed"], ids=["one-chunk", "four-chunks", "streamed-W"])
@@ -177,13 +177,15 @@ def test_transposed_gate_dots(chunk, reverse, dtype, lengths, chunk_constants, k
         monkeypatch.setattr(kernels, "TRANSPOSED_ONE_CHUNK_BYTES", chunk)
     if chunk == 64:
         monkeypatch.setattr(kernels, "REDUCE_SCATTER_CHUNK", 16)
+        # Shares summed two producers a load (across threads), where the other cases take one a load.
+        monkeypatch.setattr(kernels, "REDUCE_SCATTER_IN_REGISTERS", 2)
         monkeypatch.setattr(kernels, "REDUCE_SCATTER_LOAD", 2)
     config = LSTMConfig(block_h=16, block_b=4, block_k=16 if streamed else 64, w_resident=not streamed,
                         batch_groups=2, persistent=False, transposed=True)
     # Streamed: W^T loaded in 16-wide K chunks each step, three of them for H = 33.
     assert kernels.transposed_chunk(config, dtype.itemsize) == (64 if chunk == 8192 else 16)
     assert kernels.reduce_scatter_constexprs(config, 33) == dict(TRANSPOSED=True, KC=64 if chunk == 8192 else 16,
-                                                                QP=4, QC=2 if chunk == 64 else 4)
+                                                                QP=4, QC=2 if chunk == 64 else 1)
     problem = make_problem(6, 17, 10, 33, dtype)
     lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
     check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config)
