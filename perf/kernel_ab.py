@@ -83,7 +83,8 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, nam
     for name, cfg, switches in timed:
         for flag, value in switches.items():
             setattr(k, flag, value)
-        k._backward_plan.cache_clear()  # the plans hold the reduce-scatter's constexprs
+        if switches:
+            k._backward_plan.cache_clear()  # the plans hold the reduce-scatter's constexprs
         try:
             y = run(cfg)()
             k.barrier_errors.check(torch.device("cuda"), wait=True)
@@ -99,9 +100,10 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, nam
         except Exception as e:  # a variant that fails is a finding, reported with its row
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         finally:
-            for flag, value in defaults.items():
-                setattr(k, flag, value)
-            k._backward_plan.cache_clear()
+            if switches:
+                for flag, value in defaults.items():
+                    setattr(k, flag, value)
+                k._backward_plan.cache_clear()
     row["timed"] = [name for name, _, _ in timed]
     # cuDNN beside it, for scale: the whole layer (or stack) of the same shape.
     ref = torch.nn.LSTM(H, H, num_layers=L).to("cuda", dtype)

@@ -653,8 +653,9 @@ def test_h_read_takes_one_round_trip_where_it_is_one_chunk(tmp_path):
     assert out == {k: 1 for k in out} and len(out) == 8, out
 
 
-PAIRS_COMPILE = """
-import json, torch, triton
+# The shipped H200 configs compiled in a subprocess, each compile kept (`compiled`) for its SASS.
+SHIPPED_COMPILES = """
+import json, re, torch, triton
 from tritonlstm import compilecheck as cc
 from tritonlstm.kernels import lstm as k
 from tritonlstm.tuning import config_key, lookup_in
@@ -662,6 +663,9 @@ from tritonlstm.tuning import config_key, lookup_in
 compiled = []
 compile_ = triton.compile
 triton.compile = lambda *a, **kw: compiled.append(compile_(*a, **kw)) or compiled[-1]
+"""
+
+PAIRS_COMPILE = SHIPPED_COMPILES + """
 out = []
 for dtype, H, B, switches in ((torch.float16, 512, 16, (True, False)), (torch.float32, 1024, 16, (True,))):
     cfg = lookup_in("NVIDIA H200", config_key("bwd", dtype, H, B, 1))[0]
@@ -690,15 +694,7 @@ def test_split_backward_pairs_take_fewer_round_trips_and_spill_less():
     assert not fp32[4], fp32
 
 
-GATHER_COMPILE = """
-import json, re, torch, triton
-from tritonlstm import compilecheck as cc
-from tritonlstm.kernels import lstm as k
-from tritonlstm.tuning import config_key, lookup_in
-
-compiled = []
-compile_ = triton.compile
-triton.compile = lambda *a, **kw: compiled.append(compile_(*a, **kw)) or compiled[-1]
+GATHER_COMPILE = SHIPPED_COMPILES + """
 cfg = lookup_in("NVIDIA H200", config_key("bwd", torch.float16, 256, 16, 1))[0]
 out = []
 for in_registers, load in ((k.REDUCE_SCATTER_IN_REGISTERS, k.REDUCE_SCATTER_LOAD), (0, 16)):
