@@ -439,31 +439,74 @@ def _load_gate_rows(p_gx, m, H):
 
 
 @triton.jit
-def _load_step_gx(GX, LAST, o_b, m_b, o_j, m_j, s, T, B, H, SG, rev, BB: tl.constexpr, HAS_LENGTHS: tl.constexpr):
-    """The forward's gx tiles of step s for the rows o_b, as float32 (zeros where a row is not live at s, or
-    s < 0): _load_step_inputs' twin for PREFETCH."""
+def _load_carried(P, o_row, SR, o_j, m_row, m_j, j0, H, BH: tl.constexpr, CARRY: tl.constexpr):
+    """The [rows, BH] tile P[o_row * SR + o_j] (zeros where not m_row, or not m_j) for a prefetch to carry across
+    the barrier: CARRY 0, as float32; 1, as loaded (16-bit values, one a register); 2, a 16-bit P's [rows, BH // 2]
+    int32 words of two neighbouring values each, as loaded (o_j = j0 + 0..BH; SR, j0 and H even). The float32 tile
+    of 1 and 2 comes from _widen_carried, after the wait: widened (or, two to a thread, split into 16-bit values)
+    at the load, the tile waited for its loads before the barrier (perf/NOTES.md v0.68)."""
+    if CARRY == 2:
+        o_w = j0 // 2 + tl.arange(0, BH // 2)
+        p = P.to(tl.pointer_type(tl.int32)) + (o_row[:, None] * SR) // 2 + o_w[None, :]
+        x = tl.load(p, mask=m_row[:, None] & (o_w < H // 2)[None, :], other=0)
+    else:
+        x = tl.load(P + o_row[:, None] * SR + o_j[None, :], mask=m_row[:, None] & m_j[None, :], other=0.0)
+        if CARRY == 0:
+            x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _widen_carried(x, dtype: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, CARRY: tl.constexpr):
+    """_load_carried's tile as [BB, BH] float32, P's dtype `dtype` (words: the low half first)."""
+    if CARRY == 2:
+        lo = (x & 0xFFFF).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+        hi = (x >> 16).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+        x = tl.reshape(tl.join(lo, hi), [BB, BH])
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_step_gx(GX, LAST, o_b, m_b, o_j, m_j, j0, s, T, B, H, SG, rev, BB: tl.constexpr, BH: tl.constexpr,
+                  HAS_LENGTHS: tl.constexpr, CARRY: tl.constexpr):
+    """The forward's gx tiles of step s for the rows o_b, as _load_carried's CARRY (zeros where a row is not live at
+    s, or s < 0): _load_step_inputs' twin for PREFETCH. j0: o_j's first unit."""
     last, o_t, _ = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
-    m_live = (m_b & (s >= 0) & (s <= last))[:, None] & m_j[None, :]
-    return _load_gate_rows(GX + (o_t * B + o_b)[:, None] * SG + o_j[None, :], m_live, H)
+    m_row = m_b & (s >= 0) & (s <= last)
+    o_row = o_t * B + o_b
+    return (_load_carried(GX, o_row, SG, o_j, m_row, m_j, j0, H, BH, CARRY),
+            _load_carried(GX + H, o_row, SG, o_j, m_row, m_j, j0, H, BH, CARRY),
+            _load_carried(GX + 2 * H, o_row, SG, o_j, m_row, m_j, j0, H, BH, CARRY),
+            _load_carried(GX + 3 * H, o_row, SG, o_j, m_row, m_j, j0, H, BH, CARRY))
 
 
 @triton.jit
 def _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b, o_j, m_j, s, T, B, H, SG, SY, rev, BB: tl.constexpr,
-                      HAS_LENGTHS: tl.constexpr):
-    """The backward's saved inputs of step s for the rows o_b, as float32 [BB, BH] tiles: the gates i, f, g, o,
-    c_t, c_{t-1} (c0 at s = 0) and dy (all zeros where a row is not live at s, or s < 0)."""
+                      HAS_LENGTHS: tl.constexpr, CARRY: tl.constexpr = 0, j0=0, BH: tl.constexpr = 2):
+    """The backward's saved inputs of step s for the rows o_b, as [BB, BH] tiles: the gates i, f, g, o, c_t,
+    c_{t-1} (c0 at s = 0) and dy (all zeros where a row is not live at s, or s < 0); c_t and c_{t-1} float32, the
+    gates and dy float32 or (CARRY) as _load_carried's. j0: o_j's first unit."""
     last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
-    m_live = (m_b & (s >= 0) & (s <= last))[:, None] & m_j[None, :]
+    m_row = m_b & (s >= 0) & (s <= last)
+    m_live = m_row[:, None] & m_j[None, :]
     o_row = o_t * B + o_b
-    p_g = GATES + o_row[:, None] * SG + o_j[None, :]
-    b_i = tl.load(p_g, mask=m_live, other=0.0).to(tl.float32)
-    b_f = tl.load(p_g + H, mask=m_live, other=0.0).to(tl.float32)
-    b_g = tl.load(p_g + 2 * H, mask=m_live, other=0.0).to(tl.float32)
-    b_o = tl.load(p_g + 3 * H, mask=m_live, other=0.0).to(tl.float32)
+    if CARRY == 0:
+        # (As one pointer tile for the four gates: built per gate, the float32 stack backward at H = 1000 spilled 8
+        # bytes, compile-only.)
+        p_g = GATES + o_row[:, None] * SG + o_j[None, :]
+        b_i = tl.load(p_g, mask=m_live, other=0.0).to(tl.float32)
+        b_f = tl.load(p_g + H, mask=m_live, other=0.0).to(tl.float32)
+        b_g = tl.load(p_g + 2 * H, mask=m_live, other=0.0).to(tl.float32)
+        b_o = tl.load(p_g + 3 * H, mask=m_live, other=0.0).to(tl.float32)
+    else:
+        b_i = _load_carried(GATES, o_row, SG, o_j, m_row, m_j, j0, H, BH, CARRY)
+        b_f = _load_carried(GATES + H, o_row, SG, o_j, m_row, m_j, j0, H, BH, CARRY)
+        b_g = _load_carried(GATES + 2 * H, o_row, SG, o_j, m_row, m_j, j0, H, BH, CARRY)
+        b_o = _load_carried(GATES + 3 * H, o_row, SG, o_j, m_row, m_j, j0, H, BH, CARRY)
     b_c = tl.load(C_ALL + o_row[:, None] * SY + o_j[None, :], mask=m_live, other=0.0)
     o_prow = tl.where(s == 0, o_b.to(tl.int64) * H, ((o_t - o_dir) * B + o_b) * SY)
     b_cp = tl.load(tl.where(s == 0, C0, C_ALL) + o_prow[:, None] + o_j[None, :], mask=m_live, other=0.0)
-    b_dy = tl.load(DY + o_row[:, None] * SY + o_j[None, :], mask=m_live, other=0.0).to(tl.float32)
+    b_dy = _load_carried(DY, o_row, SY, o_j, m_row, m_j, j0, H, BH, CARRY)
     return b_i, b_f, b_g, b_o, b_c, b_cp, b_dy
 
 
@@ -541,6 +584,27 @@ def _cluster_barrier(x):
 
 
 @triton.jit
+def _cluster_arrive(x):
+    """_cluster_barrier's first half (ARRIVE_EARLY): this thread arrives, releasing its stores (and ordering its
+    loads) so far at cluster scope, and goes on without waiting. Exactly one _cluster_wait must follow before the
+    next arrive."""
+    if FENCES:
+        x = tl.inline_asm_elementwise("barrier.cluster.arrive.release;\n\tmov.b32 $0, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
+def _cluster_wait(x):
+    """_cluster_barrier's second half: waits until every thread of the cluster has arrived, acquiring their
+    released stores."""
+    if FENCES:
+        x = tl.inline_asm_elementwise("barrier.cluster.wait.acquire;\n\tmov.b32 $0, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
 def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.constexpr, CLUSTER: tl.constexpr = False):
     """The barrier that ends global step s_glob of a persistent launch, among the programs of one (direction,
     batch group), or of one batch group across all layers of a STACK (axis 2): the counter's (_grid_barrier) or
@@ -611,7 +675,11 @@ def lstm_fwd_kernel(
     PREFETCH: tl.constexpr,  # one batch tile per program, single layer, barrier: next step's gx before the wait
     HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
     HALF_H: tl.constexpr = False,  # HALF_W, single layer: h_{t-1} read from HB, as its producer rounded it
+    CARRY: tl.constexpr = 0,  # PREFETCH: how the next step's gx crosses the barrier (_load_carried)
+    ARRIVE_EARLY: tl.constexpr = False,  # CLUSTER, PREFETCH, a tile a program: arrive after y's store, wait at the end
 ):
+    tl.static_assert(not ARRIVE_EARLY or (CLUSTER and PREFETCH and PERSISTENT),
+                     "early arrival: a prefetching cluster")
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
     tl.static_assert(not HALF_H or (HALF_W and not STACK), "float16 h exchange: a single layer's float16 dots")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
@@ -707,8 +775,8 @@ def lstm_fwd_kernel(
         # step's critical path, and its c stays in registers from step to step.
         o_b0 = i_q * BB + tl.arange(0, BB)
         m_b0 = o_b0 < B
-        n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b0, m_b0, o_j, m_j, S_START, T, B, H, SG, rev, BB,
-                                               HAS_LENGTHS)
+        n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b0, m_b0, o_j, m_j, i_h * BH, S_START, T, B, H, SG, rev,
+                                               BB, BH, HAS_LENGTHS, CARRY)
         n_c = tl.load(C_WS + o_b0[:, None] * H + o_j[None, :], mask=m_b0[:, None] & m_j[None, :], other=0.0)
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
@@ -725,7 +793,9 @@ def lstm_fwd_kernel(
             p_gx = GX + o_row[:, None] * SG + o_j[None, :]
             p_c = C_WS + o_b[:, None] * H + o_j[None, :]
             if PREFETCH:
-                b_gi, b_gf, b_gg, b_go = n_gi, n_gf, n_gg, n_go
+                t_gx: tl.constexpr = GX.dtype.element_ty
+                b_gi, b_gf = _widen_carried(n_gi, t_gx, BB, BH, CARRY), _widen_carried(n_gf, t_gx, BB, BH, CARRY)
+                b_gg, b_go = _widen_carried(n_gg, t_gx, BB, BH, CARRY), _widen_carried(n_go, t_gx, BB, BH, CARRY)
                 b_c = n_c
             elif STACK:
                 if i_l == 0:
@@ -791,6 +861,10 @@ def lstm_fwd_kernel(
             if HALF_H:
                 # The slot step s - 1 read h_{t-2} from: the barrier before this step waited for those reads.
                 tl.store(HB + (s % 2) * HB_SLOT + o_bh, (b_y * REC_MUL).to(tl.float16), mask=m_live)
+            if ARRIVE_EARLY:
+                # The other programs need nothing after this store before the barrier: the fence waits for the
+                # exchange alone, and the stores below and the next step's loads go on while they arrive.
+                _cluster_arrive(s_glob)
             if STACK:
                 if HAS_DROPOUT:
                     # On the [BB, BH] output tile, where it costs no registers (on the next layer's [BB, H]
@@ -818,10 +892,12 @@ def lstm_fwd_kernel(
                 # The next step's rows (none past this launch's last step): gx is read-only to the other
                 # programs' stores, and over it go only this program's own gates, of this step's rows.
                 n_s = tl.where(s_glob + 1 < S_START + S_COUNT, s + 1, -1)
-                n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b, m_b, o_j, m_j, n_s, T, B, H, SG, rev, BB,
-                                                       HAS_LENGTHS)
+                n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b, m_b, o_j, m_j, i_h * BH, n_s, T, B, H, SG, rev,
+                                                       BB, BH, HAS_LENGTHS, CARRY)
                 n_c = b_c
-        if PERSISTENT:
+        if ARRIVE_EARLY:
+            _cluster_wait(s_glob)
+        elif PERSISTENT:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
             poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
 
@@ -879,7 +955,11 @@ def lstm_bwd_kernel(
     QC: tl.constexpr,  # TRANSPOSED: producers per load of that sum
     HALF_W: tl.constexpr,  # float32: dG_{t+1} @ W_hh on float16 operands, W and each row of dG scaled (v0.41)
     PAIRED: tl.constexpr = False,  # SK > 1, single layer: dG_{t+1}'s gates loaded two at a time (_split_grad_dot)
+    CARRY: tl.constexpr = 0,  # PREFETCH: how the next step's gates and dy cross the barrier (_load_carried)
+    ARRIVE_EARLY: tl.constexpr = False,  # as the forward's, after the reduce-scatter's shares (TRANSPOSED)
 ):
+    tl.static_assert(not ARRIVE_EARLY or (CLUSTER and PREFETCH and PERSISTENT and TRANSPOSED),
+                     "early arrival: a prefetching cluster's reduce-scatter")
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     tl.static_assert(not (TRANSPOSED and (STACK or SK > 1)), "reduce-scatter: single layer, unsplit")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
@@ -964,7 +1044,7 @@ def lstm_bwd_kernel(
         m_b0 = o_b0 < B
         n_gi, n_gf, n_gg, n_go, n_c, n_cp, n_dy = _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b0, m_b0, o_j, m_j,
                                                                      T - 1 - S_START, T, B, H, SG, SY, rev, BB,
-                                                                     HAS_LENGTHS)
+                                                                     HAS_LENGTHS, CARRY, i_h * BH, BH)
         n_dc = tl.load(DC_WS + o_b0[:, None] * H + o_j[None, :], mask=m_b0[:, None] & m_j[None, :], other=0.0)
     for r_glob in range(S_START, S_START + S_COUNT):
         r = r_glob - lag
@@ -1043,7 +1123,10 @@ def lstm_bwd_kernel(
                 m_last = (m_b & (s == last))[:, None] & m_j[None, :]
                 o_row = o_t * B + o_b
                 if PREFETCH:
-                    b_i, b_f, b_g, b_o, b_c, b_cp, b_dy = n_gi, n_gf, n_gg, n_go, n_c, n_cp, n_dy
+                    t_g: tl.constexpr = GATES.dtype.element_ty
+                    b_i, b_f = _widen_carried(n_gi, t_g, BB, BH, CARRY), _widen_carried(n_gf, t_g, BB, BH, CARRY)
+                    b_g, b_o = _widen_carried(n_gg, t_g, BB, BH, CARRY), _widen_carried(n_go, t_g, BB, BH, CARRY)
+                    b_c, b_cp, b_dy = n_c, n_cp, _widen_carried(n_dy, DY.dtype.element_ty, BB, BH, CARRY)
                 else:
                     b_i, b_f, b_g, b_o, b_c, b_cp, b_dy = _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b, o_j,
                                                                             m_j, s, T, B, H, SG, SY, rev, BB,
@@ -1054,6 +1137,14 @@ def lstm_bwd_kernel(
 
                 b_dgi, b_dgf, b_dgg, b_dgo, b_dc = _cell_grads(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_cp, m_live)
 
+                if TRANSPOSED:
+                    # The exchange first: the shares, the only thing the other programs read of this step.
+                    b_dgt = _gate_grads_transposed(b_dgi, b_dgf, b_dgg, b_dgo, m_live, DG.dtype.element_ty, BB, BH)
+                    p_part = PART + ((r % 2) * D * n_h + i_h).to(tl.int64) * B * H
+                    _scatter_partials(p_part, o_b, m_b, b_dgt, b_wt, W_T, i_h, H, BH, BK, KC, W_RESIDENT,
+                                      DOT_PRECISION)
+                    if ARRIVE_EARLY:
+                        _cluster_arrive(r_glob)
                 # DG may be GATES (lstm_backward's into_gates): every warp's loads of this tile's gates must be
                 # done before any warp stores over them (in a replicated layout several warps load one element).
                 tl.debug_barrier()
@@ -1065,11 +1156,6 @@ def lstm_bwd_kernel(
                 if HALF_W:
                     tl.store(RMAX + ((r % 2) * D * n_h + i_h).to(tl.int64) * B + o_b,
                              _row_amax(b_dgi, b_dgf, b_dgg, b_dgo, m_live), mask=m_b)
-                if TRANSPOSED:
-                    b_dgt = _gate_grads_transposed(b_dgi, b_dgf, b_dgg, b_dgo, m_live, DG.dtype.element_ty, BB, BH)
-                    p_part = PART + ((r % 2) * D * n_h + i_h).to(tl.int64) * B * H
-                    _scatter_partials(p_part, o_b, m_b, b_dgt, b_wt, W_T, i_h, H, BH, BK, KC, W_RESIDENT,
-                                      DOT_PRECISION)
                 # The exact c_t -> c_{t-1} path: dc_{t-1} gets dc_t * f_t.
                 tl.store(p_dc, b_dc * b_f, mask=m_b[:, None] & m_j[None, :])
                 if PREFETCH:
@@ -1078,12 +1164,17 @@ def lstm_bwd_kernel(
                     n_s = tl.where(r_glob + 1 < S_START + S_COUNT, s - 1, -1)
                     n_gi, n_gf, n_gg, n_go, n_c, n_cp, n_dy = _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b,
                                                                                  o_j, m_j, n_s, T, B, H, SG, SY, rev,
-                                                                                 BB, HAS_LENGTHS)
+                                                                                 BB, HAS_LENGTHS, CARRY, i_h * BH,
+                                                                                 BH)
             else:
                 m_out = m_b[:, None] & m_j[None, :]
                 tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_out)
                 tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
-        if PERSISTENT:
+                if ARRIVE_EARLY:
+                    _cluster_arrive(r_glob)
+        if ARRIVE_EARLY:
+            _cluster_wait(r_glob)
+        elif PERSISTENT:
             # A stack's barrier spans its layers: a layer's step needs the layer above's dG of the same t.
             poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
 
@@ -1553,6 +1644,8 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
                       f"{torch.cuda.get_device_name(device)} runs this launch with the grid barrier instead",
                       RuntimeWarning, stacklevel=2)
         meta["CLUSTER"] = cluster = False
+        if "ARRIVE_EARLY" in meta:
+            meta["ARRIVE_EARLY"] = False
     if _compiling_only.get():
         kernel.warmup(*args, 0, n_steps, config.max_spin, grid=grid, **meta)
         return
@@ -1795,7 +1888,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     lengths = last is not None
     b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
     config, grid, words, constexprs = _forward_plan(config, dt, B, H, D, store_gates, has_bias, two, lengths,
-                                                    _dot_precision(dt), HALF_H)
+                                                    _dot_precision(dt), HALF_H, PREFETCH_AS_LOADED, ARRIVE_EARLY)
     _check_residency(config, H, D, dev)
     y = _per_step((T, B, D * H), dt, dev, lengths)
     hn = _alloc((D, B, H), dt, dev)
@@ -1835,10 +1928,50 @@ HALF_G = os.environ.get("TRITONLSTM_HALF_G", "0") == "1"
 # What a launch's shapes and config decide, checked and built once per key: made on every launch, the checks and
 # the constexprs' dict were ~10 us of a host-bound call's host time (perf/NOTES.md v0.49). The dot precision is
 # in the key, as _half_w and DOT_PRECISION follow PyTorch's RNN precision setting.
+# A prefetching cluster launch's 16-bit next-step tiles cross the barrier as they were loaded, widened to float32 at
+# their use after the wait (kernels' CARRY, _load_carried, perf/NOTES.md v0.68): widened at the load, or split there
+# into 16-bit values where a thread loads two in a word, they waited for the loads before the barrier. Bit for bit
+# the same; TRITONLSTM_PREFETCH_AS_LOADED=0 widens at the load (for the A/B).
+PREFETCH_AS_LOADED = os.environ.get("TRITONLSTM_PREFETCH_AS_LOADED", "1") != "0"
+# A cluster launch with one batch tile a program arrives at the barrier right after its exchange's stores and waits
+# at the step's end (kernels' ARRIVE_EARLY, perf/NOTES.md v0.68). Off until a GPU has run it: a cluster barrier
+# cannot time out, so an arrival missed would hang. TRITONLSTM_ARRIVE_EARLY=1 turns it on.
+ARRIVE_EARLY = os.environ.get("TRITONLSTM_ARRIVE_EARLY", "0") == "1"
+
+
+def step_constexprs(config, kernel: str, esize: int, prefetch: bool, one_tile_each: bool, as_loaded: bool = True,
+                    arrive_early: bool = False) -> dict:
+    """A single layer's PREFETCH, CARRY and ARRIVE_EARLY (`kernel` "fwd" or "bwd") for `config` in a dtype of
+    `esize` bytes: prefetch (LSTMConfig.prefetches at the launch's shape), one_tile_each (every batch group has a
+    tile: as many tiles as groups), and the two switches as given (the module's PREFETCH_AS_LOADED and ARRIVE_EARLY
+    at a launch). CARRY is for a cluster's 16-bit tiles (float32 ones cross the barrier as loaded anyway): words (2)
+    where a [block_b, block_h] tile gives each thread two or more values, else the values (1). Not on the grid
+    barrier: in the split-K backward at 16-bit H = 512 (255 registers) the words took dG_{t+1}'s loads from 2 rounds
+    to 3 (compile-only), and those launches are not the latency-bound ones. Early
+    arrival takes a cluster's one arrival a step from every program: one batch tile each, exactly (a program without
+    one would not arrive), and in the backward the reduce-scatter (whose exchange, the shares, goes out first)."""
+    early = (arrive_early and prefetch and one_tile_each and config.clustered
+             and (kernel == "fwd" or config.transposed))
+    carry = 0
+    if as_loaded and prefetch and esize == 2 and config.clustered:
+        carry = 2 if config.block_b * config.block_h >= 2 * 32 * config.num_warps else 1
+    return dict(PREFETCH=prefetch, CARRY=carry, ARRIVE_EARLY=early)
+
+
+def _step_constexprs_at(config, kernel: str, esize: int, batch: int, hidden: int, as_loaded: bool,
+                        arrive_early: bool) -> dict:
+    """step_constexprs for a launch of `batch` rows of `hidden` units."""
+    return step_constexprs(config, kernel, esize, config.prefetches(batch, hidden),
+                           cdiv(batch, config.block_b) == config.batch_groups, as_loaded, arrive_early)
+
+
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gates: bool, has_bias: bool,
-                  two_biases: bool, has_lengths: bool, precision: str, half_h: bool = True):
-    """(config as the forward runs it, grid, barrier words, the kernel's constexprs) of an lstm_forward launch."""
+                  two_biases: bool, has_lengths: bool, precision: str, half_h: bool = True, as_loaded: bool = True,
+                  arrive_early: bool = False):
+    """(config as the forward runs it, grid, barrier words, the kernel's constexprs) of an lstm_forward launch;
+    half_h, as_loaded, arrive_early: the module's switches at the call (in the key, so that switching them takes
+    effect)."""
     config = for_kernel(config, "fwd")
     _check_tiles(config, H)
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
@@ -1848,8 +1981,9 @@ def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gate
     constexprs = dict(D=D, HAS_BIAS=has_bias, TWO_BIASES=two_biases, HAS_LENGTHS=has_lengths, STACK=False,
                       HAS_DROPOUT=False, STORE_GATES=store_gates, DOT_PRECISION=precision, MERGED=config.merged_gates,
                       TRANSPOSED=config.transposed,
-                      KC=transposed_chunk(config, dtype.itemsize, half_h=half_h), PREFETCH=config.prefetches(B, H),
-                      HALF_W=half_w, HALF_H=half_h, **cluster)
+                      KC=transposed_chunk(config, dtype.itemsize, half_h=half_h), HALF_W=half_w, HALF_H=half_h,
+                      **_step_constexprs_at(config, "fwd", dtype.itemsize, B, H, as_loaded,
+                                                                     arrive_early), **cluster)
     return config, grid, words, constexprs
 
 
@@ -1913,7 +2047,7 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
         return dg, dh0, dc0
     grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt), dev,
-                                             SPLIT_PAIRS)
+                                             SPLIT_PAIRS, PREFETCH_AS_LOADED, ARRIVE_EARLY)
     sync = torch.zeros(words, device=dev, dtype=torch.int32)
     w_t, part = _reduce_scatter_state(config, w_hh, B, sync)
     amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
@@ -1940,15 +2074,17 @@ def pairs_gates(config, kernel: str, hidden: int, esize: int, smem_limit: int) -
 
 @functools.lru_cache(maxsize=1024)
 def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengths: bool, precision: str,
-                   device: torch.device, split_pairs: bool):
+                   device: torch.device, split_pairs: bool, as_loaded: bool = True, arrive_early: bool = False):
     """(grid, barrier words, the kernel's constexprs) of an lstm_backward launch on tiles, as _forward_plan.
-    split_pairs: SPLIT_PAIRS at the call (pairs_gates reads it), in the key so that switching it takes effect."""
+    split_pairs: SPLIT_PAIRS at the call (pairs_gates reads it), in the key so that switching it takes effect; so
+    are as_loaded and arrive_early (PREFETCH_AS_LOADED, ARRIVE_EARLY)."""
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
     smem = device_limits(device)[1] if device.type == "cuda" and not interpreting() else SM90_SHARED
     paired = pairs_gates(config, "bwd", H, dtype.itemsize, smem)
     words, cluster = _barrier_layout(config, grid)
     constexprs = dict(D=D, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=precision,
-                      PREFETCH=config.prefetches(B, H), HALF_W=_half_w(config, dtype, backward=True),
+                      **_step_constexprs_at(config, "bwd", dtype.itemsize, B, H, as_loaded, arrive_early),
+                      HALF_W=_half_w(config, dtype, backward=True),
                       PAIRED=paired, **reduce_scatter_constexprs(config, H), **cluster)
     return grid, words, constexprs
 

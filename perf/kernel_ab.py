@@ -5,7 +5,7 @@ merged, transposed, streamed and wide tiles, the cluster exchange).
 
     python perf/kernel_ab.py [--dtypes float16,float32] [--hidden 256,512,1024] [--batch 16,256] [--seq 256]
                              [--kernels fwd,bwd,stack,stack_bwd] [--layers 2,4] [--variants unsplit,split,...]
-                             [--half-h-ab] [--half-g-ab] [--pairs-ab] [--qc-ab] [--json FILE]
+                             [--half-h-ab] [--half-g-ab] [--pairs-ab] [--qc-ab] [--prefetch-ab] [--json FILE]
 
 us/step is a kernel's time over its steps (T, or T + L - 1 for a stack); cuDNN's column is its whole inference
 forward (forward kernels' rows) or forward + backward (backward rows), input GEMMs and weight gradients
@@ -17,6 +17,11 @@ producers scaled it, v0.65), as "<variant>/g16". --pairs-ab: each split-K backwa
 kernels.lstm.SPLIT_PAIRS off (each gate of dG_{t+1} loaded inside its dot, as before v0.66), as "<variant>/unpaired".
 --qc-ab: each reduce-scatter backward variant (transposed) is timed again with its producers' shares summed 16 a load
 across threads (REDUCE_SCATTER_IN_REGISTERS 0, REDUCE_SCATTER_LOAD 16, as before v0.67), as "<variant>/qc16".
+--prefetch-ab (v0.68): each cluster variant that prefetches (and in the backward reduce-scatters) is timed again
+arriving at its barrier right after its exchange's stores (kernels.lstm.ARRIVE_EARLY on), as "<variant>/early"; each
+16-bit cluster variant that prefetches, again with its prefetch widened at the load (PREFETCH_AS_LOADED off, as
+before v0.68), as "<variant>/widened". (A variant's prefetch and early arrival need one batch tile a program; where the
+shape gives it more, the row is the variant itself again.)
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ FORWARD = ("fwd", "stack")
 
 
 def timed_runs(kernel: str, dtype, cfgs: dict, half_h_ab: bool = False, half_g_ab: bool = False,
-               pairs_ab: bool = False, qc_ab: bool = False) -> list[tuple]:
+               pairs_ab: bool = False, qc_ab: bool = False, prefetch_ab: bool = False) -> list[tuple]:
     """(name, config, the kernels module's switches for it): each variant as the module has them, then the A/Bs."""
     import torch
 
@@ -48,11 +53,18 @@ def timed_runs(kernel: str, dtype, cfgs: dict, half_h_ab: bool = False, half_g_a
     if qc_ab and kernel == "bwd":
         timed += [(f"{name}/qc16", cfg, {"REDUCE_SCATTER_IN_REGISTERS": 0, "REDUCE_SCATTER_LOAD": 16})
                   for name, cfg in cfgs.items() if cfg.transposed]
+    if prefetch_ab and kernel in ("fwd", "bwd"):
+        timed += [(f"{name}/early", cfg, {"ARRIVE_EARLY": True}) for name, cfg in cfgs.items()
+                  if cfg.clustered and cfg.prefetch and (kernel == "fwd" or cfg.transposed)]
+        if dtype != torch.float32:
+            timed += [(f"{name}/widened", cfg, {"PREFETCH_AS_LOADED": False}) for name, cfg in cfgs.items()
+                      if cfg.clustered and cfg.prefetch]
     return timed
 
 
 def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, names, layers: int = 1,
-            half_h_ab: bool = False, half_g_ab: bool = False, pairs_ab: bool = False, qc_ab: bool = False) -> dict:
+            half_h_ab: bool = False, half_g_ab: bool = False, pairs_ab: bool = False, qc_ab: bool = False,
+            prefetch_ab: bool = False) -> dict:
     import torch
     from triton.testing import do_bench
 
@@ -76,10 +88,11 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, nam
     limit = LIMITS[dtype]  # the variants differ from the base only in the order of accumulation
     y_base = run(base)()
     k.barrier_errors.check(torch.device("cuda"), wait=True)
-    timed = timed_runs(kernel, dtype, cfgs, half_h_ab, half_g_ab, pairs_ab, qc_ab)
+    timed = timed_runs(kernel, dtype, cfgs, half_h_ab, half_g_ab, pairs_ab, qc_ab, prefetch_ab)
     defaults = {"HALF_H": k.HALF_H, "HALF_G": k.HALF_G, "SPLIT_PAIRS": k.SPLIT_PAIRS,
                 "REDUCE_SCATTER_IN_REGISTERS": k.REDUCE_SCATTER_IN_REGISTERS,
-                "REDUCE_SCATTER_LOAD": k.REDUCE_SCATTER_LOAD}
+                "REDUCE_SCATTER_LOAD": k.REDUCE_SCATTER_LOAD, "ARRIVE_EARLY": k.ARRIVE_EARLY,
+                "PREFETCH_AS_LOADED": k.PREFETCH_AS_LOADED}
     for name, cfg, switches in timed:
         for flag, value in switches.items():
             setattr(k, flag, value)
@@ -136,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="time split-K backward variants also with SPLIT_PAIRS off (as <variant>/unpaired)")
     ap.add_argument("--qc-ab", action="store_true",
                     help="time reduce-scatter backward variants also with 16 shares a load (as <variant>/qc16)")
+    ap.add_argument("--prefetch-ab", action="store_true",
+                    help="time prefetching cluster variants also arriving early (as <variant>/early), 16-bit "
+                         "prefetching ones also widened at the load (as <variant>/widened)")
     ap.add_argument("--json", help="write the rows here (after every row)")
     a = ap.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 for b in (int(v) for v in a.batch.split(",")):
                     try:
                         r = measure(d, h, b, a.seq, kn, names, l, a.half_h_ab, a.half_g_ab, a.pairs_ab,
-                                    a.qc_ab)
+                                    a.qc_ab, a.prefetch_ab)
                     except Exception as e:  # the base variant itself failed: a finding, not a crash
                         print(f"{kn:9} {l:2} {d:9} {h:5} {b:4} failed: {type(e).__name__}: {e}", flush=True)
                         rows.append({"kernel": kn, "layers": l, "dtype": d, "hidden": h, "batch": b,

@@ -28,6 +28,42 @@ import time
 _local = threading.local()
 
 
+class ClusterBarrier:
+    """Hopper's cluster barrier among n threads, in its two halves: arrive() (not blocking) and wait() (until all n
+    have arrived in the caller's phase). A thread that arrives twice without waiting, or waits without arriving, is
+    an error the hardware would not report (undefined behaviour, or a hang), so here it raises."""
+
+    def __init__(self, n: int):
+        self.n, self.arrived, self.phase, self.broken = n, 0, 0, False
+        self.cond = threading.Condition()
+
+    def arrive(self) -> None:
+        if getattr(_local, "phase", None) is not None:
+            raise RuntimeError("cluster barrier: a program arrived twice without waiting in between")
+        with self.cond:
+            _local.phase = self.phase
+            self.arrived += 1
+            if self.arrived == self.n:
+                self.arrived, self.phase = 0, self.phase + 1
+                self.cond.notify_all()
+
+    def wait(self) -> None:
+        phase = getattr(_local, "phase", None)
+        if phase is None:
+            raise RuntimeError("cluster barrier: a program waited without arriving")
+        with self.cond:
+            while self.phase == phase:
+                if self.broken:
+                    raise threading.BrokenBarrierError
+                self.cond.wait(0.05)
+        _local.phase = None
+
+    def abort(self) -> None:
+        with self.cond:
+            self.broken = True
+            self.cond.notify_all()
+
+
 class Aborted(Exception):
     """Raised inside a program still running at the launch's time limit."""
 
@@ -51,7 +87,7 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
              "create_masked_load": "load", "create_atomic_rmw": "poll", "create_atomic_cas": "poll"}
     saved = {name: getattr(builder_type, name) for name in kinds}
     saved_call, saved_residency = interp.GridExecutor.__call__, lstm._check_residency
-    saved_cluster_barrier = lstm._cluster_barrier
+    saved_cluster = lstm._cluster_barrier, lstm._cluster_arrive, lstm._cluster_wait
     saved_patch_lang, saved_rewrite = interp._patch_lang, interp.InterpretedFunction.rewrite
     # The interpreter's own state is built for one program at a time: rewriting a jitted helper at its first call
     # adds names to the kernel module's globals, which _patch_lang iterates over at every helper call ("dictionary
@@ -82,10 +118,24 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
             return access(self, *args)
         return run
 
-    def cluster_barrier(x):
-        # Hopper's cluster barrier (the kernels skip theirs on the interpreter): the programs along axis 0 that share
-        # the caller's axes 1 and 2, as _launch_as_cluster launches them.
+    # Hopper's cluster barrier (the kernels skip theirs on the interpreter), whole or in halves (ARRIVE_EARLY): the
+    # programs along axis 0 that share the caller's axes 1 and 2, as _launch_as_cluster launches them.
+    def cluster_arrive(x):
+        _local.clusters[_local.idx[1:]].arrive()
+        if _local.slow:
+            # The others may pass their wait now, and a step of theirs takes ~0.15 s here: held back longer, the slow
+            # program stores what comes after its arrival once they have run on (read too early, it is stale).
+            time.sleep(10 * delay)
+        return x
+
+    def cluster_wait(x):
         _local.clusters[_local.idx[1:]].wait()
+        return x
+
+    def cluster_barrier(x):
+        barrier = _local.clusters[_local.idx[1:]]
+        barrier.arrive()
+        barrier.wait()
         return x
 
     def grid_idx(self):  # each thread's own program id (the interpreter keeps one for the process)
@@ -110,10 +160,11 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
             ids = [(x, y, z) for x in range(grid[0]) for y in range(grid[1]) for z in range(grid[2])]
             slow = rng.randrange(len(ids))
             errors, stop = [], threading.Event()
-            clusters = {(y, z): threading.Barrier(grid[0]) for y in range(grid[1]) for z in range(grid[2])}
+            clusters = {(y, z): ClusterBarrier(grid[0]) for y in range(grid[1]) for z in range(grid[2])}
 
             def program(i):
                 _local.idx, _local.slow, _local.stop, _local.clusters = ids[i], i == slow, stop, clusters
+                _local.phase = None
                 try:
                     self.fn(**args)
                 except BaseException as e:  # noqa: BLE001 - re-raised in the launching thread
@@ -151,7 +202,7 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
         setattr(builder_type, name, watched(access, kinds[name]))
     interp.GridExecutor.__call__ = call
     lstm._check_residency = residency
-    lstm._cluster_barrier = cluster_barrier
+    lstm._cluster_barrier, lstm._cluster_arrive, lstm._cluster_wait = cluster_barrier, cluster_arrive, cluster_wait
     interp._patch_lang, interp.InterpretedFunction.rewrite = patch_lang, rewrite
     sys.setswitchinterval(1e-5)
     try:
@@ -159,7 +210,7 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
     finally:
         sys.setswitchinterval(saved_switch)
         lstm._check_residency = saved_residency
-        lstm._cluster_barrier = saved_cluster_barrier
+        lstm._cluster_barrier, lstm._cluster_arrive, lstm._cluster_wait = saved_cluster
         interp._patch_lang, interp.InterpretedFunction.rewrite = saved_patch_lang, saved_rewrite
         interp.GridExecutor.__call__ = saved_call
         for name, access in saved.items():

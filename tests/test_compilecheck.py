@@ -718,3 +718,34 @@ def test_reduce_scatter_backward_sums_the_shares_without_exchanges_between_threa
     assert one[:4] == [True, 1, None, 0] and sixteen[:4] == [True, 16, None, 0], (one, sixteen)
     assert one[4] == 0 and sixteen[4] >= 32, (one, sixteen)
     assert one[5] <= sixteen[5] - 4, (one, sixteen)
+
+
+CARRY_COMPILE = SHIPPED_COMPILES + """
+out = []
+for kernel in ("fwd", "bwd"):
+    cfg = lookup_in("NVIDIA H200", config_key(kernel, torch.float16, 256, 16, 1))[0]
+    for as_loaded, early in ((False, False), (True, False), (True, True)):
+        k.PREFETCH_AS_LOADED, k.ARRIVE_EARLY = as_loaded, early
+        r = cc.check(kernel, torch.float16, 256, cfg, prefetch=cfg.prefetches(16, 256))
+        sass = cc.sass(compiled[-1].asm["cubin"])
+        out.append([kernel, cfg.clustered, r.error, r.spill_bytes, cc.prefetch_reads_before_the_wait(sass),
+                    *cc.memory_ops_between_arrive_and_wait(sass)])
+print(json.dumps(out))
+"""
+
+
+def test_prefetch_crosses_the_barrier_as_loaded_and_early_arrival_frees_the_fence():
+    """v0.68 on the shipped H200 cluster configs at 16-bit H = 256 B = 16 (sm_90 SASS), forward and backward. Widened
+    at the load (the control), the prefetched gx (forward) and gates and dy (backward) were read right after their
+    loads, before the step's barrier: each step sat out their round trip there. Carried as loaded (CARRY), none is
+    read before the wait. With ARRIVE_EARLY the stores no other program needs (gates, c_all, dG, c / dc) and the
+    prefetch's loads come between the arrival (with its fence) and the wait; with the barrier whole, nothing does.
+    No spills in any."""
+    proc = run_python("-c", CARRY_COMPILE, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    for kernel, (widened, carried, early) in (("fwd", rows[:3]), ("bwd", rows[3:])):
+        assert all(r[:4] == [kernel, True, None, 0] for r in (widened, carried, early)), rows
+        assert widened[4] >= 4 and carried[4] == 0 and early[4] == 0, rows
+        assert widened[5:] == carried[5:] == [0, 0], rows
+        assert early[5] >= 5 and early[6] >= 4, rows

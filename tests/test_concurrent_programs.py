@@ -19,6 +19,7 @@ from helpers import (
     RESOLUTION_GPU,
     check_against_reference,
     launch_constexprs,
+    leaf,
     make_problem,
     reference,
     rel_err,
@@ -135,6 +136,46 @@ def test_sequence_longer_than_a_launch_runs_as_consecutive_launches(monkeypatch,
     fwd, bwd = variant("fwd", "transposed", H, B), variant("bwd", "transposed", H, B)
     run_and_compare(make_problem(5, B, H, H, torch.float32), fwd, bwd, lengths=torch.tensor([5, 2, 3, 5, 1]), seed=4)
     assert launches == [("lstm_fwd_kernel", 4, True), ("lstm_bwd_kernel", 4, True)]  # 3 launches each
+
+
+# v0.68 (perf/NOTES.md): transposed-cluster forward and reduce-scatter backward, 2 batch groups of one tile, 4
+# programs a cluster. The forward's 16-bit tiles (16 x 16 on 4 warps) carry gx as int32 words (CARRY 2, from the
+# word at unit 16 on: j0 > 0); the backward's (8 warps) one value a thread (CARRY 1); float32 as loaded (0).
+EARLY_CASES = [(torch.float16, 2, 1), (torch.bfloat16, 2, 1), (torch.float32, 0, 0)]
+
+
+@pytest.mark.parametrize("dtype, fwd_carry, bwd_carry", EARLY_CASES, ids=["fp16", "bf16", "fp32"])
+def test_early_arrival_and_carried_prefetch_with_programs_at_once(dtype, fwd_carry, bwd_carry, monkeypatch):
+    """A cluster launch that arrives at each step's barrier right after its exchange's stores and waits at the step's
+    end (ARRIVE_EARLY), with the next step's inputs carried across the barrier as loaded (CARRY): against the float64
+    reference with the programs at once and one of them slow (an exchange stored after the arrival would be read
+    stale), in reverse with lengths; a program that arrived twice or waited without arriving would raise
+    (concurrency.ClusterBarrier), one that never arrived would time out. Then the same bits as the whole barrier with
+    the inputs widened at their load."""
+    H, B = 64, 20
+    fwd, bwd = variant("fwd", "transposed-cluster", H, B, dtype=dtype), variant("bwd", "transposed-cluster", H, B,
+                                                                                 dtype=dtype)
+    assert fwd.clustered and bwd.clustered and bwd.transposed and fwd.batch_groups == bwd.batch_groups == 2
+    lengths = torch.tensor([4, 2, 3, 4, 1] * 4)
+    torch.manual_seed(6)
+    problem = make_problem(4, B, H, H, dtype)
+    seen = {name: launch_constexprs(monkeypatch, kernel, name) for name, kernel in (
+        ("ARRIVE_EARLY", "lstm_fwd_kernel"), ("CARRY", "lstm_fwd_kernel"))}
+    bwd_seen = {name: launch_constexprs(monkeypatch, "lstm_bwd_kernel", name) for name in ("ARRIVE_EARLY", "CARRY")}
+    outs = {}
+    for early in (True, False):
+        monkeypatch.setattr(kernels, "ARRIVE_EARLY", early)
+        monkeypatch.setattr(kernels, "PREFETCH_AS_LOADED", early)
+        if early:
+            run_and_compare(problem, fwd, bwd, lengths=lengths, reverse=True, seed=6)
+        p = leaf(problem)
+        with concurrent_programs(6), use_config(fwd, "fwd"), use_config(bwd, "bwd"):
+            y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), lengths=lengths, reverse=True, backend="triton")
+            (y.float().square().sum() + hn.float().sum() + cn.float().sum()).backward()
+        outs[early] = [y, hn, cn] + [p[n].grad for n in NAMES]
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+    assert seen["ARRIVE_EARLY"] == [True, True, False] and seen["CARRY"] == [fwd_carry] * 2 + [0], seen
+    assert bwd_seen["ARRIVE_EARLY"] == [True, True, False] and bwd_seen["CARRY"] == [bwd_carry] * 2 + [0], bwd_seen
 
 
 @pytest.mark.parametrize("names, H", [(("transposed", "transposed"), 32), (("unsplit", "cluster"), 64)])

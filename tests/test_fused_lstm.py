@@ -1276,18 +1276,19 @@ def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
 def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(capability, monkeypatch):
     """_run with a cluster config (v0.34) on a CUDA device, the launch itself stubbed: on sm_90 through
     _launch_as_cluster with CLUSTER set; on a GPU without thread-block clusters (a cache copied from an H100) the
-    plain launch with the counter barrier (CLUSTER off, the same zeroed counters) and a warning naming the GPU."""
+    plain launch with the counter barrier (CLUSTER and ARRIVE_EARLY off, the same zeroed counters) and a warning
+    naming the GPU."""
     from tritonlstm.kernels import lstm as k
 
     launches = []
 
     class Kernel:
         def __getitem__(self, grid):
-            return lambda *args, **meta: launches.append(("plain", grid, meta["CLUSTER"]))
+            return lambda *args, **meta: launches.append(("plain", grid, meta["CLUSTER"], meta["ARRIVE_EARLY"]))
 
     monkeypatch.setattr(k, "interpreting", lambda: False)
     monkeypatch.setattr(k, "_launch_as_cluster", lambda kernel, grid, args, meta: launches.append(
-        ("cluster", grid, meta["CLUSTER"])))
+        ("cluster", grid, meta["CLUSTER"], meta["ARRIVE_EARLY"])))
     monkeypatch.setattr(k.barrier_errors, "check", lambda *a, **kw: None)
     monkeypatch.setattr(k.barrier_errors, "launched", lambda *a, **kw: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -1297,12 +1298,42 @@ def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(ca
     sync, cluster = k._barrier_state(cfg, (16, 2, 1), torch.device("cpu"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        k._run(Kernel(), (16, 2, 1), 8, cfg, torch.device("cuda"), (), cluster, sync)
+        k._run(Kernel(), (16, 2, 1), 8, cfg, torch.device("cuda"), (), {**cluster, "ARRIVE_EARLY": True}, sync)
     if capability >= (9, 0):
-        assert launches == [("cluster", (16, 2, 1), True)] and not caught
+        assert launches == [("cluster", (16, 2, 1), True, True)] and not caught
     else:
-        assert launches == [("plain", (16, 2, 1), False)]
+        # The counter barrier has no halves: its launch arrives and waits in one (v0.68's ARRIVE_EARLY off).
+        assert launches == [("plain", (16, 2, 1), False, False)]
         assert any("A100" in str(w.message) and "grid barrier" in str(w.message) for w in caught)
+
+
+def test_early_arrival_only_where_every_program_arrives_once_a_step(monkeypatch):
+    """ARRIVE_EARLY (v0.68): a cluster's barrier cannot time out, so a program that never arrived would hang the
+    launch. The plans turn it on only for a prefetching cluster launch whose batch groups have a tile each (a group
+    without rows runs no step body, where the arrival is), and in the backward only for the reduce-scatter (whose
+    exchange goes out before the arrival); never with the switch off. CARRY: a cluster's 16-bit tiles only, as words
+    where a thread loads two values (16 x 16 on 4 warps), as values where it loads one (8 warps)."""
+    cfg = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="cluster", transposed=True)
+    on = kernels.step_constexprs
+    assert on(cfg, "fwd", 2, True, True, True, True) == dict(PREFETCH=True, CARRY=2, ARRIVE_EARLY=True)
+    assert on(dataclasses.replace(cfg, num_warps=8), "bwd", 2, True, True, True, True) == dict(
+        PREFETCH=True, CARRY=1, ARRIVE_EARLY=True)
+    assert on(cfg, "fwd", 4, True, True, True, True)["CARRY"] == 0
+    assert on(dataclasses.replace(cfg, exchange="barrier"), "fwd", 2, True, True, True, True)["CARRY"] == 0
+    assert not on(cfg, "fwd", 2, True, False, True, True)["ARRIVE_EARLY"]  # a group without a tile
+    assert on(cfg, "fwd", 2, False, True, True, True) == dict(PREFETCH=False, CARRY=0, ARRIVE_EARLY=False)
+    assert not on(dataclasses.replace(cfg, exchange="barrier"), "fwd", 2, True, True, True, True)["ARRIVE_EARLY"]
+    assert not on(dataclasses.replace(cfg, transposed=False), "bwd", 2, True, True, True, True)["ARRIVE_EARLY"]
+    assert on(cfg, "fwd", 2, True, True, False, False) == dict(PREFETCH=True, CARRY=0, ARRIVE_EARLY=False)
+    # Through the plans, at the module's switches: 3 tiles of 40 rows over 4 groups, or 1 tile of 16 rows over 1.
+    monkeypatch.setattr(kernels, "ARRIVE_EARLY", True)
+    four = dataclasses.replace(cfg, batch_groups=4)
+    plan = kernels._forward_plan(four, torch.float16, 40, 64, 1, True, True, True, False, "ieee", True, True, True)
+    assert plan[3]["PREFETCH"] and not plan[3]["ARRIVE_EARLY"]
+    plan = kernels._forward_plan(cfg, torch.float16, 16, 64, 1, True, True, True, False, "ieee", True, True, True)
+    assert plan[3]["ARRIVE_EARLY"] and plan[3]["CARRY"] == 2
+    plan = kernels._backward_plan(four, torch.float16, 40, 64, 1, False, "ieee", torch.device("cpu"), True, True, True)
+    assert plan[2]["PREFETCH"] and not plan[2]["ARRIVE_EARLY"]
 
 
 @pytest.mark.parametrize("given", ["bias_ih", "bias_hh"])

@@ -179,28 +179,74 @@ def sass(cubin: bytes) -> str:
         return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
 
 
+def instructions(sass_text: str) -> list[tuple[str, str]]:
+    """(mnemonic, operands) of each instruction of a SASS listing, in layout order (a predicate dropped)."""
+    out = []
+    for ins in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass_text):
+        words = ins.split(None, 2) if ins.startswith("@") else [""] + ins.split(None, 1)
+        out.append((words[1], words[2] if len(words) > 2 else ""))
+    return out
+
+
+def _reads(mnemonic: str, operands: str) -> str:
+    """The operands an instruction reads: a store reads every operand; anything else writes its first."""
+    return operands if mnemonic.startswith("ST") else operands.partition(",")[2]
+
+
+def _destination(mnemonic: str, operands: str) -> set[str]:
+    """The registers a load writes."""
+    width = 4 if ".128" in mnemonic else 2 if ".64" in mnemonic else 1
+    first = int(re.match(r"R(\d+)", operands).group(1))
+    return {f"R{first + k}" for k in range(width)}
+
+
+def _reads_any(mnemonic: str, operands: str, registers: set[str]) -> bool:
+    read = _reads(mnemonic, operands)
+    return any(re.search(rf"\b{r}\b", read) for r in registers)
+
+
 def load_rounds(sass_text: str, opcode: str = "LDG.E.128") -> int:
     """How many memory round trips the loads of `opcode` (a SASS opcode with its modifiers, e.g.
     LDG.E.128.STRONG.GPU) take one after another, in program order: 1, plus one for each such load issued after an
     instruction that reads an earlier one's data (the warp waits there for that load to return). 0 without such
     loads. ptxas decides this, not the source: a tile's tl.sum had each 16-byte load consumed before the next
     issued (perf/NOTES.md "Session 25")."""
-    code = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass_text)
-    width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
     rounds, pending, waited = 0, set(), False
-    for ins in code:
-        words = ins.split(None, 2) if ins.startswith("@") else [""] + ins.split(None, 1)
-        mnemonic, operands = words[1], words[2] if len(words) > 2 else ""
-        # A store reads every operand; anything else writes its first.
-        read = operands if mnemonic.startswith("ST") else operands.partition(",")[2]
-        if pending and any(re.search(rf"\b{r}\b", read) for r in pending):
+    for mnemonic, operands in instructions(sass_text):
+        if pending and _reads_any(mnemonic, operands, pending):
             waited, pending = True, set()
         if mnemonic == opcode:
             if rounds == 0 or waited:
                 rounds, waited = rounds + 1, False
-            first = int(re.match(r"R(\d+)", operands).group(1))
-            pending |= {f"R{first + k}" for k in range(width)}
+            pending |= _destination(mnemonic, operands)
     return rounds
+
+
+def prefetch_reads_before_the_wait(sass_text: str) -> int:
+    """In a cluster kernel's step, how many of the global loads after the step's last CTA barrier (the prefetch of
+    the next step's inputs) have their data read before the step's cluster wait (`UCGABAR_WAIT`, the last one): the
+    warp waits there for the load, before the barrier, instead of carrying it across (perf/NOTES.md v0.68)."""
+    code = instructions(sass_text)
+    wait = max(i for i, (m, _) in enumerate(code) if m == "UCGABAR_WAIT")
+    start = max(i for i, (m, _) in enumerate(code[:wait]) if m.startswith("BAR.SYNC"))
+    count = 0
+    for i in range(start, wait):
+        mnemonic, operands = code[i]
+        if mnemonic.startswith("LDG"):
+            dest = _destination(mnemonic, operands)
+            count += any(_reads_any(m, o, dest) for m, o in code[i + 1:wait])
+    return count
+
+
+def memory_ops_between_arrive_and_wait(sass_text: str) -> tuple[int, int]:
+    """(global stores, global loads) a cluster kernel issues between its first cluster arrival (`UCGABAR_ARV`) and
+    its last wait: none where the barrier is arrive-and-wait in one; the step's work that no other program needs
+    before the barrier where it arrives early (ARRIVE_EARLY, perf/NOTES.md v0.68)."""
+    code = instructions(sass_text)
+    arrive = min(i for i, (m, _) in enumerate(code) if m == "UCGABAR_ARV")
+    wait = max(i for i, (m, _) in enumerate(code) if m == "UCGABAR_WAIT")
+    between = [m for m, _ in code[arrive:wait]]
+    return sum(m.startswith("STG") for m in between), sum(m.startswith("LDG") for m in between)
 
 
 def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, store_gates: bool = True,
@@ -229,10 +275,10 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       MERGED=kernel == "fwd" and config.merged_gates,
                       TRANSPOSED=config.transposed,
                       KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack", half_h=half_h),
-                      PREFETCH=prefetch and kernel == "fwd", HALF_W=config.half_w, HALF_H=half_h)
+                      HALF_W=config.half_w, HALF_H=half_h, **_step(config, kernel, dtype, prefetch))
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
-                      PREFETCH=prefetch and kernel == "bwd",
+                      **_step(config, kernel, dtype, prefetch),
                       HALF_W=kernel == "bwd" and config.half_w and not config.transposed,
                       PAIRED=k.pairs_gates(config, kernel, hidden, dtype.itemsize, target.smem),
                       **(k.reduce_scatter_constexprs(config, hidden) if kernel == "bwd"
@@ -243,6 +289,16 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                     store_gates=store_gates and not backward, smem_limit=target.smem)
     sig = _signature("bwd" if backward else "fwd", tdt, config.half_w and not backward)
     return _compile(res, fn, sig, consts, target.arch, rounds)
+
+
+def _step(config: LSTMConfig, kernel: str, dtype: torch.dtype, prefetch: bool) -> dict:
+    """The kernel's PREFETCH, CARRY and ARRIVE_EARLY as a single layer's launch with one batch tile a program
+    (`prefetch`) has them, with the kernels module's switches (none in a stack)."""
+    from tritonlstm.kernels import lstm as k
+
+    if kernel not in ("fwd", "bwd"):
+        return dict(PREFETCH=False)
+    return k.step_constexprs(config, kernel, dtype.itemsize, prefetch, True, k.PREFETCH_AS_LOADED, k.ARRIVE_EARLY)
 
 
 def _compile(res: Resources, fn, sig: dict, consts: dict, arch: int = 90, rounds: bool = False) -> Resources:
