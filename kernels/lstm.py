@@ -553,6 +553,22 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
     # arrival's own result is the first poll: the last program to arrive goes on without another round trip.
     tl.debug_barrier()
     seen = tl.atomic_add(p_count, 1, sem="acq_rel", scope="gpu") + 1
+    return _grid_wait(p_flag, p_count, target, max_spin, seen)
+
+
+@triton.jit
+def _grid_arrive(p_count):
+    """_grid_barrier's arrival alone (ARRIVE_EARLY): bar.sync orders this program's stores so far before the
+    release; the count is not read here (a reduction, nothing comes back), so the program goes on (_grid_wait polls
+    it)."""
+    tl.debug_barrier()
+    tl.atomic_add(p_count, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _grid_wait(p_flag, p_count, target, max_spin, seen):
+    """_grid_barrier's wait: polls the counter (`seen`: a count already read) until it reaches target; returns True
+    if the barrier failed."""
     spins = 0
     while seen < target:
         seen = tl.atomic_add(p_count, 0, sem="acquire", scope="gpu")
@@ -605,6 +621,33 @@ def _cluster_wait(x):
 
 
 @triton.jit
+def _layer_counter(SYNC):
+    """A single layer's barrier counter: its (direction, batch group)'s."""
+    return SYNC + tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+
+
+@triton.jit
+def _step_arrive(SYNC, s_glob, CLUSTER: tl.constexpr):
+    """A single layer's arrival at the barrier that ends global step s_glob (ARRIVE_EARLY): the cluster's, or the
+    counter's. Exactly one _step_wait follows, at the step's end."""
+    if CLUSTER:
+        _cluster_arrive(s_glob)
+    else:
+        _grid_arrive(_layer_counter(SYNC))
+
+
+@triton.jit
+def _step_wait(SYNC, ERR, s_glob, S_START, max_spin, CLUSTER: tl.constexpr):
+    """_step_arrive's wait; returns True if the barrier failed."""
+    if CLUSTER:
+        return _cluster_wait(s_glob) < 0
+    else:
+        p_count = _layer_counter(SYNC)
+        return _grid_wait(ERR, p_count, (s_glob - S_START + 1) * tl.num_programs(0), max_spin,
+                          tl.atomic_add(p_count, 0, sem="acquire", scope="gpu"))
+
+
+@triton.jit
 def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.constexpr, CLUSTER: tl.constexpr = False):
     """The barrier that ends global step s_glob of a persistent launch, among the programs of one (direction,
     batch group), or of one batch group across all layers of a STACK (axis 2): the counter's (_grid_barrier) or
@@ -613,12 +656,12 @@ def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.conste
     if CLUSTER:
         return failed | (_cluster_barrier(s_glob) < 0)
     if STACK:
-        barrier = tl.program_id(1)
+        p_count = SYNC + tl.program_id(1)
         n = tl.num_programs(0) * tl.num_programs(2)
     else:
-        barrier = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+        p_count = _layer_counter(SYNC)
         n = tl.num_programs(0)
-    return _grid_barrier(ERR, SYNC + barrier, (s_glob - S_START + 1) * n, max_spin)
+    return _grid_barrier(ERR, p_count, (s_glob - S_START + 1) * n, max_spin)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -676,10 +719,9 @@ def lstm_fwd_kernel(
     HALF_W: tl.constexpr,  # TRANSPOSED, float32: W (and W_IH) in float16, scaled; the dots on float16 operands
     HALF_H: tl.constexpr = False,  # HALF_W, single layer: h_{t-1} read from HB, as its producer rounded it
     CARRY: tl.constexpr = 0,  # PREFETCH: how the next step's gx crosses the barrier (_load_carried)
-    ARRIVE_EARLY: tl.constexpr = False,  # CLUSTER, PREFETCH, a tile a program: arrive after y's store, wait at the end
+    ARRIVE_EARLY: tl.constexpr = False,  # PREFETCH, a tile a program: arrive after y's store, wait at the step's end
 ):
-    tl.static_assert(not ARRIVE_EARLY or (CLUSTER and PREFETCH and PERSISTENT),
-                     "early arrival: a prefetching cluster")
+    tl.static_assert(not ARRIVE_EARLY or (PREFETCH and PERSISTENT), "early arrival: a prefetching launch")
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
     tl.static_assert(not HALF_H or (HALF_W and not STACK), "float16 h exchange: a single layer's float16 dots")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
@@ -864,7 +906,7 @@ def lstm_fwd_kernel(
             if ARRIVE_EARLY:
                 # The other programs need nothing after this store before the barrier: the fence waits for the
                 # exchange alone, and the stores below and the next step's loads go on while they arrive.
-                _cluster_arrive(s_glob)
+                _step_arrive(SYNC, s_glob, CLUSTER)
             if STACK:
                 if HAS_DROPOUT:
                     # On the [BB, BH] output tile, where it costs no registers (on the next layer's [BB, H]
@@ -896,7 +938,7 @@ def lstm_fwd_kernel(
                                                        BB, BH, HAS_LENGTHS, CARRY)
                 n_c = b_c
         if ARRIVE_EARLY:
-            _cluster_wait(s_glob)
+            poisoned = poisoned | _step_wait(SYNC, ERR, s_glob, S_START, max_spin, CLUSTER)
         elif PERSISTENT:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
             poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
@@ -956,10 +998,9 @@ def lstm_bwd_kernel(
     HALF_W: tl.constexpr,  # float32: dG_{t+1} @ W_hh on float16 operands, W and each row of dG scaled (v0.41)
     PAIRED: tl.constexpr = False,  # SK > 1, single layer: dG_{t+1}'s gates loaded two at a time (_split_grad_dot)
     CARRY: tl.constexpr = 0,  # PREFETCH: how the next step's gates and dy cross the barrier (_load_carried)
-    ARRIVE_EARLY: tl.constexpr = False,  # as the forward's, after the reduce-scatter's shares (TRANSPOSED)
+    ARRIVE_EARLY: tl.constexpr = False,  # as the forward's, after the exchange: the shares (TRANSPOSED), else dG
 ):
-    tl.static_assert(not ARRIVE_EARLY or (CLUSTER and PREFETCH and PERSISTENT and TRANSPOSED),
-                     "early arrival: a prefetching cluster's reduce-scatter")
+    tl.static_assert(not ARRIVE_EARLY or (PREFETCH and PERSISTENT), "early arrival: a prefetching launch")
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     tl.static_assert(not (TRANSPOSED and (STACK or SK > 1)), "reduce-scatter: single layer, unsplit")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
@@ -1144,7 +1185,7 @@ def lstm_bwd_kernel(
                     _scatter_partials(p_part, o_b, m_b, b_dgt, b_wt, W_T, i_h, H, BH, BK, KC, W_RESIDENT,
                                       DOT_PRECISION)
                     if ARRIVE_EARLY:
-                        _cluster_arrive(r_glob)
+                        _step_arrive(SYNC, r_glob, CLUSTER)
                 # DG may be GATES (lstm_backward's into_gates): every warp's loads of this tile's gates must be
                 # done before any warp stores over them (in a replicated layout several warps load one element).
                 tl.debug_barrier()
@@ -1156,6 +1197,10 @@ def lstm_bwd_kernel(
                 if HALF_W:
                     tl.store(RMAX + ((r % 2) * D * n_h + i_h).to(tl.int64) * B + o_b,
                              _row_amax(b_dgi, b_dgf, b_dgg, b_dgo, m_live), mask=m_b)
+                if not TRANSPOSED:
+                    if ARRIVE_EARLY:
+                        # dG (and its rows' largest |dG|) is what the other programs read of this step.
+                        _step_arrive(SYNC, r_glob, CLUSTER)
                 # The exact c_t -> c_{t-1} path: dc_{t-1} gets dc_t * f_t.
                 tl.store(p_dc, b_dc * b_f, mask=m_b[:, None] & m_j[None, :])
                 if PREFETCH:
@@ -1171,9 +1216,9 @@ def lstm_bwd_kernel(
                 tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_out)
                 tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_out)
                 if ARRIVE_EARLY:
-                    _cluster_arrive(r_glob)
+                    _step_arrive(SYNC, r_glob, CLUSTER)
         if ARRIVE_EARLY:
-            _cluster_wait(r_glob)
+            poisoned = poisoned | _step_wait(SYNC, ERR, r_glob, S_START, max_spin, CLUSTER)
         elif PERSISTENT:
             # A stack's barrier spans its layers: a layer's step needs the layer above's dG of the same t.
             poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
@@ -1644,8 +1689,6 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
                       f"{torch.cuda.get_device_name(device)} runs this launch with the grid barrier instead",
                       RuntimeWarning, stacklevel=2)
         meta["CLUSTER"] = cluster = False
-        if "ARRIVE_EARLY" in meta:
-            meta["ARRIVE_EARLY"] = False
     if _compiling_only.get():
         kernel.warmup(*args, 0, n_steps, config.max_spin, grid=grid, **meta)
         return
@@ -1947,11 +1990,10 @@ def step_constexprs(config, kernel: str, esize: int, prefetch: bool, one_tile_ea
     at a launch). CARRY is for a cluster's 16-bit tiles (float32 ones cross the barrier as loaded anyway): words (2)
     where a [block_b, block_h] tile gives each thread two or more values, else the values (1). Not on the grid
     barrier: in the split-K backward at 16-bit H = 512 (255 registers) the words took dG_{t+1}'s loads from 2 rounds
-    to 3 (compile-only), and those launches are not the latency-bound ones. Early
-    arrival takes a cluster's one arrival a step from every program: one batch tile each, exactly (a program without
-    one would not arrive), and in the backward the reduce-scatter (whose exchange, the shares, goes out first)."""
-    early = (arrive_early and prefetch and one_tile_each and config.clustered
-             and (kernel == "fwd" or config.transposed))
+    to 3 (compile-only), and those launches are not the latency-bound ones. Early arrival takes one arrival a step
+    from every program (the cluster barrier cannot time out): one batch tile each, exactly (a program without one
+    runs no step body, where it would arrive)."""
+    early = arrive_early and prefetch and one_tile_each
     carry = 0
     if as_loaded and prefetch and esize == 2 and config.clustered:
         carry = 2 if config.block_b * config.block_h >= 2 * 32 * config.num_warps else 1

@@ -17,8 +17,8 @@ producers scaled it, v0.65), as "<variant>/g16". --pairs-ab: each split-K backwa
 kernels.lstm.SPLIT_PAIRS off (each gate of dG_{t+1} loaded inside its dot, as before v0.66), as "<variant>/unpaired".
 --qc-ab: each reduce-scatter backward variant (transposed) is timed again with its producers' shares summed 16 a load
 across threads (REDUCE_SCATTER_IN_REGISTERS 0, REDUCE_SCATTER_LOAD 16, as before v0.67), as "<variant>/qc16".
---prefetch-ab (v0.68): each cluster variant that prefetches (and in the backward reduce-scatters) is timed again
-arriving at its barrier right after its exchange's stores (kernels.lstm.ARRIVE_EARLY on), as "<variant>/early"; each
+--prefetch-ab (v0.68): each variant that prefetches is timed again arriving at its barrier right after its exchange's
+stores (kernels.lstm.ARRIVE_EARLY on), as "<variant>/early"; each
 16-bit cluster variant that prefetches, again with its prefetch widened at the load (PREFETCH_AS_LOADED off, as
 before v0.68), as "<variant>/widened". (A variant's prefetch and early arrival need one batch tile a program; where the
 shape gives it more, the row is the variant itself again.)
@@ -55,7 +55,7 @@ def timed_runs(kernel: str, dtype, cfgs: dict, half_h_ab: bool = False, half_g_a
                   for name, cfg in cfgs.items() if cfg.transposed]
     if prefetch_ab and kernel in ("fwd", "bwd"):
         timed += [(f"{name}/early", cfg, {"ARRIVE_EARLY": True}) for name, cfg in cfgs.items()
-                  if cfg.clustered and cfg.prefetch and (kernel == "fwd" or cfg.transposed)]
+                  if cfg.prefetch and cfg.persistent and not cfg.grid_2d]
         if dtype != torch.float32:
             timed += [(f"{name}/widened", cfg, {"PREFETCH_AS_LOADED": False}) for name, cfg in cfgs.items()
                       if cfg.clustered and cfg.prefetch]
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qc-ab", action="store_true",
                     help="time reduce-scatter backward variants also with 16 shares a load (as <variant>/qc16)")
     ap.add_argument("--prefetch-ab", action="store_true",
-                    help="time prefetching cluster variants also arriving early (as <variant>/early), 16-bit "
-                         "prefetching ones also widened at the load (as <variant>/widened)")
+                    help="time prefetching variants also arriving early (as <variant>/early), 16-bit prefetching "
+                         "cluster ones also widened at the load (as <variant>/widened)")
     ap.add_argument("--json", help="write the rows here (after every row)")
     a = ap.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]

@@ -82,6 +82,7 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
     from tritonlstm.kernels import lstm
 
     builder_type = type(interp.interpreter_builder)
+    release = interp._ir.MEM_SEMANTIC.RELEASE
     rng = random.Random(seed)
     kinds = {"create_store": "store", "create_masked_store": "store", "create_load": "load",
              "create_masked_load": "load", "create_atomic_rmw": "poll", "create_atomic_cas": "poll"}
@@ -115,17 +116,23 @@ def concurrent_programs(seed: int = 0, delay: float = 0.02, time_limit: float = 
                 # An atomic or a volatile load: what a waiting program polls. Giving up the GIL here lets the
                 # programs it waits for run (without it, at 30-50 programs a launch took minutes).
                 time.sleep(0)
-            return access(self, *args)
+            out = access(self, *args)
+            if kind == "poll" and len(args) == 6 and args[4] == release and getattr(_local, "slow", False):
+                arrived()  # a release-only atomic: the grid barrier's early arrival (_grid_arrive)
+            return out
         return run
+
+    def arrived():
+        # The others may pass their wait now, and a step of theirs takes ~0.15 s here: held back longer, the slow
+        # program stores what comes after its arrival once they have run on (read too early, it is stale).
+        time.sleep(10 * delay)
 
     # Hopper's cluster barrier (the kernels skip theirs on the interpreter), whole or in halves (ARRIVE_EARLY): the
     # programs along axis 0 that share the caller's axes 1 and 2, as _launch_as_cluster launches them.
     def cluster_arrive(x):
         _local.clusters[_local.idx[1:]].arrive()
         if _local.slow:
-            # The others may pass their wait now, and a step of theirs takes ~0.15 s here: held back longer, the slow
-            # program stores what comes after its arrival once they have run on (read too early, it is stale).
-            time.sleep(10 * delay)
+            arrived()
         return x
 
     def cluster_wait(x):

@@ -601,7 +601,7 @@ def test_kernel_ab_switches_name_the_kernels_module_flags():
     """Each A/B of perf/kernel_ab.py sets flags of tritonlstm.kernels.lstm by name (setattr would create a misspelt
     one silently, and the "A/B" would time the same code twice): every switch names an existing flag. --qc-ab times
     the reduce-scatter backward variants again with 16 shares a load across threads, as before v0.67; --prefetch-ab
-    the prefetching cluster variants arriving early, and the 16-bit prefetching ones widened at the load (v0.68)."""
+    the prefetching variants arriving early, and the 16-bit prefetching cluster ones widened at the load (v0.68)."""
     import torch
 
     from tritonlstm.kernels import lstm as k
@@ -617,7 +617,7 @@ def test_kernel_ab_switches_name_the_kernels_module_flags():
     runs += ab.timed_runs("fwd", torch.float32, fwd32, half_h_ab=True)
     runs += ab.timed_runs("bwd", torch.float32, bwd32, half_g_ab=True)
     prefetch = ab.timed_runs("bwd", torch.float16, bwd, prefetch_ab=True)
-    assert [n for n, _, _ in prefetch if n.endswith("/early")] == ["transposed-cluster/early"], prefetch
+    assert [n for n, _, _ in prefetch if n.endswith("/early")] == [f"{n}/early" for n in bwd], prefetch
     assert "transposed-cluster/widened" in [n for n, _, _ in prefetch], prefetch
     runs += prefetch
     switches = {flag for _, _, s in runs for flag in s}

@@ -730,6 +730,13 @@ for kernel in ("fwd", "bwd"):
         sass = cc.sass(compiled[-1].asm["cubin"])
         out.append([kernel, cfg.clustered, r.error, r.spill_bytes, cc.prefetch_reads_before_the_wait(sass),
                     *cc.memory_ops_between_arrive_and_wait(sass)])
+cfg = lookup_in("NVIDIA H200", config_key("bwd", torch.float16, 512, 16, 1))[0]
+k.PREFETCH_AS_LOADED = True
+for early in (False, True):
+    k.ARRIVE_EARLY = early
+    r = cc.check("bwd", torch.float16, 512, cfg, prefetch=cfg.prefetches(16, 512))
+    sass = cc.sass(compiled[-1].asm["cubin"])
+    out.append(["bwd", cfg.clustered, r.error, r.spill_bytes, *cc.memory_ops_between_arrive_and_wait(sass)])
 print(json.dumps(out))
 """
 
@@ -740,12 +747,16 @@ def test_prefetch_crosses_the_barrier_as_loaded_and_early_arrival_frees_the_fenc
     loads, before the step's barrier: each step sat out their round trip there. Carried as loaded (CARRY), none is
     read before the wait. With ARRIVE_EARLY the stores no other program needs (gates, c_all, dG, c / dc) and the
     prefetch's loads come between the arrival (with its fence) and the wait; with the barrier whole, nothing does.
-    No spills in any."""
+    The same on the grid barrier (the split-K backward at 16-bit H = 512 B = 16: its dc store and prefetch between
+    the counter's release and its first poll). No spills in any."""
     proc = run_python("-c", CARRY_COMPILE, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.splitlines()[-1])
-    for kernel, (widened, carried, early) in (("fwd", rows[:3]), ("bwd", rows[3:])):
+    for kernel, (widened, carried, early) in (("fwd", rows[:3]), ("bwd", rows[3:6])):
         assert all(r[:4] == [kernel, True, None, 0] for r in (widened, carried, early)), rows
         assert widened[4] >= 4 and carried[4] == 0 and early[4] == 0, rows
         assert widened[5:] == carried[5:] == [0, 0], rows
         assert early[5] >= 5 and early[6] >= 4, rows
+    whole, early = rows[6:]
+    assert whole[:4] == early[:4] == ["bwd", False, None, 0], rows
+    assert whole[4:] == [0, 0] and early[4] >= 1 and early[5] >= 4, rows

@@ -138,24 +138,33 @@ def test_sequence_longer_than_a_launch_runs_as_consecutive_launches(monkeypatch,
     assert launches == [("lstm_fwd_kernel", 4, True), ("lstm_bwd_kernel", 4, True)]  # 3 launches each
 
 
-# v0.68 (perf/NOTES.md): transposed-cluster forward and reduce-scatter backward, 2 batch groups of one tile, 4
-# programs a cluster. The forward's 16-bit tiles (16 x 16 on 4 warps) carry gx as int32 words (CARRY 2, from the
-# word at unit 16 on: j0 > 0); the backward's (8 warps) one value a thread (CARRY 1); float32 as loaded (0).
-EARLY_CASES = [(torch.float16, 2, 1), (torch.bfloat16, 2, 1), (torch.float32, 0, 0)]
+# v0.68 (perf/NOTES.md), 2 batch groups of one tile, 4 programs each. transposed-cluster forward and reduce-scatter
+# backward: the forward's 16-bit tiles (16 x 16 on 4 warps) carry gx as int32 words (CARRY 2, from the word at unit
+# 16 on: j0 > 0), the backward's (8 warps) one value a thread (CARRY 1), float32 as loaded (0). On the grid barrier
+# (no carry): dG as the exchange (split), each row's largest |dG| with it (split-half), the reduce-scatter.
+EARLY_CASES = [(torch.float16, "transposed-cluster", "transposed-cluster", 2, 1),
+               (torch.bfloat16, "transposed-cluster", "transposed-cluster", 2, 1),
+               (torch.float32, "transposed-cluster", "transposed-cluster", 0, 0),
+               (torch.float16, "transposed", "split", 0, 0),
+               (torch.float32, "unsplit", "split-half", 0, 0),
+               (torch.bfloat16, "unsplit", "transposed", 0, 0)]
 
 
-@pytest.mark.parametrize("dtype, fwd_carry, bwd_carry", EARLY_CASES, ids=["fp16", "bf16", "fp32"])
-def test_early_arrival_and_carried_prefetch_with_programs_at_once(dtype, fwd_carry, bwd_carry, monkeypatch):
-    """A cluster launch that arrives at each step's barrier right after its exchange's stores and waits at the step's
-    end (ARRIVE_EARLY), with the next step's inputs carried across the barrier as loaded (CARRY): against the float64
-    reference with the programs at once and one of them slow (an exchange stored after the arrival would be read
-    stale), in reverse with lengths; a program that arrived twice or waited without arriving would raise
-    (concurrency.ClusterBarrier), one that never arrived would time out. Then the same bits as the whole barrier with
-    the inputs widened at their load."""
+@pytest.mark.parametrize("dtype, fwd_name, bwd_name, fwd_carry, bwd_carry", EARLY_CASES,
+                         ids=[f"{f}+{b}-{str(d)[6:]}" for d, f, b, _, _ in EARLY_CASES])
+def test_early_arrival_and_carried_prefetch_with_programs_at_once(dtype, fwd_name, bwd_name, fwd_carry, bwd_carry,
+                                                                   monkeypatch):
+    """Launches that arrive at each step's barrier right after their exchange's stores and wait at the step's end
+    (ARRIVE_EARLY), a cluster's carrying the next step's inputs across the barrier as loaded (CARRY): against the
+    float64 reference with the programs at once and one of them slow, held back after each arrival (an exchange
+    stored after the arrival would be read stale), in reverse with lengths; a program that arrived twice or waited
+    without arriving would raise (concurrency.ClusterBarrier), one that never arrived would time out (the cluster)
+    or fail the barrier (the grid's). Then the same bits as the whole barrier with the inputs widened at their
+    load."""
     H, B = 64, 20
-    fwd, bwd = variant("fwd", "transposed-cluster", H, B, dtype=dtype), variant("bwd", "transposed-cluster", H, B,
-                                                                                 dtype=dtype)
-    assert fwd.clustered and bwd.clustered and bwd.transposed and fwd.batch_groups == bwd.batch_groups == 2
+    fwd, bwd = variant("fwd", fwd_name, H, B, dtype=dtype), variant("bwd", bwd_name, H, B, dtype=dtype)
+    assert fwd.batch_groups == bwd.batch_groups == 2
+    assert fwd.clustered == bwd.clustered == fwd_name.endswith("cluster") and bwd.half_w == (bwd_name == "split-half")
     lengths = torch.tensor([4, 2, 3, 4, 1] * 4)
     torch.manual_seed(6)
     problem = make_problem(4, B, H, H, dtype)
@@ -167,7 +176,8 @@ def test_early_arrival_and_carried_prefetch_with_programs_at_once(dtype, fwd_car
         monkeypatch.setattr(kernels, "ARRIVE_EARLY", early)
         monkeypatch.setattr(kernels, "PREFETCH_AS_LOADED", early)
         if early:
-            run_and_compare(problem, fwd, bwd, lengths=lengths, reverse=True, seed=6)
+            run_and_compare(problem, fwd, bwd, lengths=lengths, reverse=True, seed=6,
+                            tol=RESOLUTION_GPU[dtype] if bwd.half_w else None)
         p = leaf(problem)
         with concurrent_programs(6), use_config(fwd, "fwd"), use_config(bwd, "bwd"):
             y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), lengths=lengths, reverse=True, backend="triton")

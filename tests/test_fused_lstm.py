@@ -1276,8 +1276,7 @@ def test_cluster_exchange_is_refused_where_no_cluster_can_hold_the_barrier():
 def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(capability, monkeypatch):
     """_run with a cluster config (v0.34) on a CUDA device, the launch itself stubbed: on sm_90 through
     _launch_as_cluster with CLUSTER set; on a GPU without thread-block clusters (a cache copied from an H100) the
-    plain launch with the counter barrier (CLUSTER and ARRIVE_EARLY off, the same zeroed counters) and a warning
-    naming the GPU."""
+    plain launch with the counter barrier (CLUSTER off, the same zeroed counters) and a warning naming the GPU."""
     from tritonlstm.kernels import lstm as k
 
     launches = []
@@ -1302,17 +1301,17 @@ def test_cluster_config_launches_as_a_cluster_only_where_the_gpu_has_clusters(ca
     if capability >= (9, 0):
         assert launches == [("cluster", (16, 2, 1), True, True)] and not caught
     else:
-        # The counter barrier has no halves: its launch arrives and waits in one (v0.68's ARRIVE_EARLY off).
-        assert launches == [("plain", (16, 2, 1), False, False)]
+        # ARRIVE_EARLY (v0.68) arrives at the counter's barrier instead.
+        assert launches == [("plain", (16, 2, 1), False, True)]
         assert any("A100" in str(w.message) and "grid barrier" in str(w.message) for w in caught)
 
 
 def test_early_arrival_only_where_every_program_arrives_once_a_step(monkeypatch):
     """ARRIVE_EARLY (v0.68): a cluster's barrier cannot time out, so a program that never arrived would hang the
-    launch. The plans turn it on only for a prefetching cluster launch whose batch groups have a tile each (a group
-    without rows runs no step body, where the arrival is), and in the backward only for the reduce-scatter (whose
-    exchange goes out before the arrival); never with the switch off. CARRY: a cluster's 16-bit tiles only, as words
-    where a thread loads two values (16 x 16 on 4 warps), as values where it loads one (8 warps)."""
+    launch (and fail the grid barrier's). The plans turn it on only for a prefetching launch whose batch groups have
+    a tile each (a group without rows runs no step body, where the arrival is); never with the switch off. CARRY: a
+    cluster's 16-bit tiles only, as words where a thread loads two values (16 x 16 on 4 warps), as values where it
+    loads one (8 warps)."""
     cfg = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="cluster", transposed=True)
     on = kernels.step_constexprs
     assert on(cfg, "fwd", 2, True, True, True, True) == dict(PREFETCH=True, CARRY=2, ARRIVE_EARLY=True)
@@ -1322,8 +1321,8 @@ def test_early_arrival_only_where_every_program_arrives_once_a_step(monkeypatch)
     assert on(dataclasses.replace(cfg, exchange="barrier"), "fwd", 2, True, True, True, True)["CARRY"] == 0
     assert not on(cfg, "fwd", 2, True, False, True, True)["ARRIVE_EARLY"]  # a group without a tile
     assert on(cfg, "fwd", 2, False, True, True, True) == dict(PREFETCH=False, CARRY=0, ARRIVE_EARLY=False)
-    assert not on(dataclasses.replace(cfg, exchange="barrier"), "fwd", 2, True, True, True, True)["ARRIVE_EARLY"]
-    assert not on(dataclasses.replace(cfg, transposed=False), "bwd", 2, True, True, True, True)["ARRIVE_EARLY"]
+    assert on(dataclasses.replace(cfg, exchange="barrier"), "fwd", 2, True, True, True, True)["ARRIVE_EARLY"]
+    assert on(dataclasses.replace(cfg, transposed=False), "bwd", 2, True, True, True, True)["ARRIVE_EARLY"]
     assert on(cfg, "fwd", 2, True, True, False, False) == dict(PREFETCH=True, CARRY=0, ARRIVE_EARLY=False)
     # Through the plans, at the module's switches: 3 tiles of 40 rows over 4 groups, or 1 tile of 16 rows over 1.
     monkeypatch.setattr(kernels, "ARRIVE_EARLY", True)

@@ -688,17 +688,21 @@ def test_reduce_scatter_backward_matches_cudnn(kind, H, B, dtype):
                                                 named_variants("bwd", H, max(B, 3), dtype, sms // 2)[kind])
 
 
-EARLY_CASES = [pytest.param(H, dt, id=f"H{H}-{name}") for name, dt in DTYPES.items() for H in (256, 512)
-               if not (H == 512 and dt == torch.float32)]  # float32 H = 512: 32 programs, over a cluster's 16
+EARLY_CASES = ([pytest.param("transposed-cluster", H, dt, id=f"transposed-cluster-H{H}-{name}")
+                for name, dt in DTYPES.items() for H in (256, 512)
+                if not (H == 512 and dt == torch.float32)]  # float32 H = 512: 32 programs, over a cluster's 16
+               + [pytest.param("shipped", H, dt, id=f"shipped-H{H}-{name}") for name, dt in DTYPES.items()
+                  for H in (512, 1024)])
 
 
-@pytest.mark.parametrize("H,dtype", EARLY_CASES)
-def test_early_arrival_matches_cudnn_and_the_whole_barrier(H, dtype, monkeypatch):
-    """ARRIVE_EARLY (perf/NOTES.md v0.68) on the hardware cluster barrier: each program arrives right after its
-    exchange's stores and waits at the step's end, transposed-cluster's forward and (H = 256) its reduce-scatter
-    backward, B = 16 and 64 (batch groups of one tile each), with the prefetch carried as loaded: against cuDNN, and
-    the same errors to the bit as the whole barrier on the same inputs. A missing arrival would hang here (the
-    launch would not return), an exchange stored after the arrival would read stale."""
+@pytest.mark.parametrize("kind,H,dtype", EARLY_CASES)
+def test_early_arrival_matches_cudnn_and_the_whole_barrier(kind, H, dtype, monkeypatch):
+    """ARRIVE_EARLY (perf/NOTES.md v0.68): each program arrives at the step's barrier right after its exchange's
+    stores and waits at the step's end. On the hardware cluster barrier (transposed-cluster's forward and, at
+    H = 256, its reduce-scatter backward) and on the grid barrier (the shipped configs at H 512 / 1024: split-K
+    backward, dG the exchange), B = 16 and 64 (batch groups of one tile each where the config prefetches): against
+    cuDNN, and the same errors to the bit as the whole barrier on the same inputs. A missing arrival would hang
+    the cluster's launch and fail the grid barrier's; an exchange stored after the arrival would read stale."""
     from helpers import launch_constexprs
     from tritonlstm.configs import named_variants, use_config
     from tritonlstm.kernels import lstm as k
@@ -707,18 +711,27 @@ def test_early_arrival_matches_cudnn_and_the_whole_barrier(H, dtype, monkeypatch
     early = {name: launch_constexprs(monkeypatch, name, "ARRIVE_EARLY") for name in ("lstm_fwd_kernel",
                                                                                        "lstm_bwd_kernel")}
     for B in (16, 64):
-        fwd = named_variants("fwd", H, B, dtype, sms)["transposed-cluster"]
-        bwd = named_variants("bwd", H, B, dtype, sms).get("transposed-cluster")
+        if kind == "shipped":
+            configs = contextlib.nullcontext()
+        else:
+            fwd = named_variants("fwd", H, B, dtype, sms)[kind]
+            configs = contextlib.ExitStack()
+            configs.enter_context(use_config(fwd, "fwd"))
+            configs.enter_context(use_config(named_variants("bwd", H, B, dtype, sms).get(kind), "bwd"))
         errs = {}
-        for on in (True, False):
-            monkeypatch.setattr(k, "ARRIVE_EARLY", on)
-            torch.manual_seed(B)
-            with use_config(fwd, "fwd"), use_config(bwd, "bwd"):
+        with configs:
+            for on in (True, False):
+                monkeypatch.setattr(k, "ARRIVE_EARLY", on)
+                torch.manual_seed(B)
                 errs[on] = run_both(64, B, H, dtype)
         assert errs[True] == errs[False], errs
-    assert early["lstm_fwd_kernel"] == [True, False] * 2, early
-    if H == 256:
-        assert early["lstm_bwd_kernel"] == [True, False] * 2, early
+    # Each launch's flag: on, then off, at each B (on where the launch prefetches one tile a program).
+    flags = early["lstm_fwd_kernel"] + early["lstm_bwd_kernel"]
+    assert any(flags[0::2]) and not any(flags[1::2]), early
+    if kind == "transposed-cluster":
+        assert early["lstm_fwd_kernel"] == [True, False] * 2, early
+        if H == 256:
+            assert early["lstm_bwd_kernel"] == [True, False] * 2, early
 
 
 def packed_bidirectional_training_matches_cudnn(H, B, dtype, bwd_config):

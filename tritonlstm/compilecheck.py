@@ -239,13 +239,16 @@ def prefetch_reads_before_the_wait(sass_text: str) -> int:
 
 
 def memory_ops_between_arrive_and_wait(sass_text: str) -> tuple[int, int]:
-    """(global stores, global loads) a cluster kernel issues between its first cluster arrival (`UCGABAR_ARV`) and
-    its last wait: none where the barrier is arrive-and-wait in one; the step's work that no other program needs
-    before the barrier where it arrives early (ARRIVE_EARLY, perf/NOTES.md v0.68)."""
+    """(global stores, global loads) a kernel issues between its first arrival at the step's barrier and the wait:
+    the cluster's `UCGABAR_ARV` to its last `UCGABAR_WAIT`, or the counter's atomic add (`REDG` / `ATOMG.E.ADD`) to
+    its first poll (`LDG.E.STRONG.GPU`). None where the barrier arrives and waits in one; the step's work that no
+    other program needs before the barrier where it arrives early (ARRIVE_EARLY, perf/NOTES.md v0.68)."""
     code = instructions(sass_text)
-    arrive = min(i for i, (m, _) in enumerate(code) if m == "UCGABAR_ARV")
-    wait = max(i for i, (m, _) in enumerate(code) if m == "UCGABAR_WAIT")
-    between = [m for m, _ in code[arrive:wait]]
+    arrive = min(i for i, (m, _) in enumerate(code)
+                 if m == "UCGABAR_ARV" or m.startswith(("REDG.E.ADD", "ATOMG.E.ADD")))
+    waits = [i for i, (m, _) in enumerate(code) if m == "UCGABAR_WAIT"]
+    wait = max(waits) if waits else next(i for i, (m, _) in enumerate(code) if i > arrive and m == "LDG.E.STRONG.GPU")
+    between = [m for m, _ in code[arrive + 1:wait]]
     return sum(m.startswith("STG") for m in between), sum(m.startswith("LDG") for m in between)
 
 
