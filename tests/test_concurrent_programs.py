@@ -141,12 +141,13 @@ def test_sequence_longer_than_a_launch_runs_as_consecutive_launches(monkeypatch,
 # v0.68 (perf/NOTES.md), 2 batch groups of one tile, 4 programs each. transposed-cluster forward and reduce-scatter
 # backward: the forward's 16-bit tiles (16 x 16 on 4 warps) carry gx as int32 words (CARRY 2, from the word at unit
 # 16 on: j0 > 0), the backward's (8 warps) one value a thread (CARRY 1), float32 as loaded (0). On the grid barrier
-# (no carry): dG as the exchange (split), each row's largest |dG| with it (split-half), the reduce-scatter.
+# (no carry): dG as the exchange (split), each row's largest |dG| with it (split-half), the reduce-scatter; the
+# forward's h_{t-1} exchanged in float16 (transposed-half: HALF_H, its store after y's).
 EARLY_CASES = [(torch.float16, "transposed-cluster", "transposed-cluster", 2, 1),
                (torch.bfloat16, "transposed-cluster", "transposed-cluster", 2, 1),
                (torch.float32, "transposed-cluster", "transposed-cluster", 0, 0),
                (torch.float16, "transposed", "split", 0, 0),
-               (torch.float32, "unsplit", "split-half", 0, 0),
+               (torch.float32, "transposed-half", "split-half", 0, 0),
                (torch.bfloat16, "unsplit", "transposed", 0, 0)]
 
 
@@ -164,7 +165,8 @@ def test_early_arrival_and_carried_prefetch_with_programs_at_once(dtype, fwd_nam
     H, B = 64, 20
     fwd, bwd = variant("fwd", fwd_name, H, B, dtype=dtype), variant("bwd", bwd_name, H, B, dtype=dtype)
     assert fwd.batch_groups == bwd.batch_groups == 2
-    assert fwd.clustered == bwd.clustered == fwd_name.endswith("cluster") and bwd.half_w == (bwd_name == "split-half")
+    assert fwd.clustered == bwd.clustered == fwd_name.endswith("cluster")
+    assert fwd.half_w == (fwd_name == "transposed-half") and bwd.half_w == (bwd_name == "split-half")
     lengths = torch.tensor([4, 2, 3, 4, 1] * 4)
     torch.manual_seed(6)
     problem = make_problem(4, B, H, H, dtype)
@@ -177,7 +179,7 @@ def test_early_arrival_and_carried_prefetch_with_programs_at_once(dtype, fwd_nam
         monkeypatch.setattr(kernels, "PREFETCH_AS_LOADED", early)
         if early:
             run_and_compare(problem, fwd, bwd, lengths=lengths, reverse=True, seed=6,
-                            tol=RESOLUTION_GPU[dtype] if bwd.half_w else None)
+                            tol=RESOLUTION_GPU[dtype] if fwd.half_w or bwd.half_w else None)
         p = leaf(problem)
         with concurrent_programs(6), use_config(fwd, "fwd"), use_config(bwd, "bwd"):
             y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), lengths=lengths, reverse=True, backend="triton")
