@@ -587,16 +587,22 @@ def _grid_wait(p_flag, p_count, target, max_spin, seen):
 
 
 @triton.jit
+def _cluster_op(x, OP: tl.constexpr):
+    """x, after the cluster barrier's PTX `OP` (the interpreter, one program, skips it): x is a result for the asm
+    to stay in place by."""
+    if FENCES:
+        x = tl.inline_asm_elementwise(OP + ";\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False,
+                                      pack=1)
+    return x
+
+
+@triton.jit
 def _cluster_barrier(x):
     """Hopper's cluster barrier, for programs launched as one thread-block cluster (LSTMConfig.exchange "cluster",
     launched by _launch_as_cluster): every thread arrives, releasing its stores at cluster scope, and waits,
     acquiring the other CTAs'. Nothing in memory, no polls, and it cannot fail: the hardware schedules a cluster's
-    CTAs together. Returns x, so that the barrier has a result to stay in place by. The interpreter (one program)
-    skips it."""
-    if FENCES:
-        x = tl.inline_asm_elementwise("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;\n\t"
-                                      "mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
-    return x
+    CTAs together. Returns x."""
+    return _cluster_op(x, "barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire")
 
 
 @triton.jit
@@ -604,20 +610,14 @@ def _cluster_arrive(x):
     """_cluster_barrier's first half (ARRIVE_EARLY): this thread arrives, releasing its stores (and ordering its
     loads) so far at cluster scope, and goes on without waiting. Exactly one _cluster_wait must follow before the
     next arrive."""
-    if FENCES:
-        x = tl.inline_asm_elementwise("barrier.cluster.arrive.release;\n\tmov.b32 $0, $1;", "=r,r", [x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-    return x
+    return _cluster_op(x, "barrier.cluster.arrive.release")
 
 
 @triton.jit
 def _cluster_wait(x):
     """_cluster_barrier's second half: waits until every thread of the cluster has arrived, acquiring their
     released stores."""
-    if FENCES:
-        x = tl.inline_asm_elementwise("barrier.cluster.wait.acquire;\n\tmov.b32 $0, $1;", "=r,r", [x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-    return x
+    return _cluster_op(x, "barrier.cluster.wait.acquire")
 
 
 @triton.jit
