@@ -1976,23 +1976,24 @@ HALF_G = os.environ.get("TRITONLSTM_HALF_G", "0") == "1"
 # into 16-bit values where a thread loads two in a word, they waited for the loads before the barrier. Bit for bit
 # the same; TRITONLSTM_PREFETCH_AS_LOADED=0 widens at the load (for the A/B).
 PREFETCH_AS_LOADED = os.environ.get("TRITONLSTM_PREFETCH_AS_LOADED", "1") != "0"
-# A cluster launch with one batch tile a program arrives at the barrier right after its exchange's stores and waits
-# at the step's end (kernels' ARRIVE_EARLY, perf/NOTES.md v0.68). Off until a GPU has run it: a cluster barrier
-# cannot time out, so an arrival missed would hang. TRITONLSTM_ARRIVE_EARLY=1 turns it on.
+# A prefetching launch with one batch tile a program arrives at its barrier (the cluster's or the counter's) right
+# after its exchange's stores and waits at the step's end (kernels' ARRIVE_EARLY, perf/NOTES.md v0.68). Off until a
+# GPU has run it: a cluster barrier cannot time out, so an arrival missed would hang. TRITONLSTM_ARRIVE_EARLY=1
+# turns it on.
 ARRIVE_EARLY = os.environ.get("TRITONLSTM_ARRIVE_EARLY", "0") == "1"
 
 
-def step_constexprs(config, kernel: str, esize: int, prefetch: bool, one_tile_each: bool, as_loaded: bool = True,
+def step_constexprs(config, esize: int, prefetch: bool, one_tile_each: bool, as_loaded: bool = True,
                     arrive_early: bool = False) -> dict:
-    """A single layer's PREFETCH, CARRY and ARRIVE_EARLY (`kernel` "fwd" or "bwd") for `config` in a dtype of
-    `esize` bytes: prefetch (LSTMConfig.prefetches at the launch's shape), one_tile_each (every batch group has a
+    """A single layer's PREFETCH, CARRY and ARRIVE_EARLY (forward or backward) for `config` in a dtype of `esize`
+    bytes: prefetch (LSTMConfig.prefetches at the launch's shape), one_tile_each (every batch group has a
     tile: as many tiles as groups), and the two switches as given (the module's PREFETCH_AS_LOADED and ARRIVE_EARLY
     at a launch). CARRY is for a cluster's 16-bit tiles (float32 ones cross the barrier as loaded anyway): words (2)
     where a [block_b, block_h] tile gives each thread two or more values, else the values (1). Not on the grid
     barrier: in the split-K backward at 16-bit H = 512 (255 registers) the words took dG_{t+1}'s loads from 2 rounds
-    to 3 (compile-only), and those launches are not the latency-bound ones. Early arrival takes one arrival a step
-    from every program (the cluster barrier cannot time out): one batch tile each, exactly (a program without one
-    runs no step body, where it would arrive)."""
+    to 3 (compile-only), a round trip on the step's critical path for one taken off it. Early arrival takes one
+    arrival a step from every program (the cluster barrier cannot time out): one batch tile each, exactly (a
+    program without one runs no step body, where it would arrive)."""
     early = arrive_early and prefetch and one_tile_each
     carry = 0
     if as_loaded and prefetch and esize == 2 and config.clustered:
@@ -2000,10 +2001,9 @@ def step_constexprs(config, kernel: str, esize: int, prefetch: bool, one_tile_ea
     return dict(PREFETCH=prefetch, CARRY=carry, ARRIVE_EARLY=early)
 
 
-def _step_constexprs_at(config, kernel: str, esize: int, batch: int, hidden: int, as_loaded: bool,
-                        arrive_early: bool) -> dict:
+def _step_constexprs_at(config, esize: int, batch: int, hidden: int, as_loaded: bool, arrive_early: bool) -> dict:
     """step_constexprs for a launch of `batch` rows of `hidden` units."""
-    return step_constexprs(config, kernel, esize, config.prefetches(batch, hidden),
+    return step_constexprs(config, esize, config.prefetches(batch, hidden),
                            cdiv(batch, config.block_b) == config.batch_groups, as_loaded, arrive_early)
 
 
@@ -2024,8 +2024,7 @@ def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gate
                       HAS_DROPOUT=False, STORE_GATES=store_gates, DOT_PRECISION=precision, MERGED=config.merged_gates,
                       TRANSPOSED=config.transposed,
                       KC=transposed_chunk(config, dtype.itemsize, half_h=half_h), HALF_W=half_w, HALF_H=half_h,
-                      **_step_constexprs_at(config, "fwd", dtype.itemsize, B, H, as_loaded,
-                                                                     arrive_early), **cluster)
+                      **_step_constexprs_at(config, dtype.itemsize, B, H, as_loaded, arrive_early), **cluster)
     return config, grid, words, constexprs
 
 
@@ -2125,7 +2124,7 @@ def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengt
     paired = pairs_gates(config, "bwd", H, dtype.itemsize, smem)
     words, cluster = _barrier_layout(config, grid)
     constexprs = dict(D=D, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=precision,
-                      **_step_constexprs_at(config, "bwd", dtype.itemsize, B, H, as_loaded, arrive_early),
+                      **_step_constexprs_at(config, dtype.itemsize, B, H, as_loaded, arrive_early),
                       HALF_W=_half_w(config, dtype, backward=True),
                       PAIRED=paired, **reduce_scatter_constexprs(config, H), **cluster)
     return grid, words, constexprs

@@ -1314,16 +1314,16 @@ def test_early_arrival_only_where_every_program_arrives_once_a_step(monkeypatch)
     loads one (8 warps)."""
     cfg = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="cluster", transposed=True)
     on = kernels.step_constexprs
-    assert on(cfg, "fwd", 2, True, True, True, True) == dict(PREFETCH=True, CARRY=2, ARRIVE_EARLY=True)
-    assert on(dataclasses.replace(cfg, num_warps=8), "bwd", 2, True, True, True, True) == dict(
+    assert on(cfg, 2, True, True, True, True) == dict(PREFETCH=True, CARRY=2, ARRIVE_EARLY=True)
+    assert on(dataclasses.replace(cfg, num_warps=8), 2, True, True, True, True) == dict(
         PREFETCH=True, CARRY=1, ARRIVE_EARLY=True)
-    assert on(cfg, "fwd", 4, True, True, True, True)["CARRY"] == 0
-    assert on(dataclasses.replace(cfg, exchange="barrier"), "fwd", 2, True, True, True, True)["CARRY"] == 0
-    assert not on(cfg, "fwd", 2, True, False, True, True)["ARRIVE_EARLY"]  # a group without a tile
-    assert on(cfg, "fwd", 2, False, True, True, True) == dict(PREFETCH=False, CARRY=0, ARRIVE_EARLY=False)
-    assert on(dataclasses.replace(cfg, exchange="barrier"), "fwd", 2, True, True, True, True)["ARRIVE_EARLY"]
-    assert on(dataclasses.replace(cfg, transposed=False), "bwd", 2, True, True, True, True)["ARRIVE_EARLY"]
-    assert on(cfg, "fwd", 2, True, True, False, False) == dict(PREFETCH=True, CARRY=0, ARRIVE_EARLY=False)
+    assert on(cfg, 4, True, True, True, True)["CARRY"] == 0
+    assert on(dataclasses.replace(cfg, exchange="barrier"), 2, True, True, True, True)["CARRY"] == 0
+    assert not on(cfg, 2, True, False, True, True)["ARRIVE_EARLY"]  # a group without a tile
+    assert on(cfg, 2, False, True, True, True) == dict(PREFETCH=False, CARRY=0, ARRIVE_EARLY=False)
+    assert on(dataclasses.replace(cfg, exchange="barrier"), 2, True, True, True, True)["ARRIVE_EARLY"]
+    assert on(dataclasses.replace(cfg, transposed=False), 2, True, True, True, True)["ARRIVE_EARLY"]
+    assert on(cfg, 2, True, True, False, False) == dict(PREFETCH=True, CARRY=0, ARRIVE_EARLY=False)
     # Through the plans, at the module's switches: 3 tiles of 40 rows over 4 groups, or 1 tile of 16 rows over 1.
     monkeypatch.setattr(kernels, "ARRIVE_EARLY", True)
     four = dataclasses.replace(cfg, batch_groups=4)

@@ -301,7 +301,7 @@ def _step(config: LSTMConfig, kernel: str, dtype: torch.dtype, prefetch: bool) -
 
     if kernel not in ("fwd", "bwd"):
         return dict(PREFETCH=False)
-    return k.step_constexprs(config, kernel, dtype.itemsize, prefetch, True, k.PREFETCH_AS_LOADED, k.ARRIVE_EARLY)
+    return k.step_constexprs(config, dtype.itemsize, prefetch, True, k.PREFETCH_AS_LOADED, k.ARRIVE_EARLY)
 
 
 def _compile(res: Resources, fn, sig: dict, consts: dict, arch: int = 90, rounds: bool = False) -> Resources:
