@@ -620,6 +620,110 @@ def _cluster_wait(x):
     return _cluster_op(x, "barrier.cluster.wait.acquire")
 
 
+# Exchange through the cluster's shared memory by bulk copies (BULK, perf/NOTES.md v0.69; a forward cluster launch of
+# 16-bit one-chunk transposed tiles, one batch tile a program; off until a GPU has run it: TRITONLSTM_BULK_H=1).
+# No barrier a step. Each program keeps two slots of the whole h [P, BB, BH] (producer-major: a producer's tile is
+# one contiguous block) and two mbarriers in shared memory it requests beyond the kernel's own (_launch_as_cluster),
+# at the end of the dynamic shared memory: every address is global_smem + %dynamic_smem_size + a negative offset
+# (`rel`). h of production m (0: the launch's first h_{t-1}, read from memory; u + 1: local step u's output) goes
+# into slot m % 2: its producer writes its [BB, BH] tile into a staging block of its own, then copies it into slot
+# m % 2 of every program of the cluster with one cp.async.bulk each, which counts its bytes against that program's
+# mbarrier m % 2. Step u waits for mbarrier u % 2 (phase u // 2) and reads its slot (_bulk_read); then mbarrier
+# u % 2 is armed again (expect_tx, a step's bytes) for production u + 2. Two slots suffice: a producer writes
+# production m + 2 into slot m % 2 only after it has received every program's production m + 1, which each sent
+# after reading production m. Bytes may arrive before their phase is armed (the tx-count goes below zero; the
+# phase cannot complete before the arrival of its arm). The launch ends with a cluster barrier, so that no program
+# leaves while a copy into or out of its shared memory is in flight (every production sent is read in the launch).
+_BULK_BASE = "mov.u32 %b, global_smem;\n\tmov.u32 %n, %dynamic_smem_size;\n\tadd.u32 %b, %b, %n;\n\t"
+# $1: x; $2: rel of the mbarriers; $3: a step's bytes; $4: 1 to arm mbarrier 1 too (a second step in the launch).
+BULK_INIT = tl.constexpr(
+    "{\n\t.reg .b32 %b, %n, %t;\n\t.reg .b64 %st;\n\t.reg .pred %p, %q;\n\t" + _BULK_BASE
+    + "add.u32 %b, %b, $2;\n\tmov.u32 %t, %tid.x;\n\tsetp.eq.u32 %p, %t, 0;\n\tsetp.ne.and.u32 %q, $4, 0, %p;\n\t"
+    "@%p mbarrier.init.shared::cta.b64 [%b], 1;\n\t@%p mbarrier.init.shared::cta.b64 [%b+8], 1;\n\t"
+    "@%p fence.mbarrier_init.release.cluster;\n\t"
+    "@%p mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%b], $3;\n\t"
+    "@%q mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%b+8], $3;\n\t"
+    "barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;\n\tmov.b32 $0, $1;\n\t}")
+# $1: rel of the mbarrier; $2: the phase's parity; $3: the most polls, each suspended at most ~1 us (the hint, in ns;
+# the hardware's own limit is unspecified): max_spin polls give up after ~17 s, as the counter barrier's polls do.
+# $0: 1 if it gave up.
+BULK_WAIT = tl.constexpr(
+    "{\n\t.reg .b32 %b, %n, %i;\n\t.reg .pred %done, %more;\n\t" + _BULK_BASE
+    + "add.u32 %b, %b, $1;\n\tmov.u32 %i, 0;\n\tmov.b32 $0, 0;\n\t"
+    "BULK_POLL:\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 %done, [%b], $2, 1000;\n\t"
+    "@%done bra BULK_DONE;\n\tadd.u32 %i, %i, 1;\n\tsetp.lt.u32 %more, %i, $3;\n\t@%more bra BULK_POLL;\n\t"
+    "mov.b32 $0, 1;\n\tBULK_DONE:\n\t}")
+# pack = 8: $0-$3 the 8 16-bit values, $4-$11 their bytes in the slot (negative: a unit past H, read as 0), $12
+# (-$19) the slot's rel. All 1 bits (NaN) unless the 8 are consecutive units of one producer: a layout that gave a
+# thread anything else would fail loudly.
+BULK_READ = tl.constexpr(
+    "{\n\t.reg .b32 %b, %n, %c;\n\t.reg .pred %p, %q;\n\tsetp.ge.s32 %p, $4, 0;\n\tsetp.lt.s32 %q, $4, 0;\n\t"
+    + "".join(f"add.s32 %c, $4, {2 * i};\n\tsetp.eq.and.s32 %p, ${4 + i}, %c, %p;\n\t" for i in range(1, 8))
+    + "mov.b32 $0, -1;\n\tmov.b32 $1, -1;\n\tmov.b32 $2, -1;\n\tmov.b32 $3, -1;\n\t"
+    "@%q mov.b32 $0, 0;\n\t@%q mov.b32 $1, 0;\n\t@%q mov.b32 $2, 0;\n\t@%q mov.b32 $3, 0;\n\t" + _BULK_BASE
+    + "add.u32 %b, %b, $12;\n\tadd.u32 %b, %b, $4;\n\t@%p ld.shared.v4.b32 {$0, $1, $2, $3}, [%b];\n\t}")
+BULK_READ_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
+# $1: a 16-bit value; $2: its byte in the staging block; $3: the block's rel.
+BULK_PUT = tl.constexpr("{\n\t.reg .b32 %b, %n;\n\t" + _BULK_BASE + "add.u32 %b, %b, $3;\n\tadd.u32 %b, %b, $2;\n\t"
+                        "st.shared.b16 [%b], $1;\n\tmov.b32 $0, 0;\n\t}")
+# $1: x; $2: rel of the block in the destinations' slot; $3: rel of the staging block; $4: rel of the destinations'
+# mbarrier; $5: rel of this program's mbarrier to arm; $6: the destinations (ranks 0 .. $6 - 1; 0: none); $7: the
+# bytes to arm it with (0: none); $8: the block's bytes. Thread r * (threads / 16) copies to rank r: a copy's
+# operands must be uniform, so ptxas issues a warp's copies one after another; spread, each warp issues a quarter
+# (4 warps) or fewer.
+BULK_SEND = tl.constexpr(
+    "{\n\t.reg .b32 %b, %n, %t, %r, %a, %d, %m;\n\t.reg .b64 %st;\n\t.reg .pred %p, %q;\n\t" + _BULK_BASE
+    + "mov.u32 %t, %tid.x;\n\tsetp.eq.u32 %q, %t, 0;\n\tsetp.ne.and.u32 %q, $7, 0, %q;\n\tadd.u32 %a, %b, $5;\n\t"
+    "@%q mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%a], $7;\n\t"
+    "mov.u32 %n, %ntid.x;\n\tshr.u32 %n, %n, 4;\n\tdiv.u32 %r, %t, %n;\n\trem.u32 %n, %t, %n;\n\t"
+    "setp.lt.u32 %p, %r, $6;\n\tsetp.eq.and.u32 %p, %n, 0, %p;\n\t"
+    "add.u32 %a, %b, $2;\n\tadd.u32 %m, %b, $4;\n\tadd.u32 %b, %b, $3;\n\t"
+    "@%p mapa.shared::cluster.u32 %d, %a, %r;\n\t@%p mapa.shared::cluster.u32 %m, %m, %r;\n\t"
+    "@%p cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%d], [%b], $8, [%m];\n\t"
+    "mov.b32 $0, $1;\n\t}")
+
+
+@triton.jit
+def _bulk_rel(off, EXTRA: tl.constexpr):
+    """The rel of byte `off` of the BULK region (EXTRA bytes at the end of the dynamic shared memory)."""
+    return off - EXTRA
+
+
+@triton.jit
+def _proxy_fence(x):
+    """fence.proxy.async.shared::cta: orders this thread's shared-memory accesses with the async proxy's (the bulk
+    copies'). Returns x."""
+    return tl.inline_asm_elementwise("fence.proxy.async.shared::cta;\n\tmov.b32 $0, $1;", "=r,r", [x],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _bulk_put(b_h, o_bytes, rel):
+    """b_h (16-bit) into the staging block at rel, value (b, j) at byte o_bytes[b, j], between proxy fences: after
+    the copies that read the block two productions ago (their completion is known only through the other programs'
+    copies since), before the copy of this one (once a CTA barrier has ordered every thread's stores)."""
+    _proxy_fence(rel)
+    tl.inline_asm_elementwise(BULK_PUT, "=r,h,r,r", [b_h.to(tl.int16, bitcast=True), o_bytes, o_bytes * 0 + rel],
+                              dtype=tl.int32, is_pure=False, pack=1)
+    _proxy_fence(rel)
+
+
+@triton.jit
+def _bulk_read(codes, rel, DT: tl.constexpr):
+    """h [BB, BK] (DT) out of the slot at rel, unit (b, k) at byte codes[b, k] (negative: 0)."""
+    x = tl.inline_asm_elementwise(BULK_READ, BULK_READ_CONSTRAINTS, [codes, codes * 0 + rel], dtype=tl.int16,
+                                  is_pure=False, pack=8)
+    return x.to(DT, bitcast=True)
+
+
+@triton.jit
+def _bulk_wait(rel, parity, max_spin):
+    """Waits for the phase of parity `parity` of the mbarrier at rel; returns 1 if it gave up (after max_spin
+    polls: a protocol that lost a copy would otherwise hang)."""
+    return tl.inline_asm_elementwise(BULK_WAIT, "=r,r,r,r", [rel, parity, max_spin], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
 @triton.jit
 def _layer_counter(SYNC):
     """A single layer's barrier counter: its (direction, batch group)'s."""
@@ -690,6 +794,7 @@ def lstm_fwd_kernel(
     ERR,  # [1] int32 the device's sticky barrier-error flag
     WSCALE,  # [D or L, 5] float32 the scales of HALF_W's float16 operands (_half_weights)
     HB,  # [2, D, B, H] float16 h_t * REC_MUL at step t's parity, h0 times its scale at slot 1 (when HALF_H)
+    CODES,  # [BB, BK] int16 (when BULK): the byte of row b's unit k in a slot (bulk_codes; -1: none)
     T,
     B,
     H,
@@ -720,8 +825,12 @@ def lstm_fwd_kernel(
     HALF_H: tl.constexpr = False,  # HALF_W, single layer: h_{t-1} read from HB, as its producer rounded it
     CARRY: tl.constexpr = 0,  # PREFETCH: how the next step's gx crosses the barrier (_load_carried)
     ARRIVE_EARLY: tl.constexpr = False,  # PREFETCH, a tile a program: arrive after y's store, wait at the step's end
+    BULK: tl.constexpr = False,  # h_{t-1} through the cluster's shared memory by bulk copies, no barrier (above)
 ):
     tl.static_assert(not ARRIVE_EARLY or (PREFETCH and PERSISTENT), "early arrival: a prefetching launch")
+    tl.static_assert(not BULK or (CLUSTER and PREFETCH and TRANSPOSED and W_RESIDENT and KC == BK and not HALF_W
+                                  and not STACK and not ARRIVE_EARLY and BH % 8 == 0),
+                     "bulk exchange: a cluster's prefetching one-chunk transposed 16-bit tiles")
     tl.static_assert(not HALF_W or TRANSPOSED, "float16 weights: transposed dots only")
     tl.static_assert(not HALF_H or (HALF_W and not STACK), "float16 h exchange: a single layer's float16 dots")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
@@ -820,6 +929,29 @@ def lstm_fwd_kernel(
         n_gi, n_gf, n_gg, n_go = _load_step_gx(GX, LAST, o_b0, m_b0, o_j, m_j, i_h * BH, S_START, T, B, H, SG, rev,
                                                BB, BH, HAS_LENGTHS, CARRY)
         n_c = tl.load(C_WS + o_b0[:, None] * H + o_j[None, :], mask=m_b0[:, None] & m_j[None, :], other=0.0)
+    if BULK:
+        SLOT: tl.constexpr = BB * BK * 2
+        STG: tl.constexpr = BB * BH * 2
+        MBAR: tl.constexpr = 2 * SLOT + 2 * STG
+        EXTRA: tl.constexpr = MBAR + 16  # bulk_bytes
+        step_bytes = tl.num_programs(0) * STG
+        codes = tl.load(CODES + tl.arange(0, BB)[:, None] * BK + tl.arange(0, BK)[None, :]).to(tl.int32)
+        o_put = (tl.arange(0, BB)[:, None] * BH + tl.arange(0, BH)[None, :]) * 2
+        tl.inline_asm_elementwise(BULK_INIT, "=r,r,r,r,r", [S_START, _bulk_rel(MBAR, EXTRA), step_bytes,
+                                                            (S_COUNT > 1).to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+        # Production 0: this program's units of the launch's first h_{t-1} (h0, or the previous launch's output).
+        last0, o_t0, o_dir0 = _row_steps(LAST, o_b0, m_b0, S_START, T, rev, BB, HAS_LENGTHS)
+        o_h0 = tl.where(S_START == 0, o_b0.to(tl.int64) * H, ((o_t0 - o_dir0) * B + o_b0) * SY)
+        b_h0 = tl.load(tl.where(S_START == 0, H0, Y) + o_h0[:, None] + o_j[None, :],
+                       mask=(m_b0 & (S_START <= last0))[:, None] & m_j[None, :], other=0.0)
+        _bulk_put(b_h0, o_put, _bulk_rel(2 * SLOT, EXTRA))
+        tl.debug_barrier()
+        tl.inline_asm_elementwise(BULK_SEND, "=r,r,r,r,r,r,r,r,r",
+                                  [S_START, _bulk_rel(i_h * STG, EXTRA), _bulk_rel(2 * SLOT, EXTRA),
+                                   _bulk_rel(MBAR, EXTRA), _bulk_rel(MBAR, EXTRA), tl.num_programs(0), 0, STG],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+        failed = S_START * 0
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
         for i_b in range(i_q, n_tiles, n_q):
@@ -873,6 +1005,18 @@ def lstm_fwd_kernel(
             if MERGED:
                 b_gi, b_gf, b_gg, b_go = _merged_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wm,
                                                            W, o_k, i_h, H, BK, BB, BH, W_RESIDENT, DOT_PRECISION)
+            elif BULK:
+                # Production u (h_{t-1}) in slot u % 2, once every program's copy has landed.
+                u = s_glob - S_START
+                # After a wait that gave up, one poll each: a lost copy costs the launch one timeout, not one a step.
+                gave_up = _bulk_wait(_bulk_rel(MBAR + 8 * (u % 2), EXTRA), (u // 2) % 2,
+                                     tl.where(failed != 0, 1, max_spin))
+                failed = failed | gave_up
+                poisoned = poisoned | (gave_up != 0)
+                b_hx = _bulk_read(codes, _bulk_rel((u % 2) * SLOT, EXTRA), GX.dtype.element_ty)
+                acc = tl.dot(b_wm[0], tl.trans(b_hx), tl.zeros([4 * BH, BB], dtype=tl.float32),
+                             input_precision=DOT_PRECISION)
+                b_gi, b_gf, b_gg, b_go = _transposed_split(b_gi, b_gf, b_gg, b_go, acc, BB, BH)
             elif TRANSPOSED:
                 b_gi, b_gf, b_gg, b_go = _transposed_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live,
                                                                b_wm, W, i_h, i_h >= 0, H, BB, BH, BK, KC,
@@ -899,6 +1043,18 @@ def lstm_fwd_kernel(
             b_y = tl.where(poisoned, float("nan"), b_y)
 
             o_bh = o_b[:, None] * H + o_j[None, :]
+            if BULK:
+                # Production u + 1 (h_t) to every program, if the launch reads it; mbarrier u % 2 armed for u + 2.
+                p_next = (u + 1) % 2
+                _bulk_put(b_y.to(Y.dtype.element_ty), o_put, _bulk_rel(2 * SLOT + p_next * STG, EXTRA))
+                tl.debug_barrier()
+                tl.inline_asm_elementwise(BULK_SEND, "=r,r,r,r,r,r,r,r,r",
+                                          [s_glob, _bulk_rel(p_next * SLOT + i_h * STG, EXTRA),
+                                           _bulk_rel(2 * SLOT + p_next * STG, EXTRA),
+                                           _bulk_rel(MBAR + 8 * p_next, EXTRA), _bulk_rel(MBAR + 8 * (u % 2), EXTRA),
+                                           tl.where(u + 1 < S_COUNT, tl.num_programs(0), 0),
+                                           tl.where(u + 2 < S_COUNT, step_bytes, 0), STG],
+                                          dtype=tl.int32, is_pure=False, pack=1)
             tl.store(Y + o_row[:, None] * SY + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
             if HALF_H:
                 # The slot step s - 1 read h_{t-2} from: the barrier before this step waited for those reads.
@@ -939,9 +1095,15 @@ def lstm_fwd_kernel(
                 n_c = b_c
         if ARRIVE_EARLY:
             poisoned = poisoned | _step_wait(SYNC, ERR, s_glob, S_START, max_spin, CLUSTER)
-        elif PERSISTENT:
+        elif PERSISTENT and not BULK:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
             poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
+    if BULK:
+        # No program leaves while a copy into or out of its shared memory may be in flight; a wait that gave up in
+        # any thread is the launch's error.
+        _cluster_barrier(S_START)
+        if tl.max(tl.full([BB], failed, tl.int32), axis=0) != 0:
+            tl.atomic_xchg(ERR, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1689,6 +1851,7 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
                       f"{torch.cuda.get_device_name(device)} runs this launch with the grid barrier instead",
                       RuntimeWarning, stacklevel=2)
         meta["CLUSTER"] = cluster = False
+        meta["BULK"] = False
     if _compiling_only.get():
         kernel.warmup(*args, 0, n_steps, config.max_spin, grid=grid, **meta)
         return
@@ -1728,10 +1891,59 @@ def _launch_as_cluster(kernel, grid, args: tuple, meta: dict) -> None:
                            "launch through Triton's launcher would under-allocate")
     launch = compiled.run  # (loads the module: compiled.function is set from here on)
     stream = torch.cuda.current_stream().cuda_stream
-    packed = (compiled.metadata.num_warps, grid[0], compiled.metadata.shared)
+    shared = compiled.metadata.shared
+    if meta.get("BULK"):
+        # The BULK region after the kernel's own, 16-aligned, at the end, where the kernel finds it.
+        shared = cdiv(shared, 16) * 16 + bulk_bytes(meta["BB"], meta["BH"], meta["BK"])
+        _allow_dynamic_shared(compiled.function, shared)
+    packed = (compiled.metadata.num_warps, grid[0], shared)
     # As JITFunction.run hands them over (profilers' launch hooks included), but for grid x and num_ctas.
     launch(1, grid[1], grid[2], stream, compiled.function, packed, compiled.launch_metadata(grid, stream, *params),
            knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *params)
+
+
+def bulk_bytes(block_b: int, block_h: int, block_k: int) -> int:
+    """The shared memory BULK adds to a launch (the kernel's EXTRA): two slots of h [BB, BK], two staging blocks
+    [BB, BH] (16-bit), two mbarriers and 8 bytes to keep it a multiple of 16."""
+    return 2 * block_b * block_k * 2 + 2 * block_b * block_h * 2 + 16
+
+
+_bulk_codes: dict[tuple, torch.Tensor] = {}
+
+
+def bulk_codes(block_b: int, block_h: int, block_k: int, hidden: int, device: torch.device) -> torch.Tensor | None:
+    """BULK's CODES [BB, BK] int16: the byte of row b's unit k in a slot, whose producer-major layout [P, BB, BH]
+    makes each producer's tile one block for its copy (-1 past H: read as 0). Loaded by the kernel, which gives
+    them a load's layout (8 consecutive units a thread), the one _bulk_read's 16-byte reads need. Made once per key,
+    outside a CUDA graph's capture (a copy to the GPU cannot be captured): None while capturing a key not yet made."""
+    key = (block_b, block_h, block_k, hidden, device)
+    if key not in _bulk_codes:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        k = torch.arange(block_k)
+        b = torch.arange(block_b)[:, None]
+        codes = (((k // block_h) * block_b + b) * block_h + k % block_h) * 2
+        _bulk_codes[key] = torch.where(k < hidden, codes, -1).to(torch.int16).to(device)
+    return _bulk_codes[key]
+
+
+_shared_allowed: dict[int, int] = {}
+
+
+def _allow_dynamic_shared(function: int, nbytes: int) -> None:
+    """Raises a kernel's dynamic shared memory limit to nbytes (Triton's loader raises it only for kernels that
+    need more than 48 KB themselves)."""
+    if _shared_allowed.get(function, 0) >= nbytes:
+        return
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    max_dynamic_shared_size_bytes = 8  # CUfunction_attribute
+    rc = cuda.cuFuncSetAttribute(ctypes.c_void_p(function), max_dynamic_shared_size_bytes, ctypes.c_int(nbytes))
+    if rc != 0:
+        raise RuntimeError(f"BULK: cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {nbytes}) failed with CUresult "
+                           f"{rc}")
+    _shared_allowed[function] = nbytes
 
 
 # A transposed dot's K chunk holds this much of h_{t-1} ([BB, KC]): compile-only sm_90 (perf/NOTES.md v0.18), no
@@ -1931,7 +2143,8 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     lengths = last is not None
     b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
     config, grid, words, constexprs = _forward_plan(config, dt, B, H, D, store_gates, has_bias, two, lengths,
-                                                    _dot_precision(dt), HALF_H, PREFETCH_AS_LOADED, ARRIVE_EARLY)
+                                                    _dot_precision(dt), HALF_H, PREFETCH_AS_LOADED, ARRIVE_EARLY,
+                                                    BULK_H and dev.type == "cuda" and not interpreting())
     _check_residency(config, H, D, dev)
     y = _per_step((T, B, D * H), dt, dev, lengths)
     hn = _alloc((D, B, H), dt, dev)
@@ -1944,8 +2157,12 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     h16 = torch.empty((2, D, B, H), dtype=torch.float16, device=dev) if constexprs["HALF_H"] else None
     w_dot, _, wscale = _half_weights(w_hh, h0, h0_out=None if h16 is None else h16[1]) if constexprs["HALF_W"] \
         else (w_hh, None, c_ws)
+    codes = bulk_codes(config.block_b, config.block_h, config.block_k, H, dev) if constexprs["BULK"] else sync
+    if codes is None:
+        constexprs = dict(constexprs, BULK=False)
+        codes = sync
     args = (gx, gates, w_dot, w_dot, y, y, b1, b2, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync,
-            sync, barrier_errors.flag(dev), wscale, h16 if h16 is not None else sync, T, B, H, int(reverse))
+            sync, barrier_errors.flag(dev), wscale, h16 if h16 is not None else sync, codes, T, B, H, int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, dev, args, constexprs, sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
@@ -1981,6 +2198,22 @@ PREFETCH_AS_LOADED = os.environ.get("TRITONLSTM_PREFETCH_AS_LOADED", "1") != "0"
 # GPU has run it: a cluster barrier cannot time out, so an arrival missed would hang. TRITONLSTM_ARRIVE_EARLY=1
 # turns it on.
 ARRIVE_EARLY = os.environ.get("TRITONLSTM_ARRIVE_EARLY", "0") == "1"
+# A forward cluster launch of 16-bit one-chunk transposed tiles, one batch tile a program, exchanges h_{t-1} through the
+# cluster's shared memory by bulk copies, with no barrier a step (kernels' BULK, perf/NOTES.md v0.69). Off until a GPU
+# has run it; CUDA only (the interpreter has no shared memory between programs). TRITONLSTM_BULK_H=1 turns it on.
+BULK_H = os.environ.get("TRITONLSTM_BULK_H", "0") == "1"
+
+
+def bulk_applies(config, esize: int, kc: int, prefetch: bool, one_tile_each: bool) -> bool:
+    """Whether a single layer's forward launch of `config` (dtype of `esize` bytes, transposed chunk kc) can take
+    BULK: a cluster's 16-bit transposed tiles with W resident in one chunk, prefetching with one batch tile a program,
+    whole 16-byte reads within a producer's units (block_h % 8 == 0), and the slots in shared memory beside the
+    kernel's own (configs.shared_bytes' estimate)."""
+    if not (config.clustered and config.transposed and config.w_resident and esize == 2 and prefetch
+            and one_tile_each and kc == config.block_k and config.block_h % 8 == 0 and not config.half_w):
+        return False
+    own = shared_bytes(config, "fwd", config.block_k, esize)
+    return cdiv(own, 16) * 16 + bulk_bytes(config.block_b, config.block_h, config.block_k) <= SM90_SHARED
 
 
 def step_constexprs(config, esize: int, prefetch: bool, one_tile_each: bool, as_loaded: bool = True,
@@ -2010,10 +2243,10 @@ def _step_constexprs_at(config, esize: int, batch: int, hidden: int, as_loaded: 
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gates: bool, has_bias: bool,
                   two_biases: bool, has_lengths: bool, precision: str, half_h: bool = True, as_loaded: bool = True,
-                  arrive_early: bool = False):
+                  arrive_early: bool = False, bulk: bool = False):
     """(config as the forward runs it, grid, barrier words, the kernel's constexprs) of an lstm_forward launch;
-    half_h, as_loaded, arrive_early: the module's switches at the call (in the key, so that switching them takes
-    effect)."""
+    half_h, as_loaded, arrive_early, bulk: the module's switches at the call (in the key, so that switching them takes
+    effect; bulk: BULK_H where it can run, a CUDA launch)."""
     config = for_kernel(config, "fwd")
     _check_tiles(config, H)
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
@@ -2025,6 +2258,11 @@ def _forward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, store_gate
                       TRANSPOSED=config.transposed,
                       KC=transposed_chunk(config, dtype.itemsize, half_h=half_h), HALF_W=half_w, HALF_H=half_h,
                       **_step_constexprs_at(config, dtype.itemsize, B, H, as_loaded, arrive_early), **cluster)
+    constexprs["BULK"] = bulk and cluster["CLUSTER"] and bulk_applies(config, dtype.itemsize, constexprs["KC"],
+                                                                      constexprs["PREFETCH"],
+                                                                      cdiv(B, config.block_b) == config.batch_groups)
+    if constexprs["BULK"]:
+        constexprs["ARRIVE_EARLY"] = False  # no barrier a step to arrive at
     return config, grid, words, constexprs
 
 
@@ -2059,7 +2297,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
     args = (gx, gates, w_dot, w_ih_dot, drop if drop is not None else y, xd if xd is not None else y, b1, b2, h0,
             c_ws, y, hn, cn, c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), wscale, sync,
-            T, B, H, 0)
+            sync, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=has_bias, TWO_BIASES=two, HAS_LENGTHS=last is not None, STACK=True,
               HAS_DROPOUT=drop is not None, MERGED=False, TRANSPOSED=config.transposed,

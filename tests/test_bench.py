@@ -601,7 +601,8 @@ def test_kernel_ab_switches_name_the_kernels_module_flags():
     """Each A/B of perf/kernel_ab.py sets flags of tritonlstm.kernels.lstm by name (setattr would create a misspelt
     one silently, and the "A/B" would time the same code twice): every switch names an existing flag. --qc-ab times
     the reduce-scatter backward variants again with 16 shares a load across threads, as before v0.67; --prefetch-ab
-    the prefetching variants arriving early, and the 16-bit prefetching cluster ones widened at the load (v0.68)."""
+    the prefetching variants arriving early, and the 16-bit prefetching cluster ones widened at the load (v0.68);
+    --bulk-ab the 16-bit transposed cluster forwards with the bulk exchange (v0.69)."""
     import torch
 
     from tritonlstm.kernels import lstm as k
@@ -620,7 +621,13 @@ def test_kernel_ab_switches_name_the_kernels_module_flags():
     assert [n for n, _, _ in prefetch if n.endswith("/early")] == [f"{n}/early" for n in bwd], prefetch
     assert "transposed-cluster/widened" in [n for n, _, _ in prefetch], prefetch
     runs += prefetch
+    fwd = ab.variants("fwd", 256, 16, torch.float16, 132, ["transposed", "transposed-cluster", "cluster"])
+    assert not any(n.endswith("/bulk") for n, _, _ in ab.timed_runs("fwd", torch.float16, fwd, prefetch_ab=True))
+    bulk = [n for n, _, _ in ab.timed_runs("fwd", torch.float16, fwd, bulk_ab=True)]
+    assert [n for n in bulk if n.endswith("/bulk")] == ["transposed-cluster/bulk"], bulk
+    assert not any(n.endswith("/bulk") for n, _, _ in ab.timed_runs("fwd", torch.float32, fwd, bulk_ab=True))
+    runs += ab.timed_runs("fwd", torch.float16, fwd, bulk_ab=True)
     switches = {flag for _, _, s in runs for flag in s}
     assert switches == {"SPLIT_PAIRS", "REDUCE_SCATTER_IN_REGISTERS", "REDUCE_SCATTER_LOAD", "HALF_H", "HALF_G",
-                        "ARRIVE_EARLY", "PREFETCH_AS_LOADED"}
+                        "ARRIVE_EARLY", "PREFETCH_AS_LOADED", "BULK_H"}
     assert all(hasattr(k, flag) for flag in switches), switches

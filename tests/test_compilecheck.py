@@ -760,3 +760,37 @@ def test_prefetch_crosses_the_barrier_as_loaded_and_early_arrival_frees_the_fenc
     whole, early = rows[6:]
     assert whole[:4] == early[:4] == ["bwd", False, None, 0], rows
     assert whole[4:] == [0, 0] and early[4] >= 1 and early[5] >= 4, rows
+
+
+BULK_COMPILE = SHIPPED_COMPILES + """
+out = []
+for dtype, H in ((torch.float16, 256), (torch.bfloat16, 512)):
+    cfg = lookup_in("NVIDIA H200", config_key("fwd", dtype, H, 16, 1))[0]
+    for bulk in (False, True):
+        k.BULK_H = bulk
+        r = cc.check("fwd", dtype, H, cfg, prefetch=cfg.prefetches(16, H))
+        ptx, ops = compiled[-1].asm["ptx"], [m for m, _ in cc.instructions(cc.sass(compiled[-1].asm["cubin"]))]
+        waits = [i for i, m in enumerate(ops) if m == "UCGABAR_WAIT"]
+        # From the first wait to the last arrival's fence (with BULK, the launch's closing barrier): the steps.
+        last = max(i for i, m in enumerate(ops) if m == "UCGABAR_ARV")
+        loop = ops[waits[0] + 1:max(i for i, m in enumerate(ops[:last]) if m == "MEMBAR.ALL.GPU")]
+        out.append([cfg.clustered, r.error, r.spill_bytes, len(waits), ptx.count("mbarrier.try_wait.parity"),
+                    ops.count("UBLKCP.S.S"), sum(m.startswith(("UCGABAR", "MEMBAR.ALL.GPU")) for m in loop),
+                    loop.count("LDS.128")])
+print(json.dumps(out))
+"""
+
+
+def test_bulk_exchange_has_no_barrier_in_the_step():
+    """v0.69 (BULK) on the shipped H200 transposed-cluster forwards (fp16 H = 256, 4 warps; bf16 H = 512, 8 warps;
+    B = 16; sm_90 SASS): with it, the cluster barrier and its fence (UCGABAR_*, MEMBAR.ALL.GPU) are left only at the
+    launch's start and end, and between them the step waits on an mbarrier, reads h_{t-1} from its own shared memory
+    in 16-byte loads and copies its h_t to the cluster with one bulk copy (UBLKCP; one more for the launch's first
+    h_{t-1}); without it (the control) the step's barrier is the only UCGABAR_WAIT. No spills."""
+    proc = run_python("-c", BULK_COMPILE, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    for whole, bulk in (rows[:2], rows[2:]):
+        assert whole[:5] == [True, None, 0, 1, 0] and whole[5] == 0, rows
+        assert bulk[:3] == [True, None, 0] and bulk[3] == 2 and bulk[4] >= 1 and bulk[5] == 2, rows
+        assert bulk[6] == 0 and bulk[7] >= 4, rows

@@ -1335,6 +1335,46 @@ def test_early_arrival_only_where_every_program_arrives_once_a_step(monkeypatch)
     assert plan[2]["PREFETCH"] and not plan[2]["ARRIVE_EARLY"]
 
 
+def test_bulk_exchange_only_where_its_protocol_holds(monkeypatch):
+    """BULK (v0.69): every program of a cluster copies its h_t into every program's shared memory each step and
+    waits for the copies on an mbarrier, so it needs the cluster, one batch tile a program (a program without rows
+    would send nothing), h_{t-1} whole in one transposed chunk, 16-bit values in 16-byte reads. The plans take it
+    only with the switch and there, never with early arrival (no barrier to arrive at); lstm_forward asks for it
+    only for CUDA launches (the interpreter has no shared memory between programs). Its codes: row b's unit k in a
+    slot of producer-major [P, BB, BH] blocks, -1 past H."""
+    from helpers import launch_constexprs
+
+    cfg = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, exchange="cluster", transposed=True)
+
+    def plan(c, dtype=torch.float16, B=16, bulk=True):
+        return kernels._forward_plan(c, dtype, B, 64, 1, True, True, True, False, "ieee", True, True, True, bulk)[3]
+
+    assert plan(cfg)["BULK"] and plan(cfg)["PREFETCH"] and not plan(cfg)["ARRIVE_EARLY"]
+    assert plan(cfg, torch.bfloat16)["BULK"] and plan(cfg, B=9)["BULK"]
+    assert plan(cfg, bulk=False)["ARRIVE_EARLY"] and not plan(cfg, bulk=False)["BULK"]
+    assert not plan(cfg, torch.float32)["BULK"]
+    assert not plan(dataclasses.replace(cfg, exchange="barrier"))["BULK"]
+    assert not plan(dataclasses.replace(cfg, batch_groups=4), B=40)["BULK"]  # 3 tiles over 4 groups
+    assert not plan(dataclasses.replace(cfg, transposed=False))["BULK"]
+    assert not plan(dataclasses.replace(cfg, prefetch=False))["BULK"]
+    assert not plan(dataclasses.replace(cfg, block_k=128, w_resident=False))["BULK"]
+
+    codes = kernels.bulk_codes(2, 8, 32, 20, torch.device("cpu"))
+    assert codes.shape == (2, 32) and codes.dtype == torch.int16
+    assert (codes[:, 20:] == -1).all()
+    for b in range(2):
+        for k in range(20):
+            assert codes[b, k] == ((k // 8 * 2 + b) * 8 + k % 8) * 2, (b, k)
+    assert sorted(codes[:, :16].flatten().tolist()) == list(range(0, 64, 2))  # producers 0, 1: two whole blocks
+
+    monkeypatch.setattr(kernels, "BULK_H", True)
+    took = launch_constexprs(monkeypatch, "lstm_fwd_kernel", "BULK")
+    problem = make_problem(4, 16, 8, 16, torch.float16)
+    with use_config(dataclasses.replace(cfg, block_k=16), "fwd"):  # one program: persistent on the interpreter
+        fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+    assert took == [False]
+
+
 @pytest.mark.parametrize("given", ["bias_ih", "bias_hh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_one_bias_of_the_two(given, dtype):

@@ -734,6 +734,68 @@ def test_early_arrival_matches_cudnn_and_the_whole_barrier(kind, H, dtype, monke
             assert early["lstm_bwd_kernel"] == [True, False] * 2, early
 
 
+BULK_CASES = [pytest.param(H, dt, id=f"H{H}-{name}") for name, dt in DTYPES.items() if dt != torch.float32
+              for H in (256, 512)]
+
+
+def _bulk_outputs(T, B, H, dtype, lengths=None):
+    """y, h_n, c_n and every gradient of one training call of fused_lstm at seed B (in reverse with lengths)."""
+    torch.manual_seed(B)
+    _, w = cudnn_and_weights(H, H, dtype)
+    x = torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True)
+    h0 = (torch.randn(B, H, device="cuda", dtype=dtype) * 0.5).requires_grad_()
+    c0 = (torch.randn(B, H, device="cuda", dtype=dtype) * 0.5).requires_grad_()
+    y, (hn, cn) = fused_lstm(x, *w, h0, c0, reverse=lengths is not None, lengths=lengths, backend="triton")
+    (y.float() * torch.randn(y.shape, device="cuda")).sum().backward()
+    return [y, hn, cn, x.grad, h0.grad, c0.grad, *(p.grad for p in w)]
+
+
+@pytest.mark.parametrize("H,dtype", BULK_CASES)
+def test_bulk_exchange_matches_cudnn_and_the_cluster_barrier_bit_for_bit(H, dtype, monkeypatch):
+    """BULK (perf/NOTES.md v0.69): transposed-cluster's forward with h_{t-1} copied into every program's shared
+    memory and waited for on mbarriers, no barrier a step. Against cuDNN (B = 16, one cluster; B = 64, four), then
+    the same bits as the cluster barrier (outputs and every gradient; the exchange carries the very values y holds),
+    in reverse with per-row lengths too, with the sequence split into launches of 3 steps (each launch's first h_{t-1}
+    read from what the launch before left, then its own copies), and both directions of a packed batch (a cluster a
+    direction). A copy lost or counted against the wrong phase would fail the mbarrier's wait (the launch's error)
+    or read a stale slot."""
+    import triton.language as tl
+
+    from helpers import launch_constexprs
+    from tritonlstm.configs import named_variants, use_config
+    from tritonlstm.kernels import lstm as k
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    took = launch_constexprs(monkeypatch, "lstm_fwd_kernel", "BULK")
+    for B in (16, 64):
+        with use_config(named_variants("fwd", H, B, dtype, sms)["transposed-cluster"], "fwd"):
+            monkeypatch.setattr(k, "BULK_H", True)
+            run_both(64, B, H, dtype)
+            lengths = torch.randint(1, 65, (B,))
+            lengths[0] = 64
+            for lens in (None, lengths):
+                outs = {}
+                for on in (True, False):
+                    monkeypatch.setattr(k, "BULK_H", on)
+                    outs[on] = _bulk_outputs(64, B, H, dtype, lens)
+                    k.barrier_errors.check(torch.device("cuda"), wait=True)
+                assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False])), (B, lens is not None)
+    assert took == [True, True, False, True, False] * 2, took
+    monkeypatch.setattr(k, "BULK_H", True)
+    fwd = named_variants("fwd", H, 16, dtype, sms)["transposed-cluster"]
+    released = k.RELEASED
+    k.RELEASED = tl.constexpr(3 * fwd.programs(H) + 1)
+    try:
+        with use_config(fwd, "fwd"):
+            run_both(10, 16, H, dtype, backward=False)
+    finally:
+        k.RELEASED = released
+    both = named_variants("fwd", H, 16, dtype, sms // 2)["transposed-cluster"]
+    packed_bidirectional_matches_cudnn(H, 16, dtype, both)
+    assert all(took[10:]), took
+    k.barrier_errors.check(torch.device("cuda"), wait=True)
+
+
 def packed_bidirectional_training_matches_cudnn(H, B, dtype, bwd_config):
     """Both directions and per-row lengths in one backward launch with bwd_config: output, input and parameter
     gradients against cuDNN's packed bidirectional layer."""

@@ -128,7 +128,7 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     elif kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": p, "BIAS_HH": p, "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "WSCALE": "*fp32", "HB": "*fp16"}
+                "ERR": "*i32", "WSCALE": "*fp32", "HB": "*fp16", "CODES": "*i16"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "TWO_BIASES", "HAS_LENGTHS", "STACK",
                  "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK", "MERGED")
     else:
@@ -279,6 +279,9 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       TRANSPOSED=config.transposed,
                       KC=k.transposed_chunk(config, dtype.itemsize, stack=kernel == "stack", half_h=half_h),
                       HALF_W=config.half_w, HALF_H=half_h, **_step(config, kernel, dtype, prefetch))
+        if kernel == "fwd" and k.BULK_H and k.bulk_applies(config, dtype.itemsize, consts["KC"], consts["PREFETCH"],
+                                                          True):
+            consts.update(BULK=True, ARRIVE_EARLY=False)
     else:
         consts.update(STACK=kernel == "stack_bwd", HAS_DROPOUT=kernel == "stack_bwd",
                       **_step(config, kernel, dtype, prefetch),
