@@ -635,15 +635,15 @@ def _cluster_wait(x):
 # phase cannot complete before the arrival of its arm). The launch ends with a cluster barrier, so that no program
 # leaves while a copy into or out of its shared memory is in flight (every production sent is read in the launch).
 _BULK_BASE = "mov.u32 %b, global_smem;\n\tmov.u32 %n, %dynamic_smem_size;\n\tadd.u32 %b, %b, %n;\n\t"
-# $1: x; $2: rel of the mbarriers; $3: a step's bytes; $4: 1 to arm mbarrier 1 too (a second step in the launch).
+# $1: x; $2: rel of the mbarriers; $3: a step's bytes; $4: 1 to arm mbarrier 1 too (a second step in the launch). A
+# cluster barrier must follow before any copy (the fence makes the initialisation visible to it).
 BULK_INIT = tl.constexpr(
     "{\n\t.reg .b32 %b, %n, %t;\n\t.reg .b64 %st;\n\t.reg .pred %p, %q;\n\t" + _BULK_BASE
     + "add.u32 %b, %b, $2;\n\tmov.u32 %t, %tid.x;\n\tsetp.eq.u32 %p, %t, 0;\n\tsetp.ne.and.u32 %q, $4, 0, %p;\n\t"
     "@%p mbarrier.init.shared::cta.b64 [%b], 1;\n\t@%p mbarrier.init.shared::cta.b64 [%b+8], 1;\n\t"
     "@%p fence.mbarrier_init.release.cluster;\n\t"
     "@%p mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%b], $3;\n\t"
-    "@%q mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%b+8], $3;\n\t"
-    "barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;\n\tmov.b32 $0, $1;\n\t}")
+    "@%q mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%b+8], $3;\n\tmov.b32 $0, $1;\n\t}")
 # $1: rel of the mbarrier; $2: the phase's parity; $3: the most polls, each suspended at most ~1 us (the hint, in ns;
 # the hardware's own limit is unspecified): max_spin polls give up after ~17 s, as the counter barrier's polls do.
 # $0: 1 if it gave up.
@@ -689,39 +689,135 @@ def _bulk_rel(off, EXTRA: tl.constexpr):
     return off - EXTRA
 
 
+# On the interpreter (no shared memory between programs, no inline PTX) each program's region lives in RING, at the
+# same byte offsets from its end, followed by its two mbarriers as words (a lock, the phases completed, the pending
+# arrivals, the tx-count), which _ring_mbarrier updates as the hardware does: tests/test_concurrent_programs.py runs
+# the protocol with the programs at once.
+@triton.jit
+def _ring_end(rank, EXTRA: tl.constexpr):
+    """The byte in RING where the region of program `rank` of this program's cluster ends (its mbarriers follow)."""
+    cluster = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    return (cluster * tl.num_programs(0) + rank) * (EXTRA + 32) + EXTRA
+
+
+@triton.jit
+def _ring_mbarrier(RING, end, k, arrivals, tx):
+    """mbarrier k of the region ending at byte `end` of RING: `arrivals` arrive and the tx-count grows by tx (a
+    copy's complete_tx: -bytes); the phase completes when nothing is pending and the tx-count is 0."""
+    p = RING + end // 4 + 4 * k
+    while tl.atomic_cas(p, 0, 1) != 0:
+        pass
+    pending = tl.load(p + 2, volatile=True) - arrivals
+    count = tl.load(p + 3, volatile=True) + tx
+    if (pending == 0) & (count == 0):
+        pending = 1
+        tl.atomic_add(p + 1, 1)
+    tl.store(p + 2, pending)
+    tl.store(p + 3, count)
+    tl.atomic_xchg(p, 0)
+
+
+@triton.jit
+def _ring_quiet(RING, ERR, EXTRA: tl.constexpr):
+    """At a launch's end (after its closing barrier), on the interpreter: every copy into this program was counted by
+    a phase it waited for, or the launch's error. A tx-count below zero is a copy nobody waits for, which on the GPU
+    could still be in flight when its destination leaves."""
+    end = _ring_end(tl.program_id(0), EXTRA)
+    for k in tl.static_range(2):
+        if tl.load(RING + end // 4 + 4 * k + 3, volatile=True) < 0:
+            tl.atomic_xchg(ERR, 1)
+
+
 @triton.jit
 def _proxy_fence(x):
     """fence.proxy.async.shared::cta: orders this thread's shared-memory accesses with the async proxy's (the bulk
     copies'). Returns x."""
-    return tl.inline_asm_elementwise("fence.proxy.async.shared::cta;\n\tmov.b32 $0, $1;", "=r,r", [x],
-                                     dtype=tl.int32, is_pure=False, pack=1)
+    if FENCES:
+        x = tl.inline_asm_elementwise("fence.proxy.async.shared::cta;\n\tmov.b32 $0, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    return x
 
 
 @triton.jit
-def _bulk_put(b_h, o_bytes, rel):
+def _bulk_init(RING, step_bytes, two, MBAR: tl.constexpr, EXTRA: tl.constexpr):
+    """Initialises the two mbarriers (one arrival a phase) and arms mbarrier 0 (and 1 when `two`) for a step's
+    bytes. The cluster barrier that must follow, before any copy, is the caller's."""
+    if FENCES:
+        tl.inline_asm_elementwise(BULK_INIT, "=r,r,r,r,r", [step_bytes, _bulk_rel(MBAR, EXTRA), step_bytes, two],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        end = _ring_end(tl.program_id(0), EXTRA)
+        for k in tl.static_range(2):
+            tl.store(RING + end // 4 + 4 * k + 2, 1)
+        _ring_mbarrier(RING, end, 0, 1, step_bytes)
+        if two != 0:
+            _ring_mbarrier(RING, end, 1, 1, step_bytes)
+
+
+@triton.jit
+def _bulk_put(RING, b_h, o_bytes, rel, EXTRA: tl.constexpr):
     """b_h (16-bit) into the staging block at rel, value (b, j) at byte o_bytes[b, j], between proxy fences: after
     the copies that read the block two productions ago (their completion is known only through the other programs'
     copies since), before the copy of this one (once a CTA barrier has ordered every thread's stores)."""
-    _proxy_fence(rel)
-    tl.inline_asm_elementwise(BULK_PUT, "=r,h,r,r", [b_h.to(tl.int16, bitcast=True), o_bytes, o_bytes * 0 + rel],
-                              dtype=tl.int32, is_pure=False, pack=1)
-    _proxy_fence(rel)
+    bits = b_h.to(tl.int16, bitcast=True)
+    if FENCES:
+        _proxy_fence(rel)
+        tl.inline_asm_elementwise(BULK_PUT, "=r,h,r,r", [bits, o_bytes, o_bytes * 0 + rel], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+        _proxy_fence(rel)
+    else:
+        tl.store(RING.to(tl.pointer_type(tl.int16)) + (_ring_end(tl.program_id(0), EXTRA) + rel + o_bytes) // 2, bits)
 
 
 @triton.jit
-def _bulk_read(codes, rel, DT: tl.constexpr):
+def _bulk_send(RING, x, rel_dst, rel_src, k_dst, k_arm, n_dest, arm_bytes, STG: tl.constexpr, MBAR: tl.constexpr,
+               EXTRA: tl.constexpr):
+    """Arms this program's mbarrier k_arm for arm_bytes (none if 0), then copies the staging block at rel_src (STG
+    bytes) to rel_dst of programs 0 .. n_dest - 1 of the cluster, each counted against their mbarrier k_dst."""
+    if FENCES:
+        x = tl.inline_asm_elementwise(BULK_SEND, "=r,r,r,r,r,r,r,r,r",
+                                      [x, rel_dst, rel_src, _bulk_rel(MBAR + 8 * k_dst, EXTRA),
+                                       _bulk_rel(MBAR + 8 * k_arm, EXTRA), n_dest, arm_bytes, STG],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        if arm_bytes != 0:
+            _ring_mbarrier(RING, _ring_end(tl.program_id(0), EXTRA), k_arm, 1, arm_bytes)
+        p16 = RING.to(tl.pointer_type(tl.int16))
+        o = tl.arange(0, STG // 2)
+        block = tl.load(p16 + (_ring_end(tl.program_id(0), EXTRA) + rel_src) // 2 + o)
+        for d in range(0, n_dest):
+            tl.store(p16 + (_ring_end(d, EXTRA) + rel_dst) // 2 + o, block)
+            _ring_mbarrier(RING, _ring_end(d, EXTRA), k_dst, 0, -STG)
+    return x
+
+
+@triton.jit
+def _bulk_read(RING, codes, rel, DT: tl.constexpr, EXTRA: tl.constexpr):
     """h [BB, BK] (DT) out of the slot at rel, unit (b, k) at byte codes[b, k] (negative: 0)."""
-    x = tl.inline_asm_elementwise(BULK_READ, BULK_READ_CONSTRAINTS, [codes, codes * 0 + rel], dtype=tl.int16,
-                                  is_pure=False, pack=8)
+    if FENCES:
+        x = tl.inline_asm_elementwise(BULK_READ, BULK_READ_CONSTRAINTS, [codes, codes * 0 + rel], dtype=tl.int16,
+                                      is_pure=False, pack=8)
+    else:
+        x = tl.load(RING.to(tl.pointer_type(tl.int16)) + (_ring_end(tl.program_id(0), EXTRA) + rel + codes) // 2,
+                    mask=codes >= 0, other=0, volatile=True)
     return x.to(DT, bitcast=True)
 
 
 @triton.jit
-def _bulk_wait(rel, parity, max_spin):
-    """Waits for the phase of parity `parity` of the mbarrier at rel; returns 1 if it gave up (after max_spin
-    polls: a protocol that lost a copy would otherwise hang)."""
-    return tl.inline_asm_elementwise(BULK_WAIT, "=r,r,r,r", [rel, parity, max_spin], dtype=tl.int32, is_pure=False,
-                                     pack=1)
+def _bulk_wait(RING, k, parity, max_spin, MBAR: tl.constexpr, EXTRA: tl.constexpr):
+    """Waits for the phase of parity `parity` of mbarrier k (done once the current phase's parity differs, as the
+    hardware's try_wait.parity); returns 1 if it gave up (after max_spin polls: a protocol that lost a copy would
+    otherwise hang)."""
+    if FENCES:
+        gave_up = tl.inline_asm_elementwise(BULK_WAIT, "=r,r,r,r", [_bulk_rel(MBAR + 8 * k, EXTRA), parity, max_spin],
+                                            dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        p = RING + _ring_end(tl.program_id(0), EXTRA) // 4 + 4 * k + 1
+        spins = 0
+        while (tl.atomic_add(p, 0) % 2 == parity) & (spins < max_spin):
+            spins += 1
+        gave_up = (spins >= max_spin).to(tl.int32)
+    return gave_up
 
 
 @triton.jit
@@ -795,6 +891,7 @@ def lstm_fwd_kernel(
     WSCALE,  # [D or L, 5] float32 the scales of HALF_W's float16 operands (_half_weights)
     HB,  # [2, D, B, H] float16 h_t * REC_MUL at step t's parity, h0 times its scale at slot 1 (when HALF_H)
     CODES,  # [BB, BK] int16 (when BULK): the byte of row b's unit k in a slot (bulk_codes; -1: none)
+    RING,  # int32 (when BULK on the interpreter): every program's BULK region and mbarriers (_ring_end)
     T,
     B,
     H,
@@ -937,20 +1034,17 @@ def lstm_fwd_kernel(
         step_bytes = tl.num_programs(0) * STG
         codes = tl.load(CODES + tl.arange(0, BB)[:, None] * BK + tl.arange(0, BK)[None, :]).to(tl.int32)
         o_put = (tl.arange(0, BB)[:, None] * BH + tl.arange(0, BH)[None, :]) * 2
-        tl.inline_asm_elementwise(BULK_INIT, "=r,r,r,r,r", [S_START, _bulk_rel(MBAR, EXTRA), step_bytes,
-                                                            (S_COUNT > 1).to(tl.int32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        _bulk_init(RING, step_bytes, (S_COUNT > 1).to(tl.int32), MBAR, EXTRA)
+        _cluster_barrier(S_START)  # every program's mbarriers ready before any copy
         # Production 0: this program's units of the launch's first h_{t-1} (h0, or the previous launch's output).
         last0, o_t0, o_dir0 = _row_steps(LAST, o_b0, m_b0, S_START, T, rev, BB, HAS_LENGTHS)
         o_h0 = tl.where(S_START == 0, o_b0.to(tl.int64) * H, ((o_t0 - o_dir0) * B + o_b0) * SY)
         b_h0 = tl.load(tl.where(S_START == 0, H0, Y) + o_h0[:, None] + o_j[None, :],
                        mask=(m_b0 & (S_START <= last0))[:, None] & m_j[None, :], other=0.0)
-        _bulk_put(b_h0, o_put, _bulk_rel(2 * SLOT, EXTRA))
+        _bulk_put(RING, b_h0, o_put, _bulk_rel(2 * SLOT, EXTRA), EXTRA)
         tl.debug_barrier()
-        tl.inline_asm_elementwise(BULK_SEND, "=r,r,r,r,r,r,r,r,r",
-                                  [S_START, _bulk_rel(i_h * STG, EXTRA), _bulk_rel(2 * SLOT, EXTRA),
-                                   _bulk_rel(MBAR, EXTRA), _bulk_rel(MBAR, EXTRA), tl.num_programs(0), 0, STG],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        _bulk_send(RING, S_START, _bulk_rel(i_h * STG, EXTRA), _bulk_rel(2 * SLOT, EXTRA), 0, 0, tl.num_programs(0),
+                   0, STG, MBAR, EXTRA)
         failed = S_START * 0
     for s_glob in range(S_START, S_START + S_COUNT):
         s = s_glob - i_l  # this program's own step (the wavefront's lag in a stack)
@@ -1009,11 +1103,10 @@ def lstm_fwd_kernel(
                 # Production u (h_{t-1}) in slot u % 2, once every program's copy has landed.
                 u = s_glob - S_START
                 # After a wait that gave up, one poll each: a lost copy costs the launch one timeout, not one a step.
-                gave_up = _bulk_wait(_bulk_rel(MBAR + 8 * (u % 2), EXTRA), (u // 2) % 2,
-                                     tl.where(failed != 0, 1, max_spin))
+                gave_up = _bulk_wait(RING, u % 2, (u // 2) % 2, tl.where(failed != 0, 1, max_spin), MBAR, EXTRA)
                 failed = failed | gave_up
                 poisoned = poisoned | (gave_up != 0)
-                b_hx = _bulk_read(codes, _bulk_rel((u % 2) * SLOT, EXTRA), GX.dtype.element_ty)
+                b_hx = _bulk_read(RING, codes, _bulk_rel((u % 2) * SLOT, EXTRA), GX.dtype.element_ty, EXTRA)
                 acc = tl.dot(b_wm[0], tl.trans(b_hx), tl.zeros([4 * BH, BB], dtype=tl.float32),
                              input_precision=DOT_PRECISION)
                 b_gi, b_gf, b_gg, b_go = _transposed_split(b_gi, b_gf, b_gg, b_go, acc, BB, BH)
@@ -1046,15 +1139,12 @@ def lstm_fwd_kernel(
             if BULK:
                 # Production u + 1 (h_t) to every program, if the launch reads it; mbarrier u % 2 armed for u + 2.
                 p_next = (u + 1) % 2
-                _bulk_put(b_y.to(Y.dtype.element_ty), o_put, _bulk_rel(2 * SLOT + p_next * STG, EXTRA))
+                _bulk_put(RING, b_y.to(Y.dtype.element_ty), o_put, _bulk_rel(2 * SLOT + p_next * STG, EXTRA), EXTRA)
                 tl.debug_barrier()
-                tl.inline_asm_elementwise(BULK_SEND, "=r,r,r,r,r,r,r,r,r",
-                                          [s_glob, _bulk_rel(p_next * SLOT + i_h * STG, EXTRA),
-                                           _bulk_rel(2 * SLOT + p_next * STG, EXTRA),
-                                           _bulk_rel(MBAR + 8 * p_next, EXTRA), _bulk_rel(MBAR + 8 * (u % 2), EXTRA),
-                                           tl.where(u + 1 < S_COUNT, tl.num_programs(0), 0),
-                                           tl.where(u + 2 < S_COUNT, step_bytes, 0), STG],
-                                          dtype=tl.int32, is_pure=False, pack=1)
+                _bulk_send(RING, s_glob, _bulk_rel(p_next * SLOT + i_h * STG, EXTRA),
+                           _bulk_rel(2 * SLOT + p_next * STG, EXTRA), p_next, u % 2,
+                           tl.where(u + 1 < S_COUNT, tl.num_programs(0), 0), tl.where(u + 2 < S_COUNT, step_bytes, 0),
+                           STG, MBAR, EXTRA)
             tl.store(Y + o_row[:, None] * SY + o_j[None, :], b_y.to(Y.dtype.element_ty), mask=m_live)
             if HALF_H:
                 # The slot step s - 1 read h_{t-2} from: the barrier before this step waited for those reads.
@@ -1102,6 +1192,8 @@ def lstm_fwd_kernel(
         # No program leaves while a copy into or out of its shared memory may be in flight; a wait that gave up in
         # any thread is the launch's error.
         _cluster_barrier(S_START)
+        if not FENCES:
+            _ring_quiet(RING, ERR, EXTRA)
         if tl.max(tl.full([BB], failed, tl.int32), axis=0) != 0:
             tl.atomic_xchg(ERR, 1)
 
@@ -2142,9 +2234,9 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     dt, dev = gx.dtype, gx.device
     lengths = last is not None
     b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
+    bulk = BULK_H and (BULK_EMULATED if interpreting() else dev.type == "cuda")
     config, grid, words, constexprs = _forward_plan(config, dt, B, H, D, store_gates, has_bias, two, lengths,
-                                                    _dot_precision(dt), HALF_H, PREFETCH_AS_LOADED, ARRIVE_EARLY,
-                                                    BULK_H and dev.type == "cuda" and not interpreting())
+                                                    _dot_precision(dt), HALF_H, PREFETCH_AS_LOADED, ARRIVE_EARLY, bulk)
     _check_residency(config, H, D, dev)
     y = _per_step((T, B, D * H), dt, dev, lengths)
     hn = _alloc((D, B, H), dt, dev)
@@ -2161,8 +2253,13 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     if codes is None:
         constexprs = dict(constexprs, BULK=False)
         codes = sync
+    ring = sync
+    if constexprs["BULK"] and interpreting():
+        extra = bulk_bytes(config.block_b, config.block_h, config.block_k)
+        ring = torch.zeros(grid[0] * grid[1] * grid[2] * (extra + 32) // 4, dtype=torch.int32, device=dev)
     args = (gx, gates, w_dot, w_dot, y, y, b1, b2, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync,
-            sync, barrier_errors.flag(dev), wscale, h16 if h16 is not None else sync, codes, T, B, H, int(reverse))
+            sync, barrier_errors.flag(dev), wscale, h16 if h16 is not None else sync, codes, ring, T, B, H,
+            int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, dev, args, constexprs, sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
 
@@ -2202,6 +2299,9 @@ ARRIVE_EARLY = os.environ.get("TRITONLSTM_ARRIVE_EARLY", "0") == "1"
 # cluster's shared memory by bulk copies, with no barrier a step (kernels' BULK, perf/NOTES.md v0.69). Off until a GPU
 # has run it; CUDA only (the interpreter has no shared memory between programs). TRITONLSTM_BULK_H=1 turns it on.
 BULK_H = os.environ.get("TRITONLSTM_BULK_H", "0") == "1"
+# ... and on the interpreter only where a test runs the programs at once (tests/concurrency.py): run one after another,
+# the first would wait for copies from programs that have not started.
+BULK_EMULATED = False
 
 
 def bulk_applies(config, esize: int, kc: int, prefetch: bool, one_tile_each: bool) -> bool:
@@ -2297,7 +2397,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
     args = (gx, gates, w_dot, w_ih_dot, drop if drop is not None else y, xd if xd is not None else y, b1, b2, h0,
             c_ws, y, hn, cn, c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), wscale, sync,
-            sync, T, B, H, 0)
+            sync, sync, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=has_bias, TWO_BIASES=two, HAS_LENGTHS=last is not None, STACK=True,
               HAS_DROPOUT=drop is not None, MERGED=False, TRANSPOSED=config.transposed,

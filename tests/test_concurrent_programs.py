@@ -254,3 +254,46 @@ def test_waits_that_give_up_together_poison_the_rest_and_raise(monkeypatch):
     assert torch.isnan(y[-1]).all() and torch.isnan(hn).all() and torch.isnan(cn).all()
     with pytest.raises(RuntimeError, match="barrier"):
         tritonlstm.synchronize("cpu")
+
+
+def test_bulk_exchange_with_programs_at_once(monkeypatch):
+    """BULK (v0.69) on the interpreter's stand-in for the cluster's shared memory (kernels._ring_end: each program's
+    slots, staging blocks and mbarriers in RING, the mbarriers updated as the hardware updates them: the phases
+    completed, the pending arrival, the tx-count, which a copy may take below zero before its phase is armed). What
+    runs is the kernel's own protocol: which production goes to which slot, whose phase each step waits for and with
+    which parity, when each mbarrier is armed and for how many bytes, what each copy counts. 2 batch groups (2
+    clusters) of 4 programs, fp16, in reverse with per-row lengths, the programs at once and one of them slow (its
+    copies late): against the float64 reference and bit for bit the cluster barrier's outputs; then the sequence
+    split into launches of 3 and 1 steps (each launch's first h_{t-1} from memory, a one-step launch arming one
+    mbarrier). A copy counted against the wrong phase, or a slot overwritten before it was read, fails here; a wait
+    for the wrong parity times out."""
+    dtype, H, B = torch.float16, 64, 20
+    fwd = variant("fwd", "transposed-cluster", H, B, dtype=dtype)
+    assert fwd.clustered and fwd.batch_groups == 2 and fwd.programs(H) == 8  # 4 a cluster
+    lengths = torch.tensor([4, 2, 3, 4, 1] * 4)
+    torch.manual_seed(8)
+    problem = make_problem(4, B, H, H, dtype)
+    _, (y_r, hn_r, cn_r) = reference(problem, reverse=True, lengths=lengths)
+    monkeypatch.setattr(kernels, "BULK_EMULATED", True)
+    took = launch_constexprs(monkeypatch, "lstm_fwd_kernel", "BULK")
+
+    def forward(bulk, seed=8):
+        monkeypatch.setattr(kernels, "BULK_H", bulk)
+        with concurrent_programs(seed), use_config(fwd, "fwd"), torch.no_grad():
+            y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), reverse=True, lengths=lengths, backend="triton")
+        return y, hn, cn
+
+    outs = {bulk: forward(bulk) for bulk in (True, False)}
+    for got, ref in zip(outs[True], (y_r, hn_r, cn_r)):
+        assert rel_err(got, ref) < RESOLUTION[dtype], rel_err(got, ref)
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+    monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(13))  # 4 programs: (13 - 1) // 4 = 3 steps a launch
+    steps, launch = [], kernels.launcher.launch
+
+    def spy(kernel, grid, args, meta):
+        steps.append(args[-3:-1])
+        return launch(kernel, grid, args, meta)
+
+    monkeypatch.setattr(kernels.launcher, "launch", spy)
+    assert all(torch.equal(a, b) for a, b in zip(forward(True, seed=9), outs[False]))
+    assert steps == [(0, 3), (3, 1)] and took == [True, False, True], (steps, took)

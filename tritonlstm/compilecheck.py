@@ -128,7 +128,8 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     elif kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": p, "BIAS_HH": p, "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "WSCALE": "*fp32", "HB": "*fp16", "CODES": "*i16"}
+                "ERR": "*i32", "WSCALE": "*fp32", "HB": "*fp16", "CODES": "*i16",
+                "RING": "*i32"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "TWO_BIASES", "HAS_LENGTHS", "STACK",
                  "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK", "MERGED")
     else:
