@@ -644,22 +644,22 @@ BULK_INIT = tl.constexpr(
     "@%p fence.mbarrier_init.release.cluster;\n\t"
     "@%p mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%b], $3;\n\t"
     "@%q mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%b+8], $3;\n\tmov.b32 $0, $1;\n\t}")
-# $1: rel of the mbarrier; $2: the phase's parity; $3: the most polls, each suspended at most ~1 us (the hint, in ns;
-# the hardware's own limit is unspecified): max_spin polls give up after ~17 s, as the counter barrier's polls do.
-# $0: 1 if it gave up.
+# $1: rel of the mbarrier; $2: the phase's parity; $3: the most polls. $0: 1 if it gave up. Each poll suspends the
+# thread until the phase completes or the hardware's own time limit passes (unspecified); a time hint compiles to a
+# NANOSLEEP between polls, which could hold a wait past its phase's completion: none.
 BULK_WAIT = tl.constexpr(
     "{\n\t.reg .b32 %b, %n, %i;\n\t.reg .pred %done, %more;\n\t" + _BULK_BASE
     + "add.u32 %b, %b, $1;\n\tmov.u32 %i, 0;\n\tmov.b32 $0, 0;\n\t"
-    "BULK_POLL:\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 %done, [%b], $2, 1000;\n\t"
+    "BULK_POLL:\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 %done, [%b], $2;\n\t"
     "@%done bra BULK_DONE;\n\tadd.u32 %i, %i, 1;\n\tsetp.lt.u32 %more, %i, $3;\n\t@%more bra BULK_POLL;\n\t"
     "mov.b32 $0, 1;\n\tBULK_DONE:\n\t}")
 # pack = 8: $0-$3 the 8 16-bit values, $4-$11 their bytes in the slot (negative: a unit past H, read as 0), $12
-# (-$19) the slot's rel. All 1 bits (NaN) unless the 8 are consecutive units of one producer: a layout that gave a
-# thread anything else would fail loudly.
+# (-$19) the slot's rel. All 1 bits (NaN) unless the 8 span 16 bytes of one producer's block (the first and the last
+# checked, on the step's path: a layout that gave a thread anything else would fail loudly).
 BULK_READ = tl.constexpr(
     "{\n\t.reg .b32 %b, %n, %c;\n\t.reg .pred %p, %q;\n\tsetp.ge.s32 %p, $4, 0;\n\tsetp.lt.s32 %q, $4, 0;\n\t"
-    + "".join(f"add.s32 %c, $4, {2 * i};\n\tsetp.eq.and.s32 %p, ${4 + i}, %c, %p;\n\t" for i in range(1, 8))
-    + "mov.b32 $0, -1;\n\tmov.b32 $1, -1;\n\tmov.b32 $2, -1;\n\tmov.b32 $3, -1;\n\t"
+    "add.s32 %c, $4, 14;\n\tsetp.eq.and.s32 %p, $11, %c, %p;\n\t"
+    "mov.b32 $0, -1;\n\tmov.b32 $1, -1;\n\tmov.b32 $2, -1;\n\tmov.b32 $3, -1;\n\t"
     "@%q mov.b32 $0, 0;\n\t@%q mov.b32 $1, 0;\n\t@%q mov.b32 $2, 0;\n\t@%q mov.b32 $3, 0;\n\t" + _BULK_BASE
     + "add.u32 %b, %b, $12;\n\tadd.u32 %b, %b, $4;\n\t@%p ld.shared.v4.b32 {$0, $1, $2, $3}, [%b];\n\t}")
 BULK_READ_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
@@ -1102,8 +1102,10 @@ def lstm_fwd_kernel(
             elif BULK:
                 # Production u (h_{t-1}) in slot u % 2, once every program's copy has landed.
                 u = s_glob - S_START
-                # After a wait that gave up, one poll each: a lost copy costs the launch one timeout, not one a step.
-                gave_up = _bulk_wait(RING, u % 2, (u // 2) % 2, tl.where(failed != 0, 1, max_spin), MBAR, EXTRA)
+                # Polls that suspend until the phase completes: max_spin / 256 of them (2^16 by default), each up to
+                # the hardware's limit. After a wait that gave up, one each: a lost copy costs the launch one timeout.
+                gave_up = _bulk_wait(RING, u % 2, (u // 2) % 2, tl.where(failed != 0, 1, max_spin // 256 + 1), MBAR,
+                                     EXTRA)
                 failed = failed | gave_up
                 poisoned = poisoned | (gave_up != 0)
                 b_hx = _bulk_read(RING, codes, _bulk_rel((u % 2) * SLOT, EXTRA), GX.dtype.element_ty, EXTRA)
