@@ -570,14 +570,22 @@ def _groups_without_rows_and_split_launches(kind, H, dtype, sms):
     """The forward of variant `kind` against cuDNN with 4 batch groups for B = 40's 3 tiles (a group of programs
     without rows, which must still meet the others), then at B = 16 with the sequence split into launches of 3 steps
     (each launch's first h_{t-1} from what the launch before left)."""
+
+    from tritonlstm.configs import named_variants, use_config
+
+    four_groups = dataclasses.replace(named_variants("fwd", H, 40, dtype, sms)[kind], batch_groups=4)
+    with use_config(four_groups, "fwd"):
+        run_both(16, 40, H, dtype, backward=False)
+    _split_launches_match_cudnn(kind, H, dtype, sms)
+
+
+def _split_launches_match_cudnn(kind, H, dtype, sms):
+    """The forward of variant `kind` at B = 16 against cuDNN, the sequence split into launches of 3 steps."""
     import triton.language as tl
 
     from tritonlstm.configs import named_variants, use_config
     from tritonlstm.kernels import lstm as k
 
-    four_groups = dataclasses.replace(named_variants("fwd", H, 40, dtype, sms)[kind], batch_groups=4)
-    with use_config(four_groups, "fwd"):
-        run_both(16, 40, H, dtype, backward=False)
     fwd = named_variants("fwd", H, 16, dtype, sms)[kind]
     released = k.RELEASED
     k.RELEASED = tl.constexpr(3 * fwd.programs(H) + 1)
@@ -759,7 +767,6 @@ def test_bulk_exchange_matches_cudnn_and_the_cluster_barrier_bit_for_bit(H, dtyp
     read from what the launch before left, then its own copies), and both directions of a packed batch (a cluster a
     direction). A copy lost or counted against the wrong phase would fail the mbarrier's wait (the launch's error)
     or read a stale slot."""
-    import triton.language as tl
 
     from helpers import launch_constexprs
     from tritonlstm.configs import named_variants, use_config
@@ -782,14 +789,7 @@ def test_bulk_exchange_matches_cudnn_and_the_cluster_barrier_bit_for_bit(H, dtyp
                 assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False])), (B, lens is not None)
     assert took == [True, True, False, True, False] * 2, took
     monkeypatch.setattr(k, "BULK_H", True)
-    fwd = named_variants("fwd", H, 16, dtype, sms)["transposed-cluster"]
-    released = k.RELEASED
-    k.RELEASED = tl.constexpr(3 * fwd.programs(H) + 1)
-    try:
-        with use_config(fwd, "fwd"):
-            run_both(10, 16, H, dtype, backward=False)
-    finally:
-        k.RELEASED = released
+    _split_launches_match_cudnn("transposed-cluster", H, dtype, sms)
     both = named_variants("fwd", H, 16, dtype, sms // 2)["transposed-cluster"]
     packed_bidirectional_matches_cudnn(H, 16, dtype, both)
     assert all(took[10:]), took
