@@ -646,11 +646,13 @@ BULK_INIT = tl.constexpr(
     "@%q mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%b+8], $3;\n\tmov.b32 $0, $1;\n\t}")
 # $1: rel of the mbarrier; $2: the phase's parity; $3: the most polls. $0: 1 if it gave up. Each poll suspends the
 # thread until the phase completes or the hardware's own time limit passes (unspecified); a time hint compiles to a
-# NANOSLEEP between polls, which could hold a wait past its phase's completion: none.
+# NANOSLEEP between polls, which could hold a wait past its phase's completion: none. Acquire at CTA scope, as
+# CUTLASS's multicast pipelines wait for other CTAs' copies into their shared memory (.cluster adds an L1
+# invalidation a step).
 BULK_WAIT = tl.constexpr(
     "{\n\t.reg .b32 %b, %n, %i;\n\t.reg .pred %done, %more;\n\t" + _BULK_BASE
     + "add.u32 %b, %b, $1;\n\tmov.u32 %i, 0;\n\tmov.b32 $0, 0;\n\t"
-    "BULK_POLL:\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 %done, [%b], $2;\n\t"
+    "BULK_POLL:\n\tmbarrier.try_wait.parity.shared::cta.b64 %done, [%b], $2;\n\t"
     "@%done bra BULK_DONE;\n\tadd.u32 %i, %i, 1;\n\tsetp.lt.u32 %more, %i, $3;\n\t@%more bra BULK_POLL;\n\t"
     "mov.b32 $0, 1;\n\tBULK_DONE:\n\t}")
 # pack = 8: $0-$3 the 8 16-bit values, $4-$11 their bytes in the slot (negative: a unit past H, read as 0), $12
