@@ -265,8 +265,8 @@ def test_bulk_exchange_with_programs_at_once(monkeypatch):
     clusters) of 4 programs, fp16, in reverse with per-row lengths, the programs at once and one of them slow (its
     copies late): against the float64 reference and bit for bit the cluster barrier's outputs; then the sequence
     split into launches of 3 and 1 steps (each launch's first h_{t-1} from memory, a one-step launch arming one
-    mbarrier). A copy counted against the wrong phase, or a slot overwritten before it was read, fails here; a wait
-    for the wrong parity times out."""
+    mbarrier); then both directions in one launch (4 clusters). A copy counted against the wrong phase, or a slot
+    overwritten before it was read, fails here; a wait for the wrong parity, or clusters sharing a region, times out."""
     dtype, H, B = torch.float16, 64, 20
     fwd = variant("fwd", "transposed-cluster", H, B, dtype=dtype)
     assert fwd.clustered and fwd.batch_groups == 2 and fwd.programs(H) == 8  # 4 a cluster
@@ -297,3 +297,16 @@ def test_bulk_exchange_with_programs_at_once(monkeypatch):
     monkeypatch.setattr(kernels.launcher, "launch", spy)
     assert all(torch.equal(a, b) for a, b in zip(forward(True, seed=9), outs[False]))
     assert steps == [(0, 3), (3, 1)] and took == [True, False, True], (steps, took)
+
+    # Both directions in one launch (a cluster a direction and batch group: direction 1's h0, y columns and rows).
+    monkeypatch.setattr(kernels, "RELEASED", tl.constexpr(1 << 30))
+    problems = [make_problem(4, B, H, H, dtype) for _ in range(2)]
+    refs = [reference({**pr, "x": problem["x"]}, reverse=d == 1, lengths=lengths)[1] for d, pr in enumerate(problems)]
+    weights = [tuple(pr[n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) + (None,) for pr in problems]
+    with concurrent_programs(10), use_config(fwd, "fwd"), torch.no_grad():
+        y, (hn, cn) = lstm_layer(problem["x"], weights, torch.stack([pr["h0"] for pr in problems]),
+                                 torch.stack([pr["c0"] for pr in problems]), lengths=lengths, backend="triton")
+    for got, ref in ((y, torch.cat([r[0] for r in refs], dim=2)), (hn, torch.stack([r[1] for r in refs])),
+                     (cn, torch.stack([r[2] for r in refs]))):
+        assert rel_err(got, ref) < RESOLUTION[dtype], rel_err(got, ref)
+    assert took[-1], took
