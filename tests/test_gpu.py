@@ -758,6 +758,7 @@ def _bulk_outputs(T, B, H, dtype, lengths=None):
     return [y, hn, cn, x.grad, h0.grad, c0.grad, *(p.grad for p in w)]
 
 
+@pytest.mark.timeout(150)  # ~12 launches, most of them compiling (device_check.sh gives each test 60 s)
 @pytest.mark.parametrize("H,dtype", BULK_CASES)
 def test_bulk_exchange_matches_cudnn_and_the_cluster_barrier_bit_for_bit(H, dtype, monkeypatch):
     """BULK (perf/NOTES.md v0.69): transposed-cluster's forward with h_{t-1} copied into every program's shared
