@@ -429,6 +429,14 @@ def _row_steps(LAST, o_b, m_b, s, T, rev, BB: tl.constexpr, HAS_LENGTHS: tl.cons
 
 
 @triton.jit
+def _prev_rows(P0, P, o_b, o_t, o_dir, s, B, H, SR):
+    """Where the rows o_b read step s's previous state: the initial one ([B, H] at P0) at s = 0, else row
+    (o_t - o_dir) * B + o_b of the [T * B, *] buffer P (row stride SR). (base pointer, each row's offset)."""
+    o_rows = tl.where(s == 0, o_b.to(tl.int64) * H, ((o_t - o_dir) * B + o_b) * SR)
+    return tl.where(s == 0, P0, P), o_rows
+
+
+@triton.jit
 def _load_gate_rows(p_gx, m, H):
     """The four gates' [BB, BH] tiles of one gx row block, as float32."""
     b_gi = tl.load(p_gx, mask=m, other=0.0).to(tl.float32)
@@ -504,8 +512,8 @@ def _load_step_inputs(GATES, C_ALL, C0, DY, LAST, o_b, m_b, o_j, m_j, s, T, B, H
         b_g = _load_carried(GATES + 2 * H, o_row, SG, o_j, m_row, m_j, j0, H, BH, CARRY)
         b_o = _load_carried(GATES + 3 * H, o_row, SG, o_j, m_row, m_j, j0, H, BH, CARRY)
     b_c = tl.load(C_ALL + o_row[:, None] * SY + o_j[None, :], mask=m_live, other=0.0)
-    o_prow = tl.where(s == 0, o_b.to(tl.int64) * H, ((o_t - o_dir) * B + o_b) * SY)
-    b_cp = tl.load(tl.where(s == 0, C0, C_ALL) + o_prow[:, None] + o_j[None, :], mask=m_live, other=0.0)
+    p_cp, o_prow = _prev_rows(C0, C_ALL, o_b, o_t, o_dir, s, B, H, SY)
+    b_cp = tl.load(p_cp + o_prow[:, None] + o_j[None, :], mask=m_live, other=0.0)
     b_dy = _load_carried(DY, o_row, SY, o_j, m_row, m_j, j0, H, BH, CARRY)
     return b_i, b_f, b_g, b_o, b_c, b_cp, b_dy
 
@@ -587,9 +595,9 @@ def _grid_wait(p_flag, p_count, target, max_spin, seen):
 
 
 @triton.jit
-def _cluster_op(x, OP: tl.constexpr):
-    """x, after the cluster barrier's PTX `OP` (the interpreter, one program, skips it): x is a result for the asm
-    to stay in place by."""
+def _ptx_op(x, OP: tl.constexpr):
+    """x, after the PTX statement `OP`, which has no result of its own (a barrier, a fence; the interpreter skips
+    it): x is a result for the asm to stay in place by."""
     if FENCES:
         x = tl.inline_asm_elementwise(OP + ";\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False,
                                       pack=1)
@@ -602,7 +610,7 @@ def _cluster_barrier(x):
     launched by _launch_as_cluster): every thread arrives, releasing its stores at cluster scope, and waits,
     acquiring the other CTAs'. Nothing in memory, no polls, and it cannot fail: the hardware schedules a cluster's
     CTAs together. Returns x."""
-    return _cluster_op(x, "barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire")
+    return _ptx_op(x, "barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire")
 
 
 @triton.jit
@@ -610,14 +618,14 @@ def _cluster_arrive(x):
     """_cluster_barrier's first half (ARRIVE_EARLY): this thread arrives, releasing its stores (and ordering its
     loads) so far at cluster scope, and goes on without waiting. Exactly one _cluster_wait must follow before the
     next arrive."""
-    return _cluster_op(x, "barrier.cluster.arrive.release")
+    return _ptx_op(x, "barrier.cluster.arrive.release")
 
 
 @triton.jit
 def _cluster_wait(x):
     """_cluster_barrier's second half: waits until every thread of the cluster has arrived, acquiring their
     released stores."""
-    return _cluster_op(x, "barrier.cluster.wait.acquire")
+    return _ptx_op(x, "barrier.cluster.wait.acquire")
 
 
 # Exchange through the cluster's shared memory by bulk copies (BULK, perf/NOTES.md v0.69; a forward cluster launch of
@@ -734,10 +742,7 @@ def _ring_quiet(RING, ERR, EXTRA: tl.constexpr):
 def _proxy_fence(x):
     """fence.proxy.async.shared::cta: orders this thread's shared-memory accesses with the async proxy's (the bulk
     copies'). Returns x."""
-    if FENCES:
-        x = tl.inline_asm_elementwise("fence.proxy.async.shared::cta;\n\tmov.b32 $0, $1;", "=r,r", [x],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-    return x
+    return _ptx_op(x, "fence.proxy.async.shared::cta")
 
 
 @triton.jit
@@ -1040,8 +1045,8 @@ def lstm_fwd_kernel(
         _cluster_barrier(S_START)  # every program's mbarriers ready before any copy
         # Production 0: this program's units of the launch's first h_{t-1} (h0, or the previous launch's output).
         last0, o_t0, o_dir0 = _row_steps(LAST, o_b0, m_b0, S_START, T, rev, BB, HAS_LENGTHS)
-        o_h0 = tl.where(S_START == 0, o_b0.to(tl.int64) * H, ((o_t0 - o_dir0) * B + o_b0) * SY)
-        b_h0 = tl.load(tl.where(S_START == 0, H0, Y) + o_h0[:, None] + o_j[None, :],
+        p_h0, o_h0 = _prev_rows(H0, Y, o_b0, o_t0, o_dir0, S_START, B, H, SY)
+        b_h0 = tl.load(p_h0 + o_h0[:, None] + o_j[None, :],
                        mask=(m_b0 & (S_START <= last0))[:, None] & m_j[None, :], other=0.0)
         _bulk_put(RING, b_h0, o_put, _bulk_rel(2 * SLOT, EXTRA), EXTRA)
         tl.debug_barrier()
@@ -1055,7 +1060,6 @@ def lstm_fwd_kernel(
             m_b = o_b < B
             last, o_t, o_dir = _row_steps(LAST, o_b, m_b, s, T, rev, BB, HAS_LENGTHS)
             live = m_b & (s >= 0) & (s <= last)
-            o_tp = o_t - o_dir
             o_row = o_t * B + o_b  # row of [T*B, *] buffers
             m_live = live[:, None] & m_j[None, :]
 
@@ -1096,8 +1100,7 @@ def lstm_fwd_kernel(
                 o_hrow = o_b.to(tl.int64) * H
                 p_hbase = HB + ((s + 1) % 2) * HB_SLOT
             else:
-                o_hrow = tl.where(s == 0, o_b.to(tl.int64) * H, (o_tp * B + o_b) * SY)
-                p_hbase = tl.where(s == 0, H0, Y)
+                p_hbase, o_hrow = _prev_rows(H0, Y, o_b, o_t, o_dir, s, B, H, SY)
             if MERGED:
                 b_gi, b_gf, b_gg, b_go = _merged_gate_dots(b_gi, b_gf, b_gg, b_go, p_hbase, o_hrow, live, b_wm,
                                                            W, o_k, i_h, H, BK, BB, BH, W_RESIDENT, DOT_PRECISION)
