@@ -652,17 +652,19 @@ BULK_INIT = tl.constexpr(
     "@%p fence.mbarrier_init.release.cluster;\n\t"
     "@%p mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%b], $3;\n\t"
     "@%q mbarrier.arrive.expect_tx.shared::cta.b64 %st, [%b+8], $3;\n\tmov.b32 $0, $1;\n\t}")
-# $1: rel of the mbarrier; $2: the phase's parity; $3: the most polls. $0: 1 if it gave up. Each poll suspends the
-# thread until the phase completes or the hardware's own time limit passes (unspecified); a time hint compiles to a
-# NANOSLEEP between polls, which could hold a wait past its phase's completion: none. Acquire at CTA scope, as
-# CUTLASS's multicast pipelines wait for other CTAs' copies into their shared memory (.cluster adds an L1
-# invalidation a step).
+# $1: rel of the mbarrier; $2: the phase's parity; $3: how long to wait, in microseconds. $0: 1 if it gave up. Each
+# poll suspends the thread until the phase completes or the hardware's own time limit passes, which PTX leaves
+# unspecified: so the bound is the global timer's (read only once a poll has come back without the phase), not a
+# count of polls, whose length could make a count of them a wait of minutes. A time hint compiles to a NANOSLEEP
+# between polls, which could hold a wait past its phase's completion: none. Acquire at CTA scope, as CUTLASS's
+# multicast pipelines wait for other CTAs' copies into their shared memory (.cluster adds an L1 invalidation a step).
 BULK_WAIT = tl.constexpr(
-    "{\n\t.reg .b32 %b, %n, %i;\n\t.reg .pred %done, %more;\n\t" + _BULK_BASE
+    "{\n\t.reg .b32 %b, %n, %i;\n\t.reg .b64 %now, %end;\n\t.reg .pred %done, %more, %first;\n\t" + _BULK_BASE
     + "add.u32 %b, %b, $1;\n\tmov.u32 %i, 0;\n\tmov.b32 $0, 0;\n\t"
-    "BULK_POLL:\n\tmbarrier.try_wait.parity.shared::cta.b64 %done, [%b], $2;\n\t"
-    "@%done bra BULK_DONE;\n\tadd.u32 %i, %i, 1;\n\tsetp.lt.u32 %more, %i, $3;\n\t@%more bra BULK_POLL;\n\t"
-    "mov.b32 $0, 1;\n\tBULK_DONE:\n\t}")
+    "BULK_POLL:\n\tmbarrier.try_wait.parity.shared::cta.b64 %done, [%b], $2;\n\t@%done bra BULK_DONE;\n\t"
+    "mov.u64 %now, %globaltimer;\n\tsetp.eq.u32 %first, %i, 0;\n\tmov.u32 %i, 1;\n\t"
+    "@%first mul.wide.u32 %end, $3, 1000;\n\t@%first add.u64 %end, %end, %now;\n\t"
+    "setp.lt.u64 %more, %now, %end;\n\t@%more bra BULK_POLL;\n\tmov.b32 $0, 1;\n\tBULK_DONE:\n\t}")
 # pack = 8: $0-$3 the 8 16-bit values, $4-$11 their bytes in the slot (negative: a unit past H, read as 0), $12
 # (-$19) the slot's rel. All 1 bits (NaN) unless the 8 span 16 bytes of one producer's block (the first and the last
 # checked, on the step's path: a layout that gave a thread anything else would fail loudly).
@@ -813,17 +815,20 @@ def _bulk_read(RING, codes, rel, DT: tl.constexpr, EXTRA: tl.constexpr):
 @triton.jit
 def _bulk_wait(RING, k, parity, max_spin, MBAR: tl.constexpr, EXTRA: tl.constexpr):
     """Waits for the phase of parity `parity` of mbarrier k (done once the current phase's parity differs, as the
-    hardware's try_wait.parity); returns 1 if it gave up (after max_spin polls: a protocol that lost a copy would
-    otherwise hang)."""
+    hardware's try_wait.parity); returns 1 if it gave up (a protocol that lost a copy would otherwise hang): on the
+    GPU after max_spin / 2 microseconds (8.4 s at the default 2^24, about the counter barrier's max_spin polls of
+    L2), at once but for a second poll when max_spin is 0; on the interpreter after max_spin / 256 + 1 polls."""
     if FENCES:
-        gave_up = tl.inline_asm_elementwise(BULK_WAIT, "=r,r,r,r", [_bulk_rel(MBAR + 8 * k, EXTRA), parity, max_spin],
-                                            dtype=tl.int32, is_pure=False, pack=1)
+        gave_up = tl.inline_asm_elementwise(BULK_WAIT, "=r,r,r,r", [_bulk_rel(MBAR + 8 * k, EXTRA), parity,
+                                                                   max_spin // 2], dtype=tl.int32, is_pure=False,
+                                            pack=1)
     else:
         p = RING + _ring_end(tl.program_id(0), EXTRA) // 4 + 4 * k + 1
+        polls = max_spin // 256 + 1
         spins = 0
-        while (tl.atomic_add(p, 0) % 2 == parity) & (spins < max_spin):
+        while (tl.atomic_add(p, 0) % 2 == parity) & (spins < polls):
             spins += 1
-        gave_up = (spins >= max_spin).to(tl.int32)
+        gave_up = (spins >= polls).to(tl.int32)
     return gave_up
 
 
@@ -1107,10 +1112,8 @@ def lstm_fwd_kernel(
             elif BULK:
                 # Production u (h_{t-1}) in slot u % 2, once every program's copy has landed.
                 u = s_glob - S_START
-                # Polls that suspend until the phase completes: max_spin / 256 of them (2^16 by default), each up to
-                # the hardware's limit. After a wait that gave up, one each: a lost copy costs the launch one timeout.
-                gave_up = _bulk_wait(RING, u % 2, (u // 2) % 2, tl.where(failed != 0, 1, max_spin // 256 + 1), MBAR,
-                                     EXTRA)
+                # After a wait that gave up, none: a lost copy costs the launch one timeout.
+                gave_up = _bulk_wait(RING, u % 2, (u // 2) % 2, tl.where(failed != 0, 0, max_spin), MBAR, EXTRA)
                 failed = failed | gave_up
                 poisoned = poisoned | (gave_up != 0)
                 b_hx = _bulk_read(RING, codes, _bulk_rel((u % 2) * SLOT, EXTRA), GX.dtype.element_ty, EXTRA)
