@@ -149,10 +149,12 @@ fi
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then
     step "GPU tests"
-    timeout "${TESTS_TIMEOUT:-140}" $py -m pytest -q -m gpu tests/ -p no:cacheprovider --timeout 60 -rfE \
+    # -v: a line per test as it ends, so that a step cut at its time limit still says which passed and which failed
+    # (-q's dots name none, and the failures' summary comes only at the end).
+    timeout "${TESTS_TIMEOUT:-140}" $py -m pytest -v -m gpu tests/ -p no:cacheprovider --timeout 60 -rfE \
         -n "${TESTS_WORKERS:-8}" -k "${TESTS_K:-not tune}" > "$W/gpu-tests.txt" 2>&1
     echo "gpu tests rc=$?: $(tail -1 "$W/gpu-tests.txt")" | tee -a "$W/summary.txt"
-    grep -E "^(FAILED|ERROR)" "$W/gpu-tests.txt" | head -30
+    grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR) " "$W/gpu-tests.txt" | head -30
     pack
 fi
 if [ "${PERF_SUITE:-1}" != 0 ]; then

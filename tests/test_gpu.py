@@ -672,30 +672,6 @@ def test_module_on_a_gpu_other_than_the_current_one():
     assert rel_err(y, ref(x)[0]) <= RESOLUTION_GPU[torch.float32] * 2
 
 
-REDUCE_SCATTER_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
-                        for kind in ("transposed", "transposed-streamed") for name, dt in DTYPES.items()
-                        for H, B in ((256, 1), (512, 16), (1024, 16))
-                        if not (kind == "transposed" and dt == torch.float32 and H == 1024)]
-
-
-@pytest.mark.parametrize("kind,H,B,dtype", REDUCE_SCATTER_CASES)
-def test_reduce_scatter_backward_matches_cudnn(kind, H, B, dtype):
-    """The backward's dh by reduce-scatter (perf/NOTES.md v0.24) on persistent multi-program launches: each program
-    stores its share of every unit's dh before the barrier and sums its units' shares after it, through a
-    two-slot ring, so a missing fence or a slot reused too early shows here as a wrong gradient. Then both
-    directions in one launch with per-row lengths, against cuDNN's packed bidirectional layer."""
-    from tritonlstm.configs import named_variants, use_config
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cfg = named_variants("bwd", H, B, dtype, sms)[kind]
-    assert cfg.transposed and cfg.persistent and cfg.programs(H) > 1 and cfg.prefetches(B, H), cfg
-    with use_config(cfg, "bwd"):
-        run_both(256, B, H, dtype)
-
-    packed_bidirectional_training_matches_cudnn(H, max(B, 3), dtype,
-                                                named_variants("bwd", H, max(B, 3), dtype, sms // 2)[kind])
-
-
 EARLY_CASES = ([pytest.param("transposed-cluster", H, dt, id=f"transposed-cluster-H{H}-{name}")
                 for name, dt in DTYPES.items() for H in (256, 512)
                 if not (H == 512 and dt == torch.float32)]  # float32 H = 512: 32 programs, over a cluster's 16
@@ -797,6 +773,30 @@ def test_bulk_exchange_matches_cudnn_and_the_cluster_barrier_bit_for_bit(H, dtyp
     packed_bidirectional_matches_cudnn(H, 16, dtype, both)
     assert all(took[10:]), took
     k.barrier_errors.check(torch.device("cuda"), wait=True)
+
+
+REDUCE_SCATTER_CASES = [pytest.param(kind, H, B, dt, id=f"{kind}-H{H}-B{B}-{name}")
+                        for kind in ("transposed", "transposed-streamed") for name, dt in DTYPES.items()
+                        for H, B in ((256, 1), (512, 16), (1024, 16))
+                        if not (kind == "transposed" and dt == torch.float32 and H == 1024)]
+
+
+@pytest.mark.parametrize("kind,H,B,dtype", REDUCE_SCATTER_CASES)
+def test_reduce_scatter_backward_matches_cudnn(kind, H, B, dtype):
+    """The backward's dh by reduce-scatter (perf/NOTES.md v0.24) on persistent multi-program launches: each program
+    stores its share of every unit's dh before the barrier and sums its units' shares after it, through a
+    two-slot ring, so a missing fence or a slot reused too early shows here as a wrong gradient. Then both
+    directions in one launch with per-row lengths, against cuDNN's packed bidirectional layer."""
+    from tritonlstm.configs import named_variants, use_config
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = named_variants("bwd", H, B, dtype, sms)[kind]
+    assert cfg.transposed and cfg.persistent and cfg.programs(H) > 1 and cfg.prefetches(B, H), cfg
+    with use_config(cfg, "bwd"):
+        run_both(256, B, H, dtype)
+
+    packed_bidirectional_training_matches_cudnn(H, max(B, 3), dtype,
+                                                named_variants("bwd", H, max(B, 3), dtype, sms // 2)[kind])
 
 
 def packed_bidirectional_training_matches_cudnn(H, B, dtype, bwd_config):
