@@ -817,7 +817,7 @@ def _bulk_wait(RING, k, parity, max_spin, MBAR: tl.constexpr, EXTRA: tl.constexp
     """Waits for the phase of parity `parity` of mbarrier k (done once the current phase's parity differs, as the
     hardware's try_wait.parity); returns 1 if it gave up (a protocol that lost a copy would otherwise hang): on the
     GPU after max_spin / 2 microseconds (8.4 s at the default 2^24, about the counter barrier's max_spin polls of
-    L2), at once but for a second poll when max_spin is 0; on the interpreter after max_spin / 256 + 1 polls."""
+    L2), after one poll when max_spin is 0; on the interpreter after max_spin / 256 + 1 polls."""
     if FENCES:
         gave_up = tl.inline_asm_elementwise(BULK_WAIT, "=r,r,r,r", [_bulk_rel(MBAR + 8 * k, EXTRA), parity,
                                                                    max_spin // 2], dtype=tl.int32, is_pure=False,
