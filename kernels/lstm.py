@@ -1835,6 +1835,39 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _zeroed(device, *parts) -> list[torch.Tensor]:
+    """Zero-filled tensors of the given (shape, dtype), carved from one allocation at 128-byte boundaries: one memset
+    launch on a GPU where one each cost a host-bound call ~25-60 us of host time apiece there (perf/NOTES.md, v0.70).
+    For a launch's own workspaces (counters, carried states, zero initial states), not for what it returns: a view
+    keeps the whole buffer alive."""
+    if len(parts) == 1:
+        return [torch.zeros(parts[0][0], dtype=parts[0][1], device=device)]
+    total, layout = _zeroed_layout(parts)
+    buf = torch.zeros(total, dtype=torch.uint8, device=device)
+    typed = {}
+    out = []
+    for shape, dtype, strides, offset in layout:
+        view = typed.get(dtype)
+        if view is None:
+            view = typed[dtype] = buf.view(dtype)
+        out.append(view.as_strided(shape, strides, offset))
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _zeroed_layout(parts: tuple) -> tuple:
+    """(bytes, ((shape, dtype, strides, offset in elements), ...)) of _zeroed's parts."""
+    layout, total = [], 0
+    for shape, dtype in parts:
+        strides, step = [], 1
+        for n in reversed(shape):
+            strides.append(step)
+            step *= n
+        layout.append((tuple(shape), dtype, tuple(reversed(strides)), total // dtype.itemsize))
+        total += -(-step * dtype.itemsize // 128) * 128
+    return total, tuple(layout)
+
+
 def _per_step(shape, dtype, device, lengths: bool) -> torch.Tensor:
     """A [.., T, B, ..] output. With lengths, positions past a row's end are never written and must read as
     zero (y is the caller's, the dropped outputs meet dG in a GEMM, and every output should be defined)."""
@@ -2234,7 +2267,8 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     """Runs the recurrence of D directions (D = w_hh.shape[0]; direction 1 in reverse) over gx = x @ W_ih^T
     [T, B, D*4H] (read only, unless it is gates_out). w_hh [D, 4H, H], bias [D, 4H] (any float dtype) or None, and
     bias_hh likewise (nn.LSTM's second bias, added to bias in float32), h0
-    [D, B, H], c_ws [D, B, H] float32 holding c0 (updated in place). reverse runs a D = 1 launch backwards.
+    [D, B, H], c_ws [D, B, H] float32 holding c0 (updated in place). h0 or c_ws None: zeros (from the barrier
+    counters' memset, no launch of their own). reverse runs a D = 1 launch backwards.
     Returns y [T, B, D*H], h_n, c_n [D, B, H] and, when store_gates, the activated gates [T, B, D*4H] (in
     gates_out when given, which may be gx itself: each program overwrites only the gx elements it has read;
     without lengths, as positions past a row's end are not written) and c_all [T, B, D*H] float32 (else None,
@@ -2243,7 +2277,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     D, G, H = w_hh.shape
     dt, dev = gx.dtype, gx.device
     lengths = last is not None
-    b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
+    has_bias, two = bias is not None or bias_hh is not None, bias is not None and bias_hh is not None
     bulk = BULK_H and (BULK_EMULATED if interpreting() else dev.type == "cuda")
     config, grid, words, constexprs = _forward_plan(config, dt, B, H, D, store_gates, has_bias, two, lengths,
                                                     _dot_precision(dt), HALF_H, PREFETCH_AS_LOADED, ARRIVE_EARLY, bulk)
@@ -2254,8 +2288,13 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     if gates_out is not None and (not store_gates or lengths):
         raise ValueError("lstm_forward: gates_out needs store_gates=True and no lengths")
     gates = gates_out if gates_out is not None else _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
+    zero_h, zero_c = h0 is None, c_ws is None
+    sync, *states = _zeroed(dev, ((words,), torch.int32), *([((D, B, H), dt)] if zero_h else []),
+                            *([((D, B, H), torch.float32)] if zero_c else []))
+    h0 = states.pop(0) if zero_h else h0
+    c_ws = states.pop(0) if zero_c else c_ws
+    b1, b2, _, _ = _bias_args(bias, bias_hh, c_ws)
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
-    sync = torch.zeros(words, device=dev, dtype=torch.int32)
     h16 = torch.empty((2, D, B, H), dtype=torch.float16, device=dev) if constexprs["HALF_H"] else None
     w_dot, _, wscale = _half_weights(w_hh, h0, h0_out=None if h16 is None else h16[1]) if constexprs["HALF_W"] \
         else (w_hh, None, c_ws)
@@ -2420,24 +2459,31 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
 
 def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config, into_gates: bool = False):
     """The reverse recurrence of D directions, shapes as lstm_forward's (c0 [D, B, H] float32, dy [T, B, D*H],
-    dhn and dcn [D, B, H]). Returns dG [T, B, D*4H] (gradient of the gate pre-activations, in the gates'
-    dtype), dh0 and dc0 [D, B, H]. into_gates: dG is written over `gates` (which must come from lstm_forward:
-    zeros past each row's end) instead of a new buffer."""
+    dhn and dcn [D, B, H]; c0, dhn or dcn None: zeros, from one memset with the launch's own workspaces). Returns
+    dG [T, B, D*4H] (gradient of the gate pre-activations, in the gates' dtype), dh0 and dc0 [D, B, H].
+    into_gates: dG is written over `gates` (which must come from lstm_forward: zeros past each row's end) instead
+    of a new buffer."""
     T, B, _ = gates.shape
     D, G, H = w_hh.shape
     _check_tiles(config, H)
     _check_residency(config, H, D, gates.device)
     dt, dev = gates.dtype, gates.device
     dg = gates if into_gates else _per_step((T, B, D * G), dt, dev, last is not None)
-    dc_ws = torch.zeros(D, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((D, B, H), dt, dev)
     dc0 = _alloc((D, B, H), dt, dev)
+    if not config.grid_2d:
+        grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt), dev,
+                                                 SPLIT_PAIRS, PREFETCH_AS_LOADED, ARRIVE_EARLY)
+    zero = [(name, dtype) for name, t, dtype in (("c0", c0, torch.float32), ("dhn", dhn, dt), ("dcn", dcn, dt))
+            if t is None]
+    # (The 2-D grid's barrier counters come with its own layout, _barrier_state.)
+    sync, dc_ws, *states = _zeroed(dev, ((0 if config.grid_2d else words,), torch.int32),
+                                   ((D, B, H), torch.float32), *(((D, B, H), dtype) for _, dtype in zero))
+    zeros = dict(zip((name for name, _ in zero), states))
+    c0, dhn, dcn = zeros.get("c0", c0), zeros.get("dhn", dhn), zeros.get("dcn", dcn)
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
         return dg, dh0, dc0
-    grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt), dev,
-                                             SPLIT_PAIRS, PREFETCH_AS_LOADED, ARRIVE_EARLY)
-    sync = torch.zeros(words, device=dev, dtype=torch.int32)
     w_t, part = _reduce_scatter_state(config, w_hh, B, sync)
     amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,

@@ -796,3 +796,86 @@ def test_vmap_over_inputs_and_over_an_ensemble_of_weights():
     ys = vmap(lambda x: models[0](x)[0])(xs)
     for i in range(3):
         torch.testing.assert_close(ys[i], models[0](xs[i])[0], **TOL)
+
+
+@pytest.mark.parametrize("kw,packed", [({}, False), ({"bidirectional": True}, True), ({"proj_size": 3}, False),
+                                       ({"proj_size": 3, "bidirectional": True}, True)],
+                         ids=["single", "bidir-packed", "proj", "proj-bidir-packed"])
+@pytest.mark.parametrize("uses_state", [False, True], ids=["y-only", "y-h-c"])
+def test_no_hx_is_zero_states_bit_for_bit(kw, packed, uses_state):
+    """hx=None reaches the launches as None (zeros from their workspaces' memset, and no h_0 term in dW_hh); the
+    same results, bit for bit, as zeros passed in. y-only: h_n and c_n unused, so their gradients reach the
+    backward launch as None too."""
+    ref, ours = pair(5, 8, **kw)
+    P = 3 if kw.get("proj_size") else 8
+    dirs = 2 if kw.get("bidirectional") else 1
+    x0 = torch.randn(6, 3, 5, generator=torch.Generator().manual_seed(3))
+    res = []
+    for hx in (None, (torch.zeros(dirs, 3, P), torch.zeros(dirs, 3, 8))):
+        ours.zero_grad()
+        x = x0.clone().requires_grad_()
+        y, (h, c) = ours(pack_padded_sequence(x, [6, 2, 4], enforce_sorted=False) if packed else x, hx)
+        y = y.data if packed else y
+        (y.square().sum() + (h.sum() + 0.5 * c.sum() if uses_state else 0)).backward()
+        res.append([y, h, c, x.grad, *(p.grad for p in ours.parameters())])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    y, (h, c) = ref(x0)
+    torch.testing.assert_close(res[0][0] if not packed else y, y, **TOL)  # (and still nn.LSTM's, padded)
+    if not packed:
+        torch.testing.assert_close(res[0][1], h, **TOL)
+
+
+def test_a_training_step_fills_one_zeroed_workspace_per_launch(monkeypatch):
+    """A single layer's training step without hx issues one zero fill per launch (the barrier counters, the zero
+    states, the carried dc and the unused outputs' gradients share it) and converts no state's dtype: on a GPU each
+    fill or conversion is a launch, ~25-50 us of a host-bound step's host time (perf/NOTES.md, session 30). The
+    kernels themselves are stubbed out: this counts the ATen ops around them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import tritonlstm.functional as F
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(kernels, "_run", lambda *a, **k: None)
+    monkeypatch.setattr(F, "_column_sums", lambda m: m.sum(0, dtype=torch.float32))
+    _, ours = pair(5, 8)
+    x = torch.randn(6, 3, 5, requires_grad=True)
+    ours(x)[0].sum().backward()  # (a first call makes the barrier's error flag)
+    with Ops() as ops:
+        y, _ = ours(x)
+    forward = list(ops.names)
+    with Ops() as ops:
+        y.backward(torch.ones_like(y))
+    backward = [n for n in ops.names if n != "ones_like.default"]
+    fills = ("zeros.default", "new_zeros.default", "zeros_like.default", "fill_.Scalar", "zero_.default")
+    assert [n for n in forward if n in fills] == ["zeros.default"], forward
+    assert [n for n in backward if n in fills] == ["zeros.default"], backward
+    assert "_to_copy.default" not in forward + backward, (forward, backward)
+    assert backward.count("mm.default") + backward.count("addmm.default") == 3, backward  # dW_hh, dW_ih, dx
+
+
+def test_zeroed_workspaces_are_separate_aligned_and_zero():
+    parts = [((7,), torch.int32), ((2, 3, 5), torch.bfloat16), ((1,), torch.float32), ((2, 3, 5), torch.float32),
+             ((0,), torch.int32)]
+    out = kernels._zeroed(torch.device("cpu"), *parts)
+    spans = []
+    for t, (shape, dtype) in zip(out, parts):
+        assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+        assert t.numel() == 0 or ((t.data_ptr() - out[0].data_ptr()) % 128 == 0 and t.data_ptr() % 16 == 0)
+        assert not t.any()
+        if t.numel():
+            spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+        t.fill_(1)
+    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        assert a1 <= b0
+    assert all((t == 1).all() for t in out)
+    assert kernels._zeroed(torch.device("cpu"), ((3, 4), torch.float16))[0].shape == (3, 4)

@@ -13,13 +13,15 @@ def _r(g, *shape):
     return torch.randn(*shape, generator=g) * 0.3
 
 
+@pytest.mark.parametrize("states", [True, False], ids=["states", "zero-states"])
 @pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
-def test_opcheck_recurrence(training):
+def test_opcheck_recurrence(training, states):
     g = torch.Generator().manual_seed(0)
     T, B, H = 3, 2, 8
+    h0, c0 = (_r(g, 2, B, H), _r(g, 2, B, H)) if states else (None, None)  # None: zeros
     args = (_r(g, T, B, 8 * H).requires_grad_(training), _r(g, 2, 4 * H, H).requires_grad_(training),
-            _r(g, 2, 4 * H).requires_grad_(training), _r(g, 2, 4 * H).requires_grad_(training), _r(g, 2, B, H),
-            _r(g, 2, B, H), torch.tensor([3, 2]), False, training)
+            _r(g, 2, 4 * H).requires_grad_(training), _r(g, 2, 4 * H).requires_grad_(training), h0, c0,
+            torch.tensor([3, 2]), False, training)
     torch.library.opcheck(F._lstm_recurrence, args)
 
 

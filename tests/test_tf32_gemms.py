@@ -390,7 +390,9 @@ def test_layer_through_the_float16_gemms(forced, monkeypatch):
 
 def test_projected_layer_through_the_tf32_gemms(forced):
     _check_layer(make_problem(5, 3, 6, 8, torch.float32, proj=4), forced, reverse=True)
-    assert len(forced) >= 8  # both projections, forward and backward, and dW_hh
+    # Both projections, forward and backward, and dW_hh: one product, as the recurrence runs from a zero state (h0
+    # enters through gx's first step).
+    assert len(forced) >= 7
 
 
 def test_bidirectional_layer_and_stack_match_nn_lstm(forced):

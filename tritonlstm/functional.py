@@ -365,32 +365,33 @@ def _launch(kernel: str, H: int, B: int, dtype: torch.dtype, device: torch.devic
         return launch(fallback)
 
 
-def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None, h0: Tensor,
-                        c0: Tensor, lengths: Tensor | None, reverse: bool, training: bool,
+def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None,
+                        h0: Tensor | None, c0: Tensor | None, lengths: Tensor | None, reverse: bool, training: bool,
                         gates_into_gx: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     k = _kernels()
     T, B, _ = gx.shape
     D, _, H = weight_hh.shape
-    c_ws = c0.to(torch.float32, copy=True).contiguous()
+    c_ws = None if c0 is None else c0.to(torch.float32, copy=True).contiguous()
     gx = gx.contiguous()
     y, hn, cn, gates, c_all = _launch("fwd", H, B, gx.dtype, gx.device, lambda config: k.lstm_forward(
-        gx, weight_hh.contiguous(), bias_ih, h0.contiguous(), c_ws, _last_steps(lengths, gx.device),
+        gx, weight_hh.contiguous(), bias_ih, None if h0 is None else h0.contiguous(), c_ws,
+        _last_steps(lengths, gx.device),
         reverse=reverse, store_gates=training, config=config, bias_hh=bias_hh,
         gates_out=gx if gates_into_gx and training and lengths is None else None), directions=D, steps=T)
     if not training:
-        return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0)
+        return y, hn, cn, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32)
     return y, hn, cn, gates, c_all
 
 
 @_custom_op("lstm_recurrence")
-def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None, h0: Tensor,
-                     c0: Tensor, lengths: Tensor | None, reverse: bool,
+def _lstm_recurrence(gx: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None,
+                     h0: Tensor | None, c0: Tensor | None, lengths: Tensor | None, reverse: bool,
                      training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The recurrence of D directions in one launch (direction 1 in reverse; a single direction in reverse when
     `reverse`): gx = x @ W_ih^T [T, B, D*4H], weight_hh [D, 4H, H], bias_ih and bias_hh [D, 4H] ([4H] for D = 1)
-    or None (the kernel adds them in float32), h0 and c0 [D, B, H]. Returns y [T, B, D*H], h_n, c_n [D, B, H] and,
-    when training, the activated gates [T, B, D*4H] and c_t [T, B, D*H] float32 for the backward (empty
-    otherwise)."""
+    or None (the kernel adds them in float32), h0 and c0 [D, B, H] or None (zeros). Returns y [T, B, D*H], h_n,
+    c_n [D, B, H] and, when training, the activated gates [T, B, D*4H] and c_t [T, B, D*H] float32 for the backward
+    (empty otherwise)."""
     return _recurrence_forward(gx, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training)
 
 
@@ -410,29 +411,35 @@ def _(gx, weight_hh, bias_ih, bias_hh, h0, c0, lengths, reverse, training):
     return y, hn, cn, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32)
 
 
-def _recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
-                         weight_hh: Tensor, lengths: Tensor | None, reverse: bool,
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _recurrence_backward(dy: Tensor, dhn: Tensor | None, dcn: Tensor | None, gates: Tensor, c_all: Tensor,
+                         c0: Tensor | None, weight_hh: Tensor, lengths: Tensor | None, reverse: bool,
                          into_gates: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     k = _kernels()
     T, B, _ = gates.shape
     D, _, H = weight_hh.shape
     return _launch("bwd", H, B, gates.dtype, gates.device, lambda config: k.lstm_backward(
-        gates, c_all, c0.to(torch.float32).contiguous(), weight_hh.contiguous(), dy.contiguous(), dhn.contiguous(),
-        dcn.contiguous(), _last_steps(lengths, gates.device), reverse=reverse, config=config, into_gates=into_gates),
-        directions=D)
+        gates, c_all, None if c0 is None else c0.to(torch.float32).contiguous(), weight_hh.contiguous(),
+        dy.contiguous(), _contiguous(dhn), _contiguous(dcn), _last_steps(lengths, gates.device), reverse=reverse,
+        config=config, into_gates=into_gates), directions=D)
 
 
 @_custom_op("lstm_recurrence_backward")
-def _lstm_recurrence_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
-                              weight_hh: Tensor, lengths: Tensor | None,
+def _lstm_recurrence_backward(dy: Tensor, dhn: Tensor | None, dcn: Tensor | None, gates: Tensor, c_all: Tensor,
+                              c0: Tensor | None, weight_hh: Tensor, lengths: Tensor | None,
                               reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns dG [T, B, D*4H] (gate pre-activation gradients, = d gx), dh0 and dc0 [D, B, H]."""
+    """Returns dG [T, B, D*4H] (gate pre-activation gradients, = d gx), dh0 and dc0 [D, B, H]. dhn, dcn, c0 None:
+    zeros."""
     return _recurrence_backward(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse)
 
 
 @_lstm_recurrence_backward.register_fake
 def _(dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, reverse):
-    return torch.empty_like(gates), torch.empty_like(dhn), torch.empty_like(dhn)
+    D, _, H = weight_hh.shape
+    return torch.empty_like(gates), gates.new_empty(D, gates.shape[1], H), gates.new_empty(D, gates.shape[1], H)
 
 
 def _no_double_backward(ctx, *grads):
@@ -591,13 +598,20 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # as in _stack_setup_context
 
 
-def _recurrent_weight_grad(dg: Tensor, y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool) -> Tensor:
-    """dW_hh = sum over (t, b) of dG_t^T h_{t-1} for one direction (dg [T, B, 4H], y [T, B, H], h0 [B, H]), with
-    h_{t-1} read from y and h0 where they are: a shifted copy of y would be the training step's largest
-    temporary after dG (perf/NOTES.md, peak memory). A row's first step pairs its dG with h0 (t = 0 forwards;
-    t = length - 1 in reverse); its other steps with y one step back along its direction. y past a row's end is
-    zero (as the kernels leave it), so the shifted product needs no mask."""
+def _recurrent_weight_grad(dg: Tensor, y: Tensor, h0: Tensor | None, lengths: Tensor | None,
+                           reverse: bool) -> Tensor:
+    """dW_hh = sum over (t, b) of dG_t^T h_{t-1} for one direction (dg [T, B, 4H], y [T, B, H], h0 [B, H] or None:
+    zeros), with h_{t-1} read from y and h0 where they are: a shifted copy of y would be the training step's
+    largest temporary after dG (perf/NOTES.md, peak memory). A row's first step pairs its dG with h0 (t = 0
+    forwards; t = length - 1 in reverse); its other steps with y one step back along its direction. y past a row's
+    end is zero (as the kernels leave it), so the shifted product needs no mask."""
     T, B, G = dg.shape
+    if h0 is None:  # the first steps' term is zero
+        if T == 1:
+            return dg.new_zeros(G, y.shape[2])
+        later, previous = (dg[:-1], y[1:]) if reverse else (dg[1:], y[:-1])
+        a, b = later.reshape((T - 1) * B, G).t(), previous.reshape((T - 1) * B, y.shape[2])
+        return _tf32_matmul(a, b) if _tf32_gemms(a, b) else torch.mm(a, b)
     if reverse:
         first = dg[T - 1] if lengths is None else \
             dg[lengths.to(dg.device, torch.long) - 1, torch.arange(B, device=dg.device)]
@@ -620,7 +634,8 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     T, B, _ = y.shape
     D, G, H = weight_hh.shape
     dy = torch.zeros_like(y) if dy is None else dy
-    dhn, dcn = _zero_grads(h0, dhn, dcn)
+    # dhn, dcn None (h_n, c_n unused) and c0 None (zeros) reach the kernel's launch as None: zeros from its own
+    # workspaces' memset.
     args = (dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
     if _graph_released_after_this_backward(ctx, *args[:6]):
         dg, dh0, dc0 = _recurrence_backward(*args, into_gates=True)
@@ -631,8 +646,8 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     dw_hh = None
     if need[1]:
         dg4 = dg.view(T, B, D, G)
-        dw_hh = [_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], h0[d], lengths, d == 1 or ctx.reverse)
-                 for d in range(D)]
+        dw_hh = [_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], None if h0 is None else h0[d],
+                                        lengths, d == 1 or ctx.reverse) for d in range(D)]
         dw_hh = dw_hh[0].unsqueeze(0) if D == 1 else torch.stack(dw_hh)  # (stack would copy a single one)
     dbias = _column_sums(dg3.view(T * B, D * G)) if need[2] or need[3] else None
     return (dg if need[0] else None, dw_hh, *_bias_grads(dbias, ctx.bias_metas, need[2:4]),
@@ -844,8 +859,10 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     H = w_hh[0].shape[0] // 4
     P = H if w_hr[0] is None else w_hr[0].shape[0]
     which = resolve_backend(backend, x.device, x.dtype)
-    h0 = x.new_zeros(D, B, P) if h0 is None else h0
-    c0 = x.new_zeros(D, B, H) if c0 is None else c0
+    if B == 0 or which == "torch":
+        h0 = x.new_zeros(D, B, P) if h0 is None else h0
+        c0 = x.new_zeros(D, B, H) if c0 is None else c0
+    # (Otherwise zero states stay None: the launch takes them from its workspaces' memset, no launch of their own.)
     if B == 0:
         # nn.LSTM returns empty outputs for an empty batch; keep them connected to the graph.
         nothing = zero_from(x, *(t for w in weights for t in w))
@@ -868,17 +885,18 @@ def lstm_layer(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     # Projection: the recurrence runs on r_t = o * tanh(c_t) with W_hh @ W_hr as its recurrent weight, since
     # W_hh h_{t-1} = (W_hh W_hr) r_{t-1}; h0's term enters each row's first step through gx, and the outputs
     # are projected by one GEMM per direction after the loop.
-    rows = torch.arange(B, device=x.device)
-    gxs = []
-    for d in range(D):
-        backwards = reverse or d == 1
-        first = (lengths.to(x.device, torch.long) - 1) if (backwards and lengths is not None) else \
-            torch.full((B,), T - 1 if backwards else 0, device=x.device, dtype=torch.long)
-        g = gx[..., d * 4 * H:(d + 1) * 4 * H]
-        gxs.append(g.index_put((first, rows), g[first, rows] + h0[d] @ w_hh[d].t()))
+    if h0 is not None:
+        rows = torch.arange(B, device=x.device)
+        gxs = []
+        for d in range(D):
+            backwards = reverse or d == 1
+            first = (lengths.to(x.device, torch.long) - 1) if (backwards and lengths is not None) else \
+                torch.full((B,), T - 1 if backwards else 0, device=x.device, dtype=torch.long)
+            g = gx[..., d * 4 * H:(d + 1) * 4 * H]
+            gxs.append(g.index_put((first, rows), g[first, rows] + h0[d] @ w_hh[d].t()))
+        gx = torch.cat(gxs, dim=2)
     w_rec = torch.stack([w_hh[d] @ w_hr[d] for d in range(D)])
-    r, rn, cn, _, _ = _call(_lstm_recurrence, torch.cat(gxs, dim=2), w_rec, *biases, x.new_zeros(D, B, H), c0,
-                            lengths, reverse, training)
+    r, rn, cn, _, _ = _call(_lstm_recurrence, gx, w_rec, *biases, None, c0, lengths, reverse, training)
     y = torch.cat([_project(r[..., d * H:(d + 1) * H].reshape(T * B, H), w_hr[d]).view(T, B, P) for d in range(D)],
                   dim=2)
     return y, (torch.stack([rn[d] @ w_hr[d].t() for d in range(D)]), cn)

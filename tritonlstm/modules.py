@@ -121,8 +121,8 @@ class LSTM(nn.LSTM):
         s = super().extra_repr()
         return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
 
-    def _check_args(self, x: Tensor, h0: Tensor, c0: Tensor) -> None:
-        """nn.LSTM's checks and messages, for time-major x [T, B, I]."""
+    def _check_args(self, x: Tensor, h0: Tensor | None, c0: Tensor | None) -> None:
+        """nn.LSTM's checks and messages, for time-major x [T, B, I] (and the states, unless None: zeros)."""
         if x.dtype != self.weight_ih_l0.dtype and _autocast_dtype(x.device) is None:
             raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih_l0.dtype}). "
                              f"Convert input: input.to({self.weight_ih_l0.dtype}), or convert model: "
@@ -132,7 +132,7 @@ class LSTM(nn.LSTM):
                                f"got {x.size(-1)}")
         dirs = 2 if self.bidirectional else 1
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
-        for i, (st, size) in enumerate(((h0, real_hidden), (c0, self.hidden_size))):
+        for i, (st, size) in enumerate(((h0, real_hidden), (c0, self.hidden_size)) if h0 is not None else ()):
             expected = (self.num_layers * dirs, x.size(1), size)
             if tuple(st.shape) != expected:
                 raise RuntimeError(f"Expected hidden[{i}] size {expected}, got {list(st.shape)}")
@@ -181,7 +181,6 @@ class LSTM(nn.LSTM):
             return super().forward(input, hx)
 
         dirs = 2 if self.bidirectional else 1
-        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         lengths = layout = None
         if isinstance(input, PackedSequence):
             # The layers run in the packed (sorted) batch order; hx and h_n are permuted instead of x and y.
@@ -195,10 +194,10 @@ class LSTM(nn.LSTM):
             x = input if is_batched else input.unsqueeze(0 if self.batch_first else 1)
             if self.batch_first:
                 x = x.transpose(0, 1)
-        B = x.size(1)
         if hx is None:
-            h0 = x.new_zeros(self.num_layers * dirs, B, real_hidden)
-            c0 = x.new_zeros(self.num_layers * dirs, B, self.hidden_size)
+            # Zero states as None: the launches take them from their own workspaces' memset (two memsets and a
+            # conversion fewer on a GPU, ~25-50 us of host time each: perf/NOTES.md, session 30).
+            h0 = c0 = None
         else:
             h0, c0 = _state_pair("LSTM", hx)
             want = 3 if is_batched else 2
@@ -211,12 +210,13 @@ class LSTM(nn.LSTM):
         self._check_args(x, h0, c0)
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        if layout is not None and input.sorted_indices is not None:
+        if layout is not None and input.sorted_indices is not None and h0 is not None:
             h0, c0 = h0.index_select(1, input.sorted_indices), c0.index_select(1, input.sorted_indices)
 
         weights = {name: getattr(self, name) for name in self._flat_weights_names}
         if cast is not None:
-            x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
+            x = x.to(cast)
+            h0, c0 = (None, None) if h0 is None else (h0.to(cast), c0.to(cast))
             weights = {k: w.to(cast) for k, w in weights.items()}
 
         dropping = self.dropout > 0 and self.training and self.num_layers > 1
@@ -239,8 +239,8 @@ class LSTM(nn.LSTM):
             per_dir = [tuple(weights.get(n + sfx) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
                                                             "weight_hr")) for sfx in sfxs]
             # (One layer: the states as they are; a slice is a view op a call.)
-            states = (h0, c0) if self.num_layers == 1 else (h0[layer * dirs:(layer + 1) * dirs],
-                                                            c0[layer * dirs:(layer + 1) * dirs])
+            states = (h0, c0) if self.num_layers == 1 or h0 is None else (h0[layer * dirs:(layer + 1) * dirs],
+                                                                          c0[layer * dirs:(layer + 1) * dirs])
             layer_input, (h, c) = lstm_layer(layer_input, per_dir, *states, lengths=lengths, backend="triton",
                                              checked=True)
             h_n.append(h)
