@@ -27,7 +27,8 @@
 # samples per SASS instruction (ncu-source.txt, perf/ncu_source.py; NCU_SOURCE_TIMEOUT, 90); SPREAD=1 (off by default, ~30 s) runs
 # perf/launch_spread.py with SPREAD_ARGS and SPREAD_TIMEOUT (90); TIMELINE=1 (off by default, ~30-60 s) runs
 # perf/step_timeline.py with TIMELINE_ARGS and TIMELINE_TIMEOUT (150), its Chrome traces kept in traces/ and a
-# cProfile of our calls' host path in hostprof/.
+# cProfile of our calls' host path in hostprof/; HOSTOPS=1 (off by default, ~10-20 s) runs perf/host_ops.py with
+# HOSTOPS_ARGS and HOSTOPS_TIMEOUT (60): the host's time per launching op and per call, ours and cuDNN's.
 set -uo pipefail
 OUT=${OUT:-perf-out}
 W=${WORK_DIR:-/tmp/tritonlstm-device}
@@ -139,6 +140,11 @@ fi
 if [ "${SPREAD:-0}" != 0 ]; then
     step "launch-to-launch spread, kernel alone up to the module, beside cuDNN (perf/launch_spread.py ${SPREAD_ARGS:-})"
     measure spread "${SPREAD_TIMEOUT:-90}" $py perf/launch_spread.py ${SPREAD_ARGS:-} --json "$W/spread.json"
+fi
+
+if [ "${HOSTOPS:-0}" != 0 ]; then
+    step "the host's time per op and per call (perf/host_ops.py ${HOSTOPS_ARGS:-})"
+    measure host-ops "${HOSTOPS_TIMEOUT:-60}" $py perf/host_ops.py ${HOSTOPS_ARGS:-} --json "$W/host-ops.json"
 fi
 
 if [ "${TIMELINE:-0}" != 0 ]; then

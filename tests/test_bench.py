@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import run_python
 from tritonlstm import bench
@@ -631,3 +632,22 @@ def test_kernel_ab_switches_name_the_kernels_module_flags():
     assert switches == {"SPLIT_PAIRS", "REDUCE_SCATTER_IN_REGISTERS", "REDUCE_SCATTER_LOAD", "HALF_H", "HALF_G",
                         "ARRIVE_EARLY", "PREFETCH_AS_LOADED", "BULK_H"}
     assert all(hasattr(k, flag) for flag in switches), switches
+
+
+def test_host_ops_times_every_case_through_the_kernels(tmp_path, monkeypatch):
+    """perf/host_ops.py (the next GPU session's check of v0.70's premise: the host's cost of a launching op) runs
+    every case on this CPU, the LSTM ones through the Triton kernels (interpreted), and writes them all."""
+    from tritonlstm.kernels import lstm as kernels
+
+    launched = []
+    real = kernels._run
+    monkeypatch.setattr(kernels, "_run", lambda *a, **k: (launched.append(a[0].fn.__name__), real(*a, **k))[1])
+    host_ops = _perf_script("host_ops")
+    path = tmp_path / "ops.json"
+    rows = host_ops.main(["--hidden", "8", "--batch", "2", "--seq", "2", "--dtype", "float32", "--calls", "2",
+                          "--repeats", "1", "--json", str(path)])
+    saved = json.loads(path.read_text())
+    assert saved["rows"] == rows and saved["device"] == "cpu"
+    assert [r["case"] for r in rows] == list(host_ops.cases(8, 2, 2, torch.float32, torch.device("cpu")))
+    assert all(0 < r["host_us"] < 1e7 for r in rows), rows
+    assert "lstm_fwd_kernel" in launched and "lstm_bwd_kernel" in launched
