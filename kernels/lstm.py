@@ -2474,12 +2474,15 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     if not config.grid_2d:
         grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt), dev,
                                                  SPLIT_PAIRS, PREFETCH_AS_LOADED, ARRIVE_EARLY)
-    zero = [(name, dtype) for name, t, dtype in (("c0", c0, torch.float32), ("dhn", dhn, dt), ("dcn", dcn, dt))
-            if t is None]
-    # (The 2-D grid's barrier counters come with its own layout, _barrier_state.)
-    sync, dc_ws, *states = _zeroed(dev, ((0 if config.grid_2d else words,), torch.int32),
-                                   ((D, B, H), torch.float32), *(((D, B, H), dtype) for _, dtype in zero))
-    zeros = dict(zip((name for name, _ in zero), states))
+    # One memset for the barrier counters (the 2-D grid's come with its own layout, _barrier_state), the carried dc
+    # and whichever of c0, dhn, dcn are zeros.
+    zero = [name for name, t in (("c0", c0), ("dhn", dhn), ("dcn", dcn)) if t is None]
+    parts = ([] if config.grid_2d else [((words,), torch.int32)]) + [((D, B, H), torch.float32)] + \
+        [((D, B, H), torch.float32 if name == "c0" else dt) for name in zero]
+    ws = _zeroed(dev, *parts)
+    sync = None if config.grid_2d else ws.pop(0)
+    dc_ws = ws.pop(0)
+    zeros = dict(zip(zero, ws))
     c0, dhn, dcn = zeros.get("c0", c0), zeros.get("dhn", dhn), zeros.get("dcn", dcn)
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
