@@ -1868,6 +1868,20 @@ def _zeroed_layout(parts: tuple) -> tuple:
     return total, tuple(layout)
 
 
+def _zeroed_workspace(device, words: int | None, state: tuple, dtype, c0, dhn, dcn) -> tuple:
+    """A backward launch's (barrier counters, carried dc float32, c0, dhn, dcn) from one memset: the counters (None
+    for words None), dc, and whichever of c0 (float32), dhn and dcn (`dtype`) are None, as zeros of shape
+    `state`; the others as given."""
+    zero = [name for name, t in (("c0", c0), ("dhn", dhn), ("dcn", dcn)) if t is None]
+    parts = ([] if words is None else [((words,), torch.int32)]) + [(state, torch.float32)] + \
+        [(state, torch.float32 if name == "c0" else dtype) for name in zero]
+    ws = _zeroed(device, *parts)
+    sync = None if words is None else ws.pop(0)
+    dc_ws = ws.pop(0)
+    zeros = dict(zip(zero, ws))
+    return sync, dc_ws, zeros.get("c0", c0), zeros.get("dhn", dhn), zeros.get("dcn", dcn)
+
+
 def _per_step(shape, dtype, device, lengths: bool) -> torch.Tensor:
     """A [.., T, B, ..] output. With lengths, positions past a row's end are never written and must read as
     zero (y is the caller's, the dropped outputs meet dG in a GEMM, and every output should be defined)."""
@@ -2420,7 +2434,8 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     """A unidirectional stack of L layers of equal width in one launch, as a wavefront: layer l runs its step t
     at global step t + l, so the stack takes T + L - 1 steps instead of L * T. gx = x @ W_ih^T of the first
     layer [T, B, 4H]; w_ih [L-1, 4H, H] of the layers above; w_hh [L, 4H, H]; bias and bias_hh as lstm_forward's,
-    [L, 4H]; h0 [L, B, H]; c_ws [L, B, H] float32 holding c0 (updated in place); drop [L-1, T, B, H] or None: the
+    [L, 4H]; h0 [L, B, H]; c_ws [L, B, H] float32 holding c0 (updated in place); h0 or c_ws None: zeros, with the
+    barrier counters from one memset (as lstm_forward's); drop [L-1, T, B, H] or None: the
     dropout scale (0 or 1/(1-p)) applied to each layer's output before the layer above takes it as input.
     Returns every layer's output y [L, T, B, H], h_n and c_n [L, B, H], when store_gates every layer's
     activated gates [L, T, B, 4H] and c_t [L, T, B, H] float32 for the backward (else None, None), and the
@@ -2437,9 +2452,14 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     hn = _alloc((L, B, H), dt, dev)
     cn = _alloc((L, B, H), dt, dev)
     gates = _per_step((L, T, B, G), dt, dev, lengths) if store_gates else gx
-    c_all = _per_step((L, T, B, H), torch.float32, dev, lengths) if store_gates else c_ws
     grid = (cdiv(H, config.block_h), config.batch_groups, L)
-    sync, cluster = _barrier_state(config, grid, dev, stack=True)
+    words, cluster = _barrier_layout(config, grid, stack=True)
+    zero_h, zero_c = h0 is None, c_ws is None
+    sync, *states = _zeroed(dev, ((words,), torch.int32), *([((L, B, H), dt)] if zero_h else []),
+                            *([((L, B, H), torch.float32)] if zero_c else []))
+    h0 = states.pop(0) if zero_h else h0
+    c_ws = states.pop(0) if zero_c else c_ws
+    c_all = _per_step((L, T, B, H), torch.float32, dev, lengths) if store_gates else c_ws
     half = _half_w(config, dt)
     w_ih = w_ih if L > 1 else w_hh
     w_dot, w_ih_dot, wscale = _half_weights(w_hh, h0, w_ih, drop) if half else (w_hh, w_ih, c_ws)
@@ -2474,16 +2494,9 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     if not config.grid_2d:
         grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt), dev,
                                                  SPLIT_PAIRS, PREFETCH_AS_LOADED, ARRIVE_EARLY)
-    # One memset for the barrier counters (the 2-D grid's come with its own layout, _barrier_state), the carried dc
-    # and whichever of c0, dhn, dcn are zeros.
-    zero = [name for name, t in (("c0", c0), ("dhn", dhn), ("dcn", dcn)) if t is None]
-    parts = ([] if config.grid_2d else [((words,), torch.int32)]) + [((D, B, H), torch.float32)] + \
-        [((D, B, H), torch.float32 if name == "c0" else dt) for name in zero]
-    ws = _zeroed(dev, *parts)
-    sync = None if config.grid_2d else ws.pop(0)
-    dc_ws = ws.pop(0)
-    zeros = dict(zip(zero, ws))
-    c0, dhn, dcn = zeros.get("c0", c0), zeros.get("dhn", dhn), zeros.get("dcn", dcn)
+    # (The 2-D grid's barrier counters come with its own layout, _barrier_state.)
+    sync, dc_ws, c0, dhn, dcn = _zeroed_workspace(dev, None if config.grid_2d else words, (D, B, H), dt, c0, dhn,
+                                                  dcn)
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
         return dg, dh0, dc0
@@ -2610,7 +2623,8 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     lstm_stack_forward, c0 [L, B, H] float32, w_ih [L-1, 4H, H] of the layers above the first, w_hh
     [L, 4H, H], dy [L, T, B, H] (the gradient of every layer's own output; the gradient arriving from the layer
     above is added inside, times the forward's dropout scale drop [L-1, T, B, H] when given), dhn and dcn
-    [L, B, H]. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]; into_gates as lstm_backward's."""
+    [L, B, H]; c0, dhn or dcn None: zeros, as lstm_backward's. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H];
+    into_gates as lstm_backward's."""
     L, T, B, G = gates.shape
     H = w_hh.shape[2]
     config = for_kernel(config, "stack_bwd")
@@ -2618,11 +2632,11 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     _check_residency(config, H, L, gates.device)
     dt, dev = gates.dtype, gates.device
     dg = gates if into_gates else _per_step((L, T, B, G), dt, dev, last is not None)
-    dc_ws = torch.zeros(L, B, H, device=dev, dtype=torch.float32)
     dh0 = _alloc((L, B, H), dt, dev)
     dc0 = _alloc((L, B, H), dt, dev)
     grid = (cdiv(H, config.block_h), config.batch_groups, L)
-    sync, cluster = _barrier_state(config, grid, dev, stack=True)
+    words, cluster = _barrier_layout(config, grid, stack=True)
+    sync, dc_ws, c0, dhn, dcn = _zeroed_workspace(dev, words, (L, B, H), dt, c0, dhn, dcn)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
             dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync,
             sync, T, B, H, 0)

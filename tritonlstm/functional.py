@@ -305,19 +305,6 @@ def _call(op, *args):
     return op.eager_autograd.apply(*args)
 
 
-def _zero_grads(like: Tensor, *grads: Tensor | None) -> list[Tensor]:
-    """The gradients of unused outputs (h_n, c_n: None with set_materialize_grads(False)) as zeros the kernels read,
-    one tensor for all of them (one launch on a GPU, not one each)."""
-    zeros = None
-    out = []
-    for g in grads:
-        if g is None:
-            zeros = torch.zeros_like(like) if zeros is None else zeros
-            g = zeros
-        out.append(g)
-    return out
-
-
 def _graph_released_after_this_backward(ctx, *saved: Tensor) -> bool:
     """Whether a backward may write dG over the gates it was saved (the training step's largest buffers, 8 bytes
     per T*B*H in 16-bit: perf/NOTES.md, peak memory), as cuDNN's backward writes over its reserve space: only in
@@ -478,31 +465,33 @@ def _tie_to_forward(anchor: Tensor, *grads: Tensor) -> tuple[Tensor, ...]:
     return _TiedToForward.apply(anchor, *grads)
 
 
-def _stack_backward_run(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
-                        weight_ih: Tensor, weight_hh: Tensor, lengths: Tensor | None, drop: Tensor | None,
-                        into_gates: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _stack_backward_run(dy: Tensor, dhn: Tensor | None, dcn: Tensor | None, gates: Tensor, c_all: Tensor,
+                        c0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor, lengths: Tensor | None,
+                        drop: Tensor | None, into_gates: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     k = _kernels()
     L, T, B, _ = gates.shape
     H = weight_hh.shape[2]
     return _launch("stack_bwd", H, B, gates.dtype, gates.device, lambda config: k.lstm_stack_backward(
-        gates, c_all, c0.to(torch.float32).contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
-        dy.contiguous(), dhn.contiguous(), dcn.contiguous(), _last_steps(lengths, gates.device), config=config,
-        drop=None if drop is None else drop.contiguous(), into_gates=into_gates), layers=L)
+        gates, c_all, None if c0 is None else c0.to(torch.float32).contiguous(), weight_ih.contiguous(),
+        weight_hh.contiguous(), dy.contiguous(), _contiguous(dhn), _contiguous(dcn), _last_steps(lengths, gates.device),
+        config=config, drop=None if drop is None else drop.contiguous(), into_gates=into_gates), layers=L)
 
 
 @_custom_op("lstm_stack_backward")
-def _lstm_stack_backward(dy: Tensor, dhn: Tensor, dcn: Tensor, gates: Tensor, c_all: Tensor, c0: Tensor,
-                         weight_ih: Tensor, weight_hh: Tensor, lengths: Tensor | None,
+def _lstm_stack_backward(dy: Tensor, dhn: Tensor | None, dcn: Tensor | None, gates: Tensor, c_all: Tensor,
+                         c0: Tensor | None, weight_ih: Tensor, weight_hh: Tensor, lengths: Tensor | None,
                          drop: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """The reverse wavefront of a stack: dy [L, T, B, H] (each layer's own output gradient), dhn, dcn, c0
-    [L, B, H], gates [L, T, B, 4H], c_all [L, T, B, H], drop [L-1, T, B, H] the forward's dropout scale or
-    None. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
+    [L, B, H] or None (zeros), gates [L, T, B, 4H], c_all [L, T, B, H], drop [L-1, T, B, H] the forward's dropout
+    scale or None. Returns dG [L, T, B, 4H], dh0 and dc0 [L, B, H]."""
     return _stack_backward_run(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop)
 
 
 @_lstm_stack_backward.register_fake
 def _(dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop):
-    return torch.empty_like(gates), torch.empty_like(dhn), torch.empty_like(dhn)
+    L, _, B, _ = gates.shape
+    H = weight_hh.shape[2]
+    return torch.empty_like(gates), gates.new_empty(L, B, H), gates.new_empty(L, B, H)
 
 
 _register_autograd(_lstm_stack_backward, _no_double_backward, lambda ctx, inputs, output: None)
@@ -510,25 +499,25 @@ _register_autograd(_lstm_stack_backward, _no_double_backward, lambda ctx, inputs
 
 @_custom_op("lstm_stack")
 def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None,
-                h0: Tensor, c0: Tensor, lengths: Tensor | None, drop: Tensor | None,
+                h0: Tensor | None, c0: Tensor | None, lengths: Tensor | None, drop: Tensor | None,
                 training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A unidirectional stack of L layers in one launch (wavefront): gx of the first layer [T, B, 4H],
     weight_ih [L-1, 4H, H] of the others, weight_hh [L, 4H, H], bias_ih and bias_hh [L, 4H] ([4H] for L = 1) or
-    None, h0 and c0 [L, B, H], drop [L-1, T, B, H] or None: the dropout scale applied to each layer's output before
-    the next. Returns every layer's y [L, T, B, H], h_n and c_n [L, B, H], when training every layer's gates
-    [L, T, B, 4H] and c_t [L, T, B, H] float32 (empty otherwise), and the dropped outputs [L-1, T, B, H] that
-    the layers above took as input (empty without drop)."""
+    None, h0 and c0 [L, B, H] or None (zeros), drop [L-1, T, B, H] or None: the dropout scale applied to each
+    layer's output before the next. Returns every layer's y [L, T, B, H], h_n and c_n [L, B, H], when training every
+    layer's gates [L, T, B, 4H] and c_t [L, T, B, H] float32 (empty otherwise), and the dropped outputs
+    [L-1, T, B, H] that the layers above took as input (empty without drop)."""
     k = _kernels()
     T, B, _ = gx.shape
     L, _, H = weight_hh.shape
-    c_ws = c0.to(torch.float32, copy=True).contiguous()
+    c_ws = None if c0 is None else c0.to(torch.float32, copy=True).contiguous()
     y, hn, cn, gates, c_all, xd = _launch("stack", H, B, gx.dtype, gx.device, lambda config: k.lstm_stack_forward(
-        gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), bias_ih, h0.contiguous(), c_ws,
+        gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), bias_ih, _contiguous(h0), c_ws,
         _last_steps(lengths, gx.device), store_gates=training, config=config,
         drop=None if drop is None else drop.contiguous(), bias_hh=bias_hh), layers=L)
     xd = gx.new_empty(0) if xd is None else xd
     if not training:
-        return y, hn, cn, gx.new_empty(0), c_ws.new_empty(0), xd
+        return y, hn, cn, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32), xd
     return y, hn, cn, gates, c_all, xd
 
 
@@ -536,7 +525,7 @@ def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tenso
 def _(gx, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, drop, training):
     T, B, G = gx.shape
     L, _, H = weight_hh.shape
-    y, hn, cn = gx.new_empty(L, T, B, H), torch.empty_like(h0), torch.empty_like(h0)
+    y, hn, cn = gx.new_empty(L, T, B, H), gx.new_empty(L, B, H), gx.new_empty(L, B, H)
     xd = gx.new_empty(0) if drop is None else gx.new_empty(max(L - 1, 1), T, B, H)
     if training:
         return y, hn, cn, gx.new_empty(L, T, B, G), gx.new_empty(L, T, B, H, dtype=torch.float32), xd
@@ -564,8 +553,7 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
         raise RuntimeError("tritonlstm: backward through a stack forward that ran without saving its gates")
     L, T, B, H = y.shape
     dy = torch.zeros_like(y) if dy is None else dy
-    dhn, dcn = _zero_grads(h0, dhn, dcn)
-    args = (dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop)
+    args = (dy, dhn, dcn, gates, c_all, c0, weight_ih, weight_hh, lengths, drop)  # (None: zeros, as in _backward)
     if _graph_released_after_this_backward(ctx, *args[:6]):
         dg, dh0, dc0 = _stack_backward_run(*args, into_gates=True)
     else:
@@ -579,7 +567,8 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
         d_ih = torch.stack([_tf32_matmul(dg2[l + 1].t(), inputs[l]) for l in range(L - 1)]) \
             if _tf32_gemms(dg2, inputs) else torch.bmm(dg2[1:].transpose(1, 2), inputs)
     if need[2]:
-        d_hh = torch.stack([_recurrent_weight_grad(dg[l], y[l], h0[l], lengths, False) for l in range(L)])
+        d_hh = torch.stack([_recurrent_weight_grad(dg[l], y[l], None if h0 is None else h0[l], lengths, False)
+                            for l in range(L)])
     d_bias = torch.stack([_column_sums(dg2[l]) for l in range(L)]) if need[3] or need[4] else None
     return (dg[0] if need[0] else None, d_ih, d_hh, *_bias_grads(d_bias, ctx.bias_metas, need[3:5]),
             dh0 if need[5] else None, dc0 if need[6] else None, None, None, None)
@@ -934,8 +923,9 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
         if L == 1:
             dropout_scale = None
     which = resolve_backend(backend, x.device, x.dtype)
-    h0 = x.new_zeros(L, B, H) if h0 is None else h0
-    c0 = x.new_zeros(L, B, H) if c0 is None else c0
+    if B == 0 or which == "torch":
+        h0 = x.new_zeros(L, B, H) if h0 is None else h0
+        c0 = x.new_zeros(L, B, H) if c0 is None else c0
     if B == 0 or which == "torch":
         hs, cs, y = [], [], x
         for l, w in enumerate(weights):
@@ -956,7 +946,8 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
         l1 = min(L, l0 + span)
         if l0 > 0 and dropout_scale is not None:
             y = y * dropout_scale[l0 - 1]
-        y, (h, c) = _stack_launch(y, weights[l0:l1], h0[l0:l1], c0[l0:l1], lengths,
+        y, (h, c) = _stack_launch(y, weights[l0:l1], None if h0 is None else h0[l0:l1],
+                                  None if c0 is None else c0[l0:l1], lengths,
                                   None if dropout_scale is None or l1 - l0 == 1 else dropout_scale[l0:l1 - 1])
         hs.append(h)
         cs.append(c)
