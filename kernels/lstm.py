@@ -1868,6 +1868,15 @@ def _zeroed_layout(parts: tuple) -> tuple:
     return total, tuple(layout)
 
 
+def _zeroed_states(device, words: int, state: tuple, dtype, h0, c_ws) -> tuple:
+    """A forward launch's (barrier counters, h0, c_ws) from one memset: the counters, and h0 (`dtype`) and c_ws
+    (float32) as zeros of shape `state` where they are None; as given otherwise."""
+    zero_h, zero_c = h0 is None, c_ws is None
+    sync, *states = _zeroed(device, ((words,), torch.int32), *([(state, dtype)] if zero_h else []),
+                            *([(state, torch.float32)] if zero_c else []))
+    return sync, states.pop(0) if zero_h else h0, states.pop(0) if zero_c else c_ws
+
+
 def _zeroed_workspace(device, words: int | None, state: tuple, dtype, c0, dhn, dcn) -> tuple:
     """A backward launch's (barrier counters, carried dc float32, c0, dhn, dcn) from one memset: the counters (None
     for words None), dc, and whichever of c0 (float32), dhn and dcn (`dtype`) are None, as zeros of shape
@@ -2302,11 +2311,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
     if gates_out is not None and (not store_gates or lengths):
         raise ValueError("lstm_forward: gates_out needs store_gates=True and no lengths")
     gates = gates_out if gates_out is not None else _per_step((T, B, D * G), dt, dev, lengths) if store_gates else gx
-    zero_h, zero_c = h0 is None, c_ws is None
-    sync, *states = _zeroed(dev, ((words,), torch.int32), *([((D, B, H), dt)] if zero_h else []),
-                            *([((D, B, H), torch.float32)] if zero_c else []))
-    h0 = states.pop(0) if zero_h else h0
-    c_ws = states.pop(0) if zero_c else c_ws
+    sync, h0, c_ws = _zeroed_states(dev, words, (D, B, H), dt, h0, c_ws)
     b1, b2, _, _ = _bias_args(bias, bias_hh, c_ws)
     c_all = _per_step((T, B, D * H), torch.float32, dev, lengths) if store_gates else c_ws
     h16 = torch.empty((2, D, B, H), dtype=torch.float16, device=dev) if constexprs["HALF_H"] else None
@@ -2454,11 +2459,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     gates = _per_step((L, T, B, G), dt, dev, lengths) if store_gates else gx
     grid = (cdiv(H, config.block_h), config.batch_groups, L)
     words, cluster = _barrier_layout(config, grid, stack=True)
-    zero_h, zero_c = h0 is None, c_ws is None
-    sync, *states = _zeroed(dev, ((words,), torch.int32), *([((L, B, H), dt)] if zero_h else []),
-                            *([((L, B, H), torch.float32)] if zero_c else []))
-    h0 = states.pop(0) if zero_h else h0
-    c_ws = states.pop(0) if zero_c else c_ws
+    sync, h0, c_ws = _zeroed_states(dev, words, (L, B, H), dt, h0, c_ws)
     c_all = _per_step((L, T, B, H), torch.float32, dev, lengths) if store_gates else c_ws
     half = _half_w(config, dt)
     w_ih = w_ih if L > 1 else w_hh

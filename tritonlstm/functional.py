@@ -361,8 +361,7 @@ def _recurrence_forward(gx: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, b
     c_ws = None if c0 is None else c0.to(torch.float32, copy=True).contiguous()
     gx = gx.contiguous()
     y, hn, cn, gates, c_all = _launch("fwd", H, B, gx.dtype, gx.device, lambda config: k.lstm_forward(
-        gx, weight_hh.contiguous(), bias_ih, None if h0 is None else h0.contiguous(), c_ws,
-        _last_steps(lengths, gx.device),
+        gx, weight_hh.contiguous(), bias_ih, _contiguous(h0), c_ws, _last_steps(lengths, gx.device),
         reverse=reverse, store_gates=training, config=config, bias_hh=bias_hh,
         gates_out=gx if gates_into_gx and training and lengths is None else None), directions=D, steps=T)
     if not training:
@@ -595,23 +594,19 @@ def _recurrent_weight_grad(dg: Tensor, y: Tensor, h0: Tensor | None, lengths: Te
     forwards; t = length - 1 in reverse); its other steps with y one step back along its direction. y past a row's
     end is zero (as the kernels leave it), so the shifted product needs no mask."""
     T, B, G = dg.shape
-    if h0 is None:  # the first steps' term is zero
-        if T == 1:
-            return dg.new_zeros(G, y.shape[2])
-        later, previous = (dg[:-1], y[1:]) if reverse else (dg[1:], y[:-1])
-        a, b = later.reshape((T - 1) * B, G).t(), previous.reshape((T - 1) * B, y.shape[2])
-        return _tf32_matmul(a, b) if _tf32_gemms(a, b) else torch.mm(a, b)
-    if reverse:
-        first = dg[T - 1] if lengths is None else \
+    later, previous = (dg[:-1], y[1:]) if reverse else (dg[1:], y[:-1])
+    dw = None  # (h0 None: the first steps' term is zero)
+    if h0 is not None:
+        first = dg[0] if not reverse else dg[T - 1] if lengths is None else \
             dg[lengths.to(dg.device, torch.long) - 1, torch.arange(B, device=dg.device)]
-        later, previous = dg[:-1], y[1:]
-    else:
-        first, later, previous = dg[0], dg[1:], y[:-1]
-    dw = _mm(first.t(), h0)
+        dw = _mm(first.t(), h0)
     if T > 1:
         a, b = later.reshape((T - 1) * B, G).t(), previous.reshape((T - 1) * B, y.shape[2])
-        dw = dw + _tf32_matmul(a, b) if _tf32_gemms(a, b) else torch.addmm(dw, a, b)
-    return dw
+        if dw is None:
+            dw = _tf32_matmul(a, b) if _tf32_gemms(a, b) else torch.mm(a, b)
+        else:
+            dw = dw + _tf32_matmul(a, b) if _tf32_gemms(a, b) else torch.addmm(dw, a, b)
+    return dg.new_zeros(G, y.shape[2]) if dw is None else dw
 
 
 @_without_autocast
@@ -926,7 +921,6 @@ def lstm_stack(x: Tensor, weights: list[tuple], h0: Tensor | None = None, c0: Te
     if B == 0 or which == "torch":
         h0 = x.new_zeros(L, B, H) if h0 is None else h0
         c0 = x.new_zeros(L, B, H) if c0 is None else c0
-    if B == 0 or which == "torch":
         hs, cs, y = [], [], x
         for l, w in enumerate(weights):
             if l > 0 and dropout_scale is not None:

@@ -196,7 +196,7 @@ class LSTM(nn.LSTM):
                 x = x.transpose(0, 1)
         if hx is None:
             # Zero states as None: the launches take them from their own workspaces' memset (two memsets and a
-            # conversion fewer on a GPU, ~25-50 us of host time each: perf/NOTES.md, session 30).
+            # conversion fewer on a GPU, ~25-60 us of host time each: perf/NOTES.md v0.70).
             h0 = c0 = None
         else:
             h0, c0 = _state_pair("LSTM", hx)
