@@ -1,6 +1,6 @@
-"""kernels.reduce.column_sums, the bias gradient's sum over T*B rows (perf/NOTES.md v0.30): float32 sums of any
-floating dtype, row chunks summed in a fixed order; and the layer and stack backwards take their bias gradient
-from it."""
+"""kernels.reduce.column_sums, the bias gradients' sums over T*B rows (perf/NOTES.md v0.30, v0.71): float32 sums of
+any floating dtype, row chunks summed in a fixed order by the last program to arrive, written in the biases' dtype
+once per bias; and the layer and stack backwards take their bias gradients from it, one launch a backward."""
 
 from __future__ import annotations
 
@@ -9,40 +9,119 @@ import torch
 
 from helpers import NAMES, make_problem
 from tritonlstm import fused_lstm
-from tritonlstm.functional import lstm_stack
+from tritonlstm.functional import lstm_layer, lstm_stack
 from tritonlstm.kernels import reduce
 
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+IDS = ["fp16", "bf16", "fp32"]
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("shape", [(1, 1), (37, 300), (100, 129), (257, 4), (0, 5)])
 def test_column_sums_match_float64(shape, dtype):
     m = (torch.randn(shape) * 3).to(dtype)
     got = reduce.column_sums(m)
-    assert got.dtype == torch.float32 and got.shape == (shape[1],)
-    torch.testing.assert_close(got.double(), m.double().sum(0), rtol=1e-6, atol=1e-5)
+    assert got.dtype == torch.float32 and got.shape == (1, shape[1])
+    torch.testing.assert_close(got[0].double(), m.double().sum(0), rtol=1e-6, atol=1e-5)
     assert torch.equal(got, reduce.column_sums(m))  # the same chunks, summed in the same order
 
 
-def test_column_sums_of_a_strided_view():
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("shape", [(3, 100, 129), (2, 257, 4), (1, 5, 300)])
+def test_stacked_sums_in_the_biases_dtype_twice(shape, dtype):
+    """L matrices at once (a stack's layers), the sums rounded once to `dtype` from float32 (as the cast of
+    the float32 sums would round them), in two separate equal copies."""
+    m = (torch.randn(shape) * 3).to(dtype)
+    got = reduce.column_sums(m, dtype, copies=2)
+    assert got.dtype == dtype and got.shape == (2, shape[0], shape[2])
+    assert torch.equal(got[0], got[1])
+    # One rounding from float32: within one unit in the last place of the float64 sum's.
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got[0].double(), m.double().sum(1), rtol=max(eps, 1e-6), atol=1e-4)
+    assert torch.equal(got, reduce.column_sums(m, dtype, copies=2))
+
+
+def test_column_sums_of_a_strided_view_and_bad_arguments():
     base = torch.randn(64, 40)
-    torch.testing.assert_close(reduce.column_sums(base[:, ::2]), base[:, ::2].sum(0), rtol=1e-6, atol=1e-5)
-    with pytest.raises(ValueError, match=r"\[N, C\]"):
+    torch.testing.assert_close(reduce.column_sums(base[:, ::2])[0], base[:, ::2].sum(0), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[N, C\] or \[L, N, C\], got \(40,\)"):
         reduce.column_sums(base[0])
+    with pytest.raises(ValueError, match="copies must be 1 or 2, got 3"):
+        reduce.column_sums(base, copies=3)
 
 
-def test_bias_gradients_come_from_column_sums(monkeypatch):
+def test_every_chunk_is_summed_once_by_one_finisher(monkeypatch):
+    """With more chunks than one, the counters end at the number of chunks (every program arrived once) and the
+    finisher's sum is the partials' in chunk order."""
+    seen = []
+    zeroed = reduce._zeroed
+    monkeypatch.setattr(reduce, "_zeroed", lambda *a: seen.append(zeroed(*a)) or seen[-1])
+    for shape, chunks in (((200, 40), 3), ((2, 200, 40), 2)):
+        m = torch.randn(shape)
+        got = reduce.column_sums(m)
+        count, part = seen.pop()
+        part = part.view(-1, chunks, 40)
+        assert part.shape[0] == count.numel() and count.tolist() == [chunks] * count.numel()
+        want = part[:, 0]
+        for s in range(1, chunks):
+            want = want + part[:, s]
+        torch.testing.assert_close(got[0], want.view(got.shape[1:]), rtol=1e-6, atol=1e-5)  # (in its own order)
+
+
+def test_bias_gradients_come_from_one_launch(monkeypatch):
     calls = []
     real = reduce.column_sums
-    monkeypatch.setattr(reduce, "column_sums", lambda m: calls.append(tuple(m.shape)) or real(m))
+    monkeypatch.setattr(reduce, "column_sums", lambda m, *a: calls.append((tuple(m.shape), *a)) or real(m, *a))
     p = {n: (t.requires_grad_() if t is not None else None) for n, t in make_problem(5, 3, 4, 8, torch.float32).items()}
     y, _ = fused_lstm(*(p[n] for n in NAMES), backend="triton")
     y.sum().backward()
-    assert calls == [(15, 32)]
+    assert calls == [((15, 32), torch.float32, 2)]
+    assert p["bias_ih"].grad.data_ptr() != p["bias_hh"].grad.data_ptr()
+    assert torch.equal(p["bias_ih"].grad, p["bias_hh"].grad)
     calls.clear()
     ws = [tuple(t.requires_grad_() for t in (torch.randn(32, 8), torch.randn(32, 8), torch.randn(32), torch.randn(32)))
-          for _ in range(2)]
+          for _ in range(3)]
     y, _ = lstm_stack(torch.randn(5, 3, 8), ws, backend="triton")
     y.sum().backward()
-    assert calls == [(15, 32), (15, 32)]
+    assert calls == [((3, 15, 32), torch.float32, 2)]
     for w in ws:
         assert torch.equal(w[2].grad, w[3].grad)
+    want = [w[2].grad.clone() for w in ws]
+    ws[0][2].grad.mul_(2)  # (clip_grad_norm_ and the like update .grad in place)
+    assert torch.equal(ws[0][3].grad, want[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_one_bias_or_two_directions(dtype):
+    """Only b_hh given (bias_ih None), a frozen b_ih, two directions: each gradient where it is needed, in the
+    parameter's dtype and shape, equal to the float32 column sums of dG rounded once."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, dtype=dtype)
+    ref = {}
+    for case in ("hh only", "ih frozen", "two directions"):
+        D = 2 if case == "two directions" else 1
+        weights = []
+        for _ in range(D):
+            w_ih, w_hh = (torch.randn(32, 8, dtype=dtype) * 0.3).requires_grad_(), \
+                (torch.randn(32, 8, dtype=dtype) * 0.3).requires_grad_()
+            b_ih = None if case == "hh only" else torch.randn(32, dtype=dtype).requires_grad_(case != "ih frozen")
+            weights.append((w_ih, w_hh, b_ih, torch.randn(32, dtype=dtype).requires_grad_(), None))
+        y, _ = lstm_layer(x, weights, backend="triton")
+        y.float().square().sum().backward()
+        for d, (_, _, b_ih, b_hh, _) in enumerate(weights):
+            assert b_hh.grad.dtype == dtype and b_hh.grad.shape == (32,)
+            if case == "two directions":
+                assert torch.equal(b_ih.grad, b_hh.grad) and b_ih.grad.data_ptr() != b_hh.grad.data_ptr()
+            elif b_ih is not None:
+                assert b_ih.grad is None
+        ref[case] = weights
+    # Against the plain PyTorch ops' gradients.
+    for case, weights in ref.items():
+        again = [tuple(None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in w)
+                 for w in weights]
+        y, _ = lstm_layer(x, again, backend="torch")
+        y.float().square().sum().backward()
+        for w, v in zip(weights, again):
+            torch.testing.assert_close(w[3].grad.float(), v[3].grad.float(),
+                                       rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=5e-2 if
+                                       dtype == torch.bfloat16 else 1e-5)

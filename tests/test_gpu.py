@@ -880,3 +880,24 @@ def test_configs_fitted_to_a_99kb_gpu_match_cudnn(monkeypatch, H, B, dtype):
     cfgs = [select_config(H, B, dtype, torch.device("cuda"), False, kernel) for kernel in ("fwd", "bwd")]
     assert all(configs.shared_bytes(c, k, H, dtype.itemsize) <= 101376 for c, k in zip(cfgs, ("fwd", "bwd")))
     run_both(64, B, H, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", [(4096, 1024), (3, 4096, 1024), (16384, 4096), (1500, 300)],
+                         ids=["fp16-cell", "stack", "large", "ragged"])
+def test_bias_sums_finished_by_the_last_program_match_float64(shape, dtype):
+    """kernels.reduce (perf/NOTES.md v0.71): each column block's last program to arrive sums the other programs'
+    partials, in the biases' dtype, twice. A partial read before its program's release (the ordering of
+    _grid_barrier's arrival) or a second finisher shows as a sum off by whole chunks, or as sums that differ
+    from launch to launch; here 20 launches agree bit for bit, with float64's sum to one rounding."""
+    from tritonlstm.kernels import reduce
+
+    torch.manual_seed(0)
+    m = torch.randn(shape, device="cuda").to(dtype)
+    got = reduce.column_sums(m, dtype, copies=2)
+    assert got.shape == (2, *shape[:-2], shape[-1]) and got.dtype == dtype
+    assert torch.equal(got[0], got[1])
+    torch.testing.assert_close(got[0].double(), m.double().sum(-2), rtol=max(torch.finfo(dtype).eps, 1e-5),
+                               atol=1e-2)
+    for _ in range(20):
+        assert torch.equal(reduce.column_sums(m, dtype, copies=2), got)

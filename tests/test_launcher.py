@@ -18,23 +18,24 @@ warmup = kernel.warmup
 kernel.warmup = lambda *a, **kw: warmups.append(1) or warmup(*a, **kw)
 base = torch.zeros(4096, dtype=torch.float16)
 half, single = base[:2048].view(32, 64), torch.zeros(32, 64)
-part = torch.zeros(64, dtype=torch.float32)
-meta = dict(BN=BLOCK_ROWS, BC=BLOCK_COLS)
+part, out = torch.zeros(128, dtype=torch.float32), torch.zeros(64, dtype=torch.float32)
+count = torch.zeros(2, dtype=torch.int32)
+meta = dict(BN=BLOCK_ROWS, BC=BLOCK_COLS, FINISH=True, COPIES=1)
 cases = [
-    (half, part, 32, 64, 16),             # the first: compiled
-    (base[16:2064].view(32, 64), part, 32, 64, 16),  # another 16-byte aligned tensor: the same entry
-    (base[1:2049].view(32, 64), part, 32, 64, 16),   # misaligned
-    (single, part, 32, 64, 16),           # another dtype
-    (half, part, 1, 64, 16),              # an int of 1 (a constexpr in Triton's specialisation)
-    (half, part, 33, 64, 16),             # not a multiple of 16
-    (half, part, 2 ** 31, 64, 16),        # 64-bit
-    (half, part, 48, 64, 16),             # a multiple of 16 again: the first's entry
+    (half, part, count, out, 32, 64, 16, 2),             # the first: compiled
+    (base[16:2064].view(32, 64), part, count, out, 32, 64, 16, 2),  # another 16-byte aligned tensor: the same entry
+    (base[1:2049].view(32, 64), part, count, out, 32, 64, 16, 2),   # misaligned
+    (single, part, count, out, 32, 64, 16, 2),           # another dtype
+    (half, part, count, out, 1, 64, 16, 2),              # an int of 1 (a constexpr in Triton's specialisation)
+    (half, part, count, out, 33, 64, 16, 2),             # not a multiple of 16
+    (half, part, count, out, 2 ** 31, 64, 16, 2),        # 64-bit
+    (half, part, count, out, 48, 64, 16, 2),             # a multiple of 16 again: the first's entry
 ]
 same = []
 for args in cases:
-    kernel[(2, 1)](*args, **meta)
+    kernel[(2, 1, 1)](*args, **meta)
     jit = calls.pop()
-    launcher.launch(kernel, (2, 1), args, meta)
+    launcher.launch(kernel, (2, 1, 1), args, meta)
     ours = calls.pop()
     same.append(ours[:4] == jit[:4] and ours[4] is jit[4] and ours[5] == jit[5] and type(ours[6]) is type(jit[6])
                 and ours[7:] == jit[7:])

@@ -148,15 +148,18 @@ def _tf32_gemms(*tensors: Tensor) -> bool:
 _STAGED_ROWS = 1024
 
 
-def _column_sums(m: Tensor) -> Tensor:
-    """m [N, C] summed over its rows in float32 (the bias gradient, N = T*B): kernels.reduce on the GPU from
-    _STAGED_ROWS rows (and at any size on the interpreter, which the tests run), eagerly on plain tensors. ATen's
-    sum over the rows of a tall CUDA tensor staged 30-140 MB of partial sums, the excess of run 5's training peaks
-    over the counted tensors (perf/NOTES.md v0.30). Under torch.compile the compiler generates its own reduction."""
-    kernel = m.device.type == "cuda" and m.shape[0] >= _STAGED_ROWS or interpreter_active()
+def _column_sums(m: Tensor, dtype: torch.dtype = torch.float32, copies: int = 1) -> tuple[Tensor, ...]:
+    """m [N, C] or [L, N, C] summed over its rows in float32 (the bias gradient, N = T*B), as `copies` separate
+    [(L,) C] tensors in `dtype`: kernels.reduce on the GPU from _STAGED_ROWS rows (and at any size on the interpreter,
+    which the tests run), one launch for the sums, their cast and both biases' copies; eagerly on plain tensors.
+    ATen's sum over the rows of a tall CUDA tensor staged 30-140 MB of partial sums, the excess of run 5's training
+    peaks over the counted tensors (perf/NOTES.md v0.30). Under torch.compile the compiler generates its own
+    reduction."""
+    kernel = m.device.type == "cuda" and m.shape[-2] >= _STAGED_ROWS or interpreter_active()
     if kernel and not torch.compiler.is_compiling() and _plain(m):
-        return _kernel_module("reduce").column_sums(m)
-    return m.sum(0, dtype=torch.float32)
+        return _kernel_module("reduce").column_sums(m, dtype, copies).unbind(0)
+    sums = m.sum(-2, dtype=torch.float32).to(dtype)
+    return (sums,) if copies == 1 else (sums, sums.clone())
 
 
 def _tf32_matmul(a: Tensor, b: Tensor, half: bool = False, row_chunk: int | None = None,
@@ -568,8 +571,7 @@ def _stack_backward(ctx, dy, dhn, dcn, _dgates, _dc_all, _dxd):
     if need[2]:
         d_hh = torch.stack([_recurrent_weight_grad(dg[l], y[l], None if h0 is None else h0[l], lengths, False)
                             for l in range(L)])
-    d_bias = torch.stack([_column_sums(dg2[l]) for l in range(L)]) if need[3] or need[4] else None
-    return (dg[0] if need[0] else None, d_ih, d_hh, *_bias_grads(d_bias, ctx.bias_metas, need[3:5]),
+    return (dg[0] if need[0] else None, d_ih, d_hh, *_bias_grads(dg2, ctx.bias_metas, need[3:5]),
             dh0 if need[5] else None, dc0 if need[6] else None, None, None, None)
 
 
@@ -625,7 +627,6 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
         dg, dh0, dc0 = _recurrence_backward(*args, into_gates=True)
     else:
         dg, dh0, dc0 = _tie_to_forward(y, *_call(_lstm_recurrence_backward, *args))
-    dg3 = dg.view(T * B, D, G)
     need = ctx.needs_input_grad
     dw_hh = None
     if need[1]:
@@ -633,8 +634,7 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
         dw_hh = [_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], None if h0 is None else h0[d],
                                         lengths, d == 1 or ctx.reverse) for d in range(D)]
         dw_hh = dw_hh[0].unsqueeze(0) if D == 1 else torch.stack(dw_hh)  # (stack would copy a single one)
-    dbias = _column_sums(dg3.view(T * B, D * G)) if need[2] or need[3] else None
-    return (dg if need[0] else None, dw_hh, *_bias_grads(dbias, ctx.bias_metas, need[2:4]),
+    return (dg if need[0] else None, dw_hh, *_bias_grads(dg.view(T * B, D * G), ctx.bias_metas, need[2:4]),
             dh0 if need[4] else None, dc0 if need[5] else None, None, None, None)
 
 
@@ -728,7 +728,7 @@ def _check_inputs(x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0, lengths, we
 
 def _stacked_biases(pairs: list) -> tuple[Tensor | None, Tensor | None]:
     """(b_ih, b_hh) as the ops take them, or None where no direction or layer has it: one direction's or layer's as
-    it is ([4H]: no launch, and its gradient one tensor for both, _bias_grads), several stacked [N, 4H]. The kernels
+    it is ([4H]: no launch), several stacked [N, 4H]. The kernels
     add the two in float32, where b_ih.float() + b_hh before the launch took two ATen ops (perf/NOTES.md v0.54)."""
     if len(pairs) == 1:
         return pairs[0][0], pairs[0][1]
@@ -748,25 +748,23 @@ def _bias_metas(*biases: Tensor | None) -> tuple:
     return tuple(None if b is None else (b.dtype, b.shape) for b in biases)
 
 
-def _bias_grads(dbias: Tensor | None, metas: tuple, need: tuple) -> tuple:
-    """The gradients of b_ih and b_hh: dbias (float32, N * 4H elements) in each one's dtype and shape. Two [4H]
-    parameters get one tensor: autograd's AccumulateGrad copies a gradient another input still holds before it
-    stores one as .grad, so the two .grad stay apart (as after nn.LSTM's backward). Stacked ones would each get a
-    view of their stack's gradient, which autograd stores as it is: views of one tensor, which an in-place update of
-    one .grad (clip_grad_norm_) would change both of; so there the second is a copy."""
-    out, first = [None, None], None
-    for i in (0, 1):
-        meta = metas[i]
-        if not need[i] or meta is None:
-            continue
-        dtype, shape = meta
-        if first is not None and len(shape) == 1 and metas[0] == meta:
-            out[i] = first
-            continue
-        g = dbias if dbias.shape == shape else dbias.view(shape)
-        if g.dtype != dtype or first is not None:
-            g = g.to(dtype, copy=first is not None)
-        out[i] = first = g
+def _bias_grads(dg: Tensor, metas: tuple, need: tuple) -> tuple:
+    """The gradients of b_ih and b_hh (None where not needed or absent), dg's column sums (dg [T*B, C] or
+    [L, T*B, 4H]) in each one's dtype and shape. Both from one launch (_column_sums' copies), each its own tensor:
+    as after nn.LSTM's backward, an in-place update of one .grad (clip_grad_norm_) must not change the other.
+    Where the two differ in dtype, the sums in float32 cast for each."""
+    wanted = [i for i in (0, 1) if need[i] and metas[i] is not None]
+    out = [None, None]
+    if not wanted:
+        return tuple(out)
+    if all(metas[i] == metas[wanted[0]] for i in wanted):  # (not a set: shapes may be symbolic)
+        sums = _column_sums(dg, metas[wanted[0]][0], copies=len(wanted))
+        for i, g in zip(wanted, sums):
+            out[i] = g.view(metas[i][1])
+        return tuple(out)
+    sums = _column_sums(dg)[0]
+    for i in wanted:
+        out[i] = sums.to(metas[i][0], copy=True).view(metas[i][1])
     return tuple(out)
 
 
