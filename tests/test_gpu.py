@@ -883,8 +883,8 @@ def test_configs_fitted_to_a_99kb_gpu_match_cudnn(monkeypatch, H, B, dtype):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("shape", [(4096, 1024), (3, 4096, 1024), (16384, 4096), (1500, 300)],
-                         ids=["fp16-cell", "stack", "large", "ragged"])
+@pytest.mark.parametrize("shape", [(4096, 1024), (3, 4096, 1024), (16384, 4096), (1500, 300), (1024, 8)],
+                         ids=["b16", "stack", "large", "ragged", "narrow"])
 def test_bias_sums_finished_by_the_last_program_match_float64(shape, dtype):
     """kernels.reduce (perf/NOTES.md v0.71): each column block's last program to arrive sums the other programs'
     partials, in the biases' dtype, twice. A partial read before its program's release (the ordering of
