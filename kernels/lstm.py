@@ -354,16 +354,21 @@ def _split_grad_dot(p_base, o_rows, m_rows, w_i, w_f, w_g, w_o, p_w, o_j, m_j, m
 
 
 @triton.jit
-def _load_transposed_grad_tiles(p_wt, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
+def _load_transposed_grad_tiles(p_wt, i_h, m_w, H, BH: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr,
+                                FROM_W: tl.constexpr = False):
     """The backward's resident W_hh[R, :]^T (R = this program's 4 * BH gate rows, _transposed_rows) read from
     W_hh^T [H, 4H] at p_wt, so that each row's gate values lie contiguous (K-major, as Hopper's MMA wants its A
-    operand in every dtype): a tuple of [KC, 4 * BH] tiles, one per chunk of the H units the product covers."""
+    operand in every dtype): a tuple of [KC, 4 * BH] tiles, one per chunk of the H units the product covers.
+    FROM_W: p_wt is W_hh [4H, H] itself, read across its rows (once a launch), so the host makes no W^T copy."""
     rows, m_r = _transposed_rows(i_h, m_w, H, BH)
     tiles = ()
     for i in tl.static_range(BK // KC):
         o_c = i * KC + tl.arange(0, KC)
-        tiles = tiles + (tl.load(p_wt + o_c[:, None] * (4 * H) + rows[None, :],
-                                 mask=(o_c < H)[:, None] & m_r[None, :], other=0.0),)
+        if FROM_W:
+            p = p_wt + rows[None, :] * H + o_c[:, None]
+        else:
+            p = p_wt + o_c[:, None] * (4 * H) + rows[None, :]
+        tiles = tiles + (tl.load(p, mask=(o_c < H)[:, None] & m_r[None, :], other=0.0),)
     return tiles
 
 
@@ -1263,8 +1268,10 @@ def lstm_bwd_kernel(
     PAIRED: tl.constexpr = False,  # SK > 1, single layer: dG_{t+1}'s gates loaded two at a time (_split_grad_dot)
     CARRY: tl.constexpr = 0,  # PREFETCH: how the next step's gates and dy cross the barrier (_load_carried)
     ARRIVE_EARLY: tl.constexpr = False,  # as the forward's, after the exchange: the shares (TRANSPOSED), else dG
+    WT_FROM_W: tl.constexpr = False,  # TRANSPOSED, W_RESIDENT: W^T's tiles read from W_hh (W_T unused)
 ):
     tl.static_assert(not ARRIVE_EARLY or (PREFETCH and PERSISTENT), "early arrival: a prefetching launch")
+    tl.static_assert(not WT_FROM_W or (TRANSPOSED and W_RESIDENT), "W^T from W: reduce-scatter, W resident")
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     tl.static_assert(not (TRANSPOSED and (STACK or SK > 1)), "reduce-scatter: single layer, unsplit")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
@@ -1321,7 +1328,10 @@ def lstm_bwd_kernel(
         W_T += i_d * H * 4 * H
         PART += (i_d * n_h).to(tl.int64) * B * H
         if W_RESIDENT:
-            b_wt = _load_transposed_grad_tiles(W_T, i_h, True, H, BH, BK, KC)
+            if WT_FROM_W:
+                b_wt = _load_transposed_grad_tiles(W, i_h, True, H, BH, BK, KC, FROM_W=True)
+            else:
+                b_wt = _load_transposed_grad_tiles(W_T, i_h, True, H, BH, BK, KC)
     elif W_RESIDENT:
         # dh_{t-1} = dG_t @ W_hh: tile (k, j) of gate g is W_hh[g*H + k, j].
         if SK > 1:
@@ -2494,14 +2504,14 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     dc0 = _alloc((D, B, H), dt, dev)
     if not config.grid_2d:
         grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt), dev,
-                                                 SPLIT_PAIRS, PREFETCH_AS_LOADED, ARRIVE_EARLY)
+                                                 SPLIT_PAIRS, PREFETCH_AS_LOADED, ARRIVE_EARLY, TRANSPOSE_IN_KERNEL)
     # (The 2-D grid's barrier counters come with its own layout, _barrier_state.)
     sync, dc_ws, c0, dhn, dcn = _zeroed_workspace(dev, None if config.grid_2d else words, (D, B, H), dt, c0, dhn,
                                                   dcn)
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
         return dg, dh0, dc0
-    w_t, part = _reduce_scatter_state(config, w_hh, B, sync)
+    w_t, part = _reduce_scatter_state(config, w_hh, B, sync, constexprs["WT_FROM_W"])
     amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
             last if last is not None else sync, sync, barrier_errors.flag(dev), w_t, part, amax, rmax, T, B, H,
@@ -2526,10 +2536,11 @@ def pairs_gates(config, kernel: str, hidden: int, esize: int, smem_limit: int) -
 
 @functools.lru_cache(maxsize=1024)
 def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengths: bool, precision: str,
-                   device: torch.device, split_pairs: bool, as_loaded: bool = True, arrive_early: bool = False):
+                   device: torch.device, split_pairs: bool, as_loaded: bool = True, arrive_early: bool = False,
+                   transpose_in_kernel: bool = True):
     """(grid, barrier words, the kernel's constexprs) of an lstm_backward launch on tiles, as _forward_plan.
     split_pairs: SPLIT_PAIRS at the call (pairs_gates reads it), in the key so that switching it takes effect; so
-    are as_loaded and arrive_early (PREFETCH_AS_LOADED, ARRIVE_EARLY)."""
+    are as_loaded, arrive_early and transpose_in_kernel (PREFETCH_AS_LOADED, ARRIVE_EARLY, TRANSPOSE_IN_KERNEL)."""
     grid = (cdiv(H, config.block_h), config.batch_groups, D)
     smem = device_limits(device)[1] if device.type == "cuda" and not interpreting() else SM90_SHARED
     paired = pairs_gates(config, "bwd", H, dtype.itemsize, smem)
@@ -2537,7 +2548,7 @@ def _backward_plan(config, dtype: torch.dtype, B: int, H: int, D: int, has_lengt
     constexprs = dict(D=D, HAS_LENGTHS=has_lengths, STACK=False, HAS_DROPOUT=False, DOT_PRECISION=precision,
                       **_step_constexprs_at(config, dtype.itemsize, B, H, as_loaded, arrive_early),
                       HALF_W=_half_w(config, dtype, backward=True),
-                      PAIRED=paired, **reduce_scatter_constexprs(config, H), **cluster)
+                      PAIRED=paired, **reduce_scatter_constexprs(config, H, transpose_in_kernel), **cluster)
     return grid, words, constexprs
 
 
@@ -2575,11 +2586,18 @@ def _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last
               HALF_W=half, HALF_G=half_g, **cluster), sync, grid_2d=True)
 
 
-NO_REDUCE_SCATTER = dict(TRANSPOSED=False, KC=16, QP=1, QC=1)
+NO_REDUCE_SCATTER = dict(TRANSPOSED=False, KC=16, QP=1, QC=1, WT_FROM_W=False)
+# A reduce-scatter backward with W resident reads W^T's tiles from W_hh (once a launch) instead of a W^T copy the
+# host made before each launch: one launching op fewer a training step, 25-60 us of a host-bound step's host time on
+# the GPU host (perf/NOTES.md v0.72). TRITONLSTM_TRANSPOSE_IN_KERNEL=0: the copy, as before (for the A/B).
+TRANSPOSE_IN_KERNEL = os.environ.get("TRITONLSTM_TRANSPOSE_IN_KERNEL", "1") != "0"
 
 
-def reduce_scatter_constexprs(config, hidden: int) -> dict:
-    """The backward kernel's TRANSPOSED, KC, QP, QC for `config` (LSTMConfig.transposed: dh by reduce-scatter)."""
+def reduce_scatter_constexprs(config, hidden: int, transpose_in_kernel: bool | None = None) -> dict:
+    """The backward kernel's TRANSPOSED, KC, QP, QC, WT_FROM_W for `config` (LSTMConfig.transposed: dh by
+    reduce-scatter); transpose_in_kernel: TRANSPOSE_IN_KERNEL where None."""
+    if transpose_in_kernel is None:
+        transpose_in_kernel = TRANSPOSE_IN_KERNEL
     if not config.transposed:
         return NO_REDUCE_SCATTER
     if config.block_h != 16:
@@ -2588,7 +2606,10 @@ def reduce_scatter_constexprs(config, hidden: int) -> dict:
     qp = next_power_of_2(cdiv(hidden, config.block_h))
     kc = min(config.block_k, REDUCE_SCATTER_CHUNK) if config.w_resident else config.block_k
     qc = 1 if qp <= REDUCE_SCATTER_IN_REGISTERS else min(qp, REDUCE_SCATTER_LOAD)
-    return dict(TRANSPOSED=True, KC=kc, QP=qp, QC=qc)
+    # (W's rows read across, at an H Triton cannot prove a multiple of 16, in scalar loads: 48 bytes of spills at
+    # 16-bit H = 1000, compile-only sm_90. W^T's copy then.)
+    return dict(TRANSPOSED=True, KC=kc, QP=qp, QC=qc,
+                WT_FROM_W=config.w_resident and transpose_in_kernel and hidden % 16 == 0)
 
 
 # A reduce-scatter backward's product W^T @ dG^T in chunks of this many units (M: two warpgroups' 64 rows on
@@ -2604,14 +2625,15 @@ REDUCE_SCATTER_IN_REGISTERS = 32
 REDUCE_SCATTER_LOAD = 16
 
 
-def _reduce_scatter_state(config, w_hh, batch: int, placeholder):
-    """W_hh^T [D, H, 4H] and the [2, D, P, B, H] float32 shares of a reduce-scatter backward (placeholders for
-    other configs; its constexprs come with _backward_plan's). Every share a program reads was written at the step
-    before (the kernel reads none at its first step), so the buffer needs no zeroing."""
+def _reduce_scatter_state(config, w_hh, batch: int, placeholder, wt_from_w: bool):
+    """W_hh^T [D, H, 4H] (a placeholder where the kernel reads W_hh itself: wt_from_w) and the [2, D, P, B, H]
+    float32 shares of a reduce-scatter backward (placeholders for other configs; its constexprs come with
+    _backward_plan's). Every share a program reads was written at the step before (the kernel reads none at its
+    first step), so the buffer needs no zeroing."""
     if not config.transposed:
         return placeholder, placeholder
     D, _, H = w_hh.shape
-    w_t = w_hh.transpose(1, 2).contiguous()
+    w_t = placeholder if wt_from_w else w_hh.transpose(1, 2).contiguous()
     part = _alloc((2, D, cdiv(H, config.block_h), batch, H), torch.float32, w_hh.device)
     return w_t, part
 

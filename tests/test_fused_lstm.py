@@ -185,11 +185,40 @@ def test_transposed_gate_dots(chunk, reverse, dtype, lengths, chunk_constants, k
     # Streamed: W^T loaded in 16-wide K chunks each step, three of them for H = 33.
     assert kernels.transposed_chunk(config, dtype.itemsize) == (64 if chunk == 8192 else 16)
     assert kernels.reduce_scatter_constexprs(config, 33) == dict(TRANSPOSED=True, KC=64 if chunk == 8192 else 16,
-                                                                QP=4, QC=2 if chunk == 64 else 1)
+                                                                QP=4, QC=2 if chunk == 64 else 1,
+                                                                WT_FROM_W=False)  # (H % 16: the copy)
     problem = make_problem(6, 17, 10, 33, dtype)
     lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4]) if lengths else None
     check_against_reference(problem, dtype, reverse=reverse, lengths=lens, config=config)
     assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+def test_reduce_scatter_backward_reads_w_transposed_from_w_itself(monkeypatch):
+    """v0.72: with W resident, the reduce-scatter backward reads W^T's tiles across W_hh's rows, and the host makes
+    no W^T copy; the same dG, dh0 and dc0 bit for bit as from the copy (TRITONLSTM_TRANSPOSE_IN_KERNEL=0). Two
+    directions, so that each reads its own W; 48 units in K = 64 (masked past H). At an H not a multiple of 16 the
+    copy stays (the strided reads would be scalar and spill)."""
+    config = LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, batch_groups=2, persistent=False,
+                        transposed=True)
+    torch.manual_seed(0)
+    T, B, H, D = 4, 6, 48, 2
+    assert not kernels.reduce_scatter_constexprs(config, 40)["WT_FROM_W"]
+    gates = torch.rand(T, B, D * 4 * H) * 0.9 + 0.05
+    c_all = torch.randn(T, B, D * H)
+    w = torch.randn(D, 4 * H, H) * 0.2
+    dy, c0 = torch.randn(T, B, D * H), torch.randn(D, B, H)
+    copies = []
+    contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or contiguous(t, *a, **k))
+    out = {}
+    for in_kernel in (True, False):
+        monkeypatch.setattr(kernels, "TRANSPOSE_IN_KERNEL", in_kernel)
+        copies.clear()
+        out[in_kernel] = kernels.lstm_backward(gates, c_all, c0, w, dy, None, None, None, reverse=False,
+                                               config=config)
+        assert (torch.Size([D, H, 4 * H]) in copies) == (not in_kernel), copies
+    for a, b in zip(out[True], out[False]):
+        assert torch.equal(a, b)
 
 
 # The forward's transposed dots with 32 units a program (128 gate rows; v0.34, so that H = 512 makes a 16-program
