@@ -1240,6 +1240,7 @@ def lstm_bwd_kernel(
     PART,  # [2, D, P, B, H] float32: program p's share of dh at step r in slot r % 2 (when TRANSPOSED)
     AMAX,  # [D, H] float32 max |W_hh| of each direction's columns (when HALF_W)
     RMAX,  # [2, D, P, B] float32: program p's largest |dG| of each row of its units at step r, slot r % 2 (HALF_W)
+    DBIAS,  # [BIAS_COPIES, D*4H] out: dG summed over its T*B rows, the bias gradients (when BIAS_COPIES)
     T,
     B,
     H,
@@ -1269,9 +1270,11 @@ def lstm_bwd_kernel(
     CARRY: tl.constexpr = 0,  # PREFETCH: how the next step's gates and dy cross the barrier (_load_carried)
     ARRIVE_EARLY: tl.constexpr = False,  # as the forward's, after the exchange: the shares (TRANSPOSED), else dG
     WT_FROM_W: tl.constexpr = False,  # TRANSPOSED, W_RESIDENT: W^T's tiles read from W_hh (W_T unused)
+    BIAS_COPIES: tl.constexpr = 0,  # persistent, one batch group, one layer: DBIAS in this many copies (v0.73)
 ):
     tl.static_assert(not ARRIVE_EARLY or (PREFETCH and PERSISTENT), "early arrival: a prefetching launch")
     tl.static_assert(not WT_FROM_W or (TRANSPOSED and W_RESIDENT), "W^T from W: reduce-scatter, W resident")
+    tl.static_assert(BIAS_COPIES == 0 or (PERSISTENT and not STACK), "bias sums: one persistent launch, one layer")
     # Step r runs the forward's step s = T - 1 - r; r = T (s = -1) only finishes dh0 and dc0.
     tl.static_assert(not (TRANSPOSED and (STACK or SK > 1)), "reduce-scatter: single layer, unsplit")
     tl.static_assert(not (PREFETCH and STACK), "prefetch: single layer")
@@ -1361,6 +1364,13 @@ def lstm_bwd_kernel(
                                                                      T - 1 - S_START, T, B, H, SG, SY, rev, BB,
                                                                      HAS_LENGTHS, CARRY, i_h * BH, BH)
         n_dc = tl.load(DC_WS + o_b0[:, None] * H + o_j[None, :], mask=m_b0[:, None] & m_j[None, :], other=0.0)
+    if BIAS_COPIES:
+        # This program's dG summed over its steps and rows, in registers (its batch group holds every row): the
+        # bias gradients of its units without another launch or a memset (perf/NOTES.md v0.73).
+        s_i = tl.zeros([BB, BH], dtype=tl.float32)
+        s_f = tl.zeros([BB, BH], dtype=tl.float32)
+        s_g = tl.zeros([BB, BH], dtype=tl.float32)
+        s_o = tl.zeros([BB, BH], dtype=tl.float32)
     for r_glob in range(S_START, S_START + S_COUNT):
         r = r_glob - lag
         s = T - 1 - r
@@ -1451,6 +1461,11 @@ def lstm_bwd_kernel(
                 b_dc += tl.load(DCN + o_bh, mask=m_last, other=0.0).to(tl.float32)
 
                 b_dgi, b_dgf, b_dgg, b_dgo, b_dc = _cell_grads(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_cp, m_live)
+                if BIAS_COPIES:
+                    s_i += tl.where(m_live, b_dgi, 0.0)
+                    s_f += tl.where(m_live, b_dgf, 0.0)
+                    s_g += tl.where(m_live, b_dgg, 0.0)
+                    s_o += tl.where(m_live, b_dgo, 0.0)
 
                 if TRANSPOSED:
                     # The exchange first: the shares, the only thing the other programs read of this step.
@@ -1496,6 +1511,15 @@ def lstm_bwd_kernel(
         elif PERSISTENT:
             # A stack's barrier spans its layers: a layer's step needs the layer above's dG of the same t.
             poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
+    if BIAS_COPIES:
+        p_bias = DBIAS + i_d * 4 * H + o_j
+        t_b: tl.constexpr = DBIAS.dtype.element_ty
+        for copy in tl.static_range(BIAS_COPIES):
+            p_copy = p_bias + copy * D * 4 * H
+            tl.store(p_copy, tl.where(poisoned, float("nan"), tl.sum(s_i, axis=0)).to(t_b), mask=m_j)
+            tl.store(p_copy + H, tl.where(poisoned, float("nan"), tl.sum(s_f, axis=0)).to(t_b), mask=m_j)
+            tl.store(p_copy + 2 * H, tl.where(poisoned, float("nan"), tl.sum(s_g, axis=0)).to(t_b), mask=m_j)
+            tl.store(p_copy + 3 * H, tl.where(poisoned, float("nan"), tl.sum(s_o, axis=0)).to(t_b), mask=m_j)
 
 
 @triton.jit
@@ -2488,12 +2512,14 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     return y, hn, cn, gates, c_all, xd
 
 
-def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config, into_gates: bool = False):
+def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, config, into_gates: bool = False,
+                  bias_sums: tuple | None = None):
     """The reverse recurrence of D directions, shapes as lstm_forward's (c0 [D, B, H] float32, dy [T, B, D*H],
     dhn and dcn [D, B, H]; c0, dhn or dcn None: zeros, from one memset with the launch's own workspaces). Returns
     dG [T, B, D*4H] (gradient of the gate pre-activations, in the gates' dtype), dh0 and dc0 [D, B, H].
     into_gates: dG is written over `gates` (which must come from lstm_forward: zeros past each row's end) instead
-    of a new buffer."""
+    of a new buffer. bias_sums (dtype, copies): a fourth value, dG's column sums [copies, D*4H] in dtype (the bias
+    gradients) where the launch makes them (bias_sums_in_kernel), else None."""
     T, B, _ = gates.shape
     D, G, H = w_hh.shape
     _check_tiles(config, H)
@@ -2513,11 +2539,39 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
         return dg, dh0, dc0
     w_t, part = _reduce_scatter_state(config, w_hh, B, sync, constexprs["WT_FROM_W"])
     amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
+    dbias = None
+    if bias_sums is not None and bias_sums_in_kernel(config, "bwd", H, T + 1, grid):
+        dbias = torch.empty((bias_sums[1], D * G), dtype=bias_sums[0], device=dev)
+        constexprs = {**constexprs, "BIAS_COPIES": bias_sums[1]}
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
-            last if last is not None else sync, sync, barrier_errors.flag(dev), w_t, part, amax, rmax, T, B, H,
-            int(reverse))
+            last if last is not None else sync, sync, barrier_errors.flag(dev), w_t, part, amax, rmax,
+            sync if dbias is None else dbias, T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args, constexprs, sync)
-    return dg, dh0, dc0
+    return (dg, dh0, dc0) if bias_sums is None else (dg, dh0, dc0, dbias)
+
+
+# TRITONLSTM_BIAS_IN_KERNEL=1: a single launch of one batch group sums the bias gradients in the backward kernel
+# (BIAS_COPIES, perf/NOTES.md v0.73) instead of kernels.reduce's memset and launch after it. Off until a GPU A/B:
+# compile-only, the accumulators moved the time loop's schedule (a load round more a step in the split backward at
+# 16-bit H = 512, prefetched reads before the wait in the reduce-scatter one at H = 256).
+BIAS_IN_KERNEL = os.environ.get("TRITONLSTM_BIAS_IN_KERNEL", "0") == "1"
+BIAS_SUMS_MAX_HIDDEN = 512
+BIAS_SUM_REGISTERS = 8
+
+
+def bias_sums_in_kernel(config, kernel: str, hidden: int, n_steps: int | None = None,
+                        grid: tuple | None = None) -> bool:
+    """Whether a `kernel` launch of `config` at `hidden` units sums the bias gradients itself: a single layer's tiles
+    (not the 2-D grid) in one persistent launch (n_steps within what _run launches at once) of one batch group, so
+    that each program has every row of its units. Its four [BB, BH] float32 sums cost 4 * BB * BH / (32 * num_warps)
+    registers a thread, at most BIAS_SUM_REGISTERS; and not beyond BIAS_SUMS_MAX_HIDDEN units, where the kernels
+    spill in their time loop already (compile-only sm_90, shipped H200 configs: at 16-bit H = 1024 the loop's local
+    loads went 11 -> 22, float32's 55 -> 78; at H <= 512 no spill in the loop, perf/NOTES.md v0.73)."""
+    if not (BIAS_IN_KERNEL and kernel == "bwd" and config.persistent and not config.grid_2d
+            and config.batch_groups == 1 and hidden <= BIAS_SUMS_MAX_HIDDEN
+            and 4 * config.block_b * config.block_h <= BIAS_SUM_REGISTERS * 32 * config.num_warps):
+        return False
+    return n_steps is None or n_steps <= max(1, (RELEASED.value - 1) // (grid[0] * grid[2]))
 
 
 # A single layer's split-K backward loads dG_{t+1}'s gates two at a time (kernel's PAIRED, perf/NOTES.md v0.66): the
@@ -2662,7 +2716,7 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     sync, dc_ws, c0, dhn, dcn = _zeroed_workspace(dev, words, (L, B, H), dt, c0, dhn, dcn)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
             dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync,
-            sync, T, B, H, 0)
+            sync, sync, T, B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
          dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,
               DOT_PRECISION=_dot_precision(dt), PREFETCH=False, HALF_W=False,

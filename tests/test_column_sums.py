@@ -4,6 +4,8 @@ once per bias; and the layer and stack backwards take their bias gradients from 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -69,6 +71,7 @@ def test_every_chunk_is_summed_once_by_one_finisher(monkeypatch):
 
 
 def test_bias_gradients_come_from_one_launch(monkeypatch):
+    """Where the backward's launch does not sum them itself (BIAS_IN_KERNEL off, its default; a stack's always)."""
     calls = []
     real = reduce.column_sums
     monkeypatch.setattr(reduce, "column_sums", lambda m, *a: calls.append((tuple(m.shape), *a)) or real(m, *a))
@@ -125,3 +128,65 @@ def test_one_bias_or_two_directions(dtype):
             torch.testing.assert_close(w[3].grad.float(), v[3].grad.float(),
                                        rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=5e-2 if
                                        dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16-reverse-lengths", "fp32-only-b_hh"])
+def test_the_backward_launch_sums_the_bias_gradients_itself(case, monkeypatch):
+    """v0.73: a persistent backward of one batch group (here 1 program: 16 units, 10 rows in 3 tiles) adds each
+    step's dG into registers and writes the bias gradients at its end; no column-sum launch, no memset for it. The
+    same within float32 rounding as kernels.reduce's sums (in another order; from the float32 dG, not the stored
+    one), every other gradient bit for bit."""
+    from tritonlstm import LSTMConfig, use_config
+    from tritonlstm.kernels import lstm as kernels
+
+    monkeypatch.setattr(kernels, "BIAS_IN_KERNEL", True)
+    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float32
+    reverse = "reverse" in case
+    config = LSTMConfig(block_h=16, block_b=4, block_k=16, w_resident=True, batch_groups=1, persistent=True)
+    assert kernels.bias_sums_in_kernel(config, "bwd", 16)
+    lengths = torch.tensor([7, 2, 5, 1, 7, 3, 4, 7, 6, 2]) if "lengths" in case else None
+    problem = make_problem(7, 10, 6, 16, dtype)
+    if case.endswith("only-b_hh"):
+        problem["bias_ih"] = None
+    calls = []
+    real = reduce.column_sums
+    monkeypatch.setattr(reduce, "column_sums", lambda m, *a: calls.append(a) or real(m, *a))
+    grads = {}
+    for in_kernel in (True, False):
+        monkeypatch.setattr(kernels, "BIAS_IN_KERNEL", in_kernel)
+        p = {n: (t.detach().clone().requires_grad_() if t is not None else None) for n, t in problem.items()}
+        with use_config(config, "bwd"):
+            y, (hn, cn) = fused_lstm(*(p[n] for n in NAMES), lengths=lengths, reverse=reverse, backend="triton")
+            (y.float().square().sum() + hn.float().sum() + cn.float().sum()).backward()
+        grads[in_kernel] = {n: t.grad for n, t in p.items() if t is not None}
+        assert len(calls) == (0 if in_kernel else 1), calls
+        calls.clear()
+    on, off = grads[True], grads[False]
+    assert on.keys() == off.keys() and ("bias_ih" in on) == (not case.endswith("only-b_hh"))
+    for n in on:
+        assert on[n].dtype == off[n].dtype and on[n].shape == off[n].shape
+        if n.startswith("bias"):
+            tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+            torch.testing.assert_close(on[n], off[n], **tol)
+        else:
+            assert torch.equal(on[n], off[n]), n
+    if "bias_ih" in on:
+        assert torch.equal(on["bias_ih"], on["bias_hh"]) and on["bias_ih"].data_ptr() != on["bias_hh"].data_ptr()
+
+
+def test_which_backward_launches_sum_the_bias_gradients(monkeypatch):
+    from tritonlstm import LSTMConfig
+    from tritonlstm.kernels import lstm as kernels
+
+    monkeypatch.setattr(kernels, "BIAS_IN_KERNEL", True)
+
+    one = LSTMConfig(block_h=16, block_b=16, block_k=64, w_resident=True, batch_groups=1, persistent=True,
+                     num_warps=8)
+    assert kernels.bias_sums_in_kernel(one, "bwd", 512, 257, (32, 1, 1))
+    assert not kernels.bias_sums_in_kernel(one, "bwd", 256, kernels.RELEASED.value, (16, 1, 2))  # split launches
+    assert not kernels.bias_sums_in_kernel(one, "bwd", 1024)  # its loop spills already
+    assert not kernels.bias_sums_in_kernel(one, "stack_bwd", 256)
+    for other in (dict(batch_groups=2), dict(persistent=False), dict(grid_2d=True), dict(block_b=64, block_h=32)):
+        assert not kernels.bias_sums_in_kernel(dataclasses.replace(one, **other), "bwd", 256), other
+    monkeypatch.setattr(kernels, "BIAS_IN_KERNEL", False)
+    assert not kernels.bias_sums_in_kernel(one, "bwd", 256)

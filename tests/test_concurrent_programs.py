@@ -74,15 +74,22 @@ CASES = [
 
 
 @pytest.mark.parametrize("fwd_name, bwd_name, H, B", CASES, ids=[f"{f}+{b}-H{h}-B{bb}" for f, b, h, bb in CASES])
-def test_single_layer_with_programs_at_once(fwd_name, bwd_name, H, B, launches):
+def test_single_layer_with_programs_at_once(fwd_name, bwd_name, H, B, launches, monkeypatch):
     torch.manual_seed(0)
     fwd, bwd = variant("fwd", fwd_name, H, B), variant("bwd", bwd_name, H, B)
+    monkeypatch.setattr(kernels, "BIAS_IN_KERNEL", True)  # (off by default: v0.73)
+    bias_copies = launch_constexprs(monkeypatch, "lstm_bwd_kernel", "BIAS_COPIES")
     # "no-prefetch" is the heuristic's pick without the prefetch: in float32 on float16 operands since v0.38 (half_w,
     # as precise as TF32).
     run_and_compare(make_problem(4, B, H - 3, H, torch.float32), fwd, bwd,
                     tol=RESOLUTION_GPU[torch.float32] if fwd.half_w else None)
     assert [k for k, _, _ in launches] == ["lstm_fwd_kernel", "lstm_bwd_2d_kernel" if bwd.grid_2d
                                            else "lstm_bwd_kernel"]
+    # Where the backward's programs sum the bias gradients themselves (v0.73: one batch group, few registers for
+    # the sums; here the transposed ones and the 8-warp unsplit tiles at H = 128), they are checked with the rest.
+    summed = kernels.bias_sums_in_kernel(bwd, "bwd", H)
+    assert bias_copies == ([] if bwd.grid_2d else [2 if summed else None]), (bias_copies, bwd)
+    assert summed == (bwd_name.startswith("transposed") or H == 128), bwd
     assert all(persistent and programs > 1 for _, programs, persistent in launches), launches
 
 

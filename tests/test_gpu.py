@@ -901,3 +901,31 @@ def test_bias_sums_finished_by_the_last_program_match_float64(shape, dtype):
                                atol=1e-2)
     for _ in range(20):
         assert torch.equal(reduce.column_sums(m, dtype, copies=2), got)
+
+
+@pytest.mark.parametrize("dtype,H,B", [(torch.float16, 256, 16), (torch.bfloat16, 512, 1), (torch.float32, 512, 16)],
+                         ids=["fp16-H256-B16", "bf16-H512-B1", "fp32-H512-B16"])
+def test_backward_launch_sums_the_bias_gradients_as_cudnn(dtype, H, B, monkeypatch):
+    """v0.73 (TRITONLSTM_BIAS_IN_KERNEL=1) on the shipped configs it applies to: the backward's programs sum dG into
+    registers and write both bias gradients at the end (BIAS_COPIES = 2), within the tolerance of cuDNN's
+    (test_matches_cudnn's, via run_both), and within float32 rounding of kernels.reduce's sums (switched off)."""
+    from helpers import launch_constexprs
+    from tritonlstm.kernels import lstm as k
+
+    monkeypatch.setattr(k, "BIAS_IN_KERNEL", True)  # (off by default until this A/B: perf/NOTES.md v0.73)
+    seen = launch_constexprs(monkeypatch, "lstm_bwd_kernel", "BIAS_COPIES")
+    torch.manual_seed(0)
+    run_both(64, B, H, dtype)
+    assert seen == [2], seen
+    _, w = cudnn_and_weights(H, H, dtype)
+    x = torch.randn(64, B, H, device="cuda", dtype=dtype)
+    grads = []
+    for on in (True, False):
+        monkeypatch.setattr(k, "BIAS_IN_KERNEL", on)
+        ps = [p.detach().clone().requires_grad_() for p in w]
+        y, _ = fused_lstm(x, *ps, backend="triton")
+        y.float().square().sum().backward()
+        grads.append([p.grad for p in ps])
+    assert seen[1:] == [2, None], seen
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if dtype != torch.float32 else 1e-4, atol=1e-2)

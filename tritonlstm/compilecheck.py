@@ -135,7 +135,7 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
                 "DCN": p, "DG": p, "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "W_T": p, "PART": "*fp32", "AMAX": "*fp32", "RMAX": "*fp32"}
+                "ERR": "*i32", "W_T": p, "PART": "*fp32", "AMAX": "*fp32", "RMAX": "*fp32", "DBIAS": p}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_LENGTHS", "STACK", "HAS_DROPOUT",
                  "PERSISTENT", "DOT_PRECISION", "SK")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
@@ -289,7 +289,8 @@ def check(kernel: str, dtype: torch.dtype, hidden: int, config: LSTMConfig, *, s
                       HALF_W=kernel == "bwd" and config.half_w and not config.transposed,
                       PAIRED=k.pairs_gates(config, kernel, hidden, dtype.itemsize, target.smem),
                       **(k.reduce_scatter_constexprs(config, hidden) if kernel == "bwd"
-                         else k.NO_REDUCE_SCATTER))
+                         else k.NO_REDUCE_SCATTER),
+                      BIAS_COPIES=2 if k.bias_sums_in_kernel(config, kernel, hidden) else 0)
     backward = kernel in BACKWARD
     fn = k.lstm_bwd_kernel if backward else k.lstm_fwd_kernel
     res = Resources(kernel, tdt, hidden, config, shared=0, registers=0, spill_bytes=0,

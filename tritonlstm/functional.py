@@ -406,14 +406,16 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 
 def _recurrence_backward(dy: Tensor, dhn: Tensor | None, dcn: Tensor | None, gates: Tensor, c_all: Tensor,
                          c0: Tensor | None, weight_hh: Tensor, lengths: Tensor | None, reverse: bool,
-                         into_gates: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                         into_gates: bool = False, bias_sums: tuple | None = None) -> tuple:
+    """(dG, dh0, dc0), and with bias_sums (dtype, copies) a fourth value: the bias gradients' sums where the launch
+    made them (kernels.lstm.lstm_backward), else None."""
     k = _kernels()
     T, B, _ = gates.shape
     D, _, H = weight_hh.shape
     return _launch("bwd", H, B, gates.dtype, gates.device, lambda config: k.lstm_backward(
         gates, c_all, None if c0 is None else c0.to(torch.float32).contiguous(), weight_hh.contiguous(),
         dy.contiguous(), _contiguous(dhn), _contiguous(dcn), _last_steps(lengths, gates.device), reverse=reverse,
-        config=config, into_gates=into_gates), directions=D)
+        config=config, into_gates=into_gates, bias_sums=bias_sums), directions=D)
 
 
 @_custom_op("lstm_recurrence_backward")
@@ -623,18 +625,25 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     # dhn, dcn None (h_n, c_n unused) and c0 None (zeros) reach the kernel's launch as None: zeros from its own
     # workspaces' memset.
     args = (dy, dhn, dcn, gates, c_all, c0, weight_hh, lengths, ctx.reverse)
+    need = ctx.needs_input_grad
+    # Eagerly without a graph to build, the launch may sum the bias gradients itself (kernels.lstm.BIAS_IN_KERNEL):
+    # then no launch or memset for them after it. A retained graph's backwards take the same path.
+    request = _bias_request(ctx.bias_metas, need[2:4])
+    sums = [None]
     if _graph_released_after_this_backward(ctx, *args[:6]):
-        dg, dh0, dc0 = _recurrence_backward(*args, into_gates=True)
+        dg, dh0, dc0, *sums = _recurrence_backward(*args, into_gates=True, bias_sums=request)
+    elif not torch.is_grad_enabled() and not torch.compiler.is_compiling() and all(_plain(a) for a in args):
+        dg, dh0, dc0, *sums = _recurrence_backward(*args, bias_sums=request)  # (what _call would run)
     else:
         dg, dh0, dc0 = _tie_to_forward(y, *_call(_lstm_recurrence_backward, *args))
-    need = ctx.needs_input_grad
     dw_hh = None
     if need[1]:
         dg4 = dg.view(T, B, D, G)
         dw_hh = [_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], None if h0 is None else h0[d],
                                         lengths, d == 1 or ctx.reverse) for d in range(D)]
         dw_hh = dw_hh[0].unsqueeze(0) if D == 1 else torch.stack(dw_hh)  # (stack would copy a single one)
-    return (dg if need[0] else None, dw_hh, *_bias_grads(dg.view(T * B, D * G), ctx.bias_metas, need[2:4]),
+    sums = sums[0] if sums else None  # (None where the launch did not make them)
+    return (dg if need[0] else None, dw_hh, *_bias_grads(dg.view(T * B, D * G), ctx.bias_metas, need[2:4], sums),
             dh0 if need[4] else None, dc0 if need[5] else None, None, None, None)
 
 
@@ -748,18 +757,30 @@ def _bias_metas(*biases: Tensor | None) -> tuple:
     return tuple(None if b is None else (b.dtype, b.shape) for b in biases)
 
 
-def _bias_grads(dg: Tensor, metas: tuple, need: tuple) -> tuple:
+def _bias_request(metas: tuple, need: tuple) -> tuple | None:
+    """(dtype, copies) of the bias gradients `need` asks for, one copy a bias, where they share a dtype and shape
+    (always, through the public API); None where none is needed or they differ."""
+    wanted = [metas[i] for i in (0, 1) if need[i] and metas[i] is not None]
+    if not wanted or any(m != wanted[0] for m in wanted):  # (not a set: shapes may be symbolic)
+        return None
+    return wanted[0][0], len(wanted)
+
+
+def _bias_grads(dg: Tensor, metas: tuple, need: tuple, sums: Tensor | None = None) -> tuple:
     """The gradients of b_ih and b_hh (None where not needed or absent), dg's column sums (dg [T*B, C] or
-    [L, T*B, 4H]) in each one's dtype and shape. Both from one launch (_column_sums' copies), each its own tensor:
-    as after nn.LSTM's backward, an in-place update of one .grad (clip_grad_norm_) must not change the other.
-    Where the two differ in dtype, the sums in float32 cast for each."""
+    [L, T*B, 4H]) in each one's dtype and shape: `sums` where the backward's launch made them (_bias_request's
+    copies), else from one launch (_column_sums' copies). Each its own tensor: as after nn.LSTM's backward, an
+    in-place update of one .grad (clip_grad_norm_) must not change the other. Where the two differ in dtype, the
+    sums in float32 cast for each."""
     wanted = [i for i in (0, 1) if need[i] and metas[i] is not None]
     out = [None, None]
     if not wanted:
         return tuple(out)
-    if all(metas[i] == metas[wanted[0]] for i in wanted):  # (not a set: shapes may be symbolic)
-        sums = _column_sums(dg, metas[wanted[0]][0], copies=len(wanted))
-        for i, g in zip(wanted, sums):
+    request = _bias_request(metas, need)
+    if request is not None:
+        if sums is None:
+            sums = _column_sums(dg, *request)
+        for i, g in zip(wanted, sums.unbind(0) if isinstance(sums, Tensor) else sums):
             out[i] = g.view(metas[i][1])
         return tuple(out)
     sums = _column_sums(dg)[0]
