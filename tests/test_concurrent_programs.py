@@ -317,3 +317,28 @@ def test_bulk_exchange_with_programs_at_once(monkeypatch):
                      (cn, torch.stack([r[2] for r in refs]))):
         assert rel_err(got, ref) < RESOLUTION[dtype], rel_err(got, ref)
     assert took[-1], took
+
+
+def test_bias_sums_finished_by_the_last_program_with_programs_at_once(monkeypatch):
+    """v0.71's column sums: every program of a column block stores its partial, then counts itself in; the one that
+    counts last sums the partials. With the programs at once and one of them slow (sleeping before each store), a
+    finisher that ran before another's partial was stored, or two finishers, would give another sum than the
+    programs one after another do; here the same bits, over 8 draws of the slow program. The chunks as for a GPU of
+    4 SMs (10 programs a column block; the interpreter's own 3 let the slow one count last too often). Checked: with
+    the partial stored after the count, 5 of these 16 launches came out wrong."""
+    from tritonlstm.kernels import reduce
+
+    class Props:
+        multi_processor_count = 4
+
+    monkeypatch.setattr(reduce, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    torch.manual_seed(0)
+    for shape in ((600, 40), (2, 600, 40)):
+        m = torch.randn(shape)
+        alone = reduce.column_sums(m, torch.float32, copies=2)
+        torch.testing.assert_close(alone[0].double(), m.double().sum(-2), rtol=1e-6, atol=1e-5)
+        for seed in range(8):
+            with concurrent_programs(seed):
+                together = reduce.column_sums(m, torch.float32, copies=2)
+            assert torch.equal(together, alone), (shape, seed)
