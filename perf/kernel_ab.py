@@ -6,7 +6,7 @@ merged, transposed, streamed and wide tiles, the cluster exchange).
     python perf/kernel_ab.py [--dtypes float16,float32] [--hidden 256,512,1024] [--batch 16,256] [--seq 256]
                              [--kernels fwd,bwd,stack,stack_bwd] [--layers 2,4] [--variants unsplit,split,...]
                              [--half-h-ab] [--half-g-ab] [--pairs-ab] [--qc-ab] [--prefetch-ab] [--bulk-ab]
-                             [--json FILE]
+                             [--bias-ab] [--json FILE]
 
 us/step is a kernel's time over its steps (T, or T + L - 1 for a stack); cuDNN's column is its whole inference
 forward (forward kernels' rows) or forward + backward (backward rows), input GEMMs and weight gradients
@@ -23,8 +23,10 @@ stores (kernels.lstm.ARRIVE_EARLY on), as "<variant>/early"; each
 16-bit cluster variant that prefetches, again with its prefetch widened at the load (PREFETCH_AS_LOADED off, as
 before v0.68), as "<variant>/widened". --bulk-ab (v0.69): each 16-bit transposed cluster forward variant that
 prefetches, again with h_{t-1} copied through the cluster's shared memory and no barrier a step (kernels.lstm.BULK_H
-on), as "<variant>/bulk". (A variant's prefetch, early arrival and bulk exchange need one batch tile a program; where
-the shape gives it more, the row is the variant itself again.)
+on), as "<variant>/bulk". --bias-ab (v0.73): each persistent backward variant of one batch group, again summing the
+bias gradients in its time loop (kernels.lstm.BIAS_IN_KERNEL on; every backward here asks for them), as
+"<variant>/bias". (A variant's prefetch, early arrival and bulk exchange need one batch tile a program; where the
+shape gives it more, the row is the variant itself again; so is "/bias" where bias_sums_in_kernel refuses the shape.)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ FORWARD = ("fwd", "stack")
 
 def timed_runs(kernel: str, dtype, cfgs: dict, half_h_ab: bool = False, half_g_ab: bool = False,
                pairs_ab: bool = False, qc_ab: bool = False, prefetch_ab: bool = False,
-               bulk_ab: bool = False) -> list[tuple]:
+               bulk_ab: bool = False, bias_ab: bool = False) -> list[tuple]:
     """(name, config, the kernels module's switches for it): each variant as the module has them, then the A/Bs."""
     import torch
 
@@ -66,12 +68,15 @@ def timed_runs(kernel: str, dtype, cfgs: dict, half_h_ab: bool = False, half_g_a
     if bulk_ab and kernel == "fwd" and dtype != torch.float32:
         timed += [(f"{name}/bulk", cfg, {"BULK_H": True}) for name, cfg in cfgs.items()
                   if cfg.clustered and cfg.prefetch and cfg.transposed]
+    if bias_ab and kernel == "bwd":
+        timed += [(f"{name}/bias", cfg, {"BIAS_IN_KERNEL": True}) for name, cfg in cfgs.items()
+                  if cfg.persistent and cfg.batch_groups == 1 and not cfg.grid_2d]
     return timed
 
 
 def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, names, layers: int = 1,
             half_h_ab: bool = False, half_g_ab: bool = False, pairs_ab: bool = False, qc_ab: bool = False,
-            prefetch_ab: bool = False, bulk_ab: bool = False) -> dict:
+            prefetch_ab: bool = False, bulk_ab: bool = False, bias_ab: bool = False) -> dict:
     import torch
     from triton.testing import do_bench
 
@@ -95,11 +100,11 @@ def measure(dtype_name: str, hidden: int, batch: int, seq: int, kernel: str, nam
     limit = LIMITS[dtype]  # the variants differ from the base only in the order of accumulation
     y_base = run(base)()
     k.barrier_errors.check(torch.device("cuda"), wait=True)
-    timed = timed_runs(kernel, dtype, cfgs, half_h_ab, half_g_ab, pairs_ab, qc_ab, prefetch_ab, bulk_ab)
+    timed = timed_runs(kernel, dtype, cfgs, half_h_ab, half_g_ab, pairs_ab, qc_ab, prefetch_ab, bulk_ab, bias_ab)
     defaults = {"HALF_H": k.HALF_H, "HALF_G": k.HALF_G, "SPLIT_PAIRS": k.SPLIT_PAIRS,
                 "REDUCE_SCATTER_IN_REGISTERS": k.REDUCE_SCATTER_IN_REGISTERS,
                 "REDUCE_SCATTER_LOAD": k.REDUCE_SCATTER_LOAD, "ARRIVE_EARLY": k.ARRIVE_EARLY,
-                "PREFETCH_AS_LOADED": k.PREFETCH_AS_LOADED, "BULK_H": k.BULK_H}
+                "PREFETCH_AS_LOADED": k.PREFETCH_AS_LOADED, "BULK_H": k.BULK_H, "BIAS_IN_KERNEL": k.BIAS_IN_KERNEL}
     for name, cfg, switches in timed:
         for flag, value in switches.items():
             setattr(k, flag, value)
@@ -162,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bulk-ab", action="store_true",
                     help="time 16-bit transposed cluster forward variants that prefetch also with h_{t-1} copied "
                          "through the cluster's shared memory (BULK_H, as <variant>/bulk)")
+    ap.add_argument("--bias-ab", action="store_true",
+                    help="time persistent one-group backward variants also summing the bias gradients in their "
+                         "loop (BIAS_IN_KERNEL, as <variant>/bias)")
     ap.add_argument("--json", help="write the rows here (after every row)")
     a = ap.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 for b in (int(v) for v in a.batch.split(",")):
                     try:
                         r = measure(d, h, b, a.seq, kn, names, l, a.half_h_ab, a.half_g_ab, a.pairs_ab,
-                                    a.qc_ab, a.prefetch_ab, a.bulk_ab)
+                                    a.qc_ab, a.prefetch_ab, a.bulk_ab, a.bias_ab)
                     except Exception as e:  # the base variant itself failed: a finding, not a crash
                         print(f"{kn:9} {l:2} {d:9} {h:5} {b:4} failed: {type(e).__name__}: {e}", flush=True)
                         rows.append({"kernel": kn, "layers": l, "dtype": d, "hidden": h, "batch": b,

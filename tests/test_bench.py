@@ -603,7 +603,8 @@ def test_kernel_ab_switches_name_the_kernels_module_flags():
     one silently, and the "A/B" would time the same code twice): every switch names an existing flag. --qc-ab times
     the reduce-scatter backward variants again with 16 shares a load across threads, as before v0.67; --prefetch-ab
     the prefetching variants arriving early, and the 16-bit prefetching cluster ones widened at the load (v0.68);
-    --bulk-ab the 16-bit transposed cluster forwards with the bulk exchange (v0.69)."""
+    --bulk-ab the 16-bit transposed cluster forwards with the bulk exchange (v0.69); --bias-ab the one-group persistent
+    backwards summing the bias gradients in their loop (v0.73)."""
     import torch
 
     from tritonlstm.kernels import lstm as k
@@ -628,9 +629,14 @@ def test_kernel_ab_switches_name_the_kernels_module_flags():
     assert [n for n in bulk if n.endswith("/bulk")] == ["transposed-cluster/bulk"], bulk
     assert not any(n.endswith("/bulk") for n, _, _ in ab.timed_runs("fwd", torch.float32, fwd, bulk_ab=True))
     runs += ab.timed_runs("fwd", torch.float16, fwd, bulk_ab=True)
+    bias = [n for n, _, _ in ab.timed_runs("bwd", torch.float16, bwd, bias_ab=True)]
+    assert [n for n in bias if n.endswith("/bias")] == [f"{n}/bias" for n, c in bwd.items()
+                                                         if c.persistent and c.batch_groups == 1], bias
+    assert any(n.endswith("/bias") for n in bias) and not ab.timed_runs("fwd", torch.float16, fwd, bias_ab=True)[3:]
+    runs += ab.timed_runs("bwd", torch.float16, bwd, bias_ab=True)
     switches = {flag for _, _, s in runs for flag in s}
     assert switches == {"SPLIT_PAIRS", "REDUCE_SCATTER_IN_REGISTERS", "REDUCE_SCATTER_LOAD", "HALF_H", "HALF_G",
-                        "ARRIVE_EARLY", "PREFETCH_AS_LOADED", "BULK_H"}
+                        "ARRIVE_EARLY", "PREFETCH_AS_LOADED", "BULK_H", "BIAS_IN_KERNEL"}
     assert all(hasattr(k, flag) for flag in switches), switches
 
 
