@@ -1911,18 +1911,22 @@ def _zeroed_states(device, words: int, state: tuple, dtype, h0, c_ws) -> tuple:
     return sync, states.pop(0) if zero_h else h0, states.pop(0) if zero_c else c_ws
 
 
-def _zeroed_workspace(device, words: int | None, state: tuple, dtype, c0, dhn, dcn) -> tuple:
+def _zeroed_workspace(device, words: int | None, state: tuple, dtype, c0, dhn, dcn, extra: tuple = ()) -> tuple:
     """A backward launch's (barrier counters, carried dc float32, c0, dhn, dcn) from one memset: the counters (None
     for words None), dc, and whichever of c0 (float32), dhn and dcn (`dtype`) are None, as zeros of shape
-    `state`; the others as given."""
+    `state`; the others as given. With `extra` ((shape, dtype) parts: the bias sums' workspace, v0.74), a sixth
+    value: their zeroed views, from the same memset."""
     zero = [name for name, t in (("c0", c0), ("dhn", dhn), ("dcn", dcn)) if t is None]
     parts = ([] if words is None else [((words,), torch.int32)]) + [(state, torch.float32)] + \
-        [(state, torch.float32 if name == "c0" else dtype) for name in zero]
+        [(state, torch.float32 if name == "c0" else dtype) for name in zero] + list(extra)
     ws = _zeroed(device, *parts)
+    extras = tuple(ws[len(ws) - len(extra):])
+    ws = ws[:len(ws) - len(extra)]
     sync = None if words is None else ws.pop(0)
     dc_ws = ws.pop(0)
     zeros = dict(zip(zero, ws))
-    return sync, dc_ws, zeros.get("c0", c0), zeros.get("dhn", dhn), zeros.get("dcn", dcn)
+    out = (sync, dc_ws, zeros.get("c0", c0), zeros.get("dhn", dhn), zeros.get("dcn", dcn))
+    return out + (extras,) if extra else out
 
 
 def _per_step(shape, dtype, device, lengths: bool) -> torch.Tensor:
@@ -2518,8 +2522,9 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     dhn and dcn [D, B, H]; c0, dhn or dcn None: zeros, from one memset with the launch's own workspaces). Returns
     dG [T, B, D*4H] (gradient of the gate pre-activations, in the gates' dtype), dh0 and dc0 [D, B, H].
     into_gates: dG is written over `gates` (which must come from lstm_forward: zeros past each row's end) instead
-    of a new buffer. bias_sums (dtype, copies): a fourth value, dG's column sums [copies, D*4H] in dtype (the bias
-    gradients) where the launch makes them (bias_sums_in_kernel), else None."""
+    of a new buffer. bias_sums (dtype, copies, after): a fourth value, dG's column sums [copies, D*4H] in dtype (the
+    bias gradients): summed by the launch itself where bias_sums_in_kernel allows, else with `after` by
+    kernels.reduce after it, its counters and partials from this launch's memset (v0.74), else None."""
     T, B, _ = gates.shape
     D, G, H = w_hh.shape
     _check_tiles(config, H)
@@ -2531,23 +2536,42 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     if not config.grid_2d:
         grid, words, constexprs = _backward_plan(config, dt, B, H, D, last is not None, _dot_precision(dt), dev,
                                                  SPLIT_PAIRS, PREFETCH_AS_LOADED, ARRIVE_EARLY, TRANSPOSE_IN_KERNEL)
+    from tritonlstm.kernels import reduce  # (it imports this module)
+
+    in_kernel = bias_sums is not None and not config.grid_2d and bias_sums_in_kernel(config, "bwd", H, T + 1, grid)
+    after = bias_sums is not None and not in_kernel and bias_sums[2]
+    # The bias sums' counters and partials (kernels.reduce, after the recurrence) from this launch's memset.
+    extra = reduce.workspace_parts((T * B, D * G), dev) if after else ()
     # (The 2-D grid's barrier counters come with its own layout, _barrier_state.)
-    sync, dc_ws, c0, dhn, dcn = _zeroed_workspace(dev, None if config.grid_2d else words, (D, B, H), dt, c0, dhn,
-                                                  dcn)
+    sync, dc_ws, c0, dhn, dcn, *sums_ws = _zeroed_workspace(dev, None if config.grid_2d else words, (D, B, H), dt,
+                                                            c0, dhn, dcn, extra)
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
-        return dg, dh0, dc0
+        if bias_sums is None:
+            return dg, dh0, dc0
+        return dg, dh0, dc0, _bias_sums_after(dg, bias_sums, sums_ws) if after else None
     w_t, part = _reduce_scatter_state(config, w_hh, B, sync, constexprs["WT_FROM_W"])
     amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
     dbias = None
-    if bias_sums is not None and bias_sums_in_kernel(config, "bwd", H, T + 1, grid):
-        dbias = torch.empty((bias_sums[1], D * G), dtype=bias_sums[0], device=dev)
+    if in_kernel:
+        dbias = torch.empty((bias_sums[1], D * G), dtype=bias_sums[0], device=dev)  # (written by every launch)
         constexprs = {**constexprs, "BIAS_COPIES": bias_sums[1]}
     args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
             last if last is not None else sync, sync, barrier_errors.flag(dev), w_t, part, amax, rmax,
             sync if dbias is None else dbias, T, B, H, int(reverse))
     _run(lstm_bwd_kernel, grid, T + 1, config, dev, args, constexprs, sync)
-    return (dg, dh0, dc0) if bias_sums is None else (dg, dh0, dc0, dbias)
+    if bias_sums is None:
+        return dg, dh0, dc0
+    return dg, dh0, dc0, dbias if in_kernel else _bias_sums_after(dg, bias_sums, sums_ws) if after else None
+
+
+def _bias_sums_after(dg, bias_sums: tuple, workspace: list):
+    """dG's column sums [copies, D*4H] in bias_sums' (dtype, copies), by kernels.reduce after the recurrence, its
+    counters and partials from the recurrence launch's memset (`workspace`: _zeroed_workspace's extra views)."""
+    from tritonlstm.kernels import reduce
+
+    T, B, G = dg.shape
+    return reduce.column_sums(dg.view(T * B, G), *bias_sums[:2], workspace=workspace[0] if workspace else None)
 
 
 # TRITONLSTM_BIAS_IN_KERNEL=1: a single launch of one batch group sums the bias gradients in the backward kernel

@@ -70,30 +70,49 @@ def _store_copies(OUT, i_l, cols, m_c, C, total, COPIES: tl.constexpr):
         tl.store(out + tl.num_programs(2).to(tl.int64) * C, value, mask=m_c)
 
 
-def column_sums(m: torch.Tensor, dtype: torch.dtype = torch.float32, copies: int = 1) -> torch.Tensor:
+def _plan(N: int, C: int, L: int, device) -> tuple[int, int, int]:
+    """(column blocks, row chunks, rows a chunk) of a launch over L matrices [N, C]: chunks enough for ~4 programs
+    per SM (the interpreter: up to 3, so that tests cross chunks)."""
+    n_c = cdiv(C, BLOCK_COLS)
+    want = 3 if interpreting() else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    chunks = max(1, min(cdiv(want, n_c * L), cdiv(N, BLOCK_ROWS)))
+    rows = cdiv(cdiv(N, chunks), BLOCK_ROWS) * BLOCK_ROWS
+    return n_c, cdiv(N, rows), rows
+
+
+def workspace_parts(shape: tuple, device) -> tuple:
+    """The zeroed (shape, dtype) parts a column_sums launch over m of `shape` needs (its arrival counters and
+    partials), for a caller to carve from its own memset (kernels.lstm's _zeroed) and pass as `workspace`; () where
+    one chunk needs none."""
+    *lead, N, C = shape
+    L = lead[0] if lead else 1
+    if N == 0 or C == 0 or L == 0:
+        return ()
+    n_c, chunks, _ = _plan(N, C, L, device)
+    return (((L * n_c,), torch.int32), ((L, chunks, C), torch.float32)) if chunks > 1 else ()
+
+
+def column_sums(m: torch.Tensor, dtype: torch.dtype = torch.float32, copies: int = 1,
+                workspace: tuple | None = None) -> torch.Tensor:
     """m [N, C] or [L, N, C] (any floating dtype) summed over its rows in float32, as a new [copies, C] or
-    [copies, L, C] tensor in `dtype`: `copies` (1 or 2) equal copies of the sums, in one launch."""
+    [copies, L, C] tensor in `dtype`: `copies` (1 or 2) equal copies of the sums, in one launch. workspace: zeroed
+    tensors of workspace_parts(m.shape) (from the caller's memset), else this call zeroes its own."""
     if m.dim() not in (2, 3):
         raise ValueError(f"column_sums: m must be [N, C] or [L, N, C], got {tuple(m.shape)}")
     if copies not in (1, 2):
         raise ValueError(f"column_sums: copies must be 1 or 2, got {copies}")
     if m.device.type == "cuda" and m.device.index is not None and m.device.index != torch.cuda.current_device():
         with torch.cuda.device(m.device):  # Triton launches on the current device
-            return column_sums(m, dtype, copies)
+            return column_sums(m, dtype, copies, workspace)
     m = m.contiguous()
     *lead, N, C = m.shape
     L = lead[0] if lead else 1
     out = torch.empty((copies, *lead, C), dtype=dtype, device=m.device)
     if N == 0 or C == 0 or L == 0:
         return out.zero_()
-    n_c = cdiv(C, BLOCK_COLS)
-    # Row chunks enough for ~4 programs per SM (the interpreter: up to 3, so that tests cross chunks).
-    want = 3 if interpreting() else 4 * torch.cuda.get_device_properties(m.device).multi_processor_count
-    chunks = max(1, min(cdiv(want, n_c * L), cdiv(N, BLOCK_ROWS)))
-    rows = cdiv(cdiv(N, chunks), BLOCK_ROWS) * BLOCK_ROWS
-    chunks = cdiv(N, rows)
-    if chunks > 1:  # the arrival counters and the partials from one memset
-        count, part = _zeroed(m.device, ((L * n_c,), torch.int32), ((L, chunks, C), torch.float32))
+    n_c, chunks, rows = _plan(N, C, L, m.device)
+    if chunks > 1:  # the arrival counters and the partials, zeroed: the caller's or from one memset
+        count, part = workspace if workspace else _zeroed(m.device, *workspace_parts(m.shape, m.device))
     else:
         count = part = out  # (unused)
     args = (m, part, count, out, N, C, rows, chunks)

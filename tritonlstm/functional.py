@@ -148,6 +148,12 @@ def _tf32_gemms(*tensors: Tensor) -> bool:
 _STAGED_ROWS = 1024
 
 
+def _sums_by_kernel(rows: int, m: Tensor) -> bool:
+    """Whether _column_sums sums `rows` rows of m (or of a tensor on its device) on kernels.reduce."""
+    return (m.device.type == "cuda" and rows >= _STAGED_ROWS or interpreter_active()) \
+        and not torch.compiler.is_compiling() and _plain(m)
+
+
 def _column_sums(m: Tensor, dtype: torch.dtype = torch.float32, copies: int = 1) -> tuple[Tensor, ...]:
     """m [N, C] or [L, N, C] summed over its rows in float32 (the bias gradient, N = T*B), as `copies` separate
     [(L,) C] tensors in `dtype`: kernels.reduce on the GPU from _STAGED_ROWS rows (and at any size on the interpreter,
@@ -155,8 +161,7 @@ def _column_sums(m: Tensor, dtype: torch.dtype = torch.float32, copies: int = 1)
     ATen's sum over the rows of a tall CUDA tensor staged 30-140 MB of partial sums, the excess of run 5's training
     peaks over the counted tensors (perf/NOTES.md v0.30). Under torch.compile the compiler generates its own
     reduction."""
-    kernel = m.device.type == "cuda" and m.shape[-2] >= _STAGED_ROWS or interpreter_active()
-    if kernel and not torch.compiler.is_compiling() and _plain(m):
+    if _sums_by_kernel(m.shape[-2], m):
         return _kernel_module("reduce").column_sums(m, dtype, copies).unbind(0)
     sums = m.sum(-2, dtype=torch.float32).to(dtype)
     return (sums,) if copies == 1 else (sums, sums.clone())
@@ -629,6 +634,8 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     # Eagerly without a graph to build, the launch may sum the bias gradients itself (kernels.lstm.BIAS_IN_KERNEL):
     # then no launch or memset for them after it. A retained graph's backwards take the same path.
     request = _bias_request(ctx.bias_metas, need[2:4])
+    if request is not None:  # (and kernels.reduce after the launch where _column_sums would run it: v0.74)
+        request = (*request, _sums_by_kernel(T * B, gates))
     sums = [None]
     if _graph_released_after_this_backward(ctx, *args[:6]):
         dg, dh0, dc0, *sums = _recurrence_backward(*args, into_gates=True, bias_sums=request)

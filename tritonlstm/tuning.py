@@ -393,7 +393,7 @@ class Problem:
         if self.kernel == "bwd":
             # (bias_sums as a training step asks: where BIAS_IN_KERNEL lets the launch sum them, it is timed so.)
             return lambda: k.lstm_backward(gates, c_all, p.c0, p.w_hh, p.dy, zeros, zeros, None, reverse=False,
-                                           config=cfg, bias_sums=(gates.dtype, 2))[0]
+                                           config=cfg, bias_sums=(gates.dtype, 2, False))[0]
         return lambda: k.lstm_stack_backward(gates, c_all, p.c0, p.w_ih, p.w_hh, p.dy, zeros, zeros, None,
                                              config=cfg)[0]
 
