@@ -22,6 +22,7 @@ work, on a machine without one. Two modes:
 """
 
 import functools
+import inspect
 import os
 import sys
 import time
@@ -83,10 +84,15 @@ def _launch_onto_nothing():
 
     torch.cuda.current_stream = lambda device=None: Stream()  # a cluster launch hands Triton's launcher the stream
     configs.device_limits = lambda device: (132, configs.SM90_SHARED)
-    column_sums = functional._column_sums
-    functional._column_sums = lambda m, *args, **kw: (  # kernels.reduce where CUDA tensors take it
-        reduce.column_sums(m, *args, **kw).unbind(0) if m.shape[-2] >= functional._STAGED_ROWS
-        else column_sums(m, *args, **kw))
+    # kernels.reduce where CUDA tensors take it (from _STAGED_ROWS rows).
+    if hasattr(functional, "_sums_by_kernel"):  # (v0.74: the decision in one place)
+        functional._sums_by_kernel = lambda rows, m: rows >= functional._STAGED_ROWS
+    else:  # (TREE= before v0.74)
+        column_sums = functional._column_sums
+        copies = "copies" in inspect.signature(reduce.column_sums).parameters  # (before v0.71: a [C] sum)
+        functional._column_sums = lambda m, *args, **kw: (
+            column_sums(m, *args, **kw) if m.shape[-2] < functional._STAGED_ROWS else
+            reduce.column_sums(m, *args, **kw).unbind(0) if copies else reduce.column_sums(m))
     tuning.lookup = lambda kernel, hidden, batch, dtype, directions, device: tuning.lookup_in(
         H100, tuning.config_key(kernel, dtype, hidden, batch, directions))[0]
     select = configs.select_config
