@@ -1914,8 +1914,8 @@ def _zeroed_states(device, words: int, state: tuple, dtype, h0, c_ws) -> tuple:
 def _zeroed_workspace(device, words: int | None, state: tuple, dtype, c0, dhn, dcn, extra: tuple = ()) -> tuple:
     """A backward launch's (barrier counters, carried dc float32, c0, dhn, dcn) from one memset: the counters (None
     for words None), dc, and whichever of c0 (float32), dhn and dcn (`dtype`) are None, as zeros of shape
-    `state`; the others as given. With `extra` ((shape, dtype) parts: the bias sums' workspace, v0.74), a sixth
-    value: their zeroed views, from the same memset."""
+    `state`; the others as given; and a sixth value, the zeroed views of `extra` ((shape, dtype) parts: the bias
+    sums' workspace, v0.74) from the same memset."""
     zero = [name for name, t in (("c0", c0), ("dhn", dhn), ("dcn", dcn)) if t is None]
     parts = ([] if words is None else [((words,), torch.int32)]) + [(state, torch.float32)] + \
         [(state, torch.float32 if name == "c0" else dtype) for name in zero] + list(extra)
@@ -1925,8 +1925,7 @@ def _zeroed_workspace(device, words: int | None, state: tuple, dtype, c0, dhn, d
     sync = None if words is None else ws.pop(0)
     dc_ws = ws.pop(0)
     zeros = dict(zip(zero, ws))
-    out = (sync, dc_ws, zeros.get("c0", c0), zeros.get("dhn", dhn), zeros.get("dcn", dcn))
-    return out + (extras,) if extra else out
+    return sync, dc_ws, zeros.get("c0", c0), zeros.get("dhn", dhn), zeros.get("dcn", dcn), extras
 
 
 def _per_step(shape, dtype, device, lengths: bool) -> torch.Tensor:
@@ -2055,10 +2054,7 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
     if not capturing:
         barrier_errors.check(device)  # an earlier launch's failure, now visible on the host
     if config.persistent:
-        # A counter gains at most grid[0] * grid[2] arrivals a step (a stack's spans its layers) and must stay
-        # below RELEASED: a sequence longer than that runs as consecutive launches, each from zeroed counters
-        # (the state between steps lives in memory, as in stepwise mode).
-        chunk = max(1, (RELEASED.value - 1) // (grid[0] * grid[2]))
+        chunk = steps_a_launch(grid)
         for start in range(0, n_steps, chunk):
             if start:
                 sync.zero_()
@@ -2070,6 +2066,13 @@ def _run(kernel, grid, n_steps: int, config, device: torch.device, args: tuple, 
     else:
         for step in range(n_steps):
             launcher.launch(kernel, grid, (*args, step, 1, config.max_spin), meta)
+
+
+def steps_a_launch(grid: tuple) -> int:
+    """The most steps one persistent launch of `grid` runs. A counter gains at most grid[0] * grid[2] arrivals a
+    step (a stack's spans its layers) and must stay below RELEASED: a sequence longer than that runs as consecutive
+    launches, each from zeroed counters (the state between steps lives in memory, as in stepwise mode)."""
+    return max(1, (RELEASED.value - 1) // (grid[0] * grid[2]))
 
 
 def _launch_as_cluster(kernel, grid, args: tuple, meta: dict) -> None:
@@ -2543,35 +2546,26 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
     # The bias sums' counters and partials (kernels.reduce, after the recurrence) from this launch's memset.
     extra = reduce.workspace_parts((T * B, D * G), dev) if after else ()
     # (The 2-D grid's barrier counters come with its own layout, _barrier_state.)
-    sync, dc_ws, c0, dhn, dcn, *sums_ws = _zeroed_workspace(dev, None if config.grid_2d else words, (D, B, H), dt,
-                                                            c0, dhn, dcn, extra)
+    sync, dc_ws, c0, dhn, dcn, sums_ws = _zeroed_workspace(dev, None if config.grid_2d else words, (D, B, H), dt,
+                                                           c0, dhn, dcn, extra)
+    dbias = None
     if config.grid_2d:
         _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last, reverse, config)
-        if bias_sums is None:
-            return dg, dh0, dc0
-        return dg, dh0, dc0, _bias_sums_after(dg, bias_sums, sums_ws) if after else None
-    w_t, part = _reduce_scatter_state(config, w_hh, B, sync, constexprs["WT_FROM_W"])
-    amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
-    dbias = None
-    if in_kernel:
-        dbias = torch.empty((bias_sums[1], D * G), dtype=bias_sums[0], device=dev)  # (written by every launch)
-        constexprs = {**constexprs, "BIAS_COPIES": bias_sums[1]}
-    args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
-            last if last is not None else sync, sync, barrier_errors.flag(dev), w_t, part, amax, rmax,
-            sync if dbias is None else dbias, T, B, H, int(reverse))
-    _run(lstm_bwd_kernel, grid, T + 1, config, dev, args, constexprs, sync)
+    else:
+        w_t, part = _reduce_scatter_state(config, w_hh, B, sync, constexprs["WT_FROM_W"])
+        amax, rmax = _half_grad_state(w_hh, (2, D, grid[0], B), constexprs["HALF_W"], sync)
+        if in_kernel:
+            dbias = torch.empty((bias_sums[1], D * G), dtype=bias_sums[0], device=dev)  # (written by every launch)
+            constexprs = {**constexprs, "BIAS_COPIES": bias_sums[1]}
+        args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
+                last if last is not None else sync, sync, barrier_errors.flag(dev), w_t, part, amax, rmax,
+                sync if dbias is None else dbias, T, B, H, int(reverse))
+        _run(lstm_bwd_kernel, grid, T + 1, config, dev, args, constexprs, sync)
     if bias_sums is None:
         return dg, dh0, dc0
-    return dg, dh0, dc0, dbias if in_kernel else _bias_sums_after(dg, bias_sums, sums_ws) if after else None
-
-
-def _bias_sums_after(dg, bias_sums: tuple, workspace: list):
-    """dG's column sums [copies, D*4H] in bias_sums' (dtype, copies), by kernels.reduce after the recurrence, its
-    counters and partials from the recurrence launch's memset (`workspace`: _zeroed_workspace's extra views)."""
-    from tritonlstm.kernels import reduce
-
-    T, B, G = dg.shape
-    return reduce.column_sums(dg.view(T * B, G), *bias_sums[:2], workspace=workspace[0] if workspace else None)
+    if after:
+        dbias = reduce.column_sums(dg.view(T * B, D * G), *bias_sums[:2], workspace=sums_ws or None)
+    return dg, dh0, dc0, dbias
 
 
 # TRITONLSTM_BIAS_IN_KERNEL=1: a single launch of one batch group sums the bias gradients in the backward kernel
@@ -2595,7 +2589,7 @@ def bias_sums_in_kernel(config, kernel: str, hidden: int, n_steps: int | None = 
             and config.batch_groups == 1 and hidden <= BIAS_SUMS_MAX_HIDDEN
             and 4 * config.block_b * config.block_h <= BIAS_SUM_REGISTERS * 32 * config.num_warps):
         return False
-    return n_steps is None or n_steps <= max(1, (RELEASED.value - 1) // (grid[0] * grid[2]))
+    return n_steps is None or n_steps <= steps_a_launch(grid)
 
 
 # A single layer's split-K backward loads dG_{t+1}'s gates two at a time (kernel's PAIRED, perf/NOTES.md v0.66): the
@@ -2737,7 +2731,7 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     dc0 = _alloc((L, B, H), dt, dev)
     grid = (cdiv(H, config.block_h), config.batch_groups, L)
     words, cluster = _barrier_layout(config, grid, stack=True)
-    sync, dc_ws, c0, dhn, dcn = _zeroed_workspace(dev, words, (L, B, H), dt, c0, dhn, dcn)
+    sync, dc_ws, c0, dhn, dcn, _ = _zeroed_workspace(dev, words, (L, B, H), dt, c0, dhn, dcn)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
             dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync,
             sync, sync, T, B, H, 0)

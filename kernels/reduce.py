@@ -89,6 +89,10 @@ def workspace_parts(shape: tuple, device) -> tuple:
     if N == 0 or C == 0 or L == 0:
         return ()
     n_c, chunks, _ = _plan(N, C, L, device)
+    return _parts(L, n_c, chunks, C)
+
+
+def _parts(L: int, n_c: int, chunks: int, C: int) -> tuple:
     return (((L * n_c,), torch.int32), ((L, chunks, C), torch.float32)) if chunks > 1 else ()
 
 
@@ -112,7 +116,7 @@ def column_sums(m: torch.Tensor, dtype: torch.dtype = torch.float32, copies: int
         return out.zero_()
     n_c, chunks, rows = _plan(N, C, L, m.device)
     if chunks > 1:  # the arrival counters and the partials, zeroed: the caller's or from one memset
-        count, part = workspace if workspace else _zeroed(m.device, *workspace_parts(m.shape, m.device))
+        count, part = workspace if workspace else _zeroed(m.device, *_parts(L, n_c, chunks, C))
     else:
         count = part = out  # (unused)
     args = (m, part, count, out, N, C, rows, chunks)

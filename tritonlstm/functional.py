@@ -302,15 +302,21 @@ def _call(op, *args):
     _register_autograd). Otherwise (torch.compile, torch.jit.trace, fake or functional tensors while a graph is
     traced, tensor subclasses): the custom op, which a trace records as one node. The backward ops' formula
     refuses double backward with a clear error."""
+    if _runs_op_eager(args):
+        return op.eager(*args)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return op(*args)
     if not all(_plain(a) for a in args):
         if any(_is_wrapped(a) for a in args if isinstance(a, Tensor)):  # torch.func
             return op.transformable.apply(*args)
         return op(*args)
-    if not torch.is_grad_enabled():
-        return op.eager(*args)
     return op.eager_autograd.apply(*args)
+
+
+def _runs_op_eager(args: tuple) -> bool:
+    """Whether _call runs an op's function directly: eagerly, on plain tensors, no gradient recorded."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_grad_enabled()) \
+        and all(_plain(a) for a in args)
 
 
 def _graph_released_after_this_backward(ctx, *saved: Tensor) -> bool:
@@ -483,7 +489,7 @@ def _stack_backward_run(dy: Tensor, dhn: Tensor | None, dcn: Tensor | None, gate
     return _launch("stack_bwd", H, B, gates.dtype, gates.device, lambda config: k.lstm_stack_backward(
         gates, c_all, None if c0 is None else c0.to(torch.float32).contiguous(), weight_ih.contiguous(),
         weight_hh.contiguous(), dy.contiguous(), _contiguous(dhn), _contiguous(dcn), _last_steps(lengths, gates.device),
-        config=config, drop=None if drop is None else drop.contiguous(), into_gates=into_gates), layers=L)
+        config=config, drop=_contiguous(drop), into_gates=into_gates), layers=L)
 
 
 @_custom_op("lstm_stack_backward")
@@ -523,7 +529,7 @@ def _lstm_stack(gx: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tenso
     y, hn, cn, gates, c_all, xd = _launch("stack", H, B, gx.dtype, gx.device, lambda config: k.lstm_stack_forward(
         gx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), bias_ih, _contiguous(h0), c_ws,
         _last_steps(lengths, gx.device), store_gates=training, config=config,
-        drop=None if drop is None else drop.contiguous(), bias_hh=bias_hh), layers=L)
+        drop=_contiguous(drop), bias_hh=bias_hh), layers=L)
     xd = gx.new_empty(0) if xd is None else xd
     if not training:
         return y, hn, cn, gx.new_empty(0), gx.new_empty(0, dtype=torch.float32), xd
@@ -639,7 +645,7 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
     sums = [None]
     if _graph_released_after_this_backward(ctx, *args[:6]):
         dg, dh0, dc0, *sums = _recurrence_backward(*args, into_gates=True, bias_sums=request)
-    elif not torch.is_grad_enabled() and not torch.compiler.is_compiling() and all(_plain(a) for a in args):
+    elif _runs_op_eager(args):
         dg, dh0, dc0, *sums = _recurrence_backward(*args, bias_sums=request)  # (what _call would run)
     else:
         dg, dh0, dc0 = _tie_to_forward(y, *_call(_lstm_recurrence_backward, *args))
@@ -649,7 +655,7 @@ def _backward(ctx, dy, dhn, dcn, _dgates, _dc_all):
         dw_hh = [_recurrent_weight_grad(dg4[:, :, d], y[..., d * H:(d + 1) * H], None if h0 is None else h0[d],
                                         lengths, d == 1 or ctx.reverse) for d in range(D)]
         dw_hh = dw_hh[0].unsqueeze(0) if D == 1 else torch.stack(dw_hh)  # (stack would copy a single one)
-    sums = sums[0] if sums else None  # (None where the launch did not make them)
+    sums = sums[0].unbind(0) if sums and sums[0] is not None else None  # (None where the launch did not make them)
     return (dg if need[0] else None, dw_hh, *_bias_grads(dg.view(T * B, D * G), ctx.bias_metas, need[2:4], sums),
             dh0 if need[4] else None, dc0 if need[5] else None, None, None, None)
 
@@ -773,7 +779,7 @@ def _bias_request(metas: tuple, need: tuple) -> tuple | None:
     return wanted[0][0], len(wanted)
 
 
-def _bias_grads(dg: Tensor, metas: tuple, need: tuple, sums: Tensor | None = None) -> tuple:
+def _bias_grads(dg: Tensor, metas: tuple, need: tuple, sums: tuple | None = None) -> tuple:
     """The gradients of b_ih and b_hh (None where not needed or absent), dg's column sums (dg [T*B, C] or
     [L, T*B, 4H]) in each one's dtype and shape: `sums` where the backward's launch made them (_bias_request's
     copies), else from one launch (_column_sums' copies). Each its own tensor: as after nn.LSTM's backward, an
@@ -787,7 +793,7 @@ def _bias_grads(dg: Tensor, metas: tuple, need: tuple, sums: Tensor | None = Non
     if request is not None:
         if sums is None:
             sums = _column_sums(dg, *request)
-        for i, g in zip(wanted, sums.unbind(0) if isinstance(sums, Tensor) else sums):
+        for i, g in zip(wanted, sums):
             out[i] = g.view(metas[i][1])
         return tuple(out)
     sums = _column_sums(dg)[0]
