@@ -552,7 +552,7 @@ REC_MUL: tl.constexpr = tl.constexpr(16384.0)
 
 
 @triton.jit
-def _grid_barrier(p_flag, p_count, target, max_spin):
+def _grid_barrier(p_flag, p_count, target, max_spin, p_host=None):
     """Waits until the counter reaches target; returns True if the barrier failed (now, or in an earlier launch:
     the flag is sticky until the host reads it).
 
@@ -566,7 +566,7 @@ def _grid_barrier(p_flag, p_count, target, max_spin):
     # arrival's own result is the first poll: the last program to arrive goes on without another round trip.
     tl.debug_barrier()
     seen = tl.atomic_add(p_count, 1, sem="acq_rel", scope="gpu") + 1
-    return _grid_wait(p_flag, p_count, target, max_spin, seen)
+    return _grid_wait(p_flag, p_count, target, max_spin, seen, p_host)
 
 
 @triton.jit
@@ -579,9 +579,9 @@ def _grid_arrive(p_count):
 
 
 @triton.jit
-def _grid_wait(p_flag, p_count, target, max_spin, seen):
+def _grid_wait(p_flag, p_count, target, max_spin, seen, p_host=None):
     """_grid_barrier's wait: polls the counter (`seen`: a count already read) until it reaches target; returns True
-    if the barrier failed."""
+    if the barrier failed. A program that gives up also sets p_host, the host's copy of the flag (BarrierErrors)."""
     spins = 0
     while seen < target:
         seen = tl.atomic_add(p_count, 0, sem="acquire", scope="gpu")
@@ -594,6 +594,8 @@ def _grid_wait(p_flag, p_count, target, max_spin, seen):
             # The launcher keeps every target below RELEASED, so this one write releases the rest of the launch.
             tl.atomic_xchg(p_flag, 1, sem="release", scope="gpu")
             tl.atomic_max(p_count, RELEASED, sem="release", scope="gpu")
+            if p_host is not None:
+                tl.store(p_host, 1)
             seen = target
     tl.debug_barrier()
     return tl.load(p_flag, volatile=True) != 0
@@ -735,14 +737,13 @@ def _ring_mbarrier(RING, end, k, arrivals, tx):
 
 
 @triton.jit
-def _ring_quiet(RING, ERR, EXTRA: tl.constexpr):
+def _ring_quiet(RING, EXTRA: tl.constexpr):
     """At a launch's end (after its closing barrier), on the interpreter: every copy into this program was counted by
-    a phase it waited for, or the launch's error. A tx-count below zero is a copy nobody waits for, which on the GPU
-    could still be in flight when its destination leaves."""
+    a phase it waited for, or (True) the launch's error. A tx-count below zero is a copy nobody waits for, which on
+    the GPU could still be in flight when its destination leaves."""
     end = _ring_end(tl.program_id(0), EXTRA)
-    for k in tl.static_range(2):
-        if tl.load(RING + end // 4 + 4 * k + 3, volatile=True) < 0:
-            tl.atomic_xchg(ERR, 1)
+    lost = (tl.load(RING + end // 4 + 3, volatile=True) < 0) | (tl.load(RING + end // 4 + 7, volatile=True) < 0)
+    return lost
 
 
 @triton.jit
@@ -854,18 +855,19 @@ def _step_arrive(SYNC, s_glob, CLUSTER: tl.constexpr):
 
 
 @triton.jit
-def _step_wait(SYNC, ERR, s_glob, S_START, max_spin, CLUSTER: tl.constexpr):
+def _step_wait(SYNC, ERR, ERR_HOST, s_glob, S_START, max_spin, CLUSTER: tl.constexpr):
     """_step_arrive's wait; returns True if the barrier failed."""
     if CLUSTER:
         return _cluster_wait(s_glob) < 0
     else:
         p_count = _layer_counter(SYNC)
         return _grid_wait(ERR, p_count, (s_glob - S_START + 1) * tl.num_programs(0), max_spin,
-                          tl.atomic_add(p_count, 0, sem="acquire", scope="gpu"))
+                          tl.atomic_add(p_count, 0, sem="acquire", scope="gpu"), ERR_HOST)
 
 
 @triton.jit
-def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.constexpr, CLUSTER: tl.constexpr = False):
+def _step_barrier(SYNC, ERR, ERR_HOST, s_glob, S_START, failed, max_spin, STACK: tl.constexpr,
+                  CLUSTER: tl.constexpr = False):
     """The barrier that ends global step s_glob of a persistent launch, among the programs of one (direction,
     batch group), or of one batch group across all layers of a STACK (axis 2): the counter's (_grid_barrier) or
     the cluster's (_cluster_barrier; a single layer's P programs along axis 0 form the cluster). Returns True if
@@ -878,7 +880,7 @@ def _step_barrier(SYNC, ERR, s_glob, S_START, failed, max_spin, STACK: tl.conste
     else:
         p_count = _layer_counter(SYNC)
         n = tl.num_programs(0)
-    return _grid_barrier(ERR, p_count, (s_glob - S_START + 1) * n, max_spin)
+    return _grid_barrier(ERR, p_count, (s_glob - S_START + 1) * n, max_spin, ERR_HOST)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -905,6 +907,7 @@ def lstm_fwd_kernel(
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
+    ERR_HOST,  # [1] int32 the host's copy of the flag, set by a program that gives up (BarrierErrors.flags)
     WSCALE,  # [D or L, 5] float32 the scales of HALF_W's float16 operands (_half_weights)
     HB,  # [2, D, B, H] float16 h_t * REC_MUL at step t's parity, h0 times its scale at slot 1 (when HALF_H)
     CODES,  # [BB, BK] int16 (when BULK): the byte of row b's unit k in a slot (bulk_codes; -1: none)
@@ -1199,18 +1202,21 @@ def lstm_fwd_kernel(
                                                        BB, BH, HAS_LENGTHS, CARRY)
                 n_c = b_c
         if ARRIVE_EARLY:
-            poisoned = poisoned | _step_wait(SYNC, ERR, s_glob, S_START, max_spin, CLUSTER)
+            poisoned = poisoned | _step_wait(SYNC, ERR, ERR_HOST, s_glob, S_START, max_spin, CLUSTER)
         elif PERSISTENT and not BULK:
             # A stack's barrier spans its layers: layer l's step needs layer l-1's output of the same step.
-            poisoned = poisoned | _step_barrier(SYNC, ERR, s_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
+            poisoned = poisoned | _step_barrier(SYNC, ERR, ERR_HOST, s_glob, S_START, poisoned, max_spin, STACK,
+                                                CLUSTER)
     if BULK:
         # No program leaves while a copy into or out of its shared memory may be in flight; a wait that gave up in
         # any thread is the launch's error.
         _cluster_barrier(S_START)
+        lost = tl.max(tl.full([BB], failed, tl.int32), axis=0) != 0
         if not FENCES:
-            _ring_quiet(RING, ERR, EXTRA)
-        if tl.max(tl.full([BB], failed, tl.int32), axis=0) != 0:
+            lost = lost | _ring_quiet(RING, EXTRA)
+        if lost:
             tl.atomic_xchg(ERR, 1)
+            tl.store(ERR_HOST, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1236,6 +1242,7 @@ def lstm_bwd_kernel(
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
+    ERR_HOST,  # [1] int32 the host's copy of the flag, set by a program that gives up (BarrierErrors.flags)
     W_T,  # [D, H, 4H] W_hh^T (when TRANSPOSED)
     PART,  # [2, D, P, B, H] float32: program p's share of dh at step r in slot r % 2 (when TRANSPOSED)
     AMAX,  # [D, H] float32 max |W_hh| of each direction's columns (when HALF_W)
@@ -1507,10 +1514,11 @@ def lstm_bwd_kernel(
                 if ARRIVE_EARLY:
                     _step_arrive(SYNC, r_glob, CLUSTER)
         if ARRIVE_EARLY:
-            poisoned = poisoned | _step_wait(SYNC, ERR, r_glob, S_START, max_spin, CLUSTER)
+            poisoned = poisoned | _step_wait(SYNC, ERR, ERR_HOST, r_glob, S_START, max_spin, CLUSTER)
         elif PERSISTENT:
             # A stack's barrier spans its layers: a layer's step needs the layer above's dG of the same t.
-            poisoned = poisoned | _step_barrier(SYNC, ERR, r_glob, S_START, poisoned, max_spin, STACK, CLUSTER)
+            poisoned = poisoned | _step_barrier(SYNC, ERR, ERR_HOST, r_glob, S_START, poisoned, max_spin, STACK,
+                                                CLUSTER)
     if BIAS_COPIES:
         p_bias = DBIAS + i_d * 4 * H + o_j
         t_b: tl.constexpr = DBIAS.dtype.element_ty
@@ -1628,6 +1636,7 @@ def lstm_bwd_2d_kernel(
     LAST,  # [B] int32 last live step of each row (when HAS_LENGTHS)
     SYNC,  # [D*Q] int32 barrier counters, one per (direction, batch group); zeros on entry
     ERR,  # [1] int32 the device's sticky barrier-error flag
+    ERR_HOST,  # [1] int32 the host's copy of the flag, set by a program that gives up (BarrierErrors.flags)
     PART,  # [D, NB, B, H] float32: block a's share of every unit's dh
     AMAX,  # [D, H] float32 max |W_hh| of each direction's columns (when HALF_W)
     RMAX,  # [D, NB, NB, B] float32: program (a, b)'s largest |dG| of each row of its units, at [b, a] (when HALF_W)
@@ -1784,7 +1793,7 @@ def lstm_bwd_2d_kernel(
                     tl.store(DH0 + o_bh, b_dh.to(DH0.dtype.element_ty), mask=m_bh)
                     tl.store(DC0 + o_bh, b_dc.to(DC0.dtype.element_ty), mask=m_bh)
         if PERSISTENT:
-            poisoned = poisoned | _step_barrier(SYNC, ERR, u, S_START, poisoned, max_spin, False)
+            poisoned = poisoned | _step_barrier(SYNC, ERR, ERR_HOST, u, S_START, poisoned, max_spin, False)
 
 
 if interpreting():
@@ -1938,11 +1947,14 @@ class BarrierErrors:
     """The sticky barrier-error flag of each device, and its report to the host without a sync per launch.
 
     A persistent launch whose grid barrier fails sets the device's flag and writes NaN into the rest of its
-    outputs (and so does every launch that starts while the flag is set). On a CUDA device the flag is copied
-    into pinned host memory behind each launch (non-blocking); the next launch on that device, or
-    `tritonlstm.synchronize()`, finds it there and raises. Reading it back with a sync per launch would cost
-    the host-device round trip and stop the CPU from queueing the next launches while the GPU runs. On the CPU
-    interpreter, which runs synchronously, the check follows each launch at once."""
+    outputs (and so does every launch that starts while the flag is set). The program that gives up (at a barrier,
+    or at a bulk exchange's wait) also sets the device's host flag: pinned host memory on a CUDA device, which a
+    kernel writes directly (unified addressing); nothing writes it when all goes well. The next launch on that
+    device, or `tritonlstm.synchronize()`, finds it there and raises. Reading the device's flag with a sync per
+    launch would cost the host-device round trip and stop the CPU from queueing the next launches while the GPU
+    runs; a copy of it behind each launch (until v0.75, and with TRITONLSTM_FLAG_COPY=1) costs an ATen op a launch.
+    half_operands_kernel reports an operand out of range (RANGE) the same way. On the CPU interpreter, which runs
+    synchronously, the check follows each launch at once."""
 
     MESSAGE = ("tritonlstm: a grid barrier (or a wait on another program's h) did not complete (a program never "
                "arrived; were all programs resident?). The outputs of that launch, and of launches queued while it "
@@ -1957,43 +1969,64 @@ class BarrierErrors:
 
     def __init__(self):
         self._err: dict[torch.device, torch.Tensor] = {}
-        self._host: dict[torch.device, torch.Tensor] = {}  # pinned copies of the CUDA devices' flags
+        self._host: dict[torch.device, torch.Tensor] = {}  # each device's flag as the host reads it
 
     def flag(self, device: torch.device) -> torch.Tensor:
         """The device's [1] int32 flag, for the kernels."""
-        if device not in self._err:
-            self._err[device] = torch.zeros(1, dtype=torch.int32, device=device)
-        return self._err[device]
+        return self.flags(device)[0]
+
+    def flags(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ERR, ERR_HOST) of a launch on the device: its flag, and the host's copy the kernels report into. The
+        flag itself, a report into nothing, with TRITONLSTM_FLAG_COPY=1, and for a first launch on the device inside
+        a CUDA graph capture (no pinned allocation there): a replay of that graph that fails leaves the later
+        launches NaN, and synchronize() (check(wait=True)) reports it."""
+        err = self._err.get(device)
+        if err is None:
+            err = self._err[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        on_cuda = device.type == "cuda"
+        if on_cuda and FLAG_COPY:
+            return err, err
+        host = self._host.get(device)
+        if host is None:
+            if on_cuda and torch.cuda.is_current_stream_capturing():
+                return err, err
+            host = self._host[device] = torch.zeros(1, dtype=torch.int32, pin_memory=on_cuda)
+        return err, host
 
     def launched(self, device: torch.device, capturing: bool) -> None:
         if device.type != "cuda":
             self.check(device)
-        elif not capturing:  # no pinned allocation or copy inside a CUDA graph capture
+        elif FLAG_COPY and not capturing:  # no pinned allocation or copy inside a CUDA graph capture
             if device not in self._host:
                 self._host[device] = torch.zeros(1, dtype=torch.int32, pin_memory=True)
             self._host[device].copy_(self._err[device], non_blocking=True)
 
     def check(self, device: torch.device, wait: bool = False) -> None:
-        """Raises if the device's flag is set as far as the host can see it now (or after waiting for the device,
-        when wait); clears the flag first, so each failure is raised once."""
+        """Raises if the device's flag is set as far as the host can see it now (the host's copy), or after waiting
+        for the device when wait (the flag itself); clears both first, so each failure is raised once."""
         err = self._err.get(device)
         if err is None:
             return
         on_cuda = device.type == "cuda"
-        if on_cuda and wait:
-            torch.cuda.synchronize(device)
+        if wait:
+            if on_cuda:
+                torch.cuda.synchronize(device)
             seen = int(err.item())
         else:
-            host = self._host.get(device) if on_cuda else err
-            seen = 0 if host is None else int(host[0])
+            host = self._host.get(device)
+            seen = 0 if host is None else host.item()  # (item: a fifth of int(host[0])'s host time)
         if seen:
             if on_cuda:
-                torch.cuda.synchronize(device)  # so that no copy still in flight sets the host flag again
-                if device in self._host:
-                    self._host[device].zero_()
+                torch.cuda.synchronize(device)  # so that no report still in flight sets the host flag again
+            if device in self._host:
+                self._host[device].zero_()
             err.zero_()
             raise RuntimeError(self.RANGE_MESSAGE if seen == self.RANGE else self.MESSAGE)
 
+
+# TRITONLSTM_FLAG_COPY=1: the host flag of a CUDA device copied behind each launch (an ATen copy a launch) instead of
+# written by the kernels that fail (perf/NOTES.md v0.75).
+FLAG_COPY = os.environ.get("TRITONLSTM_FLAG_COPY", "0") == "1"
 
 barrier_errors = BarrierErrors()
 # The cluster barrier's PTX, in inline assembly, which the CPU interpreter cannot run (it
@@ -2211,7 +2244,7 @@ def _scale_exp(AMAX, i):
 
 
 @triton.jit
-def half_operands_kernel(W_HH, W_IH, AMAX, W16, WIH16, SCALES, ERR, H0, H016, N, NUMEL, NUMEL_H0,
+def half_operands_kernel(W_HH, W_IH, AMAX, W16, WIH16, SCALES, ERR, ERR_HOST, H0, H016, N, NUMEL, NUMEL_H0,
                          K_REC: tl.constexpr, STACK: tl.constexpr, HAS_DROP: tl.constexpr, HAS_H016: tl.constexpr,
                          BLOCK: tl.constexpr, BN: tl.constexpr):
     # Program (c, l, 0) scales elements c * BLOCK.. of layer l's W_hh into float16 (and, HAS_H016, of direction l's
@@ -2267,6 +2300,7 @@ def half_operands_kernel(W_HH, W_IH, AMAX, W16, WIH16, SCALES, ERR, H0, H016, N,
         tl.store(p + 4, _exp2_bits(-(k_ih + k_x)), mask=m_n)
         if tl.max(beyond.to(tl.int32), axis=0) > 0:
             tl.store(ERR, tl.maximum(tl.load(ERR), 2))  # BarrierErrors.RANGE
+            tl.store(ERR_HOST, 2)
 
 
 def _half_weights(w_hh, h0, w_ih=None, drop=None, h0_out=None):
@@ -2308,8 +2342,8 @@ def _half_weights(w_hh, h0, w_ih=None, drop=None, h0_out=None):
                              f"layer, got {h0_out.dtype} {tuple(h0_out.shape)}")
         h0 = h0.contiguous()
     grid = (cdiv(max(numel, numel_h0) if h0_out is not None else numel, HALF_BLOCK), n, 2 if stack else 1)
-    args = (w_hh, w_ih, amax, w16, wih16, scales, barrier_errors.flag(dev), h0, h0_out if h0_out is not None else w16,
-            n, numel, numel_h0)
+    args = (w_hh, w_ih, amax, w16, wih16, scales, *barrier_errors.flags(dev), h0,
+            h0_out if h0_out is not None else w16, n, numel, numel_h0)
     meta = dict(K_REC=int(math.log2(REC_MUL.value)), STACK=stack, HAS_DROP=drop is not None,
                 HAS_H016=h0_out is not None, BLOCK=HALF_BLOCK, BN=next_power_of_2(n))
     launch_or_compile(half_operands_kernel, grid, args, **meta)
@@ -2367,7 +2401,7 @@ def lstm_forward(gx, w_hh, bias, h0, c_ws, last, *, reverse: bool, store_gates: 
         extra = bulk_bytes(config.block_b, config.block_h, config.block_k)
         ring = torch.zeros(grid[0] * grid[1] * grid[2] * (extra + 32) // 4, dtype=torch.int32, device=dev)
     args = (gx, gates, w_dot, w_dot, y, y, b1, b2, h0, c_ws, y, hn, cn, c_all, last if last is not None else sync,
-            sync, barrier_errors.flag(dev), wscale, h16 if h16 is not None else sync, codes, ring, T, B, H,
+            sync, *barrier_errors.flags(dev), wscale, h16 if h16 is not None else sync, codes, ring, T, B, H,
             int(reverse))
     _run(lstm_fwd_kernel, grid, T, config, dev, args, constexprs, sync)
     return (y, hn, cn, gates, c_all) if store_gates else (y, hn, cn, None, None)
@@ -2507,7 +2541,7 @@ def lstm_stack_forward(gx, w_ih, w_hh, bias, h0, c_ws, last, *, store_gates: boo
     w_dot, w_ih_dot, wscale = _half_weights(w_hh, h0, w_ih, drop) if half else (w_hh, w_ih, c_ws)
     b1, b2, has_bias, two = _bias_args(bias, bias_hh, c_ws)
     args = (gx, gates, w_dot, w_ih_dot, drop if drop is not None else y, xd if xd is not None else y, b1, b2, h0,
-            c_ws, y, hn, cn, c_all, last if last is not None else sync, sync, barrier_errors.flag(dev), wscale, sync,
+            c_ws, y, hn, cn, c_all, last if last is not None else sync, sync, *barrier_errors.flags(dev), wscale, sync,
             sync, sync, T, B, H, 0)
     _run(lstm_fwd_kernel, grid, T + L - 1, config, dev, args,
          dict(D=1, HAS_BIAS=has_bias, TWO_BIASES=two, HAS_LENGTHS=last is not None, STACK=True,
@@ -2558,7 +2592,7 @@ def lstm_backward(gates, c_all, c0, w_hh, dy, dhn, dcn, last, *, reverse: bool, 
             dbias = torch.empty((bias_sums[1], D * G), dtype=bias_sums[0], device=dev)  # (written by every launch)
             constexprs = {**constexprs, "BIAS_COPIES": bias_sums[1]}
         args = (gates, c_all, c0, w_hh, w_hh, dy, dy, dhn, dcn, dg, dc_ws, dh0, dc0,
-                last if last is not None else sync, sync, barrier_errors.flag(dev), w_t, part, amax, rmax,
+                last if last is not None else sync, sync, *barrier_errors.flags(dev), w_t, part, amax, rmax,
                 sync if dbias is None else dbias, T, B, H, int(reverse))
         _run(lstm_bwd_kernel, grid, T + 1, config, dev, args, constexprs, sync)
     if bias_sums is None:
@@ -2652,7 +2686,7 @@ def _backward_2d(gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last
     half_g = half and HALF_G
     dg16 = torch.empty((B, D * 4 * H), dtype=torch.float16, device=dev) if half_g else part
     args = (gates, c_all, c0, w_hh, dy, dhn, dcn, dg, dc_ws, dh0, dc0, last if last is not None else sync, sync,
-            barrier_errors.flag(dev), part, amax, rmax, dg16, T, B, H, int(reverse))
+            *barrier_errors.flags(dev), part, amax, rmax, dg16, T, B, H, int(reverse))
     _run(lstm_bwd_2d_kernel, grid, 2 * (T + 1), config, dev, args,
          dict(BU=config.block_h, NB=nb, D=D, HAS_LENGTHS=last is not None, DOT_PRECISION=_dot_precision(gates.dtype),
               HALF_W=half, HALF_G=half_g, **cluster), sync, grid_2d=True)
@@ -2733,7 +2767,7 @@ def lstm_stack_backward(gates, c_all, c0, w_ih, w_hh, dy, dhn, dcn, last, *, con
     words, cluster = _barrier_layout(config, grid, stack=True)
     sync, dc_ws, c0, dhn, dcn, _ = _zeroed_workspace(dev, words, (L, B, H), dt, c0, dhn, dcn)
     args = (gates, c_all, c0, w_hh, w_ih if L > 1 else w_hh, drop if drop is not None else dy, dy, dhn, dcn, dg,
-            dc_ws, dh0, dc0, last if last is not None else sync, sync, barrier_errors.flag(dev), sync, sync, sync,
+            dc_ws, dh0, dc0, last if last is not None else sync, sync, *barrier_errors.flags(dev), sync, sync, sync,
             sync, sync, T, B, H, 0)
     _run(lstm_bwd_kernel, grid, T + L, config, dev, args,
          dict(D=1, HAS_LENGTHS=last is not None, STACK=True, HAS_DROPOUT=drop is not None,

@@ -457,13 +457,14 @@ def test_half_operands_kernel_matches_the_formulas_bit_for_bit(case):
     float16 operands and the scales bit for bit, and the range error where a finite magnitude is beyond 2^75."""
     w_hh, h0, w_ih, drop = HALF_CASES[case]()
     w16_r, wih16_r, scales_r, flag_r = half_operands_reference(w_hh, h0, w_ih, drop)
-    flag = kernels.barrier_errors.flag(torch.device("cpu"))
-    assert int(flag[0]) == 0
+    flags = kernels.barrier_errors.flags(torch.device("cpu"))  # the device's, and the host's copy
+    assert [int(f[0]) for f in flags] == [0, 0]
     try:
         w16, wih16, scales = kernels._half_weights(w_hh, h0, w_ih, drop)
-        assert int(flag[0]) == flag_r, case
+        assert [int(f[0]) for f in flags] == [flag_r, flag_r], case
     finally:
-        flag.zero_()
+        for f in flags:
+            f.zero_()
     assert flag_r == (2 if "beyond" in case else 0)
     assert torch.equal(w16.view(torch.int16), w16_r.view(torch.int16)), case
     assert (wih16 is None) == (wih16_r is None)
@@ -693,10 +694,46 @@ def test_backward_barrier_that_cannot_complete_poisons_gradients_and_raises(monk
         tritonlstm.synchronize("cpu")
 
 
+def test_failed_launches_report_into_the_host_flag_themselves(monkeypatch):
+    """v0.75: the host's flag is its own memory (pinned on a GPU), written by the program that gives up: nothing
+    copies it here (check and launched do nothing), yet a failed forward, backward and 2-D backward each set it; a
+    launch that went well writes nothing (a sentinel there stays). The flag left set, the next check raises and
+    clears both."""
+    errors, cpu = kernels.barrier_errors, torch.device("cpu")
+    monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
+    check = errors.check
+    monkeypatch.setattr(errors, "launched", lambda device, capturing: None)
+    monkeypatch.setattr(errors, "check", lambda device, wait=False: None)
+    err, host = errors.flags(cpu)
+    assert host.data_ptr() != err.data_ptr()
+    failing = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
+    failing_2d = LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, persistent=True, grid_2d=True,
+                            max_spin=20)
+    try:
+        for kernel, config, H in (("fwd", failing, 16), ("bwd", failing, 16), ("bwd", failing_2d, 33)):
+            problem = leaf(make_problem(3, 2, 4, H, torch.float32))
+            for cfg, sentinel in ((None, 5), (config, 0)):
+                err.zero_()
+                host.fill_(sentinel)
+                with use_config(cfg if kernel == "fwd" else None, "fwd"):
+                    y, _ = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
+                with use_config(cfg if kernel == "bwd" else None, "bwd"):
+                    y.sum().backward()
+                assert int(host[0]) == (sentinel if cfg is None else 1), (kernel, H, cfg)
+                assert int(err[0]) == (0 if cfg is None else 1), (kernel, H, cfg)
+        with pytest.raises(RuntimeError, match="barrier"):
+            check(cpu)
+        assert int(host[0]) == 0 and int(err[0]) == 0
+    finally:
+        err.zero_()
+        host.zero_()
+
+
 def test_flag_left_by_a_failed_launch_is_raised_by_the_next_launch():
     problem = make_problem(3, 2, 4, 8, torch.float32)
     args = [problem[n] for n in NAMES]
-    kernels.barrier_errors.flag(torch.device("cpu")).fill_(1)
+    for flag in kernels.barrier_errors.flags(torch.device("cpu")):  # as a failed launch leaves them
+        flag.fill_(1)
     with torch.no_grad(), pytest.raises(RuntimeError, match="barrier"):
         fused_lstm(*args, backend="triton")
     with torch.no_grad():

@@ -365,12 +365,21 @@ def test_barrier_that_cannot_complete_gives_nan_then_raises(monkeypatch):
                     f"({len(programs)}), rows: {sorted(set(rows.tolist()))}")
     reported_once_then_clean(x, w)
 
-    # Without synchronize(), the next launch reports it (once the flag's copy has reached the host).
-    with use_config(cfg), torch.no_grad():
-        fused_lstm(x, *w, backend="triton")
-    torch.cuda.synchronize()
-    with torch.no_grad(), pytest.raises(RuntimeError, match="barrier"):
-        fused_lstm(x, *w, backend="triton")
+    # Without synchronize(), the next launch reports it, once the failing program's write into the pinned host flag
+    # has landed (v0.75: no copy behind the launch; `launched` does nothing here); and with TRITONLSTM_FLAG_COPY=1's
+    # copy instead.
+    errors = k.barrier_errors
+    for copy in (False, True):
+        monkeypatch.setattr(k, "FLAG_COPY", copy)
+        with monkeypatch.context() as m:
+            if not copy:
+                m.setattr(errors, "launched", lambda device, capturing: None)
+            with use_config(cfg), torch.no_grad():
+                fused_lstm(x, *w, backend="triton")
+        torch.cuda.synchronize()
+        assert int(errors._host[x.device][0]) == 1  # the host's copy, pinned
+        with torch.no_grad(), pytest.raises(RuntimeError, match="barrier"):
+            fused_lstm(x, *w, backend="triton")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))

@@ -122,20 +122,21 @@ def _signature(kernel: str, dtype: str, half_w: bool = False) -> dict[str, str]:
     ints = {n: "i32" for n in ("T", "B", "H", "rev0", "S_START", "S_COUNT", "max_spin")}
     if kernel == "bwd_2d":
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "DY": p, "DHN": p, "DCN": p, "DG": p,
-                "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32", "PART": "*fp32",
-                "AMAX": "*fp32", "RMAX": "*fp32", "DG16": "*fp16"}
+                "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32", "ERR": "*i32", "ERR_HOST": "*i32",
+                "PART": "*fp32", "AMAX": "*fp32", "RMAX": "*fp32", "DG16": "*fp16"}
         flags = ()
     elif kernel == "fwd":
         ptrs = {"GX": p, "GATES": p, "W": pw, "W_IH": pw, "DROP": p, "XD": p, "BIAS": p, "BIAS_HH": p, "H0": p,
                 "C_WS": "*fp32", "Y": p, "HN": p, "CN": p, "C_ALL": "*fp32", "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "WSCALE": "*fp32", "HB": "*fp16", "CODES": "*i16",
+                "ERR": "*i32", "ERR_HOST": "*i32", "WSCALE": "*fp32", "HB": "*fp16", "CODES": "*i16",
                 "RING": "*i32"}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_BIAS", "TWO_BIASES", "HAS_LENGTHS", "STACK",
                  "HAS_DROPOUT", "STORE_GATES", "PERSISTENT", "DOT_PRECISION", "SK", "MERGED")
     else:
         ptrs = {"GATES": p, "C_ALL": "*fp32", "C0": "*fp32", "W": p, "W_IH": p, "DROP": p, "DY": p, "DHN": p,
                 "DCN": p, "DG": p, "DC_WS": "*fp32", "DH0": p, "DC0": p, "LAST": "*i32", "SYNC": "*i32",
-                "ERR": "*i32", "W_T": p, "PART": "*fp32", "AMAX": "*fp32", "RMAX": "*fp32", "DBIAS": p}
+                "ERR": "*i32", "ERR_HOST": "*i32", "W_T": p, "PART": "*fp32", "AMAX": "*fp32", "RMAX": "*fp32",
+                "DBIAS": p}
         flags = ("BK", "BH", "BB", "D", "W_RESIDENT", "HAS_LENGTHS", "STACK", "HAS_DROPOUT",
                  "PERSISTENT", "DOT_PRECISION", "SK")
     return {**ptrs, **ints, **{f: "constexpr" for f in flags}}
