@@ -1808,19 +1808,25 @@ if interpreting():
 # ----------------------------------------------------------------------------------------------------------
 
 
+# PyTorch's per-operator precision API (2.9 and later), looked for once: a call reads only the settings it needs.
+_PRECISION_API = hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision")
+
+
 def _rnn_allows_tf32() -> bool:
     """Whether nn.LSTM's cuDNN path would run float32 on TF32 tensor cores: PyTorch's per-operator setting
     (torch.backends.cudnn.rnn.fp32_precision, inheriting "none" from cuDNN's, then the global one; all "none" is
     full precision), or the legacy torch.backends.cudnn.allow_tf32 where that API is missing. Reading the legacy
-    flag once conv and RNN precisions differ raises in PyTorch, so it is not read where the new API exists."""
-    rnn = getattr(torch.backends.cudnn, "rnn", None)
-    if rnn is None or not hasattr(rnn, "fp32_precision"):
+    flag once conv and RNN precisions differ raises in PyTorch, so it is not read where the new API exists. Read at
+    every launch (the settings may change between calls): ~1 us where the RNN's own setting decides, the usual case
+    (v0.76; reading all three first took 4)."""
+    if not _PRECISION_API:
         return bool(torch.backends.cudnn.allow_tf32)
-    for precision in (rnn.fp32_precision, torch.backends.cudnn.fp32_precision,
-                      getattr(torch.backends, "fp32_precision", "none")):
-        if precision != "none":
-            return precision == "tf32"
-    return False
+    precision = torch.backends.cudnn.rnn.fp32_precision
+    if precision == "none":
+        precision = torch.backends.cudnn.fp32_precision
+        if precision == "none":
+            precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -314,6 +314,7 @@ def heuristic_config(hidden: int, batch: int, dtype: torch.dtype, num_sms: int |
 WIDE_TILE_WALKS = 4
 
 
+@functools.lru_cache(maxsize=256)  # an LSTMCell step asks each call; configs are frozen
 def without_half_w(config: LSTMConfig, backward_standin: LSTMConfig | None = None) -> LSTMConfig:
     """A half_w config's stand-in where the dots must keep float32 operands (TF32 not allowed), or where W is
     16-bit already: the transposed dots' tiles with W^T streamed in float32 from L2 (32-wide K chunks, 3 stages),

@@ -345,7 +345,7 @@ def _launch(kernel: str, H: int, B: int, dtype: torch.dtype, device: torch.devic
     config = select_config(H, B, dtype, device, k.interpreting(), kernel, directions, layers)
     # half_w where allowed (a cache may hold others), and not for one step (an LSTMCell's): it reads W once, so
     # converting W to float16 first would cost a launch and save nothing.
-    if config.half_w and kernel in ("fwd", "stack") and (not k.half_w_allowed(dtype) or steps == 1):
+    if config.half_w and kernel in ("fwd", "stack") and (steps == 1 or not k.half_w_allowed(dtype)):
         config = without_half_w(config)
     if config.half_w and kernel == "bwd" and not config.transposed and not k.half_w_allowed(dtype):
         # float32 W does not fit where float16's did: the layout the heuristic picks without half_w.
