@@ -471,8 +471,8 @@ from triton.compiler import ASTSource
 from tritonlstm.compilecheck import _ptxas_report
 from tritonlstm.kernels import lstm as k
 sig = dict(W_HH="*fp32", W_IH="*fp32", AMAX="*fp32", W16="*fp16", WIH16="*fp16", SCALES="*fp32", ERR="*i32",
-           ERR_HOST="*i32", H0="*fp32", H016="*fp16", N="i32", NUMEL="i32", NUMEL_H0="i32", K_REC="constexpr", STACK="constexpr",
-           HAS_DROP="constexpr", HAS_H016="constexpr", BLOCK="constexpr", BN="constexpr")
+           ERR_HOST="*i32", H0="*fp32", H016="*fp16", N="i32", NUMEL="i32", NUMEL_H0="i32", K_REC="constexpr",
+           STACK="constexpr", HAS_DROP="constexpr", HAS_H016="constexpr", BLOCK="constexpr", BN="constexpr")
 names = list(sig)
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("W_HH", "W_IH", "AMAX", "W16", "WIH16", "SCALES",
                                                                  "H0", "H016", "NUMEL", "NUMEL_H0")}
