@@ -742,8 +742,7 @@ def _ring_quiet(RING, EXTRA: tl.constexpr):
     a phase it waited for, or (True) the launch's error. A tx-count below zero is a copy nobody waits for, which on
     the GPU could still be in flight when its destination leaves."""
     end = _ring_end(tl.program_id(0), EXTRA)
-    lost = (tl.load(RING + end // 4 + 3, volatile=True) < 0) | (tl.load(RING + end // 4 + 7, volatile=True) < 0)
-    return lost
+    return (tl.load(RING + end // 4 + 3, volatile=True) < 0) | (tl.load(RING + end // 4 + 7, volatile=True) < 0)
 
 
 @triton.jit
@@ -1990,21 +1989,17 @@ class BarrierErrors:
         if err is None:
             err = self._err[device] = torch.zeros(1, dtype=torch.int32, device=device)
         on_cuda = device.type == "cuda"
-        if on_cuda and FLAG_COPY:
-            return err, err
         host = self._host.get(device)
         if host is None:
             if on_cuda and torch.cuda.is_current_stream_capturing():
                 return err, err
             host = self._host[device] = torch.zeros(1, dtype=torch.int32, pin_memory=on_cuda)
-        return err, host
+        return (err, err) if on_cuda and FLAG_COPY else (err, host)
 
     def launched(self, device: torch.device, capturing: bool) -> None:
         if device.type != "cuda":
             self.check(device)
-        elif FLAG_COPY and not capturing:  # no pinned allocation or copy inside a CUDA graph capture
-            if device not in self._host:
-                self._host[device] = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        elif FLAG_COPY and not capturing and device in self._host:  # no copy inside a CUDA graph capture
             self._host[device].copy_(self._err[device], non_blocking=True)
 
     def check(self, device: torch.device, wait: bool = False) -> None:

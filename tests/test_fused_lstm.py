@@ -645,12 +645,17 @@ def test_auto_backend_float64_uses_torch(kernel_calls):
     assert kernel_calls["fwd"] == 0
 
 
+# Two persistent programs that the interpreter runs one after another (with _check_residency off): program 0's first
+# barrier waits for a program that never arrives, and gives up after max_spin polls.
+NEVER_MEETS = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
+
+
 def test_barrier_that_cannot_complete_raises(monkeypatch):
     """A persistent launch whose programs cannot all be resident: the interpreter runs program 0 to the end
     before program 1 starts, so program 0's barrier can never complete.
     It must raise, not hang."""
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
-    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
+    config = NEVER_MEETS
     problem = make_problem(3, 2, 4, 16, torch.float32)
     with use_config(config), torch.no_grad(), pytest.raises(RuntimeError, match="barrier"):
         fused_lstm(*(problem[n] for n in NAMES), backend="triton")
@@ -665,7 +670,7 @@ def test_failed_barrier_poisons_outputs_and_is_reported_once(monkeypatch):
     # Outputs start at zero, not conftest's NaN: program 1's unwritten h would otherwise carry NaN into program
     # 0's later steps whether or not the failure poisoned them.
     monkeypatch.setattr(kernels, "_alloc", lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
-    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
+    config = NEVER_MEETS
     problem = make_problem(3, 2, 4, 16, torch.float32)
     with use_config(config), torch.no_grad():
         y, (hn, cn) = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
@@ -684,7 +689,7 @@ def test_backward_barrier_that_cannot_complete_poisons_gradients_and_raises(monk
     barrier waits for a program that never arrives. Bounded: NaN gradients, then an error."""
     monkeypatch.setattr(kernels, "_check_residency", lambda *a: None)
     monkeypatch.setattr(kernels.barrier_errors, "launched", lambda device, capturing: None)
-    config = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
+    config = NEVER_MEETS
     problem = leaf(make_problem(3, 2, 4, 16, torch.float32))
     y, _ = fused_lstm(*(problem[n] for n in NAMES), backend="triton")
     with use_config(config, "bwd"):
@@ -706,11 +711,10 @@ def test_failed_launches_report_into_the_host_flag_themselves(monkeypatch):
     monkeypatch.setattr(errors, "check", lambda device, wait=False: None)
     err, host = errors.flags(cpu)
     assert host.data_ptr() != err.data_ptr()
-    failing = LSTMConfig(block_h=8, block_b=4, block_k=16, w_resident=True, persistent=True, max_spin=20)
     failing_2d = LSTMConfig(block_h=16, block_b=4, block_k=64, w_resident=True, persistent=True, grid_2d=True,
                             max_spin=20)
     try:
-        for kernel, config, H in (("fwd", failing, 16), ("bwd", failing, 16), ("bwd", failing_2d, 33)):
+        for kernel, config, H in (("fwd", NEVER_MEETS, 16), ("bwd", NEVER_MEETS, 16), ("bwd", failing_2d, 33)):
             problem = leaf(make_problem(3, 2, 4, H, torch.float32))
             for cfg, sentinel in ((None, 5), (config, 0)):
                 err.zero_()
