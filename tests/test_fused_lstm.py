@@ -303,8 +303,8 @@ def test_half_h_exchange_is_the_float32_reads_rounding_bit_for_bit(name, case, m
         config = dataclasses.replace(config, persistent=True)
     took = launch_constexprs(monkeypatch, "lstm_fwd_kernel", "HALF_H")
     torch.manual_seed(0)
-    T, B, I, H = 6, 9, 10, 33
-    lengths = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1]) if case == "rev-lengths" else None
+    T, B, I, H = 4, 9, 10, 33
+    lengths = torch.tensor([4, 2, 3, 1, 4, 3, 2, 4, 1]) if case == "rev-lengths" else None
     if case == "bidirectional":
         ref = torch.nn.LSTM(I, H, bidirectional=True)
         x = torch.randn(T, B, I)
@@ -1178,8 +1178,8 @@ HALF_BWD_SINGLE = [p for p in HALF_BWD if "1prog" in p.id]
 @pytest.mark.parametrize("config,H", HALF_BWD)
 def test_half_w_backward_matches_reference_at_tf32_precision(config, H, half_bwd_launches):
     """Reverse, with per-row lengths (padded rows' dG zero, their largest |dG| masked)."""
-    problem = make_problem(6, 17, 10, H, torch.float32)
-    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1, 2, 6, 5, 3, 3, 6, 2, 4])
+    problem = make_problem(4, 17, 10, H, torch.float32)
+    lens = torch.tensor([4, 2, 3, 1, 4, 3, 2, 4, 1, 2, 4, 3, 3, 1, 4, 2, 4])
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_config(None, "fwd"):
         check_against_reference(problem, torch.float32, reverse=True, lengths=lens, config=config, kernel="bwd",
                                 tol=HALF_TOL)
@@ -1208,7 +1208,7 @@ def test_half_w_backward_scales_each_row_of_dg_on_its_own(config, H, half_g, hal
     others', so a row's largest |dG| is the last program's: a scale that missed it would overflow float16. With
     HALF_G the last program's units carry a scale 2^17 below the others' until the product brings them together."""
     monkeypatch.setattr(kernels, "HALF_G", half_g)
-    T, B, I = 6, 5, 7
+    T, B, I = 4, 5, 7
     problem = make_problem(T, B, I, H, torch.float32)
     problem["weight_hh"] = problem["weight_hh"] * 1e-12
     row = torch.tensor([1e-12, 1.0, 1e12, 3e-6, 7e8], dtype=torch.float64)
@@ -1234,8 +1234,8 @@ def test_half_g_backward_matches_the_float32_read(config, H, half_g_launches, mo
     """HALF_G against the float32 read of dG (HALF_W alone): the same gradients to within float32's rounding of the
     products (the float16 operands differ only where they are subnormal, 2^29 under a row's largest), reversed with
     per-row lengths. (Against the reference: test_half_w_backward_scales_each_row_of_dg_on_its_own's HALF_G cases.)"""
-    problem = make_problem(6, 9, 10, H, torch.float32)
-    lens = torch.tensor([6, 2, 5, 1, 6, 3, 4, 6, 1])
+    problem = make_problem(4, 9, 10, H, torch.float32)
+    lens = torch.tensor([4, 2, 3, 1, 4, 3, 2, 4, 1])
     grads = []
     for half_g in (True, False):
         monkeypatch.setattr(kernels, "HALF_G", half_g)
