@@ -552,7 +552,7 @@ def test_long_memory_gradient_through_forget_gate():
 
 
 def test_gradients_bitwise_deterministic():
-    problem = make_problem(9, 17, 6, 33, torch.float32)
+    problem = make_problem(5, 17, 6, 33, torch.float32)
     config = MULTI_PROGRAM[0].values[0]
     grads = []
     for _ in range(2):
