@@ -4,6 +4,7 @@
 TRITONLSTM_TEST_INTERPRET=1 forces interpreter mode on a GPU machine."""
 
 import os
+import sys
 
 import torch  # importing torch does not import triton, so TRITON_INTERPRET can still be set below
 
@@ -41,11 +42,13 @@ def _speed_up_the_interpreter():
             active.clear()
             super().restore()
 
+    helper_call = interp.InterpretedFunction.__call__.__code__
+
     def once(fn):
         if active and langs(fn) <= active[0]:
             return interp._LangPatchScope()  # nothing to restore: the launch's patches stay in place
         scope = patch_lang(fn)
-        if not active:
+        if not active and sys._getframe(1).f_code is not helper_call:  # a launch's (not a helper's outside one)
             scope.__class__ = LaunchScope
             active.append(langs(fn))
         return scope
