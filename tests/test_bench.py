@@ -107,6 +107,21 @@ def test_no_gpu_path_says_so_and_exits_0():
     assert "self-check passed" in out.stdout
 
 
+def test_package_main_checks_the_kernels_and_takes_no_arguments():
+    """`python -m tritonlstm` without a GPU sets the interpreter itself (run_python removes TRITON_INTERPRET) and
+    checks all three dtypes; --help prints its usage; an unknown argument is an error that names it."""
+    out = run_python("-m", "tritonlstm", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "CPU interpreter" in out.stdout and "self-check passed" in out.stdout
+    for dtype in ("float32", "float16", "bfloat16"):
+        assert sum(line.startswith("ok") and f" {dtype} " in line for line in out.stdout.splitlines()) == 4, dtype
+    usage = run_python("-m", "tritonlstm", "--help", timeout=120)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: python -m tritonlstm")
+    bad = run_python("-m", "tritonlstm", "--quick", timeout=120)
+    assert bad.returncode == 2 and "unrecognized arguments: --quick" in bad.stderr
+    assert "self-check" not in bad.stdout
+
+
 def test_wrong_cell_is_reported_not_timed():
     """A tritonlstm output that disagrees with the baseline gives an error row and is never timed."""
     import torch
