@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tritonlstm import targets
 
 RUN5 = Path(__file__).resolve().parents[1] / "perf" / "results" / "h100-2026-11-27-run5" / "results.json"
@@ -60,6 +62,18 @@ def test_cli_prints_the_report(tmp_path, capsys):
     assert targets.main([str(path)]) == 0
     assert "Issue 5" in capsys.readouterr().out
     assert targets.main([]) == 2
+    assert targets.main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: python -m tritonlstm.targets")
+
+
+@pytest.mark.parametrize("content,why", [(None, "No such file"), ("{not json", "Expecting"),
+                                         ('{"gpu": "X"}', "no 'rows' list")], ids=["missing", "not-json", "no-rows"])
+def test_cli_names_a_file_that_is_not_a_results_json(tmp_path, capsys, content, why):
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_text(content)
+    assert targets.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"RESULTS_JSON {str(path)!r} is not the bench's results.json" in err and why in err, err
 
 
 def test_host_bound_cells_are_listed_with_cudnns_host_time(tmp_path, capsys):

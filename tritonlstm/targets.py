@@ -133,12 +133,22 @@ def _host_bound(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m tritonlstm.targets RESULTS_JSON   (the bench's results.json)"
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m tritonlstm.targets RESULTS_JSON   (the bench's results.json)", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
-        data = json.load(f)
-    rows = data["rows"] + data.get("errors", [])
+    try:
+        with open(argv[0]) as f:
+            data = json.load(f)
+        rows = data["rows"] + data.get("errors", [])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"no 'rows' list ({type(e).__name__}: {e})" if isinstance(e, (KeyError, TypeError)) else e
+        print(f"python -m tritonlstm.targets: RESULTS_JSON {argv[0]!r} is not the bench's results.json: {why}",
+              file=sys.stderr)
+        return 2
     # The host times sit in their own list (results.json "host"), keyed by the cell.
     from tritonlstm.bench import CELL_KEYS
 
