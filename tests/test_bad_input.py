@@ -90,3 +90,16 @@ def test_triton_backend_without_gpu_or_interpreter_raises():
     assert "REFUSED backend='triton' cannot run on device 'cpu'" in out.stdout, out.stdout
     assert "TRITON_INTERPRET=1" in out.stdout
     assert "AUTO (2, 1, 2)" in out.stdout
+
+
+@pytest.mark.parametrize("config,kernel,exc,match", [
+    ("split4", None, TypeError, "config must be an LSTMConfig or None, got str 'split4'"),
+    ({"block_h": 16}, "fwd", TypeError, "config must be an LSTMConfig or None, got dict"),
+    (None, "forward", ValueError, r"kernel must be one of \('fwd', 'bwd', 'stack', 'stack_bwd'\) or None, got 'forw"),
+])
+def test_use_config_names_a_bad_argument(config, kernel, exc, match):
+    from tritonlstm import use_config
+
+    with pytest.raises(exc, match=match):
+        with use_config(config, kernel):
+            pass

@@ -208,6 +208,8 @@ def for_kernel(config: LSTMConfig, kernel: str) -> LSTMConfig:
 def use_config(config: LSTMConfig | None, kernel: str | None = None):
     """Forces the recurrence launches inside the block to use `config`: every kernel, or only `kernel` ("fwd",
     "bwd", "stack" or "stack_bwd"). None restores the normal choice."""
+    if config is not None and not isinstance(config, LSTMConfig):
+        raise TypeError(f"config must be an LSTMConfig or None, got {type(config).__name__} {config!r}")
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     current = dict(_override.get() or {})
