@@ -279,6 +279,16 @@ def test_convert_nested_model():
     assert type(top) is tritonlstm.LSTM
 
 
+@pytest.mark.parametrize("module,backend,exc,match", [
+    ("LSTM", "auto", TypeError, "module must be a torch.nn.Module, got str"),
+    (None, "auto", TypeError, "module must be a torch.nn.Module, got NoneType"),
+    (nn.LSTM(3, 4), "cuda", ValueError, "backend must be one of"),
+])
+def test_convert_names_a_bad_argument(module, backend, exc, match):
+    with pytest.raises(exc, match=match):
+        tritonlstm.convert(module, backend=backend)
+
+
 def test_torch_compile_fullgraph_module():
     torch.manual_seed(0)
     m = tritonlstm.LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True, backend="triton")

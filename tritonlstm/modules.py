@@ -357,6 +357,8 @@ def convert(module: nn.Module, backend: str = "auto") -> nn.Module:
     """Replaces every `nn.LSTM` and `nn.LSTMCell` in `module` (in place) by tritonlstm's, keeping the very same
     parameter tensors (so weights, device, dtype, training mode and optimizer references carry over), and
     returns the module (the replacement itself when `module` is an LSTM)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     _check_backend(backend)
 
     def swap(m: nn.Module) -> nn.Module:
