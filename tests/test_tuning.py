@@ -284,6 +284,20 @@ def test_cli_arguments_and_no_gpu_message():
         tuning.tune(hidden=[64], batch=[1])
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(hidden=256), "hidden must be a sequence of positive integers, got 256"),
+    (dict(batch=[16, 0]), r"batch must be a sequence of positive integers, got \[16, 0\]"),
+    (dict(seq=2.5), "seq must be a positive integer, got 2.5"),
+    (dict(dtypes="float16"), "dtypes must be a sequence of .'float16', 'bfloat16', 'float32'., got 'float16'"),
+    (dict(dtypes=[torch.float16]), "dtypes must be a sequence of"),
+    (dict(kernels=["stack"]), r"kernels must be a sequence of \('fwd', 'bwd'\), got \['stack'\]"),
+])
+def test_tune_names_a_bad_argument_before_it_asks_for_a_gpu(kw, match):
+    """The Python API checks what the CLI's parser checks, before anything runs (here: before the GPU check)."""
+    with pytest.raises(ValueError, match=match):
+        tuning.tune(**kw)
+
+
 def test_cli_prints_each_winner_against_the_heuristic_and_what_ran_before(monkeypatch, capsys):
     cfg = configs.heuristic_config(512, 16, torch.float16, 132)
     results = [tuning.TuneResult("fwd|float16|H512|B16|D1", cfg, 0.5, cfg, 1.0, 9, 0, [], "shipped", 0.8),

@@ -534,12 +534,27 @@ def compile_in_parallel(calls) -> None:
                       "their first launch instead", RuntimeWarning, stacklevel=2)
 
 
+def _check_tune_args(hidden, batch, dtypes, seq, kernels) -> None:
+    def positive(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    for name, values in (("hidden", hidden), ("batch", batch)):
+        if isinstance(values, (int, str)) or not all(positive(v) for v in values):
+            raise ValueError(f"tritonlstm.tune: {name} must be a sequence of positive integers, got {values!r}")
+    if not positive(seq):
+        raise ValueError(f"tritonlstm.tune: seq must be a positive integer, got {seq!r}")
+    for name, values, allowed in (("dtypes", dtypes, tuple(DTYPE_NAMES.values())), ("kernels", kernels, TUNABLE)):
+        if isinstance(values, str) or any(v not in allowed for v in values):
+            raise ValueError(f"tritonlstm.tune: {name} must be a sequence of {allowed}, got {values!r}")
+
+
 def tune(hidden=(256, 512, 1024), batch=(1, 16, 64, 256), dtypes=("float16", "bfloat16", "float32"), seq=256,
          bidirectional: bool = False, kernels=TUNABLE, write: bool = True, progress=None, quick: bool = False,
          log_path: str | os.PathLike | None = None, failed: list[str] | None = None) -> list[TuneResult]:
     """Tunes every (kernel, dtype, H, batch bucket) and, with write, merges the winners into the user's cache;
     with log_path, writes every candidate's time there (JSON, rewritten after each key). A key whose default config
     fails is warned about, logged under "failed", appended to `failed`, and left out of the results."""
+    _check_tune_args(hidden, batch, dtypes, seq, kernels)
     if not torch.cuda.is_available():
         raise RuntimeError("tritonlstm.tune needs a CUDA GPU: there is nothing to tune on the CPU interpreter, "
                            "which always runs a single config")
