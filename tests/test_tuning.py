@@ -286,10 +286,12 @@ def test_cli_arguments_and_no_gpu_message():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(hidden=256), "hidden must be a sequence of positive integers, got 256"),
+    (dict(hidden=None), "hidden must be a sequence of positive integers, got None"),
     (dict(batch=[16, 0]), r"batch must be a sequence of positive integers, got \[16, 0\]"),
     (dict(seq=2.5), "seq must be a positive integer, got 2.5"),
     (dict(dtypes="float16"), "dtypes must be a sequence of .'float16', 'bfloat16', 'float32'., got 'float16'"),
     (dict(dtypes=[torch.float16]), "dtypes must be a sequence of"),
+    (dict(dtypes=None), "dtypes must be a sequence of"),
     (dict(kernels=["stack"]), r"kernels must be a sequence of \('fwd', 'bwd'\), got \['stack'\]"),
 ])
 def test_tune_names_a_bad_argument_before_it_asks_for_a_gpu(kw, match):

@@ -538,13 +538,16 @@ def _check_tune_args(hidden, batch, dtypes, seq, kernels) -> None:
     def positive(v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
+    def sequence(values):
+        return not isinstance(values, str) and hasattr(values, "__iter__")
+
     for name, values in (("hidden", hidden), ("batch", batch)):
-        if isinstance(values, (int, str)) or not all(positive(v) for v in values):
+        if not sequence(values) or not all(positive(v) for v in values):
             raise ValueError(f"tritonlstm.tune: {name} must be a sequence of positive integers, got {values!r}")
     if not positive(seq):
         raise ValueError(f"tritonlstm.tune: seq must be a positive integer, got {seq!r}")
     for name, values, allowed in (("dtypes", dtypes, tuple(DTYPE_NAMES.values())), ("kernels", kernels, TUNABLE)):
-        if isinstance(values, str) or any(v not in allowed for v in values):
+        if not sequence(values) or any(v not in allowed for v in values):
             raise ValueError(f"tritonlstm.tune: {name} must be a sequence of {allowed}, got {values!r}")
 
 
