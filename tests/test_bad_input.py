@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import run_python
-from tritonlstm import fused_lstm
+from tritonlstm import LSTMConfig, fused_lstm
 
 T, B, I, H = 4, 3, 5, 6
 
@@ -103,3 +103,31 @@ def test_use_config_names_a_bad_argument(config, kernel, exc, match):
     with pytest.raises(exc, match=match):
         with use_config(config, kernel):
             pass
+
+
+_BASE = dict(block_h=16, block_b=16, block_k=32, w_resident=True)
+
+
+@pytest.mark.parametrize("changes,exc,match", [
+    (dict(block_h=16.0), TypeError, "LSTMConfig.block_h must be an int, got float 16.0"),
+    (dict(block_b=True), TypeError, "LSTMConfig.block_b must be an int, got bool True"),
+    (dict(w_resident="yes"), TypeError, "LSTMConfig.w_resident must be a bool, got str 'yes'"),
+    (dict(half_w="no"), TypeError, "LSTMConfig.half_w must be a bool, got str 'no'"),
+    (dict(persistent=1), TypeError, "LSTMConfig.persistent must be a bool, got int 1"),
+    (dict(num_warps=3), ValueError, "LSTMConfig.num_warps must be a power of two up to 32, got 3"),
+    (dict(num_stages=0), ValueError, "num_stages must be >= 1 and max_spin >= 0, got num_stages=0"),
+    (dict(max_spin=-1), ValueError, "max_spin=-1"),
+    (dict(block_b=24), ValueError, "LSTMConfig.block_b must be a power of two, got 24"),
+    (dict(block_k=8), ValueError, r"LSTMConfig.block_k must be >= 16 \(tl.dot's K\), got 8"),
+    (dict(split_k=4), ValueError, "block_k // split_k must be >= 16"),
+    (dict(batch_groups=0), ValueError, "LSTMConfig.batch_groups must be >= 1, got 0"),
+    (dict(exchange="flags"), ValueError, r"LSTMConfig.exchange must be one of \('barrier', 'cluster'\), got 'flags'"),
+    (dict(exchange="cluster", persistent=False), ValueError, "is a persistent launch's barrier"),
+    (dict(merged_gates=True, split_k=2), ValueError, "merged_gates needs split_k=1"),
+])
+def test_launch_config_names_a_bad_field(changes, exc, match):
+    """LSTMConfig (use_config's argument, the tuner's cache entries) refuses a field of the wrong type or range at
+    construction, naming it, rather than at a compile or as a truthy string taken for True."""
+    with pytest.raises(exc, match=match):
+        LSTMConfig(**{**_BASE, **changes})
+    LSTMConfig(**_BASE)

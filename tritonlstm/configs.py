@@ -96,6 +96,17 @@ class LSTMConfig:
     half_w: bool = False
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+            if kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+                raise TypeError(f"LSTMConfig.{f.name} must be an int, got {type(v).__name__} {v!r}")
+            if kind == "bool" and not isinstance(v, bool):
+                raise TypeError(f"LSTMConfig.{f.name} must be a bool, got {type(v).__name__} {v!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"LSTMConfig.num_warps must be a power of two up to 32, got {self.num_warps}")
+        if self.num_stages < 1 or self.max_spin < 0:
+            raise ValueError(f"LSTMConfig: num_stages must be >= 1 and max_spin >= 0, got num_stages="
+                             f"{self.num_stages}, max_spin={self.max_spin}")
         if self.exchange not in EXCHANGES:
             raise ValueError(f"LSTMConfig.exchange must be one of {EXCHANGES}, got {self.exchange!r}")
         for name in ("block_h", "block_b", "block_k"):
