@@ -1817,7 +1817,7 @@ def _rnn_allows_tf32() -> bool:
     full precision), or the legacy torch.backends.cudnn.allow_tf32 where that API is missing. Reading the legacy
     flag once conv and RNN precisions differ raises in PyTorch, so it is not read where the new API exists. Read at
     every launch (the settings may change between calls): ~1 us where the RNN's own setting decides, the usual case
-    (v0.76; reading all three first took 4)."""
+    (v0.77; reading all three first took 4)."""
     if not _PRECISION_API:
         return bool(torch.backends.cudnn.allow_tf32)
     precision = torch.backends.cudnn.rnn.fp32_precision
@@ -1948,6 +1948,11 @@ def _per_step(shape, dtype, device, lengths: bool) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=device) if lengths else _alloc(shape, dtype, device)
 
 
+# TRITONLSTM_FLAG_COPY=1: the host flag of a CUDA device copied behind each launch (an ATen copy a launch) instead of
+# written by the kernels that fail (perf/NOTES.md v0.75).
+FLAG_COPY = os.environ.get("TRITONLSTM_FLAG_COPY", "0") == "1"
+
+
 class BarrierErrors:
     """The sticky barrier-error flag of each device, and its report to the host without a sync per launch.
 
@@ -2024,10 +2029,6 @@ class BarrierErrors:
             err.zero_()
             raise RuntimeError(self.RANGE_MESSAGE if seen == self.RANGE else self.MESSAGE)
 
-
-# TRITONLSTM_FLAG_COPY=1: the host flag of a CUDA device copied behind each launch (an ATen copy a launch) instead of
-# written by the kernels that fail (perf/NOTES.md v0.75).
-FLAG_COPY = os.environ.get("TRITONLSTM_FLAG_COPY", "0") == "1"
 
 barrier_errors = BarrierErrors()
 # The cluster barrier's PTX, in inline assembly, which the CPU interpreter cannot run (it
