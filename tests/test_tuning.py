@@ -269,15 +269,17 @@ def test_fits_with_the_real_compile_check():
     assert out.stdout.split() == ["False", "True"]
 
 
-def test_cli_arguments_and_no_gpu_message():
+def test_cli_arguments_and_no_gpu_message(capsys):
     a = tuning.parse_args(["--hidden", "128", "--batch", "1,16", "--dtypes", "bfloat16", "--seq", "64",
                            "--bidirectional", "--kernels", "bwd", "--dry-run", "--quick", "--log", "t.json"])
     assert (a.hidden, a.batch, a.dtypes, a.seq, a.bidirectional, a.kernels, a.dry_run, a.quick, a.log) == \
         ([128], [1, 16], ["bfloat16"], 64, True, ["bwd"], True, True, "t.json")
     assert not tuning.parse_args([]).quick
-    for bad in (["--hidden", "x"], ["--dtypes", "int8"], ["--kernels", "step"], ["--seq", "0"]):
-        with pytest.raises(SystemExit):
+    for bad in (["--hidden", "x"], ["--batch", "16,0"], ["--dtypes", "int8"], ["--dtypes", ""], ["--kernels", "step"],
+                ["--seq", "0"]):
+        with pytest.raises(SystemExit) as e:
             tuning.parse_args(bad)
+        assert e.value.code == 2 and bad[0] in capsys.readouterr().err, bad
     out = run_python("-m", "tritonlstm.tune", timeout=300)
     assert out.returncode == 0 and "no CUDA device, nothing to tune" in out.stdout
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):

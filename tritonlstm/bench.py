@@ -36,6 +36,25 @@ CHECK_LIMIT = {"float32": 5e-3, "float16": 1e-2, "bfloat16": 5e-2}
 GRAD_LIMIT = {name: 2 * limit for name, limit in CHECK_LIMIT.items()}
 
 
+def csv_ints(ap: argparse.ArgumentParser, name: str, text: str) -> list[int]:
+    """--name's comma-separated positive integers, or ap.error naming the flag (the bench's and the tuner's CLIs)."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--{name} takes comma-separated integers, got {text!r}")
+    if not vals or min(vals) < 1:
+        ap.error(f"--{name} takes positive integers, got {text!r}")
+    return vals
+
+
+def csv_choices(ap: argparse.ArgumentParser, name: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    """--name's comma-separated names, each one of allowed, or ap.error naming the flag."""
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals or any(v not in allowed for v in vals):
+        ap.error(f"--{name}: expected some of {', '.join(allowed)}, got {text!r}")
+    return vals
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m tritonlstm.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a subset: H 512, B 1 and 16, T 256, all dtypes")
@@ -47,27 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="bench-out", help="output folder")
     ap.add_argument("--no-stacks", action="store_true", help="skip the multi-layer and bidirectional rows")
     args = ap.parse_args(argv)
-
-    def ints(name: str, text: str) -> list[int]:
-        try:
-            vals = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            ap.error(f"--{name} takes comma-separated integers, got {text!r}")
-        if not vals or min(vals) < 1:
-            ap.error(f"--{name} takes positive integers, got {text!r}")
-        return vals
-
-    def choices(name: str, text: str, allowed: tuple[str, ...]) -> list[str]:
-        vals = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [v for v in vals if v not in allowed]
-        if bad or not vals:
-            ap.error(f"--{name}: expected some of {', '.join(allowed)}, got {text!r}")
-        return vals
-
-    args.dtypes = choices("dtypes", args.dtypes, DTYPES)
-    args.modes = choices("modes", args.modes, MODES)
-    args.hidden = ints("hidden", args.hidden)
-    args.batch = ints("batch", args.batch)
+    args.dtypes = csv_choices(ap, "dtypes", args.dtypes, DTYPES)
+    args.modes = csv_choices(ap, "modes", args.modes, MODES)
+    args.hidden = csv_ints(ap, "hidden", args.hidden)
+    args.batch = csv_ints(ap, "batch", args.batch)
     if args.seq < 1:
         ap.error(f"--seq must be >= 1, got {args.seq}")
     if args.quick:

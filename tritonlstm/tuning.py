@@ -611,19 +611,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="search only the heuristic's pick and the named variants (a dozen per key, not the grid)")
     ap.add_argument("--log", help="write every candidate's time to this JSON file")
     args = ap.parse_args(argv)
-    try:
-        args.hidden = [int(v) for v in args.hidden.split(",")]
-        args.batch = [int(v) for v in args.batch.split(",")]
-    except ValueError:
-        ap.error(f"--hidden and --batch take comma-separated integers, got {args.hidden!r}, {args.batch!r}")
-    if min(args.hidden + args.batch) < 1 or args.seq < 1:
-        ap.error("--hidden, --batch and --seq must be positive")
-    args.dtypes = args.dtypes.split(",")
-    if bad := [d for d in args.dtypes if d not in bench.DTYPES]:
-        ap.error(f"--dtypes: expected some of {', '.join(bench.DTYPES)}, got {', '.join(bad)}")
-    args.kernels = args.kernels.split(",")
-    if bad := [kn for kn in args.kernels if kn not in TUNABLE]:
-        ap.error(f"--kernels: expected some of fwd, bwd, got {', '.join(bad)}")
+    args.hidden = bench.csv_ints(ap, "hidden", args.hidden)
+    args.batch = bench.csv_ints(ap, "batch", args.batch)
+    if args.seq < 1:
+        ap.error(f"--seq must be >= 1, got {args.seq}")
+    args.dtypes = bench.csv_choices(ap, "dtypes", args.dtypes, bench.DTYPES)
+    args.kernels = bench.csv_choices(ap, "kernels", args.kernels, TUNABLE)
     return args
 
 
