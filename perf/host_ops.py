@@ -3,10 +3,11 @@ made of there. v0.70 (perf/NOTES.md) rests on run 8's cProfile of the H200 machi
 an ATen op that launches at 25-60 us and a view under 5; this measures it directly.
 
 Each case is timed as `repeats` blocks of `calls` calls queued while a sleep kernel holds the GPU (so that the GPU
-cannot pace them, as the bench's host column), and the least block's time per call is printed. On a CPU the same
-cases run without the sleep (for the CI test; the numbers there are this CPU's, not a GPU host's).
+cannot pace them, as the bench's host column), and the least block's time per call is printed. Without a GPU it says
+so and stops; with --cpu the same cases run on this CPU without the sleep (for the CI test; the numbers there are
+this CPU's, not a GPU host's).
 
-    python perf/host_ops.py [--hidden 256] [--batch 16] [--seq 256] [--dtype float16] [--calls 50] [--json FILE]
+    python perf/host_ops.py [--hidden 256] [--batch 16] [--seq 256] [--dtype float16] [--calls 50] [--json FILE] [--cpu]
 """
 
 from __future__ import annotations
@@ -89,8 +90,14 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--calls", type=int, default=50, help="calls a block (the training steps: a fifth)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--cpu", action="store_true",
+                    help="without a GPU, run the cases on this CPU through the interpreter (small shapes: the default "
+                         "H 256, T 256 takes hours there)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    if not cuda and not args.cpu:
+        print("perf/host_ops.py: no CUDA device, nothing to time (--cpu runs the cases on the CPU interpreter).")
+        return []
     if not cuda:
         os.environ["TRITON_INTERPRET"] = "1"  # (before triton loads: tritonlstm imports it on first use)
     device = torch.device("cuda" if cuda else "cpu")

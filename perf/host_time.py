@@ -109,8 +109,13 @@ if TRITON_LAUNCH:
     _launch_onto_nothing()
 else:
     kernels._run = lambda *args, **kwargs: None  # every launch
-    from tritonlstm.kernels import reduce
-    reduce.launch_or_compile = lambda *args, **kwargs: True  # the bias sums' kernel, interpreted, would dominate
+    # No program runs, so none has to be resident: stack_fp32's H100 config has 8, which the interpreter's one-program
+    # rule for a persistent launch refuses (and the check costs ~1 us of a call).
+    kernels._check_residency = lambda *args, **kwargs: None
+    from tritonlstm.kernels import matmul, reduce
+
+    # The other kernels, interpreted, would dominate: the bias sums', and stack_fp32's float16 operands'.
+    kernels.launch_or_compile = matmul.launch_or_compile = reduce.launch_or_compile = lambda *args, **kwargs: True
 
 H, B, T = 32, 4, 8
 torch.manual_seed(0)

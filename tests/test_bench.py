@@ -599,6 +599,15 @@ def test_merge_tuned_gives_a_sibling_gpu_a_file_from_its_siblings_configs(tmp_pa
     assert tuning.read_configs(path(h100), h100, None) == {"k-win": a, "k-other": a}
 
 
+def test_host_time_stub_mode_runs_every_case(monkeypatch):
+    """perf/host_time.py's default mode (launches stubbed) runs each case, stack_fp32 included: its H100 config's 8
+    programs are not refused by the interpreter's one-program rule, since nothing launches."""
+    monkeypatch.delenv("LAUNCH", raising=False)
+    proc = run_python(str(PERF / "host_time.py"), "stack_fp32", "cell", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == ["stack_fp32", "cell"], proc.stdout
+
+
 def test_host_time_ab_mode_times_two_checkouts_in_alternating_processes(monkeypatch):
     """perf/host_time.py with AB=<other checkout>: each side in its own processes, the least time of each case,
     and the change (here the checkout against itself, one round, launches stubbed)."""
@@ -666,9 +675,17 @@ def test_host_ops_times_every_case_through_the_kernels(tmp_path, monkeypatch):
     host_ops = _perf_script("host_ops")
     path = tmp_path / "ops.json"
     rows = host_ops.main(["--hidden", "8", "--batch", "2", "--seq", "2", "--dtype", "float32", "--calls", "2",
-                          "--repeats", "1", "--json", str(path)])
+                          "--repeats", "1", "--json", str(path), "--cpu"])
     saved = json.loads(path.read_text())
     assert saved["rows"] == rows and saved["device"] == "cpu"
     assert [r["case"] for r in rows] == list(host_ops.cases(8, 2, 2, torch.float32, torch.device("cpu")))
     assert all(0 < r["host_us"] < 1e7 for r in rows), rows
     assert "lstm_fwd_kernel" in launched and "lstm_bwd_kernel" in launched
+
+
+def test_host_ops_without_a_gpu_says_so_unless_asked_for_the_cpu(capsys):
+    """Its default shapes take hours on the CPU interpreter: without a GPU and without --cpu it stops at once."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is there: host_ops times on it")
+    assert _perf_script("host_ops").main(["--json", "unused.json"]) == []
+    assert "no CUDA device" in capsys.readouterr().out
