@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -649,6 +651,38 @@ def test_torch_export_runs_the_kernels(monkeypatch):
     monkeypatch.setattr(nn.LSTM, "forward", None)
     torch.testing.assert_close(program.module()(x), expected, **TOL)
     assert len(launches) == 2  # one launch per bidirectional layer
+
+
+def test_fx_symbolic_trace_keeps_the_modules_as_leaves_as_torch_nn_does(monkeypatch):
+    """torch.fx.symbolic_trace (and FX tools built on it) records nn.LSTM / nn.LSTMCell as one call_module node each;
+    ours record the same graph, and the traced model runs the Triton kernels."""
+
+    class Net(nn.Module):
+        def __init__(self, lstm, cell):
+            super().__init__()
+            self.rnn, self.cell, self.head = lstm(3, 5, 2, bidirectional=True), cell(10, 4), nn.Linear(4, 2)
+
+        def forward(self, x, hx=None):
+            y, (h, c) = self.rnn(x, hx)
+            a, _ = self.cell(y[-1], (h[-1].repeat(1, 2)[:, :4], c[-1][:, :4]))
+            return self.head(a) + h.sum()
+
+    torch.manual_seed(0)
+    ref = Net(nn.LSTM, nn.LSTMCell)
+    ours = Net(functools.partial(tritonlstm.LSTM, backend="triton"), functools.partial(tritonlstm.LSTMCell,
+                                                                                      backend="triton"))
+    ours.load_state_dict(ref.state_dict())
+    traced_ref, traced = torch.fx.symbolic_trace(ref), torch.fx.symbolic_trace(ours)
+    nodes = [(n.op, str(n.target)) for n in traced.graph.nodes]
+    assert nodes == [(n.op, str(n.target)) for n in traced_ref.graph.nodes]
+    assert ("call_module", "rnn") in nodes and ("call_module", "cell") in nodes
+    launches = []
+    fwd = kernels.lstm_forward
+    monkeypatch.setattr(kernels, "lstm_forward", lambda *a, **k: launches.append(1) or fwd(*a, **k))
+    x, hx = torch.randn(4, 2, 3), (torch.randn(4, 2, 5), torch.randn(4, 2, 5))
+    for args in ((x,), (x, hx)):
+        torch.testing.assert_close(traced(*args), ref(*args), **TOL)
+    assert len(launches) == 6  # a call: two bidirectional layers and the cell's step
 
 
 def test_jit_script_is_refused_with_a_clear_error():

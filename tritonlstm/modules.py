@@ -75,6 +75,23 @@ def _no_script(module) -> None:
                        f"is Python around Triton launches. torch.jit.trace, torch.export and torch.compile work.")
 
 
+def _fx_proxy(input, hx):
+    """The fx Proxy among a forward's arguments, if torch.fx's symbolic tracer is calling it, else None."""
+    for arg in (input, *(hx if isinstance(hx, (tuple, list)) else (hx,))):
+        if isinstance(arg, torch.fx.Proxy):
+            return arg
+    return None
+
+
+def _fx_leaf(module, proxy, input, hx):
+    """torch.fx's symbolic tracer keeps torch.nn's modules as leaves (one call_module node, run as the module at call
+    time) and traces into any other; ours live outside torch.nn, and their shape-dependent Python cannot take
+    proxies. So they record the node nn.LSTM / nn.LSTMCell gets, and the traced graph calls this module."""
+    tracer = proxy.tracer
+    args = (input,) if hx is None else (input, hx)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
 class _PackedLayout:
     """Where each row of a PackedSequence's data sits in the padded, time-major [T, B, ...] batch, in the sorted
     order the data is packed in: row n is step `steps[n]` of sorted row `rows[n]`. Unpacking and packing are
@@ -173,6 +190,8 @@ class LSTM(nn.LSTM):
                                    f"{w.dtype} on {w.device}")
 
     def forward(self, input, hx=None):
+        if (proxy := _fx_proxy(input, hx)) is not None:
+            return _fx_leaf(self, proxy, input, hx)
         data = input.data if isinstance(input, PackedSequence) else input
         if not isinstance(data, Tensor):
             raise TypeError(f"LSTM: input must be a Tensor or PackedSequence, got {type(input).__name__}")
@@ -298,6 +317,8 @@ class LSTMCell(nn.LSTMCell):
         return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if (proxy := _fx_proxy(input, hx)) is not None:
+            return _fx_leaf(self, proxy, input, hx)
         if not isinstance(input, Tensor):
             raise TypeError(f"LSTMCell: input must be a Tensor, got {type(input).__name__}")
         cast = _autocast_dtype(input.device, cell=True)
