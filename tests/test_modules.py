@@ -685,6 +685,45 @@ def test_fx_symbolic_trace_keeps_the_modules_as_leaves_as_torch_nn_does(monkeypa
     assert len(launches) == 6  # a call: two bidirectional layers and the cell's step
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
+def test_onnx_export_records_the_op_torch_nn_records(dynamo, tmp_path):
+    """torch.onnx.export (both exporters) of a model holding tritonlstm modules records ONNX's LSTM op, as for
+    nn.LSTM / nn.LSTMCell (an ONNX runtime has no Triton kernels), and ONNX Runtime's outputs are the kernels'."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = tritonlstm.LSTM(4, 5, 2, bidirectional=True, backend="triton")
+            self.cell = tritonlstm.LSTMCell(10, 5, backend="triton")
+
+        def forward(self, x, h, c):
+            y, (h_n, c_n) = self.rnn(x, (h, c))
+            a, b = self.cell(y[-1], (h_n[-1], c_n[-1]))
+            return y, h_n, c_n, a, b
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    args = (torch.randn(3, 2, 4), torch.randn(4, 2, 5), torch.randn(4, 2, 5))
+    path = tmp_path / "net.onnx"
+    if dynamo:
+        torch.onnx.export(net, args, dynamo=True).save(str(path))
+    else:
+        torch.onnx.export(net, args, str(path), dynamo=False)
+    graph = onnx.load(str(path))
+    ops = [n.op_type for n in graph.graph.node] + [n.op_type for f in graph.functions for n in f.node]
+    assert "LSTM" in ops and not any("lstm_recurrence" in op for op in ops), ops
+    session = ort.InferenceSession(str(path))
+    outputs = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})
+    with torch.no_grad():
+        expected = net(*args)
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-6)
+
+
 def test_jit_script_is_refused_with_a_clear_error():
     for m in (tritonlstm.LSTM(4, 5), tritonlstm.LSTMCell(4, 5)):
         with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script.*trace"):

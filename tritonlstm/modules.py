@@ -9,6 +9,7 @@ cannot run (CPU without the interpreter, float64), and `backend="triton"` raises
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +91,13 @@ def _fx_leaf(module, proxy, input, hx):
     tracer = proxy.tracer
     args = (input,) if hx is None else (input, hx)
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
+def _onnx_exporting() -> bool:
+    """Whether torch.onnx.export is tracing this call (its TorchScript exporter traces through torch.jit, its dynamo
+    one through torch.export); asked only then, as torch.onnx's own check costs ~1.4 us."""
+    return ((torch.jit.is_tracing() or torch.compiler.is_exporting()) and "torch.onnx" in sys.modules
+            and torch.onnx.is_in_onnx_export())
 
 
 class _PackedLayout:
@@ -192,6 +200,9 @@ class LSTM(nn.LSTM):
     def forward(self, input, hx=None):
         if (proxy := _fx_proxy(input, hx)) is not None:
             return _fx_leaf(self, proxy, input, hx)
+        if _onnx_exporting():
+            # An ONNX graph runs on an ONNX runtime, which has no Triton kernels: record the op torch.nn records.
+            return super().forward(input, hx)
         data = input.data if isinstance(input, PackedSequence) else input
         if not isinstance(data, Tensor):
             raise TypeError(f"LSTM: input must be a Tensor or PackedSequence, got {type(input).__name__}")
@@ -319,6 +330,9 @@ class LSTMCell(nn.LSTMCell):
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         if (proxy := _fx_proxy(input, hx)) is not None:
             return _fx_leaf(self, proxy, input, hx)
+        if _onnx_exporting():
+            # An ONNX graph runs on an ONNX runtime, which has no Triton kernels: record the op torch.nn records.
+            return super().forward(input, hx)
         if not isinstance(input, Tensor):
             raise TypeError(f"LSTMCell: input must be a Tensor, got {type(input).__name__}")
         cast = _autocast_dtype(input.device, cell=True)
