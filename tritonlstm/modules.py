@@ -13,6 +13,7 @@ import sys
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.nn.utils.rnn import PackedSequence
 
 from tritonlstm.functional import (
@@ -77,11 +78,16 @@ def _no_script(module) -> None:
 
 
 def _fx_proxy(input, hx):
-    """The fx Proxy among a forward's arguments, if torch.fx's symbolic tracer is calling it, else None."""
-    for arg in (input, *(hx if isinstance(hx, (tuple, list)) else (hx,))):
-        if isinstance(arg, torch.fx.Proxy):
-            return arg
-    return None
+    """The fx Proxy among a forward's arguments, if torch.fx's symbolic tracer is calling it, else None (~0.2 us a
+    call: every call asks)."""
+    if isinstance(input, Proxy):
+        return input
+    if isinstance(hx, (tuple, list)):
+        for state in hx:
+            if isinstance(state, Proxy):
+                return state
+        return None
+    return hx if isinstance(hx, Proxy) else None
 
 
 def _fx_leaf(module, proxy, input, hx):
@@ -96,7 +102,7 @@ def _fx_leaf(module, proxy, input, hx):
 def _onnx_exporting() -> bool:
     """Whether torch.onnx.export is tracing this call (its TorchScript exporter traces through torch.jit, its dynamo
     one through torch.export); asked only then, as torch.onnx's own check costs ~1.4 us."""
-    return ((torch.jit.is_tracing() or torch.compiler.is_exporting()) and "torch.onnx" in sys.modules
+    return ((torch.compiler.is_exporting() or torch.jit.is_tracing()) and "torch.onnx" in sys.modules
             and torch.onnx.is_in_onnx_export())
 
 
