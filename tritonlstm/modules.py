@@ -3,7 +3,9 @@
 They override only `forward`, so parameter names, initialisation, `extra_repr` and the state_dict stay torch's
 and checkpoints load both ways. Each layer and direction runs on the Triton recurrence (`lstm_layer`,
 `lstm_stack`, `lstm_cell_step`); `backend="auto"` falls back to `super().forward` only where the kernels
-cannot run (CPU without the interpreter, float64), and `backend="triton"` raises there instead.
+cannot run (CPU without the interpreter, float64), and `backend="triton"` raises there instead. Two tracers get
+what they get from torch.nn: FX's symbolic tracer a leaf node, and torch.onnx.export torch.nn's forward (ONNX's LSTM
+op), whatever the backend, since neither graph can hold a Triton launch.
 """
 
 from __future__ import annotations
