@@ -131,3 +131,27 @@ def test_launch_config_names_a_bad_field(changes, exc, match):
     with pytest.raises(exc, match=match):
         LSTMConfig(**{**_BASE, **changes})
     LSTMConfig(**_BASE)
+
+
+@pytest.mark.parametrize("call_module,exc,match", [
+    pytest.param(lambda m, c: m(torch.randn(T, B, I), (torch.randn(1, B, H).double(), torch.randn(1, B, H))),
+                 RuntimeError, r"Expected hidden\[0\] dtype torch.float32 \(the input's\), got torch.float64",
+                 id="lstm-h0-dtype"),
+    pytest.param(lambda m, c: m(torch.randn(T, B, I), (torch.randn(1, B, H), torch.randn(1, B, H).half())),
+                 RuntimeError, r"Expected hidden\[1\] dtype torch.float32 \(the input's\), got torch.float16",
+                 id="lstm-c0-dtype"),
+    pytest.param(lambda m, c: m([[1.0] * I]), TypeError, r"LSTM: input must be a Tensor or PackedSequence, got list",
+                 id="lstm-list"),
+    pytest.param(lambda m, c: c(torch.randn(B, I).numpy()), TypeError, r"LSTMCell: input must be a Tensor, got ndarray",
+                 id="cell-ndarray"),
+    pytest.param(lambda m, c: c(torch.randn(B, I), (torch.randn(B, H).double(), torch.randn(B, H))), RuntimeError,
+                 r"LSTMCell: hx\[0\] dtype \(torch.float64\) does not match input dtype \(torch.float32\)",
+                 id="cell-h0-dtype"),
+])
+def test_module_input_errors_name_the_argument(call_module, exc, match):
+    """Where nn.LSTM / nn.LSTMCell fail deep inside (mkldnn's "unsupported data type", "'list' object has no
+    attribute 'dim'", a matmul's dtypes), the modules name the argument, expected and actual."""
+    from tritonlstm import LSTM, LSTMCell
+
+    with pytest.raises(exc, match=match):
+        call_module(LSTM(I, H, backend="triton"), LSTMCell(I, H, backend="triton"))

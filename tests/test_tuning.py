@@ -438,6 +438,21 @@ def test_select_config_fits_what_it_finds_to_the_gpus_shared_memory(monkeypatch)
     assert configs.select_config(1024, 16, torch.float16, cuda, False, "bwd") == big
 
 
+@pytest.mark.parametrize("kernel,layers", [("fwd", 1), ("bwd", 1), ("stack", 4), ("stack_bwd", 2), ("stack_bwd", 4)])
+def test_device_picks_fit_each_gpus_shared_memory(kernel, layers):
+    """What a CUDA device gets where no tuned config matches (configs._device_pick: the heuristic, or the stack
+    backward's own, fitted to the GPU), over shapes and three GPUs' limits: a valid config within the shared memory."""
+    gpus = ((132, configs.SM90_SHARED), (108, 166912), (58, 101376))  # H100, A100, an sm_89 card
+    for hidden in (16, 100, 256, 512, 1024, 2048):
+        for batch in (1, 16, 256, 1024):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for sms, smem in gpus:
+                    cfg = configs._device_pick(hidden, batch, dtype, sms, smem, kernel, 1, layers)
+                    assert isinstance(cfg, LSTMConfig)
+                    assert configs.shared_bytes(cfg, kernel, hidden, dtype.itemsize) <= smem, \
+                        (kernel, layers, hidden, batch, dtype, sms, cfg)
+
+
 def test_candidates_fit_a_smaller_gpu_and_the_2d_grid_meets_at_the_counter_barrier():
     """The full search's candidates on a 99 KB GPU all fit it by the estimate (configs.shared_bytes). The
     backward's at B >= 64 hold the 2-D grid (v0.26) with the counter barrier only: a copy of it with another
