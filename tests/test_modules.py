@@ -685,6 +685,40 @@ def test_fx_symbolic_trace_keeps_the_modules_as_leaves_as_torch_nn_does(monkeypa
     assert len(launches) == 6  # a call: two bidirectional layers and the cell's step
 
 
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2}, {"num_layers": 2, "bidirectional": True, "proj_size": 3}],
+                         ids=["L1", "L2-stack", "L2-bidir-proj"])
+def test_dispatch_mode_tracers_see_the_ops(kw):
+    """Under a dispatch mode that builds a graph the calls go through the custom ops instead of launching the kernels
+    behind its back: make_fx's graph of a training step holds the forward and backward ops and recomputes the
+    gradient; torch.func.functionalize runs. A mode that only watches (FlopCounterMode) keeps the eager path. All as
+    nn.LSTM computes them."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref, ours = pair(3, 5, **kw)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+
+    def grad_of(m):
+        return lambda x: torch.autograd.grad(m(x)[0].square().sum(), x)[0]
+
+    graph = make_fx(grad_of(ours))(x)
+    ops = {str(n.target) for n in graph.graph.nodes if "tritonlstm" in str(n.target)}
+    assert len(ops) == 2 and all(op.endswith("_backward.default") or "_backward" not in op for op in ops), ops
+    expected = grad_of(ref)(x)
+    torch.testing.assert_close(graph(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(graph(2 * x), grad_of(ref)(2 * x), rtol=1e-5, atol=1e-6)  # the graph computes it
+    with FlopCounterMode(display=False):  # (its module tracker refuses autograd.grad, nn.LSTM's too: backward)
+        ours(x)[0].square().sum().backward()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.functionalize(lambda x: ours(x)[0])(x), ref(x)[0], **TOL)
+    cell_ref, cell = nn.LSTMCell(3, 5), tritonlstm.LSTMCell(3, 5, backend="triton")
+    cell.load_state_dict(cell_ref.state_dict())
+    graph = make_fx(lambda x: cell(x)[0])(x[0])
+    assert any("tritonlstm" in str(n.target) for n in graph.graph.nodes)
+    torch.testing.assert_close(graph(x[1]), cell_ref(x[1])[0], **TOL)
+
+
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
 def test_onnx_export_records_the_op_torch_nn_records(dynamo, tmp_path):
     """torch.onnx.export (both exporters) of a model holding tritonlstm modules records ONNX's LSTM op, as for

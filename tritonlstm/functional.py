@@ -138,7 +138,7 @@ def _tf32_gemms(*tensors: Tensor) -> bool:
     tensor subclasses the GEMMs stay torch's."""
     t = tensors[0]
     return (t.dtype == torch.float32 and (t.device.type == "cuda" or _TF32_GEMMS_ON_CPU and interpreter_active())
-            and not torch.compiler.is_compiling() and all(_plain(x) for x in tensors)
+            and not torch.compiler.is_compiling() and _plain(*tensors)
             and _kernels()._rnn_allows_tf32())
 
 
@@ -281,10 +281,27 @@ def _register_autograd(op, backward, setup_context) -> None:
 
 
 _is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+# functionalize has no rule for an autograd.Function (custom_function_call); the custom op it functionalizes.
+_is_functional = getattr(torch._C._functorch, "is_functionaltensor", lambda t: False)
+# How many TorchDispatchModes are active, and the kinds that trace a graph (make_fx's proxy mode, fake and functional
+# tensors' modes) rather than watch ops run (FlopCounterMode, memory trackers, which keep the eager paths).
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+_TRACING_MODES = tuple(getattr(getattr(torch._C, "_TorchDispatchModeKey", None), key, None)
+                       for key in ("PROXY", "FAKE", "FUNCTIONAL"))
 
 
-def _plain(t) -> bool:
-    return not isinstance(t, Tensor) or (type(t) in (Tensor, torch.nn.Parameter) and not _is_wrapped(t))
+def _tracing_mode() -> bool:
+    """Whether a dispatch mode that builds a graph is active (~0.06 us where no mode is)."""
+    return _dispatch_modes() > 0 and any(key is not None and torch._C._get_dispatch_mode(key) is not None
+                                         for key in _TRACING_MODES)
+
+
+def _plain(*tensors) -> bool:
+    """Whether the kernels may take these as they are: each not a tensor, or a plain one (no subclass, no torch.func
+    wrapper), and no graph-building dispatch mode active. Under one (make_fx's) a launch would be invisible to it,
+    the graph missing the LSTM: each eager path asks this, and the calls go through the custom ops, which it sees."""
+    return not _tracing_mode() and all(
+        not isinstance(t, Tensor) or (type(t) in (Tensor, torch.nn.Parameter) and not _is_wrapped(t)) for t in tensors)
 
 
 def _records_grad(*tensors: Tensor | None) -> bool:
@@ -300,14 +317,16 @@ def _call(op, *args):
     its formula when gradients are recorded (the custom-op dispatch cost 25-45 us of host time per forward
     call on the CI machine, perf/NOTES.md v0.7). Under torch.func transforms: that autograd.Function too (see
     _register_autograd). Otherwise (torch.compile, torch.jit.trace, fake or functional tensors while a graph is
-    traced, tensor subclasses): the custom op, which a trace records as one node. The backward ops' formula
-    refuses double backward with a clear error."""
+    traced, tensor subclasses, a graph-building dispatch mode such as make_fx's, torch.func.functionalize): the
+    custom op, which a trace records as one node. The backward ops' formula refuses double backward with a clear
+    error."""
     if _runs_op_eager(args):
         return op.eager(*args)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return op(*args)
-    if not all(_plain(a) for a in args):
-        if any(_is_wrapped(a) for a in args if isinstance(a, Tensor)):  # torch.func
+    if not _plain(*args):
+        wrapped = [a for a in args if isinstance(a, Tensor) and _is_wrapped(a)]
+        if wrapped and not any(_is_functional(a) for a in wrapped):  # torch.func, less functionalize
             return op.transformable.apply(*args)
         return op(*args)
     return op.eager_autograd.apply(*args)
@@ -316,7 +335,7 @@ def _call(op, *args):
 def _runs_op_eager(args: tuple) -> bool:
     """Whether _call runs an op's function directly: eagerly, on plain tensors, no gradient recorded."""
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_grad_enabled()) \
-        and all(_plain(a) for a in args)
+        and _plain(*args)
 
 
 def _graph_released_after_this_backward(ctx, *saved: Tensor) -> bool:
@@ -326,7 +345,7 @@ def _graph_released_after_this_backward(ctx, *saved: Tensor) -> bool:
     when it returns (no retain_graph, no create_graph), on plain tensors. Otherwise, e.g. a second backward
     through a retained graph, the gates must stay as saved."""
     if not getattr(ctx, "outputs_private", False) or torch.compiler.is_compiling() or torch.is_grad_enabled() \
-            or not all(_plain(t) for t in saved):
+            or not _plain(*saved):
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     try:
@@ -475,7 +494,7 @@ def _tie_to_forward(anchor: Tensor, *grads: Tensor) -> tuple[Tensor, ...]:
     and they do not already require grad; as they are otherwise. Under torch.func the backward ops' own autograd
     (Transformable) refuses a second derivative."""
     if not torch.is_grad_enabled() or not anchor.requires_grad or all(g.requires_grad for g in grads) \
-            or not all(_plain(t) for t in (anchor, *grads)):
+            or not _plain(anchor, *grads):
         return grads
     return _TiedToForward.apply(anchor, *grads)
 
