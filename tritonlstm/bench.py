@@ -377,7 +377,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print("tritonlstm.bench: no CUDA device, nothing to time; running the interpreter self-check instead.")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
         from tritonlstm.selfcheck import run
 
         run()

@@ -286,14 +286,13 @@ _is_functional = getattr(torch._C._functorch, "is_functionaltensor", lambda t: F
 # How many TorchDispatchModes are active, and the kinds that trace a graph (make_fx's proxy mode, fake and functional
 # tensors' modes) rather than watch ops run (FlopCounterMode, memory trackers, which keep the eager paths).
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
-_TRACING_MODES = tuple(getattr(getattr(torch._C, "_TorchDispatchModeKey", None), key, None)
-                       for key in ("PROXY", "FAKE", "FUNCTIONAL"))
+_TRACING_MODES = tuple(key for key in (getattr(getattr(torch._C, "_TorchDispatchModeKey", None), name, None)
+                                        for name in ("PROXY", "FAKE", "FUNCTIONAL")) if key is not None)
 
 
 def _tracing_mode() -> bool:
     """Whether a dispatch mode that builds a graph is active (~0.06 us where no mode is)."""
-    return _dispatch_modes() > 0 and any(key is not None and torch._C._get_dispatch_mode(key) is not None
-                                         for key in _TRACING_MODES)
+    return _dispatch_modes() > 0 and any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES)
 
 
 def _plain(*tensors) -> bool:

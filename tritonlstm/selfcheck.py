@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -52,6 +53,9 @@ def check_case(T: int, B: int, I: int, H: int, dtype: torch.dtype, device: str, 
 
 def run(verbose: bool = True) -> bool:
     """Prints the environment and the measured errors; True when every case is within tolerance."""
+    if not torch.cuda.is_available():
+        # Before the kernels load (they import triton): without a GPU they run on Triton's CPU interpreter.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     env = environment()
     if verbose:
         for k, v in env.items():
@@ -87,7 +91,6 @@ def run(verbose: bool = True) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """`python -m tritonlstm` (and `python -m tritonlstm.selfcheck`): exit 0 when every case is within tolerance."""
     import argparse
-    import os
 
     argparse.ArgumentParser(
         prog="python -m tritonlstm",
@@ -95,9 +98,6 @@ def main(argv: list[str] | None = None) -> int:
                     "every gradient, float32 / float16 / bfloat16, forward and reverse. On a GPU the kernels run "
                     "compiled; without one, on Triton's CPU interpreter (small shapes). Exit status 1 on a failure.",
     ).parse_args(argv)
-    if not torch.cuda.is_available():
-        # Before the kernels load (they import triton): without a GPU they run on Triton's CPU interpreter.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     return 0 if run() else 1
 
 
